@@ -1,0 +1,1 @@
+"""The submitting side of easel: Python client, `easel` CLI, HTTP API, embedded dev services."""

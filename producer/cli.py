@@ -1,0 +1,188 @@
+"""The `easel` command line."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from shared.logs import quiet_libraries
+
+quiet_libraries()
+
+app = typer.Typer(help="easel: diffusers image-to-image jobs through Redis, GPU workers and S3.",
+                  no_args_is_help=True, add_completion=False)
+models_app = typer.Typer(help="Model registry and tiny checkpoints.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+
+def _client():
+    from producer.client import EaselClient
+
+    return EaselClient()
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("easel-out"), help="Where results are written."),
+         steps: int = typer.Option(10, help="Denoising steps per stage."),
+         size: int = typer.Option(256, help="Input image side in pixels.")) -> None:
+    """Run the main job on embedded defaults: servers, tiny checkpoints, a worker, jobs, results."""
+    from producer.demo import run_demo
+
+    sys.exit(run_demo(out, steps=steps, size=size, console=console))
+
+
+@app.command()
+def worker(family: str = typer.Option(..., help="Model family (queue) this pool serves."),
+           gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids; one process each. Default: all, or CPU."),
+           no_restart: bool = typer.Option(False, help="Do not restart a worker process that dies.")) -> None:
+    """Start one Celery worker process per GPU for a family."""
+    from shared.registry import load_registry
+    from shared.settings import get_settings
+    from worker.launcher import run_workers
+
+    try:
+        load_registry(get_settings().models).family_models(family)
+    except KeyError as e:
+        _fail(str(e.args[0]))
+    ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
+    raise typer.Exit(run_workers(family, ids, restart=not no_restart))
+
+
+def _load_job_file(path: Path) -> dict:
+    import yaml
+
+    text = path.read_text()
+    return yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+
+
+@app.command()
+def submit(image: Optional[str] = typer.Option(None, "--image", "-i", help="Input: local path, s3://, https:// or data: URI."),
+           prompt: str = typer.Option("", "--prompt", "-p"),
+           model: str = typer.Option("sd15", "--model", "-m"),
+           negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "-n"),
+           strength: float = typer.Option(0.8), guidance_scale: float = typer.Option(7.5),
+           steps: int = typer.Option(30), seed: Optional[int] = typer.Option(None),
+           num_images: int = typer.Option(1), fmt: str = typer.Option("png", "--format"),
+           priority: int = typer.Option(5), idempotency_key: Optional[str] = typer.Option(None),
+           compel: bool = typer.Option(False, help="Read the prompt as Compel weighting syntax."),
+           job: Optional[Path] = typer.Option(None, "--job", help="A JSON or YAML job file (overrides the flags)."),
+           wait: bool = typer.Option(False, "--wait", help="Follow the job until it ends.")) -> None:
+    """Submit a one-stage img2img job from flags, or any job from --job FILE. Prints the job id."""
+    from producer.client import SubmitError
+
+    if job is not None:
+        if not job.is_file():
+            _fail(f"no such job file {job}")
+        try:
+            spec = _load_job_file(job)
+        except Exception as e:
+            _fail(f"cannot read {job}: {e}")
+    else:
+        if image is None:
+            _fail("give --image (or --job FILE)")
+        spec = {"input": {"image": image}, "priority": priority, "num_images": num_images,
+                "output": {"format": fmt},
+                "stages": [{"task": "img2img", "model": model, "prompt": prompt, "negative_prompt": negative_prompt,
+                            "strength": strength, "guidance_scale": guidance_scale, "steps": steps, "seed": seed,
+                            "prompt_syntax": "compel" if compel else "plain"}]}
+        if idempotency_key:
+            spec["idempotency_key"] = idempotency_key
+    client = _client()
+    try:
+        job_id = client.submit(spec)
+    except SubmitError as e:
+        _fail(str(e))
+    print(job_id)
+    if wait:
+        _wait(client, job_id, None)
+
+
+def _wait(client, job_id: str, timeout: Optional[float]) -> None:
+    from producer.progress import follow
+
+    st = follow(client, [job_id], timeout=timeout, console=err)[job_id]
+    console.print_json(st.model_dump_json())
+    if st.state.value != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: str) -> None:
+    """Print a job's status as JSON."""
+    try:
+        console.print_json(_client().status(job_id).model_dump_json())
+    except KeyError:
+        _fail(f"no job {job_id}", 1)
+
+
+@app.command()
+def wait(job_id: str, timeout: Optional[float] = typer.Option(None)) -> None:
+    """Follow a job with a progress bar until it ends; exit 1 unless it succeeded."""
+    client = _client()
+    if not client.store.exists(job_id):
+        _fail(f"no job {job_id}", 1)
+    _wait(client, job_id, timeout)
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job: a queued one at once, a running one within one denoising step."""
+    try:
+        print(_client().cancel(job_id).value)
+    except KeyError:
+        _fail(f"no job {job_id}", 1)
+
+
+@app.command()
+def fetch(job_id: str, out: Path = typer.Option(Path("easel-out"), "--out", "-o")) -> None:
+    """Download a finished job's images and manifest into OUT/<job_id>/."""
+    try:
+        for p in _client().fetch(job_id, out):
+            print(p)
+    except KeyError:
+        _fail(f"no job {job_id}", 1)
+    except RuntimeError as e:
+        _fail(str(e), 1)
+
+
+@app.command()
+def queues() -> None:
+    """Queued messages per family queue."""
+    for q, n in _client().queues().items():
+        print(f"{q}\t{n}")
+
+
+@models_app.command("make-tiny")
+def make_tiny(out: Path = typer.Argument(..., help="Folder to write checkpoints into."),
+              name: list[str] = typer.Option(None, "--name", help="Only these (default: all).")) -> None:
+    """Write tiny random-weight diffusers checkpoints (safetensors) for tests, demo and benchmarks."""
+    from worker.tiny import make_tiny_checkpoints
+
+    for n, p in make_tiny_checkpoints(out, name or None).items():
+        print(f"{n}\t{p}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The registry in force (EASEL_MODELS, else the bundled tiny one)."""
+    from shared.registry import load_registry
+    from shared.settings import get_settings
+
+    reg = load_registry(get_settings().models)
+    for name, m in sorted(reg.models.items()):
+        print(f"{name}\tfamily={m.family}\tkind={m.kind}\tlatent={m.latent_space}\tsource={m.source}")
+
+
+if __name__ == "__main__":
+    app()

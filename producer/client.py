@@ -1,0 +1,183 @@
+"""The Python client: submit jobs, follow them, fetch results.
+
+Everything that can be known at submission is checked here, before anything is queued:
+the schema, the chain plan (models, tasks, hand-offs), and local or inline images
+(decoded once, then uploaded content-addressed so the broker only ever carries keys).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from pydantic import ValidationError
+
+from shared.celery_app import RUN_SEGMENT, make_celery
+from shared.images import InputError, check_public_url, decode_image, image_ext, parse_data_uri
+from shared.jobstore import JobStore
+from shared.plan import PlanError, plan_job
+from shared.registry import Registry, load_registry
+from shared.schema import JobSpec, JobState, JobStatus, Manifest, Stage
+from shared.settings import Settings, get_settings
+from shared.storage import Storage
+
+
+class SubmitError(ValueError):
+    """The job was refused at submission; the message says why."""
+
+
+def _format_validation(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        parts.append(f"{loc}: {err['msg']}")
+    return "invalid job: " + "; ".join(parts)
+
+
+class EaselClient:
+    def __init__(self, settings: Settings | None = None, registry: Registry | None = None):
+        self.settings = settings or get_settings()
+        self.registry = registry or load_registry(self.settings.models)
+        self.store = JobStore.from_url(self.settings.redis_url, self.settings.queue_prefix, self.settings.job_ttl_s)
+        self.storage = Storage(self.settings)
+        self.celery = make_celery(self.settings)
+
+    # -- submission ---------------------------------------------------------------------
+    def validate(self, job: JobSpec | dict) -> JobSpec:
+        try:
+            return job if isinstance(job, JobSpec) else JobSpec.model_validate(job)
+        except ValidationError as e:
+            raise SubmitError(_format_validation(e)) from None
+
+    def _upload_ref(self, ref: str | None, what: str) -> str | None:
+        """Local paths and data: URIs are decoded (refused if unreadable) and uploaded."""
+        if ref is None or ref.startswith("s3://"):
+            return ref
+        if ref.startswith(("https://", "http://")):
+            try:
+                check_public_url(ref, self.settings)
+            except InputError as e:
+                raise SubmitError(f"{what}: {e}") from None
+            return ref
+        try:
+            if ref.startswith("data:"):
+                data = parse_data_uri(ref)
+            else:
+                path = Path(ref).expanduser()
+                if not path.is_file():
+                    raise InputError(f"no such file {ref!r}")
+                if path.stat().st_size > self.settings.max_input_bytes:
+                    raise InputError(f"{ref} is over the {self.settings.max_input_bytes}-byte limit")
+                data = path.read_bytes()
+            decode_image(data, self.settings, what)
+        except InputError as e:
+            raise SubmitError(f"{what}: {e}") from None
+        return self.storage.put_input(data, image_ext(data))
+
+    def prepare(self, job: JobSpec | dict | str) -> JobSpec:
+        """Validate, upload local/inline images, fix seeds. Raises SubmitError naming the problem."""
+        if isinstance(job, dict):
+            job = dict(job)
+            inp = dict(job.get("input") or {})
+            img = inp.get("image")
+            # Local paths are not valid in a queued job; upload them before schema validation.
+            if isinstance(img, str) and not img.startswith(("s3://", "https://", "http://", "data:")):
+                inp["image"] = self._upload_ref(img, "input image")
+                job["input"] = inp
+            stages = []
+            for i, st in enumerate(job.get("stages") or []):
+                if isinstance(st, dict) and isinstance(st.get("control_image"), str) and not st["control_image"].startswith(
+                        ("s3://", "https://", "http://", "data:")):
+                    st = {**st, "control_image": self._upload_ref(st["control_image"], f"stage {i} control image")}
+                stages.append(st)
+            if stages:
+                job["stages"] = stages
+        spec = self.validate(job)
+        image = self._upload_ref(spec.input.image, "input image")
+        stages = [st.model_copy(update={"control_image": self._upload_ref(st.control_image, f"stage {i} control image")})
+                  if st.control_image else st for i, st in enumerate(spec.stages)]
+        spec = spec.model_copy(update={"input": spec.input.model_copy(update={"image": image}), "stages": stages})
+        return spec.with_seeds()
+
+    def submit(self, job: JobSpec | dict) -> str:
+        spec = self.prepare(job)
+        try:
+            plan = plan_job(spec, self.registry, self.settings.queue_prefix)
+        except PlanError as e:
+            raise SubmitError(str(e)) from None
+        job_id, created = self.store.create(spec, plan)
+        if created:
+            try:
+                self.celery.send_task(RUN_SEGMENT, args=[job_id, 0], queue=plan.segments[0].queue,
+                                      priority=spec.priority)
+            except Exception as e:
+                self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}")
+                raise
+        return job_id
+
+    def submit_img2img(self, image: str, prompt: str, model: str = "sd15", **stage: object) -> str:
+        output = {k: stage.pop(k) for k in ("format", "keep_intermediates") if k in stage}
+        extra = {k: stage.pop(k) for k in ("idempotency_key", "priority", "num_images") if k in stage}
+        job = {"input": {"image": image}, "stages": [{"task": "img2img", "model": model, "prompt": prompt, **stage}],
+               "output": output, **extra}
+        return self.submit(job)
+
+    # -- following ----------------------------------------------------------------------
+    def status(self, job_id: str) -> JobStatus:
+        return self.store.status(job_id)
+
+    def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.1,
+             on_update: Callable[[JobStatus], None] | None = None) -> JobStatus:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.status(job_id)
+            if on_update:
+                on_update(st)
+            if st.state.terminal:
+                return st
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {st.state.value} after {timeout}s")
+            time.sleep(poll_s)
+
+    def result(self, job_id: str) -> Manifest:
+        st = self.status(job_id)
+        if st.state != JobState.succeeded:
+            raise RuntimeError(f"job {job_id} is {st.state.value}" + (f": {st.error}" if st.error else ""))
+        return Manifest.model_validate_json(self.storage.get(st.manifest))
+
+    def fetch(self, job_id: str, out_dir: Path) -> list[Path]:
+        """Download the job's images and manifest into ``out_dir/<job_id>/``."""
+        manifest = self.result(job_id)
+        target = Path(out_dir) / job_id
+        target.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for uri in manifest.outputs + [u for s in manifest.stages for u in s.intermediates]:
+            rel = uri.split(f"jobs/{job_id}/", 1)[1]
+            p = target / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(self.storage.get(uri))
+            paths.append(p)
+        mp = target / "manifest.json"
+        mp.write_text(json.dumps(json.loads(manifest.model_dump_json()), indent=2))
+        return paths + [mp]
+
+    def cancel(self, job_id: str) -> JobState:
+        return self.store.request_cancel(job_id)
+
+    def queues(self) -> dict[str, int]:
+        """Messages waiting per family queue (all priority sub-queues counted)."""
+        from shared.celery_app import queue_name
+
+        out = {}
+        for family in sorted(self.registry.families()):
+            q = queue_name(family, self.settings.queue_prefix)
+            names = [q] + [f"{q}:{p}" for p in range(1, 10)]
+            pipe = self.store.r.pipeline(transaction=False)
+            for n in names:
+                pipe.llen(n)
+            out[q] = sum(pipe.execute())
+        return out
+
+
+__all__ = ["EaselClient", "SubmitError", "Stage"]

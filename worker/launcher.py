@@ -1,0 +1,68 @@
+"""``easel worker``: one process per GPU, each pinned with CUDA_VISIBLE_DEVICES.
+
+The launcher only supervises: it forwards SIGTERM/SIGINT (a warm shutdown: each child
+finishes its running stage) and restarts a child that dies, so a crash costs one stage's
+redelivery and never the pool.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def detect_gpus() -> list[str]:
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        return []
+
+
+def child_command(family: str, hostname: str) -> list[str]:
+    return [sys.executable, "-m", "worker.process", "--family", family, "--hostname", hostname]
+
+
+def run_workers(family: str, gpus: list[str] | None = None, restart: bool = True, extra_env: dict | None = None) -> int:
+    gpus = gpus if gpus is not None else detect_gpus()
+    slots = gpus or ["cpu"]
+    host = os.uname().nodename
+    procs: dict[str, subprocess.Popen] = {}
+    stopping = False
+
+    def spawn(slot: str) -> subprocess.Popen:
+        env = {**os.environ, **(extra_env or {})}
+        env["CUDA_VISIBLE_DEVICES"] = "" if slot == "cpu" else slot
+        return subprocess.Popen(child_command(family, f"{family}-{slot}@{host}"), env=env)
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for slot in slots:
+        procs[slot] = spawn(slot)
+    backoff: dict[str, float] = {}
+    while True:
+        alive = False
+        for slot, p in list(procs.items()):
+            rc = p.poll()
+            if rc is None:
+                alive = True
+            elif not stopping and restart:
+                delay = backoff.get(slot, 1.0)
+                print(f"easel worker: {family} on {slot} exited with {rc}; restarting in {delay:.0f}s", file=sys.stderr)
+                time.sleep(delay)
+                backoff[slot] = min(delay * 2, 60)
+                procs[slot] = spawn(slot)
+                alive = True
+        if not alive:
+            return max((p.returncode or 0) for p in procs.values())
+        time.sleep(0.5)

@@ -1,0 +1,123 @@
+"""Loading a family's pipelines once per process and keeping them warm.
+
+Loading goes through ``from_pretrained`` exactly as for a hub checkpoint, so the tiny
+test weights and real weights take the same path. Variants of one checkpoint
+(text2img, controlnet) are built with ``from_pipe`` and share its modules: no second copy.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+import torch
+
+from shared.registry import ModelSpec, Registry
+from shared.settings import Settings
+from worker.device import pick_device, pick_dtype
+
+log = logging.getLogger("easel.worker.pipelines")
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    source: str
+    pipes: dict[str, object]  # task -> pipeline (shared modules)
+    device: torch.device
+    dtype: torch.dtype
+    load_s: float
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+def _load_kwargs(spec: ModelSpec, dtype: torch.dtype) -> dict:
+    kw: dict = {"torch_dtype": dtype, "use_safetensors": True}
+    if spec.variant:
+        kw["variant"] = spec.variant
+    if spec.revision:
+        kw["revision"] = spec.revision
+    return kw
+
+
+def _sync_s3_source(source: str, settings: Settings) -> str:
+    """An s3:// prefix is mirrored once into the model cache and loaded from there."""
+    from shared.storage import S3Ref, Storage
+
+    ref = S3Ref.parse(source.rstrip("/") + "/")
+    target = settings.model_root / "s3" / ref.bucket / ref.key
+    if (target / "model_index.json").exists() or (target / "config.json").exists():
+        return str(target)
+    st = Storage(settings)
+    pages = st.client.get_paginator("list_objects_v2").paginate(Bucket=ref.bucket, Prefix=ref.key)
+    for page in pages:
+        for obj in page.get("Contents", []):
+            dest = target / obj["Key"][len(ref.key):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            st.client.download_file(ref.bucket, obj["Key"], str(dest))
+    return str(target)
+
+
+def apply_optimizations(pipe, spec: ModelSpec, device: torch.device) -> None:
+    opt = spec.optimizations
+    pipe.set_progress_bar_config(disable=True)
+    if opt.sdpa and hasattr(pipe, "unet") and hasattr(pipe.unet, "set_attn_processor"):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        try:
+            pipe.unet.set_attn_processor(AttnProcessor2_0())
+        except Exception:  # some UNets use their own processors; SDPA is already their default
+            pass
+    if opt.attention_slicing and hasattr(pipe, "enable_attention_slicing"):
+        pipe.enable_attention_slicing()
+    vae = getattr(pipe, "vae", None)
+    if opt.vae_tiling and vae is not None and hasattr(vae, "enable_tiling"):
+        vae.enable_tiling()
+    if opt.vae_slicing and vae is not None and hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()
+    if opt.cpu_offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)
+    if opt.compile_unet and hasattr(pipe, "unet"):
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+
+
+def load_model(spec: ModelSpec, settings: Settings, device: torch.device) -> LoadedModel:
+    from worker import loaders
+
+    t0 = time.perf_counter()
+    source = spec.resolve(spec.source, settings.model_root)
+    if source.startswith("s3://"):
+        source = _sync_s3_source(source, settings)
+    dtype = pick_dtype(spec.dtype, device)
+    pipes, extras = loaders.load(spec, source, _load_kwargs(spec, dtype), settings)
+    for p in {id(p): p for p in pipes.values()}.values():
+        apply_optimizations(p, spec, device)
+    load_s = time.perf_counter() - t0
+    log.info("loaded %s (%s) from %s in %.2fs on %s/%s", spec.name, spec.kind, source, load_s, device, dtype)
+    return LoadedModel(spec=spec, source=source, pipes=pipes, device=device, dtype=dtype, load_s=load_s, extras=extras)
+
+
+class PipelineCache:
+    """All models of one family, loaded at start and kept for the life of the process."""
+
+    def __init__(self, registry: Registry, settings: Settings, family: str, device: torch.device | None = None):
+        self.registry = registry
+        self.settings = settings
+        self.family = family
+        self.device = device or pick_device(settings.device)
+        self.models: dict[str, LoadedModel] = {}
+
+    def warm(self) -> float:
+        t0 = time.perf_counter()
+        for spec in self.registry.family_models(self.family):
+            self.get(spec.name)
+        return time.perf_counter() - t0
+
+    def get(self, name: str) -> LoadedModel:
+        if name not in self.models:
+            spec = self.registry.get(name)
+            if spec.family != self.family:
+                raise ValueError(f"model {name!r} belongs to family {spec.family!r}, this worker serves {self.family!r}")
+            self.models[name] = load_model(spec, self.settings, self.device)
+        return self.models[name]
+

@@ -1,0 +1,70 @@
+"""One worker process: pinned to one device, one family's pipelines loaded, one Celery solo worker.
+
+The solo pool runs the task in this very process, so the warm pipelines stay in this
+process's memory (a prefork child would have to load them again, and a fork after CUDA
+init is unsafe). Cancellation therefore goes through Redis flags, not Celery revoke.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from shared.logs import quiet_libraries
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="easel-worker-process")
+    ap.add_argument("--family", required=True)
+    ap.add_argument("--hostname", default=None)
+    ap.add_argument("--loglevel", default=os.environ.get("EASEL_LOGLEVEL", "INFO"))
+    args = ap.parse_args(argv)
+    quiet_libraries()
+    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    from shared.celery_app import queue_name
+    from worker.context import WorkerContext, set_context
+    from worker.tasks import app
+
+    hostname = args.hostname or f"{args.family}-{os.environ.get('CUDA_VISIBLE_DEVICES', 'cpu')}-{os.getpid()}@{socket.gethostname()}"
+    ctx = WorkerContext.create(args.family, hostname=hostname)
+    ctx.storage.ensure_bucket()
+    load_s = ctx.cache.warm()
+    logging.getLogger("easel.worker").info("family %s warm in %.2fs on %s", args.family, load_s, ctx.cache.device)
+    set_context(ctx, app)
+    from celery.signals import worker_ready, worker_shutdown
+
+    from worker.heartbeat import start_heartbeat
+
+    beat = {}
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_kw):
+        beat["stop"] = start_heartbeat(ctx.store.r, ctx.settings.queue_prefix, hostname, {
+            "family": args.family, "device": str(ctx.cache.device), "load_s": round(load_s, 3),
+            "models": sorted(ctx.cache.models)})
+
+    @worker_shutdown.connect(weak=False)
+    def _bye(**_kw):
+        if "stop" in beat:
+            beat["stop"].set()
+
+    worker = app.Worker(
+        hostname=hostname,
+        queues=[queue_name(args.family, ctx.settings.queue_prefix)],
+        pool="solo",
+        concurrency=1,
+        loglevel=args.loglevel,
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        optimization="fair",
+    )
+    worker.start()
+    return worker.exitcode or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
