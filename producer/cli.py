@@ -184,5 +184,9 @@ def models_list() -> None:
         print(f"{name}\tfamily={m.family}\tkind={m.kind}\tlatent={m.latent_space}\tsource={m.source}")
 
 
+from producer.cli_ops import register as _register_ops  # noqa: E402
+
+_register_ops(app)
+
 if __name__ == "__main__":
     app()
