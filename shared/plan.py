@@ -7,7 +7,7 @@ Consecutive stages on the same family form one segment: one task on one worker.
 from __future__ import annotations
 
 from shared.celery_app import queue_name
-from shared.registry import LATENT_IN, LATENT_OUT, LATENT_ONLY_AFTER_STAGE, Registry
+from shared.registry import COMPEL_KINDS, LATENT_IN, LATENT_ONLY_AFTER_STAGE, LATENT_OUT, Registry
 from shared.schema import Handoff, JobSpec, Plan, Segment
 
 
@@ -30,6 +30,9 @@ def plan_job(spec: JobSpec, registry: Registry, queue_prefix: str = "easel") -> 
             raise PlanError(f"{label}: {e.args[0]}") from None
         if not m.supports(st.task):
             raise PlanError(f"{label}: model kind {m.kind!r} cannot run task {st.task!r}")
+        if st.prompt_syntax == "compel" and m.kind not in COMPEL_KINDS:
+            raise PlanError(f"{label}: Compel prompt weighting is not available for model kind {m.kind!r} "
+                            f"(available for: {', '.join(sorted(COMPEL_KINDS))})")
         if st.task == "controlnet_img2img" and st.controlnet and st.controlnet not in m.controlnets:
             raise PlanError(f"{label}: no ControlNet {st.controlnet!r} registered for this model "
                             f"(registered: {', '.join(m.controlnets) or 'none'})")

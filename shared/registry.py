@@ -19,7 +19,7 @@ PipelineKind = Literal["sd", "sdxl-refiner", "kandinsky22", "sd-latent-upscaler"
 KIND_TASKS: dict[str, set[str]] = {
     "sd": {"text2img", "img2img", "controlnet_img2img"},
     "sdxl-refiner": {"img2img"},
-    "kandinsky22": {"text2img", "img2img"},
+    "kandinsky22": {"img2img"},
     "sd-latent-upscaler": {"latent_upscale"},
     "sd-x4-upscaler": {"upscale"},
 }
@@ -37,6 +37,8 @@ LATENT_OUT: set[tuple[str, str]] = {
     ("sdxl-refiner", "img2img"),
     ("sd-latent-upscaler", "latent_upscale"),
 }
+# Kinds whose text encoder Compel can weight (prompt_syntax: compel).
+COMPEL_KINDS: set[str] = {"sd", "sdxl-refiner", "sd-x4-upscaler"}
 # Tasks that cannot start from an image alone (no latent source means refuse at submission).
 LATENT_ONLY_AFTER_STAGE: set[str] = {"latent_upscale"}
 

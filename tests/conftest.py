@@ -39,7 +39,7 @@ def model_root(tmp_path_factory) -> Path:
     from worker.tiny import make_tiny_checkpoints
 
     root = tmp_path_factory.mktemp("models")
-    make_tiny_checkpoints(root, ["tiny-sd15", "tiny-sd15-comic", "tiny-sd15-pixel"])
+    make_tiny_checkpoints(root)
     return root
 
 
@@ -103,6 +103,22 @@ def sd15_worker(easel_env, tmp_path_factory):
     w = WorkerProc("sd15", easel_env, tmp_path_factory.mktemp("logs")).start()
     yield w
     w.stop()
+
+
+@pytest.fixture(scope="session")
+def family_workers(easel_env, tmp_path_factory):
+    """Started on first use, one per family, kept for the session."""
+    logdir = tmp_path_factory.mktemp("family-logs")
+    started: dict[str, WorkerProc] = {}
+
+    def get(family: str) -> WorkerProc:
+        if family not in started:
+            started[family] = WorkerProc(family, easel_env, logdir).start()
+        return started[family]
+
+    yield get
+    for w in started.values():
+        w.stop()
 
 
 @pytest.fixture(scope="session")

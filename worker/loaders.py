@@ -1,5 +1,11 @@
-"""One loader per pipeline kind: which diffusers classes to build, from which folders."""
+"""One loader per pipeline kind: which diffusers classes to build, from which folders.
+
+Each returns ``{task: pipeline}``; pipelines for several tasks of one checkpoint are made
+with ``from_pipe`` so they share modules (one copy of the weights).
+"""
 from __future__ import annotations
+
+import inspect
 
 from shared.registry import ModelSpec
 from shared.settings import Settings
@@ -14,14 +20,50 @@ def load_sd(spec: ModelSpec, source: str, kw: dict, settings: Settings) -> tuple
 
     img2img = AutoPipelineForImage2Image.from_pretrained(source, **kw)
     pipes: dict = {"img2img": img2img, "text2img": AutoPipelineForText2Image.from_pipe(img2img)}
-    extras: dict = {}
     for name, cn_source in spec.controlnets.items():
         cn = ControlNetModel.from_pretrained(_resolve(cn_source, settings), **kw)
         pipes[f"controlnet_img2img:{name}"] = AutoPipelineForImage2Image.from_pipe(img2img, controlnet=cn)
-    return pipes, extras
+    return pipes, {}
 
 
-LOADERS = {"sd": load_sd}
+def load_sdxl_refiner(spec: ModelSpec, source: str, kw: dict, settings: Settings) -> tuple[dict, dict]:
+    from diffusers import AutoPipelineForImage2Image
+
+    return {"img2img": AutoPipelineForImage2Image.from_pretrained(source, **kw)}, {}
+
+
+def load_kandinsky22(spec: ModelSpec, source: str, kw: dict, settings: Settings) -> tuple[dict, dict]:
+    """Prior and decoder loaded separately (the hub's combined pipeline needs the prior repo online)."""
+    from diffusers import KandinskyV22Img2ImgPipeline, KandinskyV22PriorPipeline
+
+    if not spec.prior:
+        raise ValueError(f"model {spec.name}: kind kandinsky22 needs `prior:` (the prior checkpoint)")
+    prior = KandinskyV22PriorPipeline.from_pretrained(_resolve(spec.prior, settings), **kw)
+    decoder = KandinskyV22Img2ImgPipeline.from_pretrained(source, **kw)
+    src = inspect.getsource(KandinskyV22Img2ImgPipeline.__call__)
+    swapped = "preprocess(i, width, height)" in src
+    return {"prior": prior, "img2img": decoder}, {"kandinsky_hw_swapped": swapped}
+
+
+def load_latent_upscaler(spec: ModelSpec, source: str, kw: dict, settings: Settings) -> tuple[dict, dict]:
+    from diffusers import StableDiffusionLatentUpscalePipeline
+
+    return {"latent_upscale": StableDiffusionLatentUpscalePipeline.from_pretrained(source, **kw)}, {}
+
+
+def load_x4_upscaler(spec: ModelSpec, source: str, kw: dict, settings: Settings) -> tuple[dict, dict]:
+    from diffusers import StableDiffusionUpscalePipeline
+
+    return {"upscale": StableDiffusionUpscalePipeline.from_pretrained(source, **kw)}, {}
+
+
+LOADERS = {
+    "sd": load_sd,
+    "sdxl-refiner": load_sdxl_refiner,
+    "kandinsky22": load_kandinsky22,
+    "sd-latent-upscaler": load_latent_upscaler,
+    "sd-x4-upscaler": load_x4_upscaler,
+}
 
 
 def load(spec: ModelSpec, source: str, kw: dict, settings: Settings) -> tuple[dict, dict]:

@@ -59,13 +59,10 @@ def _sync_s3_source(source: str, settings: Settings) -> str:
 def apply_optimizations(pipe, spec: ModelSpec, device: torch.device) -> None:
     opt = spec.optimizations
     pipe.set_progress_bar_config(disable=True)
-    if opt.sdpa and hasattr(pipe, "unet") and hasattr(pipe.unet, "set_attn_processor"):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        try:
-            pipe.unet.set_attn_processor(AttnProcessor2_0())
-        except Exception:  # some UNets use their own processors; SDPA is already their default
-            pass
+    # diffusers already uses torch's scaled_dot_product_attention (SDPA) on torch >= 2;
+    # sdpa: false puts back the classic processors (for debugging or old kernels).
+    if not opt.sdpa and hasattr(getattr(pipe, "unet", None), "set_default_attn_processor"):
+        pipe.unet.set_default_attn_processor()
     if opt.attention_slicing and hasattr(pipe, "enable_attention_slicing"):
         pipe.enable_attention_slicing()
     vae = getattr(pipe, "vae", None)

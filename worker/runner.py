@@ -1,11 +1,13 @@
 """Running one stage: the job's parameters turned into one diffusers pipeline call.
 
-Hand-offs are decided by the plan; the runner only asks the pipeline for latents
+Hand-offs are decided by the plan; the runner only asks a pipeline for latents
 (``output_type="latent"``) when the next stage takes them, and feeds latents back as
-``image=`` (a 4-channel tensor makes the pipeline skip its VAE encode).
+``image=`` (a 4-channel tensor makes SD/SDXL img2img and the latent upscaler skip their
+VAE encode). One builder per pipeline kind says which arguments that pipeline takes.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -30,9 +32,7 @@ class Carrier:
 
     @property
     def size(self) -> tuple[int, int] | None:
-        if self.images:
-            return self.images[0].size
-        return None
+        return self.images[0].size if self.images else None
 
 
 StepHook = Callable[[int, int], bool]  # (step, total) -> keep going?
@@ -43,78 +43,140 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
-def _callback(on_step: StepHook):
-    def cb(pipe, step: int, timestep, kwargs):
-        total = getattr(pipe, "num_timesteps", None) or 0
-        if not on_step(step + 1, int(total)):
-            pipe._interrupt = True
-        return kwargs
-
-    return cb
-
-
-def encode_prompts(model: LoadedModel, stage: Stage, n: int) -> dict:
-    """Prompt kwargs for the pipeline; Compel syntax becomes prompt_embeds on this worker."""
+def prompt_kwargs(model: LoadedModel, stage: Stage, n: int) -> dict:
+    """Prompt arguments; Compel syntax becomes prompt_embeds computed on this worker."""
     if stage.prompt_syntax == "compel":
-        from worker.prompts import compel_embeds
+        from worker.prompts import compel_kwargs
 
-        return compel_embeds(model, stage, n)
+        return compel_kwargs(model, stage, n)
     kw: dict = {"prompt": [stage.prompt] * n}
     if stage.negative_prompt is not None:
         kw["negative_prompt"] = [stage.negative_prompt] * n
     return kw
 
 
-def run_stage(model: LoadedModel, stage: Stage, carrier: Carrier, *, n: int, want_latent: bool,
-              on_step: StepHook, control_image: Image.Image | None = None) -> tuple[Carrier, dict[str, float]]:
-    seeds = [stage.seed + i for i in range(n)]
-    kw = encode_prompts(model, stage, n)
-    kw.update(generator=generators(seeds), num_inference_steps=stage.steps,
-              output_type="latent" if want_latent else "pil",
-              callback_on_step_end=_callback(on_step))
-    task = stage.task
-    if task == "text2img":
-        pipe = model.pipes["text2img"]
-        kw.update(guidance_scale=stage.guidance_scale, width=stage.width, height=stage.height)
-    elif task in ("img2img", "controlnet_img2img"):
-        key = task if task == "img2img" else f"controlnet_img2img:{stage.controlnet or next(iter(model.spec.controlnets))}"
-        pipe = model.pipes[key]
-        kw.update(image=_image_arg(carrier, stage, model), strength=stage.strength, guidance_scale=stage.guidance_scale)
-        if task == "controlnet_img2img":
-            size = pixel_size(model, carrier)
-            kw.update(control_image=[control_image.resize(size)] * n,
-                      controlnet_conditioning_scale=stage.controlnet_conditioning_scale)
-    else:
-        from worker.extra_stages import stage_kwargs
-
-        pipe, extra = stage_kwargs(model, stage, carrier, n)
-        kw.update(extra)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = pipe(**kw)
-    if getattr(pipe, "_interrupt", False):
-        pipe._interrupt = False
-        raise Cancelled()
-    timings = {"denoise": time.perf_counter() - t0}
-    if want_latent:
-        return Carrier(latents=out.images), timings
-    return Carrier(images=list(out.images)), timings
-
-
-def _image_arg(carrier: Carrier, stage: Stage, model: LoadedModel):
-    if carrier.latents is not None:
-        return carrier.latents.to(model.device, model.dtype)
+def _images(carrier: Carrier, stage: Stage) -> list[Image.Image]:
     imgs = carrier.images or []
     if stage.width and stage.height:
         imgs = [im.resize((stage.width, stage.height), Image.LANCZOS) for im in imgs]
     return imgs
 
 
-def pixel_size(model: LoadedModel, carrier: Carrier) -> tuple[int, int]:
+def _image_or_latents(carrier: Carrier, stage: Stage, model: LoadedModel):
+    if carrier.latents is not None:
+        return carrier.latents.to(model.device, model.dtype)
+    return _images(carrier, stage)
+
+
+# -- one builder per pipeline kind: (pipeline, kwargs) -----------------------------------------
+def build_sd(model: LoadedModel, stage: Stage, carrier: Carrier, n: int, control: Image.Image | None):
+    kw = prompt_kwargs(model, stage, n)
+    kw["guidance_scale"] = stage.guidance_scale
+    if stage.task == "text2img":
+        kw.update(width=stage.width, height=stage.height)
+        return model.pipes["text2img"], kw
+    kw.update(image=_image_or_latents(carrier, stage, model), strength=stage.strength)
+    if stage.task == "img2img":
+        return model.pipes["img2img"], kw
+    name = stage.controlnet or next(iter(model.spec.controlnets))
+    kw.update(control_image=[control.resize(pixel_size(model, carrier, stage))] * n,
+              controlnet_conditioning_scale=stage.controlnet_conditioning_scale)
+    return model.pipes[f"controlnet_img2img:{name}"], kw
+
+
+def build_sdxl_refiner(model: LoadedModel, stage: Stage, carrier: Carrier, n: int, control):
+    kw = prompt_kwargs(model, stage, n)
+    kw.update(image=_image_or_latents(carrier, stage, model), strength=stage.strength,
+              guidance_scale=stage.guidance_scale)
+    return model.pipes["img2img"], kw
+
+
+def build_kandinsky22(model: LoadedModel, stage: Stage, carrier: Carrier, n: int, control):
+    """Prior (text -> image embeddings) then the decoder's img2img, as the combined pipeline does."""
+    prior = model.pipes["prior"]
+    with torch.inference_mode():
+        emb = prior(prompt=[stage.prompt] * n, negative_prompt=[stage.negative_prompt or ""] * n,
+                    num_inference_steps=max(1, min(stage.steps, 25)), generator=generators(_seeds(stage, n)),
+                    guidance_scale=4.0)
+    imgs = _images(carrier, stage)
+    w, h = imgs[0].size
+    if model.extras.get("kandinsky_hw_swapped"):
+        w, h = h, w  # diffusers passes (width, height) to preprocess(height, width) in this version
+    kw = {"image": imgs, "image_embeds": emb.image_embeds, "negative_image_embeds": emb.negative_image_embeds,
+          "height": h, "width": w, "strength": stage.strength, "guidance_scale": stage.guidance_scale}
+    return model.pipes["img2img"], kw
+
+
+def build_latent_upscaler(model: LoadedModel, stage: Stage, carrier: Carrier, n: int, control):
+    kw = prompt_kwargs(model, stage, n)
+    kw.update(image=_image_or_latents(carrier, stage, model), guidance_scale=stage.guidance_scale)
+    return model.pipes["latent_upscale"], kw
+
+
+def build_x4_upscaler(model: LoadedModel, stage: Stage, carrier: Carrier, n: int, control):
+    kw = prompt_kwargs(model, stage, n)
+    kw.update(image=_images(carrier, stage), guidance_scale=stage.guidance_scale, noise_level=stage.noise_level)
+    return model.pipes["upscale"], kw
+
+
+BUILDERS = {
+    "sd": build_sd,
+    "sdxl-refiner": build_sdxl_refiner,
+    "kandinsky22": build_kandinsky22,
+    "sd-latent-upscaler": build_latent_upscaler,
+    "sd-x4-upscaler": build_x4_upscaler,
+}
+
+
+def _seeds(stage: Stage, n: int) -> list[int]:
+    return [stage.seed + i for i in range(n)]
+
+
+def _progress_kwargs(pipe, on_step: StepHook, total_hint: int) -> dict:
+    """New-style ``callback_on_step_end`` (can interrupt) or the old ``callback`` (we raise)."""
+    params = inspect.signature(pipe.__call__).parameters
+    if "callback_on_step_end" in params:
+        def cb(p, step: int, timestep, kwargs):
+            if not on_step(step + 1, int(getattr(p, "num_timesteps", 0) or total_hint)):
+                p._interrupt = True
+            return kwargs
+
+        return {"callback_on_step_end": cb}
+    if "callback" in params:
+        def old_cb(step: int, timestep, latents):
+            if not on_step(step + 1, total_hint):
+                raise Cancelled()
+
+        return {"callback": old_cb, "callback_steps": 1}
+    return {}
+
+
+def run_stage(model: LoadedModel, stage: Stage, carrier: Carrier, *, n: int, want_latent: bool,
+              on_step: StepHook, control_image: Image.Image | None = None) -> tuple[Carrier, dict[str, float]]:
+    t0 = time.perf_counter()
+    pipe, kw = BUILDERS[model.spec.kind](model, stage, carrier, n, control_image)
+    kw.update(generator=generators(_seeds(stage, n)), num_inference_steps=stage.steps,
+              output_type="latent" if want_latent else "pil")
+    kw.update(_progress_kwargs(pipe, on_step, stage.steps))
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        out = pipe(**kw)
+    if getattr(pipe, "_interrupt", False):
+        pipe._interrupt = False
+        raise Cancelled()
+    timings = {"prepare": t1 - t0, "denoise": time.perf_counter() - t1}
+    if want_latent:
+        return Carrier(latents=out.images), timings
+    return Carrier(images=list(out.images)), timings
+
+
+def pixel_size(model: LoadedModel, carrier: Carrier, stage: Stage | None = None) -> tuple[int, int]:
     """(width, height) of what the carrier holds, in pixels, latents included."""
+    if stage is not None and stage.width and stage.height:
+        return stage.width, stage.height
     if carrier.images:
         return carrier.images[0].size
-    pipe = model.pipes.get("img2img") or next(iter(model.pipes.values()))
+    pipe = next(iter(model.pipes.values()))
     f = getattr(pipe, "vae_scale_factor", 8)
     h, w = carrier.latents.shape[-2:]
     return int(w * f), int(h * f)
@@ -122,7 +184,7 @@ def pixel_size(model: LoadedModel, carrier: Carrier) -> tuple[int, int]:
 
 def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
     """Decode a latent hand-off for keep_intermediates (the chain itself keeps the latents)."""
-    pipe = model.pipes.get("img2img") or next(iter(model.pipes.values()))
+    pipe = next(p for p in model.pipes.values() if hasattr(p, "vae") and hasattr(p, "image_processor"))
     vae = pipe.vae
     with torch.inference_mode():
         x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]

@@ -1,0 +1,143 @@
+"""Multi-stage chains: the hand-off (latent or image) is chosen by easel and recorded."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from producer.client import SubmitError
+from shared.plan import plan_job
+from shared.registry import load_registry
+from shared.schema import JobSpec
+
+
+def _img(client, uri):
+    return Image.open(io.BytesIO(client.storage.get(uri)))
+
+
+def _run(client, job, timeout=180):
+    job_id = client.submit(job)
+    st = client.wait(job_id, timeout=timeout)
+    assert st.state.value == "succeeded", st.error
+    return job_id, st, client.result(job_id)
+
+
+def test_img2img_chain_same_family_hands_off_latents_in_one_task(client, sd15_worker, input_png):
+    job = {"input": {"image": str(input_png)}, "output": {"keep_intermediates": True},
+           "stages": [{"model": "sd15", "prompt": "astronaut", "steps": 4, "seed": 1},
+                      {"model": "comic-diffusion", "prompt": "charliebo artstyle", "steps": 4, "seed": 2},
+                      {"model": "pixel-art", "prompt": "pixelartstyle", "steps": 4, "seed": 3}]}
+    job_id, st, m = _run(client, job)
+    assert [s.handoff_in for s in m.stages] == ["image", "latent", "latent"]
+    assert [s.handoff_out for s in m.stages] == ["latent", "latent", "none"]
+    assert len({s.worker for s in m.stages}) == 1
+    _, plan = client.store.load(job_id)
+    assert len(plan.segments) == 1  # one task, latents stayed on the device
+    assert not client.storage.list(f"jobs/{job_id}/handoff/")
+    assert [len(s.intermediates) for s in m.stages] == [1, 1, 0]
+    for uri in m.stages[0].intermediates + st.outputs:
+        assert _img(client, uri).size == (96, 64)
+
+
+def test_text2img_then_kandinsky_img2img_hands_off_an_image(client, sd15_worker, family_workers):
+    family_workers("kandinsky22")
+    job = {"stages": [{"task": "text2img", "model": "sd15", "prompt": "astronaut in a jungle", "steps": 3,
+                       "width": 64, "height": 96, "seed": 5},
+                      {"model": "kandinsky-2-2", "prompt": "astronaut in a jungle", "steps": 4, "seed": 6}]}
+    job_id, st, m = _run(client, job)
+    assert [s.handoff_in for s in m.stages] == ["none", "image"]
+    assert m.stages[0].family == "sd15" and m.stages[1].family == "kandinsky22"
+    assert client.storage.exists(f"jobs/{job_id}/handoff/seg-1/0.png")
+    assert _img(client, st.outputs[0]).size == (64, 96)
+
+
+def test_img2img_latent_upscaler_x4_upscaler_grows_8x(client, sd15_worker, family_workers, tmp_path):
+    family_workers("upscalers")
+    src = tmp_path / "small.png"
+    Image.new("RGB", (32, 32), (10, 120, 200)).save(src)
+    job = {"input": {"image": str(src)},
+           "stages": [{"model": "sd15", "prompt": "castle", "steps": 3, "seed": 1},
+                      {"task": "latent_upscale", "model": "sd-x2-latent-upscaler", "prompt": "castle", "steps": 3,
+                       "guidance_scale": 0, "seed": 2},
+                      {"task": "upscale", "model": "sd-x4-upscaler", "prompt": "castle", "steps": 3, "seed": 3}]}
+    job_id, st, m = _run(client, job)
+    # sd15 -> x2 shares the SD VAE latent space: a latent crosses families via storage;
+    # the x4 upscaler concatenates pixels with its latents, so it is handed an image.
+    assert [s.handoff_in for s in m.stages] == ["image", "latent", "image"]
+    assert client.storage.exists(f"jobs/{job_id}/handoff/seg-1.safetensors")
+    assert [tuple(s.output_size) for s in m.stages] == [(32, 32), (64, 64), (256, 256)]
+    assert _img(client, st.outputs[0]).size == (256, 256)
+
+
+def test_controlnet_img2img_then_style_img2img(client, sd15_worker, input_png, tmp_path):
+    depth = tmp_path / "depth.png"
+    Image.linear_gradient("L").resize((96, 64)).convert("RGB").save(depth)
+    job = {"input": {"image": str(input_png)},
+           "stages": [{"task": "controlnet_img2img", "model": "sd15", "controlnet": "depth",
+                       "control_image": str(depth), "prompt": "astronaut", "steps": 4, "seed": 1},
+                      {"model": "comic-diffusion", "prompt": "elden ring style astronaut", "strength": 0.45,
+                       "guidance_scale": 10.5, "negative_prompt": "ugly", "steps": 4, "seed": 2}]}
+    _, st, m = _run(client, job)
+    assert [s.handoff_in for s in m.stages] == ["image", "latent"]
+    assert _img(client, st.outputs[0]).size == (96, 64)
+    # The control image changes the result.
+    job2 = {**job, "stages": [{**job["stages"][0], "controlnet_conditioning_scale": 0.0}, job["stages"][1]]}
+    _, st2, _ = _run(client, job2)
+    assert not np.array_equal(np.asarray(_img(client, st.outputs[0])), np.asarray(_img(client, st2.outputs[0])))
+
+
+def test_sdxl_refiner_stage_after_sd15_gets_an_image(client, sd15_worker, family_workers, input_png):
+    family_workers("sdxl-refiner")
+    job = {"input": {"image": str(input_png)},
+           "stages": [{"model": "sd15", "prompt": "astronaut", "steps": 3, "seed": 1},
+                      {"model": "sdxl-refiner", "prompt": "astronaut, detailed", "strength": 0.5, "steps": 4,
+                       "negative_prompt": "blurry", "seed": 2}]}
+    _, st, m = _run(client, job)
+    assert [s.handoff_in for s in m.stages] == ["image", "image"]
+    assert _img(client, st.outputs[0]).size == (96, 64)
+
+
+def test_compel_weighting_changes_the_image(client, sd15_worker, input_png):
+    base = {"model": "sd15", "steps": 4, "seed": 9, "negative_prompt": "blurry"}
+    outs = []
+    for prompt, syntax in [("a red fox", "plain"), ("a (red)+++ fox", "compel"), ("a (red)--- fox", "compel")]:
+        _, st, m = _run(client, {"input": {"image": str(input_png)},
+                                 "stages": [{**base, "prompt": prompt, "prompt_syntax": syntax}]})
+        assert m.stages[0].params["prompt_syntax"] == syntax
+        outs.append(np.asarray(_img(client, st.outputs[0])).astype(int))
+    assert not np.array_equal(outs[1], outs[2])
+
+
+@pytest.mark.parametrize("job, message", [
+    ({"stages": [{"model": "sd15", "prompt": "x"}]}, "stage 0 (img2img, model 'sd15'): needs an input image"),
+    ({"input": {"image": "s3://easel/x.png"},
+      "stages": [{"model": "sd15"}, {"task": "latent_upscale", "model": "kandinsky-2-2"}]},
+     "stage 1 (latent_upscale, model 'kandinsky-2-2'): model kind 'kandinsky22' cannot run task 'latent_upscale'"),
+    ({"input": {"image": "s3://easel/x.png"},
+      "stages": [{"model": "kandinsky-2-2"}, {"task": "latent_upscale", "model": "sd-x2-latent-upscaler"}]},
+     "stage 1 (latent_upscale, model 'sd-x2-latent-upscaler'): takes latents in latent space 'sd1-vae', "
+     "but stage 0 (model 'kandinsky-2-2') produces 'kandinsky-movq'"),
+    ({"input": {"image": "s3://easel/x.png"}, "stages": [{"model": "sd15"}, {"model": "nope"}]},
+     "stage 1 (img2img, model 'nope'): unknown model 'nope'"),
+    ({"input": {"image": "s3://easel/x.png"}, "stages": [{"model": "kandinsky-2-2", "prompt_syntax": "compel"}]},
+     "Compel prompt weighting is not available"),
+    ({"input": {"image": "s3://easel/x.png"}, "stages": [{"model": "sd15"}, {"task": "text2img", "model": "sd15"}]},
+     "stage 1 .*text2img can only be the first stage"),
+])
+def test_bad_chains_refused_at_submission_naming_the_stage(client, job, message):
+    with pytest.raises(SubmitError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       if ".*" not in message else message):
+        client.submit(job)
+
+
+def test_plan_groups_consecutive_family_stages_into_segments():
+    reg = load_registry()
+    spec = JobSpec.model_validate({"input": {"image": "s3://b/k.png"}, "stages": [
+        {"model": "sd15"}, {"model": "comic-diffusion"}, {"task": "latent_upscale", "model": "sd-x2-latent-upscaler"},
+        {"task": "upscale", "model": "sd-x4-upscaler"}, {"model": "sd15"}]})
+    plan = plan_job(spec, reg)
+    assert [(s.family, s.stages, s.handoff_in) for s in plan.segments] == [
+        ("sd15", [0, 1], "image"), ("upscalers", [2, 3], "latent"), ("sd15", [4], "image")]
+    assert plan.handoffs == ["image", "latent", "latent", "image", "image"]
