@@ -6,21 +6,31 @@ the schema, the chain plan (models, tasks, hand-offs), and local or inline image
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from pydantic import ValidationError
 
 from shared.celery_app import RUN_SEGMENT, make_celery
 from shared.images import InputError, check_public_url, decode_image, image_ext, parse_data_uri
-from shared.jobstore import JobStore
+from shared.jobstore import JobStore, new_job_id
 from shared.plan import PlanError, plan_job
 from shared.registry import Registry, load_registry
-from shared.schema import JobSpec, JobState, JobStatus, Manifest, Stage
+from shared.schema import JobSpec, JobState, JobStatus, Manifest, Plan, Stage
 from shared.settings import Settings, get_settings
 from shared.storage import Storage
+
+
+def _local_path(ref: object) -> bool:
+    """A client-side path to upload; URLs of any scheme (even ones the schema refuses) are not."""
+    return isinstance(ref, str) and bool(ref) and not ref.startswith("data:") and not _SCHEME.match(ref)
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
 class SubmitError(ValueError):
@@ -35,11 +45,21 @@ def _format_validation(e: ValidationError) -> str:
     return "invalid job: " + "; ".join(parts)
 
 
+def _record_fields(spec: JobSpec, plan: Plan, now: float) -> dict:
+    """A new job's record, as ``JobStore.create`` writes it (keep the two in step)."""
+    return {"spec": spec.model_dump_json(), "plan": plan.model_dump_json(), "state": JobState.queued.value,
+            "created_at": now, "updated_at": now, "attempts": 0, "stage": 0, "step": 0, "total_steps": 0}
+
+
+def _idem_key(store: JobStore, spec: JobSpec) -> str:
+    return f"{store.prefix}:idem:{spec.idempotency_key}"
+
+
 class EaselClient:
     def __init__(self, settings: Settings | None = None, registry: Registry | None = None):
         self.settings = settings or get_settings()
         self.registry = registry or load_registry(self.settings.models)
-        self.store = JobStore.from_url(self.settings.redis_url, self.settings.queue_prefix, self.settings.job_ttl_s)
+        self.store = JobStore.from_settings(self.settings)
         self.storage = Storage(self.settings)
         self.celery = make_celery(self.settings)
 
@@ -72,23 +92,25 @@ class EaselClient:
                 data = path.read_bytes()
             decode_image(data, self.settings, what)
         except InputError as e:
-            raise SubmitError(f"{what}: {e}") from None
+            msg = str(e)
+            raise SubmitError(msg if msg.startswith(what) else f"{what}: {msg}") from None
+        except (OSError, RuntimeError, ValueError) as e:  # unreadable local path: too long, no such ~user...
+            raise SubmitError(f"{what}: cannot read {ref[:100]!r}: {getattr(e, 'strerror', None) or e}") from None
         return self.storage.put_input(data, image_ext(data))
 
     def prepare(self, job: JobSpec | dict | str) -> JobSpec:
         """Validate, upload local/inline images, fix seeds. Raises SubmitError naming the problem."""
         if isinstance(job, dict):
             job = dict(job)
-            inp = dict(job.get("input") or {})
+            inp = dict(job["input"]) if isinstance(job.get("input"), dict) else {}
             img = inp.get("image")
             # Local paths are not valid in a queued job; upload them before schema validation.
-            if isinstance(img, str) and not img.startswith(("s3://", "https://", "http://", "data:")):
+            if _local_path(img):
                 inp["image"] = self._upload_ref(img, "input image")
                 job["input"] = inp
             stages = []
-            for i, st in enumerate(job.get("stages") or []):
-                if isinstance(st, dict) and isinstance(st.get("control_image"), str) and not st["control_image"].startswith(
-                        ("s3://", "https://", "http://", "data:")):
+            for i, st in enumerate(job["stages"] if isinstance(job.get("stages"), list) else []):
+                if isinstance(st, dict) and _local_path(st.get("control_image")):
                     st = {**st, "control_image": self._upload_ref(st["control_image"], f"stage {i} control image")}
                 stages.append(st)
             if stages:
@@ -100,21 +122,145 @@ class EaselClient:
         spec = spec.model_copy(update={"input": spec.input.model_copy(update={"image": image}), "stages": stages})
         return spec.with_seeds()
 
-    def submit(self, job: JobSpec | dict) -> str:
+    def prepare_and_plan(self, job: JobSpec | dict) -> tuple[JobSpec, Plan]:
+        """``prepare`` plus the chain plan: everything checked before a job is queued."""
         spec = self.prepare(job)
         try:
-            plan = plan_job(spec, self.registry, self.settings.queue_prefix)
+            return spec, plan_job(spec, self.registry, self.settings.queue_prefix)
         except PlanError as e:
             raise SubmitError(str(e)) from None
+
+    def submit(self, job: JobSpec | dict) -> str:
+        spec, plan = self.prepare_and_plan(job)
         job_id, created = self.store.create(spec, plan)
         if created:
-            try:
-                self.celery.send_task(RUN_SEGMENT, args=[job_id, 0], queue=plan.segments[0].queue,
-                                      priority=spec.priority)
-            except Exception as e:
-                self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}")
-                raise
+            self._enqueue(job_id, spec, plan)
         return job_id
+
+    def _enqueue(self, job_id: str, spec: JobSpec, plan) -> None:
+        """Send the first segment's message; a job that cannot be enqueued ends failed, not stuck."""
+        queue = plan.segments[0].queue
+        try:
+            self.store.mark_queued(job_id, queue, spec.priority)
+            self.celery.send_task(RUN_SEGMENT, args=[job_id, 0], queue=queue, priority=spec.priority)
+        except Exception as e:
+            self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}")
+            self.store.unmark_queued(job_id)
+            raise
+
+    def submit_many(self, jobs: Iterable[JobSpec | dict], batch_size: int = 500) -> list[str]:
+        """Submit many jobs; returns their ids in input order.
+
+        Every job is prepared and planned exactly as ``submit`` does, all of them before
+        anything is queued, so one bad job refuses the whole call (``SubmitError`` naming its
+        index) and queues nothing. Then, per batch of ``batch_size`` jobs: the job records in
+        one MULTI/EXEC, the queue positions in one pipeline, and the Celery messages through
+        one kombu producer in one pipeline. If writing a batch fails, its jobs end failed
+        ("could not enqueue") and the error is raised; earlier batches stay queued.
+
+        Idempotency keys behave as in ``submit``: a key seen before, or earlier in this same
+        call, gives the first job's id and queues nothing.
+        """
+        prepared: list[tuple[JobSpec, Plan]] = []
+        for i, job in enumerate(jobs):
+            try:
+                prepared.append(self.prepare_and_plan(job))
+            except SubmitError as e:
+                raise SubmitError(f"job {i}: {e}") from None
+        ids: list[str] = []
+        if not prepared:
+            return ids
+        # A connection of our own whose Redis client does not replay timed-out commands:
+        # kombu only pipelines publishes (Producer.batch) when a replay cannot duplicate them.
+        with self.celery.connection_for_write(transport_options={"retry_on_timeout": False}) as conn:
+            producer = self.celery.amqp.Producer(conn)
+            for start in range(0, len(prepared), max(1, batch_size)):
+                ids += self._submit_batch(prepared[start:start + batch_size], producer)
+        return ids
+
+    def _submit_batch(self, items: list[tuple[JobSpec, Plan]], producer) -> list[str]:
+        """Records first, then queue positions and messages for the jobs actually created."""
+        ids: list[str] = []
+        new: list[tuple[str, JobSpec, Plan]] = []
+        for (spec, plan), (job_id, created) in zip(items, self._create_records(items)):
+            ids.append(job_id)
+            if created:
+                new.append((job_id, spec, plan))
+        if not new:
+            return ids
+        try:
+            self._mark_queued_many([(job_id, plan.segments[0].queue, spec.priority) for job_id, spec, plan in new])
+            # retry=False: inside a batch a publish only buffers (nothing to retry); the flush
+            # at the end of the block is one pipeline, which kombu never replays. (A kombu
+            # without Producer.batch publishes one LPUSH per message instead.)
+            batch = getattr(producer, "batch", None)
+            with batch(max_size=len(new) + 1) if batch else contextlib.nullcontext():
+                for job_id, spec, plan in new:
+                    args = [job_id, 0]
+                    self.celery.send_task(RUN_SEGMENT, args=args, queue=plan.segments[0].queue,
+                                          priority=spec.priority, producer=producer, retry=False,
+                                          argsrepr=repr(args), kwargsrepr="{}")
+        except Exception as e:
+            # Delivery of this batch is uncertain: fail its jobs (a worker drops the message
+            # of a terminal job) rather than leave them queued forever.
+            for job_id, _, _ in new:
+                self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}")
+                self.store.unmark_queued(job_id)
+            raise
+        return ids
+
+    def _create_records(self, items: list[tuple[JobSpec, Plan]]) -> list[tuple[str, bool]]:
+        """``JobStore.create`` for many jobs in two round trips instead of one or two per job.
+
+        One MULTI/EXEC writes every record (hash + TTL) and claims every idempotency key
+        (SET NX, in input order, so the first of two equal keys in one call wins); only when
+        a claim was lost, one pipeline reads the winners' ids and one drops the losers'
+        records. Same fields and same rule as ``JobStore.create`` (keep the two in step); a
+        claim whose winner expired in between goes through ``JobStore.create`` itself.
+        """
+        store, now = self.store, time.time()
+        ids = [new_job_id() for _ in items]
+        pipe = store.r.pipeline(transaction=True)
+        claims: list[tuple[int, int]] = []  # (job index, position of its SET NX answer)
+        n_cmds = 0
+        for i, (job_id, (spec, plan)) in enumerate(zip(ids, items)):
+            key = store.key(job_id)
+            pipe.hset(key, mapping=_record_fields(spec, plan, now))
+            pipe.expire(key, store.ttl_s)
+            n_cmds += 2
+            if spec.idempotency_key:
+                pipe.set(_idem_key(store, spec), job_id, nx=True, ex=store.ttl_s)
+                claims.append((i, n_cmds))
+                n_cmds += 1
+        res = pipe.execute()
+        lost = [i for i, pos in claims if not res[pos]]
+        out = [(job_id, True) for job_id in ids]
+        if not lost:
+            return out
+        pipe = store.r.pipeline(transaction=False)
+        for i in lost:
+            pipe.get(_idem_key(store, items[i][0]))
+        winners = pipe.execute()
+        pipe = store.r.pipeline(transaction=False)
+        for i, existing in zip(lost, winners):
+            if existing == ids[i]:
+                continue  # our own claim (a retried EXEC whose first reply was lost): still ours
+            pipe.delete(store.key(ids[i]))
+            out[i] = (existing, False) if existing else store.create(*items[i])
+        pipe.execute()
+        return out
+
+    def _mark_queued_many(self, entries: list[tuple[str, str, int]]) -> None:
+        """``JobStore.mark_queued`` for (job_id, queue, priority) entries in two round trips:
+        one INCRBY reserves the sequence numbers the per-job INCRs would have drawn, one
+        pipeline writes the queue-position entries (same scores, so the same order)."""
+        store = self.store
+        last = int(store.r.incrby(f"{store.prefix}:seq", len(entries)))
+        pipe = store.r.pipeline(transaction=False)
+        for seq, (job_id, queue, priority) in enumerate(entries, start=last - len(entries) + 1):
+            pipe.zadd(store._queued_key(queue), {job_id: priority * 1e13 + seq})
+            pipe.hset(store.key(job_id), "queue", queue)
+        pipe.execute()
 
     def submit_img2img(self, image: str, prompt: str, model: str = "sd15", **stage: object) -> str:
         output = {k: stage.pop(k) for k in ("format", "keep_intermediates") if k in stage}

@@ -80,6 +80,11 @@ class Service:
         self.proc = subprocess.Popen(self.args, stdout=fh, stderr=subprocess.STDOUT, cwd=self.workdir,
                                      start_new_session=True)
 
+    def restart(self) -> None:
+        """Stop and start again on the same port and data folder (fault-injection tests)."""
+        self.stop()
+        self.start()
+
     def stop(self, timeout: float = 30.0) -> None:
         if not self.alive():
             return
@@ -97,14 +102,15 @@ class Service:
 
 
 class Valkey(Service):
-    """A valkey-server with AOF (appendfsync everysec), as we recommend for the broker."""
+    """A valkey-server with AOF fsynced on every write, as we recommend for the broker: an
+    accepted job is on disk before the producer hears back."""
 
     def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = True, password: str | None = None):
         super().__init__("valkey", port or free_port(), Path(workdir))
         self.password = password
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.args = [valkey_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-                     "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
+                     "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
                      "--daemonize", "no", "--protected-mode", "no"]
         if password:
             self.args += ["--requirepass", password]

@@ -9,6 +9,8 @@ Why these settings (see docs/reliability.md):
 """
 from __future__ import annotations
 
+import ssl
+
 from celery import Celery
 
 from shared.settings import Settings, get_settings
@@ -20,6 +22,19 @@ def queue_name(family: str, prefix: str = "easel") -> str:
     return f"{prefix}.{family}"
 
 
+def broker_ssl_options(s: Settings) -> dict | None:
+    """Celery ``broker_use_ssl`` for a rediss:// URL, from the redis_ssl_* settings.
+
+    Always a dict for rediss://: given none, kombu falls back to CERT_NONE (TLS that accepts
+    any certificate). ``ssl_*`` query parameters in the URL itself still take precedence.
+    """
+    kw = s.redis_ssl_kwargs()
+    if not kw:
+        return None
+    reqs = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+    return {**kw, "ssl_cert_reqs": reqs[kw["ssl_cert_reqs"]]}
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
     app = Celery("easel", broker=s.redis_url, set_as_current=False)
@@ -27,6 +42,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        broker_use_ssl=broker_ssl_options(s),
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
@@ -49,5 +67,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_send_task_events=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_heartbeat=0,
+        # A producer rides out a broker restart of a few seconds instead of failing the submit.
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 30, "interval_start": 0.2, "interval_step": 0.5,
+                                   "interval_max": 2.0},
     )
     return app

@@ -10,6 +10,8 @@ import time
 import uuid
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from shared.schema import JobSpec, JobState, JobStatus, Plan, Progress
 
@@ -20,6 +22,25 @@ if cur == 'succeeded' or cur == 'failed' or cur == 'cancelled' then return 0 end
 for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
 return 1
 """
+
+
+class _Retry(Retry):
+    """Retries lost connections, never a refused password: retrying cannot fix that, and the
+    caller should hear "invalid username-password pair" at once, not after ~30 s."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        def retryable(e: Exception) -> bool:
+            return not isinstance(e, redis.exceptions.AuthenticationError) and (is_retryable is None or is_retryable(e))
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
+def redis_client(url: str, **kw) -> redis.Redis:
+    """A client that rides out a Redis restart: commands retry with backoff for ~30 s."""
+    return redis.Redis.from_url(
+        url, decode_responses=True, health_check_interval=30, socket_keepalive=True, socket_connect_timeout=5,
+        retry=_Retry(ExponentialBackoff(cap=2.0, base=0.1), 20),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError], **kw)
 
 
 def new_job_id() -> str:
@@ -34,9 +55,13 @@ class JobStore:
         self._transition = self.r.register_script(_TRANSITION)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "easel", ttl_s: int = 7 * 24 * 3600) -> "JobStore":
-        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
-                                        socket_keepalive=True, retry_on_timeout=True), prefix, ttl_s)
+    def from_url(cls, url: str, prefix: str = "easel", ttl_s: int = 7 * 24 * 3600, **redis_kw) -> "JobStore":
+        return cls(redis_client(url, **redis_kw), prefix, ttl_s)
+
+    @classmethod
+    def from_settings(cls, s) -> "JobStore":
+        """From Settings, TLS options (redis_ssl_*) included for rediss:// URLs."""
+        return cls.from_url(s.redis_url, s.queue_prefix, s.job_ttl_s, **s.redis_ssl_kwargs())
 
     def key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -87,6 +112,7 @@ class JobStore:
                               total_steps=int(h.get("total_steps", 0))),
             error=h.get("error") or None, outputs=json.loads(h.get("outputs") or "[]"),
             manifest=h.get("manifest") or None, attempts=int(h.get("attempts", 0)),
+            queue_position=None if JobState(h["state"]).terminal else self.queue_position(job_id),
         )
 
     def transition(self, job_id: str, state: JobState, **fields) -> bool:
@@ -134,9 +160,44 @@ class JobStore:
             raise KeyError(f"no job {job_id}")
         self.r.hset(self.key(job_id), "cancel", 1)
         st = self.status(job_id).state
-        if st == JobState.queued:
-            self.transition(job_id, JobState.cancelled, error="cancelled before it ran")
+        if st == JobState.queued and self.transition(job_id, JobState.cancelled, error="cancelled before it ran"):
+            self.unmark_queued(job_id)
         return self.status(job_id).state
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(self.key(job_id), "cancel") == "1"
+
+    # -- queue position: a sorted set per queue, ordered as the broker serves it ---------
+    def _queued_key(self, queue: str) -> str:
+        return f"{self.prefix}:queued:{queue}"
+
+    def mark_queued(self, job_id: str, queue: str, priority: int, pipe=None) -> None:
+        """Record that a job waits in ``queue`` (priority 0 first, then submission order)."""
+        seq = self.r.incr(f"{self.prefix}:seq")
+        p = pipe if pipe is not None else self.r.pipeline(transaction=False)
+        p.zadd(self._queued_key(queue), {job_id: priority * 1e13 + seq})
+        p.hset(self.key(job_id), "queue", queue)
+        if pipe is None:
+            p.execute()
+
+    def unmark_queued(self, job_id: str) -> None:
+        queue = self.r.hget(self.key(job_id), "queue")
+        if queue:
+            self.r.zrem(self._queued_key(queue), job_id)
+
+    def queue_position(self, job_id: str) -> int | None:
+        """0 = next to run in its family's queue; None when not waiting."""
+        queue = self.r.hget(self.key(job_id), "queue")
+        if not queue:
+            return None
+        rank = self.r.zrank(self._queued_key(queue), job_id)
+        return None if rank is None else int(rank)
+
+    # -- deliveries that did not end: a worker died while running them -----------------
+    def begin_delivery(self, job_id: str, segment: int) -> int:
+        """Count a delivery; returns how many earlier deliveries of this segment never ended."""
+        return int(self.r.hincrby(self.key(job_id), f"inflight:{segment}", 1)) - 1
+
+    def end_delivery(self, job_id: str, segment: int) -> None:
+        if self.r.exists(self.key(job_id)):  # never resurrect an expired job as a bare hash
+            self.r.hset(self.key(job_id), f"inflight:{segment}", 0)

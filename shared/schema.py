@@ -187,6 +187,7 @@ class JobStatus(EaselModel):
     outputs: list[str] = Field(default_factory=list)
     manifest: str | None = None
     attempts: int = 0
+    queue_position: int | None = Field(default=None, description="0 = next in its family queue; only while queued")
 
 
 class StageRecord(EaselModel):

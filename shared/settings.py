@@ -3,15 +3,37 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ApiKey(BaseModel):
+    """One HTTP API key. Only its sha256 is configured: a leaked config file leaks no key.
+
+    Limits left unset fall back to the ``api_*`` defaults on Settings.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Owner name; jobs are visible to this key only.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the bearer token")
+    rate_per_min: float | None = Field(default=None, gt=0)
+    burst: int | None = Field(default=None, ge=1)
+    max_in_flight: int | None = Field(default=None, ge=1, description="cap on this key's queued+running jobs")
+    webhook_secret: SecretStr | None = Field(default=None, description="signs this key's webhooks; else webhook_secret")
+    admin: bool = Field(default=False, description="sees every job, may reference any s3:// object")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EASEL_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # TLS for rediss:// URLs (broker and job records). Verified against the system CAs unless
+    # redis_ssl_ca_certs is set; "none" turns verification off (never do that in production).
+    redis_ssl_ca_certs: Path | None = None
+    redis_ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    redis_ssl_certfile: Path | None = Field(default=None, description="client certificate (mutual TLS)")
+    redis_ssl_keyfile: Path | None = None
     s3_endpoint_url: str | None = None
     s3_bucket: str = "easel"
     s3_region: str = "us-east-1"
@@ -28,10 +50,45 @@ class Settings(BaseSettings):
     max_steps: int = 500
     max_side: int = 4096
     allow_private_urls: bool = False
+    url_fetch_timeout_s: float = Field(default=60.0, gt=0, description="total time for one https image download")
     # Worker behaviour.
     visibility_timeout_s: int = 3600
     job_ttl_s: int = 7 * 24 * 3600
     device: str | None = None  # "cuda", "cpu"; auto when unset
+    # Stage time limits: base + per_mpx_step * steps * megapixels * images (a stuck stage ends failed).
+    stage_timeout_base_s: float = 120.0
+    stage_timeout_per_mpx_step_s: float = 5.0
+    stage_stuck_grace_s: float = 60.0
+    max_crash_deliveries: int = Field(default=2, ge=1, description="a segment whose worker died this often is poison")
+    max_retries: int = Field(default=8, ge=0, description="retries of transient errors (backoff 1 s doubling, cap 30 s)")
+    # Operations: HTTP API, webhooks, metrics (issue 6). EASEL_API_KEYS is JSON: [{"name":..,"sha256":..}].
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    api_keys_file: Path | None = Field(default=None, description="YAML/JSON list of ApiKey, merged with api_keys")
+    api_rate_per_min: float = Field(default=600.0, gt=0, description="per-key token refill rate, all /v1 requests")
+    api_burst: int = Field(default=60, ge=1)
+    api_max_in_flight: int = Field(default=1000, ge=1, description="per-key cap on queued+running jobs")
+    api_presign_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    api_sse_max_s: float = Field(default=3600.0, gt=0, description="an SSE stream closes after this; clients reconnect")
+    s3_public_endpoint_url: str | None = Field(default=None, description="endpoint presigned URLs are made for "
+                                               "(what API clients can reach); s3_endpoint_url if unset")
+    webhook_secret: SecretStr | None = None
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_backoff_s: float = Field(default=2.0, gt=0, description="first retry delay; doubles per attempt")
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_sweep_s: float = Field(default=1.0, gt=0, description="how often the dispatcher looks for finished jobs")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="worker Prometheus port; 0 = off. "
+                              "Process k of a multi-GPU launcher binds port + GPU index.")
+
+    def redis_ssl_kwargs(self) -> dict[str, str]:
+        """redis-py / kombu connection kwargs for a rediss:// URL; {} for redis://."""
+        if not self.redis_url.startswith("rediss://"):
+            return {}
+        kw = {"ssl_cert_reqs": self.redis_ssl_cert_reqs}
+        for k in ("ca_certs", "certfile", "keyfile"):
+            if getattr(self, f"redis_ssl_{k}") is not None:
+                kw[f"ssl_{k}"] = str(getattr(self, f"redis_ssl_{k}"))
+        return kw
 
     def s3_credentials(self) -> dict[str, str]:
         if self.s3_access_key_id and self.s3_secret_access_key:

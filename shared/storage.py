@@ -57,7 +57,8 @@ class Storage:
                 # SeaweedFS and other S3 servers mishandle the default flexible checksums.
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
-                retries={"max_attempts": 8, "mode": "standard"},
+                # A few quick tries here; longer outages are the task's retries (backoff up to 30 s).
+                retries={"max_attempts": 3, "mode": "standard"},
                 connect_timeout=5,
                 read_timeout=60,
                 s3={"addressing_style": "path"},

@@ -11,6 +11,7 @@ from shared.registry import Registry, load_registry
 from shared.settings import Settings, get_settings
 from shared.storage import Storage
 from worker.pipelines import PipelineCache
+from worker.watchdog import Watchdog
 
 
 @dataclass
@@ -22,6 +23,7 @@ class WorkerContext:
     cache: PipelineCache
     family: str
     hostname: str
+    watchdog: Watchdog | None = None
 
     @classmethod
     def create(cls, family: str, settings: Settings | None = None, hostname: str | None = None) -> "WorkerContext":

@@ -29,12 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     from worker.tasks import app
 
     hostname = args.hostname or f"{args.family}-{os.environ.get('CUDA_VISIBLE_DEVICES', 'cpu')}-{os.getpid()}@{socket.gethostname()}"
+    from worker.watchdog import Watchdog
+
     ctx = WorkerContext.create(args.family, hostname=hostname)
-    ctx.storage.ensure_bucket()
+    ctx.watchdog = Watchdog()
+    try:
+        ctx.storage.ensure_bucket()
+    except Exception as e:  # storage may come back later; stages retry their uploads
+        logging.getLogger("easel.worker").warning("storage not reachable at start: %s", e)
     load_s = ctx.cache.warm()
     logging.getLogger("easel.worker").info("family %s warm in %.2fs on %s", args.family, load_s, ctx.cache.device)
     set_context(ctx, app)
     from celery.signals import worker_ready, worker_shutdown
+
+    from worker.metrics import install as install_metrics
+
+    mport = install_metrics(ctx, load_s)  # EASEL_METRICS_PORT; None when 0 (off)
 
     from worker.heartbeat import start_heartbeat
 
@@ -44,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     def _ready(**_kw):
         beat["stop"] = start_heartbeat(ctx.store.r, ctx.settings.queue_prefix, hostname, {
             "family": args.family, "device": str(ctx.cache.device), "load_s": round(load_s, 3),
-            "models": sorted(ctx.cache.models)})
+            "models": sorted(ctx.cache.models), "metrics_port": mport})
 
     @worker_shutdown.connect(weak=False)
     def _bye(**_kw):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
 from PIL import Image
 
 from shared.celery_app import RUN_SEGMENT
@@ -18,6 +19,7 @@ from shared.schema import JobSpec, JobState, Manifest, Plan, StageRecord
 from shared.storage import job_prefix
 from worker.context import WorkerContext
 from worker.runner import Carrier, decode_latents, pixel_size, run_stage
+from worker.watchdog import StageTimeout, stage_limit_s
 
 log = logging.getLogger("easel.worker.segment")
 
@@ -75,12 +77,20 @@ def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str
         return "unknown"
     if status.state.terminal:
         return f"already {status.state.value}"
+    store.unmark_queued(job_id)
     if store.cancel_requested(job_id):
         store.transition(job_id, JobState.cancelled, error="cancelled before it ran")
         return "cancelled"
+    crashed = store.begin_delivery(job_id, seg_index)
+    if crashed >= ctx.settings.max_crash_deliveries:
+        store.transition(job_id, JobState.failed, error=(
+            f"poison job: the worker died {crashed} times while running segment {seg_index} "
+            f"(last at stage {status.progress.stage}); not retried"))
+        return "poison"
     spec, plan = store.load(job_id)
     seg = plan.segments[seg_index]
     store.r.hsetnx(store.key(job_id), "started_at", time.time())
+    store.incr_attempts(job_id)
     store.transition(job_id, JobState.running, worker=ctx.hostname, segment=seg_index)
 
     t0 = time.perf_counter()
@@ -93,9 +103,22 @@ def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str
         model = ctx.cache.get(stage.model)
         want_latent = i < last_stage and plan.handoffs[i + 1] == "latent"
         control = load_image_ref(ctx, stage.control_image, f"stage {i} control image") if stage.control_image else None
-        carrier, timings = run_stage(
-            model, stage, carrier, n=n, want_latent=want_latent, control_image=control,
-            on_step=lambda step, total, i=i: not store.progress(job_id, i, step, total))
+        has_input = bool(carrier.images) or carrier.latents is not None
+        w, h = pixel_size(model, carrier, stage) if has_input else (stage.width or 512, stage.height or 512)
+        limit = stage_limit_s(ctx.settings.stage_timeout_base_s, ctx.settings.stage_timeout_per_mpx_step_s,
+                              stage.steps, w, h, n)
+        deadline = time.monotonic() + limit
+        if ctx.watchdog is not None:
+            ctx.watchdog.arm(limit + ctx.settings.stage_stuck_grace_s,
+                             f"stage {i} ({stage.task}, {stage.model}) made no progress within "
+                             f"{limit + ctx.settings.stage_stuck_grace_s:.0f}s (limit {limit:.0f}s); worker restarted",
+                             lambda reason: store.transition(job_id, JobState.failed, error=reason))
+        try:
+            carrier, timings = run_stage(model, stage, carrier, n=n, want_latent=want_latent, control_image=control,
+                                         on_step=_step_hook(store, job_id, i, deadline, limit))
+        finally:
+            if ctx.watchdog is not None:
+                ctx.watchdog.disarm()
         if pos == 0:
             timings["input"] = input_s
         intermediates: list[str] = []
@@ -121,6 +144,7 @@ def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str
         _save_handoff(ctx, job_id, seg_index + 1, carrier, space)
         nxt = plan.segments[seg_index + 1]
         if store.claim_once(job_id, f"enqueue:{seg_index + 1}"):
+            store.mark_queued(job_id, nxt.queue, spec.priority)
             app.send_task(RUN_SEGMENT, args=[job_id, seg_index + 1], queue=nxt.queue, priority=spec.priority)
         store.transition(job_id, JobState.running, segment=seg_index + 1)
         log.info("job %s segment %d done in %.2fs, handed %s to %s", job_id, seg_index,
@@ -129,6 +153,23 @@ def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str
 
     _finish(ctx, job_id, spec, carrier, t0)
     return "succeeded"
+
+
+def _step_hook(store, job_id: str, stage_index: int, deadline: float, limit: float):
+    """Per denoising step: publish progress, honour cancel, enforce the time limit.
+
+    Progress is best effort: a broker hiccup must not fail a stage that is computing fine.
+    """
+    def on_step(step: int, total: int) -> bool:
+        if time.monotonic() > deadline:
+            raise StageTimeout(f"stage {stage_index} exceeded its time limit of {limit:.1f}s "
+                               f"(base + per-megapixel-step allowance) at step {step}/{total}")
+        try:
+            return not store.progress(job_id, stage_index, step, total)
+        except redis.RedisError:
+            return True
+
+    return on_step
 
 
 def _finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, t0: float) -> None:

@@ -25,7 +25,6 @@ log = logging.getLogger("easel.worker.tasks")
 
 app = make_celery()
 
-MAX_RETRIES = 5
 TRANSIENT = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
@@ -47,9 +46,10 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"[:2000]
 
 
-@app.task(name=RUN_SEGMENT, bind=True, max_retries=MAX_RETRIES)
+@app.task(name=RUN_SEGMENT, bind=True, max_retries=None)
 def run_segment(self, job_id: str, seg_index: int) -> str:
     ctx, _ = get_context()
+    max_retries = ctx.settings.max_retries
     try:
         return execute_segment(ctx, self.app, job_id, seg_index)
     except Cancelled:
@@ -58,15 +58,21 @@ def run_segment(self, job_id: str, seg_index: int) -> str:
     except TRANSIENT as exc:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if self.request.retries >= MAX_RETRIES:
+        if self.request.retries >= max_retries:
             ctx.store.transition(job_id, JobState.failed,
-                                 error=f"gave up after {MAX_RETRIES} retries: {describe(exc)}")
+                                 error=f"gave up after {max_retries} retries: {describe(exc)}")
             return "failed"
-        countdown = min(60, 2 ** self.request.retries)
-        log.warning("job %s segment %d: transient %s; retry %d in %ss", job_id, seg_index, describe(exc),
-                    self.request.retries + 1, countdown)
+        countdown = min(30, 2 ** self.request.retries)
+        log.warning("job %s segment %d: transient %s; retry %d/%d in %ss", job_id, seg_index, describe(exc),
+                    self.request.retries + 1, max_retries, countdown)
         raise self.retry(exc=exc, countdown=countdown, queue=(self.request.delivery_info or {}).get("routing_key"))
     except Exception as exc:  # permanent: fail the job, keep the worker
         log.exception("job %s segment %d failed", job_id, seg_index)
         ctx.store.transition(job_id, JobState.failed, error=describe(exc))
         return "failed"
+    finally:
+        # Reached on every outcome except the process dying: that is what makes a crash count.
+        try:
+            ctx.store.end_delivery(job_id, seg_index)
+        except Exception:
+            log.warning("could not record the end of job %s segment %d", job_id, seg_index)
