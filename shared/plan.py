@@ -52,9 +52,10 @@ def plan_job(spec: JobSpec, registry: Registry, queue_prefix: str = "easel") -> 
         if st.task == "text2img":
             raise PlanError(f"{label}: text2img can only be the first stage")
         prev, prev_st = specs[i - 1], spec.stages[i - 1]
-        latent = (prev.latent_space == m.latent_space and (m.kind, st.task) in LATENT_IN
-                  and (prev.kind, prev_st.task) in LATENT_OUT)
-        if st.task in LATENT_ONLY_AFTER_STAGE and not latent:
+        compatible = (prev.latent_space == m.latent_space and (m.kind, st.task) in LATENT_IN
+                      and (prev.kind, prev_st.task) in LATENT_OUT)
+        latent = compatible and spec.handoff == "auto"
+        if st.task in LATENT_ONLY_AFTER_STAGE and not compatible:
             raise PlanError(f"{label}: takes latents in latent space {m.latent_space!r}, but stage {i - 1} "
                             f"(model {prev_st.model!r}) produces {prev.latent_space!r} and cannot hand off latents")
         handoffs.append("latent" if latent else "image")

@@ -126,6 +126,9 @@ class JobSpec(EaselModel):
     stages: list[Stage] = Field(min_length=1, max_length=MAX_STAGES)
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    handoff: Literal["auto", "image"] = Field(
+        default="auto", description="auto: easel hands latents on where it can; image: always decode and "
+                                    "re-encode between stages (for comparing quality, or debugging).")
 
     @field_validator("idempotency_key")
     @classmethod
