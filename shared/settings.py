@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     stage_stuck_grace_s: float = 60.0
     max_crash_deliveries: int = Field(default=2, ge=1, description="a segment whose worker died this often is poison")
     max_retries: int = Field(default=8, ge=0, description="retries of transient errors (backoff 1 s doubling, cap 30 s)")
+    # Micro-batching: compatible queued jobs run as one pipeline call (1 = off).
+    batch_size: int = Field(default=1, ge=1, le=64)
+    batch_wait_s: float = Field(default=0.05, ge=0.0, le=10.0, description="how long a partial batch waits")
     # Operations: HTTP API, webhooks, metrics (issue 6). EASEL_API_KEYS is JSON: [{"name":..,"sha256":..}].
     api_keys: list[ApiKey] = Field(default_factory=list)
     api_keys_file: Path | None = Field(default=None, description="YAML/JSON list of ApiKey, merged with api_keys")

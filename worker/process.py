@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from shared.celery_app import queue_name
     from worker.context import WorkerContext, set_context
-    from worker.tasks import app
+    from worker.tasks import app, register_tasks
 
     hostname = args.hostname or f"{args.family}-{os.environ.get('CUDA_VISIBLE_DEVICES', 'cpu')}-{os.getpid()}@{socket.gethostname()}"
     from worker.watchdog import Watchdog
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     load_s = ctx.cache.warm()
     logging.getLogger("easel.worker").info("family %s warm in %.2fs on %s", args.family, load_s, ctx.cache.device)
     set_context(ctx, app)
+    register_tasks(app, ctx.settings.batch_size, ctx.settings.batch_wait_s)
+    # One message at a time, unless micro-batching: then up to a batch's worth is held.
+    app.conf.worker_prefetch_multiplier = ctx.settings.batch_size
     from celery.signals import worker_ready, worker_shutdown
 
     from worker.metrics import install as install_metrics
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     def _ready(**_kw):
         beat["stop"] = start_heartbeat(ctx.store.r, ctx.settings.queue_prefix, hostname, {
             "family": args.family, "device": str(ctx.cache.device), "load_s": round(load_s, 3),
-            "models": sorted(ctx.cache.models), "metrics_port": mport})
+            "models": sorted(ctx.cache.models), "metrics_port": mport, "batch_size": ctx.settings.batch_size})
 
     @worker_shutdown.connect(weak=False)
     def _bye(**_kw):

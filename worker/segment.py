@@ -68,7 +68,8 @@ def _save_handoff(ctx: WorkerContext, job_id: str, seg_index: int, carrier: Carr
             ctx.storage.put(handoff_key(job_id, seg_index, i), encode_image(img, "png"))
 
 
-def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str:
+def start_delivery(ctx: WorkerContext, job_id: str, seg_index: int) -> tuple[JobSpec, Plan] | str:
+    """Checks every delivery makes before work starts; a string means "nothing to run" (why)."""
     store = ctx.store
     try:
         status = store.status(job_id)
@@ -88,10 +89,37 @@ def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str
             f"(last at stage {status.progress.stage}); not retried"))
         return "poison"
     spec, plan = store.load(job_id)
-    seg = plan.segments[seg_index]
     store.r.hsetnx(store.key(job_id), "started_at", time.time())
     store.incr_attempts(job_id)
     store.transition(job_id, JobState.running, worker=ctx.hostname, segment=seg_index)
+    return spec, plan
+
+
+def stage_limit(ctx: WorkerContext, steps: int, size: tuple[int, int], n: int) -> float:
+    return stage_limit_s(ctx.settings.stage_timeout_base_s, ctx.settings.stage_timeout_per_mpx_step_s,
+                         steps, size[0], size[1], n)
+
+
+def make_record(ctx: WorkerContext, i: int, spec: JobSpec, plan: Plan, model, carrier: Carrier,
+                timings: dict[str, float], want_latent: bool, intermediates: list[str]) -> StageRecord:
+    stage, last = spec.stages[i], len(spec.stages) - 1
+    return StageRecord(
+        index=i, task=stage.task, model=stage.model, model_source=model.source,
+        model_revision=model.spec.revision, family=model.spec.family, handoff_in=plan.handoffs[i],
+        handoff_out="latent" if want_latent else ("image" if i < last else "none"),
+        params=stage.model_dump(exclude={"seed"}), seeds=[stage.seed + k for k in range(spec.num_images)],
+        output_size=pixel_size(model, carrier), timings_s=timings, intermediates=intermediates,
+        worker=ctx.hostname,
+    )
+
+
+def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str:
+    store = ctx.store
+    started = start_delivery(ctx, job_id, seg_index)
+    if isinstance(started, str):
+        return started
+    spec, plan = started
+    seg = plan.segments[seg_index]
 
     t0 = time.perf_counter()
     carrier = _load_input(ctx, job_id, spec, plan, seg_index)
@@ -105,8 +133,7 @@ def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str
         control = load_image_ref(ctx, stage.control_image, f"stage {i} control image") if stage.control_image else None
         has_input = bool(carrier.images) or carrier.latents is not None
         w, h = pixel_size(model, carrier, stage) if has_input else (stage.width or 512, stage.height or 512)
-        limit = stage_limit_s(ctx.settings.stage_timeout_base_s, ctx.settings.stage_timeout_per_mpx_step_s,
-                              stage.steps, w, h, n)
+        limit = stage_limit(ctx, stage.steps, (w, h), n)
         deadline = time.monotonic() + limit
         if ctx.watchdog is not None:
             ctx.watchdog.arm(limit + ctx.settings.stage_stuck_grace_s,
@@ -115,7 +142,7 @@ def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str
                              lambda reason: store.transition(job_id, JobState.failed, error=reason))
         try:
             carrier, timings = run_stage(model, stage, carrier, n=n, want_latent=want_latent, control_image=control,
-                                         on_step=_step_hook(store, job_id, i, deadline, limit))
+                                         on_step=step_hook(store, job_id, i, deadline, limit))
         finally:
             if ctx.watchdog is not None:
                 ctx.watchdog.disarm()
@@ -128,14 +155,7 @@ def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str
             for k, img in enumerate(imgs):
                 intermediates.append(ctx.storage.put(f"{job_prefix(job_id)}stages/{i}/{k}.png", encode_image(img, "png")))
             timings["intermediates"] = time.perf_counter() - t1
-        record = StageRecord(
-            index=i, task=stage.task, model=stage.model, model_source=model.source,
-            model_revision=model.spec.revision, family=model.spec.family, handoff_in=plan.handoffs[i],
-            handoff_out="latent" if want_latent else ("image" if i < last_stage else "none"),
-            params=stage.model_dump(exclude={"seed"}), seeds=[stage.seed + k for k in range(n)],
-            output_size=pixel_size(model, carrier), timings_s=timings, intermediates=intermediates,
-            worker=ctx.hostname,
-        )
+        record = make_record(ctx, i, spec, plan, model, carrier, timings, want_latent, intermediates)
         store.save_record(job_id, i, record.model_dump_json())
 
     if seg_index < len(plan.segments) - 1:
@@ -151,11 +171,11 @@ def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str
                  time.perf_counter() - t0, nxt.handoff_in, nxt.queue)
         return "handed-off"
 
-    _finish(ctx, job_id, spec, carrier, t0)
+    finish(ctx, job_id, spec, carrier, t0)
     return "succeeded"
 
 
-def _step_hook(store, job_id: str, stage_index: int, deadline: float, limit: float):
+def step_hook(store, job_id: str, stage_index: int, deadline: float, limit: float):
     """Per denoising step: publish progress, honour cancel, enforce the time limit.
 
     Progress is best effort: a broker hiccup must not fail a stage that is computing fine.
@@ -172,7 +192,7 @@ def _step_hook(store, job_id: str, stage_index: int, deadline: float, limit: flo
     return on_step
 
 
-def _finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, t0: float) -> None:
+def finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, t0: float) -> None:
     t1 = time.perf_counter()
     fmt = spec.output.format
     outputs = [ctx.storage.put(f"{job_prefix(job_id)}output/{k}.{fmt}", encode_image(img, fmt, spec.output.quality))

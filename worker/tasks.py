@@ -8,6 +8,7 @@ returns to its queue: nothing a job does can take the process down with it.
 from __future__ import annotations
 
 import logging
+import time
 
 import botocore.exceptions
 import redis.exceptions
@@ -19,11 +20,14 @@ from shared.schema import JobState
 from shared.storage import NotFound
 from worker.context import get_context
 from worker.runner import Cancelled
-from worker.segment import execute_segment
+from worker.segment import execute_segment, load_image_ref, start_delivery
 
 log = logging.getLogger("easel.worker.tasks")
 
 app = make_celery()
+# A task that raised past our own handlers (only infrastructure failures get there) is
+# not acked: its message comes back after the visibility timeout instead of being lost.
+app.conf.task_acks_on_failure_or_timeout = False
 
 TRANSIENT = (
     redis.exceptions.ConnectionError,
@@ -46,33 +50,104 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"[:2000]
 
 
-@app.task(name=RUN_SEGMENT, bind=True, max_retries=None)
-def run_segment(self, job_id: str, seg_index: int) -> str:
-    ctx, _ = get_context()
+def _fail(ctx, job_id: str, reason: str) -> str:
+    ctx.store.transition(job_id, JobState.failed, error=reason)
+    return "failed"
+
+
+def retry_later(ctx, app, job_id: str, seg: int, queue: str | None, exc: BaseException) -> str:
+    """Re-send the segment with exponential backoff (1 s doubling, cap 30 s) up to max_retries."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    n = int(ctx.store.r.hincrby(ctx.store.key(job_id), f"retries:{seg}", 1))
     max_retries = ctx.settings.max_retries
+    if n > max_retries:
+        return _fail(ctx, job_id, f"gave up after {max_retries} retries: {describe(exc)}")
+    countdown = min(30, 2 ** (n - 1))
+    log.warning("job %s segment %d: transient %s; retry %d/%d in %ss", job_id, seg, describe(exc), n,
+                max_retries, countdown)
+    spec, _ = ctx.store.load(job_id)
+    app.send_task(RUN_SEGMENT, args=[job_id, seg], queue=queue, countdown=countdown, priority=spec.priority)
+    return "retrying"
+
+
+def guarded(ctx, app, job_id: str, seg: int, queue: str | None, fn, end: bool = True):
+    """Run ``fn`` for one job segment under the failure policy; the worker always survives."""
     try:
-        return execute_segment(ctx, self.app, job_id, seg_index)
+        return fn()
     except Cancelled:
         ctx.store.transition(job_id, JobState.cancelled, error="cancelled while running")
         return "cancelled"
     except TRANSIENT as exc:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if self.request.retries >= max_retries:
-            ctx.store.transition(job_id, JobState.failed,
-                                 error=f"gave up after {max_retries} retries: {describe(exc)}")
-            return "failed"
-        countdown = min(30, 2 ** self.request.retries)
-        log.warning("job %s segment %d: transient %s; retry %d/%d in %ss", job_id, seg_index, describe(exc),
-                    self.request.retries + 1, max_retries, countdown)
-        raise self.retry(exc=exc, countdown=countdown, queue=(self.request.delivery_info or {}).get("routing_key"))
+        end = True
+        return retry_later(ctx, app, job_id, seg, queue, exc)
     except Exception as exc:  # permanent: fail the job, keep the worker
-        log.exception("job %s segment %d failed", job_id, seg_index)
-        ctx.store.transition(job_id, JobState.failed, error=describe(exc))
-        return "failed"
+        end = True
+        log.exception("job %s segment %d failed", job_id, seg)
+        return _fail(ctx, job_id, describe(exc))
     finally:
         # Reached on every outcome except the process dying: that is what makes a crash count.
+        if end:
+            try:
+                ctx.store.end_delivery(job_id, seg)
+            except Exception:
+                log.warning("could not record the end of job %s segment %d", job_id, seg)
+
+
+def run_requests(ctx, app, requests: list[tuple[str, int, str | None]]) -> None:
+    """A micro-batch of deliveries: compatible jobs share one pipeline call, the rest run alone."""
+    from worker.batching import Member, batch_key, run_batch
+
+    groups: dict[tuple, list[tuple[Member, str | None]]] = {}
+    for job_id, seg, queue in requests:
+        def prepare(job_id=job_id, seg=seg):
+            spec, plan = ctx.store.load(job_id)
+            key = batch_key(ctx, spec, plan) if seg == 0 else None
+            if key is None:
+                return None
+            started = start_delivery(ctx, job_id, seg)
+            if isinstance(started, str):
+                return started
+            t0 = time.perf_counter()
+            images = [load_image_ref(ctx, spec.input.image, "input image")] * spec.num_images \
+                if spec.input.image else None
+            return key + ((images[0].size if images else None),), Member(job_id, spec, plan, images,
+                                                                           time.perf_counter() - t0)
+
+        prepared = guarded(ctx, app, job_id, seg, queue, prepare, end=False)
+        if isinstance(prepared, tuple):
+            groups.setdefault(prepared[0], []).append((prepared[1], queue))
+        elif prepared is None:
+            guarded(ctx, app, job_id, seg, queue, lambda job_id=job_id, seg=seg: execute_segment(ctx, app, job_id, seg))
+    for members in groups.values():
+        if len(members) == 1:
+            (m, queue), = members
+            guarded(ctx, app, m.job_id, 0, queue, lambda m=m: run_batch(ctx, [m]))
+            continue
         try:
-            ctx.store.end_delivery(job_id, seg_index)
+            run_batch(ctx, [m for m, _ in members])
+            for m, _ in members:
+                ctx.store.end_delivery(m.job_id, 0)
         except Exception:
-            log.warning("could not record the end of job %s segment %d", job_id, seg_index)
+            log.exception("batch of %d failed; running its jobs one by one", len(members))
+            for m, queue in members:
+                guarded(ctx, app, m.job_id, 0, queue, lambda m=m: run_batch(ctx, [m]))
+
+
+def register_tasks(app, batch_size: int = 1, batch_wait_s: float = 0.05) -> None:
+    """The one task, plain or micro-batched (celery-batches) per the worker's settings."""
+    if batch_size > 1:
+        from celery_batches import Batches
+
+        @app.task(name=RUN_SEGMENT, base=Batches, flush_every=batch_size, flush_interval=batch_wait_s)
+        def run_segment_batch(requests):
+            ctx, _ = get_context()
+            run_requests(ctx, app, [(r.args[0], r.args[1], (r.delivery_info or {}).get("routing_key"))
+                                    for r in requests])
+        return
+
+    @app.task(name=RUN_SEGMENT, bind=True)
+    def run_segment(self, job_id: str, seg_index: int) -> str:
+        ctx, _ = get_context()
+        queue = (self.request.delivery_info or {}).get("routing_key")
+        return guarded(ctx, self.app, job_id, seg_index, queue, lambda: execute_segment(ctx, self.app, job_id, seg_index))

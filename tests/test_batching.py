@@ -1,0 +1,55 @@
+"""Micro-batching: compatible queued jobs share one pipeline call; results are split per job."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import WorkerProc, img2img_job
+
+
+def _pixels(client, uri):
+    return np.asarray(Image.open(io.BytesIO(client.storage.get(uri)))).astype(int)
+
+
+def test_compatible_jobs_run_as_one_batch_and_match_unbatched_results(client, easel_env, input_png, tmp_path):
+    jobs = [img2img_job(str(input_png), model="sd15-wide", seed=100 + i, prompt=f"prompt {i}") for i in range(4)]
+    odd = img2img_job(str(input_png), model="sd15-wide", seed=200, steps=3)  # other steps: runs alone
+    ids = [client.submit(j) for j in jobs] + [client.submit(odd)]
+    batcher = WorkerProc("sd15-wide", {**easel_env, "EASEL_BATCH_SIZE": "4", "EASEL_BATCH_WAIT_S": "0.5"},
+                         tmp_path).start()
+    try:
+        done = [client.wait(j, timeout=180) for j in ids]
+    finally:
+        batcher.stop()
+    assert all(st.state.value == "succeeded" for st in done), [st.error for st in done]
+    sizes = [client.result(j).stages[0].timings_s["batch_size"] for j in ids]
+    assert sizes == [4.0, 4.0, 4.0, 4.0, 1.0]
+    for j in ids[:4]:
+        m = client.result(j)
+        assert len(m.outputs) == 1 and m.stages[0].output_size == (96, 64)
+    batched = [_pixels(client, st.outputs[0]) for st in done[:4]]
+    assert not np.array_equal(batched[0], batched[1])  # per-job prompts and seeds were kept apart
+
+    single = WorkerProc("sd15-wide", easel_env, tmp_path).start()
+    try:
+        again = client.wait(client.submit(jobs[2]), timeout=120)
+    finally:
+        single.stop()
+    assert again.state.value == "succeeded"
+    diff = np.abs(_pixels(client, again.outputs[0]) - batched[2])
+    assert diff.max() <= 2, f"batched result differs from the job run alone by up to {diff.max()}"
+
+
+def test_a_bad_job_in_a_batch_fails_alone(client, easel_env, input_png, tmp_path):
+    good = [img2img_job(str(input_png), model="sd15-wide", seed=300 + i) for i in range(2)]
+    bad = img2img_job("s3://easel/inputs/missing-for-batch.png", model="sd15-wide", seed=302)
+    ids = [client.submit(good[0]), client.submit(bad), client.submit(good[1])]
+    w = WorkerProc("sd15-wide", {**easel_env, "EASEL_BATCH_SIZE": "4", "EASEL_BATCH_WAIT_S": "0.5"}, tmp_path).start()
+    try:
+        done = [client.wait(j, timeout=180) for j in ids]
+    finally:
+        w.stop()
+    assert [st.state.value for st in done] == ["succeeded", "failed", "succeeded"]
+    assert "does not exist" in done[1].error

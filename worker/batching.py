@@ -1,0 +1,136 @@
+"""Micro-batching: compatible queued one-stage jobs run as one pipeline call.
+
+Jobs are compatible when they would make the same-shaped call: same model and task, same
+steps, strength, guidance, image size and images per job (prompts and seeds may differ).
+The batch runs with one generator per image, so each job's result is the same image it
+would get alone (per-sample noise; batched kernels may differ in the last bits). A batch
+that fails falls back to running its jobs one by one, so one bad job fails alone.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from shared.schema import JobSpec, JobState, Plan
+from worker.context import WorkerContext
+from worker.runner import Carrier, _progress_kwargs, generators
+from worker.segment import finish, load_image_ref, make_record, stage_limit, start_delivery
+
+log = logging.getLogger("easel.worker.batching")
+
+
+@dataclass
+class Member:
+    job_id: str
+    spec: JobSpec
+    plan: Plan
+    images: list[Image.Image] | None
+    input_s: float
+
+
+def batch_key(ctx: WorkerContext, spec: JobSpec, plan: Plan) -> tuple | None:
+    """None when the job must run alone (chains, ControlNet, Compel, non-SD kinds)."""
+    if len(plan.segments) != 1 or len(spec.stages) != 1:
+        return None
+    st = spec.stages[0]
+    if st.task not in ("img2img", "text2img") or st.prompt_syntax != "plain" or st.control_image:
+        return None
+    if ctx.registry.get(st.model).kind != "sd":
+        return None
+    return (st.model, st.task, st.steps, st.strength, st.guidance_scale, st.width, st.height, spec.num_images,
+            st.negative_prompt is None)
+
+
+def run_batch(ctx: WorkerContext, members: list[Member]) -> None:
+    """One pipeline call for all members; results split back and finished per job."""
+    first = members[0].spec.stages[0]
+    model = ctx.cache.get(first.model)
+    n = members[0].spec.num_images
+    stages = [m.spec.stages[0] for m in members]
+    kw: dict = {"prompt": [s.prompt for s in stages for _ in range(n)],
+                "generator": generators([s.seed + k for s in stages for k in range(n)]),
+                "num_inference_steps": first.steps, "guidance_scale": first.guidance_scale, "output_type": "pil"}
+    if first.negative_prompt is not None:
+        kw["negative_prompt"] = [s.negative_prompt for s in stages for _ in range(n)]
+    if first.task == "text2img":
+        pipe = model.pipes["text2img"]
+        kw.update(width=first.width, height=first.height)
+        size = (first.width or 512, first.height or 512)
+    else:
+        pipe = model.pipes["img2img"]
+        imgs = [im for m in members for im in m.images]
+        if first.width and first.height:
+            imgs = [im.resize((first.width, first.height), Image.LANCZOS) for im in imgs]
+        kw.update(image=imgs, strength=first.strength)
+        size = imgs[0].size
+    limit = stage_limit(ctx, first.steps, size, n * len(members))
+    deadline = time.monotonic() + limit
+    ids = [m.job_id for m in members]
+
+    def on_step(step: int, total: int) -> bool:
+        if time.monotonic() > deadline:
+            from worker.watchdog import StageTimeout
+
+            raise StageTimeout(f"batched stage exceeded its time limit of {limit:.1f}s at step {step}/{total}")
+        try:
+            pipe_r = ctx.store.r.pipeline(transaction=False)
+            for j in ids:
+                pipe_r.hset(ctx.store.key(j), mapping={"stage": 0, "step": step, "total_steps": total})
+            pipe_r.execute()
+        except Exception:
+            pass
+        return True
+
+    kw.update(_progress_kwargs(pipe, on_step, first.steps))
+    if ctx.watchdog is not None:
+        ctx.watchdog.arm(limit + ctx.settings.stage_stuck_grace_s,
+                         f"batched stage made no progress within {limit + ctx.settings.stage_stuck_grace_s:.0f}s",
+                         lambda reason: [ctx.store.transition(j, JobState.failed, error=reason) for j in ids])
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            out = pipe(**kw).images
+    finally:
+        if ctx.watchdog is not None:
+            ctx.watchdog.disarm()
+    denoise = time.perf_counter() - t0
+    for k, m in enumerate(members):
+        if ctx.store.cancel_requested(m.job_id):
+            ctx.store.transition(m.job_id, JobState.cancelled, error="cancelled while running")
+            continue
+        carrier = Carrier(images=list(out[k * n:(k + 1) * n]))
+        timings = {"input": m.input_s, "denoise": denoise, "batch_size": float(len(members))}
+        rec = make_record(ctx, 0, m.spec, m.plan, model, carrier, timings, False, [])
+        ctx.store.save_record(m.job_id, 0, rec.model_dump_json())
+        finish(ctx, m.job_id, m.spec, carrier, t0)
+
+
+def gather(ctx: WorkerContext, requests: list[tuple[str, int]]) -> tuple[dict[tuple, list[Member]], list[tuple[str, int]]]:
+    """Split deliveries into batchable groups (already started) and ones to run alone."""
+    groups: dict[tuple, list[Member]] = defaultdict(list)
+    alone: list[tuple[str, int]] = []
+    for job_id, seg in requests:
+        try:
+            spec, plan = ctx.store.load(job_id)
+        except KeyError:
+            alone.append((job_id, seg))  # execute_segment logs and drops it
+            continue
+        key = batch_key(ctx, spec, plan) if seg == 0 else None
+        if key is None:
+            alone.append((job_id, seg))
+            continue
+        started = start_delivery(ctx, job_id, seg)
+        if isinstance(started, str):
+            continue
+        t0 = time.perf_counter()
+        images = None
+        if spec.input.image:
+            images = [load_image_ref(ctx, spec.input.image, "input image")] * spec.num_images
+        groups[key + ((images[0].size if images else None),)].append(
+            Member(job_id, spec, plan, images, time.perf_counter() - t0))
+    return groups, alone
