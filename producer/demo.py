@@ -61,22 +61,24 @@ def run_demo(out: Path, steps: int = 10, size: int = 256, console: Console | Non
 
         get_settings.cache_clear()
         settings = get_settings()
-        from worker.tiny import make_tiny_checkpoints
-
-        t0 = time.perf_counter()
-        made = make_tiny_checkpoints(settings.model_root, ["tiny-sd15", "tiny-sd15-comic", "tiny-sd15-pixel"])
-        console.print(f"checkpoints: {len(made)} tiny models under {settings.model_root} "
-                      f"({time.perf_counter() - t0:.1f}s)")
         from producer.client import EaselClient
+        from worker.tiny import checkpoints_for, make_tiny_checkpoints
 
         client = EaselClient(settings)
         families = sorted({client.registry.get(s["model"]).family
                            for job in demo_jobs("", steps).values() for s in job["stages"]})
+        t0 = time.perf_counter()
+        made = make_tiny_checkpoints(settings.model_root, checkpoints_for(client.registry, families))
+        console.print(f"checkpoints: {len(made)} tiny models under {settings.model_root} "
+                      f"({time.perf_counter() - t0:.1f}s)")
         logdir = Path(tempfile.mkdtemp(prefix="easel-demo-logs-"))
         t_start = time.perf_counter()
-        for fam in families:
-            stack.enter_context(_worker(fam, {**os.environ, "HF_HUB_OFFLINE": "1"}, logdir / f"worker-{fam}.log"))
+        procs = {fam: stack.enter_context(_worker(fam, {**os.environ, "HF_HUB_OFFLINE": "1"}, logdir / f"worker-{fam}.log"))
+                 for fam in families}
         console.print(f"workers: {', '.join(families)} starting (logs in {logdir})")
+        if not _wait_ready(client, procs, logdir, console):
+            return 1
+        console.print(f"workers ready in {time.perf_counter() - t_start:.1f}s")
 
         input_path = out / "input.png"
         demo_image(size).save(input_path)
@@ -84,7 +86,6 @@ def run_demo(out: Path, steps: int = 10, size: int = 256, console: Console | Non
 
         ids = {name: client.submit(job) for name, job in demo_jobs(str(input_path), steps).items()}
         done = follow(client, list(ids.values()), label={j: n for n, j in ids.items()}, timeout=600, console=console)
-        console.print(f"first job submitted {time.perf_counter() - t_start:.1f}s after worker start")
         rc = 0
         for name, job_id in ids.items():
             st = done[job_id]
@@ -95,13 +96,32 @@ def run_demo(out: Path, steps: int = 10, size: int = 256, console: Console | Non
             paths = client.fetch(job_id, out)
             m = client.result(job_id)
             console.print(f"[green]{name}[/green] {job_id}: {len(m.stages)} stage(s), "
-                          f"hand-offs {[s.handoff_in for s in m.stages]}, total {m.timings_s['total']:.2f}s")
+                          f"hand-offs {[s.handoff_in for s in m.stages]}, total {m.timings_s['total']:.2f}s", soft_wrap=True)
             for s in m.stages:
                 console.print(f"  stage {s.index} {s.task} {s.model}: seed {s.seeds[0]}, "
-                              + ", ".join(f"{k} {v:.3f}s" for k, v in s.timings_s.items()))
+                              + ", ".join(f"{k} {v:.3f}s" for k, v in s.timings_s.items()), soft_wrap=True)
             for p in paths:
-                console.print(f"  {p}")
+                console.print(f"  {p}", soft_wrap=True, highlight=False)
         return rc
+
+
+def _wait_ready(client, procs: dict, logdir: Path, console: Console, timeout: float = 300) -> bool:
+    """Wait for each family's presence key; a worker that exits fails the demo with its log."""
+    from worker.heartbeat import live_workers
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for fam, proc in procs.items():
+            if proc.poll() is not None:
+                tail = (logdir / f"worker-{fam}.log").read_text(errors="replace")[-2000:]
+                console.print(f"[red]worker {fam} exited with {proc.returncode}[/red]\n{tail}")
+                return False
+        ready = {w.get("family") for w in live_workers(client.store.r, client.settings.queue_prefix)}
+        if set(procs) <= ready:
+            return True
+        time.sleep(0.1)
+    console.print(f"[red]workers not ready after {timeout}s (logs in {logdir})[/red]")
+    return False
 
 
 def _services(stack: contextlib.ExitStack, console: Console) -> dict[str, str]:

@@ -5,17 +5,92 @@ Why these settings (see docs/reliability.md):
   unacked, so Redis hands it out again after ``visibility_timeout``.
 - prefetch 1: a GPU runs one stage at a time; prefetching more would strand jobs behind a
   long stage on one worker while others sit idle.
-- JSON only: a pickle payload from the broker would be remote code execution.
+- JSON only: a pickle payload from the broker would be remote code execution. Items on a
+  queue that are not kombu messages at all are dropped with an error (SafeRedisTransport)
+  instead of stopping the worker's consumer.
+- rediss://: certificates are always verified (kombu alone would default to CERT_NONE);
+  the redis_ssl_* settings give the CA bundle and an optional client certificate.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import logging
 import ssl
+from queue import Empty
 
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import redis as kombu_redis
 
 from shared.settings import Settings, get_settings
 
 RUN_SEGMENT = "easel.run_segment"
+log = logging.getLogger("easel.broker")
+
+
+def _envelope_problem(message: object) -> str | None:
+    """Why a raw Redis list item is not a kombu message, or None if it is one."""
+    if not isinstance(message, dict):
+        return f"a JSON {type(message).__name__}, not an object"
+    props = message.get("properties")
+    if not isinstance(props, dict) or not isinstance(props.get("delivery_tag"), str):
+        return "no properties.delivery_tag"
+    if not isinstance(props.get("delivery_info", {}), dict) or not isinstance(message.get("headers") or {}, dict):
+        return "malformed delivery_info or headers"
+    body = message.get("body")
+    if body is not None and not isinstance(body, str):
+        return "body is not a string"
+    if props.get("body_encoding") == "base64":
+        try:
+            base64.b64decode(body or "", validate=True)
+        except (binascii.Error, ValueError):
+            return "body is not valid base64"
+    elif props.get("body_encoding") is not None:
+        return f"unknown body_encoding {props.get('body_encoding')!r}"
+    return None
+
+
+class _Channel(kombu_redis.Channel):
+    """A redis channel that drops list items that are not kombu messages instead of dying.
+
+    kombu decodes each BRPOP'd item as JSON before Celery sees it; garbage pushed onto a
+    queue (by a bug, or by anyone with write access to Redis) raised out of the worker's
+    event loop as an "Unrecoverable error" and stopped consumption. BRPOP already removed
+    the item, so dropping it (with an error in the log) loses nothing.
+    """
+
+    def _brpop_read(self, **options):
+        try:
+            return super()._brpop_read(**options)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            log.error("dropped a broker message that is not JSON: %s", e)
+            raise Empty() from None
+
+    def _get(self, queue):
+        try:
+            return super()._get(queue)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            log.error("dropped a broker message on %s that is not JSON: %s", queue, e)
+            raise Empty() from None
+
+
+class SafeRedisTransport(kombu_redis.Transport):
+    Channel = _Channel
+
+    def _deliver(self, message, queue):
+        problem = _envelope_problem(message)
+        if problem:
+            log.error("dropped a broker message on %s that is not a kombu message: %s", queue, problem)
+            return
+        return super()._deliver(message, queue)
+
+
+# redis:// and rediss:// broker URLs resolve through this alias table; only replace kombu's own.
+for _scheme in ("redis", "rediss"):
+    if TRANSPORT_ALIASES.get(_scheme) == "kombu.transport.redis:Transport":
+        TRANSPORT_ALIASES[_scheme] = "shared.celery_app:SafeRedisTransport"
 
 
 def queue_name(family: str, prefix: str = "easel") -> str:

@@ -11,8 +11,8 @@ import binascii
 import io
 import ipaddress
 import socket
+import time
 import warnings
-from urllib.parse import urlparse
 
 from PIL import Image, UnidentifiedImageError
 
@@ -23,40 +23,52 @@ class InputError(ValueError):
     """The job's input cannot be used; permanent, never retried."""
 
 
-_EXT = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+_EXT = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+# Only these decoders ever see untrusted bytes: no EPS (Ghostscript), no exotic plugins.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # MPO (camera JPEGs) opens through JPEG
+MIN_SIDE = 8  # smaller than one latent pixel: diffusers would resize it to 0x0
 
 
 def decode_image(data: bytes, settings: Settings, what: str = "image") -> Image.Image:
-    """Decode to RGB with limits; refuse bombs, truncation, zero-size and non-images."""
+    """Decode to RGB with limits; refuse bombs, truncation, zero-size and non-images.
+
+    The size is checked from the header before any pixel is decoded, so a decompression
+    bomb costs its compressed bytes, never its decoded size. Every refusal is an InputError
+    whose message starts with ``what``.
+    """
     if not data:
-        raise InputError(f"{what} is empty")
+        raise InputError(f"{what} is empty (0 bytes)")
     if len(data) > settings.max_input_bytes:
         raise InputError(f"{what} is {len(data)} bytes, over the {settings.max_input_bytes}-byte limit")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
             w, h = img.size
             if w <= 0 or h <= 0:
-                raise InputError(f"{what} has zero size")
+                raise InputError(f"{what} has zero size ({w}x{h})")
             if w * h > settings.max_image_pixels or max(w, h) > settings.max_side:
                 raise InputError(f"{what} is {w}x{h}, over the limit of {settings.max_image_pixels} pixels "
                                  f"or {settings.max_side} px a side")
+            if min(w, h) < MIN_SIDE:
+                raise InputError(f"{what} is {w}x{h}, under the minimum of {MIN_SIDE} px a side")
             img.load()
+            return img.convert("RGB")
     except InputError:
         raise
+    except MemoryError:
+        raise  # within the limits: the machine, not the input, is the problem
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"{what} refused as a decompression bomb: {e}") from None
     except UnidentifiedImageError:
-        raise InputError(f"{what} is not a readable image (unknown format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{what} could not be decoded: {e}") from None
-    return img.convert("RGB")
+        raise InputError(f"{what} is not a readable image (supported: {', '.join(sorted(set(_EXT.values())))})") from None
+    except Exception as e:  # truncated or corrupt data: PIL raises OSError, SyntaxError, EOFError, struct.error...
+        raise InputError(f"{what} could not be decoded ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def image_ext(data: bytes) -> str:
     try:
-        return _EXT.get(Image.open(io.BytesIO(data)).format or "", "bin")
+        return _EXT.get(Image.open(io.BytesIO(data), formats=FORMATS).format or "", "bin")
     except Exception:
         return "bin"
 
@@ -71,42 +83,81 @@ def parse_data_uri(ref: str) -> bytes:
         raise InputError("data URI payload is not valid base64") from None
 
 
-def check_public_url(url: str, settings: Settings) -> None:
-    """SSRF guard: refuse loopback, private, link-local and reserved targets unless allowed."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("https", "http") or not parsed.hostname:
+def _non_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    # not is_global: private, loopback, link-local (cloud metadata), CGNAT 100.64/10, reserved, 0/8...
+    return not ip.is_global or ip.is_multicast or ip.is_loopback or ip.is_link_local or ip.is_unspecified
+
+
+def check_public_url(url: str, settings: Settings) -> str | None:
+    """SSRF guard: refuse loopback, private, link-local and reserved targets unless allowed.
+
+    Returns the vetted IP address the request must go to (None when private URLs are
+    allowed), so that a second DNS answer (rebinding) cannot redirect the download.
+    """
+    import httpx
+
+    try:
+        u = httpx.URL(url)
+    except Exception:
+        raise InputError(f"unsupported URL {url[:100]!r}") from None
+    if u.scheme not in ("https", "http") or not u.host:
         raise InputError(f"unsupported URL {url[:100]!r}")
     if settings.allow_private_urls:
-        return
-    if parsed.scheme != "https":
-        raise InputError("only https:// image URLs are accepted (set EASEL_ALLOW_PRIVATE_URLS for http)")
+        return None
+    if u.scheme != "https":
+        raise InputError(f"only https:// image URLs are accepted, not {url[:100]!r} "
+                         "(set EASEL_ALLOW_PRIVATE_URLS=true to allow http:// and private addresses)")
     try:
-        infos = socket.getaddrinfo(parsed.hostname, parsed.port or 443, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as e:
-        raise InputError(f"cannot resolve {parsed.hostname}: {e}") from None
+        infos = socket.getaddrinfo(u.host, u.port or 443, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError, OSError) as e:
+        raise InputError(f"cannot resolve {u.host[:100]}: {e}") from None
+    if not infos:
+        raise InputError(f"cannot resolve {u.host[:100]}")
     for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified:
-            raise InputError(f"{parsed.hostname} resolves to a non-public address ({ip}); refused")
+        ip = ipaddress.ip_address(info[4][0].split("%")[0])
+        if _non_public(ip):
+            raise InputError(f"{u.host[:100]} resolves to a non-public address ({ip}); refused "
+                             "(set EASEL_ALLOW_PRIVATE_URLS=true to allow private addresses)")
+    return info[4][0]
 
 
 def fetch_url(url: str, settings: Settings) -> bytes:
+    """Download an image URL: SSRF-checked, pinned to the vetted address, no redirects,
+    no proxies or .netrc from the environment, bounded in bytes and in total time."""
     import httpx
 
-    check_public_url(url, settings)
+    pinned = check_public_url(url, settings)
+    u = httpx.URL(url)
+    headers, extensions = {}, {}
+    if pinned is not None:
+        headers["Host"] = u.netloc.decode("ascii")
+        extensions["sni_hostname"] = u.host  # TLS still verifies the certificate for the hostname
+        u = u.copy_with(host=pinned)
+    limit, deadline = settings.max_input_bytes, time.monotonic() + settings.url_fetch_timeout_s
     try:
-        with httpx.stream("GET", url, timeout=30, follow_redirects=False) as r:
+        with httpx.Client(timeout=min(30.0, settings.url_fetch_timeout_s), follow_redirects=False,
+                          trust_env=False) as http, \
+                http.stream("GET", u, headers=headers, extensions=extensions) as r:
             if r.status_code != 200:
-                raise InputError(f"GET {url[:100]} returned HTTP {r.status_code}")
+                raise InputError(f"GET {url[:100]} returned HTTP {r.status_code}"
+                                 + (" (redirects are not followed)" if 300 <= r.status_code < 400 else ""))
+            declared = r.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > limit:
+                raise InputError(f"{url[:100]} is {declared} bytes, over the {limit}-byte limit")
             chunks, total = [], 0
             for chunk in r.iter_bytes():
                 total += len(chunk)
-                if total > settings.max_input_bytes:
-                    raise InputError(f"{url[:100]} is over the {settings.max_input_bytes}-byte limit")
+                if total > limit:
+                    raise InputError(f"{url[:100]} is over the {limit}-byte limit")
+                if time.monotonic() > deadline:
+                    raise InputError(f"{url[:100]} took longer than {settings.url_fetch_timeout_s:g}s to download")
                 chunks.append(chunk)
             return b"".join(chunks)
     except httpx.HTTPError as e:
-        raise InputError(f"cannot fetch {url[:100]}: {e}") from None
+        raise InputError(f"cannot fetch {url[:100]}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def encode_image(img: Image.Image, fmt: str, quality: int = 95) -> bytes:

@@ -6,6 +6,7 @@ failed, cancelled) is never overwritten by a late or duplicate delivery.
 from __future__ import annotations
 
 import json
+import ssl
 import time
 import uuid
 
@@ -25,12 +26,17 @@ return 1
 
 
 class _Retry(Retry):
-    """Retries lost connections, never a refused password: retrying cannot fix that, and the
-    caller should hear "invalid username-password pair" at once, not after ~30 s."""
+    """Retries lost connections, never a refused password or TLS certificate: retrying cannot
+    fix those, and the caller should hear "invalid username-password pair" or
+    "CERTIFICATE_VERIFY_FAILED" at once, not after ~30 s."""
 
     def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
         def retryable(e: Exception) -> bool:
-            return not isinstance(e, redis.exceptions.AuthenticationError) and (is_retryable is None or is_retryable(e))
+            if isinstance(e, redis.exceptions.AuthenticationError):
+                return False
+            if isinstance(e.__cause__ or e.__context__, ssl.SSLCertVerificationError):
+                return False
+            return is_retryable is None or is_retryable(e)
 
         return super().call_with_retry(do, fail, retryable, with_failure_count)
 

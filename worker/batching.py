@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +17,8 @@ from PIL import Image
 
 from shared.schema import JobSpec, JobState, Plan
 from worker.context import WorkerContext
-from worker.runner import Carrier, _progress_kwargs, generators
-from worker.segment import finish, load_image_ref, make_record, stage_limit, start_delivery
+from worker.runner import Carrier, progress_kwargs, generators
+from worker.segment import finish, make_record, stage_limit
 
 log = logging.getLogger("easel.worker.batching")
 
@@ -86,7 +85,7 @@ def run_batch(ctx: WorkerContext, members: list[Member]) -> None:
             pass
         return True
 
-    kw.update(_progress_kwargs(pipe, on_step, first.steps))
+    kw.update(progress_kwargs(pipe, on_step, first.steps))
     if ctx.watchdog is not None:
         ctx.watchdog.arm(limit + ctx.settings.stage_stuck_grace_s,
                          f"batched stage made no progress within {limit + ctx.settings.stage_stuck_grace_s:.0f}s",
@@ -108,29 +107,3 @@ def run_batch(ctx: WorkerContext, members: list[Member]) -> None:
         rec = make_record(ctx, 0, m.spec, m.plan, model, carrier, timings, False, [])
         ctx.store.save_record(m.job_id, 0, rec.model_dump_json())
         finish(ctx, m.job_id, m.spec, carrier, t0)
-
-
-def gather(ctx: WorkerContext, requests: list[tuple[str, int]]) -> tuple[dict[tuple, list[Member]], list[tuple[str, int]]]:
-    """Split deliveries into batchable groups (already started) and ones to run alone."""
-    groups: dict[tuple, list[Member]] = defaultdict(list)
-    alone: list[tuple[str, int]] = []
-    for job_id, seg in requests:
-        try:
-            spec, plan = ctx.store.load(job_id)
-        except KeyError:
-            alone.append((job_id, seg))  # execute_segment logs and drops it
-            continue
-        key = batch_key(ctx, spec, plan) if seg == 0 else None
-        if key is None:
-            alone.append((job_id, seg))
-            continue
-        started = start_delivery(ctx, job_id, seg)
-        if isinstance(started, str):
-            continue
-        t0 = time.perf_counter()
-        images = None
-        if spec.input.image:
-            images = [load_image_ref(ctx, spec.input.image, "input image")] * spec.num_images
-        groups[key + ((images[0].size if images else None),)].append(
-            Member(job_id, spec, plan, images, time.perf_counter() - t0))
-    return groups, alone

@@ -30,7 +30,7 @@ class WorkerContext:
         s = settings or get_settings()
         reg = load_registry(s.models)
         reg.family_models(family)  # refuse an unknown family before loading anything
-        return cls(settings=s, registry=reg, store=JobStore.from_url(s.redis_url, s.queue_prefix, s.job_ttl_s),
+        return cls(settings=s, registry=reg, store=JobStore.from_settings(s),
                    storage=Storage(s), cache=PipelineCache(reg, s, family), family=family,
                    hostname=hostname or f"{family}@{socket.gethostname()}")
 

@@ -22,6 +22,8 @@ from shared.metrics import STAGE_BUCKETS, RedisStateCollector
 log = logging.getLogger("easel.worker.metrics")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# easel_batch_size: with micro-batching (EASEL_BATCH_SIZE > 1) the deliveries flushed into one
+# task; without it, the images of one pipeline call (a job's num_images).
 OUTCOMES = {"succeeded", "failed", "cancelled", "handed-off", "unknown"}
 
 
@@ -84,6 +86,8 @@ class WorkerMetrics:
         self.busy.labels(self.family).set(0)
         with self._lock:
             t0 = self._started.pop(task_id, None)
+        if args and isinstance(args[0], (list, tuple)) and args[0] and hasattr(args[0][0], "args"):
+            return self._on_batch(ctx, args[0], t0)
         if state == "RETRY":
             self.retries.labels(self.family).inc()
             outcome = "retry"
@@ -101,6 +105,23 @@ class WorkerMetrics:
                 self.observe_stages(ctx, str(args[0]), int(args[1]))
             except Exception:  # metrics must never fail a worker
                 log.debug("stage metrics for %s skipped", args, exc_info=True)
+
+    def _on_batch(self, ctx, requests: list, t0: float | None) -> None:
+        """A celery-batches flush: several deliveries in one task; each job's record says how it ended."""
+        self.explicit_batches = True
+        self.batch.labels(self.family).observe(len(requests))
+        for req in requests:
+            try:
+                job_id, seg_index = str(req.args[0]), int(req.args[1])
+                st = ctx.store.r.hget(ctx.store.key(job_id), "state")
+                outcome = st if st in ("succeeded", "failed", "cancelled") else "handed-off"
+                self.segments.labels(self.family, outcome).inc()
+                if t0 is not None:
+                    self.segment_s.labels(self.family, outcome).observe(time.perf_counter() - t0)
+                if outcome in ("succeeded", "handed-off"):
+                    self.observe_stages(ctx, job_id, seg_index)
+            except Exception:
+                log.debug("batch metrics for %r skipped", getattr(req, "args", None), exc_info=True)
 
     def observe_stages(self, ctx, job_id: str, seg_index: int) -> None:
         from shared.schema import StageRecord

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.watchdog import Watchdog
 
     ctx = WorkerContext.create(args.family, hostname=hostname)
+    ctx.store.r.ping()  # a wrong password or TLS setting fails here, at once, not after warming
     ctx.watchdog = Watchdog()
     try:
         ctx.storage.ensure_bucket()

@@ -132,7 +132,7 @@ def _seeds(stage: Stage, n: int) -> list[int]:
     return [stage.seed + i for i in range(n)]
 
 
-def _progress_kwargs(pipe, on_step: StepHook, total_hint: int) -> dict:
+def progress_kwargs(pipe, on_step: StepHook, total_hint: int) -> dict:
     """New-style ``callback_on_step_end`` (can interrupt) or the old ``callback`` (we raise)."""
     params = inspect.signature(pipe.__call__).parameters
     if "callback_on_step_end" in params:
@@ -157,7 +157,7 @@ def run_stage(model: LoadedModel, stage: Stage, carrier: Carrier, *, n: int, wan
     pipe, kw = BUILDERS[model.spec.kind](model, stage, carrier, n, control_image)
     kw.update(generator=generators(_seeds(stage, n)), num_inference_steps=stage.steps,
               output_type="latent" if want_latent else "pil")
-    kw.update(_progress_kwargs(pipe, on_step, stage.steps))
+    kw.update(progress_kwargs(pipe, on_step, stage.steps))
     t1 = time.perf_counter()
     with torch.inference_mode():
         out = pipe(**kw)

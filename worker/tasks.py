@@ -78,6 +78,10 @@ def guarded(ctx, app, job_id: str, seg: int, queue: str | None, fn, end: bool = 
     except Cancelled:
         ctx.store.transition(job_id, JobState.cancelled, error="cancelled while running")
         return "cancelled"
+    except redis.exceptions.AuthenticationError as exc:  # a revoked password is not a blip
+        end = True
+        log.exception("job %s segment %d: broker refused our credentials", job_id, seg)
+        return _fail(ctx, job_id, describe(exc))
     except TRANSIENT as exc:
         end = True
         return retry_later(ctx, app, job_id, seg, queue, exc)

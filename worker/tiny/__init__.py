@@ -44,3 +44,15 @@ def make_tiny_checkpoints(root: Path, names: list[str] | None = None, seed: int 
             TINY_MAKERS[name](target, seed)
         out[name] = target
     return out
+
+
+def checkpoints_for(registry, families: set[str] | list[str]) -> list[str]:
+    """Tiny checkpoint names that the registry's models of these families load (a worker warms
+    its whole family: ControlNets and priors included)."""
+    names: list[str] = []
+    for fam in sorted(families):
+        for spec in registry.family_models(fam):
+            for src in [spec.source, *spec.controlnets.values(), spec.prior]:
+                if src and src in TINY_MAKERS and src not in names:
+                    names.append(src)
+    return names

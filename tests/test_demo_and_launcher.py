@@ -1,0 +1,63 @@
+"""`easel demo` on a machine with nothing configured, and `easel worker` supervising its processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from PIL import Image
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_easel_demo_from_nothing_prints_a_real_png(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EASEL_")}
+    env["HOME"] = str(tmp_path / "home")  # no cached checkpoints: the demo makes its own
+    r = subprocess.run([sys.executable, "-m", "producer.cli", "demo", "--out", str(tmp_path / "out"), "--steps", "3",
+                        "--size", "64"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    pngs = [Path(line.strip()) for line in r.stdout.splitlines() if line.strip().endswith("output/0.png")]
+    assert len(pngs) == 2  # the img2img job and the chain job
+    for p in pngs:
+        img = Image.open(p)
+        assert img.format == "PNG" and img.size == (64, 64)
+    chain = json.loads((pngs[1].parent.parent / "manifest.json").read_text())
+    assert [s["handoff_in"] for s in chain["stages"]] == ["image", "latent", "latent"]
+    assert "embedded valkey-server" in r.stdout and "embedded SeaweedFS" in r.stdout
+
+
+def test_easel_worker_restarts_a_process_that_dies(easel_env, tmp_path):
+    r = redis.Redis.from_url(easel_env["EASEL_REDIS_URL"], decode_responses=True)
+    log = open(tmp_path / "launcher.log", "wb")
+    launcher = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--family", "sdxl-refiner"],
+                                env={**os.environ, **easel_env}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def presence() -> list[dict]:
+        return [json.loads(v) for k in r.scan_iter("easel:worker:sdxl-refiner-cpu@*") if (v := r.get(k))]
+
+    try:
+        deadline = time.monotonic() + 120
+        while not presence() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (first,) = presence()
+        os.kill(first["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            now = presence()
+            if now and now[0]["pid"] != first["pid"]:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError((tmp_path / "launcher.log").read_text()[-3000:])
+        assert launcher.poll() is None
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(60) == 0
