@@ -1,8 +1,82 @@
-"""Operations commands (`easel api`, `easel batch`) registered onto the main CLI."""
+"""Operations commands (`easel api`, `easel api-key`, `easel batch`) registered onto the main CLI."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
     """Attach the operations commands to ``app``."""
+
+    @app.command()
+    def api(host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 in a container)."),
+            port: int = typer.Option(8000),
+            workers: int = typer.Option(1, help="uvicorn worker processes (each runs a webhook dispatcher)."),
+            webhooks: bool = typer.Option(True, help="Run the webhook dispatcher in this process."),
+            log_level: str = typer.Option("info")) -> None:
+        """Serve the HTTP API (OpenAPI at /docs and /openapi.json, metrics at /metrics)."""
+        import os
+
+        import uvicorn
+        from rich.console import Console
+
+        from producer.api.security import KeyRing
+        from shared.settings import get_settings
+
+        if not len(KeyRing(get_settings())):
+            Console(stderr=True).print("[yellow]warning:[/yellow] no API keys configured (EASEL_API_KEYS / "
+                                       "EASEL_API_KEYS_FILE): every /v1 request will get 401; "
+                                       "make one with `easel api-key NAME`")
+        os.environ["EASEL_API_WEBHOOKS"] = "1" if webhooks else "0"
+        uvicorn.run("producer.cli_ops:_app_factory", factory=True, host=host, port=port, workers=workers,
+                    log_level=log_level, proxy_headers=True, timeout_graceful_shutdown=10)
+
+    @app.command("api-key")
+    def api_key(name: str = typer.Argument(..., help="Owner name for the key (letters, digits, . _ -)."),
+                token: Optional[str] = typer.Option(None, help="Hash this token instead of making a new one.")) -> None:
+        """Make an API key: prints the token (give it to the client) and the config entry (only its hash)."""
+        import json
+        import secrets
+
+        from producer.api.security import hash_key
+        from shared.settings import ApiKey
+
+        tok = token or f"easel_{secrets.token_urlsafe(32)}"
+        entry = ApiKey(name=name, sha256=hash_key(tok))
+        print(f"token:  {tok}")
+        print(f"config: {json.dumps(entry.model_dump(include={'name', 'sha256'}))}")
+
+    @app.command()
+    def batch(manifest: Path = typer.Argument(..., help="Jobs, one per row: .jsonl (job objects or flat rows) or .csv."),
+              out: Path = typer.Option(Path("easel-batch"), "--out", "-o", help="Results tree, state and summary."),
+              concurrency: int = typer.Option(8, help="Parallel submissions and downloads."),
+              timeout: Optional[float] = typer.Option(None, help="Give up waiting after this many seconds."),
+              download: bool = typer.Option(True, help="Download results into OUT/<row name>/."),
+              retry_failed: bool = typer.Option(False, help="Resubmit rows that failed in an earlier run."),
+              model: str = typer.Option("sd15", help="Default model for flat rows without one.")) -> None:
+        """Submit every row, follow them with a progress bar, download results, write a summary.
+
+        Resumable: rerunning skips rows already done (each row's idempotency key is recorded in
+        OUT/.easel-batch-state.jsonl, and the queue itself maps a key to its first job)."""
+        from rich.console import Console
+
+        from producer.batch import BatchError, run_batch
+
+        try:
+            summary = run_batch(manifest, out, concurrency=concurrency, timeout=timeout, download=download,
+                                retry_failed=retry_failed, default_model=model, console=Console(stderr=True))
+        except BatchError as e:
+            Console(stderr=True).print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+        raise typer.Exit(0 if summary.failed == 0 and summary.pending == 0 else 1)
+
+
+def _app_factory():
+    """uvicorn's factory: settings come from the environment of each worker process."""
+    import os
+
+    from producer.api import create_app
+
+    return create_app(webhooks=os.environ.get("EASEL_API_WEBHOOKS", "1") == "1")

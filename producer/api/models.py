@@ -1,0 +1,105 @@
+"""Request and response bodies of the HTTP API (they are its OpenAPI schema)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+
+from shared.schema import JobSpec, JobState
+
+
+class JobRequest(JobSpec):
+    """A job (see JobSpec) plus what only the HTTP API offers: a completion webhook.
+
+    Images must be references the server may read: ``s3://`` objects from an upload
+    (``/v1/uploads``), public ``https://`` URLs, or inline ``data:image/...;base64,`` URIs.
+    """
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "input": {"image": "s3://easel/inputs/0f343b0931126a20f133d67c2b018a3b1e3a2f8a5b0b8d2c7e0f3e8b3c2a1d4e.png"},
+        "stages": [{"task": "img2img", "model": "sd15", "prompt": "an astronaut in a jungle", "strength": 0.8,
+                    "steps": 30, "seed": 42}]}]})
+
+    webhook_url: AnyHttpUrl | None = Field(
+        default=None, description="POSTed a signed JSON event when the job succeeds, fails or is cancelled.")
+
+    def spec(self) -> JobSpec:
+        return JobSpec.model_validate(self.model_dump(exclude={"webhook_url"}))
+
+
+class Link(BaseModel):
+    uri: str = Field(description="s3:// location")
+    url: str = Field(description="presigned GET URL")
+    expires_at: float = Field(description="unix time the URL stops working")
+
+
+class ProgressOut(BaseModel):
+    stage: int
+    stages: int
+    step: int
+    total_steps: int
+
+
+class WebhookOut(BaseModel):
+    url: str
+    state: Literal["pending", "delivering", "delivered", "failed"]
+    attempts: int = 0
+    last_error: str | None = None
+
+
+class JobResponse(BaseModel):
+    """A job's state; finished jobs carry presigned URLs for their images and manifest."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "id": "3f1c...", "state": "succeeded", "outputs": [{"uri": "s3://easel/jobs/3f1c.../output/0.png",
+                                                             "url": "https://...", "expires_at": 1760000000.0}]}})
+    id: str
+    state: JobState
+    created_at: float
+    updated_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: ProgressOut
+    error: str | None = None
+    attempts: int = 0
+    outputs: list[Link] = Field(default_factory=list)
+    manifest: Link | None = None
+    webhook: WebhookOut | None = None
+    links: dict[str, str] = Field(default_factory=dict, description="self and events (SSE) paths")
+
+
+class UploadResponse(BaseModel):
+    image: str = Field(description="s3:// reference to put in input.image or control_image")
+    bytes: int
+    width: int
+    height: int
+
+
+class PresignRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    content_type: Literal["image/png", "image/jpeg", "image/webp"] = "image/png"
+
+
+class PresignResponse(BaseModel):
+    method: Literal["PUT"] = "PUT"
+    url: str = Field(description="PUT the image bytes here with the given headers")
+    headers: dict[str, str]
+    image: str = Field(description="s3:// reference to use in the job once the PUT succeeded")
+    expires_at: float
+
+
+class QueueOut(BaseModel):
+    family: str
+    queue: str
+    waiting: int = Field(description="all priority sub-lists together")
+    by_priority: dict[str, int]
+    workers: int
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

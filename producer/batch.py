@@ -1,0 +1,391 @@
+"""``easel batch``: thousands of jobs from a JSONL or CSV manifest, resumable, results on disk.
+
+Each row gets an idempotency key (its own, or one derived from its content), so a rerun
+after a crash or Ctrl-C submits nothing twice: the queue maps a key to its first job, and
+``OUT/.easel-batch-state.jsonl`` (appended as rows finish) lets a rerun skip finished rows
+without touching Redis at all. Results land in ``OUT/<row name>/`` with the job manifest;
+``OUT/summary.json`` has the counts, every failure with its reason, and the throughput.
+
+Row formats:
+- JSONL, a full job per line (``{"input": ..., "stages": [...]}``), optionally with ``name``;
+- JSONL or CSV flat rows: ``image, prompt, model, strength, steps, guidance_scale, seed,
+  negative_prompt, num_images, format, priority, idempotency_key, name`` (empty cells are
+  omitted). Relative image paths resolve against the manifest's folder.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+STATE_FILE = ".easel-batch-state.jsonl"
+SUMMARY_FILE = "summary.json"
+STAGE_FIELDS = {"task", "model", "prompt", "negative_prompt", "prompt_syntax", "strength", "guidance_scale", "steps",
+                "seed", "width", "height", "control_image", "controlnet", "controlnet_conditioning_scale",
+                "noise_level"}
+JOB_FIELDS = {"priority", "num_images", "idempotency_key"}
+OTHER_FIELDS = {"image", "format", "quality", "name"}
+TERMINAL = {"succeeded", "failed", "cancelled"}
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class BatchError(ValueError):
+    """The manifest as a whole cannot be used (missing, unreadable, unknown format)."""
+
+
+@dataclass
+class Row:
+    index: int  # 1-based data row number
+    name: str
+    key: str  # idempotency key of the first attempt (the row's identity in the state file)
+    job: dict | None = None
+    error: str | None = None
+
+
+@dataclass
+class Outcome:
+    key: str
+    name: str
+    row: int
+    state: str = "pending"  # pending | submitted | succeeded | failed | cancelled | refused
+    job_id: str | None = None
+    attempt_key: str | None = None
+    error: str | None = None
+    files: list[str] = field(default_factory=list)
+    images: int = 0
+
+
+@dataclass
+class Summary:
+    manifest: str
+    out: str
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    skipped: int = 0
+    pending: int = 0
+    submitted: int = 0
+    elapsed_s: float = 0.0
+    finished_this_run: int = 0
+    images_this_run: int = 0
+    jobs_per_min: float = 0.0
+    images_per_s: float = 0.0
+    failures: list[dict] = field(default_factory=list)
+
+
+# -- reading the manifest ---------------------------------------------------------------------
+def _is_ref(v: str) -> bool:
+    return v.startswith(("s3://", "https://", "http://", "data:"))
+
+
+def _resolve(v, base: Path):
+    if isinstance(v, str) and v and not _is_ref(v) and not Path(v).expanduser().is_absolute():
+        return str(base / v)
+    return v
+
+
+def _flat_to_job(row: dict, base: Path, default_model: str) -> dict:
+    unknown = set(row) - STAGE_FIELDS - JOB_FIELDS - OTHER_FIELDS
+    if unknown:
+        raise ValueError(f"unknown column(s) {', '.join(sorted(unknown))}")
+    stage = {k: v for k, v in row.items() if k in STAGE_FIELDS}
+    stage.setdefault("model", default_model)
+    stage.setdefault("task", "img2img")
+    if "control_image" in stage:
+        stage["control_image"] = _resolve(stage["control_image"], base)
+    job: dict = {k: row[k] for k in JOB_FIELDS if k in row}
+    job["stages"] = [stage]
+    if row.get("image"):
+        job["input"] = {"image": _resolve(row["image"], base)}
+    out = {k: row[k] for k in ("format", "quality") if k in row}
+    if out:
+        job["output"] = out
+    return job
+
+
+def _full_job(row: dict, base: Path) -> dict:
+    job = json.loads(json.dumps(row))
+    if isinstance(job.get("input"), dict) and "image" in job["input"]:
+        job["input"]["image"] = _resolve(job["input"]["image"], base)
+    for st in job.get("stages") or []:
+        if isinstance(st, dict) and "control_image" in st:
+            st["control_image"] = _resolve(st["control_image"], base)
+    return job
+
+
+def _raw_rows(path: Path) -> list[tuple[dict | None, str | None]]:
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".csv":
+        rows = []
+        for rec in csv.DictReader(text.splitlines()):
+            rows.append(({k.strip(): v.strip() for k, v in rec.items() if k and v is not None and v.strip() != ""},
+                         None))
+        return rows
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                obj = json.loads(line)
+                rows.append((obj, None) if isinstance(obj, dict) else (None, f"line {lineno}: not a JSON object"))
+            except json.JSONDecodeError as e:
+                rows.append((None, f"line {lineno}: invalid JSON ({e.msg})"))
+        return rows
+    raise BatchError(f"{path}: unknown manifest format (use .jsonl or .csv)")
+
+
+def read_manifest(path: Path, default_model: str = "sd15") -> list[Row]:
+    """Rows with their job dicts, names and idempotency keys; bad rows carry an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise BatchError(f"no such manifest {path}")
+    base = path.resolve().parent
+    rows: list[Row] = []
+    seen_keys: dict[str, int] = {}
+    names: set[str] = set()
+    for i, (raw, err) in enumerate(_raw_rows(path), 1):
+        raw = dict(raw or {})
+        name = _SAFE.sub("_", str(raw.pop("name", "") or "")).strip("._")[:100] or f"row-{i:05d}"
+        if name in names:
+            name = f"{name}-{i:05d}"
+        names.add(name)
+        # A row's identity is its content as written: stable across reruns and machines.
+        digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        key = str(raw.get("idempotency_key") or f"batch-{digest}")
+        n = seen_keys.get(key, 0)
+        seen_keys[key] = n + 1
+        if n:
+            key = f"{key}-{n}"  # identical rows are distinct jobs, each submitted once
+        row = Row(index=i, name=name, key=key, error=err)
+        if err is None:
+            try:
+                row.job = _full_job(raw, base) if "stages" in raw else _flat_to_job(raw, base, default_model)
+            except ValueError as e:
+                row.error = str(e)
+        rows.append(row)
+    return rows
+
+
+# -- state ------------------------------------------------------------------------------------
+class StateFile:
+    """Append-only JSON lines, last line per key wins; safe to kill at any point."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def load(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    out[rec["key"]] = rec
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a torn last line from a kill
+        return out
+
+    def write(self, o: Outcome) -> None:
+        line = json.dumps({**asdict(o), "t": time.time()}) + "\n"
+        with self._lock, open(self.path, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+# -- running ----------------------------------------------------------------------------------
+def _poll(r, keys: list[str]) -> list[tuple[str | None, str | None, str | None, str | None]]:
+    pipe = r.pipeline(transaction=False)
+    for k in keys:
+        pipe.hmget(k, "state", "error", "outputs", "manifest")
+    return [tuple(x) for x in pipe.execute()]
+
+
+def _download(client, o: Outcome, outputs: list[str], manifest: str | None, target: Path) -> list[str]:
+    target.mkdir(parents=True, exist_ok=True)
+    files = []
+    for uri in outputs + ([manifest] if manifest else []):
+        dest = target / uri.rsplit("/", 1)[1]
+        tmp = dest.with_name(dest.name + ".part")
+        tmp.write_bytes(client.storage.get(uri))
+        tmp.replace(dest)  # a file that exists is whole
+        files.append(str(dest.relative_to(target.parent)))
+    return files
+
+
+def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, timeout: float | None = None,
+              download: bool = True, retry_failed: bool = False, default_model: str = "sd15",
+              poll_s: float = 0.5, console: Console | None = None) -> Summary:
+    from producer.client import EaselClient, SubmitError
+
+    console = console or Console(stderr=True)
+    rows = read_manifest(manifest, default_model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = StateFile(out / STATE_FILE)
+    prior = state.load()
+    client = client or EaselClient()
+    t0 = time.monotonic()
+    summary = Summary(manifest=str(manifest), out=str(out), total=len(rows))
+    outcomes: dict[str, Outcome] = {}
+    todo: list[Row] = []
+    skipped: set[str] = set()
+
+    for row in rows:
+        o = Outcome(key=row.key, name=row.name, row=row.index, attempt_key=row.key)
+        prev = prior.get(row.key)
+        if prev:
+            o.attempt_key = prev.get("attempt_key") or row.key
+            o.job_id = prev.get("job_id")
+        if row.error:
+            o.state, o.error = "refused", row.error
+            outcomes[row.key] = o
+            continue
+        if prev and prev.get("state") == "succeeded" and (
+                not download or all((out / f).exists() for f in prev.get("files", []))):
+            o.state, o.files, o.images = "succeeded", prev.get("files", []), prev.get("images", 0)
+            skipped.add(row.key)
+        elif prev and prev.get("state") in ("failed", "cancelled", "refused") and not retry_failed:
+            o.state, o.error = prev["state"], prev.get("error")
+            skipped.add(row.key)
+        else:
+            if prev and prev.get("state") in ("failed", "cancelled", "refused"):
+                m = re.search(r"-r(\d+)$", o.attempt_key or "")
+                o.attempt_key = f"{row.key}-r{int(m.group(1)) + 1 if m else 1}"
+                o.job_id = None
+            todo.append(row)
+        outcomes[row.key] = o
+
+    r = client.store.r
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="easel-batch")
+
+    def submit(row: Row) -> str:
+        job = dict(row.job)
+        job["idempotency_key"] = outcomes[row.key].attempt_key
+        return client.submit(job)
+
+    submissions: dict[Future, Row] = {pool.submit(submit, row): row for row in todo}
+    downloads: dict[Future, Outcome] = {}
+    waiting: dict[str, Outcome] = {}  # job_id -> outcome, submitted and not yet terminal
+    finished_this_run = images_this_run = 0
+
+    def settle(o: Outcome) -> None:
+        nonlocal finished_this_run, images_this_run
+        finished_this_run += 1
+        images_this_run += o.images
+        state.write(o)
+        bar.advance(done_task)
+        bar.update(done_task, description=_desc(outcomes))
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        sub_task = bar.add_task("submitted", total=len(todo))
+        done_task = bar.add_task(_desc(outcomes), total=len(rows), completed=len(rows) - len(todo))
+        try:
+            while submissions or waiting or downloads:
+                for fut in [f for f in submissions if f.done()]:
+                    row = submissions.pop(fut)
+                    o = outcomes[row.key]
+                    try:
+                        o.job_id, o.state = fut.result(), "submitted"
+                        waiting[o.job_id] = o
+                        summary.submitted += 1
+                        state.write(o)  # a rerun finds the job (the idempotency key maps to it too)
+                    except SubmitError as e:
+                        o.state, o.error = "refused", str(e)
+                        settle(o)
+                    except Exception as e:  # broker/storage trouble: this row only; a rerun retries it
+                        o.state, o.error = "pending", f"could not submit: {type(e).__name__}: {e}"
+                        bar.advance(done_task)
+                    bar.advance(sub_task)
+                if waiting:
+                    ids = list(waiting)
+                    for chunk in range(0, len(ids), 500):
+                        part = ids[chunk:chunk + 500]
+                        for job_id, (st, err, outputs, man) in zip(part, _poll(r, [client.store.key(j) for j in part])):
+                            if st not in TERMINAL:
+                                continue
+                            o = waiting.pop(job_id)
+                            o.state, o.error = st, err or None
+                            outs = json.loads(outputs or "[]")
+                            o.images = len(outs)
+                            if st == "succeeded" and download:
+                                downloads[pool.submit(_download, client, o, outs, man, out / o.name)] = o
+                            else:
+                                settle(o)
+                for fut in [f for f in downloads if f.done()]:
+                    o = downloads.pop(fut)
+                    try:
+                        o.files = fut.result()
+                    except Exception as e:  # job is fine, the copy is not: a rerun downloads again
+                        o.state, o.error = "pending", f"download failed: {type(e).__name__}: {e}"
+                        bar.advance(done_task)
+                        continue
+                    settle(o)
+                if timeout is not None and time.monotonic() - t0 > timeout:
+                    console.print(f"[yellow]timeout:[/yellow] {len(waiting) + len(submissions)} jobs unfinished "
+                                  f"after {timeout:.0f}s; rerun the same command to resume")
+                    break
+                if submissions or waiting or downloads:
+                    time.sleep(poll_s)
+        finally:
+            for f in submissions:
+                f.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    summary.elapsed_s = round(time.monotonic() - t0, 3)
+    summary.skipped = len(skipped)
+    for o in outcomes.values():
+        if o.state == "succeeded":
+            summary.succeeded += 1
+        elif o.state == "cancelled":
+            summary.cancelled += 1
+        elif o.state in ("failed", "refused"):
+            summary.failed += 1
+        else:
+            summary.pending += 1
+        if o.state not in ("succeeded",):
+            summary.failures.append({"row": o.row, "name": o.name, "state": o.state, "job_id": o.job_id,
+                                     "reason": o.error or "unfinished"})
+    summary.failures.sort(key=lambda f: f["row"])
+    summary.finished_this_run, summary.images_this_run = finished_this_run, images_this_run
+    if summary.elapsed_s > 0:
+        summary.jobs_per_min = round(finished_this_run / summary.elapsed_s * 60, 2)
+        summary.images_per_s = round(images_this_run / summary.elapsed_s, 3)
+    (out / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
+    _print_summary(console, summary)
+    return summary
+
+
+def _desc(outcomes: dict[str, Outcome]) -> str:
+    ok = sum(o.state == "succeeded" for o in outcomes.values())
+    bad = sum(o.state in ("failed", "refused", "cancelled") for o in outcomes.values())
+    return f"done ({ok} ok, {bad} failed)"
+
+
+def _print_summary(console: Console, s: Summary) -> None:
+    t = Table(title=f"easel batch: {s.manifest}", show_header=False)
+    for k, v in [("rows", s.total), ("succeeded", s.succeeded), ("failed", s.failed), ("cancelled", s.cancelled),
+                 ("unfinished", s.pending), ("skipped (done before)", s.skipped),
+                 ("finished this run", s.finished_this_run), ("elapsed", f"{s.elapsed_s:.1f} s"),
+                 ("throughput", f"{s.jobs_per_min:.1f} jobs/min, {s.images_per_s:.2f} images/s"),
+                 ("results", s.out)]:
+        t.add_row(k, str(v))
+    console.print(t)
+    for f in s.failures[:20]:
+        console.print(f"  row {f['row']} ({f['name']}): {f['state']}: {f['reason']}")
+    if len(s.failures) > 20:
+        console.print(f"  ... {len(s.failures) - 20} more in {Path(s.out) / SUMMARY_FILE}")

@@ -1,0 +1,391 @@
+"""The HTTP API over real HTTP: a real `easel api` process, the session's valkey, SeaweedFS and
+sd15 worker, and (for webhooks) a real local HTTP receiver."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+from producer.embedded import free_port
+from producer.webhooks import verify_signature
+from tests.conftest import ROOT, png_bytes
+
+WEBHOOK_SECRET = "whsec-test-1"
+KEYS = {  # token -> key config (the server only sees the sha256)
+    "tok-main": {"name": "main", "rate_per_min": 60000, "burst": 5000},
+    "tok-other": {"name": "other"},
+    "tok-tight": {"name": "tight", "rate_per_min": 3, "burst": 3},
+    "tok-capped": {"name": "capped", "max_in_flight": 2, "rate_per_min": 60000, "burst": 5000},
+}
+
+
+def keys_env(keys: dict[str, dict] = KEYS) -> str:
+    return json.dumps([{**cfg, "sha256": hashlib.sha256(tok.encode()).hexdigest()} for tok, cfg in keys.items()])
+
+
+class ApiServer:
+    """`python -m producer.cli api` on a free port, as an operator would run it."""
+
+    def __init__(self, env: dict[str, str], logdir: Path, name: str = "api"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = logdir / f"{name}.log"
+        self.env = {**os.environ, **env}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> "ApiServer":
+        with open(self.log, "wb") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "api", "--port", str(self.port),
+                                          "--log-level", "warning"], env=self.env, cwd=ROOT, stdout=fh,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"api exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"api not up:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def client(self, token: str | None = "tok-main") -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+PARKED = "parked"  # a family no worker serves: its jobs stay queued, and no other test reads its queue
+
+
+def registry_with_parked_family(folder: Path) -> Path:
+    from shared.registry import BUNDLED
+
+    data = yaml.safe_load(BUNDLED.read_text())
+    data["models"][PARKED] = {"source": "tiny-sd15", "family": PARKED, "latent_space": "sd1-vae", "kind": "sd"}
+    path = folder / "models.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def api(easel_env, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("api")
+    env = {**easel_env, "EASEL_API_KEYS": keys_env(), "EASEL_WEBHOOK_SECRET": WEBHOOK_SECRET,
+           "EASEL_MODELS": str(registry_with_parked_family(folder)),
+           "EASEL_WEBHOOK_BACKOFF_S": "0.3", "EASEL_WEBHOOK_SWEEP_S": "0.2", "EASEL_WEBHOOK_MAX_ATTEMPTS": "3",
+           "EASEL_ALLOW_PRIVATE_URLS": "1"}
+    server = ApiServer(env, folder).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def http(api):
+    with api.client() as c:
+        yield c
+
+
+def job_body(image: str, **stage) -> dict:
+    st = {"task": "img2img", "model": "sd15", "prompt": "a red fox", "steps": 3, "strength": 0.6, "seed": 7}
+    st.update(stage)
+    return {"input": {"image": image}, "stages": [st]}
+
+
+def upload(http: httpx.Client, data: bytes | None = None) -> str:
+    r = http.post("/v1/uploads", files={"file": ("in.png", data or png_bytes((64, 64)), "image/png")})
+    assert r.status_code == 201, r.text
+    return r.json()["image"]
+
+
+def wait_state(http: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = http.get(f"/v1/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        if r.json()["state"] in ("succeeded", "failed", "cancelled"):
+            return r.json()
+        time.sleep(0.1)
+    raise TimeoutError(job_id)
+
+
+def test_health_ready_and_openapi(api):
+    assert httpx.get(f"{api.url}/healthz").json()["status"] == "ok"
+    r = httpx.get(f"{api.url}/readyz")
+    assert r.status_code == 200 and r.json()["checks"] == {"redis": "ok", "s3": "ok"}
+    spec = httpx.get(f"{api.url}/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/uploads", "/v1/uploads/presign",
+            "/healthz", "/readyz"} <= set(spec["paths"])
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert "webhook_url" in spec["components"]["schemas"]["JobRequest"]["properties"]
+
+
+def test_readyz_is_503_when_redis_is_unreachable(easel_env, tmp_path):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    server = ApiServer({**easel_env, "EASEL_REDIS_URL": dead, "EASEL_API_KEYS": keys_env()}, tmp_path).start()
+    try:
+        assert httpx.get(f"{server.url}/healthz").status_code == 200  # alive, so not restarted
+        r = httpx.get(f"{server.url}/readyz")
+        assert r.status_code == 503
+        assert r.json()["checks"]["redis"].startswith("error") and r.json()["checks"]["s3"] == "ok"
+        r = httpx.get(f"{server.url}/v1/queues", headers={"Authorization": "Bearer tok-main"})
+        assert r.status_code == 503 and "Redis unavailable" in r.json()["detail"]
+    finally:
+        server.stop()
+
+
+def test_missing_or_bad_key_is_401(api):
+    r = httpx.post(f"{api.url}/v1/jobs", json=job_body("s3://easel/inputs/x.png"))
+    assert r.status_code == 401 and "missing API key" in r.json()["detail"]
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    with api.client("not-a-key") as c:
+        r = c.get("/v1/queues")
+    assert r.status_code == 401 and r.json()["detail"] == "invalid API key"
+
+
+def test_job_over_http_completes_and_presigned_urls_download(api, http, sd15_worker):
+    image = upload(http)
+    assert image.startswith("s3://easel/inputs/")
+    r = http.post("/v1/jobs", json=job_body(image, seed=31))
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}" and job["state"] in ("queued", "running", "succeeded")
+    done = wait_state(http, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    (out,) = done["outputs"]
+    assert out["uri"] == f"s3://easel/jobs/{job['id']}/output/0.png" and out["expires_at"] > time.time() + 60
+    png = httpx.get(out["url"])  # presigned: no API key, straight from S3
+    assert png.status_code == 200
+    img = Image.open(io.BytesIO(png.content))
+    assert img.format == "PNG" and img.size == (64, 64)
+    manifest = httpx.get(done["manifest"]["url"]).json()
+    assert manifest["stages"][0]["seeds"] == [31] and manifest["job_id"] == job["id"]
+
+
+def test_presigned_put_upload_feeds_a_job(api, http, sd15_worker):
+    r = http.post("/v1/uploads/presign", json={"content_type": "image/png"})
+    assert r.status_code == 200, r.text
+    up = r.json()
+    assert up["image"].startswith("s3://easel/uploads/main/")
+    put = httpx.put(up["url"], content=png_bytes((72, 64)), headers=up["headers"])
+    assert put.status_code == 200, put.text
+    done = wait_state(http, http.post("/v1/jobs", json=job_body(up["image"], steps=2)).json()["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert Image.open(io.BytesIO(httpx.get(done["outputs"][0]["url"]).content)).size == (72, 64)
+
+
+def test_sse_stream_yields_progress_then_done(api, http, sd15_worker):
+    image = upload(http)
+    # A long job ahead keeps ours queued long enough to watch it from the start.
+    blocker = http.post("/v1/jobs", json=job_body(image, steps=12, strength=1.0)).json()["id"]
+    job_id = http.post("/v1/jobs", json=job_body(image, steps=6, strength=1.0, seed=3)).json()["id"]
+    events: list[tuple[str, dict]] = []
+    with http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                events.append((name, json.loads(line.split(":", 1)[1])))
+    names = [n for n, _ in events]
+    assert names[0] == "status" and names[-1] == "done", names
+    steps = [d["step"] for n, d in events if n == "progress"]
+    assert steps and steps == sorted(steps) and max(steps) == events[-2][1].get("total_steps", max(steps))
+    assert "state" in names  # queued -> running was seen
+    final = events[-1][1]
+    assert final["state"] == "succeeded" and final["outputs"][0]["url"].startswith("http")
+    assert wait_state(http, blocker)["state"] == "succeeded"
+
+
+def test_cancel_over_http(api, http):
+    # No worker serves the parked family: the job stays queued until cancelled.
+    r = http.post("/v1/jobs", json=job_body(upload(http), model=PARKED))
+    assert r.status_code == 201
+    r = http.delete(f"/v1/jobs/{r.json()['id']}")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert r.json()["error"] == "cancelled before it ran"
+
+
+def test_jobs_are_private_to_their_key(api, http):
+    job_id = http.post("/v1/jobs", json=job_body(upload(http), model=PARKED)).json()["id"]
+    with api.client("tok-other") as other:
+        assert other.get(f"/v1/jobs/{job_id}").status_code == 404
+        assert other.delete(f"/v1/jobs/{job_id}").status_code == 404
+        r = other.post("/v1/jobs", json=job_body("s3://easel/uploads/main/x.png"))
+        assert r.status_code == 422 and "not readable with this key" in r.json()["detail"]
+    assert http.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
+
+
+def test_rate_limit_gives_clear_429(api):
+    with api.client("tok-tight") as c:
+        codes = [c.get("/v1/queues").status_code for _ in range(3)]
+        r = c.get("/v1/queues")
+    assert codes == [200, 200, 200]
+    assert r.status_code == 429
+    assert "rate limit exceeded for key 'tight': 3 requests/minute (burst 3)" in r.json()["detail"]
+    assert int(r.headers["retry-after"]) >= 1
+
+
+def test_in_flight_cap_gives_clear_429_and_frees_on_cancel(api, http):
+    image = upload(http)
+    with api.client("tok-capped") as c:
+        ids = [c.post("/v1/jobs", json=job_body(image, model=PARKED, seed=i)).json()["id"] for i in range(2)]
+        r = c.post("/v1/jobs", json=job_body(image, model=PARKED, seed=9))
+        assert r.status_code == 429
+        assert r.json()["detail"] == ("key 'capped' already has 2 jobs queued or running, its cap is 2; "
+                                      "wait for some to finish or cancel some")
+        for j in ids:
+            assert c.delete(f"/v1/jobs/{j}").json()["state"] == "cancelled"
+        r = c.post("/v1/jobs", json=job_body(image, model=PARKED, seed=9))
+        assert r.status_code == 201, r.text
+        c.delete(f"/v1/jobs/{r.json()['id']}")
+
+
+@pytest.mark.parametrize("change, status, message", [
+    ({"strength": 1.5}, 422, "strength"),
+    ({"model": "no-such-model"}, 422, "unknown model 'no-such-model'"),
+])
+def test_invalid_jobs_are_422_naming_the_problem(api, http, change, status, message):
+    r = http.post("/v1/jobs", json=job_body("s3://easel/inputs/x.png", **change))
+    assert r.status_code == status and message in json.dumps(r.json())
+
+
+def test_server_side_paths_and_bad_uploads_are_refused(api, http):
+    r = http.post("/v1/jobs", json=job_body("/etc/passwd"))
+    assert r.status_code == 422 and "local paths are uploaded by the client" in json.dumps(r.json())
+    r = http.post("/v1/uploads", files={"file": ("x.png", b"not an image", "image/png")})
+    assert r.status_code == 422 and "not a readable image" in r.json()["detail"]
+
+
+def test_idempotency_key_header_replays_the_job(api, http):
+    body = job_body(upload(http), model=PARKED)
+    a = http.post("/v1/jobs", json=body, headers={"Idempotency-Key": "api-idem-1"})
+    b = http.post("/v1/jobs", json=body, headers={"Idempotency-Key": "api-idem-1"})
+    assert (a.status_code, b.status_code) == (201, 200) and a.json()["id"] == b.json()["id"]
+    with api.client("tok-other") as other:  # another key's same idempotency key is another job
+        c = other.post("/v1/jobs", json=body, headers={"Idempotency-Key": "api-idem-1"})
+        assert c.status_code == 201 and c.json()["id"] != a.json()["id"]
+        other.delete(f"/v1/jobs/{c.json()['id']}")
+    http.delete(f"/v1/jobs/{a.json()['id']}")
+
+
+class Receiver:
+    """A real HTTP server that records webhook calls and answers from a script of status codes."""
+
+    def __init__(self, statuses: list[int]):
+        self.calls: queue.Queue = queue.Queue()
+        self.statuses = list(statuses)
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.calls.put((dict(self.headers), body, time.time()))
+                code = outer.statuses.pop(0) if outer.statuses else 200
+                self.send_response(code)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def next(self, timeout: float = 60):
+        return self.calls.get(timeout=timeout)
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_webhook_is_signed_retried_and_carries_the_result(api, http, sd15_worker):
+    rx = Receiver([500])  # first attempt fails: the dispatcher must retry with backoff
+    try:
+        body = {**job_body(upload(http), seed=5), "webhook_url": rx.url}
+        job_id = http.post("/v1/jobs", json=body).json()["id"]
+        h1, b1, t1 = rx.next()
+        h2, b2, t2 = rx.next()
+        assert t2 - t1 >= 0.2  # backoff, not a hot loop
+        for headers, raw in ((h1, b1), (h2, b2)):
+            ts, mac = (p.split("=", 1)[1] for p in headers["Easel-Signature"].split(","))
+            want = hmac.new(WEBHOOK_SECRET.encode(), f"{ts}.".encode() + raw, hashlib.sha256).hexdigest()
+            assert hmac.compare_digest(mac, want) and abs(time.time() - int(ts)) < 60
+            verify_signature(WEBHOOK_SECRET, headers["Easel-Signature"], raw)
+        event = json.loads(b2)
+        assert event["type"] == "job.succeeded" and event["job"]["id"] == job_id and event["attempt"] == 2
+        assert h2["Easel-Event"] == "job.succeeded"
+        png = httpx.get(event["job"]["outputs"][0]["url"])
+        assert Image.open(io.BytesIO(png.content)).format == "PNG"
+        deadline = time.monotonic() + 10
+        while http.get(f"/v1/jobs/{job_id}").json()["webhook"]["state"] != "delivered":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert http.get(f"/v1/jobs/{job_id}").json()["webhook"]["attempts"] == 2
+        with pytest.raises(ValueError, match="does not match"):
+            verify_signature("wrong-secret", h2["Easel-Signature"], b2)
+        with pytest.raises(ValueError, match="tolerance"):
+            verify_signature(WEBHOOK_SECRET, h2["Easel-Signature"], b2, now=time.time() + 3600)
+    finally:
+        rx.close()
+
+
+def test_webhook_on_failure_names_the_reason(api, http, sd15_worker):
+    rx = Receiver([])
+    try:
+        body = {**job_body("s3://easel/inputs/never-uploaded.png"), "webhook_url": rx.url}
+        job_id = http.post("/v1/jobs", json=body).json()["id"]
+        headers, raw, _ = rx.next()
+        event = json.loads(raw)
+        verify_signature(WEBHOOK_SECRET, headers["Easel-Signature"], raw)
+        assert event["type"] == "job.failed" and event["job"]["id"] == job_id
+        assert "never-uploaded.png does not exist" in event["job"]["error"]
+    finally:
+        rx.close()
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_errors(easel_env, tmp_path):
+    """Fuzz every operation from the OpenAPI schema; no input may produce a 5xx. A queue prefix of
+    its own keeps generated jobs away from the session's workers."""
+    env = {**easel_env, "EASEL_API_KEYS": keys_env(), "EASEL_QUEUE_PREFIX": "fuzz",
+           "EASEL_WEBHOOK_SECRET": WEBHOOK_SECRET, "EASEL_API_SSE_MAX_S": "1"}
+    server = ApiServer(env, tmp_path, "fuzz-api").start()
+    try:
+        r = subprocess.run(
+            [str(Path(sys.executable).with_name("st")), "run", f"{server.url}/openapi.json",
+             "--checks", "not_a_server_error", "--max-examples", "15", "--seed", "1",
+             "-H", "Authorization: Bearer tok-main", "--request-timeout", "20", "--no-color"],
+            capture_output=True, text=True, timeout=480, cwd=tmp_path, env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-6000:]
+        m = re.search(r"(\d+) generated, (\d+) passed", out)
+        assert m and m.group(1) == m.group(2) and int(m.group(1)) > 200, out[-3000:]
+    finally:
+        server.stop()

@@ -1,0 +1,111 @@
+"""`easel batch` through the real CLI: a manifest in, results tree and summary out, resumable."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import cli, img2img_job, png_bytes
+
+
+def _inputs(folder: Path, n: int) -> list[str]:
+    (folder / "in").mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        p = folder / "in" / f"{i}.png"
+        p.write_bytes(png_bytes((64, 64), color=(20 * i % 255, 90, 160)))
+        names.append(f"in/{p.name}")  # relative to the manifest
+    return names
+
+
+def _job_count(client) -> int:
+    return sum(1 for _ in client.store.r.scan_iter("easel:job:*", count=1000))
+
+
+def test_batch_jsonl_of_20_rows_completes_and_rerun_skips_done_rows(easel_env, sd15_worker, client, tmp_path):
+    images = _inputs(tmp_path, 5)
+    rows = []
+    for i in range(20):
+        if i % 4 == 3:  # full job objects and flat rows mix in one manifest
+            job = img2img_job(images[i % 5], steps=2, seed=100 + i)
+            rows.append({**job, "name": f"full-{i}"})
+        else:
+            rows.append({"name": f"flat-{i}", "image": images[i % 5], "prompt": f"a fox #{i}", "steps": 2,
+                         "strength": 0.5, "seed": i})
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+
+    r = cli("batch", str(manifest), "--out", str(out), "--concurrency", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["total"], s["succeeded"], s["failed"], s["skipped"], s["pending"]) == (20, 20, 0, 0, 0)
+    assert s["finished_this_run"] == 20 and s["jobs_per_min"] > 0 and s["images_per_s"] > 0
+    assert "succeeded" in r.stderr and "throughput" in r.stderr
+    for row in rows:
+        folder = out / row["name"]
+        img = Image.open(folder / "0.png")
+        assert img.format == "PNG" and img.size == (64, 64)
+        assert json.loads((folder / "manifest.json").read_text())["stages"][0]["params"]["steps"] == 2
+    assert json.loads((out / "flat-5" / "manifest.json").read_text())["stages"][0]["seeds"] == [5]
+
+    jobs_before = _job_count(client)
+    r = cli("batch", str(manifest), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["succeeded"], s["skipped"], s["finished_this_run"], s["submitted"]) == (20, 20, 0, 0)
+    assert _job_count(client) == jobs_before  # nothing submitted again
+
+
+@pytest.mark.slow
+def test_batch_resumes_unfinished_rows_with_the_same_jobs(easel_env, sd15_worker, client, tmp_path):
+    images = _inputs(tmp_path, 2)
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("\n".join(json.dumps({"image": images[i % 2], "prompt": "p", "steps": 2, "seed": i})
+                                  for i in range(6)))
+    # A long job ahead holds the worker, so the first run stops (timeout) with rows unfinished.
+    big = tmp_path / "big.png"
+    big.write_bytes(png_bytes((128, 128)))
+    blocker = client.submit(img2img_job(str(big), steps=40, strength=1.0))  # several seconds on 2 cores
+    out = tmp_path / "out"
+    r = cli("batch", str(manifest), "--out", str(out), "--timeout", "1")
+    assert r.returncode == 1 and "rerun the same command to resume" in r.stderr
+    first = json.loads((out / "summary.json").read_text())
+    assert first["pending"] > 0 and first["submitted"] == 6
+    submitted = {ln["key"]: ln["job_id"] for ln in map(json.loads, (out / ".easel-batch-state.jsonl")
+                                                      .read_text().splitlines())}
+    client.wait(blocker, timeout=120)
+    r = cli("batch", str(manifest), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["succeeded"], s["failed"], s["pending"]) == (6, 0, 0)
+    final = {ln["key"]: ln["job_id"] for ln in map(json.loads, (out / ".easel-batch-state.jsonl")
+                                                  .read_text().splitlines())}
+    assert all(final[k] == j for k, j in submitted.items())  # resumed, not resubmitted
+    assert len(list(out.glob("row-*/0.png"))) == 6
+
+
+def test_batch_csv_reports_each_failure_with_its_reason(easel_env, sd15_worker, tmp_path):
+    (img,) = _inputs(tmp_path, 1)
+    manifest = tmp_path / "jobs.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["name", "image", "prompt", "strength", "steps", "seed", "format"])
+        w.writerow(["good", img, "a castle", "0.5", "2", "1", "webp"])
+        w.writerow(["too-strong", img, "a castle", "1.5", "2", "1", ""])
+        w.writerow(["no-file", "in/missing.png", "a castle", "0.5", "2", "1", ""])
+        w.writerow(["gone-from-s3", "s3://easel/inputs/not-there.png", "a castle", "0.5", "2", "1", ""])
+    out = tmp_path / "out"
+    r = cli("batch", str(manifest), "--out", str(out))
+    assert r.returncode == 1
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["total"], s["succeeded"], s["failed"]) == (4, 1, 3)
+    reasons = {f["name"]: f["reason"] for f in s["failures"]}
+    assert "stages.0.strength" in reasons["too-strong"]
+    assert "no such file" in reasons["no-file"]
+    assert "s3://easel/inputs/not-there.png does not exist" in reasons["gone-from-s3"]
+    assert Image.open(out / "good" / "0.webp").format == "WEBP"
+    assert "row 2 (too-strong)" in r.stderr

@@ -1,0 +1,114 @@
+"""Prometheus endpoints of the API and of a worker, scraped over HTTP and parsed."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import httpx
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from producer.embedded import free_port
+from tests.conftest import WorkerProc, img2img_job
+from tests.test_api import PARKED, api, job_body, upload, wait_state  # noqa: F401  (module-scoped API server fixture)
+from worker.metrics import metrics_port
+
+
+def scrape(url: str) -> dict[str, list]:
+    r = httpx.get(url, timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {f.name: f.samples for f in text_string_to_metric_families(r.text)}
+
+
+def value(families: dict, name: str, **labels) -> float:
+    for fam in families.values():
+        for s in fam:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise KeyError(f"{name}{labels} not exposed")
+
+
+def test_api_metrics_expose_jobs_queues_and_requests(api, sd15_worker):  # noqa: F811
+    with api.client() as http:
+        done = wait_state(http, http.post("/v1/jobs", json=job_body(upload(http), steps=2)).json()["id"])
+        assert done["state"] == "succeeded"
+        before = value(scrape(f"{api.url}/metrics"), "easel_queue_messages", family=PARKED, priority="7")
+        # A priority-7 job for a family with no worker waits in sub-list easel.parked:7.
+        body = {**job_body(upload(http), model=PARKED), "priority": 7}
+        job_id = http.post("/v1/jobs", json=body).json()["id"]
+        time.sleep(5.5)  # the Redis-read series are cached for 5 s
+        m = scrape(f"{api.url}/metrics")
+        http.delete(f"/v1/jobs/{job_id}")
+    assert value(m, "easel_queue_messages", family=PARKED, queue=f"easel.{PARKED}", priority="7") == before + 1
+    assert {s.labels["priority"] for s in m["easel_queue_messages"] if s.labels["family"] == "sd15"} == \
+        {str(p) for p in range(10)}
+    assert value(m, "easel_jobs", state="succeeded") >= 1
+    assert value(m, "easel_workers", family="sd15") >= 1
+    assert value(m, "easel_redis_up") == 1
+    assert value(m, "easel_api_requests_total", method="POST", route="/v1/jobs", status="201") >= 2
+    assert value(m, "easel_api_jobs_submitted_total", key="main") >= 2
+    assert "easel_api_request_duration_seconds" in m and "easel_webhook_deliveries" in m
+
+
+class IsolatedWorker(WorkerProc):
+    """A worker on a queue prefix of its own: only this test's jobs reach it."""
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        r = redis.Redis.from_url(self.env["EASEL_REDIS_URL"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            if r.exists(f"{self.env['EASEL_QUEUE_PREFIX']}:worker:{self.hostname}"):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(self.log.read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def metrics_worker(easel_env, tmp_path_factory):
+    port = free_port()
+    env = {**easel_env, "EASEL_METRICS_PORT": str(port), "EASEL_QUEUE_PREFIX": "mtest"}
+    w = IsolatedWorker("sd15", env, tmp_path_factory.mktemp("mlogs")).start()
+    w.metrics_url = f"http://127.0.0.1:{port}/metrics"
+    yield w
+    w.stop()
+
+
+def test_worker_metrics_after_a_job(metrics_worker, easel_env, input_png):
+    from producer.client import EaselClient
+    from shared.settings import Settings
+
+    c = EaselClient(Settings(queue_prefix="mtest"))
+    beat = json.loads(c.store.r.get(f"mtest:worker:{metrics_worker.hostname}"))
+    assert beat["metrics_port"] == int(metrics_worker.metrics_url.split(":")[2].split("/")[0])
+    job = img2img_job(str(input_png), steps=3)
+    job["num_images"] = 2
+    st = c.wait(c.submit(job), timeout=120)
+    assert st.state.value == "succeeded", st.error
+    time.sleep(0.3)  # postrun runs right after the task returns
+    m = scrape(metrics_worker.metrics_url)
+    assert value(m, "easel_worker_segments_total", family="sd15", outcome="succeeded") == 1
+    assert value(m, "easel_segment_duration_seconds_count", family="sd15", outcome="succeeded") == 1
+    lab = dict(family="sd15", model="sd15", task="img2img")
+    assert value(m, "easel_stage_duration_seconds_count", phase="denoise", **lab) == 1
+    assert value(m, "easel_stage_duration_seconds_sum", phase="denoise", **lab) > 0
+    # Buckets fit minute-long stages: fine steps to a minute, coarse ones to an hour.
+    les = {s.labels["le"] for s in m["easel_stage_duration_seconds"] if s.name.endswith("_bucket")}
+    assert {"30.0", "60.0", "120.0", "600.0", "3600.0"} <= les
+    assert value(m, "easel_batch_size_sum", family="sd15") == 2
+    assert value(m, "easel_pipeline_load_seconds", family="sd15", model="sd15") > 0
+    assert value(m, "easel_family_warm_seconds", family="sd15") > 0
+    assert value(m, "easel_queue_messages", family="sd15", queue="mtest.sd15", priority="0") == 0
+    assert value(m, "easel_worker_busy", family="sd15") == 0
+    assert "easel_gpu_memory_bytes" in m  # samples only on a CUDA device; declared everywhere
+    assert value(m, "process_resident_memory_bytes") > 0
+
+
+def test_metrics_port_follows_the_pinned_gpu():
+    assert metrics_port(9100, "") == 9100
+    assert metrics_port(9100, "3") == 9103
+    assert metrics_port(9100, "0,1") == 9100
+    assert os.environ.get("EASEL_METRICS_PORT") in (None, "", "0")  # off by default in tests
