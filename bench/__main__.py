@@ -12,8 +12,8 @@ import json
 import sys
 import time
 
-# name -> module; run in this order by `python -m bench`. (Micro-batching, benchmark 3,
-# and GPU runs, benchmark 6, are not implemented yet and print nothing.)
+# name -> module; run in this order by `python -m bench`. (GPU runs, benchmark 6, are not
+# implemented yet and print nothing.)
 BENCHMARKS = {
     "submit": "bench.submit_rate",
     "cold_start": "bench.cold_start",
@@ -22,7 +22,7 @@ BENCHMARKS = {
     "chain": "bench.chain",
     "batching": "bench.batching",
 }
-EXTRA = {"profile": "bench.profile"}  # not part of the default run
+EXTRA = {"profile": "bench.profile", "load": "bench.load"}  # not part of the default run
 
 
 def main(argv: list[str] | None = None) -> int:

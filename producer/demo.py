@@ -52,6 +52,9 @@ def demo_jobs(input_path: str, steps: int) -> dict[str, dict]:
 
 def run_demo(out: Path, steps: int = 10, size: int = 256, console: Console | None = None) -> int:
     console = console or Console()
+    # SIGTERM (a timeout, a container stop) unwinds like Ctrl-C: the servers and workers we
+    # started are stopped instead of being orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:

@@ -6,6 +6,7 @@ A duplicate delivery of a finished job is a no-op.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -212,6 +213,7 @@ def finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, t0:
     log.info("job %s succeeded in %.2fs: %s", job_id, time.perf_counter() - t0, outputs)
 
 
+@functools.lru_cache(maxsize=1)
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -221,6 +223,7 @@ def _version() -> str:
         return "dev"
 
 
+@functools.lru_cache(maxsize=1)
 def _versions() -> dict[str, str]:
     import diffusers
     import torch

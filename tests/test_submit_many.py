@@ -1,0 +1,61 @@
+"""EaselClient.submit_many: the bulk path runs the same jobs as submit, with the same idempotency."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from producer.client import SubmitError
+from tests.conftest import img2img_job
+
+
+def _job_keys(client) -> set[str]:
+    return set(client.store.r.scan_iter(f"{client.store.prefix}:job:*", count=1000))
+
+
+def test_submit_many_jobs_complete_with_ids_in_input_order(client, sd15_worker, input_png):
+    seeds = [11, 12, 13]
+    ids = client.submit_many([img2img_job(str(input_png), seed=s) for s in seeds])
+    assert len(ids) == 3 and len(set(ids)) == 3
+    for job_id, seed in zip(ids, seeds):
+        st = client.wait(job_id, timeout=180)
+        assert st.state.value == "succeeded", st.error
+        assert st.outputs == [f"s3://easel/jobs/{job_id}/output/0.png"]
+        assert client.result(job_id).stages[0].seeds == [seed]
+
+
+def test_submit_many_respects_idempotency_keys(client, sd15_worker, input_png):
+    k_old, k_new = f"old-{uuid.uuid4().hex}", f"new-{uuid.uuid4().hex}"
+    first = client.submit({**img2img_job(str(input_png), seed=1), "idempotency_key": k_old})
+    jobs = [
+        {**img2img_job(str(input_png), seed=2), "idempotency_key": k_old},  # seen before: first's id
+        {**img2img_job(str(input_png), seed=3), "idempotency_key": k_new},
+        {**img2img_job(str(input_png), seed=4), "idempotency_key": k_new},  # same key, same call
+        img2img_job(str(input_png), seed=5),                                 # no key: a new job
+    ]
+    before = _job_keys(client)
+    ids = client.submit_many(jobs)
+    assert ids[0] == first
+    assert ids[1] == ids[2] and ids[1] != first
+    assert ids[3] not in (first, ids[1])
+    # only the two new jobs got records; the losing duplicate left nothing behind
+    assert _job_keys(client) - before == {client.store.key(ids[1]), client.store.key(ids[3])}
+    # the key maps to the same job afterwards, through either path
+    assert client.submit({**img2img_job(str(input_png), seed=6), "idempotency_key": k_new}) == ids[1]
+    assert client.submit_many([{**img2img_job(str(input_png), seed=7), "idempotency_key": k_new}]) == [ids[1]]
+    for job_id in {first, ids[1], ids[3]}:
+        st = client.wait(job_id, timeout=180)
+        assert st.state.value == "succeeded", st.error
+    # the first job with each key is the one that ran (its seed, not a duplicate's)
+    assert client.result(first).stages[0].seeds == [1]
+    assert client.result(ids[1]).stages[0].seeds == [3]
+
+
+def test_submit_many_refuses_the_whole_call_naming_the_bad_job(client, input_png):
+    before = _job_keys(client)
+    with pytest.raises(SubmitError, match=r"job 1: .*strength"):
+        client.submit_many([img2img_job(str(input_png)), img2img_job(str(input_png), strength=2.0)])
+    with pytest.raises(SubmitError, match=r"job 0: .*no-such-model"):
+        client.submit_many([img2img_job(str(input_png), model="no-such-model")])
+    assert _job_keys(client) == before
+    assert client.submit_many([]) == []
