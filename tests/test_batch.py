@@ -68,8 +68,9 @@ def test_batch_resumes_unfinished_rows_with_the_same_jobs(easel_env, sd15_worker
                                   for i in range(6)))
     # A long job ahead holds the worker, so the first run stops (timeout) with rows unfinished.
     big = tmp_path / "big.png"
-    big.write_bytes(png_bytes((128, 128)))
-    blocker = client.submit(img2img_job(str(big), steps=40, strength=1.0))  # several seconds on 2 cores
+    big.write_bytes(png_bytes((256, 256)))
+    # Far longer than the first run (CLI start + 1 s); cancelled once that run has given up.
+    blocker = client.submit(img2img_job(str(big), steps=400, strength=1.0))
     out = tmp_path / "out"
     r = cli("batch", str(manifest), "--out", str(out), "--timeout", "1")
     assert r.returncode == 1 and "rerun the same command to resume" in r.stderr
@@ -77,7 +78,8 @@ def test_batch_resumes_unfinished_rows_with_the_same_jobs(easel_env, sd15_worker
     assert first["pending"] > 0 and first["submitted"] == 6
     submitted = {ln["key"]: ln["job_id"] for ln in map(json.loads, (out / ".easel-batch-state.jsonl")
                                                       .read_text().splitlines())}
-    client.wait(blocker, timeout=120)
+    client.cancel(blocker)
+    assert client.wait(blocker, timeout=120).state.value == "cancelled"
     r = cli("batch", str(manifest), "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
