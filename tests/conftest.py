@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from producer.embedded import EmbeddedServices
+from producer.embedded import EmbeddedServices, stop_process
 from shared.logs import quiet_libraries
 
 quiet_libraries()
@@ -82,20 +82,13 @@ class WorkerProc:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            if r.exists(f"easel:worker:{self.hostname}"):
+            if r.exists(f"{self.env.get('EASEL_QUEUE_PREFIX', 'easel')}:worker:{self.hostname}"):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"worker not ready:\n{self.log.read_text()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else None
+        return stop_process(self.proc, sig, timeout)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import time
 
 import httpx
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.embedded import free_port
@@ -53,18 +52,8 @@ def test_api_metrics_expose_jobs_queues_and_requests(api, sd15_worker):  # noqa:
 
 
 class IsolatedWorker(WorkerProc):
-    """A worker on a queue prefix of its own: only this test's jobs reach it."""
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        r = redis.Redis.from_url(self.env["EASEL_REDIS_URL"])
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            if r.exists(f"{self.env['EASEL_QUEUE_PREFIX']}:worker:{self.hostname}"):
-                return
-            time.sleep(0.1)
-        raise TimeoutError(self.log.read_text()[-3000:])
+    """A worker on a queue prefix of its own (EASEL_QUEUE_PREFIX in its env): only this test's
+    jobs reach it; WorkerProc waits for the presence key under that prefix."""
 
 
 @pytest.fixture(scope="module")
