@@ -6,9 +6,11 @@ microseconds per job and write nothing to Redis or S3 while jobs run:
 - Celery ``task_prerun`` / ``task_postrun``: when each task started and ended in this
   process (the gap between one task's end and the next one's start is Celery's own
   fetch/ack cost);
-- a wrapper around ``JobStore.progress``: the time spent in the per-step progress call,
-  which runs inside the pipeline call (``callback_on_step_end``) and so sits inside the
-  ``denoise`` timing easel records; the benchmark moves it to the overhead side.
+- a wrapper around ``worker.segment.StepHook.__call__``: the time the denoising loop
+  spends in easel's per-step hook (``callback_on_step_end``: time limit, progress and
+  cancel), which sits inside the ``denoise`` timing easel records; the benchmark moves it
+  to the overhead side. (The hook's Redis round trips run on the worker's I/O pool, so
+  only what the loop itself waits for is counted.)
 
 Everything is dumped as JSON to ``$EASEL_BENCH_PROBE_OUT`` when the worker exits.
 """
@@ -24,21 +26,21 @@ import time
 def install(out_path: str) -> None:
     from celery.signals import task_postrun, task_prerun
 
-    from shared import jobstore
+    from worker import segment
 
     jobs: dict[str, dict] = {}
-    orig_progress = jobstore.JobStore.progress
+    orig_call = segment.StepHook.__call__
 
-    def progress(self, job_id, stage, step, total):
+    def timed_call(self, step, total):
         t = time.perf_counter()
         try:
-            return orig_progress(self, job_id, stage, step, total)
+            return orig_call(self, step, total)
         finally:
-            rec = jobs.setdefault(job_id, {})
+            rec = jobs.setdefault(self.job_id, {})
             rec["progress_s"] = rec.get("progress_s", 0.0) + (time.perf_counter() - t)
             rec["progress_calls"] = rec.get("progress_calls", 0) + 1
 
-    jobstore.JobStore.progress = progress
+    segment.StepHook.__call__ = timed_call
 
     @task_prerun.connect(weak=False)
     def _pre(task_id=None, args=None, **_kw):

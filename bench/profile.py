@@ -35,7 +35,7 @@ def _label(child, parent_fn: str, parent_fp: str, parent_label: str) -> str:
     fp = (child.file_path or "").replace("\\", "/")
     name = f"{child.class_name}.{fn}" if getattr(child, "class_name", None) else fn
     if parent_label.startswith("pipeline call"):
-        if "/worker/" in fp and fn in ("on_step", "cb"):
+        if "/worker/" in fp and fn in ("on_step", "cb", "__call__"):
             return "step hook (progress to Redis, inside the pipeline call)"
         return parent_label
     if parent_label.startswith("step hook"):

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from shared.celery_app import RUN_SEGMENT, make_celery
 from shared.images import InputError, check_public_url, decode_image, image_ext, parse_data_uri
-from shared.jobstore import JobStore, new_job_id
+from shared.jobstore import JobStore
 from shared.plan import PlanError, plan_job
 from shared.registry import Registry, load_registry
 from shared.schema import JobSpec, JobState, JobStatus, Manifest, Plan, Stage
@@ -43,16 +43,6 @@ def _format_validation(e: ValidationError) -> str:
         loc = ".".join(str(x) for x in err["loc"])
         parts.append(f"{loc}: {err['msg']}")
     return "invalid job: " + "; ".join(parts)
-
-
-def _record_fields(spec: JobSpec, plan: Plan, now: float) -> dict:
-    """A new job's record, as ``JobStore.create`` writes it (keep the two in step)."""
-    return {"spec": spec.model_dump_json(), "plan": plan.model_dump_json(), "state": JobState.queued.value,
-            "created_at": now, "updated_at": now, "attempts": 0, "stage": 0, "step": 0, "total_steps": 0}
-
-
-def _idem_key(store: JobStore, spec: JobSpec) -> str:
-    return f"{store.prefix}:idem:{spec.idempotency_key}"
 
 
 class EaselClient:
@@ -182,14 +172,14 @@ class EaselClient:
         """Records first, then queue positions and messages for the jobs actually created."""
         ids: list[str] = []
         new: list[tuple[str, JobSpec, Plan]] = []
-        for (spec, plan), (job_id, created) in zip(items, self._create_records(items)):
+        for (spec, plan), (job_id, created) in zip(items, self.store.create_many(items)):
             ids.append(job_id)
             if created:
                 new.append((job_id, spec, plan))
         if not new:
             return ids
         try:
-            self._mark_queued_many([(job_id, plan.segments[0].queue, spec.priority) for job_id, spec, plan in new])
+            self.store.mark_queued_many([(job_id, plan.segments[0].queue, spec.priority) for job_id, spec, plan in new])
             # retry=False: inside a batch a publish only buffers (nothing to retry); the flush
             # at the end of the block is one pipeline, which kombu never replays. (A kombu
             # without Producer.batch publishes one LPUSH per message instead.)
@@ -208,59 +198,6 @@ class EaselClient:
                 self.store.unmark_queued(job_id)
             raise
         return ids
-
-    def _create_records(self, items: list[tuple[JobSpec, Plan]]) -> list[tuple[str, bool]]:
-        """``JobStore.create`` for many jobs in two round trips instead of one or two per job.
-
-        One MULTI/EXEC writes every record (hash + TTL) and claims every idempotency key
-        (SET NX, in input order, so the first of two equal keys in one call wins); only when
-        a claim was lost, one pipeline reads the winners' ids and one drops the losers'
-        records. Same fields and same rule as ``JobStore.create`` (keep the two in step); a
-        claim whose winner expired in between goes through ``JobStore.create`` itself.
-        """
-        store, now = self.store, time.time()
-        ids = [new_job_id() for _ in items]
-        pipe = store.r.pipeline(transaction=True)
-        claims: list[tuple[int, int]] = []  # (job index, position of its SET NX answer)
-        n_cmds = 0
-        for i, (job_id, (spec, plan)) in enumerate(zip(ids, items)):
-            key = store.key(job_id)
-            pipe.hset(key, mapping=_record_fields(spec, plan, now))
-            pipe.expire(key, store.ttl_s)
-            n_cmds += 2
-            if spec.idempotency_key:
-                pipe.set(_idem_key(store, spec), job_id, nx=True, ex=store.ttl_s)
-                claims.append((i, n_cmds))
-                n_cmds += 1
-        res = pipe.execute()
-        lost = [i for i, pos in claims if not res[pos]]
-        out = [(job_id, True) for job_id in ids]
-        if not lost:
-            return out
-        pipe = store.r.pipeline(transaction=False)
-        for i in lost:
-            pipe.get(_idem_key(store, items[i][0]))
-        winners = pipe.execute()
-        pipe = store.r.pipeline(transaction=False)
-        for i, existing in zip(lost, winners):
-            if existing == ids[i]:
-                continue  # our own claim (a retried EXEC whose first reply was lost): still ours
-            pipe.delete(store.key(ids[i]))
-            out[i] = (existing, False) if existing else store.create(*items[i])
-        pipe.execute()
-        return out
-
-    def _mark_queued_many(self, entries: list[tuple[str, str, int]]) -> None:
-        """``JobStore.mark_queued`` for (job_id, queue, priority) entries in two round trips:
-        one INCRBY reserves the sequence numbers the per-job INCRs would have drawn, one
-        pipeline writes the queue-position entries (same scores, so the same order)."""
-        store = self.store
-        last = int(store.r.incrby(f"{store.prefix}:seq", len(entries)))
-        pipe = store.r.pipeline(transaction=False)
-        for seq, (job_id, queue, priority) in enumerate(entries, start=last - len(entries) + 1):
-            pipe.zadd(store._queued_key(queue), {job_id: priority * 1e13 + seq})
-            pipe.hset(store.key(job_id), "queue", queue)
-        pipe.execute()
 
     def submit_img2img(self, image: str, prompt: str, model: str = "sd15", **stage: object) -> str:
         output = {k: stage.pop(k) for k in ("format", "keep_intermediates") if k in stage}

@@ -9,6 +9,7 @@ import json
 import ssl
 import time
 import uuid
+from dataclasses import dataclass
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -16,13 +17,61 @@ from redis.retry import Retry
 
 from shared.schema import JobSpec, JobState, JobStatus, Plan, Progress
 
+# KEYS: job hash, events channel. ARGV: event JSON, then field/value pairs.
+# Publishing from the script makes a state change one round trip, and no event is ever
+# published for a change that did not happen.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return -1 end
 if cur == 'succeeded' or cur == 'failed' or cur == 'cancelled' then return 0 end
-for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+redis.call('PUBLISH', KEYS[2], ARGV[1])
 return 1
 """
+
+# Everything a delivery checks and records before it runs, in one round trip (it was
+# twelve): drop the job from its queue-position set, then refuse unknown / terminal /
+# cancelled / poison deliveries, else count the delivery and the attempt and mark it
+# running. KEYS: job hash, events channel. ARGV: queue-position key prefix, job id,
+# segment, worker, now, crash limit, the "running" event JSON.
+# (The queue-position set's name is read from the hash, so this assumes one Redis, not a
+# cluster; easel's broker is one Redis anyway.)
+_CLAIM = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'queue', 'spec', 'plan', 'stage', 'created_at', 'started_at')
+local state = h[1]
+if not state then return {'unknown'} end
+if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return {'terminal', state} end
+if h[3] then redis.call('ZREM', ARGV[1] .. h[3], ARGV[2]) end
+if h[2] == '1' then return {'cancel'} end
+local crashed = redis.call('HINCRBY', KEYS[1], 'inflight:' .. ARGV[3], 1) - 1
+if crashed >= tonumber(ARGV[6]) then return {'poison', tostring(crashed), h[6] or '0'} end
+local started = h[8]
+if not started then started = ARGV[5]; redis.call('HSET', KEYS[1], 'started_at', started) end
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[4], 'segment', ARGV[3], 'updated_at', ARGV[5])
+redis.call('PUBLISH', KEYS[2], ARGV[7])
+return {'run', h[4], h[5], h[7], started}
+"""
+
+# KEYS: job hash. ARGV: field. Never resurrects an expired job as a bare hash.
+_END_DELIVERY = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], 0) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What ``JobStore.claim`` found: ``run`` (with the job's spec and plan) or why not."""
+
+    outcome: str  # run | unknown | terminal | cancel | poison
+    spec: JobSpec | None = None
+    plan: Plan | None = None
+    state: str | None = None  # terminal: which state
+    crashed: int = 0  # poison: deliveries of this segment that never ended
+    stage: int = 0  # poison: the stage it was at
+    created_at: float = 0.0  # run: for the manifest's timings
+    started_at: float = 0.0
 
 
 class _Retry(Retry):
@@ -59,6 +108,8 @@ class JobStore:
         self.prefix = prefix
         self.ttl_s = ttl_s
         self._transition = self.r.register_script(_TRANSITION)
+        self._claim = self.r.register_script(_CLAIM)
+        self._end_delivery = self.r.register_script(_END_DELIVERY)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "easel", ttl_s: int = 7 * 24 * 3600, **redis_kw) -> "JobStore":
@@ -75,27 +126,64 @@ class JobStore:
     def events_channel(self, job_id: str) -> str:
         return f"{self.prefix}:events:{job_id}"
 
+    def _new_record(self, spec: JobSpec, plan: Plan, now: float) -> dict:
+        return {"spec": spec.model_dump_json(), "plan": plan.model_dump_json(), "state": JobState.queued.value,
+                "created_at": now, "updated_at": now, "attempts": 0, "stage": 0, "step": 0, "total_steps": 0}
+
+    def _idem_key(self, spec: JobSpec) -> str:
+        return f"{self.prefix}:idem:{spec.idempotency_key}"
+
     def create(self, spec: JobSpec, plan: Plan, job_id: str | None = None) -> tuple[str, bool]:
         """Store a queued job. Returns (job_id, created); an idempotency key seen before
         returns the first job's id and created=False."""
-        job_id = job_id or new_job_id()
+        return self.create_many([(spec, plan)], [job_id] if job_id else None)[0]
+
+    def create_many(self, items: list[tuple[JobSpec, Plan]], ids: list[str] | None = None) -> list[tuple[str, bool]]:
+        """Store queued jobs in one MULTI/EXEC (plus two round trips only when an
+        idempotency claim was lost). Returns (job_id, created) per item, in order.
+
+        Each record (hash + TTL) and each idempotency claim (SET NX, in input order, so the
+        first of two equal keys in one call wins) is written together; a lost claim drops
+        its record and answers with the winner's id. A claim that reads back as our own id
+        is ours: the EXEC was replayed after its first reply was lost.
+        """
         now = time.time()
-        key = self.key(job_id)
-        pipe = self.r.pipeline()
-        pipe.hset(key, mapping={
-            "spec": spec.model_dump_json(), "plan": plan.model_dump_json(), "state": JobState.queued.value,
-            "created_at": now, "updated_at": now, "attempts": 0, "stage": 0, "step": 0, "total_steps": 0,
-        })
-        pipe.expire(key, self.ttl_s)
+        ids = list(ids) if ids else [new_job_id() for _ in items]
+        pipe = self.r.pipeline(transaction=True)
+        claims: list[tuple[int, int]] = []  # (item index, position of its SET NX reply)
+        n_cmds = 0
+        for i, (job_id, (spec, plan)) in enumerate(zip(ids, items)):
+            key = self.key(job_id)
+            pipe.hset(key, mapping=self._new_record(spec, plan, now))
+            pipe.expire(key, self.ttl_s)
+            n_cmds += 2
+            if spec.idempotency_key:
+                pipe.set(self._idem_key(spec), job_id, nx=True, ex=self.ttl_s)
+                claims.append((i, n_cmds))
+                n_cmds += 1
+        res = pipe.execute()
+        out = [(job_id, True) for job_id in ids]
+        lost = [i for i, pos in claims if not res[pos]]
+        if not lost:
+            return out
+        pipe = self.r.pipeline(transaction=False)
+        for i in lost:
+            pipe.get(self._idem_key(items[i][0]))
+        winners = pipe.execute()
+        retry: list[int] = []
+        pipe = self.r.pipeline(transaction=False)
+        for i, existing in zip(lost, winners):
+            if existing == ids[i]:
+                continue  # our own claim, replayed: still ours
+            pipe.delete(self.key(ids[i]))
+            if existing:
+                out[i] = (existing, False)
+            else:
+                retry.append(i)  # the winner expired in between: claim again
         pipe.execute()
-        if spec.idempotency_key:
-            idem = f"{self.prefix}:idem:{spec.idempotency_key}"
-            if not self.r.set(idem, job_id, nx=True, ex=self.ttl_s):
-                self.r.delete(key)
-                existing = self.r.get(idem)
-                if existing:
-                    return existing, False
-        return job_id, True
+        for i in retry:
+            out[i] = self.create(*items[i])
+        return out
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self.key(job_id)))
@@ -121,19 +209,38 @@ class JobStore:
             queue_position=None if JobState(h["state"]).terminal else self.queue_position(job_id),
         )
 
+    def _event(self, state: JobState, fields: dict) -> str:
+        """The event a state change publishes: its fields, less the bulky spec and stage records."""
+        return json.dumps({"state": state.value, **{k: v for k, v in fields.items()
+                                                    if k != "spec" and not k.startswith("record:")}}, default=str)
+
     def transition(self, job_id: str, state: JobState, **fields) -> bool:
-        """Move a non-terminal job to ``state`` with extra fields; False if it was already terminal."""
+        """Move a non-terminal job to ``state`` with extra fields; False if it was already terminal.
+        One round trip: the event is published by the same script, only if the change happened."""
         now = time.time()
         fields = {"state": state.value, "updated_at": now, **fields}
         if state.terminal:
             fields.setdefault("finished_at", now)
-        argv: list = []
+        argv: list = [self._event(state, fields)]
         for k, v in fields.items():
             argv += [k, json.dumps(v) if isinstance(v, (list, dict)) else v]
-        ok = self._transition(keys=[self.key(job_id)], args=argv) == 1
-        if ok:
-            self.publish(job_id, {"state": state.value, **{k: v for k, v in fields.items() if k != "spec"}})
-        return ok
+        return self._transition(keys=[self.key(job_id), self.events_channel(job_id)], args=argv) == 1
+
+    def claim(self, job_id: str, segment: int, worker: str, max_crash_deliveries: int) -> Claim:
+        """Start a delivery of ``segment``: one round trip (see ``_CLAIM``)."""
+        now = time.time()
+        event = self._event(JobState.running, {"updated_at": now, "worker": worker, "segment": segment})
+        res = self._claim(keys=[self.key(job_id), self.events_channel(job_id)],
+                          args=[f"{self.prefix}:queued:", job_id, segment, worker, now, max_crash_deliveries, event])
+        outcome = res[0]
+        if outcome == "run":
+            return Claim("run", spec=JobSpec.model_validate_json(res[1]), plan=Plan.model_validate_json(res[2]),
+                         created_at=float(res[3]), started_at=float(res[4]))
+        if outcome == "terminal":
+            return Claim("terminal", state=res[1])
+        if outcome == "poison":
+            return Claim("poison", crashed=int(res[1]), stage=int(res[2]))
+        return Claim(outcome)
 
     def progress(self, job_id: str, stage: int, step: int, total: int) -> bool:
         """Record a denoising step; one round trip that also says whether cancel was asked."""
@@ -144,11 +251,16 @@ class JobStore:
         pipe.hget(key, "cancel")
         return pipe.execute()[-1] == "1"
 
-    def save_record(self, job_id: str, index: int, record_json: str) -> None:
-        self.r.hset(self.key(job_id), f"record:{index}", record_json)
+    def save_records(self, job_id: str, records: dict[int, str]) -> None:
+        if records:
+            self.r.hset(self.key(job_id), mapping={f"record:{i}": r for i, r in records.items()})
 
-    def records(self, job_id: str, count: int) -> list[str]:
-        return self.r.hmget(self.key(job_id), [f"record:{i}" for i in range(count)])
+    def records_at(self, job_id: str, indices: list[int]) -> list[str | None]:
+        """Those stages' records (JSON, None where missing), one round trip."""
+        return self.r.hmget(self.key(job_id), [f"record:{i}" for i in indices]) if indices else []
+
+    def records(self, job_id: str, count: int) -> list[str | None]:
+        return self.records_at(job_id, list(range(count)))
 
     def publish(self, job_id: str, event: dict) -> None:
         self.r.publish(self.events_channel(job_id), json.dumps(event, default=str))
@@ -177,14 +289,20 @@ class JobStore:
     def _queued_key(self, queue: str) -> str:
         return f"{self.prefix}:queued:{queue}"
 
-    def mark_queued(self, job_id: str, queue: str, priority: int, pipe=None) -> None:
+    def mark_queued(self, job_id: str, queue: str, priority: int) -> None:
         """Record that a job waits in ``queue`` (priority 0 first, then submission order)."""
-        seq = self.r.incr(f"{self.prefix}:seq")
-        p = pipe if pipe is not None else self.r.pipeline(transaction=False)
-        p.zadd(self._queued_key(queue), {job_id: priority * 1e13 + seq})
-        p.hset(self.key(job_id), "queue", queue)
-        if pipe is None:
-            p.execute()
+        self.mark_queued_many([(job_id, queue, priority)])
+
+    def mark_queued_many(self, entries: list[tuple[str, str, int]]) -> None:
+        """``mark_queued`` for (job_id, queue, priority) entries in two round trips: one
+        INCRBY reserves the sequence numbers the per-job INCRs would have drawn, one
+        pipeline writes the entries (same scores, so the same order)."""
+        last = int(self.r.incrby(f"{self.prefix}:seq", len(entries)))
+        pipe = self.r.pipeline(transaction=False)
+        for seq, (job_id, queue, priority) in enumerate(entries, start=last - len(entries) + 1):
+            pipe.zadd(self._queued_key(queue), {job_id: priority * 1e13 + seq})
+            pipe.hset(self.key(job_id), "queue", queue)
+        pipe.execute()
 
     def unmark_queued(self, job_id: str) -> None:
         queue = self.r.hget(self.key(job_id), "queue")
@@ -205,5 +323,4 @@ class JobStore:
         return int(self.r.hincrby(self.key(job_id), f"inflight:{segment}", 1)) - 1
 
     def end_delivery(self, job_id: str, segment: int) -> None:
-        if self.r.exists(self.key(job_id)):  # never resurrect an expired job as a bare hash
-            self.r.hset(self.key(job_id), f"inflight:{segment}", 0)
+        self._end_delivery(keys=[self.key(job_id)], args=[f"inflight:{segment}"])

@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     stage_timeout_base_s: float = 120.0
     stage_timeout_per_mpx_step_s: float = 5.0
     stage_stuck_grace_s: float = 60.0
+    progress_interval_s: float = Field(default=0.25, ge=0.0, le=60.0, description=(
+        "a running stage writes step progress (and reads cancel) on its first step, then at most this often; "
+        "0 = every step"))
+    input_cache_mb: int = Field(default=256, ge=0, description=(
+        "decoded input images a worker keeps, by content-addressed s3 key (inputs/<sha256>); 0 = off"))
+    overlap_finish: bool = Field(default=True, description=(
+        "encode and upload a job's outputs while the worker runs the next job (see worker/finisher.py)"))
+    max_pending_finishes: int = Field(default=2, ge=1, le=64, description="finishes waiting at once per worker")
+    reap_every_s: float = Field(default=10.0, gt=0, description="how often a worker looks for jobs left "
+                                "finishing by a dead worker")
     max_crash_deliveries: int = Field(default=2, ge=1, description="a segment whose worker died this often is poison")
     max_retries: int = Field(default=8, ge=0, description="retries of transient errors (backoff 1 s doubling, cap 30 s)")
     # Micro-batching: compatible queued jobs run as one pipeline call (1 = off).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class TcpProxy:
@@ -16,6 +17,7 @@ class TcpProxy:
         self._server: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._held = threading.Event()
 
     @property
     def url(self) -> str:
@@ -30,6 +32,13 @@ class TcpProxy:
         self._server = srv
         threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
         return self
+
+    def hold(self) -> None:
+        """Keep connections open but forward nothing: requests hang instead of failing."""
+        self._held.set()
+
+    def release(self) -> None:
+        self._held.clear()
 
     def stop(self) -> None:
         """Refuse new connections and cut the open ones."""
@@ -65,10 +74,11 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                while self._held.is_set():
+                    time.sleep(0.01)
                 dst.sendall(data)
         except OSError:
             pass

@@ -160,6 +160,32 @@ def test_s3_outage_is_retried_until_storage_is_back(fault_env, fclient, workers,
     proxy.stop()
 
 
+def test_worker_dying_while_finishing_is_rerun_by_another_worker(fault_env, fclient, workers, big_input):
+    """With overlap_finish the message is acked once the pipeline call is done and the
+    outputs are still being written: a worker killed then leaves no message to redeliver.
+    Its missing heartbeat lets another worker's reaper re-send the job, which ends with one
+    result."""
+    svc, _ = fault_env
+    proxy = TcpProxy(svc.s3.port).start()
+    w1 = workers(EASEL_S3_ENDPOINT_URL=proxy.url)
+    job_id = fclient.submit(job(big_input, steps=12, seed=31))
+    running_at_step(fclient, job_id, 1)  # the input was read through the proxy
+    proxy.hold()  # from now on the worker's uploads hang
+    finishing = f"{fclient.store.prefix}:finishing"
+    wait_for(lambda: fclient.store.r.zscore(finishing, job_id) is not None, 60, "job registered as finishing")
+    time.sleep(0.5)
+    assert fclient.status(job_id).state.value == "running"
+    w1.stop(signal.SIGKILL)
+    proxy.stop()
+    w2 = workers(EASEL_REAP_EVERY_S="1")  # direct to S3; notices w1's heartbeat is gone (TTL 30 s)
+    st = fclient.wait(job_id, timeout=120)
+    assert st.state.value == "succeeded", st.error
+    assert st.attempts == 2
+    assert outputs_in_storage(fclient, job_id) == [f"jobs/{job_id}/output/0.png"]
+    assert fclient.store.r.zscore(finishing, job_id) is None
+    assert "left finishing by" in w2.log.read_text()
+
+
 def test_transient_errors_stop_after_the_retry_cap(fclient, workers, big_input):
     dead = f"http://127.0.0.1:{free_port()}"
     workers("sd15-wide", EASEL_S3_ENDPOINT_URL=dead, EASEL_MAX_RETRIES="2")

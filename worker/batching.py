@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from shared.jobstore import Claim
 from shared.schema import JobSpec, JobState, Plan
 from worker.context import WorkerContext
 from worker.runner import Carrier, progress_kwargs, generators
@@ -30,6 +31,7 @@ class Member:
     plan: Plan
     images: list[Image.Image] | None
     input_s: float
+    claim: Claim
 
 
 def batch_key(ctx: WorkerContext, spec: JobSpec, plan: Plan) -> tuple | None:
@@ -70,8 +72,10 @@ def run_batch(ctx: WorkerContext, members: list[Member]) -> None:
     limit = stage_limit(ctx, first.steps, size, n * len(members))
     deadline = time.monotonic() + limit
     ids = [m.job_id for m in members]
+    last_step = [0, 0]
 
     def on_step(step: int, total: int) -> bool:
+        last_step[:] = [step, total]
         if time.monotonic() > deadline:
             from worker.watchdog import StageTimeout
 
@@ -105,5 +109,5 @@ def run_batch(ctx: WorkerContext, members: list[Member]) -> None:
         carrier = Carrier(images=list(out[k * n:(k + 1) * n]))
         timings = {"input": m.input_s, "denoise": denoise, "batch_size": float(len(members))}
         rec = make_record(ctx, 0, m.spec, m.plan, model, carrier, timings, False, [])
-        ctx.store.save_record(m.job_id, 0, rec.model_dump_json())
-        finish(ctx, m.job_id, m.spec, carrier, t0)
+        finish(ctx, m.job_id, m.spec, carrier, t0, {0: rec}, created_at=m.claim.created_at,
+               started_at=m.claim.started_at, last_progress={"stage": 0, "step": last_step[0], "total_steps": last_step[1]})

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from celery import Celery
 
@@ -10,6 +11,8 @@ from shared.jobstore import JobStore
 from shared.registry import Registry, load_registry
 from shared.settings import Settings, get_settings
 from shared.storage import Storage
+from worker.finisher import Finisher
+from worker.input_cache import InputCache
 from worker.pipelines import PipelineCache
 from worker.watchdog import Watchdog
 
@@ -24,6 +27,10 @@ class WorkerContext:
     family: str
     hostname: str
     watchdog: Watchdog | None = None
+    finisher: Finisher | None = None  # set by the worker process when overlap_finish is on
+    inputs: InputCache = field(default_factory=lambda: InputCache(0))
+    # S3 transfers of one job run side by side (boto3 clients are thread-safe).
+    io: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="easel-io"))
 
     @classmethod
     def create(cls, family: str, settings: Settings | None = None, hostname: str | None = None) -> "WorkerContext":
@@ -32,7 +39,7 @@ class WorkerContext:
         reg.family_models(family)  # refuse an unknown family before loading anything
         return cls(settings=s, registry=reg, store=JobStore.from_settings(s),
                    storage=Storage(s), cache=PipelineCache(reg, s, family), family=family,
-                   hostname=hostname or f"{family}@{socket.gethostname()}")
+                   hostname=hostname or f"{family}@{socket.gethostname()}", inputs=InputCache(s.input_cache_mb))
 
 
 _CTX: WorkerContext | None = None

@@ -74,6 +74,8 @@ class WorkerMetrics:
         r.register(GpuMemoryCollector())
         self.explicit_batches = False
         self._started: dict[str, float] = {}
+        self._finishing: dict[tuple[str, int], float | None] = {}  # task done, finish pending: its start
+        self._ended_early: dict[tuple[str, int], str] = {}  # finish done before the task's postrun
         self._lock = threading.Lock()
 
     # -- signal handlers -------------------------------------------------------------------
@@ -88,6 +90,14 @@ class WorkerMetrics:
             t0 = self._started.pop(task_id, None)
         if args and isinstance(args[0], (list, tuple)) and args[0] and hasattr(args[0][0], "args"):
             return self._on_batch(ctx, args[0], t0)
+        if retval == "finishing" and args and len(args) >= 2:
+            key = (str(args[0]), int(args[1]))
+            with self._lock:  # counted when the finisher is done with it (``on_finished``)
+                ended = self._ended_early.pop(key, None)
+                if ended is None:
+                    self._finishing[key] = t0
+                    return
+            return self._ended(ctx, key, ended, t0)
         if state == "RETRY":
             self.retries.labels(self.family).inc()
             outcome = "retry"
@@ -97,6 +107,25 @@ class WorkerMetrics:
             outcome = "duplicate"
         else:
             outcome = "error"
+        self._count(ctx, outcome, t0, args)
+
+    def on_finished(self, ctx, job_id: str, seg_index: int, retval: str) -> None:
+        """A segment whose task returned "finishing" is done (worker/finisher.py): count it
+        now, its duration running from the task's start to the end of its uploads."""
+        key = (job_id, seg_index)
+        with self._lock:
+            if key not in self._finishing:  # it ended before the task's postrun ran
+                self._ended_early[key] = retval
+                return
+            t0 = self._finishing.pop(key)
+        self._ended(ctx, key, retval, t0)
+
+    def _ended(self, ctx, key: tuple[str, int], retval: str, t0: float | None) -> None:
+        if retval == "retrying":
+            self.retries.labels(self.family).inc()
+        self._count(ctx, retval if retval in OUTCOMES else "error", t0, key)
+
+    def _count(self, ctx, outcome: str, t0: float | None, args) -> None:
         self.segments.labels(self.family, outcome).inc()
         if t0 is not None:
             self.segment_s.labels(self.family, outcome).observe(time.perf_counter() - t0)
@@ -149,6 +178,12 @@ def observe_batch(n: int) -> None:
     if _METRICS is not None:
         _METRICS.explicit_batches = True
         _METRICS.batch.labels(_METRICS.family).observe(n)
+
+
+def observe_finished(ctx, job_id: str, seg_index: int, retval: str) -> None:
+    """Called by the finisher when a deferred finish ends (``retval``: how it ended)."""
+    if _METRICS is not None:
+        _METRICS.on_finished(ctx, job_id, seg_index, retval)
 
 
 def metrics_port(base: int, visible_devices: str | None = None) -> int:

@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("easel.worker").warning("storage not reachable at start: %s", e)
     load_s = ctx.cache.warm()
     logging.getLogger("easel.worker").info("family %s warm in %.2fs on %s", args.family, load_s, ctx.cache.device)
+    if ctx.settings.overlap_finish and ctx.settings.batch_size == 1:
+        from worker.finisher import Finisher
+        from worker.tasks import guarded
+
+        ctx.finisher = Finisher(ctx, lambda j, seg, q, fn: guarded(ctx, app, j, seg, q, fn),
+                                ctx.settings.max_pending_finishes)
     set_context(ctx, app)
     register_tasks(app, ctx.settings.batch_size, ctx.settings.batch_wait_s)
     # One message at a time, unless micro-batching: then up to a batch's worth is held.
@@ -56,12 +62,21 @@ def main(argv: list[str] | None = None) -> int:
 
     @worker_ready.connect(weak=False)
     def _ready(**_kw):
+        from worker.finisher import Reaper
+
+        # A job left finishing by a dead worker is re-sent after its heartbeat expires, or
+        # after the visibility timeout if its worker still beats (see worker/finisher.py).
+        beat["reaper"] = Reaper(ctx, app, ctx.settings.reap_every_s, ctx.settings.visibility_timeout_s).start()
         beat["stop"] = start_heartbeat(ctx.store.r, ctx.settings.queue_prefix, hostname, {
             "family": args.family, "device": str(ctx.cache.device), "load_s": round(load_s, 3),
             "models": sorted(ctx.cache.models), "metrics_port": mport, "batch_size": ctx.settings.batch_size})
 
     @worker_shutdown.connect(weak=False)
     def _bye(**_kw):
+        if ctx.finisher is not None:
+            ctx.finisher.drain()  # warm shutdown: pending finishes complete before we stop beating
+        if "reaper" in beat:
+            beat["reaper"].stop()
         if "stop" in beat:
             beat["stop"].set()
 
@@ -77,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         optimization="fair",
     )
     worker.start()
+    if ctx.finisher is not None:
+        ctx.finisher.drain()
     return worker.exitcode or 0
 
 

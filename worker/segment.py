@@ -9,12 +9,15 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from concurrent.futures import Executor, Future
+from typing import Callable
 
 import redis
 from PIL import Image
 
 from shared.celery_app import RUN_SEGMENT
 from shared.images import decode_image, encode_image, fetch_url, parse_data_uri
+from shared.jobstore import Claim
 from shared.latents import dump_latents, load_latents
 from shared.schema import JobSpec, JobState, Manifest, Plan, StageRecord
 from shared.storage import job_prefix
@@ -37,7 +40,7 @@ def read_ref(ctx: WorkerContext, ref: str, what: str) -> bytes:
 
 
 def load_image_ref(ctx: WorkerContext, ref: str, what: str) -> Image.Image:
-    return decode_image(read_ref(ctx, ref, what), ctx.settings, what)
+    return ctx.inputs.get(ref, lambda: decode_image(read_ref(ctx, ref, what), ctx.settings, what))
 
 
 def handoff_key(job_id: str, seg: int, i: int | None = None) -> str:
@@ -57,43 +60,39 @@ def _load_input(ctx: WorkerContext, job_id: str, spec: JobSpec, plan: Plan, seg_
     if seg.handoff_in == "latent":
         space = ctx.registry.get(spec.stages[seg.stages[0]].model).latent_space
         return Carrier(latents=load_latents(ctx.storage.get(handoff_key(job_id, seg_index)), space))
-    return Carrier(images=[decode_image(ctx.storage.get(handoff_key(job_id, seg_index, i)), ctx.settings,
-                                        "hand-off image") for i in range(n)])
+    blobs = ctx.io.map(lambda i: ctx.storage.get(handoff_key(job_id, seg_index, i)), range(n))
+    return Carrier(images=[decode_image(b, ctx.settings, "hand-off image") for b in blobs])
 
 
 def _save_handoff(ctx: WorkerContext, job_id: str, seg_index: int, carrier: Carrier, latent_space: str) -> None:
     if carrier.latents is not None:
         ctx.storage.put(handoff_key(job_id, seg_index), dump_latents(carrier.latents, latent_space))
-    else:
-        for i, img in enumerate(carrier.images or []):
-            ctx.storage.put(handoff_key(job_id, seg_index, i), encode_image(img, "png"))
+        return
+    uploads = [ctx.io.submit(ctx.storage.put, handoff_key(job_id, seg_index, i), encode_image(img, "png"))
+               for i, img in enumerate(carrier.images or [])]
+    for u in uploads:
+        u.result()
 
 
-def start_delivery(ctx: WorkerContext, job_id: str, seg_index: int) -> tuple[JobSpec, Plan] | str:
-    """Checks every delivery makes before work starts; a string means "nothing to run" (why)."""
+def start_delivery(ctx: WorkerContext, job_id: str, seg_index: int) -> Claim | str:
+    """Checks every delivery makes before work starts (one Redis round trip, ``JobStore.claim``):
+    the claim to run (spec, plan, timestamps), or a string saying why there is nothing to run."""
     store = ctx.store
-    try:
-        status = store.status(job_id)
-    except KeyError:
+    claim = store.claim(job_id, seg_index, ctx.hostname, ctx.settings.max_crash_deliveries)
+    if claim.outcome == "run":
+        return claim
+    if claim.outcome == "unknown":
         log.warning("job %s is unknown (expired?); dropping its message", job_id)
         return "unknown"
-    if status.state.terminal:
-        return f"already {status.state.value}"
-    store.unmark_queued(job_id)
-    if store.cancel_requested(job_id):
+    if claim.outcome == "terminal":
+        return f"already {claim.state}"
+    if claim.outcome == "cancel":
         store.transition(job_id, JobState.cancelled, error="cancelled before it ran")
         return "cancelled"
-    crashed = store.begin_delivery(job_id, seg_index)
-    if crashed >= ctx.settings.max_crash_deliveries:
-        store.transition(job_id, JobState.failed, error=(
-            f"poison job: the worker died {crashed} times while running segment {seg_index} "
-            f"(last at stage {status.progress.stage}); not retried"))
-        return "poison"
-    spec, plan = store.load(job_id)
-    store.r.hsetnx(store.key(job_id), "started_at", time.time())
-    store.incr_attempts(job_id)
-    store.transition(job_id, JobState.running, worker=ctx.hostname, segment=seg_index)
-    return spec, plan
+    store.transition(job_id, JobState.failed, error=(
+        f"poison job: the worker died {claim.crashed} times while running segment {seg_index} "
+        f"(last at stage {claim.stage}); not retried"))
+    return "poison"
 
 
 def stage_limit(ctx: WorkerContext, steps: int, size: tuple[int, int], n: int) -> float:
@@ -114,18 +113,23 @@ def make_record(ctx: WorkerContext, i: int, spec: JobSpec, plan: Plan, model, ca
     )
 
 
-def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str:
+def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int,
+                    finish_later: Callable[[Callable[[], None]], str] | None = None) -> str:
+    """Run segment ``seg_index`` of a job: hand its result to the next segment, or finish the
+    job (on this thread, or through ``finish_later``, which runs it while the next job runs)."""
     store = ctx.store
-    started = start_delivery(ctx, job_id, seg_index)
-    if isinstance(started, str):
-        return started
-    spec, plan = started
+    claim = start_delivery(ctx, job_id, seg_index)
+    if isinstance(claim, str):
+        return claim
+    spec, plan = claim.spec, claim.plan
     seg = plan.segments[seg_index]
 
     t0 = time.perf_counter()
     carrier = _load_input(ctx, job_id, spec, plan, seg_index)
     input_s = time.perf_counter() - t0
     n, last_stage = spec.num_images, len(spec.stages) - 1
+    records: dict[int, StageRecord] = {}
+    hook = None
 
     for pos, i in enumerate(seg.stages):
         stage = spec.stages[i]
@@ -141,10 +145,12 @@ def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str
                              f"stage {i} ({stage.task}, {stage.model}) made no progress within "
                              f"{limit + ctx.settings.stage_stuck_grace_s:.0f}s (limit {limit:.0f}s); worker restarted",
                              lambda reason: store.transition(job_id, JobState.failed, error=reason))
+        hook = StepHook(store, job_id, i, deadline, limit, ctx.settings.progress_interval_s, ctx.io)
         try:
             carrier, timings = run_stage(model, stage, carrier, n=n, want_latent=want_latent, control_image=control,
-                                         on_step=step_hook(store, job_id, i, deadline, limit))
+                                         on_step=hook)
         finally:
+            hook.flush()
             if ctx.watchdog is not None:
                 ctx.watchdog.disarm()
         if pos == 0:
@@ -156,60 +162,115 @@ def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int) -> str
             for k, img in enumerate(imgs):
                 intermediates.append(ctx.storage.put(f"{job_prefix(job_id)}stages/{i}/{k}.png", encode_image(img, "png")))
             timings["intermediates"] = time.perf_counter() - t1
-        record = make_record(ctx, i, spec, plan, model, carrier, timings, want_latent, intermediates)
-        store.save_record(job_id, i, record.model_dump_json())
+        records[i] = make_record(ctx, i, spec, plan, model, carrier, timings, want_latent, intermediates)
 
     if seg_index < len(plan.segments) - 1:
-        t1 = time.perf_counter()
+        # The records must be in Redis before the next segment can run (and read them).
+        store.save_records(job_id, {i: r.model_dump_json() for i, r in records.items()})
         space = ctx.registry.get(spec.stages[seg.stages[-1]].model).latent_space
         _save_handoff(ctx, job_id, seg_index + 1, carrier, space)
         nxt = plan.segments[seg_index + 1]
         if store.claim_once(job_id, f"enqueue:{seg_index + 1}"):
             store.mark_queued(job_id, nxt.queue, spec.priority)
             app.send_task(RUN_SEGMENT, args=[job_id, seg_index + 1], queue=nxt.queue, priority=spec.priority)
-        store.transition(job_id, JobState.running, segment=seg_index + 1)
+        store.transition(job_id, JobState.running, segment=seg_index + 1, **{f"inflight:{seg_index}": 0})
         log.info("job %s segment %d done in %.2fs, handed %s to %s", job_id, seg_index,
                  time.perf_counter() - t0, nxt.handoff_in, nxt.queue)
         return "handed-off"
 
-    finish(ctx, job_id, spec, carrier, t0)
+    done = functools.partial(finish, ctx, job_id, spec, carrier, t0, records, created_at=claim.created_at,
+                             started_at=claim.started_at, last_progress=hook.last if hook else None,
+                             segment=seg_index)
+    if finish_later is not None:
+        return finish_later(done)
+    done()
     return "succeeded"
 
 
-def step_hook(store, job_id: str, stage_index: int, deadline: float, limit: float):
-    """Per denoising step: publish progress, honour cancel, enforce the time limit.
+class StepHook:
+    """Per denoising step: enforce the time limit; publish progress and read the cancel flag
+    on the first step, then at most every ``interval_s``.
 
-    Progress is best effort: a broker hiccup must not fail a stage that is computing fine.
+    The Redis round trip runs on the I/O pool, off the denoising loop: a step only looks at
+    the previous round trip's answer, so a cancel lands within ``interval_s`` plus a step or
+    two, and a step costs microseconds instead of a round trip (most of easel's per-job
+    overhead on fast stages). ``flush`` waits for the last write, so no progress write can
+    land after the state that follows the stage. Progress is best effort: a broker hiccup
+    must not fail a stage that is computing fine.
     """
-    def on_step(step: int, total: int) -> bool:
-        if time.monotonic() > deadline:
-            raise StageTimeout(f"stage {stage_index} exceeded its time limit of {limit:.1f}s "
-                               f"(base + per-megapixel-step allowance) at step {step}/{total}")
+
+    def __init__(self, store, job_id: str, stage_index: int, deadline: float, limit: float, interval_s: float,
+                 pool: Executor):
+        self.store, self.job_id, self.stage_index = store, job_id, stage_index
+        self.deadline, self.limit, self.interval_s, self.pool = deadline, limit, interval_s, pool
+        self.last: dict | None = None  # the last step seen: the final state records it
+        self._sent_at: float | None = None
+        self._pending: Future | None = None
+
+    def _cancel_asked(self, wait: bool) -> bool:
+        fut = self._pending
+        if fut is None or not (wait or fut.done()):
+            return False
+        self._pending = None
         try:
-            return not store.progress(job_id, stage_index, step, total)
+            return bool(fut.result())
         except redis.RedisError:
-            return True
+            return False
 
-    return on_step
+    def __call__(self, step: int, total: int) -> bool:
+        self.last = {"stage": self.stage_index, "step": step, "total_steps": total}
+        now = time.monotonic()
+        if now > self.deadline:
+            raise StageTimeout(f"stage {self.stage_index} exceeded its time limit of {self.limit:.1f}s "
+                               f"(base + per-megapixel-step allowance) at step {step}/{total}")
+        if self._cancel_asked(wait=False):
+            return False
+        if self._pending is None and (self._sent_at is None or now - self._sent_at >= self.interval_s):
+            self._sent_at = now
+            self._pending = self.pool.submit(self.store.progress, self.job_id, self.stage_index, step, total)
+        return True
+
+    def flush(self) -> None:
+        self._cancel_asked(wait=True)
 
 
-def finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, t0: float) -> None:
-    t1 = time.perf_counter()
-    fmt = spec.output.format
-    outputs = [ctx.storage.put(f"{job_prefix(job_id)}output/{k}.{fmt}", encode_image(img, fmt, spec.output.quality))
-               for k, img in enumerate(carrier.images or [])]
-    upload_s = time.perf_counter() - t1
-    records = [StageRecord.model_validate_json(r) for r in ctx.store.records(job_id, len(spec.stages)) if r]
-    st = ctx.store.status(job_id)
+
+def finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, t0: float,
+           own: dict[int, StageRecord], *, created_at: float, started_at: float,
+           last_progress: dict | None = None, segment: int = 0) -> None:
+    """Write the outputs and the manifest side by side, then end the job succeeded.
+
+    Each image is encoded and uploaded on the I/O pool (PNG encoding releases the GIL)
+    while this thread builds and uploads the manifest (output keys are deterministic, so it
+    need not wait for them). The job is marked succeeded only once every object is
+    written. ``own`` holds this segment's stage records; they go to Redis with the final
+    state, in the same round trip, as do the last step (progress writes are throttled) and
+    the end of this delivery; earlier segments' records are read back in one HMGET.
+    """
+    fmt, prefix = spec.output.format, job_prefix(job_id)
+    keys = [f"{prefix}output/{k}.{fmt}" for k in range(len(carrier.images or []))]
+
+    def encode_and_put(key: str, img: Image.Image) -> str:
+        return ctx.storage.put(key, encode_image(img, fmt, spec.output.quality))
+
+    uploads = [ctx.io.submit(encode_and_put, key, img) for key, img in zip(keys, carrier.images or [])]
+    outputs = [ctx.storage.uri(key) for key in keys]
+    earlier = [i for i in range(len(spec.stages)) if i not in own]
+    records = sorted([*own.values(), *(StageRecord.model_validate_json(r)
+                                       for r in ctx.store.records_at(job_id, earlier) if r)], key=lambda r: r.index)
     manifest = Manifest(
-        job_id=job_id, spec=spec, stages=records, outputs=outputs, created_at=st.created_at,
-        timings_s={"queued": (st.started_at or st.created_at) - st.created_at,
-                   "stages": sum(sum(r.timings_s.values()) for r in records),
-                   "output_upload": upload_s, "total": time.time() - st.created_at},
+        job_id=job_id, spec=spec, stages=records, outputs=outputs, created_at=created_at,
+        timings_s={"queued": started_at - created_at, "stages": sum(sum(r.timings_s.values()) for r in records),
+                   "total": time.time() - created_at},
         easel_version=_version(), versions=_versions(),
     )
-    key = ctx.storage.put(f"{job_prefix(job_id)}manifest.json", manifest.model_dump_json(indent=2).encode())
-    ctx.store.transition(job_id, JobState.succeeded, outputs=outputs, manifest=key)
+    manifest_key = f"{prefix}manifest.json"
+    uploads.append(ctx.io.submit(ctx.storage.put, manifest_key, manifest.model_dump_json(indent=2).encode()))
+    for u in uploads:
+        u.result()  # an upload error (transient or not) surfaces here, before the job is marked done
+    ctx.store.transition(job_id, JobState.succeeded, outputs=outputs, manifest=ctx.storage.uri(manifest_key),
+                         **(last_progress or {}), **{f"record:{i}": r.model_dump_json() for i, r in own.items()},
+                         **{f"inflight:{segment}": 0})
     log.info("job %s succeeded in %.2fs: %s", job_id, time.perf_counter() - t0, outputs)
 
 

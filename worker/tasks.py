@@ -74,7 +74,10 @@ def retry_later(ctx, app, job_id: str, seg: int, queue: str | None, exc: BaseExc
 def guarded(ctx, app, job_id: str, seg: int, queue: str | None, fn, end: bool = True):
     """Run ``fn`` for one job segment under the failure policy; the worker always survives."""
     try:
-        return fn()
+        result = fn()
+        if result in ("succeeded", "handed-off", "finishing"):
+            end = False  # the final state change records the end of this delivery
+        return result
     except Cancelled:
         ctx.store.transition(job_id, JobState.cancelled, error="cancelled while running")
         return "cancelled"
@@ -109,14 +112,14 @@ def run_requests(ctx, app, requests: list[tuple[str, int, str | None]]) -> None:
             key = batch_key(ctx, spec, plan) if seg == 0 else None
             if key is None:
                 return None
-            started = start_delivery(ctx, job_id, seg)
-            if isinstance(started, str):
-                return started
+            claim = start_delivery(ctx, job_id, seg)
+            if isinstance(claim, str):
+                return claim
             t0 = time.perf_counter()
             images = [load_image_ref(ctx, spec.input.image, "input image")] * spec.num_images \
                 if spec.input.image else None
             return key + ((images[0].size if images else None),), Member(job_id, spec, plan, images,
-                                                                           time.perf_counter() - t0)
+                                                                           time.perf_counter() - t0, claim)
 
         prepared = guarded(ctx, app, job_id, seg, queue, prepare, end=False)
         if isinstance(prepared, tuple):
@@ -154,4 +157,6 @@ def register_tasks(app, batch_size: int = 1, batch_wait_s: float = 0.05) -> None
     def run_segment(self, job_id: str, seg_index: int) -> str:
         ctx, _ = get_context()
         queue = (self.request.delivery_info or {}).get("routing_key")
-        return guarded(ctx, self.app, job_id, seg_index, queue, lambda: execute_segment(ctx, self.app, job_id, seg_index))
+        later = ctx.finisher.deferrer(job_id, seg_index, queue) if ctx.finisher is not None else None
+        return guarded(ctx, self.app, job_id, seg_index, queue,
+                       lambda: execute_segment(ctx, self.app, job_id, seg_index, finish_later=later))

@@ -292,6 +292,8 @@ def create_app(settings: Settings | None = None, *, webhooks: bool = True) -> Fa
                         yield event("progress", ev)
                         continue
                     if JobState(ev["state"]).terminal:
+                        if "step" in ev:  # the last step: workers throttle progress, the final state carries it
+                            yield event("progress", {k: ev[k] for k in ("stage", "step", "total_steps") if k in ev})
                         yield event("done", await run_in_threadpool(api.render, job_id))
                         return
                     yield event("state", {k: ev[k] for k in ("state", "segment", "worker", "updated_at") if k in ev})

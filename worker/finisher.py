@@ -1,0 +1,161 @@
+"""Finishing a job (encode, upload, mark succeeded) while the worker runs the next one.
+
+Once the last stage's pipeline call returns, the GPU has nothing more to do for the job:
+encoding PNGs and uploading them and the manifest is CPU and network work. Run on the
+task's thread it sits between two pipeline calls (most of easel's per-job overhead); run
+here, it overlaps the next job's denoising.
+
+What keeps this safe although the task returns (and Celery acks the message) before the
+outputs are written:
+
+- Before the task returns, the job is registered as *finishing* by this worker (a sorted
+  set ``<prefix>:finishing`` plus a ``finishing`` field naming worker, segment and queue).
+- The finish runs under the same failure policy as the task (``guarded``: transient errors
+  re-send the segment with backoff, permanent ones fail the job) and ends the delivery.
+- A worker that dies with finishes pending stops its heartbeat; any worker's ``Reaper``
+  then re-sends those jobs' segments. Outputs go to deterministic keys and terminal states
+  are never overwritten, so a re-run gives the same single result; the delivery counter
+  still counts the death (two deaths make it a poison job, as for a crash mid-stage).
+- At most ``max_pending_finishes`` finishes wait at once: when uploads fall behind, the
+  next task waits for a slot instead of piling images up in memory.
+- A warm shutdown (SIGTERM) drains pending finishes before the process exits.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import redis
+
+from shared.celery_app import RUN_SEGMENT
+from worker.heartbeat import worker_key
+from worker.metrics import observe_finished
+
+log = logging.getLogger("easel.worker.finisher")
+
+Guard = Callable[[str, int, "str | None", Callable[[], str]], str]  # guarded(job_id, segment, queue, fn)
+
+
+def finishing_key(prefix: str) -> str:
+    return f"{prefix}:finishing"
+
+
+class Finisher:
+    def __init__(self, ctx, guard: Guard, max_pending: int = 2):
+        self.ctx = ctx
+        self.guard = guard
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="easel-finish")
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._pending: set[Future] = set()
+        self._lock = threading.Lock()
+
+    def deferrer(self, job_id: str, segment: int, queue: str | None) -> Callable[[Callable[[], None]], str]:
+        """For ``execute_segment``: hand it the job's finish, get "finishing" back."""
+        def defer(finish: Callable[[], None]) -> str:
+            self._slots.acquire()  # backpressure: wait while max_pending finishes are queued
+            try:
+                self._register(job_id, segment, queue)
+                fut = self._pool.submit(self._run, job_id, segment, queue, finish)
+            except BaseException:
+                self._slots.release()
+                raise
+            with self._lock:
+                self._pending.add(fut)
+            fut.add_done_callback(self._done)
+            return "finishing"
+
+        return defer
+
+    def _register(self, job_id: str, segment: int, queue: str | None) -> None:
+        store = self.ctx.store
+        pipe = store.r.pipeline(transaction=True)
+        pipe.zadd(finishing_key(store.prefix), {job_id: time.time()})
+        pipe.hset(store.key(job_id), "finishing", json.dumps({"worker": self.ctx.hostname, "segment": segment}))
+        pipe.execute()
+
+    def _run(self, job_id: str, segment: int, queue: str | None, finish: Callable[[], None]) -> None:
+        def body() -> str:
+            finish()
+            return "succeeded"
+
+        result = "error"
+        try:
+            result = self.guard(job_id, segment, queue, body)
+        finally:
+            observe_finished(self.ctx, job_id, segment, result)
+            try:
+                self.ctx.store.r.zrem(finishing_key(self.ctx.store.prefix), job_id)
+            except redis.RedisError:
+                log.warning("could not unregister finished job %s (the reaper will drop it)", job_id)
+
+    def _done(self, fut: Future) -> None:
+        with self._lock:
+            self._pending.discard(fut)
+        self._slots.release()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait for pending finishes (warm shutdown); True when none is left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = list(self._pending)
+            if not pending:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            pending[0].exception(timeout=left)
+
+
+class Reaper:
+    """Re-sends the segments of jobs left finishing by a worker that died (no heartbeat).
+
+    Every worker runs one; a re-send may happen twice when two reapers race, which the
+    idempotent segment run absorbs. An entry older than ``stale_s`` is re-sent even if its
+    worker still beats (a finish lost to a bug must not leave the job running forever).
+    """
+
+    def __init__(self, ctx, app, every_s: float, stale_s: float):
+        self.ctx, self.app, self.every_s, self.stale_s = ctx, app, every_s, stale_s
+        self._stop = threading.Event()
+
+    def start(self) -> "Reaper":
+        threading.Thread(target=self._loop, name="easel-reaper", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("reaper sweep failed; next one in %ss", self.every_s)
+
+    def sweep(self) -> list[str]:
+        """One pass; returns the job ids whose segments were re-sent."""
+        store, prefix = self.ctx.store, self.ctx.store.prefix
+        now = time.time()
+        resent: list[str] = []
+        for job_id, since in store.r.zrange(finishing_key(prefix), 0, -1, withscores=True):
+            raw, state = store.r.hmget(store.key(job_id), "finishing", "state")
+            if raw is None or state in (None, "succeeded", "failed", "cancelled"):
+                store.r.zrem(finishing_key(prefix), job_id)
+                continue
+            info = json.loads(raw)
+            if store.r.exists(worker_key(prefix, info["worker"])) and now - since < self.stale_s:
+                continue
+            if store.r.zscore(finishing_key(prefix), job_id) is None:
+                continue  # finished meanwhile
+            spec, plan = store.load(job_id)
+            seg = int(info["segment"])
+            log.warning("job %s was left finishing by %s (gone); re-sending segment %d", job_id, info["worker"], seg)
+            self.app.send_task(RUN_SEGMENT, args=[job_id, seg], queue=plan.segments[seg].queue, priority=spec.priority)
+            store.r.zrem(finishing_key(prefix), job_id)
+            resent.append(job_id)
+        return resent

@@ -1,0 +1,45 @@
+"""Decoded input images a worker keeps: bulk jobs often send one source image many times
+(many prompts or seeds over one picture), and its GET + decode is per-job work otherwise.
+
+Only content-addressed inputs are cached (``s3://<bucket>/inputs/<sha256>.<ext>``, as
+``Storage.put_input`` writes them): their key names their bytes, so a hit is never stale.
+Images are shared between jobs read-only (every pipeline preprocesses into new arrays).
+"""
+from __future__ import annotations
+
+import re
+import threading
+from typing import Callable
+
+from cachetools import LRUCache
+from PIL import Image
+
+_CONTENT_ADDRESSED = re.compile(r"^s3://[^/]+/inputs/[0-9a-f]{64}\.[a-z0-9]{1,5}$")
+
+
+def _nbytes(img: Image.Image) -> int:
+    return img.width * img.height * len(img.getbands())
+
+
+class InputCache:
+    def __init__(self, max_mb: int):
+        self._lru: LRUCache | None = LRUCache(maxsize=max_mb * 2**20, getsizeof=_nbytes) if max_mb > 0 else None
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, ref: str, load: Callable[[], Image.Image]) -> Image.Image:
+        """The decoded image for ``ref``: cached if content-addressed, else ``load()`` each time."""
+        if self._lru is None or not _CONTENT_ADDRESSED.match(ref):
+            return load()
+        with self._lock:
+            img = self._lru.get(ref)
+        if img is not None:
+            self.hits += 1
+            return img
+        self.misses += 1
+        img = load()
+        if _nbytes(img) <= self._lru.maxsize:
+            with self._lock:
+                self._lru[ref] = img
+        return img
