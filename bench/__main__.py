@@ -12,8 +12,8 @@ import json
 import sys
 import time
 
-# name -> module; run in this order by `python -m bench`. (GPU runs, benchmark 6, are not
-# implemented yet and print nothing.)
+# name -> module; run in this order by `python -m bench`. The GPU run (benchmark 6,
+# `python -m bench gpu`) needs an NVIDIA GPU and runs only on request.
 BENCHMARKS = {
     "submit": "bench.submit_rate",
     "cold_start": "bench.cold_start",
@@ -22,7 +22,7 @@ BENCHMARKS = {
     "chain": "bench.chain",
     "batching": "bench.batching",
 }
-EXTRA = {"profile": "bench.profile", "load": "bench.load"}  # not part of the default run
+EXTRA = {"profile": "bench.profile", "load": "bench.load", "gpu": "bench.gpu", "callpath": "bench.callpath"}  # not part of the default run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     need_s3 = any(getattr(m, "NEEDS_S3", True) for m in modules.values())
     need_models = any(getattr(m, "NEEDS_MODELS", True) for m in modules.values())
-    with BenchEnv(need_s3=need_s3, need_models=need_models) as env:
+    with BenchEnv(need_s3=need_s3, need_models=need_models, device=getattr(args, "device", "cpu")) as env:
         for n, mod in modules.items():
             if name == "all":
                 sub = argparse.ArgumentParser()

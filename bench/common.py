@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,33 @@ SIZES = {
 IMAGE_PX = 256
 STAGE = {"task": "img2img", "prompt": "astronaut in a jungle, cold color palette, detailed",
          "strength": 0.8, "guidance_scale": 7.5, "steps": 10}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One side-by-side comparison: a registry model served by its family's worker, and the
+    same checkpoint called the same way in a plain diffusers loop."""
+
+    label: str
+    model: str
+    family: str
+    checkpoint: Path
+    px: int = IMAGE_PX
+    stage: dict = field(default_factory=lambda: dict(STAGE))
+    dtype: str = "float32"
+    device: str = "cpu"
+    compile_unet: bool = False
+    worker_env: dict = field(default_factory=dict)  # e.g. EASEL_MODELS for a registry of its own
+
+    def plain_options(self) -> dict:
+        return {"px": self.px, "stage": self.stage, "dtype": self.dtype, "device": self.device,
+                "compile_unet": self.compile_unet}
+
+
+def cpu_target(env: "BenchEnv", size: str) -> Target:
+    """The CPU benchmarks' two tiny checkpoint sizes (``SIZES``)."""
+    model, family, ckpt = SIZES[size]
+    return Target(label=size, model=model, family=family, checkpoint=env.models[ckpt])
 
 
 def log(msg: str) -> None:
@@ -152,9 +179,10 @@ class Worker:
 class BenchEnv:
     """Embedded servers + tiny checkpoints + settings; one per ``python -m bench`` run."""
 
-    def __init__(self, need_s3: bool = True, need_models: bool = True):
+    def __init__(self, need_s3: bool = True, need_models: bool = True, device: str = "cpu"):
         self.need_s3 = need_s3
         self.need_models = need_models
+        self.device = device
         self.models: dict[str, Path] = {}
         self._svc = None
         self.tmp = Path(tempfile.mkdtemp(prefix="easel-bench-"))
@@ -185,8 +213,9 @@ class BenchEnv:
             self.models = make_tiny_checkpoints(model_root(), checkpoints_for(load_registry(),
                                                                               {v[1] for v in SIZES.values()}))
             log(f"tiny checkpoints ready under {model_root()} in {time.perf_counter() - t0:.1f}s")
-        self.env = {**os.environ, **self.service_env, "EASEL_MODEL_ROOT": str(model_root()), "HF_HUB_OFFLINE": "1",
-                    "CUDA_VISIBLE_DEVICES": ""}
+        self.env = {**os.environ, **self.service_env, "EASEL_MODEL_ROOT": str(model_root()), "HF_HUB_OFFLINE": "1"}
+        if self.device == "cpu":
+            self.env["CUDA_VISIBLE_DEVICES"] = ""
         return self
 
     def settings(self, **over):
@@ -264,37 +293,42 @@ class EventWatcher:
         self.ps.close()
 
 
-def img2img_jobs(image_ref: str, model: str, n: int, seed0: int = 0, **extra) -> list[dict]:
-    return [{"input": {"image": image_ref}, "stages": [{**STAGE, "model": model, "seed": seed0 + i}], **extra}
-            for i in range(n)]
+def img2img_jobs(image_ref: str, model: str, n: int, seed0: int = 0, stage: dict | None = None, **extra) -> list[dict]:
+    return [{"input": {"image": image_ref}, "stages": [{**(stage or STAGE), "model": model, "seed": seed0 + i}],
+             **extra} for i in range(n)]
 
 
-def load_plain_pipeline(path: Path):
-    """The 'limit': a plain diffusers img2img pipeline in this process, loaded the usual way."""
+def load_plain_pipeline(path: Path, dtype: str = "float32", device: str = "cpu", compile_unet: bool = False):
+    """The 'limit': a plain diffusers img2img pipeline in this process, loaded the usual way
+    (and compiled the way diffusers' docs show, when asked)."""
     import torch
     from diffusers import AutoPipelineForImage2Image
 
-    pipe = AutoPipelineForImage2Image.from_pretrained(str(path), torch_dtype=torch.float32, use_safetensors=True)
+    pipe = AutoPipelineForImage2Image.from_pretrained(str(path), torch_dtype=getattr(torch, dtype),
+                                                      use_safetensors=True).to(device)
     pipe.set_progress_bar_config(disable=True)
+    if compile_unet:
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
     return pipe
 
 
-def plain_call(pipe, image, seed: int):
+def plain_call(pipe, image, seed: int, stage: dict | None = None):
     import torch
 
+    st = stage or STAGE
     with torch.inference_mode():
-        return pipe(prompt=STAGE["prompt"], image=image, strength=STAGE["strength"],
-                    guidance_scale=STAGE["guidance_scale"], num_inference_steps=STAGE["steps"],
-                    generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+        return pipe(prompt=st["prompt"], image=image, strength=st["strength"], guidance_scale=st["guidance_scale"],
+                    num_inference_steps=st["steps"], generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
 
 class PlainRunner:
     """Drives ``python -m bench.plain_runner``: the plain loop, in its own process and session."""
 
-    def __init__(self, env: "BenchEnv", checkpoint: Path, timeout: float = 180):
-        self.log = env.logdir / f"plain-{Path(checkpoint).name}-{time.monotonic_ns()}.log"
+    def __init__(self, env: "BenchEnv", target: Target):
+        self.log = env.logdir / f"plain-{target.label}-{time.monotonic_ns()}.log"
+        argv = [sys.executable, "-m", "bench.plain_runner", str(target.checkpoint), json.dumps(target.plain_options())]
         with open(self.log, "wb") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "bench.plain_runner", str(checkpoint)], env=env.env,
+            self.proc = subprocess.Popen(argv, env=env.env,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fh, cwd=ROOT,
                                          text=True, start_new_session=True)
         line = self.proc.stdout.readline()

@@ -9,6 +9,8 @@ two run in alternating blocks (E P, P E, E P, ...) so machine noise hits both al
 - ``overhead_ratio_<size>``: easel throughput / plain-loop throughput, the median over
   rounds of (plain-block time / easel-block time) for the same jobs (an easel block: first
   submit -> last job's ``succeeded`` event). The ratio of totals is in the details.
+- ``call_gap_ms_<size>``: easel's recorded pipeline-call time (``denoise``) p50 less the
+  plain loop's call p50: zero when the worker calls diffusers as fast as a bare loop does.
 - ``overhead_p50_ms`` / ``overhead_p95_ms``: per job, over both sizes. A job's overhead is
   its worker cycle (time between the ``succeeded`` events of consecutive jobs in a
   saturated queue, i.e. everything the worker does per job) minus its own pure pipeline
@@ -22,21 +24,24 @@ import argparse
 import json
 import time
 
-from bench.common import (SIZES, BenchEnv, EventWatcher, PlainRunner, bench_image, headline, img2img_jobs, log, median,
-                          pct, png_bytes, submit_all)
+from bench.common import (BenchEnv, EventWatcher, PlainRunner, Target, bench_image, cpu_target, headline, img2img_jobs,
+                          log, median, pct, png_bytes, submit_all)
 
 DEFAULT_N = 24
 DEFAULT_BLOCK = 4
 
 
-def run_size(env: BenchEnv, client, size: str, n: int, block: int, warmup: int = 2) -> dict:
-    model, family, ckpt = SIZES[size]
+def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup: int = 2) -> dict:
+    size, model, family, stage = target.label, target.model, target.family, target.stage
     probe_out = env.tmp / f"probe-overhead-{size}.json"
     t0 = time.perf_counter()
-    worker = env.worker(family, module="bench.probe_worker", extra_env={"EASEL_BENCH_PROBE_OUT": str(probe_out)})
+    worker = env.worker(family, module="bench.probe_worker",
+                        extra_env={**target.worker_env, "EASEL_BENCH_PROBE_OUT": str(probe_out)})
     log(f"[{size}] worker {family} ready in {time.perf_counter() - t0:.1f}s")
-    plain = PlainRunner(env, env.models[ckpt])
-    ref = client.storage.put_input(png_bytes(bench_image()), "png")
+    t0 = time.perf_counter()
+    plain = PlainRunner(env, target)
+    log(f"[{size}] plain loop ready in {time.perf_counter() - t0:.1f}s")
+    ref = client.storage.put_input(png_bytes(bench_image(target.px)), "png")
     watcher = EventWatcher(env.redis_url)
     easel_blocks: list[float] = []
     plain_blocks: list[float] = []
@@ -46,7 +51,7 @@ def run_size(env: BenchEnv, client, size: str, n: int, block: int, warmup: int =
     job_ids: list[str] = []
     try:
         # warm-up, not measured: both sides run `warmup` calls first
-        ids = submit_all(client, img2img_jobs(ref, model, warmup, seed0=10_000))
+        ids = submit_all(client, img2img_jobs(ref, model, warmup, seed0=10_000, stage=stage))
         bad = [j for j, (_, s) in watcher.wait(ids).items() if s != "succeeded"]
         if bad:
             raise RuntimeError(f"warm-up job failed: {client.status(bad[0]).error}\n{worker.tail()}")
@@ -61,7 +66,7 @@ def run_size(env: BenchEnv, client, size: str, n: int, block: int, warmup: int =
             order = ("easel", "plain") if r % 2 == 0 else ("plain", "easel")
             for side in order:
                 if side == "easel":
-                    jobs = img2img_jobs(ref, model, k, seed0=seeds[0])
+                    jobs = img2img_jobs(ref, model, k, seed0=seeds[0], stage=stage)
                     t_start = time.perf_counter()
                     ids = submit_all(client, jobs)
                     done = watcher.wait(ids)
@@ -131,16 +136,25 @@ def run_size(env: BenchEnv, client, size: str, n: int, block: int, warmup: int =
 
 def run(env: BenchEnv, n: int = DEFAULT_N, block: int = DEFAULT_BLOCK, sizes: tuple[str, ...] = ("small", "large")) -> dict:
     client = env.client()
-    results = {s: run_size(env, client, s, n, block) for s in sizes}
+    results = {s: run_target(env, client, cpu_target(env, s), n, block) for s in sizes}
+    return report(results)
+
+
+def report(results: dict[str, dict], prefix: str = "", pooled: bool = True) -> dict:
+    """Headline lines for per-target results: ratio per target, per-job overhead (pooled over
+    targets, then per target) and the pipeline-call gap per target."""
     out: dict[str, object] = {}
     for s, r in results.items():
-        out[f"overhead_ratio_{s}"] = f"{r['ratio']:.3f}"
-    pooled = [x for r in results.values() for x in r["overhead_ms"]]
-    out["overhead_p50_ms"] = f"{pct(pooled, 50):.1f}"
-    out["overhead_p95_ms"] = f"{pct(pooled, 95):.1f}"
+        out[f"{prefix}overhead_ratio_{s}"] = f"{r['ratio']:.3f}"
+    if pooled:
+        every = [x for r in results.values() for x in r["overhead_ms"]]
+        out[f"{prefix}overhead_p50_ms"] = f"{pct(every, 50):.1f}"
+        out[f"{prefix}overhead_p95_ms"] = f"{pct(every, 95):.1f}"
     for s, r in results.items():
-        out[f"overhead_p50_ms_{s}"] = f"{pct(r['overhead_ms'], 50):.1f}"
-        out[f"overhead_p95_ms_{s}"] = f"{pct(r['overhead_ms'], 95):.1f}"
+        out[f"{prefix}overhead_p50_ms_{s}"] = f"{pct(r['overhead_ms'], 50):.1f}"
+        out[f"{prefix}overhead_p95_ms_{s}"] = f"{pct(r['overhead_ms'], 95):.1f}"
+    for s, r in results.items():  # the pipeline call itself, easel's vs the plain loop's (p50s)
+        out[f"{prefix}call_gap_ms_{s}"] = f"{(r['denoise_p50_s'] - r['plain_call_p50_s']) * 1000:.1f}"
     for k, v in out.items():
         headline(k, v)
     return {"headline": out, "details": results}

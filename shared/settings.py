@@ -64,8 +64,10 @@ class Settings(BaseSettings):
         "0 = every step"))
     input_cache_mb: int = Field(default=256, ge=0, description=(
         "decoded input images a worker keeps, by content-addressed s3 key (inputs/<sha256>); 0 = off"))
-    overlap_finish: bool = Field(default=True, description=(
-        "encode and upload a job's outputs while the worker runs the next job (see worker/finisher.py)"))
+    overlap_finish: bool | None = Field(default=None, description=(
+        "encode and upload a job's outputs while the worker runs the next job (see worker/finisher.py); "
+        "unset = on when the worker runs on a GPU, off on the CPU, where the encode would take cores from "
+        "the next job's denoising instead of overlapping it"))
     max_pending_finishes: int = Field(default=2, ge=1, le=64, description="finishes waiting at once per worker")
     reap_every_s: float = Field(default=10.0, gt=0, description="how often a worker looks for jobs left "
                                 "finishing by a dead worker")

@@ -45,7 +45,10 @@ def model_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def easel_env(services, model_root) -> dict[str, str]:
-    env = {**services.env(), "EASEL_MODEL_ROOT": str(model_root), "EASEL_VISIBILITY_TIMEOUT_S": "60"}
+    # Output writes overlap the next job as on a GPU worker (the CPU default is off), so the
+    # suite exercises the path production GPU workers take.
+    env = {**services.env(), "EASEL_MODEL_ROOT": str(model_root), "EASEL_VISIBILITY_TIMEOUT_S": "60",
+           "EASEL_OVERLAP_FINISH": "true"}
     os.environ.update(env)
     from shared.settings import get_settings
 

@@ -23,7 +23,8 @@ VISIBILITY_S = 4
 @pytest.fixture(scope="module")
 def fault_env(tmp_path_factory, model_root):
     svc = EmbeddedServices(tmp_path_factory.mktemp("fault-services")).start()
-    env = {**svc.env(), "EASEL_MODEL_ROOT": str(model_root), "EASEL_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S)}
+    env = {**svc.env(), "EASEL_MODEL_ROOT": str(model_root), "EASEL_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
+           "EASEL_OVERLAP_FINISH": "true"}  # the GPU workers' path (see conftest.easel_env)
     yield svc, env
     svc.redis.kill()
     svc.s3.kill()

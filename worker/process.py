@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("easel.worker").warning("storage not reachable at start: %s", e)
     load_s = ctx.cache.warm()
     logging.getLogger("easel.worker").info("family %s warm in %.2fs on %s", args.family, load_s, ctx.cache.device)
-    if ctx.settings.overlap_finish and ctx.settings.batch_size == 1:
+    overlap = ctx.settings.overlap_finish
+    if overlap is None:
+        overlap = ctx.cache.device.type == "cuda"
+    if overlap and ctx.settings.batch_size == 1:
         from worker.finisher import Finisher
         from worker.tasks import guarded
 

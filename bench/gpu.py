@@ -1,0 +1,131 @@
+"""Benchmark 6: benchmarks 1 and 3 on a GPU, with SD 1.5's full architecture.
+
+``python -m bench gpu`` on a machine with an NVIDIA GPU. The checkpoint is SD 1.5's
+published architecture with random weights (``bench/sd15_arch.py``, fp16 safetensors,
+written once under the bench model root); nothing is downloaded. Jobs are img2img at
+512 px, 30 steps at strength 0.8 (24 denoising steps), guidance 7.5, PNG out.
+
+Variants, run in this order while the time budget (``--budget-s``) lasts:
+
+- ``eager``: fp16, SDPA (diffusers' default attention on torch 2), output writes
+  overlapped with the next job (the GPU default). Overhead vs a plain diffusers loop
+  (``bench.overhead.run_target``: same checkpoint, dtype, image, seeds).
+- ``batching``: benchmark 3 at 512 px, batch 1 / 4 / 8 (eager).
+- ``compile``: ``eager`` with ``torch.compile(unet, mode="reduce-overhead", fullgraph=True)``
+  on both sides (registry ``optimizations.compile_unet``; the plain loop compiles the same way).
+- ``eager-sync``: ``eager`` with overlapped output writes off (``EASEL_OVERLAP_FINISH=false``),
+  to show what the overlap buys.
+
+Headlines are prefixed ``gpu_``; images/s are easel's and the plain loop's throughput over
+the measured blocks. ``--arch tiny --device cpu --px 64`` runs the whole script on the CPU
+with the tiny checkpoint (a dry run of the code path, not a measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import yaml
+
+from bench import batching, overhead
+from bench.common import BenchEnv, Target, headline, log, model_root
+
+NEEDS_MODELS = False  # makes its own checkpoint
+VARIANTS = ("eager", "batching", "compile", "eager-sync")
+# Seconds a variant needs at least (worker start, warm-up, compile); skipped when less is left.
+NEEDS_S = {"eager": 60, "compile": 150, "batching": 90, "eager-sync": 45}
+
+
+def _checkpoint(arch: str) -> Path:
+    if arch == "sd15":
+        from bench.sd15_arch import make_sd15_full
+
+        return make_sd15_full(model_root() / "sd15-full-random")
+    from worker.tiny import make_tiny_checkpoints
+
+    return make_tiny_checkpoints(model_root(), ["tiny-sd15"])["tiny-sd15"]
+
+
+def _registry(env: BenchEnv, ckpt: Path, dtype: str) -> Path:
+    base = {"source": str(ckpt), "latent_space": "sd1-vae", "kind": "sd", "dtype": dtype}
+    reg = {"models": {
+        "gpu-sd15": {**base, "family": "gpu-sd15"},
+        "gpu-sd15-compiled": {**base, "family": "gpu-sd15-compiled", "optimizations": {"compile_unet": True}},
+    }}
+    path = env.tmp / "gpu-models.yaml"
+    path.write_text(yaml.safe_dump(reg))
+    return path
+
+
+def run(env: BenchEnv, args) -> dict:
+    from producer.client import EaselClient
+
+    t_start = time.monotonic()
+    left = lambda: args.budget_s - (time.monotonic() - t_start)  # noqa: E731
+    dtype = "float16" if args.device == "cuda" else "float32"
+    t0 = time.perf_counter()
+    ckpt = _checkpoint(args.arch)
+    log(f"checkpoint {ckpt} ready in {time.perf_counter() - t0:.1f}s")
+    reg = _registry(env, ckpt, dtype)
+    client = EaselClient(env.settings(models=reg))
+    # A compile on the first call can outlast the default stage limit; the watchdog must not fire.
+    wenv = {"EASEL_MODELS": str(reg), "EASEL_STAGE_TIMEOUT_BASE_S": "1800", "EASEL_STAGE_STUCK_GRACE_S": "600"}
+    stage = {"task": "img2img", "prompt": "astronaut in a jungle, cold color palette, muted colors, detailed, 8k",
+             "strength": args.strength, "guidance_scale": 7.5, "steps": args.steps}
+    common = dict(checkpoint=ckpt, px=args.px, stage=stage, dtype=dtype, device=args.device)
+    targets = {
+        "eager": Target(label="eager", model="gpu-sd15", family="gpu-sd15", worker_env=wenv, **common),
+        "compile": Target(label="compile", model="gpu-sd15-compiled", family="gpu-sd15-compiled", compile_unet=True,
+                          worker_env=wenv, **common),
+        "eager-sync": Target(label="eager_sync", model="gpu-sd15", family="gpu-sd15",
+                             worker_env={**wenv, "EASEL_OVERLAP_FINISH": "false"}, **common),
+    }
+    out: dict[str, str] = {}
+    details: dict[str, object] = {}
+    for variant in args.variants.split(","):
+        if left() < NEEDS_S[variant]:
+            log(f"skipping {variant}: {left():.0f}s of the budget left, it needs ~{NEEDS_S[variant]}s")
+            continue
+        t0 = time.perf_counter()
+        try:
+            if variant == "batching":
+                res = batching.run(env, n=args.batch_n, sizes=(args.px,), batches=tuple(args.batches), rounds=1,
+                                   model="gpu-sd15", family="gpu-sd15", stage=stage, worker_env=wenv, client=client,
+                                   prefix="gpu_")
+                out.update(res["headline"])
+                details[variant] = res["details"]
+            else:
+                t = targets[variant]
+                r = overhead.run_target(env, client, t, args.n, args.block)
+                lines = overhead.report({t.label: r}, prefix="gpu_", pooled=False)["headline"]
+                more = {f"gpu_images_per_s_{t.label}": f"{r['n'] / r['easel_s']:.2f}",
+                        f"gpu_plain_images_per_s_{t.label}": f"{r['n'] / r['plain_s']:.2f}"}
+                for k, v in more.items():
+                    headline(k, v)
+                out.update(lines, **more)
+                details[variant] = r
+        except Exception as e:  # one variant's failure must not lose the others' figures
+            log(f"{variant} failed: {type(e).__name__}: {e}")
+            details[variant] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"--- gpu {variant} done in {time.perf_counter() - t0:.0f}s; {left():.0f}s of the budget left ---")
+        env.flush()
+    return {"headline": out, "details": details}
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--arch", choices=("sd15", "tiny"), default="sd15")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--px", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--strength", type=float, default=0.8)
+    ap.add_argument("--n", type=int, default=16, help="jobs per overhead variant (and as many plain calls)")
+    ap.add_argument("--block", type=int, default=4)
+    ap.add_argument("--batch-n", type=int, default=16, help="jobs per batch size")
+    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip variants that would not fit in what is left")
+
+
+def main(env: BenchEnv, args) -> dict:
+    return run(env, args)
