@@ -24,6 +24,8 @@ def test_dtype_tiling_slicing_and_classic_attention_apply_and_run(model_root, tm
     loaded = cache.get("m")
     pipe = loaded.pipes["img2img"]
     assert pipe.unet.dtype == torch.bfloat16 and loaded.dtype == torch.bfloat16
+    # pipelines made from it with from_pipe (text2img) share its modules and keep its dtype
+    assert {p.unet.dtype for p in loaded.pipes.values()} == {torch.bfloat16} and len(loaded.pipes) > 1
     assert pipe.vae.use_tiling and pipe.vae.use_slicing
     procs = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
     assert procs == {"SlicedAttnProcessor"}  # attention slicing replaced the SDPA default
