@@ -183,13 +183,18 @@ class EaselClient:
             # retry=False: inside a batch a publish only buffers (nothing to retry); the flush
             # at the end of the block is one pipeline, which kombu never replays. (A kombu
             # without Producer.batch publishes one LPUSH per message instead.)
+            # Each queue is declared (bound in Redis) with its first message of the call; the
+            # rest skip kombu's per-message declare check, which copies the queue entity.
             batch = getattr(producer, "batch", None)
+            declared: set[str] = set()
             with batch(max_size=len(new) + 1) if batch else contextlib.nullcontext():
                 for job_id, spec, plan in new:
-                    args = [job_id, 0]
-                    self.celery.send_task(RUN_SEGMENT, args=args, queue=plan.segments[0].queue,
-                                          priority=spec.priority, producer=producer, retry=False,
-                                          argsrepr=repr(args), kwargsrepr="{}")
+                    args, queue = [job_id, 0], plan.segments[0].queue
+                    once = {"declare": []} if queue in declared else {}
+                    self.celery.send_task(RUN_SEGMENT, args=args, queue=queue, priority=spec.priority,
+                                          producer=producer, retry=False, argsrepr=repr(args), kwargsrepr="{}",
+                                          **once)
+                    declared.add(queue)
         except Exception as e:
             # Delivery of this batch is uncertain: fail its jobs (a worker drops the message
             # of a terminal job) rather than leave them queued forever.

@@ -127,8 +127,10 @@ class JobStore:
         return f"{self.prefix}:events:{job_id}"
 
     def _new_record(self, spec: JobSpec, plan: Plan, now: float) -> dict:
+        """A queued job's hash. Counters and progress start absent (read as 0), which keeps
+        bulk submission's writes small."""
         return {"spec": spec.model_dump_json(), "plan": plan.model_dump_json(), "state": JobState.queued.value,
-                "created_at": now, "updated_at": now, "attempts": 0, "stage": 0, "step": 0, "total_steps": 0}
+                "created_at": now, "updated_at": now}
 
     def _idem_key(self, spec: JobSpec) -> str:
         return f"{self.prefix}:idem:{spec.idempotency_key}"
@@ -265,9 +267,6 @@ class JobStore:
     def publish(self, job_id: str, event: dict) -> None:
         self.r.publish(self.events_channel(job_id), json.dumps(event, default=str))
 
-    def incr_attempts(self, job_id: str) -> int:
-        return int(self.r.hincrby(self.key(job_id), "attempts", 1))
-
     def claim_once(self, job_id: str, marker: str) -> bool:
         """True the first time ``marker`` is claimed for this job (guards side effects like enqueueing)."""
         return bool(self.r.hsetnx(self.key(job_id), f"once:{marker}", time.time()))
@@ -317,10 +316,6 @@ class JobStore:
         rank = self.r.zrank(self._queued_key(queue), job_id)
         return None if rank is None else int(rank)
 
-    # -- deliveries that did not end: a worker died while running them -----------------
-    def begin_delivery(self, job_id: str, segment: int) -> int:
-        """Count a delivery; returns how many earlier deliveries of this segment never ended."""
-        return int(self.r.hincrby(self.key(job_id), f"inflight:{segment}", 1)) - 1
-
+    # -- deliveries that did not end (counted by ``claim``): a worker died running them --
     def end_delivery(self, job_id: str, segment: int) -> None:
         self._end_delivery(keys=[self.key(job_id)], args=[f"inflight:{segment}"])

@@ -234,7 +234,6 @@ class StepHook:
         self._cancel_asked(wait=True)
 
 
-
 def finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, t0: float,
            own: dict[int, StageRecord], *, created_at: float, started_at: float,
            last_progress: dict | None = None, segment: int = 0) -> None:
