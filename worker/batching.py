@@ -73,13 +73,20 @@ def run_batch(ctx: WorkerContext, members: list[Member]) -> None:
     deadline = time.monotonic() + limit
     ids = [m.job_id for m in members]
     last_step = [0, 0]
+    written_at = [float("-inf")]
 
     def on_step(step: int, total: int) -> bool:
+        """Time limit every step; progress (best effort) on the first step and then at most
+        every ``progress_interval_s``, like a lone job's; each job's final state carries its last step."""
         last_step[:] = [step, total]
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             from worker.watchdog import StageTimeout
 
             raise StageTimeout(f"batched stage exceeded its time limit of {limit:.1f}s at step {step}/{total}")
+        if now - written_at[0] < ctx.settings.progress_interval_s:
+            return True
+        written_at[0] = now
         try:
             pipe_r = ctx.store.r.pipeline(transaction=False)
             for j in ids:
