@@ -28,7 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from bench.common import STAGE, bench_image, headline, log, median, model_root, plain_call, png_bytes
+from bench.common import STAGE, bench_image, headline, log, median, plain_call, png_bytes
 
 NEEDS_S3 = False
 NEEDS_MODELS = False
@@ -60,14 +60,9 @@ def run(args) -> dict:
     from worker.runner import Carrier, run_stage
     from worker.segment import StepHook
 
-    if args.arch == "sd15":
-        from bench.sd15_arch import make_sd15_full
+    from bench.sd15_arch import bench_checkpoint
 
-        ckpt = make_sd15_full(model_root() / "sd15-full-random")
-    else:
-        from worker.tiny import make_tiny_checkpoints
-
-        ckpt = make_tiny_checkpoints(model_root(), ["tiny-sd15"])["tiny-sd15"]
+    ckpt = bench_checkpoint(args.arch)
     dtype = "float16" if args.device == "cuda" else "float32"
     stage_d = {**STAGE, "steps": args.steps, "strength": args.strength}
     settings = Settings(device=args.device)

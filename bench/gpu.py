@@ -29,22 +29,13 @@ from pathlib import Path
 import yaml
 
 from bench import batching, overhead
-from bench.common import BenchEnv, Target, headline, log, model_root
+from bench.common import BenchEnv, Target, headline, log
+from bench.sd15_arch import bench_checkpoint
 
 NEEDS_MODELS = False  # makes its own checkpoint
 VARIANTS = ("eager", "batching", "compile", "eager-sync")
 # Seconds a variant needs at least (worker start, warm-up, compile); skipped when less is left.
 NEEDS_S = {"eager": 60, "compile": 150, "batching": 90, "eager-sync": 45}
-
-
-def _checkpoint(arch: str) -> Path:
-    if arch == "sd15":
-        from bench.sd15_arch import make_sd15_full
-
-        return make_sd15_full(model_root() / "sd15-full-random")
-    from worker.tiny import make_tiny_checkpoints
-
-    return make_tiny_checkpoints(model_root(), ["tiny-sd15"])["tiny-sd15"]
 
 
 def _registry(env: BenchEnv, ckpt: Path, dtype: str) -> Path:
@@ -65,7 +56,7 @@ def run(env: BenchEnv, args) -> dict:
     left = lambda: args.budget_s - (time.monotonic() - t_start)  # noqa: E731
     dtype = "float16" if args.device == "cuda" else "float32"
     t0 = time.perf_counter()
-    ckpt = _checkpoint(args.arch)
+    ckpt = bench_checkpoint(args.arch)
     log(f"checkpoint {ckpt} ready in {time.perf_counter() - t0:.1f}s")
     reg = _registry(env, ckpt, dtype)
     client = EaselClient(env.settings(models=reg))

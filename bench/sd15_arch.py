@@ -64,3 +64,15 @@ def make_sd15_full(out_dir: Path, seed: int = 0) -> Path:
     pipe.save_pretrained(tmp, safe_serialization=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def bench_checkpoint(arch: str) -> Path:
+    """The GPU benchmarks' checkpoint under the bench model root: ``sd15`` (this module's
+    full-size architecture) or ``tiny`` (``tiny-sd15``, for dry runs on the CPU)."""
+    from bench.common import model_root
+
+    if arch == "sd15":
+        return make_sd15_full(model_root() / "sd15-full-random")
+    from worker.tiny import make_tiny_checkpoints
+
+    return make_tiny_checkpoints(model_root(), ["tiny-sd15"])["tiny-sd15"]

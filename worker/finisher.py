@@ -9,7 +9,8 @@ What keeps this safe although the task returns (and Celery acks the message) bef
 outputs are written:
 
 - Before the task returns, the job is registered as *finishing* by this worker (a sorted
-  set ``<prefix>:finishing`` plus a ``finishing`` field naming worker, segment and queue).
+  set ``<prefix>:finishing`` plus a ``finishing`` field naming worker and segment; the
+  reaper takes the queue from the job's plan).
 - The finish runs under the same failure policy as the task (``guarded``: transient errors
   re-send the segment with backoff, permanent ones fail the job) and ends the delivery.
 - A worker that dies with finishes pending stops its heartbeat; any worker's ``Reaper``
@@ -26,7 +27,7 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import redis
@@ -48,29 +49,26 @@ class Finisher:
     def __init__(self, ctx, guard: Guard, max_pending: int = 2):
         self.ctx = ctx
         self.guard = guard
+        # One thread: finishes run in the order their jobs ended, and ``drain`` relies on it.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="easel-finish")
         self._slots = threading.BoundedSemaphore(max_pending)
-        self._pending: set[Future] = set()
-        self._lock = threading.Lock()
 
     def deferrer(self, job_id: str, segment: int, queue: str | None) -> Callable[[Callable[[], None]], str]:
         """For ``execute_segment``: hand it the job's finish, get "finishing" back."""
         def defer(finish: Callable[[], None]) -> str:
             self._slots.acquire()  # backpressure: wait while max_pending finishes are queued
             try:
-                self._register(job_id, segment, queue)
+                self._register(job_id, segment)
                 fut = self._pool.submit(self._run, job_id, segment, queue, finish)
             except BaseException:
                 self._slots.release()
                 raise
-            with self._lock:
-                self._pending.add(fut)
-            fut.add_done_callback(self._done)
+            fut.add_done_callback(lambda _: self._slots.release())
             return "finishing"
 
         return defer
 
-    def _register(self, job_id: str, segment: int, queue: str | None) -> None:
+    def _register(self, job_id: str, segment: int) -> None:
         store = self.ctx.store
         pipe = store.r.pipeline(transaction=True)
         pipe.zadd(finishing_key(store.prefix), {job_id: time.time()})
@@ -92,23 +90,10 @@ class Finisher:
             except redis.RedisError:
                 log.warning("could not unregister finished job %s (the reaper will drop it)", job_id)
 
-    def _done(self, fut: Future) -> None:
-        with self._lock:
-            self._pending.discard(fut)
-        self._slots.release()
-
-    def drain(self, timeout: float | None = None) -> bool:
-        """Wait for pending finishes (warm shutdown); True when none is left."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
-                pending = list(self._pending)
-            if not pending:
-                return True
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            pending[0].exception(timeout=left)
+    def drain(self) -> None:
+        """Wait for the finishes queued so far (warm shutdown): on the one finisher thread, a
+        no-op queued now runs after all of them."""
+        self._pool.submit(lambda: None).result()
 
 
 class Reaper:

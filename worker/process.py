@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from shared.celery_app import queue_name
     from worker.context import WorkerContext, set_context
-    from worker.tasks import app, register_tasks
+    from worker.finisher import Finisher, Reaper
+    from worker.tasks import app, guarded, register_tasks
 
     hostname = args.hostname or f"{args.family}-{os.environ.get('CUDA_VISIBLE_DEVICES', 'cpu')}-{os.getpid()}@{socket.gethostname()}"
     from worker.watchdog import Watchdog
@@ -44,9 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     if overlap is None:
         overlap = ctx.cache.device.type == "cuda"
     if overlap and ctx.settings.batch_size == 1:
-        from worker.finisher import Finisher
-        from worker.tasks import guarded
-
         ctx.finisher = Finisher(ctx, lambda j, seg, q, fn: guarded(ctx, app, j, seg, q, fn),
                                 ctx.settings.max_pending_finishes)
     set_context(ctx, app)
@@ -65,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
 
     @worker_ready.connect(weak=False)
     def _ready(**_kw):
-        from worker.finisher import Reaper
-
         # A job left finishing by a dead worker is re-sent after its heartbeat expires, or
         # after the visibility timeout if its worker still beats (see worker/finisher.py).
         beat["reaper"] = Reaper(ctx, app, ctx.settings.reap_every_s, ctx.settings.visibility_timeout_s).start()
