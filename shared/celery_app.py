@@ -131,6 +131,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_connection_max_retries=None,
         broker_transport_options={
             "visibility_timeout": s.visibility_timeout_s,
+            # How often a worker looks for messages past their visibility timeout. kombu
+            # >= 5.7 sweeps every interval x throttle seconds (10 x 10 by default), which
+            # would add up to 100 s to every redelivery; sweep every interval instead.
+            "unacked_restore_interval": max(1, min(10, int(s.visibility_timeout_s // 4))),
+            "unacked_restore_throttle": 1,
             "queue_order_strategy": "priority",
             "priority_steps": list(range(10)),
             "sep": ":",
