@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         "encode and upload a job's outputs while the worker runs the next job (see worker/finisher.py); "
         "unset = on when the worker runs on a GPU, off on the CPU, where the encode would take cores from "
         "the next job's denoising instead of overlapping it"))
+    overlap_finish_wait_s: float = Field(default=0.03, ge=0.0, le=5.0, description=(
+        "an overlapped finish waits up to this long for the next job's pipeline call to start, so it does not "
+        "compete with the fetch and claim of that job; a lone job's result is late by at most this"))
     max_pending_finishes: int = Field(default=2, ge=1, le=64, description="finishes waiting at once per worker")
     reap_every_s: float = Field(default=10.0, gt=0, description="how often a worker looks for jobs left "
                                 "finishing by a dead worker")

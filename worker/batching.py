@@ -1,7 +1,8 @@
 """Micro-batching: compatible queued one-stage jobs run as one pipeline call.
 
 Jobs are compatible when they would make the same-shaped call: same model and task, same
-steps, strength, guidance, image size and images per job (prompts and seeds may differ).
+steps, strength, guidance, image size and images per job (prompts, negative prompts and
+seeds may differ: each job's cached prompt embeddings are stacked into the batch).
 The batch runs with one generator per image, so each job's result is the same image it
 would get alone (per-sample noise; batched kernels may differ in the last bits). A batch
 that fails falls back to running its jobs one by one, so one bad job fails alone.
@@ -18,7 +19,8 @@ from PIL import Image
 from shared.jobstore import Claim
 from shared.schema import JobSpec, JobState, Plan
 from worker.context import WorkerContext
-from worker.runner import Carrier, progress_kwargs, generators
+from worker.prompts import prompt_kwargs
+from worker.runner import Carrier, generators, progress_kwargs
 from worker.segment import finish, make_record, stage_limit
 
 log = logging.getLogger("easel.worker.batching")
@@ -43,8 +45,7 @@ def batch_key(ctx: WorkerContext, spec: JobSpec, plan: Plan) -> tuple | None:
         return None
     if ctx.registry.get(st.model).kind != "sd":
         return None
-    return (st.model, st.task, st.steps, st.strength, st.guidance_scale, st.width, st.height, spec.num_images,
-            st.negative_prompt is None)
+    return (st.model, st.task, st.steps, st.strength, st.guidance_scale, st.width, st.height, spec.num_images)
 
 
 def run_batch(ctx: WorkerContext, members: list[Member]) -> None:
@@ -53,11 +54,10 @@ def run_batch(ctx: WorkerContext, members: list[Member]) -> None:
     model = ctx.cache.get(first.model)
     n = members[0].spec.num_images
     stages = [m.spec.stages[0] for m in members]
-    kw: dict = {"prompt": [s.prompt for s in stages for _ in range(n)],
-                "generator": generators([s.seed + k for s in stages for k in range(n)]),
-                "num_inference_steps": first.steps, "guidance_scale": first.guidance_scale, "output_type": "pil"}
-    if first.negative_prompt is not None:
-        kw["negative_prompt"] = [s.negative_prompt for s in stages for _ in range(n)]
+    per_job = [prompt_kwargs(model, s, n) for s in stages]  # cached embeddings: repeated prompts encode once
+    kw: dict = {k: torch.cat([p[k] for p in per_job]) for k in per_job[0]}
+    kw.update(generator=generators([s.seed + k for s in stages for k in range(n)]),
+              num_inference_steps=first.steps, guidance_scale=first.guidance_scale, output_type="pil")
     if first.task == "text2img":
         pipe = model.pipes["text2img"]
         kw.update(width=first.width, height=first.height)

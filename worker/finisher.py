@@ -17,6 +17,11 @@ outputs are written:
   then re-sends those jobs' segments. Outputs go to deterministic keys and terminal states
   are never overwritten, so a re-run gives the same single result; the delivery counter
   still counts the death (two deaths make it a poison job, as for a crash mid-stage).
+- A finish waits (at most ``wait_s``) for the next job's pipeline call to start before
+  it runs: started at once it would compete for the GIL and the cores with Celery's ack
+  and fetch and the next job's claim, which sit on the critical path; once the next call
+  runs, the GPU (or the cores) are busy for a while anyway. With no next job in sight it
+  starts after ``wait_s``, so a lone job's result is late by at most that.
 - At most ``max_pending_finishes`` finishes wait at once: when uploads fall behind, the
   next task waits for a slot instead of piling images up in memory.
 - A warm shutdown (SIGTERM) drains pending finishes before the process exits.
@@ -46,9 +51,12 @@ def finishing_key(prefix: str) -> str:
 
 
 class Finisher:
-    def __init__(self, ctx, guard: Guard, max_pending: int = 2):
+    def __init__(self, ctx, guard: Guard, max_pending: int = 2, wait_s: float = 0.03):
         self.ctx = ctx
         self.guard = guard
+        self.wait_s = wait_s
+        self._calls = 0  # pipeline calls started in this process (``pipeline_started``)
+        self._cv = threading.Condition()
         # One thread: finishes run in the order their jobs ended, and ``drain`` relies on it.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="easel-finish")
         self._slots = threading.BoundedSemaphore(max_pending)
@@ -59,7 +67,7 @@ class Finisher:
             self._slots.acquire()  # backpressure: wait while max_pending finishes are queued
             try:
                 self._register(job_id, segment)
-                fut = self._pool.submit(self._run, job_id, segment, queue, finish)
+                fut = self._pool.submit(self._run, job_id, segment, queue, finish, self._calls)
             except BaseException:
                 self._slots.release()
                 raise
@@ -75,7 +83,16 @@ class Finisher:
         pipe.hset(store.key(job_id), "finishing", json.dumps({"worker": self.ctx.hostname, "segment": segment}))
         pipe.execute()
 
-    def _run(self, job_id: str, segment: int, queue: str | None, finish: Callable[[], None]) -> None:
+    def pipeline_started(self) -> None:
+        """The worker is about to call a pipeline: finishes waiting for that may run now."""
+        with self._cv:
+            self._calls += 1
+            self._cv.notify_all()
+
+    def _run(self, job_id: str, segment: int, queue: str | None, finish: Callable[[], None], calls: int) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._calls > calls, timeout=self.wait_s)
+
         def body() -> str:
             finish()
             return "succeeded"

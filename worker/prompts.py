@@ -1,19 +1,84 @@
-"""Compel prompt weighting: the job carries the syntax, the worker computes the embeddings.
+"""Prompt embeddings, computed once per (model, prompt, negative prompt, syntax) and reused.
 
-Embeddings are cached per (model, prompt, negative) because bulk jobs repeat prompts.
+Bulk jobs repeat prompts (one prompt, many seeds), so the tokenizer and text encoder need
+not run again for them: the pipeline gets ``prompt_embeds`` instead of the strings. Plain
+prompts are encoded by the pipeline's own ``encode_prompt`` with the job's own arguments
+(so the embeddings are the ones the pipeline would compute from the strings, empty
+negative prompt included); Compel syntax is encoded by Compel. Kinds that take no
+embeddings (Kandinsky's prior encodes the text itself) keep getting the strings.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 
 from shared.schema import Stage
 from worker.pipelines import LoadedModel
 
-_CACHE_SIZE = 256
+CACHE_SIZE = 256  # prompt pairs per model; SD 1.5 keeps ~240 kB per pair (fp16)
+
+_SD_NAMES = ("prompt_embeds", "negative_prompt_embeds")
+_POOLED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+# kind -> (pipeline that encodes, how it is called, the names of what it returns)
+Encoder = tuple[str, Callable[[object, torch.device, str, "str | None"], tuple], tuple[str, ...]]
+PLAIN_ENCODERS: dict[str, Encoder] = {
+    "sd": ("img2img", lambda p, dev, pos, neg: p.encode_prompt(pos, dev, 1, True, negative_prompt=neg), _SD_NAMES),
+    "sd-x4-upscaler": ("upscale", lambda p, dev, pos, neg: p.encode_prompt(pos, dev, 1, True, negative_prompt=neg),
+                       _SD_NAMES),
+    "sdxl-refiner": ("img2img", lambda p, dev, pos, neg: p.encode_prompt(
+        pos, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=neg), _POOLED_NAMES),
+    "sd-latent-upscaler": ("latent_upscale", lambda p, dev, pos, neg: p.encode_prompt(pos, dev, True, negative_prompt=neg),
+                           _POOLED_NAMES),
+}
 
 
+def _cache(model: LoadedModel) -> OrderedDict:
+    return model.extras.setdefault("prompt_cache", OrderedDict())
+
+
+def cached_embeds(model: LoadedModel, stage: Stage) -> dict[str, torch.Tensor] | None:
+    """One image's embeddings for this stage's prompts (from the cache when seen before), or
+    None where the pipeline must get the strings."""
+    syntax = stage.prompt_syntax
+    if syntax != "compel" and model.spec.kind not in PLAIN_ENCODERS:
+        return None
+    cache = _cache(model)
+    key = (syntax, stage.prompt, stage.negative_prompt)
+    if key not in cache:
+        with torch.inference_mode():
+            cache[key] = _compel_embeds(model, stage) if syntax == "compel" else _plain_embeds(model, stage)
+        while len(cache) > CACHE_SIZE:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
+
+
+def _plain_embeds(model: LoadedModel, stage: Stage) -> dict[str, torch.Tensor]:
+    pipe_name, encode, names = PLAIN_ENCODERS[model.spec.kind]
+    out = encode(model.pipes[pipe_name], model.device, stage.prompt, stage.negative_prompt)
+    return dict(zip(names, out))
+
+
+def repeat(embeds: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """The same embeddings for each of ``n`` images (batch dimension first)."""
+    return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in embeds.items()}
+
+
+def prompt_kwargs(model: LoadedModel, stage: Stage, n: int) -> dict:
+    """The prompt arguments of a pipeline call for ``n`` images of this stage."""
+    embeds = cached_embeds(model, stage)
+    if embeds is not None:
+        return repeat(embeds, n)
+    kw: dict = {"prompt": [stage.prompt] * n}
+    if stage.negative_prompt is not None:
+        kw["negative_prompt"] = [stage.negative_prompt] * n
+    return kw
+
+
+# -- Compel -------------------------------------------------------------------------------------
 def _compel_for(model: LoadedModel):
     c = model.extras.get("compel")
     if c is None:
@@ -31,30 +96,20 @@ def _compel_for(model: LoadedModel):
         else:
             raise ValueError(f"Compel prompt weighting is not supported for pipeline kind {model.spec.kind!r}")
         model.extras["compel"] = c
-        model.extras["compel_cache"] = OrderedDict()
     return c
 
 
-def compel_kwargs(model: LoadedModel, stage: Stage, n: int) -> dict:
+def _compel_embeds(model: LoadedModel, stage: Stage) -> dict[str, torch.Tensor]:
     c = _compel_for(model)
-    cache: OrderedDict = model.extras["compel_cache"]
-    key = (stage.prompt, stage.negative_prompt or "")
-    if key not in cache:
-        with torch.inference_mode():
-            if model.spec.kind == "sdxl-refiner":
-                pos, pooled = c(stage.prompt)
-                neg, neg_pooled = c(stage.negative_prompt or "")
-                pos, neg = c.pad_conditioning_tensors_to_same_length([pos, neg])
-                cache[key] = {"prompt_embeds": pos, "negative_prompt_embeds": neg,
-                              "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": neg_pooled}
-            elif model.spec.kind == "sd":
-                out = c(stage.prompt, negative_prompt=stage.negative_prompt or "")
-                cache[key] = {"prompt_embeds": out.embeds, "negative_prompt_embeds": out.negative_embeds}
-            else:
-                pos, neg = c(stage.prompt), c(stage.negative_prompt or "")
-                pos, neg = c.pad_conditioning_tensors_to_same_length([pos, neg])
-                cache[key] = {"prompt_embeds": pos, "negative_prompt_embeds": neg}
-        while len(cache) > _CACHE_SIZE:
-            cache.popitem(last=False)
-    cache.move_to_end(key)
-    return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in cache[key].items()}
+    if model.spec.kind == "sdxl-refiner":
+        pos, pooled = c(stage.prompt)
+        neg, neg_pooled = c(stage.negative_prompt or "")
+        pos, neg = c.pad_conditioning_tensors_to_same_length([pos, neg])
+        return {"prompt_embeds": pos, "negative_prompt_embeds": neg,
+                "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": neg_pooled}
+    if model.spec.kind == "sd":
+        out = c(stage.prompt, negative_prompt=stage.negative_prompt or "")
+        return {"prompt_embeds": out.embeds, "negative_prompt_embeds": out.negative_embeds}
+    pos, neg = c(stage.prompt), c(stage.negative_prompt or "")
+    pos, neg = c.pad_conditioning_tensors_to_same_length([pos, neg])
+    return {"prompt_embeds": pos, "negative_prompt_embeds": neg}

@@ -146,6 +146,8 @@ def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int,
                              f"{limit + ctx.settings.stage_stuck_grace_s:.0f}s (limit {limit:.0f}s); worker restarted",
                              lambda reason: store.transition(job_id, JobState.failed, error=reason))
         hook = StepHook(store, job_id, i, deadline, limit, ctx.settings.progress_interval_s, ctx.io)
+        if ctx.finisher is not None:
+            ctx.finisher.pipeline_started()  # the previous job's finish overlaps this call
         try:
             carrier, timings = run_stage(model, stage, carrier, n=n, want_latent=want_latent, control_image=control,
                                          on_step=hook)

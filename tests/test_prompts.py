@@ -1,0 +1,85 @@
+"""Prompt embeddings are computed once per prompt and give the image the strings would give."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared.registry import load_registry
+from shared.schema import Stage
+from shared.settings import Settings
+from worker import prompts
+from worker.pipelines import load_model
+from worker.runner import Carrier, run_stage
+
+# registry model, input side, stage parameters: one model per kind that takes embeddings
+KINDS = {
+    "sd15": (64, {"strength": 0.6, "steps": 4}),
+    "sdxl-refiner": (64, {"strength": 0.6, "steps": 4}),
+    "sd-x4-upscaler": (32, {"steps": 3, "noise_level": 20}),
+    "sd-x2-latent-upscaler": (32, {"steps": 3}),
+}
+
+
+def _model(model_root, name: str):
+    return load_model(load_registry().get(name), Settings(model_root=model_root), torch.device("cpu"))
+
+
+def _run(model, name: str, px: int, n: int, seed: int = 3, prompt: str = "a lighthouse at dusk",
+         **stage) -> list[np.ndarray]:
+    st = Stage(model=name, prompt=prompt, negative_prompt=stage.pop("negative_prompt", None),
+               seed=seed, **stage)
+    image = Image.new("RGB", (px, px), (30, 120, 200))
+    out, _ = run_stage(model, st, Carrier(images=[image] * n), n=n, want_latent=False, on_step=lambda s, t: True)
+    return [np.asarray(im, dtype=np.int16) for im in out.images]
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_embeddings_give_the_image_the_strings_give(model_root, monkeypatch, name):
+    px, stage = KINDS[name]
+    model = _model(model_root, name)
+    assert model.spec.kind in prompts.PLAIN_ENCODERS
+    for neg in (None, "blurry"):
+        cached = _run(model, name, px, 1, negative_prompt=neg, **stage)
+        with monkeypatch.context() as m:
+            m.setattr(prompts, "cached_embeds", lambda model, stage: None)  # the pipeline encodes the strings
+            strings = _run(model, name, px, 1, negative_prompt=neg, **stage)
+        assert np.array_equal(cached[0], strings[0]), f"{name}, negative {neg!r}"
+    # the prompt does steer these tiny models, so the equality above says something
+    other = _run(model, name, px, 1, prompt="a red bicycle", **stage)
+    assert not np.array_equal(other[0], cached[0])
+    # two images from one job: the cached embeddings repeated per image
+    two = _run(model, name, px, 2, **stage)
+    with monkeypatch.context() as m:
+        m.setattr(prompts, "cached_embeds", lambda model, stage: None)
+        two_strings = _run(model, name, px, 2, **stage)
+    assert [np.abs(a - b).max() for a, b in zip(two, two_strings)] <= [2, 2]  # batched text encoder: last bits
+
+
+def test_a_repeated_prompt_runs_the_text_encoder_once(model_root):
+    model = _model(model_root, "sd15")
+    encoder = model.pipes["img2img"].text_encoder
+    calls = []
+    handle = encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for seed in range(3):
+            _run(model, "sd15", 64, 1, seed=seed, strength=0.6, steps=2)
+        assert len(calls) == 2  # the prompt and the (empty) negative prompt, once
+        _run(model, "sd15", 64, 1, negative_prompt="blurry", strength=0.6, steps=2)
+        assert len(calls) == 4  # a new pair is encoded
+        # every pipeline of the model shares the cache (text2img here)
+        out, _ = run_stage(model, Stage(model="sd15", task="text2img", prompt="a lighthouse at dusk", width=64,
+                                        height=64, steps=2, seed=1),
+                           Carrier(), n=1, want_latent=False, on_step=lambda s, t: True)
+        assert len(calls) == 4 and out.images[0].size == (64, 64)
+    finally:
+        handle.remove()
+
+
+def test_the_cache_is_bounded(model_root, monkeypatch):
+    monkeypatch.setattr(prompts, "CACHE_SIZE", 3)
+    model = _model(model_root, "sd15")
+    for i in range(5):
+        prompts.cached_embeds(model, Stage(model="sd15", prompt=f"prompt {i}", seed=1))
+    assert [k[1] for k in model.extras["prompt_cache"]] == ["prompt 2", "prompt 3", "prompt 4"]
