@@ -21,6 +21,7 @@ BENCHMARKS = {
     "naive": "bench.naive",
     "chain": "bench.chain",
     "batching": "bench.batching",
+    "prompts": "bench.prompts",
 }
 EXTRA = {"profile": "bench.profile", "load": "bench.load", "gpu": "bench.gpu", "callpath": "bench.callpath"}  # not part of the default run
 

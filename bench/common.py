@@ -218,6 +218,12 @@ class BenchEnv:
             self.env["CUDA_VISIBLE_DEVICES"] = ""
         return self
 
+    def server_pids(self) -> dict[str, int]:
+        """The valkey and SeaweedFS processes of this run (for ``CpuMeter``)."""
+        if self._svc is not None:
+            return {"redis": self._svc.redis.proc.pid, "s3": self._svc.s3.proc.pid}
+        return {"redis": self._valkey.proc.pid}
+
     def settings(self, **over):
         from shared.settings import Settings
 
@@ -319,6 +325,36 @@ def plain_call(pipe, image, seed: int, stage: dict | None = None):
     with torch.inference_mode():
         return pipe(prompt=st["prompt"], image=image, strength=st["strength"], guidance_scale=st["guidance_scale"],
                     num_inference_steps=st["steps"], generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+
+
+class CpuMeter:
+    """CPU seconds (user + system) spent by named processes and their children between two
+    snapshots: where a job's CPU goes on a machine whose cores are the bottleneck."""
+
+    def __init__(self, pids: dict[str, int], shallow: tuple[str, ...] = ()):
+        import psutil
+
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items() if pid}
+        self.shallow = shallow  # names counted without their children (this process: not its workers)
+
+    def snapshot(self) -> dict[str, float]:
+        import psutil
+
+        out: dict[str, float] = {}
+        for name, p in self.procs.items():
+            total = 0.0
+            try:
+                for q in [p] if name in self.shallow else [p, *p.children(recursive=True)]:
+                    t = q.cpu_times()
+                    total += t.user + t.system
+            except psutil.Error:
+                pass
+            out[name] = total
+        return out
+
+    @staticmethod
+    def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+        return {k: b[k] - a[k] for k in a}
 
 
 class PlainRunner:

@@ -11,6 +11,11 @@ two run in alternating blocks (E P, P E, E P, ...) so machine noise hits both al
   submit -> last job's ``succeeded`` event). The ratio of totals is in the details.
 - ``call_gap_ms_<size>``: easel's recorded pipeline-call time (``denoise``) p50 less the
   plain loop's call p50: zero when the worker calls diffusers as fast as a bare loop does.
+- ``cpu_ms_per_job_easel_<size>`` / ``cpu_ms_per_job_plain_<size>``: CPU time (user +
+  system, all threads) per job during the blocks: for easel the worker, valkey, SeaweedFS
+  and the producer (this process: submit and event watch), per process in the details;
+  for the plain loop its process. Where the pipeline keeps every core busy (the CPU runs),
+  extra CPU per job cannot overlap anything and costs wall time one for one.
 - ``overhead_p50_ms`` / ``overhead_p95_ms``: per job, over both sizes. A job's overhead is
   its worker cycle (time between the ``succeeded`` events of consecutive jobs in a
   saturated queue, i.e. everything the worker does per job) minus its own pure pipeline
@@ -22,10 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
-from bench.common import (BenchEnv, EventWatcher, PlainRunner, Target, bench_image, cpu_target, headline, img2img_jobs,
-                          log, median, pct, png_bytes, submit_all)
+from bench.common import (BenchEnv, CpuMeter, EventWatcher, PlainRunner, Target, bench_image, cpu_target, headline,
+                          img2img_jobs, log, median, pct, png_bytes, submit_all)
 
 DEFAULT_N = 24
 DEFAULT_BLOCK = 4
@@ -49,6 +55,10 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
     cycles: dict[str, float] = {}
     first_latency: list[float] = []
     job_ids: list[str] = []
+    easel_cpu = CpuMeter({"worker": worker.proc.pid, **env.server_pids(), "producer": os.getpid()},
+                         shallow=("producer",))
+    plain_cpu = CpuMeter({"plain": plain.proc.pid})
+    cpu: dict[str, float] = {}
     try:
         # warm-up, not measured: both sides run `warmup` calls first
         ids = submit_all(client, img2img_jobs(ref, model, warmup, seed0=10_000, stage=stage))
@@ -67,9 +77,12 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
             for side in order:
                 if side == "easel":
                     jobs = img2img_jobs(ref, model, k, seed0=seeds[0], stage=stage)
+                    c0 = easel_cpu.snapshot()
                     t_start = time.perf_counter()
                     ids = submit_all(client, jobs)
                     done = watcher.wait(ids)
+                    for name, dt in CpuMeter.delta(c0, easel_cpu.snapshot()).items():
+                        cpu[name] = cpu.get(name, 0.0) + dt
                     bad = [j for j, (_, s) in done.items() if s != "succeeded"]
                     if bad:
                         raise RuntimeError(f"job {bad[0]} {done[bad[0]][1]}: {client.status(bad[0]).error}")
@@ -80,9 +93,11 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
                         cycles[jb] = tb - ta
                     job_ids += ids
                 else:
+                    c0 = plain_cpu.snapshot()
                     t_start = time.perf_counter()
                     plain_calls += plain.run(seeds)
                     plain_blocks.append(time.perf_counter() - t_start)
+                    cpu["plain"] = cpu.get("plain", 0.0) + CpuMeter.delta(c0, plain_cpu.snapshot())["plain"]
             log(f"[{size}] round {r + 1}/{rounds}: easel {easel_blocks[-1]:.2f}s, plain {plain_blocks[-1]:.2f}s "
                 f"for {k} jobs")
     finally:
@@ -122,7 +137,11 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
         "celery_gap_ms_p50": median(celery_gap) * 1000,
         "in_task_overhead_ms_p50": median(in_task) * 1000,
         "first_job_latency_s_p50": median(first_latency),
+        "cpu_ms_per_job": {k: v / len(job_ids) * 1000 for k, v in cpu.items()},
     }
+    per_job = res["cpu_ms_per_job"]
+    res["cpu_ms_per_job_easel"] = sum(v for k, v in per_job.items() if k != "plain")
+    res["cpu_ms_per_job_plain"] = per_job.get("plain", 0.0)
     log(f"[{size}] {res['n']} jobs: easel {res['easel_s']:.2f}s vs plain {res['plain_s']:.2f}s (ratio of totals "
         f"{res['ratio_of_totals']:.4f}); per-round ratios {', '.join(f'{x:.3f}' for x in res['round_ratios'])} "
         f"-> median {ratio:.4f}; "
@@ -130,7 +149,9 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
         f"per-job overhead p50 {pct(res['overhead_ms'], 50):.1f} ms p95 {pct(res['overhead_ms'], 95):.1f} ms "
         f"(parts, p50 each: per-step progress calls {res['progress_ms_p50']:.1f} ms, Celery fetch/ack gap "
         f"{res['celery_gap_ms_p50']:.1f} ms, task body outside the pipeline call {res['in_task_overhead_ms_p50']:.1f} ms); "
-        f"mean from throughput {res['overhead_from_throughput_ms']:.1f} ms")
+        f"mean from throughput {res['overhead_from_throughput_ms']:.1f} ms; CPU per job: easel "
+        f"{res['cpu_ms_per_job_easel']:.1f} ms ({', '.join(f'{k} {v:.1f}' for k, v in per_job.items() if k != 'plain')}),"
+        f" plain {res['cpu_ms_per_job_plain']:.1f} ms")
     return res
 
 
@@ -155,6 +176,10 @@ def report(results: dict[str, dict], prefix: str = "", pooled: bool = True) -> d
         out[f"{prefix}overhead_p95_ms_{s}"] = f"{pct(r['overhead_ms'], 95):.1f}"
     for s, r in results.items():  # the pipeline call itself, easel's vs the plain loop's (p50s)
         out[f"{prefix}call_gap_ms_{s}"] = f"{(r['denoise_p50_s'] - r['plain_call_p50_s']) * 1000:.1f}"
+    for s, r in results.items():
+        if "cpu_ms_per_job_easel" in r:
+            out[f"{prefix}cpu_ms_per_job_easel_{s}"] = f"{r['cpu_ms_per_job_easel']:.1f}"
+            out[f"{prefix}cpu_ms_per_job_plain_{s}"] = f"{r['cpu_ms_per_job_plain']:.1f}"
     for k, v in out.items():
         headline(k, v)
     return {"headline": out, "details": results}
