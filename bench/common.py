@@ -310,7 +310,9 @@ def load_plain_pipeline(path: Path, dtype: str = "float32", device: str = "cpu",
     import torch
     from diffusers import AutoPipelineForImage2Image
 
-    pipe = AutoPipelineForImage2Image.from_pretrained(str(path), torch_dtype=getattr(torch, dtype),
+    from worker.pipelines import dtype_kwarg
+
+    pipe = AutoPipelineForImage2Image.from_pretrained(str(path), **{dtype_kwarg(): getattr(torch, dtype)},
                                                       use_safetensors=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     if compile_unet:

@@ -4,7 +4,10 @@ N img2img jobs go producer -> valkey -> worker (``python -m worker.process``, so
 -> SeaweedFS (PNG out), and the same N pipeline calls (same checkpoint, image, prompt,
 strength, steps, guidance and seeds) run in a plain diffusers loop in one process
 (``bench.plain_runner``, started like the worker so the OS treats both alike). The
-two run in alternating blocks (E P, P E, E P, ...) so machine noise hits both alike.
+two run in alternating blocks (E P, P E, E P, ...) so machine noise hits both alike, and
+the jobs are shared by ``--procs`` fresh (worker, plain loop) pairs, one after the other:
+where the OS places a process (cores, caches) holds for its lifetime and can favour one
+side for a whole run, so one pair's luck must not make the figure.
 
 - ``overhead_ratio_<size>``: easel throughput / plain-loop throughput, the median over
   rounds of (plain-block time / easel-block time) for the same jobs (an easel block: first
@@ -33,98 +36,106 @@ import time
 from bench.common import (BenchEnv, CpuMeter, EventWatcher, PlainRunner, Target, bench_image, cpu_target, headline,
                           img2img_jobs, log, median, pct, png_bytes, submit_all)
 
-DEFAULT_N = 24
+DEFAULT_N = 36
+DEFAULT_PROCS = 3
 DEFAULT_BLOCK = 4
 
 
-def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup: int = 2) -> dict:
-    size, model, family, stage = target.label, target.model, target.family, target.stage
-    probe_out = env.tmp / f"probe-overhead-{size}.json"
-    t0 = time.perf_counter()
-    worker = env.worker(family, module="bench.probe_worker",
-                        extra_env={**target.worker_env, "EASEL_BENCH_PROBE_OUT": str(probe_out)})
-    log(f"[{size}] worker {family} ready in {time.perf_counter() - t0:.1f}s")
-    t0 = time.perf_counter()
-    plain = PlainRunner(env, target)
-    log(f"[{size}] plain loop ready in {time.perf_counter() - t0:.1f}s")
+def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup: int = 2, procs: int = 1) -> dict:
+    """``procs`` fresh (worker, plain loop) process pairs share the ``n`` jobs: how the OS
+    places a process (cores, caches) persists for its life and can favour one side for a
+    whole run, so several pairs average that out; rounds pool across pairs."""
+    size, model, stage = target.label, target.model, target.stage
     ref = client.storage.put_input(png_bytes(bench_image(target.px)), "png")
-    watcher = EventWatcher(env.redis_url)
     easel_blocks: list[float] = []
     plain_blocks: list[float] = []
     plain_calls: list[float] = []
     cycles: dict[str, float] = {}
     first_latency: list[float] = []
     job_ids: list[str] = []
-    easel_cpu = CpuMeter({"worker": worker.proc.pid, **env.server_pids(), "producer": os.getpid()},
-                         shallow=("producer",))
-    plain_cpu = CpuMeter({"plain": plain.proc.pid})
     cpu: dict[str, float] = {}
-    try:
-        # warm-up, not measured: both sides run `warmup` calls first
-        ids = submit_all(client, img2img_jobs(ref, model, warmup, seed0=10_000, stage=stage))
-        bad = [j for j, (_, s) in watcher.wait(ids).items() if s != "succeeded"]
-        if bad:
-            raise RuntimeError(f"warm-up job failed: {client.status(bad[0]).error}\n{worker.tail()}")
-        plain.run(list(range(10_000, 10_000 + warmup)))
+    probes: list[dict] = []
+    seed = 0
+    for pair in range(procs):
+        pair_n = n // procs + (1 if pair < n % procs else 0)
+        probe_out = env.tmp / f"probe-overhead-{size}-{pair}.json"
+        t0 = time.perf_counter()
+        worker = env.worker(target.family, module="bench.probe_worker",
+                            extra_env={**target.worker_env, "EASEL_BENCH_PROBE_OUT": str(probe_out)})
+        log(f"[{size}] pair {pair + 1}/{procs}: worker {target.family} ready in {time.perf_counter() - t0:.1f}s")
+        t0 = time.perf_counter()
+        plain = PlainRunner(env, target)
+        log(f"[{size}] pair {pair + 1}/{procs}: plain loop ready in {time.perf_counter() - t0:.1f}s")
+        watcher = EventWatcher(env.redis_url)
+        easel_cpu = CpuMeter({"worker": worker.proc.pid, **env.server_pids(), "producer": os.getpid()},
+                             shallow=("producer",))
+        plain_cpu = CpuMeter({"plain": plain.proc.pid})
+        try:
+            # warm-up, not measured: both sides run `warmup` calls first
+            ids = submit_all(client, img2img_jobs(ref, model, warmup, seed0=10_000, stage=stage))
+            bad = [j for j, (_, s) in watcher.wait(ids).items() if s != "succeeded"]
+            if bad:
+                raise RuntimeError(f"warm-up job failed: {client.status(bad[0]).error}\n{worker.tail()}")
+            plain.run(list(range(10_000, 10_000 + warmup)))
 
-        seed = 0
-        rounds = (n + block - 1) // block
-        for r in range(rounds):
-            k = min(block, n - r * block)
-            seeds = list(range(seed, seed + k))
-            seed += k
-            order = ("easel", "plain") if r % 2 == 0 else ("plain", "easel")
-            for side in order:
-                if side == "easel":
-                    jobs = img2img_jobs(ref, model, k, seed0=seeds[0], stage=stage)
-                    c0 = easel_cpu.snapshot()
-                    t_start = time.perf_counter()
-                    ids = submit_all(client, jobs)
-                    done = watcher.wait(ids)
-                    for name, dt in CpuMeter.delta(c0, easel_cpu.snapshot()).items():
-                        cpu[name] = cpu.get(name, 0.0) + dt
-                    bad = [j for j, (_, s) in done.items() if s != "succeeded"]
-                    if bad:
-                        raise RuntimeError(f"job {bad[0]} {done[bad[0]][1]}: {client.status(bad[0]).error}")
-                    ends = sorted((t, j) for j, (t, _) in done.items())
-                    easel_blocks.append(ends[-1][0] - t_start)
-                    first_latency.append(ends[0][0] - t_start)
-                    for (ta, _), (tb, jb) in zip(ends, ends[1:]):
-                        cycles[jb] = tb - ta
-                    job_ids += ids
-                else:
-                    c0 = plain_cpu.snapshot()
-                    t_start = time.perf_counter()
-                    plain_calls += plain.run(seeds)
-                    plain_blocks.append(time.perf_counter() - t_start)
-                    cpu["plain"] = cpu.get("plain", 0.0) + CpuMeter.delta(c0, plain_cpu.snapshot())["plain"]
-            log(f"[{size}] round {r + 1}/{rounds}: easel {easel_blocks[-1]:.2f}s, plain {plain_blocks[-1]:.2f}s "
-                f"for {k} jobs")
-    finally:
-        watcher.close()
-        worker.stop()
-        plain.stop()
-    probe = json.loads(probe_out.read_text()) if probe_out.exists() else {}
+            rounds = (pair_n + block - 1) // block
+            for r in range(rounds):
+                k = min(block, pair_n - r * block)
+                seeds = list(range(seed, seed + k))
+                seed += k
+                order = ("easel", "plain") if r % 2 == 0 else ("plain", "easel")
+                for side in order:
+                    if side == "easel":
+                        jobs = img2img_jobs(ref, model, k, seed0=seeds[0], stage=stage)
+                        c0 = easel_cpu.snapshot()
+                        t_start = time.perf_counter()
+                        ids = submit_all(client, jobs)
+                        done = watcher.wait(ids)
+                        for name, dt in CpuMeter.delta(c0, easel_cpu.snapshot()).items():
+                            cpu[name] = cpu.get(name, 0.0) + dt
+                        bad = [j for j, (_, s) in done.items() if s != "succeeded"]
+                        if bad:
+                            raise RuntimeError(f"job {bad[0]} {done[bad[0]][1]}: {client.status(bad[0]).error}")
+                        ends = sorted((t, j) for j, (t, _) in done.items())
+                        easel_blocks.append(ends[-1][0] - t_start)
+                        first_latency.append(ends[0][0] - t_start)
+                        for (ta, _), (tb, jb) in zip(ends, ends[1:]):
+                            cycles[jb] = tb - ta
+                        job_ids += ids
+                    else:
+                        c0 = plain_cpu.snapshot()
+                        t_start = time.perf_counter()
+                        plain_calls += plain.run(seeds)
+                        plain_blocks.append(time.perf_counter() - t_start)
+                        cpu["plain"] = cpu.get("plain", 0.0) + CpuMeter.delta(c0, plain_cpu.snapshot())["plain"]
+                log(f"[{size}] pair {pair + 1}/{procs} round {r + 1}/{rounds}: easel {easel_blocks[-1]:.2f}s, "
+                    f"plain {plain_blocks[-1]:.2f}s for {k} jobs")
+        finally:
+            watcher.close()
+            worker.stop()
+            plain.stop()
+        probes.append(json.loads(probe_out.read_text()) if probe_out.exists() else {})
 
     denoise, progress, overhead, celery_gap, in_task = {}, {}, [], [], []
     for j in job_ids:
         (rec,) = client.store.records(j, 1)
         denoise[j] = json.loads(rec)["timings_s"]["denoise"]
-        progress[j] = probe.get(j, {}).get("progress_s", 0.0)
+        progress[j] = next((p[j].get("progress_s", 0.0) for p in probes if j in p), 0.0)
     for j, c in cycles.items():
         overhead.append(c - (denoise[j] - progress[j]))
-    # worker-side breakdown from the probe (same process clock)
-    runs = sorted((p["prerun"], p["postrun"], j) for j, p in probe.items()
-                  if j in denoise and "prerun" in p and "postrun" in p)
-    for (pre_a, post_a, _), (pre_b, post_b, jb) in zip(runs, runs[1:]):
-        if jb in cycles:  # consecutive in the same saturated block
-            celery_gap.append(pre_b - post_a)
-            in_task.append((post_b - pre_b) - denoise[jb])  # the task body outside denoise (and its hook)
+    # worker-side breakdown from each worker's probe (one process clock each)
+    for probe in probes:
+        runs = sorted((p["prerun"], p["postrun"], j) for j, p in probe.items()
+                      if j in denoise and "prerun" in p and "postrun" in p)
+        for (pre_a, post_a, _), (pre_b, post_b, jb) in zip(runs, runs[1:]):
+            if jb in cycles:  # consecutive in the same saturated block
+                celery_gap.append(pre_b - post_a)
+                in_task.append((post_b - pre_b) - denoise[jb])  # the task body outside denoise (and its hook)
     # Median of the per-round ratios: one round hit by a burst of outside load (other
     # processes on the same cores) cannot swing it, as it can a ratio of totals.
     ratio = median([p / e for p, e in zip(plain_blocks, easel_blocks)])
     res = {
-        "size": size, "model": model, "n": len(job_ids), "block": block,
+        "size": size, "model": model, "n": len(job_ids), "block": block, "process_pairs": procs,
         "ratio": ratio,
         "ratio_of_totals": sum(plain_blocks) / sum(easel_blocks),
         "round_ratios": [p / e for p, e in zip(plain_blocks, easel_blocks)],
@@ -155,9 +166,10 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
     return res
 
 
-def run(env: BenchEnv, n: int = DEFAULT_N, block: int = DEFAULT_BLOCK, sizes: tuple[str, ...] = ("small", "large")) -> dict:
+def run(env: BenchEnv, n: int = DEFAULT_N, block: int = DEFAULT_BLOCK, sizes: tuple[str, ...] = ("small", "large"),
+        procs: int = DEFAULT_PROCS) -> dict:
     client = env.client()
-    results = {s: run_target(env, client, cpu_target(env, s), n, block) for s in sizes}
+    results = {s: run_target(env, client, cpu_target(env, s), n, block, procs=procs) for s in sizes}
     return report(results)
 
 
@@ -188,8 +200,10 @@ def report(results: dict[str, dict], prefix: str = "", pooled: bool = True) -> d
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--n", type=int, default=DEFAULT_N, help="jobs per size (and as many plain calls)")
     ap.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="jobs per alternating block")
+    ap.add_argument("--procs", type=int, default=DEFAULT_PROCS,
+                    help="fresh (worker, plain loop) process pairs per size, sharing the jobs")
     ap.add_argument("--sizes", default="small,large")
 
 
 def main(env: BenchEnv, args) -> dict:
-    return run(env, n=args.n, block=args.block, sizes=tuple(args.sizes.split(",")))
+    return run(env, n=args.n, block=args.block, sizes=tuple(args.sizes.split(",")), procs=args.procs)

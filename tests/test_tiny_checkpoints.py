@@ -18,6 +18,7 @@ from diffusers import (  # noqa: E402
     KandinskyV22PriorPipeline,
 )
 
+from worker.pipelines import dtype_kwarg  # noqa: E402
 from worker.tiny import TINY_MAKERS, make_tiny_checkpoints  # noqa: E402
 from worker.tiny.kandinsky import combined_img2img_kwargs, make_kandinsky22_decoder  # noqa: E402
 
@@ -29,7 +30,7 @@ NEW = [
     "tiny-sd-x2-latent-upscaler",
     "tiny-sd-x4-upscaler",
 ]
-LOAD = dict(torch_dtype=torch.float32, use_safetensors=True)
+LOAD = {dtype_kwarg(): torch.float32, "use_safetensors": True}
 W, H = 96, 64  # non-square on purpose: catches swapped height/width
 
 

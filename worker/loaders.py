@@ -23,7 +23,7 @@ def load_sd(spec: ModelSpec, source: str, kw: dict, settings: Settings) -> tuple
 
     img2img = StableDiffusionImg2ImgPipeline.from_pretrained(source, **kw)
     # from_pipe casts the shared modules to its dtype argument (float32 when absent): pass ours.
-    same = {"torch_dtype": kw["torch_dtype"]}
+    same = {k: v for k, v in kw.items() if k in ("dtype", "torch_dtype")}
     pipes: dict = {"img2img": img2img, "text2img": StableDiffusionPipeline.from_pipe(img2img, **same)}
     for name, cn_source in spec.controlnets.items():
         cn = ControlNetModel.from_pretrained(_resolve(cn_source, settings), **kw)

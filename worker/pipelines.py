@@ -29,8 +29,16 @@ class LoadedModel:
     extras: dict[str, object] = field(default_factory=dict)
 
 
+def dtype_kwarg() -> str:
+    """The name ``from_pretrained`` / ``from_pipe`` take the dtype by: ``dtype`` where diffusers
+    has it (``torch_dtype`` still works there, with a deprecation warning), else ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def _load_kwargs(spec: ModelSpec, dtype: torch.dtype) -> dict:
-    kw: dict = {"torch_dtype": dtype, "use_safetensors": True}
+    kw: dict = {dtype_kwarg(): dtype, "use_safetensors": True}
     if spec.variant:
         kw["variant"] = spec.variant
     if spec.revision:
