@@ -9,6 +9,7 @@ details) goes to stderr.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -50,10 +51,71 @@ class Target:
     device: str = "cpu"
     compile_unet: bool = False
     worker_env: dict = field(default_factory=dict)  # e.g. EASEL_MODELS for a registry of its own
+    pin_cpus: bool = False  # servers on one core, worker and plain loop on the others (``cpu_split``)
 
     def plain_options(self) -> dict:
         return {"px": self.px, "stage": self.stage, "dtype": self.dtype, "device": self.device,
                 "compile_unet": self.compile_unet}
+
+
+def cpu_split() -> tuple[set[int], set[int]]:
+    """(servers, compute): this process's last CPU with its hyperthread siblings for valkey
+    and SeaweedFS, the other CPUs for the worker and the plain loop (at least one each)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    servers = {cpus[-1]}
+    try:
+        text = Path(f"/sys/devices/system/cpu/cpu{cpus[-1]}/topology/thread_siblings_list").read_text().strip()
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            servers |= set(range(int(lo), int(hi or lo) + 1))
+    except (OSError, ValueError):
+        pass
+    servers &= set(cpus)
+    if len(servers) >= len(cpus):
+        servers = {cpus[-1]}
+    return servers, set(cpus) - servers
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` and of its child processes onto ``cpus`` (threads made later
+    inherit it from the thread that makes them)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return
+    for p in procs:
+        for tid in (t.id for t in p.threads()):
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@contextlib.contextmanager
+def pinned_servers(env: "BenchEnv", on: bool):
+    """With ``on``: valkey and SeaweedFS on ``cpu_split``'s server CPUs for the block, and the
+    compute CPUs yielded for the worker and the plain loop (empty set: nothing pinned). Start
+    those with ``pinned_env(compute)``: torch must not run more threads than it has CPUs (its
+    spinning threads would wait on each other: 130x slower calls on one CPU)."""
+    if not on:
+        yield set()
+        return
+    servers, compute = cpu_split()
+    log(f"pinned: valkey + SeaweedFS on CPUs {sorted(servers)}, worker + plain loop on {sorted(compute)}")
+    for pid in env.server_pids().values():
+        pin_process(pid, servers)
+    try:
+        yield compute
+    finally:
+        for pid in env.server_pids().values():
+            pin_process(pid, servers | compute)
+
+
+def pinned_env(compute: set[int]) -> dict[str, str]:
+    """Environment for a process that will be pinned to ``compute`` (empty: nothing)."""
+    return {"OMP_NUM_THREADS": str(len(compute))} if compute else {}
 
 
 def cpu_target(env: "BenchEnv", size: str) -> Target:
@@ -362,11 +424,11 @@ class CpuMeter:
 class PlainRunner:
     """Drives ``python -m bench.plain_runner``: the plain loop, in its own process and session."""
 
-    def __init__(self, env: "BenchEnv", target: Target):
+    def __init__(self, env: "BenchEnv", target: Target, extra_env: dict | None = None):
         self.log = env.logdir / f"plain-{target.label}-{time.monotonic_ns()}.log"
         argv = [sys.executable, "-m", "bench.plain_runner", str(target.checkpoint), json.dumps(target.plain_options())]
         with open(self.log, "wb") as fh:
-            self.proc = subprocess.Popen(argv, env=env.env,
+            self.proc = subprocess.Popen(argv, env={**env.env, **(extra_env or {})},
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fh, cwd=ROOT,
                                          text=True, start_new_session=True)
         line = self.proc.stdout.readline()

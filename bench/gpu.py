@@ -10,11 +10,15 @@ Variants, run in this order while the time budget (``--budget-s``) lasts:
 - ``eager``: fp16, SDPA (diffusers' default attention on torch 2), output writes
   overlapped with the next job (the GPU default). Overhead vs a plain diffusers loop
   (``bench.overhead.run_target``: same checkpoint, dtype, image, seeds).
+- ``eager-pinned``: ``eager`` with valkey and SeaweedFS on one core (and its hyperthread
+  sibling) and the worker and the plain loop on the others (``bench.common.cpu_split``):
+  tests whether easel's slower pipeline call in the worker comes from the servers sharing
+  cores with the launching thread during easel's blocks.
 - ``batching``: benchmark 3 at 512 px, batch 1 / 4 / 8 (eager).
 - ``compile``: ``eager`` with ``torch.compile(unet, mode="reduce-overhead", fullgraph=True)``
   on both sides (registry ``optimizations.compile_unet``; the plain loop compiles the same way).
-- ``eager-sync``: ``eager`` with overlapped output writes off (``EASEL_OVERLAP_FINISH=false``),
-  to show what the overlap buys.
+- ``eager-sync`` (on request): ``eager`` with overlapped output writes off
+  (``EASEL_OVERLAP_FINISH=false``), to show what the overlap buys.
 
 Headlines are prefixed ``gpu_``; images/s are easel's and the plain loop's throughput over
 the measured blocks. ``--arch tiny --device cpu --px 64`` runs the whole script on the CPU
@@ -33,9 +37,9 @@ from bench.common import BenchEnv, Target, headline, log
 from bench.sd15_arch import bench_checkpoint
 
 NEEDS_MODELS = False  # makes its own checkpoint
-VARIANTS = ("eager", "batching", "compile", "eager-sync")
+VARIANTS = ("eager", "eager-pinned", "batching", "compile")  # default order; "eager-sync" on request
 # Seconds a variant needs at least (worker start, warm-up, compile); skipped when less is left.
-NEEDS_S = {"eager": 60, "compile": 150, "batching": 90, "eager-sync": 45}
+NEEDS_S = {"eager": 60, "eager-pinned": 60, "compile": 150, "batching": 90, "eager-sync": 45}
 
 
 def _registry(env: BenchEnv, ckpt: Path, dtype: str) -> Path:
@@ -69,6 +73,8 @@ def run(env: BenchEnv, args) -> dict:
         "eager": Target(label="eager", model="gpu-sd15", family="gpu-sd15", worker_env=wenv, **common),
         "compile": Target(label="compile", model="gpu-sd15-compiled", family="gpu-sd15-compiled", compile_unet=True,
                           worker_env=wenv, **common),
+        "eager-pinned": Target(label="eager_pinned", model="gpu-sd15", family="gpu-sd15", worker_env=wenv,
+                               pin_cpus=True, **common),
         "eager-sync": Target(label="eager_sync", model="gpu-sd15", family="gpu-sd15",
                              worker_env={**wenv, "EASEL_OVERLAP_FINISH": "false"}, **common),
     }

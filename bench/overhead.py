@@ -34,7 +34,8 @@ import os
 import time
 
 from bench.common import (BenchEnv, CpuMeter, EventWatcher, PlainRunner, Target, bench_image, cpu_target, headline,
-                          img2img_jobs, log, median, pct, png_bytes, submit_all)
+                          img2img_jobs, log, median, pct, pin_process, pinned_env, pinned_servers, png_bytes,
+                          submit_all)
 
 DEFAULT_N = 36
 DEFAULT_PROCS = 3
@@ -56,65 +57,71 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
     cpu: dict[str, float] = {}
     probes: list[dict] = []
     seed = 0
-    for pair in range(procs):
-        pair_n = n // procs + (1 if pair < n % procs else 0)
-        probe_out = env.tmp / f"probe-overhead-{size}-{pair}.json"
-        t0 = time.perf_counter()
-        worker = env.worker(target.family, module="bench.probe_worker",
-                            extra_env={**target.worker_env, "EASEL_BENCH_PROBE_OUT": str(probe_out)})
-        log(f"[{size}] pair {pair + 1}/{procs}: worker {target.family} ready in {time.perf_counter() - t0:.1f}s")
-        t0 = time.perf_counter()
-        plain = PlainRunner(env, target)
-        log(f"[{size}] pair {pair + 1}/{procs}: plain loop ready in {time.perf_counter() - t0:.1f}s")
-        watcher = EventWatcher(env.redis_url)
-        easel_cpu = CpuMeter({"worker": worker.proc.pid, **env.server_pids(), "producer": os.getpid()},
-                             shallow=("producer",))
-        plain_cpu = CpuMeter({"plain": plain.proc.pid})
-        try:
-            # warm-up, not measured: both sides run `warmup` calls first
-            ids = submit_all(client, img2img_jobs(ref, model, warmup, seed0=10_000, stage=stage))
-            bad = [j for j, (_, s) in watcher.wait(ids).items() if s != "succeeded"]
-            if bad:
-                raise RuntimeError(f"warm-up job failed: {client.status(bad[0]).error}\n{worker.tail()}")
-            plain.run(list(range(10_000, 10_000 + warmup)))
+    with pinned_servers(env, target.pin_cpus) as compute:
+        for pair in range(procs):
+            pair_n = n // procs + (1 if pair < n % procs else 0)
+            probe_out = env.tmp / f"probe-overhead-{size}-{pair}.json"
+            t0 = time.perf_counter()
+            worker = env.worker(target.family, module="bench.probe_worker",
+                                extra_env={**target.worker_env, "EASEL_BENCH_PROBE_OUT": str(probe_out),
+                                           **pinned_env(compute)})
+            if compute:
+                pin_process(worker.proc.pid, compute)
+            log(f"[{size}] pair {pair + 1}/{procs}: worker {target.family} ready in {time.perf_counter() - t0:.1f}s")
+            t0 = time.perf_counter()
+            plain = PlainRunner(env, target, extra_env=pinned_env(compute))
+            if compute:
+                pin_process(plain.proc.pid, compute)
+            log(f"[{size}] pair {pair + 1}/{procs}: plain loop ready in {time.perf_counter() - t0:.1f}s")
+            watcher = EventWatcher(env.redis_url)
+            easel_cpu = CpuMeter({"worker": worker.proc.pid, **env.server_pids(), "producer": os.getpid()},
+                                 shallow=("producer",))
+            plain_cpu = CpuMeter({"plain": plain.proc.pid})
+            try:
+                # warm-up, not measured: both sides run `warmup` calls first
+                ids = submit_all(client, img2img_jobs(ref, model, warmup, seed0=10_000, stage=stage))
+                bad = [j for j, (_, s) in watcher.wait(ids).items() if s != "succeeded"]
+                if bad:
+                    raise RuntimeError(f"warm-up job failed: {client.status(bad[0]).error}\n{worker.tail()}")
+                plain.run(list(range(10_000, 10_000 + warmup)))
 
-            rounds = (pair_n + block - 1) // block
-            for r in range(rounds):
-                k = min(block, pair_n - r * block)
-                seeds = list(range(seed, seed + k))
-                seed += k
-                order = ("easel", "plain") if r % 2 == 0 else ("plain", "easel")
-                for side in order:
-                    if side == "easel":
-                        jobs = img2img_jobs(ref, model, k, seed0=seeds[0], stage=stage)
-                        c0 = easel_cpu.snapshot()
-                        t_start = time.perf_counter()
-                        ids = submit_all(client, jobs)
-                        done = watcher.wait(ids)
-                        for name, dt in CpuMeter.delta(c0, easel_cpu.snapshot()).items():
-                            cpu[name] = cpu.get(name, 0.0) + dt
-                        bad = [j for j, (_, s) in done.items() if s != "succeeded"]
-                        if bad:
-                            raise RuntimeError(f"job {bad[0]} {done[bad[0]][1]}: {client.status(bad[0]).error}")
-                        ends = sorted((t, j) for j, (t, _) in done.items())
-                        easel_blocks.append(ends[-1][0] - t_start)
-                        first_latency.append(ends[0][0] - t_start)
-                        for (ta, _), (tb, jb) in zip(ends, ends[1:]):
-                            cycles[jb] = tb - ta
-                        job_ids += ids
-                    else:
-                        c0 = plain_cpu.snapshot()
-                        t_start = time.perf_counter()
-                        plain_calls += plain.run(seeds)
-                        plain_blocks.append(time.perf_counter() - t_start)
-                        cpu["plain"] = cpu.get("plain", 0.0) + CpuMeter.delta(c0, plain_cpu.snapshot())["plain"]
-                log(f"[{size}] pair {pair + 1}/{procs} round {r + 1}/{rounds}: easel {easel_blocks[-1]:.2f}s, "
-                    f"plain {plain_blocks[-1]:.2f}s for {k} jobs")
-        finally:
-            watcher.close()
-            worker.stop()
-            plain.stop()
-        probes.append(json.loads(probe_out.read_text()) if probe_out.exists() else {})
+                rounds = (pair_n + block - 1) // block
+                for r in range(rounds):
+                    k = min(block, pair_n - r * block)
+                    seeds = list(range(seed, seed + k))
+                    seed += k
+                    order = ("easel", "plain") if r % 2 == 0 else ("plain", "easel")
+                    for side in order:
+                        if side == "easel":
+                            jobs = img2img_jobs(ref, model, k, seed0=seeds[0], stage=stage)
+                            c0 = easel_cpu.snapshot()
+                            t_start = time.perf_counter()
+                            ids = submit_all(client, jobs)
+                            done = watcher.wait(ids)
+                            for name, dt in CpuMeter.delta(c0, easel_cpu.snapshot()).items():
+                                cpu[name] = cpu.get(name, 0.0) + dt
+                            bad = [j for j, (_, s) in done.items() if s != "succeeded"]
+                            if bad:
+                                raise RuntimeError(f"job {bad[0]} {done[bad[0]][1]}: {client.status(bad[0]).error}")
+                            ends = sorted((t, j) for j, (t, _) in done.items())
+                            easel_blocks.append(ends[-1][0] - t_start)
+                            first_latency.append(ends[0][0] - t_start)
+                            for (ta, _), (tb, jb) in zip(ends, ends[1:]):
+                                cycles[jb] = tb - ta
+                            job_ids += ids
+                        else:
+                            c0 = plain_cpu.snapshot()
+                            t_start = time.perf_counter()
+                            plain_calls += plain.run(seeds)
+                            plain_blocks.append(time.perf_counter() - t_start)
+                            cpu["plain"] = cpu.get("plain", 0.0) + CpuMeter.delta(c0, plain_cpu.snapshot())["plain"]
+                    log(f"[{size}] pair {pair + 1}/{procs} round {r + 1}/{rounds}: easel {easel_blocks[-1]:.2f}s, "
+                        f"plain {plain_blocks[-1]:.2f}s for {k} jobs")
+            finally:
+                watcher.close()
+                worker.stop()
+                plain.stop()
+            probes.append(json.loads(probe_out.read_text()) if probe_out.exists() else {})
 
     denoise, progress, overhead, celery_gap, in_task = {}, {}, [], [], []
     for j in job_ids:
