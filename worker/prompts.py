@@ -22,12 +22,17 @@ CACHE_SIZE = 256  # prompt pairs per model; SD 1.5 keeps ~240 kB per pair (fp16)
 _SD_NAMES = ("prompt_embeds", "negative_prompt_embeds")
 _POOLED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
+
+def _encode_sd(pipe, dev: torch.device, pos: str, neg: str | None) -> tuple:
+    """SD's ``encode_prompt`` (the x4 upscaler's has the same signature): one image, with guidance."""
+    return pipe.encode_prompt(pos, dev, 1, True, negative_prompt=neg)
+
+
 # kind -> (pipeline that encodes, how it is called, the names of what it returns)
 Encoder = tuple[str, Callable[[object, torch.device, str, "str | None"], tuple], tuple[str, ...]]
 PLAIN_ENCODERS: dict[str, Encoder] = {
-    "sd": ("img2img", lambda p, dev, pos, neg: p.encode_prompt(pos, dev, 1, True, negative_prompt=neg), _SD_NAMES),
-    "sd-x4-upscaler": ("upscale", lambda p, dev, pos, neg: p.encode_prompt(pos, dev, 1, True, negative_prompt=neg),
-                       _SD_NAMES),
+    "sd": ("img2img", _encode_sd, _SD_NAMES),
+    "sd-x4-upscaler": ("upscale", _encode_sd, _SD_NAMES),
     "sdxl-refiner": ("img2img", lambda p, dev, pos, neg: p.encode_prompt(
         pos, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=neg), _POOLED_NAMES),
     "sd-latent-upscaler": ("latent_upscale", lambda p, dev, pos, neg: p.encode_prompt(pos, dev, True, negative_prompt=neg),
