@@ -52,10 +52,11 @@ class Target:
     compile_unet: bool = False
     worker_env: dict = field(default_factory=dict)  # e.g. EASEL_MODELS for a registry of its own
     pin_cpus: bool = False  # servers on one core, worker and plain loop on the others (``cpu_split``)
+    phases: bool = False  # record where each pipeline call's time goes, on both sides (``phase_summary``)
 
     def plain_options(self) -> dict:
         return {"px": self.px, "stage": self.stage, "dtype": self.dtype, "device": self.device,
-                "compile_unet": self.compile_unet}
+                "compile_unet": self.compile_unet, "phases": self.phases}
 
 
 def cpu_split() -> tuple[set[int], set[int]]:
@@ -382,13 +383,50 @@ def load_plain_pipeline(path: Path, dtype: str = "float32", device: str = "cpu",
     return pipe
 
 
-def plain_call(pipe, image, seed: int, stage: dict | None = None):
+def plain_call(pipe, image, seed: int, stage: dict | None = None, phases: list | None = None):
+    """One plain diffusers call. With ``phases``, appends {"start", "steps", "end"}
+    (``perf_counter`` at the call, at each step's end, at its return) through a
+    ``callback_on_step_end`` that does nothing else (a few µs per step)."""
+    import time
+
     import torch
 
     st = stage or STAGE
+    extra: dict = {}
+    if phases is not None:
+        rec: dict = {"start": time.perf_counter(), "steps": []}
+
+        def mark(p, i, t, kw):
+            rec["steps"].append(time.perf_counter())
+            return kw
+
+        extra["callback_on_step_end"] = mark
     with torch.inference_mode():
-        return pipe(prompt=st["prompt"], image=image, strength=st["strength"], guidance_scale=st["guidance_scale"],
-                    num_inference_steps=st["steps"], generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+        out = pipe(prompt=st["prompt"], image=image, strength=st["strength"], guidance_scale=st["guidance_scale"],
+                   num_inference_steps=st["steps"], generator=torch.Generator("cpu").manual_seed(seed), **extra)
+    if phases is not None:
+        rec["end"] = time.perf_counter()
+        phases.append(rec)
+    return out.images[0]
+
+
+def phase_summary(records: list[dict]) -> dict[str, float]:
+    """p50s in ms of one side's pipeline calls split at the step callbacks: ``call``,
+    ``prologue`` (call -> first step's end: prompt encode, image preprocess, VAE encode, the
+    first UNet step), ``step`` (between consecutive steps' ends), ``epilogue`` (last step's
+    end -> return: VAE decode, postprocess to PIL)."""
+    recs = [r for r in records if r.get("steps") and "start" in r and "end" in r]
+    steps = [b - a for r in recs for a, b in zip(r["steps"], r["steps"][1:])]
+    ms = lambda xs: round(median(xs) * 1000, 2)  # noqa: E731
+    # A step 25% over the median step is "slow": on a shared GPU host whole stretches of
+    # steps run slower while the launching thread's CPU is taken (seen on the H200).
+    limit = 1.25 * median(steps) if steps else 0.0
+    clean = [r for r in recs if all(b - a <= limit for a, b in zip(r["steps"], r["steps"][1:]))]
+    return {"calls": len(recs), "call": ms([r["end"] - r["start"] for r in recs]),
+            "prologue": ms([r["steps"][0] - r["start"] for r in recs]), "step": ms(steps),
+            "epilogue": ms([r["end"] - r["steps"][-1] for r in recs]),
+            "slow_step_pct": round(100 * sum(d > limit for d in steps) / max(1, len(steps)), 1),
+            "clean_calls": len(clean), "clean_call": ms([r["end"] - r["start"] for r in clean])}
 
 
 class CpuMeter:
@@ -452,6 +490,13 @@ class PlainRunner:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def phases(self) -> list[dict]:
+        """After ``stop``: each call's phase timestamps (``Target.phases``), else []."""
+        for line in reversed(self.log.read_text(errors="replace").splitlines()):
+            if line.startswith("phases "):
+                return json.loads(line[len("phases "):])
+        return []
 
 
 def submit_all(client, jobs: list[dict]) -> list[str]:

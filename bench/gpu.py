@@ -19,6 +19,10 @@ Variants, run in this order while the time budget (``--budget-s``) lasts:
   on both sides (registry ``optimizations.compile_unet``; the plain loop compiles the same way).
 - ``eager-sync`` (on request): ``eager`` with overlapped output writes off
   (``EASEL_OVERLAP_FINISH=false``), to show what the overlap buys.
+- ``diag`` (on request): where easel's pipeline call loses time to the plain loop's. Each
+  call is split at its step callbacks (prologue, per step, epilogue) on three sides: the
+  plain process, easel's call in the worker, and the plain call made inside the worker
+  after each job (``bench.probe_worker``). Headlines ``gpu_diag_<side>_<phase>_ms``.
 
 Headlines are prefixed ``gpu_``; images/s are easel's and the plain loop's throughput over
 the measured blocks. ``--arch tiny --device cpu --px 64`` runs the whole script on the CPU
@@ -27,6 +31,7 @@ with the tiny checkpoint (a dry run of the code path, not a measurement).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -39,7 +44,7 @@ from bench.sd15_arch import bench_checkpoint
 NEEDS_MODELS = False  # makes its own checkpoint
 VARIANTS = ("eager", "eager-pinned", "batching", "compile")  # default order; "eager-sync" on request
 # Seconds a variant needs at least (worker start, warm-up, compile); skipped when less is left.
-NEEDS_S = {"eager": 60, "eager-pinned": 60, "compile": 150, "batching": 90, "eager-sync": 45}
+NEEDS_S = {"eager": 60, "eager-pinned": 60, "compile": 150, "batching": 90, "eager-sync": 45, "diag": 60}
 
 
 def _registry(env: BenchEnv, ckpt: Path, dtype: str) -> Path:
@@ -68,7 +73,7 @@ def run(env: BenchEnv, args) -> dict:
     wenv = {"EASEL_MODELS": str(reg), "EASEL_STAGE_TIMEOUT_BASE_S": "1800", "EASEL_STAGE_STUCK_GRACE_S": "600"}
     stage = {"task": "img2img", "prompt": "astronaut in a jungle, cold color palette, muted colors, detailed, 8k",
              "strength": args.strength, "guidance_scale": 7.5, "steps": args.steps}
-    common = dict(checkpoint=ckpt, px=args.px, stage=stage, dtype=dtype, device=args.device)
+    common = dict(checkpoint=ckpt, px=args.px, stage=stage, dtype=dtype, device=args.device, phases=args.phases)
     targets = {
         "eager": Target(label="eager", model="gpu-sd15", family="gpu-sd15", worker_env=wenv, **common),
         "compile": Target(label="compile", model="gpu-sd15-compiled", family="gpu-sd15-compiled", compile_unet=True,
@@ -77,6 +82,13 @@ def run(env: BenchEnv, args) -> dict:
                                pin_cpus=True, **common),
         "eager-sync": Target(label="eager_sync", model="gpu-sd15", family="gpu-sd15",
                              worker_env={**wenv, "EASEL_OVERLAP_FINISH": "false"}, **common),
+        # Where the call gap lives: phases of every call on three sides (plain process, easel's
+        # call, the plain call made inside the worker after each job); overlap off so that no
+        # finish runs beside either call in the worker. Its ratio means nothing (the worker
+        # makes two calls per job), so it reports phases only.
+        "diag": Target(label="diag", model="gpu-sd15", family="gpu-sd15", **{**common, "phases": True, "worker_env": {
+            **wenv, "EASEL_OVERLAP_FINISH": "false",
+            "EASEL_BENCH_INPROC_PLAIN": json.dumps({"px": args.px, "stage": stage})}}),
     }
     out: dict[str, str] = {}
     details: dict[str, object] = {}
@@ -94,10 +106,20 @@ def run(env: BenchEnv, args) -> dict:
                 details[variant] = res["details"]
             else:
                 t = targets[variant]
-                r = overhead.run_target(env, client, t, args.n, args.block)
-                lines = overhead.report({t.label: r}, prefix="gpu_", pooled=False)["headline"]
-                more = {f"gpu_images_per_s_{t.label}": f"{r['n'] / r['easel_s']:.2f}",
-                        f"gpu_plain_images_per_s_{t.label}": f"{r['n'] / r['plain_s']:.2f}"}
+                r = overhead.run_target(env, client, t, args.n, args.block, procs=args.procs)
+                if variant == "diag":
+                    lines = {}
+                    more = {f"gpu_diag_{side}_{k}" + ("" if k in ("slow_step_pct", "clean_calls") else "_ms"): v
+                            for side, ph in r["phases"].items() for k, v in ph.items() if k != "calls"}
+                else:
+                    lines = overhead.report({t.label: r}, prefix="gpu_", pooled=False)["headline"]
+                    more = {f"gpu_images_per_s_{t.label}": f"{r['n'] / r['easel_s']:.2f}",
+                            f"gpu_plain_images_per_s_{t.label}": f"{r['n'] / r['plain_s']:.2f}"}
+                    if "phases" in r:  # the call gap over calls free of slow stretches (``phase_summary``)
+                        ph = r["phases"]
+                        more[f"gpu_clean_call_gap_ms_{t.label}"] = f"{ph['easel']['clean_call'] - ph['plain']['clean_call']:.1f}"
+                        more[f"gpu_slow_step_pct_easel_{t.label}"] = ph["easel"]["slow_step_pct"]
+                        more[f"gpu_slow_step_pct_plain_{t.label}"] = ph["plain"]["slow_step_pct"]
                 for k, v in more.items():
                     headline(k, v)
                 out.update(lines, **more)
@@ -118,6 +140,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--strength", type=float, default=0.8)
     ap.add_argument("--n", type=int, default=16, help="jobs per overhead variant (and as many plain calls)")
     ap.add_argument("--block", type=int, default=4)
+    ap.add_argument("--procs", type=int, default=1, help="fresh (worker, plain loop) pairs sharing each variant's jobs")
+    ap.add_argument("--phases", action="store_true",
+                    help="record each call's step timestamps on both sides (a no-op step callback in the plain loop)")
     ap.add_argument("--batch-n", type=int, default=16, help="jobs per batch size")
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
     ap.add_argument("--variants", default=",".join(VARIANTS))

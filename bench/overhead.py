@@ -34,8 +34,8 @@ import os
 import time
 
 from bench.common import (BenchEnv, CpuMeter, EventWatcher, PlainRunner, Target, bench_image, cpu_target, headline,
-                          img2img_jobs, log, median, pct, pin_process, pinned_env, pinned_servers, png_bytes,
-                          submit_all)
+                          img2img_jobs, log, median, pct, phase_summary, pin_process, pinned_env, pinned_servers,
+                          png_bytes, submit_all)
 
 DEFAULT_N = 36
 DEFAULT_PROCS = 3
@@ -56,6 +56,7 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
     job_ids: list[str] = []
     cpu: dict[str, float] = {}
     probes: list[dict] = []
+    plain_phases: list[dict] = []
     seed = 0
     with pinned_servers(env, target.pin_cpus) as compute:
         for pair in range(procs):
@@ -121,6 +122,7 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
                 watcher.close()
                 worker.stop()
                 plain.stop()
+                plain_phases += plain.phases()[warmup:]
             probes.append(json.loads(probe_out.read_text()) if probe_out.exists() else {})
 
     denoise, progress, overhead, celery_gap, in_task = {}, {}, [], [], []
@@ -157,6 +159,17 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
         "first_job_latency_s_p50": median(first_latency),
         "cpu_ms_per_job": {k: v / len(job_ids) * 1000 for k, v in cpu.items()},
     }
+    if target.phases:  # where each side's call time goes (warm-up calls left out)
+        res["phases"] = {
+            "plain": phase_summary(plain_phases),
+            "easel": phase_summary([p[j] for p in probes for j in job_ids if j in p]),
+        }
+        inproc = [r for p in probes for r in p.get("_plain_in_worker", [])[warmup:]]
+        if inproc:
+            res["phases"]["plain_in_worker"] = phase_summary(inproc)
+        res["phases_raw"] = {"plain": plain_phases, "easel": [{k: p[j][k] for k in ("start", "steps", "end") if k in p[j]}
+                                                              for p in probes for j in job_ids if j in p]}
+        log(f"[{size}] phases, p50 ms: " + "; ".join(f"{k}: {v}" for k, v in res["phases"].items()))
     per_job = res["cpu_ms_per_job"]
     res["cpu_ms_per_job_easel"] = sum(v for k, v in per_job.items() if k != "plain")
     res["cpu_ms_per_job_plain"] = per_job.get("plain", 0.0)
