@@ -23,7 +23,8 @@ BENCHMARKS = {
     "batching": "bench.batching",
     "prompts": "bench.prompts",
 }
-EXTRA = {"profile": "bench.profile", "load": "bench.load", "gpu": "bench.gpu", "callpath": "bench.callpath"}  # not part of the default run
+EXTRA = {"profile": "bench.profile", "load": "bench.load", "gpu": "bench.gpu", "callpath": "bench.callpath",
+         "threads": "bench.cpu_threads"}  # not part of the default run
 
 
 def main(argv: list[str] | None = None) -> int:

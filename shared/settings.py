@@ -69,9 +69,14 @@ class Settings(BaseSettings):
         "unset = on when the worker runs on a GPU, off on the CPU, where the encode would take cores from "
         "the next job's denoising instead of overlapping it"))
     overlap_finish_wait_s: float = Field(default=0.03, ge=0.0, le=5.0, description=(
-        "an overlapped finish waits up to this long for the next job's pipeline call to start, so it does not "
-        "compete with the fetch and claim of that job; a lone job's result is late by at most this"))
+        "an overlapped finish waits for the next job's pipeline call to reach its first denoising step, so it "
+        "does not compete with the fetch, claim and prologue (preprocessing, VAE encode) of that job; when no "
+        "next job starts within this many seconds it runs then (a lone job's result is late by at most this)"))
     max_pending_finishes: int = Field(default=2, ge=1, le=64, description="finishes waiting at once per worker")
+    torch_threads: int | None = Field(default=None, ge=1, le=1024, description=(
+        "torch's CPU threads (intra-op) in a worker process; unset = 1 on a GPU (its CPU ops are one image's "
+        "pre/postprocessing, and a parallel region stalls whenever one of its cores is busy with the finisher, "
+        "the servers or another GPU's process), torch's default (every core) on the CPU"))
     reap_every_s: float = Field(default=10.0, gt=0, description="how often a worker looks for jobs left "
                                 "finishing by a dead worker")
     max_crash_deliveries: int = Field(default=2, ge=1, description="a segment whose worker died this often is poison")

@@ -43,3 +43,33 @@ def test_sdpa_default_and_compile_flag(model_root, tmp_path):
     # cpu_offload is a GPU-only switch: on the CPU the pipeline simply stays on the device.
     off = _cache(model_root, tmp_path, optimizations={"cpu_offload": True}).get("m").pipes["img2img"]
     assert off.device.type == "cpu"
+
+
+def test_cpu_threads_one_on_a_gpu_unless_set_and_torch_default_on_the_cpu():
+    from worker.device import cpu_threads
+
+    assert cpu_threads(torch.device("cuda"), None) == 1
+    assert cpu_threads(torch.device("cuda"), 3) == 3
+    assert cpu_threads(torch.device("cpu"), None) == torch.get_num_threads()
+    assert cpu_threads(torch.device("cpu"), 2) == 2
+
+
+def test_worker_runs_with_the_torch_threads_setting(easel_env, input_png, tmp_path):
+    """EASEL_TORCH_THREADS reaches the worker process (its presence record says what torch
+    runs with) and a job completes with it."""
+    import json
+
+    from producer.client import EaselClient
+    from tests.conftest import WorkerProc, img2img_job
+
+    env = {**easel_env, "EASEL_TORCH_THREADS": "1", "EASEL_QUEUE_PREFIX": "threads"}
+    w = WorkerProc("sd15", env, tmp_path).start()
+    try:
+        c = EaselClient(Settings(queue_prefix="threads"))
+        beat = json.loads(c.store.r.get(f"threads:worker:{w.hostname}"))
+        assert beat["torch_threads"] == 1
+        st = c.wait(c.submit(img2img_job(str(input_png), steps=3)), timeout=120)
+    finally:
+        w.stop()
+    assert st.state.value == "succeeded", st.error
+    assert len(st.outputs) == 1 and c.storage.get(st.outputs[0]).startswith(b"\x89PNG")

@@ -17,3 +17,18 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
+
+
+def cpu_threads(device: torch.device, requested: int | None) -> int:
+    """torch's intra-op CPU threads for a worker on ``device`` (``Settings.torch_threads``).
+
+    On a GPU the CPU-side tensor work of a pipeline call is small (one image's pre- and
+    postprocessing), and each parallel region waits for its slowest thread: with a thread
+    per core, any core busy with something else (the finisher's PNG encode and uploads,
+    valkey or SeaweedFS on the same host, the worker of the next GPU) stalls the call that
+    the launching thread is waiting on (``python -m bench threads`` shows it). One thread is
+    what torchrun gives each process by default for the same reason.
+    """
+    if requested:
+        return requested
+    return 1 if device.type == "cuda" else torch.get_num_threads()

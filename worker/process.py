@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = WorkerContext.create(args.family, hostname=hostname)
     ctx.store.r.ping()  # a wrong password or TLS setting fails here, at once, not after warming
+    import torch
+
+    from worker.device import cpu_threads
+
+    torch.set_num_threads(cpu_threads(ctx.cache.device, ctx.settings.torch_threads))  # before any parallel work
     ctx.watchdog = Watchdog()
     try:
         ctx.storage.ensure_bucket()
@@ -68,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         beat["reaper"] = Reaper(ctx, app, ctx.settings.reap_every_s, ctx.settings.visibility_timeout_s).start()
         beat["stop"] = start_heartbeat(ctx.store.r, ctx.settings.queue_prefix, hostname, {
             "family": args.family, "device": str(ctx.cache.device), "load_s": round(load_s, 3),
-            "models": sorted(ctx.cache.models), "metrics_port": mport, "batch_size": ctx.settings.batch_size})
+            "models": sorted(ctx.cache.models), "metrics_port": mport, "batch_size": ctx.settings.batch_size,
+            "torch_threads": torch.get_num_threads()})
 
     @worker_shutdown.connect(weak=False)
     def _bye(**_kw):
