@@ -1,4 +1,4 @@
-"""The overlapped finish waits for the next pipeline call (or its wait limit) before it runs.
+"""The overlapped finish waits for the next pipeline call to denoise (or its wait limit) before it runs.
 
 Against the session's real valkey: the finisher registers each pending finish there, which
 is what lets another worker's reaper re-send it if this process dies.
@@ -9,6 +9,8 @@ import threading
 import time
 import uuid
 from types import SimpleNamespace
+
+import pytest
 
 from worker.finisher import Finisher, finishing_key
 
@@ -32,7 +34,7 @@ def test_finish_waits_for_the_next_pipeline_call(client):
         time.sleep(0.5)
         assert ran == []  # still waiting: no pipeline call started since
         t0 = time.monotonic()
-        f.pipeline_started()
+        f.denoising_started()
         f.drain()
         assert [j for j, _ in ran] == [job_id]
         assert ran[0][1] - t0 < 5
@@ -60,11 +62,61 @@ def test_a_call_started_before_the_finish_was_queued_does_not_release_it(client)
     f, ran = _finisher(client, wait_s=30)
     job_id = f"fin-{uuid.uuid4().hex}"
     try:
-        f.pipeline_started()  # this job's own call
+        f.denoising_started()  # this job's own call
         _defer(f, ran, job_id)
         time.sleep(0.3)
         assert ran == []
-        threading.Timer(0.1, f.pipeline_started).start()  # the next job's call
+        threading.Timer(0.1, f.denoising_started).start()  # the next job's call
+        f.drain()
+        assert [j for j, _ in ran] == [job_id]
+    finally:
+        client.store.r.delete(client.store.key(job_id))
+
+
+def test_the_step_hook_releases_a_pending_finish_at_the_first_step_only(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.segment import StepHook
+
+    f, ran = _finisher(client, wait_s=30)
+    released: list[int] = []
+
+    def release() -> None:
+        released.append(1)
+        f.denoising_started()
+
+    job_id = f"fin-{uuid.uuid4().hex}"
+    pool = ThreadPoolExecutor(1)
+    try:
+        _defer(f, ran, job_id)
+        hook = StepHook(client.store, f"next-{job_id}", 0, time.monotonic() + 60, 60, 0.25, pool,
+                        on_first_step=release)
+        time.sleep(0.2)
+        assert ran == []  # the next call's prologue: still waiting
+        assert hook(1, 10) and hook(2, 10)
+        hook.flush()
+        f.drain()
+        assert [j for j, _ in ran] == [job_id] and released == [1]
+    finally:
+        pool.shutdown()
+        client.store.r.delete(client.store.key(job_id), client.store.key(f"next-{job_id}"))
+
+
+@pytest.mark.parametrize("release", ["denoising_started", "task_ended"])
+def test_a_started_next_task_holds_the_finish_past_the_wait_until_it_denoises_or_ends(client, release):
+    """A next task in its fetch, claim or prologue holds the finish past ``wait_s``; its
+    first denoising step releases it, and so does its end without one (a duplicate
+    delivery of a finished job, a failure, a hand-off)."""
+    f, ran = _finisher(client, wait_s=0.1)
+    job_id = f"fin-{uuid.uuid4().hex}"
+    try:
+        f.task_started()  # the task that defers its finish
+        _defer(f, ran, job_id)
+        f.task_ended()
+        f.task_started()  # the next job's task
+        time.sleep(0.5)
+        assert ran == []  # well past wait_s
+        getattr(f, release)()
         f.drain()
         assert [j for j, _ in ran] == [job_id]
     finally:

@@ -17,11 +17,16 @@ outputs are written:
   then re-sends those jobs' segments. Outputs go to deterministic keys and terminal states
   are never overwritten, so a re-run gives the same single result; the delivery counter
   still counts the death (two deaths make it a poison job, as for a crash mid-stage).
-- A finish waits (at most ``wait_s``) for the next job's pipeline call to start before
-  it runs: started at once it would compete for the GIL and the cores with Celery's ack
-  and fetch and the next job's claim, which sit on the critical path; once the next call
-  runs, the GPU (or the cores) are busy for a while anyway. With no next job in sight it
-  starts after ``wait_s``, so a lone job's result is late by at most that.
+- A finish waits for the next job's pipeline call to reach its first denoising step
+  before it runs. Started at once it would compete for the GIL and the cores with
+  Celery's ack and fetch and the next job's claim, which sit on the critical path;
+  started with the call, with the call's prologue (image preprocessing, VAE encode: CPU
+  tensor work and launches), which it slowed by ~45 ms on an H200 (``bench gpu
+  --phases``: prologue 29-35 ms without a pending finish, 70-81 ms with one, compiled
+  UNet); once the call is denoising, the GPU is busy for a while. With no next task
+  started within ``wait_s`` it runs then, so a lone job's result is late by at most that;
+  a next task that ends without denoising, or takes over ``prologue_cap_s`` to start,
+  releases it too.
 - At most ``max_pending_finishes`` finishes wait at once: when uploads fall behind, the
   next task waits for a slot instead of piling images up in memory.
 - A warm shutdown (SIGTERM) drains pending finishes before the process exits.
@@ -51,11 +56,14 @@ def finishing_key(prefix: str) -> str:
 
 
 class Finisher:
-    def __init__(self, ctx, guard: Guard, max_pending: int = 2, wait_s: float = 0.03):
+    def __init__(self, ctx, guard: Guard, max_pending: int = 2, wait_s: float = 0.03, prologue_cap_s: float = 2.0):
         self.ctx = ctx
         self.guard = guard
         self.wait_s = wait_s
-        self._calls = 0  # pipeline calls started in this process (``pipeline_started``)
+        self.prologue_cap_s = prologue_cap_s  # a next job's call slower than this to denoise lets the finish go
+        # Counters of this process, under ``_cv``: tasks started and ended (``task_started`` /
+        # ``task_ended``), pipeline calls that reached denoising (``denoising_started``).
+        self._tasks = self._ended = self._calls = 0
         self._cv = threading.Condition()
         # One thread: finishes run in the order their jobs ended, and ``drain`` relies on it.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="easel-finish")
@@ -67,7 +75,9 @@ class Finisher:
             self._slots.acquire()  # backpressure: wait while max_pending finishes are queued
             try:
                 self._register(job_id, segment)
-                fut = self._pool.submit(self._run, job_id, segment, queue, finish, self._calls)
+                with self._cv:
+                    mark = (self._tasks, self._calls)
+                fut = self._pool.submit(self._run, job_id, segment, queue, finish, mark)
             except BaseException:
                 self._slots.release()
                 raise
@@ -83,15 +93,37 @@ class Finisher:
         pipe.hset(store.key(job_id), "finishing", json.dumps({"worker": self.ctx.hostname, "segment": segment}))
         pipe.execute()
 
-    def pipeline_started(self) -> None:
-        """The worker is about to call a pipeline: finishes waiting for that may run now."""
+    def task_started(self) -> None:
+        """A task (a job's segment) starts on this worker."""
+        with self._cv:
+            self._tasks += 1
+            self._cv.notify_all()
+
+    def task_ended(self) -> None:
+        with self._cv:
+            self._ended += 1
+            self._cv.notify_all()
+
+    def denoising_started(self) -> None:
+        """A pipeline call of this worker reached its first denoising step: finishes waiting
+        for that may run now."""
         with self._cv:
             self._calls += 1
             self._cv.notify_all()
 
-    def _run(self, job_id: str, segment: int, queue: str | None, finish: Callable[[], None], calls: int) -> None:
+    def _wait_for_next_call(self, mark: tuple[int, int]) -> None:
+        """Until a call started after the defer is denoising; or ``wait_s`` passes with no next
+        task; or the next task ends without denoising (a duplicate, a failure, a hand-off);
+        or ``prologue_cap_s`` passes."""
+        tasks, calls = mark
         with self._cv:
-            self._cv.wait_for(lambda: self._calls > calls, timeout=self.wait_s)
+            if not self._cv.wait_for(lambda: self._tasks > tasks or self._calls > calls, timeout=self.wait_s):
+                return  # no next job in sight
+            self._cv.wait_for(lambda: self._calls > calls or self._ended >= self._tasks, timeout=self.prologue_cap_s)
+
+    def _run(self, job_id: str, segment: int, queue: str | None, finish: Callable[[], None],
+             mark: tuple[int, int]) -> None:
+        self._wait_for_next_call(mark)
 
         def body() -> str:
             finish()

@@ -145,9 +145,9 @@ def execute_segment(ctx: WorkerContext, app, job_id: str, seg_index: int,
                              f"stage {i} ({stage.task}, {stage.model}) made no progress within "
                              f"{limit + ctx.settings.stage_stuck_grace_s:.0f}s (limit {limit:.0f}s); worker restarted",
                              lambda reason: store.transition(job_id, JobState.failed, error=reason))
-        hook = StepHook(store, job_id, i, deadline, limit, ctx.settings.progress_interval_s, ctx.io)
-        if ctx.finisher is not None:
-            ctx.finisher.pipeline_started()  # the previous job's finish overlaps this call
+        # The previous job's finish (if one is pending) starts once this call is denoising.
+        hook = StepHook(store, job_id, i, deadline, limit, ctx.settings.progress_interval_s, ctx.io,
+                        on_first_step=ctx.finisher.denoising_started if ctx.finisher is not None else None)
         try:
             carrier, timings = run_stage(model, stage, carrier, n=n, want_latent=want_latent, control_image=control,
                                          on_step=hook)
@@ -198,13 +198,15 @@ class StepHook:
     two, and a step costs microseconds instead of a round trip (most of easel's per-job
     overhead on fast stages). ``flush`` waits for the last write, so no progress write can
     land after the state that follows the stage. Progress is best effort: a broker hiccup
-    must not fail a stage that is computing fine.
+    must not fail a stage that is computing fine. ``on_first_step`` runs once, at the first
+    step (the worker releases the previous job's pending finish there).
     """
 
     def __init__(self, store, job_id: str, stage_index: int, deadline: float, limit: float, interval_s: float,
-                 pool: Executor):
+                 pool: Executor, on_first_step: Callable[[], None] | None = None):
         self.store, self.job_id, self.stage_index = store, job_id, stage_index
         self.deadline, self.limit, self.interval_s, self.pool = deadline, limit, interval_s, pool
+        self._on_first_step = on_first_step
         self.last: dict | None = None  # the last step seen: the final state records it
         self._sent_at: float | None = None
         self._pending: Future | None = None
@@ -220,6 +222,9 @@ class StepHook:
             return False
 
     def __call__(self, step: int, total: int) -> bool:
+        if self._on_first_step is not None:
+            first, self._on_first_step = self._on_first_step, None
+            first()
         self.last = {"stage": self.stage_index, "step": step, "total_steps": total}
         now = time.monotonic()
         if now > self.deadline:

@@ -157,6 +157,13 @@ def register_tasks(app, batch_size: int = 1, batch_wait_s: float = 0.05) -> None
     def run_segment(self, job_id: str, seg_index: int) -> str:
         ctx, _ = get_context()
         queue = (self.request.delivery_info or {}).get("routing_key")
-        later = ctx.finisher.deferrer(job_id, seg_index, queue) if ctx.finisher is not None else None
-        return guarded(ctx, self.app, job_id, seg_index, queue,
-                       lambda: execute_segment(ctx, self.app, job_id, seg_index, finish_later=later))
+        fin = ctx.finisher
+        if fin is None:
+            return guarded(ctx, self.app, job_id, seg_index, queue,
+                           lambda: execute_segment(ctx, self.app, job_id, seg_index))
+        fin.task_started()  # a pending finish now waits for this task's denoising (worker/finisher.py)
+        try:
+            return guarded(ctx, self.app, job_id, seg_index, queue, lambda: execute_segment(
+                ctx, self.app, job_id, seg_index, finish_later=fin.deferrer(job_id, seg_index, queue)))
+        finally:
+            fin.task_ended()
