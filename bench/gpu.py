@@ -9,14 +9,16 @@ Variants, run in this order while the time budget (``--budget-s``) lasts:
 
 - ``eager``: fp16, SDPA (diffusers' default attention on torch 2), output writes
   overlapped with the next job (the GPU default). Overhead vs a plain diffusers loop
-  (``bench.overhead.run_target``: same checkpoint, dtype, image, seeds).
-- ``eager-pinned``: ``eager`` with valkey and SeaweedFS on one core (and its hyperthread
-  sibling) and the worker and the plain loop on the others (``bench.common.cpu_split``):
-  tests whether easel's slower pipeline call in the worker comes from the servers sharing
-  cores with the launching thread during easel's blocks.
-- ``batching``: benchmark 3 at 512 px, batch 1 / 4 / 8 (eager).
+  (``bench.overhead.run_target``: same checkpoint, dtype, image, seeds), its jobs shared
+  by ``--procs`` (3) fresh process pairs: eager SD 1.5 is launch-bound, and on a shared
+  host whole stretches of steps run slower for whichever process is unlucky.
 - ``compile``: ``eager`` with ``torch.compile(unet, mode="reduce-overhead", fullgraph=True)``
-  on both sides (registry ``optimizations.compile_unet``; the plain loop compiles the same way).
+  on both sides (registry ``optimizations.compile_unet``; the plain loop compiles the same
+  way); one process pair (each compiles for about a minute).
+- ``batching``: benchmark 3 at 512 px, batch 1 / 4 / 8 (eager).
+- ``eager-pinned`` (on request): ``eager`` with valkey and SeaweedFS on one core (and its
+  hyperthread sibling) and the worker and the plain loop on the others
+  (``bench.common.cpu_split``); it did not remove the slow stretches (docs/benchmarks.md).
 - ``eager-sync`` (on request): ``eager`` with overlapped output writes off
   (``EASEL_OVERLAP_FINISH=false``), to show what the overlap buys.
 - ``diag`` (on request): where easel's pipeline call loses time to the plain loop's. Each
@@ -25,7 +27,10 @@ Variants, run in this order while the time budget (``--budget-s``) lasts:
   after each job (``bench.probe_worker``). Headlines ``gpu_diag_<side>_<phase>_ms``.
 
 Headlines are prefixed ``gpu_``; images/s are easel's and the plain loop's throughput over
-the measured blocks. ``--arch tiny --device cpu --px 64`` runs the whole script on the CPU
+the measured blocks. With ``--phases`` (default) both sides record each call's step
+timestamps (``bench.common.phase_summary``), which adds ``gpu_clean_call_gap_ms_<variant>``
+(easel's call less the plain loop's, over calls free of slow stretches) and the share of
+slow steps on each side, and keeps the raw phases in the ``--json`` details. ``--arch tiny --device cpu --px 64`` runs the whole script on the CPU
 with the tiny checkpoint (a dry run of the code path, not a measurement).
 """
 from __future__ import annotations
@@ -42,9 +47,9 @@ from bench.common import BenchEnv, Target, headline, log
 from bench.sd15_arch import bench_checkpoint
 
 NEEDS_MODELS = False  # makes its own checkpoint
-VARIANTS = ("eager", "eager-pinned", "batching", "compile")  # default order; "eager-sync" on request
+VARIANTS = ("eager", "compile", "batching")  # default order; "eager-pinned", "eager-sync", "diag" on request
 # Seconds a variant needs at least (worker start, warm-up, compile); skipped when less is left.
-NEEDS_S = {"eager": 60, "eager-pinned": 60, "compile": 150, "batching": 90, "eager-sync": 45, "diag": 60}
+NEEDS_S = {"eager": 150, "eager-pinned": 60, "compile": 150, "batching": 90, "eager-sync": 45, "diag": 60}
 
 
 def _registry(env: BenchEnv, ckpt: Path, dtype: str) -> Path:
@@ -106,7 +111,10 @@ def run(env: BenchEnv, args) -> dict:
                 details[variant] = res["details"]
             else:
                 t = targets[variant]
-                r = overhead.run_target(env, client, t, args.n, args.block, procs=args.procs)
+                # Several fresh process pairs average out the host's slow stretches (eager is
+                # launch-bound, so they hit it 1:1); compiling once per pair would cost a minute each.
+                procs = 1 if variant == "compile" else args.procs
+                r = overhead.run_target(env, client, t, args.n, args.block, procs=procs)
                 if variant == "diag":
                     lines = {}
                     more = {f"gpu_diag_{side}_{k}" + ("" if k in ("slow_step_pct", "clean_calls") else "_ms"): v
@@ -138,10 +146,11 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--px", type=int, default=512)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--strength", type=float, default=0.8)
-    ap.add_argument("--n", type=int, default=16, help="jobs per overhead variant (and as many plain calls)")
+    ap.add_argument("--n", type=int, default=24, help="jobs per overhead variant (and as many plain calls)")
     ap.add_argument("--block", type=int, default=4)
-    ap.add_argument("--procs", type=int, default=1, help="fresh (worker, plain loop) pairs sharing each variant's jobs")
-    ap.add_argument("--phases", action="store_true",
+    ap.add_argument("--procs", type=int, default=3,
+                    help="fresh (worker, plain loop) pairs sharing each variant's jobs (compile: always 1)")
+    ap.add_argument("--phases", action=argparse.BooleanOptionalAction, default=True,
                     help="record each call's step timestamps on both sides (a no-op step callback in the plain loop)")
     ap.add_argument("--batch-n", type=int, default=16, help="jobs per batch size")
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
