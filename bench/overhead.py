@@ -160,15 +160,13 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
         "cpu_ms_per_job": {k: v / len(job_ids) * 1000 for k, v in cpu.items()},
     }
     if target.phases:  # where each side's call time goes (warm-up calls left out)
-        res["phases"] = {
-            "plain": phase_summary(plain_phases),
-            "easel": phase_summary([p[j] for p in probes for j in job_ids if j in p]),
-        }
+        easel_phases = [{k: p[j][k] for k in ("start", "steps", "end") if k in p[j]}
+                        for p in probes for j in job_ids if j in p]
+        res["phases"] = {"plain": phase_summary(plain_phases), "easel": phase_summary(easel_phases)}
         inproc = [r for p in probes for r in p.get("_plain_in_worker", [])[warmup:]]
         if inproc:
             res["phases"]["plain_in_worker"] = phase_summary(inproc)
-        res["phases_raw"] = {"plain": plain_phases, "easel": [{k: p[j][k] for k in ("start", "steps", "end") if k in p[j]}
-                                                              for p in probes for j in job_ids if j in p]}
+        res["phases_raw"] = {"plain": plain_phases, "easel": easel_phases}
         log(f"[{size}] phases, p50 ms: " + "; ".join(f"{k}: {v}" for k, v in res["phases"].items()))
     per_job = res["cpu_ms_per_job"]
     res["cpu_ms_per_job_easel"] = sum(v for k, v in per_job.items() if k != "plain")
