@@ -414,7 +414,8 @@ def phase_summary(records: list[dict]) -> dict[str, float]:
     """p50s in ms of one side's pipeline calls split at the step callbacks: ``call``,
     ``prologue`` (call -> first step's end: prompt encode, image preprocess, VAE encode, the
     first UNet step), ``step`` (between consecutive steps' ends), ``epilogue`` (last step's
-    end -> return: VAE decode, postprocess to PIL)."""
+    end -> return: VAE decode, postprocess to PIL), ``early_step`` (the two steps after the
+    first: where an overlapped finish of the previous job now runs, vs ``step``)."""
     recs = [r for r in records if r.get("steps") and "start" in r and "end" in r]
     steps = [b - a for r in recs for a, b in zip(r["steps"], r["steps"][1:])]
     ms = lambda xs: round(median(xs) * 1000, 2)  # noqa: E731
@@ -425,6 +426,7 @@ def phase_summary(records: list[dict]) -> dict[str, float]:
     return {"calls": len(recs), "call": ms([r["end"] - r["start"] for r in recs]),
             "prologue": ms([r["steps"][0] - r["start"] for r in recs]), "step": ms(steps),
             "epilogue": ms([r["end"] - r["steps"][-1] for r in recs]),
+            "early_step": ms([b - a for r in recs for a, b in zip(r["steps"][:2], r["steps"][1:3])]),
             "slow_step_pct": round(100 * sum(d > limit for d in steps) / max(1, len(steps)), 1),
             "clean_calls": len(clean), "clean_call": ms([r["end"] - r["start"] for r in clean])}
 

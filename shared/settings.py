@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     overlap_finish_wait_s: float = Field(default=0.03, ge=0.0, le=5.0, description=(
         "an overlapped finish waits for the next job's pipeline call to reach its first denoising step, so it "
         "does not compete with the fetch, claim and prologue (preprocessing, VAE encode) of that job; when no "
-        "next job starts within this many seconds it runs then (a lone job's result is late by at most this)"))
+        "next job starts within this many seconds it runs then; a job that leaves its queue empty (the last of a "
+        "burst, a lone job) finishes at once"))
     max_pending_finishes: int = Field(default=2, ge=1, le=64, description="finishes waiting at once per worker")
     torch_threads: int | None = Field(default=None, ge=1, le=1024, description=(
         "torch's CPU threads (intra-op) in a worker process; unset = 1 on a GPU (its CPU ops are one image's "

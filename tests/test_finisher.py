@@ -121,3 +121,30 @@ def test_a_started_next_task_holds_the_finish_past_the_wait_until_it_denoises_or
         assert [j for j, _ in ran] == [job_id]
     finally:
         client.store.r.delete(client.store.key(job_id))
+
+
+@pytest.mark.parametrize("queued", [0, 1])
+def test_a_job_that_leaves_its_queue_empty_finishes_at_once(client, queued):
+    """The last job of a burst has nothing to overlap with: its finish runs without waiting
+    for a next call, while a message waiting in the worker's queue (any priority list)
+    holds it as before."""
+    from shared.metrics import priority_lists
+
+    queue = f"test-fin-q-{uuid.uuid4().hex}"
+    r = client.store.r
+    lists = [name for _, name in priority_lists(queue)]
+    if queued:
+        r.rpush(lists[3], "a message")  # a priority-3 job waits
+    ctx = SimpleNamespace(store=client.store, hostname="test-finisher@here")
+    ran: list[tuple[str, float]] = []
+    f = Finisher(ctx, guard=lambda job_id, seg, q, body: body(), max_pending=2, wait_s=30, queue=queue)
+    job_id = f"fin-{uuid.uuid4().hex}"
+    try:
+        _defer(f, ran, job_id)
+        time.sleep(0.5)
+        assert [j for j, _ in ran] == ([] if queued else [job_id])
+        f.denoising_started()  # the next job's call
+        f.drain()
+        assert [j for j, _ in ran] == [job_id]
+    finally:
+        r.delete(client.store.key(job_id), *lists)

@@ -26,7 +26,9 @@ outputs are written:
   UNet); once the call is denoising, the GPU is busy for a while. With no next task
   started within ``wait_s`` it runs then, so a lone job's result is late by at most that;
   a next task that ends without denoising, or takes over ``prologue_cap_s`` to start,
-  releases it too.
+  releases it too. A job whose queue held no message when it ended (read in the same
+  round trip that registers the finish) is the last of its burst: nothing is coming to
+  overlap with, so its finish runs at once instead of after ``wait_s``.
 - At most ``max_pending_finishes`` finishes wait at once: when uploads fall behind, the
   next task waits for a slot instead of piling images up in memory.
 - A warm shutdown (SIGTERM) drains pending finishes before the process exits.
@@ -43,6 +45,7 @@ from typing import Callable
 import redis
 
 from shared.celery_app import RUN_SEGMENT
+from shared.metrics import priority_lists
 from worker.heartbeat import worker_key
 from worker.metrics import observe_finished
 
@@ -56,8 +59,11 @@ def finishing_key(prefix: str) -> str:
 
 
 class Finisher:
-    def __init__(self, ctx, guard: Guard, max_pending: int = 2, wait_s: float = 0.03, prologue_cap_s: float = 2.0):
+    def __init__(self, ctx, guard: Guard, max_pending: int = 2, wait_s: float = 0.03, prologue_cap_s: float = 2.0,
+                 queue: str | None = None):
         self.ctx = ctx
+        # The Celery queue this worker consumes: its Redis lists say whether a next job waits.
+        self._lists = [name for _, name in priority_lists(queue)] if queue else []
         self.guard = guard
         self.wait_s = wait_s
         self.prologue_cap_s = prologue_cap_s  # a next job's call slower than this to denoise lets the finish go
@@ -74,10 +80,10 @@ class Finisher:
         def defer(finish: Callable[[], None]) -> str:
             self._slots.acquire()  # backpressure: wait while max_pending finishes are queued
             try:
-                self._register(job_id, segment)
+                waiting = self._register(job_id, segment)
                 with self._cv:
                     mark = (self._tasks, self._calls)
-                fut = self._pool.submit(self._run, job_id, segment, queue, finish, mark)
+                fut = self._pool.submit(self._run, job_id, segment, queue, finish, mark, waiting)
             except BaseException:
                 self._slots.release()
                 raise
@@ -86,12 +92,17 @@ class Finisher:
 
         return defer
 
-    def _register(self, job_id: str, segment: int) -> None:
+    def _register(self, job_id: str, segment: int) -> int | None:
+        """Register the pending finish; returns the messages waiting in this worker's queue
+        (None when the queue is not known), read in the same round trip."""
         store = self.ctx.store
         pipe = store.r.pipeline(transaction=True)
         pipe.zadd(finishing_key(store.prefix), {job_id: time.time()})
         pipe.hset(store.key(job_id), "finishing", json.dumps({"worker": self.ctx.hostname, "segment": segment}))
-        pipe.execute()
+        for name in self._lists:
+            pipe.llen(name)
+        replies = pipe.execute()
+        return sum(int(n) for n in replies[2:]) if self._lists else None
 
     def task_started(self) -> None:
         """A task (a job's segment) starts on this worker."""
@@ -111,10 +122,13 @@ class Finisher:
             self._calls += 1
             self._cv.notify_all()
 
-    def _wait_for_next_call(self, mark: tuple[int, int]) -> None:
+    def _wait_for_next_call(self, mark: tuple[int, int], waiting: int | None) -> None:
         """Until a call started after the defer is denoising; or ``wait_s`` passes with no next
         task; or the next task ends without denoising (a duplicate, a failure, a hand-off);
-        or ``prologue_cap_s`` passes."""
+        or ``prologue_cap_s`` passes. Not at all when the queue was empty as the job ended
+        (with one message prefetched at a time, a next job would still be waiting there)."""
+        if waiting == 0:
+            return
         tasks, calls = mark
         with self._cv:
             if not self._cv.wait_for(lambda: self._tasks > tasks or self._calls > calls, timeout=self.wait_s):
@@ -122,8 +136,8 @@ class Finisher:
             self._cv.wait_for(lambda: self._calls > calls or self._ended >= self._tasks, timeout=self.prologue_cap_s)
 
     def _run(self, job_id: str, segment: int, queue: str | None, finish: Callable[[], None],
-             mark: tuple[int, int]) -> None:
-        self._wait_for_next_call(mark)
+             mark: tuple[int, int], waiting: int | None = None) -> None:
+        self._wait_for_next_call(mark, waiting)
 
         def body() -> str:
             finish()
