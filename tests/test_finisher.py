@@ -22,7 +22,7 @@ def _finisher(client, wait_s: float) -> tuple[Finisher, list[tuple[str, float]]]
 
 
 def _defer(f: Finisher, ran: list, job_id: str) -> str:
-    return f.deferrer(job_id, 0, "q")(lambda: ran.append((job_id, time.monotonic())))
+    return f.deferrer(job_id, 0, None)(lambda: ran.append((job_id, time.monotonic())))  # queue unknown: the wait rules alone
 
 
 def test_finish_waits_for_the_next_pipeline_call(client):
@@ -137,10 +137,10 @@ def test_a_job_that_leaves_its_queue_empty_finishes_at_once(client, queued):
         r.rpush(lists[3], "a message")  # a priority-3 job waits
     ctx = SimpleNamespace(store=client.store, hostname="test-finisher@here")
     ran: list[tuple[str, float]] = []
-    f = Finisher(ctx, guard=lambda job_id, seg, q, body: body(), max_pending=2, wait_s=30, queue=queue)
+    f = Finisher(ctx, guard=lambda job_id, seg, q, body: body(), max_pending=2, wait_s=30)
     job_id = f"fin-{uuid.uuid4().hex}"
     try:
-        _defer(f, ran, job_id)
+        f.deferrer(job_id, 0, queue)(lambda: ran.append((job_id, time.monotonic())))
         time.sleep(0.5)
         assert [j for j, _ in ran] == ([] if queued else [job_id])
         f.denoising_started()  # the next job's call

@@ -59,11 +59,8 @@ def finishing_key(prefix: str) -> str:
 
 
 class Finisher:
-    def __init__(self, ctx, guard: Guard, max_pending: int = 2, wait_s: float = 0.03, prologue_cap_s: float = 2.0,
-                 queue: str | None = None):
+    def __init__(self, ctx, guard: Guard, max_pending: int = 2, wait_s: float = 0.03, prologue_cap_s: float = 2.0):
         self.ctx = ctx
-        # The Celery queue this worker consumes: its Redis lists say whether a next job waits.
-        self._lists = [name for _, name in priority_lists(queue)] if queue else []
         self.guard = guard
         self.wait_s = wait_s
         self.prologue_cap_s = prologue_cap_s  # a next job's call slower than this to denoise lets the finish go
@@ -80,7 +77,7 @@ class Finisher:
         def defer(finish: Callable[[], None]) -> str:
             self._slots.acquire()  # backpressure: wait while max_pending finishes are queued
             try:
-                waiting = self._register(job_id, segment)
+                waiting = self._register(job_id, segment, queue)
                 with self._cv:
                     mark = (self._tasks, self._calls)
                 fut = self._pool.submit(self._run, job_id, segment, queue, finish, mark, waiting)
@@ -92,17 +89,18 @@ class Finisher:
 
         return defer
 
-    def _register(self, job_id: str, segment: int) -> int | None:
-        """Register the pending finish; returns the messages waiting in this worker's queue
-        (None when the queue is not known), read in the same round trip."""
+    def _register(self, job_id: str, segment: int, queue: str | None) -> int | None:
+        """Register the pending finish; returns the messages waiting in ``queue`` (the one the
+        job's message came from: all its priority lists), read in the same round trip, or None
+        when the queue is not known."""
         store = self.ctx.store
         pipe = store.r.pipeline(transaction=True)
         pipe.zadd(finishing_key(store.prefix), {job_id: time.time()})
         pipe.hset(store.key(job_id), "finishing", json.dumps({"worker": self.ctx.hostname, "segment": segment}))
-        for name in self._lists:
+        for _, name in priority_lists(queue) if queue else ():
             pipe.llen(name)
         replies = pipe.execute()
-        return sum(int(n) for n in replies[2:]) if self._lists else None
+        return sum(int(n) for n in replies[2:]) if queue else None
 
     def task_started(self) -> None:
         """A task (a job's segment) starts on this worker."""
@@ -136,7 +134,7 @@ class Finisher:
             self._cv.wait_for(lambda: self._calls > calls or self._ended >= self._tasks, timeout=self.prologue_cap_s)
 
     def _run(self, job_id: str, segment: int, queue: str | None, finish: Callable[[], None],
-             mark: tuple[int, int], waiting: int | None = None) -> None:
+             mark: tuple[int, int], waiting: int | None) -> None:
         self._wait_for_next_call(mark, waiting)
 
         def body() -> str:

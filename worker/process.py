@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         overlap = ctx.cache.device.type == "cuda"
     if overlap and ctx.settings.batch_size == 1:
         ctx.finisher = Finisher(ctx, lambda j, seg, q, fn: guarded(ctx, app, j, seg, q, fn),
-                                ctx.settings.max_pending_finishes, ctx.settings.overlap_finish_wait_s,
-                                queue=queue_name(args.family, ctx.settings.queue_prefix))
+                                ctx.settings.max_pending_finishes, ctx.settings.overlap_finish_wait_s)
     set_context(ctx, app)
     register_tasks(app, ctx.settings.batch_size, ctx.settings.batch_wait_s)
     # One message at a time, unless micro-batching: then up to a batch's worth is held.
