@@ -256,16 +256,11 @@ class EaselClient:
     def queues(self) -> dict[str, int]:
         """Messages waiting per family queue (all priority sub-queues counted)."""
         from shared.celery_app import queue_name
+        from shared.metrics import queue_depths
 
-        out = {}
-        for family in sorted(self.registry.families()):
-            q = queue_name(family, self.settings.queue_prefix)
-            names = [q] + [f"{q}:{p}" for p in range(1, 10)]
-            pipe = self.store.r.pipeline(transaction=False)
-            for n in names:
-                pipe.llen(n)
-            out[q] = sum(pipe.execute())
-        return out
+        prefix = self.settings.queue_prefix
+        depths = queue_depths(self.store.r, self.registry.families(), prefix)
+        return {queue_name(family, prefix): sum(by_priority.values()) for family, by_priority in depths.items()}
 
 
 __all__ = ["EaselClient", "SubmitError", "Stage"]
