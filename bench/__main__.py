@@ -24,7 +24,7 @@ BENCHMARKS = {
     "prompts": "bench.prompts",
 }
 EXTRA = {"profile": "bench.profile", "load": "bench.load", "gpu": "bench.gpu", "callpath": "bench.callpath",
-         "threads": "bench.cpu_threads"}  # not part of the default run
+         "threads": "bench.cpu_threads", "worker_env": "bench.worker_env"}  # not part of the default run
 
 
 def main(argv: list[str] | None = None) -> int:
