@@ -29,6 +29,7 @@ side for a whole run, so one pair's luck must not make the figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -185,9 +186,16 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
 
 
 def run(env: BenchEnv, n: int = DEFAULT_N, block: int = DEFAULT_BLOCK, sizes: tuple[str, ...] = ("small", "large"),
-        procs: int = DEFAULT_PROCS) -> dict:
+        procs: int = DEFAULT_PROCS, device: str = "cpu") -> dict:
+    """``device="cuda"``: the same tiny checkpoints on a GPU, in fp16 on both sides (the
+    worker's ``auto`` dtype there), with the worker's GPU defaults (overlapped finish)."""
     client = env.client()
-    results = {s: run_target(env, client, cpu_target(env, s), n, block, procs=procs) for s in sizes}
+    results = {}
+    for s in sizes:
+        target = cpu_target(env, s)
+        if device != "cpu":
+            target = dataclasses.replace(target, device=device, dtype="float16")
+        results[s] = run_target(env, client, target, n, block, procs=procs)
     return report(results)
 
 
@@ -221,7 +229,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--procs", type=int, default=DEFAULT_PROCS,
                     help="fresh (worker, plain loop) process pairs per size, sharing the jobs")
     ap.add_argument("--sizes", default="small,large")
+    ap.add_argument("--device", default="cpu", help="cuda: run benchmark 1's tiny checkpoints on the GPU (fp16)")
 
 
 def main(env: BenchEnv, args) -> dict:
-    return run(env, n=args.n, block=args.block, sizes=tuple(args.sizes.split(",")), procs=args.procs)
+    return run(env, n=args.n, block=args.block, sizes=tuple(args.sizes.split(",")), procs=args.procs,
+               device=args.device)
