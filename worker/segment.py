@@ -10,6 +10,7 @@ import functools
 import logging
 import time
 from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from typing import Callable
 
 import redis
@@ -241,18 +242,24 @@ class StepHook:
         self._cancel_asked(wait=True)
 
 
-def finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, t0: float,
-           own: dict[int, StageRecord], *, created_at: float, started_at: float,
-           last_progress: dict | None = None, segment: int = 0) -> None:
-    """Write the outputs and the manifest side by side, then end the job succeeded.
+@dataclass
+class PendingFinish:
+    """A job's objects being written (on the I/O pool) and what its final state will say."""
 
-    Each image is encoded and uploaded on the I/O pool (PNG encoding releases the GIL)
-    while this thread builds and uploads the manifest (output keys are deterministic, so it
-    need not wait for them). The job is marked succeeded only once every object is
-    written. ``own`` holds this segment's stage records; they go to Redis with the final
-    state, in the same round trip, as do the last step (progress writes are throttled) and
-    the end of this delivery; earlier segments' records are read back in one HMGET.
-    """
+    job_id: str
+    outputs: list[str]
+    manifest: str
+    uploads: list[Future]
+    own: dict[int, StageRecord]
+
+
+def start_finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, own: dict[int, StageRecord], *,
+                 created_at: float, started_at: float) -> PendingFinish:
+    """Start writing a job's outputs and manifest: each image is encoded and uploaded on the
+    I/O pool (PNG encoding releases the GIL) while this thread builds the manifest and
+    hands its upload to the pool too (output keys are deterministic, so it need not wait
+    for them). ``own`` holds this segment's stage records; earlier segments' records are
+    read back in one HMGET."""
     fmt, prefix = spec.output.format, job_prefix(job_id)
     keys = [f"{prefix}output/{k}.{fmt}" for k in range(len(carrier.images or []))]
 
@@ -272,12 +279,29 @@ def finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, t0:
     )
     manifest_key = f"{prefix}manifest.json"
     uploads.append(ctx.io.submit(ctx.storage.put, manifest_key, manifest.model_dump_json(indent=2).encode()))
-    for u in uploads:
+    return PendingFinish(job_id, outputs, ctx.storage.uri(manifest_key), uploads, own)
+
+
+def complete_finish(ctx: WorkerContext, pending: PendingFinish, t0: float, *, last_progress: dict | None = None,
+                    segment: int = 0) -> None:
+    """Once every object is written, end the job succeeded: the final state carries the
+    outputs, this segment's stage records, the last step (progress writes are throttled)
+    and the end of this delivery, in one round trip."""
+    for u in pending.uploads:
         u.result()  # an upload error (transient or not) surfaces here, before the job is marked done
-    ctx.store.transition(job_id, JobState.succeeded, outputs=outputs, manifest=ctx.storage.uri(manifest_key),
-                         **(last_progress or {}), **{f"record:{i}": r.model_dump_json() for i, r in own.items()},
+    ctx.store.transition(pending.job_id, JobState.succeeded, outputs=pending.outputs, manifest=pending.manifest,
+                         **(last_progress or {}), **{f"record:{i}": r.model_dump_json() for i, r in pending.own.items()},
                          **{f"inflight:{segment}": 0})
-    log.info("job %s succeeded in %.2fs: %s", job_id, time.perf_counter() - t0, outputs)
+    log.info("job %s succeeded in %.2fs: %s", pending.job_id, time.perf_counter() - t0, pending.outputs)
+
+
+def finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, t0: float,
+           own: dict[int, StageRecord], *, created_at: float, started_at: float,
+           last_progress: dict | None = None, segment: int = 0) -> None:
+    """Write the outputs and the manifest side by side, then end the job succeeded (marked
+    only once every object is written)."""
+    pending = start_finish(ctx, job_id, spec, carrier, own, created_at=created_at, started_at=started_at)
+    complete_finish(ctx, pending, t0, last_progress=last_progress, segment=segment)
 
 
 @functools.lru_cache(maxsize=1)
