@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 
 from bench.common import BenchEnv, cpu_target, headline, log, median, pct
-from bench.overhead import run_target
+from bench.overhead import call_gap_ms, run_target
 
 
 def parse_variants(text: str) -> list[dict[str, str]]:
@@ -43,7 +43,7 @@ def run(env: BenchEnv, variants: list[dict[str, str]], size: str, reps: int, n: 
             runs[k].append(res)
             log(f"variant {k + 1} {variants[k] or '(inherited)'} rep {r + 1}/{reps}: ratio {res['ratio']:.3f}, "
                 f"overhead p50 {pct(res['overhead_ms'], 50):.1f} ms, call gap "
-                f"{(res['denoise_p50_s'] - res['plain_call_p50_s']) * 1000:.1f} ms")
+                f"{call_gap_ms(res):.1f} ms")
     out: dict[str, str] = {}
     for k, results in enumerate(runs, 1):
         log(f"variant {k}: {variants[k - 1] or '(inherited environment)'}")
@@ -51,8 +51,7 @@ def run(env: BenchEnv, variants: list[dict[str, str]], size: str, reps: int, n: 
         out[f"worker_env_{k}_ratio_totals"] = (
             f"{sum(x['plain_s'] for x in results) / sum(x['easel_s'] for x in results):.3f}")
         out[f"worker_env_{k}_overhead_p50_ms"] = f"{pct([v for x in results for v in x['overhead_ms']], 50):.1f}"
-        out[f"worker_env_{k}_call_gap_ms"] = (
-            f"{median([(x['denoise_p50_s'] - x['plain_call_p50_s']) * 1000 for x in results]):.1f}")
+        out[f"worker_env_{k}_call_gap_ms"] = f"{median([call_gap_ms(x) for x in results]):.1f}"
     for key, value in out.items():
         headline(key, value)
     return {"headline": out, "details": {"variants": variants, "runs": runs}}
