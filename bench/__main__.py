@@ -23,8 +23,9 @@ BENCHMARKS = {
     "batching": "bench.batching",
     "prompts": "bench.prompts",
 }
+# not part of the default run
 EXTRA = {"profile": "bench.profile", "load": "bench.load", "gpu": "bench.gpu", "callpath": "bench.callpath",
-         "threads": "bench.cpu_threads", "worker_env": "bench.worker_env"}  # not part of the default run
+         "threads": "bench.cpu_threads", "worker_env": "bench.worker_env", "bookkeeping": "bench.bookkeeping"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,6 +196,14 @@ class JobStore:
             raise KeyError(f"no job {job_id}")
         return JobSpec.model_validate_json(spec), Plan.model_validate_json(plan)
 
+    def load_many(self, job_ids: list[str]) -> list[tuple[JobSpec, Plan] | None]:
+        """``load`` for several jobs in one round trip; None for a job that is gone."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.key(job_id), "spec", "plan")
+        return [None if spec is None else (JobSpec.model_validate_json(spec), Plan.model_validate_json(plan))
+                for spec, plan in (pipe.execute() if job_ids else [])]
+
     def status(self, job_id: str) -> JobStatus:
         h = self.r.hgetall(self.key(job_id))
         if not h:
@@ -216,9 +224,7 @@ class JobStore:
         return json.dumps({"state": state.value, **{k: v for k, v in fields.items()
                                                     if k != "spec" and not k.startswith("record:")}}, default=str)
 
-    def transition(self, job_id: str, state: JobState, **fields) -> bool:
-        """Move a non-terminal job to ``state`` with extra fields; False if it was already terminal.
-        One round trip: the event is published by the same script, only if the change happened."""
+    def _transition_args(self, state: JobState, fields: dict) -> list:
         now = time.time()
         fields = {"state": state.value, "updated_at": now, **fields}
         if state.terminal:
@@ -226,14 +232,42 @@ class JobStore:
         argv: list = [self._event(state, fields)]
         for k, v in fields.items():
             argv += [k, json.dumps(v) if isinstance(v, (list, dict)) else v]
-        return self._transition(keys=[self.key(job_id), self.events_channel(job_id)], args=argv) == 1
+        return argv
+
+    def transition(self, job_id: str, state: JobState, **fields) -> bool:
+        """Move a non-terminal job to ``state`` with extra fields; False if it was already terminal.
+        One round trip: the event is published by the same script, only if the change happened."""
+        return self._transition(keys=[self.key(job_id), self.events_channel(job_id)],
+                                args=self._transition_args(state, fields)) == 1
+
+    def transition_many(self, changes: list[tuple[str, JobState, dict]]) -> list[bool]:
+        """``transition`` for (job_id, state, fields) changes in one pipeline (a micro-batch's
+        final states): each change is its own script run, so each stays all-or-nothing."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, state, fields in changes:
+            self._transition(keys=[self.key(job_id), self.events_channel(job_id)],
+                             args=self._transition_args(state, fields), client=pipe)
+        return [res == 1 for res in pipe.execute()] if changes else []
+
+    def _claim_args(self, job_id: str, segment: int, worker: str, max_crash_deliveries: int) -> dict:
+        now = time.time()
+        event = self._event(JobState.running, {"updated_at": now, "worker": worker, "segment": segment})
+        return {"keys": [self.key(job_id), self.events_channel(job_id)],
+                "args": [f"{self.prefix}:queued:", job_id, segment, worker, now, max_crash_deliveries, event]}
 
     def claim(self, job_id: str, segment: int, worker: str, max_crash_deliveries: int) -> Claim:
         """Start a delivery of ``segment``: one round trip (see ``_CLAIM``)."""
-        now = time.time()
-        event = self._event(JobState.running, {"updated_at": now, "worker": worker, "segment": segment})
-        res = self._claim(keys=[self.key(job_id), self.events_channel(job_id)],
-                          args=[f"{self.prefix}:queued:", job_id, segment, worker, now, max_crash_deliveries, event])
+        return self._parse_claim(self._claim(**self._claim_args(job_id, segment, worker, max_crash_deliveries)))
+
+    def claim_many(self, deliveries: list[tuple[str, int]], worker: str, max_crash_deliveries: int) -> list[Claim]:
+        """``claim`` for (job_id, segment) deliveries in one pipeline (a micro-batch's members)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, segment in deliveries:
+            self._claim(**self._claim_args(job_id, segment, worker, max_crash_deliveries), client=pipe)
+        return [self._parse_claim(res) for res in pipe.execute()] if deliveries else []
+
+    @staticmethod
+    def _parse_claim(res: list) -> Claim:
         outcome = res[0]
         if outcome == "run":
             return Claim("run", spec=JobSpec.model_validate_json(res[1]), plan=Plan.model_validate_json(res[2]),
@@ -281,8 +315,22 @@ class JobStore:
             self.unmark_queued(job_id)
         return self.status(job_id).state
 
+    def terminal_states(self, job_ids: list[str]) -> list[bool]:
+        """Whether each job has ended (succeeded, failed or cancelled), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.key(job_id), "state")
+        return [v in ("succeeded", "failed", "cancelled") for v in pipe.execute()] if job_ids else []
+
     def cancel_requested(self, job_id: str) -> bool:
-        return self.r.hget(self.key(job_id), "cancel") == "1"
+        return self.cancels_requested([job_id])[0]
+
+    def cancels_requested(self, job_ids: list[str]) -> list[bool]:
+        """Whether cancel was asked, per job, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.key(job_id), "cancel")
+        return [v == "1" for v in pipe.execute()] if job_ids else []
 
     # -- queue position: a sorted set per queue, ordered as the broker serves it ---------
     def _queued_key(self, queue: str) -> str:

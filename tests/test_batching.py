@@ -45,11 +45,20 @@ def test_compatible_jobs_run_as_one_batch_and_match_unbatched_results(client, ea
 def test_a_bad_job_in_a_batch_fails_alone(client, easel_env, input_png, tmp_path):
     good = [img2img_job(str(input_png), model="sd15-wide", seed=300 + i) for i in range(2)]
     bad = img2img_job("s3://easel/inputs/missing-for-batch.png", model="sd15-wide", seed=302)
-    ids = [client.submit(good[0]), client.submit(bad), client.submit(good[1])]
+    dropped = img2img_job(str(input_png), model="sd15-wide", seed=303)
+    ids = [client.submit(good[0]), client.submit(bad), client.submit(dropped), client.submit(good[1])]
+    assert client.cancel(ids[2]).value == "cancelled"  # still queued: its delivery in the batch is a no-op
     w = WorkerProc("sd15-wide", {**easel_env, "EASEL_BATCH_SIZE": "4", "EASEL_BATCH_WAIT_S": "0.5"}, tmp_path).start()
     try:
         done = [client.wait(j, timeout=180) for j in ids]
     finally:
         w.stop()
-    assert [st.state.value for st in done] == ["succeeded", "failed", "succeeded"]
+    assert [st.state.value for st in done] == ["succeeded", "failed", "cancelled", "succeeded"]
     assert "does not exist" in done[1].error
+    assert [client.result(j).stages[0].timings_s["batch_size"] for j in (ids[0], ids[3])] == [2.0, 2.0]
+    # Every delivery that ran was counted once and recorded as ended (no phantom crash left
+    # for a redelivery to count against the job); the cancelled one never started.
+    for j in (ids[0], ids[1], ids[3]):
+        h = client.store.r.hgetall(client.store.key(j))
+        assert (h.get("attempts"), h.get("inflight:0")) == ("1", "0"), h
+    assert "attempts" not in client.store.r.hgetall(client.store.key(ids[2]))

@@ -21,7 +21,7 @@ from shared.schema import JobSpec, JobState, Plan
 from worker.context import WorkerContext
 from worker.prompts import prompt_kwargs
 from worker.runner import Carrier, generators, progress_kwargs
-from worker.segment import complete_finish, make_record, stage_limit, start_finish
+from worker.segment import make_record, stage_limit, start_finish, succeeded_fields
 
 log = logging.getLogger("easel.worker.batching")
 
@@ -48,8 +48,9 @@ def batch_key(ctx: WorkerContext, spec: JobSpec, plan: Plan) -> tuple | None:
     return (st.model, st.task, st.steps, st.strength, st.guidance_scale, st.width, st.height, spec.num_images)
 
 
-def run_batch(ctx: WorkerContext, members: list[Member]) -> None:
-    """One pipeline call for all members; results split back and finished per job."""
+def run_batch(ctx: WorkerContext, members: list[Member]) -> str:
+    """One pipeline call for all members; results split back and finished per job. Returns
+    "cancelled" for a lone member cancelled while it ran, else "succeeded" (for ``guarded``)."""
     first = members[0].spec.stages[0]
     model = ctx.cache.get(first.model)
     n = members[0].spec.num_images
@@ -111,12 +112,13 @@ def run_batch(ctx: WorkerContext, members: list[Member]) -> None:
     t_write = time.perf_counter()
     denoise = t_write - t0
     # Every member's images and manifest start writing on the I/O pool at once, so a
-    # batch's encodes and uploads run side by side instead of one job after another; the
-    # final states then follow member by member, each once its own objects are written.
+    # batch's encodes and uploads run side by side instead of one job after another; once
+    # they are written, every member's final state goes out in one round trip.
+    changes: list[tuple[str, JobState, dict]] = []
     pending = []
-    for k, m in enumerate(members):
-        if ctx.store.cancel_requested(m.job_id):
-            ctx.store.transition(m.job_id, JobState.cancelled, error="cancelled while running")
+    for k, (m, cancel) in enumerate(zip(members, ctx.store.cancels_requested(ids))):
+        if cancel:
+            changes.append((m.job_id, JobState.cancelled, {"error": "cancelled while running", "inflight:0": 0}))
             continue
         carrier = Carrier(images=list(out[k * n:(k + 1) * n]))
         timings = {"input": m.input_s, "denoise": denoise, "batch_size": float(len(members))}
@@ -124,7 +126,18 @@ def run_batch(ctx: WorkerContext, members: list[Member]) -> None:
         pending.append(start_finish(ctx, m.job_id, m.spec, carrier, {0: rec}, created_at=m.claim.created_at,
                                     started_at=m.claim.started_at))
     last_progress = {"stage": 0, "step": last_step[0], "total_steps": last_step[1]}
+    error: BaseException | None = None
     for p in pending:
-        complete_finish(ctx, p, t0, last_progress=last_progress)
+        try:
+            for u in p.uploads:
+                u.result()
+        except Exception as exc:  # this member stays running; the others still end
+            error = error or exc
+            continue
+        changes.append((p.job_id, JobState.succeeded, succeeded_fields(p, last_progress, 0)))
+    ctx.store.transition_many(changes)
+    if error is not None:
+        raise error
     log.info("batch of %d jobs: pipeline call %.3fs, outputs written in %.3fs", len(members), denoise,
              time.perf_counter() - t_write)
+    return "cancelled" if len(members) == 1 and not pending else "succeeded"

@@ -78,8 +78,14 @@ def _save_handoff(ctx: WorkerContext, job_id: str, seg_index: int, carrier: Carr
 def start_delivery(ctx: WorkerContext, job_id: str, seg_index: int) -> Claim | str:
     """Checks every delivery makes before work starts (one Redis round trip, ``JobStore.claim``):
     the claim to run (spec, plan, timestamps), or a string saying why there is nothing to run."""
+    return settle_claim(ctx, job_id, seg_index,
+                        ctx.store.claim(job_id, seg_index, ctx.hostname, ctx.settings.max_crash_deliveries))
+
+
+def settle_claim(ctx: WorkerContext, job_id: str, seg_index: int, claim: Claim) -> Claim | str:
+    """A claim to run as it is; otherwise why not, with the job ended where that is due
+    (cancelled before it ran, a poison job)."""
     store = ctx.store
-    claim = store.claim(job_id, seg_index, ctx.hostname, ctx.settings.max_crash_deliveries)
     if claim.outcome == "run":
         return claim
     if claim.outcome == "unknown":
@@ -282,16 +288,19 @@ def start_finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrie
     return PendingFinish(job_id, outputs, ctx.storage.uri(manifest_key), uploads, own)
 
 
+def succeeded_fields(pending: PendingFinish, last_progress: dict | None, segment: int) -> dict:
+    """What a job's final state carries: the outputs, this segment's stage records, the last
+    step (progress writes are throttled) and the end of this delivery."""
+    return {"outputs": pending.outputs, "manifest": pending.manifest, **(last_progress or {}),
+            **{f"record:{i}": r.model_dump_json() for i, r in pending.own.items()}, f"inflight:{segment}": 0}
+
+
 def complete_finish(ctx: WorkerContext, pending: PendingFinish, t0: float, *, last_progress: dict | None = None,
                     segment: int = 0) -> None:
-    """Once every object is written, end the job succeeded: the final state carries the
-    outputs, this segment's stage records, the last step (progress writes are throttled)
-    and the end of this delivery, in one round trip."""
+    """Once every object is written, end the job succeeded, in one round trip."""
     for u in pending.uploads:
         u.result()  # an upload error (transient or not) surfaces here, before the job is marked done
-    ctx.store.transition(pending.job_id, JobState.succeeded, outputs=pending.outputs, manifest=pending.manifest,
-                         **(last_progress or {}), **{f"record:{i}": r.model_dump_json() for i, r in pending.own.items()},
-                         **{f"inflight:{segment}": 0})
+    ctx.store.transition(pending.job_id, JobState.succeeded, **succeeded_fields(pending, last_progress, segment))
     log.info("job %s succeeded in %.2fs: %s", pending.job_id, time.perf_counter() - t0, pending.outputs)
 
 

@@ -7,6 +7,7 @@ returns to its queue: nothing a job does can take the process down with it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -16,11 +17,11 @@ import torch
 
 from shared.celery_app import RUN_SEGMENT, make_celery
 from shared.images import InputError
-from shared.schema import JobState
+from shared.schema import JobSpec, JobState
 from shared.storage import NotFound
 from worker.context import get_context
 from worker.runner import Cancelled
-from worker.segment import execute_segment, load_image_ref, start_delivery
+from worker.segment import execute_segment, load_image_ref, settle_claim
 
 log = logging.getLogger("easel.worker.tasks")
 
@@ -102,30 +103,55 @@ def guarded(ctx, app, job_id: str, seg: int, queue: str | None, fn, end: bool = 
 
 
 def run_requests(ctx, app, requests: list[tuple[str, int, str | None]]) -> None:
-    """A micro-batch of deliveries: compatible jobs share one pipeline call, the rest run alone."""
+    """A micro-batch of deliveries: compatible jobs share one pipeline call, the rest run alone.
+
+    The batch's bookkeeping is pipelined: one round trip loads every job's spec (to see which
+    can share a call), one claims every batchable delivery; the final states go out together
+    too (``run_batch``). Jobs that must run alone take the one-job path first.
+    """
     from worker.batching import Member, batch_key, run_batch
 
+    try:
+        loaded = ctx.store.load_many([job_id for job_id, _, _ in requests])
+    except Exception:  # the one-job path classifies the failure per job
+        log.exception("could not load a micro-batch's %d jobs; running them one by one", len(requests))
+        loaded = [None] * len(requests)
+    candidates: list[tuple[str, str | None, tuple, JobSpec]] = []
+    for (job_id, seg, queue), got in zip(requests, loaded):
+        key = None
+        if got is not None and seg == 0:
+            try:
+                key = batch_key(ctx, *got)
+            except Exception:  # an unknown model: the one-job path fails it with the reason
+                key = None
+        if key is None:
+            guarded(ctx, app, job_id, seg, queue, lambda job_id=job_id, seg=seg: execute_segment(ctx, app, job_id, seg))
+        else:
+            candidates.append((job_id, queue, key, got[0]))
+    if not candidates:
+        return
+    try:
+        claims = ctx.store.claim_many([(job_id, 0) for job_id, *_ in candidates], ctx.hostname,
+                                      ctx.settings.max_crash_deliveries)
+    except Exception as exc:  # transient: each job is re-sent with backoff; else each fails with the reason
+        for job_id, queue, _, _ in candidates:
+            guarded(ctx, app, job_id, 0, queue, functools.partial(_reraise, exc))
+        return
     groups: dict[tuple, list[tuple[Member, str | None]]] = {}
-    for job_id, seg, queue in requests:
-        def prepare(job_id=job_id, seg=seg):
-            spec, plan = ctx.store.load(job_id)
-            key = batch_key(ctx, spec, plan) if seg == 0 else None
-            if key is None:
-                return None
-            claim = start_delivery(ctx, job_id, seg)
-            if isinstance(claim, str):
-                return claim
+    for (job_id, queue, key, spec), claim in zip(candidates, claims):
+        def prepare(job_id=job_id, key=key, spec=spec, claim=claim):
+            settled = settle_claim(ctx, job_id, 0, claim)
+            if isinstance(settled, str):
+                return settled
             t0 = time.perf_counter()
             images = [load_image_ref(ctx, spec.input.image, "input image")] * spec.num_images \
                 if spec.input.image else None
-            return key + ((images[0].size if images else None),), Member(job_id, spec, plan, images,
-                                                                           time.perf_counter() - t0, claim)
+            return key + ((images[0].size if images else None),), Member(
+                job_id, settled.spec, settled.plan, images, time.perf_counter() - t0, settled)
 
-        prepared = guarded(ctx, app, job_id, seg, queue, prepare, end=False)
+        prepared = guarded(ctx, app, job_id, 0, queue, prepare, end=False)
         if isinstance(prepared, tuple):
             groups.setdefault(prepared[0], []).append((prepared[1], queue))
-        elif prepared is None:
-            guarded(ctx, app, job_id, seg, queue, lambda job_id=job_id, seg=seg: execute_segment(ctx, app, job_id, seg))
     for members in groups.values():
         if len(members) == 1:
             (m, queue), = members
@@ -133,12 +159,16 @@ def run_requests(ctx, app, requests: list[tuple[str, int, str | None]]) -> None:
             continue
         try:
             run_batch(ctx, [m for m, _ in members])
-            for m, _ in members:
-                ctx.store.end_delivery(m.job_id, 0)
         except Exception:
-            log.exception("batch of %d failed; running its jobs one by one", len(members))
-            for m, queue in members:
-                guarded(ctx, app, m.job_id, 0, queue, lambda m=m: run_batch(ctx, [m]))
+            log.exception("batch of %d failed; running its unfinished jobs one by one", len(members))
+            ended = ctx.store.terminal_states([m.job_id for m, _ in members])
+            for (m, queue), done in zip(members, ended):
+                if not done:
+                    guarded(ctx, app, m.job_id, 0, queue, lambda m=m: run_batch(ctx, [m]))
+
+
+def _reraise(exc: BaseException):
+    raise exc
 
 
 def register_tasks(app, batch_size: int = 1, batch_wait_s: float = 0.05) -> None:
