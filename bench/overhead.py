@@ -19,12 +19,19 @@ side for a whole run, so one pair's luck must not make the figure.
   and the producer (this process: submit and event watch), per process in the details;
   for the plain loop its process. Where the pipeline keeps every core busy (the CPU runs),
   extra CPU per job cannot overlap anything and costs wall time one for one.
-- ``overhead_p50_ms`` / ``overhead_p95_ms``: per job, over both sizes. A job's overhead is
-  its worker cycle (time between the ``succeeded`` events of consecutive jobs in a
-  saturated queue, i.e. everything the worker does per job) minus its own pure pipeline
-  time (easel's recorded ``denoise`` time less the per-step progress calls inside it,
-  which the probe measures). The first job of each block has no predecessor and is left
-  out of the percentiles (it is in the throughput figure).
+- ``overhead_p50_ms`` / ``overhead_p95_ms``: per job, over both sizes: how long the
+  worker's pipeline stands idle for it, i.e. from the previous job's pipeline call ending
+  to this job's call starting (the worker's probe clock: the previous finish when it runs
+  in-line, Celery's ack and fetch, the claim, the input), plus easel's per-step hook time
+  inside the call. The first job of each block has no predecessor and is left out (it is
+  in the throughput figures). Until 2026-11-26 16:30 UTC this was the job's cycle (time
+  between consecutive ``succeeded`` events) less its own call, which agrees with the idle
+  time when the finish runs in-line but reads low, even negative, with the overlapped
+  finish: a block's last job is finished at once while its predecessor's finish waited
+  for that job's first step (``overhead_cycle_ms`` in the details keeps that figure).
+- ``overhead_mean_ms_<size>``: everything easel costs per job, from throughput: the median
+  over rounds of (easel block time - plain block time) / jobs. Work moved off the idle
+  window into the next call (the overlapped finish) counts here, and in ``call_gap``.
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
     ref = client.storage.put_input(png_bytes(bench_image(target.px)), "png")
     easel_blocks: list[float] = []
     plain_blocks: list[float] = []
+    block_jobs: list[int] = []
     plain_calls: list[float] = []
     cycles: dict[str, float] = {}
     first_latency: list[float] = []
@@ -107,6 +115,7 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
                                 raise RuntimeError(f"job {bad[0]} {done[bad[0]][1]}: {client.status(bad[0]).error}")
                             ends = sorted((t, j) for j, (t, _) in done.items())
                             easel_blocks.append(ends[-1][0] - t_start)
+                            block_jobs.append(k)
                             first_latency.append(ends[0][0] - t_start)
                             for (ta, _), (tb, jb) in zip(ends, ends[1:]):
                                 cycles[jb] = tb - ta
@@ -126,15 +135,20 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
                 plain_phases += plain.phases()[warmup:]
             probes.append(json.loads(probe_out.read_text()) if probe_out.exists() else {})
 
-    denoise, progress, overhead, celery_gap, in_task = {}, {}, [], [], []
+    denoise, progress, by_cycle, celery_gap, in_task, overhead = {}, {}, [], [], [], []
     for j in job_ids:
         (rec,) = client.store.records(j, 1)
         denoise[j] = json.loads(rec)["timings_s"]["denoise"]
         progress[j] = next((p[j].get("progress_s", 0.0) for p in probes if j in p), 0.0)
     for j, c in cycles.items():
-        overhead.append(c - (denoise[j] - progress[j]))
+        by_cycle.append(c - (denoise[j] - progress[j]))
     # worker-side breakdown from each worker's probe (one process clock each)
     for probe in probes:
+        calls = sorted((p["start"], p["end"], j) for j, p in probe.items()
+                       if j in denoise and "start" in p and "end" in p)
+        for (_, end_a, _), (start_b, _, jb) in zip(calls, calls[1:]):
+            if jb in cycles:  # consecutive in the same saturated block
+                overhead.append(start_b - end_a + progress[jb])
         runs = sorted((p["prerun"], p["postrun"], j) for j, p in probe.items()
                       if j in denoise and "prerun" in p and "postrun" in p)
         for (pre_a, post_a, _), (pre_b, post_b, jb) in zip(runs, runs[1:]):
@@ -153,7 +167,9 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
         "plain_call_p50_s": median(plain_calls),
         "denoise_p50_s": median(list(denoise.values())),
         "overhead_ms": [x * 1000 for x in overhead],
+        "overhead_cycle_ms": [x * 1000 for x in by_cycle],
         "overhead_from_throughput_ms": (sum(easel_blocks) - sum(plain_blocks)) / len(job_ids) * 1000,
+        "overhead_mean_ms": median([(e - p) / k * 1000 for e, p, k in zip(easel_blocks, plain_blocks, block_jobs)]),
         "progress_ms_p50": median(list(progress.values())) * 1000,
         "celery_gap_ms_p50": median(celery_gap) * 1000,
         "in_task_overhead_ms_p50": median(in_task) * 1000,
@@ -176,10 +192,12 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
         f"{res['ratio_of_totals']:.4f}); per-round ratios {', '.join(f'{x:.3f}' for x in res['round_ratios'])} "
         f"-> median {ratio:.4f}; "
         f"plain call p50 {res['plain_call_p50_s']:.3f}s, easel denoise p50 {res['denoise_p50_s']:.3f}s; "
-        f"per-job overhead p50 {pct(res['overhead_ms'], 50):.1f} ms p95 {pct(res['overhead_ms'], 95):.1f} ms "
+        f"per-job overhead (idle between calls) p50 {pct(res['overhead_ms'], 50):.1f} ms p95 "
+        f"{pct(res['overhead_ms'], 95):.1f} ms, as cycle less own call p50 {pct(res['overhead_cycle_ms'], 50):.1f} ms "
         f"(parts, p50 each: per-step progress calls {res['progress_ms_p50']:.1f} ms, Celery fetch/ack gap "
         f"{res['celery_gap_ms_p50']:.1f} ms, task body outside the pipeline call {res['in_task_overhead_ms_p50']:.1f} ms); "
-        f"mean from throughput {res['overhead_from_throughput_ms']:.1f} ms; CPU per job: easel "
+        f"mean from throughput {res['overhead_from_throughput_ms']:.1f} ms (median over rounds "
+        f"{res['overhead_mean_ms']:.1f} ms); CPU per job: easel "
         f"{res['cpu_ms_per_job_easel']:.1f} ms ({', '.join(f'{k} {v:.1f}' for k, v in per_job.items() if k != 'plain')}),"
         f" plain {res['cpu_ms_per_job_plain']:.1f} ms")
     return res
@@ -217,6 +235,8 @@ def report(results: dict[str, dict], prefix: str = "", pooled: bool = True) -> d
     for s, r in results.items():
         out[f"{prefix}overhead_p50_ms_{s}"] = f"{pct(r['overhead_ms'], 50):.1f}"
         out[f"{prefix}overhead_p95_ms_{s}"] = f"{pct(r['overhead_ms'], 95):.1f}"
+    for s, r in results.items():
+        out[f"{prefix}overhead_mean_ms_{s}"] = f"{r['overhead_mean_ms']:.1f}"
     for s, r in results.items():  # the pipeline call itself, easel's vs the plain loop's (p50s)
         out[f"{prefix}call_gap_ms_{s}"] = f"{call_gap_ms(r):.1f}"
     for s, r in results.items():

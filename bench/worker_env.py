@@ -10,7 +10,8 @@ process's environment. For settings that only a process's start can take: libgom
 between a variant's variables; an empty variant is the inherited environment).
 Headlines per variant ``worker_env_<k>_*`` (k = 1, 2, ... in the order given, its
 variables on stderr): ``ratio`` (median over its runs of the per-run ratio), ``ratio_totals``,
-``overhead_p50_ms`` (pooled over its runs) and ``call_gap_ms`` (median over its runs).
+``overhead_p50_ms`` (pooled over its runs), ``overhead_mean_ms`` (median over its runs) and
+``call_gap_ms`` (median over its runs).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def run(env: BenchEnv, variants: list[dict[str, str]], size: str, reps: int, n: 
             res = run_target(env, client, target, n, block, procs=1)
             runs[k].append(res)
             log(f"variant {k + 1} {variants[k] or '(inherited)'} rep {r + 1}/{reps}: ratio {res['ratio']:.3f}, "
-                f"overhead p50 {pct(res['overhead_ms'], 50):.1f} ms, call gap "
+                f"overhead p50 {pct(res['overhead_ms'], 50):.1f} ms, mean {res['overhead_mean_ms']:.1f} ms, call gap "
                 f"{call_gap_ms(res):.1f} ms")
     out: dict[str, str] = {}
     for k, results in enumerate(runs, 1):
@@ -51,6 +52,7 @@ def run(env: BenchEnv, variants: list[dict[str, str]], size: str, reps: int, n: 
         out[f"worker_env_{k}_ratio_totals"] = (
             f"{sum(x['plain_s'] for x in results) / sum(x['easel_s'] for x in results):.3f}")
         out[f"worker_env_{k}_overhead_p50_ms"] = f"{pct([v for x in results for v in x['overhead_ms']], 50):.1f}"
+        out[f"worker_env_{k}_overhead_mean_ms"] = f"{median([x['overhead_mean_ms'] for x in results]):.1f}"
         out[f"worker_env_{k}_call_gap_ms"] = f"{median([call_gap_ms(x) for x in results]):.1f}"
     for key, value in out.items():
         headline(key, value)
