@@ -58,7 +58,8 @@ def _walk(frame, label: str, acc: dict[str, float], parent_fn: str = "", parent_
         _walk(child, _label(child, fn_for_children, fp_for_children, label), acc, fn_for_children, fp_for_children)
 
 
-def run(env: BenchEnv, n: int = DEFAULT_N, size: str = "small", out: str | None = None, py_spy: bool = False) -> dict:
+def run(env: BenchEnv, n: int = DEFAULT_N, size: str = "small", out: str | None = None, py_spy: bool = False,
+        timeline: bool = False) -> dict:
     from pyinstrument import Profiler
 
     model, family, _ = SIZES[size]
@@ -82,6 +83,7 @@ def run(env: BenchEnv, n: int = DEFAULT_N, size: str = "small", out: str | None 
     set_context(ctx, app)
     ref = client.storage.put_input(png_bytes(bench_image()), "png")
     ids = client.submit_many(img2img_jobs(ref, model, n + 2, seed0=0))  # messages stay queued, unconsumed
+    timeline_ids = client.submit_many(img2img_jobs(ref, model, n, seed0=1000)) if timeline else []
     for j in ids[:2]:  # warm-up
         run_segment(j, 0)
     prof = Profiler(interval=0.0005)
@@ -112,12 +114,81 @@ def run(env: BenchEnv, n: int = DEFAULT_N, size: str = "small", out: str | None 
     log(f"full pyinstrument tree: {path}")
     result = {"job_ms_p50": median(per_job) * 1000, "pipeline_ms": pipeline_ms, "rest_ms": outside_ms,
               "components_ms": {k: ms for ms, k in rows}}
+    if timeline:
+        result["timeline_ms"] = _timeline(ctx, run_segment, timeline_ids)
     if py_spy:
         result["py_spy"] = _py_spy(env, client, ref, model, family, n)
     headline("profile_job_ms", f"{total / n * 1000:.1f}")
     headline("profile_pipeline_ms", f"{pipeline_ms:.1f}")
     headline("profile_rest_ms", f"{outside_ms:.1f}")
     return {"headline": {}, "details": result}
+
+
+_MARKS = ("claim_start", "claim_end", "call_start", "call_end", "encode_start", "encode_end", "image_put_start",
+          "image_put_end", "manifest_put_start", "manifest_put_end", "final_state_start", "final_state_end", "task_end")
+
+
+def _timeline(ctx, run_segment, ids: list[str]) -> dict[str, float]:
+    """The task body's steps for each job, timed (not sampled) and placed relative to the end of
+    its pipeline call: claim, call, the image's encode and upload, the manifest upload, the
+    final state. Wrappers around the calls the task makes, removed afterwards."""
+    import threading
+
+    from worker import segment
+
+    marks: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def timed(name: str, fn):
+        def wrapper(*a, **kw):
+            with lock:
+                marks.setdefault(f"{name}_start", time.perf_counter())
+            try:
+                return fn(*a, **kw)
+            finally:
+                with lock:
+                    marks.setdefault(f"{name}_end", time.perf_counter())
+        return wrapper
+
+    last_image: list = []
+
+    def encode(img, *a, **kw):
+        last_image[:] = [(img, a, kw)]
+        return timed("encode", orig["encode_image"])(img, *a, **kw)
+
+    def put(key, data, *a, **kw):
+        return timed("manifest_put" if key.endswith(".json") else "image_put", orig["put"])(key, data, *a, **kw)
+
+    orig = {"run_stage": segment.run_stage, "encode_image": segment.encode_image, "put": ctx.storage.put,
+            "transition": ctx.store.transition, "claim": ctx.store.claim}
+    segment.run_stage = timed("call", orig["run_stage"])
+    segment.encode_image = encode
+    ctx.storage.put = put
+    ctx.store.transition = timed("final_state", orig["transition"])
+    ctx.store.claim = timed("claim", orig["claim"])
+    rows: list[dict[str, float]] = []
+    try:
+        for j in ids:
+            marks.clear()
+            assert run_segment(j, 0) == "succeeded"
+            marks["task_end"] = time.perf_counter()
+            rows.append({k: (v - marks["call_end"]) * 1000 for k, v in marks.items()})
+    finally:
+        segment.run_stage, segment.encode_image = orig["run_stage"], orig["encode_image"]
+        ctx.storage.put, ctx.store.transition, ctx.store.claim = orig["put"], orig["transition"], orig["claim"]
+    out = {k: median([r[k] for r in rows if k in r]) for k in _MARKS if any(k in r for r in rows)}
+    log(f"timeline of {len(ids)} jobs, p50 ms relative to the end of the pipeline call: "
+        + ", ".join(f"{k} {v:+.1f}" for k, v in out.items()))
+    if last_image:  # the same encode with nothing else running: how much the finish's company slows it
+        img, a, kw = last_image[0]
+        alone = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            orig["encode_image"](img, *a, **kw)
+            alone.append(time.perf_counter() - t0)
+        out["encode_alone_ms"] = median(alone) * 1000
+        log(f"the last job's image encoded alone, p50 of 10: {out['encode_alone_ms']:.1f} ms")
+    return out
 
 
 def _py_spy(env: BenchEnv, client, ref: str, model: str, family: str, n: int) -> dict:
@@ -171,7 +242,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--size", default="small", choices=list(SIZES))
     ap.add_argument("--out", default=None, help="where to write the pyinstrument tree (text)")
     ap.add_argument("--py-spy", action="store_true", help="also record a real worker with py-spy")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also time each step after the pipeline call (encode, uploads, final state) for n more jobs")
 
 
 def main(env: BenchEnv, args) -> dict:
-    return run(env, n=args.n, size=args.size, out=args.out, py_spy=args.py_spy)
+    return run(env, n=args.n, size=args.size, out=args.out, py_spy=args.py_spy, timeline=args.timeline)
