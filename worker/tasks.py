@@ -17,7 +17,7 @@ import torch
 
 from shared.celery_app import RUN_SEGMENT, make_celery
 from shared.images import InputError
-from shared.schema import JobSpec, JobState
+from shared.schema import JobState
 from shared.storage import NotFound
 from worker.context import get_context
 from worker.runner import Cancelled
@@ -116,7 +116,7 @@ def run_requests(ctx, app, requests: list[tuple[str, int, str | None]]) -> None:
     except Exception:  # the one-job path classifies the failure per job
         log.exception("could not load a micro-batch's %d jobs; running them one by one", len(requests))
         loaded = [None] * len(requests)
-    candidates: list[tuple[str, str | None, tuple, JobSpec]] = []
+    candidates: list[tuple[str, str | None, tuple]] = []
     for (job_id, seg, queue), got in zip(requests, loaded):
         key = None
         if got is not None and seg == 0:
@@ -127,22 +127,23 @@ def run_requests(ctx, app, requests: list[tuple[str, int, str | None]]) -> None:
         if key is None:
             guarded(ctx, app, job_id, seg, queue, lambda job_id=job_id, seg=seg: execute_segment(ctx, app, job_id, seg))
         else:
-            candidates.append((job_id, queue, key, got[0]))
+            candidates.append((job_id, queue, key))
     if not candidates:
         return
     try:
         claims = ctx.store.claim_many([(job_id, 0) for job_id, *_ in candidates], ctx.hostname,
                                       ctx.settings.max_crash_deliveries)
     except Exception as exc:  # transient: each job is re-sent with backoff; else each fails with the reason
-        for job_id, queue, _, _ in candidates:
+        for job_id, queue, _ in candidates:
             guarded(ctx, app, job_id, 0, queue, functools.partial(_reraise, exc))
         return
     groups: dict[tuple, list[tuple[Member, str | None]]] = {}
-    for (job_id, queue, key, spec), claim in zip(candidates, claims):
-        def prepare(job_id=job_id, key=key, spec=spec, claim=claim):
+    for (job_id, queue, key), claim in zip(candidates, claims):
+        def prepare(job_id=job_id, key=key, claim=claim):
             settled = settle_claim(ctx, job_id, 0, claim)
             if isinstance(settled, str):
                 return settled
+            spec = settled.spec
             t0 = time.perf_counter()
             images = [load_image_ref(ctx, spec.input.image, "input image")] * spec.num_images \
                 if spec.input.image else None
