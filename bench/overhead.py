@@ -204,7 +204,7 @@ def run_target(env: BenchEnv, client, target: Target, n: int, block: int, warmup
 
 
 def run(env: BenchEnv, n: int = DEFAULT_N, block: int = DEFAULT_BLOCK, sizes: tuple[str, ...] = ("small", "large"),
-        procs: int = DEFAULT_PROCS, device: str = "cpu") -> dict:
+        procs: int = DEFAULT_PROCS, device: str = "cpu", inproc_plain: bool = False) -> dict:
     """``device="cuda"``: the same tiny checkpoints on a GPU, in fp16 on both sides (the
     worker's ``auto`` dtype there), with the worker's GPU defaults (overlapped finish)."""
     client = env.client()
@@ -213,6 +213,9 @@ def run(env: BenchEnv, n: int = DEFAULT_N, block: int = DEFAULT_BLOCK, sizes: tu
         target = cpu_target(env, s)
         if device != "cpu":
             target = dataclasses.replace(target, device=device, dtype="float16")
+        if inproc_plain:  # the plain call again inside the worker after each job; phases of all three
+            target = dataclasses.replace(target, phases=True, worker_env={**target.worker_env, "EASEL_BENCH_INPROC_PLAIN":
+                                         json.dumps({"px": target.px, "stage": target.stage})})
         results[s] = run_target(env, client, target, n, block, procs=procs)
     return report(results)
 
@@ -255,8 +258,11 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                     help="fresh (worker, plain loop) process pairs per size, sharing the jobs")
     ap.add_argument("--sizes", default="small,large")
     ap.add_argument("--device", default="cpu", help="cuda: run benchmark 1's tiny checkpoints on the GPU (fp16)")
+    ap.add_argument("--inproc-plain", action="store_true",
+                    help="diagnosis: after each job the worker also makes the plain loop's call; prints the phases of "
+                         "the plain process's, easel's and that in-worker call (the ratio then means nothing)")
 
 
 def main(env: BenchEnv, args) -> dict:
     return run(env, n=args.n, block=args.block, sizes=tuple(args.sizes.split(",")), procs=args.procs,
-               device=args.device)
+               device=args.device, inproc_plain=args.inproc_plain)
