@@ -259,8 +259,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sizes", default="small,large")
     ap.add_argument("--device", default="cpu", help="cuda: run benchmark 1's tiny checkpoints on the GPU (fp16)")
     ap.add_argument("--inproc-plain", action="store_true",
-                    help="diagnosis: after each job the worker also makes the plain loop's call; prints the phases of "
-                         "the plain process's, easel's and that in-worker call (ratio and per-job figures then mean nothing)")
+                    help="diagnosis: after each job the worker also makes the plain loop's call; prints the phases "
+                         "of the plain process's, easel's and that in-worker call (ratio and per-job figures then "
+                         "mean nothing)")
 
 
 def main(env: BenchEnv, args) -> dict:
