@@ -315,22 +315,20 @@ class JobStore:
             self.unmark_queued(job_id)
         return self.status(job_id).state
 
-    def terminal_states(self, job_ids: list[str]) -> list[bool]:
-        """Whether each job has ended (succeeded, failed or cancelled), in one round trip."""
+    def _field_of_each(self, job_ids: list[str], field: str) -> list[str | None]:
+        """One hash field of each job, in one round trip."""
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hget(self.key(job_id), "state")
-        return [v in ("succeeded", "failed", "cancelled") for v in pipe.execute()] if job_ids else []
+            pipe.hget(self.key(job_id), field)
+        return pipe.execute() if job_ids else []
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return self.cancels_requested([job_id])[0]
+    def terminal_states(self, job_ids: list[str]) -> list[bool]:
+        """Whether each job has ended (succeeded, failed or cancelled), in one round trip."""
+        return [v is not None and JobState(v).terminal for v in self._field_of_each(job_ids, "state")]
 
     def cancels_requested(self, job_ids: list[str]) -> list[bool]:
         """Whether cancel was asked, per job, in one round trip."""
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hget(self.key(job_id), "cancel")
-        return [v == "1" for v in pipe.execute()] if job_ids else []
+        return [v == "1" for v in self._field_of_each(job_ids, "cancel")]
 
     # -- queue position: a sorted set per queue, ordered as the broker serves it ---------
     def _queued_key(self, queue: str) -> str:
