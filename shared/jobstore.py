@@ -202,7 +202,7 @@ class JobStore:
         for job_id in job_ids:
             pipe.hmget(self.key(job_id), "spec", "plan")
         return [None if spec is None else (JobSpec.model_validate_json(spec), Plan.model_validate_json(plan))
-                for spec, plan in (pipe.execute() if job_ids else [])]
+                for spec, plan in pipe.execute()]
 
     def status(self, job_id: str) -> JobStatus:
         h = self.r.hgetall(self.key(job_id))
@@ -247,7 +247,7 @@ class JobStore:
         for job_id, state, fields in changes:
             self._transition(keys=[self.key(job_id), self.events_channel(job_id)],
                              args=self._transition_args(state, fields), client=pipe)
-        return [res == 1 for res in pipe.execute()] if changes else []
+        return [res == 1 for res in pipe.execute()]
 
     def _claim_args(self, job_id: str, segment: int, worker: str, max_crash_deliveries: int) -> dict:
         now = time.time()
@@ -264,7 +264,7 @@ class JobStore:
         pipe = self.r.pipeline(transaction=False)
         for job_id, segment in deliveries:
             self._claim(**self._claim_args(job_id, segment, worker, max_crash_deliveries), client=pipe)
-        return [self._parse_claim(res) for res in pipe.execute()] if deliveries else []
+        return [self._parse_claim(res) for res in pipe.execute()]
 
     @staticmethod
     def _parse_claim(res: list) -> Claim:
@@ -320,7 +320,7 @@ class JobStore:
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hget(self.key(job_id), field)
-        return pipe.execute() if job_ids else []
+        return pipe.execute()
 
     def terminal_states(self, job_ids: list[str]) -> list[bool]:
         """Whether each job has ended (succeeded, failed or cancelled), in one round trip."""

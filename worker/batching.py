@@ -129,8 +129,7 @@ def run_batch(ctx: WorkerContext, members: list[Member]) -> str:
     error: BaseException | None = None
     for p in pending:
         try:
-            for u in p.uploads:
-                u.result()
+            p.wait()
         except Exception as exc:  # this member stays running; the others still end
             error = error or exc
             continue

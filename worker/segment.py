@@ -258,6 +258,12 @@ class PendingFinish:
     uploads: list[Future]
     own: dict[int, StageRecord]
 
+    def wait(self) -> None:
+        """Until every object is written; an upload error (transient or not) surfaces here,
+        before the job can be marked done."""
+        for u in self.uploads:
+            u.result()
+
 
 def start_finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, own: dict[int, StageRecord], *,
                  created_at: float, started_at: float) -> PendingFinish:
@@ -295,22 +301,15 @@ def succeeded_fields(pending: PendingFinish, last_progress: dict | None, segment
             **{f"record:{i}": r.model_dump_json() for i, r in pending.own.items()}, f"inflight:{segment}": 0}
 
 
-def complete_finish(ctx: WorkerContext, pending: PendingFinish, t0: float, *, last_progress: dict | None = None,
-                    segment: int = 0) -> None:
-    """Once every object is written, end the job succeeded, in one round trip."""
-    for u in pending.uploads:
-        u.result()  # an upload error (transient or not) surfaces here, before the job is marked done
-    ctx.store.transition(pending.job_id, JobState.succeeded, **succeeded_fields(pending, last_progress, segment))
-    log.info("job %s succeeded in %.2fs: %s", pending.job_id, time.perf_counter() - t0, pending.outputs)
-
-
 def finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, t0: float,
            own: dict[int, StageRecord], *, created_at: float, started_at: float,
            last_progress: dict | None = None, segment: int = 0) -> None:
-    """Write the outputs and the manifest side by side, then end the job succeeded (marked
-    only once every object is written)."""
+    """Write the outputs and the manifest side by side, then end the job succeeded, in one
+    round trip (marked only once every object is written)."""
     pending = start_finish(ctx, job_id, spec, carrier, own, created_at=created_at, started_at=started_at)
-    complete_finish(ctx, pending, t0, last_progress=last_progress, segment=segment)
+    pending.wait()
+    ctx.store.transition(job_id, JobState.succeeded, **succeeded_fields(pending, last_progress, segment))
+    log.info("job %s succeeded in %.2fs: %s", job_id, time.perf_counter() - t0, pending.outputs)
 
 
 @functools.lru_cache(maxsize=1)
