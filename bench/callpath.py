@@ -27,6 +27,7 @@ import gc
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 from bench.common import STAGE, bench_image, headline, log, median, plain_call, png_bytes
 
@@ -37,8 +38,8 @@ NEEDS_MODELS = False
 class _NullStore:
     """Stands in for ``JobStore`` in the step hook: a progress write that asks for no cancel."""
 
-    def progress(self, job_id: str, stage: int, step: int, total: int) -> bool:
-        return False
+    def progress_many(self, job_ids: list[str], stage: int, step: int, total: int, instance: str) -> list:
+        return [(False, False)] * len(job_ids)
 
 
 def _sync(device: str) -> None:
@@ -58,7 +59,7 @@ def run(args) -> dict:
     from shared.settings import Settings
     from worker.pipelines import load_model
     from worker.runner import Carrier, run_stage
-    from worker.segment import StepHook
+    from worker.engine import StepHook
 
     from bench.sd15_arch import bench_checkpoint
 
@@ -74,9 +75,10 @@ def run(args) -> dict:
 
     def runner(seed: int, hook: bool) -> None:
         stage = Stage(model="m", seed=seed, **stage_d)
-        on_step = StepHook(_NullStore(), "job", 0, time.monotonic() + 3600, 3600, 0.25, pool) if hook \
-            else (lambda step, total: True)
-        run_stage(model, stage, Carrier(images=[image]), n=1, want_latent=False, on_step=on_step)
+        ctx = SimpleNamespace(store=_NullStore(), instance="bench", io=pool, finisher=None,
+                              settings=SimpleNamespace(progress_interval_s=0.25))
+        on_step = StepHook(ctx, ["job"], 0, 3600) if hook else (lambda step, total: True)
+        run_stage(model, [stage], Carrier(images=[image]), n=1, want_latent=False, on_step=on_step)
         if hook:
             on_step.flush()
 

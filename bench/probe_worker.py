@@ -6,7 +6,7 @@ microseconds per job and write nothing to Redis or S3 while jobs run:
 - Celery ``task_prerun`` / ``task_postrun``: when each task started and ended in this
   process (the gap between one task's end and the next one's start is Celery's own
   fetch/ack cost);
-- a wrapper around ``worker.segment.StepHook.__call__``: the time the denoising loop
+- a wrapper around ``worker.engine.StepHook.__call__``: the time the denoising loop
   spends in easel's per-step hook (``callback_on_step_end``: time limit, progress and
   cancel), which sits inside the ``denoise`` timing easel records; the benchmark moves it
   to the overhead side. (The hook's Redis round trips run on the worker's I/O pool, so
@@ -31,34 +31,34 @@ import time
 def install(out_path: str) -> None:
     from celery.signals import task_postrun, task_prerun
 
-    from worker import segment
+    from worker import engine
 
     jobs: dict[str, dict] = {}
-    orig_call = segment.StepHook.__call__
+    orig_call = engine.StepHook.__call__
 
     def timed_call(self, step, total):
         t = time.perf_counter()
         try:
             return orig_call(self, step, total)
         finally:
-            rec = jobs.setdefault(self.job_id, {})
+            rec = jobs.setdefault(self.job_ids[0], {})
             rec["progress_s"] = rec.get("progress_s", 0.0) + (time.perf_counter() - t)
             rec["progress_calls"] = rec.get("progress_calls", 0) + 1
             rec.setdefault("steps", []).append(t)  # a step's end, as the plain loop's phases see it
 
-    segment.StepHook.__call__ = timed_call
-    orig_run_stage = segment.run_stage
+    engine.StepHook.__call__ = timed_call
+    orig_run_stage = engine.run_stage
 
     def timed_run_stage(model, stage, carrier, **kw):
         hook = kw.get("on_step")
-        rec = jobs.setdefault(getattr(hook, "job_id", ""), {})
+        rec = jobs.setdefault((getattr(hook, "job_ids", None) or [""])[0], {})
         rec["start"] = time.perf_counter()  # includes run_stage's argument building (<1 ms)
         try:
             return orig_run_stage(model, stage, carrier, **kw)
         finally:
             rec["end"] = time.perf_counter()
 
-    segment.run_stage = timed_run_stage
+    engine.run_stage = timed_run_stage
     inproc = json.loads(os.environ.get("EASEL_BENCH_INPROC_PLAIN", "null"))
     plain_phases: list[dict] = []
 

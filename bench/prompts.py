@@ -39,7 +39,7 @@ def _measure(model, reps: int) -> tuple[float, float]:
         prompts._plain_embeds(model, Stage(model="m", prompt=f"astronaut in a jungle, take {i}", seed=1))
 
     def cached(i: int) -> None:
-        prompts.prompt_kwargs(model, Stage(model="m", prompt="astronaut in a jungle", seed=1), 1)
+        prompts.prompt_kwargs(model, [Stage(model="m", prompt="astronaut in a jungle", seed=1)], 1)
 
     cached(0)
     encode(0)

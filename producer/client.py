@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 from pydantic import ValidationError
 
-from shared.celery_app import RUN_SEGMENT, make_celery
+from shared.celery_app import RUN_SEGMENT, make_celery, send_segment
 from shared.images import InputError, check_public_url, decode_image, image_ext, parse_data_uri
 from shared.jobstore import JobStore
 from shared.plan import PlanError, plan_job
@@ -132,7 +132,7 @@ class EaselClient:
         queue = plan.segments[0].queue
         try:
             self.store.mark_queued(job_id, queue, spec.priority)
-            self.celery.send_task(RUN_SEGMENT, args=[job_id, 0], queue=queue, priority=spec.priority)
+            send_segment(self.celery, job_id, 0, queue, spec.priority)
         except Exception as e:
             self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}")
             self.store.unmark_queued(job_id)

@@ -110,7 +110,6 @@ def run_demo(out: Path, steps: int = 10, size: int = 256, console: Console | Non
 
 def _wait_ready(client, procs: dict, logdir: Path, console: Console, timeout: float = 300) -> bool:
     """Wait for each family's presence key; a worker that exits fails the demo with its log."""
-    from worker.heartbeat import live_workers
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -119,7 +118,7 @@ def _wait_ready(client, procs: dict, logdir: Path, console: Console, timeout: fl
                 tail = (logdir / f"worker-{fam}.log").read_text(errors="replace")[-2000:]
                 console.print(f"[red]worker {fam} exited with {proc.returncode}[/red]\n{tail}")
                 return False
-        ready = {w.get("family") for w in live_workers(client.store.r, client.settings.queue_prefix)}
+        ready = {w.get("family") for w in client.store.presences()}
         if set(procs) <= ready:
             return True
         time.sleep(0.1)

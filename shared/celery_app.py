@@ -18,6 +18,7 @@ import binascii
 import json
 import logging
 import ssl
+import time
 from queue import Empty
 
 from celery import Celery
@@ -91,6 +92,63 @@ class SafeRedisTransport(kombu_redis.Transport):
 for _scheme in ("redis", "rediss"):
     if TRANSPORT_ALIASES.get(_scheme) == "kombu.transport.redis:Transport":
         TRANSPORT_ALIASES[_scheme] = "shared.celery_app:SafeRedisTransport"
+
+
+def send_segment(app: Celery, job_id: str, segment: int, queue: str, priority: int,
+                 countdown: float | None = None) -> None:
+    """Queue one delivery of a job's segment: the only message easel sends."""
+    app.send_task(RUN_SEGMENT, args=[job_id, segment], queue=queue, priority=priority, countdown=countdown)
+
+
+class UnackedMessages:
+    """kombu's delivered, not yet acked messages (Redis transport: the ``unacked`` hash and its
+    ``unacked_index`` by delivery time), seen as deliveries, for the reaper.
+
+    A worker that dies between fetching a message and claiming its job (or while a
+    micro-batch fills) leaves the message there, held by no one; kombu itself restores it
+    only after the visibility timeout.
+    """
+
+    def __init__(self, app: Celery):
+        self.app = app
+
+    def older_than(self, age_s: float, limit: int = 500) -> list[tuple[str, str, int]]:
+        """(delivery tag, job id, segment) of easel messages delivered over ``age_s`` ago."""
+        with self.app.connection_for_write() as conn:
+            ch = conn.default_channel
+            tags = ch.client.zrangebyscore(ch.unacked_index_key, "-inf", time.time() - age_s, start=0, num=limit)
+            raw = ch.client.hmget(ch.unacked_key, tags) if tags else []
+        out = []
+        for tag, value in zip(tags, raw):
+            found = _delivery_of(value) if value else None
+            if found:
+                out.append((tag.decode() if isinstance(tag, bytes) else tag, *found))
+        return out
+
+    def restore(self, tag: str) -> None:
+        """Back to the front of its queue (kombu's own restore, as the visibility timeout does)."""
+        with self.app.connection_for_write() as conn:
+            conn.default_channel.qos.restore_by_tag(tag, leftmost=False)
+
+    def drop(self, tag: str) -> None:
+        """Forget a message whose job has ended or moved on (what an ack does)."""
+        with self.app.connection_for_write() as conn:
+            conn.default_channel.qos.ack(tag)
+
+
+def _delivery_of(value: bytes | str) -> tuple[str, int] | None:
+    """(job id, segment) of a stored run_segment message; None for anything else."""
+    try:
+        payload = json.loads(value)[0]
+        if payload.get("headers", {}).get("task") != RUN_SEGMENT:
+            return None
+        body = payload["body"]
+        if payload["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0]), int(args[1])
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
 
 
 def queue_name(family: str, prefix: str = "easel") -> str:

@@ -1,7 +1,35 @@
 """Job records in Redis: the single source of truth for a job's state and progress.
 
-One hash per job. State changes go through a Lua script so a terminal state (succeeded,
-failed, cancelled) is never overwritten by a late or duplicate delivery.
+This module is the only one that reads or writes a job's hash. One hash per job,
+``<prefix>:job:<id>``, with these fields:
+
+- ``spec``, ``plan``: the validated job and its segments (JSON), written at submission.
+- ``state`` (queued | running | succeeded | failed | cancelled), ``created_at``,
+  ``updated_at``, ``started_at``, ``finished_at``; ``error`` for failed and cancelled jobs;
+  ``note``: what recovery did (``requeued: worker X stopped beating at T``).
+- ``queue``: the queue-position set the job waits in (``<prefix>:queued:<queue>``);
+  ``cancel`` = 1 once cancel was asked.
+- ``segment``: the segment that runs or waits next; ``worker`` (hostname) and ``instance``
+  (the worker process's own id) of the delivery running it; ``instance`` is absent between
+  deliveries.
+- ``attempts``: deliveries that started; ``attempt:<n>``: JSON of each (segment, worker,
+  instance, started_at, and ``ended`` when recovery took it away).
+- ``inflight:<seg>``: deliveries of a segment that started and never ended (a worker died):
+  the poison-job counter; ``retries:<seg>``: transient-error retries.
+- ``stage``, ``step``, ``total_steps``: progress; ``record:<i>``: stage records (JSON);
+  ``once:<marker>``: side effects done once (enqueueing the next segment).
+- ``outputs``, ``manifest``: the results of a succeeded job.
+- ``owner``, ``webhook_url``, ``webhook_state``, ``webhook_attempts``,
+  ``webhook_last_error``: the HTTP API's key and webhook delivery.
+
+Beside the hashes, for recovery by liveness: ``<prefix>:instances``, a sorted set of
+worker instances scored by when their heartbeat expires (Redis's own clock), and
+``<prefix>:running:<instance>``, the set of ``<job id>:<segment>`` deliveries an instance
+holds, from its claim until the delivery ends (hand-off or final state written, an
+overlapped finish included).
+
+State changes go through Lua scripts, so a terminal state is never overwritten by a late
+or duplicate delivery and each change is one round trip.
 """
 from __future__ import annotations
 
@@ -15,47 +43,134 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from shared.schema import JobSpec, JobState, JobStatus, Plan, Progress
+from shared.schema import Attempt, JobSpec, JobState, JobStatus, Plan, Progress
 
-# KEYS: job hash, events channel. ARGV: event JSON, then field/value pairs.
-# Publishing from the script makes a state change one round trip, and no event is ever
-# published for a change that did not happen.
-_TRANSITION = """
+_TERMINAL = "cur == 'succeeded' or cur == 'failed' or cur == 'cancelled'"
+
+# KEYS: job hash, events channel. ARGV: event JSON, running-set prefix, job id, segment
+# whose delivery ends ('' = none), instance, new state ('' = none), then field/value pairs.
+# Ending a delivery drops it from the instance's running set and, while the instance still
+# holds the job, clears the holder and the segment's crash counter. Publishing from the
+# script means no event is published for a change that did not happen.
+_TRANSITION = f"""
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return -1 end
-if cur == 'succeeded' or cur == 'failed' or cur == 'cancelled' then return 0 end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+if ARGV[4] ~= '' then
+  redis.call('SREM', ARGV[2] .. ARGV[5], ARGV[3] .. ':' .. ARGV[4])
+  if redis.call('HGET', KEYS[1], 'instance') == ARGV[5] then
+    redis.call('HDEL', KEYS[1], 'instance')
+    redis.call('HSET', KEYS[1], 'inflight:' .. ARGV[4], 0)
+  end
+end
+if {_TERMINAL} then return 0 end
+if ARGV[6] == '' then return 1 end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
 redis.call('PUBLISH', KEYS[2], ARGV[1])
 return 1
 """
 
-# Everything a delivery checks and records before it runs, in one round trip (it was
-# twelve): drop the job from its queue-position set, then refuse unknown / terminal /
-# cancelled / poison deliveries, else count the delivery and the attempt and mark it
-# running. KEYS: job hash, events channel. ARGV: queue-position key prefix, job id,
-# segment, worker, now, crash limit, the "running" event JSON.
-# (The queue-position set's name is read from the hash, so this assumes one Redis, not a
-# cluster; easel's broker is one Redis anyway.)
-_CLAIM = """
-local h = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'queue', 'spec', 'plan', 'stage', 'created_at', 'started_at')
-local state = h[1]
-if not state then return {'unknown'} end
-if state == 'succeeded' or state == 'failed' or state == 'cancelled' then return {'terminal', state} end
+# Everything a delivery checks and records before it runs, in one round trip. Refuses
+# unknown and terminal jobs, a segment the job has moved past (stale), and a segment that
+# a live instance is running (a duplicate: kombu restores an unacked message once it is
+# older than the visibility timeout, whether or not its worker lives). Then drops the job
+# from its queue-position set, refuses cancelled and poison deliveries, counts the
+# delivery and the attempt, and records this instance as the holder.
+# KEYS: job hash, events channel, instances zset. ARGV: queue-position key prefix, job id,
+# segment, worker, now, crash limit, the "running" event JSON, instance, running-set prefix.
+# (Key names built from ARGV assume one Redis, not a cluster; easel's broker is one Redis.)
+_CLAIM = f"""
+local h = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'queue', 'spec', 'plan', 'stage', 'created_at',
+                     'started_at', 'segment', 'instance')
+local cur = h[1]
+if not cur then return {{'unknown'}} end
+if {_TERMINAL} then return {{'terminal', cur}} end
+local seg = tonumber(ARGV[3])
+if h[9] and seg < tonumber(h[9]) then return {{'stale', h[9]}} end
+if h[10] and h[9] and seg == tonumber(h[9]) then
+  local expires = redis.call('ZSCORE', KEYS[3], h[10])
+  local t = redis.call('TIME')
+  if expires and tonumber(expires) > tonumber(t[1]) + tonumber(t[2]) / 1e6 then return {{'duplicate', h[10]}} end
+end
 if h[3] then redis.call('ZREM', ARGV[1] .. h[3], ARGV[2]) end
-if h[2] == '1' then return {'cancel'} end
+if h[2] == '1' then return {{'cancel'}} end
 local crashed = redis.call('HINCRBY', KEYS[1], 'inflight:' .. ARGV[3], 1) - 1
-if crashed >= tonumber(ARGV[6]) then return {'poison', tostring(crashed), h[6] or '0'} end
+if crashed >= tonumber(ARGV[6]) then return {{'poison', tostring(crashed), h[6] or '0'}} end
 local started = h[8]
 if not started then started = ARGV[5]; redis.call('HSET', KEYS[1], 'started_at', started) end
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[4], 'segment', ARGV[3], 'updated_at', ARGV[5])
+local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local attempt = cjson.encode({{segment = seg, worker = ARGV[4], instance = ARGV[8], started_at = tonumber(ARGV[5])}})
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[4], 'instance', ARGV[8], 'segment', ARGV[3],
+           'updated_at', ARGV[5], 'attempt:' .. n, attempt)
+redis.call('SADD', ARGV[9] .. ARGV[8], ARGV[2] .. ':' .. ARGV[3])
 redis.call('PUBLISH', KEYS[2], ARGV[7])
-return {'run', h[4], h[5], h[7], started}
+return {{'run', h[4], h[5], h[7], started}}
 """
 
-# KEYS: job hash. ARGV: field. Never resurrects an expired job as a bare hash.
-_END_DELIVERY = """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], 0) end
+# A dead instance's delivery goes back to the queue: only while that instance still holds
+# the job at that segment (another reaper, or a redelivery, may have been first). Returns
+# the note it recorded, or false.
+# KEYS: job hash, events channel. ARGV: instance, segment, when its heartbeat expired, now.
+_REQUEUE = f"""
+local h = redis.call('HMGET', KEYS[1], 'state', 'instance', 'segment', 'attempts', 'worker')
+local cur = h[1]
+if not cur or {_TERMINAL} then return false end
+if h[2] ~= ARGV[1] or h[3] ~= ARGV[2] then return false end
+local note = 'requeued: worker ' .. (h[5] or '?') .. ' (instance ' .. ARGV[1] ..
+             ') stopped beating; its heartbeat expired at ' .. ARGV[3]
+redis.call('HDEL', KEYS[1], 'instance')
+redis.call('HSET', KEYS[1], 'state', 'queued', 'note', note, 'updated_at', ARGV[4])
+local akey = 'attempt:' .. (h[4] or '0')
+local rec = redis.call('HGET', KEYS[1], akey)
+if rec then
+  local a = cjson.decode(rec)
+  a.ended = note
+  redis.call('HSET', KEYS[1], akey, cjson.encode(a))
+end
+redis.call('PUBLISH', KEYS[2], cjson.encode({{state = 'queued', note = note, segment = tonumber(ARGV[2]),
+                                              updated_at = tonumber(ARGV[4])}}))
+return note
+"""
+
+# KEYS: instances zset. ARGV: running-set prefix, the most instances to take.
+# Takes the instances whose heartbeat expired (by Redis's clock, so worker clocks do not
+# matter) with their running deliveries, atomically: of several reapers, one gets each.
+# Returns flat triples: instance, expiry, "<job id>:<segment>".
+_REAP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for i = 1, #dead, 2 do
+  local id = dead[i]
+  redis.call('ZREM', KEYS[1], id)
+  local key = ARGV[1] .. id
+  for _, m in ipairs(redis.call('SMEMBERS', key)) do
+    table.insert(out, id); table.insert(out, dead[i + 1]); table.insert(out, m)
+  end
+  redis.call('DEL', key)
+end
+return out
+"""
+
+# KEYS: job hash, instances zset. Returns {state, segment, 1 if a live instance holds it}
+# or {} for a job that is gone.
+_HOLDER = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'segment', 'instance')
+if not h[1] then return {} end
+local alive = 0
+if h[3] then
+  local expires = redis.call('ZSCORE', KEYS[2], h[3])
+  local t = redis.call('TIME')
+  if expires and tonumber(expires) > tonumber(t[1]) + tonumber(t[2]) / 1e6 then alive = 1 end
+end
+return {h[1], h[2] or '', alive}
+"""
+
+# KEYS: instances zset, presence key. ARGV: instance, ttl, presence JSON.
+_BEAT = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[2]), ARGV[1])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', math.ceil(tonumber(ARGV[2]) * 1000))
 return 0
 """
 
@@ -64,10 +179,10 @@ return 0
 class Claim:
     """What ``JobStore.claim`` found: ``run`` (with the job's spec and plan) or why not."""
 
-    outcome: str  # run | unknown | terminal | cancel | poison
+    outcome: str  # run | unknown | terminal | stale | duplicate | cancel | poison
     spec: JobSpec | None = None
     plan: Plan | None = None
-    state: str | None = None  # terminal: which state
+    state: str | None = None  # terminal: which state; duplicate: the live instance running it
     crashed: int = 0  # poison: deliveries of this segment that never ended
     stage: int = 0  # poison: the stage it was at
     created_at: float = 0.0  # run: for the manifest's timings
@@ -109,7 +224,10 @@ class JobStore:
         self.ttl_s = ttl_s
         self._transition = self.r.register_script(_TRANSITION)
         self._claim = self.r.register_script(_CLAIM)
-        self._end_delivery = self.r.register_script(_END_DELIVERY)
+        self._requeue = self.r.register_script(_REQUEUE)
+        self._reap = self.r.register_script(_REAP)
+        self._beat = self.r.register_script(_BEAT)
+        self._holder = self.r.register_script(_HOLDER)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "easel", ttl_s: int = 7 * 24 * 3600, **redis_kw) -> "JobStore":
@@ -215,7 +333,8 @@ class JobStore:
             progress=Progress(stage=int(h.get("stage", 0)), step=int(h.get("step", 0)),
                               total_steps=int(h.get("total_steps", 0))),
             error=h.get("error") or None, outputs=json.loads(h.get("outputs") or "[]"),
-            manifest=h.get("manifest") or None, attempts=int(h.get("attempts", 0)),
+            manifest=h.get("manifest") or None, attempts=int(h.get("attempts", 0)), note=h.get("note") or None,
+            worker=h.get("worker") or None,
             queue_position=None if JobState(h["state"]).terminal else self.queue_position(job_id),
         )
 
@@ -224,46 +343,60 @@ class JobStore:
         return json.dumps({"state": state.value, **{k: v for k, v in fields.items()
                                                     if k != "spec" and not k.startswith("record:")}}, default=str)
 
-    def _transition_args(self, state: JobState, fields: dict) -> list:
+    def _transition_args(self, job_id: str, state: JobState | None, fields: dict,
+                         end: tuple[int, str] | None) -> list:
+        segment, instance = end if end is not None else ("", "")
+        argv: list = ["", self._running_prefix(), job_id, segment, instance, ""]
+        if state is None:
+            return argv
         now = time.time()
         fields = {"state": state.value, "updated_at": now, **fields}
         if state.terminal:
             fields.setdefault("finished_at", now)
-        argv: list = [self._event(state, fields)]
+        argv[0], argv[5] = self._event(state, fields), state.value
         for k, v in fields.items():
             argv += [k, json.dumps(v) if isinstance(v, (list, dict)) else v]
         return argv
 
-    def transition(self, job_id: str, state: JobState, **fields) -> bool:
+    def transition(self, job_id: str, state: JobState | None, *, end: tuple[int, str] | None = None,
+                   **fields) -> bool:
         """Move a non-terminal job to ``state`` with extra fields; False if it was already terminal.
-        One round trip: the event is published by the same script, only if the change happened."""
+        ``end=(segment, instance)`` also ends that instance's delivery of the segment. One
+        round trip: the event is published by the same script, only if the change happened."""
         return self._transition(keys=[self.key(job_id), self.events_channel(job_id)],
-                                args=self._transition_args(state, fields)) == 1
+                                args=self._transition_args(job_id, state, fields, end)) == 1
 
-    def transition_many(self, changes: list[tuple[str, JobState, dict]]) -> list[bool]:
+    def transition_many(self, changes: list[tuple[str, JobState, dict]], *,
+                        end: tuple[int, str] | None = None) -> list[bool]:
         """``transition`` for (job_id, state, fields) changes in one pipeline (a micro-batch's
         final states): each change is its own script run, so each stays all-or-nothing."""
         pipe = self.r.pipeline(transaction=False)
         for job_id, state, fields in changes:
             self._transition(keys=[self.key(job_id), self.events_channel(job_id)],
-                             args=self._transition_args(state, fields), client=pipe)
+                             args=self._transition_args(job_id, state, fields, end), client=pipe)
         return [res == 1 for res in pipe.execute()]
 
-    def _claim_args(self, job_id: str, segment: int, worker: str, max_crash_deliveries: int) -> dict:
+    def end_delivery(self, job_id: str, segment: int, instance: str) -> None:
+        """The delivery ended without a state change of its own (a retry, a failed state write)."""
+        self.transition(job_id, None, end=(segment, instance))
+
+    def _claim_args(self, job_id: str, segment: int, worker: str, instance: str, max_crash_deliveries: int) -> dict:
         now = time.time()
         event = self._event(JobState.running, {"updated_at": now, "worker": worker, "segment": segment})
-        return {"keys": [self.key(job_id), self.events_channel(job_id)],
-                "args": [f"{self.prefix}:queued:", job_id, segment, worker, now, max_crash_deliveries, event]}
+        return {"keys": [self.key(job_id), self.events_channel(job_id), self.instances_key()],
+                "args": [f"{self.prefix}:queued:", job_id, segment, worker, now, max_crash_deliveries, event,
+                         instance, self._running_prefix()]}
 
-    def claim(self, job_id: str, segment: int, worker: str, max_crash_deliveries: int) -> Claim:
-        """Start a delivery of ``segment``: one round trip (see ``_CLAIM``)."""
-        return self._parse_claim(self._claim(**self._claim_args(job_id, segment, worker, max_crash_deliveries)))
+    def claim(self, job_id: str, segment: int, worker: str, instance: str, max_crash_deliveries: int) -> Claim:
+        """Start a delivery of ``segment`` on ``instance``: one round trip (see ``_CLAIM``)."""
+        return self.claim_many([(job_id, segment)], worker, instance, max_crash_deliveries)[0]
 
-    def claim_many(self, deliveries: list[tuple[str, int]], worker: str, max_crash_deliveries: int) -> list[Claim]:
+    def claim_many(self, deliveries: list[tuple[str, int]], worker: str, instance: str,
+                   max_crash_deliveries: int) -> list[Claim]:
         """``claim`` for (job_id, segment) deliveries in one pipeline (a micro-batch's members)."""
         pipe = self.r.pipeline(transaction=False)
         for job_id, segment in deliveries:
-            self._claim(**self._claim_args(job_id, segment, worker, max_crash_deliveries), client=pipe)
+            self._claim(**self._claim_args(job_id, segment, worker, instance, max_crash_deliveries), client=pipe)
         return [self._parse_claim(res) for res in pipe.execute()]
 
     @staticmethod
@@ -272,20 +405,25 @@ class JobStore:
         if outcome == "run":
             return Claim("run", spec=JobSpec.model_validate_json(res[1]), plan=Plan.model_validate_json(res[2]),
                          created_at=float(res[3]), started_at=float(res[4]))
-        if outcome == "terminal":
-            return Claim("terminal", state=res[1])
+        if outcome in ("terminal", "duplicate", "stale"):
+            return Claim(outcome, state=res[1])
         if outcome == "poison":
             return Claim("poison", crashed=int(res[1]), stage=int(res[2]))
         return Claim(outcome)
 
-    def progress(self, job_id: str, stage: int, step: int, total: int) -> bool:
-        """Record a denoising step; one round trip that also says whether cancel was asked."""
-        key = self.key(job_id)
+    def progress_many(self, job_ids: list[str], stage: int, step: int, total: int,
+                      instance: str) -> list[tuple[bool, bool]]:
+        """Record a denoising step of each job, in one round trip that also answers, per job,
+        (cancel asked, superseded: another delivery took the job from ``instance``)."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(key, mapping={"stage": stage, "step": step, "total_steps": total, "updated_at": time.time()})
-        pipe.publish(self.events_channel(job_id), json.dumps({"stage": stage, "step": step, "total_steps": total}))
-        pipe.hget(key, "cancel")
-        return pipe.execute()[-1] == "1"
+        event = json.dumps({"stage": stage, "step": step, "total_steps": total})
+        for job_id in job_ids:
+            key = self.key(job_id)
+            pipe.hset(key, mapping={"stage": stage, "step": step, "total_steps": total, "updated_at": time.time()})
+            pipe.publish(self.events_channel(job_id), event)
+            pipe.hmget(key, "cancel", "instance")
+        replies = pipe.execute()[2::3]
+        return [(cancel == "1", holder != instance) for cancel, holder in replies]
 
     def save_records(self, job_id: str, records: dict[int, str]) -> None:
         if records:
@@ -314,21 +452,6 @@ class JobStore:
         if st == JobState.queued and self.transition(job_id, JobState.cancelled, error="cancelled before it ran"):
             self.unmark_queued(job_id)
         return self.status(job_id).state
-
-    def _field_of_each(self, job_ids: list[str], field: str) -> list[str | None]:
-        """One hash field of each job, in one round trip."""
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hget(self.key(job_id), field)
-        return pipe.execute()
-
-    def terminal_states(self, job_ids: list[str]) -> list[bool]:
-        """Whether each job has ended (succeeded, failed or cancelled), in one round trip."""
-        return [v is not None and JobState(v).terminal for v in self._field_of_each(job_ids, "state")]
-
-    def cancels_requested(self, job_ids: list[str]) -> list[bool]:
-        """Whether cancel was asked, per job, in one round trip."""
-        return [v == "1" for v in self._field_of_each(job_ids, "cancel")]
 
     # -- queue position: a sorted set per queue, ordered as the broker serves it ---------
     def _queued_key(self, queue: str) -> str:
@@ -362,6 +485,96 @@ class JobStore:
         rank = self.r.zrank(self._queued_key(queue), job_id)
         return None if rank is None else int(rank)
 
-    # -- deliveries that did not end (counted by ``claim``): a worker died running them --
-    def end_delivery(self, job_id: str, segment: int) -> None:
-        self._end_delivery(keys=[self.key(job_id)], args=[f"inflight:{segment}"])
+    # -- retries and attempts ----------------------------------------------------------------
+    def count_retry(self, job_id: str, segment: int) -> int:
+        """One more transient-error retry of ``segment``; returns how many so far."""
+        return int(self.r.hincrby(self.key(job_id), f"retries:{segment}", 1))
+
+    def manifest_reads(self, job_id: str, indices: list[int]) -> tuple[list[str | None], list[Attempt]]:
+        """What a manifest needs from the record: those stages' records (JSON, None where
+        missing) and every attempt. One round trip while a job has had at most 8 attempts."""
+        guess = 8
+        fields = [f"record:{i}" for i in indices] + ["attempts"] + [f"attempt:{k}" for k in range(1, guess + 1)]
+        got = self.r.hmget(self.key(job_id), fields)
+        records, n, attempts = got[:len(indices)], int(got[len(indices)] or 0), got[len(indices) + 1:]
+        if n > guess:
+            attempts += self.r.hmget(self.key(job_id), [f"attempt:{k}" for k in range(guess + 1, n + 1)])
+        return records, [Attempt.model_validate_json(a) for a in attempts[:n] if a]
+
+    def state_of(self, job_id: str) -> JobState | None:
+        st = self.r.hget(self.key(job_id), "state")
+        return JobState(st) if st else None
+
+    def queue_depth(self, queue: str, lists: list[str]) -> int:
+        """Messages waiting in a queue's broker lists (all its priorities), one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for name in lists:
+            pipe.llen(name)
+        return sum(int(n) for n in pipe.execute())
+
+    # -- liveness: worker instances, their heartbeats and running deliveries -----------------
+    def instances_key(self) -> str:
+        return f"{self.prefix}:instances"
+
+    def _running_prefix(self) -> str:
+        return f"{self.prefix}:running:"
+
+    def presence_key(self, hostname: str) -> str:
+        return f"{self.prefix}:worker:{hostname}"
+
+    def beat(self, instance: str, hostname: str, presence: dict, ttl_s: float) -> None:
+        """An instance is alive for ``ttl_s`` more seconds (Redis's clock); its presence record
+        (for ``easel queues``, metrics) lives as long."""
+        self._beat(keys=[self.instances_key(), self.presence_key(hostname)],
+                   args=[instance, ttl_s, json.dumps(presence)])
+
+    def retire(self, instance: str, hostname: str) -> None:
+        """A clean shutdown: the instance is gone now; anything it still held is reaped at once."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zadd(self.instances_key(), {instance: 0})
+        pipe.delete(self.presence_key(hostname))
+        pipe.execute()
+
+    def presences(self) -> list[dict]:
+        """The presence records of live worker processes (what each one serves)."""
+        keys = list(self.r.scan_iter(f"{self.prefix}:worker:*", count=500))
+        return [json.loads(v) for v in self.r.mget(keys) if v] if keys else []
+
+    def running_on(self, instance: str) -> set[str]:
+        """The ``<job id>:<segment>`` deliveries an instance holds."""
+        return set(self.r.smembers(self._running_prefix() + instance))
+
+    def reap_dead(self, limit: int = 100) -> list[tuple[str, float, str, int]]:
+        """Take the instances whose heartbeat expired, with the deliveries they held: (instance,
+        expired at, job id, segment). Atomic: of several reapers, exactly one gets each."""
+        flat = self._reap(keys=[self.instances_key()], args=[self._running_prefix(), limit])
+        out = []
+        for i in range(0, len(flat), 3):
+            job_id, _, seg = flat[i + 2].rpartition(":")
+            out.append((flat[i], float(flat[i + 1]), job_id, int(seg)))
+        return out
+
+    def requeue(self, job_id: str, segment: int, instance: str, expired_at: str) -> str | None:
+        """Put a dead instance's delivery back in the queue (state queued, with a note that
+        says why, returned); None when the instance no longer held it. The caller re-sends
+        the message and marks the queue position."""
+        return self._requeue(keys=[self.key(job_id), self.events_channel(job_id)],
+                             args=[instance, segment, expired_at, time.time()])
+
+    def needs_delivery(self, job_id: str, segment: int) -> bool | None:
+        """For a message found unacked: True when nothing runs that segment now (it should be
+        queued again), None while a live instance runs it, False when the job has ended,
+        moved past it, or is gone (the message can be dropped)."""
+        view = self._holder(keys=[self.key(job_id), self.instances_key()])
+        if not view or JobState(view[0]).terminal or (view[1] and segment < int(view[1])):
+            return False
+        if int(view[2]) and view[1] and segment == int(view[1]):
+            return None
+        return True
+
+    def lease(self, name: str, seconds: float) -> bool:
+        """True for the one caller that takes ``name`` for ``seconds`` (a farm-wide chore)."""
+        return bool(self.r.set(f"{self.prefix}:lease:{name}", 1, nx=True, px=max(1, int(seconds * 1000))))
+
+    def ping(self) -> None:
+        self.r.ping()

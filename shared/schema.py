@@ -178,6 +178,16 @@ class Progress(EaselModel):
     total_steps: int = 0
 
 
+class Attempt(EaselModel):
+    """One delivery of a segment that started on a worker."""
+
+    segment: int
+    worker: str = Field(description="hostname of the worker process")
+    instance: str = Field(description="id of that worker process (a restarted process gets a new one)")
+    started_at: float
+    ended: str | None = Field(default=None, description="set when recovery took the delivery away, and why")
+
+
 class JobStatus(EaselModel):
     id: str
     state: JobState
@@ -190,6 +200,9 @@ class JobStatus(EaselModel):
     outputs: list[str] = Field(default_factory=list)
     manifest: str | None = None
     attempts: int = 0
+    worker: str | None = Field(default=None, description="hostname of the worker that ran (or runs) it last")
+    note: str | None = Field(default=None, description="what recovery did, e.g. 'requeued: worker X stopped "
+                             "beating at T'")
     queue_position: int | None = Field(default=None, description="0 = next in its family queue; only while queued")
 
 
@@ -222,3 +235,4 @@ class Manifest(EaselModel):
     finished_at: float = Field(default_factory=time.time)
     easel_version: str
     versions: dict[str, str]
+    attempts: list[Attempt] = Field(default_factory=list, description="every delivery that started, in order")

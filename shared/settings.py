@@ -78,8 +78,13 @@ class Settings(BaseSettings):
         "torch's CPU threads (intra-op) in a worker process; unset = 1 on a GPU (its CPU ops are one image's "
         "pre/postprocessing, and a parallel region stalls whenever one of its cores is busy with the finisher, "
         "the servers or another GPU's process), torch's default (every core) on the CPU"))
-    reap_every_s: float = Field(default=10.0, gt=0, description="how often a worker looks for jobs left "
-                                "finishing by a dead worker")
+    heartbeat_interval_s: float = Field(default=3.0, gt=0, description=(
+        "how often a worker process renews its heartbeat in Redis"))
+    heartbeat_ttl_s: float = Field(default=15.0, gt=0, description=(
+        "a worker process whose heartbeat is older than this is dead: its running jobs go back to their queues; "
+        "keep it several heartbeat intervals long"))
+    reap_every_s: float = Field(default=5.0, gt=0, description=(
+        "how often each worker and API process looks for dead worker processes' jobs to requeue"))
     max_crash_deliveries: int = Field(default=2, ge=1, description="a segment whose worker died this often is poison")
     max_retries: int = Field(default=8, ge=0, description="retries of transient errors (backoff 1 s doubling, cap 30 s)")
     # Micro-batching: compatible queued jobs run as one pipeline call (1 = off).

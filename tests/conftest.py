@@ -47,8 +47,7 @@ def model_root(tmp_path_factory) -> Path:
 def easel_env(services, model_root) -> dict[str, str]:
     # Output writes overlap the next job as on a GPU worker (the CPU default is off), so the
     # suite exercises the path production GPU workers take.
-    env = {**services.env(), "EASEL_MODEL_ROOT": str(model_root), "EASEL_VISIBILITY_TIMEOUT_S": "60",
-           "EASEL_OVERLAP_FINISH": "true"}
+    env = {**services.env(), "EASEL_MODEL_ROOT": str(model_root), "EASEL_OVERLAP_FINISH": "true"}
     os.environ.update(env)
     from shared.settings import get_settings
 
@@ -64,10 +63,12 @@ class WorkerProc:
         self.proc: subprocess.Popen | None = None
         self.n = 0
 
-    def start(self, wait: bool = True) -> "WorkerProc":
+    def start(self, wait: bool = True, same_hostname: bool = False) -> "WorkerProc":
+        """Start the process; ``same_hostname`` restarts it as ``easel worker`` does a dead child."""
         self.n += 1
-        self.hostname = f"test-{self.family}-{self.n}@{os.uname().nodename}"
-        self.log = self.logdir / f"worker-{self.family}-{self.n}.log"
+        if not same_hostname:
+            self.hostname = f"test-{self.family}-{self.n}@{os.uname().nodename}"
+        self.log = self.logdir / f"worker-{self.family}-{self.hostname.split('@')[0]}-{self.n}.log"
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "worker.process", "--family", self.family, "--hostname", self.hostname],

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import io
+import json
+import time
 
 import numpy as np
 from PIL import Image
 
-from tests.conftest import WorkerProc, img2img_job
+from tests.conftest import WorkerProc, img2img_job, png_bytes
+from tests.test_api import api, job_body, upload, wait_state  # noqa: F401  (module-scoped API server fixture)
 
 
 def _pixels(client, uri):
@@ -62,3 +65,59 @@ def test_a_bad_job_in_a_batch_fails_alone(client, easel_env, input_png, tmp_path
         h = client.store.r.hgetall(client.store.key(j))
         assert (h.get("attempts"), h.get("inflight:0")) == ("1", "0"), h
     assert "attempts" not in client.store.r.hgetall(client.store.key(ids[2]))
+
+
+def _batcher(easel_env, tmp_path, **env) -> WorkerProc:
+    return WorkerProc("sd15-wide", {**easel_env, "EASEL_BATCH_SIZE": "4", "EASEL_BATCH_WAIT_S": "0.5", **env},
+                      tmp_path).start()
+
+
+def test_cancelling_one_member_of_a_running_batch_stops_it_and_the_others_finish(client, easel_env, tmp_path):
+    image = client.storage.put_input(png_bytes((64, 64)), "png")
+    jobs = [img2img_job(image, model="sd15-wide", seed=400 + i, steps=150, strength=1.0) for i in range(3)]
+    ids = [client.submit(j) for j in jobs]
+    w = _batcher(easel_env, tmp_path)
+    try:
+        victim = ids[1]
+        deadline = time.monotonic() + 120
+        while client.status(victim).progress.step < 3:
+            assert time.monotonic() < deadline, "the batch never started"
+            time.sleep(0.05)
+        client.cancel(victim)
+        st = client.wait(victim, timeout=60)
+        others_then = [client.status(j).state.value for j in (ids[0], ids[2])]
+        done = [client.wait(j, timeout=180) for j in (ids[0], ids[2])]
+    finally:
+        w.stop()
+    assert st.state.value == "cancelled" and st.error == "cancelled while running"
+    assert st.progress.step < 150 and not st.outputs
+    assert others_then == ["running", "running"]  # stopped while its batch-mates still ran
+    assert [d.state.value for d in done] == ["succeeded", "succeeded"], [d.error for d in done]
+    # the call was made again for the two left, which got the images they get alone
+    assert [client.result(j).stages[0].timings_s["batch_size"] for j in (ids[0], ids[2])] == [2.0, 2.0]
+    assert "denoised; outputs are written beside the next job" in w.log.read_text()  # the overlapped finish
+
+
+def test_sse_progress_events_arrive_for_batched_jobs(api, client, easel_env, tmp_path):  # noqa: F811
+    w = _batcher(easel_env, tmp_path)
+    try:
+        with api.client() as http:
+            image = upload(http)
+            ids = [http.post("/v1/jobs", json=job_body(image, model="sd15-wide", steps=40, strength=1.0,
+                                                       seed=500 + i)).json()["id"] for i in range(2)]
+            events: list[tuple[str, dict]] = []
+            with http.stream("GET", f"/v1/jobs/{ids[1]}/events", timeout=120) as r:
+                name = None
+                for line in r.iter_lines():
+                    if line.startswith("event:"):
+                        name = line.split(":", 1)[1].strip()
+                    elif line.startswith("data:"):
+                        events.append((name, json.loads(line.split(":", 1)[1])))
+            first = wait_state(http, ids[0])
+    finally:
+        w.stop()
+    steps = [d["step"] for n, d in events if n == "progress"]
+    assert len(steps) >= 2 and steps == sorted(steps), events
+    assert events[-1][0] == "done" and events[-1][1]["state"] == "succeeded"
+    assert first["state"] == "succeeded"
+    assert [client.result(j).stages[0].timings_s["batch_size"] for j in ids] == [2.0, 2.0]

@@ -1,7 +1,6 @@
 """The overlapped finish waits for the next pipeline call to denoise (or its wait limit) before it runs.
 
-Against the session's real valkey: the finisher registers each pending finish there, which
-is what lets another worker's reaper re-send it if this process dies.
+Against the session's real valkey, where the finisher reads the queue the job came from.
 """
 from __future__ import annotations
 
@@ -12,25 +11,23 @@ from types import SimpleNamespace
 
 import pytest
 
-from worker.finisher import Finisher, finishing_key
+from worker.finisher import Finisher
 
 
 def _finisher(client, wait_s: float) -> tuple[Finisher, list[tuple[str, float]]]:
     ran: list[tuple[str, float]] = []
-    ctx = SimpleNamespace(store=client.store, hostname="test-finisher@here")
-    return Finisher(ctx, guard=lambda job_id, seg, queue, body: body(), max_pending=2, wait_s=wait_s), ran
+    return Finisher(client.store, max_pending=2, wait_s=wait_s), ran
 
 
-def _defer(f: Finisher, ran: list, job_id: str) -> str:
-    return f.deferrer(job_id, 0, None)(lambda: ran.append((job_id, time.monotonic())))  # queue unknown: the wait rules alone
+def _defer(f: Finisher, ran: list, job_id: str) -> None:
+    f.defer(lambda: ran.append((job_id, time.monotonic())), None)  # queue unknown: the wait rules alone
 
 
 def test_finish_waits_for_the_next_pipeline_call(client):
     f, ran = _finisher(client, wait_s=30)
     job_id = f"fin-{uuid.uuid4().hex}"
     try:
-        assert _defer(f, ran, job_id) == "finishing"
-        assert client.store.r.zscore(finishing_key(client.store.prefix), job_id) is not None
+        _defer(f, ran, job_id)
         time.sleep(0.5)
         assert ran == []  # still waiting: no pipeline call started since
         t0 = time.monotonic()
@@ -38,7 +35,6 @@ def test_finish_waits_for_the_next_pipeline_call(client):
         f.drain()
         assert [j for j, _ in ran] == [job_id]
         assert ran[0][1] - t0 < 5
-        assert client.store.r.zscore(finishing_key(client.store.prefix), job_id) is None
     finally:
         client.store.r.delete(client.store.key(job_id))
 
@@ -76,7 +72,7 @@ def test_a_call_started_before_the_finish_was_queued_does_not_release_it(client)
 def test_the_step_hook_releases_a_pending_finish_at_the_first_step_only(client):
     from concurrent.futures import ThreadPoolExecutor
 
-    from worker.segment import StepHook
+    from worker.engine import StepHook
 
     f, ran = _finisher(client, wait_s=30)
     released: list[int] = []
@@ -89,8 +85,9 @@ def test_the_step_hook_releases_a_pending_finish_at_the_first_step_only(client):
     pool = ThreadPoolExecutor(1)
     try:
         _defer(f, ran, job_id)
-        hook = StepHook(client.store, f"next-{job_id}", 0, time.monotonic() + 60, 60, 0.25, pool,
-                        on_first_step=release)
+        ctx = SimpleNamespace(store=client.store, instance="test", io=pool, settings=SimpleNamespace(
+            progress_interval_s=0.25), finisher=SimpleNamespace(denoising_started=release))
+        hook = StepHook(ctx, [f"next-{job_id}"], 0, 60)
         time.sleep(0.2)
         assert ran == []  # the next call's prologue: still waiting
         assert hook(1, 10) and hook(2, 10)
@@ -135,12 +132,11 @@ def test_a_job_that_leaves_its_queue_empty_finishes_at_once(client, queued):
     lists = [name for _, name in priority_lists(queue)]
     if queued:
         r.rpush(lists[3], "a message")  # a priority-3 job waits
-    ctx = SimpleNamespace(store=client.store, hostname="test-finisher@here")
     ran: list[tuple[str, float]] = []
-    f = Finisher(ctx, guard=lambda job_id, seg, q, body: body(), max_pending=2, wait_s=30)
+    f = Finisher(client.store, max_pending=2, wait_s=30)
     job_id = f"fin-{uuid.uuid4().hex}"
     try:
-        f.deferrer(job_id, 0, queue)(lambda: ran.append((job_id, time.monotonic())))
+        f.defer(lambda: ran.append((job_id, time.monotonic())), queue)
         time.sleep(0.5)
         assert [j for j, _ in ran] == ([] if queued else [job_id])
         f.denoising_started()  # the next job's call

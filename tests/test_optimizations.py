@@ -29,7 +29,7 @@ def test_dtype_tiling_slicing_and_classic_attention_apply_and_run(model_root, tm
     assert pipe.vae.use_tiling and pipe.vae.use_slicing
     procs = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
     assert procs == {"SlicedAttnProcessor"}  # attention slicing replaced the SDPA default
-    out, timings = run_stage(loaded, Stage(model="m", prompt="x", steps=2, seed=1),
+    out, timings = run_stage(loaded, [Stage(model="m", prompt="x", steps=2, seed=1)],
                              Carrier(images=[Image.new("RGB", (64, 64), (9, 99, 199))]), n=1, want_latent=False,
                              on_step=lambda s, t: True)
     assert out.images[0].size == (64, 64) and timings["denoise"] > 0

@@ -31,7 +31,7 @@ def _run(model, name: str, px: int, n: int, seed: int = 3, prompt: str = "a ligh
     st = Stage(model=name, prompt=prompt, negative_prompt=stage.pop("negative_prompt", None),
                seed=seed, **stage)
     image = Image.new("RGB", (px, px), (30, 120, 200))
-    out, _ = run_stage(model, st, Carrier(images=[image] * n), n=n, want_latent=False, on_step=lambda s, t: True)
+    out, _ = run_stage(model, [st], Carrier(images=[image] * n), n=n, want_latent=False, on_step=lambda s, t: True)
     return [np.asarray(im, dtype=np.int16) for im in out.images]
 
 
@@ -69,8 +69,8 @@ def test_a_repeated_prompt_runs_the_text_encoder_once(model_root):
         _run(model, "sd15", 64, 1, negative_prompt="blurry", strength=0.6, steps=2)
         assert len(calls) == 4  # a new pair is encoded
         # every pipeline of the model shares the cache (text2img here)
-        out, _ = run_stage(model, Stage(model="sd15", task="text2img", prompt="a lighthouse at dusk", width=64,
-                                        height=64, steps=2, seed=1),
+        out, _ = run_stage(model, [Stage(model="sd15", task="text2img", prompt="a lighthouse at dusk", width=64,
+                                         height=64, steps=2, seed=1)],
                            Carrier(), n=1, want_latent=False, on_step=lambda s, t: True)
         assert len(calls) == 4 and out.images[0].size == (64, 64)
     finally:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from celery import Celery
 
 from shared.jobstore import JobStore
+from shared.liveness import new_instance_id
 from shared.registry import Registry, load_registry
 from shared.settings import Settings, get_settings
 from shared.storage import Storage
@@ -26,11 +27,14 @@ class WorkerContext:
     cache: PipelineCache
     family: str
     hostname: str
+    instance: str = field(default_factory=new_instance_id)  # this process's own id (liveness)
     watchdog: Watchdog | None = None
     finisher: Finisher | None = None  # set by the worker process when overlap_finish is on
     inputs: InputCache = field(default_factory=lambda: InputCache(0))
     # S3 transfers of one job run side by side (boto3 clients are thread-safe).
     io: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="easel-io"))
+    # Deliveries whose end could not be recorded (Redis away): the heartbeat settles them later.
+    unsettled: list = field(default_factory=list)
 
     @classmethod
     def create(cls, family: str, settings: Settings | None = None, hostname: str | None = None) -> "WorkerContext":

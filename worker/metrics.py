@@ -1,15 +1,14 @@
 """Prometheus metrics of one worker process, served on EASEL_METRICS_PORT (0 = off).
 
-Observed from Celery's task_prerun/task_postrun signals and from the stage records the
-segment already writes to Redis, so the hot path (segment, runner) carries no metrics
-code: after each segment we read its stages' ``timings_s`` and feed the histograms.
+The engine reports how each delivery ended, with the stage records it wrote (their
+``timings_s`` feed the histograms), and the images of each pipeline call; Celery's
+task_prerun/task_postrun signals drive the busy gauge.
 Buckets run from 0.1 s to an hour: real stages take seconds to minutes.
 """
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -22,9 +21,8 @@ from shared.metrics import STAGE_BUCKETS, RedisStateCollector
 log = logging.getLogger("easel.worker.metrics")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-# easel_batch_size: with micro-batching (EASEL_BATCH_SIZE > 1) the deliveries flushed into one
-# task; without it, the images of one pipeline call (a job's num_images).
-OUTCOMES = {"succeeded", "failed", "cancelled", "handed-off", "unknown"}
+# easel_batch_size: the images of one pipeline call (all its jobs' num_images).
+OUTCOMES = {"succeeded", "failed", "cancelled", "handed-off", "unknown", "poison", "superseded"}
 
 
 class GpuMemoryCollector(Collector):
@@ -72,118 +70,50 @@ class WorkerMetrics:
         self.retries = Counter("easel_worker_retries", "Segments sent back for a transient error", ["family"],
                                registry=r)
         r.register(GpuMemoryCollector())
-        self.explicit_batches = False
-        self._started: dict[str, float] = {}
-        self._finishing: dict[tuple[str, int], float | None] = {}  # task done, finish pending: its start
-        self._ended_early: dict[tuple[str, int], str] = {}  # finish done before the task's postrun
-        self._lock = threading.Lock()
 
-    # -- signal handlers -------------------------------------------------------------------
-    def on_prerun(self, task_id=None, **_kw) -> None:
-        with self._lock:
-            self._started[task_id] = time.perf_counter()
+    # -- observations -----------------------------------------------------------------------
+    def on_prerun(self, **_kw) -> None:
         self.busy.labels(self.family).set(1)
 
-    def on_postrun(self, ctx, task_id=None, args=None, retval=None, state=None, **_kw) -> None:
+    def on_postrun(self, **_kw) -> None:
         self.busy.labels(self.family).set(0)
-        with self._lock:
-            t0 = self._started.pop(task_id, None)
-        if args and isinstance(args[0], (list, tuple)) and args[0] and hasattr(args[0][0], "args"):
-            return self._on_batch(ctx, args[0], t0)
-        if retval == "finishing" and args and len(args) >= 2:
-            key = (str(args[0]), int(args[1]))
-            with self._lock:  # counted when the finisher is done with it (``on_finished``)
-                ended = self._ended_early.pop(key, None)
-                if ended is None:
-                    self._finishing[key] = t0
-                    return
-            return self._ended(ctx, key, ended, t0)
-        if state == "RETRY":
+
+    def on_delivery(self, outcome: str, t0: float | None, records) -> None:
+        if outcome == "retrying":
             self.retries.labels(self.family).inc()
-            outcome = "retry"
-        elif isinstance(retval, str) and retval in OUTCOMES:
-            outcome = retval
-        elif isinstance(retval, str) and retval.startswith("already"):
-            outcome = "duplicate"
-        else:
-            outcome = "error"
-        self._count(ctx, outcome, t0, args)
-
-    def on_finished(self, ctx, job_id: str, seg_index: int, retval: str) -> None:
-        """A segment whose task returned "finishing" is done (worker/finisher.py): count it
-        now, its duration running from the task's start to the end of its uploads."""
-        key = (job_id, seg_index)
-        with self._lock:
-            if key not in self._finishing:  # it ended before the task's postrun ran
-                self._ended_early[key] = retval
-                return
-            t0 = self._finishing.pop(key)
-        self._ended(ctx, key, retval, t0)
-
-    def _ended(self, ctx, key: tuple[str, int], retval: str, t0: float | None) -> None:
-        if retval == "retrying":
-            self.retries.labels(self.family).inc()
-        self._count(ctx, retval if retval in OUTCOMES else "error", t0, key)
-
-    def _count(self, ctx, outcome: str, t0: float | None, args) -> None:
+        outcome = outcome if outcome in OUTCOMES else ("duplicate" if outcome.startswith("already")
+                                                       or outcome in ("duplicate", "stale") else "error")
         self.segments.labels(self.family, outcome).inc()
         if t0 is not None:
             self.segment_s.labels(self.family, outcome).observe(time.perf_counter() - t0)
-        if outcome in ("succeeded", "handed-off") and args and len(args) >= 2:
-            try:
-                self.observe_stages(ctx, str(args[0]), int(args[1]))
-            except Exception:  # metrics must never fail a worker
-                log.debug("stage metrics for %s skipped", args, exc_info=True)
-
-    def _on_batch(self, ctx, requests: list, t0: float | None) -> None:
-        """A celery-batches flush: several deliveries in one task; each job's record says how it ended."""
-        self.explicit_batches = True
-        self.batch.labels(self.family).observe(len(requests))
-        for req in requests:
-            try:
-                job_id, seg_index = str(req.args[0]), int(req.args[1])
-                st = ctx.store.r.hget(ctx.store.key(job_id), "state")
-                outcome = st if st in ("succeeded", "failed", "cancelled") else "handed-off"
-                self.segments.labels(self.family, outcome).inc()
-                if t0 is not None:
-                    self.segment_s.labels(self.family, outcome).observe(time.perf_counter() - t0)
-                if outcome in ("succeeded", "handed-off"):
-                    self.observe_stages(ctx, job_id, seg_index)
-            except Exception:
-                log.debug("batch metrics for %r skipped", getattr(req, "args", None), exc_info=True)
-
-    def observe_stages(self, ctx, job_id: str, seg_index: int) -> None:
-        from shared.schema import StageRecord
-
-        spec, plan = ctx.store.load(job_id)
-        seg = plan.segments[seg_index]
-        raw = ctx.store.records(job_id, len(spec.stages))
-        for i in seg.stages:
-            if not raw[i]:
-                continue
-            rec = StageRecord.model_validate_json(raw[i])
+        if outcome not in ("succeeded", "handed-off"):
+            return
+        for rec in records:
             for phase, secs in rec.timings_s.items():
-                self.stage_s.labels(self.family, rec.model, rec.task, phase).observe(secs)
-            self.stage_s.labels(self.family, rec.model, rec.task, "total").observe(sum(rec.timings_s.values()))
-            if not self.explicit_batches:
-                self.batch.labels(self.family).observe(len(rec.seeds))
+                if phase != "batch_size":
+                    self.stage_s.labels(self.family, rec.model, rec.task, phase).observe(secs)
+            self.stage_s.labels(self.family, rec.model, rec.task, "total").observe(
+                sum(v for k, v in rec.timings_s.items() if k != "batch_size"))
 
 
 _METRICS: WorkerMetrics | None = None
 
 
-def observe_batch(n: int) -> None:
-    """For code that batches several jobs into one pipeline call: report the real batch size
-    (once called, per-job image counts are no longer reported as batches)."""
+def observe_call(images: int) -> None:
+    """Images in one pipeline call (several jobs' when micro-batched)."""
     if _METRICS is not None:
-        _METRICS.explicit_batches = True
-        _METRICS.batch.labels(_METRICS.family).observe(n)
+        _METRICS.batch.labels(_METRICS.family).observe(images)
 
 
-def observe_finished(ctx, job_id: str, seg_index: int, retval: str) -> None:
-    """Called by the finisher when a deferred finish ends (``retval``: how it ended)."""
-    if _METRICS is not None:
-        _METRICS.on_finished(ctx, job_id, seg_index, retval)
+def observe_delivery(ctx, job_id: str, segment: int, outcome: str, t0: float | None, records=()) -> None:
+    """How a delivery ended (``records``: the stage records it wrote); called by the engine,
+    for an overlapped finish once its outputs are written. Metrics never fail a worker."""
+    if _METRICS is None:
+        return
+    try:
+        _METRICS.on_delivery(outcome, t0, records)
+    except Exception:
+        log.debug("metrics for job %s segment %d skipped", job_id, segment, exc_info=True)
 
 
 def metrics_port(base: int, visible_devices: str | None = None) -> int:
@@ -206,7 +136,7 @@ def install(ctx, load_s: float, port: int | None = None) -> int | None:
     m.warm.labels(ctx.family).set(load_s)
     m.registry.register(RedisStateCollector(ctx.store.r, [ctx.family], ctx.settings.queue_prefix, jobs=False))
     task_prerun.connect(lambda **kw: m.on_prerun(**kw), weak=False)
-    task_postrun.connect(lambda **kw: m.on_postrun(ctx, **kw), weak=False)
+    task_postrun.connect(lambda **kw: m.on_postrun(**kw), weak=False)
     _METRICS = m
     want = metrics_port(base)
     for p in range(want, want + 16):  # a neighbour took it: take the next one and say so

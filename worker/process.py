@@ -24,16 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
-    from shared.celery_app import queue_name
+    from shared.celery_app import UnackedMessages, queue_name, send_segment
+    from shared.liveness import Heartbeat, Reaper
     from worker.context import WorkerContext, set_context
-    from worker.finisher import Finisher, Reaper
-    from worker.tasks import app, guarded, register_tasks
+    from worker.finisher import Finisher
+    from worker.policy import settle_later
+    from worker.tasks import app, register_tasks
 
     hostname = args.hostname or f"{args.family}-{os.environ.get('CUDA_VISIBLE_DEVICES', 'cpu')}-{os.getpid()}@{socket.gethostname()}"
     from worker.watchdog import Watchdog
 
     ctx = WorkerContext.create(args.family, hostname=hostname)
-    ctx.store.r.ping()  # a wrong password or TLS setting fails here, at once, not after warming
+    ctx.store.ping()  # a wrong password or TLS setting fails here, at once, not after warming
     import torch
 
     from worker.device import cpu_threads
@@ -49,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     overlap = ctx.settings.overlap_finish
     if overlap is None:
         overlap = ctx.cache.device.type == "cuda"
-    if overlap and ctx.settings.batch_size == 1:
-        ctx.finisher = Finisher(ctx, lambda j, seg, q, fn: guarded(ctx, app, j, seg, q, fn),
-                                ctx.settings.max_pending_finishes, ctx.settings.overlap_finish_wait_s)
+    if overlap:
+        ctx.finisher = Finisher(ctx.store, ctx.settings.max_pending_finishes, ctx.settings.overlap_finish_wait_s)
     set_context(ctx, app)
     register_tasks(app, ctx.settings.batch_size, ctx.settings.batch_wait_s)
     # One message at a time, unless micro-batching: then up to a batch's worth is held.
@@ -62,28 +63,26 @@ def main(argv: list[str] | None = None) -> int:
 
     mport = install_metrics(ctx, load_s)  # EASEL_METRICS_PORT; None when 0 (off)
 
-    from worker.heartbeat import start_heartbeat
-
-    beat = {}
+    s = ctx.settings
+    beat = Heartbeat(ctx.store, ctx.instance, hostname, {
+        "family": args.family, "device": str(ctx.cache.device), "load_s": round(load_s, 3),
+        "models": sorted(ctx.cache.models), "metrics_port": mport, "batch_size": s.batch_size,
+        "torch_threads": torch.get_num_threads()}, s.heartbeat_interval_s, s.heartbeat_ttl_s,
+        after_beat=lambda: settle_later(ctx, app))
+    reaper = Reaper(ctx.store, lambda *a: send_segment(app, *a), s.reap_every_s, s.heartbeat_ttl_s,
+                    UnackedMessages(app))
 
     @worker_ready.connect(weak=False)
     def _ready(**_kw):
-        # A job left finishing by a dead worker is re-sent after its heartbeat expires, or
-        # after the visibility timeout if its worker still beats (see worker/finisher.py).
-        beat["reaper"] = Reaper(ctx, app, ctx.settings.reap_every_s, ctx.settings.visibility_timeout_s).start()
-        beat["stop"] = start_heartbeat(ctx.store.r, ctx.settings.queue_prefix, hostname, {
-            "family": args.family, "device": str(ctx.cache.device), "load_s": round(load_s, 3),
-            "models": sorted(ctx.cache.models), "metrics_port": mport, "batch_size": ctx.settings.batch_size,
-            "torch_threads": torch.get_num_threads()})
+        beat.start()  # before the first claim: a claim records this instance as the holder
+        reaper.start()
 
     @worker_shutdown.connect(weak=False)
     def _bye(**_kw):
         if ctx.finisher is not None:
-            ctx.finisher.drain()  # warm shutdown: pending finishes complete before we stop beating
-        if "reaper" in beat:
-            beat["reaper"].stop()
-        if "stop" in beat:
-            beat["stop"].set()
+            ctx.finisher.drain()  # warm shutdown: pending finishes complete before we retire
+        reaper.stop()
+        beat.retire()
 
     worker = app.Worker(
         hostname=hostname,

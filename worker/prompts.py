@@ -72,8 +72,21 @@ def repeat(embeds: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in embeds.items()}
 
 
-def prompt_kwargs(model: LoadedModel, stage: Stage, n: int) -> dict:
-    """The prompt arguments of a pipeline call for ``n`` images of this stage."""
+def prompt_kwargs(model: LoadedModel, stages: list[Stage], n: int) -> dict:
+    """The prompt arguments of one pipeline call for ``n`` images of each stage (one stage per
+    job in the call: a micro-batch stacks its jobs' prompts in job order)."""
+    parts = [_one_prompt_kwargs(model, stage, n) for stage in stages]
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(v, torch.Tensor) for v in parts[0].values()):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    kw: dict = {"prompt": [s for p in parts for s in p["prompt"]]}
+    if any("negative_prompt" in p for p in parts):
+        kw["negative_prompt"] = [s for p in parts for s in p.get("negative_prompt", [""] * n)]
+    return kw
+
+
+def _one_prompt_kwargs(model: LoadedModel, stage: Stage, n: int) -> dict:
     embeds = cached_embeds(model, stage)
     if embeds is not None:
         return repeat(embeds, n)
@@ -83,7 +96,6 @@ def prompt_kwargs(model: LoadedModel, stage: Stage, n: int) -> dict:
     return kw
 
 
-# -- Compel -------------------------------------------------------------------------------------
 def _compel_for(model: LoadedModel):
     c = model.extras.get("compel")
     if c is None:

@@ -21,13 +21,14 @@ from worker.pipelines import LoadedModel
 from worker.prompts import prompt_kwargs
 
 
-class Cancelled(Exception):
-    """The job was cancelled while this stage ran."""
+class Interrupted(Exception):
+    """The step hook stopped the pipeline call (a job in it was cancelled or taken over)."""
 
 
 @dataclass
 class Carrier:
-    """What flows between stages: decoded images, or latents still on the device."""
+    """What flows between stages: decoded images, or latents still on the device. In a
+    micro-batch the jobs' images sit side by side, ``n`` per job, in job order."""
 
     images: list[Image.Image] | None = None
     latents: torch.Tensor | None = None
@@ -35,6 +36,24 @@ class Carrier:
     @property
     def size(self) -> tuple[int, int] | None:
         return self.images[0].size if self.images else None
+
+    @property
+    def empty(self) -> bool:
+        return not self.images and self.latents is None
+
+    @classmethod
+    def join(cls, parts: list["Carrier"]) -> "Carrier":
+        if len(parts) == 1:
+            return parts[0]
+        if parts[0].latents is not None:
+            return cls(latents=torch.cat([p.latents for p in parts]))
+        return cls(images=[im for p in parts for im in p.images or []] or None)
+
+    def part(self, k: int, n: int) -> "Carrier":
+        """Job ``k``'s ``n`` images (or latents) of a joined carrier."""
+        if self.latents is not None:
+            return Carrier(latents=self.latents[k * n:(k + 1) * n])
+        return Carrier(images=list(self.images[k * n:(k + 1) * n]))
 
 
 StepHook = Callable[[int, int], bool]  # (step, total) -> keep going?
@@ -58,9 +77,16 @@ def _image_or_latents(carrier: Carrier, stage: Stage, model: LoadedModel):
     return _images(carrier, stage)
 
 
-# -- one builder per pipeline kind: (pipeline, kwargs) -----------------------------------------
-def build_sd(model: LoadedModel, stage: Stage, carrier: Carrier, n: int, control: Image.Image | None):
-    kw = prompt_kwargs(model, stage, n)
+def _alone(stages: list[Stage]) -> Stage:
+    if len(stages) != 1:
+        raise ValueError("only SD pipelines run several jobs in one call")
+    return stages[0]
+
+
+# -- one builder per pipeline kind: (pipeline, kwargs) for the jobs' stages in one call ------
+def build_sd(model: LoadedModel, stages: list[Stage], carrier: Carrier, n: int, control: Image.Image | None):
+    stage = stages[0]  # micro-batched jobs share every argument but prompts and seeds
+    kw = prompt_kwargs(model, stages, n)
     kw["guidance_scale"] = stage.guidance_scale
     if stage.task == "text2img":
         kw.update(width=stage.width, height=stage.height)
@@ -68,25 +94,28 @@ def build_sd(model: LoadedModel, stage: Stage, carrier: Carrier, n: int, control
     kw.update(image=_image_or_latents(carrier, stage, model), strength=stage.strength)
     if stage.task == "img2img":
         return model.pipes["img2img"], kw
+    stage = _alone(stages)
     name = stage.controlnet or next(iter(model.spec.controlnets))
     kw.update(control_image=[control.resize(pixel_size(model, carrier, stage))] * n,
               controlnet_conditioning_scale=stage.controlnet_conditioning_scale)
     return model.pipes[f"controlnet_img2img:{name}"], kw
 
 
-def build_sdxl_refiner(model: LoadedModel, stage: Stage, carrier: Carrier, n: int, control):
-    kw = prompt_kwargs(model, stage, n)
+def build_sdxl_refiner(model: LoadedModel, stages: list[Stage], carrier: Carrier, n: int, control):
+    stage = _alone(stages)
+    kw = prompt_kwargs(model, stages, n)
     kw.update(image=_image_or_latents(carrier, stage, model), strength=stage.strength,
               guidance_scale=stage.guidance_scale)
     return model.pipes["img2img"], kw
 
 
-def build_kandinsky22(model: LoadedModel, stage: Stage, carrier: Carrier, n: int, control):
+def build_kandinsky22(model: LoadedModel, stages: list[Stage], carrier: Carrier, n: int, control):
     """Prior (text -> image embeddings) then the decoder's img2img, as the combined pipeline does."""
+    stage = _alone(stages)
     prior = model.pipes["prior"]
     with torch.inference_mode():
         emb = prior(prompt=[stage.prompt] * n, negative_prompt=[stage.negative_prompt or ""] * n,
-                    num_inference_steps=max(1, min(stage.steps, 25)), generator=generators(_seeds(stage, n)),
+                    num_inference_steps=max(1, min(stage.steps, 25)), generator=generators(_seeds(stages, n)),
                     guidance_scale=4.0)
     imgs = _images(carrier, stage)
     w, h = imgs[0].size
@@ -97,14 +126,16 @@ def build_kandinsky22(model: LoadedModel, stage: Stage, carrier: Carrier, n: int
     return model.pipes["img2img"], kw
 
 
-def build_latent_upscaler(model: LoadedModel, stage: Stage, carrier: Carrier, n: int, control):
-    kw = prompt_kwargs(model, stage, n)
+def build_latent_upscaler(model: LoadedModel, stages: list[Stage], carrier: Carrier, n: int, control):
+    stage = _alone(stages)
+    kw = prompt_kwargs(model, stages, n)
     kw.update(image=_image_or_latents(carrier, stage, model), guidance_scale=stage.guidance_scale)
     return model.pipes["latent_upscale"], kw
 
 
-def build_x4_upscaler(model: LoadedModel, stage: Stage, carrier: Carrier, n: int, control):
-    kw = prompt_kwargs(model, stage, n)
+def build_x4_upscaler(model: LoadedModel, stages: list[Stage], carrier: Carrier, n: int, control):
+    stage = _alone(stages)
+    kw = prompt_kwargs(model, stages, n)
     kw.update(image=_images(carrier, stage), guidance_scale=stage.guidance_scale, noise_level=stage.noise_level)
     return model.pipes["upscale"], kw
 
@@ -118,8 +149,9 @@ BUILDERS = {
 }
 
 
-def _seeds(stage: Stage, n: int) -> list[int]:
-    return [stage.seed + i for i in range(n)]
+def _seeds(stages: list[Stage], n: int) -> list[int]:
+    """Image ``i`` of each job uses its stage's ``seed + i``: a job gets the same noise alone or batched."""
+    return [stage.seed + i for stage in stages for i in range(n)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,25 +173,28 @@ def progress_kwargs(pipe, on_step: StepHook, total_hint: int) -> dict:
     if "callback" in params:
         def old_cb(step: int, timestep, latents):
             if not on_step(step + 1, total_hint):
-                raise Cancelled()
+                raise Interrupted()
 
         return {"callback": old_cb, "callback_steps": 1}
     return {}
 
 
-def run_stage(model: LoadedModel, stage: Stage, carrier: Carrier, *, n: int, want_latent: bool,
+def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: int, want_latent: bool,
               on_step: StepHook, control_image: Image.Image | None = None) -> tuple[Carrier, dict[str, float]]:
+    """One pipeline call for one stage of each job in ``stages`` (``n`` images per job), with
+    ``carrier`` holding the jobs' inputs side by side; raises ``Interrupted`` when ``on_step``
+    stopped it."""
     t0 = time.perf_counter()
-    pipe, kw = BUILDERS[model.spec.kind](model, stage, carrier, n, control_image)
-    kw.update(generator=generators(_seeds(stage, n)), num_inference_steps=stage.steps,
+    pipe, kw = BUILDERS[model.spec.kind](model, stages, carrier, n, control_image)
+    kw.update(generator=generators(_seeds(stages, n)), num_inference_steps=stages[0].steps,
               output_type="latent" if want_latent else "pil")
-    kw.update(progress_kwargs(pipe, on_step, stage.steps))
+    kw.update(progress_kwargs(pipe, on_step, stages[0].steps))
     t1 = time.perf_counter()
     with torch.inference_mode():
         out = pipe(**kw)
     if getattr(pipe, "_interrupt", False):
         pipe._interrupt = False
-        raise Cancelled()
+        raise Interrupted()
     timings = {"prepare": t1 - t0, "denoise": time.perf_counter() - t1}
     if want_latent:
         return Carrier(latents=out.images), timings

@@ -36,9 +36,10 @@ from producer.api.models import (Health, JobRequest, JobResponse, Link, PresignR
 from producer.api.security import InFlight, KeyRing, Principal, RateLimiter
 from producer.client import EaselClient, SubmitError
 from producer.webhooks import WebhookDispatcher
-from shared.celery_app import queue_name
-from shared.jobstore import JobStore
+from shared.celery_app import UnackedMessages, queue_name, send_segment
 from shared.images import InputError, check_public_url, decode_image, image_ext
+from shared.jobstore import JobStore
+from shared.liveness import Reaper
 from shared.metrics import live_workers_by_family, queue_depths
 from shared.schema import JobSpec, JobState
 from shared.settings import Settings, get_settings
@@ -82,6 +83,8 @@ class Api:
                           s3={"addressing_style": "path"}), **settings.s3_credentials())
         self.dispatcher = WebhookDispatcher(settings, self.store, render=self.render_dict, secret_for=self.secret_for)
         self.dispatcher.on_result = lambda outcome, event: self.metrics.webhooks.labels(outcome, event).inc()
+        self.reaper = Reaper(JobStore.from_settings(settings), lambda *a: send_segment(self.client.celery, *a),
+                             settings.reap_every_s, settings.heartbeat_ttl_s, UnackedMessages(self.client.celery))
 
     # -- helpers ---------------------------------------------------------------------------
     def secret_for(self, owner: str | None) -> str | None:
@@ -145,9 +148,11 @@ def create_app(settings: Settings | None = None, *, webhooks: bool = True) -> Fa
         app.state.aredis = aioredis.Redis.from_url(s.redis_url, decode_responses=True, health_check_interval=30)
         if webhooks:
             api.dispatcher.start()
+        api.reaper.start()  # dead workers' jobs come back even while every worker is busy
         try:
             yield
         finally:
+            api.reaper.stop()
             api.dispatcher.stop()
             await app.state.aredis.aclose()
 

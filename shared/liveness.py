@@ -1,0 +1,152 @@
+"""Recovery by liveness: worker instances beat, reapers re-send what dead ones held.
+
+Each worker process has an instance id of its own (a process restarted under the same
+hostname gets a new one) and beats every ``heartbeat_interval_s``: its entry in
+``<prefix>:instances`` then expires ``heartbeat_ttl_s`` later by Redis's clock. A claim
+records the instance that runs a segment, until the delivery ends (hand-off, or final
+state written: an overlapped finish counts as running). A reaper, in every worker and in
+the API, takes the expired instances with their deliveries in one atomic script, so one
+reaper acts on each, and puts each delivery back in its queue with a note saying why.
+
+The broker's visibility timeout stays as a backstop only: when it restores the message of
+a stage that still runs on a live instance, the claim sees that instance and drops the
+copy (``shared/jobstore.py``), so a long stage never runs twice.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Callable
+
+import redis
+
+from shared.celery_app import UnackedMessages
+from shared.jobstore import JobStore
+
+log = logging.getLogger("easel.liveness")
+
+Send = Callable[[str, int, str, int], None]  # (job id, segment, queue, priority)
+
+
+def new_instance_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class _Loop:
+    """A daemon thread that calls ``tick`` every ``every_s`` until stopped."""
+
+    name = "easel-loop"
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self._stop = threading.Event()
+
+    def start(self):
+        threading.Thread(target=self._run, name=self.name, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:
+                log.warning("%s: pass failed; next in %ss", self.name, self.every_s, exc_info=True)
+            if self._stop.wait(self.every_s):
+                return
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class Heartbeat(_Loop):
+    """Keeps one worker instance alive in Redis, and its presence record (``easel queues``)."""
+
+    name = "easel-heartbeat"
+
+    def __init__(self, store: JobStore, instance: str, hostname: str, presence: dict, every_s: float, ttl_s: float,
+                 after_beat: Callable[[], None] | None = None):
+        super().__init__(every_s)
+        self.store, self.instance, self.hostname, self.ttl_s = store, instance, hostname, ttl_s
+        self.presence = {**presence, "hostname": hostname, "instance": instance, "pid": os.getpid(),
+                         "since": time.time()}
+        self.after_beat = after_beat  # the worker settles deliveries it could not end before
+
+    def tick(self) -> None:
+        self.store.beat(self.instance, self.hostname, self.presence, self.ttl_s)
+        if self.after_beat is not None:
+            self.after_beat()
+
+    def retire(self) -> None:
+        """A clean exit: stop beating, and let reapers take anything still held at once."""
+        self.stop()
+        try:
+            self.store.retire(self.instance, self.hostname)
+        except redis.RedisError:
+            log.warning("could not retire instance %s; its heartbeat expires in %ss", self.instance, self.ttl_s)
+
+
+class Reaper(_Loop):
+    """Re-sends the running deliveries of instances whose heartbeat expired.
+
+    It acts only after ``ttl_s`` of unbroken contact with Redis: after an outage, every
+    instance's entry may have expired while the instances themselves ran on, and they
+    must get the chance to beat again before anyone is declared dead.
+    """
+
+    name = "easel-reaper"
+
+    def __init__(self, store: JobStore, send: Send, every_s: float, ttl_s: float,
+                 unacked: UnackedMessages | None = None):
+        super().__init__(every_s)
+        self.store, self.send, self.ttl_s, self.unacked = store, send, ttl_s, unacked
+        self._in_contact_since = time.monotonic()
+
+    def tick(self) -> None:
+        try:
+            if time.monotonic() - self._in_contact_since >= self.ttl_s:
+                self.sweep()
+                if self.unacked is not None and self.store.lease("unacked-sweep", self.every_s):
+                    self.sweep_unacked()
+            else:
+                self.store.ping()
+        except redis.RedisError:
+            self._in_contact_since = time.monotonic()
+            raise
+
+    def sweep(self) -> list[str]:
+        """One pass; returns the ids of the jobs sent back to their queues."""
+        resent = []
+        for instance, expired_at, job_id, segment in self.store.reap_dead():
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expired_at))
+            note = self.store.requeue(job_id, segment, instance, at)
+            if note is None:
+                continue  # ended, or another delivery took it meanwhile
+            spec, plan = self.store.load(job_id)
+            queue = plan.segments[segment].queue
+            self.store.mark_queued(job_id, queue, spec.priority)
+            self.send(job_id, segment, queue, spec.priority)
+            log.warning("job %s segment %d %s", job_id, segment, note)
+            resent.append(job_id)
+        return resent
+
+    def sweep_unacked(self) -> list[str]:
+        """Messages fetched over ``ttl_s`` ago whose job no live instance runs: restored to
+        their queue (a worker died before claiming them); those of ended jobs are dropped.
+        One reaper of the farm does this per period (a lease), as it reads every old one."""
+        restored = []
+        for tag, job_id, segment in self.unacked.older_than(self.ttl_s):
+            needed = self.store.needs_delivery(job_id, segment)
+            if needed:
+                log.warning("job %s segment %d: its message was fetched by a worker that never ran it; "
+                            "restored", job_id, segment)
+                self.unacked.restore(tag)
+                restored.append(job_id)
+            elif needed is False:
+                self.unacked.drop(tag)
+        return restored

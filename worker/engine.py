@@ -1,0 +1,358 @@
+"""The one execution engine: every delivery takes this path, alone or in a micro-batch.
+
+A delivery is: claim -> inputs -> stages -> hand-off or finish.
+
+- **claim**: one round trip for all the task's deliveries (``JobStore.claim_many``):
+  stale, duplicate, cancelled, poison and unknown deliveries end here.
+- **inputs**: each job's own (a bad input fails that job alone).
+- **stages**: the segment's stages, one pipeline call per stage for the whole group. A
+  group is one job, or compatible one-stage jobs micro-batched into one call
+  (``worker.batching``): that is the only thing batching changes. One ``StepHook`` per
+  call handles progress events, cancel, take-over and the time limit for every job in it.
+  diffusers cannot drop one job from a running call, so a job cancelled mid-call stops
+  the call at that step; the call is then made again for the jobs left (each job's
+  generators make its images the same as in the first call).
+- **hand-off or finish**: a segment before the last hands its result to the next one; the
+  last writes outputs and manifest and ends the job, on this thread or overlapped with the
+  next job (``worker.finisher``). The job stays held by this instance until that final
+  state is written, so a worker that dies meanwhile has it re-run (``shared.liveness``).
+
+Failures end in ``worker.policy``: a failed batch call re-runs its jobs one by one, so a
+job that breaks the call fails alone.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import redis
+
+from shared.celery_app import send_segment
+from shared.jobstore import Claim
+from shared.schema import JobSpec, JobState, Plan, Segment, StageRecord
+from shared.images import encode_image
+from shared.storage import job_prefix
+from worker.batching import by_input_size, group_jobs
+from worker.context import WorkerContext
+from worker.inputs import load_image_ref, load_input, save_handoff
+from worker.metrics import observe_call, observe_delivery
+from worker.outputs import make_record, start_finish
+from worker.policy import Delivery, cancelled, end_as, settle_error
+from worker.runner import Carrier, Interrupted, decode_latents, pixel_size, run_stage
+from worker.watchdog import StageTimeout, stage_limit_s
+
+log = logging.getLogger("easel.worker.engine")
+
+
+@dataclass
+class Job:
+    """A claimed delivery on its way through the engine."""
+
+    delivery: Delivery
+    claim: Claim
+    t0: float = field(default_factory=time.perf_counter)
+    carrier: Carrier = field(default_factory=Carrier)
+    input_s: float = 0.0
+    records: dict[int, StageRecord] = field(default_factory=dict)
+    last_step: dict | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.delivery.job_id
+
+    @property
+    def spec(self) -> JobSpec:
+        return self.claim.spec
+
+    @property
+    def plan(self) -> Plan:
+        return self.claim.plan
+
+    @property
+    def segment(self) -> Segment:
+        return self.plan.segments[self.delivery.segment]
+
+
+class Stopped(Exception):
+    """A call stopped by its step hook: which jobs asked to stop."""
+
+    def __init__(self, cancelled: set[str], superseded: set[str]):
+        super().__init__(f"cancelled {sorted(cancelled)}, taken over {sorted(superseded)}")
+        self.cancelled, self.superseded = cancelled, superseded
+
+
+Outcomes = dict[Delivery, str]
+
+
+def run_deliveries(ctx: WorkerContext, app, deliveries: list[Delivery]) -> list[str]:
+    """Run the deliveries one task received; returns how each ended ("finishing" while its
+    outputs are still being written)."""
+    outcomes: Outcomes = {}
+    for group in group_jobs(ctx, claim(ctx, app, deliveries, outcomes)):
+        prepared = [job for job in group if _guarded(ctx, app, job, outcomes, load_inputs, ctx, job)]
+        for same_size in by_input_size(prepared):
+            run_group(ctx, app, same_size, outcomes)
+    return [outcomes[d] for d in deliveries]
+
+
+def claim(ctx: WorkerContext, app, deliveries: list[Delivery], outcomes: Outcomes) -> list[Job]:
+    """Claim every delivery in one round trip; the ones with nothing to run end here."""
+    try:
+        claims = ctx.store.claim_many([(d.job_id, d.segment) for d in deliveries], ctx.hostname, ctx.instance,
+                                      ctx.settings.max_crash_deliveries)
+    except Exception as exc:
+        for d in deliveries:
+            _ended(ctx, d, settle_error(ctx, app, d, exc), outcomes)
+        return []
+    jobs = []
+    for d, c in zip(deliveries, claims):
+        if c.outcome == "run":
+            jobs.append(Job(d, c))
+        else:
+            _ended(ctx, d, _settle_claim(ctx, d, c), outcomes)
+    return jobs
+
+
+def _settle_claim(ctx: WorkerContext, d: Delivery, c: Claim) -> str:
+    """Why a claim has nothing to run, with the job ended where that is due."""
+    if c.outcome == "unknown":
+        log.warning("job %s is unknown (expired?); dropping its message", d.job_id)
+    elif c.outcome == "duplicate":
+        log.info("job %s segment %d runs on live instance %s; dropping this copy", d.job_id, d.segment, c.state)
+    elif c.outcome == "cancel":
+        ctx.store.transition(d.job_id, JobState.cancelled, error="cancelled before it ran")
+        return "cancelled"
+    elif c.outcome == "poison":
+        ctx.store.transition(d.job_id, JobState.failed, error=(
+            f"poison job: the worker died {c.crashed} times while running segment {d.segment} "
+            f"(last at stage {c.stage}); not retried"))
+    return {"terminal": f"already {c.state}"}.get(c.outcome, c.outcome)
+
+
+def load_inputs(ctx: WorkerContext, job: Job) -> None:
+    t0 = time.perf_counter()
+    job.carrier = load_input(ctx, job.job_id, job.spec, job.plan, job.delivery.segment)
+    job.input_s = time.perf_counter() - t0
+
+
+def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None:
+    """The stages of a group of prepared jobs, then their hand-off or finish."""
+    while jobs:
+        try:
+            run_stages(ctx, jobs)
+            break
+        except Stopped as stop:
+            if not (stop.cancelled or stop.superseded):
+                stop = Stopped({job.job_id for job in jobs}, set())  # interrupted with no reason left: stop all
+            for job in jobs:
+                if job.job_id in stop.cancelled:
+                    _ended(ctx, job.delivery, cancelled(ctx, job.delivery), outcomes, job)
+                elif job.job_id in stop.superseded:
+                    log.warning("job %s was taken over by another worker; dropping this run", job.job_id)
+                    ctx.store.end_delivery(job.job_id, job.delivery.segment, ctx.instance)
+                    _ended(ctx, job.delivery, "superseded", outcomes, job)
+            jobs = [job for job in jobs if job.delivery not in outcomes]
+        except Exception as exc:
+            if len(jobs) == 1:
+                _ended(ctx, jobs[0].delivery, settle_error(ctx, app, jobs[0].delivery, exc), outcomes, jobs[0])
+                return
+            log.warning("batch of %d failed (%s); running its jobs one by one", len(jobs), exc)
+            for job in jobs:
+                run_group(ctx, app, [job], outcomes)
+            return
+    if not jobs:
+        return
+    if jobs[0].delivery.segment < len(jobs[0].plan.segments) - 1:
+        for job in jobs:
+            if _guarded(ctx, app, job, outcomes, hand_off, ctx, app, job):
+                _ended(ctx, job.delivery, "handed-off", outcomes, job)
+        return
+    if ctx.finisher is None:
+        finish(ctx, app, jobs, outcomes)
+        return
+    ctx.finisher.defer(lambda: finish(ctx, app, jobs, {}), jobs[0].delivery.queue)
+    log.info("job(s) %s denoised; outputs are written beside the next job", [job.job_id for job in jobs])
+    for job in jobs:
+        outcomes[job.delivery] = "finishing"
+
+
+def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
+    """Every stage of the jobs' segment, one pipeline call per stage for the whole group."""
+    first, n = jobs[0], jobs[0].spec.num_images
+    last_stage = len(first.spec.stages) - 1
+    for pos, i in enumerate(first.segment.stages):
+        stages = [job.spec.stages[i] for job in jobs]
+        model = ctx.cache.get(stages[0].model)
+        want_latent = i < last_stage and first.plan.handoffs[i + 1] == "latent"
+        stage = stages[0]
+        control = load_image_ref(ctx, stage.control_image, f"stage {i} control image") if stage.control_image else None
+        carrier = Carrier.join([job.carrier for job in jobs])
+        w, h = pixel_size(model, carrier, stage) if not carrier.empty else (stage.width or 512, stage.height or 512)
+        limit = stage_limit_s(ctx.settings.stage_timeout_base_s, ctx.settings.stage_timeout_per_mpx_step_s,
+                              stage.steps, w, h, n * len(jobs))
+        hook = StepHook(ctx, [job.job_id for job in jobs], i, limit)
+        _arm_watchdog(ctx, jobs, i, stage, limit)
+        observe_call(n * len(jobs))
+        try:
+            out, timings = run_stage(model, stages, carrier, n=n, want_latent=want_latent, control_image=control,
+                                     on_step=hook)
+        except Interrupted:
+            hook.flush()
+            raise Stopped(hook.cancelled, hook.superseded) from None
+        finally:
+            if ctx.watchdog is not None:
+                ctx.watchdog.disarm()
+        hook.flush()
+        timings["batch_size"] = float(len(jobs))  # jobs that shared the call
+        for k, job in enumerate(jobs):
+            job.carrier, job.last_step = out.part(k, n), hook.last
+            own = {**timings, "input": job.input_s} if pos == 0 else dict(timings)
+            kept = _keep_intermediates(ctx, job, i, model, own) if i < last_stage else []
+            job.records[i] = make_record(ctx, i, job.spec, job.plan, model, job.carrier, own, want_latent, kept)
+
+
+def _arm_watchdog(ctx: WorkerContext, jobs: list[Job], i: int, stage, limit: float) -> None:
+    """A stage stuck where no step callback runs fails its jobs and restarts the process."""
+    if ctx.watchdog is None:
+        return
+    grace = ctx.settings.stage_stuck_grace_s
+
+    def fail_all(reason: str) -> None:
+        ctx.store.transition_many([(job.job_id, JobState.failed, {"error": reason}) for job in jobs])
+
+    ctx.watchdog.arm(limit + grace, f"stage {i} ({stage.task}, {stage.model}) made no progress within "
+                                    f"{limit + grace:.0f}s (limit {limit:.0f}s); worker restarted", fail_all)
+
+
+def _keep_intermediates(ctx: WorkerContext, job: Job, i: int, model, timings: dict[str, float]) -> list[str]:
+    """With ``keep_intermediates``, stage ``i``'s images (decoded from latents if need be)."""
+    if not job.spec.output.keep_intermediates:
+        return []
+    t0 = time.perf_counter()
+    c = job.carrier
+    imgs = c.images if c.images is not None else decode_latents(model, c.latents)
+    keys = [ctx.storage.put(f"{job_prefix(job.job_id)}stages/{i}/{k}.png", encode_image(img, "png"))
+            for k, img in enumerate(imgs)]
+    timings["intermediates"] = time.perf_counter() - t0
+    return keys
+
+
+def hand_off(ctx: WorkerContext, app, job: Job) -> None:
+    """Store the result for the next segment (another family) and queue it, once."""
+    store, seg_index, spec = ctx.store, job.delivery.segment, job.spec
+    # The records must be in Redis before the next segment can run (and read them).
+    store.save_records(job.job_id, {i: r.model_dump_json() for i, r in job.records.items()})
+    space = ctx.registry.get(spec.stages[job.segment.stages[-1]].model).latent_space
+    save_handoff(ctx, job.job_id, seg_index + 1, job.carrier, space)
+    nxt = job.plan.segments[seg_index + 1]
+    if store.claim_once(job.job_id, f"enqueue:{seg_index + 1}"):
+        store.mark_queued(job.job_id, nxt.queue, spec.priority)
+        send_segment(app, job.job_id, seg_index + 1, nxt.queue, spec.priority)
+    end_as(ctx, job.delivery, JobState.running, segment=seg_index + 1)
+    log.info("job %s segment %d done in %.2fs, handed %s to %s", job.job_id, seg_index,
+             time.perf_counter() - job.t0, nxt.handoff_in, nxt.queue)
+
+
+def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None:
+    """Write every job's outputs and manifest side by side, then end the jobs that were
+    written as succeeded, in one round trip. A job whose writes fail ends alone."""
+    t_write = time.perf_counter()
+    pending = []
+    for job in jobs:
+        started = _guarded(ctx, app, job, outcomes, start_finish, ctx, job.job_id, job.spec, job.carrier,
+                           job.records, created_at=job.claim.created_at, started_at=job.claim.started_at)
+        if started:
+            pending.append((job, started))
+    written = [(job, p) for job, p in pending if _guarded(ctx, app, job, outcomes, p.wait) is not False]
+    if not written:
+        return
+    changes = [(job.job_id, JobState.succeeded, p.final_fields(job.last_step)) for job, p in written]
+    try:
+        ctx.store.transition_many(changes, end=(jobs[0].delivery.segment, ctx.instance))
+    except Exception as exc:
+        for job, _ in written:
+            _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
+        return
+    for job, p in written:
+        _ended(ctx, job.delivery, "succeeded", outcomes, job)
+    log.info("%d job(s) succeeded; outputs written in %.3fs: %s", len(written), time.perf_counter() - t_write,
+             [job.job_id for job, _ in written])
+
+
+def _guarded(ctx: WorkerContext, app, job: Job, outcomes: Outcomes, fn: Callable, *args, **kw):
+    """``fn(*args)`` for one job; an error ends that job's delivery under the failure policy
+    and returns False."""
+    try:
+        result = fn(*args, **kw)
+        return True if result is None else result
+    except Exception as exc:
+        _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
+        return False
+
+
+def _ended(ctx: WorkerContext, d: Delivery, outcome: str, outcomes: Outcomes, job: Job | None = None) -> None:
+    outcomes[d] = outcome
+    observe_delivery(ctx, d.job_id, d.segment, outcome, job.t0 if job else None,
+                     job.records.values() if job else ())
+
+
+class StepHook:
+    """Per denoising step of one call: enforce the time limit; publish progress for every
+    job in the call and read back cancel and take-over on the first step, then at most every
+    ``progress_interval_s``; release a pending finish at the first step.
+
+    The Redis round trip runs on the I/O pool, off the denoising loop: a step only looks at
+    the previous round trip's answer, so a cancel lands within ``progress_interval_s`` plus
+    a step or two, and a step costs microseconds instead of a round trip. ``flush`` waits for
+    the last answer, so no progress write lands after the state that follows the stage.
+    Progress is best effort: a broker hiccup must not fail a stage that computes fine.
+    """
+
+    def __init__(self, ctx: WorkerContext, job_ids: list[str], stage_index: int, limit: float):
+        self.store, self.instance, self.pool = ctx.store, ctx.instance, ctx.io
+        self.job_ids, self.stage_index, self.limit = job_ids, stage_index, limit
+        self.deadline = time.monotonic() + limit
+        self.interval_s = ctx.settings.progress_interval_s
+        self._on_first_step = ctx.finisher.denoising_started if ctx.finisher is not None else None
+        self.last: dict | None = None  # the last step seen: the final state records it
+        self.cancelled: set[str] = set()
+        self.superseded: set[str] = set()
+        self._sent_at: float | None = None
+        self._pending: Future | None = None
+
+    def _stop_asked(self, wait: bool) -> bool:
+        fut = self._pending
+        if fut is not None and (wait or fut.done()):
+            self._pending = None
+            try:
+                for job_id, (cancel, superseded) in zip(self.job_ids, fut.result()):
+                    if cancel:
+                        self.cancelled.add(job_id)
+                    elif superseded:
+                        self.superseded.add(job_id)
+            except redis.RedisError:
+                pass
+        return bool(self.cancelled or self.superseded)
+
+    def __call__(self, step: int, total: int) -> bool:
+        if self._on_first_step is not None:
+            first, self._on_first_step = self._on_first_step, None
+            first()
+        self.last = {"stage": self.stage_index, "step": step, "total_steps": total}
+        now = time.monotonic()
+        if now > self.deadline:
+            raise StageTimeout(f"stage {self.stage_index} exceeded its time limit of {self.limit:.1f}s "
+                               f"(base + per-megapixel-step allowance) at step {step}/{total}")
+        if self._stop_asked(wait=False):
+            return False
+        if self._pending is None and (self._sent_at is None or now - self._sent_at >= self.interval_s):
+            self._sent_at = now
+            self._pending = self.pool.submit(self.store.progress_many, self.job_ids, self.stage_index, step, total,
+                                             self.instance)
+        return True
+
+    def flush(self) -> None:
+        self._stop_asked(wait=True)

@@ -1,0 +1,60 @@
+"""Where a delivery's inputs come from: the job's image, control images, and the hand-off
+an earlier segment left in storage (latents as safetensors, or PNGs)."""
+from __future__ import annotations
+
+from PIL import Image
+
+from shared.images import decode_image, encode_image, fetch_url, parse_data_uri
+from shared.latents import dump_latents, load_latents
+from shared.schema import JobSpec, Plan
+from shared.storage import job_prefix
+from worker.context import WorkerContext
+from worker.runner import Carrier
+
+
+def read_ref(ctx: WorkerContext, ref: str, what: str) -> bytes:
+    s = ctx.settings
+    if ref.startswith("s3://"):
+        return ctx.storage.get(ref, max_bytes=s.max_input_bytes)
+    if ref.startswith(("https://", "http://")):
+        return fetch_url(ref, s)
+    if ref.startswith("data:"):
+        return parse_data_uri(ref)
+    raise ValueError(f"{what}: unsupported reference {ref[:80]!r}")
+
+
+def load_image_ref(ctx: WorkerContext, ref: str, what: str) -> Image.Image:
+    return ctx.inputs.get(ref, lambda: decode_image(read_ref(ctx, ref, what), ctx.settings, what))
+
+
+def handoff_key(job_id: str, seg: int, i: int | None = None) -> str:
+    if i is None:
+        return f"{job_prefix(job_id)}handoff/seg-{seg}.safetensors"
+    return f"{job_prefix(job_id)}handoff/seg-{seg}/{i}.png"
+
+
+def load_input(ctx: WorkerContext, job_id: str, spec: JobSpec, plan: Plan, seg_index: int) -> Carrier:
+    """What the segment's first stage starts from."""
+    seg = plan.segments[seg_index]
+    n = spec.num_images
+    if seg.handoff_in == "none":
+        return Carrier()
+    if seg_index == 0:
+        img = load_image_ref(ctx, spec.input.image, "input image")
+        return Carrier(images=[img] * n)
+    if seg.handoff_in == "latent":
+        space = ctx.registry.get(spec.stages[seg.stages[0]].model).latent_space
+        return Carrier(latents=load_latents(ctx.storage.get(handoff_key(job_id, seg_index)), space))
+    blobs = ctx.io.map(lambda i: ctx.storage.get(handoff_key(job_id, seg_index, i)), range(n))
+    return Carrier(images=[decode_image(b, ctx.settings, "hand-off image") for b in blobs])
+
+
+def save_handoff(ctx: WorkerContext, job_id: str, seg_index: int, carrier: Carrier, latent_space: str) -> None:
+    """Write what segment ``seg_index`` starts from (it runs on another family's worker)."""
+    if carrier.latents is not None:
+        ctx.storage.put(handoff_key(job_id, seg_index), dump_latents(carrier.latents, latent_space))
+        return
+    uploads = [ctx.io.submit(ctx.storage.put, handoff_key(job_id, seg_index, i), encode_image(img, "png"))
+               for i, img in enumerate(carrier.images or [])]
+    for u in uploads:
+        u.result()

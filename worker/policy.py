@@ -1,0 +1,112 @@
+"""How a delivery's failure ends: every error a job can raise is classified here.
+
+Permanent errors (bad input, unknown model, a pipeline refusing its arguments, a time
+limit) end the job failed with a readable reason at once. Transient ones (lost
+connections, CUDA OOM) re-send the segment with exponential backoff and full jitter (so
+jobs do not retry in lock-step after an outage) up to ``max_retries`` (counted in the job
+record), then end failed. Either way the delivery ends and the worker returns to its
+queue: nothing a job does can take the process down with it.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import botocore.exceptions
+import redis.exceptions
+import torch
+
+from shared.celery_app import send_segment
+from shared.images import InputError
+from shared.schema import JobState
+from shared.storage import NotFound
+
+log = logging.getLogger("easel.worker.policy")
+
+TRANSIENT = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectTimeoutError,
+    ConnectionError,
+    TimeoutError,
+    torch.OutOfMemoryError,
+)
+BACKOFF_CAP_S = 30.0
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message: run ``segment`` of a job. ``queue`` is where it came from (None if unknown)."""
+
+    job_id: str
+    segment: int
+    queue: str | None = None
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason a user can act on."""
+    if isinstance(exc, (InputError, NotFound)):
+        return str(exc).strip("'\"")
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg}"[:2000]
+
+
+def end_as(ctx, d: Delivery, state: JobState, **fields) -> None:
+    """The delivery's final state change, which also ends the delivery (one round trip)."""
+    ctx.store.transition(d.job_id, state, end=(d.segment, ctx.instance), **fields)
+
+
+def fail(ctx, d: Delivery, reason: str) -> str:
+    end_as(ctx, d, JobState.failed, error=reason)
+    return "failed"
+
+
+def cancelled(ctx, d: Delivery) -> str:
+    end_as(ctx, d, JobState.cancelled, error="cancelled while running")
+    return "cancelled"
+
+
+def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
+    """Re-send the segment after a full-jitter backoff (cap 1 s doubling, at most 30 s)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    n = ctx.store.count_retry(d.job_id, d.segment)
+    if n > ctx.settings.max_retries:
+        return fail(ctx, d, f"gave up after {ctx.settings.max_retries} retries: {describe(exc)}")
+    countdown = random.uniform(0, min(BACKOFF_CAP_S, 2.0 ** (n - 1)))
+    log.warning("job %s segment %d: transient %s; retry %d/%d in %.1fs", d.job_id, d.segment, describe(exc), n,
+                ctx.settings.max_retries, countdown)
+    spec, plan = ctx.store.load(d.job_id)
+    # The delivery ends first: a claim of the re-sent message must not find it still held.
+    ctx.store.end_delivery(d.job_id, d.segment, ctx.instance)
+    send_segment(app, d.job_id, d.segment, d.queue or plan.segments[d.segment].queue, spec.priority,
+                 countdown=countdown)
+    return "retrying"
+
+
+def settle_error(ctx, app, d: Delivery, exc: BaseException) -> str:
+    """End a delivery that raised: retried when transient, else failed with the reason."""
+    try:
+        if isinstance(exc, redis.exceptions.AuthenticationError):  # a revoked password is not a blip
+            log.error("job %s segment %d: broker refused our credentials", d.job_id, d.segment)
+            return fail(ctx, d, describe(exc))
+        if isinstance(exc, TRANSIENT):
+            return retry_later(ctx, app, d, exc)
+        log.error("job %s segment %d failed", d.job_id, d.segment, exc_info=exc)
+        return fail(ctx, d, describe(exc))
+    except Exception:  # Redis itself is away: settled again from the heartbeat (``settle_later``)
+        log.exception("could not record how job %s segment %d ended; will try again", d.job_id, d.segment)
+        ctx.unsettled.append((d, exc))
+        return "error"
+
+
+def settle_later(ctx, app) -> None:
+    """Settle the deliveries whose end could not be recorded before: while this instance
+    lives it holds them, so nobody else would."""
+    pending, ctx.unsettled[:] = list(ctx.unsettled), []
+    for d, exc in pending:
+        settle_error(ctx, app, d, exc)
