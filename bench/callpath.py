@@ -60,6 +60,7 @@ def run(args) -> dict:
     from worker.pipelines import load_model
     from worker.runner import Carrier, run_stage
     from worker.engine import StepHook
+    from worker.watchdog import StageBudget
 
     from bench.sd15_arch import bench_checkpoint
 
@@ -77,7 +78,7 @@ def run(args) -> dict:
         stage = Stage(model="m", seed=seed, **stage_d)
         ctx = SimpleNamespace(store=_NullStore(), instance="bench", io=pool, finisher=None,
                               settings=SimpleNamespace(progress_interval_s=0.25))
-        on_step = StepHook(ctx, ["job"], 0, 3600) if hook else (lambda step, total: True)
+        on_step = StepHook(ctx, ["job"], 0, StageBudget(3600, 3600, 3, time.monotonic())) if hook else (lambda step, total: True)
         run_stage(model, [stage], Carrier(images=[image]), n=1, want_latent=False, on_step=on_step)
         if hook:
             on_step.flush()

@@ -207,13 +207,6 @@ class StateFile:
 
 
 # -- running ----------------------------------------------------------------------------------
-def _poll(r, keys: list[str]) -> list[tuple[str | None, str | None, str | None, str | None]]:
-    pipe = r.pipeline(transaction=False)
-    for k in keys:
-        pipe.hmget(k, "state", "error", "outputs", "manifest")
-    return [tuple(x) for x in pipe.execute()]
-
-
 def _download(client, o: Outcome, outputs: list[str], manifest: str | None, target: Path) -> list[str]:
     target.mkdir(parents=True, exist_ok=True)
     files = []
@@ -269,7 +262,6 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
             todo.append(row)
         outcomes[row.key] = o
 
-    r = client.store.r
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="easel-batch")
 
     def submit(row: Row) -> str:
@@ -315,7 +307,7 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
                     ids = list(waiting)
                     for chunk in range(0, len(ids), 500):
                         part = ids[chunk:chunk + 500]
-                        for job_id, (st, err, outputs, man) in zip(part, _poll(r, [client.store.key(j) for j in part])):
+                        for job_id, (st, err, outputs, man) in zip(part, client.store.outcomes_of(part)):
                             if st not in TERMINAL:
                                 continue
                             o = waiting.pop(job_id)

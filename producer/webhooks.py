@@ -101,11 +101,8 @@ class WebhookDispatcher:
 
     # -- registration (API request path) ---------------------------------------------------
     def register(self, job_id: str, url: str) -> None:
-        pipe = self.r.pipeline()
-        pipe.hset(self.store.key(job_id), mapping={"webhook_url": url, "webhook_state": "pending",
-                                                   "webhook_attempts": 0})
-        pipe.zadd(self.watch_key, {job_id: time.time()})
-        pipe.execute()
+        self.store.set_webhook(job_id, url)
+        self.r.zadd(self.watch_key, {job_id: time.time()})
 
     # -- loop ----------------------------------------------------------------------------
     def start(self) -> "WebhookDispatcher":
@@ -132,10 +129,7 @@ class WebhookDispatcher:
         """Move finished watched jobs to the due set, then start due deliveries. Returns started."""
         watched = self.r.zrange(self.watch_key, 0, 999)
         if watched:
-            pipe = self.r.pipeline(transaction=False)
-            for j in watched:
-                pipe.hget(self.store.key(j), "state")
-            for j, st in zip(watched, pipe.execute()):
+            for j, st in zip(watched, self.store.states_of(watched)):
                 if st is None:
                     self.r.zrem(self.watch_key, j)  # expired record: nothing to say
                 elif st in EVENT_TYPES and self.r.zrem(self.watch_key, j):
@@ -161,13 +155,12 @@ class WebhookDispatcher:
 
     # -- one attempt ---------------------------------------------------------------------
     def deliver(self, job_id: str) -> str:
-        key = self.store.key(job_id)
-        url, owner, state = self.r.hmget(key, "webhook_url", "owner", "state")
+        hook = self.store.webhook(job_id)
+        url, owner, state = hook["webhook_url"], hook["owner"], hook["state"]
         if not url or state not in EVENT_TYPES:
             self.r.zrem(self.due_key, job_id)
             return "dropped"
-        attempt = int(self.r.hincrby(key, "webhook_attempts", 1))
-        self.r.hset(key, "webhook_state", "delivering")
+        attempt = self.store.webhook_attempt(job_id)
         event = EVENT_TYPES[state]
         secret = self.secret_for(owner)
         error = None
@@ -186,7 +179,7 @@ class WebhookDispatcher:
         try:
             resp = self._http.post(url, content=body, headers=headers)
             if 200 <= resp.status_code < 300:
-                self.r.hset(key, mapping={"webhook_state": "delivered", "webhook_last_error": ""})
+                self.store.webhook_state(job_id, "delivered")
                 self.r.zrem(self.due_key, job_id)
                 self._report("delivered", event)
                 return "delivered"
@@ -197,14 +190,14 @@ class WebhookDispatcher:
             return self._give_up(job_id, event, f"gave up after {attempt} attempts; last: {error}")
         delay = min(self.s.webhook_backoff_max_s, self.s.webhook_backoff_s * 2 ** (attempt - 1))
         delay *= random.uniform(0.8, 1.2)  # spread retries of many jobs to one receiver
-        self.r.hset(key, mapping={"webhook_state": "pending", "webhook_last_error": error})
+        self.store.webhook_state(job_id, "pending", error)
         self.r.zadd(self.due_key, {job_id: time.time() + delay})
         log.info("webhook for job %s attempt %d failed (%s); retry in %.1fs", job_id, attempt, error, delay)
         self._report("retry", event)
         return "retry"
 
     def _give_up(self, job_id: str, event: str, error: str) -> str:
-        self.r.hset(self.store.key(job_id), mapping={"webhook_state": "failed", "webhook_last_error": error})
+        self.store.webhook_state(job_id, "failed", error)
         self.r.zrem(self.due_key, job_id)
         log.warning("webhook for job %s failed for good: %s", job_id, error)
         self._report("failed", event)

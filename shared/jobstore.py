@@ -578,3 +578,45 @@ class JobStore:
 
     def ping(self) -> None:
         self.r.ping()
+
+    # -- views and fields for the producer side (HTTP API, webhooks, bulk runs) --------------
+    def outcomes_of(self, job_ids: list[str]) -> list[tuple[str | None, str | None, str | None, str | None]]:
+        """(state, error, outputs JSON, manifest) per job, one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.key(job_id), "state", "error", "outputs", "manifest")
+        return [tuple(x) for x in pipe.execute()]
+
+    def states_of(self, job_ids: list[str]) -> list[str | None]:
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.key(job_id), "state")
+        return pipe.execute()
+
+    def owner(self, job_id: str) -> str | None:
+        """The API key name that submitted the job (None: not submitted over the API, or gone)."""
+        return self.r.hget(self.key(job_id), "owner")
+
+    def take_owner(self, job_id: str, name: str) -> bool:
+        """Record the submitting key once; False when the job already has an owner."""
+        return bool(self.r.hsetnx(self.key(job_id), "owner", name))
+
+    def webhook(self, job_id: str) -> dict:
+        """The job's webhook fields, with its owner, state and stage count."""
+        names = ("webhook_url", "webhook_state", "webhook_attempts", "webhook_last_error", "owner", "state", "spec")
+        got = dict(zip(names, self.r.hmget(self.key(job_id), names)))
+        got["stages"] = len(json.loads(got.pop("spec"))["stages"]) if got.get("spec") else 0
+        return got
+
+    def set_webhook(self, job_id: str, url: str) -> None:
+        self.r.hset(self.key(job_id), mapping={"webhook_url": url, "webhook_state": "pending", "webhook_attempts": 0})
+
+    def webhook_attempt(self, job_id: str) -> int:
+        """One more delivery attempt starts; returns its number."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(self.key(job_id), "webhook_attempts", 1)
+        pipe.hset(self.key(job_id), "webhook_state", "delivering")
+        return int(pipe.execute()[0])
+
+    def webhook_state(self, job_id: str, state: str, error: str = "") -> None:
+        self.r.hset(self.key(job_id), mapping={"webhook_state": state, "webhook_last_error": error})

@@ -68,6 +68,9 @@ class ModelSpec(BaseModel):
     controlnets: dict[str, str] = Field(default_factory=dict, description="name -> source of ControlNets for this model")
     prior: str | None = Field(default=None, description="Kandinsky prior source")
     optimizations: Optimizations = Field(default_factory=Optimizations)
+    timeout_per_mpx_step_s: float | None = Field(default=None, ge=0, description=(
+        "this model's stage time allowance per step and SD-equivalent megapixel; "
+        "EASEL_STAGE_TIMEOUT_PER_MPX_STEP_S if unset"))
 
     @model_validator(mode="after")
     def _tasks(self) -> "ModelSpec":

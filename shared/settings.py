@@ -55,9 +55,16 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 3600
     job_ttl_s: int = 7 * 24 * 3600
     device: str | None = None  # "cuda", "cpu"; auto when unset
-    # Stage time limits: base + per_mpx_step * steps * megapixels * images (a stuck stage ends failed).
+    # Stage time limits (worker/watchdog.py): the cost model's allowance, base + per_mpx_step x steps x
+    # SD-equivalent megapixels x images, until the stage's first steps give its pace; then up to
+    # stage_timeout_slack x what that pace projects; never over stage_timeout_max_s.
     stage_timeout_base_s: float = 120.0
-    stage_timeout_per_mpx_step_s: float = 5.0
+    stage_timeout_per_mpx_step_s: float = Field(default=5.0, ge=0, description=(
+        "seconds per step and SD-equivalent megapixel (the denoised latent area x 64: 0.26 for a 512 px SD "
+        "image, 16.8 for the x4 upscaler's 512 px input); a model's timeout_per_mpx_step_s overrides it"))
+    stage_timeout_slack: float = Field(default=3.0, ge=1.0, description=(
+        "a stage may take this many times what its first steps' pace projects"))
+    stage_timeout_max_s: float = Field(default=4 * 3600.0, gt=0, description="no stage runs longer than this")
     stage_stuck_grace_s: float = 60.0
     progress_interval_s: float = Field(default=0.25, ge=0.0, le=60.0, description=(
         "a running stage writes step progress (and reads cancel) on its first step, then at most this often; "

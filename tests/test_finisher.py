@@ -73,6 +73,7 @@ def test_the_step_hook_releases_a_pending_finish_at_the_first_step_only(client):
     from concurrent.futures import ThreadPoolExecutor
 
     from worker.engine import StepHook
+    from worker.watchdog import StageBudget
 
     f, ran = _finisher(client, wait_s=30)
     released: list[int] = []
@@ -87,7 +88,7 @@ def test_the_step_hook_releases_a_pending_finish_at_the_first_step_only(client):
         _defer(f, ran, job_id)
         ctx = SimpleNamespace(store=client.store, instance="test", io=pool, settings=SimpleNamespace(
             progress_interval_s=0.25), finisher=SimpleNamespace(denoising_started=release))
-        hook = StepHook(ctx, [f"next-{job_id}"], 0, 60)
+        hook = StepHook(ctx, [f"next-{job_id}"], 0, StageBudget(60, 60, 3, time.monotonic()))
         time.sleep(0.2)
         assert ran == []  # the next call's prologue: still waiting
         assert hook(1, 10) and hook(2, 10)

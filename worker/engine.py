@@ -41,8 +41,8 @@ from worker.inputs import load_image_ref, load_input, save_handoff
 from worker.metrics import observe_call, observe_delivery
 from worker.outputs import make_record, start_finish
 from worker.policy import Delivery, cancelled, end_as, settle_error
-from worker.runner import Carrier, Interrupted, decode_latents, pixel_size, run_stage
-from worker.watchdog import StageTimeout, stage_limit_s
+from worker.runner import Carrier, Interrupted, decode_latents, denoised_area, pixel_size, run_stage
+from worker.watchdog import StageBudget, StageTimeout, cost_limit_s
 
 log = logging.getLogger("easel.worker.engine")
 
@@ -190,11 +190,10 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
         stage = stages[0]
         control = load_image_ref(ctx, stage.control_image, f"stage {i} control image") if stage.control_image else None
         carrier = Carrier.join([job.carrier for job in jobs])
-        w, h = pixel_size(model, carrier, stage) if not carrier.empty else (stage.width or 512, stage.height or 512)
-        limit = stage_limit_s(ctx.settings.stage_timeout_base_s, ctx.settings.stage_timeout_per_mpx_step_s,
-                              stage.steps, w, h, n * len(jobs))
-        hook = StepHook(ctx, [job.job_id for job in jobs], i, limit)
-        _arm_watchdog(ctx, jobs, i, stage, limit)
+        budget = stage_budget(ctx, model, stage, carrier, n * len(jobs))
+        hook = StepHook(ctx, [job.job_id for job in jobs], i, budget,
+                        rearm=lambda: _arm_watchdog(ctx, jobs, i, stage, budget))
+        hook.rearm()
         observe_call(n * len(jobs))
         try:
             out, timings = run_stage(model, stages, carrier, n=n, want_latent=want_latent, control_image=control,
@@ -214,17 +213,29 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
             job.records[i] = make_record(ctx, i, job.spec, job.plan, model, job.carrier, own, want_latent, kept)
 
 
-def _arm_watchdog(ctx: WorkerContext, jobs: list[Job], i: int, stage, limit: float) -> None:
+def stage_budget(ctx: WorkerContext, model, stage, carrier: Carrier, images: int) -> StageBudget:
+    """The stage's time limit (``worker.watchdog``): the cost model's, from the latent area
+    its UNet denoises, until its first steps give its pace."""
+    s = ctx.settings
+    w, h = pixel_size(model, carrier, stage) if not carrier.empty else (stage.width or 512, stage.height or 512)
+    per = model.spec.timeout_per_mpx_step_s
+    cost = cost_limit_s(s.stage_timeout_base_s, s.stage_timeout_per_mpx_step_s if per is None else per,
+                        stage.steps, denoised_area(model, w, h), images)
+    return StageBudget(cost, s.stage_timeout_max_s, s.stage_timeout_slack, time.monotonic())
+
+
+def _arm_watchdog(ctx: WorkerContext, jobs: list[Job], i: int, stage, budget: StageBudget) -> None:
     """A stage stuck where no step callback runs fails its jobs and restarts the process."""
     if ctx.watchdog is None:
         return
     grace = ctx.settings.stage_stuck_grace_s
+    left = budget.deadline - time.monotonic() + grace
 
     def fail_all(reason: str) -> None:
         ctx.store.transition_many([(job.job_id, JobState.failed, {"error": reason}) for job in jobs])
 
-    ctx.watchdog.arm(limit + grace, f"stage {i} ({stage.task}, {stage.model}) made no progress within "
-                                    f"{limit + grace:.0f}s (limit {limit:.0f}s); worker restarted", fail_all)
+    ctx.watchdog.arm(left, f"stage {i} ({stage.task}, {stage.model}) made no progress within its time limit "
+                           f"of {budget.allowed_s:.0f}s and {grace:.0f}s of grace; worker restarted", fail_all)
 
 
 def _keep_intermediates(ctx: WorkerContext, job: Job, i: int, model, timings: dict[str, float]) -> list[str]:
@@ -300,7 +311,7 @@ def _ended(ctx: WorkerContext, d: Delivery, outcome: str, outcomes: Outcomes, jo
 
 
 class StepHook:
-    """Per denoising step of one call: enforce the time limit; publish progress for every
+    """Per denoising step of one call: enforce the time limit (``StageBudget``); publish progress for every
     job in the call and read back cancel and take-over on the first step, then at most every
     ``progress_interval_s``; release a pending finish at the first step.
 
@@ -311,10 +322,11 @@ class StepHook:
     Progress is best effort: a broker hiccup must not fail a stage that computes fine.
     """
 
-    def __init__(self, ctx: WorkerContext, job_ids: list[str], stage_index: int, limit: float):
+    def __init__(self, ctx: WorkerContext, job_ids: list[str], stage_index: int, budget: StageBudget,
+                 rearm: Callable[[], None] = lambda: None):
         self.store, self.instance, self.pool = ctx.store, ctx.instance, ctx.io
-        self.job_ids, self.stage_index, self.limit = job_ids, stage_index, limit
-        self.deadline = time.monotonic() + limit
+        self.job_ids, self.stage_index, self.budget = job_ids, stage_index, budget
+        self.rearm = rearm  # the watchdog's deadline follows the budget's
         self.interval_s = ctx.settings.progress_interval_s
         self._on_first_step = ctx.finisher.denoising_started if ctx.finisher is not None else None
         self.last: dict | None = None  # the last step seen: the final state records it
@@ -343,9 +355,10 @@ class StepHook:
             first()
         self.last = {"stage": self.stage_index, "step": step, "total_steps": total}
         now = time.monotonic()
-        if now > self.deadline:
-            raise StageTimeout(f"stage {self.stage_index} exceeded its time limit of {self.limit:.1f}s "
-                               f"(base + per-megapixel-step allowance) at step {step}/{total}")
+        if self.budget.step(now, total):
+            self.rearm()
+        if now > self.budget.deadline:
+            raise StageTimeout(self.budget.exceeded(f"stage {self.stage_index}", step, total, now))
         if self._stop_asked(wait=False):
             return False
         if self._pending is None and (self._sent_at is None or now - self._sent_at >= self.interval_s):

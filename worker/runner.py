@@ -115,7 +115,8 @@ def build_kandinsky22(model: LoadedModel, stages: list[Stage], carrier: Carrier,
     prior = model.pipes["prior"]
     with torch.inference_mode():
         emb = prior(prompt=[stage.prompt] * n, negative_prompt=[stage.negative_prompt or ""] * n,
-                    num_inference_steps=max(1, min(stage.steps, 25)), generator=generators(_seeds(stages, n)),
+                    # the prior's UnCLIP scheduler divides by steps - 1: it needs at least 2
+                    num_inference_steps=max(2, min(stage.steps, 25)), generator=generators(_seeds(stages, n)),
                     guidance_scale=4.0)
     imgs = _images(carrier, stage)
     w, h = imgs[0].size
@@ -199,6 +200,31 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
     if want_latent:
         return Carrier(latents=out.images), timings
     return Carrier(images=list(out.images)), timings
+
+
+def scale_factor(model: LoadedModel) -> int:
+    """Pixels per latent pixel of the model's autoencoder (SD's VAE and Kandinsky's MoVQ: 8)."""
+    for pipe in model.pipes.values():
+        factor = getattr(getattr(getattr(pipe, "image_processor", None), "config", None), "vae_scale_factor", None)
+        if factor:  # a VaeImageProcessor (Kandinsky's prior has a CLIP one)
+            return int(factor)
+    return 8
+
+
+def denoised_area(model: LoadedModel, width: int, height: int) -> float:
+    """Latent pixels the UNet denoises per image and step, for a stage whose input is
+    ``width`` x ``height`` pixels: what a step costs, whatever the pixel sizes.
+
+    The x4 upscaler denoises latents as large as its input image; the x2 latent upscaler
+    latents twice the input's latent size; SD, SDXL and Kandinsky latents 1/8 of the image
+    per side (the autoencoder's factor, read from the loaded pipeline). A Kandinsky step
+    counts twice: its prior runs a step of its own for each decoder step (up to 25)."""
+    if model.spec.kind == "sd-x4-upscaler":
+        return float(width * height)
+    f = scale_factor(model)
+    side = 2 if model.spec.kind == "sd-latent-upscaler" else 1
+    passes = 2 if model.spec.kind == "kandinsky22" else 1
+    return passes * (side * width / f) * (side * height / f)
 
 
 def pixel_size(model: LoadedModel, carrier: Carrier, stage: Stage | None = None) -> tuple[int, int]:

@@ -100,9 +100,8 @@ class Api:
 
     def render(self, job_id: str) -> JobResponse:
         st = self.client.status(job_id)
-        spec_json, url, wstate, wattempts, werr = self.r.hmget(
-            self.store.key(job_id), "spec", "webhook_url", "webhook_state", "webhook_attempts", "webhook_last_error")
-        stages = len(json.loads(spec_json)["stages"]) if spec_json else 0
+        hook = self.store.webhook(job_id)
+        url, stages = hook["webhook_url"], hook["stages"]
         done = st.state == JobState.succeeded
         return JobResponse(
             id=st.id, state=st.state, created_at=st.created_at, updated_at=st.updated_at, started_at=st.started_at,
@@ -111,15 +110,16 @@ class Api:
                                  total_steps=st.progress.total_steps),
             outputs=[self.link(u) for u in st.outputs] if done else [],
             manifest=self.link(st.manifest) if done and st.manifest else None,
-            webhook=WebhookOut(url=url, state=wstate or "pending", attempts=int(wattempts or 0),
-                               last_error=werr or None) if url else None,
+            webhook=WebhookOut(url=url, state=hook["webhook_state"] or "pending",
+                               attempts=int(hook["webhook_attempts"] or 0),
+                               last_error=hook["webhook_last_error"] or None) if url else None,
             links={"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events"})
 
     def render_dict(self, job_id: str) -> dict:
         return json.loads(self.render(job_id).model_dump_json())
 
     def owned(self, job_id: str, p: Principal) -> None:
-        owner = self.r.hget(self.store.key(job_id), "owner")
+        owner = self.store.owner(job_id)
         exists = owner is not None or (p.key.admin and self.store.exists(job_id))
         if not exists or (owner != p.name and not p.key.admin):
             raise HTTPException(404, f"no job {job_id}")
@@ -241,7 +241,7 @@ def create_app(settings: Settings | None = None, *, webhooks: bool = True) -> Fa
         except BaseException:
             api.inflight.release(p.name, token)
             raise
-        if api.r.hsetnx(api.store.key(job_id), "owner", p.name):
+        if api.store.take_owner(job_id, p.name):
             api.inflight.commit(p.name, token, job_id)
             if url:
                 api.dispatcher.register(job_id, url)
