@@ -151,6 +151,12 @@ def _delivery_of(value: bytes | str) -> tuple[str, int] | None:
         return None
 
 
+def unacked_keys(prefix: str) -> dict[str, str]:
+    """kombu's unacked-message keys, under the deployment's prefix."""
+    return {"unacked_key": f"{prefix}:unacked", "unacked_index_key": f"{prefix}:unacked_index",
+            "unacked_mutex_key": f"{prefix}:unacked_mutex"}
+
+
 def queue_name(family: str, prefix: str = "easel") -> str:
     return f"{prefix}.{family}"
 
@@ -194,6 +200,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
             # would add up to 100 s to every redelivery; sweep every interval instead.
             "unacked_restore_interval": max(1, min(10, int(s.visibility_timeout_s // 4))),
             "unacked_restore_throttle": 1,
+            # kombu's bookkeeping of delivered messages is global by default: two deployments
+            # on one Redis database would restore each other's messages.
+            **unacked_keys(s.queue_prefix),
             "queue_order_strategy": "priority",
             "priority_steps": list(range(10)),
             "sep": ":",

@@ -16,7 +16,7 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shared.celery_app import queue_name
+from shared.celery_app import queue_name, unacked_keys
 from shared.schema import JobState
 
 PRIORITIES = range(10)
@@ -120,7 +120,7 @@ class RedisStateCollector(Collector):
             for fam, by_p in queue_depths(self.r, self.families, self.prefix).items():
                 for p, n in by_p.items():
                     depth.add_metric([fam, queue_name(fam, self.prefix), str(p)], n)
-            unacked.add_metric([], int(self.r.hlen("unacked")))
+            unacked.add_metric([], int(self.r.hlen(unacked_keys(self.prefix)["unacked_key"])))
             live = live_workers_by_family(self.r, self.prefix)
             for fam in sorted(set(self.families) | set(live)):
                 workers.add_metric([fam], live.get(fam, 0))

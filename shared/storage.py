@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import boto3
 from botocore.config import Config
@@ -134,3 +135,18 @@ class Storage:
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             keys.extend(o["Key"] for o in page.get("Contents", []))
         return keys
+
+    def download_prefix(self, uri: str, dest: Path) -> int:
+        """Every object under an ``s3://bucket/prefix/`` into ``dest`` (keys relative to the
+        prefix); returns how many. Raises NotFound when the prefix holds nothing."""
+        ref = S3Ref.parse(uri.rstrip("/") + "/")
+        n = 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=ref.bucket, Prefix=ref.key):
+            for obj in page.get("Contents", []):
+                target = dest / obj["Key"][len(ref.key):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.client.download_file(ref.bucket, obj["Key"], str(target))
+                n += 1
+        if not n:
+            raise NotFound(f"{uri} holds no objects")
+        return n

@@ -61,3 +61,13 @@ def test_easel_worker_restarts_a_process_that_dies(easel_env, tmp_path):
     finally:
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(60) == 0
+
+
+def test_restart_backoff_grows_in_a_crash_loop_and_resets_after_healthy_service():
+    from worker.launcher import RestartBackoff
+
+    b = RestartBackoff(first_s=1, max_s=60, healthy_s=120)
+    assert [b.delay("0", ran_s=2) for _ in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert b.delay("0", ran_s=3600) == 1  # it had served for an hour: not a crash loop
+    assert b.delay("0", ran_s=2) == 2
+    assert b.delay("1", ran_s=2) == 1  # each GPU's slot has its own

@@ -128,6 +128,9 @@ def test_sigterm_finishes_running_stage_and_leaves_queued_job(fclient, workers, 
     queued = fclient.submit(job(big_input, steps=2, seed=5))
     running_at_step(fclient, running)
     assert fclient.status(queued).queue_position == 0
+    # kombu keeps the running message under this deployment's prefix, not in a global key
+    # another deployment on the same Redis database would restore from
+    assert fclient.store.r.hlen("easel:unacked") == 1 and not fclient.store.r.exists("unacked")
     assert w.stop(signal.SIGTERM, timeout=120) == 0
     st = fclient.status(running)
     assert st.state.value == "succeeded" and st.attempts == 1

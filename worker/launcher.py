@@ -22,6 +22,22 @@ def detect_gpus() -> list[str]:
         return []
 
 
+class RestartBackoff:
+    """Delay before restarting a slot's process: 1 s doubling to 60 s while it keeps dying
+    young, back to 1 s once a process has run ``healthy_s`` (a crash after a day of service
+    is not a crash loop)."""
+
+    def __init__(self, first_s: float = 1.0, max_s: float = 60.0, healthy_s: float = 120.0):
+        self.first_s, self.max_s, self.healthy_s = first_s, max_s, healthy_s
+        self._next: dict[str, float] = {}
+
+    def delay(self, slot: str, ran_s: float) -> float:
+        """The wait before restarting ``slot``, whose process ran ``ran_s`` before it died."""
+        delay = self.first_s if ran_s >= self.healthy_s else self._next.get(slot, self.first_s)
+        self._next[slot] = min(delay * 2, self.max_s)
+        return delay
+
+
 def child_command(family: str, hostname: str) -> list[str]:
     return [sys.executable, "-m", "worker.process", "--family", family, "--hostname", hostname]
 
@@ -47,9 +63,10 @@ def run_workers(family: str, gpus: list[str] | None = None, restart: bool = True
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    started: dict[str, float] = {}
     for slot in slots:
-        procs[slot] = spawn(slot)
-    backoff: dict[str, float] = {}
+        procs[slot], started[slot] = spawn(slot), time.monotonic()
+    backoff = RestartBackoff()
     while True:
         alive = False
         for slot, p in list(procs.items()):
@@ -57,11 +74,10 @@ def run_workers(family: str, gpus: list[str] | None = None, restart: bool = True
             if rc is None:
                 alive = True
             elif not stopping and restart:
-                delay = backoff.get(slot, 1.0)
+                delay = backoff.delay(slot, time.monotonic() - started[slot])
                 print(f"easel worker: {family} on {slot} exited with {rc}; restarting in {delay:.0f}s", file=sys.stderr)
                 time.sleep(delay)
-                backoff[slot] = min(delay * 2, 60)
-                procs[slot] = spawn(slot)
+                procs[slot], started[slot] = spawn(slot), time.monotonic()
                 alive = True
         if not alive:
             return max((p.returncode or 0) for p in procs.values())

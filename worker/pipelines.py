@@ -7,8 +7,12 @@ test weights and real weights take the same path. Variants of one checkpoint
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 
 from shared.registry import ModelSpec, Registry
@@ -46,21 +50,36 @@ def _load_kwargs(spec: ModelSpec, dtype: torch.dtype) -> dict:
     return kw
 
 
+MIRROR_COMPLETE = ".easel-complete"
+
+
 def _sync_s3_source(source: str, settings: Settings) -> str:
-    """An s3:// prefix is mirrored once into the model cache and loaded from there."""
+    """An s3:// prefix is mirrored once into the model cache and loaded from there.
+
+    The mirror is downloaded into a temporary folder beside its place and renamed into it
+    once whole, with a completion marker inside, so an interrupted download is never taken
+    for a checkpoint. A file lock makes the workers of one host download it once."""
+    from filelock import FileLock
+
     from shared.storage import S3Ref, Storage
 
     ref = S3Ref.parse(source.rstrip("/") + "/")
-    target = settings.model_root / "s3" / ref.bucket / ref.key
-    if (target / "model_index.json").exists() or (target / "config.json").exists():
+    target = settings.model_root / "s3" / ref.bucket / ref.key.rstrip("/")
+    if (target / MIRROR_COMPLETE).exists():
         return str(target)
-    st = Storage(settings)
-    pages = st.client.get_paginator("list_objects_v2").paginate(Bucket=ref.bucket, Prefix=ref.key)
-    for page in pages:
-        for obj in page.get("Contents", []):
-            dest = target / obj["Key"][len(ref.key):]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            st.client.download_file(ref.bucket, obj["Key"], str(dest))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / MIRROR_COMPLETE).exists():
+            return str(target)  # another worker of this host finished it while we waited
+        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            Storage(settings).download_prefix(source, partial)
+            (partial / MIRROR_COMPLETE).write_text(source)
+            if target.exists():
+                shutil.rmtree(target)  # an incomplete mirror from before
+            partial.rename(target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return str(target)
 
 
