@@ -6,15 +6,24 @@ job's ``webhook_url`` and adds the job to a watch set; any dispatcher (one runs 
 every ``easel api``) moves a finished job to the due set and delivers it. Claims are
 leases in a sorted set, so a dispatcher that dies mid-delivery is retried by another.
 
-Signature (Stripe-style, timestamped against replay)::
+Signatures follow the Standard Webhooks spec (standardwebhooks.com), so any of its
+verifiers checks them::
 
-    Easel-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>
+    webhook-id: <job id>.<state>            (the same on every retry: receivers dedupe on it)
+    webhook-timestamp: <unix seconds>
+    webhook-signature: v1,<base64 HMAC-SHA256(key, "<id>.<timestamp>.<raw body>")> [v1,<...> ...]
 
-Receivers recompute the HMAC over the raw body, compare in constant time and refuse
-timestamps older than a few minutes (``verify_signature`` does all three).
+A secret is ``whsec_<base64 key>`` (any other string is used as the key's bytes). Several
+secrets separated by spaces each sign, so a receiver keeps verifying while secrets rotate:
+add the new one before the old, let receivers switch, then drop the old one.
+``verify_signature`` checks a delivery (constant time, timestamps within 5 minutes).
+
+The POST goes to the address vetted when the URL was checked, never to a second DNS
+answer (``shared.images.pin_url``).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -27,13 +36,12 @@ from typing import Callable
 
 import httpx
 
-from shared.images import InputError, check_public_url
+from shared.images import InputError, pin_url
 from shared.jobstore import JobStore
 from shared.settings import Settings
 
 log = logging.getLogger("easel.webhooks")
 
-SIGNATURE_HEADER = "Easel-Signature"
 EVENT_TYPES = {"succeeded": "job.succeeded", "failed": "job.failed", "cancelled": "job.cancelled"}
 
 # Atomically take up to ARGV[2] due deliveries and lease them until ARGV[1] + lease.
@@ -50,25 +58,38 @@ class SignatureError(ValueError):
     pass
 
 
-def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
+def secret_keys(secrets: str) -> list[bytes]:
+    """The signing keys of a secret setting: space-separated ``whsec_<base64>`` (or raw) secrets."""
+    keys = []
+    for secret in secrets.split():
+        keys.append(base64.b64decode(secret[len("whsec_"):]) if secret.startswith("whsec_") else secret.encode())
+    return keys
+
+
+def signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def signed_headers(secrets: str, msg_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+    """The Standard Webhooks headers for one delivery, signed with every current secret."""
     t = int(time.time() if timestamp is None else timestamp)
-    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={mac}"
+    return {"webhook-id": msg_id, "webhook-timestamp": str(t),
+            "webhook-signature": " ".join(signature(k, msg_id, t, body) for k in secret_keys(secrets))}
 
 
-def verify_signature(secret: str, header: str, body: bytes, tolerance_s: float = 300.0,
+def verify_signature(secret: str, headers: dict[str, str], body: bytes, tolerance_s: float = 300.0,
                      now: float | None = None) -> int:
-    """Check an ``Easel-Signature`` header; returns its timestamp or raises SignatureError."""
+    """Check a delivery's Standard Webhooks headers; returns its timestamp or raises SignatureError."""
     try:
-        parts = dict(p.split("=", 1) for p in header.split(","))
-        t = int(parts["t"])
-        got = parts["v1"]
+        msg_id, t = headers["webhook-id"], int(headers["webhook-timestamp"])
+        sigs = headers["webhook-signature"].split()
     except (ValueError, KeyError):
-        raise SignatureError("malformed signature header") from None
+        raise SignatureError("missing or malformed webhook-id / webhook-timestamp / webhook-signature") from None
     if abs((time.time() if now is None else now) - t) > tolerance_s:
         raise SignatureError("signature timestamp outside tolerance (replayed or clock skew)")
-    want = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(want, got):
+    wanted = [signature(k, msg_id, t, body) for k in secret_keys(secret)]
+    if not any(hmac.compare_digest(w, got) for w in wanted for got in sigs):
         raise SignatureError("signature does not match")
     return t
 
@@ -101,8 +122,7 @@ class WebhookDispatcher:
 
     # -- registration (API request path) ---------------------------------------------------
     def register(self, job_id: str, url: str) -> None:
-        self.store.set_webhook(job_id, url)
-        self.r.zadd(self.watch_key, {job_id: time.time()})
+        self.store.set_webhook(job_id, url, self.watch_key)
 
     # -- loop ----------------------------------------------------------------------------
     def start(self) -> "WebhookDispatcher":
@@ -155,8 +175,7 @@ class WebhookDispatcher:
 
     # -- one attempt ---------------------------------------------------------------------
     def deliver(self, job_id: str) -> str:
-        hook = self.store.webhook(job_id)
-        url, owner, state = hook["webhook_url"], hook["owner"], hook["state"]
+        url, owner, state = self.store.webhook_target(job_id)
         if not url or state not in EVENT_TYPES:
             self.r.zrem(self.due_key, job_id)
             return "dropped"
@@ -168,16 +187,17 @@ class WebhookDispatcher:
             error = "no webhook secret configured (EASEL_WEBHOOK_SECRET)"
             return self._give_up(job_id, event, error)
         try:
-            check_public_url(url, self.s)
+            target, pinned_headers, extensions = pin_url(url, self.s)
         except InputError as e:
             return self._give_up(job_id, event, f"refused URL: {e}")
-        body = json.dumps({"id": f"{job_id}.{state}", "type": event, "attempt": attempt,
+        msg_id = f"{job_id}.{state}"
+        body = json.dumps({"id": msg_id, "type": event, "attempt": attempt,
                            "created_at": time.time(), "job": self.render(job_id)},
                           separators=(",", ":"), default=str).encode()
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body),
-                   "Easel-Event": event, "Easel-Webhook-Id": f"{job_id}.{state}", "Easel-Attempt": str(attempt)}
+        headers = {"Content-Type": "application/json", **pinned_headers, **signed_headers(secret, msg_id, body),
+                   "Easel-Event": event, "Easel-Attempt": str(attempt)}
         try:
-            resp = self._http.post(url, content=body, headers=headers)
+            resp = self._http.post(target, content=body, headers=headers, extensions=extensions)
             if 200 <= resp.status_code < 300:
                 self.store.webhook_state(job_id, "delivered")
                 self.r.zrem(self.due_key, job_id)

@@ -19,6 +19,7 @@ import json
 import logging
 import ssl
 import time
+from datetime import datetime, timezone
 from queue import Empty
 
 from celery import Celery
@@ -125,6 +126,13 @@ class UnackedMessages:
                 out.append((tag.decode() if isinstance(tag, bytes) else tag, *found))
         return out
 
+    def deliveries(self) -> set[tuple[str, int]]:
+        """Every (job id, segment) that a worker holds unacked now."""
+        with self.app.connection_for_write() as conn:
+            ch = conn.default_channel
+            raw = ch.client.hvals(ch.unacked_key)
+        return {found for value in raw if (found := _delivery_of(value, include_waiting=True))}
+
     def restore(self, tag: str) -> None:
         """Back to the front of its queue (kombu's own restore, as the visibility timeout does)."""
         with self.app.connection_for_write() as conn:
@@ -136,11 +144,17 @@ class UnackedMessages:
             conn.default_channel.qos.ack(tag)
 
 
-def _delivery_of(value: bytes | str) -> tuple[str, int] | None:
-    """(job id, segment) of a stored run_segment message; None for anything else."""
+def _delivery_of(value: bytes | str, include_waiting: bool = False) -> tuple[str, int] | None:
+    """(job id, segment) of a stored run_segment message; None for anything else, and, unless
+    ``include_waiting``, for a retry whose countdown has not run out (its worker holds it
+    unacked until then)."""
     try:
         payload = json.loads(value)[0]
-        if payload.get("headers", {}).get("task") != RUN_SEGMENT:
+        headers = payload.get("headers", {})
+        if headers.get("task") != RUN_SEGMENT:
+            return None
+        if not include_waiting and headers.get("eta") and \
+                datetime.fromisoformat(headers["eta"]) > datetime.now(timezone.utc):
             return None
         body = payload["body"]
         if payload["properties"].get("body_encoding") == "base64":

@@ -124,18 +124,25 @@ def check_public_url(url: str, settings: Settings) -> str | None:
     return info[4][0]
 
 
+def pin_url(url: str, settings: Settings):
+    """An SSRF-checked URL pinned to the address vetted now: (URL to request, headers,
+    httpx extensions). The request then goes to that address, never to a second DNS answer
+    (rebinding), and TLS still verifies the certificate for the hostname."""
+    import httpx
+
+    pinned = check_public_url(url, settings)
+    u = httpx.URL(url)
+    if pinned is None:
+        return u, {}, {}
+    return u.copy_with(host=pinned), {"Host": u.netloc.decode("ascii")}, {"sni_hostname": u.host}
+
+
 def fetch_url(url: str, settings: Settings) -> bytes:
     """Download an image URL: SSRF-checked, pinned to the vetted address, no redirects,
     no proxies or .netrc from the environment, bounded in bytes and in total time."""
     import httpx
 
-    pinned = check_public_url(url, settings)
-    u = httpx.URL(url)
-    headers, extensions = {}, {}
-    if pinned is not None:
-        headers["Host"] = u.netloc.decode("ascii")
-        extensions["sni_hostname"] = u.host  # TLS still verifies the certificate for the hostname
-        u = u.copy_with(host=pinned)
+    u, headers, extensions = pin_url(url, settings)
     limit, deadline = settings.max_input_bytes, time.monotonic() + settings.url_fetch_timeout_s
     try:
         with httpx.Client(timeout=min(30.0, settings.url_fetch_timeout_s), follow_redirects=False,

@@ -6,7 +6,8 @@ This module is the only one that reads or writes a job's hash. One hash per job,
 - ``spec``, ``plan``: the validated job and its segments (JSON), written at submission.
 - ``state`` (queued | running | succeeded | failed | cancelled), ``created_at``,
   ``updated_at``, ``started_at``, ``finished_at``; ``error`` for failed and cancelled jobs;
-  ``note``: what recovery did (``requeued: worker X stopped beating at T``).
+  ``note``: what recovery did (``requeued: worker X ... stopped beating; ...``), and
+  ``requeued_from`` (``<instance>:<segment>``) that recovery's delivery.
 - ``queue``: the queue-position set the job waits in (``<prefix>:queued:<queue>``);
   ``cancel`` = 1 once cancel was asked.
 - ``segment``: the segment that runs or waits next; ``worker`` (hostname) and ``instance``
@@ -16,8 +17,7 @@ This module is the only one that reads or writes a job's hash. One hash per job,
   instance, started_at, and ``ended`` when recovery took it away).
 - ``inflight:<seg>``: deliveries of a segment that started and never ended (a worker died):
   the poison-job counter; ``retries:<seg>``: transient-error retries.
-- ``stage``, ``step``, ``total_steps``: progress; ``record:<i>``: stage records (JSON);
-  ``once:<marker>``: side effects done once (enqueueing the next segment).
+- ``stage``, ``step``, ``total_steps``: progress; ``record:<i>``: stage records (JSON).
 - ``outputs``, ``manifest``: the results of a succeeded job.
 - ``owner``, ``webhook_url``, ``webhook_state``, ``webhook_attempts``,
   ``webhook_last_error``: the HTTP API's key and webhook delivery.
@@ -50,31 +50,42 @@ _TERMINAL = "cur == 'succeeded' or cur == 'failed' or cur == 'cancelled'"
 # KEYS: job hash, events channel. ARGV: event JSON, running-set prefix, job id, segment
 # whose delivery ends ('' = none), instance, new state ('' = none), then field/value pairs.
 # Ending a delivery drops it from the instance's running set and, while the instance still
-# holds the job, clears the holder and the segment's crash counter. Publishing from the
-# script means no event is published for a change that did not happen.
+# holds the job, clears the holder and the segment's crash counter; while another instance
+# holds it, the delivery has been taken over and its state change is refused. A ``segment``
+# field never moves the job back (a late hand-off after the next segment has run).
+# Publishing from the script means no event is published for a change that did not happen.
 _TRANSITION = f"""
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return -1 end
 if ARGV[4] ~= '' then
   redis.call('SREM', ARGV[2] .. ARGV[5], ARGV[3] .. ':' .. ARGV[4])
-  if redis.call('HGET', KEYS[1], 'instance') == ARGV[5] then
+  local holder = redis.call('HGET', KEYS[1], 'instance')
+  if holder == ARGV[5] then
     redis.call('HDEL', KEYS[1], 'instance')
     redis.call('HSET', KEYS[1], 'inflight:' .. ARGV[4], 0)
+  elseif holder then
+    return 0
   end
 end
 if {_TERMINAL} then return 0 end
 if ARGV[6] == '' then return 1 end
+local seg = redis.call('HGET', KEYS[1], 'segment')
+for i = 7, #ARGV, 2 do
+  if ARGV[i] == 'segment' and seg and tonumber(ARGV[i+1]) < tonumber(seg) then return 0 end
+end
 for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
 redis.call('PUBLISH', KEYS[2], ARGV[1])
 return 1
 """
 
-# Everything a delivery checks and records before it runs, in one round trip. Refuses
-# unknown and terminal jobs, a segment the job has moved past (stale), and a segment that
-# a live instance is running (a duplicate: kombu restores an unacked message once it is
-# older than the visibility timeout, whether or not its worker lives). Then drops the job
-# from its queue-position set, refuses cancelled and poison deliveries, counts the
-# delivery and the attempt, and records this instance as the holder.
+# Everything a delivery checks and records before it runs, in one round trip. Drops the
+# job from its queue-position set, then refuses unknown and terminal jobs, a segment the job
+# has moved past (stale), and a segment that another live instance runs (a duplicate:
+# kombu restores an unacked message once it is older than the visibility timeout, whether
+# or not its worker lives). A claim of what this very instance holds is a replay of this
+# script (its reply was lost), answered as the first run was. Then refuses cancelled and
+# poison deliveries, counts the delivery and the attempt, and records this instance as the
+# holder.
 # KEYS: job hash, events channel, instances zset. ARGV: queue-position key prefix, job id,
 # segment, worker, now, crash limit, the "running" event JSON, instance, running-set prefix.
 # (Key names built from ARGV assume one Redis, not a cluster; easel's broker is one Redis.)
@@ -83,15 +94,16 @@ local h = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'queue', 'spec', 'plan
                      'started_at', 'segment', 'instance')
 local cur = h[1]
 if not cur then return {{'unknown'}} end
+if h[3] then redis.call('ZREM', ARGV[1] .. h[3], ARGV[2]) end
 if {_TERMINAL} then return {{'terminal', cur}} end
 local seg = tonumber(ARGV[3])
 if h[9] and seg < tonumber(h[9]) then return {{'stale', h[9]}} end
 if h[10] and h[9] and seg == tonumber(h[9]) then
+  if h[10] == ARGV[8] then return {{'run', h[4], h[5], h[7], h[8]}} end
   local expires = redis.call('ZSCORE', KEYS[3], h[10])
   local t = redis.call('TIME')
   if expires and tonumber(expires) > tonumber(t[1]) + tonumber(t[2]) / 1e6 then return {{'duplicate', h[10]}} end
 end
-if h[3] then redis.call('ZREM', ARGV[1] .. h[3], ARGV[2]) end
 if h[2] == '1' then return {{'cancel'}} end
 local crashed = redis.call('HINCRBY', KEYS[1], 'inflight:' .. ARGV[3], 1) - 1
 if crashed >= tonumber(ARGV[6]) then return {{'poison', tostring(crashed), h[6] or '0'}} end
@@ -107,18 +119,23 @@ return {{'run', h[4], h[5], h[7], started}}
 """
 
 # A dead instance's delivery goes back to the queue: only while that instance still holds
-# the job at that segment (another reaper, or a redelivery, may have been first). Returns
-# the note it recorded, or false.
+# the job at that segment (another delivery may have taken it meanwhile). Returns the note
+# it recorded, or false. Idempotent: asked again for the same instance and segment (a
+# replayed script, a reaper that died before sending) it answers with the note again, so
+# the message is sent at least once; a copy is dropped at its claim.
 # KEYS: job hash, events channel. ARGV: instance, segment, when its heartbeat expired, now.
 _REQUEUE = f"""
-local h = redis.call('HMGET', KEYS[1], 'state', 'instance', 'segment', 'attempts', 'worker')
+local h = redis.call('HMGET', KEYS[1], 'state', 'instance', 'segment', 'attempts', 'worker', 'requeued_from', 'note')
 local cur = h[1]
 if not cur or {_TERMINAL} then return false end
-if h[2] ~= ARGV[1] or h[3] ~= ARGV[2] then return false end
+if h[3] ~= ARGV[2] then return false end
+if cur == 'queued' and not h[2] and h[6] == ARGV[1] .. ':' .. ARGV[2] then return h[7] end
+if h[2] ~= ARGV[1] then return false end
 local note = 'requeued: worker ' .. (h[5] or '?') .. ' (instance ' .. ARGV[1] ..
-             ') stopped beating; its heartbeat expired at ' .. ARGV[3]
+             ') stopped beating; ' .. ARGV[3]
 redis.call('HDEL', KEYS[1], 'instance')
-redis.call('HSET', KEYS[1], 'state', 'queued', 'note', note, 'updated_at', ARGV[4])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'note', note, 'updated_at', ARGV[4],
+           'requeued_from', ARGV[1] .. ':' .. ARGV[2])
 local akey = 'attempt:' .. (h[4] or '0')
 local rec = redis.call('HGET', KEYS[1], akey)
 if rec then
@@ -131,10 +148,13 @@ redis.call('PUBLISH', KEYS[2], cjson.encode({{state = 'queued', note = note, seg
 return note
 """
 
-# KEYS: instances zset. ARGV: running-set prefix, the most instances to take.
+# KEYS: instances zset. ARGV: running-set prefix, the most instances to take, lease seconds.
 # Takes the instances whose heartbeat expired (by Redis's clock, so worker clocks do not
-# matter) with their running deliveries, atomically: of several reapers, one gets each.
-# Returns flat triples: instance, expiry, "<job id>:<segment>".
+# matter) with their running deliveries: each is leased to this reaper (its score moves
+# ``lease`` seconds ahead), so of several reapers one gets it, and one that dies midway
+# leaves it to another once the lease runs out. ``forget_instance`` removes it once done.
+# Returns flat triples: instance, expiry, "<job id>:<segment>"; an instance holding
+# nothing comes back with an empty third field.
 _REAP = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -142,12 +162,12 @@ local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LI
 local out = {}
 for i = 1, #dead, 2 do
   local id = dead[i]
-  redis.call('ZREM', KEYS[1], id)
-  local key = ARGV[1] .. id
-  for _, m in ipairs(redis.call('SMEMBERS', key)) do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)
+  local held = redis.call('SMEMBERS', ARGV[1] .. id)
+  if #held == 0 then table.insert(out, id); table.insert(out, dead[i + 1]); table.insert(out, '') end
+  for _, m in ipairs(held) do
     table.insert(out, id); table.insert(out, dead[i + 1]); table.insert(out, m)
   end
-  redis.call('DEL', key)
 end
 return out
 """
@@ -179,10 +199,11 @@ return 0
 class Claim:
     """What ``JobStore.claim`` found: ``run`` (with the job's spec and plan) or why not."""
 
-    outcome: str  # run | unknown | terminal | stale | duplicate | cancel | poison
+    outcome: str  # run | unknown | terminal | stale | duplicate | cancel | poison | corrupt
     spec: JobSpec | None = None
     plan: Plan | None = None
-    state: str | None = None  # terminal: which state; duplicate: the live instance running it
+    detail: str | None = None  # terminal: the state; stale: the job's segment; duplicate: the live
+    # instance running it; corrupt: why the record cannot be read
     crashed: int = 0  # poison: deliveries of this segment that never ended
     stage: int = 0  # poison: the stage it was at
     created_at: float = 0.0  # run: for the manifest's timings
@@ -314,14 +335,6 @@ class JobStore:
             raise KeyError(f"no job {job_id}")
         return JobSpec.model_validate_json(spec), Plan.model_validate_json(plan)
 
-    def load_many(self, job_ids: list[str]) -> list[tuple[JobSpec, Plan] | None]:
-        """``load`` for several jobs in one round trip; None for a job that is gone."""
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hmget(self.key(job_id), "spec", "plan")
-        return [None if spec is None else (JobSpec.model_validate_json(spec), Plan.model_validate_json(plan))
-                for spec, plan in pipe.execute()]
-
     def status(self, job_id: str) -> JobStatus:
         h = self.r.hgetall(self.key(job_id))
         if not h:
@@ -387,26 +400,31 @@ class JobStore:
                 "args": [f"{self.prefix}:queued:", job_id, segment, worker, now, max_crash_deliveries, event,
                          instance, self._running_prefix()]}
 
-    def claim(self, job_id: str, segment: int, worker: str, instance: str, max_crash_deliveries: int) -> Claim:
-        """Start a delivery of ``segment`` on ``instance``: one round trip (see ``_CLAIM``)."""
-        return self.claim_many([(job_id, segment)], worker, instance, max_crash_deliveries)[0]
-
     def claim_many(self, deliveries: list[tuple[str, int]], worker: str, instance: str,
                    max_crash_deliveries: int) -> list[Claim]:
         """``claim`` for (job_id, segment) deliveries in one pipeline (a micro-batch's members)."""
         pipe = self.r.pipeline(transaction=False)
         for job_id, segment in deliveries:
             self._claim(**self._claim_args(job_id, segment, worker, instance, max_crash_deliveries), client=pipe)
-        return [self._parse_claim(res) for res in pipe.execute()]
+        return [self._parse_claim(res) for res in pipe.execute(raise_on_error=False)]
 
     @staticmethod
-    def _parse_claim(res: list) -> Claim:
+    def _parse_claim(res: list | Exception) -> Claim:
+        """One claim's reply; a record this version cannot read (or a script error) is a
+        ``corrupt`` claim of that job alone, with the reason."""
+        if isinstance(res, Exception):
+            if isinstance(res, redis.ConnectionError | redis.TimeoutError):
+                raise res
+            return Claim("corrupt", detail=str(res)[:500])
         outcome = res[0]
         if outcome == "run":
-            return Claim("run", spec=JobSpec.model_validate_json(res[1]), plan=Plan.model_validate_json(res[2]),
-                         created_at=float(res[3]), started_at=float(res[4]))
+            try:
+                return Claim("run", spec=JobSpec.model_validate_json(res[1]), plan=Plan.model_validate_json(res[2]),
+                             created_at=float(res[3]), started_at=float(res[4]))
+            except ValueError as e:
+                return Claim("corrupt", detail=f"unreadable job record: {e}"[:500])
         if outcome in ("terminal", "duplicate", "stale"):
-            return Claim(outcome, state=res[1])
+            return Claim(outcome, detail=res[1])
         if outcome == "poison":
             return Claim("poison", crashed=int(res[1]), stage=int(res[2]))
         return Claim(outcome)
@@ -435,13 +453,6 @@ class JobStore:
 
     def records(self, job_id: str, count: int) -> list[str | None]:
         return self.records_at(job_id, list(range(count)))
-
-    def publish(self, job_id: str, event: dict) -> None:
-        self.r.publish(self.events_channel(job_id), json.dumps(event, default=str))
-
-    def claim_once(self, job_id: str, marker: str) -> bool:
-        """True the first time ``marker`` is claimed for this job (guards side effects like enqueueing)."""
-        return bool(self.r.hsetnx(self.key(job_id), f"once:{marker}", time.time()))
 
     def request_cancel(self, job_id: str) -> JobState:
         """Cancel: a queued job ends now; a running one stops at its next denoising step."""
@@ -477,6 +488,18 @@ class JobStore:
         if queue:
             self.r.zrem(self._queued_key(queue), job_id)
 
+    def waiting_since(self, queue: str, limit: int = 500) -> list[tuple[str, int, float]]:
+        """(job id, segment, queued since) of the first jobs still marked queued in ``queue``."""
+        ids = self.r.zrange(self._queued_key(queue), 0, limit - 1)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(self.key(job_id), "state", "segment", "updated_at")
+        out = []
+        for job_id, (state, segment, since) in zip(ids, pipe.execute()):
+            if state == JobState.queued.value and since:
+                out.append((job_id, int(segment or 0), float(since)))
+        return out
+
     def queue_position(self, job_id: str) -> int | None:
         """0 = next to run in its family's queue; None when not waiting."""
         queue = self.r.hget(self.key(job_id), "queue")
@@ -500,10 +523,6 @@ class JobStore:
         if n > guess:
             attempts += self.r.hmget(self.key(job_id), [f"attempt:{k}" for k in range(guess + 1, n + 1)])
         return records, [Attempt.model_validate_json(a) for a in attempts[:n] if a]
-
-    def state_of(self, job_id: str) -> JobState | None:
-        st = self.r.hget(self.key(job_id), "state")
-        return JobState(st) if st else None
 
     def queue_depth(self, queue: str, lists: list[str]) -> int:
         """Messages waiting in a queue's broker lists (all its priorities), one round trip."""
@@ -540,26 +559,31 @@ class JobStore:
         keys = list(self.r.scan_iter(f"{self.prefix}:worker:*", count=500))
         return [json.loads(v) for v in self.r.mget(keys) if v] if keys else []
 
-    def running_on(self, instance: str) -> set[str]:
-        """The ``<job id>:<segment>`` deliveries an instance holds."""
-        return set(self.r.smembers(self._running_prefix() + instance))
-
-    def reap_dead(self, limit: int = 100) -> list[tuple[str, float, str, int]]:
-        """Take the instances whose heartbeat expired, with the deliveries they held: (instance,
-        expired at, job id, segment). Atomic: of several reapers, exactly one gets each."""
-        flat = self._reap(keys=[self.instances_key()], args=[self._running_prefix(), limit])
-        out = []
+    def reap_dead(self, limit: int = 100, lease_s: float = 60.0) -> dict[str, tuple[float, list[tuple[str, int]]]]:
+        """Lease the instances whose heartbeat expired, with the deliveries they held:
+        instance -> (expired at, [(job id, segment)]). Of several reapers one gets each; call
+        ``forget_instance`` once its deliveries are requeued."""
+        flat = self._reap(keys=[self.instances_key()], args=[self._running_prefix(), limit, lease_s])
+        out: dict[str, tuple[float, list[tuple[str, int]]]] = {}
         for i in range(0, len(flat), 3):
-            job_id, _, seg = flat[i + 2].rpartition(":")
-            out.append((flat[i], float(flat[i + 1]), job_id, int(seg)))
+            held = out.setdefault(flat[i], (float(flat[i + 1]), []))[1]
+            if flat[i + 2]:
+                job_id, _, seg = flat[i + 2].rpartition(":")
+                held.append((job_id, int(seg)))
         return out
 
-    def requeue(self, job_id: str, segment: int, instance: str, expired_at: str) -> str | None:
+    def forget_instance(self, instance: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zrem(self.instances_key(), instance)
+        pipe.delete(self._running_prefix() + instance)
+        pipe.execute()
+
+    def requeue(self, job_id: str, segment: int, instance: str, why: str) -> str | None:
         """Put a dead instance's delivery back in the queue (state queued, with a note that
         says why, returned); None when the instance no longer held it. The caller re-sends
         the message and marks the queue position."""
         return self._requeue(keys=[self.key(job_id), self.events_channel(job_id)],
-                             args=[instance, segment, expired_at, time.time()])
+                             args=[instance, segment, why, time.time()])
 
     def needs_delivery(self, job_id: str, segment: int) -> bool | None:
         """For a message found unacked: True when nothing runs that segment now (it should be
@@ -608,8 +632,16 @@ class JobStore:
         got["stages"] = len(json.loads(got.pop("spec"))["stages"]) if got.get("spec") else 0
         return got
 
-    def set_webhook(self, job_id: str, url: str) -> None:
-        self.r.hset(self.key(job_id), mapping={"webhook_url": url, "webhook_state": "pending", "webhook_attempts": 0})
+    def webhook_target(self, job_id: str) -> tuple[str | None, str | None, str | None]:
+        """(webhook URL, owner, job state): what a delivery attempt needs."""
+        return tuple(self.r.hmget(self.key(job_id), "webhook_url", "owner", "state"))
+
+    def set_webhook(self, job_id: str, url: str, watch_key: str) -> None:
+        """Record the job's webhook and put the job on the dispatcher's watch list, together."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.key(job_id), mapping={"webhook_url": url, "webhook_state": "pending", "webhook_attempts": 0})
+        pipe.zadd(watch_key, {job_id: time.time()})
+        pipe.execute()
 
     def webhook_attempt(self, job_id: str) -> int:
         """One more delivery attempt starts; returns its number."""

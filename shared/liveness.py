@@ -25,6 +25,7 @@ import redis
 
 from shared.celery_app import UnackedMessages
 from shared.jobstore import JobStore
+from shared.metrics import priority_lists
 
 log = logging.getLogger("easel.liveness")
 
@@ -102,36 +103,80 @@ class Reaper(_Loop):
     name = "easel-reaper"
 
     def __init__(self, store: JobStore, send: Send, every_s: float, ttl_s: float,
-                 unacked: UnackedMessages | None = None):
+                 unacked: UnackedMessages | None = None, queues: list[str] = ()):
         super().__init__(every_s)
-        self.store, self.send, self.ttl_s, self.unacked = store, send, ttl_s, unacked
-        self._in_contact_since = time.monotonic()
+        self.store, self.send, self.ttl_s, self.unacked, self.queues = store, send, ttl_s, unacked, list(queues)
+        self._in_contact_since = self._last_contact = time.monotonic()
 
     def tick(self) -> None:
+        """Sweep once in unbroken contact for a TTL. The client rides out short outages by
+        retrying, so a gap between answers longer than a couple of periods counts as lost
+        contact too, not only an error."""
         try:
-            if time.monotonic() - self._in_contact_since >= self.ttl_s:
-                self.sweep()
-                if self.unacked is not None and self.store.lease("unacked-sweep", self.every_s):
-                    self.sweep_unacked()
-            else:
-                self.store.ping()
+            self.store.ping()
         except redis.RedisError:
             self._in_contact_since = time.monotonic()
             raise
+        now = time.monotonic()
+        if now - self._last_contact > 2 * self.every_s + 1:
+            self._in_contact_since = now
+        self._last_contact = now
+        if now - self._in_contact_since < self.ttl_s:
+            return
+        self.sweep()
+        if self.unacked is not None and self.store.lease("unacked-sweep", self.every_s):
+            self.sweep_unacked()
+            for queue in self.queues:
+                self.sweep_lost(queue)
 
     def sweep(self) -> list[str]:
-        """One pass; returns the ids of the jobs sent back to their queues."""
+        """One pass; returns the ids of the jobs sent back to their queues. An instance is
+        forgotten only once all it held is requeued; until then, a later pass (this
+        reaper's or another's, once the lease runs out) takes it again."""
         resent = []
-        for instance, expired_at, job_id, segment in self.store.reap_dead():
-            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expired_at))
-            note = self.store.requeue(job_id, segment, instance, at)
-            if note is None:
-                continue  # ended, or another delivery took it meanwhile
-            spec, plan = self.store.load(job_id)
-            queue = plan.segments[segment].queue
-            self.store.mark_queued(job_id, queue, spec.priority)
+        for instance, (expired_at, held) in self.store.reap_dead(lease_s=max(30.0, 4 * self.every_s)).items():
+            why = ("it shut down" if expired_at < 1e9 else
+                   f"its heartbeat expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expired_at))}")
+            try:
+                for job_id, segment in held:
+                    if self._requeue(instance, job_id, segment, why):
+                        resent.append(job_id)
+            except Exception:
+                log.exception("could not requeue all that instance %s held; a later pass retries", instance)
+                continue
+            self.store.forget_instance(instance)
+        return resent
+
+    def _requeue(self, instance: str, job_id: str, segment: int, why: str) -> bool:
+        note = self.store.requeue(job_id, segment, instance, why)
+        if note is None:
+            return False  # ended, or another delivery took it meanwhile
+        spec, plan = self.store.load(job_id)
+        queue = plan.segments[segment].queue
+        self.store.mark_queued(job_id, queue, spec.priority)
+        self.send(job_id, segment, queue, spec.priority)
+        log.warning("job %s segment %d %s", job_id, segment, note)
+        return True
+
+    def sweep_lost(self, queue: str) -> list[str]:
+        """Jobs marked queued for over ``ttl_s`` whose message is nowhere: not in the queue's
+        lists (only looked for while they are empty) and held by no worker. kombu's Redis
+        transport pops a message and then records it as unacked, in two steps: a worker
+        killed between them loses it. Each such job's message is sent again."""
+        if self.store.queue_depth(queue, [name for _, name in priority_lists(queue)]):
+            return []
+        old = [(j, seg) for j, seg, since in self.store.waiting_since(queue) if time.time() - since > self.ttl_s]
+        if not old:
+            return []
+        held = self.unacked.deliveries()
+        resent = []
+        for job_id, segment in old:
+            if (job_id, segment) in held:
+                continue
+            spec, _ = self.store.load(job_id)
+            log.warning("job %s segment %d was queued with no message left (a worker died taking it); sent again",
+                        job_id, segment)
             self.send(job_id, segment, queue, spec.priority)
-            log.warning("job %s segment %d %s", job_id, segment, note)
             resent.append(job_id)
         return resent
 

@@ -5,7 +5,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     webhook_sweep_s: float = Field(default=1.0, gt=0, description="how often the dispatcher looks for finished jobs")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="worker Prometheus port; 0 = off. "
                               "Process k of a multi-GPU launcher binds port + GPU index.")
+
+    @model_validator(mode="after")
+    def _liveness(self) -> "Settings":
+        if self.heartbeat_ttl_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError(f"heartbeat_ttl_s ({self.heartbeat_ttl_s}) must be more than twice heartbeat_interval_s "
+                             f"({self.heartbeat_interval_s}): one late beat must not make a live worker dead")
+        return self
 
     def redis_ssl_kwargs(self) -> dict[str, str]:
         """redis-py / kombu connection kwargs for a rediss:// URL; {} for redis://."""

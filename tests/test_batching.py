@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import io
-import json
 import time
 
 import numpy as np
 from PIL import Image
 
 from tests.conftest import WorkerProc, img2img_job, png_bytes
-from tests.test_api import api, job_body, upload, wait_state  # noqa: F401  (module-scoped API server fixture)
+from tests.test_api import api, job_body, sse_events, upload, wait_state  # noqa: F401  (module-scoped API server fixture)
 
 
 def _pixels(client, uri):
@@ -105,14 +104,7 @@ def test_sse_progress_events_arrive_for_batched_jobs(api, client, easel_env, tmp
             image = upload(http)
             ids = [http.post("/v1/jobs", json=job_body(image, model="sd15-wide", steps=40, strength=1.0,
                                                        seed=500 + i)).json()["id"] for i in range(2)]
-            events: list[tuple[str, dict]] = []
-            with http.stream("GET", f"/v1/jobs/{ids[1]}/events", timeout=120) as r:
-                name = None
-                for line in r.iter_lines():
-                    if line.startswith("event:"):
-                        name = line.split(":", 1)[1].strip()
-                    elif line.startswith("data:"):
-                        events.append((name, json.loads(line.split(":", 1)[1])))
+            events = sse_events(http, ids[1])
             first = wait_state(http, ids[0])
     finally:
         w.stop()

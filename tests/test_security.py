@@ -478,3 +478,50 @@ def test_credentials_never_in_manifests_records_or_worker_log(secure_worker, sec
         assert secret not in records, "secret in Redis"
         assert secret not in log, "secret in worker log"
     assert S3_KEY_ID not in manifest and S3_KEY_ID not in records
+
+
+def test_webhook_post_goes_to_the_vetted_address_not_a_second_dns_answer(client, monkeypatch):
+    """A name that resolves to a public address when checked and to 127.0.0.1 afterwards
+    (DNS rebinding) cannot steer the webhook POST: it goes to the vetted address, with the
+    name in Host and TLS SNI. A recording transport stands in for the network here: the
+    vetted address is a public one, which tests must not reach."""
+    import socket
+
+    import httpx
+
+    from producer.webhooks import WebhookDispatcher
+    from shared.plan import plan_job
+    from shared.schema import JobSpec, JobState
+    from shared.settings import Settings
+
+    answers = iter(["93.184.216.34", "127.0.0.1"])
+    lookups: list[str] = []
+
+    def rebinding_getaddrinfo(host, port, *a, **kw):
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (next(answers), port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_getaddrinfo)
+    sent: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200)
+
+    settings = Settings(allow_private_urls=False, webhook_secret="whsec_" + "a2V5" * 4)
+    spec = JobSpec.model_validate({"input": {"image": "s3://easel/inputs/x.png"},
+                                   "stages": [{"model": "sd15", "prompt": "x", "seed": 1}]})
+    job_id, _ = client.store.create(spec, plan_job(spec, client.registry))
+    hooks = WebhookDispatcher(settings, client.store, render=lambda j: {"id": j},
+                              secret_for=lambda owner: settings.webhook_secret.get_secret_value())
+    hooks._http = httpx.Client(transport=httpx.MockTransport(record))
+    try:
+        client.store.transition(job_id, JobState.succeeded)
+        hooks.register(job_id, "https://hooks.example.test/easel")
+        assert hooks.deliver(job_id) == "delivered"
+    finally:
+        client.store.r.delete(client.store.key(job_id), hooks.watch_key, hooks.due_key)
+    (req,) = sent
+    assert req.url.host == "93.184.216.34" and req.headers["host"] == "hooks.example.test"
+    assert req.extensions["sni_hostname"] == "hooks.example.test"
+    assert lookups == ["hooks.example.test"]  # resolved once, at the check

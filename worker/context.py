@@ -1,6 +1,7 @@
 """Everything a worker process holds for its lifetime: connections, registry, warm pipelines."""
 from __future__ import annotations
 
+import queue
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class WorkerContext:
     # S3 transfers of one job run side by side (boto3 clients are thread-safe).
     io: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="easel-io"))
     # Deliveries whose end could not be recorded (Redis away): the heartbeat settles them later.
-    unsettled: list = field(default_factory=list)
+    unsettled: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
     @classmethod
     def create(cls, family: str, settings: Settings | None = None, hostname: str | None = None) -> "WorkerContext":

@@ -40,7 +40,7 @@ from worker.context import WorkerContext
 from worker.inputs import load_image_ref, load_input, save_handoff
 from worker.metrics import observe_call, observe_delivery
 from worker.outputs import make_record, start_finish
-from worker.policy import Delivery, cancelled, end_as, settle_error
+from worker.policy import Delivery, cancelled, end_as, fail, settle_error
 from worker.runner import Carrier, Interrupted, decode_latents, denoised_area, pixel_size, run_stage
 from worker.watchdog import StageBudget, StageTimeout, cost_limit_s
 
@@ -89,13 +89,24 @@ Outcomes = dict[Delivery, str]
 
 def run_deliveries(ctx: WorkerContext, app, deliveries: list[Delivery]) -> list[str]:
     """Run the deliveries one task received; returns how each ended ("finishing" while its
-    outputs are still being written)."""
+    outputs are still being written). A second copy of a delivery in the same task is
+    dropped; an error that escapes the engine (Redis away for longer than its retries)
+    settles every claimed delivery still open, so none stays held by this live instance."""
     outcomes: Outcomes = {}
-    for group in group_jobs(ctx, claim(ctx, app, deliveries, outcomes)):
-        prepared = [job for job in group if _guarded(ctx, app, job, outcomes, load_inputs, ctx, job)]
-        for same_size in by_input_size(prepared):
-            run_group(ctx, app, same_size, outcomes)
-    return [outcomes[d] for d in deliveries]
+    unique = list(dict.fromkeys(deliveries))
+    jobs = claim(ctx, app, unique, outcomes)
+    try:
+        for group in group_jobs(ctx, jobs):
+            prepared = [job for job in group if _guarded(ctx, app, job, outcomes, load_inputs, ctx, job)]
+            for same_size in by_input_size(prepared):
+                run_group(ctx, app, same_size, outcomes)
+    except Exception as exc:
+        log.exception("the engine failed; settling the deliveries it held")
+        for job in jobs:
+            if job.delivery not in outcomes:
+                _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
+    seen: set[Delivery] = set()
+    return [outcomes[d] if not (d in seen or seen.add(d)) else "duplicate" for d in deliveries]
 
 
 def claim(ctx: WorkerContext, app, deliveries: list[Delivery], outcomes: Outcomes) -> list[Job]:
@@ -111,8 +122,11 @@ def claim(ctx: WorkerContext, app, deliveries: list[Delivery], outcomes: Outcome
     for d, c in zip(deliveries, claims):
         if c.outcome == "run":
             jobs.append(Job(d, c))
-        else:
+            continue
+        try:
             _ended(ctx, d, _settle_claim(ctx, d, c), outcomes)
+        except Exception as exc:
+            _ended(ctx, d, settle_error(ctx, app, d, exc), outcomes)
     return jobs
 
 
@@ -121,7 +135,7 @@ def _settle_claim(ctx: WorkerContext, d: Delivery, c: Claim) -> str:
     if c.outcome == "unknown":
         log.warning("job %s is unknown (expired?); dropping its message", d.job_id)
     elif c.outcome == "duplicate":
-        log.info("job %s segment %d runs on live instance %s; dropping this copy", d.job_id, d.segment, c.state)
+        log.info("job %s segment %d runs on live instance %s; dropping this copy", d.job_id, d.segment, c.detail)
     elif c.outcome == "cancel":
         ctx.store.transition(d.job_id, JobState.cancelled, error="cancelled before it ran")
         return "cancelled"
@@ -129,7 +143,9 @@ def _settle_claim(ctx: WorkerContext, d: Delivery, c: Claim) -> str:
         ctx.store.transition(d.job_id, JobState.failed, error=(
             f"poison job: the worker died {c.crashed} times while running segment {d.segment} "
             f"(last at stage {c.stage}); not retried"))
-    return {"terminal": f"already {c.state}"}.get(c.outcome, c.outcome)
+    elif c.outcome == "corrupt":
+        return fail(ctx, d, f"could not claim the job: {c.detail}")
+    return {"terminal": f"already {c.detail}"}.get(c.outcome, c.outcome)
 
 
 def load_inputs(ctx: WorkerContext, job: Job) -> None:
@@ -146,7 +162,10 @@ def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> N
             break
         except Stopped as stop:
             if not (stop.cancelled or stop.superseded):
-                stop = Stopped({job.job_id for job in jobs}, set())  # interrupted with no reason left: stop all
+                stop = Stopped(set(), set())
+                for job in jobs:  # interrupted with no reason on record: a failure, not a cancel
+                    _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, RuntimeError(
+                        "the pipeline call was interrupted with no cancel on record")), outcomes, job)
             for job in jobs:
                 if job.job_id in stop.cancelled:
                     _ended(ctx, job.delivery, cancelled(ctx, job.delivery), outcomes, job)
@@ -156,8 +175,9 @@ def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> N
                     _ended(ctx, job.delivery, "superseded", outcomes, job)
             jobs = [job for job in jobs if job.delivery not in outcomes]
         except Exception as exc:
-            if len(jobs) == 1:
-                _ended(ctx, jobs[0].delivery, settle_error(ctx, app, jobs[0].delivery, exc), outcomes, jobs[0])
+            if len(jobs) == 1 or isinstance(exc, StageTimeout):  # a batch over its time fails as one
+                for job in jobs:
+                    _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
                 return
             log.warning("batch of %d failed (%s); running its jobs one by one", len(jobs), exc)
             for job in jobs:
@@ -199,12 +219,11 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
             out, timings = run_stage(model, stages, carrier, n=n, want_latent=want_latent, control_image=control,
                                      on_step=hook)
         except Interrupted:
-            hook.flush()
             raise Stopped(hook.cancelled, hook.superseded) from None
         finally:
+            hook.flush()  # on every outcome: no progress write may land after the state that follows
             if ctx.watchdog is not None:
                 ctx.watchdog.disarm()
-        hook.flush()
         timings["batch_size"] = float(len(jobs))  # jobs that shared the call
         for k, job in enumerate(jobs):
             job.carrier, job.last_step = out.part(k, n), hook.last
@@ -259,9 +278,10 @@ def hand_off(ctx: WorkerContext, app, job: Job) -> None:
     space = ctx.registry.get(spec.stages[job.segment.stages[-1]].model).latent_space
     save_handoff(ctx, job.job_id, seg_index + 1, job.carrier, space)
     nxt = job.plan.segments[seg_index + 1]
-    if store.claim_once(job.job_id, f"enqueue:{seg_index + 1}"):
-        store.mark_queued(job.job_id, nxt.queue, spec.priority)
-        send_segment(app, job.job_id, seg_index + 1, nxt.queue, spec.priority)
+    # Sent before this delivery ends, so a death in between re-runs this segment, which
+    # sends again: at least once; a copy is dropped at its claim (stale or duplicate).
+    store.mark_queued(job.job_id, nxt.queue, spec.priority)
+    send_segment(app, job.job_id, seg_index + 1, nxt.queue, spec.priority)
     end_as(ctx, job.delivery, JobState.running, segment=seg_index + 1)
     log.info("job %s segment %d done in %.2fs, handed %s to %s", job.job_id, seg_index,
              time.perf_counter() - job.t0, nxt.handoff_in, nxt.queue)
@@ -369,3 +389,4 @@ class StepHook:
 
     def flush(self) -> None:
         self._stop_asked(wait=True)
+        self._pending = None

@@ -112,7 +112,7 @@ class Finisher:
         self._wait_for_next_call(mark, waiting)
         try:
             finish()
-        except Exception:  # the finish settles its own jobs; this is a bug, and the reaper is the backstop
+        except Exception:  # the finish settles its own jobs: reaching here is a bug
             log.exception("a deferred finish raised")
 
     def drain(self) -> None:

@@ -22,7 +22,7 @@ log = logging.getLogger("easel.worker.metrics")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # easel_batch_size: the images of one pipeline call (all its jobs' num_images).
-OUTCOMES = {"succeeded", "failed", "cancelled", "handed-off", "unknown", "poison", "superseded"}
+OUTCOMES = {"succeeded", "failed", "cancelled", "handed-off", "unknown", "poison", "superseded", "retrying"}
 
 
 class GpuMemoryCollector(Collector):

@@ -10,6 +10,7 @@ queue: nothing a job does can take the process down with it.
 from __future__ import annotations
 
 import logging
+import queue
 import random
 from dataclasses import dataclass
 
@@ -98,15 +99,21 @@ def settle_error(ctx, app, d: Delivery, exc: BaseException) -> str:
             return retry_later(ctx, app, d, exc)
         log.error("job %s segment %d failed", d.job_id, d.segment, exc_info=exc)
         return fail(ctx, d, describe(exc))
-    except Exception:  # Redis itself is away: settled again from the heartbeat (``settle_later``)
+    except redis.exceptions.RedisError:  # Redis is away: settled again from the heartbeat
         log.exception("could not record how job %s segment %d ended; will try again", d.job_id, d.segment)
-        ctx.unsettled.append((d, exc))
+        ctx.unsettled.put((d, exc))
+        return "error"
+    except Exception:
+        log.exception("could not record how job %s segment %d ended", d.job_id, d.segment)
         return "error"
 
 
 def settle_later(ctx, app) -> None:
     """Settle the deliveries whose end could not be recorded before: while this instance
     lives it holds them, so nobody else would."""
-    pending, ctx.unsettled[:] = list(ctx.unsettled), []
-    for d, exc in pending:
+    for _ in range(ctx.unsettled.qsize()):
+        try:
+            d, exc = ctx.unsettled.get_nowait()
+        except queue.Empty:
+            return
         settle_error(ctx, app, d, exc)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads()}, s.heartbeat_interval_s, s.heartbeat_ttl_s,
         after_beat=lambda: settle_later(ctx, app))
     reaper = Reaper(ctx.store, lambda *a: send_segment(app, *a), s.reap_every_s, s.heartbeat_ttl_s,
-                    UnackedMessages(app))
+                    UnackedMessages(app), [queue_name(args.family, s.queue_prefix)])
 
     @worker_ready.connect(weak=False)
     def _ready(**_kw):

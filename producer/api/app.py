@@ -84,7 +84,8 @@ class Api:
         self.dispatcher = WebhookDispatcher(settings, self.store, render=self.render_dict, secret_for=self.secret_for)
         self.dispatcher.on_result = lambda outcome, event: self.metrics.webhooks.labels(outcome, event).inc()
         self.reaper = Reaper(JobStore.from_settings(settings), lambda *a: send_segment(self.client.celery, *a),
-                             settings.reap_every_s, settings.heartbeat_ttl_s, UnackedMessages(self.client.celery))
+                             settings.reap_every_s, settings.heartbeat_ttl_s, UnackedMessages(self.client.celery),
+                             [queue_name(f, settings.queue_prefix) for f in self.client.registry.families()])
 
     # -- helpers ---------------------------------------------------------------------------
     def secret_for(self, owner: str | None) -> str | None:
