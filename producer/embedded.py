@@ -5,6 +5,7 @@ Used by ``easel demo`` when nothing is configured, and by the test suite, which 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -139,16 +140,23 @@ class Valkey(Service):
 class SeaweedS3(Service):
     """A single-process SeaweedFS (master + volume + filer + S3 gateway) on free ports."""
 
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, credentials: list[tuple[str, str]] = ()):
         super().__init__("seaweedfs", port or free_port(avoid_plus=10000), Path(workdir))
         self.workdir.mkdir(parents=True, exist_ok=True)
         data = self.workdir / "data"
         data.mkdir(exist_ok=True)
         master, volume, filer = free_port(10000), free_port(10000), free_port(10000)
+        # Known identities (easel / easel, the credentials ``env`` hands out, and any others
+        # asked for): requests are then authenticated, and presigned POST policies, checked
+        # against known keys, work.
+        identities = self.workdir / "s3.json"
+        keys = [{"accessKey": "easel", "secretKey": "easel"}] + [{"accessKey": k, "secretKey": v} for k, v in credentials]
+        identities.write_text(json.dumps({"identities": [{
+            "name": "easel", "credentials": keys, "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
         self.args = [
             weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-            "-s3", f"-s3.port={self.port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-s3", f"-s3.port={self.port}", f"-s3.config={identities}", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-filer.localSocket={self.workdir}/filer.sock", f"-s3.localSocket={self.workdir}/s3.sock",
             "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0",
         ]
@@ -180,11 +188,11 @@ class SeaweedS3(Service):
 class EmbeddedServices:
     """Both servers, in one temp folder; a context manager that stops what it started."""
 
-    def __init__(self, workdir: Path | None = None, appendonly: bool = True):
+    def __init__(self, workdir: Path | None = None, appendonly: bool = True, s3_credentials: list[tuple[str, str]] = ()):
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="easel-")
         self.workdir = Path(workdir or self._tmp.name)
         self.redis = Valkey(self.workdir / "valkey", appendonly=appendonly)
-        self.s3 = SeaweedS3(self.workdir / "seaweedfs")
+        self.s3 = SeaweedS3(self.workdir / "seaweedfs", credentials=s3_credentials)
 
     def start(self) -> "EmbeddedServices":
         self.redis.start()

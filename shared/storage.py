@@ -63,6 +63,7 @@ class Storage:
                 connect_timeout=5,
                 read_timeout=60,
                 s3={"addressing_style": "path"},
+                signature_version="s3v4",  # presigned POST policies are SigV2 otherwise
             ),
             **settings.s3_credentials(),
         )
@@ -129,6 +130,15 @@ class Storage:
         ref = S3Ref.parse(uri_or_key) if uri_or_key.startswith("s3://") else S3Ref(self.bucket, uri_or_key)
         return self.client.generate_presigned_url("get_object", Params={"Bucket": ref.bucket, "Key": ref.key},
                                                   ExpiresIn=expires_s)
+
+    def presign_upload(self, key: str, content_type: str, max_bytes: int, expires_s: int = 3600) -> dict:
+        """A presigned POST for one upload: ``{"url", "fields"}``. Its policy makes the S3
+        server itself refuse a body over ``max_bytes`` or of another content type (a
+        presigned PUT cannot bound the size)."""
+        return self.client.generate_presigned_post(
+            self.bucket, key, Fields={"Content-Type": content_type},
+            Conditions=[{"Content-Type": content_type}, ["content-length-range", 1, max_bytes]],
+            ExpiresIn=expires_s)
 
     def list(self, prefix: str) -> list[str]:
         keys: list[str] = []

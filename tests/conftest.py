@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# A second S3 identity, for tests that check credentials never leak (tests/test_security.py).
+SECOND_S3_KEY = ("AKIA" + uuid.uuid4().hex[:16].upper(), "s3secret-" + uuid.uuid4().hex)
+
+
 @pytest.fixture(scope="session")
 def services(tmp_path_factory):
-    svc = EmbeddedServices(tmp_path_factory.mktemp("services"))
+    svc = EmbeddedServices(tmp_path_factory.mktemp("services"), s3_credentials=[SECOND_S3_KEY])
     svc.start()
     yield svc
     svc.redis.kill()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -191,16 +192,37 @@ def test_job_over_http_completes_and_presigned_urls_download(api, http, sd15_wor
     assert manifest["stages"][0]["seeds"] == [31] and manifest["job_id"] == job["id"]
 
 
-def test_presigned_put_upload_feeds_a_job(api, http, sd15_worker):
+def test_presigned_post_upload_feeds_a_job(api, http, sd15_worker):
     r = http.post("/v1/uploads/presign", json={"content_type": "image/png"})
     assert r.status_code == 200, r.text
     up = r.json()
-    assert up["image"].startswith("s3://easel/uploads/main/")
-    put = httpx.put(up["url"], content=png_bytes((72, 64)), headers=up["headers"])
-    assert put.status_code == 200, put.text
+    assert up["method"] == "POST" and up["image"].startswith("s3://easel/uploads/main/")
+    policy = json.loads(base64.b64decode(up["fields"]["policy"]))
+    assert ["content-length-range", 1, up["max_bytes"]] in policy["conditions"]
+    post = httpx.post(up["url"], data=up["fields"], files={"file": ("in.png", png_bytes((72, 64)), "image/png")})
+    assert post.status_code in (200, 201, 204), post.text
     done = wait_state(http, http.post("/v1/jobs", json=job_body(up["image"], steps=2)).json()["id"])
     assert done["state"] == "succeeded", done["error"]
     assert Image.open(io.BytesIO(httpx.get(done["outputs"][0]["url"]).content)).size == (72, 64)
+
+
+def test_presigned_upload_over_the_limit_is_refused_by_the_s3_server(easel_env):
+    """The limit is enforced by S3 (SeaweedFS here), not by the worker afterwards."""
+    from shared.settings import Settings
+    from shared.storage import Storage
+
+    storage = Storage(Settings())
+    storage.ensure_bucket()
+    key = f"uploads/limit-test/{uuid.uuid4().hex}.png"
+    up = storage.presign_upload(key, "image/png", max_bytes=1000)
+    big = httpx.post(up["url"], data=up["fields"], files={"file": ("in.png", b"\x89PNG" + b"0" * 2000, "image/png")})
+    assert big.status_code == 400 and "EntityTooLarge" in big.text
+    wrong = httpx.post(up["url"], data={**up["fields"], "Content-Type": "text/html"},
+                       files={"file": ("in.html", b"<script>", "text/html")})
+    assert wrong.status_code == 403
+    assert not storage.exists(key)
+    ok = httpx.post(up["url"], data=up["fields"], files={"file": ("in.png", png_bytes((8, 8)), "image/png")})
+    assert ok.status_code in (200, 201, 204) and storage.exists(key)
 
 
 def sse_events(http: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
@@ -346,7 +368,7 @@ def test_webhook_is_signed_retried_and_carries_the_result(api, http, sd15_worker
         for headers, raw in ((h1, b1), (h2, b2)):
             # Any Standard Webhooks verifier accepts it, with the old secret as with the new one.
             for secret in (NEW_SECRET, OLD_SECRET):
-                assert json.loads(Webhook(secret).verify(raw, headers)) == json.loads(raw)
+                assert Webhook(secret).verify(raw, headers) == json.loads(raw)
             verify_signature(WEBHOOK_SECRET, headers, raw)
         assert h1["webhook-id"] == h2["webhook-id"] == f"{job_id}.succeeded"  # receivers dedupe retries on it
         event = json.loads(b2)

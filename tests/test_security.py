@@ -30,12 +30,11 @@ from shared.celery_app import RUN_SEGMENT, broker_ssl_options, make_celery
 from shared.images import InputError, fetch_url
 from shared.jobstore import JobStore
 from shared.settings import Settings
-from tests.conftest import WorkerProc, img2img_job, png_bytes
+from tests.conftest import SECOND_S3_KEY, WorkerProc, img2img_job, png_bytes
 
 REDIS_PW = "rp-" + uuid.uuid4().hex  # default user (requirepass)
 WORKER_PW = "wp-" + uuid.uuid4().hex  # ACL user the worker logs in as
-S3_KEY_ID = "AKIA" + uuid.uuid4().hex[:16].upper()
-S3_SECRET = "s3secret-" + uuid.uuid4().hex
+S3_KEY_ID, S3_SECRET = SECOND_S3_KEY  # an identity the session's S3 server knows
 MAX_BYTES = 200_000
 
 
@@ -496,8 +495,11 @@ def test_webhook_post_goes_to_the_vetted_address_not_a_second_dns_answer(client,
 
     answers = iter(["93.184.216.34", "127.0.0.1"])
     lookups: list[str] = []
+    real_getaddrinfo = socket.getaddrinfo
 
     def rebinding_getaddrinfo(host, port, *a, **kw):
+        if host != "hooks.example.test":
+            return real_getaddrinfo(host, port, *a, **kw)  # Redis and the rest resolve as usual
         lookups.append(host)
         return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (next(answers), port))]
 

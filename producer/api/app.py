@@ -336,14 +336,13 @@ def create_app(settings: Settings | None = None, *, webhooks: bool = True) -> Fa
 
     @app.post("/v1/uploads/presign", response_model=PresignResponse, tags=["uploads"], responses=_ERRORS)
     def presign_upload(body: PresignRequest, p: Caller) -> PresignResponse:
-        """A presigned PUT URL for a large input; the worker checks it like any input."""
+        """A presigned POST for a large input, bounded in size and type by the S3 server; the
+        worker checks the image like any input."""
         key = f"uploads/{p.name}/{uuid.uuid4().hex}.{_EXT[body.content_type]}"
         ttl = s.api_presign_ttl_s
         api.client.storage.ensure_bucket()
-        url = api.public_storage.client.generate_presigned_url(
-            "put_object", Params={"Bucket": s.s3_bucket, "Key": key, "ContentType": body.content_type},
-            ExpiresIn=ttl)
-        return PresignResponse(url=url, headers={"Content-Type": body.content_type},
+        post = api.public_storage.presign_upload(key, body.content_type, s.max_input_bytes, ttl)
+        return PresignResponse(url=post["url"], fields=post["fields"], max_bytes=s.max_input_bytes,
                                image=f"s3://{s.s3_bucket}/{key}", expires_at=time.time() + ttl)
 
     # -- queues, health, metrics -----------------------------------------------------------

@@ -81,10 +81,12 @@ class PresignRequest(BaseModel):
 
 
 class PresignResponse(BaseModel):
-    method: Literal["PUT"] = "PUT"
-    url: str = Field(description="PUT the image bytes here with the given headers")
-    headers: dict[str, str]
-    image: str = Field(description="s3:// reference to use in the job once the PUT succeeded")
+    method: Literal["POST"] = "POST"
+    url: str = Field(description="POST a multipart form here: every field of `fields`, then the image as `file`")
+    fields: dict[str, str] = Field(description="form fields, policy and signature included; the S3 server refuses "
+                                   "a file over EASEL_MAX_INPUT_BYTES or of another content type")
+    max_bytes: int
+    image: str = Field(description="s3:// reference to use in the job once the upload succeeded")
     expires_at: float
 
 
