@@ -276,7 +276,8 @@ class BenchEnv:
             self.models = make_tiny_checkpoints(model_root(), checkpoints_for(load_registry(),
                                                                               {v[1] for v in SIZES.values()}))
             log(f"tiny checkpoints ready under {model_root()} in {time.perf_counter() - t0:.1f}s")
-        self.env = {**os.environ, **self.service_env, "EASEL_MODEL_ROOT": str(model_root()), "HF_HUB_OFFLINE": "1"}
+        self.env = {"EASEL_MODELS": "tiny", **os.environ, **self.service_env, "EASEL_MODEL_ROOT": str(model_root()),
+                    "HF_HUB_OFFLINE": "1"}
         if self.device == "cpu":
             self.env["CUDA_VISIBLE_DEVICES"] = ""
         return self

@@ -124,8 +124,16 @@ class Registry(BaseModel):
 
 
 BUNDLED = Path(__file__).with_name("models.yaml")
+TINY = "tiny"  # EASEL_MODELS=tiny: the bundled registry of tiny random-weight checkpoints
+
+
+def registry_name(path: Path | str | None) -> str:
+    """What a manifest records as the registry: its file, or ``tiny`` for the bundled one."""
+    return TINY if path is None or str(path) == TINY else str(Path(path).resolve())
 
 
 @lru_cache(maxsize=8)
 def load_registry(path: Path | None = None) -> Registry:
-    return Registry.load(path or BUNDLED)
+    """The registry at ``path``; the bundled tiny one for ``tiny`` or None (producers only
+    validate model names with it; a worker refuses to start without EASEL_MODELS)."""
+    return Registry.load(BUNDLED if registry_name(path) == TINY else path)

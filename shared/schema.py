@@ -236,3 +236,5 @@ class Manifest(EaselModel):
     easel_version: str
     versions: dict[str, str]
     attempts: list[Attempt] = Field(default_factory=list, description="every delivery that started, in order")
+    registry: str = Field(default="", description="the worker's model registry (EASEL_MODELS; `tiny` for the "
+                          "bundled random-weight checkpoints); each stage names its weights' source and revision")

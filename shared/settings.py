@@ -39,15 +39,15 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
-    models: Path | None = Field(default=None, description="Model registry YAML; the bundled tiny registry if unset.")
+    models: Path | None = Field(default=None, description=(
+        "model registry YAML; `tiny` for the bundled tiny random-weight checkpoints (demo, tests). A worker "
+        "refuses to start without it"))
     model_root: Path = Field(default=Path.home() / ".cache" / "easel" / "models",
                              description="Folder that relative registry sources resolve against.")
     queue_prefix: str = "easel"
     # Limits on inputs.
     max_image_pixels: int = 4096 * 4096
     max_input_bytes: int = 50 * 1024 * 1024
-    max_prompt_chars: int = 4000
-    max_steps: int = 500
     max_side: int = 4096
     allow_private_urls: bool = False
     url_fetch_timeout_s: float = Field(default=60.0, gt=0, description="total time for one https image download")

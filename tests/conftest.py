@@ -52,7 +52,8 @@ def model_root(tmp_path_factory) -> Path:
 def easel_env(services, model_root) -> dict[str, str]:
     # Output writes overlap the next job as on a GPU worker (the CPU default is off), so the
     # suite exercises the path production GPU workers take.
-    env = {**services.env(), "EASEL_MODEL_ROOT": str(model_root), "EASEL_OVERLAP_FINISH": "true"}
+    env = {**services.env(), "EASEL_MODEL_ROOT": str(model_root), "EASEL_MODELS": "tiny",
+           "EASEL_OVERLAP_FINISH": "true"}
     os.environ.update(env)
     from shared.settings import get_settings
 

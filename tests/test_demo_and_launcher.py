@@ -71,3 +71,20 @@ def test_restart_backoff_grows_in_a_crash_loop_and_resets_after_healthy_service(
     assert b.delay("0", ran_s=3600) == 1  # it had served for an hour: not a crash loop
     assert b.delay("0", ran_s=2) == 2
     assert b.delay("1", ran_s=2) == 1  # each GPU's slot has its own
+
+
+def test_a_worker_without_a_registry_refuses_to_serve_random_weights(easel_env, tmp_path):
+    env = {k: v for k, v in {**os.environ, **easel_env}.items() if k != "EASEL_MODELS"}
+    r = subprocess.run([sys.executable, "-m", "worker.process", "--family", "sd15"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "no model registry: set EASEL_MODELS" in r.stderr and "EASEL_MODELS=tiny" in r.stderr
+
+
+def test_the_manifest_names_the_registry_and_each_stages_weights(client, sd15_worker, input_png):
+    from tests.conftest import img2img_job
+
+    st = client.wait(client.submit(img2img_job(str(input_png), steps=2)), timeout=120)
+    m = client.result(st.id)
+    assert m.registry == "tiny"
+    assert m.stages[0].model_source.endswith("tiny-sd15")

@@ -24,7 +24,8 @@ LIVENESS = {"EASEL_HEARTBEAT_INTERVAL_S": "0.5", "EASEL_HEARTBEAT_TTL_S": "3", "
 @pytest.fixture(scope="module")
 def fault_env(tmp_path_factory, model_root):
     svc = EmbeddedServices(tmp_path_factory.mktemp("fault-services")).start()
-    env = {**svc.env(), "EASEL_MODEL_ROOT": str(model_root), **LIVENESS, "EASEL_TORCH_THREADS": "1",
+    env = {**svc.env(), "EASEL_MODEL_ROOT": str(model_root), "EASEL_MODELS": "tiny", **LIVENESS,
+           "EASEL_TORCH_THREADS": "1",
            "EASEL_OVERLAP_FINISH": "true"}  # the GPU workers' path (see conftest.easel_env)
     env.pop("EASEL_VISIBILITY_TIMEOUT_S", None)
     yield svc, env

@@ -40,6 +40,9 @@ class WorkerContext:
     @classmethod
     def create(cls, family: str, settings: Settings | None = None, hostname: str | None = None) -> "WorkerContext":
         s = settings or get_settings()
+        if s.models is None:  # never serve random weights by accident
+            raise SystemExit("easel worker: no model registry: set EASEL_MODELS to your registry YAML "
+                             "(EASEL_MODELS=tiny serves the bundled tiny random-weight checkpoints, as the demo does)")
         reg = load_registry(s.models)
         reg.family_models(family)  # refuse an unknown family before loading anything
         return cls(settings=s, registry=reg, store=JobStore.from_settings(s),

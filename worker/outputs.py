@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from shared.images import encode_image
+from shared.registry import registry_name
 from shared.schema import JobSpec, Manifest, Plan, StageRecord
 from shared.storage import job_prefix
 from worker.context import WorkerContext
@@ -75,6 +76,7 @@ def start_finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrie
         timings_s={"queued": started_at - created_at, "stages": sum(sum(r.timings_s.values()) for r in records),
                    "total": time.time() - created_at},
         easel_version=_version(), versions=_versions(), attempts=attempts,
+        registry=registry_name(ctx.settings.models),
     )
     manifest_key = f"{prefix}manifest.json"
     uploads.append(ctx.io.submit(ctx.storage.put, manifest_key, manifest.model_dump_json(indent=2).encode()))

@@ -6,7 +6,6 @@ shares one budget per key and a restart forgets nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -165,8 +164,3 @@ class InFlight:
 
     def count(self, name: str) -> int:
         return self.prune(name)
-
-
-def describe_key(p: Principal) -> str:
-    return json.dumps({"name": p.name, "rate_per_min": p.rate_per_min, "burst": p.burst,
-                       "max_in_flight": p.max_in_flight})
