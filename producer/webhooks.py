@@ -1,4 +1,10 @@
-"""Signed completion webhooks, delivered at least once with exponential backoff.
+"""Signed job webhooks: terminal events delivered at least once with exponential backoff.
+
+Each API key chooses its events (``ApiKey.webhook_events``): ``succeeded``, ``failed``,
+``cancelled`` (the default; retried until delivered or out of attempts), and ``queued``,
+``started``, ``progress`` (at most every ``webhook_progress_every_s`` a job): best effort,
+one attempt each, since the next event supersedes them. Events may arrive out of order:
+order them by ``webhook-timestamp`` or read the job's state in the body.
 
 Why a Redis-driven dispatcher rather than a callback in the worker: delivery must survive
 API restarts and must not hold a GPU worker while a receiver is slow. The API records a
@@ -43,6 +49,7 @@ from shared.settings import Settings
 log = logging.getLogger("easel.webhooks")
 
 EVENT_TYPES = {"succeeded": "job.succeeded", "failed": "job.failed", "cancelled": "job.cancelled"}
+TERMINAL_EVENTS = ("succeeded", "failed", "cancelled")
 
 # Atomically take up to ARGV[2] due deliveries and lease them until ARGV[1] + lease.
 _CLAIM = """
@@ -121,8 +128,9 @@ class WebhookDispatcher:
         self.on_result: Callable[[str, str], None] | None = None  # (outcome, event) for metrics
 
     # -- registration (API request path) ---------------------------------------------------
-    def register(self, job_id: str, url: str) -> None:
-        self.store.set_webhook(job_id, url, self.watch_key)
+    def register(self, job_id: str, url: str, events: list[str] = TERMINAL_EVENTS) -> None:
+        """Watch the job for the ``events`` its key asked for."""
+        self.store.set_webhook(job_id, url, list(events), self.watch_key)
 
     # -- loop ----------------------------------------------------------------------------
     def start(self) -> "WebhookDispatcher":
@@ -146,23 +154,45 @@ class WebhookDispatcher:
             self._stop.wait(self.s.webhook_sweep_s)
 
     def sweep(self) -> int:
-        """Move finished watched jobs to the due set, then start due deliveries. Returns started."""
+        """Schedule the watched jobs' new events, then start due deliveries. Returns started."""
         watched = self.r.zrange(self.watch_key, 0, 999)
-        if watched:
-            for j, st in zip(watched, self.store.states_of(watched)):
-                if st is None:
-                    self.r.zrem(self.watch_key, j)  # expired record: nothing to say
-                elif st in EVENT_TYPES and self.r.zrem(self.watch_key, j):
-                    self.r.zadd(self.due_key, {j: 0}, nx=True)  # the replica that removed it schedules it
+        for job_id, view in zip(watched, self.store.webhook_watch(watched) if watched else []):
+            self._schedule(job_id, view)
         started = 0
-        for job_id in self._claim(keys=[self.due_key], args=[self.LEASE_S, 50]):
+        for member in self._claim(keys=[self.due_key], args=[self.LEASE_S, 50]):
             with self._lock:
-                if job_id in self._inflight:
+                if member in self._inflight:
                     continue
-                self._inflight.add(job_id)
-            self._pool.submit(self._deliver_guarded, job_id)
+                self._inflight.add(member)
+            self._pool.submit(self._deliver_guarded, member)
             started += 1
         return started
+
+    def _schedule(self, job_id: str, view: dict | None) -> None:
+        """Put a job's new events on the due set: a terminal one under the job id (delivered
+        with retries), the others as ``<job id>|<event>|<tag>`` (one attempt each; the tag
+        makes the member the same on every replica, so ZADD NX schedules it once)."""
+        if view is None:
+            self.r.zrem(self.watch_key, job_id)  # expired record: nothing to say
+            return
+        events, sent, state = view["webhook_events"] or TERMINAL_EVENTS, view["webhook_sent"], view["state"]
+        due: list[str] = []
+        if "queued" in events and "queued" not in sent:
+            due.append(f"{job_id}|queued|queued")
+        if "started" in events and "started" not in sent and view["started_at"]:
+            due.append(f"{job_id}|started|started")
+        mark = [int(view["stage"] or 0), int(view["step"] or 0)]
+        if ("progress" in events and state == "running" and mark[1] and mark != sent.get("progress")
+                and time.time() - sent.get("progress_at", 0) >= self.s.webhook_progress_every_s):
+            due.append(f"{job_id}|progress|{mark[0]}.{mark[1]}")
+            sent.update(progress=mark, progress_at=time.time())
+        if due:
+            sent.update({m.split("|")[1]: 1 for m in due if "|progress|" not in m})
+            self.store.webhook_sent(job_id, sent)
+            self.r.zadd(self.due_key, {m: 0 for m in due}, nx=True)
+        if state in EVENT_TYPES and self.r.zrem(self.watch_key, job_id):
+            if state in events:  # the replica that removed it schedules it
+                self.r.zadd(self.due_key, {job_id: 0}, nx=True)
 
     def _deliver_guarded(self, job_id: str) -> None:
         try:
@@ -174,7 +204,37 @@ class WebhookDispatcher:
                 self._inflight.discard(job_id)
 
     # -- one attempt ---------------------------------------------------------------------
-    def deliver(self, job_id: str) -> str:
+    def deliver(self, member: str) -> str:
+        """One attempt at a due delivery: a terminal event (retried) or a passing one."""
+        if "|" in member:
+            return self._deliver_passing(member)
+        return self._deliver_terminal(member)
+
+    def _deliver_passing(self, member: str) -> str:
+        """queued, started, progress: best effort, one attempt (the next event supersedes it)."""
+        job_id, event, tag = member.split("|", 2)
+        self.r.zrem(self.due_key, member)
+        url, owner, _ = self.store.webhook_target(job_id)
+        secret = self.secret_for(owner)
+        if not url or not secret:
+            return "dropped"
+        try:
+            target, pinned_headers, extensions = pin_url(url, self.s)
+        except InputError:
+            return "dropped"
+        msg_id = f"{job_id}.{tag}"
+        body = json.dumps({"id": msg_id, "type": f"job.{event}", "attempt": 1, "created_at": time.time(),
+                           "job": self.render(job_id)}, separators=(",", ":"), default=str).encode()
+        headers = {"Content-Type": "application/json", **pinned_headers, **signed_headers(secret, msg_id, body),
+                   "Easel-Event": f"job.{event}", "Easel-Attempt": "1"}
+        try:
+            ok = 200 <= self._http.post(target, content=body, headers=headers, extensions=extensions).status_code < 300
+        except httpx.HTTPError:
+            ok = False
+        self._report("delivered" if ok else "failed", f"job.{event}")
+        return "delivered" if ok else "failed"
+
+    def _deliver_terminal(self, job_id: str) -> str:
         url, owner, state = self.store.webhook_target(job_id)
         if not url or state not in EVENT_TYPES:
             self.r.zrem(self.due_key, job_id)

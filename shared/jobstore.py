@@ -636,12 +636,34 @@ class JobStore:
         """(webhook URL, owner, job state): what a delivery attempt needs."""
         return tuple(self.r.hmget(self.key(job_id), "webhook_url", "owner", "state"))
 
-    def set_webhook(self, job_id: str, url: str, watch_key: str) -> None:
-        """Record the job's webhook and put the job on the dispatcher's watch list, together."""
+    def set_webhook(self, job_id: str, url: str, events: list[str], watch_key: str) -> None:
+        """Record the job's webhook and the events it carries, and put the job on the
+        dispatcher's watch list, together."""
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.key(job_id), mapping={"webhook_url": url, "webhook_state": "pending", "webhook_attempts": 0})
+        pipe.hset(self.key(job_id), mapping={"webhook_url": url, "webhook_state": "pending", "webhook_attempts": 0,
+                                             "webhook_events": json.dumps(events)})
         pipe.zadd(watch_key, {job_id: time.time()})
         pipe.execute()
+
+    def webhook_watch(self, job_ids: list[str]) -> list[dict | None]:
+        """What the dispatcher needs to see a watched job's new events, per job (None: gone)."""
+        names = ("state", "stage", "step", "started_at", "webhook_events", "webhook_sent")
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.key(job_id), names)
+        out: list[dict | None] = []
+        for got in pipe.execute():
+            view = dict(zip(names, got))
+            if view["state"] is None:
+                out.append(None)
+                continue
+            view["webhook_events"] = json.loads(view["webhook_events"] or "null")
+            view["webhook_sent"] = json.loads(view["webhook_sent"] or "{}")
+            out.append(view)
+        return out
+
+    def webhook_sent(self, job_id: str, sent: dict) -> None:
+        self.r.hset(self.key(job_id), "webhook_sent", json.dumps(sent))
 
     def webhook_attempt(self, job_id: str) -> int:
         """One more delivery attempt starts; returns its number."""

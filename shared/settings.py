@@ -9,6 +9,9 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+WebhookEvent = Literal["queued", "started", "progress", "succeeded", "failed", "cancelled"]
+
+
 class ApiKey(BaseModel):
     """One HTTP API key. Only its sha256 is configured: a leaked config file leaks no key.
 
@@ -21,6 +24,8 @@ class ApiKey(BaseModel):
     burst: int | None = Field(default=None, ge=1)
     max_in_flight: int | None = Field(default=None, ge=1, description="cap on this key's queued+running jobs")
     webhook_secret: SecretStr | None = Field(default=None, description="signs this key's webhooks; else webhook_secret")
+    webhook_events: list[WebhookEvent] = Field(default_factory=lambda: ["succeeded", "failed", "cancelled"],
+                                               description="the events this key's webhooks carry")
     admin: bool = Field(default=False, description="sees every job, may reference any s3:// object")
 
 
@@ -112,7 +117,8 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(default=2.0, gt=0, description="first retry delay; doubles per attempt")
     webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
-    webhook_sweep_s: float = Field(default=1.0, gt=0, description="how often the dispatcher looks for finished jobs")
+    webhook_sweep_s: float = Field(default=1.0, gt=0, description="how often the dispatcher looks for job events")
+    webhook_progress_every_s: float = Field(default=5.0, gt=0, description="progress webhooks at most this often a job")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="worker Prometheus port; 0 = off. "
                               "Process k of a multi-GPU launcher binds port + GPU index.")
 

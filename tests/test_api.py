@@ -37,6 +37,8 @@ KEYS = {  # token -> key config (the server only sees the sha256)
     "tok-other": {"name": "other"},
     "tok-tight": {"name": "tight", "rate_per_min": 3, "burst": 3},
     "tok-capped": {"name": "capped", "max_in_flight": 2, "rate_per_min": 60000, "burst": 5000},
+    "tok-watcher": {"name": "watcher", "rate_per_min": 60000, "burst": 5000,
+                    "webhook_events": ["queued", "started", "progress", "succeeded"]},
 }
 
 
@@ -104,6 +106,7 @@ def api(easel_env, tmp_path_factory):
     env = {**easel_env, "EASEL_API_KEYS": keys_env(), "EASEL_WEBHOOK_SECRET": WEBHOOK_SECRET,
            "EASEL_MODELS": str(registry_with_parked_family(folder)),
            "EASEL_WEBHOOK_BACKOFF_S": "0.3", "EASEL_WEBHOOK_SWEEP_S": "0.2", "EASEL_WEBHOOK_MAX_ATTEMPTS": "3",
+           "EASEL_WEBHOOK_PROGRESS_EVERY_S": "0.3",
            "EASEL_ALLOW_PRIVATE_URLS": "1"}
     server = ApiServer(env, folder).start()
     yield server
@@ -389,6 +392,26 @@ def test_webhook_is_signed_retried_and_carries_the_result(api, http, sd15_worker
             verify_signature(WEBHOOK_SECRET, h2, b2, now=time.time() + 3600)
     finally:
         rx.close()
+
+
+def test_a_keys_event_filter_decides_which_webhooks_it_gets(api, sd15_worker):
+    """The "watcher" key asked for queued, started, progress and succeeded; the default
+    keys get the terminal events only (the tests above)."""
+    rx = Receiver([])
+    try:
+        with api.client("tok-watcher") as http:
+            body = {**job_body(upload(http), steps=60, strength=1.0), "webhook_url": rx.url}
+            job_id = http.post("/v1/jobs", json=body).json()["id"]
+            calls = []
+            while not calls or calls[-1][0]["Easel-Event"] != "job.succeeded":
+                calls.append(rx.next())
+    finally:
+        rx.close()
+    types = [h["Easel-Event"] for h, _, _ in calls]
+    assert {"job.queued", "job.started", "job.progress", "job.succeeded"} <= set(types), types
+    assert len(types) == len(set(h["webhook-id"] for h, _, _ in calls))  # one delivery per event
+    for headers, raw, _ in calls:
+        assert Webhook(NEW_SECRET).verify(raw, headers)["job"]["id"] == job_id
 
 
 def test_webhook_on_failure_names_the_reason(api, http, sd15_worker):

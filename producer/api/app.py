@@ -245,7 +245,7 @@ def create_app(settings: Settings | None = None, *, webhooks: bool = True) -> Fa
         if api.store.take_owner(job_id, p.name):
             api.inflight.commit(p.name, token, job_id)
             if url:
-                api.dispatcher.register(job_id, url)
+                api.dispatcher.register(job_id, url, p.key.webhook_events)
             api.metrics.submitted.labels(p.name).inc()
         else:
             api.inflight.release(p.name, token)
