@@ -63,7 +63,7 @@ def run(env: BenchEnv, n: int = DEFAULT_N, size: str = "small", out: str | None 
     from pyinstrument import Profiler
 
     model, family, _ = SIZES[size]
-    os.environ.update({**env.service_env, "EASEL_MODEL_ROOT": str(model_root())})
+    os.environ.update({**env.service_env, "EASEL_MODEL_ROOT": str(model_root()), "EASEL_MODELS": env.env["EASEL_MODELS"]})
     from shared.settings import get_settings
 
     get_settings.cache_clear()

@@ -51,6 +51,9 @@ def worker(family: str = typer.Option(..., help="Model family (queue) this pool 
     from shared.settings import get_settings
     from worker.launcher import run_workers
 
+    if get_settings().models is None:  # never serve random weights by accident
+        _fail("no model registry: set EASEL_MODELS to your registry YAML "
+              "(EASEL_MODELS=tiny serves the bundled tiny random-weight checkpoints, as the demo does)")
     try:
         load_registry(get_settings().models).family_models(family)
     except KeyError as e:

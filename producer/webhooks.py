@@ -69,7 +69,11 @@ def secret_keys(secrets: str) -> list[bytes]:
     """The signing keys of a secret setting: space-separated ``whsec_<base64>`` (or raw) secrets."""
     keys = []
     for secret in secrets.split():
-        keys.append(base64.b64decode(secret[len("whsec_"):]) if secret.startswith("whsec_") else secret.encode())
+        if secret.startswith("whsec_"):
+            b64 = secret[len("whsec_"):]
+            keys.append(base64.b64decode(b64 + "=" * (-len(b64) % 4)))  # padding is optional, as in the spec's libraries
+        else:
+            keys.append(secret.encode())
     return keys
 
 
@@ -119,7 +123,11 @@ class WebhookDispatcher:
         self.due_key = f"{store.prefix}:webhooks:due"
         self._claim = self.r.register_script(_CLAIM)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="easel-webhook")
-        self._http = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False,
+        # Requests go to pinned addresses: no keep-alive (a pooled connection is keyed by the
+        # address, and two receivers behind one address must not share a TLS session checked
+        # for the other's name), no proxy settings from the environment.
+        self._http = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False,
+                                  limits=httpx.Limits(max_keepalive_connections=0),
                                   headers={"User-Agent": "easel-webhooks/1"})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -170,29 +178,30 @@ class WebhookDispatcher:
 
     def _schedule(self, job_id: str, view: dict | None) -> None:
         """Put a job's new events on the due set: a terminal one under the job id (delivered
-        with retries), the others as ``<job id>|<event>|<tag>`` (one attempt each; the tag
-        makes the member the same on every replica, so ZADD NX schedules it once)."""
+        with retries), the others as ``<job id>|<event>|<tag>`` (one attempt each). Each
+        passing event is claimed once in the job record (``webhook_first``), progress at most
+        once per throttle period (a lease), so API replicas never schedule one twice."""
         if view is None:
             self.r.zrem(self.watch_key, job_id)  # expired record: nothing to say
             return
-        events, sent, state = view["webhook_events"] or TERMINAL_EVENTS, view["webhook_sent"], view["state"]
-        due: list[str] = []
-        if "queued" in events and "queued" not in sent:
+        events = view["webhook_events"] if view["webhook_events"] is not None else TERMINAL_EVENTS
+        state, due = view["state"], []
+        if "queued" in events and self.store.webhook_first(job_id, "queued"):
             due.append(f"{job_id}|queued|queued")
-        if "started" in events and "started" not in sent and view["started_at"]:
+        if "started" in events and view["started_at"] and self.store.webhook_first(job_id, "started"):
             due.append(f"{job_id}|started|started")
-        mark = [int(view["stage"] or 0), int(view["step"] or 0)]
-        if ("progress" in events and state == "running" and mark[1] and mark != sent.get("progress")
-                and time.time() - sent.get("progress_at", 0) >= self.s.webhook_progress_every_s):
-            due.append(f"{job_id}|progress|{mark[0]}.{mark[1]}")
-            sent.update(progress=mark, progress_at=time.time())
+        tag = f"progress.{int(view['stage'] or 0)}.{int(view['step'] or 0)}"
+        if ("progress" in events and state == "running" and int(view["step"] or 0)
+                and self.store.lease(f"webhook-progress:{job_id}", self.s.webhook_progress_every_s)
+                and self.store.webhook_first(job_id, tag)):
+            due.append(f"{job_id}|progress|{tag}")
         if due:
-            sent.update({m.split("|")[1]: 1 for m in due if "|progress|" not in m})
-            self.store.webhook_sent(job_id, sent)
             self.r.zadd(self.due_key, {m: 0 for m in due}, nx=True)
-        if state in EVENT_TYPES and self.r.zrem(self.watch_key, job_id):
-            if state in events:  # the replica that removed it schedules it
+        if state in EVENT_TYPES and self.r.zrem(self.watch_key, job_id):  # the replica that removed it goes on
+            if state in events:
                 self.r.zadd(self.due_key, {job_id: 0}, nx=True)
+            else:
+                self.store.webhook_state(job_id, "not requested")
 
     def _deliver_guarded(self, job_id: str) -> None:
         try:
@@ -222,7 +231,7 @@ class WebhookDispatcher:
             target, pinned_headers, extensions = pin_url(url, self.s)
         except InputError:
             return "dropped"
-        msg_id = f"{job_id}.{tag}"
+        msg_id = f"{job_id}.{tag}"  # e.g. <id>.started, <id>.progress.<stage>.<step>
         body = json.dumps({"id": msg_id, "type": f"job.{event}", "attempt": 1, "created_at": time.time(),
                            "job": self.render(job_id)}, separators=(",", ":"), default=str).encode()
         headers = {"Content-Type": "application/json", **pinned_headers, **signed_headers(secret, msg_id, body),

@@ -121,7 +121,7 @@ def check_public_url(url: str, settings: Settings) -> str | None:
         if _non_public(ip):
             raise InputError(f"{u.host[:100]} resolves to a non-public address ({ip}); refused "
                              "(set EASEL_ALLOW_PRIVATE_URLS=true to allow private addresses)")
-    return info[4][0]
+    return infos[0][4][0]  # the resolver's first choice (the last is its least preferred)
 
 
 def pin_url(url: str, settings: Settings):

@@ -19,8 +19,8 @@ This module is the only one that reads or writes a job's hash. One hash per job,
   the poison-job counter; ``retries:<seg>``: transient-error retries.
 - ``stage``, ``step``, ``total_steps``: progress; ``record:<i>``: stage records (JSON).
 - ``outputs``, ``manifest``: the results of a succeeded job.
-- ``owner``, ``webhook_url``, ``webhook_state``, ``webhook_attempts``,
-  ``webhook_last_error``: the HTTP API's key and webhook delivery.
+- ``owner``, ``webhook_url``, ``webhook_events``, ``webhook_state``, ``webhook_attempts``,
+  ``webhook_last_error``, ``webhook_sent:<event>``: the HTTP API's key and webhook delivery.
 
 Beside the hashes, for recovery by liveness: ``<prefix>:instances``, a sorted set of
 worker instances scored by when their heartbeat expires (Redis's own clock), and
@@ -489,14 +489,16 @@ class JobStore:
             self.r.zrem(self._queued_key(queue), job_id)
 
     def waiting_since(self, queue: str, limit: int = 500) -> list[tuple[str, int, float]]:
-        """(job id, segment, queued since) of the first jobs still marked queued in ``queue``."""
+        """(job id, segment, waiting since) of the first jobs marked waiting in ``queue`` that
+        no instance holds: queued ones, and running ones between deliveries (a hand-off or a
+        retry on its way)."""
         ids = self.r.zrange(self._queued_key(queue), 0, limit - 1)
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hmget(self.key(job_id), "state", "segment", "updated_at")
+            pipe.hmget(self.key(job_id), "state", "segment", "updated_at", "instance")
         out = []
-        for job_id, (state, segment, since) in zip(ids, pipe.execute()):
-            if state == JobState.queued.value and since:
+        for job_id, (state, segment, since, holder) in zip(ids, pipe.execute()):
+            if since and not holder and state in (JobState.queued.value, JobState.running.value):
                 out.append((job_id, int(segment or 0), float(since)))
         return out
 
@@ -647,7 +649,7 @@ class JobStore:
 
     def webhook_watch(self, job_ids: list[str]) -> list[dict | None]:
         """What the dispatcher needs to see a watched job's new events, per job (None: gone)."""
-        names = ("state", "stage", "step", "started_at", "webhook_events", "webhook_sent")
+        names = ("state", "stage", "step", "started_at", "webhook_events")
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hmget(self.key(job_id), names)
@@ -658,12 +660,12 @@ class JobStore:
                 out.append(None)
                 continue
             view["webhook_events"] = json.loads(view["webhook_events"] or "null")
-            view["webhook_sent"] = json.loads(view["webhook_sent"] or "{}")
             out.append(view)
         return out
 
-    def webhook_sent(self, job_id: str, sent: dict) -> None:
-        self.r.hset(self.key(job_id), "webhook_sent", json.dumps(sent))
+    def webhook_first(self, job_id: str, event: str) -> bool:
+        """True for the one caller (of all API replicas) that first schedules ``event``."""
+        return bool(self.r.hsetnx(self.key(job_id), f"webhook_sent:{event}", time.time()))
 
     def webhook_attempt(self, job_id: str) -> int:
         """One more delivery attempt starts; returns its number."""

@@ -126,8 +126,9 @@ class Reaper(_Loop):
         self.sweep()
         if self.unacked is not None and self.store.lease("unacked-sweep", self.every_s):
             self.sweep_unacked()
+            held: set | None = None  # read once, and only when a queue has suspects
             for queue in self.queues:
-                self.sweep_lost(queue)
+                held = self.sweep_lost(queue, held)
 
     def sweep(self) -> list[str]:
         """One pass; returns the ids of the jobs sent back to their queues. An instance is
@@ -158,27 +159,26 @@ class Reaper(_Loop):
         log.warning("job %s segment %d %s", job_id, segment, note)
         return True
 
-    def sweep_lost(self, queue: str) -> list[str]:
-        """Jobs marked queued for over ``ttl_s`` whose message is nowhere: not in the queue's
-        lists (only looked for while they are empty) and held by no worker. kombu's Redis
-        transport pops a message and then records it as unacked, in two steps: a worker
-        killed between them loses it. Each such job's message is sent again."""
+    def sweep_lost(self, queue: str, held: set | None = None) -> set | None:
+        """Jobs waiting in ``queue`` for over ``ttl_s`` whose message is nowhere: not in the
+        queue's lists (only looked for while they are empty) and held by no worker. kombu's
+        Redis transport pops a message and then records it as unacked, in two steps: a worker
+        killed between them loses it. Each such job's message is sent again. Returns the
+        deliveries workers hold (read here when first needed), for the next queue's sweep."""
         if self.store.queue_depth(queue, [name for _, name in priority_lists(queue)]):
-            return []
+            return held
         old = [(j, seg) for j, seg, since in self.store.waiting_since(queue) if time.time() - since > self.ttl_s]
         if not old:
-            return []
-        held = self.unacked.deliveries()
-        resent = []
+            return held
+        held = self.unacked.deliveries() if held is None else held
         for job_id, segment in old:
             if (job_id, segment) in held:
                 continue
             spec, _ = self.store.load(job_id)
-            log.warning("job %s segment %d was queued with no message left (a worker died taking it); sent again",
-                        job_id, segment)
+            log.warning("job %s segment %d was waiting with no message left (a worker died taking it); "
+                        "sent again", job_id, segment)
             self.send(job_id, segment, queue, spec.priority)
-            resent.append(job_id)
-        return resent
+        return held
 
     def sweep_unacked(self) -> list[str]:
         """Messages fetched over ``ttl_s`` ago whose job no live instance runs: restored to

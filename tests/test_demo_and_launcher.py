@@ -79,6 +79,10 @@ def test_a_worker_without_a_registry_refuses_to_serve_random_weights(easel_env, 
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "no model registry: set EASEL_MODELS" in r.stderr and "EASEL_MODELS=tiny" in r.stderr
+    # `easel worker` refuses before it starts (and restarts) any process
+    r = subprocess.run([sys.executable, "-m", "producer.cli", "worker", "--family", "sd15"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no model registry: set EASEL_MODELS" in r.stdout + r.stderr
 
 
 def test_the_manifest_names_the_registry_and_each_stages_weights(client, sd15_worker, input_png):

@@ -83,9 +83,11 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
                 ctx.settings.max_retries, countdown)
     spec, plan = ctx.store.load(d.job_id)
     # The delivery ends first: a claim of the re-sent message must not find it still held.
+    # Marked waiting in its queue, a retry whose message is lost is sent again by a reaper.
+    queue = d.queue or plan.segments[d.segment].queue
     ctx.store.end_delivery(d.job_id, d.segment, ctx.instance)
-    send_segment(app, d.job_id, d.segment, d.queue or plan.segments[d.segment].queue, spec.priority,
-                 countdown=countdown)
+    ctx.store.mark_queued(d.job_id, queue, spec.priority)
+    send_segment(app, d.job_id, d.segment, queue, spec.priority, countdown=countdown)
     return "retrying"
 
 
