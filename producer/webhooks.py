@@ -219,6 +219,20 @@ class WebhookDispatcher:
             return self._deliver_passing(member)
         return self._deliver_terminal(member)
 
+    def _post(self, url: str, secret: str, job_id: str, msg_id: str, event: str, attempt: int) -> str | None:
+        """One signed POST of the job's JSON to the pinned address; None when the receiver
+        took it (2xx), else why not. Raises InputError for a URL refused at the check."""
+        target, pinned_headers, extensions = pin_url(url, self.s)
+        body = json.dumps({"id": msg_id, "type": event, "attempt": attempt, "created_at": time.time(),
+                           "job": self.render(job_id)}, separators=(",", ":"), default=str).encode()
+        headers = {"Content-Type": "application/json", **pinned_headers, **signed_headers(secret, msg_id, body),
+                   "Easel-Event": event, "Easel-Attempt": str(attempt)}
+        try:
+            resp = self._http.post(target, content=body, headers=headers, extensions=extensions)
+        except httpx.HTTPError as e:
+            return f"{type(e).__name__}: {e}"[:500]
+        return None if 200 <= resp.status_code < 300 else f"HTTP {resp.status_code}"
+
     def _deliver_passing(self, member: str) -> str:
         """queued, started, progress: best effort, one attempt (the next event supersedes it)."""
         job_id, event, tag = member.split("|", 2)
@@ -227,21 +241,13 @@ class WebhookDispatcher:
         secret = self.secret_for(owner)
         if not url or not secret:
             return "dropped"
-        try:
-            target, pinned_headers, extensions = pin_url(url, self.s)
+        try:  # the id: <job id>.started, <job id>.progress.<stage>.<step>, ...
+            error = self._post(url, secret, job_id, f"{job_id}.{tag}", f"job.{event}", 1)
         except InputError:
             return "dropped"
-        msg_id = f"{job_id}.{tag}"  # e.g. <id>.started, <id>.progress.<stage>.<step>
-        body = json.dumps({"id": msg_id, "type": f"job.{event}", "attempt": 1, "created_at": time.time(),
-                           "job": self.render(job_id)}, separators=(",", ":"), default=str).encode()
-        headers = {"Content-Type": "application/json", **pinned_headers, **signed_headers(secret, msg_id, body),
-                   "Easel-Event": f"job.{event}", "Easel-Attempt": "1"}
-        try:
-            ok = 200 <= self._http.post(target, content=body, headers=headers, extensions=extensions).status_code < 300
-        except httpx.HTTPError:
-            ok = False
-        self._report("delivered" if ok else "failed", f"job.{event}")
-        return "delivered" if ok else "failed"
+        outcome = "failed" if error else "delivered"
+        self._report(outcome, f"job.{event}")
+        return outcome
 
     def _deliver_terminal(self, job_id: str) -> str:
         url, owner, state = self.store.webhook_target(job_id)
@@ -251,30 +257,17 @@ class WebhookDispatcher:
         attempt = self.store.webhook_attempt(job_id)
         event = EVENT_TYPES[state]
         secret = self.secret_for(owner)
-        error = None
         if not secret:
-            error = "no webhook secret configured (EASEL_WEBHOOK_SECRET)"
-            return self._give_up(job_id, event, error)
+            return self._give_up(job_id, event, "no webhook secret configured (EASEL_WEBHOOK_SECRET)")
         try:
-            target, pinned_headers, extensions = pin_url(url, self.s)
+            error = self._post(url, secret, job_id, f"{job_id}.{state}", event, attempt)
         except InputError as e:
             return self._give_up(job_id, event, f"refused URL: {e}")
-        msg_id = f"{job_id}.{state}"
-        body = json.dumps({"id": msg_id, "type": event, "attempt": attempt,
-                           "created_at": time.time(), "job": self.render(job_id)},
-                          separators=(",", ":"), default=str).encode()
-        headers = {"Content-Type": "application/json", **pinned_headers, **signed_headers(secret, msg_id, body),
-                   "Easel-Event": event, "Easel-Attempt": str(attempt)}
-        try:
-            resp = self._http.post(target, content=body, headers=headers, extensions=extensions)
-            if 200 <= resp.status_code < 300:
-                self.store.webhook_state(job_id, "delivered")
-                self.r.zrem(self.due_key, job_id)
-                self._report("delivered", event)
-                return "delivered"
-            error = f"HTTP {resp.status_code}"
-        except httpx.HTTPError as e:
-            error = f"{type(e).__name__}: {e}"[:500]
+        if error is None:
+            self.store.webhook_state(job_id, "delivered")
+            self.r.zrem(self.due_key, job_id)
+            self._report("delivered", event)
+            return "delivered"
         if attempt >= self.s.webhook_max_attempts:
             return self._give_up(job_id, event, f"gave up after {attempt} attempts; last: {error}")
         delay = min(self.s.webhook_backoff_max_s, self.s.webhook_backoff_s * 2 ** (attempt - 1))

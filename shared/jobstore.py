@@ -46,6 +46,18 @@ from redis.retry import Retry
 from shared.schema import Attempt, JobSpec, JobState, JobStatus, Plan, Progress
 
 _TERMINAL = "cur == 'succeeded' or cur == 'failed' or cur == 'cancelled'"
+# Liveness is judged by Redis's own clock: an instance is alive while its score in the
+# instances zset (its heartbeat's expiry) is in the future.
+_CLOCK = """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+local function alive(instances, id)
+  local expires = redis.call('ZSCORE', instances, id)
+  return expires and tonumber(expires) > now()
+end
+"""
 
 # KEYS: job hash, events channel. ARGV: event JSON, running-set prefix, job id, segment
 # whose delivery ends ('' = none), instance, new state ('' = none), then field/value pairs.
@@ -89,7 +101,7 @@ return 1
 # KEYS: job hash, events channel, instances zset. ARGV: queue-position key prefix, job id,
 # segment, worker, now, crash limit, the "running" event JSON, instance, running-set prefix.
 # (Key names built from ARGV assume one Redis, not a cluster; easel's broker is one Redis.)
-_CLAIM = f"""
+_CLAIM = _CLOCK + f"""
 local h = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'queue', 'spec', 'plan', 'stage', 'created_at',
                      'started_at', 'segment', 'instance')
 local cur = h[1]
@@ -100,9 +112,7 @@ local seg = tonumber(ARGV[3])
 if h[9] and seg < tonumber(h[9]) then return {{'stale', h[9]}} end
 if h[10] and h[9] and seg == tonumber(h[9]) then
   if h[10] == ARGV[8] then return {{'run', h[4], h[5], h[7], h[8]}} end
-  local expires = redis.call('ZSCORE', KEYS[3], h[10])
-  local t = redis.call('TIME')
-  if expires and tonumber(expires) > tonumber(t[1]) + tonumber(t[2]) / 1e6 then return {{'duplicate', h[10]}} end
+  if alive(KEYS[3], h[10]) then return {{'duplicate', h[10]}} end
 end
 if h[2] == '1' then return {{'cancel'}} end
 local crashed = redis.call('HINCRBY', KEYS[1], 'inflight:' .. ARGV[3], 1) - 1
@@ -155,14 +165,13 @@ return note
 # leaves it to another once the lease runs out. ``forget_instance`` removes it once done.
 # Returns flat triples: instance, expiry, "<job id>:<segment>"; an instance holding
 # nothing comes back with an empty third field.
-_REAP = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+_REAP = _CLOCK + """
+local t = now()
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
 local out = {}
 for i = 1, #dead, 2 do
   local id = dead[i]
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)
+  redis.call('ZADD', KEYS[1], t + tonumber(ARGV[3]), id)
   local held = redis.call('SMEMBERS', ARGV[1] .. id)
   if #held == 0 then table.insert(out, id); table.insert(out, dead[i + 1]); table.insert(out, '') end
   for _, m in ipairs(held) do
@@ -174,22 +183,15 @@ return out
 
 # KEYS: job hash, instances zset. Returns {state, segment, 1 if a live instance holds it}
 # or {} for a job that is gone.
-_HOLDER = """
+_HOLDER = _CLOCK + """
 local h = redis.call('HMGET', KEYS[1], 'state', 'segment', 'instance')
 if not h[1] then return {} end
-local alive = 0
-if h[3] then
-  local expires = redis.call('ZSCORE', KEYS[2], h[3])
-  local t = redis.call('TIME')
-  if expires and tonumber(expires) > tonumber(t[1]) + tonumber(t[2]) / 1e6 then alive = 1 end
-end
-return {h[1], h[2] or '', alive}
+return {h[1], h[2] or '', (h[3] and alive(KEYS[2], h[3])) and 1 or 0}
 """
 
 # KEYS: instances zset, presence key. ARGV: instance, ttl, presence JSON.
-_BEAT = """
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[2]), ARGV[1])
+_BEAT = _CLOCK + """
+redis.call('ZADD', KEYS[1], now() + tonumber(ARGV[2]), ARGV[1])
 redis.call('SET', KEYS[2], ARGV[3], 'PX', math.ceil(tonumber(ARGV[2]) * 1000))
 return 0
 """

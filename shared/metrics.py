@@ -7,7 +7,6 @@ reported per priority and ``sum by (family)`` is what waits for a family's pool.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from typing import Iterable
@@ -17,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from shared.celery_app import queue_name, unacked_keys
+from shared.jobstore import JobStore
 from shared.schema import JobState
 
 PRIORITIES = range(10)
@@ -76,12 +76,10 @@ def job_state_counts(r: redis.Redis, prefix: str = "easel", max_jobs: int = 200_
 
 
 def live_workers_by_family(r: redis.Redis, prefix: str = "easel") -> dict[str, int]:
-    keys = list(r.scan_iter(f"{prefix}:worker:*", count=500))
     out: dict[str, int] = {}
-    for v in (r.mget(keys) if keys else []):
-        if v:
-            fam = json.loads(v).get("family", "unknown")
-            out[fam] = out.get(fam, 0) + 1
+    for presence in JobStore(r, prefix).presences():
+        fam = presence.get("family", "unknown")
+        out[fam] = out.get(fam, 0) + 1
     return out
 
 

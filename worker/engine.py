@@ -32,8 +32,8 @@ import redis
 
 from shared.celery_app import send_segment
 from shared.jobstore import Claim
-from shared.schema import JobSpec, JobState, Plan, Segment, StageRecord
 from shared.images import encode_image
+from shared.schema import JobSpec, JobState, Plan, Segment, StageRecord
 from shared.storage import job_prefix
 from worker.batching import by_input_size, group_jobs
 from worker.context import WorkerContext
@@ -161,11 +161,7 @@ def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> N
             run_stages(ctx, jobs)
             break
         except Stopped as stop:
-            if not (stop.cancelled or stop.superseded):
-                stop = Stopped(set(), set())
-                for job in jobs:  # interrupted with no reason on record: a failure, not a cancel
-                    _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, RuntimeError(
-                        "the pipeline call was interrupted with no cancel on record")), outcomes, job)
+            no_reason = not (stop.cancelled or stop.superseded)
             for job in jobs:
                 if job.job_id in stop.cancelled:
                     _ended(ctx, job.delivery, cancelled(ctx, job.delivery), outcomes, job)
@@ -173,6 +169,9 @@ def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> N
                     log.warning("job %s was taken over by another worker; dropping this run", job.job_id)
                     ctx.store.end_delivery(job.job_id, job.delivery.segment, ctx.instance)
                     _ended(ctx, job.delivery, "superseded", outcomes, job)
+                elif no_reason:  # interrupted with no cancel on record: a failure, not a cancel
+                    _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, RuntimeError(
+                        "the pipeline call was interrupted with no cancel on record")), outcomes, job)
             jobs = [job for job in jobs if job.delivery not in outcomes]
         except Exception as exc:
             if len(jobs) == 1 or isinstance(exc, StageTimeout):  # a batch over its time fails as one
@@ -271,7 +270,7 @@ def _keep_intermediates(ctx: WorkerContext, job: Job, i: int, model, timings: di
 
 
 def hand_off(ctx: WorkerContext, app, job: Job) -> None:
-    """Store the result for the next segment (another family) and queue it, once."""
+    """Store the result for the next segment (another family) and queue it (at least once)."""
     store, seg_index, spec = ctx.store, job.delivery.segment, job.spec
     # The records must be in Redis before the next segment can run (and read them).
     store.save_records(job.job_id, {i: r.model_dump_json() for i, r in job.records.items()})
@@ -297,7 +296,7 @@ def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None
                            job.records, created_at=job.claim.created_at, started_at=job.claim.started_at)
         if started:
             pending.append((job, started))
-    written = [(job, p) for job, p in pending if _guarded(ctx, app, job, outcomes, p.wait) is not False]
+    written = [(job, p) for job, p in pending if _guarded(ctx, app, job, outcomes, p.wait)]
     if not written:
         return
     changes = [(job.job_id, JobState.succeeded, p.final_fields(job.last_step)) for job, p in written]
@@ -307,7 +306,7 @@ def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None
         for job, _ in written:
             _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
         return
-    for job, p in written:
+    for job, _ in written:
         _ended(ctx, job.delivery, "succeeded", outcomes, job)
     log.info("%d job(s) succeeded; outputs written in %.3fs: %s", len(written), time.perf_counter() - t_write,
              [job.job_id for job, _ in written])
