@@ -374,3 +374,25 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(fclient, workers, big
     st = fclient.wait(job_id, timeout=60)
     assert st.state.value == "succeeded", st.error
     assert "no message left" in w.log.read_text()
+
+
+def test_with_default_liveness_settings_a_killed_job_completes_within_a_minute(fclient, workers, big_input):
+    """What users run: heartbeat every 3 s, dead after 15 s, reaping every 5 s (the module's
+    shortened intervals put back to their defaults)."""
+    from shared.settings import Settings
+
+    d = Settings()
+    defaults = {"EASEL_HEARTBEAT_INTERVAL_S": str(d.heartbeat_interval_s),
+                "EASEL_HEARTBEAT_TTL_S": str(d.heartbeat_ttl_s), "EASEL_REAP_EVERY_S": str(d.reap_every_s)}
+    assert set(defaults) == set(LIVENESS)
+    pair = [workers(**defaults), workers(**defaults)]
+    job_id = fclient.submit(job(big_input, steps=60, seed=91))
+    running_at_step(fclient, job_id)
+    victim = next(w for w in pair if w.hostname == fclient.status(job_id).worker)
+    victim.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    st = fclient.wait(job_id, timeout=90)
+    assert st.state.value == "succeeded", st.error
+    assert time.monotonic() - killed_at < 60
+    assert st.attempts == 2 and "stopped beating" in st.note
+    assert outputs_in_storage(fclient, job_id) == [f"jobs/{job_id}/output/0.png"]
