@@ -53,14 +53,14 @@ def run(args) -> dict:
     import torch
 
     from bench.common import load_plain_pipeline
-    from shared.images import decode_image
-    from shared.registry import ModelSpec
-    from shared.schema import Stage
-    from shared.settings import Settings
-    from worker.pipelines import load_model
-    from worker.runner import Carrier, run_stage
-    from worker.engine import StepHook
-    from worker.watchdog import StageBudget
+    from easel.shared.images import decode_image
+    from easel.shared.registry import ModelSpec
+    from easel.shared.schema import Stage
+    from easel.shared.settings import Settings
+    from easel.worker.pipelines import load_model
+    from easel.worker.runner import Carrier, run_stage
+    from easel.worker.engine import StepHook
+    from easel.worker.watchdog import StageBudget
 
     from bench.sd15_arch import bench_checkpoint
 
@@ -110,7 +110,7 @@ def run(args) -> dict:
     import celery  # noqa: F401
     import kombu  # noqa: F401
 
-    from shared.storage import Storage
+    from easel.shared.storage import Storage
 
     Storage(settings)  # a boto3 S3 client: botocore's service model in memory
     boto3.client("s3", region_name="us-east-1")

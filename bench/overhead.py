@@ -1,6 +1,6 @@
 """Benchmark 1: easel's overhead over a plain diffusers loop (the limit).
 
-N img2img jobs go producer -> valkey -> worker (``python -m worker.process``, solo pool)
+N img2img jobs go producer -> valkey -> worker (``python -m easel.worker.process``, solo pool)
 -> SeaweedFS (PNG out), and the same N pipeline calls (same checkpoint, image, prompt,
 strength, steps, guidance and seeds) run in a plain diffusers loop in one process
 (``bench.plain_runner``, started like the worker so the OS treats both alike). The

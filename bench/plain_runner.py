@@ -18,8 +18,8 @@ import time
 
 def main(argv: list[str]) -> int:
     from bench.common import IMAGE_PX, bench_image, load_plain_pipeline, plain_call, png_bytes
-    from shared.images import decode_image
-    from shared.settings import Settings
+    from easel.shared.images import decode_image
+    from easel.shared.settings import Settings
 
     opts = json.loads(argv[1]) if len(argv) > 1 else {}
     stage = opts.get("stage")

@@ -1,6 +1,6 @@
 """``python -m bench.probe_worker --family F --hostname H``: a real worker, plus timestamps.
 
-Runs ``worker.process.main`` unchanged, with three read-only observers that cost a few
+Runs ``easel.worker.process.main`` unchanged, with three read-only observers that cost a few
 microseconds per job and write nothing to Redis or S3 while jobs run:
 
 - Celery ``task_prerun`` / ``task_postrun``: when each task started and ended in this
@@ -31,7 +31,7 @@ import time
 def install(out_path: str) -> None:
     from celery.signals import task_postrun, task_prerun
 
-    from worker import engine
+    from easel.worker import engine
 
     jobs: dict[str, dict] = {}
     orig_call = engine.StepHook.__call__
@@ -79,8 +79,8 @@ def install(out_path: str) -> None:
     def _plain_in_worker(seed: int) -> None:
         """The plain loop's call, made here, on the worker's own pipeline, after each job."""
         from bench.common import bench_image, plain_call, png_bytes
-        from shared.images import decode_image
-        from worker.context import get_context
+        from easel.shared.images import decode_image
+        from easel.worker.context import get_context
 
         ctx, _ = get_context()
         if "image" not in inproc:
@@ -99,7 +99,7 @@ def main() -> int:
     out = os.environ.get("EASEL_BENCH_PROBE_OUT")
     if out:
         install(out)
-    from worker.process import main as worker_main
+    from easel.worker.process import main as worker_main
 
     return worker_main(sys.argv[1:])
 

@@ -1,6 +1,6 @@
 """``python -m bench profile``: where a worker's per-job time goes, beyond the pipeline call.
 
-Not part of the default run. Runs the real task body (``worker.tasks.run_segment`` with a
+Not part of the default run. Runs the real task body (``easel.worker.tasks.run_segment`` with a
 real ``WorkerContext``: valkey, SeaweedFS, warm pipelines) in this process under
 pyinstrument (wall clock, so network waits count), for N one-stage img2img jobs, and
 attributes every sampled millisecond to a component:
@@ -64,12 +64,12 @@ def run(env: BenchEnv, n: int = DEFAULT_N, size: str = "small", out: str | None 
 
     model, family, _ = SIZES[size]
     os.environ.update({**env.service_env, "EASEL_MODEL_ROOT": str(model_root()), "EASEL_MODELS": env.env["EASEL_MODELS"]})
-    from shared.settings import get_settings
+    from easel.shared.settings import get_settings
 
     get_settings.cache_clear()
-    from worker.context import WorkerContext, set_context
-    from shared.celery_app import RUN_SEGMENT
-    from worker import tasks
+    from easel.worker.context import WorkerContext, set_context
+    from easel.shared.celery_app import RUN_SEGMENT
+    from easel.worker import tasks
 
     app = tasks.app
     if hasattr(tasks, "register_tasks") and RUN_SEGMENT not in app.tasks:
@@ -134,7 +134,7 @@ def _timeline(ctx, run_segment, ids: list[str]) -> dict[str, float]:
     final state. Wrappers around the calls the task makes, removed afterwards."""
     import threading
 
-    from worker import segment
+    from easel.worker import segment
 
     marks: dict[str, float] = {}
     lock = threading.Lock()

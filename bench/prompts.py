@@ -32,8 +32,8 @@ def _sync(device) -> None:
 
 
 def _measure(model, reps: int) -> tuple[float, float]:
-    from shared.schema import Stage
-    from worker import prompts
+    from easel.shared.schema import Stage
+    from easel.worker import prompts
 
     def encode(i: int) -> None:
         prompts._plain_embeds(model, Stage(model="m", prompt=f"astronaut in a jungle, take {i}", seed=1))
@@ -59,9 +59,9 @@ def run(env, reps: int, device: str) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from bench.sd15_arch import TEXT
-    from shared.registry import load_registry
-    from shared.settings import Settings
-    from worker.pipelines import load_model
+    from easel.shared.registry import load_registry
+    from easel.shared.settings import Settings
+    from easel.worker.pipelines import load_model
 
     dev = torch.device(device)
     model = load_model(load_registry().get("sd15"), Settings(model_root=env.models["tiny-sd15"].parent), dev)

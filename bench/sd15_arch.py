@@ -42,7 +42,7 @@ def make_sd15_full(out_dir: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from worker.tiny.clip import BOS, EOS, offline_clip_tokenizer
+    from easel.worker.tiny.clip import BOS, EOS, offline_clip_tokenizer
 
     out_dir = Path(out_dir)
     if (out_dir / "model_index.json").exists():
@@ -73,6 +73,6 @@ def bench_checkpoint(arch: str) -> Path:
 
     if arch == "sd15":
         return make_sd15_full(model_root() / "sd15-full-random")
-    from worker.tiny import make_tiny_checkpoints
+    from easel.worker.tiny import make_tiny_checkpoints
 
     return make_tiny_checkpoints(model_root(), ["tiny-sd15"])["tiny-sd15"]

@@ -222,7 +222,7 @@ def _download(client, o: Outcome, outputs: list[str], manifest: str | None, targ
 def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, timeout: float | None = None,
               download: bool = True, retry_failed: bool = False, default_model: str = "sd15",
               poll_s: float = 0.5, console: Console | None = None) -> Summary:
-    from producer.client import EaselClient, SubmitError
+    from easel.producer.client import EaselClient, SubmitError
 
     console = console or Console(stderr=True)
     rows = read_manifest(manifest, default_model)

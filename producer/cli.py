@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from shared.logs import quiet_libraries
+from easel.shared.logs import quiet_libraries
 
 quiet_libraries()
 
@@ -22,7 +22,7 @@ err = Console(stderr=True)
 
 
 def _client():
-    from producer.client import EaselClient
+    from easel.producer.client import EaselClient
 
     return EaselClient()
 
@@ -37,7 +37,7 @@ def demo(out: Path = typer.Option(Path("easel-out"), help="Where results are wri
          steps: int = typer.Option(10, help="Denoising steps per stage."),
          size: int = typer.Option(256, help="Input image side in pixels.")) -> None:
     """Run the main job on embedded defaults: servers, tiny checkpoints, a worker, jobs, results."""
-    from producer.demo import run_demo
+    from easel.producer.demo import run_demo
 
     sys.exit(run_demo(out, steps=steps, size=size, console=console))
 
@@ -47,9 +47,9 @@ def worker(family: str = typer.Option(..., help="Model family (queue) this pool 
            gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids; one process each. Default: all, or CPU."),
            no_restart: bool = typer.Option(False, help="Do not restart a worker process that dies.")) -> None:
     """Start one Celery worker process per GPU for a family."""
-    from shared.registry import load_registry
-    from shared.settings import get_settings
-    from worker.launcher import run_workers
+    from easel.shared.registry import load_registry
+    from easel.shared.settings import get_settings
+    from easel.worker.launcher import run_workers
 
     if get_settings().models is None:  # never serve random weights by accident
         _fail("no model registry: set EASEL_MODELS to your registry YAML "
@@ -82,7 +82,7 @@ def submit(image: Optional[str] = typer.Option(None, "--image", "-i", help="Inpu
            job: Optional[Path] = typer.Option(None, "--job", help="A JSON or YAML job file (overrides the flags)."),
            wait: bool = typer.Option(False, "--wait", help="Follow the job until it ends.")) -> None:
     """Submit a one-stage img2img job from flags, or any job from --job FILE. Prints the job id."""
-    from producer.client import SubmitError
+    from easel.producer.client import SubmitError
 
     if job is not None:
         if not job.is_file():
@@ -112,7 +112,7 @@ def submit(image: Optional[str] = typer.Option(None, "--image", "-i", help="Inpu
 
 
 def _wait(client, job_id: str, timeout: Optional[float]) -> None:
-    from producer.progress import follow
+    from easel.producer.progress import follow
 
     st = follow(client, [job_id], timeout=timeout, console=err)[job_id]
     console.print_json(st.model_dump_json())
@@ -170,7 +170,7 @@ def queues() -> None:
 def make_tiny(out: Path = typer.Argument(..., help="Folder to write checkpoints into."),
               name: list[str] = typer.Option(None, "--name", help="Only these (default: all).")) -> None:
     """Write tiny random-weight diffusers checkpoints (safetensors) for tests, demo and benchmarks."""
-    from worker.tiny import make_tiny_checkpoints
+    from easel.worker.tiny import make_tiny_checkpoints
 
     for n, p in make_tiny_checkpoints(out, name or None).items():
         print(f"{n}\t{p}")
@@ -179,15 +179,15 @@ def make_tiny(out: Path = typer.Argument(..., help="Folder to write checkpoints 
 @models_app.command("list")
 def models_list() -> None:
     """The registry in force (EASEL_MODELS, else the bundled tiny one)."""
-    from shared.registry import load_registry
-    from shared.settings import get_settings
+    from easel.shared.registry import load_registry
+    from easel.shared.settings import get_settings
 
     reg = load_registry(get_settings().models)
     for name, m in sorted(reg.models.items()):
         print(f"{name}\tfamily={m.family}\tkind={m.kind}\tlatent={m.latent_space}\tsource={m.source}")
 
 
-from producer.cli_ops import register as _register_ops  # noqa: E402
+from easel.producer.cli_ops import register as _register_ops  # noqa: E402
 
 _register_ops(app)
 

@@ -22,15 +22,15 @@ def register(app: typer.Typer) -> None:
         import uvicorn
         from rich.console import Console
 
-        from producer.api.security import KeyRing
-        from shared.settings import get_settings
+        from easel.producer.api.security import KeyRing
+        from easel.shared.settings import get_settings
 
         if not len(KeyRing(get_settings())):
             Console(stderr=True).print("[yellow]warning:[/yellow] no API keys configured (EASEL_API_KEYS / "
                                        "EASEL_API_KEYS_FILE): every /v1 request will get 401; "
                                        "make one with `easel api-key NAME`")
         os.environ["EASEL_API_WEBHOOKS"] = "1" if webhooks else "0"
-        uvicorn.run("producer.cli_ops:_app_factory", factory=True, host=host, port=port, workers=workers,
+        uvicorn.run("easel.producer.cli_ops:_app_factory", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level, proxy_headers=True, timeout_graceful_shutdown=10)
 
     @app.command("api-key")
@@ -40,8 +40,8 @@ def register(app: typer.Typer) -> None:
         import json
         import secrets
 
-        from producer.api.security import hash_key
-        from shared.settings import ApiKey
+        from easel.producer.api.security import hash_key
+        from easel.shared.settings import ApiKey
 
         tok = token or f"easel_{secrets.token_urlsafe(32)}"
         entry = ApiKey(name=name, sha256=hash_key(tok))
@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         OUT/.easel-batch-state.jsonl, and the queue itself maps a key to its first job)."""
         from rich.console import Console
 
-        from producer.batch import BatchError, run_batch
+        from easel.producer.batch import BatchError, run_batch
 
         try:
             summary = run_batch(manifest, out, concurrency=concurrency, timeout=timeout, download=download,
@@ -77,6 +77,6 @@ def _app_factory():
     """uvicorn's factory: settings come from the environment of each worker process."""
     import os
 
-    from producer.api import create_app
+    from easel.producer.api import create_app
 
     return create_app(webhooks=os.environ.get("EASEL_API_WEBHOOKS", "1") == "1")

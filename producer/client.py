@@ -15,14 +15,14 @@ from typing import Callable, Iterable
 
 from pydantic import ValidationError
 
-from shared.celery_app import RUN_SEGMENT, make_celery, send_segment
-from shared.images import InputError, check_public_url, decode_image, image_ext, parse_data_uri
-from shared.jobstore import JobStore
-from shared.plan import PlanError, plan_job
-from shared.registry import Registry, load_registry
-from shared.schema import JobSpec, JobState, JobStatus, Manifest, Plan, Stage
-from shared.settings import Settings, get_settings
-from shared.storage import Storage
+from easel.shared.celery_app import RUN_SEGMENT, make_celery, send_segment
+from easel.shared.images import InputError, check_public_url, decode_image, image_ext, parse_data_uri
+from easel.shared.jobstore import JobStore
+from easel.shared.plan import PlanError, plan_job
+from easel.shared.registry import Registry, load_registry
+from easel.shared.schema import JobSpec, JobState, JobStatus, Manifest, Plan, Stage
+from easel.shared.settings import Settings, get_settings
+from easel.shared.storage import Storage
 
 
 def _local_path(ref: object) -> bool:
@@ -255,8 +255,8 @@ class EaselClient:
 
     def queues(self) -> dict[str, int]:
         """Messages waiting per family queue (all priority sub-queues counted)."""
-        from shared.celery_app import queue_name
-        from shared.metrics import queue_depths
+        from easel.shared.celery_app import queue_name
+        from easel.shared.metrics import queue_depths
 
         prefix = self.settings.queue_prefix
         depths = queue_depths(self.store.r, self.registry.families(), prefix)

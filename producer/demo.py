@@ -61,12 +61,12 @@ def run_demo(out: Path, steps: int = 10, size: int = 256, console: Console | Non
         env = _services(stack, console)
         os.environ.update(env)
         os.environ.setdefault("EASEL_MODELS", "tiny")  # the demo serves the bundled tiny checkpoints, on purpose
-        from shared.settings import get_settings
+        from easel.shared.settings import get_settings
 
         get_settings.cache_clear()
         settings = get_settings()
-        from producer.client import EaselClient
-        from worker.tiny import checkpoints_for, make_tiny_checkpoints
+        from easel.producer.client import EaselClient
+        from easel.worker.tiny import checkpoints_for, make_tiny_checkpoints
 
         client = EaselClient(settings)
         families = sorted({client.registry.get(s["model"]).family
@@ -86,7 +86,7 @@ def run_demo(out: Path, steps: int = 10, size: int = 256, console: Console | Non
 
         input_path = out / "input.png"
         demo_image(size).save(input_path)
-        from producer.progress import follow
+        from easel.producer.progress import follow
 
         ids = {name: client.submit(job) for name, job in demo_jobs(str(input_path), steps).items()}
         done = follow(client, list(ids.values()), label={j: n for n, j in ids.items()}, timeout=600, console=console)
@@ -130,7 +130,7 @@ def _wait_ready(client, procs: dict, logdir: Path, console: Console, timeout: fl
 def _services(stack: contextlib.ExitStack, console: Console) -> dict[str, str]:
     env = {}
     if not os.environ.get("EASEL_REDIS_URL") or not os.environ.get("EASEL_S3_ENDPOINT_URL"):
-        from producer.embedded import EmbeddedServices
+        from easel.producer.embedded import EmbeddedServices
 
         svc = EmbeddedServices(appendonly=True)
         if not os.environ.get("EASEL_REDIS_URL"):
@@ -151,7 +151,7 @@ def _services(stack: contextlib.ExitStack, console: Console) -> dict[str, str]:
 @contextlib.contextmanager
 def _worker(family: str, env: dict, log: Path):
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "worker.process", "--family", family], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "easel.worker.process", "--family", family], env=env,
                                 stdout=fh, stderr=subprocess.STDOUT)
     try:
         yield proc

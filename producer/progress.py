@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shared.schema import JobStatus
+from easel.shared.schema import JobStatus
 
 
 def job_progress(console: Console | None = None) -> Progress:

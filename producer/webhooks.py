@@ -42,9 +42,9 @@ from typing import Callable
 
 import httpx
 
-from shared.images import InputError, pin_url
-from shared.jobstore import JobStore
-from shared.settings import Settings
+from easel.shared.images import InputError, pin_url
+from easel.shared.jobstore import JobStore
+from easel.shared.settings import Settings
 
 log = logging.getLogger("easel.webhooks")
 

@@ -26,7 +26,7 @@ from celery import Celery
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
-from shared.settings import Settings, get_settings
+from easel.shared.settings import Settings, get_settings
 
 RUN_SEGMENT = "easel.run_segment"
 log = logging.getLogger("easel.broker")
@@ -92,7 +92,7 @@ class SafeRedisTransport(kombu_redis.Transport):
 # redis:// and rediss:// broker URLs resolve through this alias table; only replace kombu's own.
 for _scheme in ("redis", "rediss"):
     if TRANSPORT_ALIASES.get(_scheme) == "kombu.transport.redis:Transport":
-        TRANSPORT_ALIASES[_scheme] = "shared.celery_app:SafeRedisTransport"
+        TRANSPORT_ALIASES[_scheme] = "easel.shared.celery_app:SafeRedisTransport"
 
 
 def send_segment(app: Celery, job_id: str, segment: int, queue: str, priority: int,

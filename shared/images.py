@@ -16,7 +16,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from shared.settings import Settings
+from easel.shared.settings import Settings
 
 
 class InputError(ValueError):

@@ -43,7 +43,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from shared.schema import Attempt, JobSpec, JobState, JobStatus, Plan, Progress
+from easel.shared.schema import Attempt, JobSpec, JobState, JobStatus, Plan, Progress
 
 _TERMINAL = "cur == 'succeeded' or cur == 'failed' or cur == 'cancelled'"
 # Liveness is judged by Redis's own clock: an instance is alive while its score in the

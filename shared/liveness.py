@@ -23,9 +23,9 @@ from typing import Callable
 
 import redis
 
-from shared.celery_app import UnackedMessages
-from shared.jobstore import JobStore
-from shared.metrics import priority_lists
+from easel.shared.celery_app import UnackedMessages
+from easel.shared.jobstore import JobStore
+from easel.shared.metrics import priority_lists
 
 log = logging.getLogger("easel.liveness")
 

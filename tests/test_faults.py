@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from producer.embedded import EmbeddedServices, free_port
+from easel.producer.embedded import EmbeddedServices, free_port
 from tests.conftest import WorkerProc, png_bytes
 from tests.netproxy import TcpProxy
 
@@ -35,8 +35,8 @@ def fault_env(tmp_path_factory, model_root):
 
 @pytest.fixture(scope="module")
 def fclient(fault_env):
-    from producer.client import EaselClient
-    from shared.settings import Settings
+    from easel.producer.client import EaselClient
+    from easel.shared.settings import Settings
 
     svc, env = fault_env
     return EaselClient(Settings(**{k[6:].lower(): v for k, v in env.items()}))
@@ -297,7 +297,7 @@ def test_sigkill_mid_chain_with_the_launcher_restarting_the_process(fault_env, f
 
     _, env = fault_env
     log = open(tmp_path / "launcher.log", "wb")
-    launcher = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--family", "sd15"],
+    launcher = subprocess.Popen([sys.executable, "-m", "easel.producer.cli", "worker", "--family", "sd15"],
                                 env={**os.environ, **env, "CUDA_VISIBLE_DEVICES": ""}, cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT)
     hostname = f"sd15-cpu@{os.uname().nodename}"
@@ -363,8 +363,8 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(fclient, workers, big
     between loses it. Here the job is recorded and marked queued with no message at all:
     once it has waited a heartbeat TTL with its queue empty and no worker holding it, a
     reaper sends it again."""
-    from shared.plan import plan_job
-    from shared.schema import JobSpec
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec
 
     w = workers()
     spec = JobSpec.model_validate(job(big_input, steps=2, seed=77)).with_seeds()
@@ -379,7 +379,7 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(fclient, workers, big
 def test_with_default_liveness_settings_a_killed_job_completes_within_a_minute(fclient, workers, big_input):
     """What users run: heartbeat every 3 s, dead after 15 s, reaping every 5 s (the module's
     shortened intervals put back to their defaults)."""
-    from shared.settings import Settings
+    from easel.shared.settings import Settings
 
     d = Settings()
     defaults = {"EASEL_HEARTBEAT_INTERVAL_S": str(d.heartbeat_interval_s),

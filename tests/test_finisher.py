@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from worker.finisher import Finisher
+from easel.worker.finisher import Finisher
 
 
 def _finisher(client, wait_s: float) -> tuple[Finisher, list[tuple[str, float]]]:
@@ -72,8 +72,8 @@ def test_a_call_started_before_the_finish_was_queued_does_not_release_it(client)
 def test_the_step_hook_releases_a_pending_finish_at_the_first_step_only(client):
     from concurrent.futures import ThreadPoolExecutor
 
-    from worker.engine import StepHook
-    from worker.watchdog import StageBudget
+    from easel.worker.engine import StepHook
+    from easel.worker.watchdog import StageBudget
 
     f, ran = _finisher(client, wait_s=30)
     released: list[int] = []
@@ -126,7 +126,7 @@ def test_a_job_that_leaves_its_queue_empty_finishes_at_once(client, queued):
     """The last job of a burst has nothing to overlap with: its finish runs without waiting
     for a next call, while a message waiting in the worker's queue (any priority list)
     holds it as before."""
-    from shared.metrics import priority_lists
+    from easel.shared.metrics import priority_lists
 
     queue = f"test-fin-q-{uuid.uuid4().hex}"
     r = client.store.r

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producer.client import SubmitError
+from easel.producer.client import SubmitError
 from tests.conftest import cli, img2img_job
 
 

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, assume, example, given, settings, strategies
 from PIL import Image
 from pydantic import ValidationError
 
-from producer.client import EaselClient, SubmitError
-from shared.images import InputError, decode_image
-from shared.schema import MAX_PROMPT_CHARS, JobSpec
-from shared.settings import Settings
+from easel.producer.client import EaselClient, SubmitError
+from easel.shared.images import InputError, decode_image
+from easel.shared.schema import MAX_PROMPT_CHARS, JobSpec
+from easel.shared.settings import Settings
 from tests.conftest import img2img_job, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,8 +181,8 @@ def test_decode_bomb_never_allocates_its_decoded_size():
 import resource, sys
 sys.path.insert(0, sys.argv[1])
 from tests.test_fuzz import png_bomb, png_header_only
-from shared.images import InputError, decode_image
-from shared.settings import Settings
+from easel.shared.images import InputError, decode_image
+from easel.shared.settings import Settings
 s = Settings(_env_file=None)
 bombs = [png_bomb(9000, 9000), png_header_only(100000, 100000), png_header_only(4096, 4097)]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -463,7 +463,7 @@ def test_traversal_in_s3_keys_refused(offline_client, key):
 @pytest.mark.parametrize("key", ["%2e%2e/x", "..%2f..%2fx", "a%00b", "..\\..\\x", "inputs/..x", "inputs/x..", "~/x"])
 def test_encoded_traversal_in_s3_keys_is_literal(key):
     """S3 keys are flat strings: these are ordinary (odd) key names, sent percent-encoded by boto3."""
-    from shared.storage import S3Ref
+    from easel.shared.storage import S3Ref
 
     spec = JobSpec.model_validate(img2img_job(f"s3://easel/{key}"))
     assert S3Ref.parse(spec.input.image).key == key

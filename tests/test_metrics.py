@@ -9,10 +9,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.embedded import free_port
+from easel.producer.embedded import free_port
 from tests.conftest import WorkerProc, img2img_job
 from tests.test_api import PARKED, api, job_body, upload, wait_state  # noqa: F401  (module-scoped API server fixture)
-from worker.metrics import metrics_port
+from easel.worker.metrics import metrics_port
 
 
 def scrape(url: str) -> dict[str, list]:
@@ -67,8 +67,8 @@ def metrics_worker(easel_env, tmp_path_factory):
 
 
 def test_worker_metrics_after_a_job(metrics_worker, easel_env, input_png):
-    from producer.client import EaselClient
-    from shared.settings import Settings
+    from easel.producer.client import EaselClient
+    from easel.shared.settings import Settings
 
     c = EaselClient(Settings(queue_prefix="mtest"))
     beat = json.loads(c.store.r.get(f"mtest:worker:{metrics_worker.hostname}"))

@@ -4,9 +4,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from shared.settings import Settings
-from shared.storage import Storage
-from worker import pipelines
+from easel.shared.settings import Settings
+from easel.shared.storage import Storage
+from easel.worker import pipelines
 
 
 def _upload(storage: Storage, folder: Path, prefix: str) -> int:

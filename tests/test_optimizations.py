@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from shared.registry import Registry
-from shared.schema import Stage
-from shared.settings import Settings
-from worker.pipelines import PipelineCache
-from worker.runner import Carrier, run_stage
+from easel.shared.registry import Registry
+from easel.shared.schema import Stage
+from easel.shared.settings import Settings
+from easel.worker.pipelines import PipelineCache
+from easel.worker.runner import Carrier, run_stage
 
 
 def _cache(model_root, tmp_path, **model) -> PipelineCache:
@@ -46,7 +46,7 @@ def test_sdpa_default_and_compile_flag(model_root, tmp_path):
 
 
 def test_cpu_threads_one_on_a_gpu_unless_set_and_torch_default_on_the_cpu():
-    from worker.device import cpu_threads
+    from easel.worker.device import cpu_threads
 
     assert cpu_threads(torch.device("cuda"), None) == 1
     assert cpu_threads(torch.device("cuda"), 3) == 3
@@ -59,7 +59,7 @@ def test_worker_runs_with_the_torch_threads_setting(easel_env, input_png, tmp_pa
     runs with) and a job completes with it."""
     import json
 
-    from producer.client import EaselClient
+    from easel.producer.client import EaselClient
     from tests.conftest import WorkerProc, img2img_job
 
     env = {**easel_env, "EASEL_TORCH_THREADS": "1", "EASEL_QUEUE_PREFIX": "threads"}

@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.registry import load_registry
-from shared.schema import Stage
-from shared.settings import Settings
-from worker import prompts
-from worker.pipelines import load_model
-from worker.runner import Carrier, run_stage
+from easel.shared.registry import load_registry
+from easel.shared.schema import Stage
+from easel.shared.settings import Settings
+from easel.worker import prompts
+from easel.worker.pipelines import load_model
+from easel.worker.runner import Carrier, run_stage
 
 # registry model, input side, stage parameters: one model per kind that takes embeddings
 KINDS = {

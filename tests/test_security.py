@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.client import EaselClient, SubmitError
-from producer.embedded import Valkey
-from shared.celery_app import RUN_SEGMENT, broker_ssl_options, make_celery
-from shared.images import InputError, fetch_url
-from shared.jobstore import JobStore
-from shared.settings import Settings
+from easel.producer.client import EaselClient, SubmitError
+from easel.producer.embedded import Valkey
+from easel.shared.celery_app import RUN_SEGMENT, broker_ssl_options, make_celery
+from easel.shared.images import InputError, fetch_url
+from easel.shared.jobstore import JobStore
+from easel.shared.settings import Settings
 from tests.conftest import SECOND_S3_KEY, WorkerProc, img2img_job, png_bytes
 
 REDIS_PW = "rp-" + uuid.uuid4().hex  # default user (requirepass)
@@ -488,10 +488,10 @@ def test_webhook_post_goes_to_the_vetted_address_not_a_second_dns_answer(client,
 
     import httpx
 
-    from producer.webhooks import WebhookDispatcher
-    from shared.plan import plan_job
-    from shared.schema import JobSpec, JobState
-    from shared.settings import Settings
+    from easel.producer.webhooks import WebhookDispatcher
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec, JobState
+    from easel.shared.settings import Settings
 
     answers = iter(["93.184.216.34", "127.0.0.1"])
     lookups: list[str] = []

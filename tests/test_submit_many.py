@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from producer.client import SubmitError
+from easel.producer.client import SubmitError
 from tests.conftest import img2img_job
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.registry import load_registry
-from shared.schema import Stage
-from shared.settings import Settings
+from easel.shared.registry import load_registry
+from easel.shared.schema import Stage
+from easel.shared.settings import Settings
 from tests.conftest import WorkerProc, png_bytes
-from worker.pipelines import load_model
-from worker.runner import BUILDERS, Carrier, call_params, denoised_area, generators
-from worker.watchdog import StageBudget, cost_limit_s
+from easel.worker.pipelines import load_model
+from easel.worker.runner import BUILDERS, Carrier, call_params, denoised_area, generators
+from easel.worker.watchdog import StageBudget, cost_limit_s
 
 # registry model, task, input side (the seed guide's sizes; the x4 upscaler's input smaller
 # to keep the suite short: its cost is linear in the area)

@@ -18,9 +18,9 @@ from diffusers import (  # noqa: E402
     KandinskyV22PriorPipeline,
 )
 
-from worker.pipelines import dtype_kwarg  # noqa: E402
-from worker.tiny import TINY_MAKERS, make_tiny_checkpoints  # noqa: E402
-from worker.tiny.kandinsky import combined_img2img_kwargs, make_kandinsky22_decoder  # noqa: E402
+from easel.worker.pipelines import dtype_kwarg  # noqa: E402
+from easel.worker.tiny import TINY_MAKERS, make_tiny_checkpoints  # noqa: E402
+from easel.worker.tiny.kandinsky import combined_img2img_kwargs, make_kandinsky22_decoder  # noqa: E402
 
 NEW = [
     "tiny-sd15-controlnet",

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from worker.context import WorkerContext
+from easel.worker.context import WorkerContext
 
 if TYPE_CHECKING:
-    from worker.engine import Job
+    from easel.worker.engine import Job
 
 
 def batch_key(ctx: WorkerContext, job: "Job") -> tuple | None:

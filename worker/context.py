@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 
 from celery import Celery
 
-from shared.jobstore import JobStore
-from shared.liveness import new_instance_id
-from shared.registry import Registry, load_registry
-from shared.settings import Settings, get_settings
-from shared.storage import Storage
-from worker.finisher import Finisher
-from worker.input_cache import InputCache
-from worker.pipelines import PipelineCache
-from worker.watchdog import Watchdog
+from easel.shared.jobstore import JobStore
+from easel.shared.liveness import new_instance_id
+from easel.shared.registry import Registry, load_registry
+from easel.shared.settings import Settings, get_settings
+from easel.shared.storage import Storage
+from easel.worker.finisher import Finisher
+from easel.worker.input_cache import InputCache
+from easel.worker.pipelines import PipelineCache
+from easel.worker.watchdog import Watchdog
 
 
 @dataclass

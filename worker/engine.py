@@ -30,19 +30,19 @@ from typing import Callable
 
 import redis
 
-from shared.celery_app import send_segment
-from shared.jobstore import Claim
-from shared.images import encode_image
-from shared.schema import JobSpec, JobState, Plan, Segment, StageRecord
-from shared.storage import job_prefix
-from worker.batching import by_input_size, group_jobs
-from worker.context import WorkerContext
-from worker.inputs import load_image_ref, load_input, save_handoff
-from worker.metrics import observe_call, observe_delivery
-from worker.outputs import make_record, start_finish
-from worker.policy import Delivery, cancelled, end_as, fail, settle_error
-from worker.runner import Carrier, Interrupted, decode_latents, denoised_area, pixel_size, run_stage
-from worker.watchdog import StageBudget, StageTimeout, cost_limit_s
+from easel.shared.celery_app import send_segment
+from easel.shared.jobstore import Claim
+from easel.shared.images import encode_image
+from easel.shared.schema import JobSpec, JobState, Plan, Segment, StageRecord
+from easel.shared.storage import job_prefix
+from easel.worker.batching import by_input_size, group_jobs
+from easel.worker.context import WorkerContext
+from easel.worker.inputs import load_image_ref, load_input, save_handoff
+from easel.worker.metrics import observe_call, observe_delivery
+from easel.worker.outputs import make_record, start_finish
+from easel.worker.policy import Delivery, cancelled, end_as, fail, settle_error
+from easel.worker.runner import Carrier, Interrupted, decode_latents, denoised_area, pixel_size, run_stage
+from easel.worker.watchdog import StageBudget, StageTimeout, cost_limit_s
 
 log = logging.getLogger("easel.worker.engine")
 

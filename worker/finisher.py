@@ -36,7 +36,7 @@ from typing import Callable
 
 import redis
 
-from shared.metrics import priority_lists
+from easel.shared.metrics import priority_lists
 
 log = logging.getLogger("easel.worker.finisher")
 

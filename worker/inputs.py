@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from PIL import Image
 
-from shared.images import decode_image, encode_image, fetch_url, parse_data_uri
-from shared.latents import dump_latents, load_latents
-from shared.schema import JobSpec, Plan
-from shared.storage import job_prefix
-from worker.context import WorkerContext
-from worker.runner import Carrier
+from easel.shared.images import decode_image, encode_image, fetch_url, parse_data_uri
+from easel.shared.latents import dump_latents, load_latents
+from easel.shared.schema import JobSpec, Plan
+from easel.shared.storage import job_prefix
+from easel.worker.context import WorkerContext
+from easel.worker.runner import Carrier
 
 
 def read_ref(ctx: WorkerContext, ref: str, what: str) -> bytes:

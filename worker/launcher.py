@@ -39,7 +39,7 @@ class RestartBackoff:
 
 
 def child_command(family: str, hostname: str) -> list[str]:
-    return [sys.executable, "-m", "worker.process", "--family", family, "--hostname", hostname]
+    return [sys.executable, "-m", "easel.worker.process", "--family", family, "--hostname", hostname]
 
 
 def run_workers(family: str, gpus: list[str] | None = None, restart: bool = True, extra_env: dict | None = None) -> int:

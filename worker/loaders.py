@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import inspect
 
-from shared.registry import ModelSpec
-from shared.settings import Settings
+from easel.shared.registry import ModelSpec
+from easel.shared.settings import Settings
 
 
 def _resolve(src: str, settings: Settings) -> str:

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from shared.metrics import STAGE_BUCKETS, RedisStateCollector
+from easel.shared.metrics import STAGE_BUCKETS, RedisStateCollector
 
 log = logging.getLogger("easel.worker.metrics")
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from shared.images import encode_image
-from shared.registry import registry_name
-from shared.schema import JobSpec, Manifest, Plan, StageRecord
-from shared.storage import job_prefix
-from worker.context import WorkerContext
-from worker.runner import Carrier, pixel_size
+from easel.shared.images import encode_image
+from easel.shared.registry import registry_name
+from easel.shared.schema import JobSpec, Manifest, Plan, StageRecord
+from easel.shared.storage import job_prefix
+from easel.worker.context import WorkerContext
+from easel.worker.runner import Carrier, pixel_size
 
 
 def make_record(ctx: WorkerContext, i: int, spec: JobSpec, plan: Plan, model, carrier: Carrier,

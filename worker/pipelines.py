@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from shared.registry import ModelSpec, Registry
-from shared.settings import Settings
-from worker.device import pick_device, pick_dtype
+from easel.shared.registry import ModelSpec, Registry
+from easel.shared.settings import Settings
+from easel.worker.device import pick_device, pick_dtype
 
 log = logging.getLogger("easel.worker.pipelines")
 
@@ -61,7 +61,7 @@ def _sync_s3_source(source: str, settings: Settings) -> str:
     for a checkpoint. A file lock makes the workers of one host download it once."""
     from filelock import FileLock
 
-    from shared.storage import S3Ref, Storage
+    from easel.shared.storage import S3Ref, Storage
 
     ref = S3Ref.parse(source.rstrip("/") + "/")
     target = settings.model_root / "s3" / ref.bucket / ref.key.rstrip("/")
@@ -106,7 +106,7 @@ def apply_optimizations(pipe, spec: ModelSpec, device: torch.device) -> None:
 
 
 def load_model(spec: ModelSpec, settings: Settings, device: torch.device) -> LoadedModel:
-    from worker import loaders
+    from easel.worker import loaders
 
     t0 = time.perf_counter()
     source = spec.resolve(spec.source, settings.model_root)

@@ -18,10 +18,10 @@ import botocore.exceptions
 import redis.exceptions
 import torch
 
-from shared.celery_app import send_segment
-from shared.images import InputError
-from shared.schema import JobState
-from shared.storage import NotFound
+from easel.shared.celery_app import send_segment
+from easel.shared.images import InputError
+from easel.shared.schema import JobState
+from easel.shared.storage import NotFound
 
 log = logging.getLogger("easel.worker.policy")
 

@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 
-from shared.logs import quiet_libraries
+from easel.shared.logs import quiet_libraries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,21 +24,21 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
-    from shared.celery_app import UnackedMessages, queue_name, send_segment
-    from shared.liveness import Heartbeat, Reaper
-    from worker.context import WorkerContext, set_context
-    from worker.finisher import Finisher
-    from worker.policy import settle_later
-    from worker.tasks import app, register_tasks
+    from easel.shared.celery_app import UnackedMessages, queue_name, send_segment
+    from easel.shared.liveness import Heartbeat, Reaper
+    from easel.worker.context import WorkerContext, set_context
+    from easel.worker.finisher import Finisher
+    from easel.worker.policy import settle_later
+    from easel.worker.tasks import app, register_tasks
 
     hostname = args.hostname or f"{args.family}-{os.environ.get('CUDA_VISIBLE_DEVICES', 'cpu')}-{os.getpid()}@{socket.gethostname()}"
-    from worker.watchdog import Watchdog
+    from easel.worker.watchdog import Watchdog
 
     ctx = WorkerContext.create(args.family, hostname=hostname)
     ctx.store.ping()  # a wrong password or TLS setting fails here, at once, not after warming
     import torch
 
-    from worker.device import cpu_threads
+    from easel.worker.device import cpu_threads
 
     torch.set_num_threads(cpu_threads(ctx.cache.device, ctx.settings.torch_threads))  # before any parallel work
     ctx.watchdog = Watchdog()
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     app.conf.worker_prefetch_multiplier = ctx.settings.batch_size
     from celery.signals import worker_ready, worker_shutdown
 
-    from worker.metrics import install as install_metrics
+    from easel.worker.metrics import install as install_metrics
 
     mport = install_metrics(ctx, load_s)  # EASEL_METRICS_PORT; None when 0 (off)
 

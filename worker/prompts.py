@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from shared.schema import Stage
-from worker.pipelines import LoadedModel
+from easel.shared.schema import Stage
+from easel.worker.pipelines import LoadedModel
 
 CACHE_SIZE = 256  # prompt pairs per model; SD 1.5 keeps ~240 kB per pair (fp16)
 

@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from shared.schema import Stage
-from worker.pipelines import LoadedModel
-from worker.prompts import prompt_kwargs
+from easel.shared.schema import Stage
+from easel.worker.pipelines import LoadedModel
+from easel.worker.prompts import prompt_kwargs
 
 
 class Interrupted(Exception):

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import logging
 
-from shared.celery_app import RUN_SEGMENT, make_celery
-from worker.context import get_context
-from worker.engine import run_deliveries
-from worker.policy import Delivery
+from easel.shared.celery_app import RUN_SEGMENT, make_celery
+from easel.worker.context import get_context
+from easel.worker.engine import run_deliveries
+from easel.worker.policy import Delivery
 
 log = logging.getLogger("easel.worker.tasks")
 

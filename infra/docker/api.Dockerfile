@@ -13,7 +13,6 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY worker ./worker
 COPY producer ./producer
-COPY bench ./bench
 RUN pip install . && rm -rf /src
 
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin easel

@@ -29,7 +29,6 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY worker ./worker
 COPY producer ./producer
-COPY bench ./bench
 RUN pip install . && rm -rf /src
 
 # Non-root; the model cache is a volume so weights are downloaded once per node, not per start.

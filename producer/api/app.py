@@ -30,20 +30,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from producer.api.metrics import ApiMetrics, MetricsMiddleware
-from producer.api.models import (Health, JobRequest, JobResponse, Link, PresignRequest, PresignResponse, Problem,
+from easel.producer.api.metrics import ApiMetrics, MetricsMiddleware
+from easel.producer.api.models import (Health, JobRequest, JobResponse, Link, PresignRequest, PresignResponse, Problem,
                                  ProgressOut, QueueOut, UploadResponse, WebhookOut)
-from producer.api.security import InFlight, KeyRing, Principal, RateLimiter
-from producer.client import EaselClient, SubmitError
-from producer.webhooks import WebhookDispatcher
-from shared.celery_app import UnackedMessages, queue_name, send_segment
-from shared.images import InputError, check_public_url, decode_image, image_ext
-from shared.jobstore import JobStore
-from shared.liveness import Reaper
-from shared.metrics import live_workers_by_family, queue_depths
-from shared.schema import JobSpec, JobState
-from shared.settings import Settings, get_settings
-from shared.storage import Storage
+from easel.producer.api.security import InFlight, KeyRing, Principal, RateLimiter
+from easel.producer.client import EaselClient, SubmitError
+from easel.producer.webhooks import WebhookDispatcher
+from easel.shared.celery_app import UnackedMessages, queue_name, send_segment
+from easel.shared.images import InputError, check_public_url, decode_image, image_ext
+from easel.shared.jobstore import JobStore
+from easel.shared.liveness import Reaper
+from easel.shared.metrics import live_workers_by_family, queue_depths
+from easel.shared.schema import JobSpec, JobState
+from easel.shared.settings import Settings, get_settings
+from easel.shared.storage import Storage
 
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="job id (32 hex characters)")]
 _EXT = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
-from shared.schema import JobSpec, JobState
+from easel.shared.schema import JobSpec, JobState
 
 
 class JobRequest(JobSpec):

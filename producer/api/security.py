@@ -14,8 +14,8 @@ from pathlib import Path
 import redis
 import yaml
 
-from shared.schema import JobState
-from shared.settings import ApiKey, Settings
+from easel.shared.schema import JobState
+from easel.shared.settings import ApiKey, Settings
 
 _TERMINAL = {s.value for s in JobState if s.terminal}
 

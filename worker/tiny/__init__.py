@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from worker.tiny.controlnet import make_sd15_controlnet
-from worker.tiny.kandinsky import make_kandinsky22_decoder, make_kandinsky22_prior
-from worker.tiny.sd import make_sd15
-from worker.tiny.sdxl import make_sdxl_refiner
-from worker.tiny.upscalers import make_sd_x2_latent_upscaler, make_sd_x4_upscaler
+from easel.worker.tiny.controlnet import make_sd15_controlnet
+from easel.worker.tiny.kandinsky import make_kandinsky22_decoder, make_kandinsky22_prior
+from easel.worker.tiny.sd import make_sd15
+from easel.worker.tiny.sdxl import make_sdxl_refiner
+from easel.worker.tiny.upscalers import make_sd_x2_latent_upscaler, make_sd_x4_upscaler
 
 # name -> maker(out_dir, seed). Names are referenced by shared/models.yaml.
 TINY_MAKERS: dict[str, Callable[[Path, int], Path]] = {

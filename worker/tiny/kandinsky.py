@@ -28,7 +28,7 @@ from diffusers import (
 )
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from worker.tiny.clip import offline_clip_tokenizer, tiny_clip_text_model
+from easel.worker.tiny.clip import offline_clip_tokenizer, tiny_clip_text_model
 
 EMBED_DIM = 32
 CLIP_IMAGE_SIZE = 32

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from worker.tiny.clip import offline_clip_tokenizer, tiny_clip_text_model
+from easel.worker.tiny.clip import offline_clip_tokenizer, tiny_clip_text_model
 
 
 def tiny_sd_vae() -> AutoencoderKL:

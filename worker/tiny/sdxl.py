@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
-from worker.tiny.clip import offline_clip_tokenizer, tiny_clip_text_model
+from easel.worker.tiny.clip import offline_clip_tokenizer, tiny_clip_text_model
 
 SDXL_SCALING_FACTOR = 0.13025
 

@@ -26,8 +26,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from worker.tiny.clip import offline_clip_tokenizer, tiny_clip_text_model
-from worker.tiny.sd import tiny_sd_vae
+from easel.worker.tiny.clip import offline_clip_tokenizer, tiny_clip_text_model
+from easel.worker.tiny.sd import tiny_sd_vae
 
 X4_SCALING_FACTOR = 0.08333
 
