@@ -207,6 +207,8 @@ class JobStatus(EaselModel):
 
 
 class StageRecord(EaselModel):
+    model_config = ConfigDict(protected_namespaces=())  # model_source is a field, not pydantic's
+
     index: int
     task: Task
     model: str

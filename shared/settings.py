@@ -30,7 +30,7 @@ class ApiKey(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EASEL_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="EASEL_", extra="ignore", protected_namespaces=())
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     # TLS for rediss:// URLs (broker and job records). Verified against the system CAs unless

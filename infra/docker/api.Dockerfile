@@ -2,18 +2,15 @@
 # Build from the repository root:  docker build -f infra/docker/api.Dockerfile -t easel-api .
 FROM python:3.12-slim
 
-ARG TORCH_VERSION=2.7.1
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# The package depends on torch (shared with the worker); take the small CPU build.
-RUN pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
-
+# The base install plus the api extra: no torch, no pipelines.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY worker ./worker
 COPY producer ./producer
-RUN pip install . && rm -rf /src
+RUN pip install ".[api]" && rm -rf /src
 
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin easel
 USER 10001:10001

@@ -1,12 +1,12 @@
 # easel GPU worker: one `easel worker` launcher, one process per GPU it is given.
 # Build from the repository root:  docker build -f infra/docker/worker.Dockerfile -t easel-worker .
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+ARG CUDA_IMAGE=nvidia/cuda:13.1.1-cudnn-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
 # torch first, from the CUDA index matching the base image; a range in pyproject.toml that
 # this version satisfies then installs nothing more.
-ARG TORCH_VERSION=2.7.1
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -29,7 +29,7 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY worker ./worker
 COPY producer ./producer
-RUN pip install . && rm -rf /src
+RUN pip install ".[worker]" && rm -rf /src
 
 # Non-root; the model cache is a volume so weights are downloaded once per node, not per start.
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin easel \
