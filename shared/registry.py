@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from easel.shared.schema import Task
 
-PipelineKind = Literal["sd", "sdxl-refiner", "kandinsky22", "sd-latent-upscaler", "sd-x4-upscaler"]
+# ``sim`` is a simulated GPU for benchmarks and scale tests: it sleeps ``sim_step_s`` per step.
+PipelineKind = Literal["sd", "sdxl-refiner", "kandinsky22", "sd-latent-upscaler", "sd-x4-upscaler", "sim"]
 
 # What each pipeline kind can do, and which tasks take latents in (the rest take images).
 KIND_TASKS: dict[str, set[str]] = {
@@ -22,6 +23,7 @@ KIND_TASKS: dict[str, set[str]] = {
     "kandinsky22": {"img2img"},
     "sd-latent-upscaler": {"latent_upscale"},
     "sd-x4-upscaler": {"upscale"},
+    "sim": {"text2img", "img2img"},
 }
 # (kind, task) pairs whose pipeline accepts a latent tensor as ``image=`` without VAE encode.
 LATENT_IN: set[tuple[str, str]] = {
@@ -68,6 +70,7 @@ class ModelSpec(BaseModel):
     controlnets: dict[str, str] = Field(default_factory=dict, description="name -> source of ControlNets for this model")
     prior: str | None = Field(default=None, description="Kandinsky prior source")
     optimizations: Optimizations = Field(default_factory=Optimizations)
+    sim_step_s: float = Field(default=0.05, ge=0, description="kind sim only: seconds each step sleeps")
     timeout_per_mpx_step_s: float | None = Field(default=None, ge=0, description=(
         "this model's stage time allowance per step and SD-equivalent megapixel; "
         "EASEL_STAGE_TIMEOUT_PER_MPX_STEP_S if unset"))

@@ -18,14 +18,14 @@ if TYPE_CHECKING:
 
 
 def batch_key(ctx: WorkerContext, job: "Job") -> tuple | None:
-    """None when the job must run alone (chains, ControlNet, Compel, non-SD kinds)."""
+    """None when the job must run alone (chains, ControlNet, Compel, kinds other than sd and sim)."""
     spec, plan = job.spec, job.plan
     if job.delivery.segment != 0 or len(plan.segments) != 1 or len(spec.stages) != 1:
         return None
     st = spec.stages[0]
     if st.task not in ("img2img", "text2img") or st.prompt_syntax != "plain" or st.control_image:
         return None
-    if ctx.registry.get(st.model).kind != "sd":
+    if ctx.registry.get(st.model).kind not in ("sd", "sim"):
         return None
     return (st.model, st.task, st.steps, st.strength, st.guidance_scale, st.width, st.height, spec.num_images,
             spec.input.image is not None)

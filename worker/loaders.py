@@ -63,12 +63,15 @@ def load_x4_upscaler(spec: ModelSpec, source: str, kw: dict, settings: Settings)
     return {"upscale": StableDiffusionUpscalePipeline.from_pretrained(source, **kw)}, {}
 
 
+from easel.worker.sim import load_sim  # noqa: E402  (PIL only: no diffusers import)
+
 LOADERS = {
     "sd": load_sd,
     "sdxl-refiner": load_sdxl_refiner,
     "kandinsky22": load_kandinsky22,
     "sd-latent-upscaler": load_latent_upscaler,
     "sd-x4-upscaler": load_x4_upscaler,
+    "sim": load_sim,
 }
 
 

@@ -141,12 +141,23 @@ def build_x4_upscaler(model: LoadedModel, stages: list[Stage], carrier: Carrier,
     return model.pipes["upscale"], kw
 
 
+def build_sim(model: LoadedModel, stages: list[Stage], carrier: Carrier, n: int, control):
+    stage = stages[0]
+    kw: dict = {"prompt": [st.prompt for st in stages for _ in range(n)]}
+    if stage.task == "text2img":
+        kw.update(width=stage.width, height=stage.height)
+    else:
+        kw.update(image=_images(carrier, stage), strength=stage.strength)
+    return model.pipes[stage.task], kw
+
+
 BUILDERS = {
     "sd": build_sd,
     "sdxl-refiner": build_sdxl_refiner,
     "kandinsky22": build_kandinsky22,
     "sd-latent-upscaler": build_latent_upscaler,
     "sd-x4-upscaler": build_x4_upscaler,
+    "sim": build_sim,
 }
 
 
