@@ -25,7 +25,7 @@ BENCHMARKS = {
 }
 # not part of the default run
 EXTRA = {"profile": "bench.profile", "load": "bench.load", "gpu": "bench.gpu", "callpath": "bench.callpath",
-         "threads": "bench.cpu_threads", "worker_env": "bench.worker_env"}
+         "threads": "bench.cpu_threads", "worker_env": "bench.worker_env", "farm": "bench.farm"}
 
 
 def main(argv: list[str] | None = None) -> int:

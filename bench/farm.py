@@ -1,0 +1,228 @@
+"""The control plane at farm scale: what one job costs Redis and S3, and how fast it dispatches.
+
+N sim worker processes (registry kind ``sim``: the pipeline sleeps per step, everything
+else is the real path) serve one family. Jobs arrive at a rising rate, one ``submit`` each
+(one input uploaded once, as a bulk pipeline does). For each rate step it records the Redis
+commands (``INFO commandstats``), valkey's CPU (``INFO cpu``), the S3 requests (counted at a
+TCP proxy in front of SeaweedFS) and each job's dispatch latency: from ``created_at`` to
+``started_at``, the claim of its first delivery.
+
+Headlines:
+- ``farm_redis_cmds_per_job``: commands per job above the idle rate, at the lowest rate step;
+- ``farm_redis_cpu_us_per_job``: marginal valkey CPU per job, the slope of CPU rate against
+  job rate over the steps below the knee, so idle polling is not counted as per-job cost;
+- ``farm_s3_requests_per_job``;
+- ``farm_dispatch_p50_ms`` / ``farm_dispatch_p99_ms``: at the lowest rate, idle workers waiting;
+- ``farm_max_jobs_per_s``: the knee, the highest job rate whose dispatch p99 stays within
+  twice the lowest rate's (the machine's CPU, not Redis, sets it on a 2-core VM);
+- ``farm_idle_redis_cpu_pct_per_worker``: valkey CPU per idle worker process, in % of a core.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from bench.common import BenchEnv, EventWatcher, bench_image, headline, log, pct, png_bytes
+
+REQUEST_LINE = re.compile(rb"(?:GET|PUT|POST|HEAD|DELETE) /\S* HTTP/1\.[01]\r\n")
+
+
+class CountingProxy:
+    """A TCP proxy that counts HTTP request lines going to the server. On a keep-alive connection
+    a request follows the previous body directly, so lines are matched anywhere in the stream."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.requests = 0
+        self._lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        tail = b""
+        try:
+            while data := src.recv(65536):
+                if count:
+                    seen = tail + data
+                    n = len(REQUEST_LINE.findall(seen)) - len(REQUEST_LINE.findall(tail))
+                    tail = seen[-256:]
+                    with self._lock:
+                        self.requests += n
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Reading:
+    """Redis and S3 counters at one moment."""
+
+    t: float
+    cmds: dict[str, int]
+    cpu_s: float
+    s3: int
+
+    @classmethod
+    def take(cls, r, proxy: CountingProxy) -> "Reading":
+        stats = r.info("commandstats")
+        cpu = r.info("cpu")
+        return cls(time.perf_counter(), {k[len("cmdstat_"):]: v["calls"] for k, v in stats.items()},
+                   cpu["used_cpu_sys"] + cpu["used_cpu_user"], proxy.requests)
+
+    def since(self, a: "Reading") -> dict:
+        cmds = {k: v - a.cmds.get(k, 0) for k, v in self.cmds.items() if v - a.cmds.get(k, 0)}
+        return {"s": self.t - a.t, "cmds": cmds, "cmd_total": sum(cmds.values()), "cpu_s": self.cpu_s - a.cpu_s,
+                "s3": self.s3 - a.s3}
+
+
+def farm_registry(env: BenchEnv, step_s: float) -> str:
+    path = env.tmp / "farm-models.yaml"
+    path.write_text(yaml.safe_dump({"models": {"sim": {
+        "source": "sim", "family": "sim", "latent_space": "none", "kind": "sim", "sim_step_s": step_s}}}))
+    return str(path)
+
+
+def run_step(env, client, r, proxy, ref: str, rate: float, seconds: float, steps: int, seed0: int) -> dict:
+    """Jobs at ``rate`` per second for ``seconds``; returns the step's counters and latencies."""
+    n = max(5, int(rate * seconds))
+    watcher = EventWatcher(env.redis_url)
+    before = Reading.take(r, proxy)
+    ids, t0 = [], time.perf_counter()
+    for i in range(n):
+        time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+        ids.append(client.submit({"input": {"image": ref}, "stages": [
+            {"model": "sim", "prompt": "farm", "steps": steps, "strength": 1.0, "seed": seed0 + i}]}))
+    done = watcher.wait(ids, timeout=600)
+    watcher.close()
+    after = Reading.take(r, proxy)
+    window = after.since(before)
+    pipe = r.pipeline(transaction=False)
+    for j in ids:
+        pipe.hmget(f"easel:job:{j}", "created_at", "started_at")
+    dispatch = [(float(s) - float(c)) * 1000 for c, s in pipe.execute()]
+    return {"rate": rate, "jobs": n, "failed": sum(st != "succeeded" for _, st in done.values()),
+            "throughput": n / window["s"], "window": window, "dispatch_p50_ms": pct(dispatch, 50),
+            "dispatch_p99_ms": pct(dispatch, 99)}
+
+
+def knee(steps: list[dict]) -> dict:
+    base = steps[0]["dispatch_p99_ms"]
+    ok = [s for s in steps if s["dispatch_p99_ms"] <= 2 * max(base, 1.0) and not s["failed"]]
+    return ok[-1] if ok else steps[0]
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x."""
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    den = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / den if den else float("nan")
+
+
+def summarize(idle: dict, workers: int, steps: list[dict]) -> dict:
+    idle_cmd_rate, idle_cpu_rate = idle["cmd_total"] / idle["s"], idle["cpu_s"] / idle["s"]
+    low, top = steps[0], knee(steps)
+    w = low["window"]
+    below = [s for s in steps if s["rate"] <= top["rate"]]
+    cpu_points = [(s["throughput"], s["window"]["cpu_s"] / s["window"]["s"]) for s in below]
+    return {
+        "farm_workers": workers,
+        "farm_redis_cmds_per_job": round((w["cmd_total"] - idle_cmd_rate * w["s"]) / low["jobs"], 1),
+        "farm_redis_cpu_us_per_job": round(slope([(0.0, idle_cpu_rate), *cpu_points]) * 1e6),
+        "farm_s3_requests_per_job": round(w["s3"] / low["jobs"], 2),
+        "farm_dispatch_p50_ms": round(low["dispatch_p50_ms"], 1),
+        "farm_dispatch_p99_ms": round(low["dispatch_p99_ms"], 1),
+        "farm_max_jobs_per_s": round(top["throughput"], 1),
+        "farm_idle_redis_cpu_pct_per_worker": round(100 * idle_cpu_rate / workers, 3),
+    }
+
+
+def per_job_commands(idle: dict, step: dict) -> dict[str, float]:
+    w = step["window"]
+    out = {k: (v - idle["cmds"].get(k, 0) / idle["s"] * w["s"]) / step["jobs"] for k, v in w["cmds"].items()}
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+
+def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: int, step_s: float,
+        idle_s: float) -> dict:
+    import redis
+
+    r = redis.Redis.from_url(env.redis_url)
+    proxy = CountingProxy(int(env.service_env["EASEL_S3_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    models = farm_registry(env, step_s)
+    extra = {"EASEL_MODELS": models, "EASEL_S3_ENDPOINT_URL": proxy.url}
+    procs = [env.worker("sim", hostname=f"farm-{k}@bench", extra_env=extra) for k in range(workers)]
+    try:
+        from easel.producer.client import EaselClient
+
+        client = EaselClient(env.settings(models=models, s3_endpoint_url=proxy.url))
+        ref = client.storage.put_input(png_bytes(bench_image(64)), "png")
+        time.sleep(3)  # past the workers' start-up writes
+        a = Reading.take(r, proxy)
+        time.sleep(idle_s)
+        idle = Reading.take(r, proxy).since(a)
+        log(f"idle: {idle['cmd_total'] / idle['s']:.0f} cmds/s, valkey {100 * idle['cpu_s'] / idle['s']:.2f}% "
+            f"of a core for {workers} idle workers")
+        results = []
+        for k, rate in enumerate(rates):
+            res = run_step(env, client, r, proxy, ref, rate, seconds, steps, seed0=k * 100_000)
+            log(f"rate {rate:>5}/s: {res['throughput']:.1f} jobs/s done, dispatch p50 {res['dispatch_p50_ms']:.0f} "
+                f"ms p99 {res['dispatch_p99_ms']:.0f} ms, {res['window']['cmd_total'] / res['jobs']:.1f} cmds/job "
+                f"raw, {res['window']['s3'] / res['jobs']:.2f} S3 req/job, failed {res['failed']}")
+            results.append(res)
+    finally:
+        for p in procs:
+            p.stop()
+        proxy.close()
+    out = summarize(idle, workers, results)
+    for k, v in out.items():
+        headline(k, v)
+    return {"headline": out, "details": {"idle": idle, "steps": results,
+                                         "per_job_commands": per_job_commands(idle, results[0])}}
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--rates", default="2,5,10,20,40,60,90", help="job arrival rates (per second), rising")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each rate step")
+    ap.add_argument("--steps", type=int, default=4, help="sim steps per job")
+    ap.add_argument("--step-ms", type=float, default=5.0, help="sim sleep per step (short: the knee is the control plane)")
+    ap.add_argument("--idle-s", type=float, default=10.0, help="idle window measured before the jobs")
+
+
+NEEDS_MODELS = False
+
+
+def main(env: BenchEnv, args) -> dict:
+    rates = [float(x) for x in args.rates.split(",")]
+    return run(env, args.workers, rates, args.seconds, args.steps, args.step_ms / 1000, args.idle_s)
