@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from easel.producer.extras import require
 from easel.shared.logs import quiet_libraries
 
 quiet_libraries()
@@ -37,9 +38,25 @@ def demo(out: Path = typer.Option(Path("easel-out"), help="Where results are wri
          steps: int = typer.Option(10, help="Denoising steps per stage."),
          size: int = typer.Option(256, help="Input image side in pixels.")) -> None:
     """Run the main job on embedded defaults: servers, tiny checkpoints, a worker, jobs, results."""
+    require("demo", "worker", "dev")
     from easel.producer.demo import run_demo
 
     sys.exit(run_demo(out, steps=steps, size=size, console=console))
+
+
+@app.command()
+def dev(data: Path = typer.Option(Path(".easel/dev"), "--data", help="Folder the servers keep their data in, across runs."),
+        redis_port: int = typer.Option(6390, help="valkey (Redis) port."),
+        s3_port: int = typer.Option(8390, help="S3 port; SeaweedFS also takes the next three and each of the four + 10000."),
+        env_file: Optional[Path] = typer.Option(None, help="Write the export lines here (default DATA/env); "
+                                                "removed on stop."),
+        bucket: str = typer.Option("easel", help="Bucket to create and export as EASEL_S3_BUCKET.")) -> None:
+    """Keep an embedded valkey and SeaweedFS running for a dev loop (Ctrl-C stops them); prints the
+    environment for `easel worker`, `easel submit` and `easel api` in other shells."""
+    require("dev", "dev")
+    from easel.producer.dev import run_dev
+
+    sys.exit(run_dev(data, redis_port=redis_port, s3_port=s3_port, env_file=env_file, bucket=bucket, console=console))
 
 
 @app.command()
@@ -47,6 +64,7 @@ def worker(family: str = typer.Option(..., help="Model family (queue) this pool 
            gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids; one process each. Default: all, or CPU."),
            no_restart: bool = typer.Option(False, help="Do not restart a worker process that dies.")) -> None:
     """Start one Celery worker process per GPU for a family."""
+    require("worker", "worker")
     from easel.shared.registry import load_registry
     from easel.shared.settings import get_settings
     from easel.worker.launcher import run_workers
@@ -170,6 +188,7 @@ def queues() -> None:
 def make_tiny(out: Path = typer.Argument(..., help="Folder to write checkpoints into."),
               name: list[str] = typer.Option(None, "--name", help="Only these (default: all).")) -> None:
     """Write tiny random-weight diffusers checkpoints (safetensors) for tests, demo and benchmarks."""
+    require("models make-tiny", "worker")
     from easel.worker.tiny import make_tiny_checkpoints
 
     for n, p in make_tiny_checkpoints(out, name or None).items():

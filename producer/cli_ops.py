@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from easel.producer.extras import require
+
 
 def register(app: typer.Typer) -> None:
     """Attach the operations commands to ``app``."""
@@ -17,6 +19,7 @@ def register(app: typer.Typer) -> None:
             webhooks: bool = typer.Option(True, help="Run the webhook dispatcher in this process."),
             log_level: str = typer.Option("info")) -> None:
         """Serve the HTTP API (OpenAPI at /docs and /openapi.json, metrics at /metrics)."""
+        require("api", "api")
         import os
 
         import uvicorn

@@ -69,6 +69,10 @@ def test_base_install_submits_and_follows_a_job_without_torch(wheel, easel_env, 
     r = run("fetch", job_id, "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / job_id / "output" / "0.png").stat().st_size > 0
+    # Commands of other install profiles name the extra to install instead of a traceback.
+    for args, extra in ((["worker", "--family", "sd15"], "worker"), (["api"], "api"), (["dev"], "dev")):
+        r = run(*args)
+        assert r.returncode == 2 and f'pip install "easel[{extra}]"' in r.stderr, (args, r.stderr)
     # The Python client from the same venv reads the result the CLI followed.
     r = subprocess.run([str(py), "-c", "import sys; from easel.producer.client import EaselClient; "
                         "print(EaselClient().status(sys.argv[1]).state.value)", job_id],
