@@ -11,7 +11,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from pydantic import ValidationError
 
@@ -20,7 +20,7 @@ from easel.shared.images import InputError, check_public_url, decode_image, imag
 from easel.shared.jobstore import JobStore
 from easel.shared.plan import PlanError, plan_job
 from easel.shared.registry import Registry, load_registry
-from easel.shared.schema import JobSpec, JobState, JobStatus, Manifest, Plan, Stage
+from easel.shared.schema import JobSpec, JobState, JobStatus, Manifest, Plan, Progress, Stage
 from easel.shared.settings import Settings, get_settings
 from easel.shared.storage import Storage
 
@@ -131,7 +131,7 @@ class EaselClient:
         """Send the first segment's message; a job that cannot be enqueued ends failed, not stuck."""
         queue = plan.segments[0].queue
         try:
-            self.store.mark_queued(job_id, queue, spec.priority)
+            self.store.mark_queued(job_id, queue, spec.priority, new=True)
             send_segment(self.celery, job_id, 0, queue, spec.priority)
         except Exception as e:
             self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}")
@@ -179,7 +179,8 @@ class EaselClient:
         if not new:
             return ids
         try:
-            self.store.mark_queued_many([(job_id, plan.segments[0].queue, spec.priority) for job_id, spec, plan in new])
+            self.store.mark_queued_many([(job_id, plan.segments[0].queue, spec.priority) for job_id, spec, plan in new],
+                                        new=True)
             # retry=False: inside a batch a publish only buffers (nothing to retry); the flush
             # at the end of the block is one pipeline, which kombu never replays. (A kombu
             # without Producer.batch publishes one LPUSH per message instead.)
@@ -215,18 +216,54 @@ class EaselClient:
     def status(self, job_id: str) -> JobStatus:
         return self.store.status(job_id)
 
-    def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.1,
-             on_update: Callable[[JobStatus], None] | None = None) -> JobStatus:
+    def watch(self, job_ids: list[str], timeout: float | None = None, resync_s: float = 5.0) -> Iterator[JobStatus]:
+        """Each job's status as it changes, until every job has ended; raises TimeoutError after
+        ``timeout`` seconds.
+
+        Follows the jobs' event channels instead of polling: a progress event updates the last
+        status in memory, a state event re-reads the job's record. Every ``resync_s`` the jobs
+        still going are re-read, so an event missed across a reconnect only delays an update."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            st = self.status(job_id)
+        channels = {self.store.events_channel(j): j for j in job_ids}
+        pubsub = self.store.r.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(*channels)  # before the first read: no change can fall in between
+        try:
+            last = {j: self.store.status(j, position=False) for j in job_ids}
+            yield from last.values()
+            synced = time.monotonic()
+            while any(not st.state.terminal for st in last.values()):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    going = [j for j, st in last.items() if not st.state.terminal]
+                    raise TimeoutError(f"job {going[0]} still {last[going[0]].state.value} after {timeout}s")
+                msg = pubsub.get_message(timeout=min(resync_s, left if left is not None else resync_s))
+                if msg is not None and msg["type"] == "message":
+                    job_id = channels[msg["channel"]]
+                    if not last[job_id].state.terminal:
+                        last[job_id] = self._apply_event(job_id, last[job_id], msg["data"])
+                        yield last[job_id]
+                if time.monotonic() - synced >= resync_s:
+                    synced = time.monotonic()
+                    for job_id in [j for j, st in last.items() if not st.state.terminal]:
+                        last[job_id] = self.store.status(job_id, position=False)
+                        yield last[job_id]
+        finally:
+            pubsub.close()
+
+    def _apply_event(self, job_id: str, status: JobStatus, data: str) -> JobStatus:
+        event = json.loads(data)
+        if "state" in event:
+            return self.store.status(job_id, position=False)
+        progress = Progress(**{k: event[k] for k in ("stage", "step", "total_steps") if k in event})
+        return status.model_copy(update={"progress": progress})
+
+    def wait(self, job_id: str, timeout: float | None = None,
+             on_update: Callable[[JobStatus], None] | None = None) -> JobStatus:
+        """Follow one job until it ends (``watch``); returns its final status."""
+        for status in self.watch([job_id], timeout):
             if on_update:
-                on_update(st)
-            if st.state.terminal:
-                return st
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {st.state.value} after {timeout}s")
-            time.sleep(poll_s)
+                on_update(status)
+        return status
 
     def result(self, job_id: str) -> Manifest:
         st = self.status(job_id)

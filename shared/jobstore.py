@@ -26,7 +26,8 @@ Beside the hashes, for recovery by liveness: ``<prefix>:instances``, a sorted se
 worker instances scored by when their heartbeat expires (Redis's own clock), and
 ``<prefix>:running:<instance>``, the set of ``<job id>:<segment>`` deliveries an instance
 holds, from its claim until the delivery ends (hand-off or final state written, an
-overlapped finish included).
+overlapped finish included). For metrics, ``<prefix>:finished`` counts the jobs that
+ended, by final state.
 
 State changes go through Lua scripts, so a terminal state is never overwritten by a late
 or duplicate delivery and each change is one round trip.
@@ -59,33 +60,42 @@ local function alive(instances, id)
 end
 """
 
-# KEYS: job hash, events channel. ARGV: event JSON, running-set prefix, job id, segment
-# whose delivery ends ('' = none), instance, new state ('' = none), then field/value pairs.
+# KEYS: job hash, events channel, finished-jobs counts. ARGV: event JSON, running-set prefix,
+# job id, segment whose delivery ends ('' = none), instance, new state ('' = none), then
+# field/value pairs. A job that ends is counted by its final state, so metrics read the
+# counts instead of walking every job.
 # Ending a delivery drops it from the instance's running set and, while the instance still
 # holds the job, clears the holder and the segment's crash counter; while another instance
 # holds it, the delivery has been taken over and its state change is refused. A ``segment``
 # field never moves the job back (a late hand-off after the next segment has run).
 # Publishing from the script means no event is published for a change that did not happen.
 _TRANSITION = f"""
-local cur = redis.call('HGET', KEYS[1], 'state')
+local h = redis.call('HMGET', KEYS[1], 'state', 'instance', 'segment')
+local cur = h[1]
 if not cur then return -1 end
+local writes = {{}}
 if ARGV[4] ~= '' then
   redis.call('SREM', ARGV[2] .. ARGV[5], ARGV[3] .. ':' .. ARGV[4])
-  local holder = redis.call('HGET', KEYS[1], 'instance')
-  if holder == ARGV[5] then
+  if h[2] == ARGV[5] then
     redis.call('HDEL', KEYS[1], 'instance')
-    redis.call('HSET', KEYS[1], 'inflight:' .. ARGV[4], 0)
-  elseif holder then
+    writes = {{'inflight:' .. ARGV[4], '0'}}
+  elseif h[2] then
     return 0
   end
 end
-if {_TERMINAL} then return 0 end
-if ARGV[6] == '' then return 1 end
-local seg = redis.call('HGET', KEYS[1], 'segment')
-for i = 7, #ARGV, 2 do
-  if ARGV[i] == 'segment' and seg and tonumber(ARGV[i+1]) < tonumber(seg) then return 0 end
+local function commit(reply)
+  if #writes > 0 then redis.call('HSET', KEYS[1], unpack(writes)) end
+  return reply
 end
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+if {_TERMINAL} then return commit(0) end
+if ARGV[6] == '' then return commit(1) end
+for i = 7, #ARGV, 2 do
+  if ARGV[i] == 'segment' and h[3] and tonumber(ARGV[i+1]) < tonumber(h[3]) then return commit(0) end
+end
+for i = 7, #ARGV do table.insert(writes, ARGV[i]) end
+commit(1)
+local new = ARGV[6]
+if new == 'succeeded' or new == 'failed' or new == 'cancelled' then redis.call('HINCRBY', KEYS[3], new, 1) end
 redis.call('PUBLISH', KEYS[2], ARGV[1])
 return 1
 """
@@ -103,7 +113,7 @@ return 1
 # (Key names built from ARGV assume one Redis, not a cluster; easel's broker is one Redis.)
 _CLAIM = _CLOCK + f"""
 local h = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'queue', 'spec', 'plan', 'stage', 'created_at',
-                     'started_at', 'segment', 'instance')
+                     'started_at', 'segment', 'instance', 'attempts')
 local cur = h[1]
 if not cur then return {{'unknown'}} end
 if h[3] then redis.call('ZREM', ARGV[1] .. h[3], ARGV[2]) end
@@ -117,12 +127,11 @@ end
 if h[2] == '1' then return {{'cancel'}} end
 local crashed = redis.call('HINCRBY', KEYS[1], 'inflight:' .. ARGV[3], 1) - 1
 if crashed >= tonumber(ARGV[6]) then return {{'poison', tostring(crashed), h[6] or '0'}} end
-local started = h[8]
-if not started then started = ARGV[5]; redis.call('HSET', KEYS[1], 'started_at', started) end
-local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local started = h[8] or ARGV[5]
+local n = tonumber(h[11] or '0') + 1
 local attempt = cjson.encode({{segment = seg, worker = ARGV[4], instance = ARGV[8], started_at = tonumber(ARGV[5])}})
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[4], 'instance', ARGV[8], 'segment', ARGV[3],
-           'updated_at', ARGV[5], 'attempt:' .. n, attempt)
+           'updated_at', ARGV[5], 'started_at', started, 'attempts', n, 'attempt:' .. n, attempt)
 redis.call('SADD', ARGV[9] .. ARGV[8], ARGV[2] .. ':' .. ARGV[3])
 redis.call('PUBLISH', KEYS[2], ARGV[7])
 return {{'run', h[4], h[5], h[7], started}}
@@ -236,6 +245,11 @@ def redis_client(url: str, **kw) -> redis.Redis:
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError], **kw)
 
 
+def _text(v: bytes | str) -> str:
+    """A reply as text, from a client with or without ``decode_responses``."""
+    return v.decode() if isinstance(v, bytes) else v
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
@@ -271,7 +285,7 @@ class JobStore:
         """A queued job's hash. Counters and progress start absent (read as 0), which keeps
         bulk submission's writes small."""
         return {"spec": spec.model_dump_json(), "plan": plan.model_dump_json(), "state": JobState.queued.value,
-                "created_at": now, "updated_at": now}
+                "queue": plan.segments[0].queue, "created_at": now, "updated_at": now}
 
     def _idem_key(self, spec: JobSpec) -> str:
         return f"{self.prefix}:idem:{spec.idempotency_key}"
@@ -337,7 +351,9 @@ class JobStore:
             raise KeyError(f"no job {job_id}")
         return JobSpec.model_validate_json(spec), Plan.model_validate_json(plan)
 
-    def status(self, job_id: str) -> JobStatus:
+    def status(self, job_id: str, position: bool = True) -> JobStatus:
+        """The job's status; ``position``: also its place in the queue while it waits (two
+        more reads, so followers that do not show it leave it out)."""
         h = self.r.hgetall(self.key(job_id))
         if not h:
             raise KeyError(f"no job {job_id}")
@@ -350,7 +366,7 @@ class JobStore:
             error=h.get("error") or None, outputs=json.loads(h.get("outputs") or "[]"),
             manifest=h.get("manifest") or None, attempts=int(h.get("attempts", 0)), note=h.get("note") or None,
             worker=h.get("worker") or None,
-            queue_position=None if JobState(h["state"]).terminal else self.queue_position(job_id),
+            queue_position=self.queue_position(job_id) if position and not JobState(h["state"]).terminal else None,
         )
 
     def _event(self, state: JobState, fields: dict) -> str:
@@ -378,37 +394,58 @@ class JobStore:
         """Move a non-terminal job to ``state`` with extra fields; False if it was already terminal.
         ``end=(segment, instance)`` also ends that instance's delivery of the segment. One
         round trip: the event is published by the same script, only if the change happened."""
-        return self._transition(keys=[self.key(job_id), self.events_channel(job_id)],
+        return self._transition(keys=self._transition_keys(job_id),
                                 args=self._transition_args(job_id, state, fields, end)) == 1
+
+    def _transition_keys(self, job_id: str) -> list[str]:
+        return [self.key(job_id), self.events_channel(job_id), self.finished_key()]
+
+    def finished_key(self) -> str:
+        return f"{self.prefix}:finished"
 
     def transition_many(self, changes: list[tuple[str, JobState, dict]], *,
                         end: tuple[int, str] | None = None) -> list[bool]:
         """``transition`` for (job_id, state, fields) changes in one pipeline (a micro-batch's
         final states): each change is its own script run, so each stays all-or-nothing."""
-        pipe = self.r.pipeline(transaction=False)
-        for job_id, state, fields in changes:
-            self._transition(keys=[self.key(job_id), self.events_channel(job_id)],
-                             args=self._transition_args(job_id, state, fields, end), client=pipe)
-        return [res == 1 for res in pipe.execute()]
+        calls = [(self._transition_keys(job_id), self._transition_args(job_id, state, fields, end))
+                 for job_id, state, fields in changes]
+        return [res == 1 for res in self._run_script(self._transition, calls, raise_on_error=True)]
+
+    def _run_script(self, script, calls: list[tuple[list, list]], raise_on_error: bool) -> list:
+        """One run of ``script`` per (keys, args), in one pipeline of EVALSHA alone: redis-py's
+        own pipelines send SCRIPT EXISTS before every script call. The script is loaded only
+        when Redis has lost it (a restart), and then the runs are sent again: none of them ran."""
+        for _ in range(2):
+            pipe = self.r.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies = pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                break
+            self.r.script_load(script.script)
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if raise_on_error and errors:
+            raise errors[0]
+        return replies
 
     def end_delivery(self, job_id: str, segment: int, instance: str) -> None:
         """The delivery ended without a state change of its own (a retry, a failed state write)."""
         self.transition(job_id, None, end=(segment, instance))
 
-    def _claim_args(self, job_id: str, segment: int, worker: str, instance: str, max_crash_deliveries: int) -> dict:
+    def _claim_args(self, job_id: str, segment: int, worker: str, instance: str,
+                    max_crash_deliveries: int) -> tuple[list, list]:
         now = time.time()
         event = self._event(JobState.running, {"updated_at": now, "worker": worker, "segment": segment})
-        return {"keys": [self.key(job_id), self.events_channel(job_id), self.instances_key()],
-                "args": [f"{self.prefix}:queued:", job_id, segment, worker, now, max_crash_deliveries, event,
-                         instance, self._running_prefix()]}
+        return ([self.key(job_id), self.events_channel(job_id), self.instances_key()],
+                [f"{self.prefix}:queued:", job_id, segment, worker, now, max_crash_deliveries, event,
+                 instance, self._running_prefix()])
 
     def claim_many(self, deliveries: list[tuple[str, int]], worker: str, instance: str,
                    max_crash_deliveries: int) -> list[Claim]:
         """``claim`` for (job_id, segment) deliveries in one pipeline (a micro-batch's members)."""
-        pipe = self.r.pipeline(transaction=False)
-        for job_id, segment in deliveries:
-            self._claim(**self._claim_args(job_id, segment, worker, instance, max_crash_deliveries), client=pipe)
-        return [self._parse_claim(res) for res in pipe.execute(raise_on_error=False)]
+        calls = [self._claim_args(job_id, segment, worker, instance, max_crash_deliveries)
+                 for job_id, segment in deliveries]
+        return [self._parse_claim(res) for res in self._run_script(self._claim, calls, raise_on_error=False)]
 
     @staticmethod
     def _parse_claim(res: list | Exception) -> Claim:
@@ -470,19 +507,21 @@ class JobStore:
     def _queued_key(self, queue: str) -> str:
         return f"{self.prefix}:queued:{queue}"
 
-    def mark_queued(self, job_id: str, queue: str, priority: int) -> None:
+    def mark_queued(self, job_id: str, queue: str, priority: int, *, new: bool = False) -> None:
         """Record that a job waits in ``queue`` (priority 0 first, then submission order)."""
-        self.mark_queued_many([(job_id, queue, priority)])
+        self.mark_queued_many([(job_id, queue, priority)], new=new)
 
-    def mark_queued_many(self, entries: list[tuple[str, str, int]]) -> None:
+    def mark_queued_many(self, entries: list[tuple[str, str, int]], *, new: bool = False) -> None:
         """``mark_queued`` for (job_id, queue, priority) entries in two round trips: one
         INCRBY reserves the sequence numbers the per-job INCRs would have drawn, one
-        pipeline writes the entries (same scores, so the same order)."""
+        pipeline writes the entries (same scores, so the same order). ``new``: the jobs were
+        just created, and their records already name their first queue."""
         last = int(self.r.incrby(f"{self.prefix}:seq", len(entries)))
         pipe = self.r.pipeline(transaction=False)
         for seq, (job_id, queue, priority) in enumerate(entries, start=last - len(entries) + 1):
             pipe.zadd(self._queued_key(queue), {job_id: priority * 1e13 + seq})
-            pipe.hset(self.key(job_id), "queue", queue)
+            if not new:
+                pipe.hset(self.key(job_id), "queue", queue)
         pipe.execute()
 
     def unmark_queued(self, job_id: str) -> None:
@@ -557,6 +596,24 @@ class JobStore:
         pipe.zadd(self.instances_key(), {instance: 0})
         pipe.delete(self.presence_key(hostname))
         pipe.execute()
+
+    def state_counts(self, queues: list[str]) -> dict[str, int]:
+        """Jobs waiting in ``queues`` (queued, or between stages), running (held by a worker
+        process), and ended since the counts began (by final state): O(queues + instances),
+        whatever the number of jobs."""
+        instances = [_text(i) for i in self.r.zrange(self.instances_key(), 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zcard(self._queued_key(queue))
+        for instance in instances:
+            pipe.scard(self._running_prefix() + instance)
+        pipe.hgetall(self.finished_key())
+        replies = pipe.execute()
+        finished = {_text(k): int(v) for k, v in replies.pop().items()}
+        counts = {JobState.queued.value: sum(replies[:len(queues)]), JobState.running.value: sum(replies[len(queues):])}
+        for state in (JobState.succeeded, JobState.failed, JobState.cancelled):
+            counts[state.value] = finished.get(state.value, 0)
+        return counts
 
     def presences(self) -> list[dict]:
         """The presence records of live worker processes (what each one serves)."""

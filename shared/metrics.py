@@ -12,7 +12,7 @@ import time
 from typing import Iterable
 
 import redis
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from easel.shared.celery_app import queue_name, unacked_keys
@@ -43,38 +43,6 @@ def queue_depths(r: redis.Redis, families: Iterable[str], prefix: str = "easel")
     return out
 
 
-def job_state_counts(r: redis.Redis, prefix: str = "easel", max_jobs: int = 200_000) -> tuple[dict[str, int], bool]:
-    """Jobs by state over the job records still in Redis (they expire after job_ttl_s).
-
-    Returns (counts, truncated). SCAN + pipelined HGET: O(jobs) per call, so callers cache.
-    """
-    counts = {s.value: 0 for s in JobState}
-    seen, truncated = 0, False
-    batch: list[str] = []
-
-    def flush() -> None:
-        pipe = r.pipeline(transaction=False)
-        for k in batch:
-            pipe.hget(k, "state")
-        for st in pipe.execute():
-            if st is not None:
-                st = st.decode() if isinstance(st, bytes) else st
-                counts[st] = counts.get(st, 0) + 1
-        batch.clear()
-
-    for key in r.scan_iter(f"{prefix}:job:*", count=1000):
-        batch.append(key)
-        seen += 1
-        if len(batch) >= 1000:
-            flush()
-        if seen >= max_jobs:
-            truncated = True
-            break
-    if batch:
-        flush()
-    return counts, truncated
-
-
 def live_workers_by_family(r: redis.Redis, prefix: str = "easel") -> dict[str, int]:
     out: dict[str, int] = {}
     for presence in JobStore(r, prefix).presences():
@@ -86,9 +54,10 @@ def live_workers_by_family(r: redis.Redis, prefix: str = "easel") -> dict[str, i
 class RedisStateCollector(Collector):
     """Queue depth per family and priority, unacked messages, jobs by state, live workers.
 
-    ``jobs=False`` skips the job scan (workers report only their own family's queue; the
-    API reports the whole picture). Results are cached ``cache_s`` so parallel scrapers
-    (Prometheus HA pairs, KEDA) cost one scan.
+    ``jobs=False`` skips the job counts (workers report only their own family's queue; the
+    API reports the whole picture). Every read is O(families + worker processes), never
+    O(jobs); results are cached ``cache_s`` so parallel scrapers (Prometheus HA pairs,
+    KEDA) cost one read.
     """
 
     def __init__(self, r: redis.Redis, families: Iterable[str], prefix: str = "easel", jobs: bool = True,
@@ -123,14 +92,17 @@ class RedisStateCollector(Collector):
             for fam in sorted(set(self.families) | set(live)):
                 workers.add_metric([fam], live.get(fam, 0))
             if self.jobs:
-                counts, truncated = job_state_counts(self.r, self.prefix)
-                jobs = GaugeMetricFamily("easel_jobs", "Job records in Redis by state", labels=["state"])
-                for st, n in sorted(counts.items()):
-                    jobs.add_metric([st], n)
-                trunc = GaugeMetricFamily("easel_jobs_scan_truncated", "1 if the job scan hit its cap")
-                trunc.add_metric([], int(truncated))
-                out += [jobs, trunc]
+                out += self._job_counts()
             up.add_metric([], 1)
         except redis.RedisError:
             up.add_metric([], 0)
         return out
+
+    def _job_counts(self) -> list:
+        counts = JobStore(self.r, self.prefix).state_counts([queue_name(f, self.prefix) for f in self.families])
+        jobs = GaugeMetricFamily("easel_jobs", "Jobs waiting for a worker (queued, or between stages) and running",
+                                 labels=["state"])
+        finished = CounterMetricFamily("easel_jobs_finished", "Jobs that ended, by final state", labels=["state"])
+        for state, n in counts.items():
+            (jobs if state in ("queued", "running") else finished).add_metric([state], n)
+        return [jobs, finished]

@@ -43,7 +43,8 @@ def test_api_metrics_expose_jobs_queues_and_requests(api, sd15_worker):  # noqa:
     assert value(m, "easel_queue_messages", family=PARKED, queue=f"easel.{PARKED}", priority="7") == before + 1
     assert {s.labels["priority"] for s in m["easel_queue_messages"] if s.labels["family"] == "sd15"} == \
         {str(p) for p in range(10)}
-    assert value(m, "easel_jobs", state="succeeded") >= 1
+    assert value(m, "easel_jobs_finished_total", state="succeeded") >= 1
+    assert value(m, "easel_jobs", state="queued") >= 1  # the parked job, waiting when scraped
     assert value(m, "easel_workers", family="sd15") >= 1
     assert value(m, "easel_redis_up") == 1
     assert value(m, "easel_api_requests_total", method="POST", route="/v1/jobs", status="201") >= 2

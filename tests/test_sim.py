@@ -45,3 +45,19 @@ def test_sim_job_reports_progress_and_cancels_mid_stage(client, sim_worker, inpu
     status = client.wait(job_id, timeout=30)
     assert status.state.value == "cancelled"
     assert time.monotonic() - t0 < 5  # stopped at a step, not after the 20 s stage
+
+
+def test_wait_follows_events_instead_of_polling(client, sim_worker, input_png):
+    """A 2 s job followed by ``wait``: its progress arrives by pub/sub, and the record is read
+    only on state changes, not ten times a second."""
+    import redis
+
+    r = redis.Redis.from_url(client.settings.redis_url)
+    job_id = client.submit(img2img_job(str(input_png), model="sim", steps=40, strength=1.0))
+    before = r.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0)
+    updates = []
+    status = client.wait(job_id, timeout=60, on_update=updates.append)
+    reads = r.info("commandstats")["cmdstat_hgetall"]["calls"] - before
+    assert status.state.value == "succeeded"
+    assert any(u.state.value == "running" and u.progress.step > 0 for u in updates)  # progress events
+    assert reads <= 4, reads  # first read, running, succeeded (+1 resync at most)
