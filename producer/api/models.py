@@ -98,8 +98,43 @@ class QueueOut(BaseModel):
     workers: int
 
 
+class FieldError(BaseModel):
+    """One reason a request failed validation."""
+
+    loc: list[str | int] = Field(description="where: `body`, `header`, `path` or `query`, then the field's path")
+    msg: str
+    type: str = Field(description="pydantic's error type, e.g. `missing`, `less_than_equal`, `json_invalid`")
+
+
 class Problem(BaseModel):
-    detail: str
+    """The body of every error response (but /readyz's 503, which reports its checks as ``Health``)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"detail": "stages.0.strength: Input should be less than or equal to 1",
+         "errors": [{"loc": ["body", "stages", 0, "strength"], "msg": "Input should be less than or equal to 1",
+                     "type": "less_than_equal"}]},
+        {"detail": "invalid API key"}]})
+    detail: str = Field(description="what went wrong, written for people")
+    errors: list[FieldError] = Field(
+        default_factory=list, description="request validation errors, one per problem; present only when the "
+                                          "request itself failed validation")
+
+
+class ProgressEvent(BaseModel):
+    """SSE `progress`: a denoising step of a running stage."""
+
+    stage: int
+    step: int
+    total_steps: int
+
+
+class StateEvent(BaseModel):
+    """SSE `state`: a transition that does not end the job (queued -> running, a hand-off to the next segment)."""
+
+    state: JobState
+    segment: int | None = None
+    worker: str | None = None
+    updated_at: float | None = None
 
 
 class Health(BaseModel):

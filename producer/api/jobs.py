@@ -1,0 +1,110 @@
+"""Jobs: create (with idempotency keys, per-key in-flight caps and webhooks), read, cancel."""
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Response
+
+from easel.producer.api.deps import ApiDep, Caller, OwnedJob, json_content
+from easel.producer.api.errors import problems
+from easel.producer.api.models import JobRequest, JobResponse
+from easel.producer.api.security import Principal
+from easel.producer.api.state import ApiState
+from easel.producer.client import SubmitError
+from easel.shared.images import InputError, check_public_url
+from easel.shared.schema import JobSpec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_JOB_LINKS = {
+    "GetJob": {"operationId": "get_job", "parameters": {"path.job_id": "$response.body#/id"},
+               "description": "the job's state and, once it succeeded, its images"},
+    "CancelJob": {"operationId": "cancel_job", "parameters": {"path.job_id": "$response.body#/id"},
+                  "description": "cancel the job"},
+    "FollowJob": {"operationId": "job_events", "parameters": {"path.job_id": "$response.body#/id"},
+                  "description": "follow the job as server-sent events"},
+}
+_LOCATION = {"Location": {"description": "the job's path, /v1/jobs/{id}", "required": True,
+                          "schema": {"type": "string"}}}
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=150,
+                                              description="same key from the same API key: the same job")]
+
+
+def _namespaced(spec: JobSpec, header_key: str | None, p: Principal) -> JobSpec:
+    """Idempotency keys are per API key: one tenant's key never resolves to another's job."""
+    key = spec.idempotency_key or header_key
+    if not key:
+        return spec
+    ns = f"{p.name}/{key}"
+    if len(ns) > 200:
+        ns = f"{p.name}/sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+    return spec.model_copy(update={"idempotency_key": ns})
+
+
+def _check_webhook(api: ApiState, url: str, p: Principal) -> None:
+    if not api.secret_for(p.name):
+        raise HTTPException(422, "webhook_url: this server has no webhook secret (EASEL_WEBHOOK_SECRET)")
+    try:
+        check_public_url(url, api.s)
+    except InputError as e:
+        raise HTTPException(422, f"webhook_url: {e}") from None
+
+
+def _submit(api: ApiState, spec: JobSpec, p: Principal) -> tuple[str, str]:
+    """Queue the job within the key's in-flight cap: (job id, reservation token)."""
+    token, n = api.inflight.reserve(p)
+    if token is None:
+        api.metrics.refused.labels("in_flight_cap").inc()
+        raise HTTPException(429, f"key {p.name!r} already has {n} jobs queued or running, its cap is "
+                                 f"{p.max_in_flight}; wait for some to finish or cancel some",
+                            headers={"Retry-After": "10"})
+    try:
+        return api.client.submit(spec), token
+    except SubmitError as e:
+        api.inflight.release(p.name, token)
+        api.metrics.refused.labels("invalid_job").inc()
+        raise HTTPException(422, str(e)) from None
+    except BaseException:
+        api.inflight.release(p.name, token)
+        raise
+
+
+@router.post("", status_code=201, operation_id="create_job", dependencies=[Depends(json_content)],
+             responses={201: {"description": "the job was queued", "headers": _LOCATION, "links": _JOB_LINKS},
+                        200: {"model": JobResponse, "headers": _LOCATION, "links": _JOB_LINKS,
+                              "description": "idempotent replay: the job this idempotency key created before"},
+                        **problems(400, 401, 415, 422, 429, 503, _422="job refused; `detail` says why")})
+def create_job(body: JobRequest, response: Response, p: Caller, api: ApiDep,
+               idempotency_key: IdempotencyKey = None) -> JobResponse:
+    """Queue a job. Same idempotency key (body or header) from the same API key: the same job."""
+    spec = _namespaced(body.spec(), idempotency_key, p)
+    api.check_refs(spec, p)
+    url = str(body.webhook_url) if body.webhook_url else None
+    if url:
+        _check_webhook(api, url, p)
+    job_id, token = _submit(api, spec, p)
+    if api.store.take_owner(job_id, p.name):
+        api.inflight.commit(p.name, token, job_id)
+        if url:
+            api.dispatcher.register(job_id, url, p.key.webhook_events)
+        api.metrics.submitted.labels(p.name).inc()
+    else:
+        api.inflight.release(p.name, token)
+        response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return api.render(job_id)
+
+
+@router.get("/{job_id}", operation_id="get_job", responses=problems(401, 404, 422, 429, 503))
+def get_job(job_id: OwnedJob, api: ApiDep) -> JobResponse:
+    """A job's state and progress; when it succeeded, presigned URLs for its images and manifest."""
+    return api.render(job_id)
+
+
+@router.delete("/{job_id}", operation_id="cancel_job", responses=problems(401, 404, 422, 429, 503))
+def cancel_job(job_id: OwnedJob, api: ApiDep) -> JobResponse:
+    """Cancel: a queued job ends at once, a running one within one denoising step. The job stays
+    readable (state `cancelled`) until it expires, like any finished job."""
+    api.client.cancel(job_id)
+    return api.render(job_id)

@@ -1,0 +1,70 @@
+"""Operations: queue depths, liveness and readiness probes, Prometheus metrics."""
+from __future__ import annotations
+
+import botocore.exceptions
+import redis
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from easel.producer.api.deps import ApiDep, Caller
+from easel.producer.api.errors import problems
+from easel.producer.api.models import Health, QueueOut
+from easel.producer.api.state import ApiState
+from easel.shared.celery_app import queue_name
+from easel.shared.metrics import live_workers_by_family, queue_depths
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/v1/queues", operation_id="list_queues", responses=problems(401, 429, 503))
+def queues(p: Caller, api: ApiDep) -> list[QueueOut]:
+    """Messages waiting per family (priority sub-queues included) and live workers."""
+    prefix = api.s.queue_prefix
+    depths = queue_depths(api.r, api.families, prefix)
+    live = live_workers_by_family(api.r, prefix)
+    return [QueueOut(family=f, queue=queue_name(f, prefix), waiting=sum(d.values()),
+                     by_priority={str(k): v for k, v in d.items()}, workers=live.get(f, 0))
+            for f, d in depths.items()]
+
+
+@router.get("/healthz", operation_id="healthz")
+def healthz() -> Health:
+    """Liveness: the process answers. Never checks dependencies (a Redis blip must not restart pods)."""
+    return Health(status="ok")
+
+
+def _check_redis(api: ApiState) -> str:
+    try:
+        api.probe_redis.ping()
+        return "ok"
+    except redis.RedisError as e:
+        return f"error: {e}"
+
+
+def _check_s3(api: ApiState) -> str:
+    try:
+        try:
+            api.probe_s3.head_bucket(Bucket=api.s.s3_bucket)
+        except botocore.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+            api.client.storage.ensure_bucket()  # S3 answered; the bucket is ours to create
+        return "ok"
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        return f"error: {e}"
+
+
+@router.get("/readyz", operation_id="readyz", response_model=Health,
+            responses={503: {"model": Health, "description": "a dependency is unreachable; `checks` says which"}})
+def readyz(api: ApiDep) -> JSONResponse:
+    """Readiness: Redis answers PING and the bucket is reachable."""
+    checks = {"redis": _check_redis(api), "s3": _check_s3(api)}
+    ok = all(v == "ok" for v in checks.values())
+    body = Health(status="ok" if ok else "unavailable", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(api: ApiDep) -> Response:
+    return Response(generate_latest(api.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,142 @@
+"""What every request shares: settings, the job store, storage, Redis clients, keys and limits.
+
+One ``ApiState`` per app, kept on ``app.state.api`` and handed to routes by the ``ApiDep``
+dependency (deps.py). Blocking Redis/S3 calls made through it run in FastAPI's thread pool.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import boto3
+import redis
+import redis.asyncio as aioredis
+from botocore.config import Config
+from fastapi import HTTPException
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from easel.producer.api.metrics import ApiMetrics
+from easel.producer.api.models import JobResponse, Link, ProgressOut, WebhookOut
+from easel.producer.api.security import InFlight, KeyRing, Principal, RateLimiter
+from easel.producer.client import EaselClient
+from easel.producer.webhooks import WebhookDispatcher
+from easel.shared.celery_app import UnackedMessages, queue_name, send_segment
+from easel.shared.jobstore import JobStore
+from easel.shared.liveness import Reaper
+from easel.shared.schema import JobSpec, JobState
+from easel.shared.settings import Settings
+from easel.shared.storage import Storage
+
+
+class ApiState:
+    """Everything a request needs, built once per app."""
+
+    def __init__(self, settings: Settings):
+        self.s = settings
+        self.client = EaselClient(settings)
+        # Fail fast while Redis is away (503 + Retry-After) instead of holding request threads
+        # in redis-py's multi-second reconnect backoff; workers keep the patient default.
+        fast = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=3,
+                                    socket_timeout=15, socket_keepalive=True, health_check_interval=30,
+                                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
+        self.client.store = JobStore(fast, settings.queue_prefix, settings.job_ttl_s)
+        self.store = self.client.store
+        self.r = self.store.r
+        self.aredis: aioredis.Redis | None = None  # opened in the app's event loop (start)
+        self.keys = KeyRing(settings)
+        self.limiter = RateLimiter(self.r, settings.queue_prefix)
+        self.inflight = InFlight(self.r, settings.queue_prefix)
+        public = settings.model_copy(update={"s3_endpoint_url": settings.s3_public_endpoint_url
+                                             or settings.s3_endpoint_url})
+        self.public_storage = Storage(public)
+        self.families = sorted(self.client.registry.families())
+        self.metrics = ApiMetrics(self.r, self.families, settings.queue_prefix)
+        self._probe_clients(settings)
+        self.dispatcher = WebhookDispatcher(settings, self.store, render=self.render_dict, secret_for=self.secret_for)
+        self.dispatcher.on_result = lambda outcome, event: self.metrics.webhooks.labels(outcome, event).inc()
+        self.reaper = Reaper(JobStore.from_settings(settings), lambda *a: send_segment(self.client.celery, *a),
+                             settings.reap_every_s, settings.heartbeat_ttl_s, UnackedMessages(self.client.celery),
+                             [queue_name(f, settings.queue_prefix) for f in self.client.registry.families()])
+
+    def _probe_clients(self, settings: Settings) -> None:
+        # Probes get their own clients with short timeouts: a hung dependency must fail the
+        # probe quickly instead of holding it behind the data path's retries.
+        self.probe_redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+        self.probe_s3 = boto3.client(
+            "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
+            config=Config(connect_timeout=2, read_timeout=2, retries={"max_attempts": 1},
+                          request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                          s3={"addressing_style": "path"}), **settings.s3_credentials())
+
+    # -- lifespan ------------------------------------------------------------------------------
+    def start(self, webhooks: bool) -> None:
+        self.aredis = aioredis.Redis.from_url(self.s.redis_url, decode_responses=True, health_check_interval=30)
+        if webhooks:
+            self.dispatcher.start()
+        self.reaper.start()  # dead workers' jobs come back even while every worker is busy
+
+    async def stop(self) -> None:
+        self.reaper.stop()
+        self.dispatcher.stop()
+        if self.aredis is not None:
+            await self.aredis.aclose()
+
+    # -- helpers ---------------------------------------------------------------------------
+    @property
+    def model_names(self) -> list[str]:
+        return sorted(self.client.registry.models)
+
+    @property
+    def controlnet_names(self) -> list[str]:
+        return sorted({n for m in self.client.registry.models.values() for n in m.controlnets})
+
+    def secret_for(self, owner: str | None) -> str | None:
+        for k in self.keys.by_hash.values():
+            if k.name == owner and k.webhook_secret:
+                return k.webhook_secret.get_secret_value()
+        secret = self.s.webhook_secret.get_secret_value() if self.s.webhook_secret else ""
+        return secret or None  # an empty EASEL_WEBHOOK_SECRET (compose default) means none
+
+    def link(self, uri: str) -> Link:
+        ttl = self.s.api_presign_ttl_s
+        return Link(uri=uri, url=self.public_storage.presign(uri, ttl), expires_at=time.time() + ttl)
+
+    def render(self, job_id: str) -> JobResponse:
+        st = self.client.status(job_id)
+        hook = self.store.webhook(job_id)
+        url, stages = hook["webhook_url"], hook["stages"]
+        done = st.state == JobState.succeeded
+        return JobResponse(
+            id=st.id, state=st.state, created_at=st.created_at, updated_at=st.updated_at, started_at=st.started_at,
+            finished_at=st.finished_at, error=st.error, attempts=st.attempts,
+            progress=ProgressOut(stage=st.progress.stage, stages=stages, step=st.progress.step,
+                                 total_steps=st.progress.total_steps),
+            outputs=[self.link(u) for u in st.outputs] if done else [],
+            manifest=self.link(st.manifest) if done and st.manifest else None,
+            webhook=WebhookOut(url=url, state=hook["webhook_state"] or "pending",
+                               attempts=int(hook["webhook_attempts"] or 0),
+                               last_error=hook["webhook_last_error"] or None) if url else None,
+            links={"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events"})
+
+    def render_dict(self, job_id: str) -> dict:
+        return json.loads(self.render(job_id).model_dump_json())
+
+    def owned(self, job_id: str, p: Principal) -> None:
+        owner = self.store.owner(job_id)
+        exists = owner is not None or (p.key.admin and self.store.exists(job_id))
+        if not exists or (owner != p.name and not p.key.admin):
+            raise HTTPException(404, f"no job {job_id}")
+
+    def check_refs(self, spec: JobSpec, p: Principal) -> None:
+        """s3:// references must be uploads: a key may not read other tenants' objects."""
+        if p.key.admin:
+            return
+        b = self.s.s3_bucket
+        allowed = (f"s3://{b}/inputs/", f"s3://{b}/uploads/{p.name}/")
+        refs = [("input.image", spec.input.image)] + [(f"stages.{i}.control_image", st.control_image)
+                                                      for i, st in enumerate(spec.stages)]
+        for what, ref in refs:
+            if ref and ref.startswith("s3://") and not ref.startswith(allowed):
+                raise HTTPException(422, f"{what}: s3 references must come from POST /v1/uploads or "
+                                         f"/v1/uploads/presign; {ref[:200]} is not readable with this key")
