@@ -103,9 +103,11 @@ class Reaper(_Loop):
     name = "easel-reaper"
 
     def __init__(self, store: JobStore, send: Send, every_s: float, ttl_s: float,
-                 unacked: UnackedMessages | None = None, queues: list[str] = ()):
+                 unacked: UnackedMessages | None = None, queues: list[str] = (),
+                 chores: list[Callable[[], object]] = ()):
         super().__init__(every_s)
         self.store, self.send, self.ttl_s, self.unacked, self.queues = store, send, ttl_s, unacked, list(queues)
+        self.chores = list(chores)  # farm-wide housekeeping that paces itself (result retention)
         self._in_contact_since = self._last_contact = time.monotonic()
 
     def tick(self) -> None:
@@ -129,6 +131,8 @@ class Reaper(_Loop):
             held: set | None = None  # read once, and only when a queue has suspects
             for queue in self.queues:
                 held = self.sweep_lost(queue, held)
+        for chore in self.chores:
+            chore()
 
     def sweep(self) -> list[str]:
         """One pass; returns the ids of the jobs sent back to their queues. An instance is

@@ -58,7 +58,13 @@ class Settings(BaseSettings):
     url_fetch_timeout_s: float = Field(default=60.0, gt=0, description="total time for one https image download")
     # Worker behaviour.
     visibility_timeout_s: int = 3600
-    job_ttl_s: int = 7 * 24 * 3600
+    job_ttl_s: int = Field(default=7 * 24 * 3600, gt=0, description=(
+        "seconds a job's record (its status) is kept in Redis; at most retention_days, so a status never "
+        "points at results that are gone"))
+    retention_days: int = Field(default=7, ge=0, description=(
+        "days job outputs, manifests, hand-offs and uploaded inputs stay in the bucket: an S3 lifecycle rule "
+        "on the jobs/ and inputs/ prefixes where the server takes one, else a sweep by one worker an hour; "
+        "0 = kept until you delete them"))
     device: str | None = None  # "cuda", "cpu"; auto when unset
     # Stage time limits (worker/watchdog.py): the cost model's allowance, base + per_mpx_step x steps x
     # SD-equivalent megapixels x images, until the stage's first steps give its pace; then up to
@@ -121,12 +127,21 @@ class Settings(BaseSettings):
     webhook_progress_every_s: float = Field(default=5.0, gt=0, description="progress webhooks at most this often a job")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="worker Prometheus port; 0 = off. "
                               "Process k of a multi-GPU launcher binds port + GPU index.")
+    # Tracing (shared/tracing.py; the `tracing` extra): one OpenTelemetry trace per job.
+    tracing: Literal["none", "console", "file", "otlp", "global"] = Field(default="none", description=(
+        "none: off (opentelemetry is not imported); console: spans as JSON on stderr; file: JSON lines appended to "
+        "tracing_file; otlp: OTLP over HTTP per the OTEL_EXPORTER_OTLP_* variables; global: the TracerProvider "
+        "the process set up itself (your application's, opentelemetry-instrument's)"))
+    tracing_file: Path | None = Field(default=None, description="where EASEL_TRACING=file appends spans")
 
     @model_validator(mode="after")
     def _liveness(self) -> "Settings":
         if self.heartbeat_ttl_s <= 2 * self.heartbeat_interval_s:
             raise ValueError(f"heartbeat_ttl_s ({self.heartbeat_ttl_s}) must be more than twice heartbeat_interval_s "
                              f"({self.heartbeat_interval_s}): one late beat must not make a live worker dead")
+        if self.retention_days and self.job_ttl_s > self.retention_days * 86400:
+            raise ValueError(f"job_ttl_s ({self.job_ttl_s}) must be at most retention_days ({self.retention_days}) "
+                             "x 86400: a job's status must not outlive its results")
         return self
 
     def redis_ssl_kwargs(self) -> dict[str, str]:

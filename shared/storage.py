@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,14 @@ class S3Ref:
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
+
+
+# What S3 servers without lifecycle support answer to a lifecycle call.
+LIFECYCLE_UNSUPPORTED = {"NotImplemented", "MethodNotAllowed", "501", "405"}
+
+
+def _code(e: ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
 
 
 def job_prefix(job_id: str) -> str:
@@ -145,6 +154,51 @@ class Storage:
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             keys.extend(o["Key"] for o in page.get("Contents", []))
         return keys
+
+    def expire_after(self, prefixes: list[str], days: int) -> bool:
+        """Lifecycle rules that expire objects under ``prefixes`` ``days`` after they were
+        written (easel's rules replaced, other rules of the bucket kept). False when the server
+        takes no lifecycle rules."""
+        self.ensure_bucket()
+        try:
+            rules = self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket)["Rules"]
+        except ClientError as e:
+            if _code(e) in LIFECYCLE_UNSUPPORTED:
+                return False
+            if _code(e) != "NoSuchLifecycleConfiguration":
+                raise
+            rules = []
+        rules = [r for r in rules if not r.get("ID", "").startswith("easel-")]
+        rules += [{"ID": f"easel-{p.strip('/')}", "Status": "Enabled", "Filter": {"Prefix": p},
+                   "Expiration": {"Days": days}} for p in prefixes]
+        try:
+            self.client.put_bucket_lifecycle_configuration(Bucket=self.bucket,
+                                                           LifecycleConfiguration={"Rules": rules})
+        except ClientError as e:
+            if _code(e) in LIFECYCLE_UNSUPPORTED:
+                return False
+            raise
+        return True
+
+    def delete_older(self, prefix: str, max_age_s: float) -> int:
+        """Delete the objects under ``prefix`` written over ``max_age_s`` ago; returns how many."""
+        cutoff = time.time() - max_age_s
+        old: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            old += [o["Key"] for o in page.get("Contents", []) if o["LastModified"].timestamp() < cutoff]
+        self._delete(old)
+        return len(old)
+
+    def _delete(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            self.client.delete_objects(Bucket=self.bucket, Delete={
+                "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix`` (a key prefix in this bucket); returns how many."""
+        keys = self.list(prefix)
+        self._delete(keys)
+        return len(keys)
 
     def download_prefix(self, uri: str, dest: Path) -> int:
         """Every object under an ``s3://bucket/prefix/`` into ``dest`` (keys relative to the

@@ -37,7 +37,7 @@ from easel.shared.schema import JobSpec, JobState, Plan, Segment, StageRecord
 from easel.shared.storage import job_prefix
 from easel.worker.batching import by_input_size, group_jobs
 from easel.worker.context import WorkerContext
-from easel.worker.inputs import load_image_ref, load_input, save_handoff
+from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_handoff
 from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
 from easel.worker.policy import Delivery, cancelled, end_as, fail, settle_error
@@ -325,6 +325,8 @@ def _guarded(ctx: WorkerContext, app, job: Job, outcomes: Outcomes, fn: Callable
 
 def _ended(ctx: WorkerContext, d: Delivery, outcome: str, outcomes: Outcomes, job: Job | None = None) -> None:
     outcomes[d] = outcome
+    if outcome in ("succeeded", "failed", "cancelled") and (d.segment > 0 or (job and len(job.plan.segments) > 1)):
+        ctx.io.submit(drop_handoffs, ctx, d.job_id)  # the job has ended: its hand-offs are garbage
     observe_delivery(ctx, d.job_id, d.segment, outcome, job.t0 if job else None,
                      job.records.values() if job else ())
 

@@ -2,6 +2,8 @@
 an earlier segment left in storage (latents as safetensors, or PNGs)."""
 from __future__ import annotations
 
+import logging
+
 from PIL import Image
 
 from easel.shared.images import decode_image, encode_image, fetch_url, parse_data_uri
@@ -25,6 +27,9 @@ def read_ref(ctx: WorkerContext, ref: str, what: str) -> bytes:
 
 def load_image_ref(ctx: WorkerContext, ref: str, what: str) -> Image.Image:
     return ctx.inputs.get(ref, lambda: decode_image(read_ref(ctx, ref, what), ctx.settings, what))
+
+
+log = logging.getLogger("easel.worker.inputs")
 
 
 def handoff_key(job_id: str, seg: int, i: int | None = None) -> str:
@@ -58,3 +63,12 @@ def save_handoff(ctx: WorkerContext, job_id: str, seg_index: int, carrier: Carri
                for i, img in enumerate(carrier.images or [])]
     for u in uploads:
         u.result()
+
+
+def drop_handoffs(ctx: WorkerContext, job_id: str) -> None:
+    """Delete a job's hand-offs once it has ended: nothing reads them again. Best effort; the
+    bucket's retention removes what a failure here leaves."""
+    try:
+        ctx.storage.delete_prefix(f"{job_prefix(job_id)}handoff/")
+    except Exception as e:
+        log.warning("job %s: could not delete its hand-offs: %s", job_id, e)

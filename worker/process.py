@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from easel.shared.celery_app import UnackedMessages, queue_name, send_segment
     from easel.shared.liveness import Heartbeat, Reaper
+    from easel.shared.retention import ResultRetention
     from easel.worker.context import WorkerContext, set_context
     from easel.worker.finisher import Finisher
     from easel.worker.policy import settle_later
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads()}, s.heartbeat_interval_s, s.heartbeat_ttl_s,
         after_beat=lambda: settle_later(ctx, app))
     reaper = Reaper(ctx.store, lambda *a: send_segment(app, *a), s.reap_every_s, s.heartbeat_ttl_s,
-                    UnackedMessages(app), [queue_name(args.family, s.queue_prefix)])
+                    UnackedMessages(app), [queue_name(args.family, s.queue_prefix)],
+                    chores=[ResultRetention(ctx.store, ctx.storage, s.retention_days)])
 
     @worker_ready.connect(weak=False)
     def _ready(**_kw):

@@ -1,0 +1,43 @@
+"""Results that expire: job outputs, manifests, hand-offs and uploaded inputs are kept
+``retention_days`` in the bucket, and job records (``job_ttl_s``, at most that) go first, so
+a status never points at objects that are gone.
+
+Where the S3 server takes lifecycle rules, one rule per prefix does the work on the server's
+side; where it does not, a sweep deletes what is older. Either way one worker process of the
+farm does it once an hour (a lease in Redis), so a farm of hundreds of workers sets the rule
+or lists the bucket once, not once per process.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from easel.shared.jobstore import JobStore
+from easel.shared.storage import Storage
+
+log = logging.getLogger("easel.retention")
+
+PREFIXES = ["jobs/", "inputs/"]
+EVERY_S = 3600.0
+
+
+class ResultRetention:
+    """Called often (from a worker's reaper pass); acts at most once per ``every_s`` in this
+    process, and only in the one process of the farm that takes that period's lease."""
+
+    def __init__(self, store: JobStore, storage: Storage, days: int, every_s: float = EVERY_S):
+        self.store, self.storage, self.days, self.every_s = store, storage, days, every_s
+        self._next_try = 0.0
+
+    def __call__(self) -> str | None:
+        if not self.days or time.monotonic() < self._next_try:
+            return None
+        self._next_try = time.monotonic() + self.every_s
+        if not self.store.lease("retention", self.every_s):
+            return None
+        if self.storage.expire_after(PREFIXES, self.days):
+            return f"lifecycle rules: {', '.join(PREFIXES)} expire after {self.days} days"
+        deleted = sum(self.storage.delete_older(prefix, self.days * 86400) for prefix in PREFIXES)
+        log.info("retention: the bucket takes no lifecycle rules; deleted %d objects older than %d days",
+                 deleted, self.days)
+        return f"swept: {deleted} objects older than {self.days} days deleted"

@@ -1,0 +1,50 @@
+"""Results that expire: lifecycle rules on the real SeaweedFS bucket, the sweep where a server
+takes none, hand-offs deleted when their job ends, and a status that never outlives its results."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from easel.shared.jobstore import JobStore
+from easel.shared.retention import PREFIXES, ResultRetention
+from easel.shared.settings import Settings, get_settings
+from easel.shared.storage import Storage
+
+
+@pytest.fixture
+def storage(easel_env) -> Storage:
+    return Storage(get_settings())
+
+
+def test_a_worker_sets_the_buckets_lifecycle_rules_once_per_period(easel_env, storage):
+    s = get_settings()
+    store = JobStore.from_settings(s)
+    store.r.delete(f"{s.queue_prefix}:lease:retention")
+    assert ResultRetention(store, storage, days=3)() == "lifecycle rules: jobs/, inputs/ expire after 3 days"
+    rules = {r["ID"]: r for r in storage.client.get_bucket_lifecycle_configuration(Bucket=storage.bucket)["Rules"]}
+    assert {rules[f"easel-{p.strip('/')}"]["Filter"]["Prefix"] for p in PREFIXES} == set(PREFIXES)
+    assert all(r["Expiration"]["Days"] == 3 for r in rules.values() if r["ID"].startswith("easel-"))
+    # Another process in the same period finds the lease taken and does nothing.
+    assert ResultRetention(store, storage, days=3)() is None
+    store.r.delete(f"{s.queue_prefix}:lease:retention")
+    assert ResultRetention(store, storage, days=0)() is None  # 0 = keep: no rule set, no sweep
+    store.r.delete(f"{s.queue_prefix}:lease:retention")
+    ResultRetention(store, storage, days=s.retention_days)()  # leave the default in force
+
+
+def test_the_sweep_deletes_only_what_is_older(storage):
+    prefix = f"retention-test/{time.monotonic_ns()}/"
+    storage.put(prefix + "old.png", b"old")
+    time.sleep(2.5)  # S3 LastModified has one-second resolution
+    storage.put(prefix + "new.png", b"new")
+    assert storage.delete_older(prefix, max_age_s=1.5) == 1
+    assert storage.list(prefix) == [prefix + "new.png"]
+
+
+def test_a_status_may_not_outlive_its_results():
+    with pytest.raises(ValidationError, match="must not outlive its results"):
+        Settings(retention_days=1, job_ttl_s=2 * 86400)
+    assert Settings(retention_days=0, job_ttl_s=30 * 86400).job_ttl_s == 30 * 86400  # objects kept forever
+    assert Settings().job_ttl_s <= Settings().retention_days * 86400  # the defaults agree
