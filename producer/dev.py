@@ -10,6 +10,7 @@ env file to ``source``), and stays up until Ctrl-C or SIGTERM, which stop both s
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -118,29 +119,11 @@ def run_dev(data: Path = DEFAULT_DATA, redis_port: int = REDIS_PORT, s3_port: in
     data = Path(data).resolve()
     data.mkdir(parents=True, exist_ok=True)
     env_file = Path(env_file).resolve() if env_file else data / "env"
-
-    from easel.producer.embedded import EmbeddedServices, PortInUse
-
     try:
-        if not 0 < redis_port < 65536 or not 0 < s3_port <= 65535 - 10003:
-            raise DevError(f"ports out of range: --redis-port {redis_port}, --s3-port {s3_port} (SeaweedFS also "
-                           f"takes the S3 port + 1..3 and each + 10000, so at most {65535 - 10003})")
-        lock = _lock(data)
-        # die_with_parent: even a SIGKILLed `easel dev` leaves no server behind.
-        svc = EmbeddedServices(data, redis_port=redis_port, s3_port=s3_port, die_with_parent=True)
-        try:
-            svc.check_ports()
-        except PortInUse as e:
-            raise DevError(f"{e}: is another `easel dev` or a Redis/S3 server running there? Choose other ports "
-                           f"with --redis-port / --s3-port (SeaweedFS takes the S3 port, the next three, "
-                           f"and each of those + 10000)") from None
+        lock, svc = _claim(data, redis_port, s3_port)
     except DevError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
-
-    class _Stop(Exception):
-        pass
-
     stopping = False
 
     def on_signal(signum, frame):
@@ -153,46 +136,8 @@ def run_dev(data: Path = DEFAULT_DATA, redis_port: int = REDIS_PORT, s3_port: in
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     rc = 0
     try:
-        t0 = time.perf_counter()
-        svc.redis.start()
-        svc.s3.start()
-        token = api_token(data)
-        env = dev_env(svc, bucket, data / "models", token)
-        _create_bucket(env)
-        console.print(f"valkey     {svc.redis.url}  (pid {svc.redis.proc.pid}, append-only file in {svc.redis.workdir})",
-                      highlight=False, soft_wrap=True)
-        console.print(f"SeaweedFS  {svc.s3.url}  (pid {svc.s3.proc.pid}, bucket {bucket}, data in {svc.s3.workdir})",
-                      highlight=False, soft_wrap=True)
-        console.print(f"ready in {time.perf_counter() - t0:.1f}s; data kept in {data} across runs "
-                      "(delete it to start afresh)", highlight=False, soft_wrap=True)
-        made, secs = tiny_checkpoints(data / "models")
-        if made:
-            console.print(f"tiny checkpoints: wrote {len(made)} under {data / 'models'} ({secs:.1f}s)",
-                          highlight=False, soft_wrap=True)
-        lines = export_lines(env)
-        tmp = env_file.with_name(env_file.name + ".tmp")
-        tmp.write_text(ENV_HEADER + "\n".join(lines) + "\n")
-        os.chmod(tmp, 0o600)
-        tmp.replace(env_file)  # appears whole, and only once everything is up
-        console.print(f"\nIn another shell: [bold]source {shlex.quote(str(env_file))}[/bold], or paste:\n",
-                      highlight=False, soft_wrap=True)
-        for line in lines:
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
-        console.print("\nthen:\n"
-                      "  easel worker --family sd15\n"
-                      "  easel submit -i photo.png -p \"a red fox\" --steps 4 --wait\n"
-                      "  easel api        # clients send: Authorization: Bearer " + token + "\n"
-                      "\nCtrl-C stops both servers.", markup=False, highlight=False, soft_wrap=True)
-        while True:
-            time.sleep(0.5)
-            for s in (svc.redis, svc.s3):
-                if not s.alive():
-                    tail = s.log.read_text(errors="replace")[-2000:] if s.log and s.log.exists() else ""
-                    err.print(f"[red]error:[/red] {s.name} exited with {s.proc.returncode} (log {s.log}):\n"
-                              + escape(tail),
-                              highlight=False, soft_wrap=True)
-                    rc = 1
-                    raise _Stop(0)
+        _start(svc, data, bucket, env_file, console)
+        rc = _watch(svc, err)
     except _Stop:
         pass
     except Exception as e:  # a server that does not start: its log tail is in the message
@@ -200,16 +145,86 @@ def run_dev(data: Path = DEFAULT_DATA, redis_port: int = REDIS_PORT, s3_port: in
         rc = 1
     finally:
         stopping = True
-        with contextlib.suppress(OSError):
-            if env_file.read_text().startswith(ENV_HEADER):  # ours: the servers it names are going away
-                env_file.unlink()
-        console.print("\nstopping (SeaweedFS takes ~15 s; Ctrl-C again to kill it now)", highlight=False)
-        svc.stop()
-        console.print("stopped", highlight=False)
+        _stop(svc, env_file, console)
         for s, h in old.items():
             signal.signal(s, h)
         lock.close()
     return rc
+
+
+class _Stop(Exception):
+    """Ctrl-C or SIGTERM: leave the loop and stop the servers."""
+
+
+def _claim(data: Path, redis_port: int, s3_port: int):
+    """The data folder's lock and the (not yet started) servers, or a DevError saying why not."""
+    from easel.producer.embedded import EmbeddedServices, PortInUse
+
+    if not 0 < redis_port < 65536 or not 0 < s3_port <= 65535 - 10003:
+        raise DevError(f"ports out of range: --redis-port {redis_port}, --s3-port {s3_port} (SeaweedFS also "
+                       f"takes the S3 port + 1..3 and each + 10000, so at most {65535 - 10003})")
+    lock = _lock(data)
+    # die_with_parent: even a SIGKILLed `easel dev` leaves no server behind.
+    svc = EmbeddedServices(data, redis_port=redis_port, s3_port=s3_port, die_with_parent=True)
+    try:
+        svc.check_ports()
+    except PortInUse as e:
+        lock.close()
+        raise DevError(f"{e}: is another `easel dev` or a Redis/S3 server running there? Choose other ports "
+                       f"with --redis-port / --s3-port (SeaweedFS takes the S3 port, the next three, "
+                       f"and each of those + 10000)") from None
+    return lock, svc
+
+
+def _start(svc, data: Path, bucket: str, env_file: Path, console: Console) -> None:
+    """Start both servers, make the bucket and checkpoints, then publish the environment."""
+    t0 = time.perf_counter()
+    svc.redis.start()
+    svc.s3.start()
+    token = api_token(data)
+    env = dev_env(svc, bucket, data / "models", token)
+    _create_bucket(env)
+    say = functools.partial(console.print, highlight=False, soft_wrap=True)
+    say(f"valkey     {svc.redis.url}  (pid {svc.redis.proc.pid}, append-only file in {svc.redis.workdir})")
+    say(f"SeaweedFS  {svc.s3.url}  (pid {svc.s3.proc.pid}, bucket {bucket}, data in {svc.s3.workdir})")
+    say(f"ready in {time.perf_counter() - t0:.1f}s; data kept in {data} across runs (delete it to start afresh)")
+    made, secs = tiny_checkpoints(data / "models")
+    if made:
+        say(f"tiny checkpoints: wrote {len(made)} under {data / 'models'} ({secs:.1f}s)")
+    lines = export_lines(env)
+    tmp = env_file.with_name(env_file.name + ".tmp")
+    tmp.write_text(ENV_HEADER + "\n".join(lines) + "\n")
+    os.chmod(tmp, 0o600)
+    tmp.replace(env_file)  # appears whole, and only once everything is up
+    say(f"\nIn another shell: [bold]source {shlex.quote(str(env_file))}[/bold], or paste:\n")
+    for line in lines:
+        say(line, markup=False)
+    say("\nthen:\n"
+        "  easel worker --family sd15\n"
+        "  easel submit -i photo.png -p \"a red fox\" --steps 4 --wait\n"
+        "  easel api        # clients send: Authorization: Bearer " + token + "\n"
+        "\nCtrl-C stops both servers.", markup=False)
+
+
+def _watch(svc, err: Console) -> int:
+    """Until a signal (``_Stop``); 1 if a server exits by itself."""
+    while True:
+        time.sleep(0.5)
+        for s in (svc.redis, svc.s3):
+            if not s.alive():
+                tail = s.log.read_text(errors="replace")[-2000:] if s.log and s.log.exists() else ""
+                err.print(f"[red]error:[/red] {s.name} exited with {s.proc.returncode} (log {s.log}):\n"
+                          + escape(tail), highlight=False, soft_wrap=True)
+                return 1
+
+
+def _stop(svc, env_file: Path, console: Console) -> None:
+    with contextlib.suppress(OSError):
+        if env_file.read_text().startswith(ENV_HEADER):  # ours: the servers it names are going away
+            env_file.unlink()
+    console.print("\nstopping (SeaweedFS takes ~15 s; Ctrl-C again to kill it now)", highlight=False)
+    svc.stop()
+    console.print("stopped", highlight=False)
 
 
 def _create_bucket(env: dict[str, str]) -> None:
