@@ -25,7 +25,7 @@ def require(command: str, *extras: str) -> None:
     """Exit with code 2 and the pip command when ``command`` needs extras that are not installed."""
     lacking = missing(*extras)
     if lacking:
-        extras = f"extra{'s' if len(lacking) > 1 else ''}"
+        noun = "extras" if len(lacking) > 1 else "extra"
         message = f'`easel {command}` needs the {" and ".join(lacking)} {noun}: pip install "easel[{",".join(lacking)}]"'
         Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False)
         raise typer.Exit(2)
