@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The two checkpoint sizes of issue 5: (registry model, family, tiny checkpoint folder).
+# The two checkpoint sizes the benchmarks compare: (registry model, family, tiny checkpoint folder).
 SIZES = {
     "small": ("sd15", "sd15", "tiny-sd15"),          # UNet (32, 64) + factor-8 VAE
     "large": ("sd15-wide", "sd15-wide", "tiny-sd15-wide"),  # UNet (64, 128, 256)
@@ -277,7 +277,7 @@ class BenchEnv:
                                                                               {v[1] for v in SIZES.values()}))
             log(f"tiny checkpoints ready under {model_root()} in {time.perf_counter() - t0:.1f}s")
         self.env = {"EASEL_MODELS": "tiny", **os.environ, **self.service_env, "EASEL_MODEL_ROOT": str(model_root()),
-                    "HF_HUB_OFFLINE": "1"}
+                    "HF_HUB_OFFLINE": "1", "EASEL_LOG_FORMAT": "text"}  # the benches read the workers' text logs
         if self.device == "cpu":
             self.env["CUDA_VISIBLE_DEVICES"] = ""
         return self
@@ -416,7 +416,7 @@ def phase_summary(records: list[dict]) -> dict[str, float]:
     ``prologue`` (call -> first step's end: prompt encode, image preprocess, VAE encode, the
     first UNet step), ``step`` (between consecutive steps' ends), ``epilogue`` (last step's
     end -> return: VAE decode, postprocess to PIL), ``early_step`` (the two steps after the
-    first: where an overlapped finish of the previous job now runs, vs ``step``)."""
+    first: where an overlapped finish of the previous job runs, vs ``step``)."""
     recs = [r for r in records if r.get("steps") and "start" in r and "end" in r]
     steps = [b - a for r in recs for a, b in zip(r["steps"], r["steps"][1:])]
     ms = lambda xs: round(median(xs) * 1000, 2)  # noqa: E731
@@ -503,7 +503,7 @@ class PlainRunner:
 
 
 def submit_all(client, jobs: list[dict]) -> list[str]:
-    """Bulk path when the client has it (issue 5), else one submit per job."""
+    """Bulk path when the client has it, else one submit per job."""
     if hasattr(client, "submit_many"):
         return client.submit_many(jobs)
     return [client.submit(j) for j in jobs]

@@ -20,21 +20,29 @@ def register(app: typer.Typer) -> None:
             log_level: str = typer.Option("info")) -> None:
         """Serve the HTTP API (OpenAPI at /docs and /openapi.json, metrics at /metrics)."""
         require("api", "api")
+        import logging
+        import logging.config
         import os
 
         import uvicorn
-        from rich.console import Console
 
+        from easel.producer.api.metrics import multiprocess_metrics
         from easel.producer.api.security import KeyRing
+        from easel.shared.logs import uvicorn_log_config
         from easel.shared.settings import get_settings
 
+        # uvicorn's lines and easel's in one format (EASEL_LOG_FORMAT), in this process too.
+        log_config = uvicorn_log_config(log_level, get_settings().log_format)
+        logging.config.dictConfig(log_config)
         if not len(KeyRing(get_settings())):
-            Console(stderr=True).print("[yellow]warning:[/yellow] no API keys configured (EASEL_API_KEYS / "
-                                       "EASEL_API_KEYS_FILE): every /v1 request will get 401; "
-                                       "make one with `easel api-key NAME`")
+            logging.getLogger("easel.producer.api").warning(
+                "no API keys configured (EASEL_API_KEYS / EASEL_API_KEYS_FILE): every /v1 request will get 401; "
+                "make one with `easel api-key NAME`")
         os.environ["EASEL_API_WEBHOOKS"] = "1" if webhooks else "0"
-        uvicorn.run("easel.producer.cli_ops:_app_factory", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level, proxy_headers=True, timeout_graceful_shutdown=10)
+        # With several workers /metrics sums every server process's counts (PROMETHEUS_MULTIPROC_DIR).
+        with multiprocess_metrics(workers):
+            uvicorn.run("easel.producer.cli_ops:_app_factory", factory=True, host=host, port=port, workers=workers,
+                        log_level=log_level, log_config=log_config, proxy_headers=True, timeout_graceful_shutdown=10)
 
     @app.command("api-key")
     def api_key(name: str = typer.Argument(..., help="Owner name for the key (letters, digits, . _ -)."),

@@ -77,8 +77,9 @@ def run_demo(out: Path, steps: int = 10, size: int = 256, console: Console | Non
                       f"({time.perf_counter() - t0:.1f}s)")
         logdir = Path(tempfile.mkdtemp(prefix="easel-demo-logs-"))
         t_start = time.perf_counter()
-        procs = {fam: stack.enter_context(_worker(fam, {**os.environ, "HF_HUB_OFFLINE": "1"}, logdir / f"worker-{fam}.log"))
-                 for fam in families}
+        # Logs for a person to read (a failing worker's tail is shown): text unless asked otherwise.
+        env = {"EASEL_LOG_FORMAT": "text", **os.environ, "HF_HUB_OFFLINE": "1"}
+        procs = {fam: stack.enter_context(_worker(fam, env, logdir / f"worker-{fam}.log")) for fam in families}
         console.print(f"workers: {', '.join(families)} starting (logs in {logdir})")
         if not _wait_ready(client, procs, logdir, console):
             return 1

@@ -61,6 +61,10 @@ def test_easel_worker_restarts_a_process_that_dies(easel_env, tmp_path):
     finally:
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(60) == 0
+    # The launcher's own line is in the log format too (json: stderr is a file here).
+    restarts = [rec for line in (tmp_path / "launcher.log").read_text().splitlines()
+                if line.startswith("{") and "restarting in" in (rec := json.loads(line))["message"]]
+    assert [(rec["family"], rec["exit_code"], rec["level"]) for rec in restarts] == [("sdxl-refiner", -9, "WARNING")]
 
 
 def test_restart_backoff_grows_in_a_crash_loop_and_resets_after_healthy_service():

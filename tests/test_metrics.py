@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from easel.producer.embedded import free_port
 from tests.conftest import WorkerProc, img2img_job
-from tests.test_api import PARKED, api, job_body, upload, wait_state  # noqa: F401  (module-scoped API server fixture)
+from tests.test_api import PARKED, ApiServer, api, job_body, keys_env, upload, wait_state  # noqa: F401  (module-scoped API server fixture)
 from easel.worker.metrics import metrics_port
 
 
@@ -50,6 +50,97 @@ def test_api_metrics_expose_jobs_queues_and_requests(api, sd15_worker):  # noqa:
     assert value(m, "easel_api_requests_total", method="POST", route="/v1/jobs", status="201") >= 2
     assert value(m, "easel_api_jobs_submitted_total", key="main") >= 2
     assert "easel_api_request_duration_seconds" in m and "easel_webhook_deliveries" in m
+
+
+def _requests_by_process(folder, route: str) -> dict[int, float]:
+    """pid -> the route's GET requests in that server process's multiprocess counter file."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    out = {}
+    for f in folder.glob("counter_*.db"):
+        pid = int(f.stem.split("_")[-1])
+        for fam in MultiProcessCollector.merge([str(f)]):
+            for smp in fam.samples:
+                if smp.name == "easel_api_requests_total" and smp.labels.get("route") == route \
+                        and smp.labels.get("method") == "GET":
+                    out[pid] = out.get(pid, 0) + smp.value
+    return out
+
+
+def test_api_with_several_workers_counts_every_process_once(easel_env, tmp_path):
+    """`easel api --workers 2`: each scrape (answered by either process) counts the requests
+    both processes served, the Redis-read series appear once, and every log line is JSON."""
+    # TMPDIR puts the server's own multiprocess folder where the test can look into it.
+    env = {**easel_env, "EASEL_API_KEYS": keys_env(), "TMPDIR": str(tmp_path), "EASEL_LOG_FORMAT": "json"}
+    server = ApiServer(env, tmp_path, workers=2, log_level="info").start()
+    auth = {"Authorization": "Bearer tok-main"}
+    route, sent = "/v1/queues", 0
+    try:
+        [folder] = tmp_path.glob("easel-api-metrics-*")
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(_):  # a connection of its own: either process may accept it
+            return httpx.get(f"{server.url}{route}", headers=auth, timeout=30).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(30):  # until both processes have served some
+                assert set(pool.map(one, range(8))) == {200}
+                sent += 8
+                if len(_requests_by_process(folder, route)) >= 2:
+                    break
+        by_pid = _requests_by_process(folder, route)
+        assert len(by_pid) == 2, by_pid
+        deadline = time.monotonic() + 10
+        while sum(_requests_by_process(folder, route).values()) < sent:  # counted once each response is out
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        for _ in range(6):  # the scrapes, too, go to either process
+            m = scrape(f"{server.url}/metrics")
+            assert value(m, "easel_api_requests_total", method="GET", route=route, status="200") == sent
+            series = [(smp.name, tuple(sorted(smp.labels.items()))) for fam in m.values() for smp in fam]
+            assert len(series) == len(set(series)), "a series appears twice"
+            assert [smp.value for smp in m["easel_redis_up"]] == [1]  # the serving process's, not summed
+            assert len([smp for smp in m["easel_workers"] if smp.labels == {"family": "sd15"}]) == 1
+            assert len(m["easel_queue_messages"]) == 10 * len({smp.labels["family"] for smp in m["easel_queue_messages"]})
+            assert [smp.value for smp in m["easel_api_sse_streams"]] == [0]  # livesum: one series
+    finally:
+        server.stop()
+    assert not folder.exists()  # removed when the server stops
+    lines = [json.loads(line) for line in server.log.read_text().splitlines() if line.strip()]
+    assert {"Started server process", "Application startup complete."} <= {ln["message"].split(" [")[0] for ln in lines}
+    access = [ln for ln in lines if ln["logger"] == "uvicorn.access" and ln.get("path") == route]
+    assert len(access) == sent and {ln["status"] for ln in access} == {200}
+    assert len({ln["message"] for ln in lines if ln["message"].startswith("Started server process")}) == 2
+
+
+def test_an_operators_multiprocess_folder_is_emptied_first(tmp_path, monkeypatch):
+    from easel.producer.api.metrics import MULTIPROC_ENV, multiprocess_metrics
+
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    with multiprocess_metrics(1) as path:
+        assert path is None and MULTIPROC_ENV not in os.environ  # one process: plain in-process metrics
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    (folder / "counter_12345.db").write_bytes(b"an earlier run")
+    (folder / "keep.txt").write_text("not ours")
+    monkeypatch.setenv(MULTIPROC_ENV, str(folder))
+    with multiprocess_metrics(4) as path:
+        assert path == str(folder) and sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+    assert folder.exists()  # the operator's folder stays
+
+
+def test_live_gauges_of_dead_processes_are_forgotten(tmp_path):
+    import subprocess
+    import sys
+
+    from easel.producer.api.metrics import forget_dead_processes
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    for name in (f"gauge_livesum_{pid}.db", f"counter_{pid}.db", f"gauge_livesum_{os.getpid()}.db"):
+        (tmp_path / name).write_bytes(b"")
+    forget_dead_processes(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"counter_{pid}.db", f"gauge_livesum_{os.getpid()}.db"]
 
 
 class IsolatedWorker(WorkerProc):

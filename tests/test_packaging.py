@@ -52,7 +52,7 @@ def test_base_install_submits_and_follows_a_job_without_torch(wheel, easel_env, 
     r = subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    for heavy in ("torch", "diffusers", "transformers", "fastapi"):
+    for heavy in ("torch", "diffusers", "transformers", "fastapi", "opentelemetry"):
         r = subprocess.run([str(py), "-c", f"import {heavy}"], capture_output=True, text=True)
         assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, heavy
 

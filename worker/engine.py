@@ -30,6 +30,7 @@ from typing import Callable
 
 import redis
 
+from easel.shared import tracing
 from easel.shared.celery_app import send_segment
 from easel.shared.jobstore import Claim
 from easel.shared.images import encode_image
@@ -58,6 +59,7 @@ class Job:
     input_s: float = 0.0
     records: dict[int, StageRecord] = field(default_factory=dict)
     last_step: dict | None = None
+    trace: object = tracing.NO_JOB_TRACE  # its spans (shared.tracing)
 
     @property
     def job_id(self) -> str:
@@ -111,22 +113,30 @@ def run_deliveries(ctx: WorkerContext, app, deliveries: list[Delivery]) -> list[
 
 def claim(ctx: WorkerContext, app, deliveries: list[Delivery], outcomes: Outcomes) -> list[Job]:
     """Claim every delivery in one round trip; the ones with nothing to run end here."""
+    t0 = tracing.clock()
+    traces = [tracing.delivery(d.headers, d.job_id, d.segment, d.queue, ctx.hostname, t0) for d in deliveries]
+    for tr in traces:
+        tr.activate()  # a retry sent for it carries its trace
     try:
         claims = ctx.store.claim_many([(d.job_id, d.segment) for d in deliveries], ctx.hostname, ctx.instance,
                                       ctx.settings.max_crash_deliveries)
     except Exception as exc:
-        for d in deliveries:
+        for d, tr in zip(deliveries, traces):
             _ended(ctx, d, settle_error(ctx, app, d, exc), outcomes)
+            tr.end(outcomes[d])
         return []
+    t1 = tracing.clock()
     jobs = []
-    for d, c in zip(deliveries, claims):
+    for d, c, tr in zip(deliveries, claims, traces):
+        tr.record("easel.claim", t0, t1, {"easel.claim": c.outcome, "easel.batch_size": len(deliveries)})
         if c.outcome == "run":
-            jobs.append(Job(d, c))
+            jobs.append(Job(d, c, trace=tr))
             continue
         try:
             _ended(ctx, d, _settle_claim(ctx, d, c), outcomes)
         except Exception as exc:
             _ended(ctx, d, settle_error(ctx, app, d, exc), outcomes)
+        tr.end(outcomes[d])
     return jobs
 
 
@@ -150,7 +160,8 @@ def _settle_claim(ctx: WorkerContext, d: Delivery, c: Claim) -> str:
 
 def load_inputs(ctx: WorkerContext, job: Job) -> None:
     t0 = time.perf_counter()
-    job.carrier = load_input(ctx, job.job_id, job.spec, job.plan, job.delivery.segment)
+    with job.trace.span("easel.inputs"):
+        job.carrier = load_input(ctx, job.job_id, job.spec, job.plan, job.delivery.segment)
     job.input_s = time.perf_counter() - t0
 
 
@@ -215,8 +226,11 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
         hook.rearm()
         observe_call(n * len(jobs))
         try:
-            out, timings = run_stage(model, stages, carrier, n=n, want_latent=want_latent, control_image=control,
-                                     on_step=hook)
+            with tracing.group([job.trace for job in jobs], "easel.stage", {
+                    "easel.stage": i, "easel.task": stage.task, "easel.model": stage.model, "easel.steps": stage.steps,
+                    "easel.batch_size": len(jobs), "easel.images": n * len(jobs)}):
+                out, timings = run_stage(model, stages, carrier, n=n, want_latent=want_latent,
+                                         control_image=control, on_step=hook)
         except Interrupted:
             raise Stopped(hook.cancelled, hook.superseded) from None
         finally:
@@ -270,18 +284,20 @@ def _keep_intermediates(ctx: WorkerContext, job: Job, i: int, model, timings: di
 
 
 def hand_off(ctx: WorkerContext, app, job: Job) -> None:
-    """Store the result for the next segment (another family) and queue it (at least once)."""
+    """Store the result for the next segment (another family) and queue it (at least once);
+    its message carries this hand-off's trace context."""
     store, seg_index, spec = ctx.store, job.delivery.segment, job.spec
-    # The records must be in Redis before the next segment can run (and read them).
-    store.save_records(job.job_id, {i: r.model_dump_json() for i, r in job.records.items()})
-    space = ctx.registry.get(spec.stages[job.segment.stages[-1]].model).latent_space
-    save_handoff(ctx, job.job_id, seg_index + 1, job.carrier, space)
     nxt = job.plan.segments[seg_index + 1]
-    # Sent before this delivery ends, so a death in between re-runs this segment, which
-    # sends again: at least once; a copy is dropped at its claim (stale or duplicate).
-    store.mark_queued(job.job_id, nxt.queue, spec.priority)
-    send_segment(app, job.job_id, seg_index + 1, nxt.queue, spec.priority)
-    end_as(ctx, job.delivery, JobState.running, segment=seg_index + 1)
+    with job.trace.span("easel.hand_off", {"easel.handoff": nxt.handoff_in, "messaging.destination.name": nxt.queue}):
+        # The records must be in Redis before the next segment can run (and read them).
+        store.save_records(job.job_id, {i: r.model_dump_json() for i, r in job.records.items()})
+        space = ctx.registry.get(spec.stages[job.segment.stages[-1]].model).latent_space
+        save_handoff(ctx, job.job_id, seg_index + 1, job.carrier, space)
+        # Sent before this delivery ends, so a death in between re-runs this segment, which
+        # sends again: at least once; a copy is dropped at its claim (stale or duplicate).
+        store.mark_queued(job.job_id, nxt.queue, spec.priority)
+        send_segment(app, job.job_id, seg_index + 1, nxt.queue, spec.priority)
+        end_as(ctx, job.delivery, JobState.running, segment=seg_index + 1)
     log.info("job %s segment %d done in %.2fs, handed %s to %s", job.job_id, seg_index,
              time.perf_counter() - job.t0, nxt.handoff_in, nxt.queue)
 
@@ -290,22 +306,24 @@ def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None
     """Write every job's outputs and manifest side by side, then end the jobs that were
     written as succeeded, in one round trip. A job whose writes fail ends alone."""
     t_write = time.perf_counter()
-    pending = []
-    for job in jobs:
-        started = _guarded(ctx, app, job, outcomes, start_finish, ctx, job.job_id, job.spec, job.carrier,
-                           job.records, created_at=job.claim.created_at, started_at=job.claim.started_at)
-        if started:
-            pending.append((job, started))
-    written = [(job, p) for job, p in pending if _guarded(ctx, app, job, outcomes, p.wait)]
-    if not written:
-        return
-    changes = [(job.job_id, JobState.succeeded, p.final_fields(job.last_step)) for job, p in written]
-    try:
-        ctx.store.transition_many(changes, end=(jobs[0].delivery.segment, ctx.instance))
-    except Exception as exc:
-        for job, _ in written:
-            _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
-        return
+    with tracing.group([job.trace for job in jobs], "easel.finish", {
+            "easel.batch_size": len(jobs), "easel.overlapped": ctx.finisher is not None}):
+        pending = []
+        for job in jobs:
+            started = _guarded(ctx, app, job, outcomes, start_finish, ctx, job.job_id, job.spec, job.carrier,
+                               job.records, created_at=job.claim.created_at, started_at=job.claim.started_at)
+            if started:
+                pending.append((job, started))
+        written = [(job, p) for job, p in pending if _guarded(ctx, app, job, outcomes, p.wait)]
+        if not written:
+            return
+        changes = [(job.job_id, JobState.succeeded, p.final_fields(job.last_step)) for job, p in written]
+        try:
+            ctx.store.transition_many(changes, end=(jobs[0].delivery.segment, ctx.instance))
+        except Exception as exc:
+            for job, _ in written:
+                _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
+            return
     for job, _ in written:
         _ended(ctx, job.delivery, "succeeded", outcomes, job)
     log.info("%d job(s) succeeded; outputs written in %.3fs: %s", len(written), time.perf_counter() - t_write,
@@ -325,6 +343,8 @@ def _guarded(ctx: WorkerContext, app, job: Job, outcomes: Outcomes, fn: Callable
 
 def _ended(ctx: WorkerContext, d: Delivery, outcome: str, outcomes: Outcomes, job: Job | None = None) -> None:
     outcomes[d] = outcome
+    if job is not None:
+        job.trace.end(outcome)
     if outcome in ("succeeded", "failed", "cancelled") and (d.segment > 0 or (job and len(job.plan.segments) > 1)):
         ctx.io.submit(drop_handoffs, ctx, d.job_id)  # the job has ended: its hand-offs are garbage
     observe_delivery(ctx, d.job_id, d.segment, outcome, job.t0 if job else None,

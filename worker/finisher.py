@@ -29,6 +29,7 @@ pending finishes before the process exits.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +63,8 @@ class Finisher:
             waiting = self._waiting(queue)
             with self._cv:
                 mark = (self._tasks, self._calls)
-            fut = self._pool.submit(self._run, finish, mark, waiting)
+            # In the task's context: its log lines carry the job's fields (shared/logs.py).
+            fut = self._pool.submit(contextvars.copy_context().run, self._run, finish, mark, waiting)
         except BaseException:
             self._slots.release()
             raise

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import botocore.exceptions
 import redis.exceptions
@@ -41,11 +41,14 @@ BACKOFF_CAP_S = 30.0
 
 @dataclass(frozen=True)
 class Delivery:
-    """One message: run ``segment`` of a job. ``queue`` is where it came from (None if unknown)."""
+    """One message: run ``segment`` of a job. ``queue`` is where it came from (None if unknown);
+    ``headers`` are its custom headers (the trace context, ``shared.tracing``), not part of
+    its identity."""
 
     job_id: str
     segment: int
     queue: str | None = None
+    headers: dict | None = field(default=None, compare=False, hash=False, repr=False)
 
 
 def describe(exc: BaseException) -> str:

@@ -16,18 +16,20 @@ app = make_celery()
 app.conf.task_acks_on_failure_or_timeout = False
 
 
-def delivery(job_id, segment, queue: str | None) -> Delivery | None:
-    """A message's arguments as a delivery; None for arguments no producer of ours sends."""
+def delivery(job_id, segment, queue: str | None, headers: dict | None = None) -> Delivery | None:
+    """A message's arguments (and custom headers) as a delivery; None for arguments no
+    producer of ours sends."""
     if not isinstance(job_id, str) or not job_id.isalnum() or len(job_id) > 64:
         return None
     if not isinstance(segment, int) or isinstance(segment, bool) or not 0 <= segment < 64:
         return None
-    return Delivery(job_id, segment, queue)
+    return Delivery(job_id, segment, queue, headers if isinstance(headers, dict) else None)
 
 
-def run(requests: list[tuple[object, object, str | None]]) -> list[str]:
-    """Run a task's deliveries (one, or a micro-batch's), with the finisher told when the
-    task starts and ends (a pending finish waits for the next call)."""
+def run(requests: list[tuple]) -> list[str]:
+    """Run a task's deliveries (one, or a micro-batch's), each given as (job id, segment,
+    queue, custom headers), with the finisher told when the task starts and ends (a pending
+    finish waits for the next call)."""
     ctx, _ = get_context()
     deliveries = [delivery(*r) for r in requests]
     valid = [d for d in deliveries if d is not None]
@@ -54,9 +56,10 @@ def register_tasks(app, batch_size: int = 1, batch_wait_s: float = 0.05) -> None
         @app.task(name=RUN_SEGMENT, base=Batches, flush_every=batch_size, flush_interval=batch_wait_s)
         def run_segment_batch(requests):
             run([((r.args or [None, None])[0], (r.args or [None, None])[-1],
-                  (r.delivery_info or {}).get("routing_key")) for r in requests])
+                  (r.delivery_info or {}).get("routing_key"), r.request_dict) for r in requests])
         return
 
     @app.task(name=RUN_SEGMENT, bind=True)
     def run_segment(self, job_id: str, seg_index: int) -> str:
-        return run([(job_id, seg_index, (self.request.delivery_info or {}).get("routing_key"))])[0]
+        return run([(job_id, seg_index, (self.request.delivery_info or {}).get("routing_key"),
+                     self.request.headers)])[0]
