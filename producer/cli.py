@@ -18,6 +18,8 @@ app = typer.Typer(help="easel: diffusers image-to-image jobs through Redis, GPU 
                   no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Model registry and tiny checkpoints.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+queues_app = typer.Typer(help="Family queues: depth, workers, pause and resume.")
+app.add_typer(queues_app, name="queues")
 console = Console()
 err = Console(stderr=True)
 
@@ -77,6 +79,11 @@ def worker(family: str = typer.Option(..., help="Model family (queue) this pool 
     except KeyError as e:
         _fail(str(e.args[0]))
     ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
+    import os
+
+    from easel.shared.logs import configure_logging
+
+    configure_logging(os.environ.get("EASEL_LOGLEVEL", "INFO"), get_settings().log_format)  # the launcher's own lines
     raise typer.Exit(run_workers(family, ids, restart=not no_restart))
 
 
@@ -177,11 +184,44 @@ def fetch(job_id: str, out: Path = typer.Option(Path("easel-out"), "--out", "-o"
         _fail(str(e), 1)
 
 
+@queues_app.callback(invoke_without_command=True)
+def queues(ctx: typer.Context) -> None:
+    """Per family queue: messages in the broker, jobs pending their tenant's turn, live workers,
+    their recent seconds per job, and whether it is paused (tab-separated)."""
+    if ctx.invoked_subcommand:
+        return
+    print("queue\tmessages\tpending\tworkers\tjob_s\tstate")
+    for q in _client().queues():
+        job_s = "-" if q.job_s is None else f"{q.job_s:.2f}"
+        print(f"{q.queue}\t{q.messages}\t{q.pending}\t{q.live_workers}\t{job_s}\t{'paused' if q.paused else 'open'}")
+
+
+@queues_app.command("pause")
+def queues_pause(family: str) -> None:
+    """Stop dispatching a family's pending jobs (they keep their order); running ones finish."""
+    try:
+        _client().pause(family)
+    except KeyError as e:
+        _fail(str(e).strip("'\""))
+    print(f"{family}: paused")
+
+
+@queues_app.command("resume")
+def queues_resume(family: str) -> None:
+    """Dispatch a paused family's pending jobs again, in their order."""
+    try:
+        _client().resume(family)
+    except KeyError as e:
+        _fail(str(e).strip("'\""))
+    print(f"{family}: resumed")
+
+
 @app.command()
-def queues() -> None:
-    """Queued messages per family queue."""
-    for q, n in _client().queues().items():
-        print(f"{q}\t{n}")
+def drain(hostname: str = typer.Argument(..., help="The worker process's hostname (easel queues, metrics).")) -> None:
+    """Ask a worker process to finish its running stage and exit, for maintenance; its launcher
+    leaves it stopped. Start it again to resume."""
+    _client().drain(hostname)
+    print(f"{hostname}: drain asked; it exits after its running stage (within one heartbeat)")
 
 
 @models_app.command("make-tiny")

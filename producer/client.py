@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
+from easel.shared import tracing
 from easel.shared.celery_app import RUN_SEGMENT, make_celery, send_segment
 from easel.shared.images import InputError, check_public_url, decode_image, image_ext, parse_data_uri
-from easel.shared.jobstore import JobStore
+from easel.shared.jobstore import DEFAULT_TENANT, JobStore
+from easel.shared.scheduler import Scheduler
 from easel.shared.plan import PlanError, plan_job
 from easel.shared.registry import Registry, load_registry
 from easel.shared.schema import JobSpec, JobState, JobStatus, Manifest, Plan, Progress, Stage
@@ -50,8 +52,10 @@ class EaselClient:
         self.settings = settings or get_settings()
         self.registry = registry or load_registry(self.settings.models)
         self.store = JobStore.from_settings(self.settings)
+        self.scheduler = Scheduler(self.store.r, self.settings.queue_prefix)
         self.storage = Storage(self.settings)
         self.celery = make_celery(self.settings)
+        tracing.setup(self.settings, "easel-producer")
 
     # -- submission ---------------------------------------------------------------------
     def validate(self, job: JobSpec | dict) -> JobSpec:
@@ -121,18 +125,33 @@ class EaselClient:
             raise SubmitError(str(e)) from None
 
     def submit(self, job: JobSpec | dict) -> str:
-        spec, plan = self.prepare_and_plan(job)
-        job_id, created = self.store.create(spec, plan)
-        if created:
-            self._enqueue(job_id, spec, plan)
-        return job_id
+        with tracing.span("easel.submit") as span:
+            spec, plan = self.prepare_and_plan(job)
+            job_id, created = self.store.create(spec, plan)
+            if span is not tracing.NO_SPAN:
+                span.set_attributes(_job_attributes(job_id, spec, plan, created))
+            if created:
+                self._enqueue(job_id, spec, plan)
+            return job_id
 
     def _enqueue(self, job_id: str, spec: JobSpec, plan) -> None:
-        """Send the first segment's message; a job that cannot be enqueued ends failed, not stuck."""
+        """Into its tenant's pending set, then dispatch what fits (``shared.scheduler``); a job
+        that cannot be enqueued ends failed, not stuck."""
         queue = plan.segments[0].queue
         try:
-            self.store.mark_queued(job_id, queue, spec.priority, new=True)
-            send_segment(self.celery, job_id, 0, queue, spec.priority)
+            with tracing.span("easel.enqueue", {"easel.job_id": job_id, "messaging.destination.name": queue},
+                              producer=True):
+                if tracing.enabled():  # for whoever sends its message if it must wait its turn
+                    self.store.keep_traces({job_id: tracing.carrier()})
+                moved = self.scheduler.enqueue_and_dispatch(
+                    [(job_id, queue, spec.tenant or DEFAULT_TENANT, spec.priority)], {queue: plan.segments[0].family})
+                kept = self.scheduler.kept_traces([m for m, _, _ in moved if m != job_id])
+                for moved_id, moved_queue, priority in moved:
+                    if moved_id == job_id:
+                        send_segment(self.celery, job_id, 0, moved_queue, priority)
+                    else:  # earlier jobs whose turn came
+                        send_segment(self.celery, moved_id, 0, moved_queue, priority, on_behalf=True,
+                                     kept_trace=kept.get(moved_id))
         except Exception as e:
             self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}")
             self.store.unmark_queued(job_id)
@@ -144,9 +163,10 @@ class EaselClient:
         Every job is prepared and planned exactly as ``submit`` does, all of them before
         anything is queued, so one bad job refuses the whole call (``SubmitError`` naming its
         index) and queues nothing. Then, per batch of ``batch_size`` jobs: the job records in
-        one MULTI/EXEC, the queue positions in one pipeline, and the Celery messages through
-        one kombu producer in one pipeline. If writing a batch fails, its jobs end failed
-        ("could not enqueue") and the error is raised; earlier batches stay queued.
+        one MULTI/EXEC, the tenants' pending sets and the dispatch in one pipeline, and the
+        Celery messages of the dispatched jobs through one kombu producer in one pipeline. If
+        writing a batch fails, its jobs end failed ("could not enqueue") and the error is
+        raised; earlier batches stay queued.
 
         Idempotency keys behave as in ``submit``: a key seen before, or earlier in this same
         call, gives the first job's id and queues nothing.
@@ -162,13 +182,14 @@ class EaselClient:
             return ids
         # A connection of our own whose Redis client does not replay timed-out commands:
         # kombu only pipelines publishes (Producer.batch) when a replay cannot duplicate them.
-        with self.celery.connection_for_write(transport_options={"retry_on_timeout": False}) as conn:
+        with tracing.span("easel.submit_many", {"easel.jobs": len(prepared)}) as call, \
+                self.celery.connection_for_write(transport_options={"retry_on_timeout": False}) as conn:
             producer = self.celery.amqp.Producer(conn)
             for start in range(0, len(prepared), max(1, batch_size)):
-                ids += self._submit_batch(prepared[start:start + batch_size], producer)
+                ids += self._submit_batch(prepared[start:start + batch_size], producer, call)
         return ids
 
-    def _submit_batch(self, items: list[tuple[JobSpec, Plan]], producer) -> list[str]:
+    def _submit_batch(self, items: list[tuple[JobSpec, Plan]], producer, call=tracing.NO_SPAN) -> list[str]:
         """Records first, then queue positions and messages for the jobs actually created."""
         ids: list[str] = []
         new: list[tuple[str, JobSpec, Plan]] = []
@@ -179,23 +200,14 @@ class EaselClient:
         if not new:
             return ids
         try:
-            self.store.mark_queued_many([(job_id, plan.segments[0].queue, spec.priority) for job_id, spec, plan in new],
-                                        new=True)
-            # retry=False: inside a batch a publish only buffers (nothing to retry); the flush
-            # at the end of the block is one pipeline, which kombu never replays. (A kombu
-            # without Producer.batch publishes one LPUSH per message instead.)
-            # Each queue is declared (bound in Redis) with its first message of the call; the
-            # rest skip kombu's per-message declare check, which copies the queue entity.
-            batch = getattr(producer, "batch", None)
-            declared: set[str] = set()
-            with batch(max_size=len(new) + 1) if batch else contextlib.nullcontext():
-                for job_id, spec, plan in new:
-                    args, queue = [job_id, 0], plan.segments[0].queue
-                    once = {"declare": []} if queue in declared else {}
-                    self.celery.send_task(RUN_SEGMENT, args=args, queue=queue, priority=spec.priority,
-                                          producer=producer, retry=False, argsrepr=repr(args), kwargsrepr="{}",
-                                          **once)
-                    declared.add(queue)
+            entries = [(job_id, plan.segments[0].queue, spec.tenant or DEFAULT_TENANT, spec.priority)
+                       for job_id, spec, plan in new]
+            families = {plan.segments[0].queue: plan.segments[0].family for _, _, plan in new}
+            carriers = self._submit_spans(new, call)
+            self.store.keep_traces(carriers)
+            moved = self.scheduler.enqueue_and_dispatch(entries, families)
+            kept = {**self.scheduler.kept_traces([j for j, _, _ in moved if j not in carriers]), **carriers}
+            self._send_batch(producer, moved, kept)
         except Exception as e:
             # Delivery of this batch is uncertain: fail its jobs (a worker drops the message
             # of a terminal job) rather than leave them queued forever.
@@ -204,6 +216,38 @@ class EaselClient:
                 self.store.unmark_queued(job_id)
             raise
         return ids
+
+    @staticmethod
+    def _submit_spans(new: list[tuple[str, JobSpec, Plan]], call) -> dict[str, dict]:
+        """One trace per job (tracing on): a root span of its own, linked to the submit_many
+        call; returns each job's context, to keep with it for whoever sends its message."""
+        if not tracing.enabled():
+            return {}
+        carriers = {}
+        for job_id, spec, plan in new:
+            with tracing.span("easel.submit", _job_attributes(job_id, spec, plan, True), root=True, producer=True,
+                              links=[call]):
+                carriers[job_id] = tracing.carrier()
+        return carriers
+
+    def _send_batch(self, producer, moved: list[tuple[str, str, int]], kept: dict[str, dict]) -> None:
+        """The first messages of the dispatched jobs, through one kombu producer, each with the
+        trace context kept for it.
+
+        retry=False: inside a batch a publish only buffers (nothing to retry); the flush at the
+        end of the block is one pipeline, which kombu never replays. (A kombu without
+        Producer.batch publishes one LPUSH per message instead.) Each queue is declared (bound
+        in Redis) with its first message of the call; the rest skip kombu's per-message
+        declare check, which copies the queue entity."""
+        batch = getattr(producer, "batch", None)
+        declared: set[str] = set()
+        with batch(max_size=len(moved) + 1) if batch else contextlib.nullcontext():
+            for job_id, queue, priority in moved:
+                once = {"declare": []} if queue in declared else {}
+                self.celery.send_task(RUN_SEGMENT, args=[job_id, 0], queue=queue, priority=priority, producer=producer,
+                                      retry=False, argsrepr=repr([job_id, 0]), kwargsrepr="{}",
+                                      headers=tracing.headers_from(kept.get(job_id)), **once)
+                declared.add(queue)
 
     def submit_img2img(self, image: str, prompt: str, model: str = "sd15", **stage: object) -> str:
         output = {k: stage.pop(k) for k in ("format", "keep_intermediates") if k in stage}
@@ -214,7 +258,18 @@ class EaselClient:
 
     # -- following ----------------------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:
-        return self.store.status(job_id)
+        """The job's status; while it waits, with its place in line and ETA, or why it cannot
+        start."""
+        status = self.store.status(job_id, position=False)
+        if status.state != JobState.queued:
+            return status
+        return status.model_copy(update=self.scheduler.estimate(job_id, *self._waiting_in(job_id)))
+
+    def _waiting_in(self, job_id: str) -> tuple[str, str, str]:
+        """(queue, family, tenant) of the segment a queued job waits for."""
+        spec, plan = self.store.load(job_id)
+        seg = plan.segments[int(self.store.r.hget(self.store.key(job_id), "segment") or 0)]
+        return seg.queue, seg.family, spec.tenant or DEFAULT_TENANT
 
     def watch(self, job_ids: list[str], timeout: float | None = None, resync_s: float = 5.0) -> Iterator[JobStatus]:
         """Each job's status as it changes, until every job has ended; raises TimeoutError after
@@ -290,14 +345,59 @@ class EaselClient:
     def cancel(self, job_id: str) -> JobState:
         return self.store.request_cancel(job_id)
 
-    def queues(self) -> dict[str, int]:
-        """Messages waiting per family queue (all priority sub-queues counted)."""
+    def queues(self) -> list[QueueInfo]:
+        """Per family: jobs waiting (in the broker, and pending their tenant's turn), live
+        workers, their recent seconds per job, and whether the queue is paused."""
         from easel.shared.celery_app import queue_name
         from easel.shared.metrics import queue_depths
 
         prefix = self.settings.queue_prefix
         depths = queue_depths(self.store.r, self.registry.families(), prefix)
-        return {queue_name(family, prefix): sum(by_priority.values()) for family, by_priority in depths.items()}
+        out = []
+        for family, by_priority in sorted(depths.items()):
+            queue = queue_name(family, prefix)
+            view = self.scheduler.family(family)
+            out.append(QueueInfo(family=family, queue=queue, messages=sum(by_priority.values()),
+                                 pending=self.scheduler.pending_count(queue), live_workers=view.live,
+                                 job_s=view.job_s, paused=self.scheduler.paused(queue)))
+        return out
+
+    def pause(self, family: str) -> None:
+        """Stop dispatching the family's pending jobs; they keep their order until ``resume``."""
+        self.scheduler.pause(self._queue_of(family))
+
+    def resume(self, family: str) -> None:
+        queue = self._queue_of(family)
+        self.scheduler.resume(queue)
+        self.scheduler.feed(queue, family, lambda *a, **kw: send_segment(self.celery, *a, **kw))
+
+    def drain(self, hostname: str) -> None:
+        """Ask worker ``hostname`` to finish its running stage and exit (its launcher leaves it
+        stopped); picked up at its next heartbeat."""
+        self.store.r.set(f"{self.settings.queue_prefix}:drain:{hostname}", 1, ex=86400)
+
+    def _queue_of(self, family: str) -> str:
+        from easel.shared.celery_app import queue_name
+
+        if family not in self.registry.families():
+            raise KeyError(f"unknown family {family!r}; known: {', '.join(sorted(self.registry.families()))}")
+        return queue_name(family, self.settings.queue_prefix)
+
+
+class QueueInfo(BaseModel):
+    family: str
+    queue: str
+    messages: int = Field(description="messages in the broker (sent, waiting for a worker)")
+    pending: int = Field(description="jobs waiting for their tenant's turn (fair share)")
+    live_workers: int
+    job_s: float | None = Field(description="the live workers' recent mean seconds per job")
+    paused: bool
+
+
+def _job_attributes(job_id: str, spec: JobSpec, plan: Plan, created: bool) -> dict:
+    return {"easel.job_id": job_id, "easel.stages": len(spec.stages), "easel.segments": len(plan.segments),
+            "easel.priority": spec.priority, "easel.created": created,
+            "messaging.destination.name": plan.segments[0].queue}
 
 
 __all__ = ["EaselClient", "SubmitError", "Stage"]

@@ -26,6 +26,7 @@ from celery import Celery
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
+from easel.shared import tracing
 from easel.shared.settings import Settings, get_settings
 
 RUN_SEGMENT = "easel.run_segment"
@@ -96,9 +97,14 @@ for _scheme in ("redis", "rediss"):
 
 
 def send_segment(app: Celery, job_id: str, segment: int, queue: str, priority: int,
-                 countdown: float | None = None) -> None:
-    """Queue one delivery of a job's segment: the only message easel sends."""
-    app.send_task(RUN_SEGMENT, args=[job_id, segment], queue=queue, priority=priority, countdown=countdown)
+                 countdown: float | None = None, *, on_behalf: bool = False, kept_trace: dict | None = None) -> None:
+    """Queue one delivery of a job's segment: the only message easel sends. With tracing on,
+    its headers carry the job's trace context (``shared.tracing``): this process's, or, for a
+    job sent on its submitter's behalf (``on_behalf``: fair-share dispatch), ``kept_trace``,
+    the context its submitter kept in its record."""
+    headers = tracing.headers_from(kept_trace) if on_behalf else tracing.headers(job_id)
+    app.send_task(RUN_SEGMENT, args=[job_id, segment], queue=queue, priority=priority, countdown=countdown,
+                  headers=headers)
 
 
 class UnackedMessages:

@@ -19,6 +19,8 @@ This module is the only one that reads or writes a job's hash. One hash per job,
   the poison-job counter; ``retries:<seg>``: transient-error retries.
 - ``stage``, ``step``, ``total_steps``: progress; ``record:<i>``: stage records (JSON).
 - ``outputs``, ``manifest``: the results of a succeeded job.
+- ``tenant``: whose fair share the job runs in; ``trace``: the submitter's trace context
+  (tracing on), for the process that sends its first message when its turn comes.
 - ``owner``, ``webhook_url``, ``webhook_events``, ``webhook_state``, ``webhook_attempts``,
   ``webhook_last_error``, ``webhook_sent:<event>``: the HTTP API's key and webhook delivery.
 
@@ -190,18 +192,30 @@ end
 return out
 """
 
-# KEYS: job hash, instances zset. Returns {state, segment, 1 if a live instance holds it}
+# KEYS: job hash, instances zset. Returns {state, segment, holder} with holder 1 when a live
+# instance holds the job, 2 when a dead one does (its reaper requeues it), 0 when none does;
 # or {} for a job that is gone.
 _HOLDER = _CLOCK + """
 local h = redis.call('HMGET', KEYS[1], 'state', 'segment', 'instance')
 if not h[1] then return {} end
-return {h[1], h[2] or '', (h[3] and alive(KEYS[2], h[3])) and 1 or 0}
+local holder = 0
+if h[3] then holder = alive(KEYS[2], h[3]) and 1 or 2 end
+return {h[1], h[2] or '', holder}
 """
 
-# KEYS: instances zset, presence key. ARGV: instance, ttl, presence JSON.
+# KEYS: instances zset, presence key, the family's instances zset (what fair-share dispatch and
+# ETAs count; instances dead for a day leave it), the family's batch size. ARGV: instance,
+# ttl, presence JSON, job-seconds key prefix, this instance's mean seconds per job ('' = none
+# yet), its batch size (what it takes from the queue at once).
 _BEAT = _CLOCK + """
-redis.call('ZADD', KEYS[1], now() + tonumber(ARGV[2]), ARGV[1])
-redis.call('SET', KEYS[2], ARGV[3], 'PX', math.ceil(tonumber(ARGV[2]) * 1000))
+local t = now()
+local ttl_ms = math.ceil(tonumber(ARGV[2]) * 1000)
+redis.call('ZADD', KEYS[1], t + tonumber(ARGV[2]), ARGV[1])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ttl_ms)
+redis.call('ZADD', KEYS[3], t + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', t - 86400)
+if ARGV[5] ~= '' then redis.call('SET', ARGV[4] .. ARGV[1], ARGV[5], 'PX', ttl_ms) end
+redis.call('SET', KEYS[4], ARGV[6], 'PX', ttl_ms)
 return 0
 """
 
@@ -245,9 +259,34 @@ def redis_client(url: str, **kw) -> redis.Redis:
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError], **kw)
 
 
+def run_scripts(r: redis.Redis, calls: list[tuple]) -> list:
+    """Run (script, keys, args) calls in one pipeline of EVALSHA alone: redis-py's own
+    pipelines send SCRIPT EXISTS before every script call. A script Redis has lost (a
+    restart) is loaded and only the calls it refused are sent again: those did not run.
+    Errors come back in place of their replies."""
+    replies = _evalsha_all(r, calls)
+    lost = [i for i, x in enumerate(replies) if isinstance(x, redis.exceptions.NoScriptError)]
+    if lost:
+        for script in {id(calls[i][0]): calls[i][0] for i in lost}.values():
+            r.script_load(script.script)
+        for i, reply in zip(lost, _evalsha_all(r, [calls[i] for i in lost])):
+            replies[i] = reply
+    return replies
+
+
+def _evalsha_all(r: redis.Redis, calls: list[tuple]) -> list:
+    pipe = r.pipeline(transaction=False)
+    for script, keys, args in calls:
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+    return pipe.execute(raise_on_error=False)
+
+
 def _text(v: bytes | str) -> str:
     """A reply as text, from a client with or without ``decode_responses``."""
     return v.decode() if isinstance(v, bytes) else v
+
+
+DEFAULT_TENANT = "default"  # the tenant of jobs submitted without one
 
 
 def new_job_id() -> str:
@@ -285,7 +324,8 @@ class JobStore:
         """A queued job's hash. Counters and progress start absent (read as 0), which keeps
         bulk submission's writes small."""
         return {"spec": spec.model_dump_json(), "plan": plan.model_dump_json(), "state": JobState.queued.value,
-                "queue": plan.segments[0].queue, "created_at": now, "updated_at": now}
+                "queue": plan.segments[0].queue, "tenant": spec.tenant or DEFAULT_TENANT, "created_at": now,
+                "updated_at": now}
 
     def _idem_key(self, spec: JobSpec) -> str:
         return f"{self.prefix}:idem:{spec.idempotency_key}"
@@ -412,17 +452,7 @@ class JobStore:
         return [res == 1 for res in self._run_script(self._transition, calls, raise_on_error=True)]
 
     def _run_script(self, script, calls: list[tuple[list, list]], raise_on_error: bool) -> list:
-        """One run of ``script`` per (keys, args), in one pipeline of EVALSHA alone: redis-py's
-        own pipelines send SCRIPT EXISTS before every script call. The script is loaded only
-        when Redis has lost it (a restart), and then the runs are sent again: none of them ran."""
-        for _ in range(2):
-            pipe = self.r.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            replies = pipe.execute(raise_on_error=False)
-            if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
-                break
-            self.r.script_load(script.script)
+        replies = run_scripts(self.r, [(script, keys, args) for keys, args in calls])
         errors = [r for r in replies if isinstance(r, Exception)]
         if raise_on_error and errors:
             raise errors[0]
@@ -482,6 +512,14 @@ class JobStore:
         replies = pipe.execute()[2::3]
         return [(cancel == "1", holder != instance) for cancel, holder in replies]
 
+    def keep_traces(self, carriers: dict[str, dict]) -> None:
+        """Keep jobs' trace contexts (``trace``) for whoever sends their first message later."""
+        if carriers:
+            pipe = self.r.pipeline(transaction=False)
+            for job_id, carrier in carriers.items():
+                pipe.hset(self.key(job_id), "trace", json.dumps(carrier))
+            pipe.execute()
+
     def save_records(self, job_id: str, records: dict[int, str]) -> None:
         if records:
             self.r.hset(self.key(job_id), mapping={f"record:{i}": r for i, r in records.items()})
@@ -525,9 +563,17 @@ class JobStore:
         pipe.execute()
 
     def unmark_queued(self, job_id: str) -> None:
-        queue = self.r.hget(self.key(job_id), "queue")
+        """The job no longer waits: out of its queue-position set, and out of its tenant's
+        pending set if it was never dispatched."""
+        from easel.shared.scheduler import backlog_key, pending_key
+
+        queue, tenant = self.r.hmget(self.key(job_id), "queue", "tenant")
         if queue:
-            self.r.zrem(self._queued_key(queue), job_id)
+            pipe = self.r.pipeline(transaction=False)
+            pipe.zrem(self._queued_key(queue), job_id)
+            pipe.zrem(pending_key(self.prefix, queue, tenant or DEFAULT_TENANT), job_id)
+            if pipe.execute()[1]:
+                self.r.lpop(backlog_key(self.prefix, queue))
 
     def waiting_since(self, queue: str, limit: int = 500) -> list[tuple[str, int, float]]:
         """(job id, segment, waiting since) of the first jobs marked waiting in ``queue`` that
@@ -587,30 +633,44 @@ class JobStore:
     def beat(self, instance: str, hostname: str, presence: dict, ttl_s: float) -> None:
         """An instance is alive for ``ttl_s`` more seconds (Redis's clock); its presence record
         (for ``easel queues``, metrics) lives as long."""
-        self._beat(keys=[self.instances_key(), self.presence_key(hostname)],
-                   args=[instance, ttl_s, json.dumps(presence)])
+        from easel.shared.scheduler import family_batch_key, family_instances_key, job_seconds_prefix
 
-    def retire(self, instance: str, hostname: str) -> None:
+        family = presence.get("family", "unknown")
+        job_s = presence.get("job_s")
+        self._beat(keys=[self.instances_key(), self.presence_key(hostname), family_instances_key(self.prefix, family),
+                         family_batch_key(self.prefix, family)],
+                   args=[instance, ttl_s, json.dumps(presence), job_seconds_prefix(self.prefix),
+                         "" if job_s is None else job_s, presence.get("batch_size") or 1])
+
+    def retire(self, instance: str, hostname: str, family: str | None = None) -> None:
         """A clean shutdown: the instance is gone now; anything it still held is reaped at once."""
+        from easel.shared.scheduler import family_instances_key
+
         pipe = self.r.pipeline(transaction=True)
         pipe.zadd(self.instances_key(), {instance: 0})
+        if family:
+            pipe.zadd(family_instances_key(self.prefix, family), {instance: time.time()})
         pipe.delete(self.presence_key(hostname))
         pipe.execute()
 
     def state_counts(self, queues: list[str]) -> dict[str, int]:
-        """Jobs waiting in ``queues`` (queued, or between stages), running (held by a worker
-        process), and ended since the counts began (by final state): O(queues + instances),
-        whatever the number of jobs."""
+        """Jobs waiting in ``queues`` (sent to the broker, pending their tenant's turn, or
+        between stages), running (held by a worker process), and ended since the counts began
+        (by final state): O(queues + instances), whatever the number of jobs."""
+        from easel.shared.scheduler import backlog_key
+
         instances = [_text(i) for i in self.r.zrange(self.instances_key(), 0, -1)]
         pipe = self.r.pipeline(transaction=False)
         for queue in queues:
             pipe.zcard(self._queued_key(queue))
+            pipe.llen(backlog_key(self.prefix, queue))
         for instance in instances:
             pipe.scard(self._running_prefix() + instance)
         pipe.hgetall(self.finished_key())
         replies = pipe.execute()
         finished = {_text(k): int(v) for k, v in replies.pop().items()}
-        counts = {JobState.queued.value: sum(replies[:len(queues)]), JobState.running.value: sum(replies[len(queues):])}
+        waiting, held = replies[:2 * len(queues)], replies[2 * len(queues):]
+        counts = {JobState.queued.value: sum(waiting), JobState.running.value: sum(held)}
         for state in (JobState.succeeded, JobState.failed, JobState.cancelled):
             counts[state.value] = finished.get(state.value, 0)
         return counts
@@ -647,9 +707,10 @@ class JobStore:
                              args=[instance, segment, why, time.time()])
 
     def needs_delivery(self, job_id: str, segment: int) -> bool | None:
-        """For a message found unacked: True when nothing runs that segment now (it should be
-        queued again), None while a live instance runs it, False when the job has ended,
-        moved past it, or is gone (the message can be dropped)."""
+        """For a message found unacked: True when no instance holds that segment (it should be
+        queued again), None while an instance holds it (a live one runs it; a dead one's
+        delivery is its reaper's to requeue, with the note saying why), False when the job has
+        ended, moved past it, or is gone (the message can be dropped)."""
         view = self._holder(keys=[self.key(job_id), self.instances_key()])
         if not view or JobState(view[0]).terminal or (view[1] and segment < int(view[1])):
             return False

@@ -87,7 +87,7 @@ class Heartbeat(_Loop):
         """A clean exit: stop beating, and let reapers take anything still held at once."""
         self.stop()
         try:
-            self.store.retire(self.instance, self.hostname)
+            self.store.retire(self.instance, self.hostname, self.presence.get("family"))
         except redis.RedisError:
             log.warning("could not retire instance %s; its heartbeat expires in %ss", self.instance, self.ttl_s)
 

@@ -17,7 +17,6 @@ from prometheus_client.registry import Collector
 
 from easel.shared.celery_app import queue_name, unacked_keys
 from easel.shared.jobstore import JobStore
-from easel.shared.schema import JobState
 
 PRIORITIES = range(10)
 # Minute-long stages: fine buckets up to a minute, then coarse ones up to an hour.

@@ -122,6 +122,9 @@ class JobSpec(EaselModel):
 
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     priority: int = Field(default=5, ge=0, le=9, description="0 runs first, 9 last (Celery-on-Redis order).")
+    tenant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$", description=(
+        "who the farm is shared with fairly (stride scheduling by weight); the HTTP API sets it to the "
+        "API key's name. Unset: `default`"))
     input: JobInput = Field(default_factory=JobInput)
     stages: list[Stage] = Field(min_length=1, max_length=MAX_STAGES)
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
@@ -204,6 +207,12 @@ class JobStatus(EaselModel):
     note: str | None = Field(default=None, description="what recovery did, e.g. 'requeued: worker X stopped "
                              "beating at T'")
     queue_position: int | None = Field(default=None, description="0 = next in its family queue; only while queued")
+    eta_s: float | None = Field(default=None, description=(
+        "seconds until it should start, from the jobs ahead of it, its family's live workers and their recent "
+        "seconds per job; only while queued, and only once the family's workers have run jobs"))
+    waiting_for: str | None = Field(default=None, description=(
+        "why a queued job cannot start, e.g. 'no live worker serves family sd15 (none for 2m10s)', or that "
+        "its family's queue is paused"))
 
 
 class StageRecord(EaselModel):

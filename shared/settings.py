@@ -27,6 +27,8 @@ class ApiKey(BaseModel):
     webhook_events: list[WebhookEvent] = Field(default_factory=lambda: ["succeeded", "failed", "cancelled"],
                                                description="the events this key's webhooks carry")
     admin: bool = Field(default=False, description="sees every job, may reference any s3:// object")
+    weight: float = Field(default=1.0, gt=0, le=1000, description=(
+        "this key's share of the farm against other backlogged keys (fair share: 2 gets twice a 1's jobs)"))
 
 
 class Settings(BaseSettings):
@@ -108,7 +110,7 @@ class Settings(BaseSettings):
     # Micro-batching: compatible queued jobs run as one pipeline call (1 = off).
     batch_size: int = Field(default=1, ge=1, le=64)
     batch_wait_s: float = Field(default=0.05, ge=0.0, le=10.0, description="how long a partial batch waits")
-    # Operations: HTTP API, webhooks, metrics (issue 6). EASEL_API_KEYS is JSON: [{"name":..,"sha256":..}].
+    # Operations: HTTP API, webhooks, metrics. EASEL_API_KEYS is JSON: [{"name":..,"sha256":..}].
     api_keys: list[ApiKey] = Field(default_factory=list)
     api_keys_file: Path | None = Field(default=None, description="YAML/JSON list of ApiKey, merged with api_keys")
     api_rate_per_min: float = Field(default=600.0, gt=0, description="per-key token refill rate, all /v1 requests")
@@ -127,6 +129,10 @@ class Settings(BaseSettings):
     webhook_progress_every_s: float = Field(default=5.0, gt=0, description="progress webhooks at most this often a job")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="worker Prometheus port; 0 = off. "
                               "Process k of a multi-GPU launcher binds port + GPU index.")
+    # Logs (shared/logs.py) of workers, `easel worker` and `easel api`.
+    log_format: Literal["auto", "text", "json"] = Field(default="auto", description=(
+        "json: one JSON object a line, with job_id, segment, worker and family as fields; text: for a terminal; "
+        "auto: text when stderr is a terminal, json otherwise"))
     # Tracing (shared/tracing.py; the `tracing` extra): one OpenTelemetry trace per job.
     tracing: Literal["none", "console", "file", "otlp", "global"] = Field(default="none", description=(
         "none: off (opentelemetry is not imported); console: spans as JSON on stderr; file: JSON lines appended to "

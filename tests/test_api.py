@@ -49,8 +49,10 @@ def keys_env(keys: dict[str, dict] = KEYS) -> str:
 class ApiServer:
     """`python -m easel.producer.cli api` on a free port, as an operator would run it."""
 
-    def __init__(self, env: dict[str, str], logdir: Path, name: str = "api"):
+    def __init__(self, env: dict[str, str], logdir: Path, name: str = "api", workers: int = 1,
+                 log_level: str = "warning"):
         self.port = free_port()
+        self.workers, self.log_level = workers, log_level
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = logdir / f"{name}.log"
         self.env = {**os.environ, **env}
@@ -59,8 +61,8 @@ class ApiServer:
     def start(self, timeout: float = 60) -> "ApiServer":
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen([sys.executable, "-m", "easel.producer.cli", "api", "--port", str(self.port),
-                                          "--log-level", "warning"], env=self.env, cwd=ROOT, stdout=fh,
-                                         stderr=subprocess.STDOUT)
+                                          "--log-level", self.log_level, "--workers", str(self.workers)],
+                                         env=self.env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -335,6 +337,9 @@ def test_in_flight_cap_gives_clear_429_and_frees_on_cancel(api, http):
         assert r.status_code == 429
         assert r.json()["detail"] == ("key 'capped' already has 2 jobs queued or running, its cap is 2; "
                                       "wait for some to finish or cancel some")
+        other = http.post("/v1/jobs", json=job_body(image, model=PARKED, seed=10))  # another key: unaffected
+        assert other.status_code == 201, other.text
+        http.delete(f"/v1/jobs/{other.json()['id']}")
         for j in ids:
             assert c.delete(f"/v1/jobs/{j}").json()["state"] == "cancelled"
         r = c.post("/v1/jobs", json=job_body(image, model=PARKED, seed=9))

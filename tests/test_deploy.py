@@ -155,7 +155,8 @@ def test_k8s_worker_pool_drains_safely_and_scales_on_all_priority_lists(family):
     assert so["scaleTargetRef"]["name"] == dep["metadata"]["name"]
     queue = f"easel.{family}"  # kombu: priority 0 in the queue's list, priority p in "<queue>:<p>"
     lists = {t["metadata"]["listName"]: t["name"] for t in so["triggers"] if t["type"] == "redis"}
-    assert set(lists) == {queue} | {f"{queue}:{p}" for p in range(1, 10)}
+    # ... and the jobs pending their tenant's turn (fair share), tallied in a list of their own
+    assert set(lists) == {queue} | {f"{queue}:{p}" for p in range(1, 10)} | {f"easel:backlog:{queue}"}
     formula = so["advanced"]["scalingModifiers"]["formula"]
     assert sorted(x.strip() for x in formula.split("+")) == sorted(lists.values())  # summed, not max'ed
     registry = Registry.model_validate(yaml.safe_load(by_kind("ConfigMap")["easel-models"]["data"]["models.yaml"]))

@@ -111,8 +111,9 @@ def test_easel_dev_keeps_servers_up_for_a_worker_and_the_cli_and_keeps_their_dat
         assert (tmp_path / "second" / job_id / "output" / "0.png").read_bytes() == first
 
         # The folder is in use, and so are the ports: said plainly, nothing started.
+        other_redis, other_s3 = _ports()
         busy = subprocess.run([sys.executable, "-m", "easel.producer.cli", "dev", "--data", str(data),
-                               "--redis-port", str(free_port()), "--s3-port", str(free_port())],
+                               "--redis-port", str(other_redis), "--s3-port", str(other_s3)],
                               capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert busy.returncode == 2 and "another `easel dev`" in busy.stderr, busy.stderr
         busy = subprocess.run([sys.executable, "-m", "easel.producer.cli", "dev", "--data", str(tmp_path / "other"),

@@ -61,10 +61,11 @@ def test_two_thousand_chains_through_eight_workers_none_lost_or_doubled(farm, ea
         assert attempts == "2", (job_id, attempts)
         assert [json.loads(first)["segment"], json.loads(second)["segment"]] == [0, 1]
     # One output per job, and every hand-off deleted once its job ended (off the hot path).
-    keys = client.storage.list("jobs/")
+    mine = set(ids)  # the bucket is the session's: other tests' jobs are there too
+    keys = [k for k in client.storage.list("jobs/") if k.split("/")[1] in mine]
     outputs = Counter(k.split("/")[1] for k in keys if "/output/" in k)
-    assert set(outputs) == set(ids) and set(outputs.values()) == {1}
+    assert set(outputs) == mine and set(outputs.values()) == {1}
     deadline = time.monotonic() + 30
-    while left := [k for k in client.storage.list("jobs/") if "/handoff/" in k]:
+    while left := [k for k in client.storage.list("jobs/") if "/handoff/" in k and k.split("/")[1] in mine]:
         assert time.monotonic() < deadline, f"{len(left)} hand-off objects left, e.g. {left[:3]}"
         time.sleep(0.5)

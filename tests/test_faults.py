@@ -267,11 +267,14 @@ def test_cancel_queued_and_running_jobs(fclient, workers, big_input):
 
 
 def test_progress_queue_position_and_priority_order(fclient, workers, big_input):
+    # No worker left over from another test: with none alive, one job goes to the broker.
+    wait_for(lambda: fclient.scheduler.family("sd15").live == 0, 30, "no live sd15 worker")
     blocker = fclient.submit(job(big_input, steps=40, seed=50))
     low = [fclient.submit(job(big_input, steps=2, seed=51 + i, priority=9)) for i in range(2)]
     high = fclient.submit(job(big_input, steps=2, seed=60, priority=0))
-    # Priority 0 goes ahead of the default 5 (blocker) and of the 9s, which keep their order.
-    assert [fclient.status(j).queue_position for j in [high, blocker, *low]] == [0, 1, 2, 3]
+    # With no worker alive, one job (the blocker) is already in the broker; of the jobs that
+    # wait their turn, priority 0 goes ahead of the 9s, which keep their order.
+    assert [fclient.status(j).queue_position for j in [blocker, high, *low]] == [0, 1, 2, 3]
     workers()
     steps_seen = set()
     wait_for(lambda: steps_seen.add(fclient.status(blocker).progress.step) or fclient.status(blocker).state.terminal,
@@ -279,7 +282,7 @@ def test_progress_queue_position_and_priority_order(fclient, workers, big_input)
     assert len(steps_seen - {0}) >= 3  # step-level progress was visible while it ran
     done = {j: fclient.wait(j, timeout=120) for j in [high, *low]}
     assert all(s.state.value == "succeeded" for s in done.values())
-    assert done[high].started_at < fclient.status(blocker).started_at < min(done[j].started_at for j in low)
+    assert fclient.status(blocker).started_at < done[high].started_at < min(done[j].started_at for j in low)
 
 
 def _presence(fclient, hostname: str) -> dict | None:

@@ -81,10 +81,13 @@ def test_num_images_gives_one_output_per_seed(client, sd15_worker, input_png):
     ({"model": "no-such-model"}, "unknown model 'no-such-model'"),
 ])
 def test_invalid_stage_refused_at_submission(client, input_png, change, message):
-    before = client.queues()
+    def waiting():
+        return [(q.queue, q.messages, q.pending) for q in client.queues()]
+
+    before = waiting()
     with pytest.raises(SubmitError, match=message):
         client.submit(img2img_job(str(input_png), **change))
-    assert client.queues() == before
+    assert waiting() == before
 
 
 def test_unreadable_image_refused_at_submission(client, tmp_path):

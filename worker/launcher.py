@@ -6,11 +6,16 @@ redelivery and never the pool.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+
+from easel.worker.feeding import DRAINED_EXIT
+
+log = logging.getLogger("easel.worker.launcher")
 
 
 def detect_gpus() -> list[str]:
@@ -73,12 +78,16 @@ def run_workers(family: str, gpus: list[str] | None = None, restart: bool = True
             rc = p.poll()
             if rc is None:
                 alive = True
+            elif rc == DRAINED_EXIT:
+                log.warning("easel worker: %s on %s drained; not restarted", family, slot)
+                del procs[slot]
             elif not stopping and restart:
                 delay = backoff.delay(slot, time.monotonic() - started[slot])
-                print(f"easel worker: {family} on {slot} exited with {rc}; restarting in {delay:.0f}s", file=sys.stderr)
+                log.warning("easel worker: %s on %s exited with %s; restarting in %.0fs", family, slot, rc, delay,
+                            extra={"family": family, "slot": slot, "exit_code": rc})
                 time.sleep(delay)
                 procs[slot], started[slot] = spawn(slot), time.monotonic()
                 alive = True
         if not alive:
-            return max((p.returncode or 0) for p in procs.values())
+            return max(((p.returncode or 0) for p in procs.values()), default=0)
         time.sleep(0.5)

@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 
-from easel.shared.logs import quiet_libraries
+from easel.shared.logs import configure_logging, install_celery_logging, quiet_libraries, set_process_fields
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,20 +22,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loglevel", default=os.environ.get("EASEL_LOGLEVEL", "INFO"))
     args = ap.parse_args(argv)
     quiet_libraries()
-    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    hostname = args.hostname or f"{args.family}-{os.environ.get('CUDA_VISIBLE_DEVICES', 'cpu')}-{os.getpid()}@{socket.gethostname()}"
+    from easel.shared.settings import get_settings
+
+    set_process_fields(worker=hostname, family=args.family)  # on every record; job_id/segment while a task runs
+    log_format = configure_logging(args.loglevel, get_settings().log_format)  # EASEL_LOG_FORMAT
 
     from easel.shared.celery_app import UnackedMessages, queue_name, send_segment
     from easel.shared.liveness import Heartbeat, Reaper
     from easel.shared.retention import ResultRetention
+    from easel.worker.feeding import DRAINED_EXIT, Drain, Feeder
     from easel.worker.context import WorkerContext, set_context
     from easel.worker.finisher import Finisher
     from easel.worker.policy import settle_later
     from easel.worker.tasks import app, register_tasks
 
-    hostname = args.hostname or f"{args.family}-{os.environ.get('CUDA_VISIBLE_DEVICES', 'cpu')}-{os.getpid()}@{socket.gethostname()}"
+    install_celery_logging(app)  # Celery keeps this logging; each task binds its job to its records
     from easel.worker.watchdog import Watchdog
 
     ctx = WorkerContext.create(args.family, hostname=hostname)
+    from easel.shared import tracing
+
+    tracing.setup(ctx.settings, "easel-worker")  # EASEL_TRACING; a missing extra fails here, at once
     ctx.store.ping()  # a wrong password or TLS setting fails here, at once, not after warming
     import torch
 
@@ -47,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         ctx.storage.ensure_bucket()
     except Exception as e:  # storage may come back later; stages retry their uploads
         logging.getLogger("easel.worker").warning("storage not reachable at start: %s", e)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # its loading bars would be stray lines in the log
+    except ImportError:
+        pass
     load_s = ctx.cache.warm()
     logging.getLogger("easel.worker").info("family %s warm in %.2fs on %s", args.family, load_s, ctx.cache.device)
     overlap = ctx.settings.overlap_finish
@@ -65,11 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     mport = install_metrics(ctx, load_s)  # EASEL_METRICS_PORT; None when 0 (off)
 
     s = ctx.settings
+    def after_beat() -> None:
+        settle_later(ctx, app)
+        feeder.feed()
+        drain.check()
+
     beat = Heartbeat(ctx.store, ctx.instance, hostname, {
         "family": args.family, "device": str(ctx.cache.device), "load_s": round(load_s, 3),
         "models": sorted(ctx.cache.models), "metrics_port": mport, "batch_size": s.batch_size,
         "torch_threads": torch.get_num_threads()}, s.heartbeat_interval_s, s.heartbeat_ttl_s,
-        after_beat=lambda: settle_later(ctx, app))
+        after_beat=after_beat)
+    feeder = Feeder(ctx, app, args.family, beat.presence)
+    drain = Drain(ctx.store, hostname, beat.presence)
     reaper = Reaper(ctx.store, lambda *a: send_segment(app, *a), s.reap_every_s, s.heartbeat_ttl_s,
                     UnackedMessages(app), [queue_name(args.family, s.queue_prefix)],
                     chores=[ResultRetention(ctx.store, ctx.storage, s.retention_days)])
@@ -78,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     def _ready(**_kw):
         beat.start()  # before the first claim: a claim records this instance as the holder
         reaper.start()
+        feeder.feed()
 
     @worker_shutdown.connect(weak=False)
     def _bye(**_kw):
@@ -85,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.finisher.drain()  # warm shutdown: pending finishes complete before we retire
         reaper.stop()
         beat.retire()
+        tracing.shutdown()  # flush the spans still batched
 
     worker = app.Worker(
         hostname=hostname,
@@ -96,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         without_mingle=True,
         without_heartbeat=True,
         optimization="fair",
+        quiet=log_format == "json",  # no banner: every line of a json log is an object
     )
     worker.start()
     if ctx.finisher is not None:
         ctx.finisher.drain()
-    return worker.exitcode or 0
+    return DRAINED_EXIT if drain.asked else (worker.exitcode or 0)
 
 
 if __name__ == "__main__":

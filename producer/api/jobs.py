@@ -32,14 +32,18 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_lengt
 
 
 def _namespaced(spec: JobSpec, header_key: str | None, p: Principal) -> JobSpec:
-    """Idempotency keys are per API key: one tenant's key never resolves to another's job."""
+    """The key's name is the job's fair-share tenant (an admin key may name another), and
+    idempotency keys are per API key: one tenant's key never resolves to another's job."""
+    if spec.tenant and spec.tenant != p.name and not p.key.admin:
+        raise HTTPException(422, "tenant: only an admin key may submit for another tenant; leave it unset")
+    update: dict = {"tenant": spec.tenant or p.name}
     key = spec.idempotency_key or header_key
-    if not key:
-        return spec
-    ns = f"{p.name}/{key}"
-    if len(ns) > 200:
-        ns = f"{p.name}/sha256:{hashlib.sha256(key.encode()).hexdigest()}"
-    return spec.model_copy(update={"idempotency_key": ns})
+    if key:
+        ns = f"{p.name}/{key}"
+        if len(ns) > 200:
+            ns = f"{p.name}/sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+        update["idempotency_key"] = ns
+    return spec.model_copy(update=update)
 
 
 def _check_webhook(api: ApiState, url: str, p: Principal) -> None:

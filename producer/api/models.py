@@ -62,6 +62,8 @@ class JobResponse(BaseModel):
     progress: ProgressOut
     error: str | None = None
     attempts: int = 0
+    eta_s: float | None = Field(default=None, description="while queued: seconds until it should start")
+    waiting_for: str | None = Field(default=None, description="while queued: why it cannot start, if it cannot")
     outputs: list[Link] = Field(default_factory=list)
     manifest: Link | None = None
     webhook: WebhookOut | None = None

@@ -44,7 +44,7 @@ return {ok, tostring(wait), tostring(tokens)}
 
 
 def hash_key(token: str) -> str:
-    """What goes in the config for a token: ``easel api hash-key TOKEN`` prints it."""
+    """What goes in the config for a token: ``easel api-key NAME --token TOKEN`` prints it."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 

@@ -5,6 +5,8 @@ dependency (deps.py). Blocking Redis/S3 calls made through it run in FastAPI's t
 """
 from __future__ import annotations
 
+import logging
+
 import json
 import time
 
@@ -27,6 +29,8 @@ from easel.shared.liveness import Reaper
 from easel.shared.schema import JobSpec, JobState
 from easel.shared.settings import Settings
 from easel.shared.storage import Storage
+
+log = logging.getLogger("easel.api")
 
 
 class ApiState:
@@ -72,6 +76,11 @@ class ApiState:
     # -- lifespan ------------------------------------------------------------------------------
     def start(self, webhooks: bool) -> None:
         self.aredis = aioredis.Redis.from_url(self.s.redis_url, decode_responses=True, health_check_interval=30)
+        try:
+            for key in self.keys.by_hash.values():  # each key's fair-share weight, for every dispatcher
+                self.client.scheduler.set_weight(key.name, key.weight)
+        except redis.RedisError as e:
+            log.warning("could not record the keys' fair-share weights (1 until then): %s", e)
         if webhooks:
             self.dispatcher.start()
         self.reaper.start()  # dead workers' jobs come back even while every worker is busy
@@ -109,7 +118,8 @@ class ApiState:
         done = st.state == JobState.succeeded
         return JobResponse(
             id=st.id, state=st.state, created_at=st.created_at, updated_at=st.updated_at, started_at=st.started_at,
-            finished_at=st.finished_at, error=st.error, attempts=st.attempts,
+            finished_at=st.finished_at, error=st.error, attempts=st.attempts, eta_s=st.eta_s,
+            waiting_for=st.waiting_for,
             progress=ProgressOut(stage=st.progress.stage, stages=stages, step=st.progress.step,
                                  total_steps=st.progress.total_steps),
             outputs=[self.link(u) for u in st.outputs] if done else [],

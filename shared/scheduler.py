@@ -1,0 +1,278 @@
+"""Fair share between tenants: new jobs wait in per-tenant pending sets and are fed to their
+family's Celery queue just in time, in stride-scheduling order.
+
+A family queue in the broker is first in, first out, so a tenant's backlog of 100,000 jobs
+would delay every other tenant's job until it had run. Instead a new job waits in
+``<prefix>:pending:<queue>:<tenant>`` (ordered by priority, then submission), and the
+dispatch script moves jobs into the broker only while fewer than ``live workers x batch +
+margin`` wait there. Which tenant's job goes next is stride scheduling: each tenant has a
+pass value, the lowest pass goes next and advances by 1/weight. A tenant that joins starts level with
+the tenant in front, or up to ``credit`` jobs before it if it has used less: a newcomer's
+first jobs start within about one job duration per worker, a heavy past user is not
+penalised once it comes back, and backlogged tenants share the farm by their weights.
+
+Everything already admitted runs as before: Celery on Redis with acks_late, crash
+redelivery, hand-offs and retries (which go straight to the broker: the job has started).
+Dispatch runs where a slot may have opened: after a submission, after each delivery a
+worker ends, and on every worker heartbeat. Pausing a queue stops dispatch; the pending
+sets keep the jobs and their order.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import redis
+
+from easel.shared import tracing
+from easel.shared.jobstore import _CLOCK, _text, run_scripts
+
+log = logging.getLogger("easel.scheduler")
+
+CREDIT = 20  # jobs a returning or new tenant may start behind the tenant in front
+MARGIN = 1  # jobs waiting in the broker beyond one per live worker
+
+# KEYS: the tenant's pending set, active tenants (zset of pass), parked passes (hash), the
+# sequence counter, the queue's backlog tally, then what room is judged by: the queue's
+# waiting set, paused flag, the family's live instances and batch size.
+# ARGV: job id, priority, tenant, credit, margin. When no tenant has jobs pending and there
+# is room, the job goes straight to the waiting set (returns 1: send it now); else it waits
+# in its tenant's pending set (returns 0).
+_ENQUEUE = _CLOCK + """
+if redis.call('ZCARD', KEYS[2]) == 0 and redis.call('EXISTS', KEYS[7]) == 0 then
+  local live = redis.call('ZCOUNT', KEYS[8], now(), '+inf')
+  local batch = tonumber(redis.call('GET', KEYS[9]) or '1')
+  if live * batch + tonumber(ARGV[5]) - redis.call('ZCARD', KEYS[6]) > 0 then
+    redis.call('ZADD', KEYS[6], tonumber(ARGV[2]) * 1e13 + redis.call('INCR', KEYS[4]), ARGV[1])
+    return 1
+  end
+end
+if redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) * 1e13 + redis.call('INCR', KEYS[4]), ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[5], 1)
+end
+if redis.call('ZSCORE', KEYS[2], ARGV[3]) then return 0 end
+local pass = tonumber(redis.call('HGET', KEYS[3], ARGV[3]) or '0')
+local lead = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+if #lead > 0 then
+  local front = tonumber(lead[2])
+  pass = math.min(math.max(pass, front - tonumber(ARGV[4])), front)
+end
+redis.call('ZADD', KEYS[2], pass, ARGV[3])
+return 0
+"""
+
+# KEYS: active tenants, parked passes, weights, the queue's waiting set (jobs sent and not
+# yet claimed), paused flag, the family's live instances, the sequence counter, the backlog
+# tally, the family's batch size. ARGV: pending-set prefix, margin, most jobs to move.
+# Room: a batch per live worker, plus the margin. Returns flat (job id, priority) pairs.
+_DISPATCH = _CLOCK + """
+if redis.call('ZCARD', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {} end
+local live = redis.call('ZCOUNT', KEYS[6], now(), '+inf')
+local batch = tonumber(redis.call('GET', KEYS[9]) or '1')
+local room = math.min(live * batch + tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[4]), tonumber(ARGV[3]))
+local out = {}
+while room > 0 do
+  local lead = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if #lead == 0 then break end
+  local tenant, pass = lead[1], tonumber(lead[2])
+  local pending = ARGV[1] .. tenant
+  local job = redis.call('ZPOPMIN', pending)
+  if #job > 0 then
+    pass = pass + 1 / tonumber(redis.call('HGET', KEYS[3], tenant) or '1')
+    local priority = math.floor(tonumber(job[2]) / 1e13)
+    redis.call('ZADD', KEYS[4], priority * 1e13 + redis.call('INCR', KEYS[7]), job[1])
+    table.insert(out, job[1])
+    table.insert(out, tostring(priority))
+    room = room - 1
+  end
+  if redis.call('EXISTS', pending) == 1 then
+    redis.call('ZADD', KEYS[1], pass, tenant)
+  else
+    redis.call('ZREM', KEYS[1], tenant)
+    redis.call('HSET', KEYS[2], tenant, pass)
+  end
+end
+if #out > 0 then redis.call('LPOP', KEYS[8], #out / 2) end
+return out
+"""
+
+# KEYS: the family's instances. ARGV: job-seconds key prefix. Returns live instances, their
+# mean seconds per job ('' if none reported), the latest heartbeat expiry seen ('' if none)
+# and Redis's time.
+_FAMILY = _CLOCK + """
+local t = now()
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], t, '+inf')
+local sum, n = 0, 0
+for _, id in ipairs(live) do
+  local v = redis.call('GET', ARGV[1] .. id)
+  if v then sum = sum + tonumber(v); n = n + 1 end
+end
+local last = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {#live, n > 0 and tostring(sum / n) or '', last[2] or '', tostring(t)}
+"""
+
+
+def pending_key(prefix: str, queue: str, tenant: str) -> str:
+    return f"{prefix}:pending:{queue}:{tenant}"
+
+
+def backlog_key(prefix: str, queue: str) -> str:
+    """A list as long as the queue's pending jobs: its LLEN is what autoscalers that read list
+    lengths (KEDA's redis trigger) add to the broker lists' lengths."""
+    return f"{prefix}:backlog:{queue}"
+
+
+def family_instances_key(prefix: str, family: str) -> str:
+    return f"{prefix}:family:{family}:instances"
+
+
+def family_batch_key(prefix: str, family: str) -> str:
+    """The family's micro-batch size (its workers take that many messages at once)."""
+    return f"{prefix}:family:{family}:batch"
+
+
+def job_seconds_prefix(prefix: str) -> str:
+    """``<prefix><instance>``: a worker's mean seconds per job, kept as long as its heartbeat."""
+    return f"{prefix}:job-seconds:"
+
+
+@dataclass(frozen=True)
+class FamilyView:
+    live: int
+    job_s: float | None
+    no_worker_for_s: float | None  # since the last heartbeat expired; None if never seen or live
+
+
+class Scheduler:
+    """Pending sets, tenant passes and dispatch for one Redis and queue prefix."""
+
+    def __init__(self, r: redis.Redis, prefix: str = "easel", credit: int = CREDIT, margin: int = MARGIN):
+        self.r, self.prefix, self.credit, self.margin = r, prefix, credit, margin
+        self._enqueue = r.register_script(_ENQUEUE)
+        self._dispatch = r.register_script(_DISPATCH)
+        self._family = r.register_script(_FAMILY)
+
+    def _key(self, what: str, queue: str) -> str:
+        return f"{self.prefix}:{what}:{queue}"
+
+    def enqueue_and_dispatch(self, entries: list[tuple[str, str, str, int]],
+                             queues: dict[str, str]) -> list[tuple[str, str, int]]:
+        """Admit (job id, queue, tenant, priority) entries in order, then dispatch each of
+        ``queues`` (queue -> family), in one round trip. A job goes straight to its queue when
+        no tenant has jobs pending there and there is room; else it waits in its tenant's
+        pending set. Returns (job id, queue, priority) of the jobs to send now."""
+        calls = [(self._enqueue, [pending_key(self.prefix, queue, tenant), self._key("active", queue),
+                                  self._key("passes", queue), f"{self.prefix}:seq", backlog_key(self.prefix, queue),
+                                  self._key("queued", queue), self._key("paused", queue),
+                                  family_instances_key(self.prefix, queues[queue]),
+                                  family_batch_key(self.prefix, queues[queue])],
+                  [job_id, priority, tenant, self.credit, self.margin]) for job_id, queue, tenant, priority in entries]
+        calls += [self._dispatch_call(queue, family) for queue, family in queues.items()]
+        replies = run_scripts(self.r, calls)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        now = [(job_id, queue, priority) for (job_id, queue, _, priority), admitted in zip(entries, replies)
+               if admitted == 1]
+        return now + [(job_id, queue, priority) for queue, flat in zip(queues, replies[len(entries):])
+                      for job_id, priority in _pairs(flat)]
+
+    def _dispatch_call(self, queue: str, family: str, limit: int = 1000) -> tuple:
+        return (self._dispatch,
+                [self._key("active", queue), self._key("passes", queue), f"{self.prefix}:weights",
+                 self._key("queued", queue), self._key("paused", queue), family_instances_key(self.prefix, family),
+                 f"{self.prefix}:seq", backlog_key(self.prefix, queue), family_batch_key(self.prefix, family)],
+                [f"{self.prefix}:pending:{queue}:", self.margin, limit])
+
+    def feed(self, queue: str, family: str, send: Callable[..., None]) -> int:
+        """Move jobs from the pending sets into the queue while fewer than a batch per live worker
+        (plus the margin) wait there, and send each one's first message with the trace its
+        submitter kept (``send(job_id, 0, queue, priority, on_behalf=True, kept_trace=...)``);
+        returns how many. A send that fails leaves its job waiting with no message: a reaper
+        sends it again."""
+        script, keys, args = self._dispatch_call(queue, family)
+        moved = _pairs(script(keys=keys, args=args))
+        kept = self.kept_traces([job_id for job_id, _ in moved])
+        for job_id, priority in moved:
+            send(job_id, 0, queue, priority, on_behalf=True, kept_trace=kept.get(job_id))
+        return len(moved)
+
+    def kept_traces(self, job_ids: list[str]) -> dict[str, dict]:
+        """The trace contexts submitters kept in these jobs' records; read only with tracing on."""
+        if not job_ids or not tracing.enabled():
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(f"{self.prefix}:job:{job_id}", "trace")
+        return {job_id: json.loads(v) for job_id, v in zip(job_ids, pipe.execute()) if v}
+
+    def set_weight(self, tenant: str, weight: float) -> None:
+        self.r.hset(f"{self.prefix}:weights", tenant, weight)
+
+    def pause(self, queue: str) -> None:
+        self.r.set(self._key("paused", queue), 1)
+
+    def resume(self, queue: str) -> None:
+        self.r.delete(self._key("paused", queue))
+
+    def paused(self, queue: str) -> bool:
+        return bool(self.r.exists(self._key("paused", queue)))
+
+    def pending_count(self, queue: str) -> int:
+        return int(self.r.llen(backlog_key(self.prefix, queue)))
+
+    def family(self, family: str) -> FamilyView:
+        live, job_s, last, now = self._family(keys=[family_instances_key(self.prefix, family)],
+                                              args=[job_seconds_prefix(self.prefix)])
+        gone = float(now) - float(last) if not int(live) and last else None
+        return FamilyView(int(live), float(job_s) if job_s else None, gone)
+
+    def estimate(self, job_id: str, queue: str, family: str, tenant: str) -> dict:
+        """A queued job's ``queue_position`` (jobs that start before it), ``eta_s`` ((position
+        + 1) x the family's recent seconds per job / its live workers) and ``waiting_for``."""
+        ahead = self.jobs_ahead(job_id, queue, tenant)
+        out = {"queue_position": ahead, "eta_s": None, "waiting_for": None}
+        view = self.family(family)
+        if not view.live:
+            since = f"none for {describe_wait(view.no_worker_for_s)}" if view.no_worker_for_s is not None \
+                else "none seen yet"
+            out["waiting_for"] = f"no live worker serves family {family} ({since})"
+        elif self.paused(queue):
+            out["waiting_for"] = f"the {family} queue is paused"
+        elif view.job_s is not None and ahead is not None:
+            out["eta_s"] = round((ahead + 1) * view.job_s / view.live, 1)
+        return out
+
+    def jobs_ahead(self, job_id: str, queue: str, tenant: str) -> int | None:
+        """Jobs that start before this one. Sent to the broker: those ahead of it there.
+        Pending: those already sent, those ahead in its tenant's set, and what the other
+        tenants get meanwhile by their passes and weights. None when it waits in neither."""
+        sent_rank = self.r.zrank(self._key("queued", queue), job_id)
+        if sent_rank is not None:
+            return int(sent_rank)
+        rank = self.r.zrank(pending_key(self.prefix, queue, tenant), job_id)
+        if rank is None:
+            return None
+        active = [(_text(t), p) for t, p in self.r.zrange(self._key("active", queue), 0, -1, withscores=True)]
+        passes = dict(active)
+        weights = {_text(k): float(v) for k, v in self.r.hgetall(f"{self.prefix}:weights").items()}
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcard(self._key("queued", queue))
+        for t, _ in active:
+            pipe.zcard(pending_key(self.prefix, queue, t))
+        sent, *sizes = pipe.execute()
+        my_pass = passes.get(tenant, 0.0) + rank / weights.get(tenant, 1.0)
+        others = sum(min(n, max(0, int((my_pass - p) * weights.get(t, 1.0)) + (1 if p < my_pass else 0)))
+                     for (t, p), n in zip(active, sizes) if t != tenant)
+        return int(sent) + rank + others
+
+
+def describe_wait(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def _pairs(flat: list) -> list[tuple[str, int]]:
+    return [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]

@@ -1,0 +1,161 @@
+"""A shared farm: fair share between tenants, ETAs, feasibility, pause/resume and drain, with sim
+workers (registry kind ``sim``) on the session's real valkey and SeaweedFS."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import WorkerProc, png_bytes
+
+STEP_S = 0.01  # sim seconds per step: a 5-step job is ~50 ms of "GPU"
+FAMILIES = ("fair", "fairw", "fairp", "fairnone")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fair") / "models.yaml"
+    sim = {"source": "sim", "latent_space": "none", "kind": "sim", "sim_step_s": STEP_S}
+    path.write_text(yaml.safe_dump({"models": {f: {**sim, "family": f} for f in FAMILIES}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def farm_env(easel_env, registry):
+    return {**easel_env, "EASEL_MODELS": str(registry)}
+
+
+@pytest.fixture(scope="module")
+def fair_client(farm_env):
+    from easel.producer.client import EaselClient
+    from easel.shared.settings import Settings
+
+    return EaselClient(Settings(**{k[len("EASEL_"):].lower(): v for k, v in farm_env.items()}))
+
+
+@pytest.fixture(scope="module")
+def ref(fair_client):
+    return fair_client.storage.put_input(png_bytes((32, 32)), "png")
+
+
+def workers(farm_env, tmp_path_factory, family: str, n: int) -> list[WorkerProc]:
+    procs = [WorkerProc(family, farm_env, tmp_path_factory.mktemp(f"{family}-logs")).start(wait=False)
+             for _ in range(n)]
+    for w in procs:
+        w.wait_ready()
+    return procs
+
+
+def jobs(ref: str, family: str, tenant: str, n: int, steps: int = 5) -> list[dict]:
+    return [{"tenant": tenant, "input": {"image": ref},
+             "stages": [{"model": family, "prompt": tenant, "steps": steps, "strength": 1.0, "seed": i}]}
+            for i in range(n)]
+
+
+def times(client, ids: list[str]) -> list[tuple[float, float, float]]:
+    pipe = client.store.r.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hmget(client.store.key(job_id), "created_at", "started_at", "finished_at")
+    return [tuple(float(v) for v in row) for row in pipe.execute()]
+
+
+def job_seconds(client, family: str) -> float:
+    """The family's measured seconds per job (each worker publishes its own with its heartbeat)."""
+    deadline = time.monotonic() + 10
+    while (job_s := client.scheduler.family(family).job_s) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return job_s
+
+
+def wait_all(client, ids: list[str], timeout: float = 600) -> None:
+    states = {st.id: st.state.value for st in client.watch(ids, timeout) if st.state.terminal}
+    assert set(states.values()) == {"succeeded"}, states
+
+
+@pytest.mark.slow
+def test_a_new_tenant_is_not_stuck_behind_another_tenants_backlog(fair_client, ref, farm_env, tmp_path_factory):
+    procs = workers(farm_env, tmp_path_factory, "fair", 4)
+    try:
+        a_ids = fair_client.submit_many(jobs(ref, "fair", "tenant-a", 2000))
+        time.sleep(2)  # A's backlog is running
+        b_ids = [fair_client.submit(job) for job in jobs(ref, "fair", "tenant-b", 20)]
+        wait_all(fair_client, b_ids)
+        job_s = job_seconds(fair_client, "fair")
+        waits = [started - created for created, started, _ in times(fair_client, b_ids)]
+        bound = (20 / 4 + 2) * job_s
+        assert max(waits) <= bound, (max(waits), bound, job_s)
+        assert fair_client.scheduler.pending_count("easel.fair") > 1000  # A was still backlogged
+        wait_all(fair_client, a_ids)
+    finally:
+        for w in procs:
+            w.stop()
+
+
+@pytest.mark.slow
+def test_weighted_tenants_share_the_farm_by_their_weights(fair_client, ref, farm_env, tmp_path_factory):
+    fair_client.scheduler.set_weight("heavy", 2)
+    fair_client.scheduler.set_weight("light", 1)
+    heavy = fair_client.submit_many(jobs(ref, "fairw", "heavy", 300))
+    light = fair_client.submit_many(jobs(ref, "fairw", "light", 300))
+    procs = workers(farm_env, tmp_path_factory, "fairw", 2)
+    try:
+        wait_all(fair_client, heavy + light)
+    finally:
+        for w in procs:
+            w.stop()
+    done = sorted([(f, "heavy") for _, _, f in times(fair_client, heavy)] +
+                  [(f, "light") for _, _, f in times(fair_client, light)])
+    window = [who for _, who in done[20:320]]  # both backlogged throughout
+    ratio = window.count("heavy") / window.count("light")
+    assert 1.8 <= ratio <= 2.2, ratio
+
+
+def test_no_live_worker_is_said_plainly_and_a_paused_queue_keeps_its_order(fair_client, ref, farm_env,
+                                                                            tmp_path_factory):
+    job_id = fair_client.submit(jobs(ref, "fairnone", "t", 1)[0])
+    status = fair_client.status(job_id)
+    assert status.state.value == "queued" and status.eta_s is None
+    assert status.waiting_for == "no live worker serves family fairnone (none seen yet)"
+    fair_client.cancel(job_id)
+
+    (proc,) = workers(farm_env, tmp_path_factory, "fairp", 1)
+    try:
+        fair_client.pause("fairp")
+        ids = [fair_client.submit(job) for job in jobs(ref, "fairp", "t", 8)]
+        time.sleep(2)
+        assert {fair_client.status(j).state.value for j in ids} == {"queued"}
+        assert fair_client.status(ids[-1]).waiting_for == "the fairp queue is paused"
+        (row,) = [q for q in fair_client.queues() if q.family == "fairp"]
+        assert row.paused and row.pending == 8 and row.live_workers == 1
+        fair_client.resume("fairp")
+        wait_all(fair_client, ids)
+        starts = [started for _, started, _ in times(fair_client, ids)]
+        assert starts == sorted(starts)  # one worker, one tenant: submission order kept
+        # A queued job behind others gets an ETA once the family's job time is measured.
+        job_seconds(fair_client, "fairp")
+        more = [fair_client.submit(job) for job in jobs(ref, "fairp", "t", 6, steps=40)]
+        eta = fair_client.status(more[-1]).eta_s
+        assert eta is not None and eta > 0
+        wait_all(fair_client, more)
+    finally:
+        proc.stop()
+    time.sleep(0.5)
+    status = fair_client.status(fair_client.submit(jobs(ref, "fairp", "t", 1)[0]))
+    assert status.waiting_for.startswith("no live worker serves family fairp (none for ")
+    fair_client.cancel(status.id)
+
+
+def test_a_drained_worker_finishes_its_job_and_exits(fair_client, ref, farm_env, tmp_path_factory):
+    from easel.worker.feeding import DRAINED_EXIT
+
+    (proc,) = workers(farm_env, tmp_path_factory, "fairp", 1)
+    job_id = fair_client.submit(jobs(ref, "fairp", "t", 1, steps=300)[0])  # ~3 s
+    deadline = time.monotonic() + 30
+    while fair_client.status(job_id).state.value != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    fair_client.drain(proc.hostname)
+    assert proc.proc.wait(60) == DRAINED_EXIT
+    assert fair_client.status(job_id).state.value == "succeeded"

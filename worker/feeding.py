@@ -1,0 +1,81 @@
+"""A worker keeps its family's queue fed from the tenants' pending sets (``shared.scheduler``),
+and drains when an operator asks.
+
+Dispatch runs where a slot may have opened: at start, after every task (a delivery, or a
+micro-batch of them), and on every heartbeat, which also catches what no task end follows
+(a worker that joins an idle farm with jobs pending). Each task's time also feeds this
+process's mean seconds per job, which its heartbeat publishes for ETAs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import redis
+from celery.signals import task_postrun, task_prerun
+
+from easel.shared.celery_app import queue_name, send_segment
+from easel.shared.scheduler import Scheduler
+
+log = logging.getLogger("easel.worker.feeding")
+
+EWMA_WEIGHT = 0.2  # of the newest task in the mean seconds per job
+DRAINED_EXIT = 79  # a drained worker's exit status (not the watchdog's 75): its launcher leaves it stopped
+
+
+def drain_key(prefix: str, hostname: str) -> str:
+    return f"{prefix}:drain:{hostname}"
+
+
+class Feeder:
+    def __init__(self, ctx, app, family: str, presence: dict):
+        self.scheduler = Scheduler(ctx.store.r, ctx.settings.queue_prefix)
+        self.family, self.queue = family, queue_name(family, ctx.settings.queue_prefix)
+        self.app, self.presence = app, presence  # the heartbeat's record: ``job_s`` goes there
+        self._started: dict[str, float] = {}
+        task_prerun.connect(self._prerun, weak=False)
+        task_postrun.connect(self._postrun, weak=False)
+
+    def feed(self) -> int:
+        try:
+            return self.scheduler.feed(self.queue, self.family,
+                                       lambda *a, **kw: send_segment(self.app, *a, **kw))
+        except redis.RedisError as e:  # the next task end or heartbeat tries again
+            log.warning("could not dispatch pending jobs of %s: %s", self.queue, e)
+            return 0
+
+    def _prerun(self, task_id: str | None = None, **_kw) -> None:
+        self._started[task_id] = time.perf_counter()
+
+    def _postrun(self, task_id: str | None = None, args: tuple | None = None, **_kw) -> None:
+        t0 = self._started.pop(task_id, None)
+        if t0 is not None:
+            # A micro-batch task gets its requests as one list: the slot did that many jobs.
+            jobs = len(args[0]) if args and isinstance(args[0], list) else 1
+            self._observe((time.perf_counter() - t0) / max(1, jobs))
+        self.feed()
+
+    def _observe(self, seconds: float) -> None:
+        mean = self.presence.get("job_s")
+        mean = seconds if mean is None else (1 - EWMA_WEIGHT) * mean + EWMA_WEIGHT * seconds
+        self.presence["job_s"] = round(mean, 4)
+
+
+class Drain:
+    """``easel drain HOSTNAME``: the worker finishes what it runs, takes nothing new, and exits
+    with ``DRAINED_EXIT`` so its launcher does not restart it. The request is taken once (the
+    worker deletes it as it acts), so a worker started again later serves normally."""
+
+    def __init__(self, store, hostname: str, presence: dict):
+        self.store, self.hostname, self.presence = store, hostname, presence
+        self.asked = False
+
+    def check(self) -> None:
+        if self.asked or not self.store.r.delete(drain_key(self.store.prefix, self.hostname)):
+            return
+        self.asked = True
+        self.presence["draining"] = True
+        log.warning("drain asked: finishing the running stage, then exiting")
+        os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown
