@@ -18,7 +18,7 @@ Variants, run in this order while the time budget (``--budget-s``) lasts:
 - ``batching``: benchmark 3 at 512 px, batch 1 / 4 / 8 (eager).
 - ``eager-pinned`` (on request): ``eager`` with valkey and SeaweedFS on one core (and its
   hyperthread sibling) and the worker and the plain loop on the others
-  (``bench.common.cpu_split``); it did not remove the slow stretches (docs/benchmarks.md).
+  (``bench.common.cpu_split``); it did not remove the slow stretches (bench/RESULTS.md).
 - ``eager-sync`` (on request): ``eager`` with overlapped output writes off
   (``EASEL_OVERLAP_FINISH=false``), to show what the overlap buys.
 - ``diag`` (on request): where easel's pipeline call loses time to the plain loop's. Each

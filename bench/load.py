@@ -1,4 +1,4 @@
-"""Load test (issue 4): 10,000 queued jobs, 2 workers, tiny model, few steps.
+"""Load test: 10,000 queued jobs, 2 workers, tiny model, few steps.
 
 Checks what a farm cares about under load: every job completes, none runs twice (one
 delivery each, one output object each), and what the queue costs in Redis: memory with
