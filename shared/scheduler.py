@@ -36,12 +36,13 @@ MARGIN = 1  # jobs waiting in the broker beyond one per live worker
 
 # KEYS: the tenant's pending set, active tenants (zset of pass), parked passes (hash), the
 # sequence counter, the queue's backlog tally, then what room is judged by: the queue's
-# waiting set, paused flag, the family's live instances and batch size.
-# ARGV: job id, priority, tenant, credit, margin. When no tenant has jobs pending and there
-# is room, the job goes straight to the waiting set (returns 1: send it now); else it waits
-# in its tenant's pending set (returns 0).
+# waiting set, paused flag, the family's live instances and batch size, the tenants' caps.
+# ARGV: job id, priority, tenant, credit, margin. When no tenant has jobs pending, the job's
+# tenant has no cap and there is room, the job goes straight to the waiting set (returns 1:
+# send it now); else it waits in its tenant's pending set (returns 0).
 _ENQUEUE = _CLOCK + """
-if redis.call('ZCARD', KEYS[2]) == 0 and redis.call('EXISTS', KEYS[7]) == 0 then
+local capped = redis.call('EXISTS', KEYS[10]) == 1 and redis.call('HEXISTS', KEYS[10], ARGV[3]) == 1
+if not capped and redis.call('ZCARD', KEYS[2]) == 0 and redis.call('EXISTS', KEYS[7]) == 0 then
   local live = redis.call('ZCOUNT', KEYS[8], now(), '+inf')
   local batch = tonumber(redis.call('GET', KEYS[9]) or '1')
   if live * batch + tonumber(ARGV[5]) - redis.call('ZCARD', KEYS[6]) > 0 then
@@ -65,33 +66,54 @@ return 0
 
 # KEYS: active tenants, parked passes, weights, the queue's waiting set (jobs sent and not
 # yet claimed), paused flag, the family's live instances, the sequence counter, the backlog
-# tally, the family's batch size. ARGV: pending-set prefix, margin, most jobs to move.
-# Room: a batch per live worker, plus the margin. Returns flat (job id, priority) pairs.
+# tally, the family's batch size, the tenants' caps. ARGV: pending-set prefix, margin, most
+# jobs to move, in-flight-set prefix, job-record prefix. Room: a batch per live worker, plus
+# the margin. A capped tenant (an API key whose over_cap is "hold") is passed over while its
+# dispatched jobs that have not ended reach its cap. Returns flat (job id, priority) pairs.
 _DISPATCH = _CLOCK + """
 if redis.call('ZCARD', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {} end
 local live = redis.call('ZCOUNT', KEYS[6], now(), '+inf')
 local batch = tonumber(redis.call('GET', KEYS[9]) or '1')
 local room = math.min(live * batch + tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[4]), tonumber(ARGV[3]))
-local out = {}
-while room > 0 do
-  local lead = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  if #lead == 0 then break end
-  local tenant, pass = lead[1], tonumber(lead[2])
-  local pending = ARGV[1] .. tenant
-  local job = redis.call('ZPOPMIN', pending)
-  if #job > 0 then
-    pass = pass + 1 / tonumber(redis.call('HGET', KEYS[3], tenant) or '1')
-    local priority = math.floor(tonumber(job[2]) / 1e13)
-    redis.call('ZADD', KEYS[4], priority * 1e13 + redis.call('INCR', KEYS[7]), job[1])
-    table.insert(out, job[1])
-    table.insert(out, tostring(priority))
-    room = room - 1
+local caps = redis.call('EXISTS', KEYS[10]) == 1
+local function at_cap(tenant, cap)
+  local flight = ARGV[4] .. tenant
+  for _, id in ipairs(redis.call('ZRANGE', flight, 0, -1)) do
+    local st = redis.call('HGET', ARGV[5] .. id, 'state')
+    if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' then redis.call('ZREM', flight, id) end
   end
-  if redis.call('EXISTS', pending) == 1 then
-    redis.call('ZADD', KEYS[1], pass, tenant)
+  return redis.call('ZCARD', flight) >= tonumber(cap)
+end
+local out, held, nheld = {}, {}, 0
+while room > 0 do
+  local tenant, pass, cap
+  local lead = redis.call('ZRANGE', KEYS[1], 0, nheld, 'WITHSCORES')
+  for i = 1, #lead, 2 do
+    if not held[lead[i]] then tenant, pass = lead[i], tonumber(lead[i + 1]); break end
+  end
+  if not tenant then break end
+  if caps then cap = redis.call('HGET', KEYS[10], tenant) end
+  if cap and at_cap(tenant, cap) then
+    held[tenant] = true
+    nheld = nheld + 1
   else
-    redis.call('ZREM', KEYS[1], tenant)
-    redis.call('HSET', KEYS[2], tenant, pass)
+    local pending = ARGV[1] .. tenant
+    local job = redis.call('ZPOPMIN', pending)
+    if #job > 0 then
+      pass = pass + 1 / tonumber(redis.call('HGET', KEYS[3], tenant) or '1')
+      local priority = math.floor(tonumber(job[2]) / 1e13)
+      redis.call('ZADD', KEYS[4], priority * 1e13 + redis.call('INCR', KEYS[7]), job[1])
+      if cap then redis.call('ZADD', ARGV[4] .. tenant, now(), job[1]) end
+      table.insert(out, job[1])
+      table.insert(out, tostring(priority))
+      room = room - 1
+    end
+    if redis.call('EXISTS', pending) == 1 then
+      redis.call('ZADD', KEYS[1], pass, tenant)
+    else
+      redis.call('ZREM', KEYS[1], tenant)
+      redis.call('HSET', KEYS[2], tenant, pass)
+    end
   end
 end
 if #out > 0 then redis.call('LPOP', KEYS[8], #out / 2) end
@@ -167,7 +189,7 @@ class Scheduler:
                                   self._key("passes", queue), f"{self.prefix}:seq", backlog_key(self.prefix, queue),
                                   self._key("queued", queue), self._key("paused", queue),
                                   family_instances_key(self.prefix, queues[queue]),
-                                  family_batch_key(self.prefix, queues[queue])],
+                                  family_batch_key(self.prefix, queues[queue]), f"{self.prefix}:caps"],
                   [job_id, priority, tenant, self.credit, self.margin]) for job_id, queue, tenant, priority in entries]
         calls += [self._dispatch_call(queue, family) for queue, family in queues.items()]
         replies = run_scripts(self.r, calls)
@@ -183,8 +205,10 @@ class Scheduler:
         return (self._dispatch,
                 [self._key("active", queue), self._key("passes", queue), f"{self.prefix}:weights",
                  self._key("queued", queue), self._key("paused", queue), family_instances_key(self.prefix, family),
-                 f"{self.prefix}:seq", backlog_key(self.prefix, queue), family_batch_key(self.prefix, family)],
-                [f"{self.prefix}:pending:{queue}:", self.margin, limit])
+                 f"{self.prefix}:seq", backlog_key(self.prefix, queue), family_batch_key(self.prefix, family),
+                 f"{self.prefix}:caps"],
+                [f"{self.prefix}:pending:{queue}:", self.margin, limit, f"{self.prefix}:flight:",
+                 f"{self.prefix}:job:"])
 
     def feed(self, queue: str, family: str, send: Callable[..., None]) -> int:
         """Move jobs from the pending sets into the queue while fewer than a batch per live worker
@@ -210,6 +234,14 @@ class Scheduler:
 
     def set_weight(self, tenant: str, weight: float) -> None:
         self.r.hset(f"{self.prefix}:weights", tenant, weight)
+
+    def set_cap(self, tenant: str, cap: int | None) -> None:
+        """Hold a tenant's jobs back while ``cap`` of them are dispatched and not ended (None:
+        no cap)."""
+        if cap is None:
+            self.r.hdel(f"{self.prefix}:caps", tenant)
+        else:
+            self.r.hset(f"{self.prefix}:caps", tenant, cap)
 
     def pause(self, queue: str) -> None:
         self.r.set(self._key("paused", queue), 1)

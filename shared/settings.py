@@ -27,6 +27,9 @@ class ApiKey(BaseModel):
     webhook_events: list[WebhookEvent] = Field(default_factory=lambda: ["succeeded", "failed", "cancelled"],
                                                description="the events this key's webhooks carry")
     admin: bool = Field(default=False, description="sees every job, may reference any s3:// object")
+    over_cap: Literal["refuse", "hold"] = Field(default="refuse", description=(
+        "beyond max_in_flight, refuse: a submission gets 429 and the reason; hold: it is accepted and waits "
+        "in the key's pending set while max_in_flight of its jobs are dispatched and not ended"))
     weight: float = Field(default=1.0, gt=0, le=1000, description=(
         "this key's share of the farm against other backlogged keys (fair share: 2 gets twice a 1's jobs)"))
 

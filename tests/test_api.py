@@ -37,6 +37,7 @@ KEYS = {  # token -> key config (the server only sees the sha256)
     "tok-other": {"name": "other"},
     "tok-tight": {"name": "tight", "rate_per_min": 3, "burst": 3},
     "tok-capped": {"name": "capped", "max_in_flight": 2, "rate_per_min": 60000, "burst": 5000},
+    "tok-held": {"name": "held", "max_in_flight": 1, "over_cap": "hold", "rate_per_min": 60000, "burst": 5000},
     "tok-watcher": {"name": "watcher", "rate_per_min": 60000, "burst": 5000,
                     "webhook_events": ["queued", "started", "progress", "succeeded"]},
 }
@@ -345,6 +346,19 @@ def test_in_flight_cap_gives_clear_429_and_frees_on_cancel(api, http):
         r = c.post("/v1/jobs", json=job_body(image, model=PARKED, seed=9))
         assert r.status_code == 201, r.text
         c.delete(f"/v1/jobs/{r.json()['id']}")
+
+
+def test_a_key_that_holds_over_its_cap_has_every_job_run_one_at_a_time(api, sd15_worker):
+    """over_cap: hold accepts past max_in_flight (1 here) and dispatches the key's jobs one at a
+    time: each starts only after the one before it ended."""
+    with api.client("tok-held") as c:
+        image = upload(c)
+        posted = [c.post("/v1/jobs", json=job_body(image, steps=20, seed=70 + i)) for i in range(3)]
+        assert [r.status_code for r in posted] == [201, 201, 201], [r.text for r in posted]
+        jobs = [wait_state(c, r.json()["id"]) for r in posted]
+    assert [j["state"] for j in jobs] == ["succeeded"] * 3
+    spans = sorted((j["started_at"], j["finished_at"]) for j in jobs)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
 
 
 @pytest.mark.parametrize("change, status, message", [

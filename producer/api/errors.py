@@ -14,7 +14,11 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import iter_route_contexts
+try:
+    from fastapi.routing import iter_route_contexts
+except ImportError:  # FastAPI before routers kept their routes nested: the app's list is flat
+    def iter_route_contexts(routes):
+        return iter(routes)
 from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 

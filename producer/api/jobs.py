@@ -55,8 +55,15 @@ def _check_webhook(api: ApiState, url: str, p: Principal) -> None:
         raise HTTPException(422, f"webhook_url: {e}") from None
 
 
-def _submit(api: ApiState, spec: JobSpec, p: Principal) -> tuple[str, str]:
-    """Queue the job within the key's in-flight cap: (job id, reservation token)."""
+def _submit(api: ApiState, spec: JobSpec, p: Principal) -> tuple[str, str | None]:
+    """Queue the job within the key's in-flight cap: (job id, reservation token). A key that
+    holds jobs back over its cap (over_cap: hold) is capped at dispatch instead (no token)."""
+    if p.key.over_cap == "hold":
+        try:
+            return api.client.submit(spec), None
+        except SubmitError as e:
+            api.metrics.refused.labels("invalid_job").inc()
+            raise HTTPException(422, str(e)) from None
     token, n = api.inflight.reserve(p)
     if token is None:
         api.metrics.refused.labels("in_flight_cap").inc()
@@ -89,12 +96,14 @@ def create_job(body: JobRequest, response: Response, p: Caller, api: ApiDep,
         _check_webhook(api, url, p)
     job_id, token = _submit(api, spec, p)
     if api.store.take_owner(job_id, p.name):
-        api.inflight.commit(p.name, token, job_id)
+        if token:
+            api.inflight.commit(p.name, token, job_id)
         if url:
             api.dispatcher.register(job_id, url, p.key.webhook_events)
         api.metrics.submitted.labels(p.name).inc()
     else:
-        api.inflight.release(p.name, token)
+        if token:
+            api.inflight.release(p.name, token)
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return api.render(job_id)

@@ -77,10 +77,12 @@ class ApiState:
     def start(self, webhooks: bool) -> None:
         self.aredis = aioredis.Redis.from_url(self.s.redis_url, decode_responses=True, health_check_interval=30)
         try:
-            for key in self.keys.by_hash.values():  # each key's fair-share weight, for every dispatcher
+            for key in self.keys.by_hash.values():  # each key's fair-share weight and cap, for every dispatcher
                 self.client.scheduler.set_weight(key.name, key.weight)
+                held = key.over_cap == "hold"
+                self.client.scheduler.set_cap(key.name, (key.max_in_flight or self.s.api_max_in_flight) if held else None)
         except redis.RedisError as e:
-            log.warning("could not record the keys' fair-share weights (1 until then): %s", e)
+            log.warning("could not record the keys' fair-share weights and caps: %s", e)
         if webhooks:
             self.dispatcher.start()
         self.reaper.start()  # dead workers' jobs come back even while every worker is busy
