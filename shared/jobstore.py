@@ -583,10 +583,14 @@ class JobStore:
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
             pipe.hmget(self.key(job_id), "state", "segment", "updated_at", "instance")
-        out = []
+        out, stale = [], []
         for job_id, (state, segment, since, holder) in zip(ids, pipe.execute()):
-            if since and not holder and state in (JobState.queued.value, JobState.running.value):
+            if state is None or JobState(state).terminal:
+                stale.append(job_id)  # expired or ended without a claim: it holds no place
+            elif since and not holder and state in (JobState.queued.value, JobState.running.value):
                 out.append((job_id, int(segment or 0), float(since)))
+        if stale:
+            self.r.zrem(self._queued_key(queue), *stale)
         return out
 
     def queue_position(self, job_id: str) -> int | None:
@@ -648,8 +652,9 @@ class JobStore:
 
         pipe = self.r.pipeline(transaction=True)
         pipe.zadd(self.instances_key(), {instance: 0})
-        if family:
-            pipe.zadd(family_instances_key(self.prefix, family), {instance: time.time()})
+        if family:  # gone now, by Redis's clock as liveness is judged
+            seconds, micros = self.r.time()
+            pipe.zadd(family_instances_key(self.prefix, family), {instance: seconds + micros / 1e6})
         pipe.delete(self.presence_key(hostname))
         pipe.execute()
 

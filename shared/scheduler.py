@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -67,7 +68,7 @@ return 0
 # KEYS: active tenants, parked passes, weights, the queue's waiting set (jobs sent and not
 # yet claimed), paused flag, the family's live instances, the sequence counter, the backlog
 # tally, the family's batch size, the tenants' caps. ARGV: pending-set prefix, margin, most
-# jobs to move, in-flight-set prefix, job-record prefix. Room: a batch per live worker, plus
+# jobs to move, in-flight-set prefix, job-record prefix, now (the dispatched jobs' updated_at). Room: a batch per live worker, plus
 # the margin. A capped tenant (an API key whose over_cap is "hold") is passed over while its
 # dispatched jobs that have not ended reach its cap. Returns flat (job id, priority) pairs.
 _DISPATCH = _CLOCK + """
@@ -76,15 +77,19 @@ local live = redis.call('ZCOUNT', KEYS[6], now(), '+inf')
 local batch = tonumber(redis.call('GET', KEYS[9]) or '1')
 local room = math.min(live * batch + tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[4]), tonumber(ARGV[3]))
 local caps = redis.call('EXISTS', KEYS[10]) == 1
+local flying = {}  -- capped tenants' jobs in flight, counted once per run
 local function at_cap(tenant, cap)
-  local flight = ARGV[4] .. tenant
-  for _, id in ipairs(redis.call('ZRANGE', flight, 0, -1)) do
-    local st = redis.call('HGET', ARGV[5] .. id, 'state')
-    if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' then redis.call('ZREM', flight, id) end
+  if not flying[tenant] then
+    local flight = ARGV[4] .. tenant
+    for _, id in ipairs(redis.call('ZRANGE', flight, 0, -1)) do
+      local st = redis.call('HGET', ARGV[5] .. id, 'state')
+      if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' then redis.call('ZREM', flight, id) end
+    end
+    flying[tenant] = redis.call('ZCARD', flight)
   end
-  return redis.call('ZCARD', flight) >= tonumber(cap)
+  return flying[tenant] >= tonumber(cap)
 end
-local out, held, nheld = {}, {}, 0
+local out, held, nheld, popped = {}, {}, 0, 0
 while room > 0 do
   local tenant, pass, cap
   local lead = redis.call('ZRANGE', KEYS[1], 0, nheld, 'WITHSCORES')
@@ -100,13 +105,23 @@ while room > 0 do
     local pending = ARGV[1] .. tenant
     local job = redis.call('ZPOPMIN', pending)
     if #job > 0 then
+      popped = popped + 1
       pass = pass + 1 / tonumber(redis.call('HGET', KEYS[3], tenant) or '1')
-      local priority = math.floor(tonumber(job[2]) / 1e13)
-      redis.call('ZADD', KEYS[4], priority * 1e13 + redis.call('INCR', KEYS[7]), job[1])
-      if cap then redis.call('ZADD', ARGV[4] .. tenant, now(), job[1]) end
-      table.insert(out, job[1])
-      table.insert(out, tostring(priority))
-      room = room - 1
+      -- A record that expired while its job waited: nothing to run, nothing to hold room for.
+      -- Otherwise its wait in the broker starts now (what a lost-message sweep measures).
+      if redis.call('HSET', ARGV[5] .. job[1], 'updated_at', ARGV[6]) == 0 then
+        local priority = math.floor(tonumber(job[2]) / 1e13)
+        redis.call('ZADD', KEYS[4], priority * 1e13 + redis.call('INCR', KEYS[7]), job[1])
+        if cap then
+          redis.call('ZADD', ARGV[4] .. tenant, now(), job[1])
+          flying[tenant] = flying[tenant] + 1
+        end
+        table.insert(out, job[1])
+        table.insert(out, tostring(priority))
+        room = room - 1
+      else
+        redis.call('DEL', ARGV[5] .. job[1])
+      end
     end
     if redis.call('EXISTS', pending) == 1 then
       redis.call('ZADD', KEYS[1], pass, tenant)
@@ -116,7 +131,7 @@ while room > 0 do
     end
   end
 end
-if #out > 0 then redis.call('LPOP', KEYS[8], #out / 2) end
+if popped > 0 then redis.call('LPOP', KEYS[8], popped) end
 return out
 """
 
@@ -208,7 +223,7 @@ class Scheduler:
                  f"{self.prefix}:seq", backlog_key(self.prefix, queue), family_batch_key(self.prefix, family),
                  f"{self.prefix}:caps"],
                 [f"{self.prefix}:pending:{queue}:", self.margin, limit, f"{self.prefix}:flight:",
-                 f"{self.prefix}:job:"])
+                 f"{self.prefix}:job:", time.time()])
 
     def feed(self, queue: str, family: str, send: Callable[..., None]) -> int:
         """Move jobs from the pending sets into the queue while fewer than a batch per live worker

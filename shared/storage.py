@@ -129,11 +129,22 @@ class Storage:
             return False
 
     def put_input(self, data: bytes, ext: str) -> str:
-        """Content-addressed upload: the same bytes land on the same key once."""
+        """Content-addressed upload: the same bytes land on the same key, written again when the
+        copy there is over a day old, so retention (which counts from the last write) never
+        removes an input a new job has just been given."""
         key = f"inputs/{hashlib.sha256(data).hexdigest()}.{ext}"
-        if not self.exists(key):
+        age = self.age_s(key)
+        if age is None or age > 86400:
             self.put(key, data)
         return self.uri(key)
+
+    def age_s(self, key: str) -> float | None:
+        """Seconds since the object was last written; None when there is none."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError:
+            return None
+        return time.time() - head["LastModified"].timestamp()
 
     def presign(self, uri_or_key: str, expires_s: int = 3600) -> str:
         ref = S3Ref.parse(uri_or_key) if uri_or_key.startswith("s3://") else S3Ref(self.bucket, uri_or_key)

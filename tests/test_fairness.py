@@ -159,3 +159,21 @@ def test_a_drained_worker_finishes_its_job_and_exits(fair_client, ref, farm_env,
     fair_client.drain(proc.hostname)
     assert proc.proc.wait(60) == DRAINED_EXIT
     assert fair_client.status(job_id).state.value == "succeeded"
+
+
+def test_jobs_whose_records_expired_while_pending_hold_no_place(fair_client, ref, farm_env, tmp_path_factory):
+    """A pending job whose record expired (job_ttl_s) is dropped at dispatch: it neither gets a
+    message nor takes a place in the queue that the next jobs would wait behind forever."""
+    (proc,) = workers(farm_env, tmp_path_factory, "fairp", 1)
+    try:
+        fair_client.pause("fairp")
+        gone = [fair_client.submit(job) for job in jobs(ref, "fairp", "t", 5)]
+        fair_client.store.r.delete(*[fair_client.store.key(j) for j in gone])  # as if their TTL ran out
+        fair_client.resume("fairp")
+        survivor = fair_client.submit(jobs(ref, "fairp", "t", 1)[0])
+        wait_all(fair_client, [survivor])
+        assert fair_client.scheduler.pending_count("easel.fairp") == 0
+        assert not any(fair_client.store.exists(j) for j in gone)  # not brought back by the dispatch
+        assert fair_client.store.r.zcard("easel:queued:easel.fairp") == 0
+    finally:
+        proc.stop()

@@ -13,7 +13,6 @@ import os
 import signal
 import time
 
-import redis
 from celery.signals import task_postrun, task_prerun
 
 from easel.shared.celery_app import queue_name, send_segment
@@ -42,7 +41,7 @@ class Feeder:
         try:
             return self.scheduler.feed(self.queue, self.family,
                                        lambda *a, **kw: send_segment(self.app, *a, **kw))
-        except redis.RedisError as e:  # the next task end or heartbeat tries again
+        except Exception as e:  # broker or Redis trouble: the next task end or heartbeat tries again
             log.warning("could not dispatch pending jobs of %s: %s", self.queue, e)
             return 0
 

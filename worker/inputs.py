@@ -66,9 +66,13 @@ def save_handoff(ctx: WorkerContext, job_id: str, seg_index: int, carrier: Carri
 
 
 def drop_handoffs(ctx: WorkerContext, job_id: str) -> None:
-    """Delete a job's hand-offs once it has ended: nothing reads them again. Best effort; the
-    bucket's retention removes what a failure here leaves."""
+    """Delete a job's hand-offs once it has ended: nothing reads them again. Only when the
+    record says it ended: a delivery whose final state was refused (another instance took
+    the job over) leaves them to the one that runs it. Best effort; the bucket's retention
+    removes what a failure here leaves."""
     try:
+        if ctx.store.states_of([job_id])[0] not in ("succeeded", "failed", "cancelled"):
+            return
         ctx.storage.delete_prefix(f"{job_prefix(job_id)}handoff/")
     except Exception as e:
         log.warning("job %s: could not delete its hand-offs: %s", job_id, e)
