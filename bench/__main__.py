@@ -12,8 +12,8 @@ import json
 import sys
 import time
 
-# name -> module; run in this order by `python -m bench`. The GPU run (benchmark 6,
-# `python -m bench gpu`) needs an NVIDIA GPU and runs only on request.
+# name -> module; run in this order by `python -m bench`. The GPU run (`python -m bench gpu`)
+# needs an NVIDIA GPU and runs only on request.
 BENCHMARKS = {
     "submit": "bench.submit_rate",
     "cold_start": "bench.cold_start",

@@ -1,4 +1,4 @@
-"""Benchmark 3: micro-batching through easel vs one job at a time.
+"""``python -m bench batching``: micro-batching through easel vs one job at a time.
 
 For each image size and batch size B (``EASEL_BATCH_SIZE``), a fresh worker starts, runs
 one batch of warm-up jobs (first calls at a new batch shape pay one-off kernel selection),

@@ -1,4 +1,4 @@
-"""Benchmark 4: cold start, from worker process start to first result.
+"""``python -m bench cold_start``: cold start, from worker process start to first result.
 
 One img2img job for ``sd15`` is queued first; then a fresh ``python -m easel.worker.process
 --family sd15`` is spawned (what ``easel worker`` runs per GPU) and the clock runs until

@@ -1,4 +1,4 @@
-"""Benchmark 6: benchmarks 1 and 3 on a GPU, with SD 1.5's full architecture.
+"""``python -m bench gpu``: the overhead and batching benchmarks on a GPU, with SD 1.5's full architecture.
 
 ``python -m bench gpu`` on a machine with an NVIDIA GPU. The checkpoint is SD 1.5's
 published architecture with random weights (``bench/sd15_arch.py``, fp16 safetensors,
@@ -15,7 +15,7 @@ Variants, run in this order while the time budget (``--budget-s``) lasts:
 - ``compile``: ``eager`` with ``torch.compile(unet, mode="reduce-overhead", fullgraph=True)``
   on both sides (registry ``optimizations.compile_unet``; the plain loop compiles the same
   way); one process pair (each compiles for about a minute).
-- ``batching``: benchmark 3 at 512 px, batch 1 / 4 / 8 (eager).
+- ``batching``: ``bench batching`` at 512 px, batch 1 / 4 / 8 (eager).
 - ``eager-pinned`` (on request): ``eager`` with valkey and SeaweedFS on one core (and its
   hyperthread sibling) and the worker and the plain loop on the others
   (``bench.common.cpu_split``); it did not remove the slow stretches (bench/RESULTS.md).

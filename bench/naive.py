@@ -1,4 +1,4 @@
-"""Benchmark 2: easel vs the Celery task many users write first.
+"""``python -m bench naive``: easel vs the Celery task many users write first.
 
 The naive peer (``app`` / ``img2img`` below) is a plain Celery app on the same valkey:
 the input image travels through the broker as base64, the task loads the pipeline with

@@ -1,4 +1,4 @@
-"""Benchmark 1: easel's overhead over a plain diffusers loop (the limit).
+"""``python -m bench overhead``: easel's overhead over a plain diffusers loop (the limit).
 
 N img2img jobs go producer -> valkey -> worker (``python -m easel.worker.process``, solo pool)
 -> SeaweedFS (PNG out), and the same N pipeline calls (same checkpoint, image, prompt,
@@ -257,7 +257,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--procs", type=int, default=DEFAULT_PROCS,
                     help="fresh (worker, plain loop) process pairs per size, sharing the jobs")
     ap.add_argument("--sizes", default="small,large")
-    ap.add_argument("--device", default="cpu", help="cuda: run benchmark 1's tiny checkpoints on the GPU (fp16)")
+    ap.add_argument("--device", default="cpu", help="cuda: run the tiny checkpoints on the GPU (fp16)")
     ap.add_argument("--inproc-plain", action="store_true",
                     help="diagnosis: after each job the worker also makes the plain loop's call; prints the phases "
                          "of the plain process's, easel's and that in-worker call (ratio and per-job figures then "

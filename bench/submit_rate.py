@@ -1,4 +1,4 @@
-"""Benchmark 5: how fast the producer enqueues jobs.
+"""``python -m bench submit``: how fast the producer enqueues jobs.
 
 The same img2img job (input already in storage as an ``s3://`` reference, so no upload is
 timed) is submitted N times with ``EaselClient.submit`` (one at a time) and N times with

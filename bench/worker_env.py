@@ -1,4 +1,4 @@
-"""``python -m bench worker_env``: A/B of the worker's environment on benchmark 1.
+"""``python -m bench worker_env``: A/B of the worker's environment on ``bench overhead``.
 
 Runs ``bench.overhead.run_target`` (easel vs the plain loop, blocks alternating) once per
 variant and repetition, the variants alternating (A B, B A, ...), each with a fresh worker
