@@ -199,21 +199,21 @@ def queues(ctx: typer.Context) -> None:
 @queues_app.command("pause")
 def queues_pause(family: str) -> None:
     """Stop dispatching a family's pending jobs (they keep their order); running ones finish."""
-    try:
-        _client().pause(family)
-    except KeyError as e:
-        _fail(str(e).strip("'\""))
-    print(f"{family}: paused")
+    _queue_control(family, "pause")
 
 
 @queues_app.command("resume")
 def queues_resume(family: str) -> None:
     """Dispatch a paused family's pending jobs again, in their order."""
+    _queue_control(family, "resume")
+
+
+def _queue_control(family: str, action: str) -> None:
     try:
-        _client().resume(family)
+        getattr(_client(), action)(family)
     except KeyError as e:
         _fail(str(e).strip("'\""))
-    print(f"{family}: resumed")
+    print(f"{family}: {action}d")
 
 
 @app.command()

@@ -52,7 +52,7 @@ class EaselClient:
         self.settings = settings or get_settings()
         self.registry = registry or load_registry(self.settings.models)
         self.store = JobStore.from_settings(self.settings)
-        self.scheduler = Scheduler(self.store.r, self.settings.queue_prefix)
+        self.scheduler = Scheduler(self.store)
         self.storage = Storage(self.settings)
         self.celery = make_celery(self.settings)
         tracing.setup(self.settings, "easel-producer")
@@ -145,7 +145,7 @@ class EaselClient:
                     self.store.keep_traces({job_id: tracing.carrier()})
                 moved = self.scheduler.enqueue_and_dispatch(
                     [(job_id, queue, spec.tenant or DEFAULT_TENANT, spec.priority)], {queue: plan.segments[0].family})
-                kept = self.scheduler.kept_traces([m for m, _, _ in moved if m != job_id])
+                kept = self.store.kept_traces([m for m, _, _ in moved if m != job_id])
                 for moved_id, moved_queue, priority in moved:
                     if moved_id == job_id:
                         send_segment(self.celery, job_id, 0, moved_queue, priority)
@@ -206,7 +206,7 @@ class EaselClient:
             carriers = self._submit_spans(new, call)
             self.store.keep_traces(carriers)
             moved = self.scheduler.enqueue_and_dispatch(entries, families)
-            kept = {**self.scheduler.kept_traces([j for j, _, _ in moved if j not in carriers]), **carriers}
+            kept = {**self.store.kept_traces([j for j, _, _ in moved if j not in carriers]), **carriers}
             self._send_batch(producer, moved, kept)
         except Exception as e:
             # Delivery of this batch is uncertain: fail its jobs (a worker drops the message
@@ -263,13 +263,7 @@ class EaselClient:
         status = self.store.status(job_id, position=False)
         if status.state != JobState.queued:
             return status
-        return status.model_copy(update=self.scheduler.estimate(job_id, *self._waiting_in(job_id)))
-
-    def _waiting_in(self, job_id: str) -> tuple[str, str, str]:
-        """(queue, family, tenant) of the segment a queued job waits for."""
-        spec, plan = self.store.load(job_id)
-        seg = plan.segments[int(self.store.r.hget(self.store.key(job_id), "segment") or 0)]
-        return seg.queue, seg.family, spec.tenant or DEFAULT_TENANT
+        return status.model_copy(update=self.scheduler.estimate(job_id, *self.store.waiting_in(job_id)))
 
     def watch(self, job_ids: list[str], timeout: float | None = None, resync_s: float = 5.0) -> Iterator[JobStatus]:
         """Each job's status as it changes, until every job has ended; raises TimeoutError after

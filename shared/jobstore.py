@@ -46,6 +46,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from easel.shared import tracing
+from easel.shared.keys import backlog_key, family_batch_key, family_instances_key, job_seconds_prefix, pending_key
 from easel.shared.schema import Attempt, JobSpec, JobState, JobStatus, Plan, Progress
 
 _TERMINAL = "cur == 'succeeded' or cur == 'failed' or cur == 'cancelled'"
@@ -520,6 +522,15 @@ class JobStore:
                 pipe.hset(self.key(job_id), "trace", json.dumps(carrier))
             pipe.execute()
 
+    def kept_traces(self, job_ids: list[str]) -> dict[str, dict]:
+        """The trace contexts submitters kept in these jobs' records; read only with tracing on."""
+        if not job_ids or not tracing.enabled():
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.key(job_id), "trace")
+        return {job_id: json.loads(v) for job_id, v in zip(job_ids, pipe.execute()) if v}
+
     def save_records(self, job_id: str, records: dict[int, str]) -> None:
         if records:
             self.r.hset(self.key(job_id), mapping={f"record:{i}": r for i, r in records.items()})
@@ -562,11 +573,15 @@ class JobStore:
                 pipe.hset(self.key(job_id), "queue", queue)
         pipe.execute()
 
+    def waiting_in(self, job_id: str) -> tuple[str, str, str]:
+        """(queue, family, tenant) of the segment a queued job waits for, in one read."""
+        plan, segment, tenant = self.r.hmget(self.key(job_id), "plan", "segment", "tenant")
+        seg = Plan.model_validate_json(plan).segments[int(segment or 0)]
+        return seg.queue, seg.family, tenant or DEFAULT_TENANT
+
     def unmark_queued(self, job_id: str) -> None:
         """The job no longer waits: out of its queue-position set, and out of its tenant's
         pending set if it was never dispatched."""
-        from easel.shared.scheduler import backlog_key, pending_key
-
         queue, tenant = self.r.hmget(self.key(job_id), "queue", "tenant")
         if queue:
             pipe = self.r.pipeline(transaction=False)
@@ -637,8 +652,6 @@ class JobStore:
     def beat(self, instance: str, hostname: str, presence: dict, ttl_s: float) -> None:
         """An instance is alive for ``ttl_s`` more seconds (Redis's clock); its presence record
         (for ``easel queues``, metrics) lives as long."""
-        from easel.shared.scheduler import family_batch_key, family_instances_key, job_seconds_prefix
-
         family = presence.get("family", "unknown")
         job_s = presence.get("job_s")
         self._beat(keys=[self.instances_key(), self.presence_key(hostname), family_instances_key(self.prefix, family),
@@ -648,8 +661,6 @@ class JobStore:
 
     def retire(self, instance: str, hostname: str, family: str | None = None) -> None:
         """A clean shutdown: the instance is gone now; anything it still held is reaped at once."""
-        from easel.shared.scheduler import family_instances_key
-
         pipe = self.r.pipeline(transaction=True)
         pipe.zadd(self.instances_key(), {instance: 0})
         if family:  # gone now, by Redis's clock as liveness is judged
@@ -662,8 +673,6 @@ class JobStore:
         """Jobs waiting in ``queues`` (sent to the broker, pending their tenant's turn, or
         between stages), running (held by a worker process), and ended since the counts began
         (by final state): O(queues + instances), whatever the number of jobs."""
-        from easel.shared.scheduler import backlog_key
-
         instances = [_text(i) for i in self.r.zrange(self.instances_key(), 0, -1)]
         pipe = self.r.pipeline(transaction=False)
         for queue in queues:

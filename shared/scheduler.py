@@ -19,21 +19,28 @@ sets keep the jobs and their order.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-import redis
-
-from easel.shared import tracing
-from easel.shared.jobstore import _CLOCK, _text, run_scripts
+from easel.shared.jobstore import _CLOCK, JobStore, _text, run_scripts
+from easel.shared.keys import backlog_key, family_batch_key, family_instances_key, job_seconds_prefix, pending_key
 
 log = logging.getLogger("easel.scheduler")
 
 CREDIT = 20  # jobs a returning or new tenant may start behind the tenant in front
 MARGIN = 1  # jobs waiting in the broker beyond one per live worker
+
+# Room in a queue: a batch per live worker of its family, plus the margin, less the jobs
+# already sent to it and not yet claimed.
+_ROOM = _CLOCK + """
+local function room(waiting, instances, batch_key, margin)
+  local live = redis.call('ZCOUNT', instances, now(), '+inf')
+  local batch = tonumber(redis.call('GET', batch_key) or '1')
+  return live * batch + tonumber(margin) - redis.call('ZCARD', waiting)
+end
+"""
 
 # KEYS: the tenant's pending set, active tenants (zset of pass), parked passes (hash), the
 # sequence counter, the queue's backlog tally, then what room is judged by: the queue's
@@ -41,15 +48,12 @@ MARGIN = 1  # jobs waiting in the broker beyond one per live worker
 # ARGV: job id, priority, tenant, credit, margin. When no tenant has jobs pending, the job's
 # tenant has no cap and there is room, the job goes straight to the waiting set (returns 1:
 # send it now); else it waits in its tenant's pending set (returns 0).
-_ENQUEUE = _CLOCK + """
+_ENQUEUE = _ROOM + """
 local capped = redis.call('EXISTS', KEYS[10]) == 1 and redis.call('HEXISTS', KEYS[10], ARGV[3]) == 1
-if not capped and redis.call('ZCARD', KEYS[2]) == 0 and redis.call('EXISTS', KEYS[7]) == 0 then
-  local live = redis.call('ZCOUNT', KEYS[8], now(), '+inf')
-  local batch = tonumber(redis.call('GET', KEYS[9]) or '1')
-  if live * batch + tonumber(ARGV[5]) - redis.call('ZCARD', KEYS[6]) > 0 then
-    redis.call('ZADD', KEYS[6], tonumber(ARGV[2]) * 1e13 + redis.call('INCR', KEYS[4]), ARGV[1])
-    return 1
-  end
+if not capped and redis.call('ZCARD', KEYS[2]) == 0 and redis.call('EXISTS', KEYS[7]) == 0
+    and room(KEYS[6], KEYS[8], KEYS[9], ARGV[5]) > 0 then
+  redis.call('ZADD', KEYS[6], tonumber(ARGV[2]) * 1e13 + redis.call('INCR', KEYS[4]), ARGV[1])
+  return 1
 end
 if redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) * 1e13 + redis.call('INCR', KEYS[4]), ARGV[1]) == 1 then
   redis.call('RPUSH', KEYS[5], 1)
@@ -68,14 +72,12 @@ return 0
 # KEYS: active tenants, parked passes, weights, the queue's waiting set (jobs sent and not
 # yet claimed), paused flag, the family's live instances, the sequence counter, the backlog
 # tally, the family's batch size, the tenants' caps. ARGV: pending-set prefix, margin, most
-# jobs to move, in-flight-set prefix, job-record prefix, now (the dispatched jobs' updated_at). Room: a batch per live worker, plus
-# the margin. A capped tenant (an API key whose over_cap is "hold") is passed over while its
+# jobs to move, in-flight-set prefix, job-record prefix, now (the dispatched jobs'
+# updated_at). A capped tenant (an API key whose over_cap is "hold") is passed over while its
 # dispatched jobs that have not ended reach its cap. Returns flat (job id, priority) pairs.
-_DISPATCH = _CLOCK + """
+_DISPATCH = _ROOM + """
 if redis.call('ZCARD', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {} end
-local live = redis.call('ZCOUNT', KEYS[6], now(), '+inf')
-local batch = tonumber(redis.call('GET', KEYS[9]) or '1')
-local room = math.min(live * batch + tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[4]), tonumber(ARGV[3]))
+local space = math.min(room(KEYS[4], KEYS[6], KEYS[9], ARGV[2]), tonumber(ARGV[3]))
 local caps = redis.call('EXISTS', KEYS[10]) == 1
 local flying = {}  -- capped tenants' jobs in flight, counted once per run
 local function at_cap(tenant, cap)
@@ -90,7 +92,7 @@ local function at_cap(tenant, cap)
   return flying[tenant] >= tonumber(cap)
 end
 local out, held, nheld, popped = {}, {}, 0, 0
-while room > 0 do
+while space > 0 do
   local tenant, pass, cap
   local lead = redis.call('ZRANGE', KEYS[1], 0, nheld, 'WITHSCORES')
   for i = 1, #lead, 2 do
@@ -118,7 +120,7 @@ while room > 0 do
         end
         table.insert(out, job[1])
         table.insert(out, tostring(priority))
-        room = room - 1
+        space = space - 1
       else
         redis.call('DEL', ARGV[5] .. job[1])
       end
@@ -151,30 +153,6 @@ return {#live, n > 0 and tostring(sum / n) or '', last[2] or '', tostring(t)}
 """
 
 
-def pending_key(prefix: str, queue: str, tenant: str) -> str:
-    return f"{prefix}:pending:{queue}:{tenant}"
-
-
-def backlog_key(prefix: str, queue: str) -> str:
-    """A list as long as the queue's pending jobs: its LLEN is what autoscalers that read list
-    lengths (KEDA's redis trigger) add to the broker lists' lengths."""
-    return f"{prefix}:backlog:{queue}"
-
-
-def family_instances_key(prefix: str, family: str) -> str:
-    return f"{prefix}:family:{family}:instances"
-
-
-def family_batch_key(prefix: str, family: str) -> str:
-    """The family's micro-batch size (its workers take that many messages at once)."""
-    return f"{prefix}:family:{family}:batch"
-
-
-def job_seconds_prefix(prefix: str) -> str:
-    """``<prefix><instance>``: a worker's mean seconds per job, kept as long as its heartbeat."""
-    return f"{prefix}:job-seconds:"
-
-
 @dataclass(frozen=True)
 class FamilyView:
     live: int
@@ -185,11 +163,12 @@ class FamilyView:
 class Scheduler:
     """Pending sets, tenant passes and dispatch for one Redis and queue prefix."""
 
-    def __init__(self, r: redis.Redis, prefix: str = "easel", credit: int = CREDIT, margin: int = MARGIN):
-        self.r, self.prefix, self.credit, self.margin = r, prefix, credit, margin
-        self._enqueue = r.register_script(_ENQUEUE)
-        self._dispatch = r.register_script(_DISPATCH)
-        self._family = r.register_script(_FAMILY)
+    def __init__(self, store: JobStore, credit: int = CREDIT, margin: int = MARGIN):
+        self.store, self.credit, self.margin = store, credit, margin
+        self.r, self.prefix = store.r, store.prefix
+        self._enqueue = self.r.register_script(_ENQUEUE)
+        self._dispatch = self.r.register_script(_DISPATCH)
+        self._family = self.r.register_script(_FAMILY)
 
     def _key(self, what: str, queue: str) -> str:
         return f"{self.prefix}:{what}:{queue}"
@@ -233,19 +212,10 @@ class Scheduler:
         sends it again."""
         script, keys, args = self._dispatch_call(queue, family)
         moved = _pairs(script(keys=keys, args=args))
-        kept = self.kept_traces([job_id for job_id, _ in moved])
+        kept = self.store.kept_traces([job_id for job_id, _ in moved])
         for job_id, priority in moved:
             send(job_id, 0, queue, priority, on_behalf=True, kept_trace=kept.get(job_id))
         return len(moved)
-
-    def kept_traces(self, job_ids: list[str]) -> dict[str, dict]:
-        """The trace contexts submitters kept in these jobs' records; read only with tracing on."""
-        if not job_ids or not tracing.enabled():
-            return {}
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hget(f"{self.prefix}:job:{job_id}", "trace")
-        return {job_id: json.loads(v) for job_id, v in zip(job_ids, pipe.execute()) if v}
 
     def set_weight(self, tenant: str, weight: float) -> None:
         self.r.hset(f"{self.prefix}:weights", tenant, weight)

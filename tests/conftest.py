@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from easel.producer.embedded import EmbeddedServices, stop_process
+from easel.producer.embedded import EmbeddedServices, free_port, port_free, stop_process
 from easel.shared.logs import quiet_libraries
 
 quiet_libraries()
@@ -161,3 +161,14 @@ def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess
 
 def read_json(text: str) -> dict:
     return json.loads(text)
+
+
+def free_dev_ports() -> tuple[int, int]:
+    """A free valkey port and a free S3 port P with P+1..P+3 and all four + 10000 free too."""
+    for _ in range(200):
+        s3 = free_port(avoid_plus=10000)
+        if s3 + 10003 < 65536 and all(port_free(p) for i in range(4) for p in (s3 + i, s3 + i + 10000)):
+            redis_port = free_port()
+            if redis_port not in range(s3, s3 + 4) and redis_port not in range(s3 + 10000, s3 + 10004):
+                return redis_port, s3
+    raise RuntimeError("no free port block")

@@ -12,21 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from easel.producer.embedded import free_port, port_free, stop_process
-from tests.conftest import ROOT, WorkerProc, cli, png_bytes
+from easel.producer.embedded import stop_process
+from tests.conftest import ROOT, WorkerProc, cli, free_dev_ports, png_bytes
 
 pytestmark = pytest.mark.slow
-
-
-def _ports() -> tuple[int, int]:
-    """A free valkey port and a free S3 port P with P+1..P+3 and all four + 10000 free too."""
-    for _ in range(200):
-        s3 = free_port(avoid_plus=10000)
-        if s3 + 10003 < 65536 and all(port_free(p) for i in range(4) for p in (s3 + i, s3 + i + 10000)):
-            redis_port = free_port()
-            if redis_port not in range(s3, s3 + 4) and redis_port not in range(s3 + 10000, s3 + 10004):
-                return redis_port, s3
-    raise RuntimeError("no free port block")
 
 
 class Dev:
@@ -75,7 +64,7 @@ class Dev:
 
 def test_easel_dev_keeps_servers_up_for_a_worker_and_the_cli_and_keeps_their_data(tmp_path):
     data = tmp_path / "data"
-    redis_port, s3_port = _ports()
+    redis_port, s3_port = free_dev_ports()
     image = tmp_path / "photo.png"
     image.write_bytes(png_bytes((96, 64)))
     dev = Dev(tmp_path, data, redis_port, s3_port, 1)
@@ -111,7 +100,7 @@ def test_easel_dev_keeps_servers_up_for_a_worker_and_the_cli_and_keeps_their_dat
         assert (tmp_path / "second" / job_id / "output" / "0.png").read_bytes() == first
 
         # The folder is in use, and so are the ports: said plainly, nothing started.
-        other_redis, other_s3 = _ports()
+        other_redis, other_s3 = free_dev_ports()
         busy = subprocess.run([sys.executable, "-m", "easel.producer.cli", "dev", "--data", str(data),
                                "--redis-port", str(other_redis), "--s3-port", str(other_s3)],
                               capture_output=True, text=True, timeout=60, cwd=ROOT)

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from easel.producer.embedded import free_port, port_free, stop_process
+from easel.producer.embedded import stop_process
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_dev_ports
 
 DOCS = ROOT / "docs"
 REFERENCE = DOCS / "reference"
@@ -115,17 +115,6 @@ def tutorial_blocks(text: str) -> list[tuple[str, str, str | None]]:
     return out
 
 
-def _dev_ports() -> tuple[int, int]:
-    """A free valkey port and a free S3 port P with P+1..P+3 and all four + 10000 free too."""
-    for _ in range(200):
-        s3 = free_port(avoid_plus=10000)
-        if s3 + 10003 < 65536 and all(port_free(p) for i in range(4) for p in (s3 + i, s3 + i + 10000)):
-            redis_port = free_port()
-            if redis_port not in range(s3, s3 + 4) and redis_port not in range(s3 + 10000, s3 + 10004):
-                return redis_port, s3
-    raise RuntimeError("no free port block")
-
-
 def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
     if proc.poll() is None:
         try:
@@ -149,7 +138,7 @@ def test_first_job_tutorial_runs_as_written(tmp_path):
 
     bindir = Path(sys.executable).parent
     env = _env(PATH=f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}", HF_HUB_OFFLINE="1")
-    redis_port, s3_port = _dev_ports()
+    redis_port, s3_port = free_dev_ports()
     easel = [str(bindir / "easel")] if (bindir / "easel").exists() else [sys.executable, "-m", "easel.producer.cli"]
     logs = tmp_path / "logs"
     logs.mkdir()

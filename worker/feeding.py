@@ -30,7 +30,7 @@ def drain_key(prefix: str, hostname: str) -> str:
 
 class Feeder:
     def __init__(self, ctx, app, family: str, presence: dict):
-        self.scheduler = Scheduler(ctx.store.r, ctx.settings.queue_prefix)
+        self.scheduler = Scheduler(ctx.store)
         self.family, self.queue = family, queue_name(family, ctx.settings.queue_prefix)
         self.app, self.presence = app, presence  # the heartbeat's record: ``job_s`` goes there
         self._started: dict[str, float] = {}

@@ -1,0 +1,28 @@
+"""Names of the fair-share keys in Redis that both the scheduler (which owns them) and the job
+store (which touches them when a job leaves its queue, a worker beats, or metrics count)
+use, so neither imports the other for a name."""
+from __future__ import annotations
+
+
+def pending_key(prefix: str, queue: str, tenant: str) -> str:
+    return f"{prefix}:pending:{queue}:{tenant}"
+
+
+def backlog_key(prefix: str, queue: str) -> str:
+    """A list as long as the queue's pending jobs: its LLEN is what autoscalers that read list
+    lengths (KEDA's redis trigger) add to the broker lists' lengths."""
+    return f"{prefix}:backlog:{queue}"
+
+
+def family_instances_key(prefix: str, family: str) -> str:
+    return f"{prefix}:family:{family}:instances"
+
+
+def family_batch_key(prefix: str, family: str) -> str:
+    """The family's micro-batch size (its workers take that many messages at once)."""
+    return f"{prefix}:family:{family}:batch"
+
+
+def job_seconds_prefix(prefix: str) -> str:
+    """``<prefix><instance>``: a worker's mean seconds per job, kept as long as its heartbeat."""
+    return f"{prefix}:job-seconds:"
