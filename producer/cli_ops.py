@@ -1,4 +1,4 @@
-"""Operations commands (`easel api`, `easel api-key`, `easel batch`) registered onto the main CLI."""
+"""Operations commands (`easel api`, `easel api-key`, `easel workers`, `easel batch`) registered onto the main CLI."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,6 +58,21 @@ def register(app: typer.Typer) -> None:
         entry = ApiKey(name=name, sha256=hash_key(tok))
         print(f"token:  {tok}")
         print(f"config: {json.dumps(entry.model_dump(include={'name', 'sha256'}))}")
+
+    @app.command()
+    def workers() -> None:
+        """Live worker processes (tab-separated): family, device, peak memory (MiB: torch's peak
+        allocation on a GPU, peak resident set on the CPU), warm-up compile seconds, hostname."""
+        from easel.producer.client import EaselClient
+        from easel.shared.settings import get_settings
+
+        print("family\tdevice\tpeak_mib\tcompile_s\thostname")
+        rows = EaselClient(get_settings()).store.presences()
+        for w in sorted(rows, key=lambda w: (w.get("family", ""), w.get("hostname", ""))):
+            peak = w.get("peak_memory_bytes")
+            mib = "-" if peak is None else f"{peak / 2**20:.0f}"
+            compile_s = sum((w.get("compile_s") or {}).values())
+            print(f"{w.get('family')}\t{w.get('device')}\t{mib}\t{compile_s:.1f}\t{w.get('hostname')}")
 
     @app.command()
     def batch(manifest: Path = typer.Argument(..., help="Jobs, one per row: .jsonl (job objects or flat rows) or .csv."),

@@ -45,6 +45,17 @@ COMPEL_KINDS: set[str] = {"sd", "sdxl-refiner", "sd-x4-upscaler"}
 LATENT_ONLY_AFTER_STAGE: set[str] = {"latent_upscale"}
 
 
+class StepCache(BaseModel):
+    """DeepCache-style step caching (worker/stepcache.py): the UNet's deep blocks run on one
+    pass in ``interval`` and their outputs are reused on the passes between, where only the
+    shallow blocks (down/up block pairs ``0..branch``) run."""
+
+    model_config = ConfigDict(extra="forbid")
+    interval: int = Field(default=3, ge=1, description="a full UNet pass every this many passes; 1 = no caching")
+    branch: int = Field(default=0, ge=0, description=(
+        "the deepest down/up block pair recomputed on cached passes (0 = outermost only: fastest, most approximate)"))
+
+
 class Optimizations(BaseModel):
     """The guide's memory/speed switches, per model."""
 
@@ -54,7 +65,37 @@ class Optimizations(BaseModel):
     vae_tiling: bool = False
     vae_slicing: bool = False
     compile_unet: bool = False
+    compile_vae: bool = Field(default=False, description=(
+        "`torch.compile` the VAE decoder (mode reduce-overhead, fullgraph) like the UNet"))
+    channels_last: bool = Field(default=False, description=(
+        "UNet and VAE weights in channels-last memory format (NHWC: faster convolutions on tensor cores)"))
+    fuse_qkv: bool = Field(default=False, description=(
+        "fuse each attention's query/key/value projections into one matmul (diffusers `fuse_qkv_projections`); "
+        "needs `sdpa: true` and no `attention_slicing`"))
     attention_slicing: bool = False
+    step_cache: StepCache | None = Field(default=None, description=(
+        "reuse the UNet's deep features between steps (DeepCache): `{interval: 3, branch: 0}`; faster, "
+        "approximate; not with `compile_unet`"))
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "Optimizations":
+        if self.fuse_qkv and (not self.sdpa or self.attention_slicing):
+            raise ValueError("fuse_qkv needs sdpa: true and attention_slicing: false (it sets its own fused "
+                             "SDPA processors)")
+        if self.step_cache is not None and self.compile_unet:
+            raise ValueError("step_cache and compile_unet exclude each other: a compiled CUDA graph replays the "
+                             "whole UNet, so cached passes would not skip anything; set compile_unet: false")
+        return self
+
+
+# What each profile switches on. A field set explicitly in a model's ``optimizations`` wins.
+# ``throughput`` is the GPU profile: CUDA graphs (compile), NHWC convolutions and fused
+# attention projections; micro-batching reads ``compile_unet`` (worker/batching.py).
+PROFILES: dict[str, dict[str, bool]] = {
+    "default": {},
+    "throughput": {"compile_unet": True, "compile_vae": True, "channels_last": True, "fuse_qkv": True},
+}
+Profile = Literal["default", "throughput"]
 
 
 class ModelSpec(BaseModel):
@@ -69,6 +110,9 @@ class ModelSpec(BaseModel):
     revision: str | None = None
     controlnets: dict[str, str] = Field(default_factory=dict, description="name -> source of ControlNets for this model")
     prior: str | None = Field(default=None, description="Kandinsky prior source")
+    profile: Profile = Field(default="default", description=(
+        "a set of optimizations: `throughput` = compile_unet, compile_vae, channels_last, fuse_qkv; fields set "
+        "in `optimizations` win over it"))
     optimizations: Optimizations = Field(default_factory=Optimizations)
     sim_step_s: float = Field(default=0.05, ge=0, description="kind sim only: seconds each step sleeps")
     timeout_per_mpx_step_s: float | None = Field(default=None, ge=0, description=(
@@ -80,6 +124,21 @@ class ModelSpec(BaseModel):
         if self.kind not in KIND_TASKS:
             raise ValueError(f"unknown pipeline kind {self.kind}")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile(cls, data: object) -> object:
+        """Resolve ``profile`` into ``optimizations`` here, so every consumer reads only
+        ``spec.optimizations``; the fields a model sets itself stay as it set them."""
+        if not isinstance(data, dict):
+            return data
+        preset = PROFILES.get(data.get("profile", "default"))
+        if not preset:
+            return data  # default, or an unknown name the field's own validation refuses
+        given = data.get("optimizations") or {}
+        if isinstance(given, Optimizations):
+            given = given.model_dump(exclude_unset=True)
+        return {**data, "optimizations": {**preset, **given}}
 
     def supports(self, task: Task) -> bool:
         return task in KIND_TASKS[self.kind]

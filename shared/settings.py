@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -110,9 +110,34 @@ class Settings(BaseSettings):
         "how often each worker and API process looks for dead worker processes' jobs to requeue"))
     max_crash_deliveries: int = Field(default=2, ge=1, description="a segment whose worker died this often is poison")
     max_retries: int = Field(default=8, ge=0, description="retries of transient errors (backoff 1 s doubling, cap 30 s)")
-    # Micro-batching: compatible queued jobs run as one pipeline call (1 = off).
-    batch_size: int = Field(default=1, ge=1, le=64)
-    batch_wait_s: float = Field(default=0.05, ge=0.0, le=10.0, description="how long a partial batch waits")
+    # Compiled models (registry optimizations compile_unet / compile_vae, profile throughput).
+    compile_cache_dir: Path | None = Field(default=None, description=(
+        "torch.compile's caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR and a saved artifacts file), so a "
+        "restarted worker loads compiled graphs instead of compiling for minutes; unset = <model_root>/.compile-cache"))
+    compile_warm_sizes: list[int] = Field(default_factory=list, description=(
+        "square input sides in pixels a compiled worker compiles for while it warms, before taking jobs; empty = "
+        "the model's native size (512 for SD 1.5)"))
+    vae_tiling_above_px: int = Field(default=1024 * 1024, ge=0, description=(
+        "a pipeline call whose output has more pixels than this encodes and decodes with VAE tiling (models with "
+        "vae_tiling: true always do); 0 = never. The default keeps 1024x1024 (SDXL's native size) untiled and "
+        "tiles a 2048 px x4-upscaler output, whose VAE would otherwise attend over 512x512 latent pixels at once"))
+    # Micro-batching (worker/adaptive.py, worker/batching.py): compatible queued jobs run as one pipeline call.
+    batch_size: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(default="auto", description=(
+        "micro-batching: up to this many compatible queued jobs run as one pipeline call (1 = off); auto = the "
+        "largest of batch_buckets on a GPU, 1 on the CPU"))
+    batch_buckets: list[int] = Field(default=[1, 2, 4, 8], min_length=1, description=(
+        "call sizes (images) a compiled UNet (compile_unet) is run at: a smaller group is padded to the next "
+        "bucket, so CUDA graphs keep one capture per bucket; an eager model runs the group's own size. Must "
+        "hold 1 (a lone job is never padded)"))
+    batch_wait_s: float = Field(default=0.05, ge=0.0, le=10.0, description=(
+        "the longest a partial batch waits for more jobs while they keep arriving"))
+    batch_idle_s: float | None = Field(default=None, ge=0.0, le=10.0, description=(
+        "a partial batch runs once no further message arrived for this long (the queue is empty), so a lone job "
+        "runs at once; keep it a few broker round trips long. Unset: 0.005 with batch_size auto; off with a "
+        "hand-set batch_size (a partial batch then waits batch_wait_s)"))
+    batch_latency_target_s: float | None = Field(default=None, gt=0, description=(
+        "with it, a batch is the largest bucket whose measured call time fits this many seconds; unset = "
+        "the largest bucket whenever the queue holds that many jobs"))
     # Operations: HTTP API, webhooks, metrics. EASEL_API_KEYS is JSON: [{"name":..,"sha256":..}].
     api_keys: list[ApiKey] = Field(default_factory=list)
     api_keys_file: Path | None = Field(default=None, description="YAML/JSON list of ApiKey, merged with api_keys")
@@ -142,6 +167,13 @@ class Settings(BaseSettings):
         "tracing_file; otlp: OTLP over HTTP per the OTEL_EXPORTER_OTLP_* variables; global: the TracerProvider "
         "the process set up itself (your application's, opentelemetry-instrument's)"))
     tracing_file: Path | None = Field(default=None, description="where EASEL_TRACING=file appends spans")
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _buckets(cls, v: list[int]) -> list[int]:
+        if 1 not in v or any(not 1 <= b <= 64 for b in v):
+            raise ValueError(f"batch_buckets must hold 1 and sizes from 1 to 64, not {v}")
+        return sorted(set(v))
 
     @model_validator(mode="after")
     def _liveness(self) -> "Settings":

@@ -113,3 +113,22 @@ def test_sse_progress_events_arrive_for_batched_jobs(api, client, easel_env, tmp
     assert events[-1][0] == "done" and events[-1][1]["state"] == "succeeded"
     assert first["state"] == "succeeded"
     assert [client.result(j).stages[0].timings_s["batch_size"] for j in ids] == [2.0, 2.0]
+
+
+def test_a_lone_job_runs_when_the_queue_goes_quiet_and_a_burst_fills_the_batch(client, easel_env, input_png,
+                                                                                tmp_path):
+    """With the quiet-queue flush on, a lone job does not wait out a long batch interval, and
+    jobs queued together still share one call."""
+    w = _batcher(easel_env, tmp_path, EASEL_BATCH_WAIT_S="10", EASEL_BATCH_IDLE_S="0.1")
+    try:
+        lone = client.wait(client.submit(img2img_job(str(input_png), model="sd15-wide", seed=600, steps=2)),
+                           timeout=60)
+        burst = client.submit_many([img2img_job(str(input_png), model="sd15-wide", seed=601 + i, steps=2)
+                                    for i in range(4)])
+        done = [client.wait(j, timeout=60) for j in burst]
+    finally:
+        w.stop()
+    assert lone.state.value == "succeeded" and all(st.state.value == "succeeded" for st in done)
+    waited = [st.started_at - st.created_at for st in [lone, *done]]
+    assert max(waited) < 5, f"jobs waited {waited} s to start: the 10 s batch interval, not the quiet queue"
+    assert [client.result(j).stages[0].timings_s["batch_size"] for j in burst] == [4.0] * 4

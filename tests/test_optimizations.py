@@ -1,6 +1,8 @@
 """The guide's memory/speed switches, set per model in the registry, reach the pipeline."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -68,8 +70,75 @@ def test_worker_runs_with_the_torch_threads_setting(easel_env, input_png, tmp_pa
         c = EaselClient(Settings(queue_prefix="threads"))
         beat = json.loads(c.store.r.get(f"threads:worker:{w.hostname}"))
         assert beat["torch_threads"] == 1
+        assert beat["peak_memory_bytes"] > 2**20  # the process's peak resident set on the CPU
         st = c.wait(c.submit(img2img_job(str(input_png), steps=3)), timeout=120)
     finally:
         w.stop()
     assert st.state.value == "succeeded", st.error
     assert len(st.outputs) == 1 and c.storage.get(st.outputs[0]).startswith(b"\x89PNG")
+
+
+def test_throughput_profile_reaches_the_pipeline_and_explicit_fields_win(model_root, tmp_path):
+    loaded = _cache(model_root, tmp_path, profile="throughput").get("m")
+    pipes = list(loaded.pipes.values())
+    pipe = loaded.pipes["img2img"]
+    assert type(pipe.unet).__name__ == "OptimizedModule"  # compiled lazily, on the first call
+    assert len({id(p.unet) for p in pipes}) == 1  # one compiled UNet for img2img, text2img, controlnet
+    unet = pipe.unet._orig_mod
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert {type(p).__name__ for p in unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+    assert all(p.fusing_unet and p.fusing_vae for p in pipes)
+    assert hasattr(pipe.vae.decode, "_torchdynamo_orig_callable")  # compile_vae
+    # a field the model sets itself wins over its profile
+    own = _cache(model_root, tmp_path, profile="throughput",
+                 optimizations={"channels_last": False, "fuse_qkv": False}).get("m").pipes["img2img"]
+    assert not own.unet._orig_mod.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert "FusedAttnProcessor2_0" not in {type(p).__name__ for p in own.unet._orig_mod.attn_processors.values()}
+
+
+def _img2img(loaded, side=64):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    img = Image.fromarray((rng.random((side, side, 3)) * 255).astype(np.uint8))
+    out, _ = run_stage(loaded, [Stage(model="m", prompt="a fox", steps=4, seed=7, strength=1.0)],
+                       Carrier(images=[img]), n=1, want_latent=False, on_step=lambda s, t: True)
+    return out.images
+
+
+@pytest.mark.slow
+def test_compiled_channels_last_fused_pipeline_matches_the_plain_one(model_root, tmp_path, monkeypatch):
+    """The throughput profile is an optimization, not a different model: same image within
+    float rounding (fused matmuls and NHWC kernels sum in another order)."""
+    from easel.worker.quality import ssim
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    plain = _img2img(_cache(model_root, tmp_path).get("m"))
+    fast = _cache(model_root, tmp_path, profile="throughput").get("m")
+    out = _img2img(fast)
+    diff = np.abs(np.asarray(out[0], dtype=np.int16) - np.asarray(plain[0], dtype=np.int16))
+    assert diff.max() <= 2, diff.max()  # uint8 levels
+    assert ssim(plain, out) > 0.999
+
+
+@pytest.mark.parametrize("limit,tiles", [(64 * 64 - 1, True), (64 * 64, False)])
+def test_vae_tiles_above_the_pixel_threshold_only_for_that_call(model_root, tmp_path, limit, tiles):
+    cache = PipelineCache(Registry.model_validate({"models": {"m": {"source": "tiny-sd15", "family": "f",
+                                                                    "latent_space": "sd1-vae"}}}),
+                          Settings(model_root=model_root, vae_tiling_above_px=limit), "f",
+                          device=torch.device("cpu"))
+    loaded = cache.get("m")
+    vae = loaded.pipes["img2img"].vae
+    seen: list[bool] = []
+    run_stage(loaded, [Stage(model="m", prompt="x", steps=2, seed=1)], Carrier(images=[Image.new("RGB", (64, 64))]),
+              n=1, want_latent=False, on_step=lambda s, t: seen.append(vae.use_tiling) or True)
+    assert seen and set(seen) == {tiles}
+    assert not vae.use_tiling  # back to untiled for the next call
+
+
+def test_peak_memory_gauge_is_positive():
+    from easel.worker.metrics import WorkerMetrics
+
+    m = WorkerMetrics("f", "h", "cpu")
+    assert m.registry.get_sample_value("easel_worker_peak_memory_bytes", {"family": "f", "device": "cpu"}) > 2**20

@@ -6,26 +6,37 @@ seeds may differ: each job's cached prompt embeddings are stacked into the batch
 call runs with one generator per image, so each job gets the image it would get alone
 (batched kernels may differ in the last bits). The engine (``worker.engine``) runs a
 group exactly as it runs one job.
+
+Size buckets: a compiled UNet (``optimizations.compile_unet``, CUDA graphs) captures one
+graph per input shape, so its calls are padded up to one of ``batch_buckets`` (images per
+call) by repeating the last job, whose extra images are dropped; a group larger than the
+largest bucket is split into calls of that size. Each image has its own generator, so
+padding changes no job's image. An eager model runs the group's own size: padding would
+only waste compute there.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from easel.shared.registry import ModelSpec
 from easel.worker.context import WorkerContext
 
 if TYPE_CHECKING:
     from easel.worker.engine import Job
 
+# Pipeline kinds whose builder (``worker.runner.BUILDERS``) takes several jobs in one call.
+BATCH_KINDS = ("sd", "sdxl-refiner", "sim")
+
 
 def batch_key(ctx: WorkerContext, job: "Job") -> tuple | None:
-    """None when the job must run alone (chains, ControlNet, Compel, kinds other than sd and sim)."""
+    """None when the job must run alone (chains, ControlNet, Compel, kinds not in ``BATCH_KINDS``)."""
     spec, plan = job.spec, job.plan
     if job.delivery.segment != 0 or len(plan.segments) != 1 or len(spec.stages) != 1:
         return None
     st = spec.stages[0]
     if st.task not in ("img2img", "text2img") or st.prompt_syntax != "plain" or st.control_image:
         return None
-    if ctx.registry.get(st.model).kind not in ("sd", "sim"):
+    if ctx.registry.get(st.model).kind not in BATCH_KINDS:
         return None
     return (st.model, st.task, st.steps, st.strength, st.guidance_scale, st.width, st.height, spec.num_images,
             spec.input.image is not None)
@@ -40,7 +51,28 @@ def group_jobs(ctx: WorkerContext, jobs: list["Job"]) -> list[list["Job"]]:
         except Exception:  # an unknown model: run alone, where it fails with the reason
             key = None
         groups.setdefault(key if key is not None else ("alone", k), []).append(job)
-    return list(groups.values())
+    return [part for group in groups.values() for part in _split(ctx, group)]
+
+
+def _split(ctx: WorkerContext, group: list["Job"]) -> list[list["Job"]]:
+    """A compiled model's group in calls of at most the largest bucket (whole jobs)."""
+    if len(group) == 1:
+        return [group]
+    spec = ctx.registry.get(group[0].spec.stages[0].model)
+    if not spec.optimizations.compile_unet:
+        return [group]
+    most = max(1, max(ctx.settings.batch_buckets) // group[0].spec.num_images)
+    return [group[k:k + most] for k in range(0, len(group), most)]
+
+
+def padded_jobs(spec: ModelSpec, buckets: list[int], jobs: int, n: int) -> int:
+    """How many jobs a call of ``jobs`` jobs with ``n`` images each is made with: for a
+    compiled model of a batching kind, enough that the images fill the smallest bucket
+    that holds them (a bucket they divide); otherwise ``jobs`` (the exact size)."""
+    if not spec.optimizations.compile_unet or spec.kind not in BATCH_KINDS:
+        return jobs
+    fits = [b for b in sorted(buckets) if b >= jobs * n and b % n == 0]
+    return fits[0] // n if fits else jobs
 
 
 def by_input_size(jobs: list["Job"]) -> list[list["Job"]]:

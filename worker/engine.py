@@ -36,7 +36,7 @@ from easel.shared.jobstore import Claim
 from easel.shared.images import encode_image
 from easel.shared.schema import JobSpec, JobState, Plan, Segment, StageRecord
 from easel.shared.storage import job_prefix
-from easel.worker.batching import by_input_size, group_jobs
+from easel.worker.batching import by_input_size, group_jobs, padded_jobs
 from easel.worker.context import WorkerContext
 from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_handoff
 from easel.worker.metrics import observe_call, observe_delivery
@@ -220,7 +220,8 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
         stage = stages[0]
         control = load_image_ref(ctx, stage.control_image, f"stage {i} control image") if stage.control_image else None
         carrier = Carrier.join([job.carrier for job in jobs])
-        budget = stage_budget(ctx, model, stage, carrier, n * len(jobs))
+        size = padded_jobs(model.spec, ctx.settings.batch_buckets, len(jobs), n)  # a compiled UNet's bucket
+        budget = stage_budget(ctx, model, stage, carrier, n * size)
         hook = StepHook(ctx, [job.job_id for job in jobs], i, budget,
                         rearm=lambda: _arm_watchdog(ctx, jobs, i, stage, budget))
         hook.rearm()
@@ -230,7 +231,7 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
                     "easel.stage": i, "easel.task": stage.task, "easel.model": stage.model, "easel.steps": stage.steps,
                     "easel.batch_size": len(jobs), "easel.images": n * len(jobs)}):
                 out, timings = run_stage(model, stages, carrier, n=n, want_latent=want_latent,
-                                         control_image=control, on_step=hook)
+                                         control_image=control, on_step=hook, pad_to=size)
         except Interrupted:
             raise Stopped(hook.cancelled, hook.superseded) from None
         finally:

@@ -48,6 +48,18 @@ class GpuMemoryCollector(Collector):
         yield g
 
 
+def peak_memory_bytes(device) -> int:
+    """This process's peak memory on its device: torch's peak allocation on a GPU (what sizes
+    how many workers fit on one), the process's peak resident set on the CPU."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
 class WorkerMetrics:
     def __init__(self, family: str, hostname: str, device: str):
         self.family = family
@@ -70,6 +82,10 @@ class WorkerMetrics:
         self.retries = Counter("easel_worker_retries", "Segments sent back for a transient error", ["family"],
                                registry=r)
         r.register(GpuMemoryCollector())
+        self.peak_memory = Gauge("easel_worker_peak_memory_bytes", "Peak memory of this worker process on its "
+                                 "device: torch's peak allocation on a GPU, peak resident set on the CPU",
+                                 ["family", "device"], registry=r)
+        self.peak_memory.labels(family, device).set_function(lambda: peak_memory_bytes(_torch_device(device)))
 
     # -- observations -----------------------------------------------------------------------
     def on_prerun(self, **_kw) -> None:
@@ -97,6 +113,12 @@ class WorkerMetrics:
 
 
 _METRICS: WorkerMetrics | None = None
+
+
+def _torch_device(name: str):
+    import torch
+
+    return torch.device(name)
 
 
 def observe_call(images: int) -> None:

@@ -31,6 +31,8 @@ class LoadedModel:
     dtype: torch.dtype
     load_s: float
     extras: dict[str, object] = field(default_factory=dict)
+    vae_tiling_above_px: int = 0  # a call with a larger output tiles its VAE (runner.vae_tiling_for); 0 = never
+    compile_s: float = 0.0  # the warm-up calls of a compiled model (its compile)
 
 
 def dtype_kwarg() -> str:
@@ -84,6 +86,7 @@ def _sync_s3_source(source: str, settings: Settings) -> str:
 
 
 def apply_optimizations(pipe, spec: ModelSpec, device: torch.device) -> None:
+    """Switches that belong to one pipeline object (its attention processors, device)."""
     opt = spec.optimizations
     pipe.set_progress_bar_config(disable=True)
     # diffusers already uses torch's scaled_dot_product_attention (SDPA) on torch >= 2;
@@ -101,8 +104,80 @@ def apply_optimizations(pipe, spec: ModelSpec, device: torch.device) -> None:
         pipe.enable_model_cpu_offload()
     else:
         pipe.to(device)
-    if opt.compile_unet and hasattr(pipe, "unet"):
-        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+
+
+def _distinct(pipes: list, attr: str) -> list:
+    """The distinct modules named ``attr`` among ``pipes`` (``from_pipe`` variants share them)."""
+    found = (getattr(p, attr, None) for p in pipes)
+    return list({id(m): m for m in found if isinstance(m, torch.nn.Module)}.values())
+
+
+def fuse_qkv(pipes: list) -> None:
+    """diffusers' fused QKV projections, once per shared UNet/VAE. The UNet fuses unless its
+    attention has added KV projections (Kandinsky's), the VAE when it is an AutoencoderKL."""
+    from diffusers import AutoencoderKL
+
+    done: set[int] = set()
+    for pipe in pipes:
+        if not hasattr(pipe, "fuse_qkv_projections") or not hasattr(pipe, "unet"):
+            continue
+        procs = pipe.unet.attn_processors.values()
+        unet_ok = id(pipe.unet) not in done and not any("Added" in type(p).__name__ for p in procs)
+        vae_ok = isinstance(getattr(pipe, "vae", None), AutoencoderKL) and id(pipe.vae) not in done
+        if unet_ok or vae_ok:
+            pipe.fuse_qkv_projections(unet=unet_ok, vae=vae_ok)
+            done.update(id(m) for m, ok in ((pipe.unet, unet_ok), (getattr(pipe, "vae", None), vae_ok)) if ok)
+        # pipelines sharing modules fused through another one say so too (unfuse_qkv_projections reads it)
+        pipe.fusing_unet = id(pipe.unet) in done
+        pipe.fusing_vae = id(getattr(pipe, "vae", None)) in done
+
+
+def channels_last(pipes: list) -> None:
+    """NHWC weights for the convolution-heavy modules: cuDNN's tensor-core kernels want them."""
+    for attr in ("unet", "vae", "controlnet"):
+        for module in _distinct(pipes, attr):
+            module.to(memory_format=torch.channels_last)
+
+
+def compile_modules(pipes: list, compile_unet: bool, compile_vae: bool) -> None:
+    """``torch.compile`` (reduce-overhead: CUDA graphs; fullgraph: a graph break is an error,
+    not a silent slowdown) each shared UNet and VAE decoder once, for every pipeline using it."""
+    if compile_unet:
+        for unet in _distinct(pipes, "unet"):
+            compiled = torch.compile(unet, mode="reduce-overhead", fullgraph=True)
+            for p in pipes:
+                if getattr(p, "unet", None) is unet:
+                    p.unet = compiled
+    if compile_vae:
+        for vae in _distinct(pipes, "vae"):
+            if hasattr(vae, "decode"):
+                vae.decode = torch.compile(vae.decode, mode="reduce-overhead", fullgraph=True)
+
+
+def step_cache(pipes: list, spec: ModelSpec) -> None:
+    """DeepCache on each shared UNet; its pass count restarts with each call of any pipeline
+    that runs it (worker/stepcache.py)."""
+    from easel.worker.stepcache import apply_step_cache
+
+    sc = spec.optimizations.step_cache
+    for unet in _distinct(pipes, "unet"):
+        schedulers = [p.scheduler for p in pipes if getattr(p, "unet", None) is unet and hasattr(p, "scheduler")]
+        apply_step_cache(unet, schedulers, sc.interval, sc.branch)
+
+
+def optimize(pipes: dict[str, object], spec: ModelSpec, device: torch.device) -> None:
+    """All of a model's switches: per pipeline, then once per shared module."""
+    distinct = list({id(p): p for p in pipes.values()}.values())
+    opt = spec.optimizations
+    if opt.fuse_qkv:
+        fuse_qkv(distinct)  # before the device move: the fused weights move with the rest
+    for p in distinct:
+        apply_optimizations(p, spec, device)
+    if opt.channels_last:
+        channels_last(distinct)
+    if opt.step_cache is not None:
+        step_cache(distinct, spec)
+    compile_modules(distinct, opt.compile_unet, opt.compile_vae)
 
 
 def load_model(spec: ModelSpec, settings: Settings, device: torch.device) -> LoadedModel:
@@ -114,11 +189,47 @@ def load_model(spec: ModelSpec, settings: Settings, device: torch.device) -> Loa
         source = _sync_s3_source(source, settings)
     dtype = pick_dtype(spec.dtype, device)
     pipes, extras = loaders.load(spec, source, _load_kwargs(spec, dtype), settings)
-    for p in {id(p): p for p in pipes.values()}.values():
-        apply_optimizations(p, spec, device)
+    optimize(pipes, spec, device)
     load_s = time.perf_counter() - t0
     log.info("loaded %s (%s) from %s in %.2fs on %s/%s", spec.name, spec.kind, source, load_s, device, dtype)
-    return LoadedModel(spec=spec, source=source, pipes=pipes, device=device, dtype=dtype, load_s=load_s, extras=extras)
+    return LoadedModel(spec=spec, source=source, pipes=pipes, device=device, dtype=dtype, load_s=load_s,
+                       extras=extras, vae_tiling_above_px=settings.vae_tiling_above_px)
+
+
+def compiles(spec: ModelSpec) -> bool:
+    return spec.optimizations.compile_unet or spec.optimizations.compile_vae
+
+
+# Kinds a warm-up call can start from an image alone, and the task it runs.
+WARM_TASKS = {"sd": "img2img", "sdxl-refiner": "img2img", "kandinsky22": "img2img", "sd-x4-upscaler": "upscale"}
+
+
+def native_px(model: LoadedModel) -> int:
+    """The input side a model was trained for: its UNet's sample size in pixels (the x4
+    upscaler's UNet works at its input's pixel size)."""
+    pipe = model.pipes[WARM_TASKS[model.spec.kind]]
+    side = int(pipe.unet.config.sample_size)
+    return side if model.spec.kind == "sd-x4-upscaler" else side * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def warm_up(model: LoadedModel, sizes: list[int]) -> float:
+    """Run a compiled model once per size through the runner's own call path (same arguments,
+    so the same compiled graphs), so the compile happens now and not on a job. Returns seconds."""
+    from PIL import Image
+
+    from easel.shared.schema import Stage
+    from easel.worker.runner import Carrier, run_stage
+
+    task = WARM_TASKS.get(model.spec.kind)
+    if task is None:
+        log.info("no warm-up call for kind %s: %s compiles on its first job", model.spec.kind, model.spec.name)
+        return 0.0
+    t0 = time.perf_counter()
+    for side in sizes or [native_px(model)]:
+        stage = Stage(task=task, model=model.spec.name, prompt="warm-up", steps=3, strength=1.0, seed=0)
+        run_stage(model, [stage], Carrier(images=[Image.new("RGB", (side, side), (127, 127, 127))]), n=1,
+                  want_latent=False, on_step=lambda step, total: True)
+    return time.perf_counter() - t0
 
 
 class PipelineCache:
@@ -132,9 +243,25 @@ class PipelineCache:
         self.models: dict[str, LoadedModel] = {}
 
     def warm(self) -> float:
+        """Load every model of the family; compiled ones also compile now, from the compile
+        cache where an earlier process of this host left one (worker/compile_cache.py)."""
+        from easel.worker import compile_cache
+
         t0 = time.perf_counter()
-        for spec in self.registry.family_models(self.family):
+        specs = self.registry.family_models(self.family)
+        folder = compile_cache.cache_dir(self.settings)
+        compiled = [s for s in specs if compiles(s)]
+        if compiled:
+            compile_cache.configure(folder)
+            compile_cache.load_artifacts(folder, self.device)
+        for spec in specs:
             self.get(spec.name)
+        for spec in compiled:
+            model = self.models[spec.name]
+            model.compile_s = warm_up(model, self.settings.compile_warm_sizes)
+            log.info("compiled %s in %.2fs during warm-up", spec.name, model.compile_s)
+        if compiled:
+            compile_cache.save_artifacts(folder, self.device)
         return time.perf_counter() - t0
 
     def get(self, name: str) -> LoadedModel:

@@ -69,9 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     if overlap:
         ctx.finisher = Finisher(ctx.store, ctx.settings.max_pending_finishes, ctx.settings.overlap_finish_wait_s)
     set_context(ctx, app)
-    register_tasks(app, ctx.settings.batch_size, ctx.settings.batch_wait_s)
+    from easel.worker.adaptive import resolve_batch_size, resolve_idle_s
+
+    bs = ctx.settings
+    batch_size = resolve_batch_size(bs.batch_size, bs.batch_buckets, ctx.cache.device.type)
+    register_tasks(app, batch_size, bs.batch_wait_s, buckets=bs.batch_buckets,
+                   latency_target_s=bs.batch_latency_target_s, idle_s=resolve_idle_s(bs.batch_idle_s, bs.batch_size))
     # One message at a time, unless micro-batching: then up to a batch's worth is held.
-    app.conf.worker_prefetch_multiplier = ctx.settings.batch_size
+    app.conf.worker_prefetch_multiplier = batch_size
     from celery.signals import worker_ready, worker_shutdown
 
     from easel.worker.metrics import install as install_metrics
@@ -79,15 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     mport = install_metrics(ctx, load_s)  # EASEL_METRICS_PORT; None when 0 (off)
 
     s = ctx.settings
+    from easel.worker.metrics import peak_memory_bytes
+
     def after_beat() -> None:
+        beat.presence["peak_memory_bytes"] = peak_memory_bytes(ctx.cache.device)  # sent with the next beat
         settle_later(ctx, app)
         feeder.feed()
         drain.check()
 
     beat = Heartbeat(ctx.store, ctx.instance, hostname, {
         "family": args.family, "device": str(ctx.cache.device), "load_s": round(load_s, 3),
-        "models": sorted(ctx.cache.models), "metrics_port": mport, "batch_size": s.batch_size,
-        "torch_threads": torch.get_num_threads()}, s.heartbeat_interval_s, s.heartbeat_ttl_s,
+        "models": sorted(ctx.cache.models), "metrics_port": mport, "batch_size": batch_size,
+        "torch_threads": torch.get_num_threads(), "peak_memory_bytes": peak_memory_bytes(ctx.cache.device),
+        "compile_s": {n: round(m.compile_s, 3) for n, m in ctx.cache.models.items() if m.compile_s}},
+        s.heartbeat_interval_s, s.heartbeat_ttl_s,
         after_beat=after_beat)
     feeder = Feeder(ctx, app, args.family, beat.presence)
     drain = Drain(ctx.store, hostname, beat.presence)

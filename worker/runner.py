@@ -7,6 +7,7 @@ VAE encode). One builder per pipeline kind says which arguments that pipeline ta
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from easel.shared.schema import Stage
+from easel.worker.adaptive import CALL_TIMES
 from easel.worker.pipelines import LoadedModel
 from easel.worker.prompts import prompt_kwargs
 
@@ -79,7 +81,7 @@ def _image_or_latents(carrier: Carrier, stage: Stage, model: LoadedModel):
 
 def _alone(stages: list[Stage]) -> Stage:
     if len(stages) != 1:
-        raise ValueError("only SD pipelines run several jobs in one call")
+        raise ValueError("this pipeline kind runs one job per call")
     return stages[0]
 
 
@@ -102,7 +104,10 @@ def build_sd(model: LoadedModel, stages: list[Stage], carrier: Carrier, n: int, 
 
 
 def build_sdxl_refiner(model: LoadedModel, stages: list[Stage], carrier: Carrier, n: int, control):
-    stage = _alone(stages)
+    """Micro-batches like SD: stacked prompt and pooled embeddings, one generator per image
+    (the VAE encode samples each image with its own), and ``add_time_ids`` (size, crop,
+    aesthetic score) that the pipeline repeats per image: the jobs share the image size."""
+    stage = stages[0]  # micro-batched jobs share every argument but prompts and seeds
     kw = prompt_kwargs(model, stages, n)
     kw.update(image=_image_or_latents(carrier, stage, model), strength=stage.strength,
               guidance_scale=stage.guidance_scale)
@@ -166,6 +171,18 @@ def _seeds(stages: list[Stage], n: int) -> list[int]:
     return [stage.seed + i for stage in stages for i in range(n)]
 
 
+def pad(stages: list[Stage], carrier: Carrier, n: int, jobs: int) -> tuple[list[Stage], Carrier]:
+    """The call's stages and inputs with the last job repeated up to ``jobs`` jobs (a compiled
+    UNet's size bucket). Every image has its own generator, so the real jobs' images are the
+    ones they get without the repeats, whose outputs the caller drops."""
+    extra = jobs - len(stages)
+    if extra <= 0:
+        return stages, carrier
+    if not carrier.empty:
+        carrier = Carrier.join([carrier] + [carrier.part(len(stages) - 1, n)] * extra)
+    return stages + [stages[-1]] * extra, carrier
+
+
 @functools.lru_cache(maxsize=None)
 def call_params(pipe_cls: type) -> frozenset[str]:
     """The argument names a pipeline class's ``__call__`` takes (``inspect.signature`` costs ~0.5 ms)."""
@@ -192,25 +209,64 @@ def progress_kwargs(pipe, on_step: StepHook, total_hint: int) -> dict:
 
 
 def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: int, want_latent: bool,
-              on_step: StepHook, control_image: Image.Image | None = None) -> tuple[Carrier, dict[str, float]]:
+              on_step: StepHook, control_image: Image.Image | None = None,
+              pad_to: int | None = None) -> tuple[Carrier, dict[str, float]]:
     """One pipeline call for one stage of each job in ``stages`` (``n`` images per job), with
     ``carrier`` holding the jobs' inputs side by side; raises ``Interrupted`` when ``on_step``
-    stopped it."""
+    stopped it. With ``pad_to`` jobs (``worker.batching.padded_jobs``) the call is made at
+    that size and returns the real jobs' outputs only. Its time feeds the adaptive batch
+    size (``worker.adaptive.CALL_TIMES``)."""
     t0 = time.perf_counter()
+    real = len(stages) * n
+    stages, carrier = pad(stages, carrier, n, pad_to or len(stages))
     pipe, kw = BUILDERS[model.spec.kind](model, stages, carrier, n, control_image)
     kw.update(generator=generators(_seeds(stages, n)), num_inference_steps=stages[0].steps,
               output_type="latent" if want_latent else "pil")
     kw.update(progress_kwargs(pipe, on_step, stages[0].steps))
     t1 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), vae_tiling_for(model, pipe, stages[0], carrier):
         out = pipe(**kw)
     if getattr(pipe, "_interrupt", False):
         pipe._interrupt = False
         raise Interrupted()
-    timings = {"prepare": t1 - t0, "denoise": time.perf_counter() - t1}
+    t2 = time.perf_counter()
+    CALL_TIMES.observe(len(stages) * n, t2 - t0)
+    timings = {"prepare": t1 - t0, "denoise": t2 - t1}
     if want_latent:
-        return Carrier(latents=out.images), timings
-    return Carrier(images=list(out.images)), timings
+        return Carrier(latents=out.images[:real]), timings
+    return Carrier(images=list(out.images[:real])), timings
+
+
+# Output side over input side, per kind whose output is larger than its input.
+UPSCALE = {"sd-x4-upscaler": 4, "sd-latent-upscaler": 2}
+
+
+def output_pixels(model: LoadedModel, stage: Stage, carrier: Carrier) -> int:
+    """Pixels of each image the call decodes (text2img: its size; upscalers: input x factor)."""
+    if carrier.empty:
+        return (stage.width or 0) * (stage.height or 0)
+    w, h = pixel_size(model, carrier, stage)
+    f = UPSCALE.get(model.spec.kind, 1)
+    return w * f * h * f
+
+
+@contextlib.contextmanager
+def vae_tiling_for(model: LoadedModel, pipe, stage: Stage, carrier: Carrier):
+    """VAE tiling for this call alone when its output is over ``vae_tiling_above_px`` pixels:
+    the VAE's full-image activations (and its mid-block self-attention over every latent
+    pixel) grow with the image, and a large upscale would run the device out of memory;
+    smaller images keep the faster, seam-free untiled VAE."""
+    vae = getattr(pipe, "vae", None)
+    limit = model.vae_tiling_above_px
+    if (not limit or vae is None or not hasattr(vae, "enable_tiling") or getattr(vae, "use_tiling", False)
+            or output_pixels(model, stage, carrier) <= limit):
+        yield
+        return
+    vae.enable_tiling()
+    try:
+        yield
+    finally:
+        vae.disable_tiling()
 
 
 def scale_factor(model: LoadedModel) -> int:

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from easel.shared.celery_app import RUN_SEGMENT, make_celery
 from easel.worker.context import get_context
 from easel.worker.engine import run_deliveries
 from easel.worker.policy import Delivery
+
+if TYPE_CHECKING:
+    from easel.worker.adaptive import FlushPolicy
 
 log = logging.getLogger("easel.worker.tasks")
 
@@ -48,12 +52,18 @@ def run(requests: list[tuple]) -> list[str]:
     return [next(ended) if d is not None else "invalid" for d in deliveries]
 
 
-def register_tasks(app, batch_size: int = 1, batch_wait_s: float = 0.05) -> None:
-    """The one task, plain or micro-batched (celery-batches) per the worker's settings."""
+def register_tasks(app, batch_size: int = 1, batch_wait_s: float = 0.05, *, buckets: list[int] | None = None,
+                   latency_target_s: float | None = None, idle_s: float | None = None) -> None:
+    """The one task, plain or micro-batched (up to ``batch_size`` jobs a call) per the worker's
+    settings; a micro-batch's size adapts to the queue (``worker.adaptive``): it runs at the
+    policy's target size, after ``idle_s`` without a new message, or after ``batch_wait_s``."""
     if batch_size > 1:
-        from celery_batches import Batches
+        from easel.worker.adaptive import FlushPolicy
 
-        @app.task(name=RUN_SEGMENT, base=Batches, flush_every=batch_size, flush_interval=batch_wait_s)
+        policy = FlushPolicy(buckets or [1, batch_size], batch_size, latency_target_s)
+
+        @app.task(name=RUN_SEGMENT, base=_adaptive_batches(), flush_interval=batch_wait_s, policy=policy,
+                  idle_s=idle_s)
         def run_segment_batch(requests):
             run([((r.args or [None, None])[0], (r.args or [None, None])[-1],
                   (r.delivery_info or {}).get("routing_key"), r.request_dict) for r in requests])
@@ -63,3 +73,40 @@ def register_tasks(app, batch_size: int = 1, batch_wait_s: float = 0.05) -> None
     def run_segment(self, job_id: str, seg_index: int) -> str:
         return run([(job_id, seg_index, (self.request.delivery_info or {}).get("routing_key"),
                      self.request.headers)])[0]
+
+
+def _adaptive_batches() -> type:
+    """celery-batches' task base with the adaptive flush; made on demand, so a worker that
+    does not batch never imports celery-batches."""
+    from celery_batches import Batches
+
+    class AdaptiveBatches(Batches):
+        """A batch runs as soon as the consumer holds the policy's target size, or once the queue
+        went quiet: no message for ``idle_s`` (the consumer reads one per broker round trip, so
+        a gap means nothing more is queued; ``idle_s`` None: no such flush). celery-batches'
+        ``flush_interval`` timer stays as the longest a partial batch waits."""
+
+        abstract = True
+        flush_every = 1 << 30  # the handler below flushes by size, not celery-batches' counter
+        policy: "FlushPolicy"
+        idle_s: float | None = None
+
+        def Strategy(self, task, app, consumer):
+            buffer_message = super().Strategy(task, app, consumer)
+            timer = consumer.timer
+            quiet = None  # the pending flush for a queue gone quiet
+
+            def on_message(*args, **kwargs) -> None:
+                nonlocal quiet
+                buffer_message(*args, **kwargs)
+                if quiet is not None:
+                    quiet.cancel()
+                    quiet = None
+                if self.policy.flush_now(self._buffer.qsize()):
+                    self._do_flush()
+                elif self.idle_s is not None:
+                    quiet = timer.call_after(self.idle_s, self._do_flush)
+
+            return on_message
+
+    return AdaptiveBatches

@@ -1,0 +1,179 @@
+"""Size buckets, padding and the adaptive batch size; batched and padded calls give each job
+the image it gets alone (SD 1.5 and the SDXL refiner, on tiny fp32 checkpoints)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from easel.shared.jobstore import Claim, JobStore
+from easel.shared.plan import plan_job
+from easel.shared.registry import Registry
+from easel.shared.schema import JobSpec, Stage
+from easel.shared.settings import Settings
+from easel.shared.storage import Storage
+from easel.worker.adaptive import CallTimes, FlushPolicy, resolve_batch_size, target_size
+from easel.worker.batching import batch_key, group_jobs, padded_jobs
+from easel.worker.context import WorkerContext
+from easel.worker.engine import Job
+from easel.worker.pipelines import PipelineCache
+from easel.worker.policy import Delivery
+from easel.worker.runner import Carrier, run_stage
+
+BUCKETS = [1, 2, 4, 8]
+MODELS = {
+    "sd": {"source": "tiny-sd15", "family": "f", "latent_space": "sd1-vae", "kind": "sd"},
+    "sd-compiled": {"source": "tiny-sd15", "family": "f", "latent_space": "sd1-vae", "kind": "sd",
+                    "optimizations": {"compile_unet": True}},
+    "refiner": {"source": "tiny-sdxl-refiner", "family": "f", "latent_space": "sdxl-vae", "kind": "sdxl-refiner"},
+    "kandinsky-compiled": {"source": "tiny-kandinsky22-decoder", "prior": "tiny-kandinsky22-prior", "family": "f",
+                           "latent_space": "kandinsky-movq", "kind": "kandinsky22",
+                           "optimizations": {"compile_unet": True}},
+}
+REGISTRY = Registry.model_validate({"models": MODELS})
+
+
+# -- the adaptive batch size (pure) ------------------------------------------------------------
+def test_auto_batch_size_is_the_largest_bucket_on_a_gpu_and_off_on_the_cpu():
+    assert resolve_batch_size("auto", BUCKETS, "cuda") == 8
+    assert resolve_batch_size("auto", BUCKETS, "cpu") == 1
+    assert resolve_batch_size(3, BUCKETS, "cpu") == 3  # a hand-set size is kept
+    assert Settings().batch_size == "auto"
+
+
+def test_target_size_fills_the_largest_bucket_without_a_latency_target():
+    assert target_size(BUCKETS, 8, {}, None) == 8
+    assert target_size(BUCKETS, 4, {8: 0.1}, None) == 4  # never above the cap
+    assert target_size(BUCKETS, 6, {}, None) == 6  # a hand-set cap between buckets
+
+
+def test_target_size_under_a_latency_target_grows_a_bucket_at_a_time_and_stops_where_it_no_longer_fits():
+    assert target_size(BUCKETS, 8, {}, 0.2) == 1  # nothing measured: start small
+    assert target_size(BUCKETS, 8, {1: 0.1}, 0.2) == 2  # 1 fits: try 2
+    assert target_size(BUCKETS, 8, {1: 0.1, 2: 0.15}, 0.2) == 4
+    assert target_size(BUCKETS, 8, {1: 0.1, 2: 0.15, 4: 0.3}, 0.2) == 2  # 4 was measured too slow
+    assert target_size(BUCKETS, 8, {1: 0.1, 2: 0.15, 4: 0.3, 8: 0.1}, 0.2) == 2  # no skipping past a slow bucket
+    assert target_size(BUCKETS, 8, {1: 0.1, 2: 0.12, 4: 0.15, 8: 0.19}, 0.2) == 8
+    assert target_size(BUCKETS, 8, {1: 0.5}, 0.2) == 1  # even one job is over: it still runs, alone
+
+
+def test_call_times_are_an_ewma_per_size_and_drive_the_flush():
+    times = CallTimes(weight=0.5)
+    times.observe(1, 0.1)
+    times.observe(2, 0.4)
+    times.observe(2, 0.2)
+    assert times.snapshot() == pytest.approx({1: 0.1, 2: 0.3})
+    policy = FlushPolicy(BUCKETS, 8, latency_target_s=0.25, times=times)
+    assert policy.target() == 1  # 2 costs 0.3 s on average: over the target
+    assert policy.flush_now(1)  # a lone job runs at once
+    times.observe(2, 0.1)  # 2 got faster (0.2 s): the target grows past it, to try 4
+    assert policy.target() == 4
+    assert not policy.flush_now(3) and policy.flush_now(4)
+    deep = FlushPolicy(BUCKETS, 8, times=times)
+    assert not deep.flush_now(7) and deep.flush_now(8)  # no target: wait for the largest bucket (or a quiet queue)
+
+
+def test_bucket_settings_are_validated():
+    assert Settings(batch_buckets=[8, 1, 4, 4]).batch_buckets == [1, 4, 8]
+    for bad in ([2, 4], [1, 0], [1, 65]):
+        with pytest.raises(ValueError):
+            Settings(batch_buckets=bad)
+
+
+# -- buckets and groups --------------------------------------------------------------------------
+def test_only_a_compiled_model_of_a_batching_kind_is_padded_to_a_bucket():
+    sd, compiled = REGISTRY.get("sd"), REGISTRY.get("sd-compiled")
+    assert [padded_jobs(sd, BUCKETS, j, 1) for j in (1, 3, 5)] == [1, 3, 5]  # eager: the exact size
+    assert [padded_jobs(compiled, BUCKETS, j, 1) for j in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert padded_jobs(compiled, BUCKETS, 3, 2) == 4  # 6 images fill the 8 bucket: 4 jobs of 2
+    assert padded_jobs(compiled, BUCKETS, 1, 3) == 1  # no bucket is a multiple of 3 images: as it is
+    assert padded_jobs(REGISTRY.get("kandinsky-compiled"), [2, 4], 1, 1) == 1  # runs alone, never padded
+
+
+def _ctx() -> WorkerContext:
+    s = Settings(redis_url="redis://127.0.0.1:1/0", batch_buckets=BUCKETS)  # nothing here connects
+    return WorkerContext(settings=s, registry=REGISTRY, store=JobStore.from_settings(s), storage=Storage(s),
+                         cache=PipelineCache(REGISTRY, s, "f", device=torch.device("cpu")), family="f", hostname="h")
+
+
+def _job(k: int, model: str, num_images: int = 1) -> Job:
+    spec = JobSpec.model_validate({"input": {"image": "s3://easel/inputs/x.png"}, "num_images": num_images,
+                                   "stages": [{"model": model, "prompt": f"p{k}", "seed": k, "steps": 3}]})
+    return Job(Delivery(f"j{k}", 0), Claim("run", spec, plan_job(spec, REGISTRY)))
+
+
+def test_a_compiled_models_group_is_split_into_calls_of_the_largest_bucket():
+    ctx = _ctx()
+    assert [len(g) for g in group_jobs(ctx, [_job(k, "sd-compiled") for k in range(11)])] == [8, 3]
+    assert [len(g) for g in group_jobs(ctx, [_job(k, "sd-compiled", 2) for k in range(5)])] == [4, 1]
+    assert [len(g) for g in group_jobs(ctx, [_job(k, "sd") for k in range(11)])] == [11]  # eager: one call
+
+
+def test_sdxl_refiner_jobs_batch():
+    ctx = _ctx()
+    jobs = [_job(k, "refiner") for k in range(3)]
+    assert batch_key(ctx, jobs[0]) is not None
+    assert [[j.job_id for j in g] for g in group_jobs(ctx, jobs)] == [["j0", "j1", "j2"]]
+
+
+# -- batched and padded calls against each job alone (fp32 on the CPU) --------------------------
+def _loaded(model_root, name: str):
+    cache = PipelineCache(REGISTRY, Settings(model_root=model_root), "f", device=torch.device("cpu"))
+    return cache.get(name)
+
+
+def _input(k: int) -> Image.Image:
+    rng = np.random.default_rng(k)
+    return Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def _run(model, stages: list[Stage], n: int, pad_to: int | None = None) -> list[np.ndarray]:
+    carrier = Carrier(images=[_input(k) for k, _ in enumerate(stages) for _ in range(n)])
+    out, _ = run_stage(model, stages, carrier, n=n, want_latent=False, on_step=lambda s, t: True, pad_to=pad_to)
+    return [np.asarray(im).astype(int) for im in out.images]
+
+
+def _stages(model: str) -> list[Stage]:
+    return [Stage(model=model, prompt=f"a fox number {k}", negative_prompt="blurry" if k == 1 else None,
+                  steps=3, strength=0.7, seed=10 + k) for k in range(3)]
+
+
+def _assert_like_alone(model, stages: list[Stage], n: int) -> None:
+    alone = [img for k, st in enumerate(stages) for img in _run_alone(model, st, k, n)]
+    assert not np.array_equal(alone[0], alone[n])  # the jobs' images differ: a mix-up would show
+    for name, got in (("batched", _run(model, stages, n)), ("padded", _run(model, stages, n, pad_to=4))):
+        assert len(got) == len(alone), name  # the padding's images were dropped
+        for k, (a, b) in enumerate(zip(alone, got)):
+            diff = np.abs(a - b).max()
+            assert diff <= 2, f"{name} image {k} differs from its job run alone by up to {diff}/255"
+
+
+def _run_alone(model, stage: Stage, k: int, n: int) -> list[np.ndarray]:
+    carrier = Carrier(images=[_input(k)] * n)
+    out, _ = run_stage(model, [stage], carrier, n=n, want_latent=False, on_step=lambda s, t: True)
+    return [np.asarray(im).astype(int) for im in out.images]
+
+
+def test_sd15_batched_and_padded_calls_give_each_job_its_image_alone(model_root):
+    _assert_like_alone(_loaded(model_root, "sd"), _stages("sd"), n=1)
+
+
+def test_sd15_padding_with_several_images_per_job(model_root):
+    _assert_like_alone(_loaded(model_root, "sd"), _stages("sd")[:2], n=2)
+
+
+def test_sdxl_refiner_batched_and_padded_calls_give_each_job_its_image_alone(model_root):
+    """diffusers #4297: a batched refiner call once got ``add_time_ids`` for one image only,
+    which broke every image but the first; per-image generators (VAE encode and noise), the
+    stacked pooled embeddings and the aesthetic-score time ids must all follow the batch."""
+    _assert_like_alone(_loaded(model_root, "refiner"), _stages("refiner"), n=1)
+
+
+def test_a_padded_call_is_timed_at_its_padded_size(model_root):
+    from easel.worker.adaptive import CALL_TIMES
+
+    model = _loaded(model_root, "sd")
+    before = CALL_TIMES.snapshot().get(8)
+    _run(model, _stages("sd")[:3], 1, pad_to=8)
+    assert CALL_TIMES.snapshot().get(8) not in (None, before)

@@ -1,0 +1,52 @@
+"""Warm restarts: a second compiled worker process loads what the first one compiled."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+# One PipelineCache warm, as a worker process starts, reporting inductor's own counters.
+WARM = textwrap.dedent("""
+    import json, sys, torch
+    from pathlib import Path
+    from torch._dynamo.utils import counters
+    from easel.shared.registry import Registry
+    from easel.shared.settings import Settings
+    from easel.worker.pipelines import PipelineCache
+
+    reg = Registry.model_validate({"models": {"m": {"source": "tiny-sd15", "family": "f", "latent_space": "sd1-vae",
+                                                    "optimizations": {"compile_unet": True}}}})
+    cache = PipelineCache(reg, Settings(model_root=sys.argv[1], compile_cache_dir=sys.argv[2],
+                                        compile_warm_sizes=[64]), "f", device=torch.device("cpu"))
+    cache.warm()
+    print(json.dumps({"compile_s": cache.models["m"].compile_s, **counters["inductor"]}))
+""")
+
+
+def _warm(model_root: Path, folder: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    out = subprocess.run([sys.executable, "-c", WARM, str(model_root), str(folder)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_second_warm_loads_the_first_ones_compiled_graphs(model_root, tmp_path):
+    folder = tmp_path / "compile-cache"
+    cold = _warm(model_root, folder)
+    saved = list(folder.glob("mega-cache-*.bin"))
+    assert len(saved) == 1 and saved[0].stat().st_size > 0
+    assert (folder / "inductor").is_dir()  # TORCHINDUCTOR_CACHE_DIR pointed into the folder
+    warm = _warm(model_root, folder)
+    assert cold.get("fxgraph_cache_miss", 0) > 0 and cold.get("fxgraph_cache_hit", 0) == 0
+    assert warm.get("fxgraph_cache_hit", 0) > 0 and warm.get("fxgraph_cache_miss", 0) == 0
+    assert warm["compile_s"] < cold["compile_s"], (cold, warm)
+    print(f"compile warm-up: cold {cold['compile_s']:.1f}s, warm cache {warm['compile_s']:.1f}s")

@@ -1,0 +1,84 @@
+"""Warm restarts of compiled workers: torch.compile's caches kept in one folder per host.
+
+A cold ``torch.compile`` of SD 1.5 takes a minute or more per shape; a restarted worker
+(rollout, crash, autoscaling) would pay it again before its first job. Two caches avoid
+that: inductor's on-disk caches (``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``: compiled
+graphs and kernels, looked up by a hash of the graph) and torch's portable "mega-cache"
+(``torch.compiler.save_cache_artifacts`` / ``load_cache_artifacts``), one file that
+pre-fills those caches. The file is named by torch version and device, since compiled
+kernels are valid only for the GPU model and torch build that made them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from easel.shared.settings import Settings
+
+log = logging.getLogger("easel.worker.compile_cache")
+
+
+def cache_dir(settings: Settings) -> Path:
+    """EASEL_COMPILE_CACHE_DIR, else ``<model_root>/.compile-cache`` (beside the weights, on
+    the volume a host keeps across worker restarts)."""
+    return Path(settings.compile_cache_dir or Path(settings.model_root) / ".compile-cache")
+
+
+def configure(folder: Path) -> None:
+    """Point inductor and Triton at ``folder`` before anything compiles; variables the
+    operator set explicitly win."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # inductor writes its default into the environment the first time anything asks for it:
+    # that value is not the operator's choice.
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+
+
+def artifacts_path(folder: Path, device: torch.device) -> Path:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"torch{torch.__version__}-{name}").strip("-")
+    return folder / f"mega-cache-{tag}.bin"
+
+
+def load_artifacts(folder: Path, device: torch.device) -> bool:
+    """Pre-fill the compile caches from the saved file, if any; True when one was loaded."""
+    path = artifacts_path(folder, device)
+    if not path.exists() or not hasattr(torch.compiler, "load_cache_artifacts"):
+        return False
+    try:
+        torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception:  # a stale or torn file only costs a cold compile
+        log.warning("compile cache %s unreadable; compiling cold", path, exc_info=True)
+        return False
+    log.info("compile cache artifacts loaded from %s", path)
+    return True
+
+
+def save_artifacts(folder: Path, device: torch.device) -> Path | None:
+    """Write what this process compiled to the artifacts file, atomically (a temporary file
+    renamed into place), so a worker starting meanwhile never reads half a file."""
+    if not hasattr(torch.compiler, "save_cache_artifacts"):
+        return None
+    saved = torch.compiler.save_cache_artifacts()
+    if not saved:
+        return None
+    data = saved[0]
+    path = artifacts_path(folder, device)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("compile cache artifacts (%d bytes) saved to %s", len(data), path)
+    return path
