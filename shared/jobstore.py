@@ -106,9 +106,8 @@ return 1
 
 # Everything a delivery checks and records before it runs, in one round trip. Drops the
 # job from its queue-position set, then refuses unknown and terminal jobs, a segment the job
-# has moved past (stale), and a segment that another live instance runs (a duplicate:
-# kombu restores an unacked message once it is older than the visibility timeout, whether
-# or not its worker lives). A claim of what this very instance holds is a replay of this
+# has moved past (stale), and a segment that another live instance runs (a duplicate: a
+# message the lost-message sweep sent again while its first copy was on its way). A claim of what this very instance holds is a replay of this
 # script (its reply was lost), answered as the first run was. Then refuses cancelled and
 # poison deliveries, counts the delivery and the attempt, and records this instance as the
 # holder.
@@ -192,17 +191,6 @@ for i = 1, #dead, 2 do
   end
 end
 return out
-"""
-
-# KEYS: job hash, instances zset. Returns {state, segment, holder} with holder 1 when a live
-# instance holds the job, 2 when a dead one does (its reaper requeues it), 0 when none does;
-# or {} for a job that is gone.
-_HOLDER = _CLOCK + """
-local h = redis.call('HMGET', KEYS[1], 'state', 'segment', 'instance')
-if not h[1] then return {} end
-local holder = 0
-if h[3] then holder = alive(KEYS[2], h[3]) and 1 or 2 end
-return {h[1], h[2] or '', holder}
 """
 
 # KEYS: instances zset, presence key, the family's instances zset (what fair-share dispatch and
@@ -305,7 +293,6 @@ class JobStore:
         self._requeue = self.r.register_script(_REQUEUE)
         self._reap = self.r.register_script(_REAP)
         self._beat = self.r.register_script(_BEAT)
-        self._holder = self.r.register_script(_HOLDER)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "easel", ttl_s: int = 7 * 24 * 3600, **redis_kw) -> "JobStore":
@@ -719,18 +706,6 @@ class JobStore:
         the message and marks the queue position."""
         return self._requeue(keys=[self.key(job_id), self.events_channel(job_id)],
                              args=[instance, segment, why, time.time()])
-
-    def needs_delivery(self, job_id: str, segment: int) -> bool | None:
-        """For a message found unacked: True when no instance holds that segment (it should be
-        queued again), None while an instance holds it (a live one runs it; a dead one's
-        delivery is its reaper's to requeue, with the note saying why), False when the job has
-        ended, moved past it, or is gone (the message can be dropped)."""
-        view = self._holder(keys=[self.key(job_id), self.instances_key()])
-        if not view or JobState(view[0]).terminal or (view[1] and segment < int(view[1])):
-            return False
-        if int(view[2]) and view[1] and segment == int(view[1]):
-            return None
-        return True
 
     def lease(self, name: str, seconds: float) -> bool:
         """True for the one caller that takes ``name`` for ``seconds`` (a farm-wide chore)."""
