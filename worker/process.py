@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads()}, s.heartbeat_interval_s, s.heartbeat_ttl_s,
         after_beat=after_beat)
     feeder = Feeder(ctx, app, args.family, beat.presence)
+    ctx.on_claim = feeder.after_claim
     drain = Drain(ctx.store, hostname, beat.presence)
     reaper = Reaper(ctx.store, lambda *a: send_segment(app, *a), s.reap_every_s, s.heartbeat_ttl_s,
                     [queue_name(args.family, s.queue_prefix)],
