@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from easel.shared import tracing
 from easel.shared.celery_app import RUN_SEGMENT, make_celery, send_segment
 from easel.shared.images import InputError, check_public_url, decode_image, image_ext, parse_data_uri
-from easel.shared.jobstore import DEFAULT_TENANT, JobStore
+from easel.shared.jobstore import JobStore, new_job_id
 from easel.shared.scheduler import Scheduler
 from easel.shared.plan import PlanError, plan_job
 from easel.shared.registry import Registry, load_registry
@@ -127,34 +127,39 @@ class EaselClient:
     def submit(self, job: JobSpec | dict) -> str:
         with tracing.span("easel.submit") as span:
             spec, plan = self.prepare_and_plan(job)
-            job_id, created = self.store.create(spec, plan)
-            if span is not tracing.NO_SPAN:
-                span.set_attributes(_job_attributes(job_id, spec, plan, created))
-            if created:
-                self._enqueue(job_id, spec, plan)
-            return job_id
-
-    def _enqueue(self, job_id: str, spec: JobSpec, plan) -> None:
-        """Into its tenant's pending set, then dispatch what fits (``shared.scheduler``); a job
-        that cannot be enqueued ends failed, not stuck."""
-        queue = plan.segments[0].queue
-        try:
+            job_id = new_job_id()
+            traces = {job_id: tracing.carrier()} if tracing.enabled() else {}
+            queue = plan.segments[0].queue
             with tracing.span("easel.enqueue", {"easel.job_id": job_id, "messaging.destination.name": queue},
                               producer=True):
-                if tracing.enabled():  # for whoever sends its message if it must wait its turn
-                    self.store.keep_traces({job_id: tracing.carrier()})
-                moved = self.scheduler.enqueue_and_dispatch(
-                    [(job_id, queue, spec.tenant or DEFAULT_TENANT, spec.priority)], {queue: plan.segments[0].family})
-                kept = self.store.kept_traces([m for m, _, _ in moved if m != job_id])
-                for moved_id, moved_queue, priority in moved:
-                    if moved_id == job_id:
-                        send_segment(self.celery, job_id, 0, moved_queue, priority)
-                    else:  # earlier jobs whose turn came
-                        send_segment(self.celery, moved_id, 0, moved_queue, priority, on_behalf=True,
-                                     kept_trace=kept.get(moved_id))
+                ((got, created, admitted),) = self.scheduler.submit_many([(job_id, spec, plan)], traces)
+                if created:
+                    self._send_admitted([(job_id, queue, spec.priority)] if admitted else [],
+                                        {} if admitted else {queue: plan.segments[0].family})
+            if span is not tracing.NO_SPAN:
+                span.set_attributes(_job_attributes(got, spec, plan, created))
+            return got
+
+    def _send_admitted(self, admitted: list[tuple[str, str, int]], pended: dict[str, str], producer=None,
+                       carriers: dict[str, dict] | None = None) -> None:
+        """Send the first messages of the jobs admitted now, then, when some waited in pending
+        sets, of those whose turn the dispatch of their queues (``pended``: queue -> family)
+        gives now. A job whose message cannot be sent ends failed ("could not enqueue"), not
+        stuck; the error is raised."""
+        try:
+            moved = self.scheduler.dispatch(pended) if pended else []
+            kept = {**self.store.kept_traces([j for j, _, _ in moved]), **(carriers or {})}
+            if producer is None:
+                for job_id, queue, priority in admitted:
+                    send_segment(self.celery, job_id, 0, queue, priority)
+                for job_id, queue, priority in moved:
+                    send_segment(self.celery, job_id, 0, queue, priority, on_behalf=True, kept_trace=kept.get(job_id))
+            else:
+                self._send_batch(producer, admitted + moved, kept)
         except Exception as e:
-            self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}")
-            self.store.unmark_queued(job_id)
+            for job_id, _, _ in admitted:
+                self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}")
+                self.store.unmark_queued(job_id)
             raise
 
     def submit_many(self, jobs: Iterable[JobSpec | dict], batch_size: int = 500) -> list[str]:
@@ -190,32 +195,16 @@ class EaselClient:
         return ids
 
     def _submit_batch(self, items: list[tuple[JobSpec, Plan]], producer, call=tracing.NO_SPAN) -> list[str]:
-        """Records first, then queue positions and messages for the jobs actually created."""
-        ids: list[str] = []
-        new: list[tuple[str, JobSpec, Plan]] = []
-        for (spec, plan), (job_id, created) in zip(items, self.store.create_many(items)):
-            ids.append(job_id)
-            if created:
-                new.append((job_id, spec, plan))
-        if not new:
-            return ids
-        try:
-            entries = [(job_id, plan.segments[0].queue, spec.tenant or DEFAULT_TENANT, spec.priority)
-                       for job_id, spec, plan in new]
-            families = {plan.segments[0].queue: plan.segments[0].family for _, _, plan in new}
-            carriers = self._submit_spans(new, call)
-            self.store.keep_traces(carriers)
-            moved = self.scheduler.enqueue_and_dispatch(entries, families)
-            kept = {**self.store.kept_traces([j for j, _, _ in moved if j not in carriers]), **carriers}
-            self._send_batch(producer, moved, kept)
-        except Exception as e:
-            # Delivery of this batch is uncertain: fail its jobs (a worker drops the message
-            # of a terminal job) rather than leave them queued forever.
-            for job_id, _, _ in new:
-                self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}")
-                self.store.unmark_queued(job_id)
-            raise
-        return ids
+        """Records and admissions in one round trip, then the messages of the jobs admitted."""
+        new = [(new_job_id(), spec, plan) for spec, plan in items]
+        carriers = self._submit_spans(new, call)
+        replies = self.scheduler.submit_many(new, carriers)
+        admitted = [(job_id, plan.segments[0].queue, spec.priority)
+                    for (job_id, spec, plan), (_, created, now) in zip(new, replies) if created and now]
+        pended = {plan.segments[0].queue: plan.segments[0].family
+                  for (_, spec, plan), (_, created, now) in zip(new, replies) if created and not now}
+        self._send_admitted(admitted, pended, producer, carriers)
+        return [got for got, _, _ in replies]
 
     @staticmethod
     def _submit_spans(new: list[tuple[str, JobSpec, Plan]], call) -> dict[str, dict]:

@@ -51,8 +51,6 @@ SETTING_NOTES = {
     "max_input_bytes": "largest input image file and https:// download; also the size cap of presigned uploads",
     "max_side": "longest input image side in pixels",
     "allow_private_urls": "allow `http://` and private or loopback addresses for image URLs and webhooks",
-    "visibility_timeout_s": "Celery's redelivery of unacknowledged messages: a backstop only (recovery goes by "
-                            "heartbeats); keep it the same on producers, API and workers, above the longest stage",
     "device": "`cuda` or `cpu`; chosen automatically when unset",
     "stage_timeout_base_s": "a stage's first time allowance: this plus stage_timeout_per_mpx_step_s x steps x "
                             "SD-equivalent megapixels x images",

@@ -1,8 +1,10 @@
 """The Celery app both sides import: JSON only, late acks, one message at a time, one queue per family.
 
 Why these settings (see docs/reliability.md):
-- acks_late + reject_on_worker_lost: a worker that dies mid-stage leaves the message
-  unacked, so Redis hands it out again after ``visibility_timeout``.
+- acks_late, without kombu's ack emulation: a message is acked in the worker's memory
+  when its task ends, which paces prefetch; a worker that dies mid-stage is found by its
+  expired heartbeat and its deliveries re-sent (``shared.liveness``), not by a broker-side
+  redelivery an hour later.
 - prefetch 1: a GPU runs one stage at a time; prefetching more would strand jobs behind a
   long stage on one worker while others sit idle.
 - JSON only: a pickle payload from the broker would be remote code execution. Items on a
@@ -18,8 +20,6 @@ import binascii
 import json
 import logging
 import ssl
-import time
-from datetime import datetime, timezone
 from queue import Empty
 
 from celery import Celery
@@ -107,60 +107,24 @@ def send_segment(app: Celery, job_id: str, segment: int, queue: str, priority: i
                   headers=headers)
 
 
-class UnackedMessages:
-    """kombu's delivered, not yet acked messages (Redis transport: the ``unacked`` hash and its
-    ``unacked_index`` by delivery time), seen as deliveries, for the reaper.
-
-    A worker that dies between fetching a message and claiming its job (or while a
-    micro-batch fills) leaves the message there, held by no one; kombu itself restores it
-    only after the visibility timeout.
-    """
-
-    def __init__(self, app: Celery):
-        self.app = app
-
-    def older_than(self, age_s: float, limit: int = 500) -> list[tuple[str, str, int]]:
-        """(delivery tag, job id, segment) of easel messages delivered over ``age_s`` ago."""
-        with self.app.connection_for_write() as conn:
-            ch = conn.default_channel
-            tags = ch.client.zrangebyscore(ch.unacked_index_key, "-inf", time.time() - age_s, start=0, num=limit)
-            raw = ch.client.hmget(ch.unacked_key, tags) if tags else []
-        out = []
-        for tag, value in zip(tags, raw):
-            found = _delivery_of(value) if value else None
-            if found:
-                out.append((tag.decode() if isinstance(tag, bytes) else tag, *found))
-        return out
-
-    def deliveries(self) -> set[tuple[str, int]]:
-        """Every (job id, segment) that a worker holds unacked now."""
-        with self.app.connection_for_write() as conn:
-            ch = conn.default_channel
-            raw = ch.client.hvals(ch.unacked_key)
-        return {found for value in raw if (found := _delivery_of(value, include_waiting=True))}
-
-    def restore(self, tag: str) -> None:
-        """Back to the front of its queue (kombu's own restore, as the visibility timeout does)."""
-        with self.app.connection_for_write() as conn:
-            conn.default_channel.qos.restore_by_tag(tag, leftmost=False)
-
-    def drop(self, tag: str) -> None:
-        """Forget a message whose job has ended or moved on (what an ack does)."""
-        with self.app.connection_for_write() as conn:
-            conn.default_channel.qos.ack(tag)
+def queued_deliveries(r, lists: list[str], limit: int = 10_000) -> set[tuple[str, int]] | None:
+    """Every (job id, segment) whose message waits in ``lists`` (a queue's priority lists), in
+    two round trips; None when more than ``limit`` messages wait (too many to read each pass)."""
+    pipe = r.pipeline(transaction=False)
+    for name in lists:
+        pipe.llen(name)
+    if sum(int(n) for n in pipe.execute()) > limit:
+        return None
+    for name in lists:
+        pipe.lrange(name, 0, -1)
+    return {found for items in pipe.execute() for raw in items if (found := _delivery_of(raw))}
 
 
-def _delivery_of(value: bytes | str, include_waiting: bool = False) -> tuple[str, int] | None:
-    """(job id, segment) of a stored run_segment message; None for anything else, and, unless
-    ``include_waiting``, for a retry whose countdown has not run out (its worker holds it
-    unacked until then)."""
+def _delivery_of(raw: bytes | str) -> tuple[str, int] | None:
+    """(job id, segment) of a queued run_segment message; None for anything else."""
     try:
-        payload = json.loads(value)[0]
-        headers = payload.get("headers", {})
-        if headers.get("task") != RUN_SEGMENT:
-            return None
-        if not include_waiting and headers.get("eta") and \
-                datetime.fromisoformat(headers["eta"]) > datetime.now(timezone.utc):
+        payload = json.loads(raw)
+        if payload.get("headers", {}).get("task") != RUN_SEGMENT:
             return None
         body = payload["body"]
         if payload["properties"].get("body_encoding") == "base64":
@@ -169,12 +133,6 @@ def _delivery_of(value: bytes | str, include_waiting: bool = False) -> tuple[str
         return str(args[0]), int(args[1])
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None
-
-
-def unacked_keys(prefix: str) -> dict[str, str]:
-    """kombu's unacked-message keys, under the deployment's prefix."""
-    return {"unacked_key": f"{prefix}:unacked", "unacked_index_key": f"{prefix}:unacked_index",
-            "unacked_mutex_key": f"{prefix}:unacked_mutex"}
 
 
 def queue_name(family: str, prefix: str = "easel") -> str:
@@ -214,15 +172,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         broker_transport_options={
-            "visibility_timeout": s.visibility_timeout_s,
-            # How often a worker looks for messages past their visibility timeout. kombu
-            # >= 5.7 sweeps every interval x throttle seconds (10 x 10 by default), which
-            # would add up to 100 s to every redelivery; sweep every interval instead.
-            "unacked_restore_interval": max(1, min(10, int(s.visibility_timeout_s // 4))),
-            "unacked_restore_throttle": 1,
-            # kombu's bookkeeping of delivered messages is global by default: two deployments
-            # on one Redis database would restore each other's messages.
-            **unacked_keys(s.queue_prefix),
+            # No broker-side bookkeeping of delivered messages (kombu's ack emulation: an
+            # unacked hash and index, two MULTI/EXEC blocks per message, a visibility-timeout
+            # restore): recovery is by liveness (shared/liveness.py), which re-sends what a
+            # dead worker held within seconds, and a sweep that re-sends a waiting job whose
+            # message is nowhere. Prefetch limits and the return of prefetched messages at a
+            # warm shutdown still hold, kept in the worker's memory.
+            "ack_emulation": False,
             "queue_order_strategy": "priority",
             "priority_steps": list(range(10)),
             "sep": ":",

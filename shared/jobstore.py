@@ -12,7 +12,7 @@ This module is the only one that reads or writes a job's hash. One hash per job,
   ``cancel`` = 1 once cancel was asked.
 - ``segment``: the segment that runs or waits next; ``worker`` (hostname) and ``instance``
   (the worker process's own id) of the delivery running it; ``instance`` is absent between
-  deliveries.
+  deliveries, and names the last holder once the job has ended.
 - ``attempts``: deliveries that started; ``attempt:<n>``: JSON of each (segment, worker,
   instance, started_at, and ``ended`` when recovery took it away).
 - ``inflight:<seg>``: deliveries of a segment that started and never ended (a worker died):
@@ -47,7 +47,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from easel.shared import tracing
-from easel.shared.keys import backlog_key, family_batch_key, family_instances_key, job_seconds_prefix, pending_key
+from easel.shared.keys import backlog_key, family_capacity_key, family_instances_key, job_seconds_prefix, pending_key
 from easel.shared.schema import Attempt, JobSpec, JobState, JobStatus, Plan, Progress
 
 _TERMINAL = "cur == 'succeeded' or cur == 'failed' or cur == 'cancelled'"
@@ -69,7 +69,9 @@ end
 # field/value pairs. A job that ends is counted by its final state, so metrics read the
 # counts instead of walking every job.
 # Ending a delivery drops it from the instance's running set and, while the instance still
-# holds the job, clears the holder and the segment's crash counter; while another instance
+# holds the job, resets the segment's crash counter and clears the holder (a final state
+# keeps it: it names the last holder, and no claim or reaper reads it past a final state);
+# while another instance
 # holds it, the delivery has been taken over and its state change is refused. A ``segment``
 # field never moves the job back (a late hand-off after the next segment has run).
 # Publishing from the script means no event is published for a change that did not happen.
@@ -81,7 +83,9 @@ local writes = {{}}
 if ARGV[4] ~= '' then
   redis.call('SREM', ARGV[2] .. ARGV[5], ARGV[3] .. ':' .. ARGV[4])
   if h[2] == ARGV[5] then
-    redis.call('HDEL', KEYS[1], 'instance')
+    if ARGV[6] ~= 'succeeded' and ARGV[6] ~= 'failed' and ARGV[6] ~= 'cancelled' then
+      redis.call('HDEL', KEYS[1], 'instance')
+    end
     writes = {{'inflight:' .. ARGV[4], '0'}}
   elseif h[2] then
     return 0
@@ -106,39 +110,53 @@ return 1
 
 # Everything a delivery checks and records before it runs, in one round trip. Drops the
 # job from its queue-position set, then refuses unknown and terminal jobs, a segment the job
-# has moved past (stale), and a segment that another live instance runs (a duplicate:
-# kombu restores an unacked message once it is older than the visibility timeout, whether
-# or not its worker lives). A claim of what this very instance holds is a replay of this
-# script (its reply was lost), answered as the first run was. Then refuses cancelled and
+# has moved past (stale), and a segment that another live instance runs (a duplicate: a
+# message the lost-message sweep sent again while its first copy was on its way). A claim
+# of what this very instance holds is a replay of this script (its reply was lost),
+# answered as the first run was. Then refuses cancelled and
 # poison deliveries, counts the delivery and the attempt, and records this instance as the
-# holder.
+# holder. A run answers with the job's spec, plan, times, its attempt count and this
+# attempt's record (the manifest reads no attempts back in the common case of one), and
+# how many tenants have jobs pending for the queue it left (room opened there: the worker
+# dispatches only when some wait).
 # KEYS: job hash, events channel, instances zset. ARGV: queue-position key prefix, job id,
-# segment, worker, now, crash limit, the "running" event JSON, instance, running-set prefix.
+# segment, worker, now, crash limit, the "running" event JSON, instance, running-set prefix,
+# active-tenants key prefix.
 # (Key names built from ARGV assume one Redis, not a cluster; easel's broker is one Redis.)
 _CLAIM = _CLOCK + f"""
 local h = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'queue', 'spec', 'plan', 'stage', 'created_at',
-                     'started_at', 'segment', 'instance', 'attempts')
+                     'started_at', 'segment', 'instance', 'attempts', 'inflight:' .. ARGV[3])
 local cur = h[1]
 if not cur then return {{'unknown'}} end
-if h[3] then redis.call('ZREM', ARGV[1] .. h[3], ARGV[2]) end
+local backlog = 0
+if h[3] then
+  redis.call('ZREM', ARGV[1] .. h[3], ARGV[2])
+  backlog = redis.call('ZCARD', ARGV[10] .. h[3])
+end
 if {_TERMINAL} then return {{'terminal', cur}} end
 local seg = tonumber(ARGV[3])
 if h[9] and seg < tonumber(h[9]) then return {{'stale', h[9]}} end
 if h[10] and h[9] and seg == tonumber(h[9]) then
-  if h[10] == ARGV[8] then return {{'run', h[4], h[5], h[7], h[8]}} end
+  if h[10] == ARGV[8] then
+    return {{'run', h[4], h[5], h[7], h[8], h[11], redis.call('HGET', KEYS[1], 'attempt:' .. h[11]), backlog}}
+  end
   if alive(KEYS[3], h[10]) then return {{'duplicate', h[10]}} end
 end
 if h[2] == '1' then return {{'cancel'}} end
-local crashed = redis.call('HINCRBY', KEYS[1], 'inflight:' .. ARGV[3], 1) - 1
-if crashed >= tonumber(ARGV[6]) then return {{'poison', tostring(crashed), h[6] or '0'}} end
+local crashed = tonumber(h[12] or '0')
+if crashed >= tonumber(ARGV[6]) then
+  redis.call('HSET', KEYS[1], 'inflight:' .. ARGV[3], crashed + 1)
+  return {{'poison', tostring(crashed), h[6] or '0'}}
+end
 local started = h[8] or ARGV[5]
 local n = tonumber(h[11] or '0') + 1
 local attempt = cjson.encode({{segment = seg, worker = ARGV[4], instance = ARGV[8], started_at = tonumber(ARGV[5])}})
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[4], 'instance', ARGV[8], 'segment', ARGV[3],
-           'updated_at', ARGV[5], 'started_at', started, 'attempts', n, 'attempt:' .. n, attempt)
+           'updated_at', ARGV[5], 'started_at', started, 'attempts', n, 'attempt:' .. n, attempt,
+           'inflight:' .. ARGV[3], crashed + 1)
 redis.call('SADD', ARGV[9] .. ARGV[8], ARGV[2] .. ':' .. ARGV[3])
 redis.call('PUBLISH', KEYS[2], ARGV[7])
-return {{'run', h[4], h[5], h[7], started}}
+return {{'run', h[4], h[5], h[7], started, n, attempt, backlog}}
 """
 
 # A dead instance's delivery goes back to the queue: only while that instance still holds
@@ -194,21 +212,35 @@ end
 return out
 """
 
-# KEYS: job hash, instances zset. Returns {state, segment, holder} with holder 1 when a live
-# instance holds the job, 2 when a dead one does (its reaper requeues it), 0 when none does;
-# or {} for a job that is gone.
-_HOLDER = _CLOCK + """
-local h = redis.call('HMGET', KEYS[1], 'state', 'segment', 'instance')
-if not h[1] then return {} end
-local holder = 0
-if h[3] then holder = alive(KEYS[2], h[3]) and 1 or 2 end
-return {h[1], h[2] or '', holder}
+# A new job's record: its idempotency claim (SET NX) and its hash, with the record TTL, in the
+# script that calls it (``_CREATE_ONE`` here, the scheduler's submit with admission). Returns
+# false when it created the record, else the id that holds the idempotency key: another
+# job's, or this job's own when the call is a replay of one whose reply was lost.
+_CREATE = """
+local function create(job_key, idem_key, job_id, ttl, argv, first)
+  if idem_key ~= '' and not redis.call('SET', idem_key, job_id, 'NX', 'EX', ttl) then
+    return redis.call('GET', idem_key)
+  end
+  redis.call('HSET', job_key, unpack(argv, first))
+  redis.call('EXPIRE', job_key, ttl)
+  return false
+end
 """
 
-# KEYS: instances zset, presence key, the family's instances zset (what fair-share dispatch and
-# ETAs count; instances dead for a day leave it), the family's batch size. ARGV: instance,
-# ttl, presence JSON, job-seconds key prefix, this instance's mean seconds per job ('' = none
-# yet), its batch size (what it takes from the queue at once).
+# KEYS: the job hash, its idempotency key (the hash again when it has none). ARGV: job id,
+# TTL, '1' when it has an idempotency key, then the record's fields and values. Returns
+# {id, 1} when created (or replayed), {winner id, 0} when another job holds the key.
+_CREATE_ONE = _CREATE + """
+local winner = create(KEYS[1], ARGV[3] == '1' and KEYS[2] or '', ARGV[1], ARGV[2], ARGV, 4)
+if winner and winner ~= ARGV[1] then return {winner, 0} end
+return {ARGV[1], 1}
+"""
+
+# KEYS: instances zset, presence key, the family's instances zset (what ETAs count; instances
+# dead for a day leave it), the family's capacity (live instances x batch size: what
+# admission reads). ARGV: instance, ttl, presence JSON, job-seconds key prefix, this
+# instance's mean seconds per job ('' = none yet), its batch size (what it takes from the
+# queue at once).
 _BEAT = _CLOCK + """
 local t = now()
 local ttl_ms = math.ceil(tonumber(ARGV[2]) * 1000)
@@ -217,7 +249,7 @@ redis.call('SET', KEYS[2], ARGV[3], 'PX', ttl_ms)
 redis.call('ZADD', KEYS[3], t + tonumber(ARGV[2]), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', t - 86400)
 if ARGV[5] ~= '' then redis.call('SET', ARGV[4] .. ARGV[1], ARGV[5], 'PX', ttl_ms) end
-redis.call('SET', KEYS[4], ARGV[6], 'PX', ttl_ms)
+redis.call('SET', KEYS[4], redis.call('ZCOUNT', KEYS[3], t, '+inf') * tonumber(ARGV[6]), 'PX', ttl_ms)
 return 0
 """
 
@@ -235,6 +267,9 @@ class Claim:
     stage: int = 0  # poison: the stage it was at
     created_at: float = 0.0  # run: for the manifest's timings
     started_at: float = 0.0
+    attempts: int = 0  # run: deliveries that started, this one included
+    attempt: Attempt | None = None  # run: this delivery's attempt record
+    backlog: int = 0  # run: tenants with jobs pending for the queue the job left
 
 
 class _Retry(Retry):
@@ -305,7 +340,7 @@ class JobStore:
         self._requeue = self.r.register_script(_REQUEUE)
         self._reap = self.r.register_script(_REAP)
         self._beat = self.r.register_script(_BEAT)
-        self._holder = self.r.register_script(_HOLDER)
+        self._create = self.r.register_script(_CREATE_ONE)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "easel", ttl_s: int = 7 * 24 * 3600, **redis_kw) -> "JobStore":
@@ -322,15 +357,25 @@ class JobStore:
     def events_channel(self, job_id: str) -> str:
         return f"{self.prefix}:events:{job_id}"
 
-    def _new_record(self, spec: JobSpec, plan: Plan, now: float) -> dict:
-        """A queued job's hash. Counters and progress start absent (read as 0), which keeps
-        bulk submission's writes small."""
-        return {"spec": spec.model_dump_json(), "plan": plan.model_dump_json(), "state": JobState.queued.value,
-                "queue": plan.segments[0].queue, "tenant": spec.tenant or DEFAULT_TENANT, "created_at": now,
-                "updated_at": now}
+    def record_fields(self, spec: JobSpec, plan: Plan, now: float, trace: dict | None = None) -> list:
+        """A queued job's hash, as the flat field/value list the create script takes. Counters
+        and progress start absent (read as 0), which keeps bulk submission's writes small;
+        ``trace`` is the submitter's trace context (tracing on)."""
+        fields = {"spec": spec.model_dump_json(), "plan": plan.model_dump_json(), "state": JobState.queued.value,
+                  "queue": plan.segments[0].queue, "tenant": spec.tenant or DEFAULT_TENANT, "created_at": now,
+                  "updated_at": now}
+        if trace:
+            fields["trace"] = json.dumps(trace)
+        return [x for kv in fields.items() for x in kv]
 
     def _idem_key(self, spec: JobSpec) -> str:
         return f"{self.prefix}:idem:{spec.idempotency_key}"
+
+    def create_head(self, job_id: str, spec: JobSpec) -> tuple[list[str], list]:
+        """The create function's keys (job hash, idempotency key) and leading args (id, TTL,
+        idempotency flag)."""
+        idem = self._idem_key(spec) if spec.idempotency_key else self.key(job_id)
+        return [self.key(job_id), idem], [job_id, self.ttl_s, "1" if spec.idempotency_key else ""]
 
     def create(self, spec: JobSpec, plan: Plan, job_id: str | None = None) -> tuple[str, bool]:
         """Store a queued job. Returns (job_id, created); an idempotency key seen before
@@ -338,51 +383,22 @@ class JobStore:
         return self.create_many([(spec, plan)], [job_id] if job_id else None)[0]
 
     def create_many(self, items: list[tuple[JobSpec, Plan]], ids: list[str] | None = None) -> list[tuple[str, bool]]:
-        """Store queued jobs in one MULTI/EXEC (plus two round trips only when an
-        idempotency claim was lost). Returns (job_id, created) per item, in order.
-
-        Each record (hash + TTL) and each idempotency claim (SET NX, in input order, so the
-        first of two equal keys in one call wins) is written together; a lost claim drops
-        its record and answers with the winner's id. A claim that reads back as our own id
-        is ours: the EXEC was replayed after its first reply was lost.
-        """
+        """Store queued jobs, one script each, all in one round trip. Returns (job_id, created)
+        per item, in order: a job whose idempotency key another job holds (earlier in this
+        call included) is not stored, and gives that job's id. Admission to a queue is the
+        scheduler's (``Scheduler.submit_many`` writes the record and admits it in one
+        script); this stores the record alone."""
         now = time.time()
         ids = list(ids) if ids else [new_job_id() for _ in items]
-        pipe = self.r.pipeline(transaction=True)
-        claims: list[tuple[int, int]] = []  # (item index, position of its SET NX reply)
-        n_cmds = 0
-        for i, (job_id, (spec, plan)) in enumerate(zip(ids, items)):
-            key = self.key(job_id)
-            pipe.hset(key, mapping=self._new_record(spec, plan, now))
-            pipe.expire(key, self.ttl_s)
-            n_cmds += 2
-            if spec.idempotency_key:
-                pipe.set(self._idem_key(spec), job_id, nx=True, ex=self.ttl_s)
-                claims.append((i, n_cmds))
-                n_cmds += 1
-        res = pipe.execute()
-        out = [(job_id, True) for job_id in ids]
-        lost = [i for i, pos in claims if not res[pos]]
-        if not lost:
-            return out
-        pipe = self.r.pipeline(transaction=False)
-        for i in lost:
-            pipe.get(self._idem_key(items[i][0]))
-        winners = pipe.execute()
-        retry: list[int] = []
-        pipe = self.r.pipeline(transaction=False)
-        for i, existing in zip(lost, winners):
-            if existing == ids[i]:
-                continue  # our own claim, replayed: still ours
-            pipe.delete(self.key(ids[i]))
-            if existing:
-                out[i] = (existing, False)
-            else:
-                retry.append(i)  # the winner expired in between: claim again
-        pipe.execute()
-        for i in retry:
-            out[i] = self.create(*items[i])
-        return out
+        calls = []
+        for job_id, (spec, plan) in zip(ids, items):
+            keys, head = self.create_head(job_id, spec)
+            calls.append((self._create, keys, head + self.record_fields(spec, plan, now)))
+        replies = run_scripts(self.r, calls)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [(_text(winner), bool(int(created))) for winner, created in replies]
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self.key(job_id)))
@@ -470,7 +486,7 @@ class JobStore:
         event = self._event(JobState.running, {"updated_at": now, "worker": worker, "segment": segment})
         return ([self.key(job_id), self.events_channel(job_id), self.instances_key()],
                 [f"{self.prefix}:queued:", job_id, segment, worker, now, max_crash_deliveries, event,
-                 instance, self._running_prefix()])
+                 instance, self._running_prefix(), f"{self.prefix}:active:"])
 
     def claim_many(self, deliveries: list[tuple[str, int]], worker: str, instance: str,
                    max_crash_deliveries: int) -> list[Claim]:
@@ -491,7 +507,8 @@ class JobStore:
         if outcome == "run":
             try:
                 return Claim("run", spec=JobSpec.model_validate_json(res[1]), plan=Plan.model_validate_json(res[2]),
-                             created_at=float(res[3]), started_at=float(res[4]))
+                             created_at=float(res[3]), started_at=float(res[4]), attempts=int(res[5] or 0),
+                             attempt=Attempt.model_validate_json(res[6]) if res[6] else None, backlog=int(res[7]))
             except ValueError as e:
                 return Claim("corrupt", detail=f"unreadable job record: {e}"[:500])
         if outcome in ("terminal", "duplicate", "stale"):
@@ -513,14 +530,6 @@ class JobStore:
             pipe.hmget(key, "cancel", "instance")
         replies = pipe.execute()[2::3]
         return [(cancel == "1", holder != instance) for cancel, holder in replies]
-
-    def keep_traces(self, carriers: dict[str, dict]) -> None:
-        """Keep jobs' trace contexts (``trace``) for whoever sends their first message later."""
-        if carriers:
-            pipe = self.r.pipeline(transaction=False)
-            for job_id, carrier in carriers.items():
-                pipe.hset(self.key(job_id), "trace", json.dumps(carrier))
-            pipe.execute()
 
     def kept_traces(self, job_ids: list[str]) -> dict[str, dict]:
         """The trace contexts submitters kept in these jobs' records; read only with tracing on."""
@@ -621,9 +630,13 @@ class JobStore:
         """One more transient-error retry of ``segment``; returns how many so far."""
         return int(self.r.hincrby(self.key(job_id), f"retries:{segment}", 1))
 
-    def manifest_reads(self, job_id: str, indices: list[int]) -> tuple[list[str | None], list[Attempt]]:
+    def manifest_reads(self, job_id: str, indices: list[int],
+                       first: Attempt | None = None) -> tuple[list[str | None], list[Attempt]]:
         """What a manifest needs from the record: those stages' records (JSON, None where
-        missing) and every attempt. One round trip while a job has had at most 8 attempts."""
+        missing) and every attempt. One round trip while a job has had at most 8 attempts;
+        none for a job whose one attempt (``first``) is known and that needs no records."""
+        if first is not None and not indices:
+            return [], [first]
         guess = 8
         fields = [f"record:{i}" for i in indices] + ["attempts"] + [f"attempt:{k}" for k in range(1, guess + 1)]
         got = self.r.hmget(self.key(job_id), fields)
@@ -655,7 +668,7 @@ class JobStore:
         family = presence.get("family", "unknown")
         job_s = presence.get("job_s")
         self._beat(keys=[self.instances_key(), self.presence_key(hostname), family_instances_key(self.prefix, family),
-                         family_batch_key(self.prefix, family)],
+                         family_capacity_key(self.prefix, family)],
                    args=[instance, ttl_s, json.dumps(presence), job_seconds_prefix(self.prefix),
                          "" if job_s is None else job_s, presence.get("batch_size") or 1])
 
@@ -719,18 +732,6 @@ class JobStore:
         the message and marks the queue position."""
         return self._requeue(keys=[self.key(job_id), self.events_channel(job_id)],
                              args=[instance, segment, why, time.time()])
-
-    def needs_delivery(self, job_id: str, segment: int) -> bool | None:
-        """For a message found unacked: True when no instance holds that segment (it should be
-        queued again), None while an instance holds it (a live one runs it; a dead one's
-        delivery is its reaper's to requeue, with the note saying why), False when the job has
-        ended, moved past it, or is gone (the message can be dropped)."""
-        view = self._holder(keys=[self.key(job_id), self.instances_key()])
-        if not view or JobState(view[0]).terminal or (view[1] and segment < int(view[1])):
-            return False
-        if int(view[2]) and view[1] and segment == int(view[1]):
-            return None
-        return True
 
     def lease(self, name: str, seconds: float) -> bool:
         """True for the one caller that takes ``name`` for ``seconds`` (a farm-wide chore)."""

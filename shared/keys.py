@@ -18,9 +18,10 @@ def family_instances_key(prefix: str, family: str) -> str:
     return f"{prefix}:family:{family}:instances"
 
 
-def family_batch_key(prefix: str, family: str) -> str:
-    """The family's micro-batch size (its workers take that many messages at once)."""
-    return f"{prefix}:family:{family}:batch"
+def family_capacity_key(prefix: str, family: str) -> str:
+    """Messages the family's live workers take from its queue at once (live workers x batch
+    size): set by every heartbeat, gone when heartbeats stop. Admission reads it in one GET."""
+    return f"{prefix}:family:{family}:capacity"
 
 
 def job_seconds_prefix(prefix: str) -> str:

@@ -8,9 +8,11 @@ state written: an overlapped finish counts as running). A reaper, in every worke
 the API, takes the expired instances with their deliveries in one atomic script, so one
 reaper acts on each, and puts each delivery back in its queue with a note saying why.
 
-The broker's visibility timeout stays as a backstop only: when it restores the message of
-a stage that still runs on a live instance, the claim sees that instance and drops the
-copy (``shared/jobstore.py``), so a long stage never runs twice.
+The broker keeps no record of delivered messages (``shared.celery_app``): a message a
+worker popped and died with before claiming its job is found by the lost-message sweep,
+which sends a job again once it has waited ``heartbeat_ttl_s`` with its message in no
+queue. A copy sent while the first still lives is dropped at its claim
+(``shared/jobstore.py``), so nothing runs twice.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Callable
 
 import redis
 
-from easel.shared.celery_app import UnackedMessages
+from easel.shared.celery_app import queued_deliveries
 from easel.shared.jobstore import JobStore
 from easel.shared.metrics import priority_lists
 
@@ -103,10 +105,9 @@ class Reaper(_Loop):
     name = "easel-reaper"
 
     def __init__(self, store: JobStore, send: Send, every_s: float, ttl_s: float,
-                 unacked: UnackedMessages | None = None, queues: list[str] = (),
-                 chores: list[Callable[[], object]] = ()):
+                 queues: list[str] = (), chores: list[Callable[[], object]] = ()):
         super().__init__(every_s)
-        self.store, self.send, self.ttl_s, self.unacked, self.queues = store, send, ttl_s, unacked, list(queues)
+        self.store, self.send, self.ttl_s, self.queues = store, send, ttl_s, list(queues)
         self.chores = list(chores)  # farm-wide housekeeping that paces itself (result retention)
         self._in_contact_since = self._last_contact = time.monotonic()
 
@@ -126,11 +127,9 @@ class Reaper(_Loop):
         if now - self._in_contact_since < self.ttl_s:
             return
         self.sweep()
-        if self.unacked is not None and self.store.lease("unacked-sweep", self.every_s):
-            self.sweep_unacked()
-            held: set | None = None  # read once, and only when a queue has suspects
+        if self.queues and self.store.lease("lost-sweep", self.every_s):
             for queue in self.queues:
-                held = self.sweep_lost(queue, held)
+                self.sweep_lost(queue)
         for chore in self.chores:
             chore()
 
@@ -163,39 +162,25 @@ class Reaper(_Loop):
         log.warning("job %s segment %d %s", job_id, segment, note)
         return True
 
-    def sweep_lost(self, queue: str, held: set | None = None) -> set | None:
-        """Jobs waiting in ``queue`` for over ``ttl_s`` whose message is nowhere: not in the
-        queue's lists (only looked for while they are empty) and held by no worker. kombu's
-        Redis transport pops a message and then records it as unacked, in two steps: a worker
-        killed between them loses it. Each such job's message is sent again. Returns the
-        deliveries workers hold (read here when first needed), for the next queue's sweep."""
-        if self.store.queue_depth(queue, [name for _, name in priority_lists(queue)]):
-            return held
+    def sweep_lost(self, queue: str) -> list[str]:
+        """Jobs waiting in ``queue`` for over ``ttl_s``, held by no instance, whose message is
+        in none of the queue's lists: a worker popped it and died before its claim, or a send
+        failed. Each is sent again; returns their ids. The lists are read only when such a
+        job exists, and not at all past 10,000 messages (a later pass, once the queue is
+        shorter, finds it). One reaper of the farm does this per period (a lease)."""
         old = [(j, seg) for j, seg, since in self.store.waiting_since(queue) if time.time() - since > self.ttl_s]
         if not old:
-            return held
-        held = self.unacked.deliveries() if held is None else held
+            return []
+        present = queued_deliveries(self.store.r, [name for _, name in priority_lists(queue)])
+        if present is None:
+            return []
+        resent = []
         for job_id, segment in old:
-            if (job_id, segment) in held:
+            if (job_id, segment) in present:
                 continue
             spec, _ = self.store.load(job_id)
             log.warning("job %s segment %d was waiting with no message left (a worker died taking it); "
                         "sent again", job_id, segment)
             self.send(job_id, segment, queue, spec.priority)
-        return held
-
-    def sweep_unacked(self) -> list[str]:
-        """Messages fetched over ``ttl_s`` ago whose job no live instance runs: restored to
-        their queue (a worker died before claiming them); those of ended jobs are dropped.
-        One reaper of the farm does this per period (a lease), as it reads every old one."""
-        restored = []
-        for tag, job_id, segment in self.unacked.older_than(self.ttl_s):
-            needed = self.store.needs_delivery(job_id, segment)
-            if needed:
-                log.warning("job %s segment %d: its message was fetched by a worker that never ran it; "
-                            "restored", job_id, segment)
-                self.unacked.restore(tag)
-                restored.append(job_id)
-            elif needed is False:
-                self.unacked.drop(tag)
-        return restored
+            resent.append(job_id)
+        return resent

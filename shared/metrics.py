@@ -15,7 +15,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from easel.shared.celery_app import queue_name, unacked_keys
+from easel.shared.celery_app import queue_name
 from easel.shared.jobstore import JobStore
 
 PRIORITIES = range(10)
@@ -51,7 +51,7 @@ def live_workers_by_family(r: redis.Redis, prefix: str = "easel") -> dict[str, i
 
 
 class RedisStateCollector(Collector):
-    """Queue depth per family and priority, unacked messages, jobs by state, live workers.
+    """Queue depth per family and priority, jobs by state, live workers.
 
     ``jobs=False`` skips the job counts (workers report only their own family's queue; the
     API reports the whole picture). Every read is O(families + worker processes), never
@@ -77,16 +77,13 @@ class RedisStateCollector(Collector):
         depth = GaugeMetricFamily("easel_queue_messages",
                                   "Messages waiting in a family queue, per priority sub-list (0 runs first)",
                                   labels=["family", "queue", "priority"])
-        unacked = GaugeMetricFamily("easel_unacked_messages",
-                                    "Messages delivered to a worker and not yet acknowledged (running stages)")
         workers = GaugeMetricFamily("easel_workers", "Live worker processes by family (heartbeat keys)",
                                     labels=["family"])
-        out = [up, depth, unacked, workers]
+        out = [up, depth, workers]
         try:
             for fam, by_p in queue_depths(self.r, self.families, self.prefix).items():
                 for p, n in by_p.items():
                     depth.add_metric([fam, queue_name(fam, self.prefix), str(p)], n)
-            unacked.add_metric([], int(self.r.hlen(unacked_keys(self.prefix)["unacked_key"])))
             live = live_workers_by_family(self.r, self.prefix)
             for fam in sorted(set(self.families) | set(live)):
                 workers.add_metric([fam], live.get(fam, 0))

@@ -24,61 +24,78 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from easel.shared.jobstore import _CLOCK, JobStore, _text, run_scripts
-from easel.shared.keys import backlog_key, family_batch_key, family_instances_key, job_seconds_prefix, pending_key
+from easel.shared.jobstore import _CLOCK, _CREATE, DEFAULT_TENANT, JobStore, _text, run_scripts
+from easel.shared.keys import backlog_key, family_capacity_key, family_instances_key, job_seconds_prefix, pending_key
+from easel.shared.schema import JobSpec, Plan
 
 log = logging.getLogger("easel.scheduler")
 
 CREDIT = 20  # jobs a returning or new tenant may start behind the tenant in front
 MARGIN = 1  # jobs waiting in the broker beyond one per live worker
 
-# Room in a queue: a batch per live worker of its family, plus the margin, less the jobs
-# already sent to it and not yet claimed.
+# Room in a queue: a batch per live worker of its family (the capacity key its heartbeats
+# keep), plus the margin, less the jobs already sent to it and not yet claimed.
 _ROOM = _CLOCK + """
-local function room(waiting, instances, batch_key, margin)
-  local live = redis.call('ZCOUNT', instances, now(), '+inf')
-  local batch = tonumber(redis.call('GET', batch_key) or '1')
-  return live * batch + tonumber(margin) - redis.call('ZCARD', waiting)
+local function room(queued, capacity, margin)
+  return tonumber(redis.call('GET', capacity) or '0') + tonumber(margin) - redis.call('ZCARD', queued)
 end
 """
 
-# KEYS: the tenant's pending set, active tenants (zset of pass), parked passes (hash), the
-# sequence counter, the queue's backlog tally, then what room is judged by: the queue's
-# waiting set, paused flag, the family's live instances and batch size, the tenants' caps.
-# ARGV: job id, priority, tenant, credit, margin. When no tenant has jobs pending, the job's
-# tenant has no cap and there is room, the job goes straight to the waiting set (returns 1:
-# send it now); else it waits in its tenant's pending set (returns 0).
-_ENQUEUE = _ROOM + """
-local capped = redis.call('EXISTS', KEYS[10]) == 1 and redis.call('HEXISTS', KEYS[10], ARGV[3]) == 1
-if not capped and redis.call('ZCARD', KEYS[2]) == 0 and redis.call('EXISTS', KEYS[7]) == 0
-    and room(KEYS[6], KEYS[8], KEYS[9], ARGV[5]) > 0 then
-  redis.call('ZADD', KEYS[6], tonumber(ARGV[2]) * 1e13 + redis.call('INCR', KEYS[4]), ARGV[1])
-  return 1
+# Admission of one new job. k: its tenant's pending set, active tenants (zset of pass),
+# parked passes (hash), the sequence counter, the queue's backlog tally, the queue's waiting
+# set, paused flag, the family's capacity, the tenants' caps. When no tenant has jobs
+# pending there, the job's tenant has no cap, the queue is open and there is room, the job
+# goes straight to the waiting set (returns 1: send it now); else it waits in its tenant's
+# pending set (returns 0).
+_ADMIT = """
+local function admit(k, job, priority, tenant, credit, margin)
+  if redis.call('HEXISTS', k[9], tenant) == 0 and redis.call('ZCARD', k[2]) == 0 then
+    local v = redis.call('MGET', k[8], k[7])
+    if not v[2] and tonumber(v[1] or '0') + tonumber(margin) - redis.call('ZCARD', k[6]) > 0 then
+      redis.call('ZADD', k[6], tonumber(priority) * 1e13 + redis.call('INCR', k[4]), job)
+      return 1
+    end
+  end
+  if redis.call('ZADD', k[1], tonumber(priority) * 1e13 + redis.call('INCR', k[4]), job) == 1 then
+    redis.call('RPUSH', k[5], 1)
+  end
+  if redis.call('ZSCORE', k[2], tenant) then return 0 end
+  local pass = tonumber(redis.call('HGET', k[3], tenant) or '0')
+  local lead = redis.call('ZRANGE', k[2], 0, 0, 'WITHSCORES')
+  if #lead > 0 then
+    local front = tonumber(lead[2])
+    pass = math.min(math.max(pass, front - tonumber(credit)), front)
+  end
+  redis.call('ZADD', k[2], pass, tenant)
+  return 0
 end
-if redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) * 1e13 + redis.call('INCR', KEYS[4]), ARGV[1]) == 1 then
-  redis.call('RPUSH', KEYS[5], 1)
-end
-if redis.call('ZSCORE', KEYS[2], ARGV[3]) then return 0 end
-local pass = tonumber(redis.call('HGET', KEYS[3], ARGV[3]) or '0')
-local lead = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-if #lead > 0 then
-  local front = tonumber(lead[2])
-  pass = math.min(math.max(pass, front - tonumber(ARGV[4])), front)
-end
-redis.call('ZADD', KEYS[2], pass, ARGV[3])
-return 0
+"""
+
+# A new job's record and its admission, in one script. KEYS: the job hash, its idempotency
+# key (the hash again when it has none), then admit's nine keys. ARGV: job id, record TTL,
+# whether it has an idempotency key ('1' or ''), priority, tenant, credit, margin, then the
+# record's fields and values. Returns {winner id, 0} when another job holds the idempotency
+# key, else {job id, 1 when admitted to the queue now / 0 when pending}; a replay of a call
+# whose reply was lost answers as the first run did.
+_SUBMIT = _CREATE + _ADMIT + """
+local k = {}
+for i = 3, 11 do k[i - 2] = KEYS[i] end
+local winner = create(KEYS[1], ARGV[3] == '1' and KEYS[2] or '', ARGV[1], ARGV[2], ARGV, 8)
+if winner == ARGV[1] then return {ARGV[1], redis.call('ZSCORE', k[6], ARGV[1]) and 1 or 0} end
+if winner then return {winner, 0} end
+return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7])}
 """
 
 # KEYS: active tenants, parked passes, weights, the queue's waiting set (jobs sent and not
-# yet claimed), paused flag, the family's live instances, the sequence counter, the backlog
-# tally, the family's batch size, the tenants' caps. ARGV: pending-set prefix, margin, most
+# yet claimed), paused flag, the family's capacity, the sequence counter, the backlog tally,
+# the tenants' caps. ARGV: pending-set prefix, margin, most
 # jobs to move, in-flight-set prefix, job-record prefix, now (the dispatched jobs'
 # updated_at). A capped tenant (an API key whose over_cap is "hold") is passed over while its
 # dispatched jobs that have not ended reach its cap. Returns flat (job id, priority) pairs.
 _DISPATCH = _ROOM + """
 if redis.call('ZCARD', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {} end
-local space = math.min(room(KEYS[4], KEYS[6], KEYS[9], ARGV[2]), tonumber(ARGV[3]))
-local caps = redis.call('EXISTS', KEYS[10]) == 1
+local space = math.min(room(KEYS[4], KEYS[6], ARGV[2]), tonumber(ARGV[3]))
+local caps = redis.call('EXISTS', KEYS[9]) == 1
 local flying = {}  -- capped tenants' jobs in flight, counted once per run
 local function at_cap(tenant, cap)
   if not flying[tenant] then
@@ -99,7 +116,7 @@ while space > 0 do
     if not held[lead[i]] then tenant, pass = lead[i], tonumber(lead[i + 1]); break end
   end
   if not tenant then break end
-  if caps then cap = redis.call('HGET', KEYS[10], tenant) end
+  if caps then cap = redis.call('HGET', KEYS[9], tenant) end
   if cap and at_cap(tenant, cap) then
     held[tenant] = true
     nheld = nheld + 1
@@ -166,41 +183,55 @@ class Scheduler:
     def __init__(self, store: JobStore, credit: int = CREDIT, margin: int = MARGIN):
         self.store, self.credit, self.margin = store, credit, margin
         self.r, self.prefix = store.r, store.prefix
-        self._enqueue = self.r.register_script(_ENQUEUE)
+        self._submit = self.r.register_script(_SUBMIT)
         self._dispatch = self.r.register_script(_DISPATCH)
         self._family = self.r.register_script(_FAMILY)
 
     def _key(self, what: str, queue: str) -> str:
         return f"{self.prefix}:{what}:{queue}"
 
-    def enqueue_and_dispatch(self, entries: list[tuple[str, str, str, int]],
-                             queues: dict[str, str]) -> list[tuple[str, str, int]]:
-        """Admit (job id, queue, tenant, priority) entries in order, then dispatch each of
-        ``queues`` (queue -> family), in one round trip. A job goes straight to its queue when
-        no tenant has jobs pending there and there is room; else it waits in its tenant's
-        pending set. Returns (job id, queue, priority) of the jobs to send now."""
-        calls = [(self._enqueue, [pending_key(self.prefix, queue, tenant), self._key("active", queue),
-                                  self._key("passes", queue), f"{self.prefix}:seq", backlog_key(self.prefix, queue),
-                                  self._key("queued", queue), self._key("paused", queue),
-                                  family_instances_key(self.prefix, queues[queue]),
-                                  family_batch_key(self.prefix, queues[queue]), f"{self.prefix}:caps"],
-                  [job_id, priority, tenant, self.credit, self.margin]) for job_id, queue, tenant, priority in entries]
-        calls += [self._dispatch_call(queue, family) for queue, family in queues.items()]
+    def submit_many(self, items: list[tuple[str, JobSpec, Plan]], traces: dict[str, dict] | None = None,
+                    now: float | None = None) -> list[tuple[str, bool, bool]]:
+        """Store new jobs and admit each, one script per job, all in one round trip. A job goes
+        straight to its queue when no tenant has jobs pending there, its tenant has no cap,
+        the queue is open and there is room; else it waits in its tenant's pending set.
+        Returns (job id, created, admitted now) per item: a job whose idempotency key another
+        holds gives that job's id, created False. ``traces``: submitters' trace contexts."""
+        now = time.time() if now is None else now
+        traces = traces or {}
+        calls = []
+        for job_id, spec, plan in items:
+            tenant = spec.tenant or DEFAULT_TENANT
+            keys, head = self.store.create_head(job_id, spec)
+            calls.append((self._submit, keys + self._admit_keys(plan.segments[0].queue, plan.segments[0].family, tenant),
+                          head + [spec.priority, tenant, self.credit, self.margin,
+                                  *self.store.record_fields(spec, plan, now, traces.get(job_id))]))
         replies = run_scripts(self.r, calls)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        now = [(job_id, queue, priority) for (job_id, queue, _, priority), admitted in zip(entries, replies)
-               if admitted == 1]
-        return now + [(job_id, queue, priority) for queue, flat in zip(queues, replies[len(entries):])
-                      for job_id, priority in _pairs(flat)]
+        return [(_text(got), _text(got) == job_id, bool(int(admitted)))
+                for (job_id, _, _), (got, admitted) in zip(items, replies)]
+
+    def _admit_keys(self, queue: str, family: str, tenant: str) -> list[str]:
+        return [pending_key(self.prefix, queue, tenant), self._key("active", queue), self._key("passes", queue),
+                f"{self.prefix}:seq", backlog_key(self.prefix, queue), self._key("queued", queue),
+                self._key("paused", queue), family_capacity_key(self.prefix, family), f"{self.prefix}:caps"]
+
+    def dispatch(self, queues: dict[str, str]) -> list[tuple[str, str, int]]:
+        """Move what fits from the pending sets of ``queues`` (queue -> family) into them, one
+        round trip; returns (job id, queue, priority) of the jobs to send now."""
+        replies = run_scripts(self.r, [self._dispatch_call(queue, family) for queue, family in queues.items()])
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [(job_id, queue, priority) for queue, flat in zip(queues, replies) for job_id, priority in _pairs(flat)]
 
     def _dispatch_call(self, queue: str, family: str, limit: int = 1000) -> tuple:
         return (self._dispatch,
                 [self._key("active", queue), self._key("passes", queue), f"{self.prefix}:weights",
-                 self._key("queued", queue), self._key("paused", queue), family_instances_key(self.prefix, family),
-                 f"{self.prefix}:seq", backlog_key(self.prefix, queue), family_batch_key(self.prefix, family),
-                 f"{self.prefix}:caps"],
+                 self._key("queued", queue), self._key("paused", queue), family_capacity_key(self.prefix, family),
+                 f"{self.prefix}:seq", backlog_key(self.prefix, queue), f"{self.prefix}:caps"],
                 [f"{self.prefix}:pending:{queue}:", self.margin, limit, f"{self.prefix}:flight:",
                  f"{self.prefix}:job:", time.time()])
 

@@ -62,7 +62,6 @@ class Settings(BaseSettings):
     allow_private_urls: bool = False
     url_fetch_timeout_s: float = Field(default=60.0, gt=0, description="total time for one https image download")
     # Worker behaviour.
-    visibility_timeout_s: int = 3600
     job_ttl_s: int = Field(default=7 * 24 * 3600, gt=0, description=(
         "seconds a job's record (its status) is kept in Redis; at most retention_days, so a status never "
         "points at results that are gone"))

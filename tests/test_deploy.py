@@ -4,7 +4,7 @@ No Docker engine or cluster runs here, so files are checked by what can run offl
 ``docker compose config`` when the compose plugin is installed (else the compose-spec JSON
 schema that check-jsonschema ships), kubernetes-validate's strict schemas for built-in
 kinds, a schema of our own for KEDA's ScaledObject, and the rules that keep jobs safe
-(grace period above the longest stage, visibility timeout above both, one GPU per worker).
+(grace period above the longest stage, one GPU per worker).
 """
 from __future__ import annotations
 
@@ -81,8 +81,7 @@ def test_compose_services_redis_aof_and_one_gpu_per_worker():
         assert name.startswith(f"worker-{fam}-gpu"), name
         families.add(fam)
         assert any(v.endswith(":/models") for v in svc["volumes"]), "model cache volume"
-        minutes = int(re.fullmatch(r"(\d+)m", svc["stop_grace_period"]).group(1))
-        assert minutes * 60 < int(svc["environment"]["EASEL_VISIBILITY_TIMEOUT_S"])
+        assert re.fullmatch(r"(\d+)m", svc["stop_grace_period"]), name
     assert len(devices) == len(set(devices)) == len(workers) >= 2  # one service per GPU
     assert families == FAMILIES
     reg = Registry.load(ROOT / "infra" / "models.example.yaml")
@@ -134,15 +133,13 @@ def test_k8s_kustomization_builds():
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_k8s_worker_pool_drains_safely_and_scales_on_all_priority_lists(family):
-    config = by_kind("ConfigMap")["easel-config"]["data"]
-    visibility = int(config["EASEL_VISIBILITY_TIMEOUT_S"])
     dep = by_kind("Deployment")[f"easel-worker-{family}"]
     pod = dep["spec"]["template"]["spec"]
     (ctr,) = pod["containers"]
     assert ctr["args"][ctr["args"].index("--family") + 1] == family
     assert ctr["resources"]["limits"]["nvidia.com/gpu"] == 1 == ctr["resources"]["requests"]["nvidia.com/gpu"]
     longest = int(dep["metadata"]["annotations"]["easel.io/longest-stage-seconds"])
-    assert longest < pod["terminationGracePeriodSeconds"] < visibility
+    assert longest < pod["terminationGracePeriodSeconds"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 

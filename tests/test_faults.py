@@ -2,8 +2,8 @@
 SeaweedFS, poison jobs, time limits, cancel, progress, priorities.
 
 These tests get their own servers (restarting the session's would disturb other tests).
-The broker keeps its default visibility timeout (3600 s): a dead worker's job comes back
-through its expired heartbeat, whose interval, TTL and reap period alone are shortened.
+The broker keeps no record of delivered messages: a dead worker's job comes back through
+its expired heartbeat, whose interval, TTL and reap period alone are shortened here.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ def fault_env(tmp_path_factory, model_root):
     env = {**svc.env(), "EASEL_MODEL_ROOT": str(model_root), "EASEL_MODELS": "tiny", **LIVENESS,
            "EASEL_TORCH_THREADS": "1",
            "EASEL_OVERLAP_FINISH": "true"}  # the GPU workers' path (see conftest.easel_env)
-    env.pop("EASEL_VISIBILITY_TIMEOUT_S", None)
     yield svc, env
     svc.redis.kill()
     svc.s3.kill()
@@ -90,7 +89,7 @@ def outputs_in_storage(client, job_id: str) -> list[str]:
 
 def test_sigkill_with_an_idle_second_worker_hands_it_the_job(fclient, workers, big_input):
     """No replacement starts: the idle worker of the same family gets the job once the dead
-    one's heartbeat expires (its reaper re-sends it), not after the visibility timeout."""
+    one's heartbeat expires (its reaper re-sends it)."""
     pair = [workers(), workers()]
     job_id = fclient.submit(job(big_input, steps=60))
     running_at_step(fclient, job_id)
@@ -108,19 +107,21 @@ def test_sigkill_with_an_idle_second_worker_hands_it_the_job(fclient, workers, b
     assert attempts[0].ended == st.note and attempts[1].ended is None
 
 
-def test_a_stage_longer_than_the_visibility_timeout_runs_once(fclient, workers, big_input):
-    """The visibility timeout is the one setting shortened here, as it must be to outlast it:
-    the broker hands the stage's message to the second worker while the first still runs
-    it; the claim sees a live holder and drops that copy."""
-    short = {"EASEL_VISIBILITY_TIMEOUT_S": "2"}
-    w1, w2 = workers(**short), workers(**short)
-    job_id = fclient.submit(job(big_input, steps=80, seed=3))
+def test_a_delivered_message_leaves_nothing_in_redis_to_be_handed_out_again(fclient, workers, big_input):
+    """Two workers, one long stage: the broker keeps no copy of the running stage's message
+    (no unacked hash, no visibility timeout), so the idle worker never gets it, and the job
+    runs once."""
+    pair = [workers(), workers()]
+    job_id = fclient.submit(job(big_input, steps=40, seed=3))
+    running_at_step(fclient, job_id)
+    r = fclient.store.r
+    assert not [k for k in r.scan_iter("*unacked*")]
+    assert fclient.store.queue_depth("easel.sd15", ["easel.sd15"] + [f"easel.sd15:{p}" for p in range(1, 10)]) == 0
     st = fclient.wait(job_id, timeout=240)
     assert st.state.value == "succeeded", st.error
     assert st.attempts == 1 and st.note is None
     assert outputs_in_storage(fclient, job_id) == [f"jobs/{job_id}/output/0.png"]
-    runner, other = (w1, w2) if fclient.result(job_id).attempts[0].worker == w1.hostname else (w2, w1)
-    assert "dropping this copy" in other.log.read_text()
+    assert not any("dropping this copy" in w.log.read_text() for w in pair)
 
 
 def test_sigterm_finishes_running_stage_and_leaves_queued_job(fclient, workers, big_input):
@@ -129,9 +130,7 @@ def test_sigterm_finishes_running_stage_and_leaves_queued_job(fclient, workers, 
     queued = fclient.submit(job(big_input, steps=2, seed=5))
     running_at_step(fclient, running)
     assert fclient.status(queued).queue_position == 0
-    # kombu keeps the running message under this deployment's prefix, not in a global key
-    # another deployment on the same Redis database would restore from
-    assert fclient.store.r.hlen("easel:unacked") == 1 and not fclient.store.r.exists("unacked")
+    assert not [k for k in fclient.store.r.scan_iter("*unacked*")]  # no broker copy of the running stage
     assert w.stop(signal.SIGTERM, timeout=120) == 0
     st = fclient.status(running)
     assert st.state.value == "succeeded" and st.attempts == 1
@@ -362,21 +361,27 @@ def test_preemption_storm_every_job_succeeds_exactly_once(fclient, workers):
 
 
 def test_a_queued_job_whose_message_was_lost_is_sent_again(fclient, workers, big_input):
-    """kombu pops a message and records it as unacked in two steps; a worker killed in
-    between loses it. Here the job is recorded and marked queued with no message at all:
-    once it has waited a heartbeat TTL with its queue empty and no worker holding it, a
-    reaper sends it again."""
+    """A worker that pops a message and dies before its claim takes the message with it. Here
+    the job is recorded and marked queued with no message at all, while the queue is busy (a
+    long job runs, another waits behind it): once it has waited a heartbeat TTL, held by no
+    worker and in none of the queue's lists, a reaper sends it again, at its own priority, so
+    it starts before the job that waited in the list at a lower one."""
     from easel.shared.plan import plan_job
     from easel.shared.schema import JobSpec
 
     w = workers()
-    spec = JobSpec.model_validate(job(big_input, steps=2, seed=77)).with_seeds()
+    running = fclient.submit(job(big_input, steps=250, seed=76))  # outlasts the TTL and a reap
+    running_at_step(fclient, running)
+    behind = fclient.submit(job(big_input, steps=2, seed=78, priority=9))
+    spec = JobSpec.model_validate(job(big_input, steps=2, seed=77, priority=0)).with_seeds()
     plan = plan_job(spec, fclient.registry)
-    job_id, _ = fclient.store.create(spec, plan)
-    fclient.store.mark_queued(job_id, plan.segments[0].queue, spec.priority)
-    st = fclient.wait(job_id, timeout=60)
-    assert st.state.value == "succeeded", st.error
+    lost, _ = fclient.store.create(spec, plan)
+    fclient.store.mark_queued(lost, plan.segments[0].queue, spec.priority)
+    assert fclient.wait(lost, timeout=120).state.value == "succeeded"
+    assert fclient.wait(behind, timeout=120).state.value == "succeeded"
     assert "no message left" in w.log.read_text()
+    assert fclient.status(lost).started_at < fclient.status(behind).started_at
+    assert fclient.result(lost).attempts and len(fclient.result(lost).attempts) == 1
 
 
 def test_with_default_liveness_settings_a_killed_job_completes_within_a_minute(fclient, workers, big_input):

@@ -5,6 +5,7 @@ import queue
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from celery import Celery
 
@@ -34,6 +35,8 @@ class WorkerContext:
     inputs: InputCache = field(default_factory=lambda: InputCache(0))
     # S3 transfers of one job run side by side (boto3 clients are thread-safe).
     io: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="easel-io"))
+    # Told after each claim how many tenants wait for room in the queue (``worker.feeding``).
+    on_claim: Callable[[int], None] | None = None
     # Deliveries whose end could not be recorded (Redis away): the heartbeat settles them later.
     unsettled: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 

@@ -126,6 +126,8 @@ def claim(ctx: WorkerContext, app, deliveries: list[Delivery], outcomes: Outcome
             tr.end(outcomes[d])
         return []
     t1 = tracing.clock()
+    if ctx.on_claim is not None:
+        ctx.on_claim(max((c.backlog for c in claims), default=0))
     jobs = []
     for d, c, tr in zip(deliveries, claims, traces):
         tr.record("easel.claim", t0, t1, {"easel.claim": c.outcome, "easel.batch_size": len(deliveries)})
@@ -312,7 +314,8 @@ def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None
         pending = []
         for job in jobs:
             started = _guarded(ctx, app, job, outcomes, start_finish, ctx, job.job_id, job.spec, job.carrier,
-                               job.records, created_at=job.claim.created_at, started_at=job.claim.started_at)
+                               job.records, created_at=job.claim.created_at, started_at=job.claim.started_at,
+                               only_attempt=job.claim.attempt if job.claim.attempts == 1 else None)
             if started:
                 pending.append((job, started))
         written = [(job, p) for job, p in pending if _guarded(ctx, app, job, outcomes, p.wait)]

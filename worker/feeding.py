@@ -1,10 +1,12 @@
 """A worker keeps its family's queue fed from the tenants' pending sets (``shared.scheduler``),
 and drains when an operator asks.
 
-Dispatch runs where a slot may have opened: at start, after every task (a delivery, or a
-micro-batch of them), and on every heartbeat, which also catches what no task end follows
-(a worker that joins an idle farm with jobs pending). Each task's time also feeds this
-process's mean seconds per job, which its heartbeat publishes for ETAs.
+Dispatch runs where a slot may have opened, while tenants wait: after a claim took jobs out
+of the queue (the claim script says whether any tenant has jobs pending), after every task
+(a capped tenant's slot frees when its job ends), and on every heartbeat, which also
+catches what no claim follows (a worker that joins an idle farm with jobs pending). With no
+backlog a job costs no dispatch at all. Each task's time also feeds this process's mean
+seconds per job, which its heartbeat publishes for ETAs.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class Feeder:
         self.family, self.queue = family, queue_name(family, ctx.settings.queue_prefix)
         self.app, self.presence = app, presence  # the heartbeat's record: ``job_s`` goes there
         self._started: dict[str, float] = {}
+        self._backlog = False  # whether the last claim saw tenants waiting
         task_prerun.connect(self._prerun, weak=False)
         task_postrun.connect(self._postrun, weak=False)
 
@@ -45,6 +48,12 @@ class Feeder:
             log.warning("could not dispatch pending jobs of %s: %s", self.queue, e)
             return 0
 
+    def after_claim(self, backlog: int) -> None:
+        """A claim took jobs out of the queue; ``backlog``: tenants with jobs pending for it."""
+        self._backlog = backlog > 0
+        if self._backlog:
+            self.feed()
+
     def _prerun(self, task_id: str | None = None, **_kw) -> None:
         self._started[task_id] = time.perf_counter()
 
@@ -54,7 +63,8 @@ class Feeder:
             # A micro-batch task gets its requests as one list: the slot did that many jobs.
             jobs = len(args[0]) if args and isinstance(args[0], list) else 1
             self._observe((time.perf_counter() - t0) / max(1, jobs))
-        self.feed()
+        if self._backlog:
+            self.feed()
 
     def _observe(self, seconds: float) -> None:
         mean = self.presence.get("job_s")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from easel.shared.images import encode_image
 from easel.shared.registry import registry_name
-from easel.shared.schema import JobSpec, Manifest, Plan, StageRecord
+from easel.shared.schema import Attempt, JobSpec, Manifest, Plan, StageRecord
 from easel.shared.storage import job_prefix
 from easel.worker.context import WorkerContext
 from easel.worker.runner import Carrier, pixel_size
@@ -53,12 +53,13 @@ class PendingFinish:
 
 
 def start_finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, own: dict[int, StageRecord], *,
-                 created_at: float, started_at: float) -> PendingFinish:
+                 created_at: float, started_at: float, only_attempt: Attempt | None = None) -> PendingFinish:
     """Start writing a job's outputs and manifest: each image is encoded and uploaded on the
     I/O pool (PNG encoding releases the GIL) while this thread builds the manifest and
     hands its upload to the pool too (output keys are deterministic, so it need not wait
     for them). ``own`` holds this segment's stage records; earlier segments' records and
-    the attempts are read back in one HMGET."""
+    the attempts are read back in one HMGET (none when the job's one attempt is
+    ``only_attempt`` and it has no earlier segments)."""
     fmt, prefix = spec.output.format, job_prefix(job_id)
     keys = [f"{prefix}output/{k}.{fmt}" for k in range(len(carrier.images or []))]
 
@@ -68,7 +69,7 @@ def start_finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrie
     uploads = [ctx.io.submit(encode_and_put, key, img) for key, img in zip(keys, carrier.images or [])]
     outputs = [ctx.storage.uri(key) for key in keys]
     earlier = [i for i in range(len(spec.stages)) if i not in own]
-    stored, attempts = ctx.store.manifest_reads(job_id, earlier)
+    stored, attempts = ctx.store.manifest_reads(job_id, earlier, only_attempt)
     records = sorted([*own.values(), *(StageRecord.model_validate_json(r) for r in stored if r)],
                      key=lambda r: r.index)
     manifest = Manifest(

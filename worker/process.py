@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     set_process_fields(worker=hostname, family=args.family)  # on every record; job_id/segment while a task runs
     log_format = configure_logging(args.loglevel, get_settings().log_format)  # EASEL_LOG_FORMAT
 
-    from easel.shared.celery_app import UnackedMessages, queue_name, send_segment
+    from easel.shared.celery_app import queue_name, send_segment
     from easel.shared.liveness import Heartbeat, Reaper
     from easel.shared.retention import ResultRetention
     from easel.worker.feeding import DRAINED_EXIT, Drain, Feeder
@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         s.heartbeat_interval_s, s.heartbeat_ttl_s,
         after_beat=after_beat)
     feeder = Feeder(ctx, app, args.family, beat.presence)
+    ctx.on_claim = feeder.after_claim
     drain = Drain(ctx.store, hostname, beat.presence)
     reaper = Reaper(ctx.store, lambda *a: send_segment(app, *a), s.reap_every_s, s.heartbeat_ttl_s,
-                    UnackedMessages(app), [queue_name(args.family, s.queue_prefix)],
+                    [queue_name(args.family, s.queue_prefix)],
                     chores=[ResultRetention(ctx.store, ctx.storage, s.retention_days)])
 
     @worker_ready.connect(weak=False)

@@ -23,7 +23,7 @@ from easel.producer.api.models import JobResponse, Link, ProgressOut, WebhookOut
 from easel.producer.api.security import InFlight, KeyRing, Principal, RateLimiter
 from easel.producer.client import EaselClient
 from easel.producer.webhooks import WebhookDispatcher
-from easel.shared.celery_app import UnackedMessages, queue_name, send_segment
+from easel.shared.celery_app import queue_name, send_segment
 from easel.shared.jobstore import JobStore
 from easel.shared.liveness import Reaper
 from easel.shared.schema import JobSpec, JobState
@@ -60,7 +60,7 @@ class ApiState:
         self.dispatcher = WebhookDispatcher(settings, self.store, render=self.render_dict, secret_for=self.secret_for)
         self.dispatcher.on_result = lambda outcome, event: self.metrics.webhooks.labels(outcome, event).inc()
         self.reaper = Reaper(JobStore.from_settings(settings), lambda *a: send_segment(self.client.celery, *a),
-                             settings.reap_every_s, settings.heartbeat_ttl_s, UnackedMessages(self.client.celery),
+                             settings.reap_every_s, settings.heartbeat_ttl_s,
                              [queue_name(f, settings.queue_prefix) for f in self.client.registry.families()])
 
     def _probe_clients(self, settings: Settings) -> None:
