@@ -57,7 +57,6 @@ SETTING_NOTES = {
     "stage_stuck_grace_s": "a stage stuck where no step callback runs (a hung kernel, a deadlock) is failed by the "
                            "watchdog this long after its allowance ran out; the worker process then exits and its "
                            "launcher starts a fresh one",
-    "batch_size": "micro-batching: up to this many compatible queued jobs run as one pipeline call (1 = off)",
     "api_keys": "HTTP API keys, as JSON: `[{\"name\": \"team-a\", \"sha256\": \"...\"}]` (see ApiKey below)",
     "api_burst": "per-key token bucket size (requests that may come at once)",
     "api_presign_ttl_s": "how long presigned result and upload URLs stay valid",
