@@ -212,9 +212,11 @@ def native_px(model: LoadedModel) -> int:
     return side if model.spec.kind == "sd-x4-upscaler" else side * int(getattr(pipe, "vae_scale_factor", 8))
 
 
-def warm_up(model: LoadedModel, sizes: list[int]) -> float:
-    """Run a compiled model once per size through the runner's own call path (same arguments,
-    so the same compiled graphs), so the compile happens now and not on a job. Returns seconds."""
+def warm_up(model: LoadedModel, sizes: list[int], batches: list[int] = (1,)) -> float:
+    """Run a compiled model once per size and call size (``batches``: the padded micro-batch
+    buckets it will be called with) through the runner's own call path (same arguments, so
+    the same compiled graphs and CUDA graphs), so the compiles happen now and not on a job.
+    Returns seconds."""
     from PIL import Image
 
     from easel.shared.schema import Stage
@@ -227,8 +229,9 @@ def warm_up(model: LoadedModel, sizes: list[int]) -> float:
     t0 = time.perf_counter()
     for side in sizes or [native_px(model)]:
         stage = Stage(task=task, model=model.spec.name, prompt="warm-up", steps=3, strength=1.0, seed=0)
-        run_stage(model, [stage], Carrier(images=[Image.new("RGB", (side, side), (127, 127, 127))]), n=1,
-                  want_latent=False, on_step=lambda step, total: True)
+        for jobs in batches:
+            run_stage(model, [stage], Carrier(images=[Image.new("RGB", (side, side), (127, 127, 127))]), n=1,
+                      want_latent=False, on_step=lambda step, total: True, pad_to=jobs)
     return time.perf_counter() - t0
 
 
@@ -258,11 +261,23 @@ class PipelineCache:
             self.get(spec.name)
         for spec in compiled:
             model = self.models[spec.name]
-            model.compile_s = warm_up(model, self.settings.compile_warm_sizes)
+            model.compile_s = warm_up(model, self.settings.compile_warm_sizes, self.call_sizes(spec))
             log.info("compiled %s in %.2fs during warm-up", spec.name, model.compile_s)
         if compiled:
             compile_cache.save_artifacts(folder, self.device)
         return time.perf_counter() - t0
+
+    def call_sizes(self, spec: ModelSpec) -> list[int]:
+        """The jobs per call a model will see: the size buckets up to this worker's batch cap
+        (``worker.adaptive``) for a kind that batches, else 1."""
+        from easel.worker.adaptive import resolve_batch_size
+        from easel.worker.batching import BATCH_KINDS
+
+        s = self.settings
+        if spec.kind not in BATCH_KINDS:
+            return [1]
+        cap = resolve_batch_size(s.batch_size, s.batch_buckets, self.device.type)
+        return sorted({b for b in s.batch_buckets if b <= cap} | {1})
 
     def get(self, name: str) -> LoadedModel:
         if name not in self.models:
