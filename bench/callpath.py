@@ -38,7 +38,8 @@ NEEDS_MODELS = False
 class _NullStore:
     """Stands in for ``JobStore`` in the step hook: a progress write that asks for no cancel."""
 
-    def progress_many(self, job_ids: list[str], stage: int, step: int, total: int, instance: str) -> list:
+    def progress_many(self, job_ids: list[str], stage: int, step: int, total: int, instance: str,
+                      check: bool = True) -> list:
         return [(False, False)] * len(job_ids)
 
 
@@ -76,7 +77,7 @@ def run(args) -> dict:
 
     def runner(seed: int, hook: bool) -> None:
         stage = Stage(model="m", seed=seed, **stage_d)
-        ctx = SimpleNamespace(store=_NullStore(), instance="bench", io=pool, finisher=None,
+        ctx = SimpleNamespace(store=_NullStore(), instance="bench", io=pool, finisher=None, stops=None,
                               settings=SimpleNamespace(progress_interval_s=0.25))
         on_step = StepHook(ctx, ["job"], 0, StageBudget(3600, 3600, 3, time.monotonic())) if hook else (lambda step, total: True)
         run_stage(model, [stage], Carrier(images=[image]), n=1, want_latent=False, on_step=on_step)

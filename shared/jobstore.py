@@ -164,7 +164,9 @@ return {{'run', h[4], h[5], h[7], started, n, attempt, backlog}}
 # it recorded, or false. Idempotent: asked again for the same instance and segment (a
 # replayed script, a reaper that died before sending) it answers with the note again, so
 # the message is sent at least once; a copy is dropped at its claim.
-# KEYS: job hash, events channel. ARGV: instance, segment, when its heartbeat expired, now.
+# The instance it took the job from is told on the stops channel, in case it still runs.
+# KEYS: job hash, events channel, stops channel. ARGV: instance, segment, when its heartbeat
+# expired, now, job id.
 _REQUEUE = f"""
 local h = redis.call('HMGET', KEYS[1], 'state', 'instance', 'segment', 'attempts', 'worker', 'requeued_from', 'note')
 local cur = h[1]
@@ -186,6 +188,7 @@ if rec then
 end
 redis.call('PUBLISH', KEYS[2], cjson.encode({{state = 'queued', note = note, segment = tonumber(ARGV[2]),
                                               updated_at = tonumber(ARGV[4])}}))
+redis.call('PUBLISH', KEYS[3], cjson.encode({{job_id = ARGV[5], stop = 'taken', instance = ARGV[1]}}))
 return note
 """
 
@@ -357,6 +360,12 @@ class JobStore:
     def events_channel(self, job_id: str) -> str:
         return f"{self.prefix}:events:{job_id}"
 
+    def stops_channel(self) -> str:
+        """Where running jobs are told to stop: cancelled, or taken from their instance (JSON
+        ``{"job_id", "stop": "cancel" | "taken", "instance"}``); workers listen
+        (``worker.stops``), so a denoising step checks a set in memory, not Redis."""
+        return f"{self.prefix}:stops"
+
     def record_fields(self, spec: JobSpec, plan: Plan, now: float, trace: dict | None = None) -> list:
         """A queued job's hash, as the flat field/value list the create script takes. Counters
         and progress start absent (read as 0), which keeps bulk submission's writes small;
@@ -518,16 +527,22 @@ class JobStore:
         return Claim(outcome)
 
     def progress_many(self, job_ids: list[str], stage: int, step: int, total: int,
-                      instance: str) -> list[tuple[bool, bool]]:
-        """Record a denoising step of each job, in one round trip that also answers, per job,
-        (cancel asked, superseded: another delivery took the job from ``instance``)."""
+                      instance: str, check: bool = True) -> list[tuple[bool, bool]]:
+        """Record a denoising step of each job, in one round trip that also answers, with
+        ``check``, per job (cancel asked, superseded: another delivery took the job from
+        ``instance``); without it (a worker that hears stops pushed, ``worker.stops``) it
+        answers []."""
         pipe = self.r.pipeline(transaction=False)
         event = json.dumps({"stage": stage, "step": step, "total_steps": total})
         for job_id in job_ids:
             key = self.key(job_id)
             pipe.hset(key, mapping={"stage": stage, "step": step, "total_steps": total, "updated_at": time.time()})
             pipe.publish(self.events_channel(job_id), event)
-            pipe.hmget(key, "cancel", "instance")
+            if check:
+                pipe.hmget(key, "cancel", "instance")
+        if not check:
+            pipe.execute()
+            return []
         replies = pipe.execute()[2::3]
         return [(cancel == "1", holder != instance) for cancel, holder in replies]
 
@@ -555,7 +570,10 @@ class JobStore:
         """Cancel: a queued job ends now; a running one stops at its next denoising step."""
         if not self.exists(job_id):
             raise KeyError(f"no job {job_id}")
-        self.r.hset(self.key(job_id), "cancel", 1)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(self.key(job_id), "cancel", 1)
+        pipe.publish(self.stops_channel(), json.dumps({"job_id": job_id, "stop": "cancel"}))
+        pipe.execute()
         st = self.status(job_id).state
         if st == JobState.queued and self.transition(job_id, JobState.cancelled, error="cancelled before it ran"):
             self.unmark_queued(job_id)
@@ -730,8 +748,8 @@ class JobStore:
         """Put a dead instance's delivery back in the queue (state queued, with a note that
         says why, returned); None when the instance no longer held it. The caller re-sends
         the message and marks the queue position."""
-        return self._requeue(keys=[self.key(job_id), self.events_channel(job_id)],
-                             args=[instance, segment, why, time.time()])
+        return self._requeue(keys=[self.key(job_id), self.events_channel(job_id), self.stops_channel()],
+                             args=[instance, segment, why, time.time(), job_id])
 
     def lease(self, name: str, seconds: float) -> bool:
         """True for the one caller that takes ``name`` for ``seconds`` (a farm-wide chore)."""

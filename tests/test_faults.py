@@ -265,6 +265,21 @@ def test_cancel_queued_and_running_jobs(fclient, workers, big_input):
     assert q.state.value == "cancelled" and q.attempts == 0 and not q.outputs
 
 
+def test_a_cancel_is_pushed_to_the_running_stage_between_progress_writes(fclient, workers, big_input):
+    """Progress is written once a minute here, so no progress write reads the cancel flag
+    while the job runs: it stops within seconds because the cancel is pushed to the worker
+    (pub/sub) and every denoising step looks for it in memory."""
+    workers(EASEL_PROGRESS_INTERVAL_S="60")
+    running = fclient.submit(job(big_input, steps=300, seed=44))
+    running_at_step(fclient, running, 1)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    fclient.cancel(running)
+    st = fclient.wait(running, timeout=60)
+    assert st.state.value == "cancelled" and st.error == "cancelled while running"
+    assert time.monotonic() - t0 < 10
+
+
 def test_progress_queue_position_and_priority_order(fclient, workers, big_input):
     # No worker left over from another test: with none alive, one job goes to the broker.
     wait_for(lambda: fclient.scheduler.family("sd15").live == 0, 30, "no live sd15 worker")

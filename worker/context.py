@@ -17,6 +17,7 @@ from easel.shared.storage import Storage
 from easel.worker.finisher import Finisher
 from easel.worker.input_cache import InputCache
 from easel.worker.pipelines import PipelineCache
+from easel.worker.stops import StopListener
 from easel.worker.watchdog import Watchdog
 
 
@@ -35,6 +36,7 @@ class WorkerContext:
     inputs: InputCache = field(default_factory=lambda: InputCache(0))
     # S3 transfers of one job run side by side (boto3 clients are thread-safe).
     io: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="easel-io"))
+    stops: StopListener | None = None  # cancels and take-overs pushed to this process (worker.stops)
     # Told after each claim how many tenants wait for room in the queue (``worker.feeding``).
     on_claim: Callable[[int], None] | None = None
     # Deliveries whose end could not be recorded (Redis away): the heartbeat settles them later.

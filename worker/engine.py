@@ -43,6 +43,7 @@ from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
 from easel.worker.policy import Delivery, cancelled, end_as, fail, settle_error
 from easel.worker.runner import Carrier, Interrupted, decode_latents, denoised_area, pixel_size, run_stage
+from easel.worker.stops import READ_EVERY_S
 from easel.worker.watchdog import StageBudget, StageTimeout, cost_limit_s
 
 log = logging.getLogger("easel.worker.engine")
@@ -60,6 +61,7 @@ class Job:
     records: dict[int, StageRecord] = field(default_factory=dict)
     last_step: dict | None = None
     trace: object = tracing.NO_JOB_TRACE  # its spans (shared.tracing)
+    stops_epoch: int = -1  # the stops listener's epoch at the claim; -1: it was not listening
 
     @property
     def job_id(self) -> str:
@@ -117,6 +119,7 @@ def claim(ctx: WorkerContext, app, deliveries: list[Delivery], outcomes: Outcome
     traces = [tracing.delivery(d.headers, d.job_id, d.segment, d.queue, ctx.hostname, t0) for d in deliveries]
     for tr in traces:
         tr.activate()  # a retry sent for it carries its trace
+    epoch = ctx.stops.epoch if ctx.stops is not None and ctx.stops.connected else -1  # before the claim reads
     try:
         claims = ctx.store.claim_many([(d.job_id, d.segment) for d in deliveries], ctx.hostname, ctx.instance,
                                       ctx.settings.max_crash_deliveries)
@@ -132,7 +135,7 @@ def claim(ctx: WorkerContext, app, deliveries: list[Delivery], outcomes: Outcome
     for d, c, tr in zip(deliveries, claims, traces):
         tr.record("easel.claim", t0, t1, {"easel.claim": c.outcome, "easel.batch_size": len(deliveries)})
         if c.outcome == "run":
-            jobs.append(Job(d, c, trace=tr))
+            jobs.append(Job(d, c, trace=tr, stops_epoch=epoch))
             continue
         try:
             _ended(ctx, d, _settle_claim(ctx, d, c), outcomes)
@@ -225,7 +228,8 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
         size = padded_jobs(model.spec, ctx.settings.batch_buckets, len(jobs), n)  # a compiled UNet's bucket
         budget = stage_budget(ctx, model, stage, carrier, n * size)
         hook = StepHook(ctx, [job.job_id for job in jobs], i, budget,
-                        rearm=lambda: _arm_watchdog(ctx, jobs, i, stage, budget))
+                        rearm=lambda: _arm_watchdog(ctx, jobs, i, stage, budget),
+                        stops_epoch=min(job.stops_epoch for job in jobs))
         hook.rearm()
         observe_call(n * len(jobs))
         try:
@@ -356,20 +360,25 @@ def _ended(ctx: WorkerContext, d: Delivery, outcome: str, outcomes: Outcomes, jo
 
 
 class StepHook:
-    """Per denoising step of one call: enforce the time limit (``StageBudget``); publish progress for every
-    job in the call and read back cancel and take-over on the first step, then at most every
-    ``progress_interval_s``; release a pending finish at the first step.
+    """Per denoising step of one call: enforce the time limit (``StageBudget``); stop at the
+    step after a cancel or take-over of one of its jobs was heard (``worker.stops``: pushed
+    by pub/sub, looked up in memory at every step); publish progress for every job in the
+    call on the first step, then at most every ``progress_interval_s``; release a pending
+    finish at the first step.
 
-    The Redis round trip runs on the I/O pool, off the denoising loop: a step only looks at
-    the previous round trip's answer, so a cancel lands within ``progress_interval_s`` plus
-    a step or two, and a step costs microseconds instead of a round trip. ``flush`` waits for
-    the last answer, so no progress write lands after the state that follows the stage.
-    Progress is best effort: a broker hiccup must not fail a stage that computes fine.
+    The progress write runs on the I/O pool, off the denoising loop. It also reads the
+    cancel flags and holders back while pushed stops could have been missed (no listener,
+    one not connected, or one that reconnected since the claim) and every
+    ``worker.stops.READ_EVERY_S`` anyway; a step looks only at the previous read's answer.
+    ``flush`` waits for the last answer, so no progress write lands after the state that
+    follows the stage. Progress is best effort: a broker hiccup must not fail a stage that
+    computes fine.
     """
 
     def __init__(self, ctx: WorkerContext, job_ids: list[str], stage_index: int, budget: StageBudget,
-                 rearm: Callable[[], None] = lambda: None):
-        self.store, self.instance, self.pool = ctx.store, ctx.instance, ctx.io
+                 rearm: Callable[[], None] = lambda: None, stops_epoch: int = -1):
+        self.store, self.instance, self.pool, self.stops = ctx.store, ctx.instance, ctx.io, ctx.stops
+        self._epoch, self._read_at = stops_epoch, time.monotonic()  # the claim read the flags
         self.job_ids, self.stage_index, self.budget = job_ids, stage_index, budget
         self.rearm = rearm  # the watchdog's deadline follows the budget's
         self.interval_s = ctx.settings.progress_interval_s
@@ -394,6 +403,22 @@ class StepHook:
                 pass
         return bool(self.cancelled or self.superseded)
 
+    def _heard_stops(self) -> None:
+        for job_id in self.job_ids:
+            stop = self.stops.stop_for(job_id, self.instance)
+            if stop == "cancel":
+                self.cancelled.add(job_id)
+            elif stop == "taken":
+                self.superseded.add(job_id)
+
+    def _must_read(self, now: float) -> bool:
+        """Read the flags back with this write? Yes unless every stop since the claim was heard."""
+        s = self.stops
+        if s is None or not s.connected or s.epoch != self._epoch or now - self._read_at >= READ_EVERY_S:
+            self._read_at, self._epoch = now, (s.epoch if s is not None and s.connected else -1)
+            return True
+        return False
+
     def __call__(self, step: int, total: int) -> bool:
         if self._on_first_step is not None:
             first, self._on_first_step = self._on_first_step, None
@@ -404,12 +429,14 @@ class StepHook:
             self.rearm()
         if now > self.budget.deadline:
             raise StageTimeout(self.budget.exceeded(f"stage {self.stage_index}", step, total, now))
+        if self.stops is not None:
+            self._heard_stops()
         if self._stop_asked(wait=False):
             return False
         if self._pending is None and (self._sent_at is None or now - self._sent_at >= self.interval_s):
             self._sent_at = now
             self._pending = self.pool.submit(self.store.progress_many, self.job_ids, self.stage_index, step, total,
-                                             self.instance)
+                                             self.instance, self._must_read(now))
         return True
 
     def flush(self) -> None:

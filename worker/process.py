@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         overlap = ctx.cache.device.type == "cuda"
     if overlap:
         ctx.finisher = Finisher(ctx.store, ctx.settings.max_pending_finishes, ctx.settings.overlap_finish_wait_s)
+    from easel.worker.stops import StopListener
+
+    ctx.stops = StopListener(ctx.store.r, ctx.store.stops_channel()).start()  # before the first claim
     set_context(ctx, app)
     from easel.worker.adaptive import resolve_batch_size, resolve_idle_s
 

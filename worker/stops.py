@@ -1,0 +1,89 @@
+"""Stops pushed to the worker: cancels and take-overs arrive by pub/sub, so every denoising
+step can check for them in memory.
+
+``JobStore.request_cancel`` and the reaper's take-over (``JobStore.requeue``) publish on the
+deployment's stops channel. A thread of the worker process listens and keeps what it heard
+for ``KEEP_S`` (every stop of the farm: they are rare), so a step of a running call looks
+up its jobs in a dict instead of asking Redis, and a cancel lands within a step.
+
+Pub/sub delivers only to a connected listener. ``epoch`` counts the subscriptions this
+listener made: a stage compares it with the epoch at its jobs' claim (which read the
+cancel flag itself), and while they differ, or while the listener is not connected, or
+every ``READ_EVERY_S`` anyway, its progress write also reads the flags back
+(``worker.engine.StepHook``). Nothing is missed; nothing is read on the common path.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import redis
+
+log = logging.getLogger("easel.worker.stops")
+
+KEEP_S = 3600.0  # how long a stop is remembered (a job claimed later reads its flag at the claim)
+READ_EVERY_S = 15.0  # a stage still reads the flags back this often, whatever it heard
+
+
+class StopListener:
+    def __init__(self, r: redis.Redis, channel: str):
+        self.r, self.channel = r, channel
+        self.epoch = 0  # subscriptions made; a stage started under another epoch reads the flags
+        self.connected = False
+        self._heard: dict[str, tuple[float, str, str | None]] = {}  # job id -> (when, stop, instance)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def start(self) -> "StopListener":
+        threading.Thread(target=self._run, name="easel-stops", daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def stop_for(self, job_id: str, instance: str) -> str | None:
+        """"cancel" when the job was cancelled, "taken" when it was taken from ``instance``."""
+        with self._lock:
+            heard = self._heard.get(job_id)
+        if heard is None:
+            return None
+        _, stop, taken_from = heard
+        if stop == "taken":
+            return "taken" if taken_from == instance else None
+        return stop
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pubsub = self.r.pubsub()
+            try:
+                pubsub.subscribe(self.channel)
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=1.0)
+                    if msg is None:
+                        continue
+                    if msg["type"] == "subscribe":
+                        self.epoch += 1
+                        self.connected = True
+                    elif msg["type"] == "message":
+                        self._note(msg["data"])
+            except (redis.RedisError, OSError) as e:
+                log.warning("stops channel lost (%s); stages read cancel flags until it is back", e)
+            finally:
+                self.connected = False
+                pubsub.close()
+            self._stop.wait(1.0)
+
+    def _note(self, data: bytes | str) -> None:
+        try:
+            stop = json.loads(data)
+            job_id, kind, instance = str(stop["job_id"]), str(stop["stop"]), stop.get("instance")
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed stop: %r", data)
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._heard[job_id] = (now, kind, instance)
+            if len(self._heard) > 1000:  # forget stops older than KEEP_S, now and then
+                self._heard = {k: v for k, v in self._heard.items() if now - v[0] < KEEP_S}
