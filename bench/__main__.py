@@ -26,7 +26,7 @@ BENCHMARKS = {
 # not part of the default run
 EXTRA = {"profile": "bench.profile", "load": "bench.load", "gpu": "bench.gpu", "callpath": "bench.callpath",
          "threads": "bench.cpu_threads", "worker_env": "bench.worker_env", "farm": "bench.farm",
-         "fairness": "bench.fairness"}
+         "fairness": "bench.fairness", "flops": "bench.flops"}
 
 
 def main(argv: list[str] | None = None) -> int:

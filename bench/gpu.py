@@ -21,6 +21,12 @@ Variants, run in this order while the time budget (``--budget-s``) lasts:
   (``bench.common.cpu_split``); it did not remove the slow stretches (bench/RESULTS.md).
 - ``eager-sync`` (on request): ``eager`` with overlapped output writes off
   (``EASEL_OVERLAP_FINISH=false``), to show what the overlap buys.
+- ``throughput`` (on request; issue 20): the throughput profile with adaptive batching on a
+  deep queue vs a plain eager loop, MFU, step caching's speed and SSIM, and a warm restart
+  from the compile cache (``bench/gpu_throughput.py``). Headlines ``gpu_images_per_s_best``,
+  ``gpu_images_per_s_plain_eager``, ``gpu_speedup_vs_plain``, ``gpu_mfu``,
+  ``gpu_images_per_s_stepcache``, ``gpu_stepcache_ssim``, ``gpu_warm_restart_s``.
+  ``python -m bench gpu --variants throughput --budget-s 540`` fits one H200 run in 10 minutes.
 - ``diag`` (on request): where easel's pipeline call loses time to the plain loop's. Each
   call is split at its step callbacks (prologue, per step, epilogue) on three sides: the
   plain process, easel's call in the worker, and the plain call made inside the worker
@@ -42,14 +48,15 @@ from pathlib import Path
 
 import yaml
 
-from bench import batching, overhead
+from bench import batching, gpu_throughput, overhead
 from bench.common import BenchEnv, Target, headline, log
 from bench.sd15_arch import bench_checkpoint
 
 NEEDS_MODELS = False  # makes its own checkpoint
-VARIANTS = ("eager", "compile", "batching")  # default order; "eager-pinned", "eager-sync", "diag" on request
+VARIANTS = ("eager", "compile", "batching")  # default order; "eager-pinned", "eager-sync", "diag", "throughput" on request
 # Seconds a variant needs at least (worker start, warm-up, compile); skipped when less is left.
-NEEDS_S = {"eager": 150, "eager-pinned": 60, "compile": 150, "batching": 90, "eager-sync": 45, "diag": 60}
+NEEDS_S = {"eager": 150, "eager-pinned": 60, "compile": 150, "batching": 90, "eager-sync": 45, "diag": 60,
+           "throughput": min(gpu_throughput.NEEDS_S.values())}  # its parts skip themselves
 
 
 def _registry(env: BenchEnv, ckpt: Path, dtype: str) -> Path:
@@ -57,6 +64,7 @@ def _registry(env: BenchEnv, ckpt: Path, dtype: str) -> Path:
     reg = {"models": {
         "gpu-sd15": {**base, "family": "gpu-sd15"},
         "gpu-sd15-compiled": {**base, "family": "gpu-sd15-compiled", "optimizations": {"compile_unet": True}},
+        **gpu_throughput.registry_models(base),
     }}
     path = env.tmp / "gpu-models.yaml"
     path.write_text(yaml.safe_dump(reg))
@@ -103,7 +111,11 @@ def run(env: BenchEnv, args) -> dict:
             continue
         t0 = time.perf_counter()
         try:
-            if variant == "batching":
+            if variant == "throughput":
+                lines, det = gpu_throughput.run(env, client, args, ckpt, dtype, stage, wenv, left)
+                out.update(lines)
+                details[variant] = det
+            elif variant == "batching":
                 res = batching.run(env, n=args.batch_n, sizes=(args.px,), batches=tuple(args.batches), rounds=1,
                                    model="gpu-sd15", family="gpu-sd15", stage=stage, worker_env=wenv, client=client,
                                    prefix="gpu_")
@@ -156,6 +168,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip variants that would not fit in what is left")
+    gpu_throughput.add_args(ap)
 
 
 def main(env: BenchEnv, args) -> dict:
