@@ -15,7 +15,11 @@ Headlines:
 - ``farm_dispatch_p50_ms`` / ``farm_dispatch_p99_ms``: at the lowest rate, idle workers waiting;
 - ``farm_max_jobs_per_s``: the knee, the highest job rate whose dispatch p99 stays within
   twice the lowest rate's (the machine's CPU, not Redis, sets it on a 2-core VM);
-- ``farm_idle_redis_cpu_pct_per_worker``: valkey CPU per idle worker process, in % of a core.
+- ``farm_idle_redis_cpu_pct_per_worker``: valkey CPU per idle worker process, in % of a core;
+- ``farm_redis_ping_cpu_us``: valkey CPU of one PING round trip, measured in the same run on
+  the same server (the baseline: what one request costs on this machine), and
+  ``farm_redis_cpu_per_job_in_pings``: a job's marginal CPU in PING round trips, the figure
+  that carries over to another machine (multiply by its PING cost).
 
 valkey runs with ``appendfsync everysec``, as a farm's Redis does (docs/operations.md).
 """
@@ -175,6 +179,18 @@ def per_job_commands(idle: dict, step: dict) -> dict[str, float]:
     return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
 
 
+def ping_cpu_us(r, n: int = 3000) -> float:
+    """valkey CPU per PING round trip (one connection, no pipelining), in microseconds."""
+    def cpu() -> float:
+        c = r.info("cpu")
+        return c["used_cpu_sys"] + c["used_cpu_user"]
+
+    c0 = cpu()
+    for _ in range(n):
+        r.ping()
+    return (cpu() - c0) / n * 1e6
+
+
 def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: int, step_s: float,
         idle_s: float) -> dict:
     import redis
@@ -196,6 +212,7 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
         a = Reading.take(r, proxy)
         time.sleep(idle_s)
         idle = Reading.take(r, proxy).since(a)
+        ping = ping_cpu_us(r)  # idle workers around, as for the jobs
         log(f"idle: {idle['cmd_total'] / idle['s']:.0f} cmds/s, valkey {100 * idle['cpu_s'] / idle['s']:.2f}% "
             f"of a core for {workers} idle workers")
         results = []
@@ -210,6 +227,8 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
             p.stop()
         proxy.close()
     out = summarize(idle, workers, results)
+    out["farm_redis_ping_cpu_us"] = round(ping, 1)
+    out["farm_redis_cpu_per_job_in_pings"] = round(out["farm_redis_cpu_us_per_job"] / ping, 1)
     for k, v in out.items():
         headline(k, v)
     return {"headline": out, "details": {"idle": idle, "steps": results,

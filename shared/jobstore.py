@@ -697,6 +697,9 @@ class JobStore:
         if family:  # gone now, by Redis's clock as liveness is judged
             seconds, micros = self.r.time()
             pipe.zadd(family_instances_key(self.prefix, family), {instance: seconds + micros / 1e6})
+            # The family's capacity counted this instance: the next beat of a live one sets it
+            # again; until then admission holds back (jobs wait their turn) rather than over-fill.
+            pipe.delete(family_capacity_key(self.prefix, family))
         pipe.delete(self.presence_key(hostname))
         pipe.execute()
 
