@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from easel.shared.registry import Registry, load_registry
 from easel.shared.schema import JobSpec, JobState, JobStatus, Manifest, Plan, Progress, Stage
 from easel.shared.settings import Settings, get_settings
 from easel.shared.storage import Storage
+
+log = logging.getLogger("easel.client")
 
 
 def _local_path(ref: object) -> bool:
@@ -142,25 +145,35 @@ class EaselClient:
 
     def _send_admitted(self, admitted: list[tuple[str, str, int]], pended: dict[str, str], producer=None,
                        carriers: dict[str, dict] | None = None) -> None:
-        """Send the first messages of the jobs admitted now, then, when some waited in pending
-        sets, of those whose turn the dispatch of their queues (``pended``: queue -> family)
-        gives now. A job whose message cannot be sent ends failed ("could not enqueue"), not
-        stuck; the error is raised."""
+        """Send the first messages of the jobs admitted now; a job whose message cannot be sent
+        ends failed ("could not enqueue"), not stuck, and the error is raised. Then, when some
+        jobs waited in pending sets, dispatch their queues (``pended``: queue -> family) and
+        send what it moved. That is best effort: a job it could not move or send still waits
+        its turn, and the next dispatch (a worker's claim or heartbeat, or the lost-message
+        sweep) moves or sends it."""
         try:
-            moved = self.scheduler.dispatch(pended) if pended else []
-            kept = {**self.store.kept_traces([j for j, _, _ in moved]), **(carriers or {})}
             if producer is None:
                 for job_id, queue, priority in admitted:
                     send_segment(self.celery, job_id, 0, queue, priority)
-                for job_id, queue, priority in moved:
-                    send_segment(self.celery, job_id, 0, queue, priority, on_behalf=True, kept_trace=kept.get(job_id))
-            else:
-                self._send_batch(producer, admitted + moved, kept)
+            elif admitted:
+                self._send_batch(producer, admitted, carriers or {})
         except Exception as e:
             for job_id, _, _ in admitted:
                 self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}")
                 self.store.unmark_queued(job_id)
             raise
+        if not pended:
+            return
+        try:
+            moved = self.scheduler.dispatch(pended)
+            kept = {**self.store.kept_traces([j for j, _, _ in moved]), **(carriers or {})}
+            if producer is None:
+                for job_id, queue, priority in moved:
+                    send_segment(self.celery, job_id, 0, queue, priority, on_behalf=True, kept_trace=kept.get(job_id))
+            elif moved:
+                self._send_batch(producer, moved, kept)
+        except Exception as e:
+            log.warning("could not dispatch pending jobs now (%s); they wait for the next dispatch", e)
 
     def submit_many(self, jobs: Iterable[JobSpec | dict], batch_size: int = 500) -> list[str]:
         """Submit many jobs; returns their ids in input order.

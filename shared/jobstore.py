@@ -15,6 +15,8 @@ This module is the only one that reads or writes a job's hash. One hash per job,
   deliveries, and names the last holder once the job has ended.
 - ``attempts``: deliveries that started; ``attempt:<n>``: JSON of each (segment, worker,
   instance, started_at, and ``ended`` when recovery took it away).
+- ``due_at``: when a retry's held-back message is due (its backoff), for the lost-message
+  sweep.
 - ``inflight:<seg>``: deliveries of a segment that started and never ended (a worker died):
   the poison-job counter; ``retries:<seg>``: transient-error retries.
 - ``stage``, ``step``, ``total_steps``: progress; ``record:<i>``: stage records (JSON).
@@ -218,12 +220,15 @@ return out
 # A new job's record: its idempotency claim (SET NX) and its hash, with the record TTL, in the
 # script that calls it (``_CREATE_ONE`` here, the scheduler's submit with admission). Returns
 # false when it created the record, else the id that holds the idempotency key: another
-# job's, or this job's own when the call is a replay of one whose reply was lost.
+# job's, or this job's own when the call is a replay of one whose reply was lost (a record
+# that exists already is such a replay too: ids are fresh, and a replay must not write over
+# a job that a dispatch may have sent meanwhile).
 _CREATE = """
 local function create(job_key, idem_key, job_id, ttl, argv, first)
   if idem_key ~= '' and not redis.call('SET', idem_key, job_id, 'NX', 'EX', ttl) then
     return redis.call('GET', idem_key)
   end
+  if redis.call('EXISTS', job_key) == 1 then return job_id end
   redis.call('HSET', job_key, unpack(argv, first))
   redis.call('EXPIRE', job_key, ttl)
   return false
@@ -387,27 +392,14 @@ class JobStore:
         return [self.key(job_id), idem], [job_id, self.ttl_s, "1" if spec.idempotency_key else ""]
 
     def create(self, spec: JobSpec, plan: Plan, job_id: str | None = None) -> tuple[str, bool]:
-        """Store a queued job. Returns (job_id, created); an idempotency key seen before
-        returns the first job's id and created=False."""
-        return self.create_many([(spec, plan)], [job_id] if job_id else None)[0]
-
-    def create_many(self, items: list[tuple[JobSpec, Plan]], ids: list[str] | None = None) -> list[tuple[str, bool]]:
-        """Store queued jobs, one script each, all in one round trip. Returns (job_id, created)
-        per item, in order: a job whose idempotency key another job holds (earlier in this
-        call included) is not stored, and gives that job's id. Admission to a queue is the
-        scheduler's (``Scheduler.submit_many`` writes the record and admits it in one
-        script); this stores the record alone."""
-        now = time.time()
-        ids = list(ids) if ids else [new_job_id() for _ in items]
-        calls = []
-        for job_id, (spec, plan) in zip(ids, items):
-            keys, head = self.create_head(job_id, spec)
-            calls.append((self._create, keys, head + self.record_fields(spec, plan, now)))
-        replies = run_scripts(self.r, calls)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return [(_text(winner), bool(int(created))) for winner, created in replies]
+        """Store a queued job's record alone: nothing admits, dispatches or sends it (submission
+        is ``Scheduler.submit_many``, which writes the record and admits it in one script).
+        For tools and tests that need a record. Returns (job_id, created); an idempotency key
+        another job holds gives that job's id and created=False."""
+        job_id = job_id or new_job_id()
+        keys, head = self.create_head(job_id, spec)
+        winner, created = self._create(keys=keys, args=head + self.record_fields(spec, plan, time.time()))
+        return _text(winner), bool(int(created))
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self.key(job_id)))
@@ -583,21 +575,14 @@ class JobStore:
     def _queued_key(self, queue: str) -> str:
         return f"{self.prefix}:queued:{queue}"
 
-    def mark_queued(self, job_id: str, queue: str, priority: int, *, new: bool = False) -> None:
-        """Record that a job waits in ``queue`` (priority 0 first, then submission order)."""
-        self.mark_queued_many([(job_id, queue, priority)], new=new)
-
-    def mark_queued_many(self, entries: list[tuple[str, str, int]], *, new: bool = False) -> None:
-        """``mark_queued`` for (job_id, queue, priority) entries in two round trips: one
-        INCRBY reserves the sequence numbers the per-job INCRs would have drawn, one
-        pipeline writes the entries (same scores, so the same order). ``new``: the jobs were
-        just created, and their records already name their first queue."""
-        last = int(self.r.incrby(f"{self.prefix}:seq", len(entries)))
+    def mark_queued(self, job_id: str, queue: str, priority: int, *, due_at: float | None = None) -> None:
+        """Record that a job waits in ``queue`` (priority 0 first, then submission order).
+        ``due_at``: a retry's message is held back until then (its countdown), so the
+        lost-message sweep counts its wait from then, not from its last state change."""
+        last = int(self.r.incr(f"{self.prefix}:seq"))
         pipe = self.r.pipeline(transaction=False)
-        for seq, (job_id, queue, priority) in enumerate(entries, start=last - len(entries) + 1):
-            pipe.zadd(self._queued_key(queue), {job_id: priority * 1e13 + seq})
-            if not new:
-                pipe.hset(self.key(job_id), "queue", queue)
+        pipe.zadd(self._queued_key(queue), {job_id: priority * 1e13 + last})
+        pipe.hset(self.key(job_id), mapping={"queue": queue, **({"due_at": due_at} if due_at else {})})
         pipe.execute()
 
     def waiting_in(self, job_id: str) -> tuple[str, str, str]:
@@ -624,13 +609,13 @@ class JobStore:
         ids = self.r.zrange(self._queued_key(queue), 0, limit - 1)
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hmget(self.key(job_id), "state", "segment", "updated_at", "instance")
+            pipe.hmget(self.key(job_id), "state", "segment", "updated_at", "instance", "due_at")
         out, stale = [], []
-        for job_id, (state, segment, since, holder) in zip(ids, pipe.execute()):
+        for job_id, (state, segment, since, holder, due) in zip(ids, pipe.execute()):
             if state is None or JobState(state).terminal:
                 stale.append(job_id)  # expired or ended without a claim: it holds no place
             elif since and not holder and state in (JobState.queued.value, JobState.running.value):
-                out.append((job_id, int(segment or 0), float(since)))
+                out.append((job_id, int(segment or 0), max(float(since), float(due or 0))))
         if stale:
             self.r.zrem(self._queued_key(queue), *stale)
         return out

@@ -108,9 +108,9 @@ def test_sigkill_with_an_idle_second_worker_hands_it_the_job(fclient, workers, b
 
 
 def test_a_delivered_message_leaves_nothing_in_redis_to_be_handed_out_again(fclient, workers, big_input):
-    """Two workers, one long stage: the broker keeps no copy of the running stage's message
-    (no unacked hash, no visibility timeout), so the idle worker never gets it, and the job
-    runs once."""
+    """Two workers, one long stage: while it runs, Redis holds no copy of its message (no
+    unacked hash, nothing in the queue's lists) that could be handed to the idle worker, and
+    the job runs once."""
     pair = [workers(), workers()]
     job_id = fclient.submit(job(big_input, steps=40, seed=3))
     running_at_step(fclient, job_id)
@@ -400,6 +400,30 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(fclient, workers, big
     assert "no message left" in w.log.read_text()
     assert fclient.status(lost).started_at < fclient.status(behind).started_at
     assert fclient.result(lost).attempts and len(fclient.result(lost).attempts) == 1
+
+
+def test_a_retry_waiting_out_its_backoff_is_not_sent_again_early(fclient, big_input):
+    """A retry's message waits in its worker's memory for its countdown (up to 30 s, longer
+    than the TTL): the lost-message sweep counts the job's wait from when it is due, so it
+    does not send it early; once due and still nowhere, it does."""
+    from easel.shared.liveness import Reaper
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec, JobState
+
+    spec = JobSpec.model_validate(job(big_input, steps=2, seed=79)).with_seeds()
+    plan = plan_job(spec, fclient.registry)
+    job_id, _ = fclient.store.create(spec, plan)
+    queue = plan.segments[0].queue
+    fclient.store.mark_queued(job_id, queue, spec.priority, due_at=time.time() + 2.0)
+    sent = []
+    reaper = Reaper(fclient.store, lambda *a: sent.append(a), every_s=0.5, ttl_s=0.5, queues=[queue])
+    try:
+        time.sleep(1.0)  # past the TTL since its record was written, not past its due time
+        assert job_id not in reaper.sweep_lost(queue) and not sent
+        time.sleep(2.0)
+        assert job_id in reaper.sweep_lost(queue) and sent == [(job_id, 0, queue, spec.priority)]
+    finally:
+        fclient.store.transition(job_id, JobState.cancelled, error="test over")
 
 
 def test_with_default_liveness_settings_a_killed_job_completes_within_a_minute(fclient, workers, big_input):

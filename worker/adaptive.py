@@ -28,12 +28,15 @@ EWMA_WEIGHT = 0.3  # of the newest call in a bucket's mean call time
 AUTO_IDLE_S = 0.005  # a few broker round trips: the consumer reads a queued message per round trip
 
 
-def resolve_batch_size(setting: int | Literal["auto"], buckets: list[int], device_type: str) -> int:
+def resolve_batch_size(setting: int | Literal["auto"], buckets: list[int], device_type: str,
+                       batchable: bool = True) -> int:
     """The most jobs one call may take (the cap): a hand-set size as it is; "auto" is the
-    largest bucket on a GPU and 1 (no batching) on the CPU."""
+    largest bucket on a GPU serving a family with a model that batches (``batchable``), and 1
+    (no batching) on the CPU and for families whose jobs always run alone (there a worker
+    holding several messages would only strand them behind its running job)."""
     if setting != "auto":
         return int(setting)
-    return max(buckets) if device_type == "cuda" else 1
+    return max(buckets) if device_type == "cuda" and batchable else 1
 
 
 def resolve_idle_s(setting: float | None, batch_size: int | Literal["auto"]) -> float | None:

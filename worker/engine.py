@@ -404,15 +404,19 @@ class StepHook:
         return bool(self.cancelled or self.superseded)
 
     def _heard_stops(self) -> None:
+        """A cancel stops its job at once (a cancel is never taken back). A take-over only
+        makes the next progress write read the holders back: the take-over heard may be
+        older than this instance's own claim of the job again."""
         for job_id in self.job_ids:
             stop = self.stops.stop_for(job_id, self.instance)
             if stop == "cancel":
                 self.cancelled.add(job_id)
             elif stop == "taken":
-                self.superseded.add(job_id)
+                self._read_at = float("-inf")
 
     def _must_read(self, now: float) -> bool:
-        """Read the flags back with this write? Yes unless every stop since the claim was heard."""
+        """Read the flags back with this write? Yes unless every stop since the claim was heard
+        and none asks for a read."""
         s = self.stops
         if s is None or not s.connected or s.epoch != self._epoch or now - self._read_at >= READ_EVERY_S:
             self._read_at, self._epoch = now, (s.epoch if s is not None and s.connected else -1)

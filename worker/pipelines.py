@@ -267,17 +267,24 @@ class PipelineCache:
             compile_cache.save_artifacts(folder, self.device)
         return time.perf_counter() - t0
 
-    def call_sizes(self, spec: ModelSpec) -> list[int]:
-        """The jobs per call a model will see: the size buckets up to this worker's batch cap
-        (``worker.adaptive``) for a kind that batches, else 1."""
+    def batch_cap(self) -> int:
+        """The most jobs one call takes on this worker (``worker.adaptive``)."""
         from easel.worker.adaptive import resolve_batch_size
         from easel.worker.batching import BATCH_KINDS
 
         s = self.settings
+        batchable = any(spec.kind in BATCH_KINDS for spec in self.registry.family_models(self.family))
+        return resolve_batch_size(s.batch_size, s.batch_buckets, self.device.type, batchable)
+
+    def call_sizes(self, spec: ModelSpec) -> list[int]:
+        """The jobs per call a model will see: each size a call of 1 to the batch cap jobs is
+        padded to (``worker.batching.padded_jobs``; one image a job), 1 for a kind that
+        does not batch."""
+        from easel.worker.batching import BATCH_KINDS, padded_jobs
+
         if spec.kind not in BATCH_KINDS:
             return [1]
-        cap = resolve_batch_size(s.batch_size, s.batch_buckets, self.device.type)
-        return sorted({b for b in s.batch_buckets if b <= cap} | {1})
+        return sorted({padded_jobs(spec, self.settings.batch_buckets, jobs, 1) for jobs in range(1, self.batch_cap() + 1)})
 
     def get(self, name: str) -> LoadedModel:
         if name not in self.models:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import time
 from dataclasses import dataclass, field
 
 import botocore.exceptions
@@ -89,7 +90,7 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     # Marked waiting in its queue, a retry whose message is lost is sent again by a reaper.
     queue = d.queue or plan.segments[d.segment].queue
     ctx.store.end_delivery(d.job_id, d.segment, ctx.instance)
-    ctx.store.mark_queued(d.job_id, queue, spec.priority)
+    ctx.store.mark_queued(d.job_id, queue, spec.priority, due_at=time.time() + countdown)
     send_segment(app, d.job_id, d.segment, queue, spec.priority, countdown=countdown)
     return "retrying"
 

@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx.stops = StopListener(ctx.store.r, ctx.store.stops_channel()).start()  # before the first claim
     set_context(ctx, app)
-    from easel.worker.adaptive import resolve_batch_size, resolve_idle_s
+    from easel.worker.adaptive import resolve_idle_s
 
     bs = ctx.settings
-    batch_size = resolve_batch_size(bs.batch_size, bs.batch_buckets, ctx.cache.device.type)
+    batch_size = ctx.cache.batch_cap()
     register_tasks(app, batch_size, bs.batch_wait_s, buckets=bs.batch_buckets,
                    latency_target_s=bs.batch_latency_target_s, idle_s=resolve_idle_s(bs.batch_idle_s, bs.batch_size))
     # One message at a time, unless micro-batching: then up to a batch's worth is held.
