@@ -143,6 +143,9 @@ class EaselClient:
                 span.set_attributes(_job_attributes(got, spec, plan, created))
             return got
 
+    def _send(self, *args, **kw) -> None:
+        send_segment(self.celery, *args, **kw)
+
     def _send_admitted(self, admitted: list[tuple[str, str, int]], pended: dict[str, str], producer=None,
                        carriers: dict[str, dict] | None = None) -> None:
         """Send the first messages of the jobs admitted now; a job whose message cannot be sent
@@ -165,13 +168,10 @@ class EaselClient:
         if not pended:
             return
         try:
-            moved = self.scheduler.dispatch(pended)
-            kept = {**self.store.kept_traces([j for j, _, _ in moved]), **(carriers or {})}
             if producer is None:
-                for job_id, queue, priority in moved:
-                    send_segment(self.celery, job_id, 0, queue, priority, on_behalf=True, kept_trace=kept.get(job_id))
-            elif moved:
-                self._send_batch(producer, moved, kept)
+                self.scheduler.feed(pended, self._send)
+            elif moved := self.scheduler.dispatch(pended):
+                self._send_batch(producer, moved, self.store.kept_traces([j for j, _, _ in moved]))
         except Exception as e:
             log.warning("could not dispatch pending jobs now (%s); they wait for the next dispatch", e)
 
@@ -365,7 +365,7 @@ class EaselClient:
     def resume(self, family: str) -> None:
         queue = self._queue_of(family)
         self.scheduler.resume(queue)
-        self.scheduler.feed(queue, family, lambda *a, **kw: send_segment(self.celery, *a, **kw))
+        self.scheduler.feed({queue: family}, self._send)
 
     def drain(self, hostname: str) -> None:
         """Ask worker ``hostname`` to finish its running stage and exit (its launcher leaves it

@@ -107,14 +107,10 @@ def send_segment(app: Celery, job_id: str, segment: int, queue: str, priority: i
                   headers=headers)
 
 
-def queued_deliveries(r, lists: list[str], limit: int = 10_000) -> set[tuple[str, int]] | None:
+def queued_deliveries(r, lists: list[str]) -> set[tuple[str, int]]:
     """Every (job id, segment) whose message waits in ``lists`` (a queue's priority lists), in
-    two round trips; None when more than ``limit`` messages wait (too many to read each pass)."""
+    one round trip."""
     pipe = r.pipeline(transaction=False)
-    for name in lists:
-        pipe.llen(name)
-    if sum(int(n) for n in pipe.execute()) > limit:
-        return None
     for name in lists:
         pipe.lrange(name, 0, -1)
     return {found for items in pipe.execute() for raw in items if (found := _delivery_of(raw))}

@@ -32,6 +32,7 @@ from easel.shared.metrics import priority_lists
 log = logging.getLogger("easel.liveness")
 
 Send = Callable[[str, int, str, int], None]  # (job id, segment, queue, priority)
+LOST_SWEEP_MAX_MESSAGES = 10_000  # a queue longer than this is not read whole each pass
 
 
 def new_instance_id() -> str:
@@ -171,9 +172,10 @@ class Reaper(_Loop):
         old = [(j, seg) for j, seg, since in self.store.waiting_since(queue) if time.time() - since > self.ttl_s]
         if not old:
             return []
-        present = queued_deliveries(self.store.r, [name for _, name in priority_lists(queue)])
-        if present is None:
+        lists = [name for _, name in priority_lists(queue)]
+        if self.store.queue_depth(queue, lists) > LOST_SWEEP_MAX_MESSAGES:
             return []
+        present = queued_deliveries(self.store.r, lists)
         resent = []
         for job_id, segment in old:
             if (job_id, segment) in present:

@@ -235,16 +235,14 @@ class Scheduler:
                 [f"{self.prefix}:pending:{queue}:", self.margin, limit, f"{self.prefix}:flight:",
                  f"{self.prefix}:job:", time.time()])
 
-    def feed(self, queue: str, family: str, send: Callable[..., None]) -> int:
-        """Move jobs from the pending sets into the queue while fewer than a batch per live worker
-        (plus the margin) wait there, and send each one's first message with the trace its
-        submitter kept (``send(job_id, 0, queue, priority, on_behalf=True, kept_trace=...)``);
-        returns how many. A send that fails leaves its job waiting with no message: a reaper
-        sends it again."""
-        script, keys, args = self._dispatch_call(queue, family)
-        moved = _pairs(script(keys=keys, args=args))
-        kept = self.store.kept_traces([job_id for job_id, _ in moved])
-        for job_id, priority in moved:
+    def feed(self, queues: dict[str, str], send: Callable[..., None]) -> int:
+        """``dispatch`` ``queues`` (queue -> family), and send each moved job's first message
+        with the trace its submitter kept (``send(job_id, 0, queue, priority, on_behalf=True,
+        kept_trace=...)``); returns how many. A send that fails leaves its job waiting with no
+        message: the lost-message sweep sends it again."""
+        moved = self.dispatch(queues)
+        kept = self.store.kept_traces([job_id for job_id, _, _ in moved])
+        for job_id, queue, priority in moved:
             send(job_id, 0, queue, priority, on_behalf=True, kept_trace=kept.get(job_id))
         return len(moved)
 

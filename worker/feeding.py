@@ -42,7 +42,7 @@ class Feeder:
 
     def feed(self) -> int:
         try:
-            return self.scheduler.feed(self.queue, self.family,
+            return self.scheduler.feed({self.queue: self.family},
                                        lambda *a, **kw: send_segment(self.app, *a, **kw))
         except Exception as e:  # broker or Redis trouble: the next task end or heartbeat tries again
             log.warning("could not dispatch pending jobs of %s: %s", self.queue, e)

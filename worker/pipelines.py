@@ -207,9 +207,10 @@ WARM_TASKS = {"sd": "img2img", "sdxl-refiner": "img2img", "kandinsky22": "img2im
 def native_px(model: LoadedModel) -> int:
     """The input side a model was trained for: its UNet's sample size in pixels (the x4
     upscaler's UNet works at its input's pixel size)."""
-    pipe = model.pipes[WARM_TASKS[model.spec.kind]]
-    side = int(pipe.unet.config.sample_size)
-    return side if model.spec.kind == "sd-x4-upscaler" else side * int(getattr(pipe, "vae_scale_factor", 8))
+    from easel.worker.runner import scale_factor
+
+    side = int(model.pipes[WARM_TASKS[model.spec.kind]].unet.config.sample_size)
+    return side if model.spec.kind == "sd-x4-upscaler" else side * scale_factor(model)
 
 
 def warm_up(model: LoadedModel, sizes: list[int], batches: list[int] = (1,)) -> float:
