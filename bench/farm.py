@@ -19,13 +19,21 @@ Headlines:
 - ``farm_redis_ping_cpu_us``: valkey CPU of one PING round trip, measured in the same run on
   the same server (the baseline: what one request costs on this machine), and
   ``farm_redis_cpu_per_job_in_pings``: a job's marginal CPU in PING round trips, the figure
-  that carries over to another machine (multiply by its PING cost).
+  that carries over to another machine (multiply by its PING cost);
+- ``farm_redis_work_us_per_job`` and ``farm_redis_work_per_job_in_pings``: the work inside
+  Redis per job, pipelined so that network I/O is spread thin (``work_us_per_job``): on a
+  busy Redis a job costs about this plus six round trips at that machine's PING cost.
+
+Jobs are also submitted once before anything is measured, so every worker has run one.
+By default valkey has a CPU of its own and everything else shares the rest
+(``--shared-cores``: all share all), as a farm's Redis has a core to itself.
 
 valkey runs with ``appendfsync everysec``, as a farm's Redis does (docs/operations.md).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import socket
 import threading
@@ -34,7 +42,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from bench.common import BenchEnv, EventWatcher, bench_image, headline, log, pct, png_bytes
+from bench.common import BenchEnv, EventWatcher, bench_image, cpu_split, headline, log, pct, pin_process, png_bytes
 
 REQUEST_LINE = re.compile(rb"(?:GET|PUT|POST|HEAD|DELETE) /\S* HTTP/1\.[01]\r\n")
 
@@ -95,6 +103,7 @@ class Reading:
 
     t: float
     cmds: dict[str, int]
+    usec: dict[str, int]  # valkey's time inside each command (scripts include their commands)
     cpu_s: float
     s3: int
 
@@ -103,11 +112,13 @@ class Reading:
         stats = r.info("commandstats")
         cpu = r.info("cpu")
         return cls(time.perf_counter(), {k[len("cmdstat_"):]: v["calls"] for k, v in stats.items()},
-                   cpu["used_cpu_sys"] + cpu["used_cpu_user"], proxy.requests)
+                   {k[len("cmdstat_"):]: v["usec"] for k, v in stats.items()}, cpu["used_cpu_sys"] + cpu["used_cpu_user"], proxy.requests)
 
     def since(self, a: "Reading") -> dict:
         cmds = {k: v - a.cmds.get(k, 0) for k, v in self.cmds.items() if v - a.cmds.get(k, 0)}
-        return {"s": self.t - a.t, "cmds": cmds, "cmd_total": sum(cmds.values()), "cpu_s": self.cpu_s - a.cpu_s,
+        usec = {k: v - a.usec.get(k, 0) for k, v in self.usec.items() if v - a.usec.get(k, 0)}
+        return {"s": self.t - a.t, "cmds": cmds, "cmd_total": sum(cmds.values()), "usec": usec,
+                "cpu_s": self.cpu_s - a.cpu_s,
                 "s3": self.s3 - a.s3}
 
 
@@ -173,10 +184,53 @@ def summarize(idle: dict, workers: int, steps: list[dict]) -> dict:
     }
 
 
-def per_job_commands(idle: dict, step: dict) -> dict[str, float]:
+def per_job_commands(idle: dict, step: dict, what: str = "cmds") -> dict[str, float]:
+    """Per job, above the idle rate: command calls (``what="cmds"``) or valkey's microseconds
+    inside each command (``"usec"``; a script's includes the commands it runs)."""
     w = step["window"]
-    out = {k: (v - idle["cmds"].get(k, 0) / idle["s"] * w["s"]) / step["jobs"] for k, v in w["cmds"].items()}
+    out = {k: (v - idle[what].get(k, 0) / idle["s"] * w["s"]) / step["jobs"] for k, v in w[what].items()}
     return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+
+def redis_cpus(env: BenchEnv, procs: list) -> None:
+    """valkey alone on the last CPU, everything else (workers, SeaweedFS, this process) on the
+    others, as a farm's Redis has a core of its own: its CPU per job is then its own work,
+    not the cost of being preempted by the workers it serves."""
+    servers, rest = cpu_split()
+    pin_process(env.server_pids()["redis"], servers)
+    for pid in [env.server_pids()["s3"], os.getpid(), *(p.proc.pid for p in procs)]:
+        pin_process(pid, rest)
+    log(f"valkey on CPUs {sorted(servers)}, workers, SeaweedFS and the producer on {sorted(rest)}")
+
+
+def work_us_per_job(client, r, ref: str, steps: int, n: int = 2000, batch: int = 100) -> float:
+    """valkey CPU per job for the work inside Redis alone: ``n`` jobs' control-plane calls
+    (the submit script, the claim script, one progress write, the final-state script; the
+    same calls a job makes), ``batch`` jobs' worth per pipelined round trip, so the cost of
+    each request's network I/O is spread thin and the server runs with warm caches, as a
+    busy Redis does. A job's cost on a machine is about this plus its round trips (six, with
+    the broker's LPUSH and BRPOP) times that machine's PING cost."""
+    from easel.shared.jobstore import new_job_id
+    from easel.shared.keys import family_capacity_key
+    from easel.shared.schema import JobState
+
+    store, scheduler = client.store, client.scheduler
+    r.set(family_capacity_key(store.prefix, "sim"), 10**7)  # room, as live workers' heartbeats keep it
+    cpu = lambda: sum(r.info("cpu")[k] for k in ("used_cpu_sys", "used_cpu_user"))  # noqa: E731
+    used = 0.0
+    for b in range(n // batch):
+        items = [(new_job_id(), *client.prepare_and_plan({"input": {"image": ref}, "stages": [
+            {"model": "sim", "prompt": "farm", "steps": steps, "strength": 1.0, "seed": b * batch + i}]}))
+            for i in range(batch)]
+        ids = [job_id for job_id, _, _ in items]
+        c0 = cpu()
+        scheduler.submit_many(items)
+        store.claim_many([(job_id, 0) for job_id in ids], "work@bench", "work", 3)
+        store.progress_many(ids, 0, 1, steps, "work", check=False)
+        store.transition_many([(job_id, JobState.succeeded, {"outputs": [], "manifest": ""}) for job_id in ids],
+                              end=(0, "work"))
+        used += cpu() - c0
+    return used / (n // batch * batch) * 1e6
 
 
 def ping_cpu_us(r, n: int = 3000) -> float:
@@ -192,7 +246,7 @@ def ping_cpu_us(r, n: int = 3000) -> float:
 
 
 def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: int, step_s: float,
-        idle_s: float) -> dict:
+        idle_s: float, own_core: bool = True) -> dict:
     import redis
 
     r = redis.Redis.from_url(env.redis_url)
@@ -203,12 +257,16 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
     models = farm_registry(env, step_s)
     extra = {"EASEL_MODELS": models, "EASEL_S3_ENDPOINT_URL": proxy.url}
     procs = [env.worker("sim", hostname=f"farm-{k}@bench", extra_env=extra) for k in range(workers)]
+    if own_core:
+        redis_cpus(env, procs)
     try:
         from easel.producer.client import EaselClient
 
         client = EaselClient(env.settings(models=models, s3_endpoint_url=proxy.url))
         ref = client.storage.put_input(png_bytes(bench_image(64)), "png")
-        time.sleep(3)  # past the workers' start-up writes
+        # Every worker's first job (connections, first S3 write) before anything is measured.
+        run_step(env, client, r, proxy, ref, 4 * workers, 1.0, steps, seed0=10**7)
+        time.sleep(3)
         a = Reading.take(r, proxy)
         time.sleep(idle_s)
         idle = Reading.take(r, proxy).since(a)
@@ -226,13 +284,17 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
         for p in procs:
             p.stop()
         proxy.close()
+    work = work_us_per_job(client, r, ref, steps)
     out = summarize(idle, workers, results)
+    out["farm_redis_work_us_per_job"] = round(work)
     out["farm_redis_ping_cpu_us"] = round(ping, 1)
     out["farm_redis_cpu_per_job_in_pings"] = round(out["farm_redis_cpu_us_per_job"] / ping, 1)
+    out["farm_redis_work_per_job_in_pings"] = round(work / ping, 1)
     for k, v in out.items():
         headline(k, v)
     return {"headline": out, "details": {"idle": idle, "steps": results,
-                                         "per_job_commands": per_job_commands(idle, results[0])}}
+                                         "per_job_commands": per_job_commands(idle, results[0]),
+                                         "per_job_usec": per_job_commands(idle, results[0], "usec")}}
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -242,6 +304,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=int, default=4, help="sim steps per job")
     ap.add_argument("--step-ms", type=float, default=5.0, help="sim sleep per step (short: the knee is the control plane)")
     ap.add_argument("--idle-s", type=float, default=10.0, help="idle window measured before the jobs")
+    ap.add_argument("--shared-cores", action="store_true",
+                    help="let valkey share every CPU with the workers (default: a core of its own)")
 
 
 NEEDS_MODELS = False
@@ -249,4 +313,5 @@ NEEDS_MODELS = False
 
 def main(env: BenchEnv, args) -> dict:
     rates = [float(x) for x in args.rates.split(",")]
-    return run(env, args.workers, rates, args.seconds, args.steps, args.step_ms / 1000, args.idle_s)
+    return run(env, args.workers, rates, args.seconds, args.steps, args.step_ms / 1000, args.idle_s,
+               own_core=not args.shared_cores)

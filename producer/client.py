@@ -180,9 +180,10 @@ class EaselClient:
 
         Every job is prepared and planned exactly as ``submit`` does, all of them before
         anything is queued, so one bad job refuses the whole call (``SubmitError`` naming its
-        index) and queues nothing. Then, per batch of ``batch_size`` jobs: the job records in
-        one MULTI/EXEC, the tenants' pending sets and the dispatch in one pipeline, and the
-        Celery messages of the dispatched jobs through one kombu producer in one pipeline. If
+        index) and queues nothing. Then, per batch of ``batch_size`` jobs: the job records and
+        their admissions in one pipeline (one script per job), a dispatch where jobs wait
+        their tenant's turn, and the Celery messages of the jobs sent now through one kombu
+        producer in one pipeline. If
         writing a batch fails, its jobs end failed ("could not enqueue") and the error is
         raised; earlier batches stay queued.
 

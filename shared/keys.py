@@ -14,6 +14,12 @@ def backlog_key(prefix: str, queue: str) -> str:
     return f"{prefix}:backlog:{queue}"
 
 
+def cap_key(prefix: str, tenant: str) -> str:
+    """A tenant's cap on dispatched jobs not ended (absent: none): a string, so admission
+    reads it in the same MGET as the queue's capacity and paused flag."""
+    return f"{prefix}:cap:{tenant}"
+
+
 def family_instances_key(prefix: str, family: str) -> str:
     return f"{prefix}:family:{family}:instances"
 

@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from easel.shared.jobstore import _CLOCK, _CREATE, DEFAULT_TENANT, JobStore, _text, run_scripts
-from easel.shared.keys import backlog_key, family_capacity_key, family_instances_key, job_seconds_prefix, pending_key
+from easel.shared.jobstore import _CLOCK, _CREATE, DEFAULT_TENANT, JobStore, _text, queue_score, run_scripts
+from easel.shared.keys import (backlog_key, cap_key, family_capacity_key, family_instances_key, job_seconds_prefix,
+                               pending_key)
 from easel.shared.schema import JobSpec, Plan
 
 log = logging.getLogger("easel.scheduler")
@@ -42,22 +43,22 @@ end
 """
 
 # Admission of one new job. k: its tenant's pending set, active tenants (zset of pass),
-# parked passes (hash), the sequence counter, the queue's backlog tally, the queue's waiting
-# set, paused flag, the family's capacity, the tenants' caps. When no tenant has jobs
-# pending there, the job's tenant has no cap, the queue is open and there is room, the job
-# goes straight to the waiting set (returns 1: send it now); else it waits in its tenant's
-# pending set (returns 0).
+# parked passes (hash), the queue's backlog tally, the queue's waiting set, paused flag, the
+# family's capacity, the tenant's cap. ``score``: ``queue_score`` (priority, then
+# submission). When no tenant has jobs pending there, the queue is open, the job's tenant
+# has no cap and there is room, the job goes straight to the waiting set (returns 1: send
+# it now); else it waits in its tenant's pending set (returns 0).
 _ADMIT = """
-local function admit(k, job, priority, tenant, credit, margin)
-  if redis.call('HEXISTS', k[9], tenant) == 0 and redis.call('ZCARD', k[2]) == 0 then
-    local v = redis.call('MGET', k[8], k[7])
-    if not v[2] and tonumber(v[1] or '0') + tonumber(margin) - redis.call('ZCARD', k[6]) > 0 then
-      redis.call('ZADD', k[6], tonumber(priority) * 1e13 + redis.call('INCR', k[4]), job)
+local function admit(k, job, score, tenant, credit, margin)
+  if redis.call('ZCARD', k[2]) == 0 then
+    local v = redis.call('MGET', k[7], k[6], k[8])
+    if not v[2] and not v[3] and tonumber(v[1] or '0') + tonumber(margin) - redis.call('ZCARD', k[5]) > 0 then
+      redis.call('ZADD', k[5], score, job)
       return 1
     end
   end
-  if redis.call('ZADD', k[1], tonumber(priority) * 1e13 + redis.call('INCR', k[4]), job) == 1 then
-    redis.call('RPUSH', k[5], 1)
+  if redis.call('ZADD', k[1], score, job) == 1 then
+    redis.call('RPUSH', k[4], 1)
   end
   if redis.call('ZSCORE', k[2], tenant) then return 0 end
   local pass = tonumber(redis.call('HGET', k[3], tenant) or '0')
@@ -72,30 +73,31 @@ end
 """
 
 # A new job's record and its admission, in one script. KEYS: the job hash, its idempotency
-# key (the hash again when it has none), then admit's nine keys. ARGV: job id, record TTL,
-# whether it has an idempotency key ('1' or ''), priority, tenant, credit, margin, then the
+# key (the hash again when it has none), then admit's eight keys. ARGV: job id, record TTL,
+# whether it has an idempotency key ('1' or ''), queue score, tenant, credit, margin, then the
 # record's fields and values. Returns {winner id, 0} when another job holds the idempotency
 # key, else {job id, 1 when admitted to the queue now / 0 when pending}; a replay of a call
 # whose reply was lost answers as the first run did.
 _SUBMIT = _CREATE + _ADMIT + """
 local k = {}
-for i = 3, 11 do k[i - 2] = KEYS[i] end
+for i = 3, 10 do k[i - 2] = KEYS[i] end
 local winner = create(KEYS[1], ARGV[3] == '1' and KEYS[2] or '', ARGV[1], ARGV[2], ARGV, 8)
-if winner == ARGV[1] then return {ARGV[1], redis.call('ZSCORE', k[6], ARGV[1]) and 1 or 0} end
+if winner == ARGV[1] then return {ARGV[1], redis.call('ZSCORE', k[5], ARGV[1]) and 1 or 0} end
 if winner then return {winner, 0} end
 return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7])}
 """
 
 # KEYS: active tenants, parked passes, weights, the queue's waiting set (jobs sent and not
-# yet claimed), paused flag, the family's capacity, the sequence counter, the backlog tally,
-# the tenants' caps. ARGV: pending-set prefix, margin, most
-# jobs to move, in-flight-set prefix, job-record prefix, now (the dispatched jobs'
-# updated_at). A capped tenant (an API key whose over_cap is "hold") is passed over while its
-# dispatched jobs that have not ended reach its cap. Returns flat (job id, priority) pairs.
+# yet claimed), paused flag, the family's capacity, the backlog tally. ARGV: pending-set
+# prefix, margin, most jobs to move, in-flight-set prefix, job-record prefix, now (the
+# dispatched jobs' updated_at), cap-key prefix. A job keeps its pending score in the
+# waiting set (the broker serves by priority, then submission). A capped tenant (an API key
+# whose over_cap is "hold") is passed over while its dispatched jobs that have not ended
+# reach its cap. Returns flat (job id, priority) pairs.
 _DISPATCH = _ROOM + """
 if redis.call('ZCARD', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {} end
 local space = math.min(room(KEYS[4], KEYS[6], ARGV[2]), tonumber(ARGV[3]))
-local caps = redis.call('EXISTS', KEYS[9]) == 1
+local caps = {}  -- each tenant's cap (false: none), read once per run
 local flying = {}  -- capped tenants' jobs in flight, counted once per run
 local function at_cap(tenant, cap)
   if not flying[tenant] then
@@ -116,7 +118,8 @@ while space > 0 do
     if not held[lead[i]] then tenant, pass = lead[i], tonumber(lead[i + 1]); break end
   end
   if not tenant then break end
-  if caps then cap = redis.call('HGET', KEYS[9], tenant) end
+  if caps[tenant] == nil then caps[tenant] = redis.call('GET', ARGV[7] .. tenant) or false end
+  cap = caps[tenant]
   if cap and at_cap(tenant, cap) then
     held[tenant] = true
     nheld = nheld + 1
@@ -129,8 +132,8 @@ while space > 0 do
       -- A record that expired while its job waited: nothing to run, nothing to hold room for.
       -- Otherwise its wait in the broker starts now (what a lost-message sweep measures).
       if redis.call('HSET', ARGV[5] .. job[1], 'updated_at', ARGV[6]) == 0 then
-        local priority = math.floor(tonumber(job[2]) / 1e13)
-        redis.call('ZADD', KEYS[4], priority * 1e13 + redis.call('INCR', KEYS[7]), job[1])
+        local priority = math.floor(tonumber(job[2]) / 1e14)
+        redis.call('ZADD', KEYS[4], job[2], job[1])
         if cap then
           redis.call('ZADD', ARGV[4] .. tenant, now(), job[1])
           flying[tenant] = flying[tenant] + 1
@@ -150,7 +153,7 @@ while space > 0 do
     end
   end
 end
-if popped > 0 then redis.call('LPOP', KEYS[8], popped) end
+if popped > 0 then redis.call('LPOP', KEYS[7], popped) end
 return out
 """
 
@@ -200,11 +203,12 @@ class Scheduler:
         now = time.time() if now is None else now
         traces = traces or {}
         calls = []
-        for job_id, spec, plan in items:
+        for i, (job_id, spec, plan) in enumerate(items):
             tenant = spec.tenant or DEFAULT_TENANT
             keys, head = self.store.create_head(job_id, spec)
+            score = queue_score(spec.priority, now) + i  # a bulk call's jobs keep their order
             calls.append((self._submit, keys + self._admit_keys(plan.segments[0].queue, plan.segments[0].family, tenant),
-                          head + [spec.priority, tenant, self.credit, self.margin,
+                          head + [score, tenant, self.credit, self.margin,
                                   *self.store.record_fields(spec, plan, now, traces.get(job_id))]))
         replies = run_scripts(self.r, calls)
         for reply in replies:
@@ -215,8 +219,8 @@ class Scheduler:
 
     def _admit_keys(self, queue: str, family: str, tenant: str) -> list[str]:
         return [pending_key(self.prefix, queue, tenant), self._key("active", queue), self._key("passes", queue),
-                f"{self.prefix}:seq", backlog_key(self.prefix, queue), self._key("queued", queue),
-                self._key("paused", queue), family_capacity_key(self.prefix, family), f"{self.prefix}:caps"]
+                backlog_key(self.prefix, queue), self._key("queued", queue), self._key("paused", queue),
+                family_capacity_key(self.prefix, family), cap_key(self.prefix, tenant)]
 
     def dispatch(self, queues: dict[str, str]) -> list[tuple[str, str, int]]:
         """Move what fits from the pending sets of ``queues`` (queue -> family) into them, one
@@ -231,9 +235,9 @@ class Scheduler:
         return (self._dispatch,
                 [self._key("active", queue), self._key("passes", queue), f"{self.prefix}:weights",
                  self._key("queued", queue), self._key("paused", queue), family_capacity_key(self.prefix, family),
-                 f"{self.prefix}:seq", backlog_key(self.prefix, queue), f"{self.prefix}:caps"],
+                 backlog_key(self.prefix, queue)],
                 [f"{self.prefix}:pending:{queue}:", self.margin, limit, f"{self.prefix}:flight:",
-                 f"{self.prefix}:job:", time.time()])
+                 f"{self.prefix}:job:", time.time(), cap_key(self.prefix, "")])
 
     def feed(self, queues: dict[str, str], send: Callable[..., None]) -> int:
         """``dispatch`` ``queues`` (queue -> family), and send each moved job's first message
@@ -253,9 +257,9 @@ class Scheduler:
         """Hold a tenant's jobs back while ``cap`` of them are dispatched and not ended (None:
         no cap)."""
         if cap is None:
-            self.r.hdel(f"{self.prefix}:caps", tenant)
+            self.r.delete(cap_key(self.prefix, tenant))
         else:
-            self.r.hset(f"{self.prefix}:caps", tenant, cap)
+            self.r.set(cap_key(self.prefix, tenant), cap)
 
     def pause(self, queue: str) -> None:
         self.r.set(self._key("paused", queue), 1)

@@ -82,7 +82,8 @@ class Settings(BaseSettings):
     stage_timeout_max_s: float = Field(default=4 * 3600.0, gt=0, description="no stage runs longer than this")
     stage_stuck_grace_s: float = 60.0
     progress_interval_s: float = Field(default=0.25, ge=0.0, le=60.0, description=(
-        "a running stage writes step progress on its first step, then at most this often (0 = every step); "
+        "a running stage writes step progress once this long after its first step, then at most this often "
+        "(0 = every step; each write is two Redis commands per job); "
         "cancels do not wait for it: they are pushed to the worker and checked at every step"))
     input_cache_mb: int = Field(default=256, ge=0, description=(
         "decoded input images a worker keeps, by content-addressed s3 key (inputs/<sha256>); 0 = off"))

@@ -61,3 +61,33 @@ def test_wait_follows_events_instead_of_polling(client, sim_worker, input_png):
     assert status.state.value == "succeeded"
     assert any(u.state.value == "running" and u.progress.step > 0 for u in updates)  # progress events
     assert reads <= 4, reads  # first read, running, succeeded (+1 resync at most)
+
+
+def test_progress_is_written_once_an_interval_has_passed_then_at_most_that_often(client, sim_worker, input_png):
+    """Default ``progress_interval_s`` (0.25 s): a stage shorter than that writes no progress
+    (its claim and final state say all there is), a 2 s one writes every 0.25 s or so,
+    starting 0.25 s after its first step. Each write is two Redis commands per job."""
+    import json
+
+    import redis
+
+    r = redis.Redis.from_url(client.settings.redis_url, decode_responses=True)
+    sub = r.pubsub(ignore_subscribe_messages=True)
+    sub.psubscribe("easel:events:*")
+    short = client.submit(img2img_job(str(input_png), model="sim", steps=3, strength=1.0))  # 0.15 s
+    assert client.wait(short, timeout=60).state.value == "succeeded"
+    long = client.submit(img2img_job(str(input_png), model="sim", steps=40, strength=1.0))  # 2 s
+    assert client.wait(long, timeout=60).state.value == "succeeded"
+    steps: dict[str, list[int]] = {short: [], long: []}
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < 1.0:  # read until the channel has been quiet a second
+        if (m := sub.get_message(timeout=0.2)) is None:
+            continue
+        quiet_since = time.monotonic()
+        job_id, event = m["channel"].rsplit(":", 1)[1], json.loads(m["data"])
+        if job_id in steps and "state" not in event:
+            steps[job_id].append(event["step"])
+    sub.close()
+    assert steps[short] == [] and client.status(short).progress.step == 3  # the final state records it
+    assert 5 <= len(steps[long]) <= 9, steps[long]  # 2 s / 0.25 s, less the first interval
+    assert steps[long] == sorted(steps[long]) and steps[long][0] >= 4  # 0.25 s in at 0.05 s a step

@@ -363,8 +363,9 @@ class StepHook:
     """Per denoising step of one call: enforce the time limit (``StageBudget``); stop at the
     step after a cancel or take-over of one of its jobs was heard (``worker.stops``: pushed
     by pub/sub, looked up in memory at every step); publish progress for every job in the
-    call on the first step, then at most every ``progress_interval_s``; release a pending
-    finish at the first step.
+    call once ``progress_interval_s`` has passed since the first step, then at most that
+    often (a call shorter than that writes none: its claim said it runs, its final state says
+    the rest); release a pending finish at the first step.
 
     The progress write runs on the I/O pool, off the denoising loop. It also reads the
     cancel flags and holders back while pushed stops could have been missed (no listener,
@@ -437,7 +438,9 @@ class StepHook:
             self._heard_stops()
         if self._stop_asked(wait=False):
             return False
-        if self._pending is None and (self._sent_at is None or now - self._sent_at >= self.interval_s):
+        if self._sent_at is None and self.interval_s > 0:
+            self._sent_at = now  # the first step: the interval starts here
+        elif self._pending is None and (self._sent_at is None or now - self._sent_at >= self.interval_s):
             self._sent_at = now
             self._pending = self.pool.submit(self.store.progress_many, self.job_ids, self.stage_index, step, total,
                                              self.instance, self._must_read(now))
