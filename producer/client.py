@@ -170,7 +170,7 @@ class EaselClient:
         try:
             if producer is None:
                 self.scheduler.feed(pended, self._send)
-            elif moved := self.scheduler.dispatch(pended):
+            elif moved := self.scheduler.dispatch(pended).moved:
                 self._send_batch(producer, moved, self.store.kept_traces([j for j, _, _ in moved]))
         except Exception as e:
             log.warning("could not dispatch pending jobs now (%s); they wait for the next dispatch", e)

@@ -118,29 +118,22 @@ return 1
 # answered as the first run was. Then refuses cancelled and
 # poison deliveries, counts the delivery and the attempt, and records this instance as the
 # holder. A run answers with the job's spec, plan, times, its attempt count and this
-# attempt's record (the manifest reads no attempts back in the common case of one), and
-# how many tenants have jobs pending for the queue it left (room opened there: the worker
-# dispatches only when some wait).
+# attempt's record (the manifest reads no attempts back in the common case of one).
 # KEYS: job hash, events channel, instances zset. ARGV: queue-position key prefix, job id,
-# segment, worker, now, crash limit, the "running" event JSON, instance, running-set prefix,
-# active-tenants key prefix.
+# segment, worker, now, crash limit, the "running" event JSON, instance, running-set prefix.
 # (Key names built from ARGV assume one Redis, not a cluster; easel's broker is one Redis.)
 _CLAIM = _CLOCK + f"""
 local h = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'queue', 'spec', 'plan', 'stage', 'created_at',
                      'started_at', 'segment', 'instance', 'attempts', 'inflight:' .. ARGV[3])
 local cur = h[1]
 if not cur then return {{'unknown'}} end
-local backlog = 0
-if h[3] then
-  redis.call('ZREM', ARGV[1] .. h[3], ARGV[2])
-  backlog = redis.call('ZCARD', ARGV[10] .. h[3])
-end
+if h[3] then redis.call('ZREM', ARGV[1] .. h[3], ARGV[2]) end
 if {_TERMINAL} then return {{'terminal', cur}} end
 local seg = tonumber(ARGV[3])
 if h[9] and seg < tonumber(h[9]) then return {{'stale', h[9]}} end
 if h[10] and h[9] and seg == tonumber(h[9]) then
   if h[10] == ARGV[8] then
-    return {{'run', h[4], h[5], h[7], h[8], h[11], redis.call('HGET', KEYS[1], 'attempt:' .. h[11]), backlog}}
+    return {{'run', h[4], h[5], h[7], h[8], h[11], redis.call('HGET', KEYS[1], 'attempt:' .. h[11])}}
   end
   if alive(KEYS[3], h[10]) then return {{'duplicate', h[10]}} end
 end
@@ -158,7 +151,7 @@ redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[4], 'instance', A
            'inflight:' .. ARGV[3], crashed + 1)
 redis.call('SADD', ARGV[9] .. ARGV[8], ARGV[2] .. ':' .. ARGV[3])
 redis.call('PUBLISH', KEYS[2], ARGV[7])
-return {{'run', h[4], h[5], h[7], started, n, attempt, backlog}}
+return {{'run', h[4], h[5], h[7], started, n, attempt}}
 """
 
 # A dead instance's delivery goes back to the queue: only while that instance still holds
@@ -277,7 +270,6 @@ class Claim:
     started_at: float = 0.0
     attempts: int = 0  # run: deliveries that started, this one included
     attempt: Attempt | None = None  # run: this delivery's attempt record
-    backlog: int = 0  # run: tenants with jobs pending for the queue the job left
 
 
 class _Retry(Retry):
@@ -496,7 +488,7 @@ class JobStore:
         event = self._event(JobState.running, {"updated_at": now, "worker": worker, "segment": segment})
         return ([self.key(job_id), self.events_channel(job_id), self.instances_key()],
                 [f"{self.prefix}:queued:", job_id, segment, worker, now, max_crash_deliveries, event,
-                 instance, self._running_prefix(), f"{self.prefix}:active:"])
+                 instance, self._running_prefix()])
 
     def claim_many(self, deliveries: list[tuple[str, int]], worker: str, instance: str,
                    max_crash_deliveries: int) -> list[Claim]:
@@ -518,7 +510,7 @@ class JobStore:
             try:
                 return Claim("run", spec=JobSpec.model_validate_json(res[1]), plan=Plan.model_validate_json(res[2]),
                              created_at=float(res[3]), started_at=float(res[4]), attempts=int(res[5] or 0),
-                             attempt=Attempt.model_validate_json(res[6]) if res[6] else None, backlog=int(res[7]))
+                             attempt=Attempt.model_validate_json(res[6]) if res[6] else None)
             except ValueError as e:
                 return Claim("corrupt", detail=f"unreadable job record: {e}"[:500])
         if outcome in ("terminal", "duplicate", "stale"):

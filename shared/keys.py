@@ -14,6 +14,12 @@ def backlog_key(prefix: str, queue: str) -> str:
     return f"{prefix}:backlog:{queue}"
 
 
+def backlog_channel(prefix: str) -> str:
+    """Pub/sub: a queue's name, published when a job starts waiting in its pending sets while
+    none did. Its workers then dispatch after their claims until a dispatch finds none."""
+    return f"{prefix}:backlog"
+
+
 def cap_key(prefix: str, tenant: str) -> str:
     """A tenant's cap on dispatched jobs not ended (absent: none): a string, so admission
     reads it in the same MGET as the queue's capacity and paused flag."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from easel.shared.jobstore import _CLOCK, _CREATE, DEFAULT_TENANT, JobStore, _text, queue_score, run_scripts
-from easel.shared.keys import (backlog_key, cap_key, family_capacity_key, family_instances_key, job_seconds_prefix,
+from easel.shared.keys import (backlog_channel, backlog_key, cap_key, family_capacity_key, family_instances_key, job_seconds_prefix,
                                pending_key)
 from easel.shared.schema import JobSpec, Plan
 
@@ -44,12 +44,13 @@ end
 
 # Admission of one new job. k: its tenant's pending set, active tenants (zset of pass),
 # parked passes (hash), the queue's backlog tally, the queue's waiting set, paused flag, the
-# family's capacity, the tenant's cap. ``score``: ``queue_score`` (priority, then
-# submission). When no tenant has jobs pending there, the queue is open, the job's tenant
-# has no cap and there is room, the job goes straight to the waiting set (returns 1: send
-# it now); else it waits in its tenant's pending set (returns 0).
+# family's capacity, the tenant's cap, the backlog channel. ``score``: ``queue_score``
+# (priority, then submission). When no tenant has jobs pending there, the queue is open, the
+# job's tenant has no cap and there is room, the job goes straight to the waiting set
+# (returns 1: send it now); else it waits in its tenant's pending set (returns 0), and the
+# first job to wait there tells the queue's workers (``queue`` on the backlog channel).
 _ADMIT = """
-local function admit(k, job, score, tenant, credit, margin)
+local function admit(k, job, score, tenant, credit, margin, queue)
   if redis.call('ZCARD', k[2]) == 0 then
     local v = redis.call('MGET', k[7], k[6], k[8])
     if not v[2] and not v[3] and tonumber(v[1] or '0') + tonumber(margin) - redis.call('ZCARD', k[5]) > 0 then
@@ -58,7 +59,7 @@ local function admit(k, job, score, tenant, credit, margin)
     end
   end
   if redis.call('ZADD', k[1], score, job) == 1 then
-    redis.call('RPUSH', k[4], 1)
+    if redis.call('RPUSH', k[4], 1) == 1 then redis.call('PUBLISH', k[9], queue) end
   end
   if redis.call('ZSCORE', k[2], tenant) then return 0 end
   local pass = tonumber(redis.call('HGET', k[3], tenant) or '0')
@@ -73,18 +74,18 @@ end
 """
 
 # A new job's record and its admission, in one script. KEYS: the job hash, its idempotency
-# key (the hash again when it has none), then admit's eight keys. ARGV: job id, record TTL,
-# whether it has an idempotency key ('1' or ''), queue score, tenant, credit, margin, then the
+# key (the hash again when it has none), then admit's nine keys. ARGV: job id, record TTL,
+# whether it has an idempotency key ('1' or ''), queue score, tenant, credit, margin, queue, then the
 # record's fields and values. Returns {winner id, 0} when another job holds the idempotency
 # key, else {job id, 1 when admitted to the queue now / 0 when pending}; a replay of a call
 # whose reply was lost answers as the first run did.
 _SUBMIT = _CREATE + _ADMIT + """
 local k = {}
-for i = 3, 10 do k[i - 2] = KEYS[i] end
-local winner = create(KEYS[1], ARGV[3] == '1' and KEYS[2] or '', ARGV[1], ARGV[2], ARGV, 8)
+for i = 3, 11 do k[i - 2] = KEYS[i] end
+local winner = create(KEYS[1], ARGV[3] == '1' and KEYS[2] or '', ARGV[1], ARGV[2], ARGV, 9)
 if winner == ARGV[1] then return {ARGV[1], redis.call('ZSCORE', k[5], ARGV[1]) and 1 or 0} end
 if winner then return {winner, 0} end
-return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7])}
+return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 """
 
 # KEYS: active tenants, parked passes, weights, the queue's waiting set (jobs sent and not
@@ -93,9 +94,10 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7])}
 # dispatched jobs' updated_at), cap-key prefix. A job keeps its pending score in the
 # waiting set (the broker serves by priority, then submission). A capped tenant (an API key
 # whose over_cap is "hold") is passed over while its dispatched jobs that have not ended
-# reach its cap. Returns flat (job id, priority) pairs.
+# reach its cap. Returns {flat (job id, priority) pairs, tenants still waiting}.
 _DISPATCH = _ROOM + """
-if redis.call('ZCARD', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {} end
+local waiting = redis.call('ZCARD', KEYS[1])
+if waiting == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {{}, waiting} end
 local space = math.min(room(KEYS[4], KEYS[6], ARGV[2]), tonumber(ARGV[3]))
 local caps = {}  -- each tenant's cap (false: none), read once per run
 local flying = {}  -- capped tenants' jobs in flight, counted once per run
@@ -154,7 +156,7 @@ while space > 0 do
   end
 end
 if popped > 0 then redis.call('LPOP', KEYS[7], popped) end
-return out
+return {out, redis.call('ZCARD', KEYS[1])}
 """
 
 # KEYS: the family's instances. ARGV: job-seconds key prefix. Returns live instances, their
@@ -171,6 +173,12 @@ end
 local last = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {#live, n > 0 and tostring(sum / n) or '', last[2] or '', tostring(t)}
 """
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    moved: list[tuple[str, str, int]]  # (job id, queue, priority) of the jobs to send now
+    waiting: set[str]  # the queues where tenants still have jobs pending
 
 
 @dataclass(frozen=True)
@@ -208,7 +216,7 @@ class Scheduler:
             keys, head = self.store.create_head(job_id, spec)
             score = queue_score(spec.priority, now) + i  # a bulk call's jobs keep their order
             calls.append((self._submit, keys + self._admit_keys(plan.segments[0].queue, plan.segments[0].family, tenant),
-                          head + [score, tenant, self.credit, self.margin,
+                          head + [score, tenant, self.credit, self.margin, plan.segments[0].queue,
                                   *self.store.record_fields(spec, plan, now, traces.get(job_id))]))
         replies = run_scripts(self.r, calls)
         for reply in replies:
@@ -220,16 +228,18 @@ class Scheduler:
     def _admit_keys(self, queue: str, family: str, tenant: str) -> list[str]:
         return [pending_key(self.prefix, queue, tenant), self._key("active", queue), self._key("passes", queue),
                 backlog_key(self.prefix, queue), self._key("queued", queue), self._key("paused", queue),
-                family_capacity_key(self.prefix, family), cap_key(self.prefix, tenant)]
+                family_capacity_key(self.prefix, family), cap_key(self.prefix, tenant), backlog_channel(self.prefix)]
 
-    def dispatch(self, queues: dict[str, str]) -> list[tuple[str, str, int]]:
+    def dispatch(self, queues: dict[str, str]) -> Dispatched:
         """Move what fits from the pending sets of ``queues`` (queue -> family) into them, one
-        round trip; returns (job id, queue, priority) of the jobs to send now."""
+        round trip."""
         replies = run_scripts(self.r, [self._dispatch_call(queue, family) for queue, family in queues.items()])
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return [(job_id, queue, priority) for queue, flat in zip(queues, replies) for job_id, priority in _pairs(flat)]
+        return Dispatched([(job_id, queue, priority) for queue, (flat, _) in zip(queues, replies)
+                           for job_id, priority in _pairs(flat)],
+                          {queue for queue, (_, waiting) in zip(queues, replies) if int(waiting)})
 
     def _dispatch_call(self, queue: str, family: str, limit: int = 1000) -> tuple:
         return (self._dispatch,
@@ -239,16 +249,16 @@ class Scheduler:
                 [f"{self.prefix}:pending:{queue}:", self.margin, limit, f"{self.prefix}:flight:",
                  f"{self.prefix}:job:", time.time(), cap_key(self.prefix, "")])
 
-    def feed(self, queues: dict[str, str], send: Callable[..., None]) -> int:
+    def feed(self, queues: dict[str, str], send: Callable[..., None]) -> Dispatched:
         """``dispatch`` ``queues`` (queue -> family), and send each moved job's first message
         with the trace its submitter kept (``send(job_id, 0, queue, priority, on_behalf=True,
-        kept_trace=...)``); returns how many. A send that fails leaves its job waiting with no
-        message: the lost-message sweep sends it again."""
-        moved = self.dispatch(queues)
-        kept = self.store.kept_traces([job_id for job_id, _, _ in moved])
-        for job_id, queue, priority in moved:
+        kept_trace=...)``). A send that fails leaves its job waiting with no message: the
+        lost-message sweep sends it again."""
+        done = self.dispatch(queues)
+        kept = self.store.kept_traces([job_id for job_id, _, _ in done.moved])
+        for job_id, queue, priority in done.moved:
             send(job_id, 0, queue, priority, on_behalf=True, kept_trace=kept.get(job_id))
-        return len(moved)
+        return done
 
     def set_weight(self, tenant: str, weight: float) -> None:
         self.r.hset(f"{self.prefix}:weights", tenant, weight)

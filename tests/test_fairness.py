@@ -10,7 +10,7 @@ import yaml
 from tests.conftest import WorkerProc, png_bytes
 
 STEP_S = 0.01  # sim seconds per step: a 5-step job is ~50 ms of "GPU"
-FAMILIES = ("fair", "fairw", "fairp", "fairnone")
+FAMILIES = ("fair", "fairw", "fairp", "fairnone", "fairn")
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +177,45 @@ def test_jobs_whose_records_expired_while_pending_hold_no_place(fair_client, ref
         assert fair_client.store.r.zcard("easel:queued:easel.fairp") == 0
     finally:
         proc.stop()
+
+
+def test_a_backlog_that_starts_is_announced_and_feeders_dispatch_until_none_waits(fair_client, ref):
+    """Claims read nothing about the backlog: a worker's feeder dispatches after its claims
+    while a dispatch says tenants wait, and hears on the backlog channel when the first job
+    of a new backlog starts waiting (family ``fairn`` has no worker; its queue is paused so
+    that its jobs wait in the pending sets)."""
+    from types import SimpleNamespace
+
+    from easel.shared.keys import backlog_channel
+    from easel.worker.feeding import Feeder
+    from easel.worker.stops import StopListener
+
+    store = fair_client.store
+    feeder = Feeder(SimpleNamespace(store=store, settings=fair_client.settings), fair_client.celery, "fairn", {})
+    listener = StopListener(store.r, store.stops_channel()).on(backlog_channel(store.prefix), feeder.heard_backlog)
+    listener.start()
+
+    def until(what, why: str) -> None:
+        deadline = time.monotonic() + 5
+        while not what():
+            assert time.monotonic() < deadline, why
+            time.sleep(0.02)
+
+    fair_client.pause("fairn")
+    try:
+        until(lambda: feeder._notices > 0, "not subscribed")  # notices may have been missed: assume a backlog
+        assert feeder._backlog
+        assert feeder.feed() == 0 and not feeder._backlog  # the dispatch said no tenant waits
+        first = fair_client.submit(jobs(ref, "fairn", "t", 1)[0])
+        until(lambda: feeder._backlog, "the first waiting job was not announced")
+        assert feeder.feed() == 0 and feeder._backlog  # paused, and a tenant still waits
+        fair_client.cancel(first)
+        fair_client.resume("fairn")  # its dispatch finds the tenant's set empty and drops it
+        assert feeder.feed() == 0 and not feeder._backlog
+        fair_client.pause("fairn")
+        second = fair_client.submit(jobs(ref, "fairn", "t", 1)[0])
+        until(lambda: feeder._backlog, "a new backlog was not announced")
+        fair_client.cancel(second)
+    finally:
+        fair_client.resume("fairn")
+        listener.close()

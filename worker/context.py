@@ -37,8 +37,8 @@ class WorkerContext:
     # S3 transfers of one job run side by side (boto3 clients are thread-safe).
     io: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="easel-io"))
     stops: StopListener | None = None  # cancels and take-overs pushed to this process (worker.stops)
-    # Told after each claim how many tenants wait for room in the queue (``worker.feeding``).
-    on_claim: Callable[[int], None] | None = None
+    # Called after each claim: room opened in the queue (``worker.feeding``).
+    on_claim: Callable[[], None] | None = None
     # Deliveries whose end could not be recorded (Redis away): the heartbeat settles them later.
     unsettled: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 

@@ -130,7 +130,7 @@ def claim(ctx: WorkerContext, app, deliveries: list[Delivery], outcomes: Outcome
         return []
     t1 = tracing.clock()
     if ctx.on_claim is not None:
-        ctx.on_claim(max((c.backlog for c in claims), default=0))
+        ctx.on_claim()
     jobs = []
     for d, c, tr in zip(deliveries, claims, traces):
         tr.record("easel.claim", t0, t1, {"easel.claim": c.outcome, "easel.batch_size": len(deliveries)})

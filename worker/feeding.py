@@ -2,11 +2,14 @@
 and drains when an operator asks.
 
 Dispatch runs where a slot may have opened, while tenants wait: after a claim took jobs out
-of the queue (the claim script says whether any tenant has jobs pending), after every task
-(a capped tenant's slot frees when its job ends), and on every heartbeat, which also
-catches what no claim follows (a worker that joins an idle farm with jobs pending). With no
-backlog a job costs no dispatch at all. Each task's time also feeds this process's mean
-seconds per job, which its heartbeat publishes for ETAs.
+of the queue, after every task (a capped tenant's slot frees when its job ends), and on
+every heartbeat, which also catches what no claim follows (a worker that joins an idle farm
+with jobs pending) and a notice that did not arrive. Whether tenants wait is known without
+asking: each dispatch says whether some still do, and the first job to wait while none did
+is announced on the backlog channel (``shared.keys.backlog_channel``), which the worker's
+pushed-notice listener hears. With no backlog a job costs no dispatch and no read at all.
+Each task's time also feeds this process's mean seconds per job, which its heartbeat
+publishes for ETAs.
 """
 from __future__ import annotations
 
@@ -36,21 +39,35 @@ class Feeder:
         self.family, self.queue = family, queue_name(family, ctx.settings.queue_prefix)
         self.app, self.presence = app, presence  # the heartbeat's record: ``job_s`` goes there
         self._started: dict[str, float] = {}
-        self._backlog = False  # whether the last claim saw tenants waiting
+        # Whether tenants may wait for room: until a dispatch says none do, and again from a
+        # notice. ``_notices`` counts notices, so one heard during a dispatch is not undone by
+        # that dispatch's answer.
+        self._backlog = True
+        self._notices = 0
         task_prerun.connect(self._prerun, weak=False)
         task_postrun.connect(self._postrun, weak=False)
 
     def feed(self) -> int:
+        """Dispatch; returns how many jobs it sent."""
+        notices = self._notices
         try:
-            return self.scheduler.feed({self.queue: self.family},
-                                       lambda *a, **kw: send_segment(self.app, *a, **kw))
+            done = self.scheduler.feed({self.queue: self.family}, lambda *a, **kw: send_segment(self.app, *a, **kw))
         except Exception as e:  # broker or Redis trouble: the next task end or heartbeat tries again
             log.warning("could not dispatch pending jobs of %s: %s", self.queue, e)
             return 0
+        if self.queue not in done.waiting and self._notices == notices:
+            self._backlog = False
+        return len(done.moved)
 
-    def after_claim(self, backlog: int) -> None:
-        """A claim took jobs out of the queue; ``backlog``: tenants with jobs pending for it."""
-        self._backlog = backlog > 0
+    def heard_backlog(self, queue: str | None) -> None:
+        """A notice on the backlog channel (None: the listener (re)subscribed, notices may
+        have been missed)."""
+        if queue is None or queue == self.queue:
+            self._notices += 1
+            self._backlog = True
+
+    def after_claim(self) -> None:
+        """A claim took jobs out of the queue: room opened there."""
         if self._backlog:
             self.feed()
 

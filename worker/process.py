@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     log_format = configure_logging(args.loglevel, get_settings().log_format)  # EASEL_LOG_FORMAT
 
     from easel.shared.celery_app import queue_name, send_segment
+    from easel.shared.keys import backlog_channel
     from easel.shared.liveness import Heartbeat, Reaper
     from easel.shared.retention import ResultRetention
     from easel.worker.feeding import DRAINED_EXIT, Drain, Feeder
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx.finisher = Finisher(ctx.store, ctx.settings.max_pending_finishes, ctx.settings.overlap_finish_wait_s)
     from easel.worker.stops import StopListener
 
-    ctx.stops = StopListener(ctx.store.r, ctx.store.stops_channel()).start()  # before the first claim
+    ctx.stops = StopListener(ctx.store.r, ctx.store.stops_channel())  # started below, before the first claim
     set_context(ctx, app)
     from easel.worker.adaptive import resolve_idle_s
 
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         after_beat=after_beat)
     feeder = Feeder(ctx, app, args.family, beat.presence)
     ctx.on_claim = feeder.after_claim
+    ctx.stops.on(backlog_channel(ctx.store.prefix), feeder.heard_backlog).start()
     drain = Drain(ctx.store, hostname, beat.presence)
     reaper = Reaper(ctx.store, lambda *a: send_segment(app, *a), s.reap_every_s, s.heartbeat_ttl_s,
                     [queue_name(args.family, s.queue_prefix)],

@@ -11,6 +11,10 @@ listener made: a stage compares it with the epoch at its jobs' claim (which read
 cancel flag itself), and while they differ, or while the listener is not connected, or
 every ``READ_EVERY_S`` anyway, its progress write also reads the flags back
 (``worker.engine.StepHook``). Nothing is missed; nothing is read on the common path.
+
+The same connection carries other notices a worker acts on (``on``): a handler per channel,
+called with each message, and with None after each (re)subscription, when notices may have
+been missed.
 """
 from __future__ import annotations
 
@@ -18,8 +22,11 @@ import json
 import logging
 import threading
 import time
+from typing import Callable
 
 import redis
+
+from easel.shared.jobstore import _text
 
 log = logging.getLogger("easel.worker.stops")
 
@@ -30,11 +37,17 @@ READ_EVERY_S = 15.0  # a stage still reads the flags back this often, whatever i
 class StopListener:
     def __init__(self, r: redis.Redis, channel: str):
         self.r, self.channel = r, channel
+        self._handlers: dict[str, Callable[[str | None], None]] = {}
         self.epoch = 0  # subscriptions made; a stage started under another epoch reads the flags
         self.connected = False
         self._heard: dict[str, tuple[float, str, str | None]] = {}  # job id -> (when, stop, instance)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+
+    def on(self, channel: str, handler: Callable[[str | None], None]) -> "StopListener":
+        """Also listen on ``channel`` (before ``start``)."""
+        self._handlers[channel] = handler
+        return self
 
     def start(self) -> "StopListener":
         threading.Thread(target=self._run, name="easel-stops", daemon=True).start()
@@ -58,16 +71,21 @@ class StopListener:
         while not self._stop.is_set():
             pubsub = self.r.pubsub()
             try:
-                pubsub.subscribe(self.channel)
+                pubsub.subscribe(self.channel, *self._handlers)
                 while not self._stop.is_set():
                     msg = pubsub.get_message(timeout=1.0)
-                    if msg is None:
+                    if msg is None or msg["type"] not in ("subscribe", "message"):
                         continue
-                    if msg["type"] == "subscribe":
+                    channel = _text(msg["channel"])
+                    if msg["type"] == "subscribe" and channel == self.channel:
                         self.epoch += 1
                         self.connected = True
-                    elif msg["type"] == "message":
+                    elif msg["type"] == "subscribe":
+                        self._handlers[channel](None)
+                    elif channel == self.channel:
                         self._note(msg["data"])
+                    else:
+                        self._handlers[channel](_text(msg["data"]))
             except (redis.RedisError, OSError) as e:
                 log.warning("stops channel lost (%s); stages read cancel flags until it is back", e)
             finally:
