@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -59,6 +60,7 @@ class EaselClient:
         self.storage = Storage(self.settings)
         self.celery = make_celery(self.settings)
         tracing.setup(self.settings, "easel-producer")
+        self._follow = threading.local()  # each thread's pub/sub connection for ``watch``
 
     # -- submission ---------------------------------------------------------------------
     def validate(self, job: JobSpec | dict) -> JobSpec:
@@ -277,7 +279,7 @@ class EaselClient:
         still going are re-read, so an event missed across a reconnect only delays an update."""
         deadline = None if timeout is None else time.monotonic() + timeout
         channels = {self.store.events_channel(j): j for j in job_ids}
-        pubsub = self.store.r.pubsub(ignore_subscribe_messages=True)
+        pubsub, kept = self._follower()
         pubsub.subscribe(*channels)  # before the first read: no change can fall in between
         try:
             last = {j: self.store.status(j, position=False) for j in job_ids}
@@ -289,8 +291,8 @@ class EaselClient:
                     going = [j for j, st in last.items() if not st.state.terminal]
                     raise TimeoutError(f"job {going[0]} still {last[going[0]].state.value} after {timeout}s")
                 msg = pubsub.get_message(timeout=min(resync_s, left if left is not None else resync_s))
-                if msg is not None and msg["type"] == "message":
-                    job_id = channels[msg["channel"]]
+                job_id = channels.get(msg["channel"]) if msg is not None and msg["type"] == "message" else None
+                if job_id is not None:  # (None: a late event of an earlier watch on this connection)
                     if not last[job_id].state.terminal:
                         last[job_id] = self._apply_event(job_id, last[job_id], msg["data"])
                         yield last[job_id]
@@ -300,7 +302,32 @@ class EaselClient:
                         last[job_id] = self.store.status(job_id, position=False)
                         yield last[job_id]
         finally:
-            pubsub.close()
+            self._release_follower(pubsub, kept, list(channels))
+
+    def _follower(self):
+        """(pub/sub, kept): this thread's connection for following jobs, kept between calls
+        so that a submit-and-wait loop does not connect twice per job (closing a pub/sub
+        connection drops it from the pool); a fresh one, not kept, while this thread's is in
+        use (a watch inside another)."""
+        kept = getattr(self._follow, "pubsub", None)
+        if kept is not None and not self._follow.busy:
+            self._follow.busy = True
+            return kept, True
+        fresh = self.store.r.pubsub(ignore_subscribe_messages=True)
+        if kept is None:
+            self._follow.pubsub, self._follow.busy = fresh, True
+            return fresh, True
+        return fresh, False
+
+    def _release_follower(self, pubsub, kept: bool, channels: list[str]) -> None:
+        if kept:
+            try:
+                pubsub.unsubscribe(*channels)
+                self._follow.busy = False
+                return
+            except Exception:  # a broken connection: the next watch starts a new one
+                self._follow.pubsub = None
+        pubsub.close()
 
     def _apply_event(self, job_id: str, status: JobStatus, data: str) -> JobStatus:
         event = json.loads(data)

@@ -91,3 +91,19 @@ def test_progress_is_written_once_an_interval_has_passed_then_at_most_that_often
     assert steps[short] == [] and client.status(short).progress.step == 3  # the final state records it
     assert 5 <= len(steps[long]) <= 9, steps[long]  # 2 s / 0.25 s, less the first interval
     assert steps[long] == sorted(steps[long]) and steps[long][0] >= 4  # 0.25 s in at 0.05 s a step
+
+
+def test_a_submit_and_wait_loop_keeps_its_connections(client, sim_worker, input_png):
+    """Following a job takes a pub/sub connection; the client keeps it (and its pooled one)
+    for the next job instead of connecting again for each."""
+    import redis
+
+    r = redis.Redis.from_url(client.settings.redis_url)
+    job = img2img_job(str(input_png), model="sim", steps=2, strength=1.0)
+    client.wait(client.submit(job), timeout=60)  # this thread's follower connection, made once
+    before = r.info("stats")["total_connections_received"]
+    for seed in range(4):
+        assert client.wait(client.submit({**job, "stages": [{**job["stages"][0], "seed": seed}]}),
+                           timeout=60).state.value == "succeeded"
+    # Reconnecting per job made 8 here; a worker process may open one more pooled connection.
+    assert r.info("stats")["total_connections_received"] - before <= 1
