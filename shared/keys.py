@@ -14,6 +14,13 @@ def backlog_key(prefix: str, queue: str) -> str:
     return f"{prefix}:backlog:{queue}"
 
 
+def tenants_waiting_key(prefix: str, queue: str) -> str:
+    """A string that exists while some tenant has jobs pending for ``queue`` (the active
+    tenants' set is not empty): set where a tenant joins that set, deleted by the dispatch
+    that empties it, so admission reads it in its one MGET."""
+    return f"{prefix}:tenants-waiting:{queue}"
+
+
 def backlog_channel(prefix: str) -> str:
     """Pub/sub: a queue's name, published when a job starts waiting in its pending sets while
     none did. Its workers then dispatch after their claims until a dispatch finds none."""

@@ -26,7 +26,7 @@ from typing import Callable
 
 from easel.shared.jobstore import _CLOCK, _CREATE, DEFAULT_TENANT, JobStore, _text, queue_score, run_scripts
 from easel.shared.keys import (backlog_channel, backlog_key, cap_key, family_capacity_key, family_instances_key, job_seconds_prefix,
-                               pending_key)
+                               pending_key, tenants_waiting_key)
 from easel.shared.schema import JobSpec, Plan
 
 log = logging.getLogger("easel.scheduler")
@@ -44,19 +44,19 @@ end
 
 # Admission of one new job. k: its tenant's pending set, active tenants (zset of pass),
 # parked passes (hash), the queue's backlog tally, the queue's waiting set, paused flag, the
-# family's capacity, the tenant's cap, the backlog channel. ``score``: ``queue_score``
+# family's capacity, the tenant's cap, the backlog channel, the tenants-waiting flag (set
+# here as a tenant joins the active set, deleted by the dispatch that empties it; one MGET
+# reads it with capacity, pause and cap). ``score``: ``queue_score``
 # (priority, then submission). When no tenant has jobs pending there, the queue is open, the
 # job's tenant has no cap and there is room, the job goes straight to the waiting set
 # (returns 1: send it now); else it waits in its tenant's pending set (returns 0), and the
 # first job to wait there tells the queue's workers (``queue`` on the backlog channel).
 _ADMIT = """
 local function admit(k, job, score, tenant, credit, margin, queue)
-  if redis.call('ZCARD', k[2]) == 0 then
-    local v = redis.call('MGET', k[7], k[6], k[8])
-    if not v[2] and not v[3] and tonumber(v[1] or '0') + tonumber(margin) - redis.call('ZCARD', k[5]) > 0 then
-      redis.call('ZADD', k[5], score, job)
-      return 1
-    end
+  local v = redis.call('MGET', k[7], k[6], k[8], k[10])
+  if not v[2] and not v[3] and not v[4] and tonumber(v[1] or '0') + tonumber(margin) - redis.call('ZCARD', k[5]) > 0 then
+    redis.call('ZADD', k[5], score, job)
+    return 1
   end
   if redis.call('ZADD', k[1], score, job) == 1 then
     if redis.call('RPUSH', k[4], 1) == 1 then redis.call('PUBLISH', k[9], queue) end
@@ -69,19 +69,20 @@ local function admit(k, job, score, tenant, credit, margin, queue)
     pass = math.min(math.max(pass, front - tonumber(credit)), front)
   end
   redis.call('ZADD', k[2], pass, tenant)
+  redis.call('SET', k[10], 1)
   return 0
 end
 """
 
 # A new job's record and its admission, in one script. KEYS: the job hash, its idempotency
-# key (the hash again when it has none), then admit's nine keys. ARGV: job id, record TTL,
+# key (the hash again when it has none), then admit's ten keys. ARGV: job id, record TTL,
 # whether it has an idempotency key ('1' or ''), queue score, tenant, credit, margin, queue, then the
 # record's fields and values. Returns {winner id, 0} when another job holds the idempotency
 # key, else {job id, 1 when admitted to the queue now / 0 when pending}; a replay of a call
 # whose reply was lost answers as the first run did.
 _SUBMIT = _CREATE + _ADMIT + """
 local k = {}
-for i = 3, 11 do k[i - 2] = KEYS[i] end
+for i = 3, 12 do k[i - 2] = KEYS[i] end
 local winner = create(KEYS[1], ARGV[3] == '1' and KEYS[2] or '', ARGV[1], ARGV[2], ARGV, 9)
 if winner == ARGV[1] then return {ARGV[1], redis.call('ZSCORE', k[5], ARGV[1]) and 1 or 0} end
 if winner then return {winner, 0} end
@@ -89,7 +90,8 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 """
 
 # KEYS: active tenants, parked passes, weights, the queue's waiting set (jobs sent and not
-# yet claimed), paused flag, the family's capacity, the backlog tally. ARGV: pending-set
+# yet claimed), paused flag, the family's capacity, the backlog tally, the tenants-waiting
+# flag (deleted when this run empties the active set). ARGV: pending-set
 # prefix, margin, most jobs to move, in-flight-set prefix, job-record prefix, now (the
 # dispatched jobs' updated_at), cap-key prefix. A job keeps its pending score in the
 # waiting set (the broker serves by priority, then submission). A capped tenant (an API key
@@ -156,7 +158,9 @@ while space > 0 do
   end
 end
 if popped > 0 then redis.call('LPOP', KEYS[7], popped) end
-return {out, redis.call('ZCARD', KEYS[1])}
+local left = redis.call('ZCARD', KEYS[1])
+if left == 0 then redis.call('DEL', KEYS[8]) end
+return {out, left}
 """
 
 # KEYS: the family's instances. ARGV: job-seconds key prefix. Returns live instances, their
@@ -228,7 +232,8 @@ class Scheduler:
     def _admit_keys(self, queue: str, family: str, tenant: str) -> list[str]:
         return [pending_key(self.prefix, queue, tenant), self._key("active", queue), self._key("passes", queue),
                 backlog_key(self.prefix, queue), self._key("queued", queue), self._key("paused", queue),
-                family_capacity_key(self.prefix, family), cap_key(self.prefix, tenant), backlog_channel(self.prefix)]
+                family_capacity_key(self.prefix, family), cap_key(self.prefix, tenant), backlog_channel(self.prefix),
+                tenants_waiting_key(self.prefix, queue)]
 
     def dispatch(self, queues: dict[str, str]) -> Dispatched:
         """Move what fits from the pending sets of ``queues`` (queue -> family) into them, one
@@ -245,7 +250,7 @@ class Scheduler:
         return (self._dispatch,
                 [self._key("active", queue), self._key("passes", queue), f"{self.prefix}:weights",
                  self._key("queued", queue), self._key("paused", queue), family_capacity_key(self.prefix, family),
-                 backlog_key(self.prefix, queue)],
+                 backlog_key(self.prefix, queue), tenants_waiting_key(self.prefix, queue)],
                 [f"{self.prefix}:pending:{queue}:", self.margin, limit, f"{self.prefix}:flight:",
                  f"{self.prefix}:job:", time.time(), cap_key(self.prefix, "")])
 
