@@ -43,6 +43,25 @@ class SubmitError(ValueError):
     """The job was refused at submission; the message says why."""
 
 
+class _Follower:
+    """A thread's kept pub/sub connection, and whether a watch uses it. The watch holds the
+    slot itself, so whichever thread ends the watch (a generator closed elsewhere) frees it."""
+
+    def __init__(self, pubsub):
+        self.pubsub, self.busy = pubsub, False
+
+
+def _release_follower(slot: _Follower | None, pubsub, channels: list[str]) -> None:
+    if slot is not None:
+        try:
+            pubsub.unsubscribe(*channels)
+            slot.busy = False
+            return
+        except Exception:  # a broken connection: the thread's next watch starts a new one
+            slot.pubsub = None
+    pubsub.close()
+
+
 def _format_validation(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
@@ -279,9 +298,9 @@ class EaselClient:
         still going are re-read, so an event missed across a reconnect only delays an update."""
         deadline = None if timeout is None else time.monotonic() + timeout
         channels = {self.store.events_channel(j): j for j in job_ids}
-        pubsub, kept = self._follower()
-        pubsub.subscribe(*channels)  # before the first read: no change can fall in between
+        slot, pubsub = self._follower()
         try:
+            pubsub.subscribe(*channels)  # before the first read: no change can fall in between
             last = {j: self.store.status(j, position=False) for j in job_ids}
             yield from last.values()
             synced = time.monotonic()
@@ -302,32 +321,20 @@ class EaselClient:
                         last[job_id] = self.store.status(job_id, position=False)
                         yield last[job_id]
         finally:
-            self._release_follower(pubsub, kept, list(channels))
+            _release_follower(slot, pubsub, list(channels))
 
-    def _follower(self):
-        """(pub/sub, kept): this thread's connection for following jobs, kept between calls
+    def _follower(self) -> tuple["_Follower | None", object]:
+        """(slot, pub/sub): this thread's connection for following jobs, kept between calls
         so that a submit-and-wait loop does not connect twice per job (closing a pub/sub
-        connection drops it from the pool); a fresh one, not kept, while this thread's is in
-        use (a watch inside another)."""
-        kept = getattr(self._follow, "pubsub", None)
-        if kept is not None and not self._follow.busy:
-            self._follow.busy = True
-            return kept, True
-        fresh = self.store.r.pubsub(ignore_subscribe_messages=True)
-        if kept is None:
-            self._follow.pubsub, self._follow.busy = fresh, True
-            return fresh, True
-        return fresh, False
-
-    def _release_follower(self, pubsub, kept: bool, channels: list[str]) -> None:
-        if kept:
-            try:
-                pubsub.unsubscribe(*channels)
-                self._follow.busy = False
-                return
-            except Exception:  # a broken connection: the next watch starts a new one
-                self._follow.pubsub = None
-        pubsub.close()
+        connection drops it from the pool); a fresh one with no slot while this thread's is
+        in use (a watch inside another)."""
+        slot = getattr(self._follow, "slot", None)
+        if slot is None or slot.pubsub is None:
+            slot = self._follow.slot = _Follower(self.store.r.pubsub(ignore_subscribe_messages=True))
+        if slot.busy:
+            return None, self.store.r.pubsub(ignore_subscribe_messages=True)
+        slot.busy = True
+        return slot, slot.pubsub
 
     def _apply_event(self, job_id: str, status: JobStatus, data: str) -> JobStatus:
         event = json.loads(data)

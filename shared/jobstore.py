@@ -327,12 +327,31 @@ DEFAULT_TENANT = "default"  # the tenant of jobs submitted without one
 ORDER_EPOCH = 1_767_225_600  # 2026-01-01 UTC
 
 
+SCORE_PRIORITY = 10**14  # a score's priority part: (priority + 1) x this
+
+
 def queue_score(priority: int, t: float) -> int:
     """A waiting job's score in the pending and waiting sets: priority first (0 runs first),
-    then when it was queued, in 10 µs since ``ORDER_EPOCH`` (an exact double until 2057).
+    then when it was queued, in 10 µs since ``ORDER_EPOCH`` (exact in a double until 2057).
     Time instead of a counter: no INCR per job. Producers' clocks order their own jobs; ties
-    and skew between producers only reorder jobs queued within that skew."""
-    return priority * 10**14 + int((t - ORDER_EPOCH) * 1e5)
+    and skew between producers only reorder jobs queued within that skew. Scores are at least
+    ``SCORE_PRIORITY``: smaller ones are an earlier version's (priority x 1e13 + sequence),
+    which ``_PRIORITY_OF`` still reads."""
+    return (priority + 1) * SCORE_PRIORITY + int((t - ORDER_EPOCH) * 1e5)
+
+
+# Lua: a score's priority, in either version's form; the waiting-set score of a job sent
+# now (``queue_score``; ``k`` orders the jobs one dispatch run sends).
+_SCORES = f"""
+local function priority_of(score)
+  score = tonumber(score)
+  if score >= {SCORE_PRIORITY} then return math.floor(score / {SCORE_PRIORITY}) - 1 end
+  return math.floor(score / 1e13)
+end
+local function score_at(priority, t, k)
+  return (priority + 1) * {SCORE_PRIORITY} + math.floor((tonumber(t) - {ORDER_EPOCH}) * 1e5) + k
+end
+"""
 
 
 def new_job_id() -> str:

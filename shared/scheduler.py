@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from easel.shared.jobstore import _CLOCK, _CREATE, DEFAULT_TENANT, JobStore, _text, queue_score, run_scripts
+from easel.shared.jobstore import _CLOCK, _CREATE, _SCORES, DEFAULT_TENANT, JobStore, _text, queue_score, run_scripts
 from easel.shared.keys import (backlog_channel, backlog_key, cap_key, family_capacity_key, family_instances_key, job_seconds_prefix,
                                pending_key, tenants_waiting_key)
 from easel.shared.schema import JobSpec, Plan
@@ -49,8 +49,9 @@ end
 # reads it with capacity, pause and cap). ``score``: ``queue_score``
 # (priority, then submission). When no tenant has jobs pending there, the queue is open, the
 # job's tenant has no cap and there is room, the job goes straight to the waiting set
-# (returns 1: send it now); else it waits in its tenant's pending set (returns 0), and the
-# first job to wait there tells the queue's workers (``queue`` on the backlog channel).
+# (returns 1: send it now); else it waits in its tenant's pending set (returns 0), and a job
+# that starts a backlog (no tenant waited) tells the queue's workers (``queue`` on the
+# backlog channel).
 _ADMIT = """
 local function admit(k, job, score, tenant, credit, margin, queue)
   local v = redis.call('MGET', k[7], k[6], k[8], k[10])
@@ -59,7 +60,8 @@ local function admit(k, job, score, tenant, credit, margin, queue)
     return 1
   end
   if redis.call('ZADD', k[1], score, job) == 1 then
-    if redis.call('RPUSH', k[4], 1) == 1 then redis.call('PUBLISH', k[9], queue) end
+    redis.call('RPUSH', k[4], 1)
+    if not v[4] then redis.call('PUBLISH', k[9], queue) end
   end
   if redis.call('ZSCORE', k[2], tenant) then return 0 end
   local pass = tonumber(redis.call('HGET', k[3], tenant) or '0')
@@ -93,11 +95,12 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # yet claimed), paused flag, the family's capacity, the backlog tally, the tenants-waiting
 # flag (deleted when this run empties the active set). ARGV: pending-set
 # prefix, margin, most jobs to move, in-flight-set prefix, job-record prefix, now (the
-# dispatched jobs' updated_at), cap-key prefix. A job keeps its pending score in the
-# waiting set (the broker serves by priority, then submission). A capped tenant (an API key
+# dispatched jobs' updated_at), cap-key prefix. A job's waiting-set score is its priority
+# and the time it is sent (the broker serves each priority in the order it was sent, which
+# queue positions follow). A capped tenant (an API key
 # whose over_cap is "hold") is passed over while its dispatched jobs that have not ended
 # reach its cap. Returns {flat (job id, priority) pairs, tenants still waiting}.
-_DISPATCH = _ROOM + """
+_DISPATCH = _ROOM + _SCORES + """
 local waiting = redis.call('ZCARD', KEYS[1])
 if waiting == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {{}, waiting} end
 local space = math.min(room(KEYS[4], KEYS[6], ARGV[2]), tonumber(ARGV[3]))
@@ -136,8 +139,8 @@ while space > 0 do
       -- A record that expired while its job waited: nothing to run, nothing to hold room for.
       -- Otherwise its wait in the broker starts now (what a lost-message sweep measures).
       if redis.call('HSET', ARGV[5] .. job[1], 'updated_at', ARGV[6]) == 0 then
-        local priority = math.floor(tonumber(job[2]) / 1e14)
-        redis.call('ZADD', KEYS[4], job[2], job[1])
+        local priority = priority_of(job[2])
+        redis.call('ZADD', KEYS[4], score_at(priority, ARGV[6], #out / 2), job[1])
         if cap then
           redis.call('ZADD', ARGV[4] .. tenant, now(), job[1])
           flying[tenant] = flying[tenant] + 1
@@ -161,6 +164,17 @@ if popped > 0 then redis.call('LPOP', KEYS[7], popped) end
 local left = redis.call('ZCARD', KEYS[1])
 if left == 0 then redis.call('DEL', KEYS[8]) end
 return {out, left}
+"""
+
+# What an earlier version kept otherwise, for a queue. KEYS: active tenants, the
+# tenants-waiting flag, the caps hash an earlier version kept. ARGV: cap-key prefix. Sets the
+# flag while tenants wait (admission checks the flag alone) and moves the caps to their keys.
+_ADOPT = """
+if redis.call('ZCARD', KEYS[1]) > 0 then redis.call('SET', KEYS[2], 1) end
+local caps = redis.call('HGETALL', KEYS[3])
+for i = 1, #caps, 2 do redis.call('SET', ARGV[1] .. caps[i], caps[i + 1]) end
+if #caps > 0 then redis.call('DEL', KEYS[3]) end
+return 0
 """
 
 # KEYS: the family's instances. ARGV: job-seconds key prefix. Returns live instances, their
@@ -201,6 +215,7 @@ class Scheduler:
         self._submit = self.r.register_script(_SUBMIT)
         self._dispatch = self.r.register_script(_DISPATCH)
         self._family = self.r.register_script(_FAMILY)
+        self._adopt = self.r.register_script(_ADOPT)
 
     def _key(self, what: str, queue: str) -> str:
         return f"{self.prefix}:{what}:{queue}"
@@ -264,6 +279,12 @@ class Scheduler:
         for job_id, queue, priority in done.moved:
             send(job_id, 0, queue, priority, on_behalf=True, kept_trace=kept.get(job_id))
         return done
+
+    def adopt_earlier_keys(self, queue: str) -> None:
+        """Bring what an earlier version kept for ``queue`` into this one's keys (a worker
+        does at start, so a rolling upgrade keeps its waiting tenants and caps)."""
+        self._adopt(keys=[self._key("active", queue), tenants_waiting_key(self.prefix, queue), f"{self.prefix}:caps"],
+                    args=[cap_key(self.prefix, "")])
 
     def set_weight(self, tenant: str, weight: float) -> None:
         self.r.hset(f"{self.prefix}:weights", tenant, weight)

@@ -186,7 +186,9 @@ def test_a_backlog_that_starts_is_announced_and_feeders_dispatch_until_none_wait
     that its jobs wait in the pending sets)."""
     from types import SimpleNamespace
 
-    from easel.shared.keys import backlog_channel
+    from celery.signals import task_postrun, task_prerun
+
+    from easel.shared.keys import backlog_channel, pending_key
     from easel.worker.feeding import Feeder
     from easel.worker.stops import StopListener
 
@@ -209,6 +211,12 @@ def test_a_backlog_that_starts_is_announced_and_feeders_dispatch_until_none_wait
         first = fair_client.submit(jobs(ref, "fairn", "t", 1)[0])
         until(lambda: feeder._backlog, "the first waiting job was not announced")
         assert feeder.feed() == 0 and feeder._backlog  # paused, and a tenant still waits
+        # Open with room and no dispatch yet: another tenant's new job still waits its turn.
+        store.r.delete("easel:paused:easel.fairn")
+        other = fair_client.submit(jobs(ref, "fairn", "u", 1)[0])
+        assert store.r.zscore(pending_key(store.prefix, "easel.fairn", "u"), other) is not None
+        fair_client.cancel(other)
+        fair_client.pause("fairn")
         fair_client.cancel(first)
         fair_client.resume("fairn")  # its dispatch finds the tenant's set empty and drops it
         assert feeder.feed() == 0 and not feeder._backlog
@@ -219,3 +227,30 @@ def test_a_backlog_that_starts_is_announced_and_feeders_dispatch_until_none_wait
     finally:
         fair_client.resume("fairn")
         listener.close()
+        task_prerun.disconnect(feeder._prerun)
+        task_postrun.disconnect(feeder._postrun)
+
+
+def test_an_earlier_versions_scores_caps_and_waiting_tenants_are_adopted(fair_client, ref):
+    """A rolling upgrade: pending jobs scored the earlier way (priority x 1e13 + sequence)
+    keep their priority when dispatched, caps kept in the earlier hash move to their keys,
+    and tenants already waiting set the flag admission reads."""
+    from easel.shared.keys import cap_key, pending_key, tenants_waiting_key
+
+    store, sched, queue = fair_client.store, fair_client.scheduler, "easel.fairn"
+    fair_client.pause("fairn")
+    try:
+        job_id = fair_client.submit({**jobs(ref, "fairn", "old", 1)[0], "priority": 3})
+        store.r.zadd(pending_key(store.prefix, queue, "old"), {job_id: 3 * 10**13 + 42})  # the earlier form
+        store.r.delete(tenants_waiting_key(store.prefix, queue))  # an earlier version never set it
+        store.r.hset("easel:caps", "capped", 2)
+        sched.adopt_earlier_keys(queue)
+        assert store.r.exists(tenants_waiting_key(store.prefix, queue))
+        assert store.r.get(cap_key(store.prefix, "capped")) == "2" and not store.r.exists("easel:caps")
+        store.r.delete("easel:paused:easel.fairn")
+        assert sched.dispatch({queue: "fairn"}).moved == [(job_id, queue, 3)]
+        assert not store.r.exists(tenants_waiting_key(store.prefix, queue))  # nothing waits now
+    finally:
+        fair_client.resume("fairn")
+        store.r.delete(cap_key(store.prefix, "capped"))
+        fair_client.cancel(job_id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 
 from celery.signals import task_postrun, task_prerun
@@ -44,6 +45,11 @@ class Feeder:
         # that dispatch's answer.
         self._backlog = True
         self._notices = 0
+        self._lock = threading.Lock()  # the listener thread's notices against a dispatch's answer
+        try:
+            self.scheduler.adopt_earlier_keys(self.queue)
+        except Exception as e:  # Redis away at start: only matters right after an upgrade
+            log.warning("could not adopt an earlier version's keys for %s: %s", self.queue, e)
         task_prerun.connect(self._prerun, weak=False)
         task_postrun.connect(self._postrun, weak=False)
 
@@ -55,16 +61,18 @@ class Feeder:
         except Exception as e:  # broker or Redis trouble: the next task end or heartbeat tries again
             log.warning("could not dispatch pending jobs of %s: %s", self.queue, e)
             return 0
-        if self.queue not in done.waiting and self._notices == notices:
-            self._backlog = False
+        with self._lock:
+            if self.queue not in done.waiting and self._notices == notices:
+                self._backlog = False
         return len(done.moved)
 
     def heard_backlog(self, queue: str | None) -> None:
         """A notice on the backlog channel (None: the listener (re)subscribed, notices may
         have been missed)."""
         if queue is None or queue == self.queue:
-            self._notices += 1
-            self._backlog = True
+            with self._lock:
+                self._notices += 1
+                self._backlog = True
 
     def after_claim(self) -> None:
         """A claim took jobs out of the queue: room opened there."""
