@@ -35,66 +35,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
-import threading
 import time
 from dataclasses import dataclass
 
 import yaml
 
 from bench.common import BenchEnv, EventWatcher, bench_image, cpu_split, headline, log, pct, pin_process, png_bytes
+from tests.netproxy import TcpProxy
 
-REQUEST_LINE = re.compile(rb"(?:GET|PUT|POST|HEAD|DELETE) /\S* HTTP/1\.[01]\r\n")
-
-
-class CountingProxy:
-    """A TCP proxy that counts HTTP request lines going to the server. On a keep-alive connection
-    a request follows the previous body directly, so lines are matched anywhere in the stream."""
-
-    def __init__(self, target_port: int):
-        self.target = ("127.0.0.1", target_port)
-        self.requests = 0
-        self._lock = threading.Lock()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
-        tail = b""
-        try:
-            while data := src.recv(65536):
-                if count:
-                    seen = tail + data
-                    n = len(REQUEST_LINE.findall(seen)) - len(REQUEST_LINE.findall(tail))
-                    tail = seen[-256:]
-                    with self._lock:
-                        self.requests += n
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
+REQUEST_LINE = re.compile(rb"(?:GET|PUT|POST|HEAD|DELETE) /\S* HTTP/1\.[01]\r\n")  # an S3 request
 
 
 @dataclass
@@ -108,7 +57,7 @@ class Reading:
     s3: int
 
     @classmethod
-    def take(cls, r, proxy: CountingProxy) -> "Reading":
+    def take(cls, r, proxy: TcpProxy) -> "Reading":
         stats = r.info("commandstats")
         cpu = r.info("cpu")
         return cls(time.perf_counter(), {k[len("cmdstat_"):]: v["calls"] for k, v in stats.items()},
@@ -253,7 +202,7 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
     # The embedded server fsyncs every write (no loss in tests); a farm's Redis runs everysec
     # (docs/operations.md), and the per-job CPU measured here should be that one's.
     r.config_set("appendfsync", "everysec")
-    proxy = CountingProxy(int(env.service_env["EASEL_S3_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    proxy = TcpProxy(int(env.service_env["EASEL_S3_ENDPOINT_URL"].rsplit(":", 1)[1]), count=REQUEST_LINE).start()
     models = farm_registry(env, step_s)
     extra = {"EASEL_MODELS": models, "EASEL_S3_ENDPOINT_URL": proxy.url}
     procs = [env.worker("sim", hostname=f"farm-{k}@bench", extra_env=extra) for k in range(workers)]
@@ -283,7 +232,7 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
     finally:
         for p in procs:
             p.stop()
-        proxy.close()
+        proxy.stop()
     work = work_us_per_job(client, r, ref, steps)
     out = summarize(idle, workers, results)
     out["farm_redis_work_us_per_job"] = round(work)

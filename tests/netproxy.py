@@ -2,18 +2,24 @@
 
 Used for storage outages: a single-process SeaweedFS restarted on the same folder does not
 always re-register its volumes in time, so the fault is injected between worker and S3.
+``bench farm`` uses it to count the S3 requests that pass (``count``).
 """
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
 
 
 class TcpProxy:
-    def __init__(self, target_port: int, listen_port: int = 0):
+    """``count``: a pattern counted in what clients send (``requests``), matched anywhere in
+    the stream, since on a keep-alive connection a request follows the previous body."""
+
+    def __init__(self, target_port: int, listen_port: int = 0, count: re.Pattern[bytes] | None = None):
         self.target_port = target_port
         self.port = listen_port
+        self.count, self.requests = count, 0
         self._server: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -71,12 +77,19 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, counted in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, counted), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        tail = b""
         try:
             while data := src.recv(65536):
+                if counted and self.count is not None:
+                    seen = tail + data
+                    n = len(self.count.findall(seen)) - len(self.count.findall(tail))
+                    tail = seen[-256:]
+                    with self._lock:
+                        self.requests += n
                 while self._held.is_set():
                     time.sleep(0.01)
                 dst.sendall(data)
