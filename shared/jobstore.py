@@ -336,7 +336,7 @@ def queue_score(priority: int, t: float) -> int:
     Time instead of a counter: no INCR per job. Producers' clocks order their own jobs; ties
     and skew between producers only reorder jobs queued within that skew. Scores are at least
     ``SCORE_PRIORITY``: smaller ones are an earlier version's (priority x 1e13 + sequence),
-    which ``_PRIORITY_OF`` still reads."""
+    which ``priority_of`` in ``_SCORES`` still reads."""
     return (priority + 1) * SCORE_PRIORITY + int((t - ORDER_EPOCH) * 1e5)
 
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from easel.shared.jobstore import _CLOCK, _CREATE, _SCORES, DEFAULT_TENANT, JobStore, _text, queue_score, run_scripts
-from easel.shared.keys import (backlog_channel, backlog_key, cap_key, family_capacity_key, family_instances_key, job_seconds_prefix,
-                               pending_key, tenants_waiting_key)
+from easel.shared.keys import (backlog_channel, backlog_key, cap_key, family_capacity_key, family_instances_key,
+                               job_seconds_prefix, pending_key, tenants_waiting_key)
 from easel.shared.schema import JobSpec, Plan
 
 log = logging.getLogger("easel.scheduler")
@@ -36,9 +36,13 @@ MARGIN = 1  # jobs waiting in the broker beyond one per live worker
 
 # Room in a queue: a batch per live worker of its family (the capacity key its heartbeats
 # keep), plus the margin, less the jobs already sent to it and not yet claimed.
+# ``room_after``: the same with the capacity already read (admission's MGET).
 _ROOM = _CLOCK + """
+local function room_after(queued, capacity, margin)
+  return tonumber(capacity or '0') + tonumber(margin) - redis.call('ZCARD', queued)
+end
 local function room(queued, capacity, margin)
-  return tonumber(redis.call('GET', capacity) or '0') + tonumber(margin) - redis.call('ZCARD', queued)
+  return room_after(queued, redis.call('GET', capacity), margin)
 end
 """
 
@@ -55,7 +59,7 @@ end
 _ADMIT = """
 local function admit(k, job, score, tenant, credit, margin, queue)
   local v = redis.call('MGET', k[7], k[6], k[8], k[10])
-  if not v[2] and not v[3] and not v[4] and tonumber(v[1] or '0') + tonumber(margin) - redis.call('ZCARD', k[5]) > 0 then
+  if not v[2] and not v[3] and not v[4] and room_after(k[5], v[1], margin) > 0 then
     redis.call('ZADD', k[5], score, job)
     return 1
   end
@@ -82,7 +86,7 @@ end
 # record's fields and values. Returns {winner id, 0} when another job holds the idempotency
 # key, else {job id, 1 when admitted to the queue now / 0 when pending}; a replay of a call
 # whose reply was lost answers as the first run did.
-_SUBMIT = _CREATE + _ADMIT + """
+_SUBMIT = _ROOM + _CREATE + _ADMIT + """
 local k = {}
 for i = 3, 12 do k[i - 2] = KEYS[i] end
 local winner = create(KEYS[1], ARGV[3] == '1' and KEYS[2] or '', ARGV[1], ARGV[2], ARGV, 9)
