@@ -46,6 +46,12 @@ from tests.netproxy import TcpProxy
 REQUEST_LINE = re.compile(rb"(?:GET|PUT|POST|HEAD|DELETE) /\S* HTTP/1\.[01]\r\n")  # an S3 request
 
 
+def valkey_cpu_s(r) -> float:
+    """valkey's CPU time so far (user + system), in seconds."""
+    cpu = r.info("cpu")
+    return cpu["used_cpu_sys"] + cpu["used_cpu_user"]
+
+
 @dataclass
 class Reading:
     """Redis and S3 counters at one moment."""
@@ -58,10 +64,9 @@ class Reading:
 
     @classmethod
     def take(cls, r, proxy: TcpProxy) -> "Reading":
-        stats = r.info("commandstats")
-        cpu = r.info("cpu")
-        return cls(time.perf_counter(), {k[len("cmdstat_"):]: v["calls"] for k, v in stats.items()},
-                   {k[len("cmdstat_"):]: v["usec"] for k, v in stats.items()}, cpu["used_cpu_sys"] + cpu["used_cpu_user"], proxy.requests)
+        stats = {k[len("cmdstat_"):]: v for k, v in r.info("commandstats").items()}
+        return cls(time.perf_counter(), {k: v["calls"] for k, v in stats.items()},
+                   {k: v["usec"] for k, v in stats.items()}, valkey_cpu_s(r), proxy.requests)
 
     def since(self, a: "Reading") -> dict:
         cmds = {k: v - a.cmds.get(k, 0) for k, v in self.cmds.items() if v - a.cmds.get(k, 0)}
@@ -165,33 +170,28 @@ def work_us_per_job(client, r, ref: str, steps: int, n: int = 2000, batch: int =
 
     store, scheduler = client.store, client.scheduler
     r.set(family_capacity_key(store.prefix, "sim"), 10**7)  # room, as live workers' heartbeats keep it
-    cpu = lambda: sum(r.info("cpu")[k] for k in ("used_cpu_sys", "used_cpu_user"))  # noqa: E731
     used = 0.0
     for b in range(n // batch):
         items = [(new_job_id(), *client.prepare_and_plan({"input": {"image": ref}, "stages": [
             {"model": "sim", "prompt": "farm", "steps": steps, "strength": 1.0, "seed": b * batch + i}]}))
             for i in range(batch)]
         ids = [job_id for job_id, _, _ in items]
-        c0 = cpu()
+        c0 = valkey_cpu_s(r)
         scheduler.submit_many(items)
         store.claim_many([(job_id, 0) for job_id in ids], "work@bench", "work", 3)
         store.progress_many(ids, 0, 1, steps, "work", check=False)
         store.transition_many([(job_id, JobState.succeeded, {"outputs": [], "manifest": ""}) for job_id in ids],
                               end=(0, "work"))
-        used += cpu() - c0
+        used += valkey_cpu_s(r) - c0
     return used / (n // batch * batch) * 1e6
 
 
 def ping_cpu_us(r, n: int = 3000) -> float:
     """valkey CPU per PING round trip (one connection, no pipelining), in microseconds."""
-    def cpu() -> float:
-        c = r.info("cpu")
-        return c["used_cpu_sys"] + c["used_cpu_user"]
-
-    c0 = cpu()
+    c0 = valkey_cpu_s(r)
     for _ in range(n):
         r.ping()
-    return (cpu() - c0) / n * 1e6
+    return (valkey_cpu_s(r) - c0) / n * 1e6
 
 
 def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: int, step_s: float,
