@@ -16,15 +16,21 @@ Headlines:
 - ``farm_max_jobs_per_s``: the knee, the highest job rate whose dispatch p99 stays within
   twice the lowest rate's (the machine's CPU, not Redis, sets it on a 2-core VM);
 - ``farm_idle_redis_cpu_pct_per_worker``: valkey CPU per idle worker process, in % of a core;
+- ``farm_backlog_cmds_per_job``: commands per job above the idle rate while a backlog drains
+  (jobs submitted at once with ``submit_many``, most waiting their turn in the pending sets):
+  a job's own commands plus its wait and its dispatch;
 - ``farm_redis_ping_cpu_us``: valkey CPU of one PING round trip, measured in the same run on
   the same server (the baseline: what one request costs on this machine), and
   ``farm_redis_cpu_per_job_in_pings``: a job's marginal CPU in PING round trips, the figure
   that carries over to another machine (multiply by its PING cost);
-- ``farm_redis_work_us_per_job`` and ``farm_redis_work_per_job_in_pings``: the work inside
-  Redis per job, pipelined so that network I/O is spread thin (``work_us_per_job``): on a
-  busy Redis a job costs about this plus six round trips at that machine's PING cost.
+- ``farm_busy_redis_cpu_us_per_job``: valkey CPU per job on a busy server, where a farm's
+  Redis runs (``busy_cpu``): the requests of real jobs, recorded, then replayed from many
+  connections at once by a light client; with ``farm_busy_jobs_per_s`` and
+  ``farm_busy_redis_cpu_pct``, how fast and how busy.
 
 Jobs are also submitted once before anything is measured, so every worker has run one.
+Each window (idle, rate steps, backlog) lasts a whole number of the workers' timer periods
+(``periodic_s``), so their heartbeats and sweeps cancel out of the per-job counts.
 By default valkey has a CPU of its own and everything else shares the rest
 (``--shared-cores``: all share all), as a farm's Redis has a core to itself.
 
@@ -33,14 +39,17 @@ valkey runs with ``appendfsync everysec``, as a farm's Redis does (docs/operatio
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import yaml
 
 from bench.common import BenchEnv, EventWatcher, bench_image, cpu_split, headline, log, pct, pin_process, png_bytes
+from bench.replay import RequestLog, replay
 from tests.netproxy import TcpProxy
 
 REQUEST_LINE = re.compile(rb"(?:GET|PUT|POST|HEAD|DELETE) /\S* HTTP/1\.[01]\r\n")  # an S3 request
@@ -63,10 +72,10 @@ class Reading:
     s3: int
 
     @classmethod
-    def take(cls, r, proxy: TcpProxy) -> "Reading":
+    def take(cls, r, proxy: TcpProxy | None) -> "Reading":
         stats = {k[len("cmdstat_"):]: v for k, v in r.info("commandstats").items()}
         return cls(time.perf_counter(), {k: v["calls"] for k, v in stats.items()},
-                   {k: v["usec"] for k, v in stats.items()}, valkey_cpu_s(r), proxy.requests)
+                   {k: v["usec"] for k, v in stats.items()}, valkey_cpu_s(r), proxy.requests if proxy else 0)
 
     def since(self, a: "Reading") -> dict:
         cmds = {k: v - a.cmds.get(k, 0) for k, v in self.cmds.items() if v - a.cmds.get(k, 0)}
@@ -83,8 +92,27 @@ def farm_registry(env: BenchEnv, step_s: float) -> str:
     return str(path)
 
 
-def run_step(env, client, r, proxy, ref: str, rate: float, seconds: float, steps: int, seed0: int) -> dict:
-    """Jobs at ``rate`` per second for ``seconds``; returns the step's counters and latencies."""
+def periodic_s() -> float:
+    """The period of the workers' own timers (heartbeat, reaper: the lcm of their default
+    intervals). A window of whole periods holds the same number of each worker's beats and
+    sweeps, whatever their phase, so the idle rate subtracts them exactly."""
+    from easel.shared.settings import Settings
+
+    ms = [round(1000 * v) for v in (Settings.model_fields["heartbeat_interval_s"].default,
+                                    Settings.model_fields["reap_every_s"].default)]
+    return math.lcm(*ms) / 1000
+
+
+def pad_window(t0: float, period_s: float) -> None:
+    """Sleep until the window that started at ``t0`` lasts a whole number of ``period_s``."""
+    took = time.perf_counter() - t0
+    time.sleep(math.ceil(took / period_s) * period_s - took)
+
+
+def run_step(env, client, r, proxy, ref: str, rate: float, seconds: float, steps: int, seed0: int,
+             period_s: float | None = None) -> dict:
+    """Jobs at ``rate`` per second for ``seconds``, the window padded to whole ``period_s``;
+    returns the step's counters and latencies."""
     n = max(5, int(rate * seconds))
     watcher = EventWatcher(env.redis_url)
     before = Reading.take(r, proxy)
@@ -94,7 +122,10 @@ def run_step(env, client, r, proxy, ref: str, rate: float, seconds: float, steps
         ids.append(client.submit({"input": {"image": ref}, "stages": [
             {"model": "sim", "prompt": "farm", "steps": steps, "strength": 1.0, "seed": seed0 + i}]}))
     done = watcher.wait(ids, timeout=600)
+    took = time.perf_counter() - before.t
     watcher.close()
+    if period_s:
+        pad_window(before.t, period_s)
     after = Reading.take(r, proxy)
     window = after.since(before)
     pipe = r.pipeline(transaction=False)
@@ -102,8 +133,26 @@ def run_step(env, client, r, proxy, ref: str, rate: float, seconds: float, steps
         pipe.hmget(f"easel:job:{j}", "created_at", "started_at")
     dispatch = [(float(s) - float(c)) * 1000 for c, s in pipe.execute()]
     return {"rate": rate, "jobs": n, "failed": sum(st != "succeeded" for _, st in done.values()),
-            "throughput": n / window["s"], "window": window, "dispatch_p50_ms": pct(dispatch, 50),
+            "throughput": n / took, "window": window, "dispatch_p50_ms": pct(dispatch, 50),
             "dispatch_p99_ms": pct(dispatch, 99)}
+
+
+def backlog_step(env, client, r, proxy, ref: str, n: int, steps: int, idle: dict, period_s: float) -> dict:
+    """``n`` jobs submitted at once with ``submit_many``, as a bulk pipeline does: all but the
+    queue's room wait their turn in the pending sets, and the claims dispatch them. Returns
+    the commands per job above the idle rate while that backlog drains."""
+    watcher = EventWatcher(env.redis_url)
+    before = Reading.take(r, proxy)
+    ids = client.submit_many([{"input": {"image": ref}, "stages": [
+        {"model": "sim", "prompt": "farm", "steps": steps, "strength": 1.0, "seed": 500_000 + i}]} for i in range(n)])
+    done = watcher.wait(ids, timeout=900)
+    watcher.close()
+    pad_window(before.t, period_s)
+    window = Reading.take(r, proxy).since(before)
+    extra = per_job_commands(idle, {"window": window, "jobs": n})
+    return {"jobs": n, "failed": sum(st != "succeeded" for _, st in done.values()), "window": window,
+            "cmds_per_job": (window["cmd_total"] - idle["cmd_total"] / idle["s"] * window["s"]) / n,
+            "per_job_commands": extra}
 
 
 def knee(steps: list[dict]) -> dict:
@@ -125,7 +174,7 @@ def summarize(idle: dict, workers: int, steps: list[dict]) -> dict:
     low, top = steps[0], knee(steps)
     w = low["window"]
     below = [s for s in steps if s["rate"] <= top["rate"]]
-    cpu_points = [(s["throughput"], s["window"]["cpu_s"] / s["window"]["s"]) for s in below]
+    cpu_points = [(s["jobs"] / s["window"]["s"], s["window"]["cpu_s"] / s["window"]["s"]) for s in below]
     return {
         "farm_workers": workers,
         "farm_redis_cmds_per_job": round((w["cmd_total"] - idle_cmd_rate * w["s"]) / low["jobs"], 1),
@@ -157,33 +206,78 @@ def redis_cpus(env: BenchEnv, procs: list) -> None:
     log(f"valkey on CPUs {sorted(servers)}, workers, SeaweedFS and the producer on {sorted(rest)}")
 
 
-def work_us_per_job(client, r, ref: str, steps: int, n: int = 2000, batch: int = 100) -> float:
-    """valkey CPU per job for the work inside Redis alone: ``n`` jobs' control-plane calls
-    (the submit script, the claim script, one progress write, the final-state script; the
-    same calls a job makes), ``batch`` jobs' worth per pipelined round trip, so the cost of
-    each request's network I/O is spread thin and the server runs with warm caches, as a
-    busy Redis does. A job's cost on a machine is about this plus its round trips (six, with
-    the broker's LPUSH and BRPOP) times that machine's PING cost."""
-    from easel.shared.jobstore import new_job_id
-    from easel.shared.keys import family_capacity_key
+def job_loops(settings, ref: str, steps: int, loops: int, seconds: float) -> None:
+    """``loops`` threads, each with a client of its own, each running jobs one after another
+    for ``seconds`` through a job's Redis calls: ``submit`` (the submit script, then the
+    message's LPUSH), the BRPOP that fetches a message, the worker's claim and its
+    final-state script (``JobStore.claim_many`` and ``transition_many``, as the engine calls
+    them), each its own round trip as on the real path."""
+    import threading
+
+    from easel.producer.client import EaselClient
+    from easel.shared.metrics import priority_lists
     from easel.shared.schema import JobState
 
-    store, scheduler = client.store, client.scheduler
-    r.set(family_capacity_key(store.prefix, "sim"), 10**7)  # room, as live workers' heartbeats keep it
-    used = 0.0
-    for b in range(n // batch):
-        items = [(new_job_id(), *client.prepare_and_plan({"input": {"image": ref}, "stages": [
-            {"model": "sim", "prompt": "farm", "steps": steps, "strength": 1.0, "seed": b * batch + i}]}))
-            for i in range(batch)]
-        ids = [job_id for job_id, _, _ in items]
-        c0 = valkey_cpu_s(r)
-        scheduler.submit_many(items)
-        store.claim_many([(job_id, 0) for job_id in ids], "work@bench", "work", 3)
-        store.progress_many(ids, 0, 1, steps, "work", check=False)
-        store.transition_many([(job_id, JobState.succeeded, {"outputs": [], "manifest": ""}) for job_id in ids],
-                              end=(0, "work"))
-        used += valkey_cpu_s(r) - c0
-    return used / (n // batch * batch) * 1e6
+    job = {"input": {"image": ref}, "stages": [{"model": "sim", "prompt": "farm", "steps": steps, "strength": 1.0}]}
+    clients = [EaselClient(settings) for _ in range(loops)]
+    lists = [name for _, name in priority_lists(clients[0].prepare_and_plan(job)[1].segments[0].queue)]
+    stop = time.perf_counter() + seconds
+
+    def loop(k: int) -> None:
+        client, store, instance = clients[k], clients[k].store, f"loop-{k}"
+        while time.perf_counter() < stop:
+            job_id = client.submit(job)
+            store.r.brpop(lists, timeout=1)
+            store.claim_many([(job_id, 0)], f"{instance}@bench", instance, 3)
+            store.transition_many([(job_id, JobState.succeeded, {"outputs": [], "manifest": ""})], end=(0, instance))
+
+    threads = [threading.Thread(target=loop, args=(k,), daemon=True) for k in range(loops)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def redis_address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 6379
+
+
+def busy_cpu(env, client, r, ref: str, steps: int, loops: int, seconds: float) -> dict:
+    """valkey's CPU per job on a busy server: ``loops`` job loops' requests (``job_loops``)
+    recorded, then replayed (``bench.replay``) from a quarter of the loops' connections and
+    from all of them, each time into the emptied database the recording started from. No
+    worker idles meanwhile, so all of valkey's CPU is the jobs'; the headline is from the
+    replay over all connections, the busier server (a farm's hundreds of connections keep
+    its Redis busier still)."""
+    from easel.shared.keys import family_capacity_key
+
+    def reset() -> None:
+        r.flushdb()
+        r.set(family_capacity_key(client.store.prefix, "sim"), 10**7)  # room, as live workers' heartbeats keep it
+
+    reset()
+    with RequestLog() as requests:
+        job_loops(client.settings, ref, steps, loops, seconds)
+    sequences = requests.sequences()
+    points = []
+    for share in (max(1, len(sequences) // 4), len(sequences)):
+        reset()
+        jobs = sum(b"\r\nBRPOP\r\n" in blob for seq in sequences[:share] for blob, _ in seq)
+        before = Reading.take(r, None)
+        took = replay(*redis_address(env.redis_url), sequences[:share])
+        used = Reading.take(r, None).since(before)
+        point = {"connections": share, "jobs": jobs, "jobs_per_s": jobs / took, "cpu": used["cpu_s"] / took,
+                 "us_per_job": used["cpu_s"] / jobs * 1e6, "cmds_per_job": used["cmd_total"] / jobs,
+                 "usec_per_job": {k: round(v / jobs, 2) for k, v in used["usec"].items() if v / jobs >= 0.05}}
+        log(f"replay, {share} connections: {point['jobs_per_s']:.0f} jobs/s, valkey {100 * point['cpu']:.0f}% of "
+            f"a core, {point['us_per_job']:.0f} µs/job, {point['cmds_per_job']:.1f} cmds/job")
+        points.append(point)
+    top = points[-1]
+    return {"points": points, "headline": {
+        "farm_busy_jobs_per_s": round(top["jobs_per_s"]),
+        "farm_busy_redis_cpu_pct": round(100 * top["cpu"]),
+        "farm_busy_redis_cpu_us_per_job": round(top["us_per_job"])}}
 
 
 def ping_cpu_us(r, n: int = 3000) -> float:
@@ -195,7 +289,8 @@ def ping_cpu_us(r, n: int = 3000) -> float:
 
 
 def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: int, step_s: float,
-        idle_s: float, own_core: bool = True) -> dict:
+        idle_s: float, own_core: bool = True, busy_loops: int = 32, busy_s: float = 20.0,
+        backlog_jobs: int = 600) -> dict:
     import redis
 
     r = redis.Redis.from_url(env.redis_url)
@@ -216,34 +311,40 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
         # Every worker's first job (connections, first S3 write) before anything is measured.
         run_step(env, client, r, proxy, ref, 4 * workers, 1.0, steps, seed0=10**7)
         time.sleep(3)
+        period = periodic_s()
         a = Reading.take(r, proxy)
-        time.sleep(idle_s)
+        time.sleep(math.ceil(idle_s / period) * period)
         idle = Reading.take(r, proxy).since(a)
         ping = ping_cpu_us(r)  # idle workers around, as for the jobs
         log(f"idle: {idle['cmd_total'] / idle['s']:.0f} cmds/s, valkey {100 * idle['cpu_s'] / idle['s']:.2f}% "
             f"of a core for {workers} idle workers")
         results = []
         for k, rate in enumerate(rates):
-            res = run_step(env, client, r, proxy, ref, rate, seconds, steps, seed0=k * 100_000)
+            res = run_step(env, client, r, proxy, ref, rate, seconds, steps, seed0=k * 100_000, period_s=period)
             log(f"rate {rate:>5}/s: {res['throughput']:.1f} jobs/s done, dispatch p50 {res['dispatch_p50_ms']:.0f} "
                 f"ms p99 {res['dispatch_p99_ms']:.0f} ms, {res['window']['cmd_total'] / res['jobs']:.1f} cmds/job "
                 f"raw, {res['window']['s3'] / res['jobs']:.2f} S3 req/job, failed {res['failed']}")
             results.append(res)
+        time.sleep(3)  # the last step's overload drains
+        backlog = backlog_step(env, client, r, proxy, ref, backlog_jobs, steps, idle, period)
+        log(f"backlog of {backlog_jobs} jobs submitted at once: {backlog['cmds_per_job']:.1f} cmds/job, "
+            f"failed {backlog['failed']}")
     finally:
         for p in procs:
             p.stop()
         proxy.stop()
-    work = work_us_per_job(client, r, ref, steps)
+    busy = busy_cpu(env, client, r, ref, steps, busy_loops, busy_s)
     out = summarize(idle, workers, results)
-    out["farm_redis_work_us_per_job"] = round(work)
+    out["farm_backlog_cmds_per_job"] = round(backlog["cmds_per_job"], 1)
+    out.update(busy["headline"])
     out["farm_redis_ping_cpu_us"] = round(ping, 1)
     out["farm_redis_cpu_per_job_in_pings"] = round(out["farm_redis_cpu_us_per_job"] / ping, 1)
-    out["farm_redis_work_per_job_in_pings"] = round(work / ping, 1)
     for k, v in out.items():
         headline(k, v)
     return {"headline": out, "details": {"idle": idle, "steps": results,
                                          "per_job_commands": per_job_commands(idle, results[0]),
-                                         "per_job_usec": per_job_commands(idle, results[0], "usec")}}
+                                         "per_job_usec": per_job_commands(idle, results[0], "usec"),
+                                         "backlog": backlog, "busy": busy["points"]}}
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -252,7 +353,11 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each rate step")
     ap.add_argument("--steps", type=int, default=4, help="sim steps per job")
     ap.add_argument("--step-ms", type=float, default=5.0, help="sim sleep per step (short: the knee is the control plane)")
-    ap.add_argument("--idle-s", type=float, default=10.0, help="idle window measured before the jobs")
+    ap.add_argument("--idle-s", type=float, default=30.0,
+                    help="idle window measured before the jobs (rounded up to whole timer periods, 15 s)")
+    ap.add_argument("--backlog-jobs", type=int, default=600, help="jobs submitted at once for the backlog step")
+    ap.add_argument("--busy-loops", type=int, default=32, help="job loops recorded for the busy-Redis replay")
+    ap.add_argument("--busy-s", type=float, default=20.0, help="how long the busy-Redis job loops are recorded")
     ap.add_argument("--shared-cores", action="store_true",
                     help="let valkey share every CPU with the workers (default: a core of its own)")
 
@@ -263,4 +368,5 @@ NEEDS_MODELS = False
 def main(env: BenchEnv, args) -> dict:
     rates = [float(x) for x in args.rates.split(",")]
     return run(env, args.workers, rates, args.seconds, args.steps, args.step_ms / 1000, args.idle_s,
-               own_core=not args.shared_cores)
+               own_core=not args.shared_cores, busy_loops=args.busy_loops, backlog_jobs=args.backlog_jobs,
+               busy_s=args.busy_s)

@@ -1,0 +1,41 @@
+"""bench.replay, the busy-Redis half of `python -m bench farm`: what it records is what
+redis-py sent, and replaying it rebuilds the same data."""
+from __future__ import annotations
+
+import threading
+
+import redis
+
+from bench.replay import RequestLog, command_count, replay
+
+
+def test_a_packed_pipeline_counts_its_commands():
+    conn = redis.Connection()
+    blob = b"".join(conn.pack_commands([("SET", "k", "a\r\nb"), ("INCR", "n"), ("PING",)]))
+    assert command_count(blob) == 3
+    assert command_count(b"".join(conn.pack_command("GET", "k"))) == 1
+
+
+def test_recorded_requests_replay_into_the_same_data(services):
+    url = services.redis.url.rsplit("/", 1)[0] + "/9"  # a database of its own: the test empties it
+    with RequestLog() as log:
+        r = redis.Redis.from_url(url)  # its handshake (and SELECT 9) is recorded too
+        r.set("greeting", "hello\r\nworld")
+        pipe = r.pipeline(transaction=False)
+        pipe.incr("count").rpush("items", "a", "b").get("missing")
+        pipe.execute()
+        r.brpop(["items"], timeout=1)
+        r.hset("record", mapping={"state": "running", "step": 3})
+    expected = {"greeting": r.get("greeting"), "count": r.get("count"), "items": r.lrange("items", 0, -1),
+                "record": r.hgetall("record")}
+
+    (sequence,) = log.sequences()
+    assert sum(commands for _, commands in sequence) >= 7  # the handshake's, then the five calls' (a pipeline's three)
+    assert threading.get_ident() in log.by_thread
+
+    r.flushdb()
+    replay("127.0.0.1", services.redis.port, [sequence])
+    assert {"greeting": r.get("greeting"), "count": r.get("count"), "items": r.lrange("items", 0, -1),
+            "record": r.hgetall("record")} == expected == {
+        "greeting": b"hello\r\nworld", "count": b"1", "items": [b"a"], "record": {b"state": b"running", b"step": b"3"}}
+    r.flushdb()
