@@ -156,13 +156,13 @@ class EaselClient:
             queue = plan.segments[0].queue
             with tracing.span("easel.enqueue", {"easel.job_id": job_id, "messaging.destination.name": queue},
                               producer=True):
-                ((got, created, admitted),) = self.scheduler.submit_many([(job_id, spec, plan)], traces)
-                if created:
-                    self._send_admitted([(job_id, queue, spec.priority)] if admitted else [],
-                                        {} if admitted else {queue: plan.segments[0].family})
+                (got,) = self.scheduler.submit_many([(job_id, spec, plan)], traces)
+                if got.created:
+                    self._send_admitted([(job_id, queue, spec.priority)] if got.admitted else [],
+                                        {queue: plan.segments[0].family} if got.room else {})
             if span is not tracing.NO_SPAN:
-                span.set_attributes(_job_attributes(got, spec, plan, created))
-            return got
+                span.set_attributes(_job_attributes(got.job_id, spec, plan, got.created))
+            return got.job_id
 
     def _send(self, *args, **kw) -> None:
         send_segment(self.celery, *args, **kw)
@@ -171,8 +171,9 @@ class EaselClient:
                        carriers: dict[str, dict] | None = None) -> None:
         """Send the first messages of the jobs admitted now; a job whose message cannot be sent
         ends failed ("could not enqueue"), not stuck, and the error is raised. Then, when some
-        jobs waited in pending sets, dispatch their queues (``pended``: queue -> family) and
-        send what it moved. That is best effort: a job it could not move or send still waits
+        jobs wait in pending sets of queues with room, dispatch those queues (``pended``:
+        queue -> family) and send what it moved (in a full queue a dispatch moves nothing:
+        the claim that makes room dispatches). That is best effort: a job it could not move or send still waits
         its turn, and the next dispatch (a worker's claim or heartbeat, or the lost-message
         sweep) moves or sends it."""
         try:
@@ -235,11 +236,11 @@ class EaselClient:
         carriers = self._submit_spans(new, call)
         replies = self.scheduler.submit_many(new, carriers)
         admitted = [(job_id, plan.segments[0].queue, spec.priority)
-                    for (job_id, spec, plan), (_, created, now) in zip(new, replies) if created and now]
+                    for (job_id, spec, plan), got in zip(new, replies) if got.created and got.admitted]
         pended = {plan.segments[0].queue: plan.segments[0].family
-                  for (_, spec, plan), (_, created, now) in zip(new, replies) if created and not now}
+                  for (_, spec, plan), got in zip(new, replies) if got.created and got.room}
         self._send_admitted(admitted, pended, producer, carriers)
-        return [got for got, _, _ in replies]
+        return [got.job_id for got in replies]
 
     @staticmethod
     def _submit_spans(new: list[tuple[str, JobSpec, Plan]], call) -> dict[str, dict]:

@@ -33,6 +33,7 @@ log = logging.getLogger("easel.scheduler")
 
 CREDIT = 20  # jobs a returning or new tenant may start behind the tenant in front
 MARGIN = 1  # jobs waiting in the broker beyond one per live worker
+PENDING, ADMITTED, ROOM = 0, 1, 2  # admission's answers (``_ADMIT``)
 
 # Room in a queue: a batch per live worker of its family (the capacity key its heartbeats
 # keep), plus the margin, less the jobs already sent to it and not yet claimed.
@@ -53,9 +54,11 @@ end
 # reads it with capacity, pause and cap). ``score``: ``queue_score``
 # (priority, then submission). When no tenant has jobs pending there, the queue is open, the
 # job's tenant has no cap and there is room, the job goes straight to the waiting set
-# (returns 1: send it now); else it waits in its tenant's pending set (returns 0), and a job
-# that starts a backlog (no tenant waited) tells the queue's workers (``queue`` on the
-# backlog channel).
+# (returns ADMITTED: send it now); else it waits in its tenant's pending set, and a job that
+# starts a backlog (no tenant waited) tells the queue's workers (``queue`` on the backlog
+# channel). A waiting job returns ROOM when its open queue has room (a dispatch now would
+# send it or another tenant's job), else PENDING: with the queue full a dispatch moves
+# nothing, and the claim that makes room dispatches.
 _ADMIT = """
 local function admit(k, job, score, tenant, credit, margin, queue)
   local v = redis.call('MGET', k[7], k[6], k[8], k[10])
@@ -67,15 +70,17 @@ local function admit(k, job, score, tenant, credit, margin, queue)
     redis.call('RPUSH', k[4], 1)
     if not v[4] then redis.call('PUBLISH', k[9], queue) end
   end
-  if redis.call('ZSCORE', k[2], tenant) then return 0 end
-  local pass = tonumber(redis.call('HGET', k[3], tenant) or '0')
-  local lead = redis.call('ZRANGE', k[2], 0, 0, 'WITHSCORES')
-  if #lead > 0 then
-    local front = tonumber(lead[2])
-    pass = math.min(math.max(pass, front - tonumber(credit)), front)
+  if not redis.call('ZSCORE', k[2], tenant) then
+    local pass = tonumber(redis.call('HGET', k[3], tenant) or '0')
+    local lead = redis.call('ZRANGE', k[2], 0, 0, 'WITHSCORES')
+    if #lead > 0 then
+      local front = tonumber(lead[2])
+      pass = math.min(math.max(pass, front - tonumber(credit)), front)
+    end
+    redis.call('ZADD', k[2], pass, tenant)
+    redis.call('SET', k[10], 1)
   end
-  redis.call('ZADD', k[2], pass, tenant)
-  redis.call('SET', k[10], 1)
+  if not v[2] and room_after(k[5], v[1], margin) > 0 then return 2 end
   return 0
 end
 """
@@ -83,9 +88,9 @@ end
 # A new job's record and its admission, in one script. KEYS: the job hash, its idempotency
 # key (the hash again when it has none), then admit's ten keys. ARGV: job id, record TTL,
 # whether it has an idempotency key ('1' or ''), queue score, tenant, credit, margin, queue, then the
-# record's fields and values. Returns {winner id, 0} when another job holds the idempotency
-# key, else {job id, 1 when admitted to the queue now / 0 when pending}; a replay of a call
-# whose reply was lost answers as the first run did.
+# record's fields and values. Returns {winner id, PENDING} when another job holds the
+# idempotency key, else {job id, admit's answer}; a replay of a call whose reply was lost
+# answers ADMITTED or PENDING, as the first run did (a dispatch it skips, a heartbeat's does).
 _SUBMIT = _ROOM + _CREATE + _ADMIT + """
 local k = {}
 for i = 3, 12 do k[i - 2] = KEYS[i] end
@@ -103,10 +108,11 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # and the time it is sent (the broker serves each priority in the order it was sent, which
 # queue positions follow). A capped tenant (an API key
 # whose over_cap is "hold") is passed over while its dispatched jobs that have not ended
-# reach its cap. Returns {flat (job id, priority) pairs, tenants still waiting}.
+# reach its cap. Returns {flat (job id, priority) pairs, tenants still waiting, 1 when room
+# is left that only capped tenants could have taken (their jobs ending frees it) else 0}.
 _DISPATCH = _ROOM + _SCORES + """
 local waiting = redis.call('ZCARD', KEYS[1])
-if waiting == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {{}, waiting} end
+if waiting == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {{}, waiting, 0} end
 local space = math.min(room(KEYS[4], KEYS[6], ARGV[2]), tonumber(ARGV[3]))
 local caps = {}  -- each tenant's cap (false: none), read once per run
 local flying = {}  -- capped tenants' jobs in flight, counted once per run
@@ -167,7 +173,7 @@ end
 if popped > 0 then redis.call('LPOP', KEYS[7], popped) end
 local left = redis.call('ZCARD', KEYS[1])
 if left == 0 then redis.call('DEL', KEYS[8]) end
-return {out, left}
+return {out, left, (space > 0 and left > 0) and 1 or 0}
 """
 
 # What an earlier version kept otherwise, for a queue. KEYS: active tenants, the
@@ -198,9 +204,18 @@ return {#live, n > 0 and tostring(sum / n) or '', last[2] or '', tostring(t)}
 
 
 @dataclass(frozen=True)
+class Admission:
+    job_id: str  # the job's id, or the id of the job that holds its idempotency key
+    created: bool
+    admitted: bool  # sent to its queue now: its message goes out next
+    room: bool  # waits its turn while its queue has room: a dispatch now sends it or another's job
+
+
+@dataclass(frozen=True)
 class Dispatched:
     moved: list[tuple[str, str, int]]  # (job id, queue, priority) of the jobs to send now
     waiting: set[str]  # the queues where tenants still have jobs pending
+    held: set[str] = frozenset()  # the queues with room left that only capped tenants could take
 
 
 @dataclass(frozen=True)
@@ -225,12 +240,12 @@ class Scheduler:
         return f"{self.prefix}:{what}:{queue}"
 
     def submit_many(self, items: list[tuple[str, JobSpec, Plan]], traces: dict[str, dict] | None = None,
-                    now: float | None = None) -> list[tuple[str, bool, bool]]:
+                    now: float | None = None) -> list[Admission]:
         """Store new jobs and admit each, one script per job, all in one round trip. A job goes
         straight to its queue when no tenant has jobs pending there, its tenant has no cap,
         the queue is open and there is room; else it waits in its tenant's pending set.
-        Returns (job id, created, admitted now) per item: a job whose idempotency key another
-        holds gives that job's id, created False. ``traces``: submitters' trace contexts."""
+        A job whose idempotency key another holds gives that job's id, created False.
+        ``traces``: submitters' trace contexts."""
         now = time.time() if now is None else now
         traces = traces or {}
         calls = []
@@ -245,8 +260,8 @@ class Scheduler:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return [(_text(got), _text(got) == job_id, bool(int(admitted)))
-                for (job_id, _, _), (got, admitted) in zip(items, replies)]
+        return [Admission(_text(got), _text(got) == job_id, int(answer) == ADMITTED, int(answer) == ROOM)
+                for (job_id, _, _), (got, answer) in zip(items, replies)]
 
     def _admit_keys(self, queue: str, family: str, tenant: str) -> list[str]:
         return [pending_key(self.prefix, queue, tenant), self._key("active", queue), self._key("passes", queue),
@@ -261,9 +276,10 @@ class Scheduler:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return Dispatched([(job_id, queue, priority) for queue, (flat, _) in zip(queues, replies)
+        return Dispatched([(job_id, queue, priority) for queue, (flat, _, _) in zip(queues, replies)
                            for job_id, priority in _pairs(flat)],
-                          {queue for queue, (_, waiting) in zip(queues, replies) if int(waiting)})
+                          {queue for queue, (_, waiting, _) in zip(queues, replies) if int(waiting)},
+                          {queue for queue, (_, _, held) in zip(queues, replies) if int(held)})
 
     def _dispatch_call(self, queue: str, family: str, limit: int = 1000) -> tuple:
         return (self._dispatch,

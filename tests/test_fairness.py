@@ -10,7 +10,7 @@ import yaml
 from tests.conftest import WorkerProc, png_bytes
 
 STEP_S = 0.01  # sim seconds per step: a 5-step job is ~50 ms of "GPU"
-FAMILIES = ("fair", "fairw", "fairp", "fairnone", "fairn")
+FAMILIES = ("fair", "fairw", "fairp", "fairnone", "fairn", "fairr")
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +254,45 @@ def test_an_earlier_versions_scores_caps_and_waiting_tenants_are_adopted(fair_cl
         fair_client.resume("fairn")
         store.r.delete(cap_key(store.prefix, "capped"))
         fair_client.cancel(job_id)
+
+
+def test_a_waiting_job_asks_for_a_dispatch_only_where_one_can_move_something(fair_client, ref):
+    """Admission tells the submitter whether its queue has room (a dispatch now may move a
+    job) or is full (the claim that makes room dispatches), and a dispatch says when it left
+    room that only a capped tenant could have taken (the ends of its jobs free it)."""
+    from easel.shared.jobstore import new_job_id
+    from easel.shared.keys import cap_key, family_capacity_key
+
+    store, sched, queue = fair_client.store, fair_client.scheduler, "easel.fairr"
+    queued = f"{store.prefix}:queued:{queue}"
+
+    def submit(tenant: str):
+        spec, plan = fair_client.prepare_and_plan(jobs(ref, "fairr", tenant, 1)[0])
+        (got,) = sched.submit_many([(new_job_id(), spec, plan)])
+        return got
+
+    store.r.set(family_capacity_key(store.prefix, "fairr"), 1)  # one live worker's worth: room for 1 + margin 1
+    made = []
+    try:
+        made += [submit("a"), submit("a")]
+        assert [(g.admitted, g.room) for g in made] == [(True, False), (True, False)]
+        full = submit("a")  # the queue holds capacity + margin: no room
+        made.append(full)
+        assert (full.admitted, full.room) == (False, False)
+        store.r.zrem(queued, made[0].job_id)  # a claim took one out
+        waits = submit("b")  # tenants wait, so it waits its turn too, in a queue with room now
+        made.append(waits)
+        assert (waits.admitted, waits.room) == (False, True)
+        done = sched.dispatch({queue: "fairr"})
+        assert [job_id for job_id, _, _ in done.moved] == [full.job_id] and queue in done.waiting
+        assert queue not in done.held
+
+        store.r.delete(queued)  # both claimed: room for two, and only a capped tenant waits
+        store.r.set(cap_key(store.prefix, "b"), 0)
+        done = sched.dispatch({queue: "fairr"})
+        assert done.moved == [] and queue in done.waiting and queue in done.held
+    finally:
+        for got in made:
+            fair_client.cancel(got.job_id)
+        store.r.delete(cap_key(store.prefix, "b"), family_capacity_key(store.prefix, "fairr"),
+                       *store.r.scan_iter(match=f"{store.prefix}:*{queue}*"))
