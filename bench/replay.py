@@ -66,20 +66,24 @@ class RequestLog:
 
 class _Replayer(asyncio.Protocol):
     """One connection's requests, each sent once the previous one's replies are all in
-    (replies parsed by hiredis; an error reply counts as a reply, as it did when recorded)."""
+    (replies parsed by hiredis; error replies are counted, as they were when recorded: a
+    handshake option this server lacks). Sends nothing until ``start``."""
 
     def __init__(self, requests: list[tuple[bytes, int]], done: asyncio.Future):
-        self.requests, self.done, self.next, self.owed = requests, done, 0, 0
-        self.reader = hiredis.Reader()
+        self.requests, self.done, self.next, self.owed, self.errors = requests, done, 0, 0, []
+        self.reader = hiredis.Reader(notEnoughData=_NOT_YET)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+
+    def start(self) -> None:
         self._send()
 
     def _send(self) -> None:
         if self.next == len(self.requests):
             self.transport.close()
-            self.done.set_result(None)
+            if not self.done.done():
+                self.done.set_result(self.errors)
             return
         blob, self.owed = self.requests[self.next]
         self.next += 1
@@ -87,9 +91,11 @@ class _Replayer(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
-        while self.owed and self.reader.gets() is not False:
+        while self.owed and (reply := self.reader.gets()) is not _NOT_YET:
             self.owed -= 1
-        if not self.owed:
+            if isinstance(reply, hiredis.ReplyError):
+                self.errors.append(str(reply))
+        if not self.owed and not self.done.done():
             self._send()
 
     def connection_lost(self, exc) -> None:
@@ -97,18 +103,25 @@ class _Replayer(asyncio.Protocol):
             self.done.set_exception(exc or ConnectionError("closed before the last reply"))
 
 
-def replay(host: str, port: int, sequences: list[list[tuple[bytes, int]]]) -> float:
-    """Send each sequence over a connection of its own, all at once; returns the seconds it took."""
+_NOT_YET = object()  # hiredis's "no whole reply yet" (a reply may itself be False or None)
 
-    async def main() -> float:
+
+def replay(host: str, port: int, sequences: list[list[tuple[bytes, int]]]) -> tuple[float, list[str]]:
+    """Send each sequence over a connection of its own, all starting at once; returns the
+    seconds it took and the error replies it got."""
+
+    async def main() -> tuple[float, list[str]]:
         loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        waits = []
+        replayers, waits = [], []
         for reqs in sequences:
             done = loop.create_future()
-            await loop.create_connection(lambda reqs=reqs, done=done: _Replayer(reqs, done), host, port)
+            _, protocol = await loop.create_connection(lambda reqs=reqs, done=done: _Replayer(reqs, done), host, port)
+            replayers.append(protocol)
             waits.append(done)
-        await asyncio.gather(*waits)
-        return time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for protocol in replayers:
+            protocol.start()
+        errors = await asyncio.gather(*waits)
+        return time.perf_counter() - t0, [e for per in errors for e in per]
 
     return asyncio.run(main())

@@ -43,6 +43,7 @@ import ssl
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -69,7 +70,9 @@ end
 # KEYS: job hash, events channel, finished-jobs counts. ARGV: event JSON, running-set prefix,
 # job id, segment whose delivery ends ('' = none), instance, new state ('' = none), then
 # field/value pairs. A job that ends is counted by its final state, so metrics read the
-# counts instead of walking every job.
+# counts instead of walking every job, and a job dispatched under its tenant's cap (its
+# ``capped`` field names the tenant's in-flight set) leaves that set: the reply is then
+# SLOT_FREED instead of 1, so the worker dispatches the tenant's next job at once.
 # Ending a delivery drops it from the instance's running set and, while the instance still
 # holds the job, resets the segment's crash counter and clears the holder (a final state
 # keeps it: it names the last holder, and no claim or reaper reads it past a final state);
@@ -78,7 +81,7 @@ end
 # field never moves the job back (a late hand-off after the next segment has run).
 # Publishing from the script means no event is published for a change that did not happen.
 _TRANSITION = f"""
-local h = redis.call('HMGET', KEYS[1], 'state', 'instance', 'segment')
+local h = redis.call('HMGET', KEYS[1], 'state', 'instance', 'segment', 'capped')
 local cur = h[1]
 if not cur then return -1 end
 local writes = {{}}
@@ -104,11 +107,18 @@ for i = 7, #ARGV, 2 do
 end
 for i = 7, #ARGV do table.insert(writes, ARGV[i]) end
 commit(1)
-local new = ARGV[6]
-if new == 'succeeded' or new == 'failed' or new == 'cancelled' then redis.call('HINCRBY', KEYS[3], new, 1) end
+local new, reply = ARGV[6], 1
+if new == 'succeeded' or new == 'failed' or new == 'cancelled' then
+  redis.call('HINCRBY', KEYS[3], new, 1)
+  if h[4] then
+    redis.call('ZREM', h[4], ARGV[3])
+    reply = 2
+  end
+end
 redis.call('PUBLISH', KEYS[2], ARGV[1])
-return 1
+return reply
 """
+SLOT_FREED = 2  # _TRANSITION's reply when a capped tenant's job ended
 
 # Everything a delivery checks and records before it runs, in one round trip. Drops the
 # job from its queue-position set, then refuses unknown and terminal jobs, a segment the job
@@ -363,6 +373,9 @@ class JobStore:
         self.r = client
         self.prefix = prefix
         self.ttl_s = ttl_s
+        # Called after a transition ended a job dispatched under its tenant's cap (a worker
+        # dispatches that tenant's next job); None: nobody here dispatches.
+        self.on_slot_freed: Callable[[], None] | None = None
         self._transition = self.r.register_script(_TRANSITION)
         self._claim = self.r.register_script(_CLAIM)
         self._requeue = self.r.register_script(_REQUEUE)
@@ -473,8 +486,8 @@ class JobStore:
         """Move a non-terminal job to ``state`` with extra fields; False if it was already terminal.
         ``end=(segment, instance)`` also ends that instance's delivery of the segment. One
         round trip: the event is published by the same script, only if the change happened."""
-        return self._transition(keys=self._transition_keys(job_id),
-                                args=self._transition_args(job_id, state, fields, end)) == 1
+        return self._ended([self._transition(keys=self._transition_keys(job_id),
+                                             args=self._transition_args(job_id, state, fields, end))])[0]
 
     def _transition_keys(self, job_id: str) -> list[str]:
         return [self.key(job_id), self.events_channel(job_id), self.finished_key()]
@@ -488,7 +501,13 @@ class JobStore:
         final states): each change is its own script run, so each stays all-or-nothing."""
         calls = [(self._transition_keys(job_id), self._transition_args(job_id, state, fields, end))
                  for job_id, state, fields in changes]
-        return [res == 1 for res in self._run_script(self._transition, calls, raise_on_error=True)]
+        return self._ended(self._run_script(self._transition, calls, raise_on_error=True))
+
+    def _ended(self, replies: list) -> list[bool]:
+        """Transition replies as done/refused; tells ``on_slot_freed`` when one freed a slot."""
+        if self.on_slot_freed is not None and SLOT_FREED in replies:
+            self.on_slot_freed()
+        return [res in (1, SLOT_FREED) for res in replies]
 
     def _run_script(self, script, calls: list[tuple[list, list]], raise_on_error: bool) -> list:
         replies = run_scripts(self.r, [(script, keys, args) for keys, args in calls])

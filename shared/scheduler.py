@@ -13,8 +13,9 @@ penalised once it comes back, and backlogged tenants share the farm by their wei
 
 Everything already admitted runs as before: Celery on Redis with acks_late, crash
 redelivery, hand-offs and retries (which go straight to the broker: the job has started).
-Dispatch runs where a slot may have opened: after a submission, after each delivery a
-worker ends, and on every worker heartbeat. Pausing a queue stops dispatch; the pending
+Dispatch runs where a slot may have opened: after a submission to a queue with room, after
+a worker's claim, when a job dispatched under its tenant's cap ends, and on every worker
+heartbeat. Pausing a queue stops dispatch; the pending
 sets keep the jobs and their order.
 """
 from __future__ import annotations
@@ -108,11 +109,10 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # and the time it is sent (the broker serves each priority in the order it was sent, which
 # queue positions follow). A capped tenant (an API key
 # whose over_cap is "hold") is passed over while its dispatched jobs that have not ended
-# reach its cap. Returns {flat (job id, priority) pairs, tenants still waiting, 1 when room
-# is left that only capped tenants could have taken (their jobs ending frees it) else 0}.
+# reach its cap. Returns {flat (job id, priority) pairs, tenants still waiting}.
 _DISPATCH = _ROOM + _SCORES + """
 local waiting = redis.call('ZCARD', KEYS[1])
-if waiting == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {{}, waiting, 0} end
+if waiting == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {{}, waiting} end
 local space = math.min(room(KEYS[4], KEYS[6], ARGV[2]), tonumber(ARGV[3]))
 local caps = {}  -- each tenant's cap (false: none), read once per run
 local flying = {}  -- capped tenants' jobs in flight, counted once per run
@@ -147,8 +147,11 @@ while space > 0 do
       popped = popped + 1
       pass = pass + 1 / tonumber(redis.call('HGET', KEYS[3], tenant) or '1')
       -- A record that expired while its job waited: nothing to run, nothing to hold room for.
-      -- Otherwise its wait in the broker starts now (what a lost-message sweep measures).
-      if redis.call('HSET', ARGV[5] .. job[1], 'updated_at', ARGV[6]) == 0 then
+      -- Otherwise its wait in the broker starts now (what a lost-message sweep measures), and
+      -- a capped tenant's job names its in-flight set, which its final state leaves.
+      local fields = {'updated_at', ARGV[6]}
+      if cap then fields = {'updated_at', ARGV[6], 'capped', ARGV[4] .. tenant} end
+      if redis.call('HSET', ARGV[5] .. job[1], unpack(fields)) < #fields / 2 then
         local priority = priority_of(job[2])
         redis.call('ZADD', KEYS[4], score_at(priority, ARGV[6], #out / 2), job[1])
         if cap then
@@ -173,7 +176,7 @@ end
 if popped > 0 then redis.call('LPOP', KEYS[7], popped) end
 local left = redis.call('ZCARD', KEYS[1])
 if left == 0 then redis.call('DEL', KEYS[8]) end
-return {out, left, (space > 0 and left > 0) and 1 or 0}
+return {out, left}
 """
 
 # What an earlier version kept otherwise, for a queue. KEYS: active tenants, the
@@ -215,7 +218,6 @@ class Admission:
 class Dispatched:
     moved: list[tuple[str, str, int]]  # (job id, queue, priority) of the jobs to send now
     waiting: set[str]  # the queues where tenants still have jobs pending
-    held: set[str] = frozenset()  # the queues with room left that only capped tenants could take
 
 
 @dataclass(frozen=True)
@@ -276,10 +278,9 @@ class Scheduler:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return Dispatched([(job_id, queue, priority) for queue, (flat, _, _) in zip(queues, replies)
+        return Dispatched([(job_id, queue, priority) for queue, (flat, _) in zip(queues, replies)
                            for job_id, priority in _pairs(flat)],
-                          {queue for queue, (_, waiting, _) in zip(queues, replies) if int(waiting)},
-                          {queue for queue, (_, _, held) in zip(queues, replies) if int(held)})
+                          {queue for queue, (_, waiting) in zip(queues, replies) if int(waiting)})
 
     def _dispatch_call(self, queue: str, family: str, limit: int = 1000) -> tuple:
         return (self._dispatch,

@@ -258,10 +258,9 @@ def test_an_earlier_versions_scores_caps_and_waiting_tenants_are_adopted(fair_cl
 
 def test_a_waiting_job_asks_for_a_dispatch_only_where_one_can_move_something(fair_client, ref):
     """Admission tells the submitter whether its queue has room (a dispatch now may move a
-    job) or is full (the claim that makes room dispatches), and a dispatch says when it left
-    room that only a capped tenant could have taken (the ends of its jobs free it)."""
+    job) or is full (the claim that makes room dispatches)."""
     from easel.shared.jobstore import new_job_id
-    from easel.shared.keys import cap_key, family_capacity_key
+    from easel.shared.keys import family_capacity_key
 
     store, sched, queue = fair_client.store, fair_client.scheduler, "easel.fairr"
     queued = f"{store.prefix}:queued:{queue}"
@@ -285,14 +284,45 @@ def test_a_waiting_job_asks_for_a_dispatch_only_where_one_can_move_something(fai
         assert (waits.admitted, waits.room) == (False, True)
         done = sched.dispatch({queue: "fairr"})
         assert [job_id for job_id, _, _ in done.moved] == [full.job_id] and queue in done.waiting
-        assert queue not in done.held
-
-        store.r.delete(queued)  # both claimed: room for two, and only a capped tenant waits
-        store.r.set(cap_key(store.prefix, "b"), 0)
-        done = sched.dispatch({queue: "fairr"})
-        assert done.moved == [] and queue in done.waiting and queue in done.held
     finally:
         for got in made:
             fair_client.cancel(got.job_id)
-        store.r.delete(cap_key(store.prefix, "b"), family_capacity_key(store.prefix, "fairr"),
+        store.r.delete(family_capacity_key(store.prefix, "fairr"), *store.r.scan_iter(match=f"{store.prefix}:*{queue}*"))
+
+
+def test_the_end_of_a_capped_tenants_job_frees_its_slot_and_says_so(fair_client, ref):
+    """A job dispatched under its tenant's cap leaves the tenant's in-flight set with its
+    final state, and the store tells its ``on_slot_freed`` listener (a worker dispatches the
+    tenant's next job at once); other jobs' ends do not."""
+    from easel.shared.jobstore import JobStore
+    from easel.shared.keys import cap_key, family_capacity_key
+    from easel.shared.schema import JobState
+
+    client_store, sched, queue = fair_client.store, fair_client.scheduler, "easel.fairr"
+    store = JobStore(client_store.r, client_store.prefix)  # a worker's: its own listener
+    freed = []
+    store.on_slot_freed = lambda: freed.append(True)
+    flight = f"{store.prefix}:flight:capped"
+    store.r.set(family_capacity_key(store.prefix, "fairr"), 5)
+    store.r.set(cap_key(store.prefix, "capped"), 1)
+    fair_client.pause("fairr")  # both wait in the pending set, so dispatch decides
+    first = second = free = ""
+    try:
+        first, second = (fair_client.submit(j) for j in jobs(ref, "fairr", "capped", 2))
+        free = fair_client.submit(jobs(ref, "fairr", "free", 1)[0])
+        sched.resume(queue)  # (the client's resume would dispatch and send them)
+        moved = {job_id for job_id, _, _ in sched.dispatch({queue: "fairr"}).moved}
+        assert moved == {first, free}  # the capped tenant's second waits for its first
+        assert store.r.zrange(flight, 0, -1) == [first]
+        assert sched.dispatch({queue: "fairr"}).moved == []
+
+        assert store.transition(free, JobState.succeeded) and freed == []
+        assert store.transition(first, JobState.failed, error="boom") and freed == [True]
+        assert store.r.zrange(flight, 0, -1) == []
+        assert [job_id for job_id, _, _ in sched.dispatch({queue: "fairr"}).moved] == [second]
+    finally:
+        sched.resume(queue)
+        for job_id in filter(None, (first, second, free)):
+            fair_client.cancel(job_id)
+        store.r.delete(cap_key(store.prefix, "capped"), family_capacity_key(store.prefix, "fairr"), flight,
                        *store.r.scan_iter(match=f"{store.prefix}:*{queue}*"))

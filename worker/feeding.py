@@ -2,10 +2,10 @@
 and drains when an operator asks.
 
 Dispatch runs where a slot may have opened, while tenants wait: after a claim took jobs out
-of the queue; after a task ends while the last dispatch left room that only capped tenants
-could take (a capped tenant's slot frees when its job ends); and on every heartbeat, which
-also catches what no claim follows (a worker that joins an idle farm with jobs pending) and
-a notice that did not arrive. Whether tenants wait is known without
+of the queue; after this worker wrote the final state of a job dispatched under its
+tenant's cap (its slot frees then: ``JobStore.on_slot_freed``); and on every heartbeat,
+which also catches what no claim follows (a worker that joins an idle farm with jobs
+pending) and a notice that did not arrive. Whether tenants wait is known without
 asking: each dispatch says whether some still do, and the first job to wait while none did
 is announced on the backlog channel (``shared.keys.backlog_channel``), which the worker's
 pushed-notice listener hears. With no backlog a job costs no dispatch and no read at all.
@@ -45,7 +45,6 @@ class Feeder:
         # notice. ``_notices`` counts notices, so one heard during a dispatch is not undone by
         # that dispatch's answer.
         self._backlog = True
-        self._held = True  # whether the last dispatch left room that only capped tenants could take
         self._notices = 0
         self._lock = threading.Lock()  # the listener thread's notices against a dispatch's answer
         try:
@@ -66,7 +65,6 @@ class Feeder:
         with self._lock:
             if self.queue not in done.waiting and self._notices == notices:
                 self._backlog = False
-            self._held = self.queue in done.held
         return len(done.moved)
 
     def heard_backlog(self, queue: str | None) -> None:
@@ -82,6 +80,11 @@ class Feeder:
         if self._backlog:
             self.feed()
 
+    def after_slot_freed(self) -> None:
+        """A job dispatched under its tenant's cap ended: the tenant may send another."""
+        if self._backlog:
+            self.feed()
+
     def _prerun(self, task_id: str | None = None, **_kw) -> None:
         self._started[task_id] = time.perf_counter()
 
@@ -91,8 +94,6 @@ class Feeder:
             # A micro-batch task gets its requests as one list: the slot did that many jobs.
             jobs = len(args[0]) if args and isinstance(args[0], list) else 1
             self._observe((time.perf_counter() - t0) / max(1, jobs))
-        if self._backlog and self._held:
-            self.feed()
 
     def _observe(self, seconds: float) -> None:
         mean = self.presence.get("job_s")

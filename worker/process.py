@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         after_beat=after_beat)
     feeder = Feeder(ctx, app, args.family, beat.presence)
     ctx.on_claim = feeder.after_claim
+    ctx.store.on_slot_freed = feeder.after_slot_freed
     ctx.stops.on(backlog_channel(ctx.store.prefix), feeder.heard_backlog).start()
     drain = Drain(ctx.store, hostname, beat.presence)
     reaper = Reaper(ctx.store, lambda *a: send_segment(app, *a), s.reap_every_s, s.heartbeat_ttl_s,
