@@ -44,7 +44,6 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import yaml
 
@@ -151,8 +150,13 @@ def backlog_step(env, client, r, proxy, ref: str, n: int, steps: int, idle: dict
     window = Reading.take(r, proxy).since(before)
     extra = per_job_commands(idle, {"window": window, "jobs": n})
     return {"jobs": n, "failed": sum(st != "succeeded" for _, st in done.values()), "window": window,
-            "cmds_per_job": (window["cmd_total"] - idle["cmd_total"] / idle["s"] * window["s"]) / n,
+            "cmds_per_job": cmds_above_idle(idle, window, n),
             "per_job_commands": extra}
+
+
+def cmds_above_idle(idle: dict, window: dict, jobs: int) -> float:
+    """Redis commands per job in ``window`` above what the idle workers would have sent."""
+    return (window["cmd_total"] - idle["cmd_total"] / idle["s"] * window["s"]) / jobs
 
 
 def knee(steps: list[dict]) -> dict:
@@ -170,14 +174,14 @@ def slope(points: list[tuple[float, float]]) -> float:
 
 
 def summarize(idle: dict, workers: int, steps: list[dict]) -> dict:
-    idle_cmd_rate, idle_cpu_rate = idle["cmd_total"] / idle["s"], idle["cpu_s"] / idle["s"]
+    idle_cpu_rate = idle["cpu_s"] / idle["s"]
     low, top = steps[0], knee(steps)
     w = low["window"]
     below = [s for s in steps if s["rate"] <= top["rate"]]
     cpu_points = [(s["jobs"] / s["window"]["s"], s["window"]["cpu_s"] / s["window"]["s"]) for s in below]
     return {
         "farm_workers": workers,
-        "farm_redis_cmds_per_job": round((w["cmd_total"] - idle_cmd_rate * w["s"]) / low["jobs"], 1),
+        "farm_redis_cmds_per_job": round(cmds_above_idle(idle, w, low["jobs"]), 1),
         "farm_redis_cpu_us_per_job": round(slope([(0.0, idle_cpu_rate), *cpu_points]) * 1e6),
         "farm_s3_requests_per_job": round(w["s3"] / low["jobs"], 2),
         "farm_dispatch_p50_ms": round(low["dispatch_p50_ms"], 1),
@@ -238,11 +242,6 @@ def job_loops(settings, ref: str, steps: int, loops: int, seconds: float) -> Non
         t.join()
 
 
-def redis_address(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or 6379
-
-
 def busy_cpu(env, client, r, ref: str, steps: int, loops: int, seconds: float) -> dict:
     """valkey's CPU per job on a busy server: ``loops`` job loops' requests (``job_loops``)
     recorded, then replayed (``bench.replay``) from a quarter of the loops' connections and
@@ -250,7 +249,11 @@ def busy_cpu(env, client, r, ref: str, steps: int, loops: int, seconds: float) -
     worker idles meanwhile, so all of valkey's CPU is the jobs'; the headline is from the
     replay over all connections, the busier server (a farm's hundreds of connections keep
     its Redis busier still)."""
+    from redis.connection import parse_url
+
     from easel.shared.keys import family_capacity_key
+
+    address = parse_url(env.redis_url)
 
     def reset() -> None:
         r.flushdb()
@@ -265,7 +268,7 @@ def busy_cpu(env, client, r, ref: str, steps: int, loops: int, seconds: float) -
         reset()
         jobs = sum(b"\r\nBRPOP\r\n" in blob for seq in sequences[:share] for blob, _ in seq)
         before = Reading.take(r, None)
-        took, errors = replay(*redis_address(env.redis_url), sequences[:share])
+        took, errors = replay(address["host"], address["port"], sequences[:share])
         # Connection handshakes ask for options this server may lack (as when recorded); any
         # other error means the replay did not do the jobs' work.
         if unexpected := sorted({e for e in errors if "unknown subcommand" not in e}):

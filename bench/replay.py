@@ -8,9 +8,9 @@ the busy regime here, ``RequestLog`` records the exact bytes that easel's own ca
 (redis-py's ``send_packed_command``, which kombu's transport uses too), per thread, in
 order; ``replay`` sends each thread's requests again over one connection, each request
 only after the previous one's replies, as the real calls do, with many such connections at
-once (asyncio callbacks and hiredis's reply parser: a light client). Same requests, same round trips, same server state (replayed into
-the emptied database the recording started from); only the client side is lighter, so one
-core of Python can keep valkey busy.
+once (asyncio callbacks and hiredis's reply parser: a light client). Same requests, same
+round trips, same server state (replayed into the emptied database the recording started
+from); only the client side is lighter, so one core of Python can keep valkey busy.
 """
 from __future__ import annotations
 

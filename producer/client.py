@@ -173,9 +173,9 @@ class EaselClient:
         ends failed ("could not enqueue"), not stuck, and the error is raised. Then, when some
         jobs wait in pending sets of queues with room, dispatch those queues (``pended``:
         queue -> family) and send what it moved (in a full queue a dispatch moves nothing:
-        the claim that makes room dispatches). That is best effort: a job it could not move or send still waits
-        its turn, and the next dispatch (a worker's claim or heartbeat, or the lost-message
-        sweep) moves or sends it."""
+        the claim that makes room dispatches). That is best effort: a job it could not move
+        or send still waits its turn, and the next dispatch (a worker's claim or heartbeat,
+        or the lost-message sweep) moves or sends it."""
         try:
             if producer is None:
                 for job_id, queue, priority in admitted:

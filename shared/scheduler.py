@@ -15,8 +15,7 @@ Everything already admitted runs as before: Celery on Redis with acks_late, cras
 redelivery, hand-offs and retries (which go straight to the broker: the job has started).
 Dispatch runs where a slot may have opened: after a submission to a queue with room, after
 a worker's claim, when a job dispatched under its tenant's cap ends, and on every worker
-heartbeat. Pausing a queue stops dispatch; the pending
-sets keep the jobs and their order.
+heartbeat. Pausing a queue stops dispatch; the pending sets keep the jobs and their order.
 """
 from __future__ import annotations
 
@@ -63,7 +62,8 @@ end
 _ADMIT = """
 local function admit(k, job, score, tenant, credit, margin, queue)
   local v = redis.call('MGET', k[7], k[6], k[8], k[10])
-  if not v[2] and not v[3] and not v[4] and room_after(k[5], v[1], margin) > 0 then
+  local room = not v[2] and room_after(k[5], v[1], margin) > 0  -- open, with room
+  if room and not v[3] and not v[4] then
     redis.call('ZADD', k[5], score, job)
     return 1
   end
@@ -81,7 +81,7 @@ local function admit(k, job, score, tenant, credit, margin, queue)
     redis.call('ZADD', k[2], pass, tenant)
     redis.call('SET', k[10], 1)
   end
-  if not v[2] and room_after(k[5], v[1], margin) > 0 then return 2 end
+  if room then return 2 end
   return 0
 end
 """
