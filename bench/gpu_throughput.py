@@ -17,16 +17,21 @@ random weights (``bench/sd15_arch.py``).
    ``gpu_speedup_vs_plain`` (over part 1) and ``gpu_mfu`` (``bench.flops``: FLOPs per image
    of this job x images/s / the GPU's dense fp16 peak, ``bench.flops.PEAK_FLOPS`` by
    ``torch.cuda.get_device_name()``, or ``--peak-tflops``).
-3. ``stepcache``: a worker serving two models of one family on the same checkpoint, both
-   eager with channels_last and fuse_qkv and batching on; one adds
-   ``step_cache: {interval: 3, branch: 0}``. ``--sc-n`` step-cache jobs at once ->
-   ``gpu_images_per_s_stepcache``; then ``--ssim-n`` fixed-seed jobs on each model, their
-   PNGs fetched from S3 through the client -> ``gpu_stepcache_ssim`` (mean SSIM,
-   ``worker.quality.ssim``, step cache vs none, same weights and seeds).
-4. ``warm_restart``: a fresh worker for part 2's model with the same compile cache folder;
+   Last, ``--ssim-n`` fixed-seed jobs: the reference images for part 4's SSIM.
+3. ``warm_restart``: a fresh worker for part 2's model with the same compile cache folder;
    one job is queued before it starts. From its process start to that job's ``succeeded``
    event -> ``gpu_warm_restart_s`` (load + compile from the cache + the first job);
    ``gpu_compile_s_warm`` is the compile part its heartbeat reports.
+4. ``stepcache``: part 2's model with ``step_cache: {interval: 3, branch: 0}`` added (compiled
+   too: two graphs per bucket, a full pass and a cached one, so it compiles cold for longer),
+   warmed like part 2. ``--sc-n`` jobs at once -> ``gpu_images_per_s_stepcache``; then the
+   same ``--ssim-n`` fixed-seed jobs as part 2's last ones, their PNGs fetched from S3 through
+   the client -> ``gpu_stepcache_ssim`` (mean SSIM, ``worker.quality.ssim``, step cache vs
+   none, same weights, seeds and batch shape). Last because a cold compile of both graphs is
+   the longest start here.
+
+``--tp-parts`` runs some of them (``best,stepcache`` for a second run that only wants the
+step cache's figures: part 4 needs part 2's reference images).
 
 ``--arch tiny --device cpu --px 64`` runs all of it on the CPU with the tiny checkpoint (a
 dry run of the code path: ``batch_size: auto`` is 1 there and the figures mean nothing).
@@ -52,22 +57,20 @@ from bench.common import (
 )
 
 # Seconds a part needs at least on an H200 (worker start, compile, jobs); skipped when less is left.
-NEEDS_S = {"plain": 45, "best": 240, "stepcache": 75, "warm_restart": 60}
+NEEDS_S = {"plain": 45, "best": 240, "warm_restart": 60, "stepcache": 180}
 MODELS = {
     "tp": ("gpu-sd15-tp", "gpu-sd15-tp"),            # (model, family)
     "sc": ("gpu-sd15-sc", "gpu-sd15-sc"),
-    "ref": ("gpu-sd15-sc-ref", "gpu-sd15-sc"),       # same worker as sc: same weights, no step cache
 }
+SSIM_SEED0 = 30_000
 
 
 def registry_models(base: dict) -> dict:
     """The registry entries this benchmark adds to ``bench gpu``'s (``base``: source, dtype, ...)."""
-    eager = {"channels_last": True, "fuse_qkv": True}
     return {
         MODELS["tp"][0]: {**base, "family": MODELS["tp"][1], "profile": "throughput"},
-        MODELS["sc"][0]: {**base, "family": MODELS["sc"][1],
-                          "optimizations": {**eager, "step_cache": {"interval": 3, "branch": 0}}},
-        MODELS["ref"][0]: {**base, "family": MODELS["ref"][1], "optimizations": eager},
+        MODELS["sc"][0]: {**base, "family": MODELS["sc"][1], "profile": "throughput",
+                          "optimizations": {"step_cache": {"interval": 3, "branch": 0}}},
     }
 
 
@@ -117,7 +120,6 @@ def run(env: BenchEnv, client, args, ckpt, dtype: str, stage: dict, wenv: dict, 
     cache = env.tmp / "compile-cache"  # fresh: the first compiled worker compiles cold
     batching = {"EASEL_BATCH_SIZE": str(args.batch_size), "EASEL_BATCH_BUCKETS": json.dumps(args.buckets)}
     tp_env = {**wenv, **batching, "EASEL_COMPILE_CACHE_DIR": str(cache), "EASEL_COMPILE_WARM_SIZES": json.dumps([args.px])}
-    sc_env = {**wenv, **batching}
 
     def emit(name: str, value) -> None:
         out[name] = value
@@ -140,6 +142,17 @@ def run(env: BenchEnv, client, args, ckpt, dtype: str, stage: dict, wenv: dict, 
             details[part] = {"error": f"{type(e).__name__}: {e}"}
         log(f"--- throughput {part} done in {time.perf_counter() - t0:.0f}s; {left():.0f}s of the budget left ---")
         env.flush()
+
+    def warm_buckets(model: str, presence: dict, watcher: EventWatcher) -> tuple[list[int], list[float]]:
+        """Each bucket's CUDA graphs are captured on its first call: one unmeasured round per
+        bucket, largest first. Returns the buckets and each round's seconds per image."""
+        buckets = sorted({b for b in args.buckets if b <= int(presence.get("batch_size") or 1)}, reverse=True)
+        t1 = time.perf_counter()
+        per_image = [_run_jobs(client, watcher, ref, model, b, stage, 20_000, timeout)[1] / b for b in buckets]
+        log(f"{model}: warm-up rounds at {buckets} in {time.perf_counter() - t1:.1f}s")
+        return buckets, per_image
+
+    ssim_refs: list = []  # part 2's fixed-seed images: what part 4's step cache is compared with
 
     # 1. the plain diffusers loop, eager, batch 1
     def plain_part() -> None:
@@ -170,13 +183,7 @@ def run(env: BenchEnv, client, args, ckpt, dtype: str, stage: dict, wenv: dict, 
             log(f"throughput worker ready in {start_s:.1f}s (compile {compile_s}s, batch_size "
                 f"{presence.get('batch_size')})")
             emit("gpu_compile_s_cold", f"{compile_s:.1f}")
-            # each bucket's CUDA graphs are captured on its first call: one unmeasured round per bucket
-            buckets = sorted({b for b in args.buckets if b <= int(presence.get("batch_size") or 1)}, reverse=True)
-            t1 = time.perf_counter()
-            per_image = []
-            for b in buckets:
-                per_image.append(_run_jobs(client, watcher, ref, model, b, stage, 20_000, timeout)[1] / b)
-            log(f"warm-up rounds at {buckets} in {time.perf_counter() - t1:.1f}s")
+            buckets, per_image = warm_buckets(model, presence, watcher)
             # what is left of the budget caps the deep queue (a slow compile must not cost the later parts
             # everything); the best warm-up round's seconds per image over-estimate a full batch's
             n = args.tp_n
@@ -186,11 +193,13 @@ def run(env: BenchEnv, client, args, ckpt, dtype: str, stage: dict, wenv: dict, 
                 if n < args.tp_n:
                     log(f"deep queue cut to {n} jobs to fit the budget ({left():.0f}s left)")
             _, dt = _run_jobs(client, watcher, ref, model, n, stage, 0, timeout)
+            ref_ids, _ = _run_jobs(client, watcher, ref, model, args.ssim_n, stage, SSIM_SEED0, timeout)
         finally:
             watcher.close()
             w.stop()
         ips = n / dt
         emit("gpu_images_per_s_best", f"{ips:.3f}")
+        ssim_refs[:] = _images(client, ref_ids)  # fetched now: the flush after each part drops the records
         if "gpu_images_per_s_plain_eager" in out:
             emit("gpu_speedup_vs_plain", f"{ips / float(out['gpu_images_per_s_plain_eager']):.3f}")
         fpi = flops.job_flops(args.px, args.steps, args.strength)["total"]
@@ -203,30 +212,7 @@ def run(env: BenchEnv, client, args, ckpt, dtype: str, stage: dict, wenv: dict, 
         details["best"] = {"n": n, "s": dt, "start_s": start_s, "presence": presence, "device_name": name,
                            "peak_flops": peak, "flops_per_image": fpi, "buckets_warmed": buckets}
 
-    # 3. step cache: throughput and SSIM vs the same model without it
-    def stepcache_part() -> None:
-        sc, refm = MODELS["sc"][0], MODELS["ref"][0]
-        w, presence = _start(env, MODELS["sc"][1], sc_env, timeout)
-        watcher = EventWatcher(env.redis_url)
-        try:
-            bs = int(presence.get("batch_size") or 1)
-            _run_jobs(client, watcher, ref, sc, bs, stage, 20_000, timeout)  # warm-up
-            _, dt = _run_jobs(client, watcher, ref, sc, args.sc_n, stage, 0, timeout)
-            emit("gpu_images_per_s_stepcache", f"{args.sc_n / dt:.3f}")
-            # fixed seeds on both models, same batch shape on both sides
-            ref_ids, _ = _run_jobs(client, watcher, ref, refm, args.ssim_n, stage, 30_000, timeout)
-            sc_ids, _ = _run_jobs(client, watcher, ref, sc, args.ssim_n, stage, 30_000, timeout)
-        finally:
-            watcher.close()
-            w.stop()
-        from easel.worker.quality import ssim
-
-        a, b = _images(client, ref_ids), _images(client, sc_ids)
-        per = [ssim([x], [y]) for x, y in zip(a, b)]
-        emit("gpu_stepcache_ssim", f"{sum(per) / len(per):.4f}")
-        details["stepcache"] = {"n": args.sc_n, "s": dt, "batch_size": bs, "ssim": per}
-
-    # 4. warm restart from the compile cache part 2 left
+    # 3. warm restart from the compile cache part 2 left
     def warm_part() -> None:
         if not cache.exists():
             raise RuntimeError(f"no compile cache at {cache}: the best part did not run")
@@ -250,13 +236,38 @@ def run(env: BenchEnv, client, args, ckpt, dtype: str, stage: dict, wenv: dict, 
         emit("gpu_compile_s_warm", f"{presence.get('compile_s', {}).get(model, 0.0):.1f}")
         details["warm_restart"] = {"s": restart_s, "presence": presence}
 
-    for part, fn in (("plain", plain_part), ("best", best_part), ("stepcache", stepcache_part),
-                     ("warm_restart", warm_part)):
-        guarded(part, fn)
+    # 4. step cache: part 2's model with step caching, throughput and SSIM vs part 2's images
+    def stepcache_part() -> None:
+        if not ssim_refs:
+            raise RuntimeError("no reference images: the best part did not finish")
+        sc = MODELS["sc"][0]
+        w, presence = _start(env, MODELS["sc"][1], tp_env, timeout)
+        watcher = EventWatcher(env.redis_url)
+        try:
+            log(f"step-cache worker ready (compile {presence.get('compile_s', {}).get(sc, 0.0)}s)")
+            warm_buckets(sc, presence, watcher)
+            _, dt = _run_jobs(client, watcher, ref, sc, args.sc_n, stage, 0, timeout)
+            emit("gpu_images_per_s_stepcache", f"{args.sc_n / dt:.3f}")
+            sc_ids, _ = _run_jobs(client, watcher, ref, sc, args.ssim_n, stage, SSIM_SEED0, timeout)
+        finally:
+            watcher.close()
+            w.stop()
+        from easel.worker.quality import ssim
+
+        per = [ssim([x], [y]) for x, y in zip(ssim_refs, _images(client, sc_ids))]
+        emit("gpu_stepcache_ssim", f"{sum(per) / len(per):.4f}")
+        details["stepcache"] = {"n": args.sc_n, "s": dt, "presence": presence, "ssim": per}
+
+    for part, fn in (("plain", plain_part), ("best", best_part), ("warm_restart", warm_part),
+                     ("stepcache", stepcache_part)):
+        if part in args.tp_parts:
+            guarded(part, fn)
     return out, details
 
 
 def add_args(ap) -> None:
+    ap.add_argument("--tp-parts", type=lambda s: s.split(","), default=list(NEEDS_S),
+                    help="throughput: the parts to run (stepcache needs best: its SSIM reference)")
     ap.add_argument("--plain-n", type=int, default=12, help="throughput: plain-loop calls measured")
     ap.add_argument("--tp-n", type=int, default=96, help="throughput: jobs submitted at once to the compiled worker")
     ap.add_argument("--sc-n", type=int, default=64, help="throughput: jobs submitted at once to the step-cache worker")

@@ -75,16 +75,13 @@ class Optimizations(BaseModel):
     attention_slicing: bool = False
     step_cache: StepCache | None = Field(default=None, description=(
         "reuse the UNet's deep features between steps (DeepCache): `{interval: 3, branch: 0}`; faster, "
-        "approximate; not with `compile_unet`"))
+        "approximate; works with `compile_unet` (two graphs: full and cached passes)"))
 
     @model_validator(mode="after")
     def _compatible(self) -> "Optimizations":
         if self.fuse_qkv and (not self.sdpa or self.attention_slicing):
             raise ValueError("fuse_qkv needs sdpa: true and attention_slicing: false (it sets its own fused "
                              "SDPA processors)")
-        if self.step_cache is not None and self.compile_unet:
-            raise ValueError("step_cache and compile_unet exclude each other: a compiled CUDA graph replays the "
-                             "whole UNet, so cached passes would not skip anything; set compile_unet: false")
         return self
 
 

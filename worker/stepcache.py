@@ -8,15 +8,20 @@ down/up blocks (``down_blocks[:branch + 1]``, ``up_blocks[-(branch + 1):]``) run
 fresh shallow skip connections. The UNet's own forward is unchanged: the skip-connection
 bookkeeping stays consistent because a cached block returns exactly what it returned.
 
-Built on diffusers' hook registry (``diffusers.hooks``), which wraps module forwards and
-can remove the wrappers again. diffusers' own cache hooks (FasterCache, FirstBlockCache,
-...) target transformer denoisers; UNet2DConditionModel has no ``enable_cache``. The PyPI
-``DeepCache`` package (0.1.1) runs on the installed diffusers, but finds the step by
-looking the timestep up in ``scheduler.timesteps`` (wrong for schedulers that repeat a
-timestep, e.g. PNDM's PLMS steps) and keeps its cache from one pipeline call to the next,
-where the first steps of a new job could reuse the last job's features. Here a pass counter
-restarts whenever the pipeline sets its scheduler's timesteps (once per call), and a change
-of input shape always forces a full pass.
+Built on diffusers' hook registry (``diffusers.hooks``), which wraps module forwards.
+diffusers' own cache hooks (FasterCache, FirstBlockCache, ...) target transformer
+denoisers; UNet2DConditionModel has no ``enable_cache``. The PyPI ``DeepCache`` package
+(0.1.1) runs on the installed diffusers, but finds the step by looking the timestep up in
+``scheduler.timesteps`` (wrong for schedulers that repeat a timestep, e.g. PNDM's PLMS
+steps) and keeps its cache from one pipeline call to the next, where the first steps of a
+new job could reuse the last job's features. Here the pass count follows the scheduler: it
+restarts whenever the pipeline sets its timesteps (once per call) and moves on with each
+``scheduler.step`` (once per UNet pass, in every diffusers pipeline).
+
+Both happen outside the UNet, so the UNet itself can be compiled (``compile_unet``): the deep
+blocks' hooks read one flag, ``StepCacheState.full``, which dynamo guards on, giving two
+graphs per input shape (a full pass and a cached one; with CUDA graphs, one capture each),
+and the kept outputs keep their keys from call to call so that no other guard changes.
 """
 from __future__ import annotations
 
@@ -26,48 +31,41 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from torch.utils._pytree import tree_map
 
 HOOK = "easel_step_cache"
 
 
 @dataclass
 class StepCacheState:
-    """Shared by the UNet's hook and its deep blocks' hooks for one pipeline call."""
+    """Shared by the deep blocks' hooks and the schedulers' wrappers of one UNet."""
 
     interval: int
-    passes: int = 0  # UNet passes in this call
-    full_passes: int = 0  # of them, full ones (every block ran); kept across calls, for tests and logs
-    full: bool = True
-    shape: tuple | None = None
-    outputs: dict[str, Any] = field(default_factory=dict)
+    passes: int = 0  # UNet passes (scheduler steps) in this call
+    full_passes: int = 0  # of all passes, full ones (every block ran); kept across calls, for tests and logs
+    full: bool = True  # whether the coming pass runs every block
+    outputs: dict[str, Any] = field(default_factory=dict)  # deep block -> its kept output (None: none yet)
 
     def reset(self) -> None:
-        self.passes, self.full, self.shape = 0, True, None
-        self.outputs.clear()  # drop the last call's features now: they are device memory
+        """A new call: its first pass is a full one. The kept features are dropped now (they
+        are device memory), their keys stay (a compiled UNet guards on them)."""
+        self.passes, self.full = 0, True
+        self.outputs.update(dict.fromkeys(self.outputs))
+
+    def stepped(self) -> None:
+        """A pass ended (the scheduler stepped): the next one is full once in ``interval``.
+        A full pass's kept outputs are copied out of the UNet's memory first: with CUDA
+        graphs they live in the graph's pool, which the next replay writes over."""
+        if self.full:
+            self.full_passes += 1
+            if self.interval > 1:
+                self.outputs.update({k: tree_map(_copy, v) for k, v in self.outputs.items()})
+        self.passes += 1
+        self.full = self.passes % self.interval == 0
 
 
-class _UNetHook(ModelHook):
-    """Decides, before each UNet pass, whether this pass is a full one."""
-
-    _is_stateful = True
-
-    def __init__(self, state: StepCacheState):
-        super().__init__()
-        self.state = state
-
-    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        st = self.state
-        sample = args[0] if args else kwargs["sample"]
-        st.full = st.passes % st.interval == 0 or tuple(sample.shape) != st.shape or not st.outputs
-        if st.full:
-            st.shape = tuple(sample.shape)
-            st.full_passes += 1
-        st.passes += 1
-        return args, kwargs
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.state.reset()
-        return module
+def _copy(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else x
 
 
 class _DeepBlockHook(ModelHook):
@@ -76,10 +74,13 @@ class _DeepBlockHook(ModelHook):
     def __init__(self, state: StepCacheState, key: str):
         super().__init__()
         self.state, self.key = state, key
+        state.outputs[key] = None
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         if not self.state.full:
-            return self.state.outputs[self.key]
+            kept = self.state.outputs[self.key]
+            if kept is not None:  # always, unless a pipeline ran the UNet without stepping its scheduler
+                return kept
         out = self.fn_ref.original_forward(*args, **kwargs)
         self.state.outputs[self.key] = out
         return out
@@ -100,38 +101,33 @@ def deep_blocks(unet: torch.nn.Module, branch: int) -> dict[str, torch.nn.Module
 
 
 def apply_step_cache(unet: torch.nn.Module, schedulers: list, interval: int, branch: int) -> StepCacheState:
-    """Install step caching on ``unet``; each of ``schedulers`` (those of the pipelines that
-    run this UNet) restarts the pass count when a pipeline call sets its timesteps."""
+    """Install step caching on ``unet``; ``schedulers`` (those of the pipelines that run this
+    UNet) count its passes. Call before compiling the UNet."""
     if not all(hasattr(unet, a) for a in ("down_blocks", "mid_block", "up_blocks")):
         raise ValueError(f"step_cache needs a UNet with down/mid/up blocks, not {type(unet).__name__}")
     state = StepCacheState(interval=interval)
-    HookRegistry.check_if_exists_or_initialize(unet).register_hook(_UNetHook(state), HOOK)
     for key, block in deep_blocks(unet, branch).items():
         HookRegistry.check_if_exists_or_initialize(block).register_hook(_DeepBlockHook(state, key), HOOK)
-    HookRegistry.check_if_exists_or_initialize(unet).invalidate_child_registries_cache()
     for sched in {id(s): s for s in schedulers}.values():
-        _reset_on_set_timesteps(sched, state)
+        _count_passes(sched, state)
     unet._easel_step_cache = state
     return state
 
 
-def remove_step_cache(unet: torch.nn.Module) -> None:
-    """Take the hooks off again (the UNet then runs every block on every pass)."""
-    HookRegistry.check_if_exists_or_initialize(unet).remove_hook(HOOK, recurse=True)
-    state = getattr(unet, "_easel_step_cache", None)
-    if state is not None:
-        state.reset()
-        state.interval = 1  # a scheduler still wired to it resets a state nothing reads
-
-
-def _reset_on_set_timesteps(scheduler, state: StepCacheState) -> None:
+def _count_passes(scheduler, state: StepCacheState) -> None:
     """Every diffusers pipeline sets its scheduler's timesteps once per call, before its first
-    UNet pass: the one place that marks a new call for any pipeline and any scheduler."""
-    inner = scheduler.set_timesteps
+    UNet pass, and steps the scheduler once after each pass: the one place that marks a new
+    call and a pass for any pipeline and any scheduler, outside the (maybe compiled) UNet."""
+    set_timesteps, step = scheduler.set_timesteps, scheduler.step
 
-    @functools.wraps(inner)
-    def set_timesteps(*args, **kwargs):
+    @functools.wraps(set_timesteps)
+    def counting_set_timesteps(*args, **kwargs):
         state.reset()
-        return inner(*args, **kwargs)
+        return set_timesteps(*args, **kwargs)
 
-    scheduler.set_timesteps = set_timesteps
+    @functools.wraps(step)
+    def counting_step(*args, **kwargs):
+        state.stepped()
+        return step(*args, **kwargs)
+
+    scheduler.set_timesteps, scheduler.step = counting_set_timesteps, counting_step
