@@ -142,3 +142,23 @@ def test_peak_memory_gauge_is_positive():
 
     m = WorkerMetrics("f", "h", "cpu")
     assert m.registry.get_sample_value("easel_worker_peak_memory_bytes", {"family": "f", "device": "cpu"}) > 2**20
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl-refiner", "kandinsky-2-2", "sd-x4-upscaler", "sd-x2-latent-upscaler"])
+def test_a_warm_up_call_runs_the_unet_at_its_native_size(model_root, name):
+    """What a compiled worker's warm-up compiles is what a job at the model's native size
+    runs: each kind's UNet sees its configured sample size (uncompiled here: the call path
+    is the same, only the compile is left out)."""
+    from easel.shared.registry import load_registry
+    from easel.worker.pipelines import WARM_TASKS, warm_up
+
+    spec = load_registry().get(name)
+    loaded = PipelineCache(load_registry(), Settings(model_root=model_root), spec.family,
+                           device=torch.device("cpu")).get(name)
+    unet = loaded.pipes[WARM_TASKS[spec.kind]].unet
+    seen: list[tuple[int, ...]] = []
+    unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(tuple((args or (kwargs["sample"],))[0].shape)),
+                                   with_kwargs=True)
+    assert warm_up(loaded, [], [1]) > 0
+    side = unet.config.sample_size
+    assert seen and all(shape[-2:] == (side, side) for shape in seen), (seen, side)

@@ -200,17 +200,22 @@ def compiles(spec: ModelSpec) -> bool:
     return spec.optimizations.compile_unet or spec.optimizations.compile_vae
 
 
-# Kinds a warm-up call can start from an image alone, and the task it runs.
-WARM_TASKS = {"sd": "img2img", "sdxl-refiner": "img2img", "kandinsky22": "img2img", "sd-x4-upscaler": "upscale"}
+# Kinds a warm-up call can start from an image alone, and the task it runs (the latent
+# upscaler encodes an image it is given).
+WARM_TASKS = {"sd": "img2img", "sdxl-refiner": "img2img", "kandinsky22": "img2img", "sd-x4-upscaler": "upscale",
+              "sd-latent-upscaler": "latent_upscale"}
 
 
 def native_px(model: LoadedModel) -> int:
-    """The input side a model was trained for: its UNet's sample size in pixels (the x4
-    upscaler's UNet works at its input's pixel size)."""
-    from easel.worker.runner import scale_factor
+    """The input side a model was trained for: its UNet's sample size in pixels. The x4
+    upscaler's UNet works at its input's pixel size, the latent upscaler's at its output's
+    latent size (twice its input's)."""
+    from easel.worker.runner import UPSCALE, scale_factor
 
     side = int(model.pipes[WARM_TASKS[model.spec.kind]].unet.config.sample_size)
-    return side if model.spec.kind == "sd-x4-upscaler" else side * scale_factor(model)
+    if model.spec.kind == "sd-x4-upscaler":
+        return side
+    return side * scale_factor(model) // UPSCALE.get(model.spec.kind, 1)
 
 
 def warm_up(model: LoadedModel, sizes: list[int], batches: list[int] = (1,)) -> float:
