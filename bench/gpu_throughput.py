@@ -23,12 +23,12 @@ random weights (``bench/sd15_arch.py``).
    event -> ``gpu_warm_restart_s`` (load + compile from the cache + the first job);
    ``gpu_compile_s_warm`` is the compile part its heartbeat reports.
 4. ``stepcache``: part 2's model with ``step_cache: {interval: 3, branch: 0}`` added (compiled
-   too: two graphs per bucket, a full pass and a cached one, so it compiles cold for longer),
-   warmed like part 2. ``--sc-n`` jobs at once -> ``gpu_images_per_s_stepcache``; then the
+   too: two UNet graphs per shape, a full pass and a cached one, new to the compile cache
+   part 2 left, which holds its VAE's), warmed like part 2. ``--sc-n`` jobs at once -> ``gpu_images_per_s_stepcache``; then the
    same ``--ssim-n`` fixed-seed jobs as part 2's last ones, their PNGs fetched from S3 through
    the client -> ``gpu_stepcache_ssim`` (mean SSIM, ``worker.quality.ssim``, step cache vs
-   none, same weights, seeds and batch shape). Last because a cold compile of both graphs is
-   the longest start here.
+   none, same weights, seeds and batch shape). Last because compiling both UNet graphs cold
+   is the longest start here.
 
 ``--tp-parts`` runs some of them (``best,stepcache`` for a second run that only wants the
 step cache's figures: part 4 needs part 2's reference images).
@@ -38,6 +38,7 @@ dry run of the code path: ``batch_size: auto`` is 1 there and the figures mean n
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import time
@@ -193,13 +194,16 @@ def run(env: BenchEnv, client, args, ckpt, dtype: str, stage: dict, wenv: dict, 
                 if n < args.tp_n:
                     log(f"deep queue cut to {n} jobs to fit the budget ({left():.0f}s left)")
             _, dt = _run_jobs(client, watcher, ref, model, n, stage, 0, timeout)
-            ref_ids, _ = _run_jobs(client, watcher, ref, model, args.ssim_n, stage, SSIM_SEED0, timeout)
+            ips = n / dt
+            emit("gpu_images_per_s_best", f"{ips:.3f}")
+            try:  # part 4's reference; its failure costs part 4 only
+                ref_ids, _ = _run_jobs(client, watcher, ref, model, args.ssim_n, stage, SSIM_SEED0, timeout)
+                ssim_refs[:] = _images(client, ref_ids)  # fetched now: the flush after each part drops the records
+            except Exception as e:  # noqa: BLE001
+                log(f"throughput best: the SSIM reference jobs failed: {type(e).__name__}: {e}")
         finally:
             watcher.close()
             w.stop()
-        ips = n / dt
-        emit("gpu_images_per_s_best", f"{ips:.3f}")
-        ssim_refs[:] = _images(client, ref_ids)  # fetched now: the flush after each part drops the records
         if "gpu_images_per_s_plain_eager" in out:
             emit("gpu_speedup_vs_plain", f"{ips / float(out['gpu_images_per_s_plain_eager']):.3f}")
         fpi = flops.job_flops(args.px, args.steps, args.strength)["total"]
@@ -265,8 +269,16 @@ def run(env: BenchEnv, client, args, ckpt, dtype: str, stage: dict, wenv: dict, 
     return out, details
 
 
+def _parts(text: str) -> list[str]:
+    parts = text.split(",")
+    unknown = [p for p in parts if p not in NEEDS_S]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown parts {unknown}: choose from {list(NEEDS_S)}")
+    return parts
+
+
 def add_args(ap) -> None:
-    ap.add_argument("--tp-parts", type=lambda s: s.split(","), default=list(NEEDS_S),
+    ap.add_argument("--tp-parts", type=_parts, default=list(NEEDS_S),
                     help="throughput: the parts to run (stepcache needs best: its SSIM reference)")
     ap.add_argument("--plain-n", type=int, default=12, help="throughput: plain-loop calls measured")
     ap.add_argument("--tp-n", type=int, default=96, help="throughput: jobs submitted at once to the compiled worker")

@@ -162,3 +162,16 @@ def test_a_warm_up_call_runs_the_unet_at_its_native_size(model_root, name):
     assert warm_up(loaded, [], [1]) > 0
     side = unet.config.sample_size
     assert seen and all(shape[-2:] == (side, side) for shape in seen), (seen, side)
+
+
+def test_a_unet_config_without_a_sample_size_leaves_the_warm_up_to_the_settings(model_root):
+    """A converted checkpoint may leave ``sample_size`` out (null): the worker still starts,
+    and warms at the sizes it is given."""
+    from easel.shared.registry import load_registry
+    from easel.worker.pipelines import warm_up
+
+    loaded = PipelineCache(load_registry(), Settings(model_root=model_root), "upscalers",
+                           device=torch.device("cpu")).get("sd-x2-latent-upscaler")
+    loaded.pipes["latent_upscale"].unet.register_to_config(sample_size=None)
+    assert warm_up(loaded, [], [1]) == 0.0
+    assert warm_up(loaded, [32], [1]) > 0

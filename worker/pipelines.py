@@ -160,6 +160,8 @@ def step_cache(pipes: list, spec: ModelSpec) -> None:
     from easel.worker.stepcache import apply_step_cache
 
     sc = spec.optimizations.step_cache
+    if sc.interval == 1:
+        return  # every pass is full: nothing to keep
     for unet in _distinct(pipes, "unet"):
         schedulers = [p.scheduler for p in pipes if getattr(p, "unet", None) is unet and hasattr(p, "scheduler")]
         apply_step_cache(unet, schedulers, sc.interval, sc.branch)
@@ -206,13 +208,16 @@ WARM_TASKS = {"sd": "img2img", "sdxl-refiner": "img2img", "kandinsky22": "img2im
               "sd-latent-upscaler": "latent_upscale"}
 
 
-def native_px(model: LoadedModel) -> int:
-    """The input side a model was trained for: its UNet's sample size in pixels. The x4
-    upscaler's UNet works at its input's pixel size, the latent upscaler's at its output's
-    latent size (twice its input's)."""
+def native_px(model: LoadedModel) -> int | None:
+    """The input side a model was trained for: its UNet's sample size in pixels (None where
+    its config leaves the size out). The x4 upscaler's UNet works at its input's pixel
+    size, the latent upscaler's at its output's latent size (twice its input's)."""
     from easel.worker.runner import UPSCALE, scale_factor
 
-    side = int(model.pipes[WARM_TASKS[model.spec.kind]].unet.config.sample_size)
+    side = model.pipes[WARM_TASKS[model.spec.kind]].unet.config.sample_size
+    if side is None:
+        return None
+    side = int(side)
     if model.spec.kind == "sd-x4-upscaler":
         return side
     return side * scale_factor(model) // UPSCALE.get(model.spec.kind, 1)
@@ -232,8 +237,13 @@ def warm_up(model: LoadedModel, sizes: list[int], batches: list[int] = (1,)) -> 
     if task is None:
         log.info("no warm-up call for kind %s: %s compiles on its first job", model.spec.kind, model.spec.name)
         return 0.0
+    sizes = sizes or [px for px in [native_px(model)] if px]
+    if not sizes:
+        log.warning("%s's UNet config gives no sample size: it compiles on its first job (set "
+                    "EASEL_COMPILE_WARM_SIZES to warm it)", model.spec.name)
+        return 0.0
     t0 = time.perf_counter()
-    for side in sizes or [native_px(model)]:
+    for side in sizes:
         stage = Stage(task=task, model=model.spec.name, prompt="warm-up", steps=3, strength=1.0, seed=0)
         for jobs in batches:
             run_stage(model, [stage], Carrier(images=[Image.new("RGB", (side, side), (127, 127, 127))]), n=1,

@@ -16,7 +16,8 @@ denoisers; UNet2DConditionModel has no ``enable_cache``. The PyPI ``DeepCache`` 
 steps) and keeps its cache from one pipeline call to the next, where the first steps of a
 new job could reuse the last job's features. Here the pass count follows the scheduler: it
 restarts whenever the pipeline sets its timesteps (once per call) and moves on with each
-``scheduler.step`` (once per UNet pass, in every diffusers pipeline).
+``scheduler.step`` (once per UNet pass in every pipeline ``worker/loaders.py`` builds; not
+in all of diffusers': self-attention guidance, for one, runs the UNet twice a step).
 
 Both happen outside the UNet, so the UNet itself can be compiled (``compile_unet``): the deep
 blocks' hooks read one flag, ``StepCacheState.full``, which dynamo guards on, giving two
@@ -115,9 +116,10 @@ def apply_step_cache(unet: torch.nn.Module, schedulers: list, interval: int, bra
 
 
 def _count_passes(scheduler, state: StepCacheState) -> None:
-    """Every diffusers pipeline sets its scheduler's timesteps once per call, before its first
-    UNet pass, and steps the scheduler once after each pass: the one place that marks a new
-    call and a pass for any pipeline and any scheduler, outside the (maybe compiled) UNet."""
+    """The pipelines easel builds set their scheduler's timesteps once per call, before the
+    first UNet pass, and step it once after each pass (tests/test_stepcache.py checks each
+    kind): the one place that marks a new call and a pass for any scheduler, outside the
+    (maybe compiled) UNet. The pipelines keep the scheduler they were loaded with."""
     set_timesteps, step = scheduler.set_timesteps, scheduler.step
 
     @functools.wraps(set_timesteps)
