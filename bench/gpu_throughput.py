@@ -24,11 +24,11 @@ random weights (``bench/sd15_arch.py``).
    ``gpu_compile_s_warm`` is the compile part its heartbeat reports.
 4. ``stepcache``: part 2's model with ``step_cache: {interval: 3, branch: 0}`` added (compiled
    too: two UNet graphs per shape, a full pass and a cached one, new to the compile cache
-   part 2 left, which holds its VAE's), warmed like part 2. ``--sc-n`` jobs at once -> ``gpu_images_per_s_stepcache``; then the
-   same ``--ssim-n`` fixed-seed jobs as part 2's last ones, their PNGs fetched from S3 through
-   the client -> ``gpu_stepcache_ssim`` (mean SSIM, ``worker.quality.ssim``, step cache vs
-   none, same weights, seeds and batch shape). Last because compiling both UNet graphs cold
-   is the longest start here.
+   part 2 left, which holds its VAE's), warmed like part 2. ``--sc-n`` jobs at once ->
+   ``gpu_images_per_s_stepcache``; then the same ``--ssim-n`` fixed-seed jobs as part 2's
+   last ones, their PNGs fetched from S3 through the client -> ``gpu_stepcache_ssim`` (mean
+   SSIM, ``worker.quality.ssim``, step cache vs none, same weights, seeds and batch shape).
+   Last because compiling both UNet graphs cold is the longest start here.
 
 ``--tp-parts`` runs some of them (``best,stepcache`` for a second run that only wants the
 step cache's figures: part 4 needs part 2's reference images).

@@ -152,9 +152,9 @@ def test_a_warm_up_call_runs_the_unet_at_its_native_size(model_root, name):
     from easel.shared.registry import load_registry
     from easel.worker.pipelines import WARM_TASKS, warm_up
 
-    spec = load_registry().get(name)
-    loaded = PipelineCache(load_registry(), Settings(model_root=model_root), spec.family,
-                           device=torch.device("cpu")).get(name)
+    registry = load_registry()
+    spec = registry.get(name)
+    loaded = PipelineCache(registry, Settings(model_root=model_root), spec.family, device=torch.device("cpu")).get(name)
     unet = loaded.pipes[WARM_TASKS[spec.kind]].unet
     seen: list[tuple[int, ...]] = []
     unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(tuple((args or (kwargs["sample"],))[0].shape)),

@@ -237,11 +237,13 @@ def warm_up(model: LoadedModel, sizes: list[int], batches: list[int] = (1,)) -> 
     if task is None:
         log.info("no warm-up call for kind %s: %s compiles on its first job", model.spec.kind, model.spec.name)
         return 0.0
-    sizes = sizes or [px for px in [native_px(model)] if px]
     if not sizes:
-        log.warning("%s's UNet config gives no sample size: it compiles on its first job (set "
-                    "EASEL_COMPILE_WARM_SIZES to warm it)", model.spec.name)
-        return 0.0
+        native = native_px(model)
+        if native is None:
+            log.warning("%s's UNet config gives no sample size: it compiles on its first job (set "
+                        "EASEL_COMPILE_WARM_SIZES to warm it)", model.spec.name)
+            return 0.0
+        sizes = [native]
     t0 = time.perf_counter()
     for side in sizes:
         stage = Stage(task=task, model=model.spec.name, prompt="warm-up", steps=3, strength=1.0, seed=0)

@@ -59,8 +59,7 @@ class StepCacheState:
         graphs they live in the graph's pool, which the next replay writes over."""
         if self.full:
             self.full_passes += 1
-            if self.interval > 1:
-                self.outputs.update({k: tree_map(_copy, v) for k, v in self.outputs.items()})
+            self.outputs.update({k: tree_map(_copy, v) for k, v in self.outputs.items()})
         self.passes += 1
         self.full = self.passes % self.interval == 0
 
