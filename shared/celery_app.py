@@ -78,6 +78,18 @@ class _Channel(kombu_redis.Channel):
             log.error("dropped a broker message on %s that is not JSON: %s", queue, e)
             raise Empty() from None
 
+    def _restore(self, message, leftmost=False):
+        """A message handed back unacked (prefetched by a worker at its warm shutdown, or
+        rejected with requeue) goes back to the end of its priority list that BRPOP serves
+        next: it was the oldest there, and jobs behind it should not overtake it. Without
+        ack emulation kombu's own restore LPUSHes it behind every newer message."""
+        if self.ack_emulation:
+            return super()._restore(message, leftmost)
+        info = message.delivery_info
+        with self.conn_or_acquire() as client, client.pipeline() as pipe:
+            self._do_restore_message(message.serializable(), info["exchange"], info["routing_key"], pipe)
+            pipe.execute()
+
 
 class SafeRedisTransport(kombu_redis.Transport):
     Channel = _Channel

@@ -124,6 +124,34 @@ def test_a_delivered_message_leaves_nothing_in_redis_to_be_handed_out_again(fcli
     assert not any("dropping this copy" in w.log.read_text() for w in pair)
 
 
+def test_a_message_handed_back_unacked_goes_first_in_its_queue(fclient):
+    """Messages a worker holds unacked when it stops warmly (prefetched for a micro-batch) go
+    back where BRPOP takes them next, ahead of those sent after them, as does one rejected
+    with requeue: a restart does not send jobs to the back of the line."""
+    from easel.shared.celery_app import RUN_SEGMENT, _Channel
+
+    app, queue = fclient.celery, "faults-restore.sd15"
+    for job_id in ("first", "second", "third"):
+        app.send_task(RUN_SEGMENT, args=[job_id, 0], queue=queue, priority=5)
+
+    def job_of(message) -> str:
+        return message.decode()[0][0]
+
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        assert isinstance(channel, _Channel)
+        held = [channel.basic_get(queue, no_ack=False) for _ in range(2)]
+        assert [job_of(m) for m in held] == ["first", "second"]
+        channel.qos.restore_unacked_once()  # a warm shutdown's hand-back of what it holds
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        again = channel.basic_get(queue, no_ack=False)
+        assert job_of(again) == "first" and again.delivery_info.get("redelivered")
+        again.reject(requeue=True)
+        order = [channel.basic_get(queue, no_ack=True) for _ in range(4)]
+        assert [job_of(m) if m else None for m in order] == ["first", "second", "third", None]
+
+
 def test_sigterm_finishes_running_stage_and_leaves_queued_job(fclient, workers, big_input):
     w = workers()
     running = fclient.submit(job(big_input, steps=40, seed=4))
@@ -418,7 +446,7 @@ def test_a_retry_waiting_out_its_backoff_is_not_sent_again_early(fclient, big_in
     queue = plan.segments[0].queue
     fclient.store.mark_queued(job_id, queue, spec.priority, due_at=time.time() + 2.0)
     sent = []
-    reaper = Reaper(fclient.store, lambda *a: sent.append(a), every_s=0.5, ttl_s=0.5, queues=[queue])
+    reaper = Reaper(fclient.store, lambda *a, **kw: sent.append(a), every_s=0.5, ttl_s=0.5, queues=[queue])
     try:
         time.sleep(1.0)  # past the TTL since its record was written, not past its due time
         assert job_id not in reaper.sweep_lost(queue) and not sent
