@@ -424,14 +424,15 @@ class JobStore:
         idem = self._idem_key(spec) if spec.idempotency_key else self.key(job_id)
         return [self.key(job_id), idem], [job_id, self.ttl_s, "1" if spec.idempotency_key else ""]
 
-    def create(self, spec: JobSpec, plan: Plan, job_id: str | None = None) -> tuple[str, bool]:
+    def create(self, spec: JobSpec, plan: Plan, job_id: str | None = None,
+               trace: dict | None = None) -> tuple[str, bool]:
         """Store a queued job's record alone: nothing admits, dispatches or sends it (submission
         is ``Scheduler.submit_many``, which writes the record and admits it in one script).
         For tools and tests that need a record. Returns (job_id, created); an idempotency key
         another job holds gives that job's id and created=False."""
         job_id = job_id or new_job_id()
         keys, head = self.create_head(job_id, spec)
-        winner, created = self._create(keys=keys, args=head + self.record_fields(spec, plan, time.time()))
+        winner, created = self._create(keys=keys, args=head + self.record_fields(spec, plan, time.time(), trace))
         return _text(winner), bool(int(created))
 
     def exists(self, job_id: str) -> bool:

@@ -31,7 +31,9 @@ from easel.shared.metrics import priority_lists
 
 log = logging.getLogger("easel.liveness")
 
-Send = Callable[[str, int, str, int], None]  # (job id, segment, queue, priority)
+# (job id, segment, queue, priority) and the keywords ``on_behalf`` and ``kept_trace``
+# (``shared.celery_app.send_segment``): a re-sent delivery continues its job's trace.
+Send = Callable[..., None]
 LOST_SWEEP_MAX_MESSAGES = 10_000  # a queue longer than this is not read whole each pass
 
 
@@ -159,7 +161,7 @@ class Reaper(_Loop):
         spec, plan = self.store.load(job_id)
         queue = plan.segments[segment].queue
         self.store.mark_queued(job_id, queue, spec.priority)
-        self.send(job_id, segment, queue, spec.priority)
+        self._send_again(job_id, segment, queue, spec.priority)
         log.warning("job %s segment %d %s", job_id, segment, note)
         return True
 
@@ -183,6 +185,13 @@ class Reaper(_Loop):
             spec, _ = self.store.load(job_id)
             log.warning("job %s segment %d was waiting with no message left (a worker died taking it); "
                         "sent again", job_id, segment)
-            self.send(job_id, segment, queue, spec.priority)
+            self._send_again(job_id, segment, queue, spec.priority)
             resent.append(job_id)
         return resent
+
+    def _send_again(self, job_id: str, segment: int, queue: str, priority: int) -> None:
+        """Send a delivery on its submitter's behalf: with tracing on, its message carries
+        the trace context kept in the job's record, so the new delivery's spans join the
+        job's one trace instead of starting one in this reaper's process."""
+        kept = self.store.kept_traces([job_id]).get(job_id)
+        self.send(job_id, segment, queue, priority, on_behalf=True, kept_trace=kept)

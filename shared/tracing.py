@@ -14,8 +14,10 @@ call here is a no-op on a shared object. On, each job is one trace:
   trace) or ``easel.finish`` (outputs, manifest, final state; on the finisher thread when
   finishes overlap the next job).
 
-A message without a context (sent by a reaper for a dead worker's job, or by a producer
-with tracing off) starts a new trace at the worker. ``EASEL_TRACING`` picks the exporter:
+A delivery re-sent by a reaper (a dead worker's, or one whose message was lost) carries
+the context its submitter kept in the job's record, so it joins the job's trace under the
+submit span. A message without a context (from a producer with tracing off) starts a new
+trace at the worker. ``EASEL_TRACING`` picks the exporter:
 ``console`` (JSON on stderr), ``file`` (JSON lines appended to ``EASEL_TRACING_FILE``, for
 tests and debugging), ``otlp`` (OTLP over HTTP, configured by the standard
 ``OTEL_EXPORTER_OTLP_*`` variables) or ``global`` (whatever TracerProvider the process

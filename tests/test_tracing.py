@@ -205,6 +205,45 @@ def test_a_retry_carries_its_jobs_trace_and_a_hand_off_its_own_span(memory_spans
     assert segment.attributes["easel.outcome"] == "handed-off"
 
 
+def test_a_reaper_resends_a_delivery_in_its_jobs_trace(easel_env, memory_spans, input_png):
+    """A delivery a reaper sends again (here a queued job whose message was lost) carries the
+    trace context its submitter kept in the record, not the reaper's own: the new delivery's
+    spans join the job's one trace under its submit span."""
+    from opentelemetry import propagate, trace
+
+    from easel.producer.client import EaselClient
+    from easel.shared.celery_app import send_segment
+    from easel.shared.liveness import Reaper
+    from easel.shared.metrics import priority_lists
+    from easel.shared.schema import JobState
+    from easel.shared.settings import Settings
+
+    c = EaselClient(Settings(queue_prefix="trace-reap"))  # no worker serves this prefix
+    spec, plan = c.prepare_and_plan(img2img_job(str(input_png)))  # the input uploaded
+    queue = plan.segments[0].queue
+    with tracing.span("easel.submit"):
+        job_id, _ = c.store.create(spec, plan, trace=tracing.carrier())
+    c.store.mark_queued(job_id, queue, spec.priority)  # waiting, its message nowhere
+    lists = [name for _, name in priority_lists(queue)]
+    reaper = Reaper(c.store, lambda *a, **kw: send_segment(c.celery, *a, **kw), every_s=0.2, ttl_s=0.2,
+                    queues=[queue])
+    try:
+        time.sleep(0.5)
+        with tracing.span("easel.reaper_pass"):  # a span of the reaper's own, not the job's
+            assert reaper.sweep_lost(queue) == [job_id]
+        (raw,) = [m for name in lists for m in c.store.r.lrange(name, 0, -1)]
+        headers = json.loads(raw)["headers"]
+        assert headers["task"] == "easel.run_segment"
+        parent = trace.get_current_span(propagate.extract(headers)).get_span_context()
+        spans = {s.name: s for s in memory_spans.get_finished_spans()}
+        assert parent.trace_id == spans["easel.submit"].context.trace_id != spans["easel.reaper_pass"].context.trace_id
+        assert parent.span_id == spans["easel.submit"].context.span_id
+        assert tracing.SENT_AT in headers
+    finally:
+        c.store.r.delete(*lists)
+        c.store.transition(job_id, JobState.cancelled, error="test over")
+
+
 def test_without_the_extra_tracing_off_costs_nothing_and_on_names_the_extra(easel_env):
     """opentelemetry made unimportable (a base install): off by default, every helper is the
     shared no-op and messages get no headers; turned on, the process refuses naming the extra."""

@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx.store.on_slot_freed = feeder.after_slot_freed
     ctx.stops.on(backlog_channel(ctx.store.prefix), feeder.heard_backlog).start()
     drain = Drain(ctx.store, hostname, beat.presence)
-    reaper = Reaper(ctx.store, lambda *a: send_segment(app, *a), s.reap_every_s, s.heartbeat_ttl_s,
-                    [queue_name(args.family, s.queue_prefix)],
+    reaper = Reaper(ctx.store, lambda *a, **kw: send_segment(app, *a, **kw), s.reap_every_s,
+                    s.heartbeat_ttl_s, [queue_name(args.family, s.queue_prefix)],
                     chores=[ResultRetention(ctx.store, ctx.storage, s.retention_days)])
 
     @worker_ready.connect(weak=False)

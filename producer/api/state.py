@@ -59,7 +59,8 @@ class ApiState:
         self._probe_clients(settings)
         self.dispatcher = WebhookDispatcher(settings, self.store, render=self.render_dict, secret_for=self.secret_for)
         self.dispatcher.on_result = lambda outcome, event: self.metrics.webhooks.labels(outcome, event).inc()
-        self.reaper = Reaper(JobStore.from_settings(settings), lambda *a: send_segment(self.client.celery, *a),
+        self.reaper = Reaper(JobStore.from_settings(settings),
+                             lambda *a, **kw: send_segment(self.client.celery, *a, **kw),
                              settings.reap_every_s, settings.heartbeat_ttl_s,
                              [queue_name(f, settings.queue_prefix) for f in self.client.registry.families()])
 
