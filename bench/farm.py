@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import yaml
 
 from bench.common import BenchEnv, EventWatcher, bench_image, cpu_split, headline, log, pct, pin_process, png_bytes
-from bench.replay import RequestLog, replay
+from bench.replay import RequestLog, job_count, replay
 from tests.netproxy import TcpProxy
 
 REQUEST_LINE = re.compile(rb"(?:GET|PUT|POST|HEAD|DELETE) /\S* HTTP/1\.[01]\r\n")  # an S3 request
@@ -210,12 +210,13 @@ def redis_cpus(env: BenchEnv, procs: list) -> None:
     log(f"valkey on CPUs {sorted(servers)}, workers, SeaweedFS and the producer on {sorted(rest)}")
 
 
-def job_loops(settings, ref: str, steps: int, loops: int, seconds: float) -> None:
+def job_loops(settings, ref: str, steps: int, loops: int, seconds: float, on_job=lambda: None) -> None:
     """``loops`` threads, each with a client of its own, each running jobs one after another
     for ``seconds`` through a job's Redis calls: ``submit`` (the submit script, then the
     message's LPUSH), the BRPOP that fetches a message, the worker's claim and its
     final-state script (``JobStore.claim_many`` and ``transition_many``, as the engine calls
-    them), each its own round trip as on the real path."""
+    them), each its own round trip as on the real path. ``on_job`` is called in the loop's
+    thread as each job starts."""
     import threading
 
     from easel.producer.client import EaselClient
@@ -230,6 +231,7 @@ def job_loops(settings, ref: str, steps: int, loops: int, seconds: float) -> Non
     def loop(k: int) -> None:
         client, store, instance = clients[k], clients[k].store, f"loop-{k}"
         while time.perf_counter() < stop:
+            on_job()
             job_id = client.submit(job)
             store.r.brpop(lists, timeout=1)
             store.claim_many([(job_id, 0)], f"{instance}@bench", instance, 3)
@@ -244,11 +246,14 @@ def job_loops(settings, ref: str, steps: int, loops: int, seconds: float) -> Non
 
 def busy_cpu(env, client, r, ref: str, steps: int, loops: int, seconds: float) -> dict:
     """valkey's CPU per job on a busy server: ``loops`` job loops' requests (``job_loops``)
-    recorded, then replayed (``bench.replay``) from a quarter of the loops' connections and
-    from all of them, each time into the emptied database the recording started from. No
-    worker idles meanwhile, so all of valkey's CPU is the jobs'; the headline is from the
-    replay over all connections, the busier server (a farm's hundreds of connections keep
-    its Redis busier still)."""
+    recorded, then replayed (``bench.replay``), each time into the emptied database the
+    recording started from. No worker idles meanwhile, so all of valkey's CPU is the jobs'.
+
+    Flat out, from a quarter of the loops' connections and from all of them: the CPU per job
+    of the busiest server (a farm's hundreds of connections keep its Redis busier still).
+    Then paced, from all of them, at a quarter and at three quarters of that top rate: the
+    marginal CPU per job, the difference of the two CPU rates over the difference of the
+    two job rates, where a farm's Redis works."""
     from redis.connection import parse_url
 
     from easel.shared.keys import family_capacity_key
@@ -261,30 +266,39 @@ def busy_cpu(env, client, r, ref: str, steps: int, loops: int, seconds: float) -
 
     reset()
     with RequestLog() as requests:
-        job_loops(client.settings, ref, steps, loops, seconds)
+        job_loops(client.settings, ref, steps, loops, seconds, on_job=requests.job_starts)
     sequences = requests.sequences()
-    points = []
-    for share in (max(1, len(sequences) // 4), len(sequences)):
+
+    def point(share: int, rate: float | None = None) -> dict:
         reset()
-        jobs = sum(b"\r\nBRPOP\r\n" in blob for seq in sequences[:share] for blob, _ in seq)
+        jobs = job_count(sequences[:share])
         before = Reading.take(r, None)
-        took, errors = replay(address["host"], address["port"], sequences[:share])
+        took, errors = replay(address["host"], address["port"], sequences[:share], rate)
         # Connection handshakes ask for options this server may lack (as when recorded); any
         # other error means the replay did not do the jobs' work.
         if unexpected := sorted({e for e in errors if "unknown subcommand" not in e}):
             raise RuntimeError(f"the replay got error replies: {unexpected[:5]}")
         used = Reading.take(r, None).since(before)
-        point = {"connections": share, "jobs": jobs, "jobs_per_s": jobs / took, "cpu": used["cpu_s"] / took,
-                 "us_per_job": used["cpu_s"] / jobs * 1e6, "cmds_per_job": used["cmd_total"] / jobs,
-                 "usec_per_job": {k: round(v / jobs, 2) for k, v in used["usec"].items() if v / jobs >= 0.05}}
-        log(f"replay, {share} connections: {point['jobs_per_s']:.0f} jobs/s, valkey {100 * point['cpu']:.0f}% of "
-            f"a core, {point['us_per_job']:.0f} µs/job, {point['cmds_per_job']:.1f} cmds/job")
-        points.append(point)
-    top = points[-1]
-    return {"points": points, "headline": {
+        got = {"connections": share, "paced_at": rate, "jobs": jobs, "jobs_per_s": jobs / took,
+               "cpu": used["cpu_s"] / took, "us_per_job": used["cpu_s"] / jobs * 1e6,
+               "cmds_per_job": used["cmd_total"] / jobs,
+               "usec_per_job": {k: round(v / jobs, 2) for k, v in used["usec"].items() if v / jobs >= 0.05}}
+        log(f"replay, {share} connections{f', paced at {rate:.0f}/s' if rate else ''}: "
+            f"{got['jobs_per_s']:.0f} jobs/s, valkey {100 * got['cpu']:.0f}% of a core, "
+            f"{got['us_per_job']:.0f} µs/job, {got['cmds_per_job']:.1f} cmds/job")
+        return got
+
+    flat = [point(share) for share in (max(1, len(sequences) // 4), len(sequences))]
+    top = flat[-1]
+    low, high = (point(len(sequences), f * top["jobs_per_s"]) for f in (0.25, 0.75))
+    marginal = (high["cpu"] - low["cpu"]) / (high["jobs_per_s"] - low["jobs_per_s"])
+    log(f"paced: marginal {marginal * 1e6:.0f} µs/job between {low['jobs_per_s']:.0f} and "
+        f"{high['jobs_per_s']:.0f} jobs/s")
+    return {"points": [*flat, low, high], "headline": {
         "farm_busy_jobs_per_s": round(top["jobs_per_s"]),
         "farm_busy_redis_cpu_pct": round(100 * top["cpu"]),
-        "farm_busy_redis_cpu_us_per_job": round(top["us_per_job"])}}
+        "farm_busy_redis_cpu_us_per_job": round(top["us_per_job"]),
+        "farm_busy_redis_marginal_us_per_job": round(marginal * 1e6)}}
 
 
 def ping_cpu_us(r, n: int = 3000) -> float:

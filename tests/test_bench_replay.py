@@ -6,7 +6,7 @@ import threading
 
 import redis
 
-from bench.replay import RequestLog, command_count, replay
+from bench.replay import RequestLog, command_count, job_count, replay
 
 
 def test_a_packed_pipeline_counts_its_commands():
@@ -39,4 +39,35 @@ def test_recorded_requests_replay_into_the_same_data(services):
     assert {"greeting": r.get("greeting"), "count": r.get("count"), "items": r.lrange("items", 0, -1),
             "record": r.hgetall("record")} == expected == {
         "greeting": b"hello\r\nworld", "count": b"1", "items": [b"a"], "record": {b"state": b"running", b"step": b"3"}}
+    r.flushdb()
+
+
+def test_a_paced_replay_starts_jobs_no_faster_than_its_rate(services):
+    """Job starts marked while recording pace a replay: 2 connections x 6 jobs at 20 jobs/s
+    in all take at least the 5 intervals of 0.1 s each connection waits; unpaced, the same
+    requests take a fraction of that."""
+    url = services.redis.url.rsplit("/", 1)[0] + "/9"
+    with RequestLog() as log:
+
+        def jobs(k: int) -> None:
+            r = redis.Redis.from_url(url)
+            for i in range(6):
+                log.job_starts()
+                r.incr(f"done:{k}")
+
+        threads = [threading.Thread(target=jobs, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    sequences = log.sequences()
+    assert len(sequences) == 2 and job_count(sequences) == 12
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    paced, errors = replay("127.0.0.1", services.redis.port, sequences, rate=20.0)
+    assert paced >= 0.5 and all("unknown subcommand" in e for e in errors)
+    assert r.mget("done:0", "done:1") == [b"6", b"6"]
+    r.flushdb()
+    flat, _ = replay("127.0.0.1", services.redis.port, sequences)
+    assert flat < paced / 2
     r.flushdb()
