@@ -25,8 +25,11 @@ Headlines:
   that carries over to another machine (multiply by its PING cost);
 - ``farm_busy_redis_cpu_us_per_job``: valkey CPU per job on a busy server, where a farm's
   Redis runs (``busy_cpu``): the requests of real jobs, recorded, then replayed from many
-  connections at once by a light client; with ``farm_busy_jobs_per_s`` and
-  ``farm_busy_redis_cpu_pct``, how fast and how busy.
+  connections at once by a light client, flat out; with ``farm_busy_jobs_per_s`` and
+  ``farm_busy_redis_cpu_pct``, how fast and how busy;
+- ``farm_busy_redis_marginal_us_per_job``: the same replay paced at a quarter and at three
+  quarters of the flat-out rate: the difference of valkey's two CPU rates over the
+  difference of the two job rates, the marginal cost per job of a busy server.
 
 Jobs are also submitted once before anything is measured, so every worker has run one.
 Each window (idle, rate steps, backlog) lasts a whole number of the workers' timer periods
