@@ -42,7 +42,7 @@ def command_count(blob: bytes) -> int:
     return n
 
 
-JOB_START = (b"", 0)  # a mark in a recorded sequence: a job's requests follow
+JOB_START = (b"", 0)  # a mark in a recorded sequence, a job's requests follow (no request is empty)
 
 
 class RequestLog:
@@ -78,7 +78,7 @@ class RequestLog:
 
 def job_count(sequences: list[list[tuple[bytes, int]]]) -> int:
     """How many job starts the sequences mark."""
-    return sum(entry is JOB_START for seq in sequences for entry in seq)
+    return sum(entry == JOB_START for seq in sequences for entry in seq)
 
 
 class _Replayer(asyncio.Protocol):
@@ -101,7 +101,7 @@ class _Replayer(asyncio.Protocol):
         self._send()
 
     def _send(self) -> None:
-        while self.next < len(self.requests) and self.requests[self.next] is JOB_START:
+        while self.next < len(self.requests) and self.requests[self.next] == JOB_START:
             if self.every_s is not None:
                 loop = asyncio.get_running_loop()
                 due = self.first_at + self.jobs * self.every_s
@@ -150,7 +150,8 @@ def replay(host: str, port: int, sequences: list[list[tuple[bytes, int]]],
             _, protocol = await loop.create_connection(lambda reqs=reqs, done=done: _Replayer(reqs, done), host, port)
             replayers.append(protocol)
             waits.append(done)
-        every_s = len(replayers) / rate if rate else None
+        paced = sum(job_count([reqs]) > 0 for reqs in sequences)  # connections that start jobs
+        every_s = paced / rate if rate else None
         t0, now = time.perf_counter(), loop.time()
         for k, protocol in enumerate(replayers):
             protocol.start(now + (k * every_s / len(replayers) if every_s else 0.0), every_s)

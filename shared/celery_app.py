@@ -79,15 +79,18 @@ class _Channel(kombu_redis.Channel):
             raise Empty() from None
 
     def _restore(self, message, leftmost=False):
-        """A message handed back unacked (prefetched by a worker at its warm shutdown, or
-        rejected with requeue) goes back to the end of its priority list that BRPOP serves
-        next: it was the oldest there, and jobs behind it should not overtake it. Without
-        ack emulation kombu's own restore LPUSHes it behind every newer message."""
+        """A message handed back unacked goes where kombu's ack emulation would put it, which
+        kombu's own restore without the emulation does not: one a worker prefetched and did
+        not start (a warm shutdown) to the end of its priority list that BRPOP serves next,
+        since it was the oldest there and newer jobs should not overtake it; one rejected
+        with requeue (``leftmost``) behind the others, so it is not fetched again at once.
+        A failure other than a lost connection is logged by kombu and the message dropped;
+        the lost-message sweep (``shared.liveness``) sends its job again."""
         if self.ack_emulation:
             return super()._restore(message, leftmost)
         info = message.delivery_info
-        with self.conn_or_acquire() as client, client.pipeline() as pipe:
-            self._do_restore_message(message.serializable(), info["exchange"], info["routing_key"], pipe)
+        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            self._do_restore_message(message.serializable(), info["exchange"], info["routing_key"], pipe, leftmost)
             pipe.execute()
 
 

@@ -192,6 +192,10 @@ class Reaper(_Loop):
     def _send_again(self, job_id: str, segment: int, queue: str, priority: int) -> None:
         """Send a delivery on its submitter's behalf: with tracing on, its message carries
         the trace context kept in the job's record, so the new delivery's spans join the
-        job's one trace instead of starting one in this reaper's process."""
+        job's one trace instead of starting one in this reaper's process. A job that kept
+        none (submitted with tracing off) gets a trace of its own, as from any sender."""
         kept = self.store.kept_traces([job_id]).get(job_id)
-        self.send(job_id, segment, queue, priority, on_behalf=True, kept_trace=kept)
+        if kept:
+            self.send(job_id, segment, queue, priority, on_behalf=True, kept_trace=kept)
+        else:
+            self.send(job_id, segment, queue, priority)

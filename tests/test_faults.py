@@ -126,8 +126,8 @@ def test_a_delivered_message_leaves_nothing_in_redis_to_be_handed_out_again(fcli
 
 def test_a_message_handed_back_unacked_goes_first_in_its_queue(fclient):
     """Messages a worker holds unacked when it stops warmly (prefetched for a micro-batch) go
-    back where BRPOP takes them next, ahead of those sent after them, as does one rejected
-    with requeue: a restart does not send jobs to the back of the line."""
+    back where BRPOP takes them next, ahead of those sent after them: a restart does not send
+    jobs to the back of the line. One rejected with requeue goes behind the others."""
     from easel.shared.celery_app import RUN_SEGMENT, _Channel
 
     app, queue = fclient.celery, "faults-restore.sd15"
@@ -149,7 +149,7 @@ def test_a_message_handed_back_unacked_goes_first_in_its_queue(fclient):
         assert job_of(again) == "first" and again.delivery_info.get("redelivered")
         again.reject(requeue=True)
         order = [channel.basic_get(queue, no_ack=True) for _ in range(4)]
-        assert [job_of(m) if m else None for m in order] == ["first", "second", "third", None]
+        assert [job_of(m) if m else None for m in order] == ["second", "third", "first", None]
 
 
 def test_sigterm_finishes_running_stage_and_leaves_queued_job(fclient, workers, big_input):
