@@ -90,13 +90,19 @@ end
 # key (the hash again when it has none), then admit's ten keys. ARGV: job id, record TTL,
 # whether it has an idempotency key ('1' or ''), queue score, tenant, credit, margin, queue, then the
 # record's fields and values. Returns {winner id, PENDING} when another job holds the
-# idempotency key, else {job id, admit's answer}; a replay of a call whose reply was lost
-# answers ADMITTED or PENDING, as the first run did (a dispatch it skips, a heartbeat's does).
+# idempotency key, else {job id, admit's answer}. A replay of a call whose reply was lost
+# answers from where the job is now: ADMITTED while it waits in the queue (its message is
+# still to send), else ROOM or PENDING by the queue's room, as a waiting job's first run.
 _SUBMIT = _ROOM + _CREATE + _ADMIT + """
 local k = {}
 for i = 3, 12 do k[i - 2] = KEYS[i] end
 local winner = create(KEYS[1], ARGV[3] == '1' and KEYS[2] or '', ARGV[1], ARGV[2], ARGV, 9)
-if winner == ARGV[1] then return {ARGV[1], redis.call('ZSCORE', k[5], ARGV[1]) and 1 or 0} end
+if winner == ARGV[1] then
+  if redis.call('ZSCORE', k[5], ARGV[1]) then return {ARGV[1], 1} end
+  local v = redis.call('MGET', k[7], k[6])
+  if not v[2] and room_after(k[5], v[1], ARGV[7]) > 0 then return {ARGV[1], 2} end
+  return {ARGV[1], 0}
+end
 if winner then return {winner, 0} end
 return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 """

@@ -258,16 +258,21 @@ def test_an_earlier_versions_scores_caps_and_waiting_tenants_are_adopted(fair_cl
 
 def test_a_waiting_job_asks_for_a_dispatch_only_where_one_can_move_something(fair_client, ref):
     """Admission tells the submitter whether its queue has room (a dispatch now may move a
-    job) or is full (the claim that makes room dispatches)."""
+    job) or is full (the claim that makes room dispatches); so does a replay of a submit
+    whose reply was lost."""
     from easel.shared.jobstore import new_job_id
     from easel.shared.keys import family_capacity_key
 
     store, sched, queue = fair_client.store, fair_client.scheduler, "easel.fairr"
     queued = f"{store.prefix}:queued:{queue}"
+    calls = {}
 
-    def submit(tenant: str):
-        spec, plan = fair_client.prepare_and_plan(jobs(ref, "fairr", tenant, 1)[0])
-        (got,) = sched.submit_many([(new_job_id(), spec, plan)])
+    def submit(tenant: str, job_id: str | None = None):
+        """A new job's submit, or the same call again for ``job_id`` (a replay)."""
+        if job_id is None:
+            job_id = new_job_id()
+            calls[job_id] = fair_client.prepare_and_plan(jobs(ref, "fairr", tenant, 1)[0])
+        (got,) = sched.submit_many([(job_id, *calls[job_id])])
         return got
 
     store.r.set(family_capacity_key(store.prefix, "fairr"), 1)  # one live worker's worth: room for 1 + margin 1
@@ -278,10 +283,15 @@ def test_a_waiting_job_asks_for_a_dispatch_only_where_one_can_move_something(fai
         full = submit("a")  # the queue holds capacity + margin: no room
         made.append(full)
         assert (full.admitted, full.room) == (False, False)
+        again = submit("a", made[0].job_id)  # the first call's reply lost: its message is still to send
+        assert (again.job_id, again.created, again.admitted) == (made[0].job_id, True, True)
         store.r.zrem(queued, made[0].job_id)  # a claim took one out
         waits = submit("b")  # tenants wait, so it waits its turn too, in a queue with room now
         made.append(waits)
         assert (waits.admitted, waits.room) == (False, True)
+        for job_id in (waits.job_id, full.job_id):  # a waiting job's replay answers by the room now
+            again = submit("", job_id)
+            assert (again.job_id, again.created, again.admitted, again.room) == (job_id, True, False, True)
         done = sched.dispatch({queue: "fairr"})
         assert [job_id for job_id, _, _ in done.moved] == [full.job_id] and queue in done.waiting
     finally:
