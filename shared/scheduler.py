@@ -60,9 +60,12 @@ end
 # send it or another tenant's job), else PENDING: with the queue full a dispatch moves
 # nothing, and the claim that makes room dispatches.
 _ADMIT = """
+local function open_room(k, capacity, paused, margin)  -- the queue is open, with room
+  return not paused and room_after(k[5], capacity, margin) > 0
+end
 local function admit(k, job, score, tenant, credit, margin, queue)
   local v = redis.call('MGET', k[7], k[6], k[8], k[10])
-  local room = not v[2] and room_after(k[5], v[1], margin) > 0  -- open, with room
+  local room = open_room(k, v[1], v[2], margin)
   if room and not v[3] and not v[4] then
     redis.call('ZADD', k[5], score, job)
     return 1
@@ -100,7 +103,7 @@ local winner = create(KEYS[1], ARGV[3] == '1' and KEYS[2] or '', ARGV[1], ARGV[2
 if winner == ARGV[1] then
   if redis.call('ZSCORE', k[5], ARGV[1]) then return {ARGV[1], 1} end
   local v = redis.call('MGET', k[7], k[6])
-  if not v[2] and room_after(k[5], v[1], ARGV[7]) > 0 then return {ARGV[1], 2} end
+  if open_room(k, v[1], v[2], ARGV[7]) then return {ARGV[1], 2} end
   return {ARGV[1], 0}
 end
 if winner then return {winner, 0} end
