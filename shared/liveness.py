@@ -193,9 +193,6 @@ class Reaper(_Loop):
         """Send a delivery on its submitter's behalf: with tracing on, its message carries
         the trace context kept in the job's record, so the new delivery's spans join the
         job's one trace instead of starting one in this reaper's process. A job that kept
-        none (submitted with tracing off) gets a trace of its own, as from any sender."""
+        none (submitted with tracing off) gets a trace of its own, never this reaper's."""
         kept = self.store.kept_traces([job_id]).get(job_id)
-        if kept:
-            self.send(job_id, segment, queue, priority, on_behalf=True, kept_trace=kept)
-        else:
-            self.send(job_id, segment, queue, priority)
+        self.send(job_id, segment, queue, priority, on_behalf=True, kept_trace=kept)

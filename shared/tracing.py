@@ -8,7 +8,9 @@ call here is a no-op on a shared object. On, each job is one trace:
   ``easel.enqueue``; the message carries the trace context in its Celery headers
   (W3C ``traceparent``, through the configured propagators) and the time it was sent.
 - worker, per delivery of a segment: ``easel.queue_wait`` (from the send to the claim;
-  a retry's backoff included), ``easel.segment`` (the whole delivery) and under it
+  a retry's backoff included; also the segment's ``easel.queue_wait_ms``, the only record
+  of the wait where the message carried no trace context), ``easel.segment`` (the whole
+  delivery) and under it
   ``easel.claim``, ``easel.inputs``, one ``easel.stage`` per stage, then ``easel.hand_off``
   (whose context the next segment's message carries: the next family's spans join the same
   trace) or ``easel.finish`` (outputs, manifest, final state; on the finisher thread when
@@ -17,7 +19,7 @@ call here is a no-op on a shared object. On, each job is one trace:
 A delivery re-sent by a reaper (a dead worker's, or one whose message was lost) carries
 the context its submitter kept in the job's record, so it joins the job's trace under the
 submit span. A message without a context (from a producer with tracing off) starts a new
-trace at the worker. ``EASEL_TRACING`` picks the exporter:
+trace at the worker: its ``easel.segment`` is the root. ``EASEL_TRACING`` picks the exporter:
 ``console`` (JSON on stderr), ``file`` (JSON lines appended to ``EASEL_TRACING_FILE``, for
 tests and debugging), ``otlp`` (OTLP over HTTP, configured by the standard
 ``OTEL_EXPORTER_OTLP_*`` variables) or ``global`` (whatever TracerProvider the process
@@ -199,11 +201,11 @@ def carrier() -> dict | None:
 
 
 def headers_from(kept: dict | None) -> dict | None:
-    """Message headers that continue a trace kept with the job (``carrier``); None when off or
-    when the job kept none."""
-    if _get() is None or not kept:
+    """Message headers that continue a trace kept with the job (``carrier``), or only the send
+    time where the job kept none (its delivery then starts a trace of its own); None when off."""
+    if _get() is None:
         return None
-    return {**kept, SENT_AT: time.time()}
+    return {**(kept or {}), SENT_AT: time.time()}
 
 
 # -- worker side -----------------------------------------------------------------------
@@ -242,8 +244,11 @@ class JobTrace:
         sent_at = _float((carrier or {}).get(SENT_AT))
         if sent_at is not None:
             wait_start = min(int(sent_at * 1e9), start_ns)  # clocks of two hosts may disagree
-            tracer.start_span("easel.queue_wait", context=parent, attributes=attrs,
-                              start_time=wait_start).end(end_time=start_ns)
+            # A span only inside the job's trace: without a parent it would be a trace of its own.
+            if trace.get_current_span(parent).get_span_context().is_valid:
+                tracer.start_span("easel.queue_wait", context=parent, attributes=attrs,
+                                  start_time=wait_start).end(end_time=start_ns)
+            attrs = {**attrs, "easel.queue_wait_ms": (start_ns - wait_start) / 1e6}
         self.tracer = tracer
         self.segment = tracer.start_span("easel.segment", context=parent, kind=trace.SpanKind.CONSUMER,
                                          attributes=attrs, start_time=start_ns)

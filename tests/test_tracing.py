@@ -54,7 +54,9 @@ def _from_json(line: str) -> dict:
 
 
 def _file_spans(path: Path) -> list[dict]:
-    return [_from_json(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The spans whole in the file: a worker may be appending the last line as it is read."""
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [_from_json(line) for line in lines if line.strip()]
 
 
 def _wait_for_segments(path: Path, want: dict[str, int], timeout: float = 30.0) -> list[dict]:
@@ -202,7 +204,29 @@ def test_a_retry_carries_its_jobs_trace_and_a_hand_off_its_own_span(memory_spans
     assert parent_of(hand_off).span_id == current.span_id == spans["easel.hand_off"].context.span_id
     # A sender's clock ahead of the worker's gives an empty wait, never a negative one.
     assert spans["easel.queue_wait"].start_time == spans["easel.queue_wait"].end_time == segment.start_time
+    assert segment.attributes["easel.queue_wait_ms"] == 0
     assert segment.attributes["easel.outcome"] == "handed-off"
+
+
+def test_a_message_without_a_trace_context_is_one_trace_rooted_at_its_segment(memory_spans):
+    """A job that kept no context (submitted with tracing off), sent on its behalf by a
+    dispatch or a reaper: the message carries the send time but not the sender's span, and
+    the delivery is one trace rooted at its segment span, which holds the wait (a queue-wait
+    span there would be a trace of its own)."""
+    with tracing.span("easel.reaper_pass"):  # the sender's own span: not the job's
+        headers = tracing.headers_from(None)
+    assert set(headers) == {tracing.SENT_AT}
+    start_ns = tracing.clock()
+    job = tracing.delivery({tracing.SENT_AT: start_ns / 1e9 - 0.25}, "j2", 0, "q", "w", start_ns)
+    with job.span("easel.claim"):
+        pass
+    job.end("succeeded")
+    spans = [s for s in memory_spans.get_finished_spans() if s.name != "easel.reaper_pass"]
+    assert sorted(s.name for s in spans) == ["easel.claim", "easel.segment"]
+    segment = next(s for s in spans if s.name == "easel.segment")
+    assert segment.parent is None
+    assert {s.context.trace_id for s in spans} == {segment.context.trace_id}
+    assert 249 <= segment.attributes["easel.queue_wait_ms"] <= 251
 
 
 def test_a_reaper_resends_a_delivery_in_its_jobs_trace(easel_env, memory_spans, input_png):
