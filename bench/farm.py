@@ -18,7 +18,10 @@ Headlines:
 - ``farm_idle_redis_cpu_pct_per_worker``: valkey CPU per idle worker process, in % of a core;
 - ``farm_backlog_cmds_per_job``: commands per job above the idle rate while a backlog drains
   (jobs submitted at once with ``submit_many``, most waiting their turn in the pending sets):
-  a job's own commands plus its wait and its dispatch;
+  a job's own commands plus its wait and its dispatch; ``farm_backlog_redis_cpu_us_per_job``:
+  valkey's CPU per job above the idle rate over the same window, and
+  ``farm_backlog_drain_jobs_per_s``, how fast the workers drained it (from the submit to
+  the last job's end);
 - ``farm_redis_ping_cpu_us``: valkey CPU of one PING round trip, measured in the same run on
   the same server (the baseline: what one request costs on this machine), and
   ``farm_redis_cpu_per_job_in_pings``: a job's marginal CPU in PING round trips, the figure
@@ -148,13 +151,15 @@ def backlog_step(env, client, r, proxy, ref: str, n: int, steps: int, idle: dict
     ids = client.submit_many([{"input": {"image": ref}, "stages": [
         {"model": "sim", "prompt": "farm", "steps": steps, "strength": 1.0, "seed": 500_000 + i}]} for i in range(n)])
     done = watcher.wait(ids, timeout=900)
+    took = time.perf_counter() - before.t
     watcher.close()
     pad_window(before.t, period_s)
     window = Reading.take(r, proxy).since(before)
     extra = per_job_commands(idle, {"window": window, "jobs": n})
     return {"jobs": n, "failed": sum(st != "succeeded" for _, st in done.values()), "window": window,
             "cmds_per_job": cmds_above_idle(idle, window, n),
-            "per_job_commands": extra}
+            "cpu_us_per_job": 1e6 * (window["cpu_s"] - idle["cpu_s"] / idle["s"] * window["s"]) / n,
+            "drain_jobs_per_s": n / took, "per_job_commands": extra}
 
 
 def cmds_above_idle(idle: dict, window: dict, jobs: int) -> float:
@@ -352,7 +357,7 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
         time.sleep(3)  # the last step's overload drains
         backlog = backlog_step(env, client, r, proxy, ref, backlog_jobs, steps, idle, period)
         log(f"backlog of {backlog_jobs} jobs submitted at once: {backlog['cmds_per_job']:.1f} cmds/job, "
-            f"failed {backlog['failed']}")
+            f"{backlog['cpu_us_per_job']:.0f} µs valkey CPU/job, failed {backlog['failed']}")
     finally:
         for p in procs:
             p.stop()
@@ -360,6 +365,8 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
     busy = busy_cpu(env, client, r, ref, steps, busy_loops, busy_s)
     out = summarize(idle, workers, results)
     out["farm_backlog_cmds_per_job"] = round(backlog["cmds_per_job"], 1)
+    out["farm_backlog_redis_cpu_us_per_job"] = round(backlog["cpu_us_per_job"])
+    out["farm_backlog_drain_jobs_per_s"] = round(backlog["drain_jobs_per_s"], 1)
     out.update(busy["headline"])
     out["farm_redis_ping_cpu_us"] = round(ping, 1)
     out["farm_redis_cpu_per_job_in_pings"] = round(out["farm_redis_cpu_us_per_job"] / ping, 1)
