@@ -130,8 +130,8 @@ class Reaper(_Loop):
         if now - self._in_contact_since < self.ttl_s:
             return
         self.sweep()
-        if self.queues and self.store.lease("lost-sweep", self.every_s):
-            for queue in self.queues:
+        for queue in self.queues:  # one sweep per queue per period, by any of its reapers
+            if self.store.lease(f"lost-sweep:{queue}", self.every_s):
                 self.sweep_lost(queue)
         for chore in self.chores:
             chore()
@@ -170,7 +170,9 @@ class Reaper(_Loop):
         in none of the queue's lists: a worker popped it and died before its claim, or a send
         failed. Each is sent again; returns their ids. The lists are read only when such a
         job exists, and not at all past 10,000 messages (a later pass, once the queue is
-        shorter, finds it). One reaper of the farm does this per period (a lease)."""
+        shorter, finds it). One reaper per queue does this per period (a lease per queue: a
+        farm-wide one would leave a small pool's queue to the rare periods its own workers
+        win it)."""
         old = [(j, seg) for j, seg, since in self.store.waiting_since(queue) if time.time() - since > self.ttl_s]
         if not old:
             return []

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from easel.shared.schema import Task
+from easel.shared.settings import queue_name_part
 
 # ``sim`` is a simulated GPU for benchmarks and scale tests: it sleeps ``sim_step_s`` per step.
 PipelineKind = Literal["sd", "sdxl-refiner", "kandinsky22", "sd-latent-upscaler", "sd-x4-upscaler", "sim"]
@@ -99,7 +100,7 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = ""
     source: str = Field(description="hub id, local folder (absolute or relative to model_root) or s3:// prefix")
-    family: str
+    family: str = Field(description="the worker pool (queue `<queue_prefix>.<family>`) that serves it; no ':' or spaces")
     latent_space: str
     kind: PipelineKind = "sd"
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"
@@ -115,6 +116,11 @@ class ModelSpec(BaseModel):
     timeout_per_mpx_step_s: float | None = Field(default=None, ge=0, description=(
         "this model's stage time allowance per step and SD-equivalent megapixel; "
         "EASEL_STAGE_TIMEOUT_PER_MPX_STEP_S if unset"))
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        return queue_name_part(v, "family")
 
     @model_validator(mode="after")
     def _tasks(self) -> "ModelSpec":

@@ -9,6 +9,15 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def queue_name_part(value: str, what: str) -> str:
+    """``value`` if it can be part of a queue name (``<queue_prefix>.<family>``). The broker
+    names a queue's priority lists ``<queue>:<n>`` and finds a popped message's queue by the
+    last ':', so a ':' in the name would send each message back to a queue nobody consumes."""
+    if not value or ":" in value or any(c.isspace() for c in value):
+        raise ValueError(f"{what} {value!r} cannot name a queue: it must be non-empty, without ':' or spaces")
+    return value
+
+
 WebhookEvent = Literal["queued", "started", "progress", "succeeded", "failed", "cancelled"]
 
 
@@ -54,7 +63,8 @@ class Settings(BaseSettings):
         "refuses to start without it"))
     model_root: Path = Field(default=Path.home() / ".cache" / "easel" / "models",
                              description="Folder that relative registry sources resolve against.")
-    queue_prefix: str = "easel"
+    queue_prefix: str = Field(default="easel", description=(
+        "first part of every queue name (`<prefix>.<family>`); no ':' or spaces"))
     # Limits on inputs.
     max_image_pixels: int = 4096 * 4096
     max_input_bytes: int = 50 * 1024 * 1024
@@ -167,6 +177,11 @@ class Settings(BaseSettings):
         "tracing_file; otlp: OTLP over HTTP per the OTEL_EXPORTER_OTLP_* variables; global: the TracerProvider "
         "the process set up itself (your application's, opentelemetry-instrument's)"))
     tracing_file: Path | None = Field(default=None, description="where EASEL_TRACING=file appends spans")
+
+    @field_validator("queue_prefix")
+    @classmethod
+    def _queue_prefix(cls, v: str) -> str:
+        return queue_name_part(v, "queue_prefix")
 
     @field_validator("batch_buckets")
     @classmethod

@@ -456,6 +456,31 @@ def test_a_retry_waiting_out_its_backoff_is_not_sent_again_early(fclient, big_in
         fclient.store.transition(job_id, JobState.cancelled, error="test over")
 
 
+def test_the_lost_message_sweep_is_leased_per_queue(fclient, big_input):
+    """Each queue gets its sweep every period: another family's reaper taking its own
+    queue's lease first does not keep this queue's reaper from sending a lost job again,
+    and a second reaper of the same queue in the same period sends nothing more."""
+    from easel.shared.jobstore import JobStore
+    from easel.shared.liveness import Reaper
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec
+
+    store = JobStore(fclient.store.r, prefix="lease-per-queue")  # no other test's instances or jobs
+    spec = JobSpec.model_validate(job(big_input, steps=2, seed=81)).with_seeds()
+    job_id, _ = store.create(spec, plan_job(spec, fclient.registry))
+    store.mark_queued(job_id, "lease-test.b", spec.priority)  # waiting, its message nowhere
+    sent: dict[str, list] = {"a": [], "b": [], "b2": []}
+
+    def reaper(name: str, queue: str) -> Reaper:
+        return Reaper(store, lambda *a, **kw: sent[name].append(a), every_s=30, ttl_s=0.2, queues=[queue])
+
+    a, b, b2 = reaper("a", "lease-test.a"), reaper("b", "lease-test.b"), reaper("b2", "lease-test.b")
+    time.sleep(0.5)  # in contact, and the job waiting, for over the TTL
+    for r in (a, b, b2):
+        r.tick()
+    assert sent == {"a": [], "b": [(job_id, 0, "lease-test.b", spec.priority)], "b2": []}
+
+
 def test_with_default_liveness_settings_a_killed_job_completes_within_a_minute(fclient, workers, big_input):
     """What users run: heartbeat every 3 s, dead after 15 s, reaping every 5 s (the module's
     shortened intervals put back to their defaults)."""

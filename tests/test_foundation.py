@@ -147,3 +147,23 @@ def test_cli_submit_job_file(easel_env, sd15_worker, input_png, tmp_path):
     job.write_text(f"input: {{image: {input_png}}}\nstages:\n  - {{model: sd15, prompt: hi, steps: 2, seed: 1}}\n")
     r = cli("submit", "--job", str(job), "--wait")
     assert r.returncode == 0, r.stderr
+
+
+def test_a_queue_name_with_a_colon_is_refused_where_it_is_configured(tmp_path):
+    """The broker finds a popped message's queue by the last ':' of its list's name, so a
+    queue named with one would hand every priority-0 message back to its own list forever:
+    the queue prefix (a setting) and a family (the registry) are refused with a reason."""
+    from pydantic import ValidationError
+
+    from easel.shared.registry import Registry
+    from easel.shared.settings import Settings
+
+    with pytest.raises(ValidationError, match="queue_prefix 'prod:easel' cannot name a queue"):
+        Settings(queue_prefix="prod:easel")
+    assert Settings(queue_prefix="prod-easel.v2").queue_prefix == "prod-easel.v2"
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n  m:\n    source: x\n    family: 'gpu:sd15'\n    latent_space: sd\n")
+    with pytest.raises(ValidationError, match="family 'gpu:sd15' cannot name a queue"):
+        Registry.load(path)
+    path.write_text("models:\n  m:\n    source: x\n    family: gpu-sd15\n    latent_space: sd\n")
+    assert Registry.load(path).get("m").family == "gpu-sd15"
