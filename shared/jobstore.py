@@ -121,26 +121,31 @@ return reply
 SLOT_FREED = 2  # _TRANSITION's reply when a capped tenant's job ended
 
 # Everything a delivery checks and records before it runs, in one round trip. Drops the
-# job from its queue-position set, then refuses unknown and terminal jobs, a segment the job
-# has moved past (stale), and a segment that another live instance runs (a duplicate: a
-# message the lost-message sweep sent again while its first copy was on its way). A claim
-# of what this very instance holds is a replay of this script (its reply was lost),
-# answered as the first run was. Then refuses cancelled and
-# poison deliveries, counts the delivery and the attempt, and records this instance as the
-# holder. A run answers with the job's spec, plan, times, its attempt count and this
-# attempt's record (the manifest reads no attempts back in the common case of one).
+# job from its current queue-position set; a stale copy (of a segment the job has moved
+# past) drops it only from the set of the queue it came from, where it is left over, and
+# not where the job's current segment waits. Then refuses unknown and terminal jobs, a
+# segment the job has moved past (stale), and a segment that another live instance runs (a
+# duplicate: a message the lost-message sweep sent again while its first copy was on its
+# way). A claim of what this very instance holds is a replay of this script (its reply was
+# lost), answered as the first run was. Then refuses cancelled and poison deliveries,
+# counts the delivery and the attempt, and records this instance as the holder. A run
+# answers with the job's spec, plan, times, its attempt count and this attempt's record
+# (the manifest reads no attempts back in the common case of one).
 # KEYS: job hash, events channel, instances zset. ARGV: queue-position key prefix, job id,
-# segment, worker, now, crash limit, the "running" event JSON, instance, running-set prefix.
+# segment, worker, now, crash limit, the "running" event JSON, instance, running-set prefix,
+# the queue the delivery came from ('' if unknown).
 # (Key names built from ARGV assume one Redis, not a cluster; easel's broker is one Redis.)
 _CLAIM = _CLOCK + f"""
 local h = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'queue', 'spec', 'plan', 'stage', 'created_at',
                      'started_at', 'segment', 'instance', 'attempts', 'inflight:' .. ARGV[3])
 local cur = h[1]
 if not cur then return {{'unknown'}} end
-if h[3] then redis.call('ZREM', ARGV[1] .. h[3], ARGV[2]) end
-if {_TERMINAL} then return {{'terminal', cur}} end
 local seg = tonumber(ARGV[3])
-if h[9] and seg < tonumber(h[9]) then return {{'stale', h[9]}} end
+local stale = h[9] and seg < tonumber(h[9])
+if h[3] and not stale then redis.call('ZREM', ARGV[1] .. h[3], ARGV[2]) end
+if stale and ARGV[10] ~= '' and ARGV[10] ~= h[3] then redis.call('ZREM', ARGV[1] .. ARGV[10], ARGV[2]) end
+if {_TERMINAL} then return {{'terminal', cur}} end
+if stale then return {{'stale', h[9]}} end
 if h[10] and h[9] and seg == tonumber(h[9]) then
   if h[10] == ARGV[8] then
     return {{'run', h[4], h[5], h[7], h[8], h[11], redis.call('HGET', KEYS[1], 'attempt:' .. h[11])}}
@@ -521,19 +526,20 @@ class JobStore:
         """The delivery ended without a state change of its own (a retry, a failed state write)."""
         self.transition(job_id, None, end=(segment, instance))
 
-    def _claim_args(self, job_id: str, segment: int, worker: str, instance: str,
+    def _claim_args(self, job_id: str, segment: int, queue: str | None, worker: str, instance: str,
                     max_crash_deliveries: int) -> tuple[list, list]:
         now = time.time()
         event = self._event(JobState.running, {"updated_at": now, "worker": worker, "segment": segment})
         return ([self.key(job_id), self.events_channel(job_id), self.instances_key()],
                 [f"{self.prefix}:queued:", job_id, segment, worker, now, max_crash_deliveries, event,
-                 instance, self._running_prefix()])
+                 instance, self._running_prefix(), queue or ""])
 
-    def claim_many(self, deliveries: list[tuple[str, int]], worker: str, instance: str,
+    def claim_many(self, deliveries: list[tuple[str, int, str | None]], worker: str, instance: str,
                    max_crash_deliveries: int) -> list[Claim]:
-        """``claim`` for (job_id, segment) deliveries in one pipeline (a micro-batch's members)."""
-        calls = [self._claim_args(job_id, segment, worker, instance, max_crash_deliveries)
-                 for job_id, segment in deliveries]
+        """Claim (job_id, segment, the queue it came from or None) deliveries in one pipeline
+        (a micro-batch's members)."""
+        calls = [self._claim_args(job_id, segment, queue, worker, instance, max_crash_deliveries)
+                 for job_id, segment, queue in deliveries]
         return [self._parse_claim(res) for res in self._run_script(self._claim, calls, raise_on_error=False)]
 
     @staticmethod
@@ -648,11 +654,11 @@ class JobStore:
         ids = self.r.zrange(self._queued_key(queue), 0, limit - 1)
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hmget(self.key(job_id), "state", "segment", "updated_at", "instance", "due_at")
+            pipe.hmget(self.key(job_id), "state", "segment", "updated_at", "instance", "due_at", "queue")
         out, stale = [], []
-        for job_id, (state, segment, since, holder, due) in zip(ids, pipe.execute()):
-            if state is None or JobState(state).terminal:
-                stale.append(job_id)  # expired or ended without a claim: it holds no place
+        for job_id, (state, segment, since, holder, due, waits_in) in zip(ids, pipe.execute()):
+            if state is None or JobState(state).terminal or (waits_in and waits_in != queue):
+                stale.append(job_id)  # expired, ended without a claim, or moved on: it holds no place here
             elif since and not holder and state in (JobState.queued.value, JobState.running.value):
                 out.append((job_id, int(segment or 0), max(float(since), float(due or 0))))
         if stale:

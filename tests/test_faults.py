@@ -481,6 +481,43 @@ def test_the_lost_message_sweep_is_leased_per_queue(fclient, big_input):
     assert sent == {"a": [], "b": [(job_id, 0, "lease-test.b", spec.priority)], "b2": []}
 
 
+def test_a_stale_copy_leaves_the_next_segments_place_and_the_sweep_its_queue(fclient, big_input):
+    """A reaper requeued segment 0 of a job whose stalled worker then handed it off to
+    segment 1: the stale copy of segment 0, claimed from the first queue, drops the job's
+    left-over place there and not its place in the second queue, where segment 1 waits.
+    A left-over place is also dropped by the first queue's sweep, which never sends
+    segment 1 to a queue that is not its own."""
+    from easel.shared.jobstore import JobStore
+    from easel.shared.liveness import Reaper
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec, JobState
+
+    store = JobStore(fclient.store.r, prefix="stale-copy")  # no other test's instances or jobs
+    spec = JobSpec.model_validate(job(big_input, steps=2, seed=82)).with_seeds()
+    job_id, _ = store.create(spec, plan_job(spec, fclient.registry))
+    qa, qb = "stale-test.a", "stale-test.b"
+
+    def waits_in(queue: str) -> bool:
+        return store.r.zscore(store._queued_key(queue), job_id) is not None
+
+    store.mark_queued(job_id, qa, spec.priority)
+    assert store.claim_many([(job_id, 0, qa)], "w1", "i1", 3)[0].outcome == "run"
+    store.mark_queued(job_id, qa, spec.priority)  # the reaper's requeue of segment 0
+    store.mark_queued(job_id, qb, spec.priority)  # the stalled worker's hand-off
+    assert store.transition(job_id, JobState.running, end=(0, "i1"), segment=1)
+    stale = store.claim_many([(job_id, 0, qa)], "w2", "i2", 3)[0]
+    assert (stale.outcome, stale.detail) == ("stale", "1")
+    assert waits_in(qb) and not waits_in(qa)
+
+    store.mark_queued(job_id, qa, spec.priority)  # a left-over place, as a lost copy leaves it
+    store.mark_queued(job_id, qb, spec.priority)
+    sent = []
+    reaper = Reaper(store, lambda *a, **kw: sent.append(a), every_s=30, ttl_s=0.0, queues=[qa, qb])
+    assert reaper.sweep_lost(qa) == [] and not waits_in(qa)
+    assert reaper.sweep_lost(qb) == [job_id] and sent == [(job_id, 1, qb, spec.priority)]
+    store.transition(job_id, JobState.cancelled, error="test over")
+
+
 def test_with_default_liveness_settings_a_killed_job_completes_within_a_minute(fclient, workers, big_input):
     """What users run: heartbeat every 3 s, dead after 15 s, reaping every 5 s (the module's
     shortened intervals put back to their defaults)."""

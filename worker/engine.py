@@ -121,7 +121,7 @@ def claim(ctx: WorkerContext, app, deliveries: list[Delivery], outcomes: Outcome
         tr.activate()  # a retry sent for it carries its trace
     epoch = ctx.stops.epoch if ctx.stops is not None and ctx.stops.connected else -1  # before the claim reads
     try:
-        claims = ctx.store.claim_many([(d.job_id, d.segment) for d in deliveries], ctx.hostname, ctx.instance,
+        claims = ctx.store.claim_many([(d.job_id, d.segment, d.queue) for d in deliveries], ctx.hostname, ctx.instance,
                                       ctx.settings.max_crash_deliveries)
     except Exception as exc:
         for d, tr in zip(deliveries, traces):
