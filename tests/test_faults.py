@@ -518,6 +518,52 @@ def test_a_stale_copy_leaves_the_next_segments_place_and_the_sweep_its_queue(fcl
     store.transition(job_id, JobState.cancelled, error="test over")
 
 
+def test_a_failed_publish_is_retried_and_one_that_cannot_be_retried_stays_held(fault_env, fclient, big_input):
+    """Celery's publish (a hand-off's or a retry's message) raises kombu's OperationalError
+    once its own retries give up. That is Redis away, as a lost connection is: the segment
+    is retried, not failed. When the retry's message cannot be sent either, the delivery
+    waits in the worker's unsettled list for its heartbeat to settle it."""
+    import queue as queue_mod
+    import types
+
+    import kombu.exceptions
+
+    from easel.shared.celery_app import make_celery, queued_deliveries
+    from easel.shared.jobstore import JobStore
+    from easel.shared.metrics import priority_lists
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec, JobState
+    from easel.shared.settings import Settings
+    from easel.worker.policy import Delivery, settle_error
+
+    _, env = fault_env
+    settings = Settings(**{k[6:].lower(): v for k, v in env.items()})
+    store = JobStore(fclient.store.r, prefix="publish-fail")  # no other test's instances or jobs
+    ctx = types.SimpleNamespace(store=store, settings=settings, instance="i1", unsettled=queue_mod.SimpleQueue())
+    spec = JobSpec.model_validate(job(big_input, steps=2, seed=83)).with_seeds()
+    job_id, _ = store.create(spec, plan_job(spec, fclient.registry))
+    q = "publish-test.a"  # no worker serves it
+    lists = [name for _, name in priority_lists(q)]
+    d = Delivery(job_id, 0, q)
+    away = kombu.exceptions.OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+    try:
+        store.mark_queued(job_id, q, spec.priority)
+        assert store.claim_many([(job_id, 0, q)], "w1", "i1", 3)[0].outcome == "run"
+        assert settle_error(ctx, make_celery(settings), d, away) == "retrying"
+        assert store.status(job_id).state != JobState.failed
+        assert (job_id, 0) in queued_deliveries(store.r, lists)  # the retry's message
+
+        store.r.delete(*lists)
+        assert store.claim_many([(job_id, 0, q)], "w1", "i1", 3)[0].outcome == "run"
+        dead = make_celery(settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
+        dead.conf.task_publish_retry = False  # the default rides out a minute; what comes after is tested
+        assert settle_error(ctx, dead, d, away) == "error"
+        assert ctx.unsettled.get_nowait() == (d, away)
+    finally:
+        store.r.delete(*lists)
+        store.transition(job_id, JobState.cancelled, error="test over")
+
+
 def test_with_default_liveness_settings_a_killed_job_completes_within_a_minute(fclient, workers, big_input):
     """What users run: heartbeat every 3 s, dead after 15 s, reaping every 5 s (the module's
     shortened intervals put back to their defaults)."""

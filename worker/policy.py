@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 import botocore.exceptions
+import kombu.exceptions
 import redis.exceptions
 import torch
 
@@ -26,9 +27,11 @@ from easel.shared.storage import NotFound
 
 log = logging.getLogger("easel.worker.policy")
 
+# Redis unreachable, whether through redis-py (the job record) or through Celery's publish
+# (a hand-off or a retry's message: kombu's OperationalError once its retries give up).
+BROKER_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError)
 TRANSIENT = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
+    *BROKER_AWAY,
     botocore.exceptions.EndpointConnectionError,
     botocore.exceptions.ConnectionClosedError,
     botocore.exceptions.ReadTimeoutError,
@@ -105,7 +108,7 @@ def settle_error(ctx, app, d: Delivery, exc: BaseException) -> str:
             return retry_later(ctx, app, d, exc)
         log.error("job %s segment %d failed", d.job_id, d.segment, exc_info=exc)
         return fail(ctx, d, describe(exc))
-    except redis.exceptions.RedisError:  # Redis is away: settled again from the heartbeat
+    except (redis.exceptions.RedisError, kombu.exceptions.OperationalError):  # settled again from the heartbeat
         log.exception("could not record how job %s segment %d ended; will try again", d.job_id, d.segment)
         ctx.unsettled.put((d, exc))
         return "error"
