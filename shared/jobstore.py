@@ -207,15 +207,17 @@ return note
 # matter) with their running deliveries: each is leased to this reaper (its score moves
 # ``lease`` seconds ahead), so of several reapers one gets it, and one that dies midway
 # leaves it to another once the lease runs out. ``forget_instance`` removes it once done.
-# Returns flat triples: instance, expiry, "<job id>:<segment>"; an instance holding
-# nothing comes back with an empty third field.
+# Returns the lease's end (the score the instances now have), then flat triples: instance,
+# expiry, "<job id>:<segment>"; an instance holding nothing comes back with an empty third
+# field.
 _REAP = _CLOCK + """
 local t = now()
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {}
+local leased = t + tonumber(ARGV[3])
+local out = {tostring(leased)}
 for i = 1, #dead, 2 do
   local id = dead[i]
-  redis.call('ZADD', KEYS[1], t + tonumber(ARGV[3]), id)
+  redis.call('ZADD', KEYS[1], leased, id)
   local held = redis.call('SMEMBERS', ARGV[1] .. id)
   if #held == 0 then table.insert(out, id); table.insert(out, dead[i + 1]); table.insert(out, '') end
   for _, m in ipairs(held) do
@@ -223,6 +225,20 @@ for i = 1, #dead, 2 do
   end
 end
 return out
+"""
+
+# A reaped instance is forgotten once the deliveries its reap found are requeued: those
+# leave its running set, and it leaves the instances only if nothing else is left there and
+# its score is still the lease's (an instance that stalled past its TTL and then came back
+# has beaten since, or claimed anew: what it holds now must stay reapable).
+# KEYS: instances zset, its running set. ARGV: instance, the lease's end, then the
+# "<job id>:<segment>" members its reap found.
+_FORGET = """
+for i = 3, #ARGV do redis.call('SREM', KEYS[2], ARGV[i]) end
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and math.abs(tonumber(score) - tonumber(ARGV[2])) < 0.001 and redis.call('SCARD', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
 """
 
 # A new job's record: its idempotency claim (SET NX) and its hash, with the record TTL, in the
@@ -385,6 +401,7 @@ class JobStore:
         self._claim = self.r.register_script(_CLAIM)
         self._requeue = self.r.register_script(_REQUEUE)
         self._reap = self.r.register_script(_REAP)
+        self._forget = self.r.register_script(_FORGET)
         self._beat = self.r.register_script(_BEAT)
         self._create = self.r.register_script(_CREATE_ONE)
 
@@ -758,24 +775,24 @@ class JobStore:
         keys = list(self.r.scan_iter(f"{self.prefix}:worker:*", count=500))
         return [json.loads(v) for v in self.r.mget(keys) if v] if keys else []
 
-    def reap_dead(self, limit: int = 100, lease_s: float = 60.0) -> dict[str, tuple[float, list[tuple[str, int]]]]:
-        """Lease the instances whose heartbeat expired, with the deliveries they held:
-        instance -> (expired at, [(job id, segment)]). Of several reapers one gets each; call
-        ``forget_instance`` once its deliveries are requeued."""
-        flat = self._reap(keys=[self.instances_key()], args=[self._running_prefix(), limit, lease_s])
+    def reap_dead(self, limit: int = 100, lease_s: float = 60.0
+                  ) -> tuple[str, dict[str, tuple[float, list[tuple[str, int]]]]]:
+        """Lease the instances whose heartbeat expired, with the deliveries they held: (the
+        lease's end, instance -> (expired at, [(job id, segment)])). Of several reapers one
+        gets each; call ``forget_instance`` once its deliveries are requeued."""
+        leased, *flat = self._reap(keys=[self.instances_key()], args=[self._running_prefix(), limit, lease_s])
         out: dict[str, tuple[float, list[tuple[str, int]]]] = {}
         for i in range(0, len(flat), 3):
             held = out.setdefault(flat[i], (float(flat[i + 1]), []))[1]
             if flat[i + 2]:
                 job_id, _, seg = flat[i + 2].rpartition(":")
                 held.append((job_id, int(seg)))
-        return out
+        return leased, out
 
-    def forget_instance(self, instance: str) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        pipe.zrem(self.instances_key(), instance)
-        pipe.delete(self._running_prefix() + instance)
-        pipe.execute()
+    def forget_instance(self, instance: str, held: list[tuple[str, int]], leased: str) -> None:
+        """Drop a reaped instance and the deliveries ``reap_dead`` found it holding (``_FORGET``)."""
+        self._forget(keys=[self.instances_key(), self._running_prefix() + instance],
+                     args=[instance, leased, *(f"{job_id}:{segment}" for job_id, segment in held)])
 
     def requeue(self, job_id: str, segment: int, instance: str, why: str) -> str | None:
         """Put a dead instance's delivery back in the queue (state queued, with a note that

@@ -141,7 +141,8 @@ class Reaper(_Loop):
         forgotten only once all it held is requeued; until then, a later pass (this
         reaper's or another's, once the lease runs out) takes it again."""
         resent = []
-        for instance, (expired_at, held) in self.store.reap_dead(lease_s=max(30.0, 4 * self.every_s)).items():
+        leased, dead = self.store.reap_dead(lease_s=max(30.0, 4 * self.every_s))
+        for instance, (expired_at, held) in dead.items():
             why = ("it shut down" if expired_at < 1e9 else
                    f"its heartbeat expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expired_at))}")
             try:
@@ -151,7 +152,7 @@ class Reaper(_Loop):
             except Exception:
                 log.exception("could not requeue all that instance %s held; a later pass retries", instance)
                 continue
-            self.store.forget_instance(instance)
+            self.store.forget_instance(instance, held, leased)
         return resent
 
     def _requeue(self, instance: str, job_id: str, segment: int, why: str) -> bool:

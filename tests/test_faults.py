@@ -564,6 +564,52 @@ def test_a_failed_publish_is_retried_and_one_that_cannot_be_retried_stays_held(f
         store.transition(job_id, JobState.cancelled, error="test over")
 
 
+def test_a_reaped_instance_that_comes_back_keeps_what_it_claims_since(fclient, big_input):
+    """A worker that stalled past its heartbeat TTL is reaped. If it comes back and claims a
+    new job while the reaper requeues what it held, forgetting it must not drop that job:
+    should the worker then die for good, the next reap finds it. Once everything it held is
+    requeued and it stops beating, it is forgotten."""
+    from easel.shared.jobstore import JobStore
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec, JobState
+
+    store = JobStore(fclient.store.r, prefix="comeback")  # no other test's instances or jobs
+    q, ids = "comeback-test.a", []
+
+    def queued_job(seed: int) -> str:
+        spec = JobSpec.model_validate(job(big_input, steps=2, seed=seed)).with_seeds()
+        job_id, _ = store.create(spec, plan_job(spec, fclient.registry))
+        store.mark_queued(job_id, q, spec.priority)
+        ids.append(job_id)
+        return job_id
+
+    def beat() -> None:
+        store.beat("x", "host-x", {"family": "comeback"}, 0.2)
+
+    try:
+        first = queued_job(84)
+        beat()
+        assert store.claim_many([(first, 0, q)], "w", "x", 3)[0].outcome == "run"
+        time.sleep(0.4)  # it stalls past its TTL
+        leased, dead = store.reap_dead(lease_s=30)
+        assert dead["x"][1] == [(first, 0)]
+        beat()  # it comes back ...
+        second = queued_job(85)
+        assert store.claim_many([(second, 0, q)], "w", "x", 3)[0].outcome == "run"  # ... and claims anew
+        assert store.requeue(first, 0, "x", "test") is not None
+        store.forget_instance("x", dead["x"][1], leased)
+        time.sleep(0.4)  # it dies for good
+        leased, dead = store.reap_dead(lease_s=30)
+        assert dead["x"][1] == [(second, 0)]
+        assert store.requeue(second, 0, "x", "test") is not None
+        store.forget_instance("x", dead["x"][1], leased)
+        assert store.r.zscore(store.instances_key(), "x") is None
+        assert not store.r.exists(store._running_prefix() + "x")
+    finally:
+        for job_id in ids:
+            store.transition(job_id, JobState.cancelled, error="test over")
+
+
 def test_with_default_liveness_settings_a_killed_job_completes_within_a_minute(fclient, workers, big_input):
     """What users run: heartbeat every 3 s, dead after 15 s, reaping every 5 s (the module's
     shortened intervals put back to their defaults)."""
