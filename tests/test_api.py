@@ -473,6 +473,31 @@ def test_a_keys_event_filter_decides_which_webhooks_it_gets(api, sd15_worker):
         assert Webhook(NEW_SECRET).verify(raw, headers)["job"]["id"] == job_id
 
 
+def test_a_job_ending_in_an_event_its_key_left_out_still_reads(api, sd15_worker):
+    """The "watcher" key asked for no job.failed: its failed job gets no such webhook, and
+    the job still reads, its webhook "not requested"."""
+    rx = Receiver([])
+    try:
+        with api.client("tok-watcher") as http:
+            body = {**job_body("s3://easel/inputs/never-uploaded.png"), "webhook_url": rx.url}
+            job_id = http.post("/v1/jobs", json=body).json()["id"]
+            deadline = time.monotonic() + 60
+            while True:
+                r = http.get(f"/v1/jobs/{job_id}")
+                assert r.status_code == 200, r.text
+                if r.json()["webhook"]["state"] == "not requested":
+                    break
+                assert time.monotonic() < deadline, r.json()
+                time.sleep(0.1)
+            assert r.json()["state"] == "failed"
+        sent = []
+        while not rx.calls.empty():
+            sent.append(rx.calls.get()[0]["Easel-Event"])
+        assert "job.failed" not in sent, sent
+    finally:
+        rx.close()
+
+
 def test_webhook_on_failure_names_the_reason(api, http, sd15_worker):
     rx = Receiver([])
     try:

@@ -42,7 +42,8 @@ class ProgressOut(BaseModel):
 
 class WebhookOut(BaseModel):
     url: str
-    state: Literal["pending", "delivering", "delivered", "failed"]
+    # "not requested": the job ended in a state its key's webhook_events leave out
+    state: Literal["pending", "delivering", "delivered", "failed", "not requested"]
     attempts: int = 0
     last_error: str | None = None
 
