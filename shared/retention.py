@@ -17,7 +17,7 @@ from easel.shared.storage import Storage
 
 log = logging.getLogger("easel.retention")
 
-PREFIXES = ["jobs/", "inputs/"]
+PREFIXES = ["jobs/", "inputs/", "uploads/"]  # results and hand-offs, inputs, the API's presigned uploads
 EVERY_S = 3600.0
 
 

@@ -77,8 +77,8 @@ class Settings(BaseSettings):
         "points at results that are gone"))
     retention_days: int = Field(default=7, ge=0, description=(
         "days job outputs, manifests, hand-offs and uploaded inputs stay in the bucket: an S3 lifecycle rule "
-        "on the jobs/ and inputs/ prefixes where the server takes one, else a sweep by one worker an hour; "
-        "0 = kept until you delete them"))
+        "on the jobs/, inputs/ and uploads/ prefixes where the server takes one, else a sweep by one worker "
+        "an hour; 0 = kept until you delete them"))
     device: str | None = None  # "cuda", "cpu"; auto when unset
     # Stage time limits (worker/watchdog.py): the cost model's allowance, base + per_mpx_step x steps x
     # SD-equivalent megapixels x images, until the stage's first steps give its pace; then up to

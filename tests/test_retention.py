@@ -22,7 +22,7 @@ def test_a_worker_sets_the_buckets_lifecycle_rules_once_per_period(easel_env, st
     s = get_settings()
     store = JobStore.from_settings(s)
     store.r.delete(f"{s.queue_prefix}:lease:retention")
-    assert ResultRetention(store, storage, days=3)() == "lifecycle rules: jobs/, inputs/ expire after 3 days"
+    assert ResultRetention(store, storage, days=3)() == "lifecycle rules: jobs/, inputs/, uploads/ expire after 3 days"
     rules = {r["ID"]: r for r in storage.client.get_bucket_lifecycle_configuration(Bucket=storage.bucket)["Rules"]}
     assert {rules[f"easel-{p.strip('/')}"]["Filter"]["Prefix"] for p in PREFIXES} == set(PREFIXES)
     assert all(r["Expiration"]["Days"] == 3 for r in rules.values() if r["ID"].startswith("easel-"))
