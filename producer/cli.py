@@ -175,9 +175,14 @@ def cancel(job_id: str) -> None:
 @app.command()
 def fetch(job_id: str, out: Path = typer.Option(Path("easel-out"), "--out", "-o")) -> None:
     """Download a finished job's images and manifest into OUT/<job_id>/."""
+    from easel.shared.storage import NotFound
+
     try:
         for p in _client().fetch(job_id, out):
             print(p)
+    except NotFound as e:  # the job exists; one of its objects is gone (retention, a manual delete)
+        missing = str(e).strip("'\"")
+        _fail(f"job {job_id}: {missing}", 1)
     except KeyError:
         _fail(f"no job {job_id}", 1)
     except RuntimeError as e:

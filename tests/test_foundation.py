@@ -132,6 +132,13 @@ def test_cli_submit_wait_status_fetch(easel_env, sd15_worker, input_png, tmp_pat
     img = Image.open(tmp_path / job_id / "output" / "0.jpeg")
     assert img.format == "JPEG" and img.size == (96, 64)
     assert json.loads((tmp_path / job_id / "manifest.json").read_text())["stages"][0]["seeds"] == [11]
+    from easel.shared.settings import Settings
+    from easel.shared.storage import Storage
+
+    Storage(Settings()).delete_prefix(f"jobs/{job_id}/output/")  # gone, as retention would take it
+    r = cli("fetch", job_id, "--out", str(tmp_path / "again"))
+    said = " ".join(r.stderr.split())  # rich wraps long lines
+    assert r.returncode == 1 and f"job {job_id}: " in said and "/output/0.jpeg does not exist" in said, said
     r = cli("queues")
     assert r.returncode == 0 and "easel.sd15\t" in r.stdout
 
