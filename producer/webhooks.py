@@ -114,6 +114,7 @@ class WebhookDispatcher:
     """
 
     LEASE_S = 120.0
+    WATCH_PAGE = 1000  # watched jobs read per sweep
 
     def __init__(self, settings: Settings, store: JobStore, render: Callable[[str], dict],
                  secret_for: Callable[[str | None], str | None], workers: int = 8):
@@ -133,6 +134,7 @@ class WebhookDispatcher:
         self._thread: threading.Thread | None = None
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
+        self._watch_from = 0  # where the next sweep's page of watched jobs starts
         self.on_result: Callable[[str, str], None] | None = None  # (outcome, event) for metrics
 
     # -- registration (API request path) ---------------------------------------------------
@@ -162,8 +164,13 @@ class WebhookDispatcher:
             self._stop.wait(self.s.webhook_sweep_s)
 
     def sweep(self) -> int:
-        """Schedule the watched jobs' new events, then start due deliveries. Returns started."""
-        watched = self.r.zrange(self.watch_key, 0, 999)
+        """Schedule the new events of a page of the watched jobs, then start due deliveries.
+        Returns started. Each sweep reads the next page, the first again after the last, so
+        every watched job is looked at once per (watched / ``WATCH_PAGE``) sweeps, however
+        many older jobs still run."""
+        start = self._watch_from
+        watched = self.r.zrange(self.watch_key, start, start + self.WATCH_PAGE - 1)
+        self._watch_from = start + self.WATCH_PAGE if len(watched) == self.WATCH_PAGE else 0
         for job_id, view in zip(watched, self.store.webhook_watch(watched) if watched else []):
             self._schedule(job_id, view)
         started = 0

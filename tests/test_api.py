@@ -498,6 +498,37 @@ def test_a_job_ending_in_an_event_its_key_left_out_still_reads(api, sd15_worker)
         rx.close()
 
 
+def test_a_webhook_is_seen_behind_a_thousand_older_watched_jobs(client):
+    """The dispatcher reads the watched jobs a page at a time, the next page each sweep: a
+    job that ends behind a full page of older jobs still running has its event scheduled
+    by the second sweep, not once the older ones have ended."""
+    from easel.producer.webhooks import WebhookDispatcher
+    from easel.shared.jobstore import JobStore
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec, JobState
+    from easel.shared.settings import Settings
+
+    store = JobStore(client.store.r, prefix="webhook-page")  # no other test's jobs
+    hooks = WebhookDispatcher(Settings(), store, render=lambda j: {"id": j}, secret_for=lambda owner: None)
+    spec = JobSpec.model_validate({"input": {"image": "s3://easel/inputs/x.png"},
+                                   "stages": [{"model": "sd15", "prompt": "x", "seed": 1}]})
+    plan = plan_job(spec, client.registry)
+    ids = [store.create(spec, plan)[0] for _ in range(hooks.WATCH_PAGE + 1)]
+    try:
+        for job_id in ids:  # oldest first; asking for job.succeeded only, so nothing is sent here
+            hooks.register(job_id, "https://hooks.example.test/easel", ["succeeded"])
+        last = ids[-1]
+        assert store.transition(last, JobState.cancelled, error="cancelled")
+        hooks.sweep()  # the oldest page: all still queued
+        assert store.r.zscore(hooks.watch_key, last) is not None
+        hooks.sweep()  # the next page: the ended job's event is scheduled, the job no longer watched
+        assert store.r.zscore(hooks.watch_key, last) is None
+        assert store.r.hget(store.key(last), "webhook_state") == "not requested"
+    finally:
+        hooks.stop()
+        store.r.delete(hooks.watch_key, hooks.due_key, *(store.key(j) for j in ids))
+
+
 def test_webhook_on_failure_names_the_reason(api, http, sd15_worker):
     rx = Receiver([])
     try:
