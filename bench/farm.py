@@ -157,14 +157,15 @@ def backlog_step(env, client, r, proxy, ref: str, n: int, steps: int, idle: dict
     window = Reading.take(r, proxy).since(before)
     extra = per_job_commands(idle, {"window": window, "jobs": n})
     return {"jobs": n, "failed": sum(st != "succeeded" for _, st in done.values()), "window": window,
-            "cmds_per_job": cmds_above_idle(idle, window, n),
-            "cpu_us_per_job": 1e6 * (window["cpu_s"] - idle["cpu_s"] / idle["s"] * window["s"]) / n,
+            "cmds_per_job": above_idle(idle, window, n),
+            "cpu_us_per_job": 1e6 * above_idle(idle, window, n, "cpu_s"),
             "drain_jobs_per_s": n / took, "per_job_commands": extra}
 
 
-def cmds_above_idle(idle: dict, window: dict, jobs: int) -> float:
-    """Redis commands per job in ``window`` above what the idle workers would have sent."""
-    return (window["cmd_total"] - idle["cmd_total"] / idle["s"] * window["s"]) / jobs
+def above_idle(idle: dict, window: dict, jobs: int, counter: str = "cmd_total") -> float:
+    """Per job in ``window``, a counter (``cmd_total``: Redis commands; ``cpu_s``: valkey's
+    CPU seconds) above what the idle workers would have spent over the same time."""
+    return (window[counter] - idle[counter] / idle["s"] * window["s"]) / jobs
 
 
 def knee(steps: list[dict]) -> dict:
@@ -189,7 +190,7 @@ def summarize(idle: dict, workers: int, steps: list[dict]) -> dict:
     cpu_points = [(s["jobs"] / s["window"]["s"], s["window"]["cpu_s"] / s["window"]["s"]) for s in below]
     return {
         "farm_workers": workers,
-        "farm_redis_cmds_per_job": round(cmds_above_idle(idle, w, low["jobs"]), 1),
+        "farm_redis_cmds_per_job": round(above_idle(idle, w, low["jobs"]), 1),
         "farm_redis_cpu_us_per_job": round(slope([(0.0, idle_cpu_rate), *cpu_points]) * 1e6),
         "farm_s3_requests_per_job": round(w["s3"] / low["jobs"], 2),
         "farm_dispatch_p50_ms": round(low["dispatch_p50_ms"], 1),
