@@ -440,6 +440,10 @@ class JobStore:
     def _idem_key(self, spec: JobSpec) -> str:
         return f"{self.prefix}:idem:{spec.idempotency_key}"
 
+    def idempotent_job(self, spec: JobSpec) -> str | None:
+        """The job that already holds ``spec``'s idempotency key, if any."""
+        return _text(self.r.get(self._idem_key(spec))) if spec.idempotency_key else None
+
     def create_head(self, job_id: str, spec: JobSpec) -> tuple[list[str], list]:
         """The create function's keys (job hash, idempotency key) and leading args (id, TTL,
         idempotency flag)."""

@@ -210,6 +210,43 @@ def test_readyz_is_503_when_redis_is_unreachable(easel_env, tmp_path):
         server.stop()
 
 
+class SlowDownS3(BaseHTTPRequestHandler):
+    """An S3 endpoint that answers every request 503 SlowDown, as a throttled store does."""
+    protocol_version = "HTTP/1.1"
+    BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+            b'<Message>Please reduce your request rate.</Message></Error>')
+
+    def _refuse(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(503)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(self.BODY)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(self.BODY)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _refuse
+
+    def log_message(self, *a):
+        pass
+
+
+def test_an_object_store_that_answers_with_errors_gives_503_with_retry_after(easel_env, tmp_path):
+    s3 = ThreadingHTTPServer(("127.0.0.1", 0), SlowDownS3)
+    threading.Thread(target=s3.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{s3.server_address[1]}"
+    server = ApiServer({**easel_env, "EASEL_S3_ENDPOINT_URL": endpoint, "EASEL_API_KEYS": keys_env()},
+                       tmp_path).start()
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": "Bearer tok-main"}, timeout=60) as c:
+            r = c.post("/v1/uploads", files={"file": ("in.png", png_bytes((64, 64)), "image/png")})
+        assert r.status_code == 503, r.text
+        assert r.json()["detail"].startswith("object storage failed: SlowDown") and int(r.headers["retry-after"]) >= 1
+    finally:
+        server.stop()
+        s3.shutdown()
+
+
 def test_missing_or_bad_key_is_401(api):
     r = httpx.post(f"{api.url}/v1/jobs", json=job_body("s3://easel/inputs/x.png"))
     assert r.status_code == 401 and "missing API key" in r.json()["detail"]
@@ -333,11 +370,15 @@ def test_rate_limit_gives_clear_429(api):
 def test_in_flight_cap_gives_clear_429_and_frees_on_cancel(api, http):
     image = upload(http)
     with api.client("tok-capped") as c:
-        ids = [c.post("/v1/jobs", json=job_body(image, model=PARKED, seed=i)).json()["id"] for i in range(2)]
+        retried = {"Idempotency-Key": f"cap-{uuid.uuid4().hex}"}
+        ids = [c.post("/v1/jobs", json=job_body(image, model=PARKED, seed=i), headers=retried if i else {}).json()["id"]
+               for i in range(2)]
         r = c.post("/v1/jobs", json=job_body(image, model=PARKED, seed=9))
         assert r.status_code == 429
         assert r.json()["detail"] == ("key 'capped' already has 2 jobs queued or running, its cap is 2; "
                                       "wait for some to finish or cancel some")
+        again = c.post("/v1/jobs", json=job_body(image, model=PARKED, seed=1), headers=retried)
+        assert again.status_code == 200 and again.json()["id"] == ids[1], again.text  # a retry is no new job
         other = http.post("/v1/jobs", json=job_body(image, model=PARKED, seed=10))  # another key: unaffected
         assert other.status_code == 201, other.text
         http.delete(f"/v1/jobs/{other.json()['id']}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import botocore.exceptions
+import kombu.exceptions
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -39,7 +40,7 @@ _WHY = {
         "Retry-After": _RETRY_AFTER,
         "X-RateLimit-Limit": {"description": "the key's rate (rate limit only)", "schema": {"type": "string"}},
         "X-RateLimit-Remaining": {"description": "0 (rate limit only)", "schema": {"type": "string"}}}),
-    503: ("Redis or object storage is unreachable", {"Retry-After": _RETRY_AFTER}),
+    503: ("Redis, the message broker or object storage is unreachable or failing", {"Retry-After": _RETRY_AFTER}),
 }
 
 
@@ -113,8 +114,26 @@ async def s3_down(_req: Request, exc: Exception) -> JSONResponse:
                         headers={"Retry-After": "5"})
 
 
+async def s3_refused(_req: Request, exc: botocore.exceptions.ClientError) -> JSONResponse:
+    """S3 answered with an error (throttling, a 5xx, a bucket it refuses us): the request
+    itself was fine, and references a client gives are checked before they reach S3."""
+    err = exc.response.get("Error", {})
+    return JSONResponse({"detail": f"object storage failed: {err.get('Code', '?')}: {err.get('Message', exc)}"},
+                        status_code=503, headers={"Retry-After": "5"})
+
+
+async def broker_down(_req: Request, exc: kombu.exceptions.OperationalError) -> JSONResponse:
+    """A message could not be published once kombu's retries gave up; the job it belonged
+    to has ended failed ("could not enqueue"), so a retry with the same idempotency key
+    shows that job and a retry without one queues a new job."""
+    return JSONResponse({"detail": f"message broker unavailable: {exc}"}, status_code=503,
+                        headers={"Retry-After": "5"})
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(redis.RedisError, redis_down)
     app.add_exception_handler(botocore.exceptions.BotoCoreError, s3_down)
+    app.add_exception_handler(botocore.exceptions.ClientError, s3_refused)
+    app.add_exception_handler(kombu.exceptions.OperationalError, broker_down)

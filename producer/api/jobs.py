@@ -64,6 +64,9 @@ def _submit(api: ApiState, spec: JobSpec, p: Principal) -> tuple[str, str | None
         except SubmitError as e:
             api.metrics.refused.labels("invalid_job").inc()
             raise HTTPException(422, str(e)) from None
+    replay = api.store.idempotent_job(spec)
+    if replay is not None:  # a retried POST: its job is already counted, so no cap applies
+        return replay, None
     token, n = api.inflight.reserve(p)
     if token is None:
         api.metrics.refused.labels("in_flight_cap").inc()
