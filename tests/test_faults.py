@@ -68,6 +68,18 @@ def job(image: str, steps: int = 30, seed: int = 1, model: str = "sd15", **extra
                                                    "strength": 1.0, "seed": seed}], **extra}
 
 
+def recorded_job(store, registry, image: str, seed: int, **extra):
+    """A two-step job's record written straight to ``store`` (JobSpec, plan, create): no
+    admission, no message; returns (job_id, spec, plan)."""
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec
+
+    spec = JobSpec.model_validate(job(image, steps=2, seed=seed, **extra)).with_seeds()
+    plan = plan_job(spec, registry)
+    job_id, _ = store.create(spec, plan)
+    return job_id, spec, plan
+
+
 def wait_for(predicate, timeout: float = 60, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -414,16 +426,12 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(fclient, workers, big
     long job runs, another waits behind it): once it has waited a heartbeat TTL, held by no
     worker and in none of the queue's lists, a reaper sends it again, at its own priority, so
     it starts before the job that waited in the list at a lower one."""
-    from easel.shared.plan import plan_job
-    from easel.shared.schema import JobSpec
 
     w = workers()
     running = fclient.submit(job(big_input, steps=250, seed=76))  # outlasts the TTL and a reap
     running_at_step(fclient, running)
     behind = fclient.submit(job(big_input, steps=2, seed=78, priority=9))
-    spec = JobSpec.model_validate(job(big_input, steps=2, seed=77, priority=0)).with_seeds()
-    plan = plan_job(spec, fclient.registry)
-    lost, _ = fclient.store.create(spec, plan)
+    lost, spec, plan = recorded_job(fclient.store, fclient.registry, big_input, 77, priority=0)
     fclient.store.mark_queued(lost, plan.segments[0].queue, spec.priority)
     assert fclient.wait(lost, timeout=120).state.value == "succeeded"
     assert fclient.wait(behind, timeout=120).state.value == "succeeded"
@@ -437,12 +445,9 @@ def test_a_retry_waiting_out_its_backoff_is_not_sent_again_early(fclient, big_in
     than the TTL): the lost-message sweep counts the job's wait from when it is due, so it
     does not send it early; once due and still nowhere, it does."""
     from easel.shared.liveness import Reaper
-    from easel.shared.plan import plan_job
-    from easel.shared.schema import JobSpec, JobState
+    from easel.shared.schema import JobState
 
-    spec = JobSpec.model_validate(job(big_input, steps=2, seed=79)).with_seeds()
-    plan = plan_job(spec, fclient.registry)
-    job_id, _ = fclient.store.create(spec, plan)
+    job_id, spec, plan = recorded_job(fclient.store, fclient.registry, big_input, 79)
     queue = plan.segments[0].queue
     fclient.store.mark_queued(job_id, queue, spec.priority, due_at=time.time() + 2.0)
     sent = []
@@ -462,12 +467,9 @@ def test_the_lost_message_sweep_is_leased_per_queue(fclient, big_input):
     and a second reaper of the same queue in the same period sends nothing more."""
     from easel.shared.jobstore import JobStore
     from easel.shared.liveness import Reaper
-    from easel.shared.plan import plan_job
-    from easel.shared.schema import JobSpec
 
     store = JobStore(fclient.store.r, prefix="lease-per-queue")  # no other test's instances or jobs
-    spec = JobSpec.model_validate(job(big_input, steps=2, seed=81)).with_seeds()
-    job_id, _ = store.create(spec, plan_job(spec, fclient.registry))
+    job_id, spec, _ = recorded_job(store, fclient.registry, big_input, 81)
     store.mark_queued(job_id, "lease-test.b", spec.priority)  # waiting, its message nowhere
     sent: dict[str, list] = {"a": [], "b": [], "b2": []}
 
@@ -489,12 +491,10 @@ def test_a_stale_copy_leaves_the_next_segments_place_and_the_sweep_its_queue(fcl
     segment 1 to a queue that is not its own."""
     from easel.shared.jobstore import JobStore
     from easel.shared.liveness import Reaper
-    from easel.shared.plan import plan_job
-    from easel.shared.schema import JobSpec, JobState
+    from easel.shared.schema import JobState
 
     store = JobStore(fclient.store.r, prefix="stale-copy")  # no other test's instances or jobs
-    spec = JobSpec.model_validate(job(big_input, steps=2, seed=82)).with_seeds()
-    job_id, _ = store.create(spec, plan_job(spec, fclient.registry))
+    job_id, spec, _ = recorded_job(store, fclient.registry, big_input, 82)
     qa, qb = "stale-test.a", "stale-test.b"
 
     def waits_in(queue: str) -> bool:
@@ -531,8 +531,7 @@ def test_a_failed_publish_is_retried_and_one_that_cannot_be_retried_stays_held(f
     from easel.shared.celery_app import make_celery, queued_deliveries
     from easel.shared.jobstore import JobStore
     from easel.shared.metrics import priority_lists
-    from easel.shared.plan import plan_job
-    from easel.shared.schema import JobSpec, JobState
+    from easel.shared.schema import JobState
     from easel.shared.settings import Settings
     from easel.worker.policy import Delivery, settle_error
 
@@ -540,8 +539,7 @@ def test_a_failed_publish_is_retried_and_one_that_cannot_be_retried_stays_held(f
     settings = Settings(**{k[6:].lower(): v for k, v in env.items()})
     store = JobStore(fclient.store.r, prefix="publish-fail")  # no other test's instances or jobs
     ctx = types.SimpleNamespace(store=store, settings=settings, instance="i1", unsettled=queue_mod.SimpleQueue())
-    spec = JobSpec.model_validate(job(big_input, steps=2, seed=83)).with_seeds()
-    job_id, _ = store.create(spec, plan_job(spec, fclient.registry))
+    job_id, spec, _ = recorded_job(store, fclient.registry, big_input, 83)
     q = "publish-test.a"  # no worker serves it
     lists = [name for _, name in priority_lists(q)]
     d = Delivery(job_id, 0, q)
@@ -570,15 +568,13 @@ def test_a_reaped_instance_that_comes_back_keeps_what_it_claims_since(fclient, b
     should the worker then die for good, the next reap finds it. Once everything it held is
     requeued and it stops beating, it is forgotten."""
     from easel.shared.jobstore import JobStore
-    from easel.shared.plan import plan_job
-    from easel.shared.schema import JobSpec, JobState
+    from easel.shared.schema import JobState
 
     store = JobStore(fclient.store.r, prefix="comeback")  # no other test's instances or jobs
     q, ids = "comeback-test.a", []
 
     def queued_job(seed: int) -> str:
-        spec = JobSpec.model_validate(job(big_input, steps=2, seed=seed)).with_seeds()
-        job_id, _ = store.create(spec, plan_job(spec, fclient.registry))
+        job_id, spec, _ = recorded_job(store, fclient.registry, big_input, seed)
         store.mark_queued(job_id, q, spec.priority)
         ids.append(job_id)
         return job_id
@@ -606,6 +602,55 @@ def test_a_reaped_instance_that_comes_back_keeps_what_it_claims_since(fclient, b
         assert store.r.zscore(store.instances_key(), "x") is None
         assert not store.r.exists(store._running_prefix() + "x")
     finally:
+        for job_id in ids:
+            store.transition(job_id, JobState.cancelled, error="test over")
+
+
+def test_a_finish_refused_after_a_take_over_is_not_counted_as_a_success(fault_env, fclient, big_input):
+    """A worker that stalled past its TTL while it wrote a job's outputs finds, at its final
+    state write, that another instance has taken the job over: the write is refused, the
+    job stays the new holder's, and this delivery ends superseded, not succeeded (which the
+    worker's metrics and logs would count). A job that ended meanwhile ends it as
+    "already" that state."""
+    import types
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from easel.shared.jobstore import JobStore
+    from easel.shared.schema import JobState
+    from easel.shared.settings import Settings
+    from easel.worker.engine import Job, finish
+    from easel.worker.policy import Delivery
+    from easel.worker.runner import Carrier
+
+    _, env = fault_env
+    store = JobStore(fclient.store.r, prefix="refused-finish")  # no other test's instances or jobs
+    ctx = types.SimpleNamespace(store=store, storage=fclient.storage, instance="i1", hostname="w1", finisher=None,
+                                settings=Settings(**{k[6:].lower(): v for k, v in env.items()}),
+                                io=ThreadPoolExecutor(2))
+    ids = []
+
+    def finished_by_i1(seed: int, meanwhile) -> tuple[str, str]:
+        job_id, _, plan = recorded_job(store, fclient.registry, big_input, seed)
+        ids.append(job_id)
+        d = Delivery(job_id, 0, plan.segments[0].queue)
+        claim = store.claim_many([(job_id, 0, d.queue)], "w1", "i1", 3)[0]  # i1 never beats: dead to others
+        meanwhile(job_id, d)
+        outcomes = {}
+        finish(ctx, None, [Job(d, claim, carrier=Carrier(images=[Image.new("RGB", (64, 64))]))], outcomes)
+        return outcomes[d], store.status(job_id).state
+
+    try:
+        taken = lambda job_id, d: store.claim_many([(job_id, 0, d.queue)], "w2", "i2", 3)[0].outcome  # noqa: E731
+        assert finished_by_i1(86, taken) == ("superseded", JobState.running)
+        assert store.r.hget(store.key(ids[-1]), "instance") == "i2"
+        ended = lambda job_id, d: store.transition(job_id, JobState.failed, error="failed meanwhile")  # noqa: E731
+        assert finished_by_i1(87, ended) == ("already failed", JobState.failed)
+        unharmed = lambda job_id, d: None  # noqa: E731
+        assert finished_by_i1(88, unharmed) == ("succeeded", JobState.succeeded)
+    finally:
+        ctx.io.shutdown()
         for job_id in ids:
             store.transition(job_id, JobState.cancelled, error="test over")
 

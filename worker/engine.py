@@ -327,15 +327,35 @@ def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None
             return
         changes = [(job.job_id, JobState.succeeded, p.final_fields(job.last_step)) for job, p in written]
         try:
-            ctx.store.transition_many(changes, end=(jobs[0].delivery.segment, ctx.instance))
+            done = ctx.store.transition_many(changes, end=(jobs[0].delivery.segment, ctx.instance))
         except Exception as exc:
             for job, _ in written:
                 _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
             return
-    for job, _ in written:
+    succeeded = [job for (job, _), ok in zip(written, done) if ok]
+    for job in succeeded:
         _ended(ctx, job.delivery, "succeeded", outcomes, job)
-    log.info("%d job(s) succeeded; outputs written in %.3fs: %s", len(written), time.perf_counter() - t_write,
-             [job.job_id for job, _ in written])
+    if succeeded:
+        log.info("%d job(s) succeeded; outputs written in %.3fs: %s", len(succeeded), time.perf_counter() - t_write,
+                 [job.job_id for job in succeeded])
+    _refused(ctx, [job for (job, _), ok in zip(written, done) if not ok], outcomes)
+
+
+def _refused(ctx: WorkerContext, jobs: list[Job], outcomes: Outcomes) -> None:
+    """Jobs whose final state write was refused: another instance took them over while their
+    outputs were written (this one had stalled past its TTL), or they ended meanwhile."""
+    if not jobs:
+        return
+    for job, state in zip(jobs, ctx.store.states_of([job.job_id for job in jobs])):
+        if state in ("succeeded", "failed", "cancelled"):
+            outcome, why = f"already {state}", f"ended {state}"
+        elif state is None:
+            outcome, why = "unknown", "lost its record (expired)"
+        else:
+            outcome, why = "superseded", "was taken over by another worker"
+        log.warning("job %s %s while its outputs were written; its final state is not this worker's",
+                    job.job_id, why)
+        _ended(ctx, job.delivery, outcome, outcomes, job)
 
 
 def _guarded(ctx: WorkerContext, app, job: Job, outcomes: Outcomes, fn: Callable, *args, **kw):
