@@ -129,14 +129,37 @@ class Storage:
             return False
 
     def put_input(self, data: bytes, ext: str) -> str:
-        """Content-addressed upload: the same bytes land on the same key, written again when the
-        copy there is over a day old, so retention (which counts from the last write) never
-        removes an input a new job has just been given."""
+        """Content-addressed upload: the same bytes land on the same key. A job may wait as
+        long as its record lives (``job_ttl_s``) and retention counts from an object's last
+        write, so a copy there with less life left than that is rewritten, by a copy onto
+        itself on the server (the bytes are not sent again)."""
         key = f"inputs/{hashlib.sha256(data).hexdigest()}.{ext}"
-        age = self.age_s(key)
-        if age is None or age > 86400:
+        refresh_after = self._input_refresh_after_s()
+        if refresh_after == 0.0:  # every use refreshes: no HEAD first
+            there = self._rewrite(key)
+        else:
+            age = self.age_s(key)
+            there = age is not None and (refresh_after is None or age <= refresh_after or self._rewrite(key))
+        if not there:
             self.put(key, data)
         return self.uri(key)
+
+    def _input_refresh_after_s(self) -> float | None:
+        """The age past which an input has less life left than a job record; None: kept forever."""
+        keep_s = self.settings.retention_days * 86400
+        return float(max(0, keep_s - self.settings.job_ttl_s)) if keep_s else None
+
+    def _rewrite(self, key: str) -> bool:
+        """Copy the object onto itself (a new last-write time); False when there is none."""
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
+                                    MetadataDirective="REPLACE",
+                                    ContentType=_MIME.get(key.rsplit(".", 1)[-1], "application/octet-stream"))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket", "NotFound"):
+                return False
+            raise
+        return True
 
     def age_s(self, key: str) -> float | None:
         """Seconds since the object was last written; None when there is none."""
@@ -193,12 +216,14 @@ class Storage:
 
     def delete_older(self, prefix: str, max_age_s: float) -> int:
         """Delete the objects under ``prefix`` written over ``max_age_s`` ago; returns how many."""
-        cutoff = time.time() - max_age_s
-        old: list[str] = []
+        cutoff, deleted = time.time() - max_age_s, 0
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            old += [o["Key"] for o in page.get("Contents", []) if o["LastModified"].timestamp() < cutoff]
-        self._delete(old)
-        return len(old)
+            # Deleted page by page, right after it is read: an input rewritten after its page
+            # was listed (``put_input``) could be deleted, so that window stays short.
+            old = [o["Key"] for o in page.get("Contents", []) if o["LastModified"].timestamp() < cutoff]
+            self._delete(old)
+            deleted += len(old)
+        return deleted
 
     def _delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):

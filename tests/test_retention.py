@@ -48,3 +48,28 @@ def test_a_status_may_not_outlive_its_results():
         Settings(retention_days=1, job_ttl_s=2 * 86400)
     assert Settings(retention_days=0, job_ttl_s=30 * 86400).job_ttl_s == 30 * 86400  # objects kept forever
     assert Settings().job_ttl_s <= Settings().retention_days * 86400  # the defaults agree
+
+
+def test_an_input_reused_with_less_life_left_than_a_job_record_is_rewritten(storage):
+    """A job may wait as long as its record lives, so an input given to a new job must have at
+    least ``job_ttl_s`` left before retention removes it: with the defaults (records live as
+    long as objects) every reuse rewrites it on the server, with shorter records only an old
+    copy is, and with objects kept forever none is."""
+    data = f"input {time.monotonic_ns()}".encode()
+
+    def written_at(settings: Settings) -> float:
+        uri = Storage(settings).put_input(data, "png")
+        head = storage.client.head_object(Bucket=storage.bucket, Key=uri.split("/", 3)[3])
+        assert head["ContentType"] == "image/png" and storage.get(uri) == data
+        return head["LastModified"].timestamp()
+
+    first = written_at(get_settings())
+    time.sleep(1.1)  # S3 LastModified has one-second resolution
+    assert written_at(get_settings()) > first  # defaults: job_ttl_s == retention_days
+    second = written_at(get_settings())
+    time.sleep(1.1)
+    assert written_at(get_settings().model_copy(update={"job_ttl_s": 86400})) == second  # 6 days' margin left
+    assert written_at(get_settings().model_copy(update={"job_ttl_s": 86400, "retention_days": 1})) > second
+    third = written_at(get_settings())
+    time.sleep(1.1)
+    assert written_at(get_settings().model_copy(update={"retention_days": 0})) == third
