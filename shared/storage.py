@@ -55,6 +55,9 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
 
 
+INPUT_SLACK_S = 3600  # how much less than a job record's TTL a reused input may have left
+
+
 class Storage:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -131,23 +134,16 @@ class Storage:
     def put_input(self, data: bytes, ext: str) -> str:
         """Content-addressed upload: the same bytes land on the same key. A job may wait as
         long as its record lives (``job_ttl_s``) and retention counts from an object's last
-        write, so a copy there with less life left than that is rewritten, by a copy onto
-        itself on the server (the bytes are not sent again)."""
+        write, so a copy there with less life left than that (less an hour, so that a
+        thousand jobs over one image rewrite it once an hour, not a thousand times) is
+        rewritten by a copy onto itself on the server: the bytes are not sent again."""
         key = f"inputs/{hashlib.sha256(data).hexdigest()}.{ext}"
-        refresh_after = self._input_refresh_after_s()
-        if refresh_after == 0.0:  # every use refreshes: no HEAD first
-            there = self._rewrite(key)
-        else:
-            age = self.age_s(key)
-            there = age is not None and (refresh_after is None or age <= refresh_after or self._rewrite(key))
+        age, keep_s = self.age_s(key), self.settings.retention_days * 86400
+        there = age is not None and (not keep_s or age <= max(0, keep_s - self.settings.job_ttl_s) + INPUT_SLACK_S
+                                     or self._rewrite(key))
         if not there:
             self.put(key, data)
         return self.uri(key)
-
-    def _input_refresh_after_s(self) -> float | None:
-        """The age past which an input has less life left than a job record; None: kept forever."""
-        keep_s = self.settings.retention_days * 86400
-        return float(max(0, keep_s - self.settings.job_ttl_s)) if keep_s else None
 
     def _rewrite(self, key: str) -> bool:
         """Copy the object onto itself (a new last-write time); False when there is none."""
