@@ -14,7 +14,7 @@ from easel.shared.schema import JobSpec, Stage
 from easel.shared.settings import Settings
 from easel.shared.storage import Storage
 from easel.worker.adaptive import CallTimes, FlushPolicy, resolve_batch_size, target_size
-from easel.worker.batching import batch_key, group_jobs, padded_jobs
+from easel.worker.batching import batch_key, group_jobs, padded_images
 from easel.worker.context import WorkerContext
 from easel.worker.engine import Job
 from easel.worker.pipelines import PipelineCache
@@ -84,11 +84,31 @@ def test_bucket_settings_are_validated():
 # -- buckets and groups --------------------------------------------------------------------------
 def test_only_a_compiled_model_of_a_batching_kind_is_padded_to_a_bucket():
     sd, compiled = REGISTRY.get("sd"), REGISTRY.get("sd-compiled")
-    assert [padded_jobs(sd, BUCKETS, j, 1) for j in (1, 3, 5)] == [1, 3, 5]  # eager: the exact size
-    assert [padded_jobs(compiled, BUCKETS, j, 1) for j in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
-    assert padded_jobs(compiled, BUCKETS, 3, 2) == 4  # 6 images fill the 8 bucket: 4 jobs of 2
-    assert padded_jobs(compiled, BUCKETS, 1, 3) == 1  # no bucket is a multiple of 3 images: as it is
-    assert padded_jobs(REGISTRY.get("kandinsky-compiled"), [2, 4], 1, 1) == 1  # runs alone, never padded
+    assert [padded_images(sd, BUCKETS, i, "img2img") for i in (1, 3, 5)] == [1, 3, 5]  # eager: the exact size
+    assert [padded_images(compiled, BUCKETS, i, "img2img") for i in (1, 2, 3, 5, 6, 8, 9)] == [1, 2, 4, 8, 8, 8, 9]
+    assert padded_images(compiled, [1, 2, 4, 6, 8], 3, "controlnet_img2img") == 3  # runs one job: never padded
+    assert padded_images(REGISTRY.get("kandinsky-compiled"), [2, 4], 1, "img2img") == 1  # runs alone
+
+
+def test_a_size_not_called_for_a_while_is_measured_again():
+    """A slow call (a long job) must not keep a bucket over the target for good: once the size
+    has not been called for ``stale_s`` it counts as unmeasured, so the policy tries it, and
+    its next call starts a fresh mean."""
+    now = [0.0]
+    times = CallTimes(weight=0.5, stale_s=60, clock=lambda: now[0])
+    times.observe(1, 0.1)
+    times.observe(2, 9.0)  # one slow call
+    policy = FlushPolicy(BUCKETS, 8, latency_target_s=0.5, times=times)
+    assert policy.target() == 1
+    now[0] = 59.0
+    times.observe(1, 0.1)
+    assert policy.target() == 1
+    now[0] = 61.0
+    assert times.snapshot() == {1: 0.1} and policy.target() == 2  # 2 is tried again
+    times.observe(2, 0.3)
+    assert times.snapshot() == {1: 0.1, 2: 0.3}  # not blended with the stale 9 s
+    times.clear()
+    assert times.snapshot() == {}
 
 
 def _ctx() -> WorkerContext:
@@ -140,9 +160,12 @@ def _stages(model: str) -> list[Stage]:
 
 
 def _assert_like_alone(model, stages: list[Stage], n: int) -> None:
+    """Batched, padded by whole jobs, and (with several images a job) padded by single images."""
     alone = [img for k, st in enumerate(stages) for img in _run_alone(model, st, k, n)]
     assert not np.array_equal(alone[0], alone[n])  # the jobs' images differ: a mix-up would show
-    for name, got in (("batched", _run(model, stages, n)), ("padded", _run(model, stages, n, pad_to=4))):
+    real = len(stages) * n
+    calls = [("batched", None)] + [(f"padded to {size}", size) for size in sorted({real + n, real + 1})]
+    for name, got in ((name, _run(model, stages, n, pad_to=size)) for name, size in calls):
         assert len(got) == len(alone), name  # the padding's images were dropped
         for k, (a, b) in enumerate(zip(alone, got)):
             diff = np.abs(a - b).max()
@@ -160,7 +183,9 @@ def test_sd15_batched_and_padded_calls_give_each_job_its_image_alone(model_root)
 
 
 def test_sd15_padding_with_several_images_per_job(model_root):
-    _assert_like_alone(_loaded(model_root, "sd"), _stages("sd")[:2], n=2)
+    """Two jobs of three images: padded to 9 (a whole job) and to 7 (one image, where each
+    image becomes a row of its own)."""
+    _assert_like_alone(_loaded(model_root, "sd"), _stages("sd")[:2], n=3)
 
 
 def test_sdxl_refiner_batched_and_padded_calls_give_each_job_its_image_alone(model_root):
@@ -177,3 +202,6 @@ def test_a_padded_call_is_timed_at_its_padded_size(model_root):
     before = CALL_TIMES.snapshot().get(8)
     _run(model, _stages("sd")[:3], 1, pad_to=8)
     assert CALL_TIMES.snapshot().get(8) not in (None, before)
+    before = CALL_TIMES.snapshot().get(2)
+    _run(model, _stages("sd")[:1], 2, pad_to=4)  # in jobs, as the policy counts: 4 images of 2 a job
+    assert CALL_TIMES.snapshot().get(2) not in (None, before)

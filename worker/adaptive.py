@@ -7,8 +7,8 @@ late. The policy here needs no hand-set size:
   where a larger call gains little and every job would pay for it).
 - **target**: the cap's largest bucket; with ``batch_latency_target_s``, the largest bucket
   whose measured call time (an EWMA per bucket, ``CallTimes``) fits the target. A bucket
-  not measured yet is tried once its next smaller one fits, so the size grows a bucket at
-  a time and settles where the target stops it.
+  not measured yet (or not for a minute) is tried once its next smaller one fits, so the
+  size grows a bucket at a time and settles where the target stops it.
 - **flush**: a batch runs as soon as the consumer holds ``target`` messages (a deep queue
   fills the bucket: the consumer reads one message per broker round trip, back to back),
   or once no further message arrived for ``batch_idle_s`` (the queue is empty: a lone job
@@ -22,9 +22,11 @@ functions are pure; ``worker.tasks`` wires them into celery-batches' consumer st
 from __future__ import annotations
 
 import threading
-from typing import Literal
+import time
+from typing import Callable, Literal
 
 EWMA_WEIGHT = 0.3  # of the newest call in a bucket's mean call time
+STALE_S = 60.0  # a bucket not called for this long is measured again
 AUTO_IDLE_S = 0.005  # a few broker round trips: the consumer reads a queued message per round trip
 
 
@@ -72,22 +74,32 @@ def should_flush(held: int, target: int) -> bool:
 
 
 class CallTimes:
-    """Mean seconds per pipeline call, per call size (an EWMA, so the estimate follows a
-    change of model, steps or image size within a few calls)."""
+    """Mean seconds per pipeline call, per call size in jobs (an EWMA, so the estimate follows
+    a change of model, steps or image size within a few calls). A size not called for
+    ``stale_s`` is forgotten: a slow call (a long job, a large image) must not keep the
+    policy from trying that size again once the jobs have changed, at the cost of one call
+    over the target per ``stale_s`` while they have not."""
 
-    def __init__(self, weight: float = EWMA_WEIGHT):
-        self.weight = weight
-        self._mean: dict[int, float] = {}
+    def __init__(self, weight: float = EWMA_WEIGHT, stale_s: float = STALE_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.weight, self.stale_s, self.clock = weight, stale_s, clock
+        self._mean: dict[int, tuple[float, float]] = {}  # size -> (mean seconds, when last called)
         self._lock = threading.Lock()
 
     def observe(self, size: int, seconds: float) -> None:
         with self._lock:
-            old = self._mean.get(size)
-            self._mean[size] = seconds if old is None else (1 - self.weight) * old + self.weight * seconds
+            now, old = self.clock(), self._mean.get(size)
+            fresh = old is not None and now - old[1] <= self.stale_s
+            self._mean[size] = ((1 - self.weight) * old[0] + self.weight * seconds if fresh else seconds, now)
 
     def snapshot(self) -> dict[int, float]:
         with self._lock:
-            return dict(self._mean)
+            now = self.clock()
+            return {size: mean for size, (mean, at) in self._mean.items() if now - at <= self.stale_s}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._mean.clear()
 
 
 # This process's calls (``worker.runner.run_stage`` records each one; the consumer reads them).

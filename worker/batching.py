@@ -9,7 +9,7 @@ group exactly as it runs one job.
 
 Size buckets: a compiled UNet (``optimizations.compile_unet``, CUDA graphs) captures one
 graph per input shape, so its calls are padded up to one of ``batch_buckets`` (images per
-call) by repeating the last job, whose extra images are dropped; a group larger than the
+call) by repeating the last image, whose extra outputs are dropped; a group larger than the
 largest bucket is split into calls of that size. Each image has its own generator, so
 padding changes no job's image. An eager model runs the group's own size: padding would
 only waste compute there.
@@ -65,14 +65,16 @@ def _split(ctx: WorkerContext, group: list["Job"]) -> list[list["Job"]]:
     return [group[k:k + most] for k in range(0, len(group), most)]
 
 
-def padded_jobs(spec: ModelSpec, buckets: list[int], jobs: int, n: int) -> int:
-    """How many jobs a call of ``jobs`` jobs with ``n`` images each is made with: for a
-    compiled model of a batching kind, enough that the images fill the smallest bucket
-    that holds them (a bucket they divide); otherwise ``jobs`` (the exact size)."""
-    if not spec.optimizations.compile_unet or spec.kind not in BATCH_KINDS:
-        return jobs
-    fits = [b for b in sorted(buckets) if b >= jobs * n and b % n == 0]
-    return fits[0] // n if fits else jobs
+PAD_TASKS = ("img2img", "text2img")  # a ControlNet call runs one job: never padded
+
+
+def padded_images(spec: ModelSpec, buckets: list[int], images: int, task: str) -> int:
+    """How many images a call of ``images`` images is made with: for a compiled model of a
+    batching kind, the smallest bucket that holds them; otherwise (or over the largest
+    bucket) ``images``, the exact size."""
+    if not spec.optimizations.compile_unet or spec.kind not in BATCH_KINDS or task not in PAD_TASKS:
+        return images
+    return next((b for b in sorted(buckets) if b >= images), images)
 
 
 def by_input_size(jobs: list["Job"]) -> list[list["Job"]]:

@@ -5,8 +5,9 @@ A cold ``torch.compile`` of SD 1.5 takes a minute or more per shape; a restarted
 that: inductor's on-disk caches (``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``: compiled
 graphs and kernels, looked up by a hash of the graph) and torch's portable "mega-cache"
 (``torch.compiler.save_cache_artifacts`` / ``load_cache_artifacts``), one file that
-pre-fills those caches. The file is named by torch version and device, since compiled
-kernels are valid only for the GPU model and torch build that made them.
+pre-fills those caches. The file is named by family (each holds what its own process
+compiled, so families sharing a host's volume keep one each), torch version and device,
+since compiled kernels are valid only for the GPU model and torch build that made them.
 """
 from __future__ import annotations
 
@@ -42,15 +43,15 @@ def configure(folder: Path) -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
 
 
-def artifacts_path(folder: Path, device: torch.device) -> Path:
+def artifacts_path(folder: Path, device: torch.device, family: str) -> Path:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"torch{torch.__version__}-{name}").strip("-")
+    tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"{family}-torch{torch.__version__}-{name}").strip("-")
     return folder / f"mega-cache-{tag}.bin"
 
 
-def load_artifacts(folder: Path, device: torch.device) -> bool:
-    """Pre-fill the compile caches from the saved file, if any; True when one was loaded."""
-    path = artifacts_path(folder, device)
+def load_artifacts(folder: Path, device: torch.device, family: str) -> bool:
+    """Pre-fill the compile caches from the family's saved file, if any; True when one was loaded."""
+    path = artifacts_path(folder, device, family)
     if not path.exists() or not hasattr(torch.compiler, "load_cache_artifacts"):
         return False
     try:
@@ -62,7 +63,7 @@ def load_artifacts(folder: Path, device: torch.device) -> bool:
     return True
 
 
-def save_artifacts(folder: Path, device: torch.device) -> Path | None:
+def save_artifacts(folder: Path, device: torch.device, family: str) -> Path | None:
     """Write what this process compiled to the artifacts file, atomically (a temporary file
     renamed into place), so a worker starting meanwhile never reads half a file."""
     if not hasattr(torch.compiler, "save_cache_artifacts"):
@@ -71,7 +72,7 @@ def save_artifacts(folder: Path, device: torch.device) -> Path | None:
     if not saved:
         return None
     data = saved[0]
-    path = artifacts_path(folder, device)
+    path = artifacts_path(folder, device, family)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -36,7 +36,7 @@ from easel.shared.jobstore import Claim
 from easel.shared.images import encode_image
 from easel.shared.schema import JobSpec, JobState, Plan, Segment, StageRecord
 from easel.shared.storage import job_prefix
-from easel.worker.batching import by_input_size, group_jobs, padded_jobs
+from easel.worker.batching import by_input_size, group_jobs, padded_images
 from easel.worker.context import WorkerContext
 from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_handoff
 from easel.worker.metrics import observe_call, observe_delivery
@@ -225,8 +225,8 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
         stage = stages[0]
         control = load_image_ref(ctx, stage.control_image, f"stage {i} control image") if stage.control_image else None
         carrier = Carrier.join([job.carrier for job in jobs])
-        size = padded_jobs(model.spec, ctx.settings.batch_buckets, len(jobs), n)  # a compiled UNet's bucket
-        budget = stage_budget(ctx, model, stage, carrier, n * size)
+        size = padded_images(model.spec, ctx.settings.batch_buckets, n * len(jobs), stage.task)  # its bucket
+        budget = stage_budget(ctx, model, stage, carrier, size)
         hook = StepHook(ctx, [job.job_id for job in jobs], i, budget,
                         rearm=lambda: _arm_watchdog(ctx, jobs, i, stage, budget),
                         stops_epoch=min(job.stops_epoch for job in jobs))

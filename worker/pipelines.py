@@ -17,6 +17,7 @@ import torch
 
 from easel.shared.registry import ModelSpec, Registry
 from easel.shared.settings import Settings
+from easel.worker.adaptive import CALL_TIMES
 from easel.worker.device import pick_device, pick_dtype
 
 log = logging.getLogger("easel.worker.pipelines")
@@ -244,12 +245,15 @@ def warm_up(model: LoadedModel, sizes: list[int], batches: list[int] = (1,)) -> 
                         "EASEL_COMPILE_WARM_SIZES to warm it)", model.spec.name)
             return 0.0
         sizes = [native]
+    # A step cache's cached passes are a graph of their own: enough steps to reach one.
+    cache = model.spec.optimizations.step_cache
+    steps = max(3, cache.interval + 1) if cache is not None else 3
     t0 = time.perf_counter()
     for side in sizes:
-        stage = Stage(task=task, model=model.spec.name, prompt="warm-up", steps=3, strength=1.0, seed=0)
-        for jobs in batches:
+        stage = Stage(task=task, model=model.spec.name, prompt="warm-up", steps=steps, strength=1.0, seed=0)
+        for images in batches:
             run_stage(model, [stage], Carrier(images=[Image.new("RGB", (side, side), (127, 127, 127))]), n=1,
-                      want_latent=False, on_step=lambda step, total: True, pad_to=jobs)
+                      want_latent=False, on_step=lambda step, total: True, pad_to=images)
     return time.perf_counter() - t0
 
 
@@ -274,7 +278,7 @@ class PipelineCache:
         compiled = [s for s in specs if compiles(s)]
         if compiled:
             compile_cache.configure(folder)
-            compile_cache.load_artifacts(folder, self.device)
+            compile_cache.load_artifacts(folder, self.device, self.family)
         for spec in specs:
             self.get(spec.name)
         for spec in compiled:
@@ -282,7 +286,8 @@ class PipelineCache:
             model.compile_s = warm_up(model, self.settings.compile_warm_sizes, self.call_sizes(spec))
             log.info("compiled %s in %.2fs during warm-up", spec.name, model.compile_s)
         if compiled:
-            compile_cache.save_artifacts(folder, self.device)
+            compile_cache.save_artifacts(folder, self.device, self.family)
+            CALL_TIMES.clear()  # a call that compiled says nothing of a call's time since
         return time.perf_counter() - t0
 
     def batch_cap(self) -> int:
@@ -295,14 +300,16 @@ class PipelineCache:
         return resolve_batch_size(s.batch_size, s.batch_buckets, self.device.type, batchable)
 
     def call_sizes(self, spec: ModelSpec) -> list[int]:
-        """The jobs per call a model will see: each size a call of 1 to the batch cap jobs is
-        padded to (``worker.batching.padded_jobs``; one image a job), 1 for a kind that
+        """The images per call a model will see: each size a call of 1 to the batch cap jobs
+        is padded to (``worker.batching.padded_images``; one image a job), 1 for a kind that
         does not batch."""
-        from easel.worker.batching import BATCH_KINDS, padded_jobs
+        from easel.worker.batching import BATCH_KINDS, padded_images
 
         if spec.kind not in BATCH_KINDS:
             return [1]
-        return sorted({padded_jobs(spec, self.settings.batch_buckets, jobs, 1) for jobs in range(1, self.batch_cap() + 1)})
+        buckets = self.settings.batch_buckets
+        task = WARM_TASKS.get(spec.kind, "img2img")
+        return sorted({padded_images(spec, buckets, jobs, task) for jobs in range(1, self.batch_cap() + 1)})
 
     def get(self, name: str) -> LoadedModel:
         if name not in self.models:

@@ -171,16 +171,21 @@ def _seeds(stages: list[Stage], n: int) -> list[int]:
     return [stage.seed + i for stage in stages for i in range(n)]
 
 
-def pad(stages: list[Stage], carrier: Carrier, n: int, jobs: int) -> tuple[list[Stage], Carrier]:
-    """The call's stages and inputs with the last job repeated up to ``jobs`` jobs (a compiled
-    UNet's size bucket). Every image has its own generator, so the real jobs' images are the
-    ones they get without the repeats, whose outputs the caller drops."""
-    extra = jobs - len(stages)
+def pad(stages: list[Stage], carrier: Carrier, n: int, images: int) -> tuple[list[Stage], Carrier, int]:
+    """The call's stages, inputs and images per stage with the last image repeated up to
+    ``images`` (a compiled UNet's size bucket). Where the repeats are not whole jobs, each
+    image becomes a stage of its own (``n`` = 1, with its own seed): the call is the same,
+    since every image already has its own prompt row and generator. The real jobs' images
+    are the ones they get without the repeats, whose outputs the caller drops."""
+    extra = images - len(stages) * n
     if extra <= 0:
-        return stages, carrier
+        return stages, carrier, n
+    if extra % n:
+        stages, n = [stage.model_copy(update={"seed": stage.seed + i}) for stage in stages for i in range(n)], 1
+    repeats = extra // n
     if not carrier.empty:
-        carrier = Carrier.join([carrier] + [carrier.part(len(stages) - 1, n)] * extra)
-    return stages + [stages[-1]] * extra, carrier
+        carrier = Carrier.join([carrier] + [carrier.part(len(stages) - 1, n)] * repeats)
+    return stages + [stages[-1]] * repeats, carrier, n
 
 
 @functools.lru_cache(maxsize=None)
@@ -213,12 +218,12 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
               pad_to: int | None = None) -> tuple[Carrier, dict[str, float]]:
     """One pipeline call for one stage of each job in ``stages`` (``n`` images per job), with
     ``carrier`` holding the jobs' inputs side by side; raises ``Interrupted`` when ``on_step``
-    stopped it. With ``pad_to`` jobs (``worker.batching.padded_jobs``) the call is made at
-    that size and returns the real jobs' outputs only. Its time feeds the adaptive batch
+    stopped it. With ``pad_to`` images (``worker.batching.padded_images``) the call is made
+    at that size and returns the real jobs' outputs only. Its time feeds the adaptive batch
     size (``worker.adaptive.CALL_TIMES``)."""
     t0 = time.perf_counter()
-    real = len(stages) * n
-    stages, carrier = pad(stages, carrier, n, pad_to or len(stages))
+    real, per_job = len(stages) * n, n
+    stages, carrier, n = pad(stages, carrier, n, pad_to or real)
     pipe, kw = BUILDERS[model.spec.kind](model, stages, carrier, n, control_image)
     kw.update(generator=generators(_seeds(stages, n)), num_inference_steps=stages[0].steps,
               output_type="latent" if want_latent else "pil")
@@ -230,7 +235,7 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
         pipe._interrupt = False
         raise Interrupted()
     t2 = time.perf_counter()
-    CALL_TIMES.observe(len(stages) * n, t2 - t0)
+    CALL_TIMES.observe(-(-len(stages) * n // per_job), t2 - t0)  # in jobs, as the batching policy counts
     timings = {"prepare": t1 - t0, "denoise": t2 - t1}
     if want_latent:
         return Carrier(latents=out.images[:real]), timings
