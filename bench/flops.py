@@ -58,8 +58,17 @@ def mfu(images_per_s: float, flops_per_image: float, peak: float | None) -> floa
 
 
 def denoise_steps(steps: int, strength: float) -> int:
-    """The UNet steps diffusers' img2img runs for ``steps`` at ``strength``."""
-    return min(int(steps * strength), steps)
+    """The UNet passes diffusers' img2img runs for ``steps`` at ``strength`` with the bench
+    checkpoint's scheduler: what its timesteps hold past the ones strength skips (PNDM with
+    ``skip_prk_steps`` repeats one timestep, so 30 steps are 31 passes in all)."""
+    from diffusers import PNDMScheduler
+
+    from bench.sd15_arch import SCHEDULER
+
+    scheduler = PNDMScheduler(**SCHEDULER)
+    scheduler.set_timesteps(steps)
+    skipped = steps - min(int(steps * strength), steps)
+    return len(scheduler.timesteps[skipped * scheduler.order:])
 
 
 @functools.cache

@@ -165,10 +165,25 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--phases", action=argparse.BooleanOptionalAction, default=True,
                     help="record each call's step timestamps on both sides (a no-op step callback in the plain loop)")
     ap.add_argument("--batch-n", type=int, default=16, help="jobs per batch size")
-    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--batches", type=_batches, default=[1, 4, 8], help="batch sizes; 1 is the speedups' base")
+    ap.add_argument("--variants", type=_variants, default=",".join(VARIANTS), help=f"some of {', '.join(NEEDS_S)}")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip variants that would not fit in what is left")
     gpu_throughput.add_args(ap)
+
+
+def _variants(text: str) -> str:
+    """Refused before anything runs, not after the first variants' minutes."""
+    unknown = [v for v in text.split(",") if v not in NEEDS_S]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(NEEDS_S)}")
+    return text
+
+
+def _batches(text: str) -> list[int]:
+    sizes = [int(x) for x in text.split(",")]
+    if 1 not in sizes:
+        raise argparse.ArgumentTypeError("the batch sizes must include 1: each speedup is over batch 1")
+    return sizes
 
 
 def main(env: BenchEnv, args) -> dict:

@@ -40,10 +40,35 @@ def test_unet_scales_a_little_over_quadratically_with_resolution():
     assert 4.0 < big / small < 5.0, big / small
 
 
+def test_the_unet_passes_counted_are_the_ones_img2img_runs(model_root):
+    """With the bench checkpoint's scheduler (PNDM, ``skip_prk_steps``), 30 steps at strength
+    0.8 run 25 UNet passes, not 24: the scheduler repeats one timestep."""
+    import torch
+    from diffusers import PNDMScheduler
+    from PIL import Image
+
+    from bench.sd15_arch import SCHEDULER
+    from easel.shared.registry import load_registry
+    from easel.shared.settings import Settings
+    from easel.worker.pipelines import PipelineCache
+
+    pipe = PipelineCache(load_registry(), Settings(model_root=model_root), "sd15",
+                         device=torch.device("cpu")).get("sd15").pipes["img2img"]
+    pipe.scheduler = PNDMScheduler(**SCHEDULER)
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        pipe(prompt="a fox", image=Image.new("RGB", (64, 64)), num_inference_steps=30, strength=0.8,
+             output_type="latent")
+    finally:
+        hook.remove()
+    assert len(calls) == flops.denoise_steps(30, 0.8) == 25
+
+
 def test_job_flops_parts():
     parts = flops.job_flops(512, 30, 0.8)
-    assert parts["denoise_steps"] == 24
-    assert parts["unet"] == 24 * flops.unet_forward(2, 64)[0]
+    assert parts["denoise_steps"] == 25
+    assert parts["unet"] == 25 * flops.unet_forward(2, 64)[0]
     assert parts["total"] == parts["unet"] + parts["vae_encode"] + parts["vae_decode"] + parts["text_encoder"]
     # The VAE decoder runs its convolutions at up to 512x512 (128-512 channels): ~2.5 TFLOPs,
     # more than three UNet calls; the text encoder is tiny (2 x 77 tokens through 123 M parameters).
