@@ -170,7 +170,8 @@ class EaselClient:
     def _send_admitted(self, admitted: list[tuple[str, str, int]], pended: dict[str, str], producer=None,
                        carriers: dict[str, dict] | None = None) -> None:
         """Send the first messages of the jobs admitted now; a job whose message cannot be sent
-        ends failed ("could not enqueue"), not stuck, and the error is raised. Then, when some
+        ends failed ("could not enqueue"), not stuck, lets go of its idempotency key, and the
+        error is raised. Then, when some
         jobs wait in pending sets of queues with room, dispatch those queues (``pended``:
         queue -> family) and send what it moved (in a full queue a dispatch moves nothing:
         the claim that makes room dispatches). That is best effort: a job it could not move
@@ -186,6 +187,7 @@ class EaselClient:
             for job_id, _, _ in admitted:
                 self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}")
                 self.store.unmark_queued(job_id)
+                self.store.release_idempotency(job_id)  # a retry with the same key queues it anew
             raise
         if not pended:
             return

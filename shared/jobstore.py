@@ -268,6 +268,12 @@ if winner and winner ~= ARGV[1] then return {winner, 0} end
 return {ARGV[1], 1}
 """
 
+# KEYS: an idempotency key. ARGV: the job id. Deletes the key while it still names that job.
+_RELEASE_IDEM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # KEYS: instances zset, presence key, the family's instances zset (what ETAs count; instances
 # dead for a day leave it), the family's capacity (live instances x batch size: what
 # admission reads). ARGV: instance, ttl, presence JSON, job-seconds key prefix, this
@@ -404,6 +410,7 @@ class JobStore:
         self._forget = self.r.register_script(_FORGET)
         self._beat = self.r.register_script(_BEAT)
         self._create = self.r.register_script(_CREATE_ONE)
+        self._release_idem = self.r.register_script(_RELEASE_IDEM)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "easel", ttl_s: int = 7 * 24 * 3600, **redis_kw) -> "JobStore":
@@ -443,6 +450,14 @@ class JobStore:
     def idempotent_job(self, spec: JobSpec) -> str | None:
         """The job that already holds ``spec``'s idempotency key, if any."""
         return _text(self.r.get(self._idem_key(spec))) if spec.idempotency_key else None
+
+    def release_idempotency(self, job_id: str) -> None:
+        """A job that could not be queued lets go of its idempotency key, so that a retry of
+        its submission queues it anew (a key that names another job by now is left)."""
+        raw = self.r.hget(self.key(job_id), "spec")
+        spec = JobSpec.model_validate_json(raw) if raw else None
+        if spec is not None and spec.idempotency_key:
+            self._release_idem(keys=[self._idem_key(spec)], args=[job_id])
 
     def create_head(self, job_id: str, spec: JobSpec) -> tuple[list[str], list]:
         """The create function's keys (job hash, idempotency key) and leading args (id, TTL,

@@ -210,38 +210,46 @@ def test_readyz_is_503_when_redis_is_unreachable(easel_env, tmp_path):
         server.stop()
 
 
-class SlowDownS3(BaseHTTPRequestHandler):
-    """An S3 endpoint that answers every request 503 SlowDown, as a throttled store does."""
-    protocol_version = "HTTP/1.1"
-    BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-            b'<Message>Please reduce your request rate.</Message></Error>')
+def refusing_s3(status: int, code: str) -> ThreadingHTTPServer:
+    """An S3 endpoint that answers every request with ``status`` and the error ``code``."""
+    body = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>no</Message></Error>'.encode()
 
-    def _refuse(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.send_response(503)
-        self.send_header("Content-Type", "application/xml")
-        self.send_header("Content-Length", str(len(self.BODY)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(self.BODY)
+    class Refusing(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
 
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _refuse
+        def _refuse(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
-    def log_message(self, *a):
-        pass
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _refuse
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
-def test_an_object_store_that_answers_with_errors_gives_503_with_retry_after(easel_env, tmp_path):
-    s3 = ThreadingHTTPServer(("127.0.0.1", 0), SlowDownS3)
-    threading.Thread(target=s3.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{s3.server_address[1]}"
-    server = ApiServer({**easel_env, "EASEL_S3_ENDPOINT_URL": endpoint, "EASEL_API_KEYS": keys_env()},
-                       tmp_path).start()
+@pytest.mark.parametrize("status, code, answer, detail", [
+    (503, "SlowDown", 503, "object storage failed: SlowDown"),  # throttled: worth a retry
+    (403, "AccessDenied", 500, "object storage refused the server's request (AccessDenied)"),  # configuration
+])
+def test_an_object_store_answering_with_errors_gives_a_problem_not_a_bare_500(easel_env, tmp_path, status, code,
+                                                                              answer, detail):
+    s3 = refusing_s3(status, code)
+    server = ApiServer({**easel_env, "EASEL_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3.server_address[1]}",
+                        "EASEL_API_KEYS": keys_env()}, tmp_path).start()
     try:
         with httpx.Client(base_url=server.url, headers={"Authorization": "Bearer tok-main"}, timeout=60) as c:
             r = c.post("/v1/uploads", files={"file": ("in.png", png_bytes((64, 64)), "image/png")})
-        assert r.status_code == 503, r.text
-        assert r.json()["detail"].startswith("object storage failed: SlowDown") and int(r.headers["retry-after"]) >= 1
+        assert r.status_code == answer and r.json()["detail"].startswith(detail), r.text
+        assert (int(r.headers["retry-after"]) >= 1) if answer == 503 else "retry-after" not in r.headers
     finally:
         server.stop()
         s3.shutdown()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -115,6 +116,34 @@ def test_idempotency_key_returns_the_same_job(client, sd15_worker, input_png):
     a, b = client.submit(job), client.submit(job)
     assert a == b
     assert client.wait(a, timeout=120).state.value == "succeeded"
+
+
+def test_a_job_that_could_not_be_enqueued_lets_its_idempotency_key_go(easel_env, sd15_worker, input_png):
+    """The broker away when its message is sent: the job ends failed ("could not enqueue"),
+    the error is raised, and a retry with the same idempotency key queues the job anew
+    instead of answering with the failed one."""
+    import kombu.exceptions
+
+    from easel.producer.client import EaselClient
+    from easel.producer.embedded import free_port
+    from easel.shared.celery_app import make_celery
+    from easel.shared.settings import get_settings
+
+    own = EaselClient(get_settings())  # its broker is swapped below: not the session's client
+    broker = own.celery
+    own.celery = make_celery(get_settings().model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
+    own.celery.conf.task_publish_retry = False  # the default rides out a minute first
+    job = {**img2img_job(str(input_png)), "idempotency_key": f"enqueue-{time.monotonic_ns()}"}
+    with pytest.raises(kombu.exceptions.OperationalError):
+        own.submit(job)
+    r = own.store.r
+    (failed,) = [k for k in r.scan_iter(f"{own.store.prefix}:job:*", count=1000)
+                 if job["idempotency_key"] in (r.hget(k, "spec") or "")]
+    assert r.hget(failed, "state") == "failed" and r.hget(failed, "error").startswith("could not enqueue")
+    own.celery = broker
+    again = own.submit(job)
+    assert own.store.key(again) != failed
+    assert own.wait(again, timeout=120).state.value == "succeeded"
 
 
 def test_cli_submit_wait_status_fetch(easel_env, sd15_worker, input_png, tmp_path):

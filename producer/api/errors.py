@@ -6,6 +6,7 @@ unreachable dependencies (503) send that same body.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import botocore.exceptions
@@ -24,6 +25,8 @@ from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from easel.producer.api.models import FieldError, Problem
+
+log = logging.getLogger("easel.api")
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _RETRY_AFTER = {"description": "seconds to wait before retrying", "required": True,
@@ -115,17 +118,23 @@ async def s3_down(_req: Request, exc: Exception) -> JSONResponse:
 
 
 async def s3_refused(_req: Request, exc: botocore.exceptions.ClientError) -> JSONResponse:
-    """S3 answered with an error (throttling, a 5xx, a bucket it refuses us): the request
-    itself was fine, and references a client gives are checked before they reach S3."""
-    err = exc.response.get("Error", {})
-    return JSONResponse({"detail": f"object storage failed: {err.get('Code', '?')}: {err.get('Message', exc)}"},
-                        status_code=503, headers={"Retry-After": "5"})
+    """S3 answered with an error. References a client gives are checked before they reach S3,
+    so this is the store's side: throttling or a 5xx is worth a retry (503); anything else
+    (credentials, a bucket refused) is the server's configuration (500, details in its log)."""
+    code = str(exc.response.get("Error", {}).get("Code", "?"))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    if status >= 500 or status == 429:  # S3 throttles with 503 SlowDown
+        return JSONResponse({"detail": f"object storage failed: {code}"}, status_code=503,
+                            headers={"Retry-After": "5"})
+    log.error("object storage refused a request: %s", exc)
+    return JSONResponse({"detail": f"object storage refused the server's request ({code}); "
+                                   "its operator must check the storage settings"}, status_code=500)
 
 
 async def broker_down(_req: Request, exc: kombu.exceptions.OperationalError) -> JSONResponse:
     """A message could not be published once kombu's retries gave up; the job it belonged
-    to has ended failed ("could not enqueue"), so a retry with the same idempotency key
-    shows that job and a retry without one queues a new job."""
+    to has ended failed ("could not enqueue") and let go of its idempotency key, so a retry
+    queues the job anew."""
     return JSONResponse({"detail": f"message broker unavailable: {exc}"}, status_code=503,
                         headers={"Retry-After": "5"})
 

@@ -64,11 +64,11 @@ def _submit(api: ApiState, spec: JobSpec, p: Principal) -> tuple[str, str | None
         except SubmitError as e:
             api.metrics.refused.labels("invalid_job").inc()
             raise HTTPException(422, str(e)) from None
-    replay = api.store.idempotent_job(spec)
-    if replay is not None:  # a retried POST: its job is already counted, so no cap applies
-        return replay, None
     token, n = api.inflight.reserve(p)
     if token is None:
+        replay = api.store.idempotent_job(spec)
+        if replay is not None and api.store.owner(replay) == p.name:  # a retried POST: already counted
+            return replay, None
         api.metrics.refused.labels("in_flight_cap").inc()
         raise HTTPException(429, f"key {p.name!r} already has {n} jobs queued or running, its cap is "
                                  f"{p.max_in_flight}; wait for some to finish or cancel some",
