@@ -111,6 +111,26 @@ def test_a_size_not_called_for_a_while_is_measured_again():
     assert times.snapshot() == {}
 
 
+def test_a_settled_size_stays_while_the_smaller_ones_go_unmeasured():
+    """A deep queue settles at a bucket and stops calling the smaller ones: their times go
+    stale, which must not send the size back to 1 every minute. Only the size above, over
+    the target, is tried again once it is stale."""
+    now = [0.0]
+    times = CallTimes(stale_s=60, clock=lambda: now[0])
+    for size, seconds in ((1, 0.1), (2, 0.2), (4, 0.4), (8, 0.9)):
+        times.observe(size, seconds)
+    policy = FlushPolicy(BUCKETS, 8, latency_target_s=0.5, times=times)
+    assert policy.target() == 4
+    now[0] = 59.0
+    times.observe(4, 0.4)
+    now[0] = 90.0  # 1, 2 and 8 are stale, 4 is not
+    assert policy.target() == 8  # 8 is tried once ...
+    times.observe(8, 0.9)
+    assert policy.target() == 4  # ... and the size stays at 4
+    now[0] = 200.0  # everything stale: start over from the smallest
+    assert policy.target() == 1
+
+
 def _ctx() -> WorkerContext:
     s = Settings(redis_url="redis://127.0.0.1:1/0", batch_buckets=BUCKETS)  # nothing here connects
     return WorkerContext(settings=s, registry=REGISTRY, store=JobStore.from_settings(s), storage=Storage(s),
@@ -202,6 +222,6 @@ def test_a_padded_call_is_timed_at_its_padded_size(model_root):
     before = CALL_TIMES.snapshot().get(8)
     _run(model, _stages("sd")[:3], 1, pad_to=8)
     assert CALL_TIMES.snapshot().get(8) not in (None, before)
-    before = CALL_TIMES.snapshot().get(2)
-    _run(model, _stages("sd")[:1], 2, pad_to=4)  # in jobs, as the policy counts: 4 images of 2 a job
-    assert CALL_TIMES.snapshot().get(2) not in (None, before)
+    before = CALL_TIMES.snapshot().get(1)
+    _run(model, _stages("sd")[:1], 3, pad_to=4)  # one job of 3 images fills the 4 bucket: a call of 1 job
+    assert CALL_TIMES.snapshot().get(1) not in (None, before)

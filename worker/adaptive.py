@@ -53,14 +53,18 @@ def resolve_idle_s(setting: float | None, batch_size: int | Literal["auto"]) -> 
 def target_size(buckets: list[int], cap: int, call_s: dict[int, float], latency_target_s: float | None) -> int:
     """How many jobs to gather before a call: ``cap``; with a latency target, the largest
     size among the buckets below ``cap`` and ``cap`` itself whose measured call time fits
-    it (the smallest when none does). ``call_s`` maps a size to its mean call time (s)."""
+    it (the smallest when none does), or the next size up while that one is unmeasured.
+    ``call_s`` maps a size to its mean call time (s); sizes below the one in use go
+    unmeasured as they go uncalled, and do not matter while a larger one fits."""
     sizes = sorted({b for b in buckets if b <= cap} | {cap})  # a hand-set cap between buckets counts too
     if latency_target_s is None:
         return sizes[-1]
     best = sizes[0]
-    for size in sizes:
+    for k, size in enumerate(sizes):
         seconds = call_s.get(size)
         if seconds is None:
+            if any(call_s.get(larger, latency_target_s + 1) <= latency_target_s for larger in sizes[k + 1:]):
+                continue  # gone unmeasured below a size in use that fits
             return size  # unmeasured, and the bucket below fits: try it
         if seconds > latency_target_s:
             break

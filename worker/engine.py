@@ -346,7 +346,12 @@ def _refused(ctx: WorkerContext, jobs: list[Job], outcomes: Outcomes) -> None:
     outputs were written (this one had stalled past its TTL), or they ended meanwhile."""
     if not jobs:
         return
-    for job, state in zip(jobs, ctx.store.states_of([job.job_id for job in jobs])):
+    try:
+        states = ctx.store.states_of([job.job_id for job in jobs])
+    except Exception:  # only the log and the outcome's label depend on it
+        log.warning("could not read the states of jobs whose final state was refused", exc_info=True)
+        states = ["unread"] * len(jobs)
+    for job, state in zip(jobs, states):
         if state in ("succeeded", "failed", "cancelled"):
             outcome, why = f"already {state}", f"ended {state}"
         elif state is None:
