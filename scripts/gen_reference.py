@@ -271,7 +271,7 @@ def settings_page() -> dict[str, str]:
           "(`EASEL_API_KEYS='[{\"name\": \"a\", \"sha256\": \"...\"}]'`); booleans are `true`/`false` "
           "(or `1`/`0`). A value that does not fit is refused when the process starts, naming the variable. "
           "Producers, API and workers of one deployment must agree on `EASEL_REDIS_URL`, `EASEL_S3_*`, "
-          "`EASEL_QUEUE_PREFIX`, `EASEL_MODELS` and `EASEL_VISIBILITY_TIMEOUT_S`.\n\n",
+          "`EASEL_QUEUE_PREFIX` and `EASEL_MODELS`.\n\n",
           "Two checks across settings: `EASEL_HEARTBEAT_TTL_S` must be more than twice "
           "`EASEL_HEARTBEAT_INTERVAL_S`, and `EASEL_JOB_TTL_S` at most `EASEL_RETENTION_DAYS` days (while "
           "retention is on).\n\n",
