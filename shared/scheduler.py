@@ -51,7 +51,8 @@ end
 # parked passes (hash), the queue's backlog tally, the queue's waiting set, paused flag, the
 # family's capacity, the tenant's cap, the backlog channel, the tenants-waiting flag (set
 # here as a tenant joins the active set, deleted by the dispatch that empties it; one MGET
-# reads it with capacity, pause and cap). ``score``: ``queue_score``
+# reads it with capacity, pause and cap), the weights hash (a joining tenant's credit is
+# ``credit`` of its own jobs: passes advance by 1/weight a job). ``score``: ``queue_score``
 # (priority, then submission). When no tenant has jobs pending there, the queue is open, the
 # job's tenant has no cap and there is room, the job goes straight to the waiting set
 # (returns ADMITTED: send it now); else it waits in its tenant's pending set, and a job that
@@ -79,7 +80,8 @@ local function admit(k, job, score, tenant, credit, margin, queue)
     local lead = redis.call('ZRANGE', k[2], 0, 0, 'WITHSCORES')
     if #lead > 0 then
       local front = tonumber(lead[2])
-      pass = math.min(math.max(pass, front - tonumber(credit)), front)
+      local weight = tonumber(redis.call('HGET', k[11], tenant) or '1')
+      pass = math.min(math.max(pass, front - tonumber(credit) / weight), front)
     end
     redis.call('ZADD', k[2], pass, tenant)
     redis.call('SET', k[10], 1)
@@ -90,7 +92,7 @@ end
 """
 
 # A new job's record and its admission, in one script. KEYS: the job hash, its idempotency
-# key (the hash again when it has none), then admit's ten keys. ARGV: job id, record TTL,
+# key (the hash again when it has none), then admit's eleven keys. ARGV: job id, record TTL,
 # whether it has an idempotency key ('1' or ''), queue score, tenant, credit, margin, queue, then the
 # record's fields and values. Returns {winner id, PENDING} when another job holds the
 # idempotency key, else {job id, admit's answer}. A replay of a call whose reply was lost
@@ -98,7 +100,7 @@ end
 # still to send), else ROOM or PENDING by the queue's room, as a waiting job's first run.
 _SUBMIT = _ROOM + _CREATE + _ADMIT + """
 local k = {}
-for i = 3, 12 do k[i - 2] = KEYS[i] end
+for i = 3, 13 do k[i - 2] = KEYS[i] end
 local winner = create(KEYS[1], ARGV[3] == '1' and KEYS[2] or '', ARGV[1], ARGV[2], ARGV, 9)
 if winner == ARGV[1] then
   if redis.call('ZSCORE', k[5], ARGV[1]) then return {ARGV[1], 1} end
@@ -118,7 +120,8 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # and the time it is sent (the broker serves each priority in the order it was sent, which
 # queue positions follow). A capped tenant (an API key
 # whose over_cap is "hold") is passed over while its dispatched jobs that have not ended
-# reach its cap. Returns {flat (job id, priority) pairs, tenants still waiting}.
+# reach its cap, and its pass is raised to the last pass served. Returns {flat (job id,
+# priority) pairs, tenants still waiting}.
 _DISPATCH = _ROOM + _SCORES + """
 local waiting = redis.call('ZCARD', KEYS[1])
 if waiting == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {{}, waiting} end
@@ -136,7 +139,7 @@ local function at_cap(tenant, cap)
   end
   return flying[tenant] >= tonumber(cap)
 end
-local out, held, nheld, popped = {}, {}, 0, 0
+local out, held, nheld, popped, front = {}, {}, 0, 0, nil
 while space > 0 do
   local tenant, pass, cap
   local lead = redis.call('ZRANGE', KEYS[1], 0, nheld, 'WITHSCORES')
@@ -154,6 +157,7 @@ while space > 0 do
     local job = redis.call('ZPOPMIN', pending)
     if #job > 0 then
       popped = popped + 1
+      front = pass
       pass = pass + 1 / tonumber(redis.call('HGET', KEYS[3], tenant) or '1')
       -- A record that expired while its job waited: nothing to run, nothing to hold room for.
       -- Otherwise its wait in the broker starts now (what a lost-message sweep measures), and
@@ -183,6 +187,13 @@ while space > 0 do
   end
 end
 if popped > 0 then redis.call('LPOP', KEYS[7], popped) end
+-- A held tenant cannot run: like a stride client that left, it keeps no claim to the slots
+-- the others used meanwhile, and comes back level with the front (the last pass served).
+-- Left behind, it would be the "tenant in front" a newcomer starts from, at a pass far below
+-- the backlogged tenants', whom the newcomer would then starve.
+if front then
+  for tenant in pairs(held) do redis.call('ZADD', KEYS[1], 'XX', 'GT', front, tenant) end
+end
 local left = redis.call('ZCARD', KEYS[1])
 if left == 0 then redis.call('DEL', KEYS[8]) end
 return {out, left}
@@ -278,7 +289,7 @@ class Scheduler:
         return [pending_key(self.prefix, queue, tenant), self._key("active", queue), self._key("passes", queue),
                 backlog_key(self.prefix, queue), self._key("queued", queue), self._key("paused", queue),
                 family_capacity_key(self.prefix, family), cap_key(self.prefix, tenant), backlog_channel(self.prefix),
-                tenants_waiting_key(self.prefix, queue)]
+                tenants_waiting_key(self.prefix, queue), f"{self.prefix}:weights"]
 
     def dispatch(self, queues: dict[str, str]) -> Dispatched:
         """Move what fits from the pending sets of ``queues`` (queue -> family) into them, one

@@ -336,3 +336,63 @@ def test_the_end_of_a_capped_tenants_job_frees_its_slot_and_says_so(fair_client,
             fair_client.cancel(job_id)
         store.r.delete(cap_key(store.prefix, "capped"), family_capacity_key(store.prefix, "fairr"), flight,
                        *store.r.scan_iter(match=f"{store.prefix}:*{queue}*"))
+
+
+def submit_paused(client, ref: str, tenant: str, n: int) -> list[str]:
+    """Jobs left pending by their admission (their queue paused): the dispatches decide."""
+    client.pause("fairr")
+    ids = client.submit_many(jobs(ref, "fairr", tenant, n))
+    client.scheduler.resume("easel.fairr")
+    return ids
+
+
+def dispatched(client, times: int) -> dict[str, int]:
+    """Jobs per tenant over ``times`` dispatches of easel.fairr, each claimed at once."""
+    store, got = client.store, {}
+    for _ in range(times):
+        for job_id, _, _ in client.scheduler.dispatch({"easel.fairr": "fairr"}).moved:
+            tenant = store.r.hget(store.key(job_id), "tenant")
+            got[tenant] = got.get(tenant, 0) + 1
+        store.r.delete(f"{store.prefix}:queued:easel.fairr")  # claimed: room again
+    return got
+
+
+@pytest.fixture
+def ten_a_dispatch(fair_client):
+    """easel.fairr with room for 10 jobs a dispatch; its keys, caps and weights go afterwards."""
+    from easel.shared.keys import family_capacity_key
+
+    store, ids = fair_client.store, []
+    store.r.set(family_capacity_key(store.prefix, "fairr"), 9)  # with the margin, 10 jobs a dispatch
+    yield ids
+    fair_client.scheduler.resume("easel.fairr")
+    for job_id in ids:
+        fair_client.cancel(job_id)
+    store.r.hdel(f"{store.prefix}:weights", "heavy")
+    store.r.delete(family_capacity_key(store.prefix, "fairr"), *store.r.scan_iter(match=f"{store.prefix}:*held*"),
+                   *store.r.scan_iter(match=f"{store.prefix}:*easel.fairr*"))
+
+
+def test_a_tenant_held_at_its_cap_does_not_hand_a_newcomer_its_old_place(fair_client, ref, ten_a_dispatch):
+    """A newcomer starts level with the tenant in front, less its credit (20 jobs). A tenant
+    held at its cap runs nothing while the others run: its pass follows theirs, so a
+    newcomer starting from it gets its credit and then its share, and a backlogged tenant
+    keeps getting its own; left behind, it would hand the newcomer every slot for as many
+    jobs as it had fallen behind."""
+    fair_client.scheduler.set_cap("held", 2)  # its two dispatched jobs keep running
+    ten_a_dispatch += submit_paused(fair_client, ref, "held", 4) + submit_paused(fair_client, ref, "busy", 200)
+    assert dispatched(fair_client, 10) == {"held": 2, "busy": 98}
+    ten_a_dispatch += submit_paused(fair_client, ref, "new", 80)
+    got = dispatched(fair_client, 6)
+    assert got.get("new", 0) >= 20 and got.get("busy", 0) >= 15, got  # its credit, then a share each
+
+
+def test_a_heavy_newcomers_credit_is_twenty_of_its_jobs(fair_client, ref, ten_a_dispatch):
+    """Passes advance by 1/weight a job, so the credit is counted in the newcomer's own jobs:
+    a tenant of weight 10 starts 20 jobs ahead, then shares 10:1, not 200 jobs ahead."""
+    fair_client.scheduler.set_weight("heavy", 10)
+    ten_a_dispatch += submit_paused(fair_client, ref, "busy", 200)
+    assert dispatched(fair_client, 10) == {"busy": 100}
+    ten_a_dispatch += submit_paused(fair_client, ref, "heavy", 300)
+    got = dispatched(fair_client, 6)
+    assert got.get("heavy", 0) >= 30 and got.get("busy", 0) >= 2, got
