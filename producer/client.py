@@ -207,9 +207,11 @@ class EaselClient:
         index) and queues nothing. Then, per batch of ``batch_size`` jobs: the job records and
         their admissions in one pipeline (one script per job), a dispatch where jobs wait
         their tenant's turn, and the Celery messages of the jobs sent now through one kombu
-        producer in one pipeline. If
-        writing a batch fails, its jobs end failed ("could not enqueue") and the error is
-        raised; earlier batches stay queued.
+        producer in one pipeline. If sending a batch's messages fails, the jobs that were
+        to be sent then end failed ("could not enqueue") and let go of their idempotency
+        keys, and the error is raised; the batch's jobs that wait their tenant's turn stay
+        queued, as do earlier batches. With idempotency keys, calling again with the same
+        jobs returns every job's id and queues only the failed ones anew.
 
         Idempotency keys behave as in ``submit``: a key seen before, or earlier in this same
         call, gives the first job's id and queues nothing.

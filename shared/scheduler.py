@@ -155,28 +155,26 @@ while space > 0 do
   else
     local pending = ARGV[1] .. tenant
     local job = redis.call('ZPOPMIN', pending)
-    if #job > 0 then
-      popped = popped + 1
+    if #job > 0 then popped = popped + 1 end
+    -- A record that expired while its job waited, or a job that ended there (a cancel moves
+    -- it out after its final state): nothing to run, nothing to hold room for, no turn used.
+    -- Otherwise its wait in the broker starts now (what a lost-message sweep measures), and
+    -- a capped tenant's job names its in-flight set, which its final state leaves.
+    if #job > 0 and redis.call('HGET', ARGV[5] .. job[1], 'state') == 'queued' then
       front = pass
       pass = pass + 1 / tonumber(redis.call('HGET', KEYS[3], tenant) or '1')
-      -- A record that expired while its job waited: nothing to run, nothing to hold room for.
-      -- Otherwise its wait in the broker starts now (what a lost-message sweep measures), and
-      -- a capped tenant's job names its in-flight set, which its final state leaves.
       local fields = {'updated_at', ARGV[6]}
       if cap then fields = {'updated_at', ARGV[6], 'capped', ARGV[4] .. tenant} end
-      if redis.call('HSET', ARGV[5] .. job[1], unpack(fields)) < #fields / 2 then
-        local priority = priority_of(job[2])
-        redis.call('ZADD', KEYS[4], score_at(priority, ARGV[6], #out / 2), job[1])
-        if cap then
-          redis.call('ZADD', ARGV[4] .. tenant, now(), job[1])
-          flying[tenant] = flying[tenant] + 1
-        end
-        table.insert(out, job[1])
-        table.insert(out, tostring(priority))
-        space = space - 1
-      else
-        redis.call('DEL', ARGV[5] .. job[1])
+      redis.call('HSET', ARGV[5] .. job[1], unpack(fields))
+      local priority = priority_of(job[2])
+      redis.call('ZADD', KEYS[4], score_at(priority, ARGV[6], #out / 2), job[1])
+      if cap then
+        redis.call('ZADD', ARGV[4] .. tenant, now(), job[1])
+        flying[tenant] = flying[tenant] + 1
       end
+      table.insert(out, job[1])
+      table.insert(out, tostring(priority))
+      space = space - 1
     end
     if redis.call('EXISTS', pending) == 1 then
       redis.call('ZADD', KEYS[1], pass, tenant)

@@ -396,3 +396,20 @@ def test_a_heavy_newcomers_credit_is_twenty_of_its_jobs(fair_client, ref, ten_a_
     ten_a_dispatch += submit_paused(fair_client, ref, "heavy", 300)
     got = dispatched(fair_client, 6)
     assert got.get("heavy", 0) >= 30 and got.get("busy", 0) >= 2, got
+
+
+def test_a_job_that_ended_while_pending_is_not_dispatched(fair_client, ref, ten_a_dispatch):
+    """A cancel ends a pending job, then takes it out of its pending set: a dispatch in
+    between finds it ended and moves the tenant's next job instead, with no message, no
+    place under the tenant's cap and the backlog tally kept."""
+    from easel.shared.schema import JobState
+
+    store, sched = fair_client.store, fair_client.scheduler
+    sched.set_cap("held", 1)
+    ended, after = submit_paused(fair_client, ref, "held", 2)
+    ten_a_dispatch += [ended, after]
+    assert store.transition(ended, JobState.cancelled, error="cancelled before it ran")
+    assert [job_id for job_id, _, _ in sched.dispatch({"easel.fairr": "fairr"}).moved] == [after]
+    assert store.r.zrange(f"{store.prefix}:flight:held", 0, -1) == [after]
+    store.unmark_queued(ended)  # the cancel's second half
+    assert sched.pending_count("easel.fairr") == 0
