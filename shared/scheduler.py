@@ -34,6 +34,7 @@ log = logging.getLogger("easel.scheduler")
 CREDIT = 20  # jobs a returning or new tenant may start behind the tenant in front
 MARGIN = 1  # jobs waiting in the broker beyond one per live worker
 PENDING, ADMITTED, ROOM = 0, 1, 2  # admission's answers (``_ADMIT``)
+FLIGHT_CHECK_AFTER_S = 300  # a held tenant's in-flight jobs dispatched this long ago are checked for records gone
 
 # Room in a queue: a batch per live worker of its family (the capacity key its heartbeats
 # keep), plus the margin, less the jobs already sent to it and not yet claimed.
@@ -116,7 +117,7 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # yet claimed), paused flag, the family's capacity, the backlog tally, the tenants-waiting
 # flag (deleted when this run empties the active set). ARGV: pending-set
 # prefix, margin, most jobs to move, in-flight-set prefix, job-record prefix, now (the
-# dispatched jobs' updated_at), cap-key prefix. A job's waiting-set score is its priority
+# dispatched jobs' updated_at), cap-key prefix, FLIGHT_CHECK_AFTER_S. A job's waiting-set score is its priority
 # and the time it is sent (the broker serves each priority in the order it was sent, which
 # queue positions follow). A capped tenant (an API key
 # whose over_cap is "hold") is passed over while its dispatched jobs that have not ended
@@ -131,11 +132,17 @@ local flying = {}  -- capped tenants' jobs in flight, counted once per run
 local function at_cap(tenant, cap)
   if not flying[tenant] then
     local flight = ARGV[4] .. tenant
-    for _, id in ipairs(redis.call('ZRANGE', flight, 0, -1)) do
-      local st = redis.call('HGET', ARGV[5] .. id, 'state')
-      if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' then redis.call('ZREM', flight, id) end
-    end
     flying[tenant] = redis.call('ZCARD', flight)
+    if flying[tenant] >= tonumber(cap) then
+      -- A final state takes its job out (_TRANSITION); what stays is a job whose record
+      -- expired or was deleted. Only entries dispatched a while ago are looked at, so a
+      -- tenant held at a cap of hundreds costs no read per job on every dispatch.
+      for _, id in ipairs(redis.call('ZRANGEBYSCORE', flight, '-inf', now() - tonumber(ARGV[8]))) do
+        local st = redis.call('HGET', ARGV[5] .. id, 'state')
+        if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' then redis.call('ZREM', flight, id) end
+      end
+      flying[tenant] = redis.call('ZCARD', flight)
+    end
   end
   return flying[tenant] >= tonumber(cap)
 end
@@ -306,7 +313,7 @@ class Scheduler:
                  self._key("queued", queue), self._key("paused", queue), family_capacity_key(self.prefix, family),
                  backlog_key(self.prefix, queue), tenants_waiting_key(self.prefix, queue)],
                 [f"{self.prefix}:pending:{queue}:", self.margin, limit, f"{self.prefix}:flight:",
-                 f"{self.prefix}:job:", time.time(), cap_key(self.prefix, "")])
+                 f"{self.prefix}:job:", time.time(), cap_key(self.prefix, ""), FLIGHT_CHECK_AFTER_S])
 
     def feed(self, queues: dict[str, str], send: Callable[..., None]) -> Dispatched:
         """``dispatch`` ``queues`` (queue -> family), and send each moved job's first message

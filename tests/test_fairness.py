@@ -413,3 +413,20 @@ def test_a_job_that_ended_while_pending_is_not_dispatched(fair_client, ref, ten_
     assert store.r.zrange(f"{store.prefix}:flight:held", 0, -1) == [after]
     store.unmark_queued(ended)  # the cancel's second half
     assert sched.pending_count("easel.fairr") == 0
+
+
+def test_a_held_tenants_job_whose_record_is_gone_stops_holding_it(fair_client, ref, ten_a_dispatch):
+    """A final state takes a job out of its tenant's in-flight set; one whose record expired
+    never gets one. Dispatch looks for those among the jobs dispatched a while ago only, so
+    a held tenant costs no read per in-flight job on every dispatch."""
+    from easel.shared.scheduler import FLIGHT_CHECK_AFTER_S
+
+    store, sched = fair_client.store, fair_client.scheduler
+    sched.set_cap("held", 1)
+    first, second = submit_paused(fair_client, ref, "held", 2)
+    ten_a_dispatch.append(second)
+    assert [job_id for job_id, _, _ in sched.dispatch({"easel.fairr": "fairr"}).moved] == [first]
+    store.r.delete(store.key(first))  # its record expired (or was deleted)
+    assert sched.dispatch({"easel.fairr": "fairr"}).moved == []  # dispatched moments ago: not looked at yet
+    store.r.zadd(f"{store.prefix}:flight:held", {first: time.time() - FLIGHT_CHECK_AFTER_S - 1})
+    assert [job_id for job_id, _, _ in sched.dispatch({"easel.fairr": "fairr"}).moved] == [second]
