@@ -50,7 +50,8 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from easel.shared import tracing
-from easel.shared.keys import backlog_key, family_capacity_key, family_instances_key, job_seconds_prefix, pending_key
+from easel.shared.keys import (backlog_key, family_batch_class_prefix, family_batch_sizes_key, family_capacity_key,
+                               family_instances_key, job_seconds_prefix, pending_key)
 from easel.shared.schema import Attempt, JobSpec, JobState, JobStatus, Plan, Progress
 
 _TERMINAL = "cur == 'succeeded' or cur == 'failed' or cur == 'cancelled'"
@@ -275,10 +276,12 @@ return 0
 """
 
 # KEYS: instances zset, presence key, the family's instances zset (what ETAs count; instances
-# dead for a day leave it), the family's capacity (live instances x batch size: what
-# admission reads). ARGV: instance, ttl, presence JSON, job-seconds key prefix, this
-# instance's mean seconds per job ('' = none yet), its batch size (what it takes from the
-# queue at once).
+# dead for a day leave it), the family's capacity (what admission reads), the family's batch
+# sizes set. ARGV: instance, ttl, presence JSON, job-seconds key prefix, this instance's mean
+# seconds per job ('' = none yet), its batch size (what it takes from the queue at once), the
+# family's batch-class prefix. The capacity is the sum of the live instances' batch sizes,
+# counted by class of size (a family's workers may take different batches: GPUs of two kinds,
+# a hand-set size), so every beat sets the same figure.
 _BEAT = _CLOCK + """
 local t = now()
 local ttl_ms = math.ceil(tonumber(ARGV[2]) * 1000)
@@ -287,7 +290,16 @@ redis.call('SET', KEYS[2], ARGV[3], 'PX', ttl_ms)
 redis.call('ZADD', KEYS[3], t + tonumber(ARGV[2]), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', t - 86400)
 if ARGV[5] ~= '' then redis.call('SET', ARGV[4] .. ARGV[1], ARGV[5], 'PX', ttl_ms) end
-redis.call('SET', KEYS[4], redis.call('ZCOUNT', KEYS[3], t, '+inf') * tonumber(ARGV[6]), 'PX', ttl_ms)
+redis.call('SADD', KEYS[5], ARGV[6])
+redis.call('ZADD', ARGV[7] .. ARGV[6], t + tonumber(ARGV[2]), ARGV[1])
+local capacity = 0
+for _, size in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  redis.call('ZREMRANGEBYSCORE', ARGV[7] .. size, '-inf', t)
+  local live = redis.call('ZCARD', ARGV[7] .. size)
+  if live == 0 then redis.call('SREM', KEYS[5], size) end
+  capacity = capacity + live * tonumber(size)
+end
+redis.call('SET', KEYS[4], capacity, 'PX', ttl_ms)
 return 0
 """
 
@@ -752,9 +764,10 @@ class JobStore:
         family = presence.get("family", "unknown")
         job_s = presence.get("job_s")
         self._beat(keys=[self.instances_key(), self.presence_key(hostname), family_instances_key(self.prefix, family),
-                         family_capacity_key(self.prefix, family)],
+                         family_capacity_key(self.prefix, family), family_batch_sizes_key(self.prefix, family)],
                    args=[instance, ttl_s, json.dumps(presence), job_seconds_prefix(self.prefix),
-                         "" if job_s is None else job_s, presence.get("batch_size") or 1])
+                         "" if job_s is None else job_s, int(presence.get("batch_size") or 1),
+                         family_batch_class_prefix(self.prefix, family)])
 
     def retire(self, instance: str, hostname: str, family: str | None = None) -> None:
         """A clean shutdown: the instance is gone now; anything it still held is reaped at once."""
@@ -763,6 +776,8 @@ class JobStore:
         if family:  # gone now, by Redis's clock as liveness is judged
             seconds, micros = self.r.time()
             pipe.zadd(family_instances_key(self.prefix, family), {instance: seconds + micros / 1e6})
+            for size in self.r.smembers(family_batch_sizes_key(self.prefix, family)):
+                pipe.zrem(family_batch_class_prefix(self.prefix, family) + _text(size), instance)
             # The family's capacity counted this instance: the next beat of a live one sets it
             # again; until then admission holds back (jobs wait their turn) rather than over-fill.
             pipe.delete(family_capacity_key(self.prefix, family))

@@ -38,9 +38,21 @@ def family_instances_key(prefix: str, family: str) -> str:
 
 
 def family_capacity_key(prefix: str, family: str) -> str:
-    """Messages the family's live workers take from its queue at once (live workers x batch
-    size): set by every heartbeat, gone when heartbeats stop. Admission reads it in one GET."""
+    """Messages the family's live workers take from its queue at once (the sum of their batch
+    sizes): set by every heartbeat, gone when heartbeats stop. Admission reads it in one GET."""
     return f"{prefix}:family:{family}:capacity"
+
+
+def family_batch_sizes_key(prefix: str, family: str) -> str:
+    """The batch sizes the family's live workers take (a set): one instances zset per size
+    (``family_batch_class_prefix``), so a heartbeat sums the capacity in a few reads."""
+    return f"{prefix}:family:{family}:batch-sizes"
+
+
+def family_batch_class_prefix(prefix: str, family: str) -> str:
+    """``<prefix><size>``: the family's instances that take ``size`` messages at once (zset of
+    heartbeat expiry)."""
+    return f"{prefix}:family:{family}:batch:"
 
 
 def job_seconds_prefix(prefix: str) -> str:

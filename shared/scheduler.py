@@ -4,8 +4,8 @@ family's Celery queue just in time, in stride-scheduling order.
 A family queue in the broker is first in, first out, so a tenant's backlog of 100,000 jobs
 would delay every other tenant's job until it had run. Instead a new job waits in
 ``<prefix>:pending:<queue>:<tenant>`` (ordered by priority, then submission), and the
-dispatch script moves jobs into the broker only while fewer than ``live workers x batch +
-margin`` wait there. Which tenant's job goes next is stride scheduling: each tenant has a
+dispatch script moves jobs into the broker only while fewer than the family's live workers'
+batch sizes, summed, plus a margin wait there. Which tenant's job goes next is stride scheduling: each tenant has a
 pass value, the lowest pass goes next and advances by 1/weight. A tenant that joins starts level with
 the tenant in front, or up to ``credit`` jobs before it if it has used less: a newcomer's
 first jobs start within about one job duration per worker, a heavy past user is not
@@ -36,7 +36,7 @@ MARGIN = 1  # jobs waiting in the broker beyond one per live worker
 PENDING, ADMITTED, ROOM = 0, 1, 2  # admission's answers (``_ADMIT``)
 FLIGHT_CHECK_AFTER_S = 300  # a held tenant's in-flight jobs dispatched this long ago are checked for records gone
 
-# Room in a queue: a batch per live worker of its family (the capacity key its heartbeats
+# Room in a queue: each live worker's batch, summed over the family (the capacity key its heartbeats
 # keep), plus the margin, less the jobs already sent to it and not yet claimed.
 # ``room_after``: the same with the capacity already read (admission's MGET).
 _ROOM = _CLOCK + """

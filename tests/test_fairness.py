@@ -430,3 +430,29 @@ def test_a_held_tenants_job_whose_record_is_gone_stops_holding_it(fair_client, r
     assert sched.dispatch({"easel.fairr": "fairr"}).moved == []  # dispatched moments ago: not looked at yet
     store.r.zadd(f"{store.prefix}:flight:held", {first: time.time() - FLIGHT_CHECK_AFTER_S - 1})
     assert [job_id for job_id, _, _ in sched.dispatch({"easel.fairr": "fairr"}).moved] == [second]
+
+
+def test_a_familys_capacity_sums_its_workers_batch_sizes(fair_client):
+    """Workers of one family may take different batches (GPUs of two kinds, a hand-set size):
+    every heartbeat sets the same capacity, the sum over the live ones, so admission's room
+    does not swing with whichever beat last; a retired or silent worker leaves it."""
+    from easel.shared.jobstore import JobStore
+    from easel.shared.keys import family_capacity_key
+
+    store = JobStore(fair_client.store.r, prefix="capacity-test")  # no other test's instances
+    capacity = family_capacity_key(store.prefix, "f")
+
+    def beat(instance: str, batch: int, ttl_s: float = 30) -> int:
+        store.beat(instance, f"host-{instance}", {"family": "f", "batch_size": batch}, ttl_s)
+        return int(store.r.get(capacity))
+
+    try:
+        assert [beat("a", 8), beat("b", 8), beat("c", 2), beat("a", 8), beat("c", 2)] == [8, 16, 18, 18, 18]
+        store.retire("b", "host-b", "f")
+        assert beat("a", 8) == 10
+        beat("d", 4, ttl_s=0.2)
+        assert beat("c", 2) == 14
+        time.sleep(0.4)  # d stops beating
+        assert beat("c", 2) == 10
+    finally:
+        store.r.delete(*store.r.scan_iter(match=f"{store.prefix}:*"))
