@@ -281,7 +281,8 @@ return 0
 # seconds per job ('' = none yet), its batch size (what it takes from the queue at once), the
 # family's batch-class prefix. The capacity is the sum of the live instances' batch sizes,
 # counted by class of size (a family's workers may take different batches: GPUs of two kinds,
-# a hand-set size), so every beat sets the same figure.
+# a hand-set size), so every beat sets the same figure. The classes expire with the beats
+# that keep them.
 _BEAT = _CLOCK + """
 local t = now()
 local ttl_ms = math.ceil(tonumber(ARGV[2]) * 1000)
@@ -291,14 +292,19 @@ redis.call('ZADD', KEYS[3], t + tonumber(ARGV[2]), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', t - 86400)
 if ARGV[5] ~= '' then redis.call('SET', ARGV[4] .. ARGV[1], ARGV[5], 'PX', ttl_ms) end
 redis.call('SADD', KEYS[5], ARGV[6])
+redis.call('PEXPIRE', KEYS[5], ttl_ms)
 redis.call('ZADD', ARGV[7] .. ARGV[6], t + tonumber(ARGV[2]), ARGV[1])
-local capacity = 0
+redis.call('PEXPIRE', ARGV[7] .. ARGV[6], ttl_ms)
+local capacity, sized = 0, 0
 for _, size in ipairs(redis.call('SMEMBERS', KEYS[5])) do
   redis.call('ZREMRANGEBYSCORE', ARGV[7] .. size, '-inf', t)
   local live = redis.call('ZCARD', ARGV[7] .. size)
   if live == 0 then redis.call('SREM', KEYS[5], size) end
-  capacity = capacity + live * tonumber(size)
+  capacity, sized = capacity + live * tonumber(size), sized + live
 end
+-- Live instances in no class (an earlier version's, mid-upgrade) count at this one's size.
+local unsized = redis.call('ZCOUNT', KEYS[3], t, '+inf') - sized
+if unsized > 0 then capacity = capacity + unsized * tonumber(ARGV[6]) end
 redis.call('SET', KEYS[4], capacity, 'PX', ttl_ms)
 return 0
 """

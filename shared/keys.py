@@ -44,8 +44,9 @@ def family_capacity_key(prefix: str, family: str) -> str:
 
 
 def family_batch_sizes_key(prefix: str, family: str) -> str:
-    """The batch sizes the family's live workers take (a set): one instances zset per size
-    (``family_batch_class_prefix``), so a heartbeat sums the capacity in a few reads."""
+    """The batch sizes the family's workers take (a set; a size whose workers all stopped
+    leaves it at the next beat): one instances zset per size (``family_batch_class_prefix``),
+    so a heartbeat sums the capacity in a few reads."""
     return f"{prefix}:family:{family}:batch-sizes"
 
 

@@ -32,7 +32,7 @@ from easel.shared.schema import JobSpec, Plan
 log = logging.getLogger("easel.scheduler")
 
 CREDIT = 20  # jobs a returning or new tenant may start behind the tenant in front
-MARGIN = 1  # jobs waiting in the broker beyond one per live worker
+MARGIN = 1  # jobs waiting in the broker beyond the live workers' batches
 PENDING, ADMITTED, ROOM = 0, 1, 2  # admission's answers (``_ADMIT``)
 FLIGHT_CHECK_AFTER_S = 300  # a held tenant's in-flight jobs dispatched this long ago are checked for records gone
 
@@ -135,11 +135,16 @@ local function at_cap(tenant, cap)
     flying[tenant] = redis.call('ZCARD', flight)
     if flying[tenant] >= tonumber(cap) then
       -- A final state takes its job out (_TRANSITION); what stays is a job whose record
-      -- expired or was deleted. Only entries dispatched a while ago are looked at, so a
+      -- expired or was deleted. An entry is looked at once per FLIGHT_CHECK_AFTER_S, so a
       -- tenant held at a cap of hundreds costs no read per job on every dispatch.
-      for _, id in ipairs(redis.call('ZRANGEBYSCORE', flight, '-inf', now() - tonumber(ARGV[8]))) do
+      local t = now()
+      for _, id in ipairs(redis.call('ZRANGEBYSCORE', flight, '-inf', t - tonumber(ARGV[8]))) do
         local st = redis.call('HGET', ARGV[5] .. id, 'state')
-        if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' then redis.call('ZREM', flight, id) end
+        if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' then
+          redis.call('ZREM', flight, id)
+        else
+          redis.call('ZADD', flight, 'XX', t, id)  -- live: looked at again a period from now
+        end
       end
       flying[tenant] = redis.call('ZCARD', flight)
     end

@@ -417,27 +417,37 @@ def test_a_job_that_ended_while_pending_is_not_dispatched(fair_client, ref, ten_
 
 def test_a_held_tenants_job_whose_record_is_gone_stops_holding_it(fair_client, ref, ten_a_dispatch):
     """A final state takes a job out of its tenant's in-flight set; one whose record expired
-    never gets one. Dispatch looks for those among the jobs dispatched a while ago only, so
-    a held tenant costs no read per in-flight job on every dispatch."""
+    never gets one. Dispatch looks for those among the jobs dispatched (or last looked at)
+    a while ago only, so a held tenant costs no read per in-flight job on every dispatch."""
     from easel.shared.scheduler import FLIGHT_CHECK_AFTER_S
 
     store, sched = fair_client.store, fair_client.scheduler
+    flight = f"{store.prefix}:flight:held"
     sched.set_cap("held", 1)
     first, second = submit_paused(fair_client, ref, "held", 2)
     ten_a_dispatch.append(second)
     assert [job_id for job_id, _, _ in sched.dispatch({"easel.fairr": "fairr"}).moved] == [first]
+
+    def looked_at_long_ago() -> None:
+        store.r.zadd(flight, {first: time.time() - FLIGHT_CHECK_AFTER_S - 1})
+
+    looked_at_long_ago()  # still running: looked at, and not again for a period
+    assert sched.dispatch({"easel.fairr": "fairr"}).moved == []
+    assert store.r.zscore(flight, first) > time.time() - 60
     store.r.delete(store.key(first))  # its record expired (or was deleted)
-    assert sched.dispatch({"easel.fairr": "fairr"}).moved == []  # dispatched moments ago: not looked at yet
-    store.r.zadd(f"{store.prefix}:flight:held", {first: time.time() - FLIGHT_CHECK_AFTER_S - 1})
+    assert sched.dispatch({"easel.fairr": "fairr"}).moved == []  # looked at moments ago: not yet
+    looked_at_long_ago()
     assert [job_id for job_id, _, _ in sched.dispatch({"easel.fairr": "fairr"}).moved] == [second]
 
 
 def test_a_familys_capacity_sums_its_workers_batch_sizes(fair_client):
     """Workers of one family may take different batches (GPUs of two kinds, a hand-set size):
     every heartbeat sets the same capacity, the sum over the live ones, so admission's room
-    does not swing with whichever beat last; a retired or silent worker leaves it."""
+    does not swing with whichever beat last; a retired or silent worker leaves it. A live
+    worker of an earlier version (mid-upgrade: it keeps no batch size) counts at the size of
+    the one that beats."""
     from easel.shared.jobstore import JobStore
-    from easel.shared.keys import family_capacity_key
+    from easel.shared.keys import family_capacity_key, family_instances_key
 
     store = JobStore(fair_client.store.r, prefix="capacity-test")  # no other test's instances
     capacity = family_capacity_key(store.prefix, "f")
@@ -450,9 +460,12 @@ def test_a_familys_capacity_sums_its_workers_batch_sizes(fair_client):
         assert [beat("a", 8), beat("b", 8), beat("c", 2), beat("a", 8), beat("c", 2)] == [8, 16, 18, 18, 18]
         store.retire("b", "host-b", "f")
         assert beat("a", 8) == 10
-        beat("d", 4, ttl_s=0.2)
+        beat("d", 4, ttl_s=1.0)
         assert beat("c", 2) == 14
-        time.sleep(0.4)  # d stops beating
+        time.sleep(1.2)  # d stops beating
         assert beat("c", 2) == 10
+        seconds, _ = store.r.time()
+        store.r.zadd(family_instances_key(store.prefix, "f"), {"earlier": seconds + 30})  # an earlier version's beat
+        assert beat("c", 2) == 12 and beat("a", 8) == 18
     finally:
         store.r.delete(*store.r.scan_iter(match=f"{store.prefix}:*"))
