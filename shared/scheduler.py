@@ -5,11 +5,12 @@ A family queue in the broker is first in, first out, so a tenant's backlog of 10
 would delay every other tenant's job until it had run. Instead a new job waits in
 ``<prefix>:pending:<queue>:<tenant>`` (ordered by priority, then submission), and the
 dispatch script moves jobs into the broker only while fewer than the family's live workers'
-batch sizes, summed, plus a margin wait there. Which tenant's job goes next is stride scheduling: each tenant has a
-pass value, the lowest pass goes next and advances by 1/weight. A tenant that joins starts level with
-the tenant in front, or up to ``credit`` jobs before it if it has used less: a newcomer's
-first jobs start within about one job duration per worker, a heavy past user is not
-penalised once it comes back, and backlogged tenants share the farm by their weights.
+batch sizes, summed, plus a margin wait there. Which tenant's job goes next is stride
+scheduling: each tenant has a pass value, the lowest pass goes next and advances by
+1/weight. A tenant that joins starts level with the tenant in front, or up to ``credit``
+of its jobs before it if it has used less: a newcomer's first jobs start within about one
+job duration per worker, a heavy past user is not penalised once it comes back, and
+backlogged tenants share the farm by their weights.
 
 Everything already admitted runs as before: Celery on Redis with acks_late, crash
 redelivery, hand-offs and retries (which go straight to the broker: the job has started).
@@ -36,8 +37,8 @@ MARGIN = 1  # jobs waiting in the broker beyond the live workers' batches
 PENDING, ADMITTED, ROOM = 0, 1, 2  # admission's answers (``_ADMIT``)
 FLIGHT_CHECK_AFTER_S = 300  # a held tenant's in-flight jobs dispatched this long ago are checked for records gone
 
-# Room in a queue: each live worker's batch, summed over the family (the capacity key its heartbeats
-# keep), plus the margin, less the jobs already sent to it and not yet claimed.
+# Room in a queue: each live worker's batch, summed over the family (the capacity key its
+# heartbeats keep), plus the margin, less the jobs already sent to it and not yet claimed.
 # ``room_after``: the same with the capacity already read (admission's MGET).
 _ROOM = _CLOCK + """
 local function room_after(queued, capacity, margin)
@@ -117,8 +118,8 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # yet claimed), paused flag, the family's capacity, the backlog tally, the tenants-waiting
 # flag (deleted when this run empties the active set). ARGV: pending-set
 # prefix, margin, most jobs to move, in-flight-set prefix, job-record prefix, now (the
-# dispatched jobs' updated_at), cap-key prefix, FLIGHT_CHECK_AFTER_S. A job's waiting-set score is its priority
-# and the time it is sent (the broker serves each priority in the order it was sent, which
+# dispatched jobs' updated_at), cap-key prefix, FLIGHT_CHECK_AFTER_S. A job's waiting-set
+# score is its priority and the time it is sent (the broker serves each priority in the order it was sent, which
 # queue positions follow). A capped tenant (an API key
 # whose over_cap is "hold") is passed over while its dispatched jobs that have not ended
 # reach its cap, and its pass is raised to the last pass served. Returns {flat (job id,

@@ -158,6 +158,9 @@ class JobState(str, Enum):
         return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
 
 
+TERMINAL_STATES = frozenset(state.value for state in JobState if state.terminal)  # as a record stores them
+
+
 Handoff = Literal["none", "image", "latent"]
 
 

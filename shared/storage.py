@@ -58,6 +58,11 @@ def job_prefix(job_id: str) -> str:
 INPUT_SLACK_S = 3600  # how much less than a job record's TTL a reused input may have left
 
 
+def _missing(e: ClientError) -> bool:
+    """S3's answer for an object (or bucket) that is not there."""
+    return e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket", "NotFound")
+
+
 class Storage:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -114,8 +119,7 @@ class Storage:
         try:
             obj = self.client.get_object(Bucket=ref.bucket, Key=ref.key)
         except ClientError as e:
-            code = e.response.get("Error", {}).get("Code")
-            if code in ("NoSuchKey", "404", "NoSuchBucket", "NotFound"):
+            if _missing(e):
                 raise NotFound(f"{ref} does not exist") from None
             raise
         size = obj.get("ContentLength") or 0
@@ -138,12 +142,16 @@ class Storage:
         thousand jobs over one image rewrite it once an hour, not a thousand times) is
         rewritten by a copy onto itself on the server: the bytes are not sent again."""
         key = f"inputs/{hashlib.sha256(data).hexdigest()}.{ext}"
-        age, keep_s = self.age_s(key), self.settings.retention_days * 86400
-        there = age is not None and (not keep_s or age <= max(0, keep_s - self.settings.job_ttl_s) + INPUT_SLACK_S
-                                     or self._rewrite(key))
-        if not there:
+        age = self.age_s(key)
+        if age is None or (age > self._input_fresh_s() and not self._rewrite(key)):
             self.put(key, data)
         return self.uri(key)
+
+    def _input_fresh_s(self) -> float:
+        """How old a reused input may be and still outlive a new job's record (less the slack);
+        with no retention, any age."""
+        keep_s = self.settings.retention_days * 86400
+        return max(0, keep_s - self.settings.job_ttl_s) + INPUT_SLACK_S if keep_s else float("inf")
 
     def _rewrite(self, key: str) -> bool:
         """Copy the object onto itself (a new last-write time); False when there is none."""
@@ -152,7 +160,7 @@ class Storage:
                                     MetadataDirective="REPLACE",
                                     ContentType=_MIME.get(key.rsplit(".", 1)[-1], "application/octet-stream"))
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket", "NotFound"):
+            if _missing(e):
                 return False
             raise
         return True

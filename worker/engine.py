@@ -34,7 +34,7 @@ from easel.shared import tracing
 from easel.shared.celery_app import send_segment
 from easel.shared.jobstore import Claim
 from easel.shared.images import encode_image
-from easel.shared.schema import JobSpec, JobState, Plan, Segment, StageRecord
+from easel.shared.schema import TERMINAL_STATES, JobSpec, JobState, Plan, Segment, StageRecord
 from easel.shared.storage import job_prefix
 from easel.worker.batching import by_input_size, group_jobs, padded_images
 from easel.worker.context import WorkerContext
@@ -352,7 +352,7 @@ def _refused(ctx: WorkerContext, jobs: list[Job], outcomes: Outcomes) -> None:
         log.warning("could not read the states of jobs whose final state was refused", exc_info=True)
         states = ["unread"] * len(jobs)
     for job, state in zip(jobs, states):
-        if state in ("succeeded", "failed", "cancelled"):
+        if state in TERMINAL_STATES:
             outcome, why = f"already {state}", f"ended {state}"
         elif state is None:
             outcome, why = "unknown", "lost its record (expired)"

@@ -8,7 +8,7 @@ from PIL import Image
 
 from easel.shared.images import decode_image, encode_image, fetch_url, parse_data_uri
 from easel.shared.latents import dump_latents, load_latents
-from easel.shared.schema import JobSpec, Plan
+from easel.shared.schema import TERMINAL_STATES, JobSpec, Plan
 from easel.shared.storage import job_prefix
 from easel.worker.context import WorkerContext
 from easel.worker.runner import Carrier
@@ -71,7 +71,7 @@ def drop_handoffs(ctx: WorkerContext, job_id: str) -> None:
     the job over) leaves them to the one that runs it. Best effort; the bucket's retention
     removes what a failure here leaves."""
     try:
-        if ctx.store.states_of([job_id])[0] not in ("succeeded", "failed", "cancelled"):
+        if ctx.store.states_of([job_id])[0] not in TERMINAL_STATES:
             return
         ctx.storage.delete_prefix(f"{job_prefix(job_id)}handoff/")
     except Exception as e:
