@@ -255,6 +255,37 @@ def test_an_object_store_answering_with_errors_gives_a_problem_not_a_bare_500(ea
         s3.shutdown()
 
 
+def test_a_broker_that_cannot_take_the_message_gives_503_and_frees_the_slot(easel_env, tmp_path):
+    """The broker away when a job's message is sent (the job store still up): 503 with
+    Retry-After naming the broker, the key's in-flight slot given back, and a retry with the
+    same Idempotency-Key queues the job anew. In-process: the broker is the job store's Redis
+    for a server, so only the app's own Celery app can point at a dead port."""
+    from fastapi.testclient import TestClient
+
+    from easel.producer.api.app import create_app
+    from easel.shared.celery_app import make_celery
+    from easel.shared.settings import Settings
+
+    settings = Settings(api_keys=json.loads(keys_env()))
+    app = create_app(settings, webhooks=False)
+    api = app.state.api
+    broker = api.client.celery
+    api.client.celery = make_celery(settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
+    api.client.celery.conf.task_publish_retry = False  # the default rides out a minute first
+    retried = {"Authorization": "Bearer tok-capped", "Idempotency-Key": f"broker-{uuid.uuid4().hex}"}
+    with TestClient(app) as c:
+        image = c.post("/v1/uploads", headers=retried, files={"file": ("in.png", png_bytes((64, 64)), "image/png")})
+        body = job_body(image.json()["image"])
+        r = c.post("/v1/jobs", json=body, headers=retried)
+        assert r.status_code == 503 and r.json()["detail"].startswith("message broker unavailable"), r.text
+        assert int(r.headers["retry-after"]) >= 1
+        assert api.inflight.count("capped") == 0
+        api.client.celery = broker
+        again = c.post("/v1/jobs", json=body, headers=retried)
+        assert again.status_code == 201, again.text
+        assert c.delete(f"/v1/jobs/{again.json()['id']}", headers=retried).status_code == 200
+
+
 def test_missing_or_bad_key_is_401(api):
     r = httpx.post(f"{api.url}/v1/jobs", json=job_body("s3://easel/inputs/x.png"))
     assert r.status_code == 401 and "missing API key" in r.json()["detail"]
