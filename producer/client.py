@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 from pydantic import BaseModel, Field, ValidationError
 
 from easel.shared import tracing
-from easel.shared.celery_app import RUN_SEGMENT, make_celery, send_segment
+from easel.shared.celery_app import RUN_SEGMENT, family_queues, make_celery, send_segment
 from easel.shared.images import InputError, check_public_url, decode_image, image_ext, parse_data_uri
 from easel.shared.jobstore import JobStore, new_job_id
 from easel.shared.scheduler import Scheduler
@@ -71,15 +71,26 @@ def _format_validation(e: ValidationError) -> str:
 
 
 class EaselClient:
-    def __init__(self, settings: Settings | None = None, registry: Registry | None = None):
+    def __init__(self, settings: Settings | None = None, registry: Registry | None = None,
+                 store: JobStore | None = None):
         self.settings = settings or get_settings()
         self.registry = registry or load_registry(self.settings.models)
-        self.store = JobStore.from_settings(self.settings)
+        self.store = store or JobStore.from_settings(self.settings)
+        # A capped tenant's job that ends here (a cancel) frees its slot: dispatch its next.
+        self.store.on_slot_freed = self._slot_freed
         self.scheduler = Scheduler(self.store)
         self.storage = Storage(self.settings)
         self.celery = make_celery(self.settings)
         tracing.setup(self.settings, "easel-producer")
         self._follow = threading.local()  # each thread's pub/sub connection for ``watch``
+
+    def _slot_freed(self) -> None:
+        """Dispatch every family's queue: the tenant's next job may wait in any of them.
+        Best effort: a worker's next claim or heartbeat dispatches what this could not."""
+        try:
+            self.scheduler.feed(family_queues(self.registry.families(), self.settings.queue_prefix), self._send)
+        except Exception as e:
+            log.warning("could not dispatch pending jobs after a capped job ended (%s)", e)
 
     # -- submission ---------------------------------------------------------------------
     def validate(self, job: JobSpec | dict) -> JobSpec:

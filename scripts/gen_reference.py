@@ -481,7 +481,8 @@ def client_page() -> dict[str, str]:
           "install (`pip install easel`): no torch.\n\n",
           f"## `{sig(cls.__init__, 'EaselClient')}`\n\n",
           "Settings default to the `EASEL_*` environment ([settings](settings.md)); the registry to "
-          "`EASEL_MODELS` (the bundled tiny one when unset), against which model names are checked.\n\n"]
+          "`EASEL_MODELS` (the bundled tiny one when unset), against which model names are checked; the "
+          "job store to one on `EASEL_REDIS_URL` (pass a `JobStore` to reuse a Redis client of your own).\n\n"]
     for name, fn in vars(cls).items():
         if name.startswith("_") or not inspect.isfunction(fn):
             continue

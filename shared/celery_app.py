@@ -20,6 +20,7 @@ import binascii
 import json
 import logging
 import ssl
+from collections.abc import Iterable
 from queue import Empty
 
 from celery import Celery
@@ -149,6 +150,11 @@ def _delivery_of(raw: bytes | str) -> tuple[str, int] | None:
 
 def queue_name(family: str, prefix: str = "easel") -> str:
     return f"{prefix}.{family}"
+
+
+def family_queues(families: Iterable[str], prefix: str = "easel") -> dict[str, str]:
+    """Queue name -> family, for ``families``."""
+    return {queue_name(family, prefix): family for family in families}
 
 
 def broker_ssl_options(s: Settings) -> dict | None:

@@ -193,7 +193,8 @@ def test_a_backlog_that_starts_is_announced_and_feeders_dispatch_until_none_wait
     from easel.worker.stops import StopListener
 
     store = fair_client.store
-    feeder = Feeder(SimpleNamespace(store=store, settings=fair_client.settings), fair_client.celery, "fairn", {})
+    feeder = Feeder(SimpleNamespace(store=store, settings=fair_client.settings, registry=fair_client.registry),
+                    fair_client.celery, "fairn", {})
     listener = StopListener(store.r, store.stops_channel()).on(backlog_channel(store.prefix), feeder.heard_backlog)
     listener.start()
 
@@ -336,6 +337,59 @@ def test_the_end_of_a_capped_tenants_job_frees_its_slot_and_says_so(fair_client,
             fair_client.cancel(job_id)
         store.r.delete(cap_key(store.prefix, "capped"), family_capacity_key(store.prefix, "fairr"), flight,
                        *store.r.scan_iter(match=f"{store.prefix}:*{queue}*"))
+
+
+def test_a_freed_slot_dispatches_the_tenants_next_job_from_any_queue(fair_client, ref):
+    """A capped tenant's next job may wait in another family's queue than the job that
+    ended: a chain ends on its last family's worker, a cancel comes through a client. Either
+    dispatches every queue at once, instead of leaving the job to that queue's next claim
+    or heartbeat."""
+    from types import SimpleNamespace
+
+    from celery.signals import task_postrun, task_prerun
+
+    from easel.shared.jobstore import JobStore
+    from easel.shared.keys import cap_key, family_capacity_key
+    from easel.shared.metrics import priority_lists
+    from easel.shared.schema import JobState
+    from easel.worker.feeding import Feeder
+
+    store, sched = fair_client.store, fair_client.scheduler
+    worker_store = JobStore(store.r, store.prefix)  # the fairp worker's, where the chain ended
+    feeder = Feeder(SimpleNamespace(store=worker_store, settings=fair_client.settings, registry=fair_client.registry),
+                    fair_client.celery, "fairp", {})
+    worker_store.on_slot_freed = feeder.after_slot_freed
+    flight, made = f"{store.prefix}:flight:hopper", []
+
+    def pending(family: str) -> str:
+        fair_client.pause(family)
+        made.append(fair_client.submit(jobs(ref, family, "hopper", 1)[0]))
+        sched.resume(f"easel.{family}")  # no dispatch: the test decides when one runs
+        return made[-1]
+
+    for family in ("fairr", "fairn"):
+        store.r.set(family_capacity_key(store.prefix, family), 5)
+    store.r.set(cap_key(store.prefix, "hopper"), 1)
+    try:
+        first, second = pending("fairr"), pending("fairn")
+        assert [job_id for job_id, _, _ in sched.dispatch({"easel.fairr": "fairr"}).moved] == [first]
+        assert sched.dispatch({"easel.fairn": "fairn"}).moved == []  # held at its cap
+        assert worker_store.transition(first, JobState.succeeded)  # on the fairp worker
+        assert store.r.zrange(flight, 0, -1) == [second]
+        assert store.r.zscore(f"{store.prefix}:queued:easel.fairn", second) is not None  # and sent
+        third = pending("fairr")
+        assert fair_client.cancel(second) == JobState.cancelled  # through a client
+        assert store.r.zrange(flight, 0, -1) == [third]
+    finally:
+        task_prerun.disconnect(feeder._prerun)
+        task_postrun.disconnect(feeder._postrun)
+        for job_id in made:
+            fair_client.cancel(job_id)
+        store.r.delete(cap_key(store.prefix, "hopper"), flight,
+                       *(name for family in ("fairr", "fairn") for name in (
+                           family_capacity_key(store.prefix, family),
+                           *(lst for _, lst in priority_lists(f"easel.{family}")),
+                           *store.r.scan_iter(match=f"{store.prefix}:*easel.{family}*"))))
 
 
 def submit_paused(client, ref: str, tenant: str, n: int) -> list[str]:

@@ -3,7 +3,9 @@ and drains when an operator asks.
 
 Dispatch runs where a slot may have opened, while tenants wait: after a claim took jobs out
 of the queue; after this worker wrote the final state of a job dispatched under its
-tenant's cap (its slot frees then: ``JobStore.on_slot_freed``); and on every heartbeat,
+tenant's cap (its slot frees then: ``JobStore.on_slot_freed``), in every family's queue,
+since a chain ends on its last family's worker and the tenant's next job may wait in any
+queue; and on every heartbeat,
 which also catches what no claim follows (a worker that joins an idle farm with jobs
 pending) and a notice that did not arrive. Whether tenants wait is known without
 asking: each dispatch says whether some still do, and the first job to wait while none did
@@ -22,7 +24,7 @@ import time
 
 from celery.signals import task_postrun, task_prerun
 
-from easel.shared.celery_app import queue_name, send_segment
+from easel.shared.celery_app import family_queues, queue_name, send_segment
 from easel.shared.scheduler import Scheduler
 
 log = logging.getLogger("easel.worker.feeding")
@@ -39,6 +41,7 @@ class Feeder:
     def __init__(self, ctx, app, family: str, presence: dict):
         self.scheduler = Scheduler(ctx.store)
         self.family, self.queue = family, queue_name(family, ctx.settings.queue_prefix)
+        self.every_queue = family_queues(ctx.registry.families(), ctx.settings.queue_prefix)
         self.app, self.presence = app, presence  # the heartbeat's record: ``job_s`` goes there
         self._started: dict[str, float] = {}
         # Whether tenants may wait for room: until a dispatch says none do, and again from a
@@ -54,13 +57,15 @@ class Feeder:
         task_prerun.connect(self._prerun, weak=False)
         task_postrun.connect(self._postrun, weak=False)
 
-    def feed(self) -> int:
-        """Dispatch; returns how many jobs it sent."""
+    def feed(self, queues: dict[str, str] | None = None) -> int:
+        """Dispatch this worker's queue, or ``queues`` (queue -> family); returns how many jobs
+        it sent."""
         notices = self._notices
         try:
-            done = self.scheduler.feed({self.queue: self.family}, lambda *a, **kw: send_segment(self.app, *a, **kw))
+            done = self.scheduler.feed(queues or {self.queue: self.family},
+                                       lambda *a, **kw: send_segment(self.app, *a, **kw))
         except Exception as e:  # broker or Redis trouble: the next task end or heartbeat tries again
-            log.warning("could not dispatch pending jobs of %s: %s", self.queue, e)
+            log.warning("could not dispatch pending jobs of %s: %s", ", ".join(queues or [self.queue]), e)
             return 0
         with self._lock:
             if self.queue not in done.waiting and self._notices == notices:
@@ -81,9 +86,10 @@ class Feeder:
             self.feed()
 
     def after_slot_freed(self) -> None:
-        """A job dispatched under its tenant's cap ended: the tenant may send another."""
-        if self._backlog:
-            self.feed()
+        """A job dispatched under its tenant's cap ended: the tenant may send another, from
+        whichever queue it waits in (whether other queues have a backlog is not known here;
+        a queue where no tenant waits answers its dispatch at once)."""
+        self.feed(self.every_queue)
 
     def _prerun(self, task_id: str | None = None, **_kw) -> None:
         self._started[task_id] = time.perf_counter()

@@ -38,13 +38,12 @@ class ApiState:
 
     def __init__(self, settings: Settings):
         self.s = settings
-        self.client = EaselClient(settings)
         # Fail fast while Redis is away (503 + Retry-After) instead of holding request threads
         # in redis-py's multi-second reconnect backoff; workers keep the patient default.
         fast = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=3,
                                     socket_timeout=15, socket_keepalive=True, health_check_interval=30,
                                     retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
-        self.client.store = JobStore(fast, settings.queue_prefix, settings.job_ttl_s)
+        self.client = EaselClient(settings, store=JobStore(fast, settings.queue_prefix, settings.job_ttl_s))
         self.store = self.client.store
         self.r = self.store.r
         self.aredis: aioredis.Redis | None = None  # opened in the app's event loop (start)
