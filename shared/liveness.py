@@ -49,13 +49,18 @@ class _Loop:
     def __init__(self, every_s: float):
         self.every_s = every_s
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self):
-        threading.Thread(target=self._run, name=self.name, daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
+        """No more ticks; with ``wait_s``, wait that long at most for one in progress to end."""
         self._stop.set()
+        if wait_s and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(wait_s)
 
     def _run(self) -> None:
         while True:
@@ -89,8 +94,10 @@ class Heartbeat(_Loop):
             self.after_beat()
 
     def retire(self) -> None:
-        """A clean exit: stop beating, and let reapers take anything still held at once."""
-        self.stop()
+        """A clean exit: stop beating, and let reapers take anything still held at once. A beat
+        in progress ends first: landing after the retirement, it would bring the instance
+        back to life (and into its family's capacity) for a whole TTL."""
+        self.stop(wait_s=5)
         try:
             self.store.retire(self.instance, self.hostname, self.presence.get("family"))
         except redis.RedisError:

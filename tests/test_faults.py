@@ -8,9 +8,11 @@ its expired heartbeat, whose interval, TTL and reap period alone are shortened h
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import pytest
+import redis
 
 from easel.producer.embedded import EmbeddedServices, free_port
 from tests.conftest import WorkerProc, png_bytes
@@ -604,6 +606,42 @@ def test_a_reaped_instance_that_comes_back_keeps_what_it_claims_since(fclient, b
     finally:
         for job_id in ids:
             store.transition(job_id, JobState.cancelled, error="test over")
+
+
+def test_a_retiring_worker_waits_for_its_beat_in_flight(fault_env, fclient):
+    """A clean exit while a heartbeat is on its way to Redis: the retirement goes after it,
+    so the beat cannot land last and bring the instance back to life (and into its family's
+    capacity) for a whole TTL. The beat is held in the network until the retirement began."""
+    import re
+
+    from easel.shared.jobstore import JobStore
+    from easel.shared.keys import family_capacity_key
+    from easel.shared.liveness import Heartbeat
+
+    svc, _ = fault_env
+    proxy = TcpProxy(svc.redis.port, count=re.compile(rb"EVALSHA|\$4\r\nTIME\r\n|MULTI")).start()
+    store = JobStore(redis.Redis(port=proxy.port, decode_responses=True), prefix="retiring")
+    beat = Heartbeat(store, "r1", "host-r1", {"family": "retiring", "batch_size": 2}, every_s=3600, ttl_s=15)
+    try:
+        pool = store.r.connection_pool  # two connections open, so requests are counted as they are sent
+        for conn in [pool.get_connection() for _ in range(2)]:
+            pool.release(conn)
+        proxy.hold()
+        beat.start()
+        wait_for(lambda: proxy.requests == 1, 10, "the beat sent")  # and held
+        retiring = threading.Thread(target=beat.retire)
+        retiring.start()
+        time.sleep(0.5)
+        assert proxy.requests == 1  # the retirement waits for the beat, sending nothing yet
+        proxy.release()
+        retiring.join(10)
+        assert not retiring.is_alive() and proxy.requests >= 2
+        assert fclient.store.r.zscore(store.instances_key(), "r1") == 0  # gone, not alive for another TTL
+        assert not fclient.store.r.exists(family_capacity_key("retiring", "retiring"))
+    finally:
+        proxy.release()
+        proxy.stop()
+        fclient.store.r.delete(*fclient.store.r.scan_iter(match="retiring:*"))
 
 
 def test_a_finish_refused_after_a_take_over_is_not_counted_as_a_success(fault_env, fclient, big_input):
