@@ -7,6 +7,7 @@ the schema, the chain plan (models, tasks, hand-offs), and local or inline image
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -84,11 +85,14 @@ class EaselClient:
         tracing.setup(self.settings, "easel-producer")
         self._follow = threading.local()  # each thread's pub/sub connection for ``watch``
 
-    def _slot_freed(self) -> None:
-        """Dispatch every family's queue: the tenant's next job may wait in any of them.
-        Best effort: a worker's next claim or heartbeat dispatches what this could not."""
+    def _slot_freed(self, tenants: set[str]) -> None:
+        """Dispatch the queues where ``tenants`` (whose cap slots a cancel freed) wait. Best
+        effort, and without riding out a broker outage (a cancel must not hang on one): a job
+        moved and not sent is sent again by the lost-message sweep, and a worker's next claim
+        or heartbeat dispatches what this could not."""
         try:
-            self.scheduler.feed(family_queues(self.registry.families(), self.settings.queue_prefix), self._send)
+            self.scheduler.feed(family_queues(self.registry.families(), self.settings.queue_prefix),
+                                functools.partial(send_segment, self.celery, retry=False), tenants)
         except Exception as e:
             log.warning("could not dispatch pending jobs after a capped job ended (%s)", e)
 

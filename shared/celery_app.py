@@ -113,15 +113,17 @@ for _scheme in ("redis", "rediss"):
 
 
 def send_segment(app: Celery, job_id: str, segment: int, queue: str, priority: int,
-                 countdown: float | None = None, *, on_behalf: bool = False, kept_trace: dict | None = None) -> None:
+                 countdown: float | None = None, *, on_behalf: bool = False, kept_trace: dict | None = None,
+                 retry: bool | None = None) -> None:
     """Queue one delivery of a job's segment: the only message easel sends. With tracing on,
     its headers carry the job's trace context (``shared.tracing``): this process's, or, for a
     job sent on its submitter's behalf (``on_behalf``: fair-share dispatch, a reaper's
     re-send), ``kept_trace``, the context its submitter kept in its record (None: the
-    delivery starts a trace of its own, never the sender's)."""
+    delivery starts a trace of its own, never the sender's). ``retry``: whether a publish
+    rides out a broker outage (None: the app's ``task_publish_retry``)."""
     headers = tracing.headers_from(kept_trace) if on_behalf else tracing.headers(job_id)
     app.send_task(RUN_SEGMENT, args=[job_id, segment], queue=queue, priority=priority, countdown=countdown,
-                  headers=headers)
+                  headers=headers, retry=retry)
 
 
 def queued_deliveries(r, lists: list[str]) -> set[tuple[str, int]]:

@@ -51,7 +51,7 @@ from redis.retry import Retry
 
 from easel.shared import tracing
 from easel.shared.keys import (backlog_key, family_batch_class_prefix, family_batch_sizes_key, family_capacity_key,
-                               family_instances_key, job_seconds_prefix, pending_key)
+                               family_instances_key, flight_key, job_seconds_prefix, pending_key)
 from easel.shared.schema import Attempt, JobSpec, JobState, JobStatus, Plan, Progress
 
 _TERMINAL = "cur == 'succeeded' or cur == 'failed' or cur == 'cancelled'"
@@ -73,7 +73,7 @@ end
 # field/value pairs. A job that ends is counted by its final state, so metrics read the
 # counts instead of walking every job, and a job dispatched under its tenant's cap (its
 # ``capped`` field names the tenant's in-flight set) leaves that set: the reply is then
-# SLOT_FREED instead of 1, so the worker dispatches the tenant's next job at once.
+# that set's key instead of 1, so the tenant's next job is dispatched at once.
 # Ending a delivery drops it from the instance's running set and, while the instance still
 # holds the job, resets the segment's crash counter and clears the holder (a final state
 # keeps it: it names the last holder, and no claim or reaper reads it past a final state);
@@ -113,13 +113,12 @@ if new == 'succeeded' or new == 'failed' or new == 'cancelled' then
   redis.call('HINCRBY', KEYS[3], new, 1)
   if h[4] then
     redis.call('ZREM', h[4], ARGV[3])
-    reply = 2
+    reply = h[4]
   end
 end
 redis.call('PUBLISH', KEYS[2], ARGV[1])
 return reply
 """
-SLOT_FREED = 2  # _TRANSITION's reply when a capped tenant's job ended
 
 # Everything a delivery checks and records before it runs, in one round trip. Drops the
 # job from its current queue-position set; a stale copy (of a segment the job has moved
@@ -418,9 +417,9 @@ class JobStore:
         self.r = client
         self.prefix = prefix
         self.ttl_s = ttl_s
-        # Called after a transition ended a job dispatched under its tenant's cap (a worker
-        # dispatches that tenant's next job); None: nobody here dispatches.
-        self.on_slot_freed: Callable[[], None] | None = None
+        # Called with the tenants whose jobs dispatched under their caps a transition ended
+        # (their next jobs may go now); None: nobody here dispatches.
+        self.on_slot_freed: Callable[[set[str]], None] | None = None
         self._transition = self.r.register_script(_TRANSITION)
         self._claim = self.r.register_script(_CLAIM)
         self._requeue = self.r.register_script(_REQUEUE)
@@ -564,10 +563,13 @@ class JobStore:
         return self._ended(self._run_script(self._transition, calls, raise_on_error=True))
 
     def _ended(self, replies: list) -> list[bool]:
-        """Transition replies as done/refused; tells ``on_slot_freed`` when one freed a slot."""
-        if self.on_slot_freed is not None and SLOT_FREED in replies:
-            self.on_slot_freed()
-        return [res in (1, SLOT_FREED) for res in replies]
+        """Transition replies as done/refused; tells ``on_slot_freed`` the tenants whose slots
+        the changes freed (a reply naming the tenant's in-flight set)."""
+        flights = flight_key(self.prefix, "")
+        freed = {_text(res).removeprefix(flights) for res in replies if isinstance(res, (bytes, str))}
+        if freed and self.on_slot_freed is not None:
+            self.on_slot_freed(freed)
+        return [res == 1 or isinstance(res, (bytes, str)) for res in replies]
 
     def _run_script(self, script, calls: list[tuple[list, list]], raise_on_error: bool) -> list:
         replies = run_scripts(self.r, [(script, keys, args) for keys, args in calls])

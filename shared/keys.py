@@ -33,6 +33,12 @@ def cap_key(prefix: str, tenant: str) -> str:
     return f"{prefix}:cap:{tenant}"
 
 
+def flight_key(prefix: str, tenant: str) -> str:
+    """A capped tenant's dispatched jobs not yet ended (zset: id -> when dispatched or last
+    checked); a job's record names it in its ``capped`` field until its final state."""
+    return f"{prefix}:flight:{tenant}"
+
+
 def family_instances_key(prefix: str, family: str) -> str:
     return f"{prefix}:family:{family}:instances"
 

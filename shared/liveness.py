@@ -35,6 +35,7 @@ log = logging.getLogger("easel.liveness")
 # (``shared.celery_app.send_segment``): a re-sent delivery continues its job's trace.
 Send = Callable[..., None]
 LOST_SWEEP_MAX_MESSAGES = 10_000  # a queue longer than this is not read whole each pass
+RETIRE_WAIT_S = 5.0  # most a retiring worker waits for its beat in flight (longer: Redis is in trouble)
 
 
 def new_instance_id() -> str:
@@ -49,18 +50,13 @@ class _Loop:
     def __init__(self, every_s: float):
         self.every_s = every_s
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self):
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name=self.name, daemon=True).start()
         return self
 
-    def stop(self, wait_s: float = 0.0) -> None:
-        """No more ticks; with ``wait_s``, wait that long at most for one in progress to end."""
+    def stop(self) -> None:
         self._stop.set()
-        if wait_s and self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(wait_s)
 
     def _run(self) -> None:
         while True:
@@ -87,21 +83,32 @@ class Heartbeat(_Loop):
         self.presence = {**presence, "hostname": hostname, "instance": instance, "pid": os.getpid(),
                          "since": time.time()}
         self.after_beat = after_beat  # the worker settles deliveries it could not end before
+        # A beat and the retirement never cross: a beat landing after the retirement would
+        # bring the instance back to life (and into its family's capacity) for a whole TTL.
+        self._beating = threading.Lock()
+        self._retired = False
 
     def tick(self) -> None:
-        self.store.beat(self.instance, self.hostname, self.presence, self.ttl_s)
+        with self._beating:
+            if self._retired:
+                return
+            self.store.beat(self.instance, self.hostname, self.presence, self.ttl_s)
         if self.after_beat is not None:
             self.after_beat()
 
     def retire(self) -> None:
         """A clean exit: stop beating, and let reapers take anything still held at once. A beat
-        in progress ends first: landing after the retirement, it would bring the instance
-        back to life (and into its family's capacity) for a whole TTL."""
-        self.stop(wait_s=5)
+        on its way to Redis lands first (waited for up to ``RETIRE_WAIT_S``)."""
+        self.stop()
+        waited = self._beating.acquire(timeout=RETIRE_WAIT_S)
         try:
+            self._retired = True
             self.store.retire(self.instance, self.hostname, self.presence.get("family"))
         except redis.RedisError:
             log.warning("could not retire instance %s; its heartbeat expires in %ss", self.instance, self.ttl_s)
+        finally:
+            if waited:
+                self._beating.release()
 
 
 class Reaper(_Loop):

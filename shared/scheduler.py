@@ -23,11 +23,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from easel.shared.jobstore import _CLOCK, _CREATE, _SCORES, DEFAULT_TENANT, JobStore, _text, queue_score, run_scripts
 from easel.shared.keys import (backlog_channel, backlog_key, cap_key, family_capacity_key, family_instances_key,
-                               job_seconds_prefix, pending_key, tenants_waiting_key)
+                               flight_key, job_seconds_prefix, pending_key, tenants_waiting_key)
 from easel.shared.schema import JobSpec, Plan
 
 log = logging.getLogger("easel.scheduler")
@@ -118,7 +118,9 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # yet claimed), paused flag, the family's capacity, the backlog tally, the tenants-waiting
 # flag (deleted when this run empties the active set). ARGV: pending-set
 # prefix, margin, most jobs to move, in-flight-set prefix, job-record prefix, now (the
-# dispatched jobs' updated_at), cap-key prefix, FLIGHT_CHECK_AFTER_S. A job's waiting-set
+# dispatched jobs' updated_at), cap-key prefix, FLIGHT_CHECK_AFTER_S, then tenants of which
+# one at least must have jobs pending here (none named: no such condition; a freed cap slot
+# changes nothing for a queue where its tenant has none). A job's waiting-set
 # score is its priority and the time it is sent (the broker serves each priority in the order it was sent, which
 # queue positions follow). A capped tenant (an API key
 # whose over_cap is "hold") is passed over while its dispatched jobs that have not ended
@@ -127,6 +129,11 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 _DISPATCH = _ROOM + _SCORES + """
 local waiting = redis.call('ZCARD', KEYS[1])
 if waiting == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {{}, waiting} end
+if #ARGV > 8 then
+  local named = false
+  for i = 9, #ARGV do named = named or redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 1 end
+  if not named then return {{}, waiting} end
+end
 local space = math.min(room(KEYS[4], KEYS[6], ARGV[2]), tonumber(ARGV[3]))
 local caps = {}  -- each tenant's cap (false: none), read once per run
 local flying = {}  -- capped tenants' jobs in flight, counted once per run
@@ -302,10 +309,13 @@ class Scheduler:
                 family_capacity_key(self.prefix, family), cap_key(self.prefix, tenant), backlog_channel(self.prefix),
                 tenants_waiting_key(self.prefix, queue), f"{self.prefix}:weights"]
 
-    def dispatch(self, queues: dict[str, str]) -> Dispatched:
+    def dispatch(self, queues: dict[str, str], tenants: Iterable[str] = ()) -> Dispatched:
         """Move what fits from the pending sets of ``queues`` (queue -> family) into them, one
-        round trip."""
-        replies = run_scripts(self.r, [self._dispatch_call(queue, family) for queue, family in queues.items()])
+        round trip. ``tenants``: only in queues where one of them has jobs pending (the
+        tenants whose cap slots freed)."""
+        tenants = list(tenants)
+        replies = run_scripts(self.r, [self._dispatch_call(queue, family, tenants)
+                                       for queue, family in queues.items()])
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
@@ -313,20 +323,20 @@ class Scheduler:
                            for job_id, priority in _pairs(flat)],
                           {queue for queue, (_, waiting) in zip(queues, replies) if int(waiting)})
 
-    def _dispatch_call(self, queue: str, family: str, limit: int = 1000) -> tuple:
+    def _dispatch_call(self, queue: str, family: str, tenants: list[str], limit: int = 1000) -> tuple:
         return (self._dispatch,
                 [self._key("active", queue), self._key("passes", queue), f"{self.prefix}:weights",
                  self._key("queued", queue), self._key("paused", queue), family_capacity_key(self.prefix, family),
                  backlog_key(self.prefix, queue), tenants_waiting_key(self.prefix, queue)],
-                [f"{self.prefix}:pending:{queue}:", self.margin, limit, f"{self.prefix}:flight:",
-                 f"{self.prefix}:job:", time.time(), cap_key(self.prefix, ""), FLIGHT_CHECK_AFTER_S])
+                [f"{self.prefix}:pending:{queue}:", self.margin, limit, flight_key(self.prefix, ""),
+                 f"{self.prefix}:job:", time.time(), cap_key(self.prefix, ""), FLIGHT_CHECK_AFTER_S, *tenants])
 
-    def feed(self, queues: dict[str, str], send: Callable[..., None]) -> Dispatched:
-        """``dispatch`` ``queues`` (queue -> family), and send each moved job's first message
-        with the trace its submitter kept (``send(job_id, 0, queue, priority, on_behalf=True,
-        kept_trace=...)``). A send that fails leaves its job waiting with no message: the
-        lost-message sweep sends it again."""
-        done = self.dispatch(queues)
+    def feed(self, queues: dict[str, str], send: Callable[..., None], tenants: Iterable[str] = ()) -> Dispatched:
+        """``dispatch`` ``queues`` (queue -> family; ``tenants`` as there), and send each moved
+        job's first message with the trace its submitter kept (``send(job_id, 0, queue,
+        priority, on_behalf=True, kept_trace=...)``). A send that fails leaves its job waiting
+        with no message: the lost-message sweep sends it again."""
+        done = self.dispatch(queues, tenants)
         kept = self.store.kept_traces([job_id for job_id, _, _ in done.moved])
         for job_id, queue, priority in done.moved:
             send(job_id, 0, queue, priority, on_behalf=True, kept_trace=kept.get(job_id))

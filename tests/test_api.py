@@ -266,7 +266,9 @@ def test_a_broker_that_cannot_take_the_message_gives_503_and_frees_the_slot(ease
     from easel.shared.celery_app import make_celery
     from easel.shared.settings import Settings
 
-    settings = Settings(api_keys=json.loads(keys_env()))
+    # A queue prefix of its own: no worker, no waiting tenant, room for one job (the margin),
+    # so the job is admitted and its message sent at once.
+    settings = Settings(api_keys=json.loads(keys_env()), queue_prefix=f"brokerless{uuid.uuid4().hex[:8]}")
     app = create_app(settings, webhooks=False)
     api = app.state.api
     broker = api.client.celery
@@ -284,6 +286,7 @@ def test_a_broker_that_cannot_take_the_message_gives_503_and_frees_the_slot(ease
         again = c.post("/v1/jobs", json=body, headers=retried)
         assert again.status_code == 201, again.text
         assert c.delete(f"/v1/jobs/{again.json()['id']}", headers=retried).status_code == 200
+    api.r.delete(*api.r.scan_iter(match=f"{settings.queue_prefix}*"))
 
 
 def test_missing_or_bad_key_is_401(api):

@@ -69,6 +69,13 @@ def job_seconds(client, family: str) -> float:
     return job_s
 
 
+def broker_lists(family: str) -> list[str]:
+    """The Redis lists holding the family queue's messages (a test's cancels dispatch and send)."""
+    from easel.shared.metrics import priority_lists
+
+    return [name for _, name in priority_lists(f"easel.{family}")]
+
+
 def wait_all(client, ids: list[str], timeout: float = 600) -> None:
     states = {st.id: st.state.value for st in client.watch(ids, timeout) if st.state.terminal}
     assert set(states.values()) == {"succeeded"}, states
@@ -312,7 +319,7 @@ def test_the_end_of_a_capped_tenants_job_frees_its_slot_and_says_so(fair_client,
     client_store, sched, queue = fair_client.store, fair_client.scheduler, "easel.fairr"
     store = JobStore(client_store.r, client_store.prefix)  # a worker's: its own listener
     freed = []
-    store.on_slot_freed = lambda: freed.append(True)
+    store.on_slot_freed = freed.append
     flight = f"{store.prefix}:flight:capped"
     store.r.set(family_capacity_key(store.prefix, "fairr"), 5)
     store.r.set(cap_key(store.prefix, "capped"), 1)
@@ -328,7 +335,7 @@ def test_the_end_of_a_capped_tenants_job_frees_its_slot_and_says_so(fair_client,
         assert sched.dispatch({queue: "fairr"}).moved == []
 
         assert store.transition(free, JobState.succeeded) and freed == []
-        assert store.transition(first, JobState.failed, error="boom") and freed == [True]
+        assert store.transition(first, JobState.failed, error="boom") and freed == [{"capped"}]
         assert store.r.zrange(flight, 0, -1) == []
         assert [job_id for job_id, _, _ in sched.dispatch({queue: "fairr"}).moved] == [second]
     finally:
@@ -336,30 +343,31 @@ def test_the_end_of_a_capped_tenants_job_frees_its_slot_and_says_so(fair_client,
         for job_id in filter(None, (first, second, free)):
             fair_client.cancel(job_id)
         store.r.delete(cap_key(store.prefix, "capped"), family_capacity_key(store.prefix, "fairr"), flight,
-                       *store.r.scan_iter(match=f"{store.prefix}:*{queue}*"))
+                       *store.r.scan_iter(match=f"{store.prefix}:*{queue}*"), *broker_lists("fairr"))
 
 
 def test_a_freed_slot_dispatches_the_tenants_next_job_from_any_queue(fair_client, ref):
     """A capped tenant's next job may wait in another family's queue than the job that
     ended: a chain ends on its last family's worker, a cancel comes through a client. Either
-    dispatches every queue at once, instead of leaving the job to that queue's next claim
-    or heartbeat."""
+    dispatches and sends it at once, instead of leaving it to that queue's next claim or
+    heartbeat; a cancel whose follow-up send fails (the broker away) still cancels."""
     from types import SimpleNamespace
 
     from celery.signals import task_postrun, task_prerun
 
+    from easel.producer.embedded import free_port
+    from easel.shared.celery_app import make_celery, queued_deliveries
     from easel.shared.jobstore import JobStore
-    from easel.shared.keys import cap_key, family_capacity_key
-    from easel.shared.metrics import priority_lists
+    from easel.shared.keys import cap_key, family_capacity_key, flight_key
     from easel.shared.schema import JobState
     from easel.worker.feeding import Feeder
 
-    store, sched = fair_client.store, fair_client.scheduler
+    store, sched, broker = fair_client.store, fair_client.scheduler, fair_client.celery
     worker_store = JobStore(store.r, store.prefix)  # the fairp worker's, where the chain ended
     feeder = Feeder(SimpleNamespace(store=worker_store, settings=fair_client.settings, registry=fair_client.registry),
-                    fair_client.celery, "fairp", {})
+                    broker, "fairp", {})
     worker_store.on_slot_freed = feeder.after_slot_freed
-    flight, made = f"{store.prefix}:flight:hopper", []
+    flight, made = flight_key(store.prefix, "hopper"), []
 
     def pending(family: str) -> str:
         fair_client.pause(family)
@@ -376,19 +384,25 @@ def test_a_freed_slot_dispatches_the_tenants_next_job_from_any_queue(fair_client
         assert sched.dispatch({"easel.fairn": "fairn"}).moved == []  # held at its cap
         assert worker_store.transition(first, JobState.succeeded)  # on the fairp worker
         assert store.r.zrange(flight, 0, -1) == [second]
-        assert store.r.zscore(f"{store.prefix}:queued:easel.fairn", second) is not None  # and sent
+        assert (second, 0) in queued_deliveries(store.r, broker_lists("fairn"))  # sent
         third = pending("fairr")
         assert fair_client.cancel(second) == JobState.cancelled  # through a client
         assert store.r.zrange(flight, 0, -1) == [third]
+        assert (third, 0) in queued_deliveries(store.r, broker_lists("fairr"))
+        fourth = pending("fairn")
+        fair_client.celery = make_celery(fair_client.settings.model_copy(
+            update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
+        assert fair_client.cancel(third) == JobState.cancelled  # the send fails; the cancel stands
+        assert store.r.zrange(flight, 0, -1) == [fourth]  # moved: the lost-message sweep sends it
     finally:
+        fair_client.celery = broker
         task_prerun.disconnect(feeder._prerun)
         task_postrun.disconnect(feeder._postrun)
         for job_id in made:
             fair_client.cancel(job_id)
         store.r.delete(cap_key(store.prefix, "hopper"), flight,
                        *(name for family in ("fairr", "fairn") for name in (
-                           family_capacity_key(store.prefix, family),
-                           *(lst for _, lst in priority_lists(f"easel.{family}")),
+                           family_capacity_key(store.prefix, family), *broker_lists(family),
                            *store.r.scan_iter(match=f"{store.prefix}:*easel.{family}*"))))
 
 
@@ -424,7 +438,7 @@ def ten_a_dispatch(fair_client):
         fair_client.cancel(job_id)
     store.r.hdel(f"{store.prefix}:weights", "heavy")
     store.r.delete(family_capacity_key(store.prefix, "fairr"), *store.r.scan_iter(match=f"{store.prefix}:*held*"),
-                   *store.r.scan_iter(match=f"{store.prefix}:*easel.fairr*"))
+                   *store.r.scan_iter(match=f"{store.prefix}:*easel.fairr*"), *broker_lists("fairr"))
 
 
 def test_a_tenant_held_at_its_cap_does_not_hand_a_newcomer_its_old_place(fair_client, ref, ten_a_dispatch):

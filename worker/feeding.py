@@ -3,9 +3,9 @@ and drains when an operator asks.
 
 Dispatch runs where a slot may have opened, while tenants wait: after a claim took jobs out
 of the queue; after this worker wrote the final state of a job dispatched under its
-tenant's cap (its slot frees then: ``JobStore.on_slot_freed``), in every family's queue,
-since a chain ends on its last family's worker and the tenant's next job may wait in any
-queue; and on every heartbeat,
+tenant's cap (its slot frees then: ``JobStore.on_slot_freed``), in every family's queue
+where that tenant waits, since a chain ends on its last family's worker; and on every
+heartbeat,
 which also catches what no claim follows (a worker that joins an idle farm with jobs
 pending) and a notice that did not arrive. Whether tenants wait is known without
 asking: each dispatch says whether some still do, and the first job to wait while none did
@@ -57,13 +57,13 @@ class Feeder:
         task_prerun.connect(self._prerun, weak=False)
         task_postrun.connect(self._postrun, weak=False)
 
-    def feed(self, queues: dict[str, str] | None = None) -> int:
-        """Dispatch this worker's queue, or ``queues`` (queue -> family); returns how many jobs
-        it sent."""
+    def feed(self, queues: dict[str, str] | None = None, tenants: set[str] = frozenset()) -> int:
+        """Dispatch this worker's queue, or ``queues`` (queue -> family; ``tenants`` as
+        ``Scheduler.dispatch`` takes them); returns how many jobs it sent."""
         notices = self._notices
         try:
             done = self.scheduler.feed(queues or {self.queue: self.family},
-                                       lambda *a, **kw: send_segment(self.app, *a, **kw))
+                                       lambda *a, **kw: send_segment(self.app, *a, **kw), tenants)
         except Exception as e:  # broker or Redis trouble: the next task end or heartbeat tries again
             log.warning("could not dispatch pending jobs of %s: %s", ", ".join(queues or [self.queue]), e)
             return 0
@@ -85,11 +85,10 @@ class Feeder:
         if self._backlog:
             self.feed()
 
-    def after_slot_freed(self) -> None:
-        """A job dispatched under its tenant's cap ended: the tenant may send another, from
-        whichever queue it waits in (whether other queues have a backlog is not known here;
-        a queue where no tenant waits answers its dispatch at once)."""
-        self.feed(self.every_queue)
+    def after_slot_freed(self, tenants: set[str]) -> None:
+        """Jobs dispatched under their tenants' caps ended: each tenant may send another, from
+        whichever queue it waits in (a queue where none of them waits answers at once)."""
+        self.feed(self.every_queue, tenants)
 
     def _prerun(self, task_id: str | None = None, **_kw) -> None:
         self._started[task_id] = time.perf_counter()
