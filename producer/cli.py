@@ -18,7 +18,9 @@ app = typer.Typer(help="easel: diffusers image-to-image jobs through Redis, GPU 
                   no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Model registry and tiny checkpoints.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-queues_app = typer.Typer(help="Family queues: depth, workers, pause and resume.")
+queues_app = typer.Typer(help="Family queues: with no command, each queue's messages in the broker, jobs pending "
+                                "their tenant's turn, live workers, their recent seconds per job and whether it is "
+                                "paused (tab-separated); or pause and resume one.")
 app.add_typer(queues_app, name="queues")
 console = Console()
 err = Console(stderr=True)
@@ -64,7 +66,7 @@ def dev(data: Path = typer.Option(Path(".easel/dev"), "--data", help="Folder the
 @app.command()
 def worker(family: str = typer.Option(..., help="Model family (queue) this pool serves."),
            gpus: Optional[str] = typer.Option(None, help="Comma-separated GPU ids; one process each. Default: all, or CPU."),
-           no_restart: bool = typer.Option(False, help="Do not restart a worker process that dies.")) -> None:
+           restart: bool = typer.Option(True, help="Restart a worker process that dies.")) -> None:
     """Start one Celery worker process per GPU for a family."""
     require("worker", "worker")
     from easel.shared.registry import load_registry
@@ -84,7 +86,7 @@ def worker(family: str = typer.Option(..., help="Model family (queue) this pool 
     from easel.shared.logs import configure_logging
 
     configure_logging(os.environ.get("EASEL_LOGLEVEL", "INFO"), get_settings().log_format)  # the launcher's own lines
-    raise typer.Exit(run_workers(family, ids, restart=not no_restart))
+    raise typer.Exit(run_workers(family, ids, restart=restart))
 
 
 def _load_job_file(path: Path) -> dict:
@@ -222,7 +224,7 @@ def _queue_control(family: str, action: str) -> None:
 
 
 @app.command()
-def drain(hostname: str = typer.Argument(..., help="The worker process's hostname (easel queues, metrics).")) -> None:
+def drain(hostname: str = typer.Argument(..., help="The worker process's hostname (easel workers lists them).")) -> None:
     """Ask a worker process to finish its running stage and exit, for maintenance; its launcher
     leaves it stopped. Start it again to resume."""
     _client().drain(hostname)

@@ -32,6 +32,13 @@ class EaselModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class WorkerRecord(BaseModel):
+    """What workers write and clients read back (manifests): a field a newer worker adds is
+    ignored by an older client instead of making the result unreadable mid-upgrade."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 def check_image_ref(ref: str) -> str:
     """Accept the reference forms a queued job may hold; refuse anything else by name."""
     if not isinstance(ref, str) or not ref:
@@ -184,7 +191,7 @@ class Progress(EaselModel):
     total_steps: int = 0
 
 
-class Attempt(EaselModel):
+class Attempt(WorkerRecord):
     """One delivery of a segment that started on a worker."""
 
     segment: int
@@ -218,8 +225,8 @@ class JobStatus(EaselModel):
         "its family's queue is paused"))
 
 
-class StageRecord(EaselModel):
-    model_config = ConfigDict(protected_namespaces=())  # model_source is a field, not pydantic's
+class StageRecord(WorkerRecord):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())  # model_source is a field, not pydantic's
 
     index: int
     task: Task
@@ -233,11 +240,12 @@ class StageRecord(EaselModel):
     seeds: list[int]
     output_size: tuple[int, int] | None
     timings_s: dict[str, float]
+    batch_size: int = Field(default=1, description="jobs that shared this stage's pipeline call (micro-batching)")
     intermediates: list[str] = Field(default_factory=list)
     worker: str
 
 
-class Manifest(EaselModel):
+class Manifest(WorkerRecord):
     """Written next to the images: enough to reproduce and to account for every second."""
 
     job_id: str

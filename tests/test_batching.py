@@ -26,8 +26,8 @@ def test_compatible_jobs_run_as_one_batch_and_match_unbatched_results(client, ea
     finally:
         batcher.stop()
     assert all(st.state.value == "succeeded" for st in done), [st.error for st in done]
-    sizes = [client.result(j).stages[0].timings_s["batch_size"] for j in ids]
-    assert sizes == [4.0, 4.0, 4.0, 4.0, 1.0]
+    sizes = [client.result(j).stages[0].batch_size for j in ids]
+    assert sizes == [4, 4, 4, 4, 1]
     for j in ids[:4]:
         m = client.result(j)
         assert len(m.outputs) == 1 and m.stages[0].output_size == (96, 64)
@@ -57,7 +57,7 @@ def test_a_bad_job_in_a_batch_fails_alone(client, easel_env, input_png, tmp_path
         w.stop()
     assert [st.state.value for st in done] == ["succeeded", "failed", "cancelled", "succeeded"]
     assert "does not exist" in done[1].error
-    assert [client.result(j).stages[0].timings_s["batch_size"] for j in (ids[0], ids[3])] == [2.0, 2.0]
+    assert [client.result(j).stages[0].batch_size for j in (ids[0], ids[3])] == [2, 2]
     # Every delivery that ran was counted once and recorded as ended (no phantom crash left
     # for a redelivery to count against the job); the cancelled one never started.
     for j in (ids[0], ids[1], ids[3]):
@@ -93,7 +93,7 @@ def test_cancelling_one_member_of_a_running_batch_stops_it_and_the_others_finish
     assert others_then == ["running", "running"]  # stopped while its batch-mates still ran
     assert [d.state.value for d in done] == ["succeeded", "succeeded"], [d.error for d in done]
     # the call was made again for the two left, which got the images they get alone
-    assert [client.result(j).stages[0].timings_s["batch_size"] for j in (ids[0], ids[2])] == [2.0, 2.0]
+    assert [client.result(j).stages[0].batch_size for j in (ids[0], ids[2])] == [2, 2]
     assert "denoised; outputs are written beside the next job" in w.log.read_text()  # the overlapped finish
 
 
@@ -112,7 +112,7 @@ def test_sse_progress_events_arrive_for_batched_jobs(api, client, easel_env, tmp
     assert len(steps) >= 2 and steps == sorted(steps), events
     assert events[-1][0] == "done" and events[-1][1]["state"] == "succeeded"
     assert first["state"] == "succeeded"
-    assert [client.result(j).stages[0].timings_s["batch_size"] for j in ids] == [2.0, 2.0]
+    assert [client.result(j).stages[0].batch_size for j in ids] == [2, 2]
 
 
 def test_a_lone_job_runs_when_the_queue_goes_quiet_and_a_burst_fills_the_batch(client, easel_env, input_png,
@@ -131,4 +131,4 @@ def test_a_lone_job_runs_when_the_queue_goes_quiet_and_a_burst_fills_the_batch(c
     assert lone.state.value == "succeeded" and all(st.state.value == "succeeded" for st in done)
     waited = [st.started_at - st.created_at for st in [lone, *done]]
     assert max(waited) < 5, f"jobs waited {waited} s to start: the 10 s batch interval, not the quiet queue"
-    assert [client.result(j).stages[0].timings_s["batch_size"] for j in burst] == [4.0] * 4
+    assert [client.result(j).stages[0].batch_size for j in burst] == [4] * 4

@@ -244,12 +244,12 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
             hook.flush()  # on every outcome: no progress write may land after the state that follows
             if ctx.watchdog is not None:
                 ctx.watchdog.disarm()
-        timings["batch_size"] = float(len(jobs))  # jobs that shared the call
         for k, job in enumerate(jobs):
             job.carrier, job.last_step = out.part(k, n), hook.last
             own = {**timings, "input": job.input_s} if pos == 0 else dict(timings)
             kept = _keep_intermediates(ctx, job, i, model, own) if i < last_stage else []
-            job.records[i] = make_record(ctx, i, job.spec, job.plan, model, job.carrier, own, want_latent, kept)
+            job.records[i] = make_record(ctx, i, job.spec, job.plan, model, job.carrier, own, want_latent, kept,
+                                         batch_size=len(jobs))
 
 
 def stage_budget(ctx: WorkerContext, model, stage, carrier: Carrier, images: int) -> StageBudget:

@@ -106,10 +106,8 @@ class WorkerMetrics:
             return
         for rec in records:
             for phase, secs in rec.timings_s.items():
-                if phase != "batch_size":
-                    self.stage_s.labels(self.family, rec.model, rec.task, phase).observe(secs)
-            self.stage_s.labels(self.family, rec.model, rec.task, "total").observe(
-                sum(v for k, v in rec.timings_s.items() if k != "batch_size"))
+                self.stage_s.labels(self.family, rec.model, rec.task, phase).observe(secs)
+            self.stage_s.labels(self.family, rec.model, rec.task, "total").observe(sum(rec.timings_s.values()))
 
 
 _METRICS: WorkerMetrics | None = None

@@ -17,15 +17,16 @@ from easel.worker.runner import Carrier, pixel_size
 
 
 def make_record(ctx: WorkerContext, i: int, spec: JobSpec, plan: Plan, model, carrier: Carrier,
-                timings: dict[str, float], want_latent: bool, intermediates: list[str]) -> StageRecord:
+                timings: dict[str, float], want_latent: bool, intermediates: list[str],
+                batch_size: int = 1) -> StageRecord:
     stage, last = spec.stages[i], len(spec.stages) - 1
     return StageRecord(
         index=i, task=stage.task, model=stage.model, model_source=model.source,
         model_revision=model.spec.revision, family=model.spec.family, handoff_in=plan.handoffs[i],
         handoff_out="latent" if want_latent else ("image" if i < last else "none"),
         params=stage.model_dump(exclude={"seed"}), seeds=[stage.seed + k for k in range(spec.num_images)],
-        output_size=pixel_size(model, carrier), timings_s=timings, intermediates=intermediates,
-        worker=ctx.hostname,
+        output_size=pixel_size(model, carrier), timings_s=timings, batch_size=batch_size,
+        intermediates=intermediates, worker=ctx.hostname,
     )
 
 
