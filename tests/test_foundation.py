@@ -41,9 +41,16 @@ def test_manifest_records_seed_parameters_and_timings(client, sd15_worker, input
     assert stage.params["negative_prompt"] == "blurry" and stage.params["prompt"] == "a red fox"
     assert stage.model == "sd15" and stage.model_source.endswith("tiny-sd15")
     assert stage.timings_s["denoise"] > 0 and m.timings_s["total"] > 0
+    assert stage.batch_size == 1 and "batch_size" not in stage.timings_s  # every timing is seconds
     raw = json.loads(client.storage.get(f"jobs/{job_id}/manifest.json"))
     assert raw["spec"]["stages"][0]["seed"] == 1234
     assert "secret" not in json.dumps(raw).lower()
+    # A newer worker's manifest, with fields this client does not know, still reads.
+    from easel.shared.schema import Manifest
+
+    newer = {**raw, "carbon_g": 0.1, "stages": [{**raw["stages"][0], "gpu": "H200"}],
+             "attempts": [{**a, "zone": "b"} for a in raw["attempts"]]}
+    assert Manifest.model_validate(newer).stages[0].seeds == [1234]
 
 
 def test_same_seed_same_image_and_other_seed_differs(client, sd15_worker, input_png):
