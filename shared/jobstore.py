@@ -661,15 +661,19 @@ class JobStore:
         return self.records_at(job_id, list(range(count)))
 
     def request_cancel(self, job_id: str) -> JobState:
-        """Cancel: a queued job ends now; a running one stops at its next denoising step."""
+        """Cancel: a job no worker holds (queued, or waiting out a retry's backoff) ends now; a
+        running one stops at its next denoising step."""
         if not self.exists(job_id):
             raise KeyError(f"no job {job_id}")
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(self.key(job_id), "cancel", 1)
         pipe.publish(self.stops_channel(), json.dumps({"job_id": job_id, "stop": "cancel"}))
-        pipe.execute()
-        st = self.status(job_id).state
-        if st == JobState.queued and self.transition(job_id, JobState.cancelled, error="cancelled before it ran"):
+        pipe.hmget(self.key(job_id), "state", "instance", "started_at")
+        state, holder, started = (_text(v) if v is not None else None for v in pipe.execute()[2])
+        # A claim landing between the read and the transition gets the pushed cancel and stops.
+        unheld = state == JobState.queued.value or (state == JobState.running.value and not holder)
+        why = "cancelled while it waited in a queue" if started else "cancelled before it ran"
+        if unheld and self.transition(job_id, JobState.cancelled, error=why):
             self.unmark_queued(job_id)
         return self.status(job_id).state
 

@@ -409,6 +409,38 @@ def test_rate_limit_gives_clear_429(api):
     assert int(r.headers["retry-after"]) >= 1
 
 
+def test_a_chain_waiting_for_its_next_family_is_queued_and_cancels_at_once(api, http, sd15_worker, tmp_path):
+    """Between two families of a chain a job is queued, and says why it waits; a cancel ends
+    it at once, and its hand-off is deleted when the next family's worker comes to the
+    message (an ended job's hand-offs are garbage)."""
+    from easel.shared.settings import Settings
+    from easel.shared.storage import Storage
+    from tests.conftest import WorkerProc
+
+    body = {"input": {"image": upload(http)}, "stages": [
+        {"model": "sd15", "prompt": "a fox", "steps": 2, "strength": 0.6, "seed": 1},
+        {"model": PARKED, "prompt": "a fox, refined", "steps": 2, "strength": 0.5, "seed": 2}]}
+    job_id = http.post("/v1/jobs", json=body).json()["id"]
+    deadline = time.monotonic() + 120
+    while (job := http.get(f"/v1/jobs/{job_id}").json())["started_at"] is None or job["state"] != "queued":
+        assert time.monotonic() < deadline and job["state"] in ("queued", "running"), job
+        time.sleep(0.1)
+    assert job["waiting_for"].startswith(f"no live worker serves family {PARKED}"), job
+    storage = Storage(Settings())
+    assert storage.list(f"jobs/{job_id}/handoff/")
+    cancelled = http.delete(f"/v1/jobs/{job_id}").json()
+    assert (cancelled["state"], cancelled["error"]) == ("cancelled", "cancelled while it waited in a queue")
+    parked = WorkerProc(PARKED, api.env, tmp_path).start()
+    try:
+        deadline = time.monotonic() + 60
+        while storage.list(f"jobs/{job_id}/handoff/"):
+            assert time.monotonic() < deadline, "the hand-off of a cancelled job was left"
+            time.sleep(0.2)
+    finally:
+        parked.stop()
+    assert http.get(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
+
+
 def test_in_flight_cap_gives_clear_429_and_frees_on_cancel(api, http):
     image = upload(http)
     with api.client("tok-capped") as c:

@@ -302,9 +302,11 @@ def hand_off(ctx: WorkerContext, app, job: Job) -> None:
         save_handoff(ctx, job.job_id, seg_index + 1, job.carrier, space)
         # Sent before this delivery ends, so a death in between re-runs this segment, which
         # sends again: at least once; a copy is dropped at its claim (stale or duplicate).
+        # Queued until the next family's worker claims it: its status says why it waits, and
+        # a cancel ends it at once (refused if that claim came first).
         store.mark_queued(job.job_id, nxt.queue, spec.priority)
         send_segment(app, job.job_id, seg_index + 1, nxt.queue, spec.priority)
-        end_as(ctx, job.delivery, JobState.running, segment=seg_index + 1)
+        end_as(ctx, job.delivery, JobState.queued, segment=seg_index + 1)
     log.info("job %s segment %d done in %.2fs, handed %s to %s", job.job_id, seg_index,
              time.perf_counter() - job.t0, nxt.handoff_in, nxt.queue)
 
@@ -378,8 +380,11 @@ def _ended(ctx: WorkerContext, d: Delivery, outcome: str, outcomes: Outcomes, jo
     outcomes[d] = outcome
     if job is not None:
         job.trace.end(outcome)
-    if outcome in ("succeeded", "failed", "cancelled") and (d.segment > 0 or (job and len(job.plan.segments) > 1)):
-        ctx.io.submit(drop_handoffs, ctx, d.job_id)  # the job has ended: its hand-offs are garbage
+    # The job has ended (here, or before this delivery came: cancelled while it waited for its
+    # next family): its hand-offs are garbage. drop_handoffs reads the final state first.
+    ended = outcome in ("succeeded", "failed", "cancelled", "poison") or outcome.startswith("already ")
+    if ended and (d.segment > 0 or (job and len(job.plan.segments) > 1)):
+        ctx.io.submit(drop_handoffs, ctx, d.job_id)
     observe_delivery(ctx, d.job_id, d.segment, outcome, job.t0 if job else None,
                      job.records.values() if job else ())
 
