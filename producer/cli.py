@@ -37,6 +37,21 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _registry():
+    """The registry in force; one that cannot be read or is invalid says why, in plain words."""
+    import yaml
+    from pydantic import ValidationError
+
+    from easel.shared.registry import load_registry
+    from easel.shared.settings import get_settings
+
+    path = get_settings().models
+    try:
+        return load_registry(path)
+    except (ValidationError, yaml.YAMLError, OSError) as e:
+        _fail(f"model registry {path}: {e}")
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("easel-out"), help="Where results are written."),
          steps: int = typer.Option(10, help="Denoising steps per stage."),
@@ -69,7 +84,6 @@ def worker(family: str = typer.Option(..., help="Model family (queue) this pool 
            restart: bool = typer.Option(True, help="Restart a worker process that dies.")) -> None:
     """Start one Celery worker process per GPU for a family."""
     require("worker", "worker")
-    from easel.shared.registry import load_registry
     from easel.shared.settings import get_settings
     from easel.worker.launcher import run_workers
 
@@ -77,7 +91,7 @@ def worker(family: str = typer.Option(..., help="Model family (queue) this pool 
         _fail("no model registry: set EASEL_MODELS to your registry YAML "
               "(EASEL_MODELS=tiny serves the bundled tiny random-weight checkpoints, as the demo does)")
     try:
-        load_registry(get_settings().models).family_models(family)
+        _registry().family_models(family)
     except KeyError as e:
         _fail(str(e.args[0]))
     ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
@@ -244,12 +258,9 @@ def make_tiny(out: Path = typer.Argument(..., help="Folder to write checkpoints 
 
 @models_app.command("list")
 def models_list() -> None:
-    """The registry in force (EASEL_MODELS, else the bundled tiny one)."""
-    from easel.shared.registry import load_registry
-    from easel.shared.settings import get_settings
-
-    reg = load_registry(get_settings().models)
-    for name, m in sorted(reg.models.items()):
+    """The registry in force (EASEL_MODELS, else the bundled tiny one), checked against the
+    registry's schema (weights are not loaded)."""
+    for name, m in sorted(_registry().models.items()):
         print(f"{name}\tfamily={m.family}\tkind={m.kind}\tlatent={m.latent_space}\tsource={m.source}")
 
 

@@ -212,7 +212,9 @@ class JobStatus(EaselModel):
     error: str | None = None
     outputs: list[str] = Field(default_factory=list)
     manifest: str | None = None
-    attempts: int = 0
+    attempts: int = Field(default=0, description=(
+        "deliveries that started: one per family's turn in a chain, plus one per re-run (a retry, or a worker "
+        "that died); the manifest's attempts list them"))
     worker: str | None = Field(default=None, description="hostname of the worker that ran (or runs) it last")
     note: str | None = Field(default=None, description="what recovery did, e.g. 'requeued: worker X stopped "
                              "beating at T'")
@@ -239,7 +241,10 @@ class StageRecord(WorkerRecord):
     params: dict
     seeds: list[int]
     output_size: tuple[int, int] | None
-    timings_s: dict[str, float]
+    timings_s: dict[str, float] = Field(description=(
+        "seconds by phase: input (reading the segment's input; its first stage only), prepare (prompt encoding "
+        "and call set-up), denoise (the pipeline call, VAE decode included), intermediates (writing kept "
+        "intermediate images, when asked for)"))
     batch_size: int = Field(default=1, description="jobs that shared this stage's pipeline call (micro-batching)")
     intermediates: list[str] = Field(default_factory=list)
     worker: str
@@ -252,7 +257,9 @@ class Manifest(WorkerRecord):
     spec: JobSpec
     stages: list[StageRecord]
     outputs: list[str]
-    timings_s: dict[str, float]
+    timings_s: dict[str, float] = Field(description=(
+        "seconds: queued (from submission to the first claim), stages (the stages' phases summed), total "
+        "(from submission to the manifest)"))
     created_at: float
     finished_at: float = Field(default_factory=time.time)
     easel_version: str

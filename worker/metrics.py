@@ -75,7 +75,9 @@ class WorkerMetrics:
         self.segments = Counter("easel_worker_segments", "Segments run, by outcome", ["family", "outcome"], registry=r)
         self.segment_s = Histogram("easel_segment_duration_seconds", "Wall time of one segment (task)",
                                    ["family", "outcome"], buckets=STAGE_BUCKETS, registry=r)
-        self.stage_s = Histogram("easel_stage_duration_seconds", "Stage phases from the job's stage records",
+        self.stage_s = Histogram("easel_stage_duration_seconds",
+                                 "Stage phases from the job's stage records (phase: input, prepare, denoise, "
+                                 "intermediates; total: their sum)",
                                  ["family", "model", "task", "phase"], buckets=STAGE_BUCKETS, registry=r)
         self.batch = Histogram("easel_batch_size", "Images per pipeline call", ["family"], buckets=BATCH_BUCKETS,
                                registry=r)
