@@ -328,7 +328,7 @@ class Scheduler:
                 [self._key("active", queue), self._key("passes", queue), f"{self.prefix}:weights",
                  self._key("queued", queue), self._key("paused", queue), family_capacity_key(self.prefix, family),
                  backlog_key(self.prefix, queue), tenants_waiting_key(self.prefix, queue)],
-                [f"{self.prefix}:pending:{queue}:", self.margin, limit, flight_key(self.prefix, ""),
+                [pending_key(self.prefix, queue, ""), self.margin, limit, flight_key(self.prefix, ""),
                  f"{self.prefix}:job:", time.time(), cap_key(self.prefix, ""), FLIGHT_CHECK_AFTER_S, *tenants])
 
     def feed(self, queues: dict[str, str], send: Callable[..., None], tenants: Iterable[str] = ()) -> Dispatched:

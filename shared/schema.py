@@ -228,7 +228,7 @@ class JobStatus(EaselModel):
 
 
 class StageRecord(WorkerRecord):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())  # model_source is a field, not pydantic's
+    model_config = ConfigDict(protected_namespaces=())  # model_source is a field, not pydantic's
 
     index: int
     task: Task

@@ -382,7 +382,7 @@ def _ended(ctx: WorkerContext, d: Delivery, outcome: str, outcomes: Outcomes, jo
         job.trace.end(outcome)
     # The job has ended (here, or before this delivery came: cancelled while it waited for its
     # next family): its hand-offs are garbage. drop_handoffs reads the final state first.
-    ended = outcome in ("succeeded", "failed", "cancelled", "poison") or outcome.startswith("already ")
+    ended = outcome in TERMINAL_STATES or outcome == "poison" or outcome.startswith("already ")
     if ended and (d.segment > 0 or (job and len(job.plan.segments) > 1)):
         ctx.io.submit(drop_handoffs, ctx, d.job_id)
     observe_delivery(ctx, d.job_id, d.segment, outcome, job.t0 if job else None,
