@@ -661,8 +661,9 @@ class JobStore:
         return self.records_at(job_id, list(range(count)))
 
     def request_cancel(self, job_id: str) -> JobState:
-        """Cancel: a job no worker holds (queued, or waiting out a retry's backoff) ends now; a
-        running one stops at its next denoising step."""
+        """Cancel: a job no worker holds (queued; or running between deliveries, as workers of
+        an earlier version left a retry) ends now; a running one stops at its next denoising
+        step."""
         if not self.exists(job_id):
             raise KeyError(f"no job {job_id}")
         pipe = self.r.pipeline(transaction=False)

@@ -216,8 +216,8 @@ class JobStatus(EaselModel):
         "deliveries that started: one per family's turn in a chain, plus one per re-run (a retry, or a worker "
         "that died); the manifest's attempts list them"))
     worker: str | None = Field(default=None, description="hostname of the worker that ran (or runs) it last")
-    note: str | None = Field(default=None, description="what recovery did, e.g. 'requeued: worker X stopped "
-                             "beating at T'")
+    note: str | None = Field(default=None, description="what recovery did last, e.g. 'requeued: worker X stopped "
+                             "beating at T' or 'retry 1 of 8 after <error>, sent again in 0.6s'")
     queue_position: int | None = Field(default=None, description="0 = next in its family queue; only while queued")
     eta_s: float | None = Field(default=None, description=(
         "seconds until it should start, from the jobs ahead of it, its family's live workers and their recent "

@@ -7,6 +7,7 @@ its expired heartbeat, whose interval, TTL and reap period alone are shortened h
 """
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -202,8 +203,17 @@ def test_s3_outage_is_retried_until_storage_is_back(fault_env, fclient, workers,
     workers(EASEL_S3_ENDPOINT_URL=proxy.url)
     proxy.stop()  # storage unreachable for the worker
     job_id = fclient.submit(job(big_input, steps=2, seed=21))
-    wait_for(lambda: fclient.status(job_id).attempts >= 2, 60, "a retried delivery")
-    assert fclient.status(job_id).state.value == "running"
+    waiting = []  # statuses seen while a retry waits out its backoff
+
+    def retried():
+        st = fclient.status(job_id)
+        if st.state.value == "queued" and st.attempts:
+            waiting.append(st)
+        return st.attempts >= 2 and waiting
+
+    wait_for(retried, 90, "a retry seen waiting out its backoff, and a second delivery")
+    assert re.fullmatch(r"retry \d of 8 after EndpointConnectionError: .+, sent again in \d+\.\ds", waiting[0].note)
+    assert waiting[0].queue_position is not None and not waiting[0].error
     proxy.start()  # back on the same port
     st = fclient.wait(job_id, timeout=180)
     assert st.state.value == "succeeded", st.error

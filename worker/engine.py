@@ -41,7 +41,7 @@ from easel.worker.context import WorkerContext
 from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_handoff
 from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
-from easel.worker.policy import Delivery, cancelled, end_as, fail, settle_error
+from easel.worker.policy import Delivery, cancelled, end_as, fail, refusal, settle_error
 from easel.worker.runner import Carrier, Interrupted, decode_latents, denoised_area, pixel_size, run_stage
 from easel.worker.stops import READ_EVERY_S
 from easel.worker.watchdog import StageBudget, StageTimeout, cost_limit_s
@@ -354,12 +354,7 @@ def _refused(ctx: WorkerContext, jobs: list[Job], outcomes: Outcomes) -> None:
         log.warning("could not read the states of jobs whose final state was refused", exc_info=True)
         states = ["unread"] * len(jobs)
     for job, state in zip(jobs, states):
-        if state in TERMINAL_STATES:
-            outcome, why = f"already {state}", f"ended {state}"
-        elif state is None:
-            outcome, why = "unknown", "lost its record (expired)"
-        else:
-            outcome, why = "superseded", "was taken over by another worker"
+        outcome, why = refusal(state)
         log.warning("job %s %s while its outputs were written; its final state is not this worker's",
                     job.job_id, why)
         _ended(ctx, job.delivery, outcome, outcomes, job)

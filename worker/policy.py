@@ -22,7 +22,7 @@ import torch
 
 from easel.shared.celery_app import send_segment
 from easel.shared.images import InputError
-from easel.shared.schema import JobState
+from easel.shared.schema import TERMINAL_STATES, JobState
 from easel.shared.storage import NotFound
 
 log = logging.getLogger("easel.worker.policy")
@@ -63,9 +63,10 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"[:2000]
 
 
-def end_as(ctx, d: Delivery, state: JobState, **fields) -> None:
-    """The delivery's final state change, which also ends the delivery (one round trip)."""
-    ctx.store.transition(d.job_id, state, end=(d.segment, ctx.instance), **fields)
+def end_as(ctx, d: Delivery, state: JobState, **fields) -> bool:
+    """The delivery's final state change, which also ends the delivery (one round trip);
+    False if it was refused (the job ended, or another instance holds it)."""
+    return ctx.store.transition(d.job_id, state, end=(d.segment, ctx.instance), **fields)
 
 
 def fail(ctx, d: Delivery, reason: str) -> str:
@@ -76,6 +77,16 @@ def fail(ctx, d: Delivery, reason: str) -> str:
 def cancelled(ctx, d: Delivery) -> str:
     end_as(ctx, d, JobState.cancelled, error="cancelled while running")
     return "cancelled"
+
+
+def refusal(state: str | None) -> tuple[str, str]:
+    """The outcome of a delivery whose state change was refused, from the job's state now,
+    and why it was refused."""
+    if state in TERMINAL_STATES:
+        return f"already {state}", f"ended {state}"
+    if state is None:
+        return "unknown", "lost its record (expired)"
+    return "superseded", "was taken over by another worker"
 
 
 def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
@@ -89,10 +100,16 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     log.warning("job %s segment %d: transient %s; retry %d/%d in %.1fs", d.job_id, d.segment, describe(exc), n,
                 ctx.settings.max_retries, countdown)
     spec, plan = ctx.store.load(d.job_id)
-    # The delivery ends first: a claim of the re-sent message must not find it still held.
-    # Marked waiting in its queue, a retry whose message is lost is sent again by a reaper.
     queue = d.queue or plan.segments[d.segment].queue
-    ctx.store.end_delivery(d.job_id, d.segment, ctx.instance)
+    # Queued while it waits out the backoff: its status says why, and a cancel ends it at
+    # once. The delivery ends first, so a claim of the re-sent message does not find it
+    # still held; a job that ended or was taken over meanwhile is not sent again. Marked
+    # waiting in its queue, a retry whose message is lost is sent again by a reaper.
+    note = f"retry {n} of {ctx.settings.max_retries} after {describe(exc)}, sent again in {countdown:.1f}s"
+    if not end_as(ctx, d, JobState.queued, note=note):
+        outcome, why = refusal(ctx.store.states_of([d.job_id])[0])
+        log.warning("job %s %s before its retry was queued; not sent again", d.job_id, why)
+        return outcome
     ctx.store.mark_queued(d.job_id, queue, spec.priority, due_at=time.time() + countdown)
     send_segment(app, d.job_id, d.segment, queue, spec.priority, countdown=countdown)
     return "retrying"
