@@ -26,6 +26,12 @@ Headlines:
   the same server (the baseline: what one request costs on this machine), and
   ``farm_redis_cpu_per_job_in_pings``: a job's marginal CPU in PING round trips, the figure
   that carries over to another machine (multiply by its PING cost);
+- ``farm_redis_round_trips_per_job``: requests valkey read per job (``total_reads_processed``
+  above the idle rate, at the lowest rate step), and ``farm_redis_lone_ping_cpu_us``: the
+  marginal CPU of a lone PING sent at the rate steps' request rates (job rate times round
+  trips per job, one connection, nothing else sent): what a wake-up alone costs a server that
+  sleeps between requests, the floor under ``farm_redis_cpu_us_per_job`` at these rates;
+  ``farm_redis_cpu_per_job_in_lone_pings`` is the one over the other;
 - ``farm_busy_redis_cpu_us_per_job``: valkey CPU per job on a busy server, where a farm's
   Redis runs (``busy_cpu``): the requests of real jobs, recorded, then replayed from many
   connections at once by a light client, flat out; with ``farm_busy_jobs_per_s`` and
@@ -74,19 +80,21 @@ class Reading:
     cmds: dict[str, int]
     usec: dict[str, int]  # valkey's time inside each command (scripts include their commands)
     cpu_s: float
+    reads: int  # requests valkey read (one per round trip; pub/sub deliveries are writes)
     s3: int
 
     @classmethod
     def take(cls, r, proxy: TcpProxy | None) -> "Reading":
         stats = {k[len("cmdstat_"):]: v for k, v in r.info("commandstats").items()}
         return cls(time.perf_counter(), {k: v["calls"] for k, v in stats.items()},
-                   {k: v["usec"] for k, v in stats.items()}, valkey_cpu_s(r), proxy.requests if proxy else 0)
+                   {k: v["usec"] for k, v in stats.items()}, valkey_cpu_s(r),
+                   r.info("stats")["total_reads_processed"], proxy.requests if proxy else 0)
 
     def since(self, a: "Reading") -> dict:
         cmds = {k: v - a.cmds.get(k, 0) for k, v in self.cmds.items() if v - a.cmds.get(k, 0)}
         usec = {k: v - a.usec.get(k, 0) for k, v in self.usec.items() if v - a.usec.get(k, 0)}
         return {"s": self.t - a.t, "cmds": cmds, "cmd_total": sum(cmds.values()), "usec": usec,
-                "cpu_s": self.cpu_s - a.cpu_s,
+                "cpu_s": self.cpu_s - a.cpu_s, "reads": self.reads - a.reads,
                 "s3": self.s3 - a.s3}
 
 
@@ -197,7 +205,33 @@ def summarize(idle: dict, workers: int, steps: list[dict]) -> dict:
         "farm_dispatch_p99_ms": round(low["dispatch_p99_ms"], 1),
         "farm_max_jobs_per_s": round(top["throughput"], 1),
         "farm_idle_redis_cpu_pct_per_worker": round(100 * idle_cpu_rate / workers, 3),
+        "farm_redis_round_trips_per_job": round(above_idle(idle, w, low["jobs"], "reads"), 1),
     }
+
+
+def job_rates_below_knee(steps: list[dict]) -> list[float]:
+    """The job rates reached by the steps whose slope gives ``farm_redis_cpu_us_per_job``."""
+    top = knee(steps)
+    return [s["jobs"] / s["window"]["s"] for s in steps if s["rate"] <= top["rate"]]
+
+
+def lone_ping_cpu_us(r, request_rates: list[float], seconds: float = 4.0) -> float:
+    """Marginal valkey CPU per PING sent alone at each of ``request_rates`` (per second, one
+    connection, paced): the slope of valkey's CPU rate against the PING rate, from zero (its
+    idle rate, measured just before), as ``farm_redis_cpu_us_per_job`` is taken."""
+    a = Reading.take(r, None)
+    time.sleep(seconds)
+    idle = Reading.take(r, None).since(a)
+    points = [(0.0, idle["cpu_s"] / idle["s"])]
+    for rate in request_rates:
+        n = max(20, int(rate * seconds))
+        before = Reading.take(r, None)
+        for i in range(n):
+            time.sleep(max(0.0, before.t + i / rate - time.perf_counter()))
+            r.ping()
+        used = Reading.take(r, None).since(before)
+        points.append((n / used["s"], used["cpu_s"] / used["s"]))
+    return slope(points) * 1e6
 
 
 def per_job_commands(idle: dict, step: dict, what: str = "cmds") -> dict[str, float]:
@@ -359,6 +393,10 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
         backlog = backlog_step(env, client, r, proxy, ref, backlog_jobs, steps, idle, period)
         log(f"backlog of {backlog_jobs} jobs submitted at once: {backlog['cmds_per_job']:.1f} cmds/job, "
             f"{backlog['cpu_us_per_job']:.0f} µs valkey CPU/job, failed {backlog['failed']}")
+        # idle workers around, as for the jobs
+        round_trips = above_idle(idle, results[0]["window"], results[0]["jobs"], "reads")
+        lone = lone_ping_cpu_us(r, [rate * round_trips for rate in job_rates_below_knee(results)])
+        log(f"a lone PING at {round_trips:.1f} per job's rate: {lone:.0f} µs of valkey CPU")
     finally:
         for p in procs:
             p.stop()
@@ -371,6 +409,8 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
     out.update(busy["headline"])
     out["farm_redis_ping_cpu_us"] = round(ping, 1)
     out["farm_redis_cpu_per_job_in_pings"] = round(out["farm_redis_cpu_us_per_job"] / ping, 1)
+    out["farm_redis_lone_ping_cpu_us"] = round(lone, 1)
+    out["farm_redis_cpu_per_job_in_lone_pings"] = round(out["farm_redis_cpu_us_per_job"] / lone, 1)
     for k, v in out.items():
         headline(k, v)
     return {"headline": out, "details": {"idle": idle, "steps": results,
