@@ -29,12 +29,14 @@ answer (``shared.images.pin_url``).
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import logging
 import random
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,9 +44,9 @@ from typing import Callable
 
 import httpx
 
-from easel.shared.images import InputError, pin_url
+from easel.shared.images import InputError, Unresolved, pin_url
 from easel.shared.jobstore import JobStore
-from easel.shared.settings import Settings
+from easel.shared.settings import Settings, secret_keys
 
 log = logging.getLogger("easel.webhooks")
 
@@ -60,21 +62,25 @@ for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), 
 return due
 """
 
+# A delivery's next attempt is due ARGV[2] seconds from now, by Redis's clock (the claims'
+# clock, so API hosts' clocks do not stretch or shorten the backoff).
+_RETRY_IN = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[2]), ARGV[1])
+"""
+
+# A finished job leaves the watch set and, if its key asked for its terminal event, joins the
+# due set, in one step: a dispatcher that dies between the two cannot leave it in neither.
+# Returns 1 for the replica that moved it.
+_FINISHED = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if ARGV[2] == '1' then redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[1]) end
+return 1
+"""
+
 
 class SignatureError(ValueError):
     pass
-
-
-def secret_keys(secrets: str) -> list[bytes]:
-    """The signing keys of a secret setting: space-separated ``whsec_<base64>`` (or raw) secrets."""
-    keys = []
-    for secret in secrets.split():
-        if secret.startswith("whsec_"):
-            b64 = secret[len("whsec_"):]
-            keys.append(base64.b64decode(b64 + "=" * (-len(b64) % 4)))  # padding is optional, as in the spec's libraries
-        else:
-            keys.append(secret.encode())
-    return keys
 
 
 def signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -113,7 +119,6 @@ class WebhookDispatcher:
     ``secret_for(owner)`` picks the signing secret (per key, else the server's).
     """
 
-    LEASE_S = 120.0
     WATCH_PAGE = 1000  # watched jobs read per sweep
 
     def __init__(self, settings: Settings, store: JobStore, render: Callable[[str], dict],
@@ -123,13 +128,15 @@ class WebhookDispatcher:
         self.watch_key = f"{store.prefix}:webhooks:watch"
         self.due_key = f"{store.prefix}:webhooks:due"
         self._claim = self.r.register_script(_CLAIM)
+        self._retry_in = self.r.register_script(_RETRY_IN)
+        self._finished = self.r.register_script(_FINISHED)
+        self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="easel-webhook")
-        # Requests go to pinned addresses: no keep-alive (a pooled connection is keyed by the
-        # address, and two receivers behind one address must not share a TLS session checked
-        # for the other's name), no proxy settings from the environment.
-        self._http = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False,
-                                  limits=httpx.Limits(max_keepalive_connections=0),
-                                  headers={"User-Agent": "easel-webhooks/1"})
+        # A lease outlasts any attempt (each is cut off at webhook_timeout_s), so no other
+        # replica takes a delivery while one is still trying it.
+        self.lease_s = max(120.0, 4 * settings.webhook_timeout_s)
+        self._tls = ssl.create_default_context()  # built once, shared by every attempt's client
+        self.transport: httpx.AsyncBaseTransport | None = None  # instead of the network (tests)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._inflight: set[str] = set()
@@ -153,7 +160,6 @@ class WebhookDispatcher:
         if self._thread:
             self._thread.join(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._http.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -174,7 +180,9 @@ class WebhookDispatcher:
         for job_id, view in zip(watched, self.store.webhook_watch(watched) if watched else []):
             self._schedule(job_id, view)
         started = 0
-        for member in self._claim(keys=[self.due_key], args=[self.LEASE_S, 50]):
+        with self._lock:  # no more than the pool can start now: the rest stay due for others
+            room = self.workers - len(self._inflight)
+        for member in self._claim(keys=[self.due_key], args=[self.lease_s, room]) if room > 0 else []:
             with self._lock:
                 if member in self._inflight:
                     continue
@@ -204,17 +212,16 @@ class WebhookDispatcher:
             due.append(f"{job_id}|progress|{tag}")
         if due:
             self.r.zadd(self.due_key, {m: 0 for m in due}, nx=True)
-        if state in EVENT_TYPES and self.r.zrem(self.watch_key, job_id):  # the replica that removed it goes on
-            if state in events:
-                self.r.zadd(self.due_key, {job_id: 0}, nx=True)
-            else:
+        if state in EVENT_TYPES and self._finished(keys=[self.watch_key, self.due_key],
+                                                   args=[job_id, int(state in events)]):
+            if state not in events:
                 self.store.webhook_state(job_id, "not requested")
 
     def _deliver_guarded(self, job_id: str) -> None:
         try:
             self.deliver(job_id)
-        except Exception:
-            log.exception("webhook for job %s crashed; lease expiry retries it", job_id)
+        except Exception:  # counted as an attempt: it cannot retry forever
+            log.exception("webhook for job %s crashed; its lease's expiry retries it", job_id)
         finally:
             with self._lock:
                 self._inflight.discard(job_id)
@@ -228,17 +235,37 @@ class WebhookDispatcher:
 
     def _post(self, url: str, secret: str, job_id: str, msg_id: str, event: str, attempt: int) -> str | None:
         """One signed POST of the job's JSON to the pinned address; None when the receiver
-        took it (2xx), else why not. Raises InputError for a URL refused at the check."""
-        target, pinned_headers, extensions = pin_url(url, self.s)
+        took it (2xx), else why not. Raises InputError for a URL refused at the check; a
+        name that does not resolve now is a failed attempt, retried like any other."""
+        try:
+            target, pinned_headers, extensions = pin_url(url, self.s)
+        except Unresolved as e:
+            return str(e)[:500]
         body = json.dumps({"id": msg_id, "type": event, "attempt": attempt, "created_at": time.time(),
                            "job": self.render(job_id)}, separators=(",", ":"), default=str).encode()
         headers = {"Content-Type": "application/json", **pinned_headers, **signed_headers(secret, msg_id, body),
                    "Easel-Event": event, "Easel-Attempt": str(attempt)}
+        limit = self.s.webhook_timeout_s
         try:
-            resp = self._http.post(target, content=body, headers=headers, extensions=extensions)
+            status = asyncio.run(asyncio.wait_for(self._send(target, body, headers, extensions), limit))
+        except asyncio.TimeoutError:
+            return f"no answer within {limit:g}s (EASEL_WEBHOOK_TIMEOUT_S)"
         except httpx.HTTPError as e:
             return f"{type(e).__name__}: {e}"[:500]
-        return None if 200 <= resp.status_code < 300 else f"HTTP {resp.status_code}"
+        return None if 200 <= status < 300 else f"HTTP {status}"
+
+    async def _send(self, target: httpx.URL, body: bytes, headers: dict, extensions: dict) -> int:
+        """The POST's status code. The caller bounds the whole exchange in time (a receiver
+        that drips its answer a byte at a time is cut off), and the answer's body is never
+        read. Each attempt has a client of its own: requests go to pinned addresses, so no
+        connection is kept alive (two receivers behind one address must not share a TLS
+        session checked for the other's name), and no proxy settings come from the
+        environment."""
+        async with httpx.AsyncClient(timeout=self.s.webhook_timeout_s, follow_redirects=False, trust_env=False,
+                                     verify=self._tls, transport=self.transport,
+                                     headers={"User-Agent": "easel-webhooks/1"}) as client, \
+                client.stream("POST", target, content=body, headers=headers, extensions=extensions) as resp:
+            return resp.status_code
 
     def _deliver_passing(self, member: str) -> str:
         """queued, started, progress: best effort, one attempt (the next event supersedes it)."""
@@ -263,6 +290,8 @@ class WebhookDispatcher:
             return "dropped"
         attempt = self.store.webhook_attempt(job_id)
         event = EVENT_TYPES[state]
+        if attempt > self.s.webhook_max_attempts:  # earlier attempts crashed before they could count
+            return self._give_up(job_id, event, f"gave up after {attempt - 1} attempts that could not be made")
         secret = self.secret_for(owner)
         if not secret:
             return self._give_up(job_id, event, "no webhook secret configured (EASEL_WEBHOOK_SECRET)")
@@ -280,7 +309,7 @@ class WebhookDispatcher:
         delay = min(self.s.webhook_backoff_max_s, self.s.webhook_backoff_s * 2 ** (attempt - 1))
         delay *= random.uniform(0.8, 1.2)  # spread retries of many jobs to one receiver
         self.store.webhook_state(job_id, "pending", error)
-        self.r.zadd(self.due_key, {job_id: time.time() + delay})
+        self._retry_in(keys=[self.due_key], args=[job_id, delay])
         log.info("webhook for job %s attempt %d failed (%s); retry in %.1fs", job_id, attempt, error, delay)
         self._report("retry", event)
         return "retry"

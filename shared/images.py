@@ -23,6 +23,11 @@ class InputError(ValueError):
     """The job's input cannot be used; permanent, never retried."""
 
 
+class Unresolved(InputError):
+    """A URL's host name did not resolve now. Permanent for a job's input; a webhook
+    delivery retries it, since the receiver's name may resolve again later."""
+
+
 _EXT = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 # Only these decoders ever see untrusted bytes: no EPS (Ghostscript), no exotic plugins.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # MPO (camera JPEGs) opens through JPEG
@@ -112,10 +117,12 @@ def check_public_url(url: str, settings: Settings) -> str | None:
                          "(set EASEL_ALLOW_PRIVATE_URLS=true to allow http:// and private addresses)")
     try:
         infos = socket.getaddrinfo(u.host, u.port or 443, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError, OSError) as e:
+    except UnicodeError as e:
         raise InputError(f"cannot resolve {u.host[:100]}: {e}") from None
+    except OSError as e:  # gaierror included: a resolver's blip, or a name not there yet
+        raise Unresolved(f"cannot resolve {u.host[:100]}: {e}") from None
     if not infos:
-        raise InputError(f"cannot resolve {u.host[:100]}")
+        raise Unresolved(f"cannot resolve {u.host[:100]}")
     for info in infos:
         ip = ipaddress.ip_address(info[4][0].split("%")[0])
         if _non_public(ip):

@@ -1,6 +1,8 @@
 """Settings from ``EASEL_*`` environment variables, one object shared by producer and worker."""
 from __future__ import annotations
 
+import base64
+import binascii
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,6 +17,28 @@ def queue_name_part(value: str, what: str) -> str:
     last ':', so a ':' in the name would send each message back to a queue nobody consumes."""
     if not value or ":" in value or any(c.isspace() for c in value):
         raise ValueError(f"{what} {value!r} cannot name a queue: it must be non-empty, without ':' or spaces")
+    return value
+
+
+def secret_keys(secrets: str) -> list[bytes]:
+    """The signing keys of a webhook secret setting: space-separated ``whsec_<base64>`` (or
+    raw) secrets. Raises ValueError naming the secret's place for a malformed one."""
+    keys = []
+    for n, secret in enumerate(secrets.split(), 1):
+        if secret.startswith("whsec_"):
+            b64 = secret[len("whsec_"):]
+            try:  # padding is optional, as in the spec's libraries
+                keys.append(base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True))
+            except binascii.Error:
+                raise ValueError(f"webhook secret {n} starts with whsec_ but the rest is not base64") from None
+        else:
+            keys.append(secret.encode())
+    return keys
+
+
+def _valid_secret(value: SecretStr | None) -> SecretStr | None:
+    if value is not None:
+        secret_keys(value.get_secret_value())
     return value
 
 
@@ -41,6 +65,8 @@ class ApiKey(BaseModel):
         "in the key's pending set while max_in_flight of its jobs are dispatched and not ended"))
     weight: float = Field(default=1.0, gt=0, le=1000, description=(
         "this key's share of the farm against other backlogged keys (fair share: 2 gets twice a 1's jobs)"))
+
+    _webhook_secret = field_validator("webhook_secret")(_valid_secret)
 
 
 class Settings(BaseSettings):
@@ -159,10 +185,12 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str | None = Field(default=None, description="endpoint presigned URLs are made for "
                                                "(what API clients can reach); s3_endpoint_url if unset")
     webhook_secret: SecretStr | None = None
-    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_max_attempts: int = Field(default=20, ge=1, description=(
+        "attempts at a terminal event; with the default backoff they span about 9 hours"))
     webhook_backoff_s: float = Field(default=2.0, gt=0, description="first retry delay; doubles per attempt")
     webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
-    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description=(
+        "time allowed for one webhook POST, from the connection to the answer's status"))
     webhook_sweep_s: float = Field(default=1.0, gt=0, description="how often the dispatcher looks for job events")
     webhook_progress_every_s: float = Field(default=5.0, gt=0, description="progress webhooks at most this often a job")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="worker Prometheus port; 0 = off. "
@@ -177,6 +205,8 @@ class Settings(BaseSettings):
         "tracing_file; otlp: OTLP over HTTP per the OTEL_EXPORTER_OTLP_* variables; global: the TracerProvider "
         "the process set up itself (your application's, opentelemetry-instrument's)"))
     tracing_file: Path | None = Field(default=None, description="where EASEL_TRACING=file appends spans")
+
+    _webhook_secret = field_validator("webhook_secret")(_valid_secret)
 
     @field_validator("queue_prefix")
     @classmethod

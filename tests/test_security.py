@@ -517,7 +517,7 @@ def test_webhook_post_goes_to_the_vetted_address_not_a_second_dns_answer(client,
     job_id, _ = client.store.create(spec, plan_job(spec, client.registry))
     hooks = WebhookDispatcher(settings, client.store, render=lambda j: {"id": j},
                               secret_for=lambda owner: settings.webhook_secret.get_secret_value())
-    hooks._http = httpx.Client(transport=httpx.MockTransport(record))
+    hooks.transport = httpx.MockTransport(record)
     try:
         client.store.transition(job_id, JobState.succeeded)
         hooks.register(job_id, "https://hooks.example.test/easel")
@@ -528,3 +528,112 @@ def test_webhook_post_goes_to_the_vetted_address_not_a_second_dns_answer(client,
     assert req.url.host == "93.184.216.34" and req.headers["host"] == "hooks.example.test"
     assert req.extensions["sni_hostname"] == "hooks.example.test"
     assert lookups == ["hooks.example.test"]  # resolved once, at the check
+
+
+class DrippingReceiver:
+    """A TCP server that answers each connection with an HTTP status line a byte at a time,
+    one byte every ``gap_s``: each read is quick, the whole answer never ends in time."""
+
+    def __init__(self, gap_s: float = 0.2):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        self.gap_s, self.closed = gap_s, threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"y" * 10_000:
+                if self.closed.is_set():
+                    return
+                try:
+                    conn.send(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(self.gap_s)
+
+    def close(self) -> None:
+        self.closed.set()
+        self.sock.close()
+
+
+def test_a_webhook_attempt_is_bounded_and_a_dns_blip_or_crash_is_retried_not_final(client, monkeypatch):
+    """A terminal webhook's attempt ends within EASEL_WEBHOOK_TIMEOUT_S even when the
+    receiver drips its answer (each read within the timeout), and is retried; a receiver
+    name that does not resolve for a while is retried, not given up; an attempt that
+    crashes counts, so a delivery that keeps crashing is given up after the attempt cap; a
+    full pool claims nothing more; a malformed secret is refused when settings load."""
+    from pydantic import ValidationError
+
+    from easel.producer.webhooks import WebhookDispatcher
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec, JobState
+    from easel.shared.settings import Settings
+
+    with pytest.raises(ValidationError, match="whsec_ but the rest is not base64"):
+        Settings(webhook_secret="whsec_abcde")
+    secret = "whsec_" + "a2V5" * 4
+    settings = Settings(allow_private_urls=True, webhook_secret=secret, webhook_timeout_s=1.0, webhook_max_attempts=3)
+    spec = JobSpec.model_validate({"input": {"image": "s3://easel/inputs/x.png"},
+                                   "stages": [{"model": "sd15", "prompt": "x", "seed": 1}]})
+    store, plan = client.store, plan_job(spec, client.registry)
+    rendered = []
+
+    def render(job_id: str) -> dict:
+        if job_id in crashing:
+            raise RuntimeError("render failed")
+        rendered.append(job_id)
+        return {"id": job_id}
+
+    hooks = WebhookDispatcher(settings, store, render=render, secret_for=lambda owner: secret, workers=2)
+    slow, unresolved, crashing = (store.create(spec, plan)[0] for _ in range(3))
+    crashing = {crashing}
+    receiver = DrippingReceiver()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def no_such_name(host, port, *a, **kw):
+        if host == "hooks.example.test":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_getaddrinfo(host, port, *a, **kw)
+
+    try:
+        for job_id, url in ((slow, receiver.url), (unresolved, "https://hooks.example.test/e"),
+                            (next(iter(crashing)), receiver.url)):
+            store.transition(job_id, JobState.succeeded)
+            hooks.register(job_id, url)
+        t0 = time.monotonic()
+        assert hooks.deliver(slow) == "retry"
+        assert time.monotonic() - t0 < 3  # the drip would take 2,000 s
+        assert store.r.hmget(store.key(slow), "webhook_state", "webhook_last_error") == [
+            "pending", "no answer within 1s (EASEL_WEBHOOK_TIMEOUT_S)"]
+
+        settings.allow_private_urls = False
+        monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+        assert hooks.deliver(unresolved) == "retry"
+        state, error = store.r.hmget(store.key(unresolved), "webhook_state", "webhook_last_error")
+        assert state == "pending" and error.startswith("cannot resolve hooks.example.test")
+
+        settings.allow_private_urls = True
+        (job_id,) = crashing
+        for _ in range(settings.webhook_max_attempts):
+            with pytest.raises(RuntimeError, match="render failed"):
+                hooks.deliver(job_id)
+        assert hooks.deliver(job_id) == "failed"
+        assert store.r.hmget(store.key(job_id), "webhook_state", "webhook_last_error") == [
+            "failed", "gave up after 3 attempts that could not be made"]
+
+        store.r.zadd(hooks.due_key, {slow: 0, unresolved: 0})
+        hooks._inflight.update({"a", "b"})  # both of the pool's threads busy
+        assert hooks.sweep() == 0 and store.r.zscore(hooks.due_key, slow) == 0  # left for another replica
+    finally:
+        receiver.close()
+        hooks.stop()
+        store.r.delete(hooks.watch_key, hooks.due_key, *(store.key(j) for j in (slow, unresolved, *crashing)))
