@@ -104,8 +104,12 @@ class EaselClient:
             raise SubmitError(_format_validation(e)) from None
 
     def _upload_ref(self, ref: str | None, what: str) -> str | None:
-        """Local paths and data: URIs are decoded (refused if unreadable) and uploaded."""
-        if ref is None or ref.startswith("s3://"):
+        """Local paths and data: URIs are decoded (refused if unreadable) and uploaded; an
+        ``s3://`` object of ours is kept alive for the job (``Storage.keep_for_a_job``)."""
+        if ref is None:
+            return ref
+        if ref.startswith("s3://"):
+            self.storage.keep_for_a_job(ref)
             return ref
         if ref.startswith(("https://", "http://")):
             try:

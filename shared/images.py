@@ -88,12 +88,32 @@ def parse_data_uri(ref: str) -> bytes:
         raise InputError("data URI payload is not valid base64") from None
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits: NAT64's well-known prefix
+# and the deprecated IPv4-compatible addresses. NAT64's local-use prefix is refused outright.
+_IPV4_IN_LOW_BITS = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one reaches through a translator or tunnel (mapped, 6to4,
+    Teredo, NAT64), which is what the SSRF check must judge."""
+    if ip.ipv4_mapped or ip.sixtofour:
+        return ip.ipv4_mapped or ip.sixtofour
+    if ip.teredo:
+        return ip.teredo[1]  # (server, client): the client is where traffic goes
+    if any(ip in net for net in _IPV4_IN_LOW_BITS) and int(ip) > 1:  # not :: or ::1
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def _non_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    mapped = getattr(ip, "ipv4_mapped", None)
-    if mapped is not None:
-        ip = mapped
-    # not is_global: private, loopback, link-local (cloud metadata), CGNAT 100.64/10, reserved, 0/8...
-    return not ip.is_global or ip.is_multicast or ip.is_loopback or ip.is_link_local or ip.is_unspecified
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return True
+        ip = _embedded_ipv4(ip) or ip
+    # not is_global: private, loopback, link-local (cloud metadata), CGNAT 100.64/10, 0/8...
+    return (not ip.is_global or ip.is_multicast or ip.is_loopback or ip.is_link_local or ip.is_unspecified
+            or ip.is_reserved)
 
 
 def check_public_url(url: str, settings: Settings) -> str | None:

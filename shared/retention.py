@@ -13,11 +13,11 @@ import logging
 import time
 
 from easel.shared.jobstore import JobStore
-from easel.shared.storage import Storage
+from easel.shared.storage import RETAINED_PREFIXES, Storage
 
 log = logging.getLogger("easel.retention")
 
-PREFIXES = ["jobs/", "inputs/", "uploads/"]  # results and hand-offs, inputs, the API's presigned uploads
+PREFIXES = list(RETAINED_PREFIXES)
 EVERY_S = 3600.0
 
 
@@ -30,11 +30,13 @@ class ResultRetention:
         self._next_try = 0.0
 
     def __call__(self) -> str | None:
-        if not self.days or time.monotonic() < self._next_try:
+        if time.monotonic() < self._next_try:
             return None
         self._next_try = time.monotonic() + self.every_s
         if not self.store.lease("retention", self.every_s):
             return None
+        if not self.days:  # kept: rules set under an earlier retention must not go on deleting
+            return "lifecycle rules: none of easel's" if self.storage.expire_after(PREFIXES, 0) else None
         if self.storage.expire_after(PREFIXES, self.days):
             return f"lifecycle rules: {', '.join(PREFIXES)} expire after {self.days} days"
         deleted = sum(self.storage.delete_older(prefix, self.days * 86400) for prefix in PREFIXES)

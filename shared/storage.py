@@ -6,6 +6,7 @@ same objects with the same bytes instead of producing a second result.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from easel.shared.settings import Settings
+
+log = logging.getLogger("easel.storage")
 
 _MIME = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg", "json": "application/json",
          "safetensors": "application/octet-stream"}
@@ -44,7 +47,8 @@ class S3Ref:
 
 
 # What S3 servers without lifecycle support answer to a lifecycle call.
-LIFECYCLE_UNSUPPORTED = {"NotImplemented", "MethodNotAllowed", "501", "405"}
+# A server without lifecycle rules, or credentials that may not set them: the sweep does the work.
+LIFECYCLE_UNSUPPORTED = {"NotImplemented", "MethodNotAllowed", "501", "405", "AccessDenied", "403"}
 
 
 def _code(e: ClientError) -> str:
@@ -56,6 +60,9 @@ def job_prefix(job_id: str) -> str:
 
 
 INPUT_SLACK_S = 3600  # how much less than a job record's TTL a reused input may have left
+FRESH_KNOWN_S = 60.0  # how long a process trusts its last look at an object's age
+# What retention expires: results and hand-offs, inputs, the API's presigned uploads.
+RETAINED_PREFIXES = ("jobs/", "inputs/", "uploads/")
 
 
 def _missing(e: ClientError) -> bool:
@@ -86,6 +93,7 @@ class Storage:
         )
         self._bucket_ready = False
         self._lock = threading.Lock()
+        self._fresh_until: dict[str, float] = {}  # key -> monotonic time its age was last found fine until
 
     def ensure_bucket(self) -> None:
         if self._bucket_ready:
@@ -142,16 +150,52 @@ class Storage:
         thousand jobs over one image rewrite it once an hour, not a thousand times) is
         rewritten by a copy onto itself on the server: the bytes are not sent again."""
         key = f"inputs/{hashlib.sha256(data).hexdigest()}.{ext}"
-        age = self.age_s(key)
-        if age is None or (age > self._input_fresh_s() and not self._rewrite(key)):
+        if not self._keep(key):
             self.put(key, data)
         return self.uri(key)
+
+    def keep_for_a_job(self, uri: str) -> None:
+        """An object of this bucket that retention expires, named by a new job (an input used
+        again by its ``s3://`` URI, an earlier job's output), gets at least as much life left
+        as ``put_input`` gives. Best effort: one that is not there is left to the worker,
+        whose job then fails naming it, and an S3 error here only skips the rewrite."""
+        try:
+            ref = S3Ref.parse(uri)
+        except ValueError:  # the job's validation names it
+            return
+        if ref.bucket != self.bucket or not ref.key.startswith(RETAINED_PREFIXES):
+            return
+        try:
+            self._keep(ref.key)
+        except (BotoCoreError, ClientError) as e:
+            log.warning("could not check the age of %s for a new job: %s", uri, e)
+
+    def _keep(self, key: str) -> bool:
+        """Rewrite ``key`` in place when it has less life left than a new job's record may
+        need; False when there is no such object. A process trusts what it found for a minute
+        at most, so a bulk submission over one image looks once a minute, not once a job."""
+        now = time.monotonic()
+        if now < self._fresh_until.get(key, 0.0):
+            return True
+        age, fresh_s = self.age_s(key), self._input_fresh_s()
+        if age is None:
+            return False
+        if age > fresh_s:
+            if not self._rewrite(key):
+                return False
+            age = 0.0
+        if len(self._fresh_until) > 10_000:
+            self._fresh_until.clear()
+        self._fresh_until[key] = now + min(FRESH_KNOWN_S, fresh_s - age)
+        return True
 
     def _input_fresh_s(self) -> float:
         """How old a reused input may be and still outlive a new job's record (less the slack);
         with no retention, any age."""
-        keep_s = self.settings.retention_days * 86400
-        return max(0, keep_s - self.settings.job_ttl_s) + INPUT_SLACK_S if keep_s else float("inf")
+        keep_s, ttl_s = self.settings.retention_days * 86400, self.settings.job_ttl_s
+        # The slack is at most half a record's life, so a reused input always has at least
+        # that much left (and never one past its deletion, with records shorter than the slack).
+        return max(0, keep_s - ttl_s) + min(INPUT_SLACK_S, ttl_s / 2) if keep_s else float("inf")
 
     def _rewrite(self, key: str) -> bool:
         """Copy the object onto itself (a new last-write time); False when there is none."""
@@ -195,23 +239,27 @@ class Storage:
 
     def expire_after(self, prefixes: list[str], days: int) -> bool:
         """Lifecycle rules that expire objects under ``prefixes`` ``days`` after they were
-        written (easel's rules replaced, other rules of the bucket kept). False when the server
-        takes no lifecycle rules."""
+        written; ``days`` 0 removes them (objects kept). easel's rules are replaced, the
+        bucket's other rules kept. False when the server takes no lifecycle rules, or these
+        credentials may not set them."""
         self.ensure_bucket()
         try:
-            rules = self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket)["Rules"]
+            now = self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket)["Rules"]
         except ClientError as e:
             if _code(e) in LIFECYCLE_UNSUPPORTED:
                 return False
             if _code(e) != "NoSuchLifecycleConfiguration":
                 raise
-            rules = []
-        rules = [r for r in rules if not r.get("ID", "").startswith("easel-")]
+            now = []
+        rules = [r for r in now if not r.get("ID", "").startswith("easel-")]
         rules += [{"ID": f"easel-{p.strip('/')}", "Status": "Enabled", "Filter": {"Prefix": p},
-                   "Expiration": {"Days": days}} for p in prefixes]
+                   "Expiration": {"Days": days}} for p in prefixes if days]
         try:
-            self.client.put_bucket_lifecycle_configuration(Bucket=self.bucket,
-                                                           LifecycleConfiguration={"Rules": rules})
+            if not rules and now:
+                self.client.delete_bucket_lifecycle(Bucket=self.bucket)
+            elif rules:
+                self.client.put_bucket_lifecycle_configuration(Bucket=self.bucket,
+                                                               LifecycleConfiguration={"Rules": rules})
         except ClientError as e:
             if _code(e) in LIFECYCLE_UNSUPPORTED:
                 return False

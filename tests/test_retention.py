@@ -28,8 +28,18 @@ def test_a_worker_sets_the_buckets_lifecycle_rules_once_per_period(easel_env, st
     assert all(r["Expiration"]["Days"] == 3 for r in rules.values() if r["ID"].startswith("easel-"))
     # Another process in the same period finds the lease taken and does nothing.
     assert ResultRetention(store, storage, days=3)() is None
+    # 0 = keep: the rules an earlier retention set go (they would go on deleting), no sweep,
+    # and the bucket's own rules stay.
+    theirs = {"ID": "their-logs", "Status": "Enabled", "Filter": {"Prefix": "logs/"}, "Expiration": {"Days": 30}}
+    storage.client.put_bucket_lifecycle_configuration(Bucket=storage.bucket, LifecycleConfiguration={
+        "Rules": [theirs, *rules.values()]})
     store.r.delete(f"{s.queue_prefix}:lease:retention")
-    assert ResultRetention(store, storage, days=0)() is None  # 0 = keep: no rule set, no sweep
+    assert ResultRetention(store, storage, days=0)() == "lifecycle rules: none of easel's"
+    left = storage.client.get_bucket_lifecycle_configuration(Bucket=storage.bucket)["Rules"]
+    assert [r["ID"] for r in left] == ["their-logs"]
+    assert storage.expire_after(PREFIXES, 0)  # nothing of easel's left to remove
+    storage.client.delete_bucket_lifecycle(Bucket=storage.bucket)
+    assert storage.expire_after(PREFIXES, 0)  # no rules at all: nothing to do
     store.r.delete(f"{s.queue_prefix}:lease:retention")
     ResultRetention(store, storage, days=s.retention_days)()  # leave the default in force
 
@@ -76,3 +86,34 @@ def test_an_input_reused_with_less_life_left_than_a_job_record_is_rewritten(stor
     third = written_at(get_settings())
     time.sleep(1.1)
     assert written_at(get_settings().model_copy(update={"retention_days": 0})) == third
+
+
+def test_an_input_named_by_its_uri_is_kept_alive_for_the_new_job(easel_env, storage, monkeypatch):
+    """A client that uploads once and submits the returned ``s3://`` URI for days gets the
+    same care as one that uploads each time: an object with less life left than a new job's
+    record is rewritten on the server when a job names it, once per process per minute at
+    most; another bucket's object and one that is not there are left to the worker."""
+    import easel.shared.storage
+    from easel.producer.client import EaselClient
+    from tests.conftest import img2img_job
+
+    uri = storage.put_input(f"input {time.monotonic_ns()}".encode(), "png")
+    key = uri.split("/", 3)[3]
+
+    def written_at() -> float:
+        return storage.client.head_object(Bucket=storage.bucket, Key=key)["LastModified"].timestamp()
+
+    client = EaselClient(get_settings())
+    first = written_at()
+    time.sleep(1.1)  # S3 LastModified has one-second resolution
+    client.prepare(img2img_job(uri))
+    assert written_at() == first  # plenty of life left
+    monkeypatch.setattr(easel.shared.storage, "INPUT_SLACK_S", 1)  # as if an hour went by
+    client.prepare(img2img_job(uri))
+    assert written_at() == first  # this process looked less than a minute ago
+    client.storage._fresh_until.clear()  # a minute later
+    client.prepare(img2img_job(uri))
+    assert written_at() > first
+    for elsewhere in ("s3://other-bucket/inputs/x.png", "s3://easel/inputs/never-uploaded.png"):
+        assert client.prepare(img2img_job(elsewhere)).input.image == elsewhere
+

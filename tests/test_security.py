@@ -371,6 +371,11 @@ def test_rediss_end_to_end_through_tls(secure_worker, secure_valkey, good_ref, t
     ("https://2130706433/x.png", "non-public address (127.0.0.1)"),
     ("https://0.0.0.0/x.png", "non-public address"),
     ("https://user@127.0.0.1:6379/x.png", "non-public address"),
+    # IPv6 addresses that reach an IPv4 one through NAT64, 6to4 or the IPv4-compatible form
+    ("https://[64:ff9b::a9fe:a9fe]/latest/meta-data/", "non-public address (64:ff9b::a9fe:a9fe)"),
+    ("https://[64:ff9b::a00:5]/x.png", "non-public address"),
+    ("https://[2002:7f00:1::]/x.png", "non-public address"),
+    ("https://[::a9fe:a9fe]/x.png", "non-public address"),
     ("http://example.com/x.png", "only https:// image URLs are accepted"),
     ("http://127.0.0.1:6379/x.png", "only https:// image URLs are accepted"),
 ])
