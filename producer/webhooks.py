@@ -29,7 +29,6 @@ answer (``shared.images.pin_url``).
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -44,7 +43,7 @@ from typing import Callable
 
 import httpx
 
-from easel.shared.images import InputError, Unresolved, pin_url
+from easel.shared.images import InputError, Unresolved, exchange
 from easel.shared.jobstore import JobStore
 from easel.shared.settings import Settings, secret_keys
 
@@ -234,38 +233,25 @@ class WebhookDispatcher:
         return self._deliver_terminal(member)
 
     def _post(self, url: str, secret: str, job_id: str, msg_id: str, event: str, attempt: int) -> str | None:
-        """One signed POST of the job's JSON to the pinned address; None when the receiver
-        took it (2xx), else why not. Raises InputError for a URL refused at the check; a
-        name that does not resolve now is a failed attempt, retried like any other."""
-        try:
-            target, pinned_headers, extensions = pin_url(url, self.s)
-        except Unresolved as e:
-            return str(e)[:500]
+        """One signed POST of the job's JSON to the pinned address (``exchange``: the whole
+        exchange bounded by ``webhook_timeout_s``, the answer's body never read); None when
+        the receiver took it (2xx), else why not. Raises InputError for a URL refused at the
+        check; a name that does not resolve now is a failed attempt, retried like any other."""
         body = json.dumps({"id": msg_id, "type": event, "attempt": attempt, "created_at": time.time(),
                            "job": self.render(job_id)}, separators=(",", ":"), default=str).encode()
-        headers = {"Content-Type": "application/json", **pinned_headers, **signed_headers(secret, msg_id, body),
-                   "Easel-Event": event, "Easel-Attempt": str(attempt)}
+        headers = {"Content-Type": "application/json", "User-Agent": "easel-webhooks/1",
+                   **signed_headers(secret, msg_id, body), "Easel-Event": event, "Easel-Attempt": str(attempt)}
         limit = self.s.webhook_timeout_s
         try:
-            status = asyncio.run(asyncio.wait_for(self._send(target, body, headers, extensions), limit))
-        except asyncio.TimeoutError:
+            status, _ = exchange("POST", url, self.s, timeout_s=limit, content=body, headers=headers,
+                                 verify=self._tls, transport=self.transport)
+        except Unresolved as e:
+            return str(e)[:500]
+        except TimeoutError:
             return f"no answer within {limit:g}s (EASEL_WEBHOOK_TIMEOUT_S)"
         except httpx.HTTPError as e:
             return f"{type(e).__name__}: {e}"[:500]
         return None if 200 <= status < 300 else f"HTTP {status}"
-
-    async def _send(self, target: httpx.URL, body: bytes, headers: dict, extensions: dict) -> int:
-        """The POST's status code. The caller bounds the whole exchange in time (a receiver
-        that drips its answer a byte at a time is cut off), and the answer's body is never
-        read. Each attempt has a client of its own: requests go to pinned addresses, so no
-        connection is kept alive (two receivers behind one address must not share a TLS
-        session checked for the other's name), and no proxy settings come from the
-        environment."""
-        async with httpx.AsyncClient(timeout=self.s.webhook_timeout_s, follow_redirects=False, trust_env=False,
-                                     verify=self._tls, transport=self.transport,
-                                     headers={"User-Agent": "easel-webhooks/1"}) as client, \
-                client.stream("POST", target, content=body, headers=headers, extensions=extensions) as resp:
-            return resp.status_code
 
     def _deliver_passing(self, member: str) -> str:
         """queued, started, progress: best effort, one attempt (the next event supersedes it)."""

@@ -6,12 +6,12 @@ https fetches refuse private addresses unless allowed, and every failure is an
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import ipaddress
 import socket
-import time
 import warnings
 
 from PIL import Image, UnidentifiedImageError
@@ -164,34 +164,67 @@ def pin_url(url: str, settings: Settings):
     return u.copy_with(host=pinned), {"Host": u.netloc.decode("ascii")}, {"sni_hostname": u.host}
 
 
-def fetch_url(url: str, settings: Settings) -> bytes:
-    """Download an image URL: SSRF-checked, pinned to the vetted address, no redirects,
-    no proxies or .netrc from the environment, bounded in bytes and in total time."""
+def exchange(method: str, url: str, settings: Settings, *, timeout_s: float, body_limit: int = 0,
+             content: bytes | None = None, headers: dict[str, str] | None = None, verify=True,
+             transport=None) -> tuple[int, bytes]:
+    """One request to a URL a user named: SSRF-checked and pinned to the vetted address
+    (``pin_url``), no redirects, no proxies or .netrc from the environment, and the whole
+    exchange (connection, request, answer, body) cut off after ``timeout_s`` however the
+    server paces it. Returns (status, body): a 200's body is read up to ``body_limit`` bytes
+    (InputError past it), no other answer's body is read.
+
+    Raises InputError for a refused URL (``Unresolved`` for a name that does not resolve
+    now), TimeoutError past the deadline, ``httpx.HTTPError`` when the network fails.
+    ``verify`` and ``transport`` go to the httpx client (a shared TLS context; tests)."""
+    target, pinned, extensions = pin_url(url, settings)
+    call = _exchange(method, target, {**(headers or {}), **pinned}, extensions, content, body_limit, timeout_s,
+                     verify, transport, url)
+    try:  # a loop of its own: the deadline must hold where each read is within its timeout
+        return asyncio.run(asyncio.wait_for(call, timeout_s))
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"{url[:100]}: no complete answer within {timeout_s:g}s") from None
+
+
+async def _exchange(method, target, headers, extensions, content, body_limit, timeout_s, verify, transport,
+                    url) -> tuple[int, bytes]:
+    """``exchange``'s request, with a client of its own: requests go to pinned addresses, so
+    no connection is kept alive (two names behind one address must not share a TLS session
+    checked for the other's name)."""
     import httpx
 
-    u, headers, extensions = pin_url(url, settings)
-    limit, deadline = settings.max_input_bytes, time.monotonic() + settings.url_fetch_timeout_s
+    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, trust_env=False, verify=verify,
+                                 transport=transport) as http, \
+            http.stream(method, target, content=content, headers=headers, extensions=extensions) as r:
+        if r.status_code != 200 or not body_limit:
+            return r.status_code, b""
+        declared = r.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > body_limit:
+            raise InputError(f"{url[:100]} is {declared} bytes, over the {body_limit}-byte limit")
+        chunks, total = [], 0
+        async for chunk in r.aiter_bytes():
+            total += len(chunk)
+            if total > body_limit:
+                raise InputError(f"{url[:100]} is over the {body_limit}-byte limit")
+            chunks.append(chunk)
+        return r.status_code, b"".join(chunks)
+
+
+def fetch_url(url: str, settings: Settings) -> bytes:
+    """Download an image URL (``exchange``): bounded in bytes (``max_input_bytes``) and in
+    total time (``url_fetch_timeout_s``), so no server can hold a worker."""
+    import httpx
+
     try:
-        with httpx.Client(timeout=min(30.0, settings.url_fetch_timeout_s), follow_redirects=False,
-                          trust_env=False) as http, \
-                http.stream("GET", u, headers=headers, extensions=extensions) as r:
-            if r.status_code != 200:
-                raise InputError(f"GET {url[:100]} returned HTTP {r.status_code}"
-                                 + (" (redirects are not followed)" if 300 <= r.status_code < 400 else ""))
-            declared = r.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise InputError(f"{url[:100]} is {declared} bytes, over the {limit}-byte limit")
-            chunks, total = [], 0
-            for chunk in r.iter_bytes():
-                total += len(chunk)
-                if total > limit:
-                    raise InputError(f"{url[:100]} is over the {limit}-byte limit")
-                if time.monotonic() > deadline:
-                    raise InputError(f"{url[:100]} took longer than {settings.url_fetch_timeout_s:g}s to download")
-                chunks.append(chunk)
-            return b"".join(chunks)
+        status, body = exchange("GET", url, settings, timeout_s=settings.url_fetch_timeout_s,
+                                body_limit=settings.max_input_bytes)
+    except TimeoutError:
+        raise InputError(f"{url[:100]} took longer than {settings.url_fetch_timeout_s:g}s to download") from None
     except httpx.HTTPError as e:
         raise InputError(f"cannot fetch {url[:100]}: {type(e).__name__}: {str(e)[:200]}") from None
+    if status != 200:
+        raise InputError(f"GET {url[:100]} returned HTTP {status}"
+                         + (" (redirects are not followed)" if 300 <= status < 400 else ""))
+    return body
 
 
 def encode_image(img: Image.Image, fmt: str, quality: int = 95) -> bytes:

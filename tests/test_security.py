@@ -419,7 +419,7 @@ def test_download_is_pinned_to_the_vetted_address(monkeypatch):
         seen.update(url=str(url), host=headers.get("Host"), sni=extensions.get("sni_hostname"))
         raise httpx.ConnectError("stop here")
 
-    monkeypatch.setattr(httpx.Client, "stream", fake_stream)
+    monkeypatch.setattr(httpx.AsyncClient, "stream", fake_stream)
     with pytest.raises(InputError, match="cannot fetch"):
         fetch_url("https://rebind.example.com:8443/a.png?x=1", Settings(allow_private_urls=False))
     assert seen == {"url": "https://93.184.216.34:8443/a.png?x=1", "host": "rebind.example.com:8443",
@@ -437,6 +437,14 @@ def test_download_limits_in_process(images):
     with pytest.raises(InputError, match="took longer than 1s"):
         fetch_url(images.url("/slow.png"), s)
     assert time.monotonic() - t0 < 5
+    dripping = DrippingReceiver()  # its headers a byte at a time: each read quick, no end
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(InputError, match="took longer than 1s"):
+            fetch_url(dripping.url, s)
+        assert time.monotonic() - t0 < 3
+    finally:
+        dripping.close()
     with pytest.raises(InputError, match=r"HTTP 302 \(redirects are not followed\)"):
         fetch_url(images.url("/redirect.png"), s)
     with pytest.raises(InputError, match="HTTP 404"):
