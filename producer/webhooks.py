@@ -232,13 +232,14 @@ class WebhookDispatcher:
             return self._deliver_passing(member)
         return self._deliver_terminal(member)
 
-    def _post(self, url: str, secret: str, job_id: str, msg_id: str, event: str, attempt: int) -> str | None:
+    def _post(self, url: str, secret: str, job_id: str, owner: str | None, msg_id: str, event: str,
+              attempt: int) -> str | None:
         """One signed POST of the job's JSON to the pinned address (``exchange``: the whole
         exchange bounded by ``webhook_timeout_s``, the answer's body never read); None when
         the receiver took it (2xx), else why not. Raises InputError for a URL refused at the
         check; a name that does not resolve now is a failed attempt, retried like any other."""
         body = json.dumps({"id": msg_id, "type": event, "attempt": attempt, "created_at": time.time(),
-                           "job": self.render(job_id)}, separators=(",", ":"), default=str).encode()
+                           "key": owner, "job": self.render(job_id)}, separators=(",", ":"), default=str).encode()
         headers = {"Content-Type": "application/json", "User-Agent": "easel-webhooks/1",
                    **signed_headers(secret, msg_id, body), "Easel-Event": event, "Easel-Attempt": str(attempt)}
         limit = self.s.webhook_timeout_s
@@ -262,7 +263,7 @@ class WebhookDispatcher:
         if not url or not secret:
             return "dropped"
         try:  # the id: <job id>.started, <job id>.progress.<stage>.<step>, ...
-            error = self._post(url, secret, job_id, f"{job_id}.{tag}", f"job.{event}", 1)
+            error = self._post(url, secret, job_id, owner, f"{job_id}.{tag}", f"job.{event}", 1)
         except InputError:
             return "dropped"
         outcome = "failed" if error else "delivered"
@@ -282,7 +283,7 @@ class WebhookDispatcher:
         if not secret:
             return self._give_up(job_id, event, "no webhook secret configured (EASEL_WEBHOOK_SECRET)")
         try:
-            error = self._post(url, secret, job_id, f"{job_id}.{state}", event, attempt)
+            error = self._post(url, secret, job_id, owner, f"{job_id}.{state}", event, attempt)
         except InputError as e:
             return self._give_up(job_id, event, f"refused URL: {e}")
         if error is None:

@@ -550,6 +550,7 @@ def test_webhook_is_signed_retried_and_carries_the_result(api, http, sd15_worker
         assert h1["webhook-id"] == h2["webhook-id"] == f"{job_id}.succeeded"  # receivers dedupe retries on it
         event = json.loads(b2)
         assert event["type"] == "job.succeeded" and event["job"]["id"] == job_id and event["attempt"] == 2
+        assert event["key"] == "main"  # the submitting key, signed with the rest
         assert h2["Easel-Event"] == "job.succeeded" and len(h2["webhook-signature"].split()) == 2
         png = httpx.get(event["job"]["outputs"][0]["url"])
         assert Image.open(io.BytesIO(png.content)).format == "PNG"
