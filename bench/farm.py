@@ -40,7 +40,9 @@ Headlines:
   quarters of the flat-out rate: the difference of valkey's two CPU rates over the
   difference of the two job rates, the marginal cost per job of a busy server.
 
-Jobs are also submitted once before anything is measured, so every worker has run one.
+Jobs are also submitted once before anything is measured, so every worker has run one,
+and once more between the idle window and the rate steps, so no connection the steps use
+has idled long enough for redis-py's health-check PING (a quiet spell's cost, not a job's).
 Each window (idle, rate steps, backlog) lasts a whole number of the workers' timer periods
 (``periodic_s``), so their heartbeats and sweeps cancel out of the per-job counts.
 By default valkey has a CPU of its own and everything else shares the rest
@@ -215,20 +217,19 @@ def job_rates_below_knee(steps: list[dict]) -> list[float]:
     return [s["jobs"] / s["window"]["s"] for s in steps if s["rate"] <= top["rate"]]
 
 
-def lone_ping_cpu_us(r, request_rates: list[float], seconds: float = 4.0) -> float:
+def lone_ping_cpu_us(r, request_rates: list[float], idle: dict, period_s: float) -> float:
     """Marginal valkey CPU per PING sent alone at each of ``request_rates`` (per second, one
-    connection, paced): the slope of valkey's CPU rate against the PING rate, from zero (its
-    idle rate, measured just before), as ``farm_redis_cpu_us_per_job`` is taken."""
-    a = Reading.take(r, None)
-    time.sleep(seconds)
-    idle = Reading.take(r, None).since(a)
+    connection, paced, each window padded to whole ``period_s`` as the jobs' are): the slope
+    of valkey's CPU rate against the PING rate from the ``idle`` window's rate at zero, as
+    ``farm_redis_cpu_us_per_job`` is taken."""
     points = [(0.0, idle["cpu_s"] / idle["s"])]
     for rate in request_rates:
-        n = max(20, int(rate * seconds))
+        n = max(20, int(rate * period_s))
         before = Reading.take(r, None)
         for i in range(n):
             time.sleep(max(0.0, before.t + i / rate - time.perf_counter()))
             r.ping()
+        pad_window(before.t, period_s)
         used = Reading.take(r, None).since(before)
         points.append((n / used["s"], used["cpu_s"] / used["s"]))
     return slope(points) * 1e6
@@ -382,6 +383,10 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
         ping = ping_cpu_us(r)  # idle workers around, as for the jobs
         log(f"idle: {idle['cmd_total'] / idle['s']:.0f} cmds/s, valkey {100 * idle['cpu_s'] / idle['s']:.2f}% "
             f"of a core for {workers} idle workers")
+        # Each worker's connections idled through that window: redis-py health-checks a
+        # connection idle over 30 s with a PING before using it. That is the cost of a quiet
+        # spell, not of a job, so one more round of jobs comes before the measured steps.
+        run_step(env, client, r, proxy, ref, 4 * workers, 1.0, steps, seed0=2 * 10**7)
         results = []
         for k, rate in enumerate(rates):
             res = run_step(env, client, r, proxy, ref, rate, seconds, steps, seed0=k * 100_000, period_s=period)
@@ -395,7 +400,7 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
             f"{backlog['cpu_us_per_job']:.0f} µs valkey CPU/job, failed {backlog['failed']}")
         # idle workers around, as for the jobs
         round_trips = above_idle(idle, results[0]["window"], results[0]["jobs"], "reads")
-        lone = lone_ping_cpu_us(r, [rate * round_trips for rate in job_rates_below_knee(results)])
+        lone = lone_ping_cpu_us(r, [rate * round_trips for rate in job_rates_below_knee(results)], idle, period)
         log(f"a lone PING at {round_trips:.1f} per job's rate: {lone:.0f} µs of valkey CPU")
     finally:
         for p in procs:
@@ -410,7 +415,7 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
     out["farm_redis_ping_cpu_us"] = round(ping, 1)
     out["farm_redis_cpu_per_job_in_pings"] = round(out["farm_redis_cpu_us_per_job"] / ping, 1)
     out["farm_redis_lone_ping_cpu_us"] = round(lone, 1)
-    out["farm_redis_cpu_per_job_in_lone_pings"] = round(out["farm_redis_cpu_us_per_job"] / lone, 1)
+    out["farm_redis_cpu_per_job_in_lone_pings"] = round(out["farm_redis_cpu_us_per_job"] / lone, 1) if lone > 0 else None
     for k, v in out.items():
         headline(k, v)
     return {"headline": out, "details": {"idle": idle, "steps": results,

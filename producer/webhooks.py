@@ -41,6 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+import certifi
 import httpx
 
 from easel.shared.images import InputError, Unresolved, exchange
@@ -134,7 +135,8 @@ class WebhookDispatcher:
         # A lease outlasts any attempt (each is cut off at webhook_timeout_s), so no other
         # replica takes a delivery while one is still trying it.
         self.lease_s = max(120.0, 4 * settings.webhook_timeout_s)
-        self._tls = ssl.create_default_context()  # built once, shared by every attempt's client
+        # Built once, shared by every attempt's client: the CAs httpx trusts by default.
+        self._tls = ssl.create_default_context(cafile=certifi.where())
         self.transport: httpx.AsyncBaseTransport | None = None  # instead of the network (tests)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

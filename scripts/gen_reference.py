@@ -62,9 +62,7 @@ SETTING_NOTES = {
     "api_presign_ttl_s": "how long presigned result and upload URLs stay valid",
     "webhook_secret": "signs webhooks (Standard Webhooks, `whsec_<base64>`); two secrets separated by a space "
                       "during a rotation, new first",
-    "webhook_max_attempts": "attempts per webhook delivery before it is given up",
     "webhook_backoff_max_s": "longest delay between two webhook attempts",
-    "webhook_timeout_s": "time allowed for one webhook POST",
 }
 APIKEY_NOTES = {
     "rate_per_min": "this key's token refill rate; EASEL_API_RATE_PER_MIN if unset",

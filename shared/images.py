@@ -13,10 +13,14 @@ import io
 import ipaddress
 import socket
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Awaitable, Callable, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
 from easel.shared.settings import Settings
+
+T = TypeVar("T")
 
 
 class InputError(ValueError):
@@ -96,11 +100,9 @@ _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 one reaches through a translator or tunnel (mapped, 6to4,
-    Teredo, NAT64), which is what the SSRF check must judge."""
+    NAT64), which is what the SSRF check must judge."""
     if ip.ipv4_mapped or ip.sixtofour:
         return ip.ipv4_mapped or ip.sixtofour
-    if ip.teredo:
-        return ip.teredo[1]  # (server, client): the client is where traffic goes
     if any(ip in net for net in _IPV4_IN_LOW_BITS) and int(ip) > 1:  # not :: or ::1
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
@@ -108,7 +110,7 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 def _non_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip in _NAT64_LOCAL:
+        if ip in _NAT64_LOCAL or ip.teredo:  # a tunnel to wherever its client is: no webhook or image lives there
             return True
         ip = _embedded_ipv4(ip) or ip
     # not is_global: private, loopback, link-local (cloud metadata), CGNAT 100.64/10, 0/8...
@@ -175,14 +177,35 @@ def exchange(method: str, url: str, settings: Settings, *, timeout_s: float, bod
 
     Raises InputError for a refused URL (``Unresolved`` for a name that does not resolve
     now), TimeoutError past the deadline, ``httpx.HTTPError`` when the network fails.
-    ``verify`` and ``transport`` go to the httpx client (a shared TLS context; tests)."""
+    ``verify`` and ``transport`` go to the httpx client (a shared TLS context; tests). The
+    name's lookup (``pin_url``) comes before the deadline starts and is bounded by the
+    system resolver's own timeouts."""
     target, pinned, extensions = pin_url(url, settings)
-    call = _exchange(method, target, {**(headers or {}), **pinned}, extensions, content, body_limit, timeout_s,
-                     verify, transport, url)
-    try:  # a loop of its own: the deadline must hold where each read is within its timeout
-        return asyncio.run(asyncio.wait_for(call, timeout_s))
+
+    async def bounded() -> tuple[int, bytes]:
+        return await asyncio.wait_for(_exchange(method, target, {**(headers or {}), **pinned}, extensions, content,
+                                                body_limit, timeout_s, verify, transport, url), timeout_s)
+
+    try:
+        return _run_in_own_loop(bounded)
     except asyncio.TimeoutError:
         raise TimeoutError(f"{url[:100]}: no complete answer within {timeout_s:g}s") from None
+
+
+def _run_in_own_loop(make: Callable[[], Awaitable[T]]) -> T:
+    """``make()``'s result, awaited in an event loop of its own (the deadline must hold where
+    each read is within its timeout, which only cancellation gives), leaving the thread's
+    own loop alone; from a thread already running a loop, in a short-lived thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(make())
+        finally:
+            loop.close()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_run_in_own_loop, make).result()
 
 
 async def _exchange(method, target, headers, extensions, content, body_limit, timeout_s, verify, transport,

@@ -70,30 +70,55 @@ def _missing(e: ClientError) -> bool:
     return e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket", "NotFound")
 
 
+def s3_client(settings: Settings, *, attempts: int = 4, connect_s: float = 5, read_s: float = 60):
+    """An S3 client for ``settings``: ``attempts`` in all for each call (the first and its
+    retries), each read bounded by ``read_s``."""
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region,
+        config=Config(
+            # SeaweedFS and other S3 servers mishandle the default flexible checksums.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            retries={"total_max_attempts": attempts, "mode": "standard"},
+            connect_timeout=connect_s,
+            read_timeout=read_s,
+            s3={"addressing_style": "path"},
+            signature_version="s3v4",  # presigned POST policies are SigV2 otherwise
+        ),
+        **settings.s3_credentials(),
+    )
+
+
+def _no_rules(e: ClientError) -> bool:
+    """False, after a warning where the rules may be there but not ours to change."""
+    if _code(e) in ("AccessDenied", "403"):
+        log.warning("these S3 credentials may not read or set the bucket's lifecycle rules (%s): retention "
+                    "sweeps instead, and rules set earlier by other credentials stay in force", _code(e))
+    return False
+
+
+def _remember(cache: dict[str, float], key: str, until: float) -> None:
+    if len(cache) > 10_000:
+        cache.clear()
+    cache[key] = until
+
+
 class Storage:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.bucket = settings.s3_bucket
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=settings.s3_region,
-            config=Config(
-                # SeaweedFS and other S3 servers mishandle the default flexible checksums.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-                # A few quick tries here; longer outages are the task's retries (backoff up to 30 s).
-                retries={"max_attempts": 3, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
-                s3={"addressing_style": "path"},
-                signature_version="s3v4",  # presigned POST policies are SigV2 otherwise
-            ),
-            **settings.s3_credentials(),
-        )
+        # A few quick tries here (four in all); longer outages are the task's retries (backoff
+        # up to 30 s).
+        self.client = s3_client(settings)
+        # For the best-effort look a submission takes at the objects it names: one short
+        # try, so an S3 outage slows no submission by more than a few seconds.
+        self._quick = s3_client(settings, attempts=1, connect_s=2, read_s=5)
         self._bucket_ready = False
         self._lock = threading.Lock()
         self._fresh_until: dict[str, float] = {}  # key -> monotonic time its age was last found fine until
+        self._looked_until: dict[str, float] = {}  # key -> until when a submission need not look again
 
     def ensure_bucket(self) -> None:
         if self._bucket_ready:
@@ -163,30 +188,31 @@ class Storage:
             ref = S3Ref.parse(uri)
         except ValueError:  # the job's validation names it
             return
-        if ref.bucket != self.bucket or not ref.key.startswith(RETAINED_PREFIXES):
+        now = time.monotonic()
+        if (ref.bucket != self.bucket or not ref.key.startswith(RETAINED_PREFIXES)
+                or now < self._looked_until.get(ref.key, 0.0)):
             return
+        _remember(self._looked_until, ref.key, now + FRESH_KNOWN_S)  # found or not, once a minute
         try:
-            self._keep(ref.key)
+            self._keep(ref.key, self._quick)
         except (BotoCoreError, ClientError) as e:
             log.warning("could not check the age of %s for a new job: %s", uri, e)
 
-    def _keep(self, key: str) -> bool:
+    def _keep(self, key: str, client=None) -> bool:
         """Rewrite ``key`` in place when it has less life left than a new job's record may
         need; False when there is no such object. A process trusts what it found for a minute
         at most, so a bulk submission over one image looks once a minute, not once a job."""
         now = time.monotonic()
         if now < self._fresh_until.get(key, 0.0):
             return True
-        age, fresh_s = self.age_s(key), self._input_fresh_s()
+        age, fresh_s = self.age_s(key, client), self._input_fresh_s()
         if age is None:
             return False
         if age > fresh_s:
-            if not self._rewrite(key):
+            if not self._rewrite(key, client):
                 return False
             age = 0.0
-        if len(self._fresh_until) > 10_000:
-            self._fresh_until.clear()
-        self._fresh_until[key] = now + min(FRESH_KNOWN_S, fresh_s - age)
+        _remember(self._fresh_until, key, now + min(FRESH_KNOWN_S, fresh_s - age))
         return True
 
     def _input_fresh_s(self) -> float:
@@ -197,10 +223,10 @@ class Storage:
         # that much left (and never one past its deletion, with records shorter than the slack).
         return max(0, keep_s - ttl_s) + min(INPUT_SLACK_S, ttl_s / 2) if keep_s else float("inf")
 
-    def _rewrite(self, key: str) -> bool:
+    def _rewrite(self, key: str, client=None) -> bool:
         """Copy the object onto itself (a new last-write time); False when there is none."""
         try:
-            self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
+            (client or self.client).copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
                                     MetadataDirective="REPLACE",
                                     ContentType=_MIME.get(key.rsplit(".", 1)[-1], "application/octet-stream"))
         except ClientError as e:
@@ -209,10 +235,10 @@ class Storage:
             raise
         return True
 
-    def age_s(self, key: str) -> float | None:
+    def age_s(self, key: str, client=None) -> float | None:
         """Seconds since the object was last written; None when there is none."""
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=key)
+            head = (client or self.client).head_object(Bucket=self.bucket, Key=key)
         except ClientError:
             return None
         return time.time() - head["LastModified"].timestamp()
@@ -247,7 +273,7 @@ class Storage:
             now = self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket)["Rules"]
         except ClientError as e:
             if _code(e) in LIFECYCLE_UNSUPPORTED:
-                return False
+                return _no_rules(e)
             if _code(e) != "NoSuchLifecycleConfiguration":
                 raise
             now = []
@@ -262,7 +288,7 @@ class Storage:
                                                                LifecycleConfiguration={"Rules": rules})
         except ClientError as e:
             if _code(e) in LIFECYCLE_UNSUPPORTED:
-                return False
+                return _no_rules(e)
             raise
         return True
 

@@ -11,6 +11,7 @@ from easel.shared.jobstore import JobStore
 from easel.shared.retention import PREFIXES, ResultRetention
 from easel.shared.settings import Settings, get_settings
 from easel.shared.storage import Storage
+from tests.netproxy import TcpProxy
 
 
 @pytest.fixture
@@ -111,9 +112,24 @@ def test_an_input_named_by_its_uri_is_kept_alive_for_the_new_job(easel_env, stor
     monkeypatch.setattr(easel.shared.storage, "INPUT_SLACK_S", 1)  # as if an hour went by
     client.prepare(img2img_job(uri))
     assert written_at() == first  # this process looked less than a minute ago
-    client.storage._fresh_until.clear()  # a minute later
+    client.storage._looked_until.clear()  # a minute later
+    client.storage._fresh_until.clear()
     client.prepare(img2img_job(uri))
     assert written_at() > first
-    for elsewhere in ("s3://other-bucket/inputs/x.png", "s3://easel/inputs/never-uploaded.png"):
-        assert client.prepare(img2img_job(elsewhere)).input.image == elsewhere
+    never = "s3://easel/inputs/never-uploaded.png"  # left to the worker, whose job fails naming it
+    assert client.prepare(img2img_job(never)).input.image == never and not storage.exists(never)
+
+    # S3 answering nothing: a submission waits one short try, then not again for a minute.
+    proxy = TcpProxy(int(get_settings().s3_endpoint_url.rsplit(":", 1)[1])).start()
+    held = EaselClient(get_settings().model_copy(update={"s3_endpoint_url": proxy.url}))
+    try:
+        proxy.hold()
+        t0 = time.monotonic()
+        held.prepare(img2img_job(uri))
+        assert time.monotonic() - t0 < 9  # connect 2 s at most, read 5 s, one attempt
+        t0 = time.monotonic()
+        held.prepare(img2img_job(uri))
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        proxy.stop()
 

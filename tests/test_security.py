@@ -429,6 +429,11 @@ def test_download_is_pinned_to_the_vetted_address(monkeypatch):
 def test_download_limits_in_process(images):
     s = Settings(allow_private_urls=True, max_input_bytes=MAX_BYTES, url_fetch_timeout_s=1.0)
     assert fetch_url(images.url("/img.png"), s) == png_bytes((64, 64))
+
+    async def in_a_running_loop() -> bytes:  # a caller inside an event loop (a notebook, async code)
+        return fetch_url(images.url("/img.png"), s)
+
+    assert asyncio.run(in_a_running_loop()) == png_bytes((64, 64))
     with pytest.raises(InputError, match=f"is {MAX_BYTES + 50_000} bytes, over the {MAX_BYTES}-byte limit"):
         fetch_url(images.url("/big.png"), s)  # refused from Content-Length, before the body
     with pytest.raises(InputError, match=f"over the {MAX_BYTES}-byte limit"):

@@ -10,10 +10,8 @@ import logging
 import json
 import time
 
-import boto3
 import redis
 import redis.asyncio as aioredis
-from botocore.config import Config
 from fastapi import HTTPException
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -28,7 +26,7 @@ from easel.shared.jobstore import JobStore
 from easel.shared.liveness import Reaper
 from easel.shared.schema import JobSpec, JobState
 from easel.shared.settings import Settings
-from easel.shared.storage import Storage
+from easel.shared.storage import Storage, s3_client
 
 log = logging.getLogger("easel.api")
 
@@ -67,11 +65,7 @@ class ApiState:
         # Probes get their own clients with short timeouts: a hung dependency must fail the
         # probe quickly instead of holding it behind the data path's retries.
         self.probe_redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
-        self.probe_s3 = boto3.client(
-            "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
-            config=Config(connect_timeout=2, read_timeout=2, retries={"max_attempts": 1},
-                          request_checksum_calculation="when_required", response_checksum_validation="when_required",
-                          s3={"addressing_style": "path"}), **settings.s3_credentials())
+        self.probe_s3 = s3_client(settings, attempts=1, connect_s=2, read_s=2)
 
     # -- lifespan ------------------------------------------------------------------------------
     def start(self, webhooks: bool) -> None:
