@@ -85,16 +85,21 @@ class EaselClient:
         tracing.setup(self.settings, "easel-producer")
         self._follow = threading.local()  # each thread's pub/sub connection for ``watch``
 
-    def _slot_freed(self, tenants: set[str]) -> None:
-        """Dispatch the queues where ``tenants`` (whose cap slots a cancel freed) wait. Best
-        effort, and without riding out a broker outage (a cancel must not hang on one): a job
-        moved and not sent is sent again by the lost-message sweep, and a worker's next claim
-        or heartbeat dispatches what this could not."""
+    def _slot_freed(self, tenants: set[str], queues: set[str]) -> None:
+        """Dispatch the queues where ``tenants`` (whose cap slots a cancel freed) wait, and
+        ``queues`` (where a cancelled job left room). Best effort, and without riding out a
+        broker outage (a cancel must not hang on one): a job moved and not sent is sent again
+        by the lost-message sweep, and a worker's next claim or heartbeat dispatches what
+        this could not."""
+        every = family_queues(self.registry.families(), self.settings.queue_prefix)
+        send = functools.partial(send_segment, self.celery, retry=False)
         try:
-            self.scheduler.feed(family_queues(self.registry.families(), self.settings.queue_prefix),
-                                functools.partial(send_segment, self.celery, retry=False), tenants)
+            if tenants:
+                self.scheduler.feed(every, send, tenants)
+            if room := {queue: every[queue] for queue in queues if queue in every}:
+                self.scheduler.feed(room, send)
         except Exception as e:
-            log.warning("could not dispatch pending jobs after a capped job ended (%s)", e)
+            log.warning("could not dispatch pending jobs after a cancel (%s)", e)
 
     # -- submission ---------------------------------------------------------------------
     def validate(self, job: JobSpec | dict) -> JobSpec:

@@ -419,7 +419,9 @@ class JobStore:
         self.ttl_s = ttl_s
         # Called with the tenants whose jobs dispatched under their caps a transition ended
         # (their next jobs may go now); None: nobody here dispatches.
-        self.on_slot_freed: Callable[[set[str]], None] | None = None
+        # Told (tenants whose cap slots freed, queues where a waiting job left room) when a
+        # change here may let pending jobs go: a worker's or a client's feeder dispatches them.
+        self.on_slot_freed: Callable[[set[str], set[str]], None] | None = None
         self._transition = self.r.register_script(_TRANSITION)
         self._claim = self.r.register_script(_CLAIM)
         self._requeue = self.r.register_script(_REQUEUE)
@@ -568,7 +570,7 @@ class JobStore:
         flights = flight_key(self.prefix, "")
         freed = {_text(res).removeprefix(flights) for res in replies if isinstance(res, (bytes, str))}
         if freed and self.on_slot_freed is not None:
-            self.on_slot_freed(freed)
+            self.on_slot_freed(freed, set())
         return [res == 1 or isinstance(res, (bytes, str)) for res in replies]
 
     def _run_script(self, script, calls: list[tuple[list, list]], raise_on_error: bool) -> list:
@@ -675,7 +677,9 @@ class JobStore:
         unheld = state == JobState.queued.value or (state == JobState.running.value and not holder)
         why = "cancelled while it waited in a queue" if started else "cancelled before it ran"
         if unheld and self.transition(job_id, JobState.cancelled, error=why):
-            self.unmark_queued(job_id)
+            room = self.unmark_queued(job_id)
+            if room and self.on_slot_freed is not None:  # a full queue's next job need not wait for a claim
+                self.on_slot_freed(set(), {room})
         return self.status(job_id).state
 
     # -- queue position: a sorted set per queue, ordered as the broker serves it ---------
@@ -697,16 +701,20 @@ class JobStore:
         seg = Plan.model_validate_json(plan).segments[int(segment or 0)]
         return seg.queue, seg.family, tenant or DEFAULT_TENANT
 
-    def unmark_queued(self, job_id: str) -> None:
+    def unmark_queued(self, job_id: str) -> str | None:
         """The job no longer waits: out of its queue-position set, and out of its tenant's
-        pending set if it was never dispatched."""
+        pending set if it was never dispatched. Returns the queue whose room it held (it had
+        been dispatched there), else None."""
         queue, tenant = self.r.hmget(self.key(job_id), "queue", "tenant")
-        if queue:
-            pipe = self.r.pipeline(transaction=False)
-            pipe.zrem(self._queued_key(queue), job_id)
-            pipe.zrem(pending_key(self.prefix, queue, tenant or DEFAULT_TENANT), job_id)
-            if pipe.execute()[1]:
-                self.r.lpop(backlog_key(self.prefix, queue))
+        if not queue:
+            return None
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrem(self._queued_key(queue), job_id)
+        pipe.zrem(pending_key(self.prefix, queue, tenant or DEFAULT_TENANT), job_id)
+        had_room, was_pending = pipe.execute()
+        if was_pending:
+            self.r.lpop(backlog_key(self.prefix, queue))
+        return queue if had_room and not was_pending else None
 
     def waiting_since(self, queue: str, limit: int = 500) -> list[tuple[str, int, float]]:
         """(job id, segment, waiting since) of the first jobs marked waiting in ``queue`` that

@@ -319,7 +319,7 @@ def test_the_end_of_a_capped_tenants_job_frees_its_slot_and_says_so(fair_client,
     client_store, sched, queue = fair_client.store, fair_client.scheduler, "easel.fairr"
     store = JobStore(client_store.r, client_store.prefix)  # a worker's: its own listener
     freed = []
-    store.on_slot_freed = freed.append
+    store.on_slot_freed = lambda tenants, queues: freed.append(tenants)
     flight = f"{store.prefix}:flight:capped"
     store.r.set(family_capacity_key(store.prefix, "fairr"), 5)
     store.r.set(cap_key(store.prefix, "capped"), 1)
@@ -404,6 +404,33 @@ def test_a_freed_slot_dispatches_the_tenants_next_job_from_any_queue(fair_client
                        *(name for family in ("fairr", "fairn") for name in (
                            family_capacity_key(store.prefix, family), *broker_lists(family),
                            *store.r.scan_iter(match=f"{store.prefix}:*easel.{family}*"))))
+
+
+def test_a_cancelled_job_that_held_a_full_queues_room_lets_the_next_one_in_at_once(fair_client, ref):
+    """A cancel of a dispatched job that waited in a full queue gives its place to the next
+    pending job (another tenant's) through the client that cancelled: dispatched and sent at
+    once, not at the queue's next claim or heartbeat. A pending job's cancel frees no room."""
+    from easel.shared.celery_app import queued_deliveries
+    from easel.shared.keys import family_capacity_key, pending_key
+
+    store, queue = fair_client.store, "easel.fairr"
+    store.r.set(family_capacity_key(store.prefix, "fairr"), 1)  # room for 1 + margin 1
+    made = []
+    try:
+        made += [fair_client.submit(j) for j in jobs(ref, "fairr", "roomy", 2)]  # both admitted
+        made += [fair_client.submit(j) for j in jobs(ref, "fairr", "behind", 2)]  # both pending
+        first, second = made[2:]
+        assert store.r.zrange(pending_key(store.prefix, queue, "behind"), 0, -1) == [first, second]
+        assert fair_client.cancel(second).value == "cancelled"  # pending: no room freed
+        assert store.r.zscore(f"{store.prefix}:queued:{queue}", first) is None
+        assert fair_client.cancel(made[0]).value == "cancelled"
+        assert store.r.zscore(f"{store.prefix}:queued:{queue}", first) is not None
+        assert (first, 0) in queued_deliveries(store.r, broker_lists("fairr"))  # sent
+    finally:
+        for job_id in made:
+            fair_client.cancel(job_id)
+        store.r.delete(family_capacity_key(store.prefix, "fairr"), *broker_lists("fairr"),
+                       *store.r.scan_iter(match=f"{store.prefix}:*{queue}*"))
 
 
 def submit_paused(client, ref: str, tenant: str, n: int) -> list[str]:

@@ -85,10 +85,12 @@ class Feeder:
         if self._backlog:
             self.feed()
 
-    def after_slot_freed(self, tenants: set[str]) -> None:
+    def after_slot_freed(self, tenants: set[str], queues: set[str]) -> None:
         """Jobs dispatched under their tenants' caps ended: each tenant may send another, from
-        whichever queue it waits in (a queue where none of them waits answers at once)."""
-        self.feed(self.every_queue, tenants)
+        whichever queue it waits in (a queue where none of them waits answers at once). A
+        worker's own changes free no queue's room but by its claims, which dispatch anyway."""
+        if tenants:
+            self.feed(self.every_queue, tenants)
 
     def _prerun(self, task_id: str | None = None, **_kw) -> None:
         self._started[task_id] = time.perf_counter()
