@@ -38,6 +38,7 @@ JOB_FIELDS = {"priority", "num_images", "idempotency_key"}
 OTHER_FIELDS = {"image", "format", "quality", "name"}
 TERMINAL = {"succeeded", "failed", "cancelled"}
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+POLLS_PER_S = 2000  # job states read a second at most while waiting: 10,000 jobs are read every 5 s
 
 
 class BatchError(ValueError):
@@ -48,9 +49,10 @@ class BatchError(ValueError):
 class Row:
     index: int  # 1-based data row number
     name: str
-    key: str  # idempotency key of the first attempt (the row's identity in the state file)
+    key: str  # the row's identity in the state file; idempotency keys derive from it
     job: dict | None = None
     error: str | None = None
+    legacy_key: str = ""  # its identity in a folder an earlier easel began (the row as written)
 
 
 @dataclass
@@ -126,25 +128,42 @@ def _full_job(row: dict, base: Path) -> dict:
 
 
 def _raw_rows(path: Path) -> list[tuple[dict | None, str | None]]:
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() == ".csv":
-        rows = []
-        for rec in csv.DictReader(text.splitlines()):
-            rows.append(({k.strip(): v.strip() for k, v in rec.items() if k and v is not None and v.strip() != ""},
-                         None))
-        return rows
-    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append((obj, None) if isinstance(obj, dict) else (None, f"line {lineno}: not a JSON object"))
-            except json.JSONDecodeError as e:
-                rows.append((None, f"line {lineno}: invalid JSON ({e.msg})"))
-        return rows
-    raise BatchError(f"{path}: unknown manifest format (use .jsonl or .csv)")
+    kind = path.suffix.lower()
+    if kind not in (".csv", ".jsonl", ".ndjson", ".json"):
+        raise BatchError(f"{path}: unknown manifest format (use .jsonl or .csv)")
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            return _csv_rows(fh) if kind == ".csv" else _jsonl_rows(fh)
+    except UnicodeDecodeError as e:
+        raise BatchError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise BatchError(f"{path}: cannot read it: {e.strerror or e}") from None
+
+
+def _csv_rows(fh) -> list[tuple[dict | None, str | None]]:
+    """Rows as the csv module reads them (quoted fields may hold commas and newlines); a row
+    with more fields than the header is refused, not cut short."""
+    rows, reader = [], csv.DictReader(fh)
+    for rec in reader:
+        if rec.get(None):
+            rows.append((None, f"line {reader.line_num}: {len(reader.fieldnames or []) + len(rec[None])} fields, "
+                               f"the header has {len(reader.fieldnames or [])}; quote fields that hold commas"))
+            continue
+        rows.append(({k.strip(): v.strip() for k, v in rec.items() if k and v is not None and v.strip() != ""}, None))
+    return rows
+
+
+def _jsonl_rows(fh) -> list[tuple[dict | None, str | None]]:
+    rows = []
+    for lineno, line in enumerate(fh, 1):  # lines end at \n only: JSON strings may hold other breaks
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            obj = json.loads(line)
+            rows.append((obj, None) if isinstance(obj, dict) else (None, f"line {lineno}: not a JSON object"))
+        except json.JSONDecodeError as e:
+            rows.append((None, f"line {lineno}: invalid JSON ({e.msg})"))
+    return rows
 
 
 def read_manifest(path: Path, default_model: str = "sd15") -> list[Row]:
@@ -162,21 +181,43 @@ def read_manifest(path: Path, default_model: str = "sd15") -> list[Row]:
         if name in names:
             name = f"{name}-{i:05d}"
         names.add(name)
-        # A row's identity is its content as written: stable across reruns and machines.
-        digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:32]
-        key = str(raw.get("idempotency_key") or f"batch-{digest}")
-        n = seen_keys.get(key, 0)
-        seen_keys[key] = n + 1
-        if n:
-            key = f"{key}-{n}"  # identical rows are distinct jobs, each submitted once
-        row = Row(index=i, name=name, key=key, error=err)
+        job = None
         if err is None:
             try:
-                row.job = _full_job(raw, base) if "stages" in raw else _flat_to_job(raw, base, default_model)
+                job = _full_job(raw, base) if "stages" in raw else _flat_to_job(raw, base, default_model)
             except ValueError as e:
-                row.error = str(e)
-        rows.append(row)
+                err = str(e)
+        explicit = raw.get("idempotency_key")
+        key = str(explicit or f"batch-{_identity(job if job is not None else raw)}")
+        legacy = str(explicit or "batch-" + hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()
+                                                          ).hexdigest()[:32])
+        n = seen_keys.get(key, 0)
+        seen_keys[key] = n + 1
+        if n:  # identical rows are distinct jobs, each submitted once
+            key, legacy = f"{key}-{n}", f"{legacy}-{n}"
+        rows.append(Row(index=i, name=name, key=key, job=job, error=err, legacy_key=legacy))
     return rows
+
+
+def _identity(job: dict) -> str:
+    """A row's identity: the job it makes (defaults applied, paths resolved), with each local
+    image's size and modification time, so a changed default, another folder's file of the
+    same name or an edited image is a new job, and the same row reruns as the same job."""
+    files = {}
+    for ref in _local_refs(job):
+        try:
+            st = Path(ref).expanduser().stat()
+            files[ref] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            files[ref] = None  # the submission says it is missing
+    blob = json.dumps({"job": job, "files": files}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _local_refs(job: dict) -> list[str]:
+    refs = [(job.get("input") or {}).get("image") if isinstance(job.get("input"), dict) else None]
+    refs += [st.get("control_image") for st in job.get("stages") or [] if isinstance(st, dict)]
+    return [r for r in refs if isinstance(r, str) and r and not _is_ref(r)]
 
 
 # -- state ------------------------------------------------------------------------------------
@@ -207,6 +248,25 @@ class StateFile:
 
 
 # -- running ----------------------------------------------------------------------------------
+RUN_ID_FILE = ".easel-batch-id"
+
+
+def _run_id(out: Path, began: bool) -> str | None:
+    """The OUT folder's own prefix for derived idempotency keys, made on its first run and
+    kept with its state: a rerun into the same folder resumes the same jobs. None for a
+    folder an earlier easel began (a state file and no prefix): it resumes as it began."""
+    path = out / RUN_ID_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        if began:
+            return None
+        run_id = f"b{os.urandom(6).hex()}"
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text(run_id)
+        tmp.replace(path)
+        return run_id
+
 def _download(client, o: Outcome, outputs: list[str], manifest: str | None, target: Path) -> list[str]:
     target.mkdir(parents=True, exist_ok=True)
     files = []
@@ -237,8 +297,14 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
     todo: list[Row] = []
     skipped: set[str] = set()
 
+    run_id = _run_id(out, began=bool(prior))
     for row in rows:
-        o = Outcome(key=row.key, name=row.name, row=row.index, attempt_key=row.key)
+        if run_id is None:  # a folder an earlier easel began: its rows keep the keys they had
+            row.key = row.legacy_key
+        # A derived key is this OUT folder's: another folder (or this one emptied) starts over.
+        explicit = row.job and row.job.get("idempotency_key")
+        first_key = row.key if explicit or run_id is None else f"{run_id}-{row.key}"
+        o = Outcome(key=row.key, name=row.name, row=row.index, attempt_key=first_key)
         prev = prior.get(row.key)
         if prev:
             o.attempt_key = prev.get("attempt_key") or row.key
@@ -248,7 +314,7 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
             outcomes[row.key] = o
             continue
         if prev and prev.get("state") == "succeeded" and (
-                not download or all((out / f).exists() for f in prev.get("files", []))):
+                not download or (prev.get("files") and all((out / f).exists() for f in prev["files"]))):
             o.state, o.files, o.images = "succeeded", prev.get("files", []), prev.get("images", 0)
             skipped.add(row.key)
         elif prev and prev.get("state") in ("failed", "cancelled", "refused") and not retry_failed:
@@ -257,7 +323,7 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
         else:
             if prev and prev.get("state") in ("failed", "cancelled", "refused"):
                 m = re.search(r"-r(\d+)$", o.attempt_key or "")
-                o.attempt_key = f"{row.key}-r{int(m.group(1)) + 1 if m else 1}"
+                o.attempt_key = f"{first_key}-r{int(m.group(1)) + 1 if m else 1}"
                 o.job_id = None
             todo.append(row)
         outcomes[row.key] = o
@@ -274,18 +340,21 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
     waiting: dict[str, Outcome] = {}  # job_id -> outcome, submitted and not yet terminal
     finished_this_run = images_this_run = 0
 
+    ended = _Ended(outcomes.values())
+
     def settle(o: Outcome) -> None:
         nonlocal finished_this_run, images_this_run
         finished_this_run += 1
         images_this_run += o.images
         state.write(o)
+        ended.add(o)
         bar.advance(done_task)
-        bar.update(done_task, description=_desc(outcomes))
+        bar.update(done_task, description=ended.text())
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         sub_task = bar.add_task("submitted", total=len(todo))
-        done_task = bar.add_task(_desc(outcomes), total=len(rows), completed=len(rows) - len(todo))
+        done_task = bar.add_task(ended.text(), total=len(rows), completed=len(rows) - len(todo))
         try:
             while submissions or waiting or downloads:
                 for fut in [f for f in submissions if f.done()]:
@@ -331,8 +400,8 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
                     console.print(f"[yellow]timeout:[/yellow] {len(waiting) + len(submissions)} jobs unfinished "
                                   f"after {timeout:.0f}s; rerun the same command to resume")
                     break
-                if submissions or waiting or downloads:
-                    time.sleep(poll_s)
+                if submissions or waiting or downloads:  # a big run's reads are spread out
+                    time.sleep(max(poll_s, len(waiting) / POLLS_PER_S))
         finally:
             for f in submissions:
                 f.cancel()
@@ -362,10 +431,20 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
     return summary
 
 
-def _desc(outcomes: dict[str, Outcome]) -> str:
-    ok = sum(o.state == "succeeded" for o in outcomes.values())
-    bad = sum(o.state in ("failed", "refused", "cancelled") for o in outcomes.values())
-    return f"done ({ok} ok, {bad} failed)"
+class _Ended:
+    """Running counts of rows that ended well and badly, for the progress bar."""
+
+    def __init__(self, outcomes) -> None:
+        self.ok = self.bad = 0
+        for o in outcomes:
+            self.add(o)
+
+    def add(self, o: Outcome) -> None:
+        self.ok += o.state == "succeeded"
+        self.bad += o.state in ("failed", "refused", "cancelled")
+
+    def text(self) -> str:
+        return f"done ({self.ok} ok, {self.bad} failed)"
 
 
 def _print_summary(console: Console, s: Summary) -> None:

@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
         except BatchError as e:
             Console(stderr=True).print(f"[red]error:[/red] {e}")
             raise typer.Exit(2) from None
-        raise typer.Exit(0 if summary.failed == 0 and summary.pending == 0 else 1)
+        raise typer.Exit(0 if summary.succeeded == summary.total else 1)
 
 
 def _app_factory():

@@ -90,7 +90,7 @@ def test_batch_resumes_unfinished_rows_with_the_same_jobs(easel_env, sd15_worker
     assert len(list(out.glob("row-*/0.png"))) == 6
 
 
-def test_batch_csv_reports_each_failure_with_its_reason(easel_env, sd15_worker, tmp_path):
+def test_batch_csv_reports_each_failure_with_its_reason(easel_env, sd15_worker, client, tmp_path):
     (img,) = _inputs(tmp_path, 1)
     manifest = tmp_path / "jobs.csv"
     with open(manifest, "w", newline="") as fh:
@@ -111,3 +111,53 @@ def test_batch_csv_reports_each_failure_with_its_reason(easel_env, sd15_worker, 
     assert "s3://easel/inputs/not-there.png does not exist" in reasons["gone-from-s3"]
     assert Image.open(out / "good" / "0.webp").format == "WEBP"
     assert "row 2 (too-strong)" in r.stderr
+
+    # Another results folder starts over with new jobs; a rerun into it resumes them, and
+    # downloads what an earlier --no-download run left in S3.
+    out2, before = tmp_path / "out2", _job_count(client)
+    r = cli("batch", str(manifest), "--out", str(out2), "--no-download")
+    assert r.returncode == 1 and not (out2 / "good").exists()
+    assert _job_count(client) == before + 2  # good and gone-from-s3: the others never became jobs
+    r = cli("batch", str(manifest), "--out", str(out2))
+    assert r.returncode == 1 and Image.open(out2 / "good" / "0.webp").format == "WEBP"
+    assert _job_count(client) == before + 2
+
+
+def test_manifest_rows_are_read_as_csv_and_json_lines_define_them(tmp_path):
+    """Quoted CSV fields keep their commas and line breaks; a row with more fields than the
+    header is refused, not cut short; a JSON line may hold any character; a file that is not
+    UTF-8 is refused as a whole. A row's identity is the job it makes: another default model,
+    another folder's file of the same name or an edited image is another job."""
+    import os
+
+    from easel.producer.batch import BatchError, read_manifest
+
+    (tmp_path / "cat.png").write_bytes(png_bytes((16, 16)))
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text('image,prompt\ncat.png,"a cat, in space"\ncat.png,a cat, in space, oil painting\n'
+                        'cat.png,"two\nlines"\n', encoding="utf-8")
+    good, extra, multi = read_manifest(manifest)
+    assert good.job["stages"][0]["prompt"] == "a cat, in space" and not good.error
+    assert extra.job is None and "4 fields, the header has 2; quote fields that hold commas" in extra.error
+    assert multi.job["stages"][0]["prompt"] == "two\nlines"
+
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text(json.dumps({"image": "cat.png", "prompt": "a\u2028b\x85c"}, ensure_ascii=False) + "\n",
+                     encoding="utf-8")
+    (row,) = read_manifest(lines)
+    assert row.job["stages"][0]["prompt"] == "a\u2028b\x85c"
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("image,prompt\ncat.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(BatchError, match="not UTF-8"):
+        read_manifest(latin)
+
+    key = read_manifest(lines)[0].key
+    assert read_manifest(lines)[0].key == key  # the same row, the same job
+    assert read_manifest(lines, default_model="comic-diffusion")[0].key != key
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "cat.png").write_bytes(png_bytes((16, 16)))
+    (other / "jobs.jsonl").write_text(lines.read_text(encoding="utf-8"), encoding="utf-8")
+    assert read_manifest(other / "jobs.jsonl")[0].key != key
+    os.utime(tmp_path / "cat.png", ns=(1, 1))  # edited since
+    assert read_manifest(lines)[0].key != key
