@@ -32,6 +32,10 @@ def _client():
     return EaselClient()
 
 
+TIMED_OUT = 124  # as timeout(1) exits
+NO_REDIS = 3
+
+
 def _fail(msg: str, code: int = 2) -> None:
     err.print(f"[red]error:[/red] {msg}")
     raise typer.Exit(code)
@@ -155,7 +159,12 @@ def submit(image: Optional[str] = typer.Option(None, "--image", "-i", help="Inpu
 def _wait(client, job_id: str, timeout: Optional[float]) -> None:
     from easel.producer.progress import follow
 
-    st = follow(client, [job_id], timeout=timeout, console=err)[job_id]
+    try:
+        st = follow(client, [job_id], timeout=timeout, console=err)[job_id]
+    except TimeoutError as e:
+        _fail(f"{e}; it goes on (easel wait {job_id} to follow it again)", TIMED_OUT)
+    except KeyError:
+        _fail(f"no job {job_id} (its record expired)", 1)
     console.print_json(st.model_dump_json())
     if st.state.value != "succeeded":
         raise typer.Exit(1)
@@ -171,8 +180,10 @@ def status(job_id: str) -> None:
 
 
 @app.command()
-def wait(job_id: str, timeout: Optional[float] = typer.Option(None)) -> None:
-    """Follow a job with a progress bar until it ends; exit 1 unless it succeeded."""
+def wait(job_id: str, timeout: Optional[float] = typer.Option(
+        None, help="Give up after this many seconds (exit 124); the job goes on.")) -> None:
+    """Follow a job with a progress bar until it ends; exit 1 unless it succeeded (124 when
+    --timeout ran out first)."""
     client = _client()
     if not client.store.exists(job_id):
         _fail(f"no job {job_id}", 1)
@@ -268,5 +279,21 @@ from easel.producer.cli_ops import register as _register_ops  # noqa: E402
 
 _register_ops(app)
 
+
+def main() -> None:
+    """The `easel` command: Redis out of reach is one line and exit 3, not a traceback."""
+    import redis
+
+    from easel.shared.settings import get_settings
+
+    try:
+        app()
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        url = get_settings().redis_url
+        where = url.rsplit("@", 1)[-1].split("://", 1)[-1]  # no password in the message
+        err.print(f"[red]error:[/red] cannot reach Redis at {where} (EASEL_REDIS_URL): {e}")
+        sys.exit(NO_REDIS)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import redis
 from pydantic import BaseModel, Field, ValidationError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from easel.shared import tracing
 from easel.shared.celery_app import RUN_SEGMENT, family_queues, make_celery, send_segment
@@ -52,15 +55,25 @@ class _Follower:
         self.pubsub, self.busy = pubsub, False
 
 
-def _release_follower(slot: _Follower | None, pubsub, channels: list[str]) -> None:
-    if slot is not None:
+def _release_follower(slot: _Follower | None, pubsub, channels: list[str], broken: bool = False) -> None:
+    """Keep a healthy kept connection for the thread's next watch (unsubscribed); close one
+    that is not kept, or that failed (the thread's next watch starts a new one)."""
+    if slot is not None and not broken:
         try:
             pubsub.unsubscribe(*channels)
             slot.busy = False
             return
-        except Exception:  # a broken connection: the thread's next watch starts a new one
-            slot.pubsub = None
-    pubsub.close()
+        except Exception:
+            pass
+    if slot is not None:
+        slot.pubsub, slot.busy = None, False
+    with contextlib.suppress(Exception):
+        pubsub.close()
+
+
+def _timed_out(last: dict[str, JobStatus], timeout: float | None) -> None:
+    going = [j for j, st in last.items() if not st.state.terminal]
+    raise TimeoutError(f"job {going[0]} still {last[going[0]].state.value} after {timeout}s")
 
 
 def _format_validation(e: ValidationError) -> str:
@@ -84,6 +97,7 @@ class EaselClient:
         self.celery = make_celery(self.settings)
         tracing.setup(self.settings, "easel-producer")
         self._follow = threading.local()  # each thread's pub/sub connection for ``watch``
+        self._follow_jobs: JobStore | None = None
 
     def _slot_freed(self, tenants: set[str], queues: set[str]) -> None:
         """Dispatch the queues where ``tenants`` (whose cap slots a cancel freed) wait, and
@@ -320,55 +334,94 @@ class EaselClient:
 
     def watch(self, job_ids: list[str], timeout: float | None = None, resync_s: float = 5.0) -> Iterator[JobStatus]:
         """Each job's status as it changes, until every job has ended; raises TimeoutError after
-        ``timeout`` seconds.
+        ``timeout`` seconds, whether or not Redis answers meanwhile.
 
         Follows the jobs' event channels instead of polling: a progress event updates the last
         status in memory, a state event re-reads the job's record. Every ``resync_s`` the jobs
-        still going are re-read, so an event missed across a reconnect only delays an update."""
+        still going are re-read, so an event missed across a reconnect only delays an update.
+        While Redis is away the watch waits and tries again (with no ``timeout``, for as long
+        as it takes), then re-reads every job still going."""
         deadline = None if timeout is None else time.monotonic() + timeout
         channels = {self.store.events_channel(j): j for j in job_ids}
+        jobs = self._follow_store()
         slot, pubsub = self._follower()
+        last: dict[str, JobStatus] = {}
+        broken = read = False
         try:
-            pubsub.subscribe(*channels)  # before the first read: no change can fall in between
-            last = {j: self.store.status(j, position=False) for j in job_ids}
+            while not read:  # subscribed before the first read: no change falls in between
+                try:
+                    pubsub.subscribe(*channels)
+                    last, read, broken = {j: jobs.status(j, position=False) for j in job_ids}, True, False
+                except (redis.ConnectionError, redis.TimeoutError):
+                    broken = True
+                    self._wait_out_redis(deadline, timeout, job_ids, last)
             yield from last.values()
             synced = time.monotonic()
             while any(not st.state.terminal for st in last.values()):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    going = [j for j, st in last.items() if not st.state.terminal]
-                    raise TimeoutError(f"job {going[0]} still {last[going[0]].state.value} after {timeout}s")
-                msg = pubsub.get_message(timeout=min(resync_s, left if left is not None else resync_s))
-                job_id = channels.get(msg["channel"]) if msg is not None and msg["type"] == "message" else None
-                if job_id is not None:  # (None: a late event of an earlier watch on this connection)
-                    if not last[job_id].state.terminal:
-                        last[job_id] = self._apply_event(job_id, last[job_id], msg["data"])
-                        yield last[job_id]
-                if time.monotonic() - synced >= resync_s:
-                    synced = time.monotonic()
-                    for job_id in [j for j, st in last.items() if not st.state.terminal]:
-                        last[job_id] = self.store.status(job_id, position=False)
-                        yield last[job_id]
+                    _timed_out(last, timeout)
+                try:
+                    msg = pubsub.get_message(timeout=min(resync_s, left if left is not None else resync_s))
+                    job_id = channels.get(msg["channel"]) if msg is not None and msg["type"] == "message" else None
+                    if job_id is not None:  # (None: a late event of an earlier watch on this connection)
+                        if not last[job_id].state.terminal:
+                            last[job_id] = self._apply_event(jobs, job_id, last[job_id], msg["data"])
+                            yield last[job_id]
+                    if time.monotonic() - synced >= resync_s:
+                        synced = time.monotonic()
+                        for job_id in [j for j, st in last.items() if not st.state.terminal]:
+                            last[job_id] = jobs.status(job_id, position=False)
+                            yield last[job_id]
+                    broken = False
+                except (redis.ConnectionError, redis.TimeoutError):
+                    broken, synced = True, 0.0  # once back: re-read what it may have missed
+                    self._wait_out_redis(deadline, timeout, job_ids, last)
         finally:
-            _release_follower(slot, pubsub, list(channels))
+            _release_follower(slot, pubsub, list(channels), broken)
+
+    @staticmethod
+    def _wait_out_redis(deadline: float | None, timeout: float | None, job_ids: list[str],
+                        last: dict[str, JobStatus]) -> None:
+        """Redis did not answer a watch: wait a little before trying again, or, past the
+        deadline, raise TimeoutError."""
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            if last:
+                _timed_out(last, timeout)
+            raise TimeoutError(f"Redis did not answer about job {job_ids[0]} within {timeout}s")
+        time.sleep(min(1.0, left) if left is not None else 1.0)
+
+    def _follow_store(self) -> JobStore:
+        """The job records as a watch reads them: on connections with short timeouts and no
+        retries of their own, so a watch keeps its deadline (overshooting it by one try, a
+        few seconds at most) while Redis is away or silent: the watch waits and tries again
+        itself, where the main client rides out ~30 s per call."""
+        if self._follow_jobs is None:
+            r = redis.Redis.from_url(self.settings.redis_url, decode_responses=True, socket_timeout=3,
+                                     socket_connect_timeout=3, socket_keepalive=True, health_check_interval=30,
+                                     retry=Retry(NoBackoff(), 0), **self.settings.redis_ssl_kwargs())
+            self._follow_jobs = JobStore(r, self.store.prefix, self.store.ttl_s)
+        return self._follow_jobs
 
     def _follower(self) -> tuple["_Follower | None", object]:
         """(slot, pub/sub): this thread's connection for following jobs, kept between calls
         so that a submit-and-wait loop does not connect twice per job (closing a pub/sub
         connection drops it from the pool); a fresh one with no slot while this thread's is
         in use (a watch inside another)."""
+        r = self._follow_store().r
         slot = getattr(self._follow, "slot", None)
         if slot is None or slot.pubsub is None:
-            slot = self._follow.slot = _Follower(self.store.r.pubsub(ignore_subscribe_messages=True))
+            slot = self._follow.slot = _Follower(r.pubsub(ignore_subscribe_messages=True))
         if slot.busy:
-            return None, self.store.r.pubsub(ignore_subscribe_messages=True)
+            return None, r.pubsub(ignore_subscribe_messages=True)
         slot.busy = True
         return slot, slot.pubsub
 
-    def _apply_event(self, job_id: str, status: JobStatus, data: str) -> JobStatus:
+    def _apply_event(self, jobs: JobStore, job_id: str, status: JobStatus, data: str) -> JobStatus:
         event = json.loads(data)
         if "state" in event:
-            return self.store.status(job_id, position=False)
+            return jobs.status(job_id, position=False)
         progress = Progress(**{k: event[k] for k in ("stage", "step", "total_steps") if k in event})
         return status.model_copy(update={"progress": progress})
 

@@ -182,6 +182,8 @@ class Settings(BaseSettings):
     api_max_in_flight: int = Field(default=1000, ge=1, description="per-key cap on queued+running jobs")
     api_presign_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     api_sse_max_s: float = Field(default=3600.0, gt=0, description="an SSE stream closes after this; clients reconnect")
+    api_sse_max_streams: int = Field(default=1000, ge=1, description=(
+        "SSE streams one API process serves at once (each holds a Redis connection); more get 503 and Retry-After"))
     s3_public_endpoint_url: str | None = Field(default=None, description="endpoint presigned URLs are made for "
                                                "(what API clients can reach); s3_endpoint_url if unset")
     webhook_secret: SecretStr | None = None

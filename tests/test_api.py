@@ -289,6 +289,38 @@ def test_a_broker_that_cannot_take_the_message_gives_503_and_frees_the_slot(ease
     api.r.delete(*api.r.scan_iter(match=f"{settings.queue_prefix}*"))
 
 
+def test_event_streams_past_the_cap_get_503_and_a_closed_stream_frees_its_connection(easel_env):
+    """An API process serves EASEL_API_SSE_MAX_STREAMS event streams at once; one more gets
+    503 with Retry-After before its response starts (not a 200 that breaks off); a stream
+    that ends gives its Redis connection back. In-process, to read the app's own counts."""
+    from fastapi.testclient import TestClient
+
+    from easel.producer.api.app import create_app
+    from easel.shared.settings import Settings
+
+    settings = Settings(api_keys=json.loads(keys_env()), queue_prefix=f"sse{uuid.uuid4().hex[:8]}",
+                        api_sse_max_streams=1)
+    app = create_app(settings, webhooks=False)
+    api, headers = app.state.api, {"Authorization": "Bearer tok-main"}
+    with TestClient(app) as c:
+        image = c.post("/v1/uploads", headers=headers, files={"file": ("in.png", png_bytes((64, 64)), "image/png")})
+        job_id = c.post("/v1/jobs", json=job_body(image.json()["image"]), headers=headers).json()["id"]
+        with c.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()  # kept: a dropped line iterator closes the stream
+            assert next(lines).startswith("event: status")
+            assert api.sse_streams == 1
+            second = c.get(f"/v1/jobs/{job_id}/events", headers=headers)
+            assert second.status_code == 503 and "EASEL_API_SSE_MAX_STREAMS" in second.json()["detail"]
+            assert int(second.headers["retry-after"]) >= 1
+        deadline = time.monotonic() + 10
+        while api.sse_streams or api.aredis.connection_pool._in_use_connections:
+            assert time.monotonic() < deadline, (api.sse_streams, api.aredis.connection_pool._in_use_connections)
+            time.sleep(0.1)
+        assert c.delete(f"/v1/jobs/{job_id}", headers=headers).status_code == 200
+    api.r.delete(*api.r.scan_iter(match=f"{settings.queue_prefix}*"))
+
+
 def test_missing_or_bad_key_is_401(api):
     r = httpx.post(f"{api.url}/v1/jobs", json=job_body("s3://easel/inputs/x.png"))
     assert r.status_code == 401 and "missing API key" in r.json()["detail"]

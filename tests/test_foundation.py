@@ -210,3 +210,41 @@ def test_a_queue_name_with_a_colon_is_refused_where_it_is_configured(tmp_path):
         Registry.load(path)
     path.write_text("models:\n  m:\n    source: x\n    family: gpu-sd15\n    latent_space: sd\n")
     assert Registry.load(path).get("m").family == "gpu-sd15"
+
+
+def test_a_wait_keeps_its_timeout_while_redis_is_silent_or_away(client, input_png):
+    """``wait`` raises TimeoutError at its deadline when Redis stops answering (a network gone
+    quiet, as in a failover whose old address goes dark) or refuses connections, instead of
+    waiting out the client's ~30 s of retries or the kernel's socket timeout; and
+    ``easel wait --timeout`` says so in one line, exit 124."""
+    import threading
+
+    from easel.producer.client import EaselClient
+    from easel.shared.plan import plan_job
+    from tests.netproxy import TcpProxy
+
+    spec = client.prepare(img2img_job(str(input_png), model="sd15-wide"))  # no worker serves it: it stays queued
+    job_id, _ = client.store.create(spec, plan_job(spec, client.registry))
+    proxy = TcpProxy(int(client.settings.redis_url.rsplit(":", 1)[1].split("/")[0])).start()
+    follower = EaselClient(client.settings.model_copy(update={"redis_url": proxy.url.replace("http", "redis") + "/0"}))
+    try:
+        for cut in (proxy.hold, proxy.stop):  # silent, then refusing
+            outcome: list = []
+
+            def wait_briefly() -> None:
+                t0 = time.monotonic()
+                try:
+                    follower.wait(job_id, timeout=3)
+                except Exception as e:  # noqa: BLE001 - the test checks which
+                    outcome.append((type(e).__name__, time.monotonic() - t0))
+
+            cut()
+            t = threading.Thread(target=wait_briefly, daemon=True)
+            t.start()
+            t.join(30)
+            assert outcome and outcome[0][0] == "TimeoutError" and outcome[0][1] < 12, (cut.__name__, outcome)
+        r = cli("wait", job_id, "--timeout", "1")
+        assert r.returncode == 124 and "still queued after 1.0s" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        proxy.stop()
+        client.cancel(job_id)

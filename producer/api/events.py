@@ -13,7 +13,7 @@ from contextlib import aclosing
 from typing import Any
 
 import redis
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
@@ -27,6 +27,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 # Pub/sub is fire-and-forget: the record is re-read this often so a lost message cannot
 # leave a stream open after its job ended.
 RECHECK_S = 5.0
+REDIS_AWAY_WAIT_S = 1.0  # between tries while Redis is away
 
 
 def _event_doc(name: str, schema: str, description: str) -> dict[str, Any]:
@@ -49,7 +50,9 @@ SSE_ITEM_SCHEMA = {
 
 
 async def _follow(api: ApiState, job_id: str, pubsub) -> AsyncIterator[tuple[str, Any]]:
-    """(event, data) pairs until the job ends or the stream reaches EASEL_API_SSE_MAX_S."""
+    """(event, data) pairs until the job ends or the stream reaches EASEL_API_SSE_MAX_S. A
+    Redis that goes away is waited out: the pub/sub connection reconnects (subscribed again)
+    and the record is re-read, so a stream outlives a restart or a failover."""
     snap = await run_in_threadpool(api.render, job_id)
     if snap.state.terminal:
         yield "done", snap
@@ -58,7 +61,11 @@ async def _follow(api: ApiState, job_id: str, pubsub) -> AsyncIterator[tuple[str
     now = time.monotonic()
     deadline, last_check = now + api.s.api_sse_max_s, now
     while time.monotonic() < deadline:
-        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        try:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        except (redis.ConnectionError, redis.TimeoutError):
+            await asyncio.sleep(REDIS_AWAY_WAIT_S)  # the next read reconnects; missed events: re-read
+            msg, last_check = None, 0.0
         if msg is not None:
             ev = json.loads(msg["data"])
             if "state" not in ev:
@@ -69,16 +76,29 @@ async def _follow(api: ApiState, job_id: str, pubsub) -> AsyncIterator[tuple[str
                     yield "progress", {k: ev[k] for k in ("stage", "step", "total_steps") if k in ev}
                 yield "done", await run_in_threadpool(api.render, job_id)
                 return
-            yield "state", {k: ev[k] for k in ("state", "segment", "worker", "updated_at") if k in ev}
+            yield "state", {k: ev[k] for k in ("state", "segment", "worker", "updated_at", "note") if k in ev}
         if time.monotonic() - last_check > RECHECK_S:
             last_check = time.monotonic()
-            cur = await run_in_threadpool(api.render, job_id)
+            try:
+                cur = await run_in_threadpool(api.render, job_id)
+            except redis.RedisError:  # still away: try again at the next check
+                continue
             if cur.state.terminal:
                 yield "done", cur
                 return
 
 
+def stream_slot(api: ApiDep) -> None:
+    """Refuse a stream past EASEL_API_SSE_MAX_STREAMS before the response starts: a proper
+    503 the client can retry, not a stream that breaks off."""
+    if api.sse_streams >= api.s.api_sse_max_streams:
+        raise HTTPException(503, f"this API process already serves {api.sse_streams} event streams "
+                                 "(EASEL_API_SSE_MAX_STREAMS); retry, or poll GET /v1/jobs/{id}",
+                            headers={"Retry-After": "5"})
+
+
 @router.get("/{job_id}/events", operation_id="job_events", response_class=EventSourceResponse,
+            dependencies=[Depends(stream_slot)],
             responses={200: {"description": "the job's events; the stream ends after `done` (or after "
                                             "EASEL_API_SSE_MAX_S: reconnect to go on following)",
                              "content": {"text/event-stream": {"itemSchema": SSE_ITEM_SCHEMA}}},
@@ -86,20 +106,26 @@ async def _follow(api: ApiState, job_id: str, pubsub) -> AsyncIterator[tuple[str
 async def job_events(job_id: OwnedJob, api: ApiDep) -> AsyncIterable[ServerSentEvent]:
     """Server-sent events: `status` (snapshot) first, then `progress` (denoising steps) and
     `state` (transitions), and finally `done` with the finished job; then the stream ends."""
-    channel = api.store.events_channel(job_id)
-    pubsub = api.aredis.pubsub()
-    await pubsub.subscribe(channel)  # before the snapshot: nothing falls between the two
+    api.sse_streams += 1
     api.metrics.sse_streams.inc()
+    pubsub = api.aredis.pubsub()
     try:
+        await pubsub.subscribe(api.store.events_channel(job_id))  # before the snapshot: nothing falls between
         async with aclosing(_follow(api, job_id, pubsub)) as events:
             n = 0
             async for name, data in events:
                 n += 1
                 yield ServerSentEvent(event=name, data=data, id=str(n))
     finally:
+        api.sse_streams -= 1
         api.metrics.sse_streams.dec()
-        try:
-            await pubsub.unsubscribe(channel)
-            await pubsub.aclose()
-        except (redis.RedisError, asyncio.CancelledError, RuntimeError):
-            pass
+        # Closing disconnects, unsubscribed or not, and gives the connection back to the pool
+        # even while Redis is away (an unsubscribe first would raise then, and keep it).
+        await asyncio.shield(_close(pubsub))
+
+
+async def _close(pubsub) -> None:
+    try:
+        await pubsub.aclose()
+    except (redis.RedisError, OSError, RuntimeError):
+        pass

@@ -65,6 +65,8 @@ class JobResponse(BaseModel):
     attempts: int = 0
     eta_s: float | None = Field(default=None, description="while queued: seconds until it should start")
     waiting_for: str | None = Field(default=None, description="while queued: why it cannot start, if it cannot")
+    note: str | None = Field(default=None, description=(
+        "what recovery did last: a retry waiting out its backoff, a worker that stopped beating"))
     outputs: list[Link] = Field(default_factory=list)
     manifest: Link | None = None
     webhook: WebhookOut | None = None
@@ -132,12 +134,14 @@ class ProgressEvent(BaseModel):
 
 
 class StateEvent(BaseModel):
-    """SSE `state`: a transition that does not end the job (queued -> running, a hand-off to the next segment)."""
+    """SSE `state`: a transition that does not end the job (queued -> running, a hand-off to
+    the next segment, a retry or a recovery back to queued)."""
 
     state: JobState
     segment: int | None = None
     worker: str | None = None
     updated_at: float | None = None
+    note: str | None = Field(default=None, description="why it went back to queued, when it did")
 
 
 class Health(BaseModel):

@@ -40,11 +40,13 @@ class ApiState:
         # in redis-py's multi-second reconnect backoff; workers keep the patient default.
         fast = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=3,
                                     socket_timeout=15, socket_keepalive=True, health_check_interval=30,
-                                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
+                                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+                                    **settings.redis_ssl_kwargs())
         self.client = EaselClient(settings, store=JobStore(fast, settings.queue_prefix, settings.job_ttl_s))
         self.store = self.client.store
         self.r = self.store.r
         self.aredis: aioredis.Redis | None = None  # opened in the app's event loop (start)
+        self.sse_streams = 0  # open in this process (each holds one of aredis's connections)
         self.keys = KeyRing(settings)
         self.limiter = RateLimiter(self.r, settings.queue_prefix)
         self.inflight = InFlight(self.r, settings.queue_prefix)
@@ -64,12 +66,15 @@ class ApiState:
     def _probe_clients(self, settings: Settings) -> None:
         # Probes get their own clients with short timeouts: a hung dependency must fail the
         # probe quickly instead of holding it behind the data path's retries.
-        self.probe_redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+        self.probe_redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2,
+                                                **settings.redis_ssl_kwargs())
         self.probe_s3 = s3_client(settings, attempts=1, connect_s=2, read_s=2)
 
     # -- lifespan ------------------------------------------------------------------------------
     def start(self, webhooks: bool) -> None:
-        self.aredis = aioredis.Redis.from_url(self.s.redis_url, decode_responses=True, health_check_interval=30)
+        self.aredis = aioredis.Redis.from_url(self.s.redis_url, decode_responses=True, health_check_interval=30,
+                                              max_connections=self.s.api_sse_max_streams + 10,
+                                              **self.s.redis_ssl_kwargs())
         try:
             for key in self.keys.by_hash.values():  # each key's fair-share weight and cap, for every dispatcher
                 self.client.scheduler.set_weight(key.name, key.weight)
@@ -115,7 +120,7 @@ class ApiState:
         return JobResponse(
             id=st.id, state=st.state, created_at=st.created_at, updated_at=st.updated_at, started_at=st.started_at,
             finished_at=st.finished_at, error=st.error, attempts=st.attempts, eta_s=st.eta_s,
-            waiting_for=st.waiting_for,
+            waiting_for=st.waiting_for, note=st.note,
             progress=ProgressOut(stage=st.progress.stage, stages=stages, step=st.progress.step,
                                  total_steps=st.progress.total_steps),
             outputs=[self.link(u) for u in st.outputs] if done else [],
