@@ -23,7 +23,7 @@ queues_app = typer.Typer(help="Family queues: with no command, each queue's mess
                                 "paused (tab-separated); or pause and resume one.")
 app.add_typer(queues_app, name="queues")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error is one line, whatever the width
 
 
 def _client():
@@ -192,11 +192,15 @@ def wait(job_id: str, timeout: Optional[float] = typer.Option(
 
 @app.command()
 def cancel(job_id: str) -> None:
-    """Cancel a job: a queued one at once, a running one within one denoising step."""
+    """Cancel a job: a queued one at once, a running one within one denoising step. Prints its
+    state; exit 1 when it had already ended otherwise."""
     try:
-        print(_client().cancel(job_id).value)
+        state = _client().cancel(job_id)
     except KeyError:
         _fail(f"no job {job_id}", 1)
+    print(state.value)
+    if state.terminal and state.value != "cancelled":
+        _fail(f"job {job_id} had already {state.value}; nothing to cancel", 1)
 
 
 @app.command()
@@ -249,10 +253,17 @@ def _queue_control(family: str, action: str) -> None:
 
 
 @app.command()
-def drain(hostname: str = typer.Argument(..., help="The worker process's hostname (easel workers lists them).")) -> None:
+def drain(hostname: str = typer.Argument(..., help="The worker process's hostname (easel workers lists them)."),
+          force: bool = typer.Option(False, "--force", help="Ask even if no live worker has that hostname now "
+                                                             "(one that starts under it within a day drains).")
+          ) -> None:
     """Ask a worker process to finish its running stage and exit, for maintenance; its launcher
     leaves it stopped. Start it again to resume."""
-    _client().drain(hostname)
+    client = _client()
+    live = sorted(p.get("hostname", "") for p in client.store.presences())
+    if hostname not in live and not force:
+        _fail(f"no live worker is called {hostname!r} (live: {', '.join(live) or 'none'}); --force asks anyway")
+    client.drain(hostname)
     print(f"{hostname}: drain asked; it exits after its running stage (within one heartbeat)")
 
 

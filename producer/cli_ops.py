@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 
 from easel.producer.extras import require
 
@@ -54,8 +55,15 @@ def register(app: typer.Typer) -> None:
         from easel.producer.api.security import hash_key
         from easel.shared.settings import ApiKey
 
+        from pydantic import ValidationError
+
         tok = token or f"easel_{secrets.token_urlsafe(32)}"
-        entry = ApiKey(name=name, sha256=hash_key(tok))
+        try:
+            entry = ApiKey(name=name, sha256=hash_key(tok))
+        except ValidationError:
+            Console(stderr=True, soft_wrap=True).print(
+                f"[red]error:[/red] key name {name!r}: 1 to 64 letters, digits, '.', '_' or '-'")
+            raise typer.Exit(2) from None
         print(f"token:  {tok}")
         print(f"config: {json.dumps(entry.model_dump(include={'name', 'sha256'}))}")
 
@@ -86,7 +94,6 @@ def register(app: typer.Typer) -> None:
 
         Resumable: rerunning skips rows already done (each row's idempotency key is recorded in
         OUT/.easel-batch-state.jsonl, and the queue itself maps a key to its first job)."""
-        from rich.console import Console
 
         from easel.producer.batch import BatchError, run_batch
 

@@ -177,6 +177,13 @@ def test_cli_submit_wait_status_fetch(easel_env, sd15_worker, input_png, tmp_pat
     assert r.returncode == 1 and f"job {job_id}: " in said and "/output/0.jpeg does not exist" in said, said
     r = cli("queues")
     assert r.returncode == 0 and "easel.sd15\t" in r.stdout
+    # Operator commands that did nothing say so, in a line and an exit code.
+    r = cli("cancel", job_id)
+    assert r.returncode == 1 and r.stdout.strip() == "succeeded" and "nothing to cancel" in r.stderr
+    r = cli("drain", "no-such-worker@nowhere")
+    assert r.returncode == 2 and "no live worker is called" in r.stderr and "Traceback" not in r.stderr
+    r = cli("api-key", "bad name")
+    assert r.returncode == 2 and "key name 'bad name'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_refuses_bad_strength_with_clear_message(easel_env, input_png):
