@@ -68,21 +68,23 @@ async def _follow(api: ApiState, job_id: str, pubsub) -> AsyncIterator[tuple[str
             msg, last_check = None, 0.0
         if msg is not None:
             ev = json.loads(msg["data"])
-            if "state" not in ev:
+            if "state" not in ev:  # (the re-read below still runs: steady progress cannot put it off)
                 yield "progress", ev
-                continue
-            if JobState(ev["state"]).terminal:
+            elif JobState(ev["state"]).terminal:
                 if "step" in ev:  # the last step: workers throttle progress, the final state carries it
                     yield "progress", {k: ev[k] for k in ("stage", "step", "total_steps") if k in ev}
                 yield "done", await run_in_threadpool(api.render, job_id)
                 return
-            yield "state", {k: ev[k] for k in ("state", "segment", "worker", "updated_at", "note") if k in ev}
+            else:
+                yield "state", {k: ev[k] for k in ("state", "segment", "worker", "updated_at", "note") if k in ev}
         if time.monotonic() - last_check > RECHECK_S:
             last_check = time.monotonic()
             try:
                 cur = await run_in_threadpool(api.render, job_id)
             except redis.RedisError:  # still away: try again at the next check
                 continue
+            except KeyError:  # the record expired while followed: nothing more to say
+                return
             if cur.state.terminal:
                 yield "done", cur
                 return
