@@ -723,3 +723,41 @@ def test_with_default_liveness_settings_a_killed_job_completes_within_a_minute(f
     assert time.monotonic() - killed_at < 60
     assert st.attempts == 2 and "stopped beating" in st.note
     assert outputs_in_storage(fclient, job_id) == [f"jobs/{job_id}/output/0.png"]
+
+
+def test_an_event_stream_outlives_a_redis_restart_and_gives_back_its_connection(fault_env, fclient, big_input):
+    """An SSE stream open while Redis restarts goes on following: it waits, reconnects and
+    re-reads the job, and sends `done` when the job ends after the restart. Once it ends,
+    no connection of the API's async pool is left in use (an unsubscribe that raised while
+    Redis was away used to keep one for good)."""
+    import json as _json
+
+    from fastapi.testclient import TestClient
+
+    from easel.producer.api.app import create_app
+    from easel.shared.schema import JobState
+    from easel.shared.settings import ApiKey
+    from tests.test_api import keys_env
+
+    svc, _ = fault_env
+    job_id, _, _ = recorded_job(fclient.store, fclient.registry, big_input, 91)
+    fclient.store.take_owner(job_id, "main")
+    settings = fclient.settings.model_copy(update={"api_keys": [ApiKey(**k) for k in _json.loads(keys_env())]})
+    app = create_app(settings, webhooks=False)
+    api, events = app.state.api, []
+    with TestClient(app) as c:
+        def follow() -> None:
+            with c.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Authorization": "Bearer tok-main"}) as s:
+                events.extend(line for line in s.iter_lines() if line.startswith("event:"))
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        wait_for(lambda: events == ["event: status"], 30, "the stream's first event")
+        svc.redis.stop()
+        time.sleep(1)
+        svc.redis.start()
+        fclient.store.transition(job_id, JobState.cancelled, error="test over")  # after the restart
+        reader.join(40)
+        assert not reader.is_alive() and events[-1] == "event: done", events
+        pool = api.aredis.connection_pool
+        assert wait_for(lambda: not pool._in_use_connections, 10, "the stream's connection given back")
