@@ -192,12 +192,22 @@ def slope(points: list[tuple[float, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in points) / den if den else float("nan")
 
 
+def job_rate(step: dict) -> float:
+    """Jobs per second a rate step ran over its window."""
+    return step["jobs"] / step["window"]["s"]
+
+
+def below_knee(steps: list[dict]) -> list[dict]:
+    """The steps up to the knee: those whose slope gives ``farm_redis_cpu_us_per_job``."""
+    top = knee(steps)
+    return [s for s in steps if s["rate"] <= top["rate"]]
+
+
 def summarize(idle: dict, workers: int, steps: list[dict]) -> dict:
     idle_cpu_rate = idle["cpu_s"] / idle["s"]
     low, top = steps[0], knee(steps)
     w = low["window"]
-    below = [s for s in steps if s["rate"] <= top["rate"]]
-    cpu_points = [(s["jobs"] / s["window"]["s"], s["window"]["cpu_s"] / s["window"]["s"]) for s in below]
+    cpu_points = [(job_rate(s), s["window"]["cpu_s"] / s["window"]["s"]) for s in below_knee(steps)]
     return {
         "farm_workers": workers,
         "farm_redis_cmds_per_job": round(above_idle(idle, w, low["jobs"]), 1),
@@ -209,12 +219,6 @@ def summarize(idle: dict, workers: int, steps: list[dict]) -> dict:
         "farm_idle_redis_cpu_pct_per_worker": round(100 * idle_cpu_rate / workers, 3),
         "farm_redis_round_trips_per_job": round(above_idle(idle, w, low["jobs"], "reads"), 1),
     }
-
-
-def job_rates_below_knee(steps: list[dict]) -> list[float]:
-    """The job rates reached by the steps whose slope gives ``farm_redis_cpu_us_per_job``."""
-    top = knee(steps)
-    return [s["jobs"] / s["window"]["s"] for s in steps if s["rate"] <= top["rate"]]
 
 
 def lone_ping_cpu_us(r, request_rates: list[float], idle: dict, period_s: float) -> float:
@@ -400,7 +404,7 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
             f"{backlog['cpu_us_per_job']:.0f} µs valkey CPU/job, failed {backlog['failed']}")
         # idle workers around, as for the jobs
         round_trips = above_idle(idle, results[0]["window"], results[0]["jobs"], "reads")
-        lone = lone_ping_cpu_us(r, [rate * round_trips for rate in job_rates_below_knee(results)], idle, period)
+        lone = lone_ping_cpu_us(r, [job_rate(s) * round_trips for s in below_knee(results)], idle, period)
         log(f"a lone PING at {round_trips:.1f} per job's rate: {lone:.0f} µs of valkey CPU")
     finally:
         for p in procs:

@@ -53,6 +53,7 @@ class Row:
     job: dict | None = None
     error: str | None = None
     legacy_key: str = ""  # its identity in a folder an earlier easel began (the row as written)
+    derived: bool = True  # its key comes from its content (False: the row's own idempotency_key)
 
 
 @dataclass
@@ -195,7 +196,7 @@ def read_manifest(path: Path, default_model: str = "sd15") -> list[Row]:
         seen_keys[key] = n + 1
         if n:  # identical rows are distinct jobs, each submitted once
             key, legacy = f"{key}-{n}", f"{legacy}-{n}"
-        rows.append(Row(index=i, name=name, key=key, job=job, error=err, legacy_key=legacy))
+        rows.append(Row(index=i, name=name, key=key, job=job, error=err, legacy_key=legacy, derived=not explicit))
     return rows
 
 
@@ -267,6 +268,7 @@ def _run_id(out: Path, began: bool) -> str | None:
         tmp.replace(path)
         return run_id
 
+
 def _download(client, o: Outcome, outputs: list[str], manifest: str | None, target: Path) -> list[str]:
     target.mkdir(parents=True, exist_ok=True)
     files = []
@@ -302,12 +304,11 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
         if run_id is None:  # a folder an earlier easel began: its rows keep the keys they had
             row.key = row.legacy_key
         # A derived key is this OUT folder's: another folder (or this one emptied) starts over.
-        explicit = row.job and row.job.get("idempotency_key")
-        first_key = row.key if explicit or run_id is None else f"{run_id}-{row.key}"
+        first_key = f"{run_id}-{row.key}" if row.derived and run_id is not None else row.key
         o = Outcome(key=row.key, name=row.name, row=row.index, attempt_key=first_key)
         prev = prior.get(row.key)
         if prev:
-            o.attempt_key = prev.get("attempt_key") or row.key
+            o.attempt_key = prev.get("attempt_key") or first_key
             o.job_id = prev.get("job_id")
         if row.error:
             o.state, o.error = "refused", row.error

@@ -294,14 +294,14 @@ _register_ops(app)
 def main() -> None:
     """The `easel` command: Redis out of reach is one line and exit 3, not a traceback."""
     import redis
+    from kombu.utils.url import maybe_sanitize_url
 
     from easel.shared.settings import get_settings
 
     try:
         app()
     except (redis.ConnectionError, redis.TimeoutError) as e:
-        url = get_settings().redis_url
-        where = url.rsplit("@", 1)[-1].split("://", 1)[-1]  # no password in the message
+        where = maybe_sanitize_url(get_settings().redis_url)  # the password masked
         err.print(f"[red]error:[/red] cannot reach Redis at {where} (EASEL_REDIS_URL): {e}")
         sys.exit(NO_REDIS)
 

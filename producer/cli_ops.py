@@ -52,10 +52,10 @@ def register(app: typer.Typer) -> None:
         import json
         import secrets
 
+        from pydantic import ValidationError
+
         from easel.producer.api.security import hash_key
         from easel.shared.settings import ApiKey
-
-        from pydantic import ValidationError
 
         tok = token or f"easel_{secrets.token_urlsafe(32)}"
         try:

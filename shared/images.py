@@ -101,8 +101,8 @@ _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 one reaches through a translator or tunnel (mapped, 6to4,
     NAT64), which is what the SSRF check must judge."""
-    if ip.ipv4_mapped or ip.sixtofour:
-        return ip.ipv4_mapped or ip.sixtofour
+    if tunnelled := ip.ipv4_mapped or ip.sixtofour:
+        return tunnelled
     if any(ip in net for net in _IPV4_IN_LOW_BITS) and int(ip) > 1:  # not :: or ::1
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None

@@ -417,10 +417,9 @@ class JobStore:
         self.r = client
         self.prefix = prefix
         self.ttl_s = ttl_s
-        # Called with the tenants whose jobs dispatched under their caps a transition ended
-        # (their next jobs may go now); None: nobody here dispatches.
         # Told (tenants whose cap slots freed, queues where a waiting job left room) when a
         # change here may let pending jobs go: a worker's or a client's feeder dispatches them.
+        # None: nobody here dispatches.
         self.on_slot_freed: Callable[[set[str], set[str]], None] | None = None
         self._transition = self.r.register_script(_TRANSITION)
         self._claim = self.r.register_script(_CLAIM)

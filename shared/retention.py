@@ -17,7 +17,6 @@ from easel.shared.storage import RETAINED_PREFIXES, Storage
 
 log = logging.getLogger("easel.retention")
 
-PREFIXES = list(RETAINED_PREFIXES)
 EVERY_S = 3600.0
 
 
@@ -36,10 +35,10 @@ class ResultRetention:
         if not self.store.lease("retention", self.every_s):
             return None
         if not self.days:  # kept: rules set under an earlier retention must not go on deleting
-            return "lifecycle rules: none of easel's" if self.storage.expire_after(PREFIXES, 0) else None
-        if self.storage.expire_after(PREFIXES, self.days):
-            return f"lifecycle rules: {', '.join(PREFIXES)} expire after {self.days} days"
-        deleted = sum(self.storage.delete_older(prefix, self.days * 86400) for prefix in PREFIXES)
+            return "lifecycle rules: none of easel's" if self.storage.expire_after(RETAINED_PREFIXES, 0) else None
+        if self.storage.expire_after(RETAINED_PREFIXES, self.days):
+            return f"lifecycle rules: {', '.join(RETAINED_PREFIXES)} expire after {self.days} days"
+        deleted = sum(self.storage.delete_older(prefix, self.days * 86400) for prefix in RETAINED_PREFIXES)
         log.info("retention: the bucket takes no lifecycle rules; deleted %d objects older than %d days",
                  deleted, self.days)
         return f"swept: {deleted} objects older than {self.days} days deleted"

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import boto3
 from botocore.config import Config
@@ -226,9 +227,9 @@ class Storage:
     def _rewrite(self, key: str, client=None) -> bool:
         """Copy the object onto itself (a new last-write time); False when there is none."""
         try:
-            (client or self.client).copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
-                                    MetadataDirective="REPLACE",
-                                    ContentType=_MIME.get(key.rsplit(".", 1)[-1], "application/octet-stream"))
+            (client or self.client).copy_object(
+                Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
+                MetadataDirective="REPLACE", ContentType=_MIME.get(key.rsplit(".", 1)[-1], "application/octet-stream"))
         except ClientError as e:
             if _missing(e):
                 return False
@@ -263,7 +264,7 @@ class Storage:
             keys.extend(o["Key"] for o in page.get("Contents", []))
         return keys
 
-    def expire_after(self, prefixes: list[str], days: int) -> bool:
+    def expire_after(self, prefixes: Iterable[str], days: int) -> bool:
         """Lifecycle rules that expire objects under ``prefixes`` ``days`` after they were
         written; ``days`` 0 removes them (objects kept). easel's rules are replaced, the
         bucket's other rules kept. False when the server takes no lifecycle rules, or these

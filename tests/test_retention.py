@@ -8,9 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from easel.shared.jobstore import JobStore
-from easel.shared.retention import PREFIXES, ResultRetention
+from easel.shared.retention import ResultRetention
 from easel.shared.settings import Settings, get_settings
-from easel.shared.storage import Storage
+from easel.shared.storage import RETAINED_PREFIXES, Storage
 from tests.netproxy import TcpProxy
 
 
@@ -25,7 +25,7 @@ def test_a_worker_sets_the_buckets_lifecycle_rules_once_per_period(easel_env, st
     store.r.delete(f"{s.queue_prefix}:lease:retention")
     assert ResultRetention(store, storage, days=3)() == "lifecycle rules: jobs/, inputs/, uploads/ expire after 3 days"
     rules = {r["ID"]: r for r in storage.client.get_bucket_lifecycle_configuration(Bucket=storage.bucket)["Rules"]}
-    assert {rules[f"easel-{p.strip('/')}"]["Filter"]["Prefix"] for p in PREFIXES} == set(PREFIXES)
+    assert {rules[f"easel-{p.strip('/')}"]["Filter"]["Prefix"] for p in RETAINED_PREFIXES} == set(RETAINED_PREFIXES)
     assert all(r["Expiration"]["Days"] == 3 for r in rules.values() if r["ID"].startswith("easel-"))
     # Another process in the same period finds the lease taken and does nothing.
     assert ResultRetention(store, storage, days=3)() is None
@@ -38,9 +38,9 @@ def test_a_worker_sets_the_buckets_lifecycle_rules_once_per_period(easel_env, st
     assert ResultRetention(store, storage, days=0)() == "lifecycle rules: none of easel's"
     left = storage.client.get_bucket_lifecycle_configuration(Bucket=storage.bucket)["Rules"]
     assert [r["ID"] for r in left] == ["their-logs"]
-    assert storage.expire_after(PREFIXES, 0)  # nothing of easel's left to remove
+    assert storage.expire_after(RETAINED_PREFIXES, 0)  # nothing of easel's left to remove
     storage.client.delete_bucket_lifecycle(Bucket=storage.bucket)
-    assert storage.expire_after(PREFIXES, 0)  # no rules at all: nothing to do
+    assert storage.expire_after(RETAINED_PREFIXES, 0)  # no rules at all: nothing to do
     store.r.delete(f"{s.queue_prefix}:lease:retention")
     ResultRetention(store, storage, days=s.retention_days)()  # leave the default in force
 
