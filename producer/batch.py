@@ -179,9 +179,7 @@ def read_manifest(path: Path, default_model: str = "sd15") -> list[Row]:
     for i, (raw, err) in enumerate(_raw_rows(path), 1):
         raw = dict(raw or {})
         name = _SAFE.sub("_", str(raw.pop("name", "") or "")).strip("._")[:100] or f"row-{i:05d}"
-        if name in names:
-            name = f"{name}-{i:05d}"
-        names.add(name)
+        name = _unique(name, i, names)
         job = None
         if err is None:
             try:
@@ -198,6 +196,17 @@ def read_manifest(path: Path, default_model: str = "sd15") -> list[Row]:
             key, legacy = f"{key}-{n}", f"{legacy}-{n}"
         rows.append(Row(index=i, name=name, key=key, job=job, error=err, legacy_key=legacy, derived=not explicit))
     return rows
+
+
+def _unique(name: str, index: int, taken: set[str]) -> str:
+    """The row's results folder name, unique among the rows' (ignoring case, as macOS and
+    Windows folders do): a repeat gets the row number, then a count, until it is new."""
+    candidate, n = name, 0
+    while candidate.casefold() in taken:
+        n += 1
+        candidate = f"{name}-{index:05d}" + (f"-{n}" if n > 1 else "")
+    taken.add(candidate.casefold())
+    return candidate
 
 
 def _identity(job: dict) -> str:
@@ -263,10 +272,15 @@ def _run_id(out: Path, began: bool) -> str | None:
         if began:
             return None
         run_id = f"b{os.urandom(6).hex()}"
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_text(run_id)
-        tmp.replace(path)
+        _write_whole(path, run_id)
         return run_id
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write beside, then rename: a reader or a kill never sees half a file."""
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _download(client, o: Outcome, outputs: list[str], manifest: str | None, target: Path) -> list[str]:
@@ -427,7 +441,7 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
     if summary.elapsed_s > 0:
         summary.jobs_per_min = round(finished_this_run / summary.elapsed_s * 60, 2)
         summary.images_per_s = round(images_this_run / summary.elapsed_s, 3)
-    (out / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
+    _write_whole(out / SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
     _print_summary(console, summary)
     return summary
 

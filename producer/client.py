@@ -18,8 +18,6 @@ from typing import Callable, Iterable, Iterator
 
 import redis
 from pydantic import BaseModel, Field, ValidationError
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from easel.shared import tracing
 from easel.shared.celery_app import RUN_SEGMENT, family_queues, make_celery, send_segment
@@ -398,10 +396,8 @@ class EaselClient:
         few seconds at most) while Redis is away or silent: the watch waits and tries again
         itself, where the main client rides out ~30 s per call."""
         if self._follow_jobs is None:
-            r = redis.Redis.from_url(self.settings.redis_url, decode_responses=True, socket_timeout=3,
-                                     socket_connect_timeout=3, socket_keepalive=True, health_check_interval=30,
-                                     retry=Retry(NoBackoff(), 0), **self.settings.redis_ssl_kwargs())
-            self._follow_jobs = JobStore(r, self.store.prefix, self.store.ttl_s)
+            self._follow_jobs = JobStore.from_url(self.settings.redis_url, self.store.prefix, self.store.ttl_s,
+                                                  reply_within_s=3, retries=0, **self.settings.redis_ssl_kwargs())
         return self._follow_jobs
 
     def _follower(self) -> tuple["_Follower | None", object]:

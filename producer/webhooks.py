@@ -35,13 +35,11 @@ import hmac
 import json
 import logging
 import random
-import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-import certifi
 import httpx
 
 from easel.shared.images import InputError, Unresolved, exchange
@@ -135,8 +133,9 @@ class WebhookDispatcher:
         # A lease outlasts any attempt (each is cut off at webhook_timeout_s), so no other
         # replica takes a delivery while one is still trying it.
         self.lease_s = max(120.0, 4 * settings.webhook_timeout_s)
-        # Built once, shared by every attempt's client: the CAs httpx trusts by default.
-        self._tls = ssl.create_default_context(cafile=certifi.where())
+        # Built once, shared by every attempt's client (building one reads the CA bundle): the
+        # CAs httpx trusts by default, as input downloads do.
+        self._tls = httpx.create_ssl_context()
         self.transport: httpx.AsyncBaseTransport | None = None  # instead of the network (tests)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -342,11 +342,18 @@ class _Retry(Retry):
         return super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
-def redis_client(url: str, **kw) -> redis.Redis:
-    """A client that rides out a Redis restart: commands retry with backoff for ~30 s."""
+def redis_client(url: str, reply_within_s: float | None = None, retries: int = 20, **kw) -> redis.Redis:
+    """A client that rides out a Redis restart: commands retry with backoff for ~30 s.
+
+    A caller with a deadline of its own (an HTTP request, a watch with a timeout, a health
+    probe) passes ``reply_within_s`` and few ``retries``: each call then gives up within about
+    ``reply_within_s x (retries + 1)`` and the caller decides what to do while Redis is away."""
+    patient = reply_within_s is None
     return redis.Redis.from_url(
-        url, decode_responses=True, health_check_interval=30, socket_keepalive=True, socket_connect_timeout=5,
-        retry=_Retry(ExponentialBackoff(cap=2.0, base=0.1), 20),
+        url, decode_responses=True, health_check_interval=30, socket_keepalive=True,
+        socket_connect_timeout=5 if patient else min(3.0, reply_within_s), socket_timeout=reply_within_s,
+        retry=_Retry(ExponentialBackoff(cap=2.0, base=0.1) if patient else ExponentialBackoff(cap=0.5, base=0.05),
+                     retries),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError], **kw)
 
 
@@ -435,9 +442,10 @@ class JobStore:
         return cls(redis_client(url, **redis_kw), prefix, ttl_s)
 
     @classmethod
-    def from_settings(cls, s) -> "JobStore":
-        """From Settings, TLS options (redis_ssl_*) included for rediss:// URLs."""
-        return cls.from_url(s.redis_url, s.queue_prefix, s.job_ttl_s, **s.redis_ssl_kwargs())
+    def from_settings(cls, s, **redis_kw) -> "JobStore":
+        """From Settings, TLS options (redis_ssl_*) included for rediss:// URLs; ``redis_kw``
+        as ``redis_client`` takes them."""
+        return cls.from_url(s.redis_url, s.queue_prefix, s.job_ttl_s, **redis_kw, **s.redis_ssl_kwargs())
 
     def key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"

@@ -161,3 +161,17 @@ def test_manifest_rows_are_read_as_csv_and_json_lines_define_them(tmp_path):
     assert read_manifest(other / "jobs.jsonl")[0].key != key
     os.utime(tmp_path / "cat.png", ns=(1, 1))  # edited since
     assert read_manifest(lines)[0].key != key
+
+
+def test_each_row_gets_a_results_folder_of_its_own(tmp_path):
+    """Repeated names get the row number, and a name that another row's numbered repeat
+    already took (or one differing only in case, one folder on macOS) gets another."""
+    from easel.producer.batch import read_manifest
+
+    manifest = tmp_path / "jobs.jsonl"
+    names = ["cat", "cat-00003", "cat", "Cat", "", "row-00005"]
+    manifest.write_text("".join(json.dumps({"image": "s3://b/x.png", "prompt": "p", "name": n}) + "\n"
+                                for n in names))
+    got = [row.name for row in read_manifest(manifest)]
+    assert got == ["cat", "cat-00003", "cat-00003-2", "Cat-00004", "row-00005", "row-00005-00006"]
+    assert len({n.casefold() for n in got}) == len(got)

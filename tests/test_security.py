@@ -148,7 +148,14 @@ class TLSProxy:
         await asyncio.gather(pipe(reader, uw), pipe(ur, writer))
 
     def close(self):
-        self.loop.call_soon_threadsafe(self.server.close)
+        async def end_sessions():  # while the loop runs, so each pipe closes its sockets
+            self.server.close()
+            sessions = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in sessions:
+                task.cancel()
+            await asyncio.gather(*sessions, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(end_sessions(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 

@@ -13,8 +13,6 @@ import time
 import redis
 import redis.asyncio as aioredis
 from fastapi import HTTPException
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from easel.producer.api.metrics import ApiMetrics
 from easel.producer.api.models import JobResponse, Link, ProgressOut, WebhookOut
@@ -22,7 +20,7 @@ from easel.producer.api.security import InFlight, KeyRing, Principal, RateLimite
 from easel.producer.client import EaselClient
 from easel.producer.webhooks import WebhookDispatcher
 from easel.shared.celery_app import queue_name, send_segment
-from easel.shared.jobstore import JobStore
+from easel.shared.jobstore import JobStore, redis_client
 from easel.shared.liveness import Reaper
 from easel.shared.schema import JobSpec, JobState
 from easel.shared.settings import Settings
@@ -38,11 +36,7 @@ class ApiState:
         self.s = settings
         # Fail fast while Redis is away (503 + Retry-After) instead of holding request threads
         # in redis-py's multi-second reconnect backoff; workers keep the patient default.
-        fast = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=3,
-                                    socket_timeout=15, socket_keepalive=True, health_check_interval=30,
-                                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-                                    **settings.redis_ssl_kwargs())
-        self.client = EaselClient(settings, store=JobStore(fast, settings.queue_prefix, settings.job_ttl_s))
+        self.client = EaselClient(settings, store=JobStore.from_settings(settings, reply_within_s=15, retries=2))
         self.store = self.client.store
         self.r = self.store.r
         self.aredis: aioredis.Redis | None = None  # opened in the app's event loop (start)
@@ -66,8 +60,7 @@ class ApiState:
     def _probe_clients(self, settings: Settings) -> None:
         # Probes get their own clients with short timeouts: a hung dependency must fail the
         # probe quickly instead of holding it behind the data path's retries.
-        self.probe_redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2,
-                                                **settings.redis_ssl_kwargs())
+        self.probe_redis = redis_client(settings.redis_url, reply_within_s=2, retries=0, **settings.redis_ssl_kwargs())
         self.probe_s3 = s3_client(settings, attempts=1, connect_s=2, read_s=2)
 
     # -- lifespan ------------------------------------------------------------------------------
