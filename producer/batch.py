@@ -298,7 +298,7 @@ def _download(client, o: Outcome, outputs: list[str], manifest: str | None, targ
 def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, timeout: float | None = None,
               download: bool = True, retry_failed: bool = False, default_model: str = "sd15",
               poll_s: float = 0.5, console: Console | None = None) -> Summary:
-    from easel.producer.client import EaselClient, SubmitError
+    from easel.producer.client import EaselClient
 
     console = console or Console(stderr=True)
     rows = read_manifest(manifest, default_model)
@@ -306,143 +306,169 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
     out.mkdir(parents=True, exist_ok=True)
     state = StateFile(out / STATE_FILE)
     prior = state.load()
-    client = client or EaselClient()
+    outcomes, todo, skipped = _plan(rows, prior, _run_id(out, began=bool(prior)), out, download, retry_failed)
     t0 = time.monotonic()
-    summary = Summary(manifest=str(manifest), out=str(out), total=len(rows))
+    run = _Run(client or EaselClient(), state, outcomes, out, download, poll_s, concurrency)
+    run.go(todo, console, timeout)
+    summary = _summarise(Summary(manifest=str(manifest), out=str(out), total=len(rows), skipped=len(skipped),
+                                 submitted=run.submitted, elapsed_s=round(time.monotonic() - t0, 3),
+                                 finished_this_run=run.finished, images_this_run=run.images), outcomes)
+    _write_whole(out / SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
+    _print_summary(console, summary)
+    return summary
+
+
+_ENDED_BADLY = ("failed", "cancelled", "refused")
+
+
+def _plan(rows: list[Row], prior: dict[str, dict], run_id: str | None, out: Path, download: bool,
+          retry_failed: bool) -> tuple[dict[str, Outcome], list[Row], set[str]]:
+    """Each row's outcome so far and its idempotency key for this run; (outcomes by key, rows
+    to submit or follow, keys of rows that ended in an earlier run and stay as they are)."""
     outcomes: dict[str, Outcome] = {}
     todo: list[Row] = []
     skipped: set[str] = set()
-
-    run_id = _run_id(out, began=bool(prior))
     for row in rows:
         if run_id is None:  # a folder an earlier easel began: its rows keep the keys they had
             row.key = row.legacy_key
         # A derived key is this OUT folder's: another folder (or this one emptied) starts over.
         first_key = f"{run_id}-{row.key}" if row.derived and run_id is not None else row.key
-        o = Outcome(key=row.key, name=row.name, row=row.index, attempt_key=first_key)
-        prev = prior.get(row.key)
-        if prev:
-            o.attempt_key = prev.get("attempt_key") or first_key
-            o.job_id = prev.get("job_id")
+        o = outcomes[row.key] = Outcome(key=row.key, name=row.name, row=row.index, attempt_key=first_key)
+        prev = prior.get(row.key) or {}
+        o.attempt_key = prev.get("attempt_key") or first_key
+        o.job_id = prev.get("job_id")
         if row.error:
             o.state, o.error = "refused", row.error
-            outcomes[row.key] = o
-            continue
-        if prev and prev.get("state") == "succeeded" and (
+        elif prev.get("state") == "succeeded" and (
                 not download or (prev.get("files") and all((out / f).exists() for f in prev["files"]))):
             o.state, o.files, o.images = "succeeded", prev.get("files", []), prev.get("images", 0)
             skipped.add(row.key)
-        elif prev and prev.get("state") in ("failed", "cancelled", "refused") and not retry_failed:
+        elif prev.get("state") in _ENDED_BADLY and not retry_failed:
             o.state, o.error = prev["state"], prev.get("error")
             skipped.add(row.key)
         else:
-            if prev and prev.get("state") in ("failed", "cancelled", "refused"):
+            if prev.get("state") in _ENDED_BADLY:  # --retry-failed: a new job, under the next key
                 m = re.search(r"-r(\d+)$", o.attempt_key or "")
                 o.attempt_key = f"{first_key}-r{int(m.group(1)) + 1 if m else 1}"
                 o.job_id = None
             todo.append(row)
-        outcomes[row.key] = o
+    return outcomes, todo, skipped
 
-    pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="easel-batch")
 
-    def submit(row: Row) -> str:
-        job = dict(row.job)
-        job["idempotency_key"] = outcomes[row.key].attempt_key
-        return client.submit(job)
+class _Run:
+    """One run's submissions, follow-up and downloads, on one thread pool; each row that ends
+    is written to the state file at once."""
 
-    submissions: dict[Future, Row] = {pool.submit(submit, row): row for row in todo}
-    downloads: dict[Future, Outcome] = {}
-    waiting: dict[str, Outcome] = {}  # job_id -> outcome, submitted and not yet terminal
-    finished_this_run = images_this_run = 0
+    def __init__(self, client, state: StateFile, outcomes: dict[str, Outcome], out: Path, download: bool,
+                 poll_s: float, concurrency: int):
+        self.client, self.state, self.outcomes, self.out = client, state, outcomes, out
+        self.download, self.poll_s = download, poll_s
+        self.pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="easel-batch")
+        self.submissions: dict[Future, Row] = {}
+        self.waiting: dict[str, Outcome] = {}  # job_id -> outcome, submitted and not yet ended
+        self.downloads: dict[Future, Outcome] = {}
+        self.ended = _Ended(outcomes.values())
+        self.submitted = self.finished = self.images = 0
 
-    ended = _Ended(outcomes.values())
+    def go(self, todo: list[Row], console: Console, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        rows = len(self.outcomes)
+        with Progress(*columns, console=console, transient=False) as self.bar:
+            self.sub_task = self.bar.add_task("submitted", total=len(todo))
+            self.done_task = self.bar.add_task(self.ended.text(), total=rows, completed=rows - len(todo))
+            self.submissions = {self.pool.submit(self._submit, row): row for row in todo}
+            try:
+                while self.submissions or self.waiting or self.downloads:
+                    self._collect_submissions()
+                    self._poll()
+                    self._collect_downloads()
+                    if deadline is not None and time.monotonic() > deadline:
+                        console.print(f"[yellow]timeout:[/yellow] {len(self.waiting) + len(self.submissions)} jobs "
+                                      f"unfinished after {timeout:.0f}s; rerun the same command to resume")
+                        break
+                    if self.submissions or self.waiting or self.downloads:  # a big run's reads spread out
+                        time.sleep(max(self.poll_s, len(self.waiting) / POLLS_PER_S))
+            finally:
+                for f in self.submissions:
+                    f.cancel()
+                self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def settle(o: Outcome) -> None:
-        nonlocal finished_this_run, images_this_run
-        finished_this_run += 1
-        images_this_run += o.images
-        state.write(o)
-        ended.add(o)
-        bar.advance(done_task)
-        bar.update(done_task, description=ended.text())
+    def _submit(self, row: Row) -> str:
+        return self.client.submit({**row.job, "idempotency_key": self.outcomes[row.key].attempt_key})
 
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        sub_task = bar.add_task("submitted", total=len(todo))
-        done_task = bar.add_task(ended.text(), total=len(rows), completed=len(rows) - len(todo))
-        try:
-            while submissions or waiting or downloads:
-                for fut in [f for f in submissions if f.done()]:
-                    row = submissions.pop(fut)
-                    o = outcomes[row.key]
-                    try:
-                        o.job_id, o.state = fut.result(), "submitted"
-                        waiting[o.job_id] = o
-                        summary.submitted += 1
-                        state.write(o)  # a rerun finds the job (the idempotency key maps to it too)
-                    except SubmitError as e:
-                        o.state, o.error = "refused", str(e)
-                        settle(o)
-                    except Exception as e:  # broker/storage trouble: this row only; a rerun retries it
-                        o.state, o.error = "pending", f"could not submit: {type(e).__name__}: {e}"
-                        bar.advance(done_task)
-                    bar.advance(sub_task)
-                if waiting:
-                    ids = list(waiting)
-                    for chunk in range(0, len(ids), 500):
-                        part = ids[chunk:chunk + 500]
-                        for job_id, (st, err, outputs, man) in zip(part, client.store.outcomes_of(part)):
-                            if st not in TERMINAL:
-                                continue
-                            o = waiting.pop(job_id)
-                            o.state, o.error = st, err or None
-                            outs = json.loads(outputs or "[]")
-                            o.images = len(outs)
-                            if st == "succeeded" and download:
-                                downloads[pool.submit(_download, client, o, outs, man, out / o.name)] = o
-                            else:
-                                settle(o)
-                for fut in [f for f in downloads if f.done()]:
-                    o = downloads.pop(fut)
-                    try:
-                        o.files = fut.result()
-                    except Exception as e:  # job is fine, the copy is not: a rerun downloads again
-                        o.state, o.error = "pending", f"download failed: {type(e).__name__}: {e}"
-                        bar.advance(done_task)
-                        continue
-                    settle(o)
-                if timeout is not None and time.monotonic() - t0 > timeout:
-                    console.print(f"[yellow]timeout:[/yellow] {len(waiting) + len(submissions)} jobs unfinished "
-                                  f"after {timeout:.0f}s; rerun the same command to resume")
-                    break
-                if submissions or waiting or downloads:  # a big run's reads are spread out
-                    time.sleep(max(poll_s, len(waiting) / POLLS_PER_S))
-        finally:
-            for f in submissions:
-                f.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+    def _collect_submissions(self) -> None:
+        from easel.producer.client import SubmitError
 
-    summary.elapsed_s = round(time.monotonic() - t0, 3)
-    summary.skipped = len(skipped)
+        for fut in [f for f in self.submissions if f.done()]:
+            o = self.outcomes[self.submissions.pop(fut).key]
+            try:
+                o.job_id, o.state = fut.result(), "submitted"
+                self.waiting[o.job_id] = o
+                self.submitted += 1
+                self.state.write(o)  # a rerun finds the job (the idempotency key maps to it too)
+            except SubmitError as e:
+                o.state, o.error = "refused", str(e)
+                self._settle(o)
+            except Exception as e:  # broker/storage trouble: this row only; a rerun retries it
+                o.state, o.error = "pending", f"could not submit: {type(e).__name__}: {e}"
+                self.bar.advance(self.done_task)
+            self.bar.advance(self.sub_task)
+
+    def _poll(self) -> None:
+        ids = list(self.waiting)
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk:chunk + 500]
+            for job_id, (st, err, outputs, man) in zip(part, self.client.store.outcomes_of(part)):
+                if st not in TERMINAL:
+                    continue
+                o = self.waiting.pop(job_id)
+                o.state, o.error = st, err or None
+                outs = json.loads(outputs or "[]")
+                o.images = len(outs)
+                if st == "succeeded" and self.download:
+                    self.downloads[self.pool.submit(_download, self.client, o, outs, man, self.out / o.name)] = o
+                else:
+                    self._settle(o)
+
+    def _collect_downloads(self) -> None:
+        for fut in [f for f in self.downloads if f.done()]:
+            o = self.downloads.pop(fut)
+            try:
+                o.files = fut.result()
+            except Exception as e:  # the job is fine, the copy is not: a rerun downloads again
+                o.state, o.error = "pending", f"download failed: {type(e).__name__}: {e}"
+                self.bar.advance(self.done_task)
+                continue
+            self._settle(o)
+
+    def _settle(self, o: Outcome) -> None:
+        self.finished += 1
+        self.images += o.images
+        self.state.write(o)
+        self.ended.add(o)
+        self.bar.advance(self.done_task)
+        self.bar.update(self.done_task, description=self.ended.text())
+
+
+def _summarise(summary: Summary, outcomes: dict[str, Outcome]) -> Summary:
+    """The counts by outcome, every row that did not succeed with its reason, the throughput."""
     for o in outcomes.values():
         if o.state == "succeeded":
             summary.succeeded += 1
-        elif o.state == "cancelled":
+            continue
+        if o.state == "cancelled":
             summary.cancelled += 1
         elif o.state in ("failed", "refused"):
             summary.failed += 1
         else:
             summary.pending += 1
-        if o.state not in ("succeeded",):
-            summary.failures.append({"row": o.row, "name": o.name, "state": o.state, "job_id": o.job_id,
-                                     "reason": o.error or "unfinished"})
+        summary.failures.append({"row": o.row, "name": o.name, "state": o.state, "job_id": o.job_id,
+                                 "reason": o.error or "unfinished"})
     summary.failures.sort(key=lambda f: f["row"])
-    summary.finished_this_run, summary.images_this_run = finished_this_run, images_this_run
     if summary.elapsed_s > 0:
-        summary.jobs_per_min = round(finished_this_run / summary.elapsed_s * 60, 2)
-        summary.images_per_s = round(images_this_run / summary.elapsed_s, 3)
-    _write_whole(out / SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
-    _print_summary(console, summary)
+        summary.jobs_per_min = round(summary.finished_this_run / summary.elapsed_s * 60, 2)
+        summary.images_per_s = round(summary.images_this_run / summary.elapsed_s, 3)
     return summary
 
 
