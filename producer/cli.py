@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from easel.producer.extras import require
 from easel.shared.logs import quiet_libraries
@@ -226,8 +227,9 @@ def queues(ctx: typer.Context) -> None:
     their recent seconds per job, and whether it is paused (tab-separated)."""
     if ctx.invoked_subcommand:
         return
+    rows = _client().queues()
     print("queue\tmessages\tpending\tworkers\tjob_s\tstate")
-    for q in _client().queues():
+    for q in rows:
         job_s = "-" if q.job_s is None else f"{q.job_s:.2f}"
         print(f"{q.queue}\t{q.messages}\t{q.pending}\t{q.live_workers}\t{job_s}\t{'paused' if q.paused else 'open'}")
 
@@ -292,9 +294,11 @@ _register_ops(app)
 
 
 def main() -> None:
-    """The `easel` command: Redis out of reach is one line and exit 3, not a traceback."""
+    """The `easel` command: Redis out of reach is one line and exit 3, a bad EASEL_* setting a
+    line per variable and exit 2, not a traceback."""
     import redis
     from kombu.utils.url import maybe_sanitize_url
+    from pydantic import ValidationError
 
     from easel.shared.settings import get_settings
 
@@ -304,6 +308,26 @@ def main() -> None:
         where = maybe_sanitize_url(get_settings().redis_url)  # the password masked
         err.print(f"[red]error:[/red] cannot reach Redis at {where} (EASEL_REDIS_URL): {e}")
         sys.exit(NO_REDIS)
+    except ValidationError as e:
+        if e.title != "Settings":
+            raise
+        for name, why in _settings_problems(e).items():
+            err.print(f"[red]error:[/red] {name}: {escape(why)}", highlight=False)
+        sys.exit(2)
+
+
+def _settings_problems(e) -> dict[str, str]:
+    """Settings' validation errors by the variable that sets each field, with the value given
+    (a field that may be one of several types fails each: they are joined with "or")."""
+    out: dict[str, list[str]] = {}
+    for problem in e.errors(include_url=False):
+        name = "settings"
+        if problem["loc"]:
+            name = f"EASEL_{str(problem['loc'][0]).upper()}"
+            if not isinstance(problem.get("input"), dict):
+                name += f"={problem.get('input')!r}"
+        out.setdefault(name, []).append(problem["msg"].removeprefix("Value error, "))
+    return {name: " or ".join(dict.fromkeys(whys)) for name, whys in out.items()}
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ class EaselClient:
             raise SubmitError(f"{what}: cannot read {ref[:100]!r}: {getattr(e, 'strerror', None) or e}") from None
         return self.storage.put_input(data, image_ext(data))
 
-    def prepare(self, job: JobSpec | dict | str) -> JobSpec:
+    def prepare(self, job: JobSpec | dict) -> JobSpec:
         """Validate, upload local/inline images, fix seeds. Raises SubmitError naming the problem."""
         if isinstance(job, dict):
             job = dict(job)
@@ -324,7 +324,7 @@ class EaselClient:
     # -- following ----------------------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:
         """The job's status; while it waits, with its place in line and ETA, or why it cannot
-        start."""
+        start. Raises KeyError for a job that does not exist (or whose record expired)."""
         status = self.store.status(job_id, position=False)
         if status.state != JobState.queued:
             return status
@@ -423,20 +423,25 @@ class EaselClient:
 
     def wait(self, job_id: str, timeout: float | None = None,
              on_update: Callable[[JobStatus], None] | None = None) -> JobStatus:
-        """Follow one job until it ends (``watch``); returns its final status."""
+        """Follow one job until it ends (``watch``); returns its final status. Raises
+        TimeoutError when ``timeout`` seconds pass first, KeyError for an unknown job."""
         for status in self.watch([job_id], timeout):
             if on_update:
                 on_update(status)
         return status
 
     def result(self, job_id: str) -> Manifest:
+        """The manifest of a job that succeeded (parameters, seeds, timings, output URIs);
+        RuntimeError naming the state (and error) of a job that did not, KeyError for an
+        unknown job."""
         st = self.status(job_id)
         if st.state != JobState.succeeded:
             raise RuntimeError(f"job {job_id} is {st.state.value}" + (f": {st.error}" if st.error else ""))
         return Manifest.model_validate_json(self.storage.get(st.manifest))
 
     def fetch(self, job_id: str, out_dir: Path) -> list[Path]:
-        """Download the job's images and manifest into ``out_dir/<job_id>/``."""
+        """Download the job's images and manifest into ``out_dir/<job_id>/``; raises as
+        ``result`` does for a job that did not succeed."""
         manifest = self.result(job_id)
         target = Path(out_dir) / job_id
         target.mkdir(parents=True, exist_ok=True)
@@ -463,11 +468,11 @@ class EaselClient:
         prefix = self.settings.queue_prefix
         depths = queue_depths(self.store.r, self.registry.families(), prefix)
         out = []
-        for family, by_priority in sorted(depths.items()):
+        for family, waiting in sorted(depths.items()):
             queue = queue_name(family, prefix)
             view = self.scheduler.family(family)
-            out.append(QueueInfo(family=family, queue=queue, messages=sum(by_priority.values()),
-                                 pending=self.scheduler.pending_count(queue), live_workers=view.live,
+            out.append(QueueInfo(family=family, queue=queue, messages=waiting.messages,
+                                 pending=waiting.pending, live_workers=view.live,
                                  job_s=view.job_s, paused=self.scheduler.paused(queue)))
         return out
 

@@ -9,6 +9,7 @@ env file to ``source``), and stays up until Ctrl-C or SIGTERM, which stop both s
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import hashlib
@@ -101,11 +102,14 @@ def api_token(data: Path) -> str:
 
 def dev_env(services, bucket: str, model_root: Path, token: str) -> dict[str, str]:
     """What a shell needs to use the servers: connections, the tiny registry and its checkpoints,
-    and an API key (admin: it sees the jobs ``easel submit`` makes too)."""
+    an API key (admin: it sees the jobs ``easel submit`` makes too), and, for a webhook receiver
+    on this machine, a webhook secret (kept with the token) and private URLs allowed."""
     sha256 = hashlib.sha256(token.encode()).hexdigest()  # what the API keeps of a key (producer/api/security.py)
+    webhook_key = base64.b64encode(hashlib.sha256(f"webhook:{token}".encode()).digest()).decode()
     return {**services.env(bucket), "EASEL_MODELS": "tiny", "EASEL_MODEL_ROOT": str(model_root),
             "EASEL_API_KEYS": json.dumps([{"name": "dev", "sha256": sha256, "admin": True}],
-                                         separators=(",", ":"))}
+                                         separators=(",", ":")),
+            "EASEL_WEBHOOK_SECRET": f"whsec_{webhook_key}", "EASEL_ALLOW_PRIVATE_URLS": "true"}
 
 
 def export_lines(env: dict[str, str]) -> list[str]:

@@ -26,6 +26,7 @@ def require(command: str, *extras: str) -> None:
     lacking = missing(*extras)
     if lacking:
         noun = "extras" if len(lacking) > 1 else "extra"
-        message = f'`easel {command}` needs the {" and ".join(lacking)} {noun}: pip install "easel[{",".join(lacking)}]"'
-        Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False)
+        message = (f'`easel {command}` needs the {" and ".join(lacking)} {noun}: in an easel checkout, '
+                   f'pip install ".[{",".join(lacking)}]"')
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(message)}", highlight=False)
         raise typer.Exit(2)

@@ -65,8 +65,8 @@ SETTING_NOTES = {
     "webhook_backoff_max_s": "longest delay between two webhook attempts",
 }
 APIKEY_NOTES = {
-    "rate_per_min": "this key's token refill rate; EASEL_API_RATE_PER_MIN if unset",
-    "burst": "this key's token bucket size; EASEL_API_BURST if unset",
+    "ApiKey.rate_per_min": "this key's token refill rate; EASEL_API_RATE_PER_MIN if unset",
+    "ApiKey.burst": "this key's token bucket size; EASEL_API_BURST if unset",
 }
 # Variables read directly, outside Settings.
 OTHER_VARIABLES = {
@@ -117,7 +117,8 @@ REGISTRY_NOTES = {
                                  "slower)",
     "Optimizations.vae_tiling": "decode large images tile by tile",
     "Optimizations.vae_slicing": "decode a batch one image at a time",
-    "Optimizations.compile_unet": "`torch.compile` the UNet (the first call compiles, minutes)",
+    "Optimizations.compile_unet": "`torch.compile` the UNet (compiled while the worker warms, minutes per size in "
+                                 "`EASEL_COMPILE_WARM_SIZES`)",
     "Optimizations.attention_slicing": "compute attention in slices (less memory, slower)",
 }
 
@@ -267,7 +268,9 @@ def settings_page() -> dict[str, str]:
           "Every process (client, CLI, API, worker) reads its settings from `EASEL_*` environment variables: "
           "the variable is the setting's name in capitals after `EASEL_`. Lists and objects are JSON "
           "(`EASEL_API_KEYS='[{\"name\": \"a\", \"sha256\": \"...\"}]'`); booleans are `true`/`false` "
-          "(or `1`/`0`). A value that does not fit is refused when the process starts, naming the variable. "
+          "(or `1`/`0`). A value that does not fit is refused when the process starts: every `easel` command "
+          "(`easel worker` and `easel api` included) prints a line per variable and its value and exits 2; "
+          "`EaselClient()` raises pydantic's `ValidationError` naming the setting. "
           "Producers, API and workers of one deployment must agree on `EASEL_REDIS_URL`, `EASEL_S3_*`, "
           "`EASEL_QUEUE_PREFIX` and `EASEL_MODELS`.\n\n",
           "Two checks across settings: `EASEL_HEARTBEAT_TTL_S` must be more than twice "
@@ -476,7 +479,7 @@ def client_page() -> dict[str, str]:
           (inspect.getdoc(client) or "").partition("\n\n")[2] + "\n\n",
           "Jobs are dicts or `JobSpec` objects ([job schema](job-schema.md)); a refused job raises "
           "`SubmitError` naming the field or stage, and nothing is queued. The client needs only the base "
-          "install (`pip install easel`): no torch.\n\n",
+          "install (`pip install .` in a checkout): no torch.\n\n",
           f"## `{sig(cls.__init__, 'EaselClient')}`\n\n",
           "Settings default to the `EASEL_*` environment ([settings](settings.md)); the registry to "
           "`EASEL_MODELS` (the bundled tiny one when unset), against which model names are checked; the "

@@ -1,14 +1,16 @@
 """Prometheus series read from Redis at scrape time: queue depth, jobs by state, live workers.
 
 Read on scrape rather than counted on the way, so every API replica and worker reports the
-same numbers and nothing drifts when a process restarts. kombu keeps priority ``p > 0``
-messages of queue ``q`` in list ``q:p`` (``q`` itself holds priority 0), so depth is
-reported per priority and ``sum by (family)`` is what waits for a family's pool.
+same numbers and nothing drifts when a process restarts. A family's jobs wait in two places:
+a few messages in the broker queue (kombu keeps priority ``p > 0`` messages of queue ``q`` in
+list ``q:p``), and, while every worker is busy, the rest pending their tenant's turn (the
+scheduler's backlog). Both are reported; the family's backlog is their sum.
 """
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Iterable
 
 import redis
@@ -17,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from easel.shared.celery_app import queue_name
 from easel.shared.jobstore import JobStore
+from easel.shared.keys import backlog_key
 
 PRIORITIES = range(10)
 # Minute-long stages: fine buckets up to a minute, then coarse ones up to an hour.
@@ -28,18 +31,29 @@ def priority_lists(queue: str) -> list[tuple[int, str]]:
     return [(p, queue if p == 0 else f"{queue}:{p}") for p in PRIORITIES]
 
 
-def queue_depths(r: redis.Redis, families: Iterable[str], prefix: str = "easel") -> dict[str, dict[int, int]]:
-    """family -> priority -> waiting messages, in one round trip."""
+@dataclass(frozen=True)
+class QueueDepth:
+    """What waits for one family's pool."""
+
+    by_priority: dict[int, int]  # messages in the broker queue, per priority sub-list
+    pending: int  # jobs pending their tenant's turn, not yet sent to the broker
+
+    @property
+    def messages(self) -> int:
+        return sum(self.by_priority.values())
+
+
+def queue_depths(r: redis.Redis, families: Iterable[str], prefix: str = "easel") -> dict[str, QueueDepth]:
+    """family -> what waits for its pool, in one round trip."""
     fams = sorted(set(families))
     pipe = r.pipeline(transaction=False)
     for fam in fams:
-        for _, name in priority_lists(queue_name(fam, prefix)):
+        queue = queue_name(fam, prefix)
+        for _, name in priority_lists(queue):
             pipe.llen(name)
-    counts = pipe.execute()
-    out: dict[str, dict[int, int]] = {}
-    for i, fam in enumerate(fams):
-        out[fam] = {p: int(counts[i * len(PRIORITIES) + p]) for p in PRIORITIES}
-    return out
+        pipe.llen(backlog_key(prefix, queue))
+    counts = iter(pipe.execute())
+    return {fam: QueueDepth({p: int(next(counts)) for p in PRIORITIES}, int(next(counts))) for fam in fams}
 
 
 def live_workers_by_family(r: redis.Redis, prefix: str = "easel") -> dict[str, int]:
@@ -77,13 +91,18 @@ class RedisStateCollector(Collector):
         depth = GaugeMetricFamily("easel_queue_messages",
                                   "Messages waiting in a family queue, per priority sub-list (0 runs first)",
                                   labels=["family", "queue", "priority"])
+        pending = GaugeMetricFamily("easel_queue_pending",
+                                    "Jobs of a family pending their tenant's turn, not yet in its broker queue",
+                                    labels=["family", "queue"])
         workers = GaugeMetricFamily("easel_workers", "Live worker processes by family (heartbeat keys)",
                                     labels=["family"])
-        out = [up, depth, workers]
+        out = [up, depth, pending, workers]
         try:
-            for fam, by_p in queue_depths(self.r, self.families, self.prefix).items():
-                for p, n in by_p.items():
-                    depth.add_metric([fam, queue_name(fam, self.prefix), str(p)], n)
+            for fam, waiting in queue_depths(self.r, self.families, self.prefix).items():
+                queue = queue_name(fam, self.prefix)
+                for p, n in waiting.by_priority.items():
+                    depth.add_metric([fam, queue, str(p)], n)
+                pending.add_metric([fam, queue], waiting.pending)
             live = live_workers_by_family(self.r, self.prefix)
             for fam in sorted(set(self.families) | set(live)):
                 workers.add_metric([fam], live.get(fam, 0))

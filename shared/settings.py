@@ -57,7 +57,7 @@ class ApiKey(BaseModel):
     burst: int | None = Field(default=None, ge=1)
     max_in_flight: int | None = Field(default=None, ge=1, description="cap on this key's queued+running jobs")
     webhook_secret: SecretStr | None = Field(default=None, description="signs this key's webhooks; else webhook_secret")
-    webhook_events: list[WebhookEvent] = Field(default_factory=lambda: ["succeeded", "failed", "cancelled"],
+    webhook_events: list[WebhookEvent] = Field(default=["succeeded", "failed", "cancelled"],
                                                description="the events this key's webhooks carry")
     admin: bool = Field(default=False, description="sees every job, may reference any s3:// object")
     over_cap: Literal["refuse", "hold"] = Field(default="refuse", description=(

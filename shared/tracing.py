@@ -72,7 +72,8 @@ def _make_tracer(mode: str, settings, service: str):
     try:
         from opentelemetry import trace
     except ImportError:
-        raise RuntimeError(f"EASEL_TRACING={mode} needs the tracing extra: pip install 'easel[tracing]'") from None
+        raise RuntimeError(f"EASEL_TRACING={mode} needs the tracing extra: "
+                           "pip install '.[tracing]' in an easel checkout") from None
     if mode == "global":
         return trace.get_tracer("easel"), None
     from opentelemetry.sdk.resources import Resource
@@ -92,7 +93,7 @@ def _make_tracer(mode: str, settings, service: str):
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         except ImportError:
             raise RuntimeError("EASEL_TRACING=otlp needs opentelemetry-exporter-otlp-proto-http: "
-                               "pip install 'easel[tracing]'") from None
+                               "pip install '.[tracing]' in an easel checkout") from None
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     else:
         raise RuntimeError(f"unknown EASEL_TRACING mode {mode!r}")

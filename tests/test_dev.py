@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from easel.producer.embedded import stop_process
+from easel.shared.settings import Settings
 from tests.conftest import ROOT, WorkerProc, cli, free_dev_ports, png_bytes
 
 pytestmark = pytest.mark.slow
@@ -75,6 +76,7 @@ def test_easel_dev_keeps_servers_up_for_a_worker_and_the_cli_and_keeps_their_dat
         assert env["EASEL_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{s3_port}"
         assert env["EASEL_MODELS"] == "tiny" and Path(env["EASEL_MODEL_ROOT"]) == data / "models"
         assert {"EASEL_S3_BUCKET", "EASEL_S3_ACCESS_KEY_ID", "EASEL_S3_SECRET_ACCESS_KEY", "EASEL_API_KEYS"} <= set(env)
+        assert Settings(webhook_secret=env["EASEL_WEBHOOK_SECRET"]).webhook_secret  # webhooks work under dev
 
         # What the README says to do in another shell: a worker, then submit, wait and fetch.
         worker = WorkerProc("sd15", env, tmp_path).start()

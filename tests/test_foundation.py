@@ -190,6 +190,12 @@ def test_cli_refuses_bad_strength_with_clear_message(easel_env, input_png):
     r = cli("submit", "--image", str(input_png), "--strength", "1.5")
     assert r.returncode == 2
     assert "stages.0.strength" in r.stderr and "less than or equal to 1" in r.stderr
+    # A bad setting names its variable and value, in a line, before anything is contacted.
+    r = cli("queues", env={"EASEL_BATCH_SIZE": "abc"})
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert "EASEL_BATCH_SIZE='abc': Input should be a valid integer" in r.stderr, r.stderr
+    r = cli("status", "x", env={"EASEL_HEARTBEAT_TTL_S": "1"})
+    assert r.returncode == 2 and "settings: heartbeat_ttl_s (1.0) must be more than twice" in r.stderr, r.stderr
 
 
 def test_cli_submit_job_file(easel_env, sd15_worker, input_png, tmp_path):

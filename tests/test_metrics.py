@@ -30,17 +30,26 @@ def value(families: dict, name: str, **labels) -> float:
 
 
 def test_api_metrics_expose_jobs_queues_and_requests(api, sd15_worker):  # noqa: F811
+    """A family with no worker has room for one message in its broker queue; a second job
+    waits pending its tenant's turn, and both places show, in /metrics and /v1/queues."""
     with api.client() as http:
         done = wait_state(http, http.post("/v1/jobs", json=job_body(upload(http), steps=2)).json()["id"])
         assert done["state"] == "succeeded"
-        before = value(scrape(f"{api.url}/metrics"), "easel_queue_messages", family=PARKED, priority="7")
+        m = scrape(f"{api.url}/metrics")
+        before = value(m, "easel_queue_messages", family=PARKED, priority="7")
+        pending_before = value(m, "easel_queue_pending", family=PARKED)
         # A priority-7 job for a family with no worker waits in sub-list easel.parked:7.
         body = {**job_body(upload(http), model=PARKED), "priority": 7}
-        job_id = http.post("/v1/jobs", json=body).json()["id"]
+        job_ids = [http.post("/v1/jobs", json=body).json()["id"] for _ in range(2)]
         time.sleep(5.5)  # the Redis-read series are cached for 5 s
         m = scrape(f"{api.url}/metrics")
-        http.delete(f"/v1/jobs/{job_id}")
+        [parked] = [q for q in http.get("/v1/queues").json() if q["family"] == PARKED]
+        for job_id in job_ids:
+            http.delete(f"/v1/jobs/{job_id}")
     assert value(m, "easel_queue_messages", family=PARKED, queue=f"easel.{PARKED}", priority="7") == before + 1
+    assert value(m, "easel_queue_pending", family=PARKED, queue=f"easel.{PARKED}") == pending_before + 1
+    assert parked["pending"] == pending_before + 1 and parked["by_priority"]["7"] == before + 1
+    assert parked["waiting"] == parked["messages"] + parked["pending"]
     assert {s.labels["priority"] for s in m["easel_queue_messages"] if s.labels["family"] == "sd15"} == \
         {str(p) for p in range(10)}
     assert value(m, "easel_jobs_finished_total", state="succeeded") >= 1

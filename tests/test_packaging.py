@@ -1,4 +1,4 @@
-"""What `pip install easel` gives: one `easel` namespace in the wheel, and a base install (no
+"""What `pip install .` gives: one `easel` namespace in the wheel, and a base install (no
 extras) that submits and follows jobs without torch, diffusers or FastAPI."""
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_base_install_submits_and_follows_a_job_without_torch(wheel, easel_env, 
     # Commands of other install profiles name the extra to install instead of a traceback.
     for args, extra in ((["worker", "--family", "sd15"], "worker"), (["api"], "api"), (["dev"], "dev")):
         r = run(*args)
-        assert r.returncode == 2 and f'pip install "easel[{extra}]"' in r.stderr, (args, r.stderr)
+        assert r.returncode == 2 and f'pip install ".[{extra}]"' in r.stderr, (args, r.stderr)
     # The Python client from the same venv reads the result the CLI followed.
     r = subprocess.run([str(py), "-c", "import sys; from easel.producer.client import EaselClient; "
                         "print(EaselClient().status(sys.argv[1]).state.value)", job_id],

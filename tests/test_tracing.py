@@ -293,7 +293,7 @@ assert tracing.group([tracing.NO_JOB_TRACE], "x") is tracing.NO_SPAN
 try:
     tracing.setup(Settings(tracing="console"))
 except RuntimeError as e:
-    assert "pip install 'easel[tracing]'" in str(e), e
+    assert "pip install '.[tracing]' in an easel checkout" in str(e), e
 else:
     raise AssertionError("tracing on without opentelemetry")
 """

@@ -98,8 +98,11 @@ class PresignResponse(BaseModel):
 class QueueOut(BaseModel):
     family: str
     queue: str
-    waiting: int = Field(description="all priority sub-lists together")
-    by_priority: dict[str, int]
+    waiting: int = Field(description="the family's backlog: `messages` + `pending`")
+    messages: int = Field(description="messages in the broker queue, all priority sub-lists together (a few per "
+                                      "live worker: the rest wait in `pending`)")
+    pending: int = Field(description="jobs pending their tenant's turn (fair share), not yet sent to the broker")
+    by_priority: dict[str, int] = Field(description="broker messages per priority sub-list (0 runs first)")
     workers: int
 
 

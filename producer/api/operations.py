@@ -19,12 +19,14 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/v1/queues", operation_id="list_queues", responses=problems(401, 429, 503))
 def queues(p: Caller, api: ApiDep) -> list[QueueOut]:
-    """Messages waiting per family (priority sub-queues included) and live workers."""
+    """What waits per family (broker messages per priority, and jobs pending their tenant's
+    turn) and its live workers."""
     prefix = api.s.queue_prefix
     depths = queue_depths(api.r, api.families, prefix)
     live = live_workers_by_family(api.r, prefix)
-    return [QueueOut(family=f, queue=queue_name(f, prefix), waiting=sum(d.values()),
-                     by_priority={str(k): v for k, v in d.items()}, workers=live.get(f, 0))
+    return [QueueOut(family=f, queue=queue_name(f, prefix), waiting=d.messages + d.pending, messages=d.messages,
+                     pending=d.pending, by_priority={str(k): v for k, v in d.by_priority.items()},
+                     workers=live.get(f, 0))
             for f, d in depths.items()]
 
 
