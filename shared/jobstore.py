@@ -274,6 +274,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# KEYS: the queue's waiting set, the tenant's pending set, the queue's backlog tally. ARGV: the
+# job id. In one script, so a replay after a lost reply (the ZREMs then find nothing) or a
+# crash cannot leave the tally one too high. Returns {was waiting, was pending}.
+_UNMARK = """
+local had_room = redis.call('ZREM', KEYS[1], ARGV[1])
+local was_pending = redis.call('ZREM', KEYS[2], ARGV[1])
+if was_pending == 1 then redis.call('LPOP', KEYS[3]) end
+return {had_room, was_pending}
+"""
+
 # KEYS: instances zset, presence key, the family's instances zset (what ETAs count; instances
 # dead for a day leave it), the family's capacity (what admission reads), the family's batch
 # sizes set. ARGV: instance, ttl, presence JSON, job-seconds key prefix, this instance's mean
@@ -340,6 +350,19 @@ class _Retry(Retry):
             return is_retryable is None or is_retryable(e)
 
         return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
+# Redis refusing commands for now: full (OOM under noeviction), a demoted primary during a
+# failover (READONLY), a script running long (BUSY), too few replicas (NOREPLICAS). The
+# command did nothing and may work in a while: a job meeting it is retried, never failed.
+_REFUSING_FOR_NOW = (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError,
+                     redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
+
+
+def refusing_for_now(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a command for now rather than the command's fault."""
+    return isinstance(exc, _REFUSING_FOR_NOW) or (
+        isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(("BUSY ", "NOREPLICAS ")))
 
 
 def redis_client(url: str, reply_within_s: float | None = None, retries: int = 20, **kw) -> redis.Redis:
@@ -436,6 +459,7 @@ class JobStore:
         self._beat = self.r.register_script(_BEAT)
         self._create = self.r.register_script(_CREATE_ONE)
         self._release_idem = self.r.register_script(_RELEASE_IDEM)
+        self._unmark = self.r.register_script(_UNMARK)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "easel", ttl_s: int = 7 * 24 * 3600, **redis_kw) -> "JobStore":
@@ -612,7 +636,7 @@ class JobStore:
         """One claim's reply; a record this version cannot read (or a script error) is a
         ``corrupt`` claim of that job alone, with the reason."""
         if isinstance(res, Exception):
-            if isinstance(res, redis.ConnectionError | redis.TimeoutError):
+            if isinstance(res, redis.ConnectionError | redis.TimeoutError) or refusing_for_now(res):
                 raise res
             return Claim("corrupt", detail=str(res)[:500])
         outcome = res[0]
@@ -715,12 +739,9 @@ class JobStore:
         queue, tenant = self.r.hmget(self.key(job_id), "queue", "tenant")
         if not queue:
             return None
-        pipe = self.r.pipeline(transaction=False)
-        pipe.zrem(self._queued_key(queue), job_id)
-        pipe.zrem(pending_key(self.prefix, queue, tenant or DEFAULT_TENANT), job_id)
-        had_room, was_pending = pipe.execute()
-        if was_pending:
-            self.r.lpop(backlog_key(self.prefix, queue))
+        had_room, was_pending = self._unmark(keys=[self._queued_key(queue),
+                                                   pending_key(self.prefix, queue, tenant or DEFAULT_TENANT),
+                                                   backlog_key(self.prefix, queue)], args=[job_id])
         return queue if had_room and not was_pending else None
 
     def waiting_since(self, queue: str, limit: int = 500) -> list[tuple[str, int, float]]:

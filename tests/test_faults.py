@@ -221,6 +221,31 @@ def test_s3_outage_is_retried_until_storage_is_back(fault_env, fclient, workers,
     proxy.stop()
 
 
+def test_a_redis_refusing_writes_for_a_while_fails_no_job(fault_env, fclient, workers, big_input):
+    """Redis full (maxmemory under noeviction: OOM on every write that needs memory) when a
+    chain hands off to its next family: the hand-off is retried once writes work again, and
+    the job succeeds; nothing ends failed for good."""
+    svc, _ = fault_env
+    w = workers()
+    workers("sd15-wide")
+    admin = redis.Redis.from_url(svc.redis.url)
+    chain = {"input": {"image": big_input}, "stages": [
+        {"model": "sd15", "prompt": "one", "steps": 6, "strength": 1.0, "seed": 23},
+        {"model": "sd15-wide", "prompt": "two", "steps": 2, "strength": 0.5}]}
+    job_id = fclient.submit(chain)
+    running_at_step(fclient, job_id, 1)
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", admin.info("memory")["used_memory"] // 2)  # every such write refused
+    try:
+        wait_for(lambda: re.search(rf"job {job_id} segment 0 (failed|ended)", w.log.read_text()), 60,
+                 "the hand-off met a full Redis")
+    finally:
+        admin.config_set("maxmemory", 0)
+    st = fclient.wait(job_id, timeout=120)
+    assert st.state.value == "succeeded", st.error
+    assert fclient.storage.exists(st.outputs[0])
+
+
 def test_worker_dying_while_finishing_is_rerun_after_a_restart_under_the_same_hostname(
         fault_env, fclient, workers, big_input):
     """With overlap_finish the message is acked once the pipeline call is done, while the

@@ -2,7 +2,7 @@
 
 Permanent errors (bad input, unknown model, a pipeline refusing its arguments, a time
 limit) end the job failed with a readable reason at once. Transient ones (lost
-connections, CUDA OOM) re-send the segment with exponential backoff and full jitter (so
+connections, Redis refusing writes for now, CUDA OOM) re-send the segment with exponential backoff and full jitter (so
 jobs do not retry in lock-step after an outage) up to ``max_retries`` (counted in the job
 record), then end failed. Either way the delivery ends and the worker returns to its
 queue: nothing a job does can take the process down with it.
@@ -22,6 +22,7 @@ import torch
 
 from easel.shared.celery_app import send_segment
 from easel.shared.images import InputError
+from easel.shared.jobstore import refusing_for_now
 from easel.shared.schema import TERMINAL_STATES, JobState
 from easel.shared.storage import NotFound
 
@@ -121,7 +122,7 @@ def settle_error(ctx, app, d: Delivery, exc: BaseException) -> str:
         if isinstance(exc, redis.exceptions.AuthenticationError):  # a revoked password is not a blip
             log.error("job %s segment %d: broker refused our credentials", d.job_id, d.segment)
             return fail(ctx, d, describe(exc))
-        if isinstance(exc, TRANSIENT):
+        if isinstance(exc, TRANSIENT) or refusing_for_now(exc):
             return retry_later(ctx, app, d, exc)
         log.error("job %s segment %d failed", d.job_id, d.segment, exc_info=exc)
         return fail(ctx, d, describe(exc))
