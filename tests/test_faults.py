@@ -426,6 +426,46 @@ def test_sigkill_mid_chain_with_the_launcher_restarting_the_process(fault_env, f
         assert launcher.wait(60) == 0
 
 
+GPU_FAULT = """
+import os
+
+import torch
+from diffusers import UNet2DConditionModel
+
+_forward = UNet2DConditionModel.forward
+
+
+def forward(self, *args, **kwargs):  # a sticky CUDA error, while the flag file exists
+    if os.path.exists(os.environ["EASEL_TEST_GPU_FAULT"]):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    return _forward(self, *args, **kwargs)
+
+
+UNet2DConditionModel.forward = forward
+"""
+
+
+def test_a_lost_gpu_restarts_the_process_and_the_job_runs_again(fclient, workers, big_input, tmp_path):
+    """A CUDA error that leaves the device unusable is not the job's fault: the worker exits
+    with its delivery held instead of failing the job (and every job after it); restarted,
+    the job runs again and succeeds. The fault is injected into the real UNet's forward by
+    a sitecustomize module on the worker's path."""
+    (tmp_path / "sitecustomize.py").write_text(GPU_FAULT)
+    flag = tmp_path / "gpu-broken"
+    flag.touch()
+    w = workers(PYTHONPATH=str(tmp_path), EASEL_TEST_GPU_FAULT=str(flag))
+    job_id = fclient.submit(job(big_input, steps=3, seed=29))
+    wait_for(lambda: w.proc.poll() is not None, 60, "the worker's exit")
+    assert w.proc.returncode == 76
+    assert "the GPU failed (AcceleratorError: CUDA error: an illegal memory access" in w.log.read_text()
+    assert fclient.status(job_id).state.value == "running"  # held by the dead instance, not failed
+    flag.unlink()
+    w.start(same_hostname=True)  # as `easel worker` restarts a dead child
+    st = fclient.wait(job_id, timeout=90)
+    assert st.state.value == "succeeded", st.error
+    assert len(fclient.result(job_id).attempts) == 2
+
+
 def test_preemption_storm_every_job_succeeds_exactly_once(fclient, workers):
     """3 workers run 200 jobs while one of them is SIGKILLed every few seconds and restarted
     under its hostname. A job may be hit more than once, so the poison limit is raised

@@ -6,10 +6,18 @@ connections, Redis refusing writes for now, CUDA OOM) re-send the segment with e
 jobs do not retry in lock-step after an outage) up to ``max_retries`` (counted in the job
 record), then end failed. Either way the delivery ends and the worker returns to its
 queue: nothing a job does can take the process down with it.
+
+The one exception is a GPU that a CUDA error has left unusable (an illegal address, a
+device-side assert, a launch failure): every later call in this process would fail too, so
+the job is not to blame. The process exits with its deliveries still held; the launcher
+starts a fresh one (a new CUDA context) and the reaper sends the jobs again, each with one
+more worker death counted (``max_crash_deliveries``: a job that breaks the GPU every time it
+runs ends as poison).
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
 import time
@@ -42,6 +50,23 @@ TRANSIENT = (
     torch.OutOfMemoryError,
 )
 BACKOFF_CAP_S = 30.0
+DEVICE_LOST_EXIT_CODE = 76
+
+
+def device_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a CUDA error that leaves the device unusable for this process (out
+    of memory is not one: it has its own type and the next call may fit)."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(exc, accelerator_error)) or (
+        isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error"))
+
+
+def exit_device_lost(d: Delivery, exc: BaseException) -> None:
+    """End the process, leaving its deliveries held for the reaper (see the module's note)."""
+    log.critical("job %s segment %d: the GPU failed (%s); exiting so the launcher starts a fresh process and "
+                 "the job runs again", d.job_id, d.segment, describe(exc))
+    logging.shutdown()
+    os._exit(DEVICE_LOST_EXIT_CODE)
 
 
 @dataclass(frozen=True)
@@ -117,7 +142,10 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
 
 
 def settle_error(ctx, app, d: Delivery, exc: BaseException) -> str:
-    """End a delivery that raised: retried when transient, else failed with the reason."""
+    """End a delivery that raised: retried when transient, else failed with the reason; a
+    lost GPU ends the process instead."""
+    if device_lost(exc):
+        exit_device_lost(d, exc)
     try:
         if isinstance(exc, redis.exceptions.AuthenticationError):  # a revoked password is not a blip
             log.error("job %s segment %d: broker refused our credentials", d.job_id, d.segment)
@@ -130,7 +158,9 @@ def settle_error(ctx, app, d: Delivery, exc: BaseException) -> str:
         log.exception("could not record how job %s segment %d ended; will try again", d.job_id, d.segment)
         ctx.unsettled.put((d, exc))
         return "error"
-    except Exception:
+    except Exception as e:
+        if device_lost(e):  # retry_later's empty_cache on a GPU already lost
+            exit_device_lost(d, e)
         log.exception("could not record how job %s segment %d ended", d.job_id, d.segment)
         return "error"
 
