@@ -118,3 +118,28 @@ def test_a_stage_that_stalls_midway_fails_with_the_reason(client, easel_env, tmp
         assert client.wait(after, timeout=60).state.value == "succeeded"
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize("name,task,px", KINDS)
+def test_a_stop_ends_every_kinds_call_at_the_next_step(model_root, name, task, px):
+    """A step hook that says stop (a cancel, a take-over) ends the call at that step, whether
+    the pipeline reads ``_interrupt`` or not (Kandinsky 2.2's loop does not), and leaves the
+    shared pipeline ready for the next call."""
+    from easel.worker.runner import Interrupted, run_stage
+
+    model = load_model(load_registry().get(name), Settings(model_root=model_root), torch.device("cpu"))
+    stage = Stage(model=name, task=task, prompt="a castle", steps=8, seed=1, guidance_scale=0.0,
+                  **({"strength": 1.0} if task == "img2img" else {}))
+    carrier = Carrier(images=[Image.new("RGB", (px // 2, px // 2), (9, 99, 199))])
+    asked: list[int] = []
+
+    def stop_at_two(step: int, total: int) -> bool:
+        asked.append(step)
+        return step < 2
+
+    with pytest.raises(Interrupted):
+        run_stage(model, [stage], carrier, n=1, want_latent=False, on_step=stop_at_two)
+    assert asked == [1, 2], asked
+    asked.clear()
+    out, _ = run_stage(model, [stage], carrier, n=1, want_latent=False, on_step=lambda step, total: True)
+    assert len(out.images) == 1

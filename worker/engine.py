@@ -457,12 +457,12 @@ class StepHook:
         now = time.monotonic()
         if self.budget.step(now, total):
             self.rearm()
-        if now > self.budget.deadline:
-            raise StageTimeout(self.budget.exceeded(f"stage {self.stage_index}", step, total, now))
         if self.stops is not None:
             self._heard_stops()
-        if self._stop_asked(wait=False):
+        if self._stop_asked(wait=False):  # before the time limit: a cancelled job ends cancelled
             return False
+        if now > self.budget.deadline:
+            raise StageTimeout(self.budget.exceeded(f"stage {self.stage_index}", step, total, now))
         if self._sent_at is None and self.interval_s > 0:
             self._sent_at = now  # the first step: the interval starts here
         elif self._pending is None and (self._sent_at is None or now - self._sent_at >= self.interval_s):
