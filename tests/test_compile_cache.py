@@ -32,11 +32,13 @@ WARM = textwrap.dedent("""
 """)
 
 
-def _warm(model_root: Path, folder: Path) -> dict:
+def _warm(model_root: Path, folder: Path, log: list[str] | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     out = subprocess.run([sys.executable, "-c", WARM, str(model_root), str(folder)], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    if log is not None:
+        log.append(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -53,3 +55,15 @@ def test_second_warm_loads_the_first_ones_compiled_graphs(model_root, tmp_path):
     assert warm.get("fxgraph_cache_hit", 0) > 0 and warm.get("fxgraph_cache_miss", 0) == 0
     assert warm["compile_s"] < cold["compile_s"], (cold, warm)
     print(f"compile warm-up: cold {cold['compile_s']:.1f}s, warm cache {warm['compile_s']:.1f}s")
+
+
+@pytest.mark.slow
+def test_an_unusable_cache_folder_costs_warm_restarts_not_the_worker(model_root, tmp_path):
+    """A compile cache folder that cannot be made (here under a file; in a deployment a
+    read-only or foreign-owned volume) is replaced by a temporary one with a warning: the
+    worker compiles and starts; only a restart's warm cache is lost."""
+    (tmp_path / "a-file").write_text("")
+    log: list[str] = []
+    warm = _warm(model_root, tmp_path / "a-file" / "compile-cache", log)
+    assert warm["compile_s"] > 0
+    assert "compile cache folder" in log[0] and "unusable" in log[0] and "EASEL_COMPILE_CACHE_DIR" in log[0], log[0]

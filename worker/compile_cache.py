@@ -30,17 +30,28 @@ def cache_dir(settings: Settings) -> Path:
     return Path(settings.compile_cache_dir or Path(settings.model_root) / ".compile-cache")
 
 
-def configure(folder: Path) -> None:
+def configure(folder: Path) -> Path:
     """Point inductor and Triton at ``folder`` before anything compiles; variables the
-    operator set explicitly win."""
+    operator set explicitly win. Returns the folder in use: a temporary one, with a warning,
+    where ``folder`` cannot be made (a read-only volume, another owner), since a cache that
+    cannot be kept only costs cold compiles after a restart."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"{folder} is not writable")
+    except OSError as e:
+        fallback = Path(tempfile.mkdtemp(prefix="easel-compile-cache-"))
+        log.warning("compile cache folder %s unusable (%s); using %s, lost at exit: set EASEL_COMPILE_CACHE_DIR "
+                    "to a writable volume for warm restarts", folder, e, fallback)
+        folder = fallback
     # inductor writes its default into the environment the first time anything asks for it:
     # that value is not the operator's choice.
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    return folder
 
 
 def artifacts_path(folder: Path, device: torch.device, family: str) -> Path:
@@ -73,11 +84,19 @@ def save_artifacts(folder: Path, device: torch.device, family: str) -> Path | No
         return None
     data = saved[0]
     path = artifacts_path(folder, device, family)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    except OSError as e:  # a full or read-only volume: the next start compiles cold, nothing worse
+        log.warning("could not save the compile cache to %s: %s", folder, e)
+        return None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        log.warning("could not save the compile cache to %s: %s", path, e)
+        return None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -140,9 +140,21 @@ def channels_last(pipes: list) -> None:
             module.to(memory_format=torch.channels_last)
 
 
+# Graphs one compiled function may hold. Each variant of a call (batch bucket, input size,
+# guidance on or off, ControlNet residuals, a step cache's full and cached passes) is one;
+# with fullgraph, torch's default of 8 makes the ninth variant an error that fails its job.
+RECOMPILE_LIMIT = 128
+
+
 def compile_modules(pipes: list, compile_unet: bool, compile_vae: bool) -> None:
     """``torch.compile`` (reduce-overhead: CUDA graphs; fullgraph: a graph break is an error,
     not a silent slowdown) each shared UNet and VAE decoder once, for every pipeline using it."""
+    if compile_unet or compile_vae:
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit,
+                                                        4 * RECOMPILE_LIMIT)
     if compile_unet:
         for unet in _distinct(pipes, "unet"):
             compiled = torch.compile(unet, mode="reduce-overhead", fullgraph=True)
@@ -277,7 +289,7 @@ class PipelineCache:
         folder = compile_cache.cache_dir(self.settings)
         compiled = [s for s in specs if compiles(s)]
         if compiled:
-            compile_cache.configure(folder)
+            folder = compile_cache.configure(folder)
             compile_cache.load_artifacts(folder, self.device, self.family)
         for spec in specs:
             self.get(spec.name)
