@@ -435,8 +435,10 @@ from diffusers import UNet2DConditionModel
 _forward = UNet2DConditionModel.forward
 
 
-def forward(self, *args, **kwargs):  # a sticky CUDA error, while the flag file exists
+def forward(self, *args, **kwargs):  # a CUDA error while the flag file exists: its text names it
     if os.path.exists(os.environ["EASEL_TEST_GPU_FAULT"]):
+        if open(os.environ["EASEL_TEST_GPU_FAULT"]).read() == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
     return _forward(self, *args, **kwargs)
 
@@ -464,6 +466,20 @@ def test_a_lost_gpu_restarts_the_process_and_the_job_runs_again(fclient, workers
     st = fclient.wait(job_id, timeout=90)
     assert st.state.value == "succeeded", st.error
     assert len(fclient.result(job_id).attempts) == 2
+
+
+def test_a_job_too_large_for_the_gpu_fails_after_two_retries(fclient, workers, big_input, tmp_path):
+    """Out of GPU memory is retried (other work may have held the memory), but a job that
+    runs out every time fails after two retries with what to change, not after eight."""
+    (tmp_path / "sitecustomize.py").write_text(GPU_FAULT)
+    flag = tmp_path / "gpu-full"
+    flag.write_text("oom")
+    workers(PYTHONPATH=str(tmp_path), EASEL_TEST_GPU_FAULT=str(flag))
+    job_id = fclient.submit(job(big_input, steps=3, seed=31))
+    st = fclient.wait(job_id, timeout=60)
+    assert st.state.value == "failed" and st.attempts == 3, (st.attempts, st.error)
+    assert st.error.startswith("out of GPU memory again after 2 retries (OutOfMemoryError: CUDA out of memory.")
+    assert "vae_tiling" in st.error
 
 
 def test_preemption_storm_every_job_succeeds_exactly_once(fclient, workers):

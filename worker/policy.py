@@ -2,7 +2,7 @@
 
 Permanent errors (bad input, unknown model, a pipeline refusing its arguments, a time
 limit) end the job failed with a readable reason at once. Transient ones (lost
-connections, Redis refusing writes for now, CUDA OOM) re-send the segment with exponential backoff and full jitter (so
+connections, Redis refusing writes for now, CUDA OOM: twice at most) re-send the segment with exponential backoff and full jitter (so
 jobs do not retry in lock-step after an outage) up to ``max_retries`` (counted in the job
 record), then end failed. Either way the delivery ends and the worker returns to its
 queue: nothing a job does can take the process down with it.
@@ -50,6 +50,9 @@ TRANSIENT = (
     torch.OutOfMemoryError,
 )
 BACKOFF_CAP_S = 30.0
+# Out of GPU memory again after this many retries: the job itself is too large for the GPU
+# (a retry helps when other work held the memory, or alone instead of in a micro-batch).
+OOM_RETRIES = 2
 DEVICE_LOST_EXIT_CODE = 76
 
 
@@ -120,6 +123,9 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     n = ctx.store.count_retry(d.job_id, d.segment)
+    if isinstance(exc, torch.OutOfMemoryError) and n > OOM_RETRIES:
+        return fail(ctx, d, f"out of GPU memory again after {OOM_RETRIES} retries ({describe(exc)}): use a "
+                            "smaller image or fewer images per job, or turn on vae_tiling for the model")
     if n > ctx.settings.max_retries:
         return fail(ctx, d, f"gave up after {ctx.settings.max_retries} retries: {describe(exc)}")
     countdown = random.uniform(0, min(BACKOFF_CAP_S, 2.0 ** (n - 1)))
