@@ -207,7 +207,7 @@ class EaselClient:
                        carriers: dict[str, dict] | None = None) -> None:
         """Send the first messages of the jobs admitted now; a job whose message cannot be sent
         ends failed ("could not enqueue"), not stuck, lets go of its idempotency key, and the
-        error is raised. Then, when some
+        error is raised (unless a worker claimed it meanwhile: the send reached Redis). Then, when some
         jobs wait in pending sets of queues with room, dispatch those queues (``pended``:
         queue -> family) and send what it moved (in a full queue a dispatch moves nothing:
         the claim that makes room dispatches). That is best effort: a job it could not move
@@ -221,9 +221,11 @@ class EaselClient:
                 self._send_batch(producer, admitted, carriers or {})
         except Exception as e:
             for job_id, _, _ in admitted:
-                self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}")
-                self.store.unmark_queued(job_id)
-                self.store.release_idempotency(job_id)  # a retry with the same key queues it anew
+                # The send may have reached Redis with only its reply lost: a job a worker
+                # has claimed since runs on, and keeps its key.
+                if self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}", never_claimed=True):
+                    self.store.unmark_queued(job_id)
+                    self.store.release_idempotency(job_id)  # a retry with the same key queues it anew
             raise
         if not pended:
             return

@@ -79,10 +79,12 @@ end
 # keeps it: it names the last holder, and no claim or reaper reads it past a final state);
 # while another instance
 # holds it, the delivery has been taken over and its state change is refused. A ``segment``
-# field never moves the job back (a late hand-off after the next segment has run).
+# field never moves the job back (a late hand-off after the next segment has run). A
+# ``?never_claimed`` pair (not written) refuses the change once any worker has claimed the
+# job: a producer failing a job whose message it could not send must not end one that runs.
 # Publishing from the script means no event is published for a change that did not happen.
 _TRANSITION = f"""
-local h = redis.call('HMGET', KEYS[1], 'state', 'instance', 'segment', 'capped')
+local h = redis.call('HMGET', KEYS[1], 'state', 'instance', 'segment', 'capped', 'attempts')
 local cur = h[1]
 if not cur then return -1 end
 local writes = {{}}
@@ -105,8 +107,14 @@ if {_TERMINAL} then return commit(0) end
 if ARGV[6] == '' then return commit(1) end
 for i = 7, #ARGV, 2 do
   if ARGV[i] == 'segment' and h[3] and tonumber(ARGV[i+1]) < tonumber(h[3]) then return commit(0) end
+  if ARGV[i] == '?never_claimed' and (cur ~= 'queued' or (h[5] and h[5] ~= '0')) then return commit(0) end
 end
-for i = 7, #ARGV do table.insert(writes, ARGV[i]) end
+for i = 7, #ARGV, 2 do
+  if ARGV[i] ~= '?never_claimed' then
+    table.insert(writes, ARGV[i])
+    table.insert(writes, ARGV[i + 1])
+  end
+end
 commit(1)
 local new, reply = ARGV[6], 1
 if new == 'succeeded' or new == 'failed' or new == 'cancelled' then
@@ -559,7 +567,7 @@ class JobStore:
                                                     if k != "spec" and not k.startswith("record:")}}, default=str)
 
     def _transition_args(self, job_id: str, state: JobState | None, fields: dict,
-                         end: tuple[int, str] | None) -> list:
+                         end: tuple[int, str] | None, never_claimed: bool = False) -> list:
         segment, instance = end if end is not None else ("", "")
         argv: list = ["", self._running_prefix(), job_id, segment, instance, ""]
         if state is None:
@@ -571,15 +579,16 @@ class JobStore:
         argv[0], argv[5] = self._event(state, fields), state.value
         for k, v in fields.items():
             argv += [k, json.dumps(v) if isinstance(v, (list, dict)) else v]
-        return argv
+        return argv + (["?never_claimed", 1] if never_claimed else [])
 
     def transition(self, job_id: str, state: JobState | None, *, end: tuple[int, str] | None = None,
-                   **fields) -> bool:
+                   never_claimed: bool = False, **fields) -> bool:
         """Move a non-terminal job to ``state`` with extra fields; False if it was already terminal.
-        ``end=(segment, instance)`` also ends that instance's delivery of the segment. One
-        round trip: the event is published by the same script, only if the change happened."""
-        return self._ended([self._transition(keys=self._transition_keys(job_id),
-                                             args=self._transition_args(job_id, state, fields, end))])[0]
+        ``end=(segment, instance)`` also ends that instance's delivery of the segment;
+        ``never_claimed`` refuses the change once a worker has claimed the job. One round
+        trip: the event is published by the same script, only if the change happened."""
+        args = self._transition_args(job_id, state, fields, end, never_claimed)
+        return self._ended([self._transition(keys=self._transition_keys(job_id), args=args)])[0]
 
     def _transition_keys(self, job_id: str) -> list[str]:
         return [self.key(job_id), self.events_channel(job_id), self.finished_key()]

@@ -134,6 +134,7 @@ def test_a_job_that_could_not_be_enqueued_lets_its_idempotency_key_go(easel_env,
     from easel.producer.client import EaselClient
     from easel.producer.embedded import free_port
     from easel.shared.celery_app import make_celery
+    from easel.shared.schema import JobState
     from easel.shared.settings import get_settings
 
     own = EaselClient(get_settings())  # its broker is swapped below: not the session's client
@@ -151,6 +152,15 @@ def test_a_job_that_could_not_be_enqueued_lets_its_idempotency_key_go(easel_env,
     again = own.submit(job)
     assert own.store.key(again) != failed
     assert own.wait(again, timeout=120).state.value == "succeeded"
+    # A send whose reply was lost may have reached Redis, and a worker claimed the job since:
+    # the producer's failure path leaves that job running.
+    spec, plan = own.prepare_and_plan(img2img_job(str(input_png)))
+    claimed, _ = own.store.create(spec, plan)
+    (c,) = own.store.claim_many([(claimed, 0, None)], "test-worker", "test-instance", 2)
+    assert c.outcome == "run"
+    assert not own.store.transition(claimed, JobState.failed, error="could not enqueue: x", never_claimed=True)
+    assert own.store.status(claimed).state.value == "running"
+    own.store.transition(claimed, JobState.cancelled, end=(0, "test-instance"))
 
 
 def test_cli_submit_wait_status_fetch(easel_env, sd15_worker, input_png, tmp_path):
