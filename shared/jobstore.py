@@ -12,7 +12,8 @@ This module is the only one that reads or writes a job's hash. One hash per job,
   ``cancel`` = 1 once cancel was asked.
 - ``segment``: the segment that runs or waits next; ``worker`` (hostname) and ``instance``
   (the worker process's own id) of the delivery running it; ``instance`` is absent between
-  deliveries, and names the last holder once the job has ended.
+  deliveries, and names the last holder once the job has ended; ``claimed_at``: when that
+  delivery was claimed (its claim's own time, which tells a replayed claim from a copy).
 - ``attempts``: deliveries that started; ``attempt:<n>``: JSON of each (segment, worker,
   instance, started_at, and ``ended`` when recovery took it away).
 - ``due_at``: when a retry's held-back message is due (its backoff), for the lost-message
@@ -134,8 +135,9 @@ return reply
 # not where the job's current segment waits. Then refuses unknown and terminal jobs, a
 # segment the job has moved past (stale), and a segment that another live instance runs (a
 # duplicate: a message the lost-message sweep sent again while its first copy was on its
-# way). A claim of what this very instance holds is a replay of this script (its reply was
-# lost), answered as the first run was. Then refuses cancelled and poison deliveries,
+# way). A claim of what this very instance holds with the same claim time is a replay of
+# this script (its reply was lost), answered as the first run was; with another, it is a
+# copy of the message meeting its holder (still writing the first run's outputs, say). Then refuses cancelled and poison deliveries,
 # counts the delivery and the attempt, and records this instance as the holder. A run
 # answers with the job's spec, plan, times, its attempt count and this attempt's record
 # (the manifest reads no attempts back in the common case of one).
@@ -145,7 +147,7 @@ return reply
 # (Key names built from ARGV assume one Redis, not a cluster; easel's broker is one Redis.)
 _CLAIM = _CLOCK + f"""
 local h = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'queue', 'spec', 'plan', 'stage', 'created_at',
-                     'started_at', 'segment', 'instance', 'attempts', 'inflight:' .. ARGV[3])
+                     'started_at', 'segment', 'instance', 'attempts', 'inflight:' .. ARGV[3], 'claimed_at')
 local cur = h[1]
 if not cur then return {{'unknown'}} end
 local seg = tonumber(ARGV[3])
@@ -155,10 +157,10 @@ if stale and ARGV[10] ~= '' and ARGV[10] ~= h[3] then redis.call('ZREM', ARGV[1]
 if {_TERMINAL} then return {{'terminal', cur}} end
 if stale then return {{'stale', h[9]}} end
 if h[10] and h[9] and seg == tonumber(h[9]) then
-  if h[10] == ARGV[8] then
+  if h[10] == ARGV[8] and h[13] == ARGV[5] then
     return {{'run', h[4], h[5], h[7], h[8], h[11], redis.call('HGET', KEYS[1], 'attempt:' .. h[11])}}
   end
-  if alive(KEYS[3], h[10]) then return {{'duplicate', h[10]}} end
+  if h[10] == ARGV[8] or alive(KEYS[3], h[10]) then return {{'duplicate', h[10]}} end
 end
 if h[2] == '1' then return {{'cancel'}} end
 local crashed = tonumber(h[12] or '0')
@@ -170,8 +172,8 @@ local started = h[8] or ARGV[5]
 local n = tonumber(h[11] or '0') + 1
 local attempt = cjson.encode({{segment = seg, worker = ARGV[4], instance = ARGV[8], started_at = tonumber(ARGV[5])}})
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[4], 'instance', ARGV[8], 'segment', ARGV[3],
-           'updated_at', ARGV[5], 'started_at', started, 'attempts', n, 'attempt:' .. n, attempt,
-           'inflight:' .. ARGV[3], crashed + 1)
+           'updated_at', ARGV[5], 'claimed_at', ARGV[5], 'started_at', started, 'attempts', n,
+           'attempt:' .. n, attempt, 'inflight:' .. ARGV[3], crashed + 1)
 redis.call('SADD', ARGV[9] .. ARGV[8], ARGV[2] .. ':' .. ARGV[3])
 redis.call('PUBLISH', KEYS[2], ARGV[7])
 return {{'run', h[4], h[5], h[7], started, n, attempt}}

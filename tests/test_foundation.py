@@ -158,6 +158,9 @@ def test_a_job_that_could_not_be_enqueued_lets_its_idempotency_key_go(easel_env,
     claimed, _ = own.store.create(spec, plan)
     (c,) = own.store.claim_many([(claimed, 0, None)], "test-worker", "test-instance", 2)
     assert c.outcome == "run"
+    # A copy of its message reaching the same holder is a duplicate, not a second run.
+    (copy,) = own.store.claim_many([(claimed, 0, None)], "test-worker", "test-instance", 2)
+    assert (copy.outcome, copy.detail) == ("duplicate", "test-instance")
     assert not own.store.transition(claimed, JobState.failed, error="could not enqueue: x", never_claimed=True)
     assert own.store.status(claimed).state.value == "running"
     own.store.transition(claimed, JobState.cancelled, end=(0, "test-instance"))
