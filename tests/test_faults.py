@@ -482,6 +482,29 @@ def test_a_job_too_large_for_the_gpu_fails_after_two_retries(fclient, workers, b
     assert "vae_tiling" in st.error
 
 
+def test_retries_waiting_out_their_backoff_do_not_hold_a_batching_workers_slots(fclient, workers, big_input):
+    """A micro-batching worker holds a retry's message until its countdown is due; those
+    held messages must not use up what it may fetch (Celery's own strategy raises its
+    prefetch for each, celery-batches does not): a new job sent after two of them, with the
+    worker's batch size of two, runs before they are due."""
+    from easel.shared.celery_app import send_segment
+
+    workers(EASEL_BATCH_SIZE="2")
+    held = []
+    for seed in (51, 52):
+        job_id, spec, plan = recorded_job(fclient.store, fclient.registry, big_input, seed)
+        fclient.store.mark_queued(job_id, plan.segments[0].queue, spec.priority, due_at=time.time() + 25)
+        send_segment(fclient.celery, job_id, 0, plan.segments[0].queue, spec.priority, countdown=25)
+        held.append(job_id)
+    time.sleep(1)  # fetched and held by the worker
+    fresh = fclient.submit(job(big_input, steps=2, seed=53))
+    st = fclient.wait(fresh, timeout=60)
+    assert st.state.value == "succeeded", st.error
+    assert fclient.store.states_of(held) == ["queued", "queued"]  # still waiting out their countdown
+    for job_id in held:
+        assert fclient.wait(job_id, timeout=60).state.value == "succeeded"
+
+
 def test_preemption_storm_every_job_succeeds_exactly_once(fclient, workers):
     """3 workers run 200 jobs while one of them is SIGKILLed every few seconds and restarted
     under its hostname. A job may be hit more than once, so the poison limit is raised

@@ -95,10 +95,14 @@ def _adaptive_batches() -> type:
             buffer_message = super().Strategy(task, app, consumer)
             timer = consumer.timer
             quiet = None  # the pending flush for a queue gone quiet
+            self._consumer, self._held = consumer, set()  # its qos is made after the strategies
 
-            def on_message(*args, **kwargs) -> None:
+            def on_message(message, *args, **kwargs) -> None:
                 nonlocal quiet
-                buffer_message(*args, **kwargs)
+                if _due_later(message):  # held until due: it must not take a fetch slot meanwhile,
+                    self._held.add(message.headers.get("id"))  # as Celery's own strategy ensures
+                    consumer.qos.increment_eventually()
+                buffer_message(message, *args, **kwargs)
                 if quiet is not None:
                     quiet.cancel()
                     quiet = None
@@ -109,4 +113,25 @@ def _adaptive_batches() -> type:
 
             return on_message
 
+        def flush(self, requests):
+            for request in requests:
+                if request.id in self._held:
+                    self._held.discard(request.id)
+                    self._consumer.qos.decrement_eventually()
+            return super().flush(requests)
+
     return AdaptiveBatches
+
+
+def _due_later(message) -> bool:
+    """Whether a task message carries an ETA (a retry's countdown) still in the future."""
+    from datetime import datetime, timezone
+
+    eta = (message.headers or {}).get("eta")
+    if not eta:
+        return False
+    try:
+        due = datetime.fromisoformat(eta)
+    except ValueError:
+        return False
+    return due > datetime.now(due.tzinfo or timezone.utc)
