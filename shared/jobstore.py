@@ -390,6 +390,10 @@ def redis_client(url: str, reply_within_s: float | None = None, retries: int = 2
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError], **kw)
 
 
+def retry_field(segment: int) -> str:
+    return f"retries:{segment}"
+
+
 def run_scripts(r: redis.Redis, calls: list[tuple]) -> list:
     """Run (script, keys, args) calls in one pipeline of EVALSHA alone: redis-py's own
     pipelines send SCRIPT EXISTS before every script call. A script Redis has lost (a
@@ -566,7 +570,8 @@ class JobStore:
     def _event(self, state: JobState, fields: dict) -> str:
         """The event a state change publishes: its fields, less the bulky spec and stage records."""
         return json.dumps({"state": state.value, **{k: v for k, v in fields.items()
-                                                    if k != "spec" and not k.startswith("record:")}}, default=str)
+                                                    if k != "spec" and not k.startswith(("record:", "retries:"))}},
+                          default=str)
 
     def _transition_args(self, job_id: str, state: JobState | None, fields: dict,
                          end: tuple[int, str] | None, never_claimed: bool = False) -> list:
@@ -782,9 +787,11 @@ class JobStore:
         return None if rank is None else int(rank)
 
     # -- retries and attempts ----------------------------------------------------------------
-    def count_retry(self, job_id: str, segment: int) -> int:
-        """One more transient-error retry of ``segment``; returns how many so far."""
-        return int(self.r.hincrby(self.key(job_id), f"retries:{segment}", 1))
+    def retries_of(self, job_id: str, segment: int) -> int:
+        """Transient-error retries of ``segment`` so far. The count is written with the retry's
+        own state change (``retry_field``), so a delivery taken over meanwhile, or a replayed
+        write, counts nothing."""
+        return int(self.r.hget(self.key(job_id), retry_field(segment)) or 0)
 
     def manifest_reads(self, job_id: str, indices: list[int],
                        first: Attempt | None = None) -> tuple[list[str | None], list[Attempt]]:

@@ -673,6 +673,16 @@ def test_a_failed_publish_is_retried_and_one_that_cannot_be_retried_stays_held(f
         dead.conf.task_publish_retry = False  # the default rides out a minute; what comes after is tested
         assert settle_error(ctx, dead, d, away) == "error"
         assert ctx.unsettled.get_nowait() == (d, away)
+
+        # Taken over meanwhile (i1 stalled past its TTL, i2 claimed the job): i1's retry is
+        # refused, counts nothing, and leaves no place in the queue behind.
+        store.r.delete(*lists)
+        assert store.claim_many([(job_id, 0, q)], "w1", "i1", 3)[0].outcome == "run"
+        assert store.claim_many([(job_id, 0, q)], "w2", "i2", 3)[0].outcome == "run"
+        retries = store.retries_of(job_id, 0)
+        assert settle_error(ctx, make_celery(settings), d, away) == "superseded"
+        assert store.retries_of(job_id, 0) == retries and store.queue_position(job_id) is None
+        assert not queued_deliveries(store.r, lists)
     finally:
         store.r.delete(*lists)
         store.transition(job_id, JobState.cancelled, error="test over")

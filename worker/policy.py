@@ -30,7 +30,7 @@ import torch
 
 from easel.shared.celery_app import send_segment
 from easel.shared.images import InputError
-from easel.shared.jobstore import refusing_for_now
+from easel.shared.jobstore import refusing_for_now, retry_field
 from easel.shared.schema import TERMINAL_STATES, JobState
 from easel.shared.storage import NotFound
 
@@ -122,7 +122,7 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     """Re-send the segment after a full-jitter backoff (cap 1 s doubling, at most 30 s)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    n = ctx.store.count_retry(d.job_id, d.segment)
+    n = ctx.store.retries_of(d.job_id, d.segment) + 1
     if isinstance(exc, torch.OutOfMemoryError) and n > OOM_RETRIES:
         return fail(ctx, d, f"out of GPU memory again after {OOM_RETRIES} retries ({describe(exc)}): use a "
                             "smaller image or fewer images per job, or turn on vae_tiling for the model")
@@ -134,15 +134,20 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     spec, plan = ctx.store.load(d.job_id)
     queue = d.queue or plan.segments[d.segment].queue
     # Queued while it waits out the backoff: its status says why, and a cancel ends it at
-    # once. The delivery ends first, so a claim of the re-sent message does not find it
-    # still held; a job that ended or was taken over meanwhile is not sent again. Marked
-    # waiting in its queue, a retry whose message is lost is sent again by a reaper.
+    # once. Marked waiting in its queue first, so that from the moment the delivery ends a
+    # reaper sends a retry whose message is lost again; the delivery ends before the send,
+    # so a claim of the re-sent message does not find it still held. The count is written
+    # with the state change: a job that ended or was taken over meanwhile is not sent again
+    # and counts no retry.
+    ctx.store.mark_queued(d.job_id, queue, spec.priority, due_at=time.time() + countdown)
     note = f"retry {n} of {ctx.settings.max_retries} after {describe(exc)}, sent again in {countdown:.1f}s"
-    if not end_as(ctx, d, JobState.queued, note=note):
-        outcome, why = refusal(ctx.store.states_of([d.job_id])[0])
+    if not end_as(ctx, d, JobState.queued, note=note, **{retry_field(d.segment): n}):
+        state = ctx.store.states_of([d.job_id])[0]
+        if state == JobState.running.value:  # taken over: its new holder claimed it, not this entry
+            ctx.store.unmark_queued(d.job_id)
+        outcome, why = refusal(state)
         log.warning("job %s %s before its retry was queued; not sent again", d.job_id, why)
         return outcome
-    ctx.store.mark_queued(d.job_id, queue, spec.priority, due_at=time.time() + countdown)
     send_segment(app, d.job_id, d.segment, queue, spec.priority, countdown=countdown)
     return "retrying"
 
