@@ -77,7 +77,7 @@ def run(args) -> dict:
 
     def runner(seed: int, hook: bool) -> None:
         stage = Stage(model="m", seed=seed, **stage_d)
-        ctx = SimpleNamespace(store=_NullStore(), instance="bench", io=pool, finisher=None, stops=None,
+        ctx = SimpleNamespace(store=_NullStore(), instance="bench", control=pool, finisher=None, stops=None,
                               settings=SimpleNamespace(progress_interval_s=0.25))
         on_step = StepHook(ctx, ["job"], 0, StageBudget(3600, 3600, 3, time.monotonic())) if hook else (lambda step, total: True)
         run_stage(model, [stage], Carrier(images=[image]), n=1, want_latent=False, on_step=on_step)

@@ -86,7 +86,7 @@ def test_the_step_hook_releases_a_pending_finish_at_the_first_step_only(client):
     pool = ThreadPoolExecutor(1)
     try:
         _defer(f, ran, job_id)
-        ctx = SimpleNamespace(store=client.store, instance="test", io=pool, stops=None, settings=SimpleNamespace(
+        ctx = SimpleNamespace(store=client.store, instance="test", control=pool, stops=None, settings=SimpleNamespace(
             progress_interval_s=0.25), finisher=SimpleNamespace(denoising_started=release))
         hook = StepHook(ctx, [f"next-{job_id}"], 0, StageBudget(60, 60, 3, time.monotonic()))
         time.sleep(0.2)

@@ -36,6 +36,11 @@ class WorkerContext:
     inputs: InputCache = field(default_factory=lambda: InputCache(0))
     # S3 transfers of one job run side by side (boto3 clients are thread-safe).
     io: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="easel-io"))
+    # Progress writes and the cancel reads they carry, on a thread of their own: behind the
+    # previous job's uploads on ``io`` (an overlapped finish), a stage's end would wait for
+    # them at its last progress write.
+    control: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="easel-progress"))
     stops: StopListener | None = None  # cancels and take-overs pushed to this process (worker.stops)
     # Called after each claim: room opened in the queue (``worker.feeding``).
     on_claim: Callable[[], None] | None = None

@@ -403,7 +403,7 @@ class StepHook:
 
     def __init__(self, ctx: WorkerContext, job_ids: list[str], stage_index: int, budget: StageBudget,
                  rearm: Callable[[], None] = lambda: None, stops_epoch: int = -1):
-        self.store, self.instance, self.pool, self.stops = ctx.store, ctx.instance, ctx.io, ctx.stops
+        self.store, self.instance, self.pool, self.stops = ctx.store, ctx.instance, ctx.control, ctx.stops
         self._epoch, self._read_at = stops_epoch, time.monotonic()  # the claim read the flags
         self.job_ids, self.stage_index, self.budget = job_ids, stage_index, budget
         self.rearm = rearm  # the watchdog's deadline follows the budget's
