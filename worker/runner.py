@@ -325,6 +325,15 @@ def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Imag
     """Decode a latent hand-off for keep_intermediates (the chain itself keeps the latents)."""
     pipe = next(p for p in model.pipes.values() if hasattr(p, "vae") and hasattr(p, "image_processor"))
     vae = pipe.vae
-    with torch.inference_mode():
-        x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    # An fp16 VAE that overflows in fp16 (SDXL's: force_upcast) decodes in fp32, as its
+    # pipelines do; else the intermediate would come out black.
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    try:
+        if upcast:
+            vae.to(torch.float32)
+        with torch.inference_mode():
+            x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(torch.float16)
     return pipe.image_processor.postprocess(x, output_type="pil")
