@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -312,19 +313,24 @@ def main() -> None:
         if e.title != "Settings":
             raise
         for name, why in _settings_problems(e).items():
-            err.print(f"[red]error:[/red] {name}: {escape(why)}", highlight=False)
+            err.print(f"[red]error:[/red] {escape(name)}: {escape(why)}", highlight=False)
         sys.exit(2)
+
+
+_UNSHOWN = re.compile(r"secret|key|token|password|url|credential", re.IGNORECASE)  # values never echoed
 
 
 def _settings_problems(e) -> dict[str, str]:
     """Settings' validation errors by the variable that sets each field, with the value given
-    (a field that may be one of several types fails each: they are joined with "or")."""
+    unless it may hold a secret (a field that may be one of several types fails each: they
+    are joined with "or")."""
     out: dict[str, list[str]] = {}
     for problem in e.errors(include_url=False):
         name = "settings"
         if problem["loc"]:
-            name = f"EASEL_{str(problem['loc'][0]).upper()}"
-            if not isinstance(problem.get("input"), dict):
+            field = str(problem["loc"][0])
+            name = f"EASEL_{field.upper()}"
+            if not _UNSHOWN.search(field) and not isinstance(problem.get("input"), dict):
                 name += f"={problem.get('input')!r}"
         out.setdefault(name, []).append(problem["msg"].removeprefix("Value error, "))
     return {name: " or ".join(dict.fromkeys(whys)) for name, whys in out.items()}

@@ -19,7 +19,8 @@ This module is the only one that reads or writes a job's hash. One hash per job,
 - ``due_at``: when a retry's held-back message is due (its backoff), for the lost-message
   sweep.
 - ``inflight:<seg>``: deliveries of a segment that started and never ended (a worker died):
-  the poison-job counter; ``retries:<seg>``: transient-error retries.
+  the poison-job counter; ``retries:<seg>``: transient-error retries, ``oom:<seg>``: those
+  out of GPU memory.
 - ``stage``, ``step``, ``total_steps``: progress; ``record:<i>``: stage records (JSON).
 - ``outputs``, ``manifest``: the results of a succeeded job.
 - ``tenant``: whose fair share the job runs in; ``trace``: the submitter's trace context
@@ -162,7 +163,7 @@ if h[10] and h[9] and seg == tonumber(h[9]) then
   end
   if h[10] == ARGV[8] or alive(KEYS[3], h[10]) then return {{'duplicate', h[10]}} end
 end
-if h[2] == '1' then return {{'cancel'}} end
+if h[2] == '1' then return {{'cancel', h[8] or ''}} end
 local crashed = tonumber(h[12] or '0')
 if crashed >= tonumber(ARGV[6]) then
   redis.call('HSET', KEYS[1], 'inflight:' .. ARGV[3], crashed + 1)
@@ -390,8 +391,9 @@ def redis_client(url: str, reply_within_s: float | None = None, retries: int = 2
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError], **kw)
 
 
-def retry_field(segment: int) -> str:
-    return f"retries:{segment}"
+def retry_fields(segment: int, retries: int, out_of_memory: int) -> dict[str, int]:
+    """A segment's retry counts as record fields: all retries, and those out of GPU memory."""
+    return {f"retries:{segment}": retries, f"oom:{segment}": out_of_memory}
 
 
 def run_scripts(r: redis.Redis, calls: list[tuple]) -> list:
@@ -570,7 +572,7 @@ class JobStore:
     def _event(self, state: JobState, fields: dict) -> str:
         """The event a state change publishes: its fields, less the bulky spec and stage records."""
         return json.dumps({"state": state.value, **{k: v for k, v in fields.items()
-                                                    if k != "spec" and not k.startswith(("record:", "retries:"))}},
+                                                    if k != "spec" and not k.startswith(("record:", "retries:", "oom:"))}},
                           default=str)
 
     def _transition_args(self, job_id: str, state: JobState | None, fields: dict,
@@ -663,8 +665,8 @@ class JobStore:
                              attempt=Attempt.model_validate_json(res[6]) if res[6] else None)
             except ValueError as e:
                 return Claim("corrupt", detail=f"unreadable job record: {e}"[:500])
-        if outcome in ("terminal", "duplicate", "stale"):
-            return Claim(outcome, detail=res[1])
+        if outcome in ("terminal", "duplicate", "stale", "cancel"):  # a cancel's detail: when it started, or ''
+            return Claim(outcome, detail=res[1] if len(res) > 1 else "")
         if outcome == "poison":
             return Claim("poison", crashed=int(res[1]), stage=int(res[2]))
         return Claim(outcome)
@@ -787,11 +789,12 @@ class JobStore:
         return None if rank is None else int(rank)
 
     # -- retries and attempts ----------------------------------------------------------------
-    def retries_of(self, job_id: str, segment: int) -> int:
-        """Transient-error retries of ``segment`` so far. The count is written with the retry's
-        own state change (``retry_field``), so a delivery taken over meanwhile, or a replayed
-        write, counts nothing."""
-        return int(self.r.hget(self.key(job_id), retry_field(segment)) or 0)
+    def retries_of(self, job_id: str, segment: int) -> tuple[int, int]:
+        """(transient-error retries, of which out of GPU memory) of ``segment`` so far. The
+        counts are written with the retry's own state change (``retry_fields``), so a delivery
+        taken over meanwhile, or a replayed write, counts nothing."""
+        retries, oom = self.r.hmget(self.key(job_id), list(retry_fields(segment, 0, 0)))
+        return int(retries or 0), int(oom or 0)
 
     def manifest_reads(self, job_id: str, indices: list[int],
                        first: Attempt | None = None) -> tuple[list[str | None], list[Attempt]]:

@@ -207,6 +207,8 @@ def test_cli_refuses_bad_strength_with_clear_message(easel_env, input_png):
     r = cli("queues", env={"EASEL_BATCH_SIZE": "abc"})
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
     assert "EASEL_BATCH_SIZE='abc': Input should be a valid integer" in r.stderr, r.stderr
+    r = cli("queues", env={"EASEL_WEBHOOK_SECRET": "whsec_!!hunter2"})  # a secret's value is never echoed
+    assert r.returncode == 2 and "EASEL_WEBHOOK_SECRET: " in r.stderr and "hunter2" not in r.stderr, r.stderr
     r = cli("status", "x", env={"EASEL_HEARTBEAT_TTL_S": "1"})
     assert r.returncode == 2 and "settings: heartbeat_ttl_s (1.0) must be more than twice" in r.stderr, r.stderr
 

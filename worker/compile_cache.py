@@ -42,9 +42,9 @@ def configure(folder: Path) -> Path:
         if not os.access(folder, os.W_OK):
             raise PermissionError(f"{folder} is not writable")
     except OSError as e:
-        fallback = Path(tempfile.mkdtemp(prefix="easel-compile-cache-"))
-        log.warning("compile cache folder %s unusable (%s); using %s, lost at exit: set EASEL_COMPILE_CACHE_DIR "
-                    "to a writable volume for warm restarts", folder, e, fallback)
+        fallback = _fallback_folder()
+        log.warning("compile cache folder %s unusable (%s); using %s on local disk: set EASEL_COMPILE_CACHE_DIR "
+                    "to a writable volume for warm restarts across machines", folder, e, fallback)
         folder = fallback
     # inductor writes its default into the environment the first time anything asks for it:
     # that value is not the operator's choice.
@@ -52,6 +52,20 @@ def configure(folder: Path) -> Path:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
     return folder
+
+
+def _fallback_folder() -> Path:
+    """One folder per user under the system's temporary folder, kept across this machine's
+    worker restarts (a crash loop must not fill the disk with a cache per start); a new
+    private one where that name is someone else's."""
+    folder = Path(tempfile.gettempdir()) / f"easel-compile-cache-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if folder.is_symlink() or folder.stat().st_uid != os.getuid():
+            raise PermissionError(f"{folder} is not this user's")
+        return folder
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="easel-compile-cache-"))
 
 
 def artifacts_path(folder: Path, device: torch.device, family: str) -> Path:

@@ -152,7 +152,7 @@ def _settle_claim(ctx: WorkerContext, d: Delivery, c: Claim) -> str:
     elif c.outcome == "duplicate":
         log.info("job %s segment %d runs on live instance %s; dropping this copy", d.job_id, d.segment, c.detail)
     elif c.outcome == "cancel":
-        why = "cancelled while it waited for its next stage" if d.segment else "cancelled before it ran"
+        why = "cancelled while it waited in a queue" if c.detail else "cancelled before it ran"
         ctx.store.transition(d.job_id, JobState.cancelled, error=why)
         return "cancelled"
     elif c.outcome == "poison":

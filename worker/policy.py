@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ import torch
 
 from easel.shared.celery_app import send_segment
 from easel.shared.images import InputError
-from easel.shared.jobstore import refusing_for_now, retry_field
+from easel.shared.jobstore import refusing_for_now, retry_fields
 from easel.shared.schema import TERMINAL_STATES, JobState
 from easel.shared.storage import NotFound
 
@@ -56,18 +57,46 @@ OOM_RETRIES = 2
 DEVICE_LOST_EXIT_CODE = 76
 
 
+# CUDA errors after which the process's context is unusable ("sticky" errors): every later
+# kernel fails too. Others (an invalid launch configuration on a huge input, say) leave the
+# GPU working: the job fails with its reason, like any error of the job's own.
+_STICKY = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+           "illegal instruction", "uncorrectable ecc", "launch timed out", "hardware stack error",
+           "unrecoverable", "device not ready", "gpu has fallen off the bus")
+FINISH_GRACE_S = 30.0  # how long a lost GPU's process waits for its pending finishes (no GPU needed)
+
+
 def device_lost(exc: BaseException) -> bool:
     """Whether ``exc`` is a CUDA error that leaves the device unusable for this process (out
-    of memory is not one: it has its own type and the next call may fit)."""
+    of memory is not one: it has its own type and the next call may fit): a sticky error by
+    its text, or any other CUDA error after which the device no longer answers."""
     accelerator_error = getattr(torch, "AcceleratorError", None)
-    return (accelerator_error is not None and isinstance(exc, accelerator_error)) or (
+    cuda = (accelerator_error is not None and isinstance(exc, accelerator_error)) or (
         isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error"))
+    if not cuda:
+        return False
+    if any(sign in str(exc).lower() for sign in _STICKY):
+        return True
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.zeros(1, device="cuda").add_(1).item()
+        return False
+    except Exception:
+        return True
 
 
-def exit_device_lost(d: Delivery, exc: BaseException) -> None:
-    """End the process, leaving its deliveries held for the reaper (see the module's note)."""
+def exit_device_lost(ctx, d: Delivery, exc: BaseException) -> None:
+    """End the process, leaving its deliveries held for the reaper (see the module's note),
+    once the finishes it has pending (encodes and uploads, no GPU) are written, within
+    ``FINISH_GRACE_S``."""
     log.critical("job %s segment %d: the GPU failed (%s); exiting so the launcher starts a fresh process and "
                  "the job runs again", d.job_id, d.segment, describe(exc))
+    finisher = getattr(ctx, "finisher", None)
+    if finisher is not None:
+        waiting = threading.Thread(target=finisher.drain, daemon=True)
+        waiting.start()
+        waiting.join(FINISH_GRACE_S)
     logging.shutdown()
     os._exit(DEVICE_LOST_EXIT_CODE)
 
@@ -122,8 +151,9 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     """Re-send the segment after a full-jitter backoff (cap 1 s doubling, at most 30 s)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    n = ctx.store.retries_of(d.job_id, d.segment) + 1
-    if isinstance(exc, torch.OutOfMemoryError) and n > OOM_RETRIES:
+    n, oom = ctx.store.retries_of(d.job_id, d.segment)
+    n, oom = n + 1, oom + isinstance(exc, torch.OutOfMemoryError)
+    if isinstance(exc, torch.OutOfMemoryError) and oom > OOM_RETRIES:
         return fail(ctx, d, f"out of GPU memory again after {OOM_RETRIES} retries ({describe(exc)}): use a "
                             "smaller image or fewer images per job, or turn on vae_tiling for the model")
     if n > ctx.settings.max_retries:
@@ -141,9 +171,9 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     # and counts no retry.
     ctx.store.mark_queued(d.job_id, queue, spec.priority, due_at=time.time() + countdown)
     note = f"retry {n} of {ctx.settings.max_retries} after {describe(exc)}, sent again in {countdown:.1f}s"
-    if not end_as(ctx, d, JobState.queued, note=note, **{retry_field(d.segment): n}):
+    if not end_as(ctx, d, JobState.queued, note=note, **retry_fields(d.segment, n, oom)):
         state = ctx.store.states_of([d.job_id])[0]
-        if state == JobState.running.value:  # taken over: its new holder claimed it, not this entry
+        if state != JobState.queued.value:  # taken over or ended: the entry just made is not its
             ctx.store.unmark_queued(d.job_id)
         outcome, why = refusal(state)
         log.warning("job %s %s before its retry was queued; not sent again", d.job_id, why)
@@ -156,7 +186,7 @@ def settle_error(ctx, app, d: Delivery, exc: BaseException) -> str:
     """End a delivery that raised: retried when transient, else failed with the reason; a
     lost GPU ends the process instead."""
     if device_lost(exc):
-        exit_device_lost(d, exc)
+        exit_device_lost(ctx, d, exc)
     try:
         if isinstance(exc, redis.exceptions.AuthenticationError):  # a revoked password is not a blip
             log.error("job %s segment %d: broker refused our credentials", d.job_id, d.segment)
@@ -171,7 +201,7 @@ def settle_error(ctx, app, d: Delivery, exc: BaseException) -> str:
         return "error"
     except Exception as e:
         if device_lost(e):  # retry_later's empty_cache on a GPU already lost
-            exit_device_lost(d, e)
+            exit_device_lost(ctx, d, e)
         log.exception("could not record how job %s segment %d ended", d.job_id, d.segment)
         return "error"
 

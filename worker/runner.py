@@ -195,18 +195,14 @@ def call_params(pipe_cls: type) -> frozenset[str]:
 
 
 def progress_kwargs(pipe, on_step: StepHook, total_hint: int) -> dict:
-    """New-style ``callback_on_step_end`` or the old ``callback``. A stop sets ``_interrupt``
-    where the pipeline's loop reads it (its ``interrupt`` property), so the call still returns;
-    elsewhere (the old callback, Kandinsky 2.2's loop) the callback raises."""
+    """New-style ``callback_on_step_end`` or the old ``callback``. A stop raises from the
+    callback, so the call ends there, with no decode of a result nobody wants (a pipeline's
+    own ``interrupt`` flag would still decode, and Kandinsky 2.2's loop never reads it)."""
     params = call_params(type(pipe))
     if "callback_on_step_end" in params:
-        reads_interrupt = isinstance(getattr(type(pipe), "interrupt", None), property)
-
         def cb(p, step: int, timestep, kwargs):
             if not on_step(step + 1, int(getattr(p, "num_timesteps", 0) or total_hint)):
-                if not reads_interrupt:
-                    raise Interrupted()
-                p._interrupt = True
+                raise Interrupted()
             return kwargs
 
         return {"callback_on_step_end": cb}
@@ -235,14 +231,8 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
               output_type="latent" if want_latent else "pil")
     kw.update(progress_kwargs(pipe, on_step, stages[0].steps))
     t1 = time.perf_counter()
-    pipe._interrupt = False  # the pipeline is shared: no call inherits another's stop
-    try:
-        with torch.inference_mode(), vae_tiling_for(model, pipe, stages[0], carrier):
-            out = pipe(**kw)
-        if pipe._interrupt:
-            raise Interrupted()
-    finally:
-        pipe._interrupt = False
+    with torch.inference_mode(), vae_tiling_for(model, pipe, stages[0], carrier):
+        out = pipe(**kw)
     t2 = time.perf_counter()
     # Under the most jobs a call padded to this size holds: the policy counts jobs.
     CALL_TIMES.observe(len(stages) * n // per_job, t2 - t0)

@@ -28,7 +28,6 @@ class SimPipeline:
         self.step_s = step_s
         self.size = size
         self.num_timesteps = 0
-        self._interrupt = False
 
     def set_progress_bar_config(self, **_kw) -> None:
         pass
@@ -45,8 +44,6 @@ class SimPipeline:
             time.sleep(self.step_s)
             if callback_on_step_end is not None:
                 callback_on_step_end(self, step, step, {})
-            if self._interrupt:
-                break
         size = (width, height) if width and height else (image[0].size if image else self.size)
         return SimOutput(images=[_flat(size, g.initial_seed()) for g in generator])
 

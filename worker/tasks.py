@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from easel.shared.celery_app import RUN_SEGMENT, make_celery
@@ -95,12 +96,12 @@ def _adaptive_batches() -> type:
             buffer_message = super().Strategy(task, app, consumer)
             timer = consumer.timer
             quiet = None  # the pending flush for a queue gone quiet
-            self._consumer, self._held = consumer, set()  # its qos is made after the strategies
+            self._consumer, self._held = consumer, Counter()  # its qos is made after the strategies
 
             def on_message(message, *args, **kwargs) -> None:
                 nonlocal quiet
                 if _due_later(message):  # held until due: it must not take a fetch slot meanwhile,
-                    self._held.add(message.headers.get("id"))  # as Celery's own strategy ensures
+                    self._held[message.headers.get("id")] += 1  # as Celery's own strategy ensures
                     consumer.qos.increment_eventually()
                 buffer_message(message, *args, **kwargs)
                 if quiet is not None:
@@ -115,9 +116,10 @@ def _adaptive_batches() -> type:
 
         def flush(self, requests):
             for request in requests:
-                if request.id in self._held:
-                    self._held.discard(request.id)
+                if self._held[request.id] > 0:
+                    self._held[request.id] -= 1
                     self._consumer.qos.decrement_eventually()
+            self._held = +self._held  # drop the ids counted down to nothing
             return super().flush(requests)
 
     return AdaptiveBatches
