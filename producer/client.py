@@ -232,8 +232,9 @@ class EaselClient:
         try:
             if producer is None:
                 self.scheduler.feed(pended, self._send)
-            elif moved := self.scheduler.dispatch(pended).moved:
-                self._send_batch(producer, moved, self.store.kept_traces([j for j, _, _ in moved]))
+            elif (done := self.scheduler.dispatch(pended)).moved:
+                self._send_batch(producer, done.moved, self.store.kept_traces([j for j, _, _ in done.moved]),
+                                 done.segments)
         except Exception as e:
             log.warning("could not dispatch pending jobs now (%s); they wait for the next dispatch", e)
 
@@ -297,7 +298,8 @@ class EaselClient:
                 carriers[job_id] = tracing.carrier()
         return carriers
 
-    def _send_batch(self, producer, moved: list[tuple[str, str, int]], kept: dict[str, dict]) -> None:
+    def _send_batch(self, producer, moved: list[tuple[str, str, int]], kept: dict[str, dict],
+                    segments: dict[str, int] | None = None) -> None:
         """The first messages of the dispatched jobs, through one kombu producer, each with the
         trace context kept for it.
 
@@ -311,8 +313,9 @@ class EaselClient:
         with batch(max_size=len(moved) + 1) if batch else contextlib.nullcontext():
             for job_id, queue, priority in moved:
                 once = {"declare": []} if queue in declared else {}
-                self.celery.send_task(RUN_SEGMENT, args=[job_id, 0], queue=queue, priority=priority, producer=producer,
-                                      retry=False, argsrepr=repr([job_id, 0]), kwargsrepr="{}",
+                segment = (segments or {}).get(job_id, 0)  # a hand-off that waited its turn: not the first
+                self.celery.send_task(RUN_SEGMENT, args=[job_id, segment], queue=queue, priority=priority,
+                                      producer=producer, retry=False, argsrepr=repr([job_id, segment]), kwargsrepr="{}",
                                       headers=tracing.headers_from(kept.get(job_id)), **once)
                 declared.add(queue)
 

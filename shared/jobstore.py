@@ -85,50 +85,55 @@ end
 # ``?never_claimed`` pair (not written) refuses the change once any worker has claimed the
 # job: a producer failing a job whose message it could not send must not end one that runs.
 # Publishing from the script means no event is published for a change that did not happen.
-_TRANSITION = f"""
-local h = redis.call('HMGET', KEYS[1], 'state', 'instance', 'segment', 'capped', 'attempts')
-local cur = h[1]
-if not cur then return -1 end
-local writes = {{}}
-if ARGV[4] ~= '' then
-  redis.call('SREM', ARGV[2] .. ARGV[5], ARGV[3] .. ':' .. ARGV[4])
-  if h[2] == ARGV[5] then
-    if ARGV[6] ~= 'succeeded' and ARGV[6] ~= 'failed' and ARGV[6] ~= 'cancelled' then
-      redis.call('HDEL', KEYS[1], 'instance')
+# As a Lua function of (keys, argv), so a script that does more (a hand-off, below) runs
+# the same change. ``_TRANSITION`` runs it alone.
+_TRANSITION_FN = f"""
+local function transition(K, A)
+  local h = redis.call('HMGET', K[1], 'state', 'instance', 'segment', 'capped', 'attempts')
+  local cur = h[1]
+  if not cur then return -1 end
+  local writes = {{}}
+  if A[4] ~= '' then
+    redis.call('SREM', A[2] .. A[5], A[3] .. ':' .. A[4])
+    if h[2] == A[5] then
+      if A[6] ~= 'succeeded' and A[6] ~= 'failed' and A[6] ~= 'cancelled' then
+        redis.call('HDEL', K[1], 'instance')
+      end
+      writes = {{'inflight:' .. A[4], '0'}}
+    elseif h[2] then
+      return 0
     end
-    writes = {{'inflight:' .. ARGV[4], '0'}}
-  elseif h[2] then
-    return 0
   end
-end
-local function commit(reply)
-  if #writes > 0 then redis.call('HSET', KEYS[1], unpack(writes)) end
+  local function commit(reply)
+    if #writes > 0 then redis.call('HSET', K[1], unpack(writes)) end
+    return reply
+  end
+  if {_TERMINAL} then return commit(0) end
+  if A[6] == '' then return commit(1) end
+  for i = 7, #A, 2 do
+    if A[i] == 'segment' and h[3] and tonumber(A[i+1]) < tonumber(h[3]) then return commit(0) end
+    if A[i] == '?never_claimed' and (cur ~= 'queued' or (h[5] and h[5] ~= '0')) then return commit(0) end
+  end
+  for i = 7, #A, 2 do
+    if A[i] ~= '?never_claimed' then
+      table.insert(writes, A[i])
+      table.insert(writes, A[i + 1])
+    end
+  end
+  commit(1)
+  local new, reply = A[6], 1
+  if new == 'succeeded' or new == 'failed' or new == 'cancelled' then
+    redis.call('HINCRBY', K[3], new, 1)
+    if h[4] then
+      redis.call('ZREM', h[4], A[3])
+      reply = h[4]
+    end
+  end
+  redis.call('PUBLISH', K[2], A[1])
   return reply
 end
-if {_TERMINAL} then return commit(0) end
-if ARGV[6] == '' then return commit(1) end
-for i = 7, #ARGV, 2 do
-  if ARGV[i] == 'segment' and h[3] and tonumber(ARGV[i+1]) < tonumber(h[3]) then return commit(0) end
-  if ARGV[i] == '?never_claimed' and (cur ~= 'queued' or (h[5] and h[5] ~= '0')) then return commit(0) end
-end
-for i = 7, #ARGV, 2 do
-  if ARGV[i] ~= '?never_claimed' then
-    table.insert(writes, ARGV[i])
-    table.insert(writes, ARGV[i + 1])
-  end
-end
-commit(1)
-local new, reply = ARGV[6], 1
-if new == 'succeeded' or new == 'failed' or new == 'cancelled' then
-  redis.call('HINCRBY', KEYS[3], new, 1)
-  if h[4] then
-    redis.call('ZREM', h[4], ARGV[3])
-    reply = h[4]
-  end
-end
-redis.call('PUBLISH', KEYS[2], ARGV[1])
-return reply
 """
+_TRANSITION = _TRANSITION_FN + "return transition(KEYS, ARGV)\n"
 
 # Everything a delivery checks and records before it runs, in one round trip. Drops the
 # job from its current queue-position set; a stale copy (of a segment the job has moved
@@ -598,6 +603,12 @@ class JobStore:
         trip: the event is published by the same script, only if the change happened."""
         args = self._transition_args(job_id, state, fields, end, never_claimed)
         return self._ended([self._transition(keys=self._transition_keys(job_id), args=args)])[0]
+
+    def transition_call(self, job_id: str, state: JobState | None, *, end: tuple[int, str] | None = None,
+                        **fields) -> tuple[list, list]:
+        """(keys, argv) of ``transition``'s change, for a script that runs it with more
+        (``_TRANSITION_FN``: a hand-off)."""
+        return self._transition_keys(job_id), self._transition_args(job_id, state, fields, end)
 
     def _transition_keys(self, job_id: str) -> list[str]:
         return [self.key(job_id), self.events_channel(job_id), self.finished_key()]

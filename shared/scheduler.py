@@ -12,8 +12,10 @@ of its jobs before it if it has used less: a newcomer's first jobs start within 
 job duration per worker, a heavy past user is not penalised once it comes back, and
 backlogged tenants share the farm by their weights.
 
-Everything already admitted runs as before: Celery on Redis with acks_late, crash
-redelivery, hand-offs and retries (which go straight to the broker: the job has started).
+A chain's hand-off to its next family is admitted there the same way, under its tenant,
+with its first submission's place (``_HAND_OFF``), unless its tenant is capped: it holds a
+cap slot already. Everything else already admitted runs as before: Celery on Redis with
+acks_late, crash redelivery, retries (which go straight to the broker: the job has started).
 Dispatch runs where a slot may have opened: after a submission to a queue with room, after
 a worker's claim, when a job dispatched under its tenant's cap ends, and on every worker
 heartbeat. Pausing a queue stops dispatch; the pending sets keep the jobs and their order.
@@ -22,13 +24,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from easel.shared.jobstore import _CLOCK, _CREATE, _SCORES, DEFAULT_TENANT, JobStore, _text, queue_score, run_scripts
+from easel.shared.jobstore import (_CLOCK, _CREATE, _SCORES, _TRANSITION_FN, DEFAULT_TENANT, JobStore, _text,
+                                   queue_score, run_scripts)
 from easel.shared.keys import (backlog_channel, backlog_key, cap_key, family_capacity_key, family_instances_key,
                                flight_key, job_seconds_prefix, pending_key, tenants_waiting_key)
-from easel.shared.schema import JobSpec, Plan
+from easel.shared.schema import JobSpec, JobState, Plan
 
 log = logging.getLogger("easel.scheduler")
 
@@ -114,6 +117,28 @@ if winner then return {winner, 0} end
 return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 """
 
+# A chain's hand-off to its next family, in one script: the ended segment's delivery ends
+# (``transition`` to queued, at the next segment, in the next queue), then the job is
+# admitted there as a new job would be, under its tenant, scored by its first submission:
+# ahead of its tenant's newer jobs, in turn with the other tenants'. A job dispatched under
+# its tenant's cap goes straight to the waiting set: it holds a cap slot already, and
+# waiting behind that cap could deadlock it. KEYS: transition's three, then admit's eleven.
+# ARGV: job id, its pending score, its waiting-set score (now), tenant, credit, margin,
+# queue, then transition's argv. Returns {transition's answer, admit's answer (ADMITTED for
+# a capped job; -1 when the transition was refused)}.
+_HAND_OFF = _ROOM + _ADMIT + _TRANSITION_FN + """
+local k, change = {}, {}
+for i = 4, 14 do k[i - 3] = KEYS[i] end
+for i = 8, #ARGV do change[i - 7] = ARGV[i] end
+local done = transition({KEYS[1], KEYS[2], KEYS[3]}, change)
+if done ~= 1 then return {done, -1} end
+if redis.call('HGET', KEYS[1], 'capped') then
+  redis.call('ZADD', k[5], ARGV[3], ARGV[1])
+  return {1, 1}
+end
+return {1, admit(k, ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6], ARGV[7])}
+"""
+
 # KEYS: active tenants, parked passes, weights, the queue's waiting set (jobs sent and not
 # yet claimed), paused flag, the family's capacity, the backlog tally, the tenants-waiting
 # flag (deleted when this run empties the active set). ARGV: pending-set
@@ -125,14 +150,15 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # queue positions follow). A capped tenant (an API key
 # whose over_cap is "hold") is passed over while its dispatched jobs that have not ended
 # reach its cap, and its pass is raised to the last pass served. Returns {flat (job id,
-# priority) pairs, tenants still waiting}.
+# priority) pairs, tenants still waiting, flat (job id, segment) pairs of the moved jobs
+# whose next segment is not their first}.
 _DISPATCH = _ROOM + _SCORES + """
 local waiting = redis.call('ZCARD', KEYS[1])
-if waiting == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {{}, waiting} end
+if waiting == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {{}, waiting, {}} end
 if #ARGV > 8 then
   local named = false
   for i = 9, #ARGV do named = named or redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 1 end
-  if not named then return {{}, waiting} end
+  if not named then return {{}, waiting, {}} end
 end
 local space = math.min(room(KEYS[4], KEYS[6], ARGV[2]), tonumber(ARGV[3]))
 local caps = {}  -- each tenant's cap (false: none), read once per run
@@ -159,7 +185,7 @@ local function at_cap(tenant, cap)
   end
   return flying[tenant] >= tonumber(cap)
 end
-local out, held, nheld, popped, front = {}, {}, 0, 0, nil
+local out, later, held, nheld, popped, front = {}, {}, {}, 0, 0, nil
 while space > 0 do
   local tenant, pass, cap
   local lead = redis.call('ZRANGE', KEYS[1], 0, nheld, 'WITHSCORES')
@@ -180,7 +206,8 @@ while space > 0 do
     -- it out after its final state): nothing to run, nothing to hold room for, no turn used.
     -- Otherwise its wait in the broker starts now (what a lost-message sweep measures), and
     -- a capped tenant's job names its in-flight set, which its final state leaves.
-    if #job > 0 and redis.call('HGET', ARGV[5] .. job[1], 'state') == 'queued' then
+    local rec = #job > 0 and redis.call('HMGET', ARGV[5] .. job[1], 'state', 'segment') or {}
+    if rec[1] == 'queued' then
       front = pass
       pass = pass + 1 / tonumber(redis.call('HGET', KEYS[3], tenant) or '1')
       local fields = {'updated_at', ARGV[6]}
@@ -194,6 +221,10 @@ while space > 0 do
       end
       table.insert(out, job[1])
       table.insert(out, tostring(priority))
+      if rec[2] and rec[2] ~= '0' then  -- a chain's later stage (a hand-off that waited its turn)
+        table.insert(later, job[1])
+        table.insert(later, rec[2])
+      end
       space = space - 1
     end
     if redis.call('EXISTS', pending) == 1 then
@@ -214,7 +245,7 @@ if front then
 end
 local left = redis.call('ZCARD', KEYS[1])
 if left == 0 then redis.call('DEL', KEYS[8]) end
-return {out, left}
+return {out, left, later}
 """
 
 # What an earlier version kept otherwise, for a queue. KEYS: active tenants, the
@@ -256,6 +287,10 @@ class Admission:
 class Dispatched:
     moved: list[tuple[str, str, int]]  # (job id, queue, priority) of the jobs to send now
     waiting: set[str]  # the queues where tenants still have jobs pending
+    segments: dict[str, int] = field(default_factory=dict)  # the segment to send, where not the first
+
+    def segment(self, job_id: str) -> int:
+        return self.segments.get(job_id, 0)
 
 
 @dataclass(frozen=True)
@@ -272,6 +307,7 @@ class Scheduler:
         self.store, self.credit, self.margin = store, credit, margin
         self.r, self.prefix = store.r, store.prefix
         self._submit = self.r.register_script(_SUBMIT)
+        self._hand_off = self.r.register_script(_HAND_OFF)
         self._dispatch = self.r.register_script(_DISPATCH)
         self._family = self.r.register_script(_FAMILY)
         self._adopt = self.r.register_script(_ADOPT)
@@ -303,6 +339,24 @@ class Scheduler:
         return [Admission(_text(got), _text(got) == job_id, int(answer) == ADMITTED, int(answer) == ROOM)
                 for (job_id, _, _), (got, answer) in zip(items, replies)]
 
+    def hand_off(self, job_id: str, spec: JobSpec, created_at: float, segment: int, instance: str, queue: str,
+                 family: str) -> tuple[bool, int]:
+        """End ``instance``'s delivery of ``segment`` and queue the next segment in ``queue``
+        (family ``family``) under the job's tenant, one round trip (``_HAND_OFF``). Returns
+        (done: False when the delivery was refused, taken over or the job ended; admission's
+        answer: ADMITTED, send its message now; ROOM, dispatch the queue; PENDING, it waits
+        for a claim there)."""
+        tenant = spec.tenant or DEFAULT_TENANT
+        keys, change = self.store.transition_call(job_id, JobState.queued, end=(segment, instance),
+                                                  segment=segment + 1, queue=queue)
+        args = [job_id, queue_score(spec.priority, created_at), queue_score(spec.priority, time.time()), tenant,
+                self.credit, self.margin, queue, *change]
+        (reply,) = run_scripts(self.r, [(self._hand_off, keys + self._admit_keys(queue, family, tenant), args)])
+        if isinstance(reply, Exception):
+            raise reply
+        done, answer = reply
+        return int(done) == 1, int(answer)
+
     def _admit_keys(self, queue: str, family: str, tenant: str) -> list[str]:
         return [pending_key(self.prefix, queue, tenant), self._key("active", queue), self._key("passes", queue),
                 backlog_key(self.prefix, queue), self._key("queued", queue), self._key("paused", queue),
@@ -319,9 +373,10 @@ class Scheduler:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return Dispatched([(job_id, queue, priority) for queue, (flat, _) in zip(queues, replies)
+        return Dispatched([(job_id, queue, priority) for queue, (flat, _, _) in zip(queues, replies)
                            for job_id, priority in _pairs(flat)],
-                          {queue for queue, (_, waiting) in zip(queues, replies) if int(waiting)})
+                          {queue for queue, (_, waiting, _) in zip(queues, replies) if int(waiting)},
+                          {job_id: segment for _, _, later in replies for job_id, segment in _pairs(later)})
 
     def _dispatch_call(self, queue: str, family: str, tenants: list[str], limit: int = 1000) -> tuple:
         return (self._dispatch,
@@ -333,13 +388,14 @@ class Scheduler:
 
     def feed(self, queues: dict[str, str], send: Callable[..., None], tenants: Iterable[str] = ()) -> Dispatched:
         """``dispatch`` ``queues`` (queue -> family; ``tenants`` as there), and send each moved
-        job's first message with the trace its submitter kept (``send(job_id, 0, queue,
-        priority, on_behalf=True, kept_trace=...)``). A send that fails leaves its job waiting
+        job's message (its first segment's, or a hand-off's that waited its turn) with the trace
+        its submitter kept (``send(job_id, segment, queue, priority, on_behalf=True,
+        kept_trace=...)``). A send that fails leaves its job waiting
         with no message: the lost-message sweep sends it again."""
         done = self.dispatch(queues, tenants)
         kept = self.store.kept_traces([job_id for job_id, _, _ in done.moved])
         for job_id, queue, priority in done.moved:
-            send(job_id, 0, queue, priority, on_behalf=True, kept_trace=kept.get(job_id))
+            send(job_id, done.segment(job_id), queue, priority, on_behalf=True, kept_trace=kept.get(job_id))
         return done
 
     def adopt_earlier_keys(self, queue: str) -> None:

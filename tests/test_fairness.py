@@ -10,7 +10,7 @@ import yaml
 from tests.conftest import WorkerProc, png_bytes
 
 STEP_S = 0.01  # sim seconds per step: a 5-step job is ~50 ms of "GPU"
-FAMILIES = ("fair", "fairw", "fairp", "fairnone", "fairn", "fairr")
+FAMILIES = ("fair", "fairw", "fairp", "fairnone", "fairn", "fairr", "fairc", "fairh")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,36 @@ def test_a_new_tenant_is_not_stuck_behind_another_tenants_backlog(fair_client, r
         assert max(waits) <= bound, (max(waits), bound, job_s)
         assert fair_client.scheduler.pending_count("easel.fair") > 1000  # A was still backlogged
         wait_all(fair_client, a_ids)
+    finally:
+        for w in procs:
+            w.stop()
+
+
+@pytest.mark.slow
+def test_a_chains_later_stages_take_their_tenants_turn(fair_client, ref, farm_env, tmp_path_factory):
+    """A tenant's chains hand their second stage to a family another tenant uses too: the
+    hand-offs wait in their tenant's pending set like new jobs, so the other tenant's jobs
+    there take turns with them instead of waiting behind every one."""
+    procs = workers(farm_env, tmp_path_factory, "fairc", 1)
+    chains = fair_client.submit_many([{"tenant": "chainer", "input": {"image": ref}, "stages": [
+        {"model": "fairc", "prompt": "c", "steps": 1, "strength": 1.0, "seed": i},
+        {"model": "fairh", "prompt": "h", "steps": 5, "strength": 1.0}]} for i in range(12)])
+    try:
+        def handed_off() -> bool:
+            rows = [fair_client.store.r.hmget(fair_client.store.key(j), "state", "segment") for j in chains]
+            return all(row == ["queued", "1"] for row in rows)
+
+        deadline = time.monotonic() + 120
+        while not handed_off():  # every chain waits for fairh, which has no worker yet
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        others = fair_client.submit_many(jobs(ref, "fairh", "other", 3))
+        procs += workers(farm_env, tmp_path_factory, "fairh", 1)
+        wait_all(fair_client, chains + others)
+        chain_ends = sorted(finished for _, _, finished in times(fair_client, chains))
+        last_other = max(finished for _, _, finished in times(fair_client, others))
+        assert last_other < chain_ends[-6], (last_other, chain_ends)  # not behind all twelve
+        assert [len(fair_client.result(j).stages) for j in chains] == [2] * 12
     finally:
         for w in procs:
             w.stop()
@@ -200,8 +230,8 @@ def test_a_backlog_that_starts_is_announced_and_feeders_dispatch_until_none_wait
     from easel.worker.stops import StopListener
 
     store = fair_client.store
-    feeder = Feeder(SimpleNamespace(store=store, settings=fair_client.settings, registry=fair_client.registry),
-                    fair_client.celery, "fairn", {})
+    feeder = Feeder(SimpleNamespace(store=store, scheduler=fair_client.scheduler, settings=fair_client.settings,
+                                    registry=fair_client.registry), fair_client.celery, "fairn", {})
     listener = StopListener(store.r, store.stops_channel()).on(backlog_channel(store.prefix), feeder.heard_backlog)
     listener.start()
 
@@ -359,13 +389,14 @@ def test_a_freed_slot_dispatches_the_tenants_next_job_from_any_queue(fair_client
     from easel.shared.celery_app import make_celery, queued_deliveries
     from easel.shared.jobstore import JobStore
     from easel.shared.keys import cap_key, family_capacity_key, flight_key
+    from easel.shared.scheduler import Scheduler
     from easel.shared.schema import JobState
     from easel.worker.feeding import Feeder
 
     store, sched, broker = fair_client.store, fair_client.scheduler, fair_client.celery
     worker_store = JobStore(store.r, store.prefix)  # the fairp worker's, where the chain ended
-    feeder = Feeder(SimpleNamespace(store=worker_store, settings=fair_client.settings, registry=fair_client.registry),
-                    broker, "fairp", {})
+    feeder = Feeder(SimpleNamespace(store=worker_store, scheduler=Scheduler(worker_store), settings=fair_client.settings,
+                                    registry=fair_client.registry), broker, "fairp", {})
     worker_store.on_slot_freed = feeder.after_slot_freed
     flight, made = flight_key(store.prefix, "hopper"), []
 

@@ -12,6 +12,7 @@ from celery import Celery
 from easel.shared.jobstore import JobStore
 from easel.shared.liveness import new_instance_id
 from easel.shared.registry import Registry, load_registry
+from easel.shared.scheduler import Scheduler
 from easel.shared.settings import Settings, get_settings
 from easel.shared.storage import Storage
 from easel.worker.finisher import Finisher
@@ -30,6 +31,7 @@ class WorkerContext:
     cache: PipelineCache
     family: str
     hostname: str
+    scheduler: Scheduler | None = None  # fair share: hand-offs take their tenant's turn too
     instance: str = field(default_factory=new_instance_id)  # this process's own id (liveness)
     watchdog: Watchdog | None = None
     finisher: Finisher | None = None  # set by the worker process when overlap_finish is on
@@ -55,7 +57,8 @@ class WorkerContext:
                              "(EASEL_MODELS=tiny serves the bundled tiny random-weight checkpoints, as the demo does)")
         reg = load_registry(s.models)
         reg.family_models(family)  # refuse an unknown family before loading anything
-        return cls(settings=s, registry=reg, store=JobStore.from_settings(s),
+        store = JobStore.from_settings(s)
+        return cls(settings=s, registry=reg, store=store, scheduler=Scheduler(store),
                    storage=Storage(s), cache=PipelineCache(reg, s, family), family=family,
                    hostname=hostname or f"{family}@{socket.gethostname()}", inputs=InputCache(s.input_cache_mb))
 

@@ -33,6 +33,7 @@ import redis
 from easel.shared import tracing
 from easel.shared.celery_app import send_segment
 from easel.shared.jobstore import Claim
+from easel.shared.scheduler import ADMITTED, ROOM
 from easel.shared.images import encode_image
 from easel.shared.schema import TERMINAL_STATES, JobSpec, JobState, Plan, Segment, StageRecord
 from easel.shared.storage import job_prefix
@@ -41,7 +42,7 @@ from easel.worker.context import WorkerContext
 from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_handoff
 from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
-from easel.worker.policy import Delivery, cancelled, end_as, fail, refusal, settle_error
+from easel.worker.policy import Delivery, cancelled, fail, refusal, settle_error
 from easel.worker.runner import Carrier, Interrupted, decode_latents, denoised_area, pixel_size, run_stage
 from easel.worker.stops import READ_EVERY_S
 from easel.worker.watchdog import StageBudget, StageTimeout, cost_limit_s
@@ -203,8 +204,8 @@ def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> N
         return
     if jobs[0].delivery.segment < len(jobs[0].plan.segments) - 1:
         for job in jobs:
-            if _guarded(ctx, app, job, outcomes, hand_off, ctx, app, job):
-                _ended(ctx, job.delivery, "handed-off", outcomes, job)
+            if outcome := _guarded(ctx, app, job, outcomes, hand_off, ctx, app, job):
+                _ended(ctx, job.delivery, outcome, outcomes, job)
         return
     if ctx.finisher is None:
         finish(ctx, app, jobs, outcomes)
@@ -291,9 +292,11 @@ def _keep_intermediates(ctx: WorkerContext, job: Job, i: int, model, timings: di
     return keys
 
 
-def hand_off(ctx: WorkerContext, app, job: Job) -> None:
-    """Store the result for the next segment (another family) and queue it (at least once);
-    its message carries this hand-off's trace context."""
+def hand_off(ctx: WorkerContext, app, job: Job) -> str:
+    """Store the result for the next segment (another family) and queue it there in its
+    tenant's turn (``Scheduler.hand_off``: this delivery ends in the same script); its
+    message carries this hand-off's trace context when it goes now. Returns the delivery's
+    outcome."""
     store, seg_index, spec = ctx.store, job.delivery.segment, job.spec
     nxt = job.plan.segments[seg_index + 1]
     with job.trace.span("easel.hand_off", {"easel.handoff": nxt.handoff_in, "messaging.destination.name": nxt.queue}):
@@ -301,15 +304,23 @@ def hand_off(ctx: WorkerContext, app, job: Job) -> None:
         store.save_records(job.job_id, {i: r.model_dump_json() for i, r in job.records.items()})
         space = ctx.registry.get(spec.stages[job.segment.stages[-1]].model).latent_space
         save_handoff(ctx, job.job_id, seg_index + 1, job.carrier, space)
-        # Sent before this delivery ends, so a death in between re-runs this segment, which
-        # sends again: at least once; a copy is dropped at its claim (stale or duplicate).
-        # Queued until the next family's worker claims it: its status says why it waits, and
-        # a cancel ends it at once (refused if that claim came first).
-        store.mark_queued(job.job_id, nxt.queue, spec.priority)
-        send_segment(app, job.job_id, seg_index + 1, nxt.queue, spec.priority)
-        end_as(ctx, job.delivery, JobState.queued, segment=seg_index + 1)
+        # Queued from here on: its status says why it waits, and a cancel ends it at once. A
+        # death before the script re-runs this segment; after it, the job waits in the next
+        # queue (the lost-message sweep sends a message that never went) or in its tenant's
+        # pending set (a dispatch sends it).
+        done, answer = ctx.scheduler.hand_off(job.job_id, spec, job.claim.created_at, seg_index, ctx.instance,
+                                              nxt.queue, nxt.family)
+        if not done:
+            outcome, why = refusal(store.states_of([job.job_id])[0])
+            log.warning("job %s %s before its hand-off; not sent on", job.job_id, why)
+            return outcome
+        if answer == ADMITTED:
+            send_segment(app, job.job_id, seg_index + 1, nxt.queue, spec.priority)
+        elif answer == ROOM:
+            ctx.scheduler.feed({nxt.queue: nxt.family}, lambda *a, **kw: send_segment(app, *a, **kw))
     log.info("job %s segment %d done in %.2fs, handed %s to %s", job.job_id, seg_index,
              time.perf_counter() - job.t0, nxt.handoff_in, nxt.queue)
+    return "handed-off"
 
 
 def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None:

@@ -25,7 +25,6 @@ import time
 from celery.signals import task_postrun, task_prerun
 
 from easel.shared.celery_app import family_queues, queue_name, send_segment
-from easel.shared.scheduler import Scheduler
 
 log = logging.getLogger("easel.worker.feeding")
 
@@ -39,7 +38,7 @@ def drain_key(prefix: str, hostname: str) -> str:
 
 class Feeder:
     def __init__(self, ctx, app, family: str, presence: dict):
-        self.scheduler = Scheduler(ctx.store)
+        self.scheduler = ctx.scheduler
         self.family, self.queue = family, queue_name(family, ctx.settings.queue_prefix)
         self.every_queue = family_queues(ctx.registry.families(), ctx.settings.queue_prefix)
         self.app, self.presence = app, presence  # the heartbeat's record: ``job_s`` goes there
