@@ -577,7 +577,7 @@ class JobStore:
     def _event(self, state: JobState, fields: dict) -> str:
         """The event a state change publishes: its fields, less the bulky spec and stage records."""
         return json.dumps({"state": state.value, **{k: v for k, v in fields.items()
-                                                    if k != "spec" and not k.startswith(("record:", "retries:", "oom:"))}},
+                                                    if k not in ("spec", "trace") and not k.startswith(("record:", "retries:", "oom:"))}},
                           default=str)
 
     def _transition_args(self, job_id: str, state: JobState | None, fields: dict,

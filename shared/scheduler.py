@@ -22,6 +22,7 @@ heartbeat. Pausing a queue stops dispatch; the pending sets keep the jobs and th
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -58,7 +59,8 @@ end
 # here as a tenant joins the active set, deleted by the dispatch that empties it; one MGET
 # reads it with capacity, pause and cap), the weights hash (a joining tenant's credit is
 # ``credit`` of its own jobs: passes advance by 1/weight a job). ``score``: ``queue_score``
-# (priority, then submission). When no tenant has jobs pending there, the queue is open, the
+# (priority, then submission); ``wait_score``, where given, its waiting-set score (the
+# broker's order: when it is sent). When no tenant has jobs pending there, the queue is open, the
 # job's tenant has no cap and there is room, the job goes straight to the waiting set
 # (returns ADMITTED: send it now); else it waits in its tenant's pending set, and a job that
 # starts a backlog (no tenant waited) tells the queue's workers (``queue`` on the backlog
@@ -69,11 +71,11 @@ _ADMIT = """
 local function open_room(k, capacity, paused, margin)  -- the queue is open, with room
   return not paused and room_after(k[5], capacity, margin) > 0
 end
-local function admit(k, job, score, tenant, credit, margin, queue)
+local function admit(k, job, score, tenant, credit, margin, queue, wait_score)
   local v = redis.call('MGET', k[7], k[6], k[8], k[10])
   local room = open_room(k, v[1], v[2], margin)
   if room and not v[3] and not v[4] then
-    redis.call('ZADD', k[5], score, job)
+    redis.call('ZADD', k[5], wait_score or score, job)
     return 1
   end
   if redis.call('ZADD', k[1], score, job) == 1 then
@@ -122,7 +124,9 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # admitted there as a new job would be, under its tenant, scored by its first submission:
 # ahead of its tenant's newer jobs, in turn with the other tenants'. A job dispatched under
 # its tenant's cap goes straight to the waiting set: it holds a cap slot already, and
-# waiting behind that cap could deadlock it. KEYS: transition's three, then admit's eleven.
+# waiting behind that cap could deadlock it. Only the delivery that holds the job hands it
+# off: a late one taken over meanwhile, or a replay of this script after a lost reply (its
+# first run cleared the holder), admits nothing. KEYS: transition's three, then admit's eleven.
 # ARGV: job id, its pending score, its waiting-set score (now), tenant, credit, margin,
 # queue, then transition's argv. Returns {transition's answer, admit's answer (ADMITTED for
 # a capped job; -1 when the transition was refused)}.
@@ -130,20 +134,24 @@ _HAND_OFF = _ROOM + _ADMIT + _TRANSITION_FN + """
 local k, change = {}, {}
 for i = 4, 14 do k[i - 3] = KEYS[i] end
 for i = 8, #ARGV do change[i - 7] = ARGV[i] end
+if redis.call('HGET', KEYS[1], 'instance') ~= change[5] then  -- taken over, or this script's replay
+  redis.call('SREM', change[2] .. change[5], change[3] .. ':' .. change[4])
+  return {0, -1}
+end
 local done = transition({KEYS[1], KEYS[2], KEYS[3]}, change)
 if done ~= 1 then return {done, -1} end
 if redis.call('HGET', KEYS[1], 'capped') then
   redis.call('ZADD', k[5], ARGV[3], ARGV[1])
   return {1, 1}
 end
-return {1, admit(k, ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6], ARGV[7])}
+return {1, admit(k, ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[3])}
 """
 
 # KEYS: active tenants, parked passes, weights, the queue's waiting set (jobs sent and not
 # yet claimed), paused flag, the family's capacity, the backlog tally, the tenants-waiting
 # flag (deleted when this run empties the active set). ARGV: pending-set
 # prefix, margin, most jobs to move, in-flight-set prefix, job-record prefix, now (the
-# dispatched jobs' updated_at), cap-key prefix, FLIGHT_CHECK_AFTER_S, then tenants of which
+# dispatched jobs' updated_at), cap-key prefix, FLIGHT_CHECK_AFTER_S, the queue, then tenants of which
 # one at least must have jobs pending here (none named: no such condition; a freed cap slot
 # changes nothing for a queue where its tenant has none). A job's waiting-set
 # score is its priority and the time it is sent (the broker serves each priority in the order it was sent, which
@@ -155,9 +163,9 @@ return {1, admit(k, ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6], ARGV[7])}
 _DISPATCH = _ROOM + _SCORES + """
 local waiting = redis.call('ZCARD', KEYS[1])
 if waiting == 0 or redis.call('EXISTS', KEYS[5]) == 1 then return {{}, waiting, {}} end
-if #ARGV > 8 then
+if #ARGV > 9 then
   local named = false
-  for i = 9, #ARGV do named = named or redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 1 end
+  for i = 10, #ARGV do named = named or redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 1 end
   if not named then return {{}, waiting, {}} end
 end
 local space = math.min(room(KEYS[4], KEYS[6], ARGV[2]), tonumber(ARGV[3]))
@@ -202,12 +210,13 @@ while space > 0 do
     local pending = ARGV[1] .. tenant
     local job = redis.call('ZPOPMIN', pending)
     if #job > 0 then popped = popped + 1 end
-    -- A record that expired while its job waited, or a job that ended there (a cancel moves
-    -- it out after its final state): nothing to run, nothing to hold room for, no turn used.
+    -- A record that expired while its job waited, a job that ended there (a cancel moves it
+    -- out after its final state), or one whose record waits in another queue now (a copy
+    -- left by a lost reply): nothing to run here, nothing to hold room for, no turn used.
     -- Otherwise its wait in the broker starts now (what a lost-message sweep measures), and
     -- a capped tenant's job names its in-flight set, which its final state leaves.
-    local rec = #job > 0 and redis.call('HMGET', ARGV[5] .. job[1], 'state', 'segment') or {}
-    if rec[1] == 'queued' then
+    local rec = #job > 0 and redis.call('HMGET', ARGV[5] .. job[1], 'state', 'segment', 'queue') or {}
+    if rec[1] == 'queued' and (not rec[3] or rec[3] == ARGV[9]) then
       front = pass
       pass = pass + 1 / tonumber(redis.call('HGET', KEYS[3], tenant) or '1')
       local fields = {'updated_at', ARGV[6]}
@@ -340,15 +349,17 @@ class Scheduler:
                 for (job_id, _, _), (got, answer) in zip(items, replies)]
 
     def hand_off(self, job_id: str, spec: JobSpec, created_at: float, segment: int, instance: str, queue: str,
-                 family: str) -> tuple[bool, int]:
+                 family: str, trace: dict | None = None) -> tuple[bool, int]:
         """End ``instance``'s delivery of ``segment`` and queue the next segment in ``queue``
-        (family ``family``) under the job's tenant, one round trip (``_HAND_OFF``). Returns
-        (done: False when the delivery was refused, taken over or the job ended; admission's
-        answer: ADMITTED, send its message now; ROOM, dispatch the queue; PENDING, it waits
-        for a claim there)."""
+        (family ``family``) under the job's tenant, one round trip (``_HAND_OFF``). ``trace``:
+        the hand-off's trace context, kept for a dispatch that sends the message later.
+        Returns (done: False when the delivery was refused, taken over or the job ended;
+        admission's answer: ADMITTED, send its message now; ROOM, dispatch the queue;
+        PENDING, it waits for a claim there)."""
         tenant = spec.tenant or DEFAULT_TENANT
+        kept = {"trace": json.dumps(trace)} if trace else {}
         keys, change = self.store.transition_call(job_id, JobState.queued, end=(segment, instance),
-                                                  segment=segment + 1, queue=queue)
+                                                  segment=segment + 1, queue=queue, **kept)
         args = [job_id, queue_score(spec.priority, created_at), queue_score(spec.priority, time.time()), tenant,
                 self.credit, self.margin, queue, *change]
         (reply,) = run_scripts(self.r, [(self._hand_off, keys + self._admit_keys(queue, family, tenant), args)])
@@ -384,7 +395,8 @@ class Scheduler:
                  self._key("queued", queue), self._key("paused", queue), family_capacity_key(self.prefix, family),
                  backlog_key(self.prefix, queue), tenants_waiting_key(self.prefix, queue)],
                 [pending_key(self.prefix, queue, ""), self.margin, limit, flight_key(self.prefix, ""),
-                 f"{self.prefix}:job:", time.time(), cap_key(self.prefix, ""), FLIGHT_CHECK_AFTER_S, *tenants])
+                 f"{self.prefix}:job:", time.time(), cap_key(self.prefix, ""), FLIGHT_CHECK_AFTER_S, queue,
+                 *tenants])
 
     def feed(self, queues: dict[str, str], send: Callable[..., None], tenants: Iterable[str] = ()) -> Dispatched:
         """``dispatch`` ``queues`` (queue -> family; ``tenants`` as there), and send each moved

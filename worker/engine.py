@@ -42,7 +42,7 @@ from easel.worker.context import WorkerContext
 from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_handoff
 from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
-from easel.worker.policy import Delivery, cancelled, fail, refusal, settle_error
+from easel.worker.policy import Delivery, cancelled, describe, fail, refusal, settle_error
 from easel.worker.runner import Carrier, Interrupted, decode_latents, denoised_area, pixel_size, run_stage
 from easel.worker.stops import READ_EVERY_S
 from easel.worker.watchdog import StageBudget, StageTimeout, cost_limit_s
@@ -309,15 +309,19 @@ def hand_off(ctx: WorkerContext, app, job: Job) -> str:
         # queue (the lost-message sweep sends a message that never went) or in its tenant's
         # pending set (a dispatch sends it).
         done, answer = ctx.scheduler.hand_off(job.job_id, spec, job.claim.created_at, seg_index, ctx.instance,
-                                              nxt.queue, nxt.family)
+                                              nxt.queue, nxt.family, trace=tracing.carrier())
         if not done:
             outcome, why = refusal(store.states_of([job.job_id])[0])
             log.warning("job %s %s before its hand-off; not sent on", job.job_id, why)
             return outcome
-        if answer == ADMITTED:
-            send_segment(app, job.job_id, seg_index + 1, nxt.queue, spec.priority)
-        elif answer == ROOM:
-            ctx.scheduler.feed({nxt.queue: nxt.family}, lambda *a, **kw: send_segment(app, *a, **kw))
+        try:
+            if answer == ADMITTED:
+                send_segment(app, job.job_id, seg_index + 1, nxt.queue, spec.priority)
+            elif answer == ROOM:
+                ctx.scheduler.feed({nxt.queue: nxt.family}, lambda *a, **kw: send_segment(app, *a, **kw))
+        except Exception as e:  # handed off already: the lost-message sweep, or a later dispatch, sends it
+            log.warning("job %s: could not send its next segment now (%s); it waits in %s for a resend",
+                        job.job_id, describe(e), nxt.queue)
     log.info("job %s segment %d done in %.2fs, handed %s to %s", job.job_id, seg_index,
              time.perf_counter() - job.t0, nxt.handoff_in, nxt.queue)
     return "handed-off"
