@@ -28,7 +28,7 @@ from easel.shared.plan import PlanError, plan_job
 from easel.shared.registry import Registry, load_registry
 from easel.shared.schema import JobSpec, JobState, JobStatus, Manifest, Plan, Progress, Stage
 from easel.shared.settings import Settings, get_settings
-from easel.shared.storage import Storage, job_prefix
+from easel.shared.storage import Storage, handoff_prefix
 
 log = logging.getLogger("easel.client")
 
@@ -465,10 +465,10 @@ class EaselClient:
         """Cancel: a job no worker holds ends now, a running one at its next denoising step.
         Returns its state after the request."""
         state = self.store.request_cancel(job_id)
-        if state == JobState.cancelled and int(self.store.r.hget(self.store.key(job_id), "segment") or 0) > 0:
+        if state == JobState.cancelled and self.store.segment_of(job_id) > 0:
             # It waited for a later stage: no worker will claim it and drop its hand-offs.
             try:
-                self.storage.delete_prefix(f"{job_prefix(job_id)}handoff/")
+                self.storage.delete_prefix(handoff_prefix(job_id))
             except Exception as e:  # best effort: the bucket's retention removes what is left
                 log.warning("job %s: could not delete its hand-offs: %s", job_id, e)
         return state

@@ -81,9 +81,11 @@ end
 # keeps it: it names the last holder, and no claim or reaper reads it past a final state);
 # while another instance
 # holds it, the delivery has been taken over and its state change is refused. A ``segment``
-# field never moves the job back (a late hand-off after the next segment has run). A
-# ``?never_claimed`` pair (not written) refuses the change once any worker has claimed the
-# job: a producer failing a job whose message it could not send must not end one that runs.
+# field never moves the job back (a late hand-off after the next segment has run). Guards,
+# pairs whose name starts with ``?`` (not written): ``?never_claimed`` refuses the change
+# once any worker has claimed the job (a producer failing a job whose message it could not
+# send must not end one that runs); ``?held`` unless the ending delivery's instance holds the
+# job (a hand-off: not a late delivery whose job was requeued, nor a replay of its script).
 # Publishing from the script means no event is published for a change that did not happen.
 # As a Lua function of (keys, argv), so a script that does more (a hand-off, below) runs
 # the same change. ``_TRANSITION`` runs it alone.
@@ -113,9 +115,10 @@ local function transition(K, A)
   for i = 7, #A, 2 do
     if A[i] == 'segment' and h[3] and tonumber(A[i+1]) < tonumber(h[3]) then return commit(0) end
     if A[i] == '?never_claimed' and (cur ~= 'queued' or (h[5] and h[5] ~= '0')) then return commit(0) end
+    if A[i] == '?held' and h[2] ~= A[5] then return commit(0) end
   end
   for i = 7, #A, 2 do
-    if A[i] ~= '?never_claimed' then
+    if string.sub(A[i], 1, 1) ~= '?' then
       table.insert(writes, A[i])
       table.insert(writes, A[i + 1])
     end
@@ -143,8 +146,9 @@ _TRANSITION = _TRANSITION_FN + "return transition(KEYS, ARGV)\n"
 # duplicate: a message the lost-message sweep sent again while its first copy was on its
 # way). A claim of what this very instance holds with the same claim time is a replay of
 # this script (its reply was lost), answered as the first run was; with another, it is a
-# copy of the message meeting its holder (still writing the first run's outputs, say). Then refuses cancelled and poison deliveries,
-# counts the delivery and the attempt, and records this instance as the holder. A run
+# copy of the message meeting its holder (still writing the first run's outputs, say).
+# Then refuses cancelled and poison deliveries, counts the delivery and the attempt, and
+# records this instance as the holder. A run
 # answers with the job's spec, plan, times, its attempt count and this attempt's record
 # (the manifest reads no attempts back in the common case of one).
 # KEYS: job hash, events channel, instances zset. ARGV: queue-position key prefix, job id,
@@ -575,13 +579,14 @@ class JobStore:
         )
 
     def _event(self, state: JobState, fields: dict) -> str:
-        """The event a state change publishes: its fields, less the bulky spec and stage records."""
-        return json.dumps({"state": state.value, **{k: v for k, v in fields.items()
-                                                    if k not in ("spec", "trace") and not k.startswith(("record:", "retries:", "oom:"))}},
-                          default=str)
+        """The event a state change publishes: its fields, less the bulky spec and stage records,
+        the kept trace context and the retry counts."""
+        shown = {k: v for k, v in fields.items()
+                 if k not in ("spec", "trace") and not k.startswith(("record:", "retries:", "oom:"))}
+        return json.dumps({"state": state.value, **shown}, default=str)
 
     def _transition_args(self, job_id: str, state: JobState | None, fields: dict,
-                         end: tuple[int, str] | None, never_claimed: bool = False) -> list:
+                         end: tuple[int, str] | None, guards: tuple[str, ...] = ()) -> list:
         segment, instance = end if end is not None else ("", "")
         argv: list = ["", self._running_prefix(), job_id, segment, instance, ""]
         if state is None:
@@ -593,7 +598,7 @@ class JobStore:
         argv[0], argv[5] = self._event(state, fields), state.value
         for k, v in fields.items():
             argv += [k, json.dumps(v) if isinstance(v, (list, dict)) else v]
-        return argv + (["?never_claimed", 1] if never_claimed else [])
+        return argv + [item for guard in guards for item in (guard, 1)]
 
     def transition(self, job_id: str, state: JobState | None, *, end: tuple[int, str] | None = None,
                    never_claimed: bool = False, **fields) -> bool:
@@ -601,14 +606,14 @@ class JobStore:
         ``end=(segment, instance)`` also ends that instance's delivery of the segment;
         ``never_claimed`` refuses the change once a worker has claimed the job. One round
         trip: the event is published by the same script, only if the change happened."""
-        args = self._transition_args(job_id, state, fields, end, never_claimed)
+        args = self._transition_args(job_id, state, fields, end, ("?never_claimed",) if never_claimed else ())
         return self._ended([self._transition(keys=self._transition_keys(job_id), args=args)])[0]
 
     def transition_call(self, job_id: str, state: JobState | None, *, end: tuple[int, str] | None = None,
-                        **fields) -> tuple[list, list]:
+                        guards: tuple[str, ...] = (), **fields) -> tuple[list, list]:
         """(keys, argv) of ``transition``'s change, for a script that runs it with more
-        (``_TRANSITION_FN``: a hand-off)."""
-        return self._transition_keys(job_id), self._transition_args(job_id, state, fields, end)
+        (``_TRANSITION_FN``: a hand-off); ``guards`` as the script names them."""
+        return self._transition_keys(job_id), self._transition_args(job_id, state, fields, end, guards)
 
     def _transition_keys(self, job_id: str) -> list[str]:
         return [self.key(job_id), self.events_channel(job_id), self.finished_key()]
@@ -936,6 +941,10 @@ class JobStore:
         for job_id in job_ids:
             pipe.hget(self.key(job_id), "state")
         return pipe.execute()
+
+    def segment_of(self, job_id: str) -> int:
+        """The segment the job runs or waits for (0 when its record is gone)."""
+        return int(self.r.hget(self.key(job_id), "segment") or 0)
 
     def owner(self, job_id: str) -> str | None:
         """The API key name that submitted the job (None: not submitted over the API, or gone)."""

@@ -125,8 +125,9 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # ahead of its tenant's newer jobs, in turn with the other tenants'. A job dispatched under
 # its tenant's cap goes straight to the waiting set: it holds a cap slot already, and
 # waiting behind that cap could deadlock it. Only the delivery that holds the job hands it
-# off: a late one taken over meanwhile, or a replay of this script after a lost reply (its
-# first run cleared the holder), admits nothing. KEYS: transition's three, then admit's eleven.
+# off (transition's ``?held``): a late one taken over meanwhile, or a replay of this script
+# after a lost reply (its first run cleared the holder), admits nothing. KEYS: transition's
+# three, then admit's eleven.
 # ARGV: job id, its pending score, its waiting-set score (now), tenant, credit, margin,
 # queue, then transition's argv. Returns {transition's answer, admit's answer (ADMITTED for
 # a capped job; -1 when the transition was refused)}.
@@ -134,10 +135,6 @@ _HAND_OFF = _ROOM + _ADMIT + _TRANSITION_FN + """
 local k, change = {}, {}
 for i = 4, 14 do k[i - 3] = KEYS[i] end
 for i = 8, #ARGV do change[i - 7] = ARGV[i] end
-if redis.call('HGET', KEYS[1], 'instance') ~= change[5] then  -- taken over, or this script's replay
-  redis.call('SREM', change[2] .. change[5], change[3] .. ':' .. change[4])
-  return {0, -1}
-end
 local done = transition({KEYS[1], KEYS[2], KEYS[3]}, change)
 if done ~= 1 then return {done, -1} end
 if redis.call('HGET', KEYS[1], 'capped') then
@@ -358,7 +355,7 @@ class Scheduler:
         PENDING, it waits for a claim there)."""
         tenant = spec.tenant or DEFAULT_TENANT
         kept = {"trace": json.dumps(trace)} if trace else {}
-        keys, change = self.store.transition_call(job_id, JobState.queued, end=(segment, instance),
+        keys, change = self.store.transition_call(job_id, JobState.queued, end=(segment, instance), guards=("?held",),
                                                   segment=segment + 1, queue=queue, **kept)
         args = [job_id, queue_score(spec.priority, created_at), queue_score(spec.priority, time.time()), tenant,
                 self.credit, self.margin, queue, *change]
@@ -435,9 +432,6 @@ class Scheduler:
 
     def paused(self, queue: str) -> bool:
         return bool(self.r.exists(self._key("paused", queue)))
-
-    def pending_count(self, queue: str) -> int:
-        return int(self.r.llen(backlog_key(self.prefix, queue)))
 
     def family(self, family: str) -> FamilyView:
         live, job_s, last, now = self._family(keys=[family_instances_key(self.prefix, family)],

@@ -60,6 +60,11 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
 
 
+def handoff_prefix(job_id: str) -> str:
+    """Where a chain's hand-offs between families are kept until the job ends."""
+    return f"{job_prefix(job_id)}handoff/"
+
+
 INPUT_SLACK_S = 3600  # how much less than a job record's TTL a reused input may have left
 FRESH_KNOWN_S = 60.0  # how long a process trusts its last look at an object's age
 # What retention expires: results and hand-offs, inputs, the API's presigned uploads.

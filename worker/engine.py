@@ -32,9 +32,9 @@ import redis
 
 from easel.shared import tracing
 from easel.shared.celery_app import send_segment
+from easel.shared.images import encode_image
 from easel.shared.jobstore import Claim
 from easel.shared.scheduler import ADMITTED, ROOM
-from easel.shared.images import encode_image
 from easel.shared.schema import TERMINAL_STATES, JobSpec, JobState, Plan, Segment, StageRecord
 from easel.shared.storage import job_prefix
 from easel.worker.batching import by_input_size, group_jobs, padded_images

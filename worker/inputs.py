@@ -9,7 +9,7 @@ from PIL import Image
 from easel.shared.images import decode_image, encode_image, fetch_url, parse_data_uri
 from easel.shared.latents import dump_latents, load_latents
 from easel.shared.schema import TERMINAL_STATES, JobSpec, Plan
-from easel.shared.storage import job_prefix
+from easel.shared.storage import handoff_prefix
 from easel.worker.context import WorkerContext
 from easel.worker.runner import Carrier
 
@@ -34,8 +34,8 @@ log = logging.getLogger("easel.worker.inputs")
 
 def handoff_key(job_id: str, seg: int, i: int | None = None) -> str:
     if i is None:
-        return f"{job_prefix(job_id)}handoff/seg-{seg}.safetensors"
-    return f"{job_prefix(job_id)}handoff/seg-{seg}/{i}.png"
+        return f"{handoff_prefix(job_id)}seg-{seg}.safetensors"
+    return f"{handoff_prefix(job_id)}seg-{seg}/{i}.png"
 
 
 def load_input(ctx: WorkerContext, job_id: str, spec: JobSpec, plan: Plan, seg_index: int) -> Carrier:
@@ -73,6 +73,6 @@ def drop_handoffs(ctx: WorkerContext, job_id: str) -> None:
     try:
         if ctx.store.states_of([job_id])[0] not in TERMINAL_STATES:
             return
-        ctx.storage.delete_prefix(f"{job_prefix(job_id)}handoff/")
+        ctx.storage.delete_prefix(handoff_prefix(job_id))
     except Exception as e:
         log.warning("job %s: could not delete its hand-offs: %s", job_id, e)

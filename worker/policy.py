@@ -2,10 +2,11 @@
 
 Permanent errors (bad input, unknown model, a pipeline refusing its arguments, a time
 limit) end the job failed with a readable reason at once. Transient ones (lost
-connections, Redis refusing writes for now, CUDA OOM: twice at most) re-send the segment with exponential backoff and full jitter (so
-jobs do not retry in lock-step after an outage) up to ``max_retries`` (counted in the job
-record), then end failed. Either way the delivery ends and the worker returns to its
-queue: nothing a job does can take the process down with it.
+connections, Redis refusing writes for now, CUDA OOM: twice at most) re-send the segment
+with exponential backoff and full jitter (so jobs do not retry in lock-step after an
+outage) up to ``max_retries`` (counted in the job record), then end failed. Either way the
+delivery ends and the worker returns to its queue: nothing a job does can take the process
+down with it.
 
 The one exception is a GPU that a CUDA error has left unusable (an illegal address, a
 device-side assert, a launch failure): every later call in this process would fail too, so
@@ -92,9 +93,8 @@ def exit_device_lost(ctx, d: Delivery, exc: BaseException) -> None:
     ``FINISH_GRACE_S``."""
     log.critical("job %s segment %d: the GPU failed (%s); exiting so the launcher starts a fresh process and "
                  "the job runs again", d.job_id, d.segment, describe(exc))
-    finisher = getattr(ctx, "finisher", None)
-    if finisher is not None:
-        waiting = threading.Thread(target=finisher.drain, daemon=True)
+    if ctx.finisher is not None:
+        waiting = threading.Thread(target=ctx.finisher.drain, daemon=True)
         waiting.start()
         waiting.join(FINISH_GRACE_S)
     logging.shutdown()
