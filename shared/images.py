@@ -2,7 +2,8 @@
 
 Everything a job points at is untrusted: decoding is bounded (pixel count, bytes, side),
 https fetches refuse private addresses unless allowed, and every failure is an
-``InputError`` whose message can be shown to the user as the job's failure reason.
+``InputError`` whose message can be shown to the user as the job's failure reason, but a
+server that cannot answer for now (``SourceUnavailable``), which is retried.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, TypeVar
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from easel.shared.settings import Settings
 
@@ -25,6 +27,11 @@ T = TypeVar("T")
 
 class InputError(ValueError):
     """The job's input cannot be used; permanent, never retried."""
+
+
+class SourceUnavailable(Exception):
+    """An image URL's server could not answer now (HTTP 5xx or 429, a refused or dropped
+    connection): a CDN blip, not a bad input, so the job is retried like any outage."""
 
 
 class Unresolved(InputError):
@@ -62,7 +69,7 @@ def decode_image(data: bytes, settings: Settings, what: str = "image") -> Image.
             if min(w, h) < MIN_SIDE:
                 raise InputError(f"{what} is {w}x{h}, under the minimum of {MIN_SIDE} px a side")
             img.load()
-            return img.convert("RGB")
+            return to_rgb(_upright(img))
     except InputError:
         raise
     except MemoryError:
@@ -73,6 +80,38 @@ def decode_image(data: bytes, settings: Settings, what: str = "image") -> Image.
         raise InputError(f"{what} is not a readable image (supported: {', '.join(sorted(set(_EXT.values())))})") from None
     except Exception as e:  # truncated or corrupt data: PIL raises OSError, SyntaxError, EOFError, struct.error...
         raise InputError(f"{what} could not be decoded ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def decode_own(data: bytes) -> Image.Image:
+    """Decode a PNG easel wrote itself (an image hand-off between a chain's segments): not
+    held to the limits of untrusted input, which an upscaled intermediate may exceed."""
+    img = Image.open(io.BytesIO(data), formats=("PNG",))
+    img.load()
+    return img.convert("RGB")
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen (phones store portraits sideways, with an EXIF
+    orientation tag), as diffusers' ``load_image`` turns it; one whose EXIF block is broken
+    stays as stored."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's "corrupt EXIF data"
+            return ImageOps.exif_transpose(img)
+    except Exception:
+        return img
+
+
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grey: PNG and TIFF depth maps
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB as diffusers' ``load_image`` makes it (alpha dropped), except that 16-bit grey is
+    scaled to 8 bits: a plain conversion clips every value over 255 to white, so a depth map
+    would arrive blank."""
+    if img.mode in _WIDE_GREY:
+        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def image_ext(data: bytes) -> str:
@@ -240,10 +279,14 @@ def fetch_url(url: str, settings: Settings) -> bytes:
     try:
         status, body = exchange("GET", url, settings, timeout_s=settings.url_fetch_timeout_s,
                                 body_limit=settings.max_input_bytes)
-    except TimeoutError:
+    except TimeoutError:  # the whole download's deadline: a server this slow stays slow
         raise InputError(f"{url[:100]} took longer than {settings.url_fetch_timeout_s:g}s to download") from None
+    except (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError) as e:
+        raise SourceUnavailable(f"cannot fetch {url[:100]} now: {type(e).__name__}: {str(e)[:200]}") from None
     except httpx.HTTPError as e:
         raise InputError(f"cannot fetch {url[:100]}: {type(e).__name__}: {str(e)[:200]}") from None
+    if status >= 500 or status == 429:
+        raise SourceUnavailable(f"GET {url[:100]} returned HTTP {status}, for now")
     if status != 200:
         raise InputError(f"GET {url[:100]} returned HTTP {status}"
                          + (" (redirects are not followed)" if 300 <= status < 400 else ""))

@@ -21,8 +21,8 @@ from easel.shared.settings import Settings
 
 log = logging.getLogger("easel.storage")
 
-_MIME = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg", "json": "application/json",
-         "safetensors": "application/octet-stream"}
+_MIME = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg", "gif": "image/gif", "bmp": "image/bmp",
+         "tiff": "image/tiff", "json": "application/json", "safetensors": "application/octet-stream"}
 
 
 class NotFound(KeyError):
@@ -127,18 +127,26 @@ class Storage:
         self._looked_until: dict[str, float] = {}  # key -> until when a submission need not look again
 
     def ensure_bucket(self) -> None:
+        """Create the bucket where it is missing. Credentials that may write objects but not
+        look the bucket up (403: no ``s3:ListBucket``) are taken at their word that it exists."""
         if self._bucket_ready:
             return
         with self._lock:
             try:
                 self.client.head_bucket(Bucket=self.bucket)
-            except ClientError:
-                try:
-                    self.client.create_bucket(Bucket=self.bucket)
-                except ClientError as e:  # created concurrently by someone else
-                    if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                        raise
+            except ClientError as e:
+                if _missing(e):
+                    self._create_bucket()
+                elif _code(e) not in ("AccessDenied", "403"):
+                    raise  # a 5xx: the caller's retries
             self._bucket_ready = True
+
+    def _create_bucket(self) -> None:
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            if _code(e) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):  # created by someone else meanwhile
+                raise
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -284,8 +292,11 @@ class Storage:
                 raise
             now = []
         rules = [r for r in now if not r.get("ID", "").startswith("easel-")]
+        # On a versioned bucket an expiry only hides an object behind a delete marker (and a
+        # refreshed input leaves its older copy): the versions it leaves go a day later.
         rules += [{"ID": f"easel-{p.strip('/')}", "Status": "Enabled", "Filter": {"Prefix": p},
-                   "Expiration": {"Days": days}} for p in prefixes if days]
+                   "Expiration": {"Days": days}, "NoncurrentVersionExpiration": {"NoncurrentDays": 1}}
+                  for p in prefixes if days]
         try:
             if not rules and now:
                 self.client.delete_bucket_lifecycle(Bucket=self.bucket)

@@ -283,6 +283,20 @@ def test_transient_errors_stop_after_the_retry_cap(fclient, workers, big_input):
     assert st.error.startswith("gave up after 2 retries: EndpointConnectionError")
 
 
+def test_an_object_store_throttling_for_longer_than_boto3_retries_is_retried_like_an_outage(
+        fclient, workers, big_input):
+    from tests.test_api import refusing_s3
+
+    s3 = refusing_s3(503, "SlowDown")
+    try:
+        workers("sd15-wide", EASEL_S3_ENDPOINT_URL=f"http://127.0.0.1:{s3.server_address[1]}", EASEL_MAX_RETRIES="1")
+        st = fclient.wait(fclient.submit(job(big_input, steps=2, model="sd15-wide")), timeout=120)
+    finally:
+        s3.shutdown()
+    assert st.state.value == "failed"
+    assert st.error.startswith("gave up after 1 retries: ClientError") and "SlowDown" in st.error, st.error
+
+
 def test_permanent_storage_error_fails_with_reason(fclient, workers):
     workers()
     st = fclient.wait(fclient.submit(job("s3://no-such-bucket/input.png", steps=2)), timeout=60)

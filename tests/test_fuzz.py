@@ -17,6 +17,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 from PIL import Image
@@ -161,6 +162,25 @@ def test_decode_refuses_other_formats_it_could_parse():
             decode_image(encoded(fmt, (32, 32)), SETTINGS)
     for fmt, data in GOOD.items():
         assert decode_image(data, SETTINGS).size == (24, 16), fmt
+
+
+def test_decode_turns_a_phone_photo_upright_and_scales_16_bit_grey():
+    sideways = Image.new("RGB", (32, 16), "blue")
+    sideways.paste((255, 0, 0), (0, 0, 16, 16))  # its left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: to be shown turned 90 degrees clockwise, as phones store portraits
+    buf = io.BytesIO()
+    sideways.save(buf, format="JPEG", exif=exif.tobytes())
+    upright = decode_image(buf.getvalue(), SETTINGS)
+    assert upright.size == (16, 32)
+    assert upright.getpixel((8, 4))[0] > 200 and upright.getpixel((8, 28))[0] < 60  # the left half went up
+
+    depth = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))  # 0..65520
+    buf = io.BytesIO()
+    depth.save(buf, format="PNG")
+    grey = np.asarray(decode_image(buf.getvalue(), SETTINGS))
+    assert grey[0, 0].tolist() == [0, 0, 0] and grey[-1, -1].tolist() == [255, 255, 255]
+    assert grey[32, 0, 0] == 32 * 64 * 16 >> 8  # the middle grey, not clipped to white
 
 
 def test_decode_small_compressible_bomb_refused_by_configured_limit():

@@ -27,6 +27,9 @@ def test_a_worker_sets_the_buckets_lifecycle_rules_once_per_period(easel_env, st
     rules = {r["ID"]: r for r in storage.client.get_bucket_lifecycle_configuration(Bucket=storage.bucket)["Rules"]}
     assert {rules[f"easel-{p.strip('/')}"]["Filter"]["Prefix"] for p in RETAINED_PREFIXES} == set(RETAINED_PREFIXES)
     assert all(r["Expiration"]["Days"] == 3 for r in rules.values() if r["ID"].startswith("easel-"))
+    # On a versioned bucket, what an expiry leaves behind goes too.
+    assert all(r["NoncurrentVersionExpiration"]["NoncurrentDays"] == 1 for r in rules.values()
+               if r["ID"].startswith("easel-"))
     # Another process in the same period finds the lease taken and does nothing.
     assert ResultRetention(store, storage, days=3)() is None
     # 0 = keep: the rules an earlier retention set go (they would go on deleting), no sweep,

@@ -27,7 +27,7 @@ import redis
 from easel.producer.client import EaselClient, SubmitError
 from easel.producer.embedded import Valkey
 from easel.shared.celery_app import RUN_SEGMENT, broker_ssl_options, make_celery
-from easel.shared.images import InputError, fetch_url
+from easel.shared.images import InputError, SourceUnavailable, fetch_url
 from easel.shared.jobstore import JobStore
 from easel.shared.settings import Settings
 from tests.conftest import SECOND_S3_KEY, WorkerProc, img2img_job, png_bytes
@@ -79,6 +79,11 @@ class ImageServer:
                             time.sleep(0.05)
                     except OSError:
                         pass
+                elif self.path == "/flaky.png":  # a CDN blip: busy the first time, fine after
+                    if srv.hits.count(self.path) == 1:
+                        self._send(503, b"busy")
+                    else:
+                        self._send(200, small)
                 elif self.path == "/redirect.png":
                     self.send_response(302)
                     self.send_header("Location", "/img.png")
@@ -427,7 +432,7 @@ def test_download_is_pinned_to_the_vetted_address(monkeypatch):
         raise httpx.ConnectError("stop here")
 
     monkeypatch.setattr(httpx.AsyncClient, "stream", fake_stream)
-    with pytest.raises(InputError, match="cannot fetch"):
+    with pytest.raises(SourceUnavailable, match="cannot fetch"):
         fetch_url("https://rebind.example.com:8443/a.png?x=1", Settings(allow_private_urls=False))
     assert seen == {"url": "https://93.184.216.34:8443/a.png?x=1", "host": "rebind.example.com:8443",
                     "sni": "rebind.example.com"}
@@ -461,6 +466,9 @@ def test_download_limits_in_process(images):
         fetch_url(images.url("/redirect.png"), s)
     with pytest.raises(InputError, match="HTTP 404"):
         fetch_url(images.url("/nope.png"), s)
+    images.hits.clear()
+    with pytest.raises(SourceUnavailable, match="HTTP 503"):  # not an InputError: the job is retried
+        fetch_url(images.url("/flaky.png"), s)
 
 
 def test_private_url_allowed_by_setting_is_fetched_by_worker(secure_worker, sclient, images):
@@ -468,6 +476,13 @@ def test_private_url_allowed_by_setting_is_fetched_by_worker(secure_worker, scli
     job_id = _ok(sclient, img2img_job(images.url("/img.png"), steps=2))
     assert "/img.png" in images.hits
     assert sclient.result(job_id).spec.input.image == images.url("/img.png")
+
+
+def test_an_image_server_busy_for_a_moment_costs_a_retry_not_the_job(secure_worker, sclient, images):
+    images.hits.clear()
+    job_id = _ok(sclient, img2img_job(images.url("/flaky.png"), steps=2))
+    assert images.hits == ["/flaky.png", "/flaky.png"]
+    assert sclient.status(job_id).attempts == 2
     failed = {}
     for path in ("/big.png", "/chunked.png", "/redirect.png"):
         st = sclient.wait(sclient.submit(img2img_job(images.url(path), steps=2)), timeout=120)

@@ -6,7 +6,7 @@ import logging
 
 from PIL import Image
 
-from easel.shared.images import decode_image, encode_image, fetch_url, parse_data_uri
+from easel.shared.images import decode_image, decode_own, encode_image, fetch_url, parse_data_uri
 from easel.shared.latents import dump_latents, load_latents
 from easel.shared.schema import TERMINAL_STATES, JobSpec, Plan
 from easel.shared.storage import handoff_prefix
@@ -51,7 +51,7 @@ def load_input(ctx: WorkerContext, job_id: str, spec: JobSpec, plan: Plan, seg_i
         space = ctx.registry.get(spec.stages[seg.stages[0]].model).latent_space
         return Carrier(latents=load_latents(ctx.storage.get(handoff_key(job_id, seg_index)), space))
     blobs = ctx.io.map(lambda i: ctx.storage.get(handoff_key(job_id, seg_index, i)), range(n))
-    return Carrier(images=[decode_image(b, ctx.settings, "hand-off image") for b in blobs])
+    return Carrier(images=[decode_own(b) for b in blobs])
 
 
 def save_handoff(ctx: WorkerContext, job_id: str, seg_index: int, carrier: Carrier, latent_space: str) -> None:

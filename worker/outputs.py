@@ -56,9 +56,8 @@ class PendingFinish:
 def start_finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrier, own: dict[int, StageRecord], *,
                  created_at: float, started_at: float, only_attempt: Attempt | None = None) -> PendingFinish:
     """Start writing a job's outputs and manifest: each image is encoded and uploaded on the
-    I/O pool (PNG encoding releases the GIL) while this thread builds the manifest and
-    hands its upload to the pool too (output keys are deterministic, so it need not wait
-    for them). ``own`` holds this segment's stage records; earlier segments' records and
+    I/O pool (PNG encoding releases the GIL) while this thread builds the manifest, whose
+    upload follows the images' on the pool. ``own`` holds this segment's stage records; earlier segments' records and
     the attempts are read back in one HMGET (none when the job's one attempt is
     ``only_attempt`` and it has no earlier segments)."""
     fmt, prefix = spec.output.format, job_prefix(job_id)
@@ -67,7 +66,7 @@ def start_finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrie
     def encode_and_put(key: str, img: Image.Image) -> str:
         return ctx.storage.put(key, encode_image(img, fmt, spec.output.quality))
 
-    uploads = [ctx.io.submit(encode_and_put, key, img) for key, img in zip(keys, carrier.images or [])]
+    images = [ctx.io.submit(encode_and_put, key, img) for key, img in zip(keys, carrier.images or [])]
     outputs = [ctx.storage.uri(key) for key in keys]
     earlier = [i for i in range(len(spec.stages)) if i not in own]
     stored, attempts = ctx.store.manifest_reads(job_id, earlier, only_attempt)
@@ -80,8 +79,17 @@ def start_finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrie
         easel_version=_version(), versions=_versions(), attempts=attempts,
         registry=registry_name(ctx.settings.models),
     )
-    manifest_key = f"{prefix}manifest.json"
-    uploads.append(ctx.io.submit(ctx.storage.put, manifest_key, manifest.model_dump_json(indent=2).encode()))
+    manifest_key, body = f"{prefix}manifest.json", manifest.model_dump_json(indent=2).encode()
+
+    def put_manifest_last() -> str:
+        # Readers (and S3 event notifications) take a manifest as the sign that the images are
+        # there; an image that failed leaves none. No deadlock on the pool: it runs jobs in
+        # order, so the images were taken up by other threads before this one waits.
+        for image in images:
+            image.result()
+        return ctx.storage.put(manifest_key, body)
+
+    uploads = [*images, ctx.io.submit(put_manifest_last)]
     return PendingFinish(job_id, outputs, ctx.storage.uri(manifest_key), uploads, own)
 
 

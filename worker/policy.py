@@ -2,7 +2,8 @@
 
 Permanent errors (bad input, unknown model, a pipeline refusing its arguments, a time
 limit) end the job failed with a readable reason at once. Transient ones (lost
-connections, Redis refusing writes for now, CUDA OOM: twice at most) re-send the segment
+connections, Redis refusing writes for now, S3 throttling or answering 5xx, an image URL's
+server answering 5xx or 429, CUDA OOM: twice at most) re-send the segment
 with exponential backoff and full jitter (so jobs do not retry in lock-step after an
 outage) up to ``max_retries`` (counted in the job record), then end failed. Either way the
 delivery ends and the worker returns to its queue: nothing a job does can take the process
@@ -31,7 +32,7 @@ import redis.exceptions
 import torch
 
 from easel.shared.celery_app import send_segment
-from easel.shared.images import InputError
+from easel.shared.images import InputError, SourceUnavailable
 from easel.shared.jobstore import refusing_for_now, retry_fields
 from easel.shared.schema import TERMINAL_STATES, JobState
 from easel.shared.storage import NotFound
@@ -43,14 +44,19 @@ log = logging.getLogger("easel.worker.policy")
 BROKER_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError)
 TRANSIENT = (
     *BROKER_AWAY,
-    botocore.exceptions.EndpointConnectionError,
-    botocore.exceptions.ConnectionClosedError,
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ConnectTimeoutError,
+    # S3 unreachable, a connection dropped mid-request or mid-download, a timeout
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.IncompleteReadError,
+    SourceUnavailable,  # an image URL's server answering 5xx or 429, or not at all
     ConnectionError,
     TimeoutError,
     torch.OutOfMemoryError,
 )
+# S3 answers that mean "not now", still there after boto3's own retries: a server busy,
+# throttling or failing over, not refusing this job.
+_S3_NOT_NOW = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
+                         "RequestLimitExceeded", "ServiceUnavailable", "InternalError"})
 BACKOFF_CAP_S = 30.0
 # Out of GPU memory again after this many retries: the job itself is too large for the GPU
 # (a retry helps when other work held the memory, or alone instead of in a micro-batch).
@@ -85,6 +91,17 @@ def device_lost(exc: BaseException) -> bool:
         return False
     except Exception:
         return True
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a retry of the delivery may succeed where this one failed: an outage of Redis,
+    S3 or an image's server, or GPU memory held by other work."""
+    if isinstance(exc, TRANSIENT) or refusing_for_now(exc):
+        return True
+    if isinstance(exc, botocore.exceptions.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429 or exc.response.get("Error", {}).get("Code") in _S3_NOT_NOW
+    return False
 
 
 def exit_device_lost(ctx, d: Delivery, exc: BaseException) -> None:
@@ -191,7 +208,7 @@ def settle_error(ctx, app, d: Delivery, exc: BaseException) -> str:
         if isinstance(exc, redis.exceptions.AuthenticationError):  # a revoked password is not a blip
             log.error("job %s segment %d: broker refused our credentials", d.job_id, d.segment)
             return fail(ctx, d, describe(exc))
-        if isinstance(exc, TRANSIENT) or refusing_for_now(exc):
+        if transient(exc):
             return retry_later(ctx, app, d, exc)
         log.error("job %s segment %d failed", d.job_id, d.segment, exc_info=exc)
         return fail(ctx, d, describe(exc))
