@@ -35,7 +35,8 @@ def _client():
 
 
 TIMED_OUT = 124  # as timeout(1) exits
-NO_REDIS = 3
+UNREACHABLE = 3  # Redis or the object store out of reach
+INTERRUPTED = 130
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -124,9 +125,12 @@ def submit(image: Optional[str] = typer.Option(None, "--image", "-i", help="Inpu
            strength: float = typer.Option(0.8), guidance_scale: float = typer.Option(7.5),
            steps: int = typer.Option(30), seed: Optional[int] = typer.Option(None),
            num_images: int = typer.Option(1), fmt: str = typer.Option("png", "--format"),
-           priority: int = typer.Option(5), idempotency_key: Optional[str] = typer.Option(None),
+           priority: Optional[int] = typer.Option(None, help="0 runs first, 9 last [default: 5, or the job file's]"),
+           idempotency_key: Optional[str] = typer.Option(None, help="The same key again returns the first job's id."),
            compel: bool = typer.Option(False, help="Read the prompt as Compel weighting syntax."),
-           job: Optional[Path] = typer.Option(None, "--job", help="A JSON or YAML job file (overrides the flags)."),
+           job: Optional[Path] = typer.Option(None, "--job", help=(
+               "A JSON or YAML job file, used instead of the other flags but --priority and --idempotency-key, "
+               "which apply on top of it; local image paths in it are relative to the current directory.")),
            wait: bool = typer.Option(False, "--wait", help="Follow the job until it ends.")) -> None:
     """Submit a one-stage img2img job from flags, or any job from --job FILE. Prints the job id."""
     from easel.producer.client import SubmitError
@@ -141,13 +145,12 @@ def submit(image: Optional[str] = typer.Option(None, "--image", "-i", help="Inpu
     else:
         if image is None:
             _fail("give --image (or --job FILE)")
-        spec = {"input": {"image": image}, "priority": priority, "num_images": num_images,
-                "output": {"format": fmt},
+        spec = {"input": {"image": image}, "num_images": num_images, "output": {"format": fmt},
                 "stages": [{"task": "img2img", "model": model, "prompt": prompt, "negative_prompt": negative_prompt,
                             "strength": strength, "guidance_scale": guidance_scale, "steps": steps, "seed": seed,
                             "prompt_syntax": "compel" if compel else "plain"}]}
-        if idempotency_key:
-            spec["idempotency_key"] = idempotency_key
+    if isinstance(spec, dict):  # a file holding something else is refused by the schema, below
+        spec |= {k: v for k, v in {"priority": priority, "idempotency_key": idempotency_key}.items() if v is not None}
     client = _client()
     try:
         job_id = client.submit(spec)
@@ -163,6 +166,8 @@ def _wait(client, job_id: str, timeout: Optional[float]) -> None:
 
     try:
         st = follow(client, [job_id], timeout=timeout, console=err)[job_id]
+    except KeyboardInterrupt:  # 130, as a shell reports Ctrl-C; 1 means the job failed
+        _fail(f"stopped following; the job goes on (easel wait {job_id} to follow it again)", INTERRUPTED)
     except TimeoutError as e:
         _fail(f"{e}; it goes on (easel wait {job_id} to follow it again)", TIMED_OUT)
     except KeyError:
@@ -295,8 +300,9 @@ _register_ops(app)
 
 
 def main() -> None:
-    """The `easel` command: Redis out of reach is one line and exit 3, a bad EASEL_* setting a
-    line per variable and exit 2, not a traceback."""
+    """The `easel` command: Redis or the object store out of reach is one line and exit 3, a
+    bad EASEL_* setting a line per variable and exit 2, not a traceback."""
+    import botocore.exceptions
     import redis
     from kombu.utils.url import maybe_sanitize_url
     from pydantic import ValidationError
@@ -308,7 +314,12 @@ def main() -> None:
     except (redis.ConnectionError, redis.TimeoutError) as e:
         where = maybe_sanitize_url(get_settings().redis_url)  # the password masked
         err.print(f"[red]error:[/red] cannot reach Redis at {where} (EASEL_REDIS_URL): {e}")
-        sys.exit(NO_REDIS)
+        sys.exit(UNREACHABLE)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        where = get_settings().s3_endpoint_url or "AWS S3"
+        err.print(f"[red]error:[/red] object storage at {where} (EASEL_S3_*): {type(e).__name__}: {e}",
+                  highlight=False)
+        sys.exit(UNREACHABLE)
     except ValidationError as e:
         if e.title != "Settings":
             raise

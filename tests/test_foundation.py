@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from easel.producer.client import SubmitError
+from easel.producer.embedded import free_port
 from tests.conftest import cli, img2img_job
 
 
@@ -211,13 +212,22 @@ def test_cli_refuses_bad_strength_with_clear_message(easel_env, input_png):
     assert r.returncode == 2 and "EASEL_WEBHOOK_SECRET: " in r.stderr and "hunter2" not in r.stderr, r.stderr
     r = cli("status", "x", env={"EASEL_HEARTBEAT_TTL_S": "1"})
     assert r.returncode == 2 and "settings: heartbeat_ttl_s (1.0) must be more than twice" in r.stderr, r.stderr
+    # The object store out of reach: one line and exit 3, as for Redis.
+    r = cli("submit", "--image", str(input_png), env={"EASEL_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    assert "error: object storage at http://127.0.0.1:" in r.stderr and "EndpointConnectionError" in r.stderr
 
 
-def test_cli_submit_job_file(easel_env, sd15_worker, input_png, tmp_path):
+def test_cli_submit_job_file(easel_env, client, sd15_worker, input_png, tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(f"input: {{image: {input_png}}}\nstages:\n  - {{model: sd15, prompt: hi, steps: 2, seed: 1}}\n")
     r = cli("submit", "--job", str(job), "--wait")
     assert r.returncode == 0, r.stderr
+    # --priority and --idempotency-key apply on top of the file.
+    first = cli("submit", "--job", str(job), "--priority", "0", "--idempotency-key", f"file-{job}")
+    again = cli("submit", "--job", str(job), "--idempotency-key", f"file-{job}")
+    assert first.returncode == again.returncode == 0 and first.stdout == again.stdout, first.stderr + again.stderr
+    assert client.store.load(first.stdout.strip())[0].priority == 0
 
 
 def test_a_queue_name_with_a_colon_is_refused_where_it_is_configured(tmp_path):
