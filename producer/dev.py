@@ -65,7 +65,7 @@ def tiny_checkpoints(root: Path) -> tuple[list[str], float]:
                       for src in [spec.source, *spec.controlnets.values(), spec.prior] if src})
     note = root / ".easel-dev.json"
 
-    def complete(name: str) -> bool:
+    def complete(name: str) -> bool:  # worker.tiny.complete, without importing torch
         return (root / name / "model_index.json").exists() or (root / name / "config.json").exists()
 
     from easel.producer.extras import missing

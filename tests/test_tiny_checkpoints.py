@@ -149,3 +149,15 @@ def test_x4_upscaler(ckpts):
     assert idx["low_res_scheduler"] == ["diffusers", "DDPMScheduler"]
     out = up("a cat", image=_img(32, 24), num_inference_steps=3, noise_level=20, generator=_gen()).images[0]
     assert out.size == (128, 96)
+
+
+def test_a_checkpoint_is_written_whole_or_not_under_its_name(tmp_path):
+    """A folder left by an interrupted write (weights missing) is written again; writes go
+    through a temporary folder renamed into place, and none is left behind."""
+    partial = tmp_path / "tiny-sd15-controlnet"
+    partial.mkdir()
+    (partial / "half-written.safetensors").write_bytes(b"\0" * 10)
+    out = make_tiny_checkpoints(tmp_path, ["tiny-sd15-controlnet"])["tiny-sd15-controlnet"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-sd15-controlnet"]
+    ControlNetModel.from_pretrained(out)

@@ -6,6 +6,8 @@ real weights is a registry change only. Nothing is downloaded.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -40,10 +42,30 @@ def make_tiny_checkpoints(root: Path, names: list[str] | None = None, seed: int 
         if name not in TINY_MAKERS:
             raise KeyError(f"unknown tiny checkpoint {name!r}; known: {sorted(TINY_MAKERS)}")
         target = root / name
-        if not (target / "model_index.json").exists() and not (target / "config.json").exists():
-            TINY_MAKERS[name](target, seed)
+        if not complete(target):
+            _write_whole(name, target, seed)
         out[name] = target
     return out
+
+
+def complete(folder: Path) -> bool:
+    """A pipeline (model_index.json) or a bare model (config.json) folder, written whole."""
+    return (folder / "model_index.json").exists() or (folder / "config.json").exists()
+
+
+def _write_whole(name: str, target: Path, seed: int) -> None:
+    """Written beside its place and renamed into it, so a folder under the name is always
+    whole: an interrupted write (Ctrl-C in a first ``easel dev``) leaves a temporary folder,
+    never a config without its weights that a worker would then fail to load."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    TINY_MAKERS[name](tmp, seed)
+    if target.exists() and not complete(target):
+        shutil.rmtree(target)  # a partial folder an older version left
+    try:
+        tmp.rename(target)
+    except OSError:  # another process put it there first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def checkpoints_for(registry, families: set[str] | list[str]) -> list[str]:
