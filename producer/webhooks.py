@@ -8,9 +8,11 @@ order them by ``webhook-timestamp`` or read the job's state in the body.
 
 Why a Redis-driven dispatcher rather than a callback in the worker: delivery must survive
 API restarts and must not hold a GPU worker while a receiver is slow. The API records a
-job's ``webhook_url`` and adds the job to a watch set; any dispatcher (one runs inside
-every ``easel api``) moves a finished job to the due set and delivers it. Claims are
-leases in a sorted set, so a dispatcher that dies mid-delivery is retried by another.
+job's ``webhook_url``; the state change that ends the job puts it on the due set, and any
+dispatcher (one runs inside every ``easel api``) delivers it. So a backlog of waiting
+jobs costs the dispatchers nothing until each ends. Only jobs whose key wants passing
+events are on a watch set that dispatchers read, a page a sweep. Claims are leases in a
+sorted set, so a dispatcher that dies mid-delivery is retried by another.
 
 Signatures follow the Standard Webhooks spec (standardwebhooks.com), so any of its
 verifiers checks them::
@@ -123,8 +125,8 @@ class WebhookDispatcher:
                  secret_for: Callable[[str | None], str | None], workers: int = 8):
         self.s, self.store, self.r = settings, store, store.r
         self.render, self.secret_for = render, secret_for
-        self.watch_key = f"{store.prefix}:webhooks:watch"
-        self.due_key = f"{store.prefix}:webhooks:due"
+        self.watch_key = store.webhooks_watch_key()
+        self.due_key = store.webhooks_due_key()
         self._claim = self.r.register_script(_CLAIM)
         self._retry_in = self.r.register_script(_RETRY_IN)
         self._finished = self.r.register_script(_FINISHED)
@@ -146,8 +148,9 @@ class WebhookDispatcher:
 
     # -- registration (API request path) ---------------------------------------------------
     def register(self, job_id: str, url: str, events: list[str] = TERMINAL_EVENTS) -> None:
-        """Watch the job for the ``events`` its key asked for."""
-        self.store.set_webhook(job_id, url, list(events), self.watch_key)
+        """Deliver the ``events`` its key asked for: a terminal one once the job ends, passing
+        ones as the dispatchers' sweeps see them."""
+        self.store.set_webhook(job_id, url, list(events), passing=not set(events) <= set(TERMINAL_EVENTS))
 
     # -- loop ----------------------------------------------------------------------------
     def start(self) -> "WebhookDispatcher":
@@ -170,7 +173,9 @@ class WebhookDispatcher:
             self._stop.wait(self.s.webhook_sweep_s)
 
     def sweep(self) -> int:
-        """Schedule the new events of a page of the watched jobs, then start due deliveries.
+        """Schedule the passing events of a page of the watched jobs (and the terminal one of
+        a job registered by an earlier version, which watched every job), then start due
+        deliveries.
         Returns started. Each sweep reads the next page, the first again after the last, so
         every watched job is looked at once per (watched / ``WATCH_PAGE``) sweeps, however
         many older jobs still run."""

@@ -70,12 +70,29 @@ local function alive(instances, id)
 end
 """
 
-# KEYS: job hash, events channel, finished-jobs counts. ARGV: event JSON, running-set prefix,
+# A webhook's wish for a terminal state: its key's events (JSON; none recorded: the terminal
+# ones). A job it wants is due for delivery now; one it does not says so.
+_WEBHOOK_DUE = """
+local function webhook_due(job_key, due_key, job_id, state, events)
+  local wanted = not events
+  for _, e in ipairs(events and cjson.decode(events) or {}) do wanted = wanted or e == state end
+  if wanted then
+    redis.call('ZADD', due_key, 'NX', 0, job_id)
+  else
+    redis.call('HSET', job_key, 'webhook_state', 'not requested')
+  end
+end
+"""
+
+# KEYS: job hash, events channel, finished-jobs counts, webhooks' watch set and due set.
+# ARGV: event JSON, running-set prefix,
 # job id, segment whose delivery ends ('' = none), instance, new state ('' = none), then
 # field/value pairs. A job that ends is counted by its final state, so metrics read the
 # counts instead of walking every job, and a job dispatched under its tenant's cap (its
 # ``capped`` field names the tenant's in-flight set) leaves that set: the reply is then
-# that set's key instead of 1, so the tenant's next job is dispatched at once.
+# that set's key instead of 1, so the tenant's next job is dispatched at once. A job with a
+# webhook is due for its delivery at once, without the dispatchers' looking at every
+# watched job until it ends.
 # Ending a delivery drops it from the instance's running set and, while the instance still
 # holds the job, resets the segment's crash counter and clears the holder (a final state
 # keeps it: it names the last holder, and no claim or reaper reads it past a final state);
@@ -89,9 +106,10 @@ end
 # Publishing from the script means no event is published for a change that did not happen.
 # As a Lua function of (keys, argv), so a script that does more (a hand-off, below) runs
 # the same change. ``_TRANSITION`` runs it alone.
-_TRANSITION_FN = f"""
+_TRANSITION_FN = _WEBHOOK_DUE + f"""
 local function transition(K, A)
-  local h = redis.call('HMGET', K[1], 'state', 'instance', 'segment', 'capped', 'attempts')
+  local h = redis.call('HMGET', K[1], 'state', 'instance', 'segment', 'capped', 'attempts', 'webhook_url',
+                       'webhook_events')
   local cur = h[1]
   if not cur then return -1 end
   local writes = {{}}
@@ -131,12 +149,32 @@ local function transition(K, A)
       redis.call('ZREM', h[4], A[3])
       reply = h[4]
     end
+    if h[6] then
+      redis.call('ZREM', K[4], A[3])
+      webhook_due(K[1], K[5], A[3], new, h[7])
+    end
   end
   redis.call('PUBLISH', K[2], A[1])
   return reply
 end
 """
 _TRANSITION = _TRANSITION_FN + "return transition(KEYS, ARGV)\n"
+
+# Record a job's webhook. A job that ended before (a quick job, or one cancelled at once) is
+# due at once: its terminal transition found no webhook to make due. KEYS: job hash, watch
+# set, due set. ARGV: job id, URL, events JSON, '1' to watch for passing events, now.
+_SET_WEBHOOK = _WEBHOOK_DUE + f"""
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return 0 end
+redis.call('HSET', KEYS[1], 'webhook_url', ARGV[2], 'webhook_state', 'pending', 'webhook_attempts', 0,
+           'webhook_events', ARGV[3])
+if {_TERMINAL} then
+  webhook_due(KEYS[1], KEYS[3], ARGV[1], cur, ARGV[3])
+elseif ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+end
+return 1
+"""
 
 # Everything a delivery checks and records before it runs, in one round trip. Drops the
 # job from its current queue-position set; a stale copy (of a segment the job has moved
@@ -485,6 +523,7 @@ class JobStore:
         self._create = self.r.register_script(_CREATE_ONE)
         self._release_idem = self.r.register_script(_RELEASE_IDEM)
         self._unmark = self.r.register_script(_UNMARK)
+        self._set_webhook = self.r.register_script(_SET_WEBHOOK)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "easel", ttl_s: int = 7 * 24 * 3600, **redis_kw) -> "JobStore":
@@ -616,10 +655,20 @@ class JobStore:
         return self._transition_keys(job_id), self._transition_args(job_id, state, fields, end, guards)
 
     def _transition_keys(self, job_id: str) -> list[str]:
-        return [self.key(job_id), self.events_channel(job_id), self.finished_key()]
+        return [self.key(job_id), self.events_channel(job_id), self.finished_key(), self.webhooks_watch_key(),
+                self.webhooks_due_key()]
 
     def finished_key(self) -> str:
         return f"{self.prefix}:finished"
+
+    def webhooks_watch_key(self) -> str:
+        """Jobs whose webhook wants passing events (queued, started, progress), which the
+        dispatchers look for; by when they were registered."""
+        return f"{self.prefix}:webhooks:watch"
+
+    def webhooks_due_key(self) -> str:
+        """Webhook deliveries to attempt, by when (0: now)."""
+        return f"{self.prefix}:webhooks:due"
 
     def transition_many(self, changes: list[tuple[str, JobState, dict]], *,
                         end: tuple[int, str] | None = None) -> list[bool]:
@@ -965,14 +1014,11 @@ class JobStore:
         """(webhook URL, owner, job state): what a delivery attempt needs."""
         return tuple(self.r.hmget(self.key(job_id), "webhook_url", "owner", "state"))
 
-    def set_webhook(self, job_id: str, url: str, events: list[str], watch_key: str) -> None:
-        """Record the job's webhook and the events it carries, and put the job on the
-        dispatcher's watch list, together."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.key(job_id), mapping={"webhook_url": url, "webhook_state": "pending", "webhook_attempts": 0,
-                                             "webhook_events": json.dumps(events)})
-        pipe.zadd(watch_key, {job_id: time.time()})
-        pipe.execute()
+    def set_webhook(self, job_id: str, url: str, events: list[str], passing: bool) -> None:
+        """Record the job's webhook and the events it carries (``_SET_WEBHOOK``); ``passing``:
+        some are passing events, which the dispatchers watch the job for."""
+        self._set_webhook(keys=[self.key(job_id), self.webhooks_watch_key(), self.webhooks_due_key()],
+                          args=[job_id, url, json.dumps(events), int(passing), time.time()])
 
     def webhook_watch(self, job_ids: list[str]) -> list[dict | None]:
         """What the dispatcher needs to see a watched job's new events, per job (None: gone)."""
