@@ -184,6 +184,11 @@ class Settings(BaseSettings):
     api_sse_max_s: float = Field(default=3600.0, gt=0, description="an SSE stream closes after this; clients reconnect")
     api_sse_max_streams: int = Field(default=1000, ge=1, description=(
         "SSE streams one API process serves at once (each holds a Redis connection); more get 503 and Retry-After"))
+    api_max_body_bytes: int = Field(default=160 * 1024 * 1024, ge=64 * 1024, description=(
+        "largest request body the API reads, uploads' aside (those may be max_input_bytes plus the form's "
+        "framing); a larger one gets 413, and the rest of it is not read. The default holds a job with two images inline as "
+        "data: URIs at the job schema's 80 MB cap each (a 50 MiB image is 70 MB of base64), an input and a "
+        "control image, and the rest of the job; send more or larger images through POST /v1/uploads"))
     s3_public_endpoint_url: str | None = Field(default=None, description="endpoint presigned URLs are made for "
                                                "(what API clients can reach); s3_endpoint_url if unset")
     webhook_secret: SecretStr | None = None

@@ -138,7 +138,7 @@ class Storage:
                 if _missing(e):
                     self._create_bucket()
                 elif _code(e) not in ("AccessDenied", "403"):
-                    raise  # a 5xx: the caller's retries
+                    return  # a 5xx (a HEAD's answer has no reason): the write that follows says why
             self._bucket_ready = True
 
     def _create_bucket(self) -> None:

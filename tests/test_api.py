@@ -10,11 +10,13 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from http.client import HTTPResponse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from easel.producer.embedded import free_port
 from easel.producer.webhooks import verify_signature
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from tests.conftest import ROOT, png_bytes
+from tests.netproxy import TcpProxy
 
 # Two secrets mid-rotation (new first): each signs every delivery.
 NEW_SECRET = "whsec_" + base64.b64encode(b"easel-test-key-new").decode()
@@ -206,8 +209,37 @@ def test_readyz_is_503_when_redis_is_unreachable(easel_env, tmp_path):
         assert r.json()["checks"]["redis"].startswith("error") and r.json()["checks"]["s3"] == "ok"
         r = httpx.get(f"{server.url}/v1/queues", headers={"Authorization": "Bearer tok-main"})
         assert r.status_code == 503 and "Redis unavailable" in r.json()["detail"]
+        assert dead.rsplit(":", 1)[1].split("/")[0] not in r.text  # no address leaks to clients
     finally:
         server.stop()
+
+
+def test_healthz_answers_while_requests_stalled_on_redis_hold_every_thread(easel_env, tmp_path):
+    """Redis that stops answering (a network stall, not a refusal) holds each request that
+    reads it in a thread of the server's pool until its timeout; more such requests than the
+    pool's 40 threads must not make the liveness probe fail, or every replica is restarted."""
+    valkey_port = int(easel_env["EASEL_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy(valkey_port).start()
+    env = {**easel_env, "EASEL_API_KEYS": keys_env(), "EASEL_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"}
+    server = ApiServer(env, tmp_path).start()
+    stalled: list[threading.Thread] = []
+    try:
+        proxy.hold()
+        for _ in range(60):
+            t = threading.Thread(target=lambda: httpx.get(f"{server.url}/v1/queues", timeout=60,
+                                                          headers={"Authorization": "Bearer tok-main"}), daemon=True)
+            t.start()
+            stalled.append(t)
+        time.sleep(2)  # every thread of the pool is now waiting on Redis
+        assert all(t.is_alive() for t in stalled)
+        r = httpx.get(f"{server.url}/healthz", timeout=3)
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+    finally:
+        proxy.release()
+        for t in stalled:
+            t.join(60)
+        server.stop()
+        proxy.stop()
 
 
 def refusing_s3(status: int, code: str) -> ThreadingHTTPServer:
@@ -328,6 +360,73 @@ def test_missing_or_bad_key_is_401(api):
     with api.client("not-a-key") as c:
         r = c.get("/v1/queues")
     assert r.status_code == 401 and r.json()["detail"] == "invalid API key"
+
+
+FORM_START = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="in.png"\r\n'
+              b'Content-Type: image/png\r\n\r\n')  # a form (boundary b) up to its file's bytes
+
+
+def post_head(url: str, path: str, headers: dict[str, str], sent: bytes) -> tuple[int, dict[str, str], dict]:
+    """A POST whose head declares ``headers`` but whose body is only ``sent`` so far: the
+    answer (status, headers, JSON body) the server gives without the rest, read until it
+    closes the connection (a socket timeout where it waits for the rest instead)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": host, **headers}.items())
+        sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + sent)
+        answer = HTTPResponse(sock)
+        answer.begin()
+        body = json.loads(answer.read())
+        assert sock.recv(1) == b""  # closed: nothing more is read from this request
+    return answer.status, {k.lower(): v for k, v in answer.getheaders()}, body
+
+
+def test_a_body_declared_over_the_cap_is_413_before_it_is_read_or_the_key_checked(api):
+    """A terabyte declared and the first kilobyte of a well-formed body sent: a 413 Problem at
+    once, with or without a key, and the connection closed, so the rest is never read."""
+    for path, content_type, start, setting in (
+            ("/v1/uploads", "multipart/form-data; boundary=b", FORM_START, "EASEL_MAX_INPUT_BYTES"),
+            ("/v1/jobs", "application/json", b'{"input": {"image": "data:image/png;base64,', "EASEL_API_MAX_BODY_BYTES")):
+        for auth in ({}, {"Authorization": "Bearer tok-main"}):
+            status, headers, body = post_head(api.url, path, {"Content-Type": content_type,
+                                                              "Content-Length": str(10**12), **auth},
+                                              start + b"A" * 1024)
+            assert (status, headers["connection"]) == (413, "close"), (path, auth, status, body)
+            assert setting in body["detail"] and "limit" in body["detail"], (path, auth, body)
+
+
+def chunked(data: bytes, size: int = 16384):
+    """``data`` as an iterator: httpx sends it chunked, with no Content-Length."""
+    return (data[i:i + size] for i in range(0, len(data), size))
+
+
+def test_a_streamed_body_past_the_cap_is_413_with_or_without_a_key(easel_env, tmp_path):
+    """A body sent without a Content-Length (chunked) is counted as it is read, and refused
+    with a 413 Problem once it passes the route's cap: EASEL_MAX_INPUT_BYTES plus a form's
+    framing for an upload, EASEL_API_MAX_BODY_BYTES for the rest; the API key is not
+    checked first (it would be a 401). Bodies within the caps still go through."""
+    env = {**easel_env, "EASEL_API_KEYS": keys_env(), "EASEL_MAX_INPUT_BYTES": "100000",
+           "EASEL_API_MAX_BODY_BYTES": "200000"}
+    server = ApiServer(env, tmp_path).start()
+    form = {"Content-Type": "multipart/form-data; boundary=b"}
+    big_upload = FORM_START + b"0" * 300_000 + b"\r\n--b--\r\n"
+    big_job = json.dumps(job_body("data:image/png;base64," + "A" * 300_000)).encode()
+    try:
+        for token in (None, "tok-main"):
+            with server.client(token) as c:
+                for path, body, headers, setting in (
+                        ("/v1/uploads", big_upload, form, "EASEL_MAX_INPUT_BYTES"),
+                        ("/v1/jobs", big_job, {"Content-Type": "application/json"}, "EASEL_API_MAX_BODY_BYTES")):
+                    r = c.post(path, content=chunked(body), headers=headers)
+                    assert r.status_code == 413 and setting in r.json()["detail"], (token, path, r.status_code, r.text)
+        with server.client() as c:
+            small = FORM_START + png_bytes((64, 64)) + b"\r\n--b--\r\n"
+            assert c.post("/v1/uploads", content=chunked(small, 100), headers=form).status_code == 201
+            r = c.post("/v1/uploads/presign", content=chunked(b'{"content_type": "image/png"}', 4),
+                       headers={"Content-Type": "application/json"})
+            assert r.status_code == 200, r.text
+    finally:
+        server.stop()
 
 
 def test_job_over_http_completes_and_presigned_urls_download(api, http, sd15_worker):
@@ -536,6 +635,104 @@ def test_idempotency_key_header_replays_the_job(api, http):
     http.delete(f"/v1/jobs/{a.json()['id']}")
 
 
+@pytest.fixture
+def inproc(easel_env):
+    """The app in this process (FastAPI's TestClient over the session's valkey and SeaweedFS),
+    to reach its state: a queue prefix of its own, which no worker serves (its jobs stay
+    queued), private and unresolvable URLs refused as in production, and server errors
+    answered as a client sees them rather than raised here."""
+    from fastapi.testclient import TestClient
+
+    from easel.producer.api.app import create_app
+    from easel.shared.settings import Settings
+
+    settings = Settings(api_keys=json.loads(keys_env()), queue_prefix=f"inproc{uuid.uuid4().hex[:8]}",
+                        webhook_secret=WEBHOOK_SECRET, allow_private_urls=False)
+    app = create_app(settings, webhooks=False)
+    with TestClient(app, raise_server_exceptions=False, headers={"Authorization": "Bearer tok-main"}) as c:
+        yield c
+    r = app.state.api.r
+    if keys := list(r.scan_iter(match=f"{settings.queue_prefix}*")):
+        r.delete(*keys)
+
+
+UNRESOLVABLE = "https://easel-test.invalid"  # .invalid never resolves (RFC 2606)
+
+
+def test_a_name_that_does_not_resolve_now_is_503_not_a_refused_job(inproc):
+    """A DNS failure may pass in a moment: 503 with Retry-After, for an input URL as for a
+    webhook URL, where a 422 would tell the client never to send that job again."""
+    image = upload(inproc)
+    for body, field in ((job_body(f"{UNRESOLVABLE}/in.png"), "input image"),
+                        ({**job_body(image), "webhook_url": f"{UNRESOLVABLE}/hook"}, "webhook_url")):
+        r = inproc.post("/v1/jobs", json=body)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, (field, r.status_code, r.text)
+        assert r.json()["detail"].startswith(f"{field}: cannot resolve easel-test.invalid"), r.json()
+
+
+def test_a_retry_gets_its_job_before_any_check_of_a_new_one(inproc):
+    """A retry with the job's Idempotency-Key answers the job (200) before the checks a new job
+    goes through (webhook and input URLs resolved, inputs read, the chain planned): a retry
+    during a DNS or S3 blip must not be told its job failed. The retry's body names hosts
+    that do not resolve, standing in for names that resolved at first and do not now."""
+    key = {"Idempotency-Key": f"replay-{uuid.uuid4().hex}"}
+    first = inproc.post("/v1/jobs", json=job_body(upload(inproc)), headers=key)
+    assert first.status_code == 201, first.text
+    retry = {**job_body(f"{UNRESOLVABLE}/in.png"), "webhook_url": f"{UNRESOLVABLE}/hook"}
+    again = inproc.post("/v1/jobs", json=retry, headers=key)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"], again.text
+    assert again.headers["location"] == first.headers["location"] and again.json()["webhook"] is None
+    assert inproc.delete(f"/v1/jobs/{first.json()['id']}").json()["state"] == "cancelled"
+
+
+def test_a_redis_error_no_retry_mends_is_500_and_its_text_stays_in_the_log(inproc, caplog):
+    """Redis refusing a command (here a rate-limit bucket of the wrong type: WRONGTYPE) is the
+    server's fault, so no Retry-After that would have clients retry it forever; the reply
+    is logged with its traceback, and the client sees no Redis text."""
+    api = inproc.app.state.api
+    bucket = f"{api.s.queue_prefix}:ratelimit:main"
+    api.r.set(bucket, "not a hash")
+    try:
+        r = inproc.get("/v1/queues")
+    finally:
+        api.r.delete(bucket)
+    assert r.status_code == 500 and "retry-after" not in r.headers, (r.status_code, r.text)
+    assert "WRONGTYPE" not in r.text and "server's log" in r.json()["detail"]
+    logged = [rec for rec in caplog.records if rec.name == "easel.api" and rec.exc_info]
+    assert logged and "WRONGTYPE" in str(logged[-1].exc_info[1])
+
+
+def test_a_job_whose_record_expires_after_the_ownership_check_is_404(inproc):
+    """The record can expire between the ownership check and the read or the cancel; the
+    store then raises KeyError, which must be the 404 Problem a moment later would get, not
+    a bare 500. The record is deleted right after the check, where its TTL would run out."""
+    api = inproc.app.state.api
+    image, checked = upload(inproc), api.owned
+
+    def owned_then_expired(job_id, principal):
+        checked(job_id, principal)
+        api.r.delete(api.store.key(job_id))
+
+    api.owned = owned_then_expired
+    try:
+        for method in ("GET", "DELETE"):
+            job_id = inproc.post("/v1/jobs", json=job_body(image)).json()["id"]
+            r = inproc.request(method, f"/v1/jobs/{job_id}")
+            assert r.status_code == 404 and r.json() == {"detail": f"no job {job_id}"}, (method, r.text)
+    finally:
+        del api.owned
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_direct_uploads_take_the_formats_the_docs_name(http, fmt):
+    """docs/how-to/http-api.md names these beside PNG, JPEG and WEBP (presigned uploads take
+    only those three)."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png_bytes((64, 64)))).save(buf, fmt)
+    r = http.post("/v1/uploads", files={"file": (f"in.{fmt.lower()}", buf.getvalue(), "application/octet-stream")})
+    assert r.status_code == 201 and r.json()["image"].endswith(f".{fmt.lower()}"), r.text
+
+
 class Receiver:
     """A real HTTP server that records webhook calls and answers from a script of status codes."""
 
@@ -647,10 +844,11 @@ def test_a_job_ending_in_an_event_its_key_left_out_still_reads(api, sd15_worker)
         rx.close()
 
 
-def test_a_webhook_is_seen_behind_a_thousand_older_watched_jobs(client):
-    """The dispatcher reads the watched jobs a page at a time, the next page each sweep: a
-    job that ends behind a full page of older jobs still running has its event scheduled
-    by the second sweep, not once the older ones have ended."""
+def test_a_terminal_webhook_is_due_when_its_job_ends_and_passing_ones_are_read_a_page_a_sweep(client):
+    """A job whose key wants only terminal events is never read by the dispatchers: the state
+    change that ends it makes its delivery due, and registering a job that has already ended
+    does. Jobs wanting passing events are read a page a sweep, the next page each sweep: one
+    behind a full page of older jobs still waiting is seen by the second sweep."""
     from easel.producer.webhooks import WebhookDispatcher
     from easel.shared.jobstore import JobStore
     from easel.shared.plan import plan_job
@@ -662,15 +860,28 @@ def test_a_webhook_is_seen_behind_a_thousand_older_watched_jobs(client):
     spec = JobSpec.model_validate({"input": {"image": "s3://easel/inputs/x.png"},
                                    "stages": [{"model": "sd15", "prompt": "x", "seed": 1}]})
     plan = plan_job(spec, client.registry)
-    ids = [store.create(spec, plan)[0] for _ in range(hooks.WATCH_PAGE + 1)]
+    ids = [store.create(spec, plan)[0] for _ in range(hooks.WATCH_PAGE + 3)]
+    url = "https://hooks.example.test/easel"
     try:
-        for job_id in ids:  # oldest first; asking for job.succeeded only, so nothing is sent here
-            hooks.register(job_id, "https://hooks.example.test/easel", ["succeeded"])
-        last = ids[-1]
-        assert store.transition(last, JobState.cancelled, error="cancelled")
+        terminal_only, ended_before, *watched = ids
+        hooks.register(terminal_only, url, ["succeeded"])
+        assert store.r.zscore(hooks.watch_key, terminal_only) is None
+        assert store.transition(terminal_only, JobState.succeeded)
+        assert store.r.zscore(hooks.due_key, terminal_only) == 0  # due now, before any sweep
+        assert store.transition(ended_before, JobState.cancelled, error="cancelled")
+        hooks.register(ended_before, url, ["succeeded"])  # ended in a state its key does not want
+        assert store.r.zscore(hooks.due_key, ended_before) is None
+        assert store.r.hget(store.key(ended_before), "webhook_state") == "not requested"
+
+        for job_id in watched:  # oldest first
+            hooks.register(job_id, url, ["started"])
+        last = watched[-1]
+        assert store.transition(last, JobState.running, started_at=time.time())
         hooks.sweep()  # the oldest page: all still queued
-        assert store.r.zscore(hooks.watch_key, last) is not None
-        hooks.sweep()  # the next page: the ended job's event is scheduled, the job no longer watched
+        assert store.r.hget(store.key(last), "webhook_sent:started") is None
+        hooks.sweep()  # the next page: its started event is scheduled
+        assert store.r.hget(store.key(last), "webhook_sent:started") is not None
+        assert store.transition(last, JobState.failed, error="x")  # ended: no longer read by the sweeps
         assert store.r.zscore(hooks.watch_key, last) is None
         assert store.r.hget(store.key(last), "webhook_state") == "not requested"
     finally:

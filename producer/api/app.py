@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from easel.producer.api import errors, events, jobs, openapi, operations, uploads
+from easel.producer.api.limits import BodyLimit
 from easel.producer.api.metrics import MetricsMiddleware
 from easel.producer.api.state import ApiState
 from easel.shared.settings import Settings, get_settings
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None, *, webhooks: bool = True) -> Fa
 
     app = FastAPI(title="easel", version=_version(), description=DESCRIPTION, lifespan=lifespan)
     app.state.api = api
+    app.add_middleware(BodyLimit, settings=api.s)  # inside the metrics: refusals are counted
     app.add_middleware(MetricsMiddleware, metrics=api.metrics)
     errors.install(app)
     for module in (jobs, events, uploads, operations):

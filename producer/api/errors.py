@@ -1,8 +1,8 @@
 """One error body (``Problem``) for every error, and the OpenAPI entries that document it.
 
 Routes list the statuses they can answer with ``problems(...)``; the handlers here make
-FastAPI's and Starlette's own errors (request validation, unparseable bodies, 405s) and
-unreachable dependencies (503) send that same body.
+FastAPI's and Starlette's own errors (request validation, unparseable bodies, 405s),
+unreachable dependencies (503) and failing ones (500) send that same body.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from easel.producer.api.models import FieldError, Problem
+from easel.shared.jobstore import refusing_for_now
 
 log = logging.getLogger("easel.api")
 
@@ -36,7 +37,7 @@ _WHY = {
     401: ("missing or invalid API key", {"WWW-Authenticate": {
         "description": "the Bearer scheme", "required": True, "schema": {"type": "string"}}}),
     404: ("no such job, or not one this key may see", {}),
-    413: ("the upload is over EASEL_MAX_INPUT_BYTES", {}),
+    413: ("the body is over EASEL_API_MAX_BODY_BYTES (the rest of it is not read)", {}),
     415: ("the body's Content-Type is not one this operation accepts", {}),
     422: ("the request is well formed but refused; `detail` says why, `errors` lists field errors", {}),
     429: ("the key's rate limit (or, when creating jobs, its in-flight cap) is reached", {
@@ -108,12 +109,26 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
     return await http_exception_handler(request, StarletteHTTPException(exc.status_code, str(exc.detail), headers))
 
 
-async def redis_down(_req: Request, exc: redis.RedisError) -> JSONResponse:
-    return JSONResponse({"detail": f"Redis unavailable: {exc}"}, status_code=503, headers={"Retry-After": "5"})
+def redis_transient(exc: redis.RedisError) -> bool:
+    """Redis away, slow, or refusing commands for now: the same request may work in a while."""
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError) or refusing_for_now(exc)
+
+
+async def redis_failed(_req: Request, exc: redis.RedisError) -> JSONResponse:
+    """503 + Retry-After for a transient failure; 500 for anything else (a wrong-type key, a
+    script error), which no retry mends. Bodies name no host, port or command: the log does."""
+    if redis_transient(exc):
+        log.warning("Redis unavailable: %s", exc)
+        return JSONResponse({"detail": "Redis unavailable; retry later"}, status_code=503,
+                            headers={"Retry-After": "5"})
+    log.error("Redis refused a command", exc_info=exc)
+    return JSONResponse({"detail": "the job store refused the server's command; its operator must check the "
+                                   "server's log"}, status_code=500)
 
 
 async def s3_down(_req: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": f"object storage unavailable: {exc}"}, status_code=503,
+    log.warning("object storage unavailable: %s", exc)
+    return JSONResponse({"detail": "object storage unavailable; retry later"}, status_code=503,
                         headers={"Retry-After": "5"})
 
 
@@ -135,14 +150,15 @@ async def broker_down(_req: Request, exc: kombu.exceptions.OperationalError) -> 
     """A message could not be published once kombu's retries gave up; the job it belonged
     to has ended failed ("could not enqueue") and let go of its idempotency key, so a retry
     queues the job anew."""
-    return JSONResponse({"detail": f"message broker unavailable: {exc}"}, status_code=503,
+    log.warning("message broker unavailable: %s", exc)
+    return JSONResponse({"detail": "message broker unavailable; retry later"}, status_code=503,
                         headers={"Retry-After": "5"})
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(redis.RedisError, redis_down)
+    app.add_exception_handler(redis.RedisError, redis_failed)
     app.add_exception_handler(botocore.exceptions.BotoCoreError, s3_down)
     app.add_exception_handler(botocore.exceptions.ClientError, s3_refused)
     app.add_exception_handler(kombu.exceptions.OperationalError, broker_down)

@@ -1,7 +1,7 @@
 """A job as server-sent events, fed by the job's Redis pub/sub channel.
 
-The only async route: it waits on pub/sub without holding a thread. Blocking reads of the
-job record go to the thread pool.
+An async route: it waits on pub/sub without holding a thread. Blocking reads of the job
+record go to the thread pool.
 """
 from __future__ import annotations
 
@@ -53,7 +53,10 @@ async def _follow(api: ApiState, job_id: str, pubsub) -> AsyncIterator[tuple[str
     """(event, data) pairs until the job ends or the stream reaches EASEL_API_SSE_MAX_S. A
     Redis that goes away is waited out: the pub/sub connection reconnects (subscribed again)
     and the record is re-read, so a stream outlives a restart or a failover."""
-    snap = await run_in_threadpool(api.render, job_id)
+    try:
+        snap = await run_in_threadpool(api.render, job_id)
+    except KeyError:  # expired since the ownership check: the stream has started, so it just ends
+        return
     if snap.state.terminal:
         yield "done", snap
         return

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Response
@@ -12,7 +14,7 @@ from easel.producer.api.models import JobRequest, JobResponse
 from easel.producer.api.security import Principal
 from easel.producer.api.state import ApiState
 from easel.producer.client import SubmitError
-from easel.shared.images import InputError, check_public_url
+from easel.shared.images import InputError, Unresolved, check_public_url
 from easel.shared.schema import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -27,6 +29,7 @@ _JOB_LINKS = {
 }
 _LOCATION = {"Location": {"description": "the job's path, /v1/jobs/{id}", "required": True,
                           "schema": {"type": "string"}}}
+_RETRY_SOON = {"Retry-After": "5"}
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=150,
                                               description="same key from the same API key: the same job")]
 
@@ -46,13 +49,35 @@ def _namespaced(spec: JobSpec, header_key: str | None, p: Principal) -> JobSpec:
     return spec.model_copy(update=update)
 
 
+def _replayed(api: ApiState, spec: JobSpec, p: Principal) -> str | None:
+    """The job this key's idempotency key created before, if any. Looked up before any check:
+    a retry must get its job even while the checks of a new one would fail (a DNS or S3 blip)."""
+    job_id = api.store.idempotent_job(spec)
+    return job_id if job_id is not None and api.store.owner(job_id) == p.name else None
+
+
 def _check_webhook(api: ApiState, url: str, p: Principal) -> None:
     if not api.secret_for(p.name):
         raise HTTPException(422, "webhook_url: this server has no webhook secret (EASEL_WEBHOOK_SECRET)")
     try:
         check_public_url(url, api.s)
+    except Unresolved as e:
+        raise HTTPException(503, f"webhook_url: {e}; retry later", headers=_RETRY_SOON) from None
     except InputError as e:
         raise HTTPException(422, f"webhook_url: {e}") from None
+
+
+def _refused(api: ApiState, e: SubmitError) -> HTTPException:
+    """422 for a refused job; 503 + Retry-After when the refusal was a host name that did not
+    resolve now, which may resolve in a moment. The client reports every refusal as a
+    SubmitError, raised while it handled the error it came from (its ``__context__``)."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, Unresolved):
+        cause = cause.__context__
+    if cause is not None:
+        return HTTPException(503, f"{e}; retry later", headers=_RETRY_SOON)
+    api.metrics.refused.labels("invalid_job").inc()
+    return HTTPException(422, str(e))
 
 
 def _submit(api: ApiState, spec: JobSpec, p: Principal) -> tuple[str, str | None]:
@@ -62,8 +87,7 @@ def _submit(api: ApiState, spec: JobSpec, p: Principal) -> tuple[str, str | None
         try:
             return api.client.submit(spec), None
         except SubmitError as e:
-            api.metrics.refused.labels("invalid_job").inc()
-            raise HTTPException(422, str(e)) from None
+            raise _refused(api, e) from None
     token, n = api.inflight.reserve(p)
     if token is None:
         replay = api.store.idempotent_job(spec)
@@ -77,8 +101,7 @@ def _submit(api: ApiState, spec: JobSpec, p: Principal) -> tuple[str, str | None
         return api.client.submit(spec), token
     except SubmitError as e:
         api.inflight.release(p.name, token)
-        api.metrics.refused.labels("invalid_job").inc()
-        raise HTTPException(422, str(e)) from None
+        raise _refused(api, e) from None
     except BaseException:
         api.inflight.release(p.name, token)
         raise
@@ -88,11 +111,18 @@ def _submit(api: ApiState, spec: JobSpec, p: Principal) -> tuple[str, str | None
              responses={201: {"description": "the job was queued", "headers": _LOCATION, "links": _JOB_LINKS},
                         200: {"model": JobResponse, "headers": _LOCATION, "links": _JOB_LINKS,
                               "description": "idempotent replay: the job this idempotency key created before"},
-                        **problems(400, 401, 415, 422, 429, 503, _422="job refused; `detail` says why")})
+                        **problems(400, 401, 413, 415, 422, 429, 503, _422="job refused; `detail` says why",
+                                   _503="Redis, the message broker or object storage is unreachable or failing, "
+                                        "or an image or webhook URL's host name does not resolve now")})
 def create_job(body: JobRequest, response: Response, p: Caller, api: ApiDep,
                idempotency_key: IdempotencyKey = None) -> JobResponse:
     """Queue a job. Same idempotency key (body or header) from the same API key: the same job."""
     spec = _namespaced(body.spec(), idempotency_key, p)
+    replay = _replayed(api, spec, p)
+    if replay is not None:
+        response.status_code = 200
+        response.headers["Location"] = f"/v1/jobs/{replay}"
+        return api.render(replay)
     api.check_refs(spec, p)
     url = str(body.webhook_url) if body.webhook_url else None
     if url:
@@ -112,15 +142,30 @@ def create_job(body: JobRequest, response: Response, p: Caller, api: ApiDep,
     return api.render(job_id)
 
 
+@contextmanager
+def _while_it_exists(api: ApiState, job_id: str) -> Iterator[None]:
+    """A record that expires (or is deleted) after the ownership check makes the store raise
+    KeyError: that job is gone, a 404 as a moment later. A KeyError while the record is still
+    there is a fault of the server's, and stays one."""
+    try:
+        yield
+    except KeyError:
+        if api.store.exists(job_id):
+            raise
+        raise HTTPException(404, f"no job {job_id}") from None
+
+
 @router.get("/{job_id}", operation_id="get_job", responses=problems(401, 404, 422, 429, 503))
 def get_job(job_id: OwnedJob, api: ApiDep) -> JobResponse:
     """A job's state and progress; when it succeeded, presigned URLs for its images and manifest."""
-    return api.render(job_id)
+    with _while_it_exists(api, job_id):
+        return api.render(job_id)
 
 
 @router.delete("/{job_id}", operation_id="cancel_job", responses=problems(401, 404, 422, 429, 503))
 def cancel_job(job_id: OwnedJob, api: ApiDep) -> JobResponse:
     """Cancel: a queued job ends at once, a running one within one denoising step. The job stays
     readable (state `cancelled`) until it expires, like any finished job."""
-    api.client.cancel(job_id)
-    return api.render(job_id)
+    with _while_it_exists(api, job_id):
+        api.client.cancel(job_id)
+        return api.render(job_id)

@@ -30,8 +30,10 @@ def queues(p: Caller, api: ApiDep) -> list[QueueOut]:
             for f, d in depths.items()]
 
 
+# Async, answered on the event loop: a sync route waits for a thread of the pool, which
+# requests stalled on Redis can all hold, and the probe would then fail all the same.
 @router.get("/healthz", operation_id="healthz")
-def healthz() -> Health:
+async def healthz() -> Health:
     """Liveness: the process answers. Never checks dependencies (a Redis blip must not restart pods)."""
     return Health(status="ok")
 

@@ -28,10 +28,13 @@ def _image_for_a_job(description: str, when: str = "") -> dict:
 @router.post("", status_code=201, operation_id="upload_image", dependencies=[Depends(multipart_content)],
              responses={201: _image_for_a_job("the image was stored"),
                         **problems(400, 401, 413, 415, 422, 429, 503,
-                                   _422="not a readable PNG, JPEG or WEBP image within the size limits")})
-def upload(file: Annotated[UploadFile, File(description="PNG, JPEG or WEBP image")], p: Caller,
+                                   _413="the upload is over EASEL_MAX_INPUT_BYTES (the rest of it is not read)",
+                                   _422="not a readable PNG, JPEG, WEBP, GIF, BMP or TIFF image within the "
+                                        "size limits")})
+def upload(file: Annotated[UploadFile, File(description="PNG, JPEG, WEBP, GIF, BMP or TIFF image")], p: Caller,
            api: ApiDep) -> UploadResponse:
-    """Upload an input image; use the returned `image` in a job. Stored content-addressed."""
+    """Upload an input image (PNG, JPEG, WEBP, GIF, BMP or TIFF; a presigned upload takes PNG,
+    JPEG or WEBP only); use the returned `image` in a job. Stored content-addressed."""
     limit = api.s.max_input_bytes
     data = file.file.read(limit + 1)
     if len(data) > limit:
@@ -46,7 +49,7 @@ def upload(file: Annotated[UploadFile, File(description="PNG, JPEG or WEBP image
 
 @router.post("/presign", operation_id="presign_upload", dependencies=[Depends(json_content)],
              responses={200: _image_for_a_job("where and how to POST the image", ", once the POST succeeded"),
-                        **problems(400, 401, 415, 422, 429, 503)})
+                        **problems(400, 401, 413, 415, 422, 429, 503)})
 def presign_upload(body: PresignRequest, p: Caller, api: ApiDep) -> PresignResponse:
     """A presigned POST for a large input, bounded in size and type by the S3 server; the
     worker checks the image like any input."""
