@@ -37,6 +37,8 @@ STAGE_FIELDS = {"task", "model", "prompt", "negative_prompt", "prompt_syntax", "
 JOB_FIELDS = {"priority", "num_images", "idempotency_key"}
 OTHER_FIELDS = {"image", "format", "quality", "name"}
 TERMINAL = {"succeeded", "failed", "cancelled"}
+LOST_REASON = "job record gone (expired or lost); a rerun submits it again"
+NOT_DOWNLOADED = "finished, not downloaded in time; a rerun downloads it"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 POLLS_PER_S = 2000  # job states read a second at most while waiting: 10,000 jobs are read every 5 s
 
@@ -61,7 +63,7 @@ class Outcome:
     key: str
     name: str
     row: int
-    state: str = "pending"  # pending | submitted | succeeded | failed | cancelled | refused
+    state: str = "pending"  # pending | submitted | downloading | succeeded | failed | cancelled | refused | lost
     job_id: str | None = None
     attempt_key: str | None = None
     error: str | None = None
@@ -277,20 +279,19 @@ def _run_id(out: Path, began: bool) -> str | None:
 
 
 def _write_whole(path: Path, text: str) -> None:
-    """Write beside, then rename: a reader or a kill never sees half a file."""
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from easel.producer.client import write_whole
+
+    write_whole(path, text.encode())
 
 
 def _download(client, o: Outcome, outputs: list[str], manifest: str | None, target: Path) -> list[str]:
+    from easel.producer.client import write_whole
+
     target.mkdir(parents=True, exist_ok=True)
     files = []
     for uri in outputs + ([manifest] if manifest else []):
         dest = target / uri.rsplit("/", 1)[1]
-        tmp = dest.with_name(dest.name + ".part")
-        tmp.write_bytes(client.storage.get(uri))
-        tmp.replace(dest)  # a file that exists is whole
+        write_whole(dest, client.storage.get(uri))
         files.append(str(dest.relative_to(target.parent)))
     return files
 
@@ -347,7 +348,11 @@ def _plan(rows: list[Row], prior: dict[str, dict], run_id: str | None, out: Path
             o.state, o.error = prev["state"], prev.get("error")
             skipped.add(row.key)
         else:
-            if prev.get("state") in _ENDED_BADLY:  # --retry-failed: a new job, under the next key
+            if prev.get("state") in ("succeeded", "downloading") and o.job_id:
+                o.state = "submitted"  # its job ended well: followed to download, not submitted again
+            elif prev.get("state") in (*_ENDED_BADLY, "lost"):
+                # A new job, under the next key: the key still names the failed job, or the
+                # one whose record is gone (the key can outlive it).
                 m = re.search(r"-r(\d+)$", o.attempt_key or "")
                 o.attempt_key = f"{first_key}-r{int(m.group(1)) + 1 if m else 1}"
                 o.job_id = None
@@ -377,22 +382,50 @@ class _Run:
         with Progress(*columns, console=console, transient=False) as self.bar:
             self.sub_task = self.bar.add_task("submitted", total=len(todo))
             self.done_task = self.bar.add_task(self.ended.text(), total=rows, completed=rows - len(todo))
-            self.submissions = {self.pool.submit(self._submit, row): row for row in todo}
+            self._start(todo)
             try:
-                while self.submissions or self.waiting or self.downloads:
-                    self._collect_submissions()
-                    self._poll()
-                    self._collect_downloads()
-                    if deadline is not None and time.monotonic() > deadline:
-                        console.print(f"[yellow]timeout:[/yellow] {len(self.waiting) + len(self.submissions)} jobs "
-                                      f"unfinished after {timeout:.0f}s; rerun the same command to resume")
-                        break
-                    if self.submissions or self.waiting or self.downloads:  # a big run's reads spread out
-                        time.sleep(max(self.poll_s, len(self.waiting) / POLLS_PER_S))
+                timed_out = self._follow(deadline)
             finally:
                 for f in self.submissions:
                     f.cancel()
                 self.pool.shutdown(wait=True, cancel_futures=True)
+            self._leave_downloads()
+            if timed_out:
+                unfinished = len(self.submissions) + len(self.waiting) + len(self.downloads)
+                undone = f" ({len(self.downloads)} of them finished, not downloaded)" if self.downloads else ""
+                console.print(f"[yellow]timeout:[/yellow] {unfinished} rows unfinished after {timeout:.0f}s{undone}; "
+                              "rerun the same command to resume", soft_wrap=True)
+
+    def _leave_downloads(self) -> None:
+        """Once the pool has stopped: settle the downloads it finished; the others' rows stay
+        unfinished, recorded so that a rerun downloads them without submitting their jobs."""
+        self._collect_downloads()
+        for o in self.downloads.values():
+            o.error = NOT_DOWNLOADED
+            self.state.write(o)
+
+    def _start(self, todo: list[Row]) -> None:
+        """Submit each row, but follow the ones whose job is known to have ended well."""
+        for row in todo:
+            o = self.outcomes[row.key]
+            if o.state == "submitted":
+                self.waiting[o.job_id] = o
+                self.bar.advance(self.sub_task)
+            else:
+                self.submissions[self.pool.submit(self._submit, row)] = row
+
+    def _follow(self, deadline: float | None) -> bool:
+        """Collect submissions, job ends and downloads until all are in; True if the deadline
+        passed first."""
+        while self.submissions or self.waiting or self.downloads:
+            self._collect_submissions()
+            self._poll()
+            self._collect_downloads()
+            if deadline is not None and time.monotonic() > deadline:
+                return True
+            if self.submissions or self.waiting or self.downloads:  # a big run's reads spread out
+                time.sleep(max(self.poll_s, len(self.waiting) / POLLS_PER_S))
+        return False
 
     def _submit(self, row: Row) -> str:
         return self.client.submit({**row.job, "idempotency_key": self.outcomes[row.key].attempt_key})
@@ -420,19 +453,31 @@ class _Run:
         for chunk in range(0, len(ids), 500):
             part = ids[chunk:chunk + 500]
             for job_id, (st, err, outputs, man) in zip(part, self.client.store.outcomes_of(part)):
+                if st is None:
+                    self._lost(self.waiting.pop(job_id))
+                    continue
                 if st not in TERMINAL:
                     continue
                 o = self.waiting.pop(job_id)
-                o.state, o.error = st, err or None
+                o.error = err or None
                 outs = json.loads(outputs or "[]")
                 o.images = len(outs)
-                if st == "succeeded" and self.download:
+                if st == "succeeded" and self.download:  # it succeeds once its files are here
+                    o.state = "downloading"
                     self.downloads[self.pool.submit(_download, self.client, o, outs, man, self.out / o.name)] = o
                 else:
+                    o.state = st
                     self._settle(o)
 
+    def _lost(self, o: Outcome) -> None:
+        """A job whose record is gone (expired, or lost by Redis) will never end: its row stays
+        unfinished, and the state file has a rerun submit it again, under a new key."""
+        o.state, o.error = "lost", LOST_REASON
+        self.state.write(o)
+        self.bar.advance(self.done_task)
+
     def _collect_downloads(self) -> None:
-        for fut in [f for f in self.downloads if f.done()]:
+        for fut in [f for f in self.downloads if f.done() and not f.cancelled()]:
             o = self.downloads.pop(fut)
             try:
                 o.files = fut.result()
@@ -440,6 +485,7 @@ class _Run:
                 o.state, o.error = "pending", f"download failed: {type(e).__name__}: {e}"
                 self.bar.advance(self.done_task)
                 continue
+            o.state = "succeeded"
             self._settle(o)
 
     def _settle(self, o: Outcome) -> None:

@@ -45,6 +45,22 @@ class SubmitError(ValueError):
     """The job was refused at submission; the message says why."""
 
 
+class PartialSubmitError(Exception):
+    """``submit_many`` stopped part way: the jobs before index ``failed_from`` are queued, with
+    the ids ``queued_ids``; the error that stopped it is its ``__cause__``."""
+
+    def __init__(self, cause: Exception, queued_ids: list[str], failed_from: int):
+        super().__init__(f"{type(cause).__name__}: {cause} (the jobs before job {failed_from} are queued)")
+        self.queued_ids, self.failed_from = list(queued_ids), failed_from
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    """Write beside, then rename: a file that exists is whole, whatever stopped the writer."""
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 class _Follower:
     """A thread's kept pub/sub connection, and whether a watch uses it. The watch holds the
     slot itself, so whichever thread ends the watch (a generator closed elsewhere) frees it."""
@@ -248,9 +264,13 @@ class EaselClient:
         their tenant's turn, and the Celery messages of the jobs sent now through one kombu
         producer in one pipeline. If sending a batch's messages fails, the jobs that were
         to be sent then end failed ("could not enqueue") and let go of their idempotency
-        keys, and the error is raised; the batch's jobs that wait their tenant's turn stay
-        queued, as do earlier batches. With idempotency keys, calling again with the same
-        jobs returns every job's id and queues only the failed ones anew.
+        keys; the batch's jobs that wait their tenant's turn stay queued, as do earlier
+        batches. Any error once queuing began is raised as ``PartialSubmitError``, the error
+        its ``__cause__``: ``queued_ids`` are the ids of the jobs before ``failed_from``, the
+        failed batch's first index. With idempotency keys, calling again
+        with the same jobs returns every job's id and queues only the failed ones anew;
+        without, resubmit only ``jobs[failed_from:]`` (its jobs that waited their tenant's
+        turn are queued twice then).
 
         Idempotency keys behave as in ``submit``: a key seen before, or earlier in this same
         call, gives the first job's id and queues nothing.
@@ -270,7 +290,10 @@ class EaselClient:
                 self.celery.connection_for_write(transport_options={"retry_on_timeout": False}) as conn:
             producer = self.celery.amqp.Producer(conn)
             for start in range(0, len(prepared), max(1, batch_size)):
-                ids += self._submit_batch(prepared[start:start + batch_size], producer, call)
+                try:
+                    ids += self._submit_batch(prepared[start:start + batch_size], producer, call)
+                except Exception as e:
+                    raise PartialSubmitError(e, ids, start) from e
         return ids
 
     def _submit_batch(self, items: list[tuple[JobSpec, Plan]], producer, call=tracing.NO_SPAN) -> list[str]:
@@ -439,15 +462,22 @@ class EaselClient:
         """The manifest of a job that succeeded (parameters, seeds, timings, output URIs);
         RuntimeError naming the state (and error) of a job that did not, KeyError for an
         unknown job."""
+        return Manifest.model_validate_json(self._stored_manifest(job_id))
+
+    def _stored_manifest(self, job_id: str) -> bytes:
+        """The manifest object of a job that succeeded, as the worker wrote it."""
         st = self.status(job_id)
         if st.state != JobState.succeeded:
             raise RuntimeError(f"job {job_id} is {st.state.value}" + (f": {st.error}" if st.error else ""))
-        return Manifest.model_validate_json(self.storage.get(st.manifest))
+        return self.storage.get(st.manifest)
 
     def fetch(self, job_id: str, out_dir: Path) -> list[Path]:
         """Download the job's images and manifest into ``out_dir/<job_id>/``; raises as
-        ``result`` does for a job that did not succeed."""
-        manifest = self.result(job_id)
+        ``result`` does for a job that did not succeed. Each file is whole once it has its
+        name, and the manifest (as stored, every field kept) comes last: a folder with a
+        ``manifest.json`` holds the whole result, whatever stopped an earlier fetch."""
+        raw = self._stored_manifest(job_id)
+        manifest = Manifest.model_validate_json(raw)
         target = Path(out_dir) / job_id
         target.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -455,10 +485,10 @@ class EaselClient:
             rel = uri.split(f"jobs/{job_id}/", 1)[1]
             p = target / rel
             p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(self.storage.get(uri))
+            write_whole(p, self.storage.get(uri))
             paths.append(p)
         mp = target / "manifest.json"
-        mp.write_text(json.dumps(json.loads(manifest.model_dump_json()), indent=2))
+        write_whole(mp, raw)
         return paths + [mp]
 
     def cancel(self, job_id: str) -> JobState:
@@ -528,4 +558,4 @@ def _job_attributes(job_id: str, spec: JobSpec, plan: Plan, created: bool) -> di
             "messaging.destination.name": plan.segments[0].queue}
 
 
-__all__ = ["EaselClient", "SubmitError", "Stage"]
+__all__ = ["EaselClient", "PartialSubmitError", "SubmitError", "Stage"]

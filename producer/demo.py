@@ -52,9 +52,12 @@ def demo_jobs(input_path: str, steps: int) -> dict[str, dict]:
 
 def run_demo(out: Path, steps: int = 10, size: int = 256, console: Console | None = None) -> int:
     console = console or Console()
-    # SIGTERM (a timeout, a container stop) unwinds like Ctrl-C: the servers and workers we
-    # started are stopped instead of being orphaned.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM (a timeout, a container stop) and SIGHUP (its terminal closed) unwind like
+    # Ctrl-C: the servers and workers we started are stopped instead of being orphaned.
+    # A signal ignored (SIGHUP under nohup) stays ignored.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -133,7 +136,8 @@ def _services(stack: contextlib.ExitStack, console: Console) -> dict[str, str]:
     if not os.environ.get("EASEL_REDIS_URL") or not os.environ.get("EASEL_S3_ENDPOINT_URL"):
         from easel.producer.embedded import EmbeddedServices
 
-        svc = EmbeddedServices(appendonly=True)
+        # die_with_parent: even a SIGKILLed demo leaves no server behind.
+        svc = EmbeddedServices(appendonly=True, die_with_parent=True)
         if not os.environ.get("EASEL_REDIS_URL"):
             svc.redis.start()
             stack.callback(svc.redis.kill)
@@ -151,9 +155,13 @@ def _services(stack: contextlib.ExitStack, console: Console) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _worker(family: str, env: dict, log: Path):
+    from easel.producer.embedded import die_with_parent_hook
+
+    # As the servers do, the worker gets SIGTERM when the demo dies, even by SIGKILL.
+    preexec = die_with_parent_hook()
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "easel.worker.process", "--family", family], env=env,
-                                stdout=fh, stderr=subprocess.STDOUT)
+                                stdout=fh, stderr=subprocess.STDOUT, preexec_fn=preexec)
     try:
         yield proc
     finally:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 
 def free_port(avoid_plus: int = 0) -> int:
@@ -51,6 +52,11 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 class PortInUse(RuntimeError):
     """A port a server needs is taken; the message names the port and the server."""
+
+
+def die_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has a child get SIGTERM when its parent dies (Linux; None elsewhere)."""
+    return _die_with_parent if sys.platform.startswith("linux") else None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -130,7 +136,7 @@ class Service:
     def _start_proc(self) -> None:
         self.log = self.workdir / f"{self.name}.log"
         with open(self.log, "ab") as fh:
-            preexec = _die_with_parent if self.die_with_parent and sys.platform.startswith("linux") else None
+            preexec = die_with_parent_hook() if self.die_with_parent else None
             self.proc = subprocess.Popen(self.args, stdout=fh, stderr=subprocess.STDOUT, cwd=self.workdir,
                                          start_new_session=True, preexec_fn=preexec)
 

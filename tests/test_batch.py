@@ -1,14 +1,21 @@
 """`easel batch` through the real CLI: a manifest in, results tree and summary out, resumable."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import cli, img2img_job, png_bytes
+from tests.conftest import ROOT, cli, img2img_job, png_bytes
 
 
 def _inputs(folder: Path, n: int) -> list[str]:
@@ -88,6 +95,95 @@ def test_batch_resumes_unfinished_rows_with_the_same_jobs(easel_env, sd15_worker
                                                   .read_text().splitlines())}
     assert all(final[k] == j for k, j in submitted.items())  # resumed, not resubmitted
     assert len(list(out.glob("row-*/0.png"))) == 6
+
+
+def _states(out: Path) -> list[dict]:
+    """The state file's whole lines so far."""
+    with contextlib.suppress(FileNotFoundError):
+        text = (out / ".easel-batch-state.jsonl").read_text()
+        return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+    return []
+
+
+def _batch(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "easel.producer.cli", "batch", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_row_whose_job_record_is_gone_ends_unfinished_and_a_rerun_submits_it_again(easel_env, sd15_worker,
+                                                                                      client, tmp_path):
+    """A record gone (its TTL passed, Redis lost it) ends the wait for its row, with the
+    reason; the rerun submits the row anew, though its idempotency key still names the job."""
+    (img,) = _inputs(tmp_path, 1)
+    tenant = f"held-{uuid.uuid4().hex[:8]}"
+    client.scheduler.set_cap(tenant, 0)  # its job waits, with a record to lose
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({**img2img_job(img, steps=2), "tenant": tenant, "name": "gone"}) + "\n")
+    out = tmp_path / "out"
+    try:
+        batch = _batch(str(manifest), "--out", str(out))
+        try:
+            deadline = time.monotonic() + 60
+            while not (submitted := _states(out)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            (first,) = submitted
+            client.store.r.delete(client.store.key(first["job_id"]))
+            _, stderr = batch.communicate(timeout=60)
+        finally:
+            batch.kill()
+        assert batch.returncode == 1
+        s = json.loads((out / "summary.json").read_text())
+        assert (s["succeeded"], s["pending"]) == (0, 1)
+        assert s["failures"][0]["reason"] == "job record gone (expired or lost); a rerun submits it again"
+        assert "job record gone" in stderr
+    finally:
+        client.scheduler.set_cap(tenant, None)
+    r = cli("batch", str(manifest), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["succeeded"], s["submitted"]) == (1, 1)
+    assert _states(out)[-1]["job_id"] != first["job_id"]
+    assert Image.open(out / "gone" / "0.png").format == "PNG"
+
+
+def test_a_timeout_leaves_finished_jobs_not_downloaded_unfinished_and_a_rerun_downloads_them(
+        easel_env, sd15_worker, services, client, tmp_path):
+    """S3 stops answering as the downloads begin, and the timeout passes: the rows whose files
+    are not on disk are unfinished, not succeeded, and the rerun downloads them without
+    submitting anything."""
+    images = _inputs(tmp_path, 2)
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps({"image": images[i % 2], "prompt": "p", "steps": 2, "seed": i}) + "\n"
+                                for i in range(12)))
+    out = tmp_path / "out"
+    assert cli("batch", str(manifest), "--out", str(out), "--no-download").returncode == 0  # all 12 ended well
+    jobs_before = _job_count(client)
+
+    batch = _batch(str(manifest), "--out", str(out), "--concurrency", "1", "--timeout", "5")
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob("row-*")) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os.kill(services.s3.proc.pid, signal.SIGSTOP)  # a download hangs, the others wait behind it
+        time.sleep(7)  # past the batch's timeout
+    finally:
+        os.kill(services.s3.proc.pid, signal.SIGCONT)
+    try:
+        _, stderr = batch.communicate(timeout=60)
+    finally:
+        batch.kill()
+    assert batch.returncode == 1, stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    downloaded = [d for d in out.glob("row-*") if {f.name for f in d.iterdir()} == {"0.png", "manifest.json"}]
+    assert 0 < s["succeeded"] == len(downloaded) < 12 and s["pending"] == 12 - len(downloaded)
+    assert {f["reason"] for f in s["failures"]} == {"finished, not downloaded in time; a rerun downloads it"}
+    assert "not downloaded" in stderr
+
+    r = cli("batch", str(manifest), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["succeeded"], s["submitted"]) == (12, 0)
+    assert len(list(out.glob("row-*/0.png"))) == 12 and _job_count(client) == jobs_before
 
 
 def test_batch_csv_reports_each_failure_with_its_reason(easel_env, sd15_worker, client, tmp_path):

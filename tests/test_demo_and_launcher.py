@@ -1,6 +1,7 @@
 """`easel demo` on a machine with nothing configured, and `easel worker` supervising its processes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -32,6 +33,41 @@ def test_easel_demo_from_nothing_prints_a_real_png(tmp_path):
     chain = json.loads((pngs[1].parent.parent / "manifest.json").read_text())
     assert [s["handoff_in"] for s in chain["stages"]] == ["image", "latent", "latent"]
     assert "embedded valkey-server" in r.stdout and "embedded SeaweedFS" in r.stdout
+
+
+def test_a_killed_demo_leaves_no_server_or_worker_behind(model_root, tmp_path):
+    """SIGKILL (no code of the demo's runs): its valkey and worker get SIGTERM and exit. Its
+    SeaweedFS gets the same (one setting for both servers) but takes ~15 s to stop, so it is
+    only killed here."""
+    import re
+    import shutil
+
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EASEL_")}
+    env.update(HOME=str(tmp_path / "home"), EASEL_MODEL_ROOT=str(model_root))  # checkpoints made already
+    demo = subprocess.Popen([sys.executable, "-m", "easel.producer.cli", "demo", "--out", str(tmp_path / "out")],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmds: dict[psutil.Process, str] = {}
+    line = ""
+    try:
+        lines = iter(demo.stdout)
+        while not (line := next(lines)).startswith("workers:"):  # the servers are up and the worker started
+            pass
+        cmds = {p: " ".join(p.cmdline()) for p in psutil.Process(demo.pid).children(recursive=True)}
+        demo.kill()
+        demo.wait()
+        _, alive = psutil.wait_procs([p for p, cmd in cmds.items() if "valkey-server" in cmd or "worker" in cmd],
+                                     timeout=15)
+        assert len(cmds) == 3 and not alive, cmds
+    finally:
+        demo.kill()
+        for p in cmds:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        temp = re.findall(r"-dir=(\S+)/seaweedfs/data|logs in (\S+)\)", " ".join([*cmds.values(), line]))
+        for folder in [a or b for a, b in temp]:  # the demo's temp folders
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_easel_worker_restarts_a_process_that_dies(easel_env, tmp_path):
@@ -96,3 +132,24 @@ def test_the_manifest_names_the_registry_and_each_stages_weights(client, sd15_wo
     m = client.result(st.id)
     assert m.registry == "tiny"
     assert m.stages[0].model_source.endswith("tiny-sd15")
+
+
+def test_fetch_writes_the_stored_manifest_last_so_its_presence_means_complete(client, sd15_worker, input_png,
+                                                                                tmp_path):
+    """``easel fetch`` (the demo's download): the manifest is the stored object byte for byte,
+    a newer worker's fields included, and a fetch stopped by a missing output leaves none."""
+    from easel.shared.storage import NotFound, S3Ref
+    from tests.conftest import img2img_job
+
+    st = client.wait(client.submit(img2img_job(str(input_png), steps=2)), timeout=120)
+    stored = json.loads(client.storage.get(st.manifest))
+    client.storage.put(S3Ref.parse(st.manifest).key, json.dumps({**stored, "from_a_newer_worker": 1}).encode())
+    client.fetch(st.id, tmp_path / "a")
+    folder = tmp_path / "a" / st.id
+    assert (folder / "manifest.json").read_bytes() == client.storage.get(st.manifest)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == ["manifest.json", "output",
+                                                                                  "output/0.png"]
+    client.storage.delete_prefix(f"jobs/{st.id}/output/")  # retention took the image
+    with pytest.raises(NotFound):
+        client.fetch(st.id, tmp_path / "b")
+    assert not (tmp_path / "b" / st.id / "manifest.json").exists()

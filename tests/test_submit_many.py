@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import uuid
 
+import kombu.exceptions
 import pytest
 
 from easel.producer.client import SubmitError
@@ -59,3 +60,29 @@ def test_submit_many_refuses_the_whole_call_naming_the_bad_job(client, input_png
         client.submit_many([img2img_job(str(input_png), model="no-such-model")])
     assert _job_keys(client) == before
     assert client.submit_many([]) == []
+
+
+def test_a_batch_that_fails_to_send_names_the_jobs_queued_before_it(easel_env, input_png):
+    """The broker refuses the second batch's message (its queue's key holds a string): the
+    error names the first batch's job, queued, where the failure began, and the error the
+    broker raised."""
+    from easel.producer.client import EaselClient, PartialSubmitError
+    from easel.shared.celery_app import queue_name
+    from easel.shared.settings import get_settings
+
+    prefix = f"partial{uuid.uuid4().hex[:8]}"  # queues no worker serves: the jobs stay as queued
+    own = EaselClient(get_settings().model_copy(update={"queue_prefix": prefix}))
+    own.celery.conf.task_publish_retry = False
+    refused = queue_name("sd15-wide", prefix)
+    own.store.r.mset({refused: "x", **{f"{refused}:{p}": "x" for p in range(1, 10)}})
+    try:
+        with pytest.raises(PartialSubmitError) as got:
+            own.submit_many([img2img_job(str(input_png)), img2img_job(str(input_png), model="sd15-wide")],
+                            batch_size=1)
+        assert "WRONGTYPE" in str(got.value)
+        (queued,) = got.value.queued_ids
+        assert got.value.failed_from == 1
+        assert own.status(queued).state.value == "queued"
+        assert isinstance(got.value.__cause__, kombu.exceptions.OperationalError)
+    finally:
+        own.store.r.delete(*own.store.r.keys(f"{prefix}*"))
