@@ -431,7 +431,7 @@ class _Run:
         return self.client.submit({**row.job, "idempotency_key": self.outcomes[row.key].attempt_key})
 
     def _collect_submissions(self) -> None:
-        from easel.producer.client import SubmitError
+        from easel.producer.client import SubmitError, SubmitUnavailable
 
         for fut in [f for f in self.submissions if f.done()]:
             o = self.outcomes[self.submissions.pop(fut).key]
@@ -440,6 +440,9 @@ class _Run:
                 self.waiting[o.job_id] = o
                 self.submitted += 1
                 self.state.write(o)  # a rerun finds the job (the idempotency key maps to it too)
+            except SubmitUnavailable as e:  # refused for now: a rerun submits it again
+                o.state, o.error = "pending", str(e)
+                self.bar.advance(self.done_task)
             except SubmitError as e:
                 o.state, o.error = "refused", str(e)
                 self._settle(o)

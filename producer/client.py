@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from easel.shared import tracing
 from easel.shared.celery_app import RUN_SEGMENT, family_queues, make_celery, send_segment
-from easel.shared.images import InputError, check_public_url, decode_image, image_ext, parse_data_uri
+from easel.shared.images import InputError, Unresolved, check_public_url, decode_image, image_ext, parse_data_uri
 from easel.shared.jobstore import JobStore, new_job_id
 from easel.shared.scheduler import Scheduler
 from easel.shared.plan import PlanError, plan_job
@@ -43,6 +43,11 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 class SubmitError(ValueError):
     """The job was refused at submission; the message says why."""
+
+
+class SubmitUnavailable(SubmitError):
+    """Refused for now, not for good: a host name the job names did not resolve. The same job
+    may be accepted in a moment."""
 
 
 class PartialSubmitError(Exception):
@@ -147,6 +152,8 @@ class EaselClient:
         if ref.startswith(("https://", "http://")):
             try:
                 check_public_url(ref, self.settings)
+            except Unresolved as e:
+                raise SubmitUnavailable(f"{what}: {e}") from None
             except InputError as e:
                 raise SubmitError(f"{what}: {e}") from None
             return ref
@@ -280,7 +287,7 @@ class EaselClient:
             try:
                 prepared.append(self.prepare_and_plan(job))
             except SubmitError as e:
-                raise SubmitError(f"job {i}: {e}") from None
+                raise type(e)(f"job {i}: {e}") from None
         ids: list[str] = []
         if not prepared:
             return ids
@@ -558,4 +565,4 @@ def _job_attributes(job_id: str, spec: JobSpec, plan: Plan, created: bool) -> di
             "messaging.destination.name": plan.segments[0].queue}
 
 
-__all__ = ["EaselClient", "PartialSubmitError", "SubmitError", "Stage"]
+__all__ = ["EaselClient", "PartialSubmitError", "SubmitError", "SubmitUnavailable", "Stage"]

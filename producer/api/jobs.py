@@ -13,7 +13,7 @@ from easel.producer.api.errors import problems
 from easel.producer.api.models import JobRequest, JobResponse
 from easel.producer.api.security import Principal
 from easel.producer.api.state import ApiState
-from easel.producer.client import SubmitError
+from easel.producer.client import SubmitError, SubmitUnavailable
 from easel.shared.images import InputError, Unresolved, check_public_url
 from easel.shared.schema import JobSpec
 
@@ -68,13 +68,9 @@ def _check_webhook(api: ApiState, url: str, p: Principal) -> None:
 
 
 def _refused(api: ApiState, e: SubmitError) -> HTTPException:
-    """422 for a refused job; 503 + Retry-After when the refusal was a host name that did not
-    resolve now, which may resolve in a moment. The client reports every refusal as a
-    SubmitError, raised while it handled the error it came from (its ``__context__``)."""
-    cause: BaseException | None = e
-    while cause is not None and not isinstance(cause, Unresolved):
-        cause = cause.__context__
-    if cause is not None:
+    """422 for a refused job; 503 + Retry-After when it was refused for now (a host name that
+    did not resolve may resolve in a moment)."""
+    if isinstance(e, SubmitUnavailable):
         return HTTPException(503, f"{e}; retry later", headers=_RETRY_SOON)
     api.metrics.refused.labels("invalid_job").inc()
     return HTTPException(422, str(e))
