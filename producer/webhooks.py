@@ -39,6 +39,7 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -53,13 +54,20 @@ log = logging.getLogger("easel.webhooks")
 EVENT_TYPES = {"succeeded": "job.succeeded", "failed": "job.failed", "cancelled": "job.cancelled"}
 TERMINAL_EVENTS = ("succeeded", "failed", "cancelled")
 
-# Atomically take up to ARGV[2] due deliveries and lease them until ARGV[1] + lease.
+# Atomically take up to ARGV[2] due deliveries and lease them for ARGV[1] seconds. Returns
+# flat (member, the job's owner or '') pairs: ARGV[3] is the job-record key prefix.
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), m) end
-return due
+local out = {}
+for _, m in ipairs(due) do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), m)
+  local job_id = string.match(m, '^[^|]+')
+  table.insert(out, m)
+  table.insert(out, redis.call('HGET', ARGV[3] .. job_id, 'owner') or '')
+end
+return out
 """
 
 # A delivery's next attempt is due ARGV[2] seconds from now, by Redis's clock (the claims'
@@ -122,7 +130,7 @@ class WebhookDispatcher:
     WATCH_PAGE = 1000  # watched jobs read per sweep
 
     def __init__(self, settings: Settings, store: JobStore, render: Callable[[str], dict],
-                 secret_for: Callable[[str | None], str | None], workers: int = 8):
+                 secret_for: Callable[[str | None], str | None], workers: int = 32):
         self.s, self.store, self.r = settings, store, store.r
         self.render, self.secret_for = render, secret_for
         self.watch_key = store.webhooks_watch_key()
@@ -131,6 +139,9 @@ class WebhookDispatcher:
         self._retry_in = self.r.register_script(_RETRY_IN)
         self._finished = self.r.register_script(_FINISHED)
         self.workers = workers
+        # A key's attempts at once: one whose receiver is slow or dead holds that many threads
+        # for up to webhook_timeout_s each, and the other keys' deliveries keep the rest.
+        self.per_key = max(1, workers // 4)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="easel-webhook")
         # A lease outlasts any attempt (each is cut off at webhook_timeout_s), so no other
         # replica takes a delivery while one is still trying it.
@@ -142,6 +153,7 @@ class WebhookDispatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._inflight: set[str] = set()
+        self._by_key: Counter[str] = Counter()  # attempts in flight per owner (API key name)
         self._lock = threading.Lock()
         self._watch_from = 0  # where the next sweep's page of watched jobs starts
         self.on_result: Callable[[str, str], None] | None = None  # (outcome, event) for metrics
@@ -184,16 +196,23 @@ class WebhookDispatcher:
         self._watch_from = start + self.WATCH_PAGE if len(watched) == self.WATCH_PAGE else 0
         for job_id, view in zip(watched, self.store.webhook_watch(watched) if watched else []):
             self._schedule(job_id, view)
-        started = 0
         with self._lock:  # no more than the pool can start now: the rest stay due for others
             room = self.workers - len(self._inflight)
-        for member in self._claim(keys=[self.due_key], args=[self.lease_s, room]) if room > 0 else []:
+        claimed = self._claim(keys=[self.due_key], args=[self.lease_s, room, self.store.key("")]) if room > 0 else []
+        started, later = 0, []
+        for member, owner in zip(claimed[::2], claimed[1::2]):
             with self._lock:
                 if member in self._inflight:
                     continue
+                if self._by_key[owner] >= self.per_key:  # its key's share is busy: behind the others
+                    later.append(member)
+                    continue
                 self._inflight.add(member)
-            self._pool.submit(self._deliver_guarded, member)
+                self._by_key[owner] += 1
+            self._pool.submit(self._deliver_guarded, member, owner)
             started += 1
+        for member in later:
+            self._retry_in(keys=[self.due_key], args=[member, self.s.webhook_sweep_s])
         return started
 
     def _schedule(self, job_id: str, view: dict | None) -> None:
@@ -222,14 +241,15 @@ class WebhookDispatcher:
             if state not in events:
                 self.store.webhook_state(job_id, "not requested")
 
-    def _deliver_guarded(self, job_id: str) -> None:
+    def _deliver_guarded(self, member: str, owner: str) -> None:
         try:
-            self.deliver(job_id)
+            self.deliver(member)
         except Exception:  # counted as an attempt: it cannot retry forever
-            log.exception("webhook for job %s crashed; its lease's expiry retries it", job_id)
+            log.exception("webhook %s crashed; its lease's expiry retries it", member)
         finally:
             with self._lock:
-                self._inflight.discard(job_id)
+                self._inflight.discard(member)
+                self._by_key[owner] -= 1
 
     # -- one attempt ---------------------------------------------------------------------
     def deliver(self, member: str) -> str:

@@ -677,3 +677,56 @@ def test_a_webhook_attempt_is_bounded_and_a_dns_blip_or_crash_is_retried_not_fin
         receiver.close()
         hooks.stop()
         store.r.delete(hooks.watch_key, hooks.due_key, *(store.key(j) for j in (slow, unresolved, *crashing)))
+
+
+def test_a_key_whose_receiver_hangs_holds_a_quarter_of_the_webhook_threads(client):
+    """One key's deliveries to a receiver that never answers in time hold at most a quarter of
+    a dispatcher's threads; another key's go out meanwhile instead of waiting behind them."""
+    from easel.producer.webhooks import WebhookDispatcher
+    from easel.shared.jobstore import JobStore
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec, JobState
+    from easel.shared.settings import Settings
+
+    secret = "whsec_" + "a2V5" * 4
+    settings = Settings(allow_private_urls=True, webhook_secret=secret, webhook_timeout_s=5.0)
+    store = JobStore(client.store.r, prefix="webhook-share")  # no other test's deliveries
+    hooks = WebhookDispatcher(settings, store, render=lambda j: {"id": j}, secret_for=lambda owner: secret, workers=4)
+    got: list[str] = []
+
+    class Quick(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            got.append(self.headers["webhook-id"])
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    quick = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quick)
+    threading.Thread(target=quick.serve_forever, daemon=True).start()
+    hanging = DrippingReceiver()
+    spec = JobSpec.model_validate({"input": {"image": "s3://easel/inputs/x.png"},
+                                   "stages": [{"model": "sd15", "prompt": "x", "seed": 1}]})
+    plan = plan_job(spec, client.registry)
+    # Ids that sort the hanging key's deliveries first among those due at once.
+    slow = [store.create(spec, plan, job_id=f"{i:032x}")[0] for i in range(6)]
+    fast = [store.create(spec, plan, job_id="f" * 31 + str(i))[0] for i in range(2)]
+    try:
+        for job_id, owner, url in [*((j, "hangs", hanging.url) for j in slow),
+                                   *((j, "answers", f"http://127.0.0.1:{quick.server_address[1]}/h") for j in fast)]:
+            store.take_owner(job_id, owner)
+            assert store.transition(job_id, JobState.succeeded)
+            hooks.register(job_id, url)  # ended already: due at once
+        t0 = time.monotonic()
+        while len(got) < 2 and time.monotonic() - t0 < 4:  # well before a hanging attempt times out
+            hooks.sweep()
+            time.sleep(0.1)
+        assert sorted(got) == sorted(f"{j}.succeeded" for j in fast)
+        assert hooks._by_key["hangs"] == 1  # a quarter of 4 threads
+    finally:
+        hanging.close()
+        quick.shutdown()
+        hooks.stop()
+        store.r.delete(hooks.watch_key, hooks.due_key, *(store.key(j) for j in slow + fast))
