@@ -183,7 +183,8 @@ class Settings(BaseSettings):
     api_presign_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     api_sse_max_s: float = Field(default=3600.0, gt=0, description="an SSE stream closes after this; clients reconnect")
     api_sse_max_streams: int = Field(default=1000, ge=1, description=(
-        "SSE streams one API process serves at once (each holds a Redis connection); more get 503 and Retry-After"))
+        "SSE streams one API process serves at once (each holds a Redis connection); more get 503 and Retry-After. "
+        "The last quarter is kept for keys holding less than a quarter"))
     api_max_body_bytes: int = Field(default=160 * 1024 * 1024, ge=64 * 1024, description=(
         "largest request body the API reads, uploads' aside (those may be max_input_bytes plus the form's "
         "framing); a larger one gets 413, and the rest of it is not read. The default holds a job with two images inline as "

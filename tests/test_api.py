@@ -3,6 +3,7 @@ sd15 worker, and (for webhooks) a real local HTTP receiver."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -323,33 +324,47 @@ def test_a_broker_that_cannot_take_the_message_gives_503_and_frees_the_slot(ease
 
 def test_event_streams_past_the_cap_get_503_and_a_closed_stream_frees_its_connection(easel_env):
     """An API process serves EASEL_API_SSE_MAX_STREAMS event streams at once; one more gets
-    503 with Retry-After before its response starts (not a 200 that breaks off); a stream
-    that ends gives its Redis connection back. In-process, to read the app's own counts."""
+    503 with Retry-After before its response starts (not a 200 that breaks off), its last
+    quarter kept for keys holding less than a quarter; a request without a key is a 401
+    even then; a stream that ends gives its Redis connection back. In-process, to read the
+    app's own counts."""
     from fastapi.testclient import TestClient
 
     from easel.producer.api.app import create_app
     from easel.shared.settings import Settings
 
     settings = Settings(api_keys=json.loads(keys_env()), queue_prefix=f"sse{uuid.uuid4().hex[:8]}",
-                        api_sse_max_streams=1)
+                        api_sse_max_streams=4)
     app = create_app(settings, webhooks=False)
-    api, headers = app.state.api, {"Authorization": "Bearer tok-main"}
-    with TestClient(app) as c:
+    api, headers, others = app.state.api, {"Authorization": "Bearer tok-main"}, {"Authorization": "Bearer tok-other"}
+    with TestClient(app) as c, contextlib.ExitStack() as streams:
         image = c.post("/v1/uploads", headers=headers, files={"file": ("in.png", png_bytes((64, 64)), "image/png")})
         job_id = c.post("/v1/jobs", json=job_body(image.json()["image"]), headers=headers).json()["id"]
-        with c.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as first:
-            assert first.status_code == 200
-            lines = first.iter_lines()  # kept: a dropped line iterator closes the stream
-            assert next(lines).startswith("event: status")
-            assert api.sse_streams == 1
-            second = c.get(f"/v1/jobs/{job_id}/events", headers=headers)
-            assert second.status_code == 503 and "EASEL_API_SSE_MAX_STREAMS" in second.json()["detail"]
-            assert int(second.headers["retry-after"]) >= 1
+        theirs = c.post("/v1/jobs", json=job_body(image.json()["image"]), headers=others).json()["id"]
+        kept = []  # line iterators kept: a dropped one closes its stream
+
+        def follow(job: str, who: dict) -> None:
+            stream = streams.enter_context(c.stream("GET", f"/v1/jobs/{job}/events", headers=who))
+            assert stream.status_code == 200
+            kept.append(stream.iter_lines())
+            assert next(kept[-1]).startswith("event: status")
+
+        for _ in range(3):
+            follow(job_id, headers)
+        assert api.sse_streams == 3
+        refused = c.get(f"/v1/jobs/{job_id}/events", headers=headers)  # a quarter left, for other keys
+        assert refused.status_code == 503 and "EASEL_API_SSE_MAX_STREAMS" in refused.json()["detail"]
+        assert int(refused.headers["retry-after"]) >= 1
+        follow(theirs, others)
+        assert c.get(f"/v1/jobs/{theirs}/events", headers=others).status_code == 503  # all taken
+        assert c.get(f"/v1/jobs/{theirs}/events").status_code == 401
+        streams.close()
         deadline = time.monotonic() + 10
         while api.sse_streams or api.aredis.connection_pool._in_use_connections:
             assert time.monotonic() < deadline, (api.sse_streams, api.aredis.connection_pool._in_use_connections)
             time.sleep(0.1)
         assert c.delete(f"/v1/jobs/{job_id}", headers=headers).status_code == 200
+        assert c.delete(f"/v1/jobs/{theirs}", headers=others).status_code == 200
     api.r.delete(*api.r.scan_iter(match=f"{settings.queue_prefix}*"))
 
 

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from easel.producer.api.deps import ApiDep, OwnedJob
+from easel.producer.api.deps import ApiDep, Caller, OwnedJob
 from easel.producer.api.errors import problems
 from easel.producer.api.state import ApiState
 from easel.shared.schema import JobState
@@ -93,12 +93,15 @@ async def _follow(api: ApiState, job_id: str, pubsub) -> AsyncIterator[tuple[str
                 return
 
 
-def stream_slot(api: ApiDep) -> None:
+def stream_slot(p: Caller, api: ApiDep) -> None:
     """Refuse a stream past EASEL_API_SSE_MAX_STREAMS before the response starts: a proper
-    503 the client can retry, not a stream that breaks off."""
-    if api.sse_streams >= api.s.api_sse_max_streams:
-        raise HTTPException(503, f"this API process already serves {api.sse_streams} event streams "
-                                 "(EASEL_API_SSE_MAX_STREAMS); retry, or poll GET /v1/jobs/{id}",
+    503 the client can retry, not a stream that breaks off. The last quarter of the slots is
+    kept for keys holding less than a quarter, so one key cannot take them all (a stream
+    holds its slot up to EASEL_API_SSE_MAX_S). After the key check: no key, a 401."""
+    limit, held = api.s.api_sse_max_streams, api.sse_by_key[p.name]
+    if api.sse_streams >= limit or (api.sse_streams >= limit * 3 / 4 and held >= limit / 4):
+        raise HTTPException(503, f"this API process already serves {api.sse_streams} event streams, {held} of "
+                                 "them this key's (EASEL_API_SSE_MAX_STREAMS); retry, or poll GET /v1/jobs/{id}",
                             headers={"Retry-After": "5"})
 
 
@@ -108,10 +111,11 @@ def stream_slot(api: ApiDep) -> None:
                                             "EASEL_API_SSE_MAX_S: reconnect to go on following)",
                              "content": {"text/event-stream": {"itemSchema": SSE_ITEM_SCHEMA}}},
                        **problems(401, 404, 422, 429, 503)})
-async def job_events(job_id: OwnedJob, api: ApiDep) -> AsyncIterable[ServerSentEvent]:
+async def job_events(job_id: OwnedJob, p: Caller, api: ApiDep) -> AsyncIterable[ServerSentEvent]:
     """Server-sent events: `status` (snapshot) first, then `progress` (denoising steps) and
     `state` (transitions), and finally `done` with the finished job; then the stream ends."""
     api.sse_streams += 1
+    api.sse_by_key[p.name] += 1
     api.metrics.sse_streams.inc()
     pubsub = api.aredis.pubsub()
     try:
@@ -123,6 +127,7 @@ async def job_events(job_id: OwnedJob, api: ApiDep) -> AsyncIterable[ServerSentE
                 yield ServerSentEvent(event=name, data=data, id=str(n))
     finally:
         api.sse_streams -= 1
+        api.sse_by_key[p.name] -= 1
         api.metrics.sse_streams.dec()
         # Closing disconnects, unsubscribed or not, and gives the connection back to the pool
         # even while Redis is away (an unsubscribe first would raise then, and keep it).

@@ -5,6 +5,8 @@ dependency (deps.py). Blocking Redis/S3 calls made through it run in FastAPI's t
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import logging
 
 import json
@@ -41,6 +43,7 @@ class ApiState:
         self.r = self.store.r
         self.aredis: aioredis.Redis | None = None  # opened in the app's event loop (start)
         self.sse_streams = 0  # open in this process (each holds one of aredis's connections)
+        self.sse_by_key: Counter[str] = Counter()  # of those, per API key name
         self.keys = KeyRing(settings)
         self.limiter = RateLimiter(self.r, settings.queue_prefix)
         self.inflight = InFlight(self.r, settings.queue_prefix)
