@@ -160,3 +160,17 @@ def test_every_unet_kind_counts_its_passes_by_its_scheduler(model_root, name):
     assert len(deep) == -(-len(passes) // 2)  # the deep blocks ran on every other pass
     assert levels(ref[0], out[0]) > 0  # the cache changed the result
     assert ssim(ref, out) > max(0.7, 5 * ssim(ref, run(plain, seed=4)))
+
+
+def test_kept_features_stay_at_one_address_per_shape(model_root):
+    """A cached pass reads the kept outputs where the last full pass left them, and with CUDA
+    graphs a graph reads them at the address it was recorded with: each full pass copies
+    into the same buffers, call after call, so no graph is recorded again."""
+    cached = _model(model_root, {"interval": 3})
+    state = cached.pipes["img2img"].unet._easel_step_cache
+    addresses = []
+    for seeds in ((1,), (2,), (3, 4), (5,)):
+        _run(cached, seeds)
+        addresses.append({k: v.data_ptr() for k, v in state.outputs.items() if isinstance(v, torch.Tensor)})
+    assert addresses[0] and addresses[0] == addresses[1] == addresses[3]  # batch 1, call after call
+    assert addresses[2].keys() == addresses[0].keys() and addresses[2] != addresses[0]  # batch 2: its own

@@ -23,6 +23,9 @@ Both happen outside the UNet, so the UNet itself can be compiled (``compile_unet
 blocks' hooks read one flag, ``StepCacheState.full``, which dynamo guards on, giving two
 graphs per input shape (a full pass and a cached one; with CUDA graphs, one capture each),
 and the kept outputs keep their keys from call to call so that no other guard changes.
+A cached pass's graph reads the kept outputs at fixed addresses: they are copied into one
+buffer per block and shape, the same from pass to pass and call to call (fresh copies
+would have CUDA graphs record the cached pass again after every full one).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 HOOK = "easel_step_cache"
 
@@ -46,10 +49,11 @@ class StepCacheState:
     full_passes: int = 0  # of all passes, full ones (every block ran); kept across calls, for tests and logs
     full: bool = True  # whether the coming pass runs every block
     outputs: dict[str, Any] = field(default_factory=dict)  # deep block -> its kept output (None: none yet)
+    buffers: dict[tuple, Any] = field(default_factory=dict)  # (deep block, shapes) -> where outputs are kept
 
     def reset(self) -> None:
-        """A new call: its first pass is a full one. The kept features are dropped now (they
-        are device memory), their keys stay (a compiled UNet guards on them)."""
+        """A new call: its first pass is a full one, and no pass reads the last call's
+        features; the keys stay (a compiled UNet guards on them)."""
         self.passes, self.full = 0, True
         self.outputs.update(dict.fromkeys(self.outputs))
 
@@ -59,9 +63,31 @@ class StepCacheState:
         graphs they live in the graph's pool, which the next replay writes over."""
         if self.full:
             self.full_passes += 1
-            self.outputs.update({k: tree_map(_copy, v) for k, v in self.outputs.items()})
+            self.outputs.update({k: self._kept(k, v) for k, v in self.outputs.items()})
         self.passes += 1
         self.full = self.passes % self.interval == 0
+
+    def _kept(self, key: str, out: Any) -> Any:
+        """``out`` copied into the buffer of its block and shapes (see the module's note)."""
+        if out is None:
+            return None
+        leaves = tree_leaves(out)
+        sig = (key, tuple((t.shape, t.dtype, t.device) for t in leaves if isinstance(t, torch.Tensor)))
+        buffer = self.buffers.get(sig)
+        if buffer is None:
+            if len(self.buffers) >= MAX_BUFFERS:  # many sizes seen: the oldest shape's go
+                del self.buffers[next(iter(self.buffers))]
+            buffer = self.buffers[sig] = tree_map(_copy, out)
+        else:
+            for kept, new in zip(tree_leaves(buffer), leaves):
+                if isinstance(kept, torch.Tensor):
+                    kept.copy_(new)
+        return buffer
+
+
+# Buffers of kept outputs, over every block and shape (batch bucket x image size) met: a
+# bound on their device memory when jobs come in many sizes.
+MAX_BUFFERS = 64
 
 
 def _copy(x: Any) -> Any:
