@@ -41,7 +41,7 @@ def test_sdpa_default_and_compile_flag(model_root, tmp_path):
     plain = _cache(model_root, tmp_path).get("m").pipes["img2img"]
     assert {type(p).__name__ for p in plain.unet.attn_processors.values()} == {"AttnProcessor2_0"}
     compiled = _cache(model_root, tmp_path, optimizations={"compile_unet": True}).get("m").pipes["img2img"]
-    assert type(compiled.unet).__name__ == "OptimizedModule"  # torch.compile wrapper (compiled lazily on first call)
+    assert hasattr(compiled.unet.forward.__wrapped__, "_torchdynamo_orig_callable")  # compiled lazily, on first call
     # cpu_offload is a GPU-only switch: on the CPU the pipeline simply stays on the device.
     off = _cache(model_root, tmp_path, optimizations={"cpu_offload": True}).get("m").pipes["img2img"]
     assert off.device.type == "cpu"
@@ -82,9 +82,9 @@ def test_throughput_profile_reaches_the_pipeline_and_explicit_fields_win(model_r
     loaded = _cache(model_root, tmp_path, profile="throughput").get("m")
     pipes = list(loaded.pipes.values())
     pipe = loaded.pipes["img2img"]
-    assert type(pipe.unet).__name__ == "OptimizedModule"  # compiled lazily, on the first call
+    assert hasattr(pipe.unet.forward.__wrapped__, "_torchdynamo_orig_callable")  # compiled lazily, on the first call
     assert len({id(p.unet) for p in pipes}) == 1  # one compiled UNet for img2img, text2img, controlnet
-    unet = pipe.unet._orig_mod
+    unet = pipe.unet
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert {type(p).__name__ for p in unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
@@ -93,8 +93,8 @@ def test_throughput_profile_reaches_the_pipeline_and_explicit_fields_win(model_r
     # a field the model sets itself wins over its profile
     own = _cache(model_root, tmp_path, profile="throughput",
                  optimizations={"channels_last": False, "fuse_qkv": False}).get("m").pipes["img2img"]
-    assert not own.unet._orig_mod.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert "FusedAttnProcessor2_0" not in {type(p).__name__ for p in own.unet._orig_mod.attn_processors.values()}
+    assert not own.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert "FusedAttnProcessor2_0" not in {type(p).__name__ for p in own.unet.attn_processors.values()}
 
 
 def _img2img(loaded, side=64):
@@ -122,19 +122,24 @@ def test_compiled_channels_last_fused_pipeline_matches_the_plain_one(model_root,
     assert ssim(plain, out) > 0.999
 
 
-@pytest.mark.parametrize("limit,tiles", [(64 * 64 - 1, True), (64 * 64, False)])
-def test_vae_tiles_above_the_pixel_threshold_only_for_that_call(model_root, tmp_path, limit, tiles):
+@pytest.mark.parametrize("limit,jobs,tiles,slices", [(64 * 64 - 1, 1, True, False), (64 * 64, 1, False, False),
+                                                     (64 * 64, 2, False, True)])
+def test_vae_tiles_or_slices_above_the_pixel_threshold_only_for_that_call(model_root, tmp_path, limit, jobs, tiles,
+                                                                          slices):
+    """An image over the threshold is tiled; a micro-batch over it together, its images each
+    under it, goes through the VAE one image at a time (slicing); only for that call."""
     cache = PipelineCache(Registry.model_validate({"models": {"m": {"source": "tiny-sd15", "family": "f",
                                                                     "latent_space": "sd1-vae"}}}),
                           Settings(model_root=model_root, vae_tiling_above_px=limit), "f",
                           device=torch.device("cpu"))
     loaded = cache.get("m")
     vae = loaded.pipes["img2img"].vae
-    seen: list[bool] = []
-    run_stage(loaded, [Stage(model="m", prompt="x", steps=2, seed=1)], Carrier(images=[Image.new("RGB", (64, 64))]),
-              n=1, want_latent=False, on_step=lambda s, t: seen.append(vae.use_tiling) or True)
-    assert seen and set(seen) == {tiles}
-    assert not vae.use_tiling  # back to untiled for the next call
+    seen: list[tuple[bool, bool]] = []
+    run_stage(loaded, [Stage(model="m", prompt="x", steps=2, seed=s) for s in range(jobs)],
+              Carrier(images=[Image.new("RGB", (64, 64))] * jobs), n=1, want_latent=False,
+              on_step=lambda s, t: seen.append((vae.use_tiling, vae.use_slicing)) or True)
+    assert seen and set(seen) == {(tiles, slices)}
+    assert not vae.use_tiling and not vae.use_slicing  # as before, for the next call
 
 
 def test_peak_memory_gauge_is_positive():

@@ -12,8 +12,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch.utils._pytree import tree_map
 
 from easel.shared.registry import ModelSpec, Registry
 from easel.shared.settings import Settings
@@ -146,25 +148,50 @@ def channels_last(pipes: list) -> None:
 RECOMPILE_LIMIT = 128
 
 
-def compile_modules(pipes: list, compile_unet: bool, compile_vae: bool) -> None:
+# Kinds whose pipelines decode (and encode) in fp32 when an fp16 VAE's config says
+# force_upcast (SDXL's VAE overflows in fp16), moving its weights to fp32 and back each call.
+VAE_UPCAST_KINDS = frozenset({"sdxl-refiner", "sd-x4-upscaler"})
+
+
+def upcasts_vae(kind: str, vae) -> bool:
+    return kind in VAE_UPCAST_KINDS and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+
+
+def compile_modules(pipes: list, spec: ModelSpec) -> None:
     """``torch.compile`` (reduce-overhead: CUDA graphs; fullgraph: a graph break is an error,
-    not a silent slowdown) each shared UNet and VAE decoder once, for every pipeline using it."""
-    if compile_unet or compile_vae:
+    not a silent slowdown) each shared UNet's forward and VAE decoder once, for every
+    pipeline using it."""
+    opt = spec.optimizations
+    if opt.compile_unet or opt.compile_vae:
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit,
                                                         4 * RECOMPILE_LIMIT)
-    if compile_unet:
+    if opt.compile_unet:
         for unet in _distinct(pipes, "unet"):
-            compiled = torch.compile(unet, mode="reduce-overhead", fullgraph=True)
-            for p in pipes:
-                if getattr(p, "unet", None) is unet:
-                    p.unet = compiled
-    if compile_vae:
+            unet.forward = _out_of_graph_pool(torch.compile(unet.forward, mode="reduce-overhead", fullgraph=True))
+    if opt.compile_vae:
         for vae in _distinct(pipes, "vae"):
-            if hasattr(vae, "decode"):
-                vae.decode = torch.compile(vae.decode, mode="reduce-overhead", fullgraph=True)
+            if not hasattr(vae, "decode"):
+                continue
+            if upcasts_vae(spec.kind, vae):
+                log.warning("%s: compile_vae skipped: its pipelines move the VAE to fp32 and back on every call "
+                            "(force_upcast), which would record its CUDA graph again each time; an fp16-safe VAE "
+                            "with force_upcast false can be compiled", spec.name)
+                continue
+            vae.decode = torch.compile(vae.decode, mode="reduce-overhead", fullgraph=True)
+
+
+def _out_of_graph_pool(compiled: Callable) -> Callable:
+    """A compiled UNet's outputs, copied out of its CUDA graph's memory pool, which its next
+    replay writes over: a scheduler may keep a raw output across steps (PNDM does, when
+    guidance is off and nothing else copies it). One latent-sized copy a step."""
+    def forward(*args, **kwargs):
+        return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, compiled(*args, **kwargs))
+
+    forward.__wrapped__ = compiled
+    return forward
 
 
 def step_cache(pipes: list, spec: ModelSpec) -> None:
@@ -192,7 +219,7 @@ def optimize(pipes: dict[str, object], spec: ModelSpec, device: torch.device) ->
         channels_last(distinct)
     if opt.step_cache is not None:
         step_cache(distinct, spec)
-    compile_modules(distinct, opt.compile_unet, opt.compile_vae)
+    compile_modules(distinct, spec)
 
 
 def load_model(spec: ModelSpec, settings: Settings, device: torch.device) -> LoadedModel:

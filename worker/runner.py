@@ -19,7 +19,7 @@ from PIL import Image
 
 from easel.shared.schema import Stage
 from easel.worker.adaptive import CALL_TIMES
-from easel.worker.pipelines import LoadedModel
+from easel.worker.pipelines import LoadedModel, upcasts_vae
 from easel.worker.prompts import prompt_kwargs
 
 
@@ -231,7 +231,7 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
               output_type="latent" if want_latent else "pil")
     kw.update(progress_kwargs(pipe, on_step, stages[0].steps))
     t1 = time.perf_counter()
-    with torch.inference_mode(), vae_tiling_for(model, pipe, stages[0], carrier):
+    with torch.inference_mode(), vae_tiling_for(model, pipe, stages[0], carrier, len(stages) * n):
         out = pipe(**kw)
     t2 = time.perf_counter()
     # Under the most jobs a call padded to this size holds: the policy counts jobs.
@@ -256,22 +256,30 @@ def output_pixels(model: LoadedModel, stage: Stage, carrier: Carrier) -> int:
 
 
 @contextlib.contextmanager
-def vae_tiling_for(model: LoadedModel, pipe, stage: Stage, carrier: Carrier):
-    """VAE tiling for this call alone when its output is over ``vae_tiling_above_px`` pixels:
-    the VAE's full-image activations (and its mid-block self-attention over every latent
-    pixel) grow with the image, and a large upscale would run the device out of memory;
-    smaller images keep the faster, seam-free untiled VAE."""
+def vae_tiling_for(model: LoadedModel, pipe, stage: Stage, carrier: Carrier, images: int = 1):
+    """VAE tiling for this call alone when each output image is over ``vae_tiling_above_px``
+    pixels: the VAE's full-image activations (and its mid-block self-attention over every
+    latent pixel) grow with the image, and a large upscale would run the device out of
+    memory; smaller images keep the faster, seam-free untiled VAE. A call of ``images``
+    images over the limit together (a micro-batch) slices instead: one image at a time
+    through the VAE, the same output."""
     vae = getattr(pipe, "vae", None)
     limit = model.vae_tiling_above_px
-    if (not limit or vae is None or not hasattr(vae, "enable_tiling") or getattr(vae, "use_tiling", False)
-            or output_pixels(model, stage, carrier) <= limit):
+    each = output_pixels(model, stage, carrier)
+    if not limit or vae is None or each * images <= limit:
         yield
         return
-    vae.enable_tiling()
+    tile = each > limit
+    switch, unswitch, on = (("enable_tiling", "disable_tiling", "use_tiling") if tile else
+                            ("enable_slicing", "disable_slicing", "use_slicing"))
+    if not hasattr(vae, switch) or getattr(vae, on, False):  # no such switch, or the model's own setting holds
+        yield
+        return
+    getattr(vae, switch)()
     try:
         yield
     finally:
-        vae.disable_tiling()
+        getattr(vae, unswitch)()
 
 
 def scale_factor(model: LoadedModel) -> int:
@@ -315,9 +323,9 @@ def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Imag
     """Decode a latent hand-off for keep_intermediates (the chain itself keeps the latents)."""
     pipe = next(p for p in model.pipes.values() if hasattr(p, "vae") and hasattr(p, "image_processor"))
     vae = pipe.vae
-    # An fp16 VAE that overflows in fp16 (SDXL's: force_upcast) decodes in fp32, as its
+    # An fp16 VAE that overflows in fp16 (SDXL's: force_upcast) decodes in fp32 where its
     # pipelines do; else the intermediate would come out black.
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    upcast = upcasts_vae(model.spec.kind, vae)
     try:
         if upcast:
             vae.to(torch.float32)
