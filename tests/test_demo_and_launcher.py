@@ -113,6 +113,23 @@ def test_restart_backoff_grows_in_a_crash_loop_and_resets_after_healthy_service(
     assert b.delay("1", ran_s=2) == 1  # each GPU's slot has its own
 
 
+def test_each_gpu_process_is_pinned_to_a_gpu_the_launcher_was_given(monkeypatch):
+    """Under CUDA_VISIBLE_DEVICES=2,3 (Slurm, a shared host) the children get GPUs 2 and 3,
+    not the ordinals 0 and 1, which name other physical GPUs. (No GPU here: torch is told
+    it sees two.)"""
+    import torch
+
+    from easel.worker.launcher import detect_gpus
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert detect_gpus() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1f2e, GPU-9a8b")
+    assert detect_gpus() == ["GPU-1f2e", "GPU-9a8b"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert detect_gpus() == ["0", "1"]
+
+
 def test_a_worker_without_a_registry_refuses_to_serve_random_weights(easel_env, tmp_path):
     env = {k: v for k, v in {**os.environ, **easel_env}.items() if k != "EASEL_MODELS"}
     r = subprocess.run([sys.executable, "-m", "easel.worker.process", "--family", "sd15"], env=env, cwd=ROOT,

@@ -19,12 +19,17 @@ log = logging.getLogger("easel.worker.launcher")
 
 
 def detect_gpus() -> list[str]:
+    """The GPUs this launcher sees, each as its child's CUDA_VISIBLE_DEVICES: the entries of
+    the launcher's own CUDA_VISIBLE_DEVICES where it has one (Slurm and shared hosts set it,
+    and an ordinal there would name another physical GPU), else ordinals."""
     try:
         import torch
 
-        return [str(i) for i in range(torch.cuda.device_count())]
+        count = torch.cuda.device_count()
     except Exception:
         return []
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[:count] if visible else [str(i) for i in range(count)]
 
 
 class RestartBackoff:
