@@ -104,8 +104,10 @@ class ModelSpec(BaseModel):
     latent_space: str
     kind: PipelineKind = "sd"
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"
-    variant: str | None = None
-    revision: str | None = None
+    variant: str | None = Field(default=None, description=(
+        "load `source`'s files of this variant (e.g. fp16); its ControlNets and prior load their default files"))
+    revision: str | None = Field(default=None, description=(
+        "`source`'s branch, tag or commit on the Hub; its ControlNets and prior load their default revision"))
     controlnets: dict[str, str] = Field(default_factory=dict, description="name -> source of ControlNets for this model")
     prior: str | None = Field(default=None, description="Kandinsky prior source")
     profile: Profile = Field(default="default", description=(

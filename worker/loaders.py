@@ -17,16 +17,22 @@ def _resolve(src: str, settings: Settings) -> str:
     return ModelSpec.resolve(src, settings.model_root)
 
 
+def _dtype_only(kw: dict) -> dict:
+    """The load arguments that hold for another repository (a ControlNet, a prior): the dtype;
+    the model's ``variant`` and ``revision`` name files and commits of its own repository."""
+    return {k: v for k, v in kw.items() if k in ("dtype", "torch_dtype")}
+
+
 def load_sd(spec: ModelSpec, source: str, kw: dict, settings: Settings) -> tuple[dict, dict]:
     from diffusers import (ControlNetModel, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionImg2ImgPipeline,
                            StableDiffusionPipeline)
 
     img2img = StableDiffusionImg2ImgPipeline.from_pretrained(source, **kw)
     # from_pipe casts the shared modules to its dtype argument (float32 when absent): pass ours.
-    same = {k: v for k, v in kw.items() if k in ("dtype", "torch_dtype")}
+    same = _dtype_only(kw)
     pipes: dict = {"img2img": img2img, "text2img": StableDiffusionPipeline.from_pipe(img2img, **same)}
     for name, cn_source in spec.controlnets.items():
-        cn = ControlNetModel.from_pretrained(_resolve(cn_source, settings), **kw)
+        cn = ControlNetModel.from_pretrained(_resolve(cn_source, settings), **same)
         pipes[f"controlnet_img2img:{name}"] = StableDiffusionControlNetImg2ImgPipeline.from_pipe(
             img2img, controlnet=cn, **same)
     return pipes, {}
@@ -44,7 +50,7 @@ def load_kandinsky22(spec: ModelSpec, source: str, kw: dict, settings: Settings)
 
     if not spec.prior:
         raise ValueError(f"model {spec.name}: kind kandinsky22 needs `prior:` (the prior checkpoint)")
-    prior = KandinskyV22PriorPipeline.from_pretrained(_resolve(spec.prior, settings), **kw)
+    prior = KandinskyV22PriorPipeline.from_pretrained(_resolve(spec.prior, settings), **_dtype_only(kw))
     decoder = KandinskyV22Img2ImgPipeline.from_pretrained(source, **kw)
     src = inspect.getsource(KandinskyV22Img2ImgPipeline.__call__)
     swapped = "preprocess(i, width, height)" in src
