@@ -44,7 +44,7 @@ class _NullStore:
 
 
 def _sync(device: str) -> None:
-    if device == "cuda":
+    if device.startswith("cuda"):
         import torch
 
         torch.cuda.synchronize()
@@ -66,7 +66,7 @@ def run(args) -> dict:
     from bench.sd15_arch import bench_checkpoint
 
     ckpt = bench_checkpoint(args.arch)
-    dtype = "float16" if args.device == "cuda" else "float32"
+    dtype = "float16" if args.device.startswith("cuda") else "float32"
     stage_d = {**STAGE, "steps": args.steps, "strength": args.strength}
     settings = Settings(device=args.device)
     spec = ModelSpec(name="m", source=str(ckpt), family="f", latent_space="sd1-vae", kind="sd", dtype=dtype)

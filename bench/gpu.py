@@ -76,7 +76,7 @@ def run(env: BenchEnv, args) -> dict:
 
     t_start = time.monotonic()
     left = lambda: args.budget_s - (time.monotonic() - t_start)  # noqa: E731
-    dtype = "float16" if args.device == "cuda" else "float32"
+    dtype = "float16" if args.device.startswith("cuda") else "float32"
     t0 = time.perf_counter()
     ckpt = bench_checkpoint(args.arch)
     log(f"checkpoint {ckpt} ready in {time.perf_counter() - t0:.1f}s")
@@ -84,23 +84,26 @@ def run(env: BenchEnv, args) -> dict:
     client = EaselClient(env.settings(models=reg))
     # A compile on the first call can outlast the default stage limit; the watchdog must not fire.
     wenv = {"EASEL_MODELS": str(reg), "EASEL_STAGE_TIMEOUT_BASE_S": "1800", "EASEL_STAGE_STUCK_GRACE_S": "600"}
+    # The overhead variants run batch 1, as the plain loop each is compared with (a GPU
+    # worker's default, "auto", would batch a block's jobs).
+    batch1 = {**wenv, "EASEL_BATCH_SIZE": "1"}
     stage = {"task": "img2img", "prompt": "astronaut in a jungle, cold color palette, muted colors, detailed, 8k",
              "strength": args.strength, "guidance_scale": 7.5, "steps": args.steps}
     common = dict(checkpoint=ckpt, px=args.px, stage=stage, dtype=dtype, device=args.device, phases=args.phases)
     targets = {
-        "eager": Target(label="eager", model="gpu-sd15", family="gpu-sd15", worker_env=wenv, **common),
+        "eager": Target(label="eager", model="gpu-sd15", family="gpu-sd15", worker_env=batch1, **common),
         "compile": Target(label="compile", model="gpu-sd15-compiled", family="gpu-sd15-compiled", compile_unet=True,
-                          worker_env=wenv, **common),
-        "eager-pinned": Target(label="eager_pinned", model="gpu-sd15", family="gpu-sd15", worker_env=wenv,
+                          worker_env=batch1, **common),
+        "eager-pinned": Target(label="eager_pinned", model="gpu-sd15", family="gpu-sd15", worker_env=batch1,
                                pin_cpus=True, **common),
         "eager-sync": Target(label="eager_sync", model="gpu-sd15", family="gpu-sd15",
-                             worker_env={**wenv, "EASEL_OVERLAP_FINISH": "false"}, **common),
+                             worker_env={**batch1, "EASEL_OVERLAP_FINISH": "false"}, **common),
         # Where the call gap lives: phases of every call on three sides (plain process, easel's
         # call, the plain call made inside the worker after each job); overlap off so that no
         # finish runs beside either call in the worker. Its ratio means nothing (the worker
         # makes two calls per job), so it reports phases only.
         "diag": Target(label="diag", model="gpu-sd15", family="gpu-sd15", **{**common, "phases": True, "worker_env": {
-            **wenv, "EASEL_OVERLAP_FINISH": "false",
+            **batch1, "EASEL_OVERLAP_FINISH": "false",
             "EASEL_BENCH_INPROC_PLAIN": json.dumps({"px": args.px, "stage": stage})}}),
     }
     out: dict[str, str] = {}
