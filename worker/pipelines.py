@@ -170,7 +170,7 @@ def compile_modules(pipes: list, spec: ModelSpec) -> None:
                                                         4 * RECOMPILE_LIMIT)
     if opt.compile_unet:
         for unet in _distinct(pipes, "unet"):
-            unet.forward = _out_of_graph_pool(torch.compile(unet.forward, mode="reduce-overhead", fullgraph=True))
+            unet.forward = _compiled(unet.forward, opt.channels_last, copy_out=True)
     if opt.compile_vae:
         for vae in _distinct(pipes, "vae"):
             if not hasattr(vae, "decode"):
@@ -180,18 +180,29 @@ def compile_modules(pipes: list, spec: ModelSpec) -> None:
                             "(force_upcast), which would record its CUDA graph again each time; an fp16-safe VAE "
                             "with force_upcast false can be compiled", spec.name)
                 continue
-            vae.decode = torch.compile(vae.decode, mode="reduce-overhead", fullgraph=True)
+            vae.decode = _compiled(vae.decode, opt.channels_last, copy_out=False)
 
 
-def _out_of_graph_pool(compiled: Callable) -> Callable:
-    """A compiled UNet's outputs, copied out of its CUDA graph's memory pool, which its next
-    replay writes over: a scheduler may keep a raw output across steps (PNDM does, when
-    guidance is off and nothing else copies it). One latent-sized copy a step."""
-    def forward(*args, **kwargs):
-        return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, compiled(*args, **kwargs))
+def _compiled(fn: Callable, channels_last: bool, copy_out: bool) -> Callable:
+    """``fn`` compiled, called with its first argument (latents) in one memory layout and,
+    with ``copy_out``, its outputs copied out of its CUDA graph's memory pool.
 
-    forward.__wrapped__ = compiled
-    return forward
+    One layout: a graph guards on strides, and latents come NHWC from a channels_last VAE's
+    encode but NCHW from text2img's noise or a hand-off, so each would compile and record a
+    graph of its own, the second on a job. Copied out: the next replay writes over the pool,
+    and a scheduler may keep a UNet's raw output across steps (PNDM does, with guidance
+    off). Both cost one latent-sized copy at most."""
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def call(latents, *args, **kwargs):
+        if isinstance(latents, torch.Tensor) and latents.dim() == 4:
+            latents = latents.contiguous(memory_format=layout)
+        out = compiled(latents, *args, **kwargs)
+        return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out) if copy_out else out
+
+    call.__wrapped__ = compiled
+    return call
 
 
 def step_cache(pipes: list, spec: ModelSpec) -> None:
