@@ -17,7 +17,6 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, TypeVar
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from easel.shared.settings import Settings
@@ -110,7 +109,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     scaled to 8 bits: a plain conversion clips every value over 255 to white, so a depth map
     would arrive blank."""
     if img.mode in _WIDE_GREY:
-        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
     return img.convert("RGB")
 
 
