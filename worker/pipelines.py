@@ -195,10 +195,16 @@ def _compiled(fn: Callable, channels_last: bool, copy_out: bool) -> Callable:
     compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
     layout = torch.channels_last if channels_last else torch.contiguous_format
 
-    def call(latents, *args, **kwargs):
-        if isinstance(latents, torch.Tensor) and latents.dim() == 4:
-            latents = latents.contiguous(memory_format=layout)
-        out = compiled(latents, *args, **kwargs)
+    def in_layout(x):
+        return x.contiguous(memory_format=layout) if isinstance(x, torch.Tensor) and x.dim() == 4 else x
+
+    def call(*args, **kwargs):  # latents first, or as ``sample=`` (Kandinsky's pipelines) or ``z=``
+        if args:
+            args = (in_layout(args[0]), *args[1:])
+        for name in ("sample", "z"):
+            if name in kwargs:
+                kwargs[name] = in_layout(kwargs[name])
+        out = compiled(*args, **kwargs)
         return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out) if copy_out else out
 
     call.__wrapped__ = compiled
