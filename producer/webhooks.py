@@ -11,7 +11,8 @@ API restarts and must not hold a GPU worker while a receiver is slow. The API re
 job's ``webhook_url``; the state change that ends the job puts it on the due set, and any
 dispatcher (one runs inside every ``easel api``) delivers it. So a backlog of waiting
 jobs costs the dispatchers nothing until each ends. Only jobs whose key wants passing
-events are on a watch set that dispatchers read, a page a sweep. Claims are leases in a
+events are on a watch set that dispatchers read, a page a sweep, until a sweep has seen
+them end (a short job's passing events are sent, late, after it ended). Claims are leases in a
 sorted set, so a dispatcher that dies mid-delivery is retried by another.
 
 Signatures follow the Standard Webhooks spec (standardwebhooks.com), so any of its
@@ -79,10 +80,12 @@ redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARG
 
 # A finished job leaves the watch set and, if its key asked for its terminal event, joins the
 # due set, in one step: a dispatcher that dies between the two cannot leave it in neither.
-# Returns 1 for the replica that moved it.
+# Not where its delivery was made or decided already (the state change that ended it makes
+# it due). KEYS: watch set, due set, job hash. Returns 1 for the replica that moved it.
 _FINISHED = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-if ARGV[2] == '1' then redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[1]) end
+local delivery = redis.call('HGET', KEYS[3], 'webhook_state')
+if ARGV[2] == '1' and (not delivery or delivery == 'pending') then redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[1]) end
 return 1
 """
 
@@ -236,7 +239,7 @@ class WebhookDispatcher:
             due.append(f"{job_id}|progress|{tag}")
         if due:
             self.r.zadd(self.due_key, {m: 0 for m in due}, nx=True)
-        if state in EVENT_TYPES and self._finished(keys=[self.watch_key, self.due_key],
+        if state in EVENT_TYPES and self._finished(keys=[self.watch_key, self.due_key, self.store.key(job_id)],
                                                    args=[job_id, int(state in events)]):
             if state not in events:
                 self.store.webhook_state(job_id, "not requested")

@@ -84,7 +84,7 @@ local function webhook_due(job_key, due_key, job_id, state, events)
 end
 """
 
-# KEYS: job hash, events channel, finished-jobs counts, webhooks' watch set and due set.
+# KEYS: job hash, events channel, finished-jobs counts, webhooks' due set.
 # ARGV: event JSON, running-set prefix,
 # job id, segment whose delivery ends ('' = none), instance, new state ('' = none), then
 # field/value pairs. A job that ends is counted by its final state, so metrics read the
@@ -92,7 +92,8 @@ end
 # ``capped`` field names the tenant's in-flight set) leaves that set: the reply is then
 # that set's key instead of 1, so the tenant's next job is dispatched at once. A job with a
 # webhook is due for its delivery at once, without the dispatchers' looking at every
-# watched job until it ends.
+# watched job until it ends (one that also wants passing events stays watched until a
+# sweep has sent them).
 # Ending a delivery drops it from the instance's running set and, while the instance still
 # holds the job, resets the segment's crash counter and clears the holder (a final state
 # keeps it: it names the last holder, and no claim or reaper reads it past a final state);
@@ -149,10 +150,7 @@ local function transition(K, A)
       redis.call('ZREM', h[4], A[3])
       reply = h[4]
     end
-    if h[6] then
-      redis.call('ZREM', K[4], A[3])
-      webhook_due(K[1], K[5], A[3], new, h[7])
-    end
+    if h[6] then webhook_due(K[1], K[4], A[3], new, h[7]) end
   end
   redis.call('PUBLISH', K[2], A[1])
   return reply
@@ -411,8 +409,10 @@ class _Retry(Retry):
 
 
 # Redis refusing commands for now: full (OOM under noeviction), a demoted primary during a
-# failover (READONLY), a script running long (BUSY), too few replicas (NOREPLICAS). The
-# command did nothing and may work in a while: a job meeting it is retried, never failed.
+# failover (READONLY; MASTERDOWN from a replica that lost its primary), a script running
+# long (BUSY), too few replicas (NOREPLICAS), a failing snapshot refusing writes (MISCONF),
+# a dataset still loading after a restart (LOADING). The command did nothing and may work
+# in a while: a job meeting it is retried, never failed.
 _REFUSING_FOR_NOW = (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError,
                      redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
 
@@ -420,7 +420,8 @@ _REFUSING_FOR_NOW = (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemor
 def refusing_for_now(exc: BaseException) -> bool:
     """Whether ``exc`` is Redis refusing a command for now rather than the command's fault."""
     return isinstance(exc, _REFUSING_FOR_NOW) or (
-        isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(("BUSY ", "NOREPLICAS ")))
+        isinstance(exc, redis.exceptions.ResponseError)
+        and str(exc).startswith(("BUSY ", "NOREPLICAS ", "MASTERDOWN ", "MISCONF ", "LOADING ")))
 
 
 def redis_client(url: str, reply_within_s: float | None = None, retries: int = 20, **kw) -> redis.Redis:
@@ -655,8 +656,7 @@ class JobStore:
         return self._transition_keys(job_id), self._transition_args(job_id, state, fields, end, guards)
 
     def _transition_keys(self, job_id: str) -> list[str]:
-        return [self.key(job_id), self.events_channel(job_id), self.finished_key(), self.webhooks_watch_key(),
-                self.webhooks_due_key()]
+        return [self.key(job_id), self.events_channel(job_id), self.finished_key(), self.webhooks_due_key()]
 
     def finished_key(self) -> str:
         return f"{self.prefix}:finished"

@@ -127,15 +127,15 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # waiting behind that cap could deadlock it. Only the delivery that holds the job hands it
 # off (transition's ``?held``): a late one taken over meanwhile, or a replay of this script
 # after a lost reply (its first run cleared the holder), admits nothing. KEYS: transition's
-# five, then admit's eleven.
+# four, then admit's eleven.
 # ARGV: job id, its pending score, its waiting-set score (now), tenant, credit, margin,
 # queue, then transition's argv. Returns {transition's answer, admit's answer (ADMITTED for
 # a capped job; -1 when the transition was refused)}.
 _HAND_OFF = _ROOM + _ADMIT + _TRANSITION_FN + """
 local k, change = {}, {}
-for i = 6, 16 do k[i - 5] = KEYS[i] end
+for i = 5, 15 do k[i - 4] = KEYS[i] end
 for i = 8, #ARGV do change[i - 7] = ARGV[i] end
-local done = transition({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, change)
+local done = transition({KEYS[1], KEYS[2], KEYS[3], KEYS[4]}, change)
 if done ~= 1 then return {done, -1} end
 if redis.call('HGET', KEYS[1], 'capped') then
   redis.call('ZADD', k[5], ARGV[3], ARGV[1])

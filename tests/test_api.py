@@ -875,10 +875,10 @@ def test_a_terminal_webhook_is_due_when_its_job_ends_and_passing_ones_are_read_a
     spec = JobSpec.model_validate({"input": {"image": "s3://easel/inputs/x.png"},
                                    "stages": [{"model": "sd15", "prompt": "x", "seed": 1}]})
     plan = plan_job(spec, client.registry)
-    ids = [store.create(spec, plan)[0] for _ in range(hooks.WATCH_PAGE + 3)]
+    ids = [store.create(spec, plan)[0] for _ in range(hooks.WATCH_PAGE + 4)]
     url = "https://hooks.example.test/easel"
     try:
-        terminal_only, ended_before, *watched = ids
+        terminal_only, ended_before, short, *watched = ids
         hooks.register(terminal_only, url, ["succeeded"])
         assert store.r.zscore(hooks.watch_key, terminal_only) is None
         assert store.transition(terminal_only, JobState.succeeded)
@@ -888,16 +888,27 @@ def test_a_terminal_webhook_is_due_when_its_job_ends_and_passing_ones_are_read_a
         assert store.r.zscore(hooks.due_key, ended_before) is None
         assert store.r.hget(store.key(ended_before), "webhook_state") == "not requested"
 
+        # A job that starts and ends between two sweeps: its terminal event is due at once, its
+        # started event is still sent once a sweep reads it, and the terminal one only once.
+        hooks.register(short, url, ["started", "succeeded"])
+        assert store.transition(short, JobState.running, started_at=time.time())
+        assert store.transition(short, JobState.succeeded)
+        assert store.r.zscore(hooks.due_key, short) == 0
+        store.r.hset(store.key(short), "webhook_state", "delivered")  # as if delivered before the sweep
+        store.r.zrem(hooks.due_key, short)
+
         for job_id in watched:  # oldest first
             hooks.register(job_id, url, ["started"])
         last = watched[-1]
         assert store.transition(last, JobState.running, started_at=time.time())
-        hooks.sweep()  # the oldest page: all still queued
+        hooks.sweep()  # the oldest page: the short job's started event; the others still queued
+        assert store.r.hget(store.key(short), "webhook_sent:started") is not None
+        assert store.r.zscore(hooks.watch_key, short) is None
+        assert store.r.zscore(hooks.due_key, short) is None  # delivered already: not due again
         assert store.r.hget(store.key(last), "webhook_sent:started") is None
         hooks.sweep()  # the next page: its started event is scheduled
         assert store.r.hget(store.key(last), "webhook_sent:started") is not None
-        assert store.transition(last, JobState.failed, error="x")  # ended: no longer read by the sweeps
-        assert store.r.zscore(hooks.watch_key, last) is None
+        assert store.transition(last, JobState.failed, error="x")
         assert store.r.hget(store.key(last), "webhook_state") == "not requested"
     finally:
         hooks.stop()
