@@ -156,8 +156,7 @@ class Settings(BaseSettings):
     vae_tiling_above_px: int = Field(default=1024 * 1024, ge=0, description=(
         "a pipeline call whose output has more pixels than this encodes and decodes with VAE tiling (models with "
         "vae_tiling: true always do); 0 = never. The default keeps 1024x1024 (SDXL's native size) untiled and "
-        "tiles a 2048 px x4-upscaler output, whose VAE would otherwise attend over 512x512 latent pixels at once. "
-        "A micro-batch over it together, each image under it, goes through the VAE one image at a time (slicing)"))
+        "tiles a 2048 px x4-upscaler output, whose VAE would otherwise attend over 512x512 latent pixels at once"))
     # Micro-batching (worker/adaptive.py, worker/batching.py): compatible queued jobs run as one pipeline call.
     batch_size: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(default="auto", description=(
         "micro-batching: up to this many compatible queued jobs run as one pipeline call (1 = off); auto = the "

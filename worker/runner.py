@@ -231,7 +231,7 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
               output_type="latent" if want_latent else "pil")
     kw.update(progress_kwargs(pipe, on_step, stages[0].steps))
     t1 = time.perf_counter()
-    with torch.inference_mode(), vae_tiling_for(model, pipe, stages[0], carrier, len(stages) * n):
+    with torch.inference_mode(), vae_tiling_for(model, pipe, stages[0], carrier):
         out = pipe(**kw)
     t2 = time.perf_counter()
     # Under the most jobs a call padded to this size holds: the policy counts jobs.
@@ -256,30 +256,22 @@ def output_pixels(model: LoadedModel, stage: Stage, carrier: Carrier) -> int:
 
 
 @contextlib.contextmanager
-def vae_tiling_for(model: LoadedModel, pipe, stage: Stage, carrier: Carrier, images: int = 1):
-    """VAE tiling for this call alone when each output image is over ``vae_tiling_above_px``
-    pixels: the VAE's full-image activations (and its mid-block self-attention over every
-    latent pixel) grow with the image, and a large upscale would run the device out of
-    memory; smaller images keep the faster, seam-free untiled VAE. A call of ``images``
-    images over the limit together (a micro-batch) slices instead: one image at a time
-    through the VAE, the same output."""
+def vae_tiling_for(model: LoadedModel, pipe, stage: Stage, carrier: Carrier):
+    """VAE tiling for this call alone when its output is over ``vae_tiling_above_px`` pixels:
+    the VAE's full-image activations (and its mid-block self-attention over every latent
+    pixel) grow with the image, and a large upscale would run the device out of memory;
+    smaller images keep the faster, seam-free untiled VAE."""
     vae = getattr(pipe, "vae", None)
     limit = model.vae_tiling_above_px
-    each = output_pixels(model, stage, carrier)
-    if not limit or vae is None or each * images <= limit:
+    if (not limit or vae is None or not hasattr(vae, "enable_tiling") or getattr(vae, "use_tiling", False)
+            or output_pixels(model, stage, carrier) <= limit):
         yield
         return
-    tile = each > limit
-    switch, unswitch, on = (("enable_tiling", "disable_tiling", "use_tiling") if tile else
-                            ("enable_slicing", "disable_slicing", "use_slicing"))
-    if not hasattr(vae, switch) or getattr(vae, on, False):  # no such switch, or the model's own setting holds
-        yield
-        return
-    getattr(vae, switch)()
+    vae.enable_tiling()
     try:
         yield
     finally:
-        getattr(vae, unswitch)()
+        vae.disable_tiling()
 
 
 def scale_factor(model: LoadedModel) -> int:
