@@ -66,7 +66,9 @@ def tiny_checkpoints(root: Path) -> tuple[list[str], float]:
     note = root / ".easel-dev.json"
 
     def complete(name: str) -> bool:  # worker.tiny.complete, without importing torch
-        return (root / name / "model_index.json").exists() or (root / name / "config.json").exists()
+        folder = root / name
+        return (folder / "model_index.json").exists() or (
+            (folder / "config.json").exists() and any(folder.glob("*.safetensors")))
 
     from easel.producer.extras import missing
 

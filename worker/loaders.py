@@ -17,10 +17,10 @@ def _resolve(src: str, settings: Settings) -> str:
     return ModelSpec.resolve(src, settings.model_root)
 
 
-def _dtype_only(kw: dict) -> dict:
-    """The load arguments that hold for another repository (a ControlNet, a prior): the dtype;
-    the model's ``variant`` and ``revision`` name files and commits of its own repository."""
-    return {k: v for k, v in kw.items() if k in ("dtype", "torch_dtype")}
+def _for_another_repo(kw: dict) -> dict:
+    """The load arguments that hold for another repository (a ControlNet, a prior): all but
+    the model's ``variant`` and ``revision``, which name files and commits of its own."""
+    return {k: v for k, v in kw.items() if k not in ("variant", "revision")}
 
 
 def load_sd(spec: ModelSpec, source: str, kw: dict, settings: Settings) -> tuple[dict, dict]:
@@ -29,10 +29,10 @@ def load_sd(spec: ModelSpec, source: str, kw: dict, settings: Settings) -> tuple
 
     img2img = StableDiffusionImg2ImgPipeline.from_pretrained(source, **kw)
     # from_pipe casts the shared modules to its dtype argument (float32 when absent): pass ours.
-    same = _dtype_only(kw)
+    same = {k: v for k, v in kw.items() if k in ("dtype", "torch_dtype")}
     pipes: dict = {"img2img": img2img, "text2img": StableDiffusionPipeline.from_pipe(img2img, **same)}
     for name, cn_source in spec.controlnets.items():
-        cn = ControlNetModel.from_pretrained(_resolve(cn_source, settings), **same)
+        cn = ControlNetModel.from_pretrained(_resolve(cn_source, settings), **_for_another_repo(kw))
         pipes[f"controlnet_img2img:{name}"] = StableDiffusionControlNetImg2ImgPipeline.from_pipe(
             img2img, controlnet=cn, **same)
     return pipes, {}
@@ -50,7 +50,7 @@ def load_kandinsky22(spec: ModelSpec, source: str, kw: dict, settings: Settings)
 
     if not spec.prior:
         raise ValueError(f"model {spec.name}: kind kandinsky22 needs `prior:` (the prior checkpoint)")
-    prior = KandinskyV22PriorPipeline.from_pretrained(_resolve(spec.prior, settings), **_dtype_only(kw))
+    prior = KandinskyV22PriorPipeline.from_pretrained(_resolve(spec.prior, settings), **_for_another_repo(kw))
     decoder = KandinskyV22Img2ImgPipeline.from_pretrained(source, **kw)
     src = inspect.getsource(KandinskyV22Img2ImgPipeline.__call__)
     swapped = "preprocess(i, width, height)" in src

@@ -53,7 +53,8 @@ class StepCacheState:
 
     def reset(self) -> None:
         """A new call: its first pass is a full one, and no pass reads the last call's
-        features; the keys stay (a compiled UNet guards on them)."""
+        features; the keys stay (a compiled UNet guards on them), and so do the buffers
+        (device memory, up to MAX_BUFFERS shapes' worth, for the life of the worker)."""
         self.passes, self.full = 0, True
         self.outputs.update(dict.fromkeys(self.outputs))
 
@@ -73,15 +74,16 @@ class StepCacheState:
             return None
         leaves = tree_leaves(out)
         sig = (key, tuple((t.shape, t.dtype, t.device) for t in leaves if isinstance(t, torch.Tensor)))
-        buffer = self.buffers.get(sig)
+        buffer = self.buffers.pop(sig, None)  # put back last: the least recently used go first
         if buffer is None:
-            if len(self.buffers) >= MAX_BUFFERS:  # many sizes seen: the oldest shape's go
+            if len(self.buffers) >= MAX_BUFFERS:  # many sizes seen: the least recently used shape's go
                 del self.buffers[next(iter(self.buffers))]
-            buffer = self.buffers[sig] = tree_map(_copy, out)
+            buffer = tree_map(_copy, out)
         else:
             for kept, new in zip(tree_leaves(buffer), leaves):
                 if isinstance(kept, torch.Tensor):
                     kept.copy_(new)
+        self.buffers[sig] = buffer
         return buffer
 
 

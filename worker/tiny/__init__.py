@@ -49,8 +49,12 @@ def make_tiny_checkpoints(root: Path, names: list[str] | None = None, seed: int 
 
 
 def complete(folder: Path) -> bool:
-    """A pipeline (model_index.json) or a bare model (config.json) folder, written whole."""
-    return (folder / "model_index.json").exists() or (folder / "config.json").exists()
+    """A pipeline folder (model_index.json, which diffusers writes last) or a bare model's
+    (config.json with its weights): written whole, or by an older version that wrote in
+    place and was not stopped part way."""
+    if (folder / "model_index.json").exists():
+        return True
+    return (folder / "config.json").exists() and any(folder.glob("*.safetensors"))
 
 
 def _write_whole(name: str, target: Path, seed: int) -> None:
