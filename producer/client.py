@@ -272,9 +272,10 @@ class EaselClient:
         producer in one pipeline. If sending a batch's messages fails, the jobs that were
         to be sent then end failed ("could not enqueue") and let go of their idempotency
         keys; the batch's jobs that wait their tenant's turn stay queued, as do earlier
-        batches. Any error once queuing began is raised as ``PartialSubmitError``, the error
-        its ``__cause__``: ``queued_ids`` are the ids of the jobs before ``failed_from``, the
-        failed batch's first index. With idempotency keys, calling again
+        batches. An error after a batch was queued is raised as ``PartialSubmitError``, the
+        error its ``__cause__``: ``queued_ids`` are the ids of the jobs before
+        ``failed_from``, the failed batch's first index (an error in the first batch is
+        raised as it is). With idempotency keys, calling again
         with the same jobs returns every job's id and queues only the failed ones anew;
         without, resubmit only ``jobs[failed_from:]`` (its jobs that waited their tenant's
         turn are queued twice then).
@@ -300,6 +301,8 @@ class EaselClient:
                 try:
                     ids += self._submit_batch(prepared[start:start + batch_size], producer, call)
                 except Exception as e:
+                    if not ids:  # nothing queued before it: the error itself, as from submit
+                        raise
                     raise PartialSubmitError(e, ids, start) from e
         return ids
 

@@ -13,6 +13,7 @@ import binascii
 import io
 import ipaddress
 import socket
+import ssl
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, TypeVar
@@ -270,6 +271,15 @@ async def _exchange(method, target, headers, extensions, content, body_limit, ti
         return r.status_code, b"".join(chunks)
 
 
+def _certificate_refused(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def fetch_url(url: str, settings: Settings) -> bytes:
     """Download an image URL (``exchange``): bounded in bytes (``max_input_bytes``) and in
     total time (``url_fetch_timeout_s``), so no server can hold a worker."""
@@ -278,9 +288,13 @@ def fetch_url(url: str, settings: Settings) -> bytes:
     try:
         status, body = exchange("GET", url, settings, timeout_s=settings.url_fetch_timeout_s,
                                 body_limit=settings.max_input_bytes)
+    except Unresolved as e:  # DNS may answer on a retry, as a submission's 503 says
+        raise SourceUnavailable(str(e)) from None
     except TimeoutError:  # the whole download's deadline: a server this slow stays slow
         raise InputError(f"{url[:100]} took longer than {settings.url_fetch_timeout_s:g}s to download") from None
     except (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError) as e:
+        if _certificate_refused(e):  # a retry meets the same certificate
+            raise InputError(f"cannot fetch {url[:100]}: its TLS certificate was refused ({str(e)[:200]})") from None
         raise SourceUnavailable(f"cannot fetch {url[:100]} now: {type(e).__name__}: {str(e)[:200]}") from None
     except httpx.HTTPError as e:
         raise InputError(f"cannot fetch {url[:100]}: {type(e).__name__}: {str(e)[:200]}") from None

@@ -469,6 +469,8 @@ def test_download_limits_in_process(images):
     images.hits.clear()
     with pytest.raises(SourceUnavailable, match="HTTP 503"):  # not an InputError: the job is retried
         fetch_url(images.url("/flaky.png"), s)
+    with pytest.raises(SourceUnavailable, match="images.invalid"):  # DNS may answer on a retry
+        fetch_url("https://images.invalid/cat.png", Settings(allow_private_urls=False))
 
 
 def test_private_url_allowed_by_setting_is_fetched_by_worker(secure_worker, sclient, images):
@@ -476,13 +478,6 @@ def test_private_url_allowed_by_setting_is_fetched_by_worker(secure_worker, scli
     job_id = _ok(sclient, img2img_job(images.url("/img.png"), steps=2))
     assert "/img.png" in images.hits
     assert sclient.result(job_id).spec.input.image == images.url("/img.png")
-
-
-def test_an_image_server_busy_for_a_moment_costs_a_retry_not_the_job(secure_worker, sclient, images):
-    images.hits.clear()
-    job_id = _ok(sclient, img2img_job(images.url("/flaky.png"), steps=2))
-    assert images.hits == ["/flaky.png", "/flaky.png"]
-    assert sclient.status(job_id).attempts == 2
     failed = {}
     for path in ("/big.png", "/chunked.png", "/redirect.png"):
         st = sclient.wait(sclient.submit(img2img_job(images.url(path), steps=2)), timeout=120)
@@ -492,6 +487,13 @@ def test_an_image_server_busy_for_a_moment_costs_a_retry_not_the_job(secure_work
     assert f"over the {MAX_BYTES}-byte limit" in failed["/chunked.png"]
     assert "HTTP 302" in failed["/redirect.png"]
     assert secure_worker.proc.poll() is None
+
+
+def test_an_image_server_busy_for_a_moment_costs_a_retry_not_the_job(secure_worker, sclient, images):
+    images.hits.clear()
+    job_id = _ok(sclient, img2img_job(images.url("/flaky.png"), steps=2))
+    assert images.hits == ["/flaky.png", "/flaky.png"]
+    assert sclient.status(job_id).attempts == 2
 
 
 # -- credentials never leak ----------------------------------------------------------------------
