@@ -398,7 +398,8 @@ def post_head(url: str, path: str, headers: dict[str, str], sent: bytes) -> tupl
 
 def test_a_body_declared_over_the_cap_is_413_before_it_is_read_or_the_key_checked(api):
     """A terabyte declared and the first kilobyte of a well-formed body sent: a 413 Problem at
-    once, with or without a key, and the connection closed, so the rest is never read."""
+    once, with or without a key, and the connection closed, so the rest is never read. A body
+    within the cap but without a known key: a 401, before it is read too."""
     for path, content_type, start, setting in (
             ("/v1/uploads", "multipart/form-data; boundary=b", FORM_START, "EASEL_MAX_INPUT_BYTES"),
             ("/v1/jobs", "application/json", b'{"input": {"image": "data:image/png;base64,', "EASEL_API_MAX_BODY_BYTES")):
@@ -408,6 +409,12 @@ def test_a_body_declared_over_the_cap_is_413_before_it_is_read_or_the_key_checke
                                               start + b"A" * 1024)
             assert (status, headers["connection"]) == (413, "close"), (path, auth, status, body)
             assert setting in body["detail"] and "limit" in body["detail"], (path, auth, body)
+        for auth in ({}, {"Authorization": "Bearer not-a-key"}):
+            status, headers, body = post_head(api.url, path, {"Content-Type": content_type,
+                                                              "Content-Length": str(10**6), **auth},
+                                              start + b"A" * 1024)
+            assert (status, headers["connection"]) == (401, "close"), (path, auth, status, body)
+            assert "API key" in body["detail"] and headers["www-authenticate"].startswith("Bearer")
 
 
 def chunked(data: bytes, size: int = 16384):
@@ -415,11 +422,11 @@ def chunked(data: bytes, size: int = 16384):
     return (data[i:i + size] for i in range(0, len(data), size))
 
 
-def test_a_streamed_body_past_the_cap_is_413_with_or_without_a_key(easel_env, tmp_path):
+def test_a_streamed_body_past_the_cap_is_413_and_one_without_a_key_401(easel_env, tmp_path):
     """A body sent without a Content-Length (chunked) is counted as it is read, and refused
     with a 413 Problem once it passes the route's cap: EASEL_MAX_INPUT_BYTES plus a form's
-    framing for an upload, EASEL_API_MAX_BODY_BYTES for the rest; the API key is not
-    checked first (it would be a 401). Bodies within the caps still go through."""
+    framing for an upload, EASEL_API_MAX_BODY_BYTES for the rest. Without a key it is
+    refused before any of it is read (401). Bodies within the caps still go through."""
     env = {**easel_env, "EASEL_API_KEYS": keys_env(), "EASEL_MAX_INPUT_BYTES": "100000",
            "EASEL_API_MAX_BODY_BYTES": "200000"}
     server = ApiServer(env, tmp_path).start()
@@ -427,13 +434,14 @@ def test_a_streamed_body_past_the_cap_is_413_with_or_without_a_key(easel_env, tm
     big_upload = FORM_START + b"0" * 300_000 + b"\r\n--b--\r\n"
     big_job = json.dumps(job_body("data:image/png;base64," + "A" * 300_000)).encode()
     try:
-        for token in (None, "tok-main"):
+        for token, status in ((None, 401), ("tok-main", 413)):
             with server.client(token) as c:
                 for path, body, headers, setting in (
                         ("/v1/uploads", big_upload, form, "EASEL_MAX_INPUT_BYTES"),
                         ("/v1/jobs", big_job, {"Content-Type": "application/json"}, "EASEL_API_MAX_BODY_BYTES")):
                     r = c.post(path, content=chunked(body), headers=headers)
-                    assert r.status_code == 413 and setting in r.json()["detail"], (token, path, r.status_code, r.text)
+                    assert r.status_code == status, (token, path, r.status_code, r.text)
+                    assert (setting if status == 413 else "missing API key") in r.json()["detail"], r.text
         with server.client() as c:
             small = FORM_START + png_bytes((64, 64)) + b"\r\n--b--\r\n"
             assert c.post("/v1/uploads", content=chunked(small, 100), headers=form).status_code == 201

@@ -14,6 +14,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from easel.producer.api.models import Problem
+from easel.producer.api.security import KeyRing
 from easel.shared.settings import Settings
 
 UPLOAD_PATH = "/v1/uploads"
@@ -59,20 +60,39 @@ def _counting(receive: Receive, cap: int, detail: str) -> Receive:
     return counted
 
 
+def _refusal(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = Problem(detail=detail).model_dump(mode="json", exclude_defaults=True)
+    return JSONResponse(body, status_code=status, headers={"Connection": "close", **(headers or {})})
+
+
 class BodyLimit:
     """Pure ASGI, so the refusal comes before routing, and streamed responses pass untouched.
-    A refusal closes the connection (``Connection: close``): the rest of the body is never read."""
+    A body without a known API key is refused before it is read too (every route that takes
+    one needs a key, and FastAPI would read it before the key check). A refusal closes the
+    connection (``Connection: close``): the rest of the body is never read."""
 
-    def __init__(self, app: ASGIApp, settings: Settings):
-        self.app, self.settings = app, settings
+    def __init__(self, app: ASGIApp, settings: Settings, keys: KeyRing):
+        self.app, self.settings, self.keys = app, settings, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         cap, detail = body_cap(self.settings, scope)
+        headers = Headers(scope=scope)
         declared = _declared_length(scope)
         if declared is not None and declared > cap:
-            body = Problem(detail=detail).model_dump(mode="json", exclude_defaults=True)
-            refusal = JSONResponse(body, status_code=413, headers={"Connection": "close"})
-            return await refusal(scope, receive, send)
+            return await _refusal(413, detail)(scope, receive, send)
+        has_body = bool(declared) or "chunked" in headers.get("transfer-encoding", "").lower()
+        unknown = self._key_problem(headers) if has_body else None
+        if unknown is not None:
+            return await _refusal(401, *unknown)(scope, receive, send)
         await self.app(scope, _counting(receive, cap, detail), send)
+
+    def _key_problem(self, headers: Headers) -> tuple[str, dict[str, str]] | None:
+        """What the key check (``deps.authenticate``) would answer, None for a known key."""
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"}
+        if self.keys.lookup(token.strip()) is None:
+            return "invalid API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+        return None
