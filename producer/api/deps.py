@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from easel.producer.api.security import Principal
+from easel.producer.api.security import INVALID_KEY, MISSING_KEY, Principal
 from easel.producer.api.state import ApiState
 
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="job id (32 hex characters)")]
@@ -29,12 +29,11 @@ def authenticate(request: Request, api: ApiDep,
     """The caller named by the bearer key; 401 without a known key."""
     if creds is None:
         api.metrics.refused.labels("unauthenticated").inc()
-        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, MISSING_KEY[0], headers=MISSING_KEY[1])
     p = api.keys.lookup(creds.credentials)
     if p is None:
         api.metrics.refused.labels("invalid_key").inc()
-        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        raise HTTPException(401, INVALID_KEY[0], headers=INVALID_KEY[1])
     request.state.principal = p
     return p
 

@@ -86,8 +86,8 @@ def _submit(api: ApiState, spec: JobSpec, p: Principal) -> tuple[str, str | None
             raise _refused(api, e) from None
     token, n = api.inflight.reserve(p)
     if token is None:
-        replay = api.store.idempotent_job(spec)
-        if replay is not None and api.store.owner(replay) == p.name:  # a retried POST: already counted
+        replay = _replayed(api, spec, p)  # created since create_job looked: already counted
+        if replay is not None:
             return replay, None
         api.metrics.refused.labels("in_flight_cap").inc()
         raise HTTPException(429, f"key {p.name!r} already has {n} jobs queued or running, its cap is "

@@ -14,7 +14,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from easel.producer.api.models import Problem
-from easel.producer.api.security import KeyRing
+from easel.producer.api.security import INVALID_KEY, MISSING_KEY, KeyRing
 from easel.shared.settings import Settings
 
 UPLOAD_PATH = "/v1/uploads"
@@ -92,7 +92,7 @@ class BodyLimit:
         """What the key check (``deps.authenticate``) would answer, None for a known key."""
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"}
+            return MISSING_KEY
         if self.keys.lookup(token.strip()) is None:
-            return "invalid API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            return INVALID_KEY
         return None

@@ -62,6 +62,12 @@ class Principal:
         return self.key.name
 
 
+# What a request without a known key is answered (401), with its WWW-Authenticate header:
+# by the key check (deps.authenticate), and before a body is read (limits.BodyLimit).
+MISSING_KEY = ("missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+INVALID_KEY = ("invalid API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
 class KeyRing:
     def __init__(self, settings: Settings):
         keys = list(settings.api_keys)
