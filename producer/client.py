@@ -208,6 +208,13 @@ class EaselClient:
             raise SubmitError(str(e)) from None
 
     def submit(self, job: JobSpec | dict) -> str:
+        """Queue one job; returns its id (an idempotency key seen before: that job's id)."""
+        return self.submit_as(job, owner=None)[0]
+
+    def submit_as(self, job: JobSpec | dict, owner: str | None) -> tuple[str, bool]:
+        """``submit`` for ``owner`` (the HTTP API's key name, stored in the job's record by the
+        script that creates it, so that no job is ever without its owner). Returns (job id,
+        created): created is False when an idempotency key gave an earlier job."""
         with tracing.span("easel.submit") as span:
             spec, plan = self.prepare_and_plan(job)
             job_id = new_job_id()
@@ -215,13 +222,13 @@ class EaselClient:
             queue = plan.segments[0].queue
             with tracing.span("easel.enqueue", {"easel.job_id": job_id, "messaging.destination.name": queue},
                               producer=True):
-                (got,) = self.scheduler.submit_many([(job_id, spec, plan)], traces)
+                (got,) = self.scheduler.submit_many([(job_id, spec, plan)], traces, owner)
                 if got.created:
                     self._send_admitted([(job_id, queue, spec.priority)] if got.admitted else [],
                                         {queue: plan.segments[0].family} if got.room else {})
             if span is not tracing.NO_SPAN:
                 span.set_attributes(_job_attributes(got.job_id, spec, plan, got.created))
-            return got.job_id
+            return got.job_id, got.created
 
     def _send(self, *args, **kw) -> None:
         send_segment(self.celery, *args, **kw)

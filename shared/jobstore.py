@@ -548,15 +548,19 @@ class JobStore:
         (``worker.stops``), so a denoising step checks a set in memory, not Redis."""
         return f"{self.prefix}:stops"
 
-    def record_fields(self, spec: JobSpec, plan: Plan, now: float, trace: dict | None = None) -> list:
+    def record_fields(self, spec: JobSpec, plan: Plan, now: float, trace: dict | None = None,
+                      owner: str | None = None) -> list:
         """A queued job's hash, as the flat field/value list the create script takes. Counters
         and progress start absent (read as 0), which keeps bulk submission's writes small;
-        ``trace`` is the submitter's trace context (tracing on)."""
+        ``trace`` is the submitter's trace context (tracing on); ``owner`` the API key that
+        submits it, written with the record so that no job exists without it."""
         fields = {"spec": spec.model_dump_json(), "plan": plan.model_dump_json(), "state": JobState.queued.value,
                   "queue": plan.segments[0].queue, "tenant": spec.tenant or DEFAULT_TENANT, "created_at": now,
                   "updated_at": now}
         if trace:
             fields["trace"] = json.dumps(trace)
+        if owner:
+            fields["owner"] = owner
         return [x for kv in fields.items() for x in kv]
 
     def _idem_key(self, spec: JobSpec) -> str:
@@ -581,14 +585,14 @@ class JobStore:
         return [self.key(job_id), idem], [job_id, self.ttl_s, "1" if spec.idempotency_key else ""]
 
     def create(self, spec: JobSpec, plan: Plan, job_id: str | None = None,
-               trace: dict | None = None) -> tuple[str, bool]:
+               trace: dict | None = None, owner: str | None = None) -> tuple[str, bool]:
         """Store a queued job's record alone: nothing admits, dispatches or sends it (submission
         is ``Scheduler.submit_many``, which writes the record and admits it in one script).
         For tools and tests that need a record. Returns (job_id, created); an idempotency key
         another job holds gives that job's id and created=False."""
         job_id = job_id or new_job_id()
         keys, head = self.create_head(job_id, spec)
-        winner, created = self._create(keys=keys, args=head + self.record_fields(spec, plan, time.time(), trace))
+        winner, created = self._create(keys=keys, args=head + self.record_fields(spec, plan, time.time(), trace, owner))
         return _text(winner), bool(int(created))
 
     def exists(self, job_id: str) -> bool:
@@ -998,10 +1002,6 @@ class JobStore:
     def owner(self, job_id: str) -> str | None:
         """The API key name that submitted the job (None: not submitted over the API, or gone)."""
         return self.r.hget(self.key(job_id), "owner")
-
-    def take_owner(self, job_id: str, name: str) -> bool:
-        """Record the submitting key once; False when the job already has an owner."""
-        return bool(self.r.hsetnx(self.key(job_id), "owner", name))
 
     def webhook(self, job_id: str) -> dict:
         """The job's webhook fields, with its owner, state and stage count."""

@@ -322,12 +322,12 @@ class Scheduler:
         return f"{self.prefix}:{what}:{queue}"
 
     def submit_many(self, items: list[tuple[str, JobSpec, Plan]], traces: dict[str, dict] | None = None,
-                    now: float | None = None) -> list[Admission]:
+                    owner: str | None = None, now: float | None = None) -> list[Admission]:
         """Store new jobs and admit each, one script per job, all in one round trip. A job goes
         straight to its queue when no tenant has jobs pending there, its tenant has no cap,
         the queue is open and there is room; else it waits in its tenant's pending set.
         A job whose idempotency key another holds gives that job's id, created False.
-        ``traces``: submitters' trace contexts."""
+        ``traces``: submitters' trace contexts; ``owner``: the API key submitting them."""
         now = time.time() if now is None else now
         traces = traces or {}
         calls = []
@@ -337,7 +337,7 @@ class Scheduler:
             score = queue_score(spec.priority, now) + i  # a bulk call's jobs keep their order
             calls.append((self._submit, keys + self._admit_keys(plan.segments[0].queue, plan.segments[0].family, tenant),
                           head + [score, tenant, self.credit, self.margin, plan.segments[0].queue,
-                                  *self.store.record_fields(spec, plan, now, traces.get(job_id))]))
+                                  *self.store.record_fields(spec, plan, now, traces.get(job_id), owner)]))
         replies = run_scripts(self.r, calls)
         for reply in replies:
             if isinstance(reply, Exception):

@@ -708,6 +708,35 @@ def test_a_retry_gets_its_job_before_any_check_of_a_new_one(inproc):
     assert inproc.delete(f"/v1/jobs/{first.json()['id']}").json()["state"] == "cancelled"
 
 
+def test_a_job_queued_just_before_redis_drops_is_already_its_keys(inproc):
+    """The script that queues a job writes its owner with it: a connection lost right after
+    (the reply of the next command never comes) leaves a job its key can read, cancel and
+    get again with its idempotency key, never one that no key owns."""
+    import redis as redis_lib
+
+    api = inproc.app.state.api
+    queued, submit_many = [], api.client.scheduler.submit_many
+
+    def queued_then_dropped(*args, **kw):
+        queued.extend(got.job_id for got in submit_many(*args, **kw))
+        raise redis_lib.ConnectionError("Connection closed by server.")
+
+    key = {"Idempotency-Key": f"blip-{uuid.uuid4().hex}"}
+    body = job_body(upload(inproc))
+    api.client.scheduler.submit_many = queued_then_dropped
+    try:
+        r = inproc.post("/v1/jobs", json=body, headers=key)
+    finally:
+        del api.client.scheduler.submit_many
+    assert r.status_code == 503 and len(queued) == 1, (r.status_code, r.text)
+    (job_id,) = queued
+    assert api.store.owner(job_id) == "main"
+    assert inproc.get(f"/v1/jobs/{job_id}").status_code == 200
+    again = inproc.post("/v1/jobs", json=body, headers=key)
+    assert again.status_code == 200 and again.json()["id"] == job_id, again.text
+    assert inproc.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
+
+
 def test_a_redis_error_no_retry_mends_is_500_and_its_text_stays_in_the_log(inproc, caplog):
     """Redis refusing a command (here a rate-limit bucket of the wrong type: WRONGTYPE) is the
     server's fault, so no Retry-After that would have clients retry it forever; the reply

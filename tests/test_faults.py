@@ -71,15 +71,15 @@ def job(image: str, steps: int = 30, seed: int = 1, model: str = "sd15", **extra
                                                    "strength": 1.0, "seed": seed}], **extra}
 
 
-def recorded_job(store, registry, image: str, seed: int, **extra):
+def recorded_job(store, registry, image: str, seed: int, owner: str | None = None, **extra):
     """A two-step job's record written straight to ``store`` (JobSpec, plan, create): no
-    admission, no message; returns (job_id, spec, plan)."""
+    admission, no message; ``owner``: the API key it belongs to. Returns (job_id, spec, plan)."""
     from easel.shared.plan import plan_job
     from easel.shared.schema import JobSpec
 
     spec = JobSpec.model_validate(job(image, steps=2, seed=seed, **extra)).with_seeds()
     plan = plan_job(spec, registry)
-    job_id, _ = store.create(spec, plan)
+    job_id, _ = store.create(spec, plan, owner=owner)
     return job_id, spec, plan
 
 
@@ -868,8 +868,7 @@ def test_an_event_stream_outlives_a_redis_restart_and_gives_back_its_connection(
     from tests.test_api import keys_env
 
     svc, _ = fault_env
-    job_id, _, _ = recorded_job(fclient.store, fclient.registry, big_input, 91)
-    fclient.store.take_owner(job_id, "main")
+    job_id, _, _ = recorded_job(fclient.store, fclient.registry, big_input, 91, owner="main")
     settings = fclient.settings.model_copy(update={"api_keys": [ApiKey(**k) for k in _json.loads(keys_env())]})
     app = create_app(settings, webhooks=False)
     api, events = app.state.api, []

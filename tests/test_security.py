@@ -713,12 +713,11 @@ def test_a_key_whose_receiver_hangs_holds_a_quarter_of_the_webhook_threads(clien
                                    "stages": [{"model": "sd15", "prompt": "x", "seed": 1}]})
     plan = plan_job(spec, client.registry)
     # Ids that sort the hanging key's deliveries first among those due at once.
-    slow = [store.create(spec, plan, job_id=f"{i:032x}")[0] for i in range(6)]
-    fast = [store.create(spec, plan, job_id="f" * 31 + str(i))[0] for i in range(2)]
+    slow = [store.create(spec, plan, job_id=f"{i:032x}", owner="hangs")[0] for i in range(6)]
+    fast = [store.create(spec, plan, job_id="f" * 31 + str(i), owner="answers")[0] for i in range(2)]
     try:
-        for job_id, owner, url in [*((j, "hangs", hanging.url) for j in slow),
-                                   *((j, "answers", f"http://127.0.0.1:{quick.server_address[1]}/h") for j in fast)]:
-            store.take_owner(job_id, owner)
+        for job_id, url in [*((j, hanging.url) for j in slow),
+                            *((j, f"http://127.0.0.1:{quick.server_address[1]}/h") for j in fast)]:
             assert store.transition(job_id, JobState.succeeded)
             hooks.register(job_id, url)  # ended already: due at once
         t0 = time.monotonic()

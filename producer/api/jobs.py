@@ -76,25 +76,26 @@ def _refused(api: ApiState, e: SubmitError) -> HTTPException:
     return HTTPException(422, str(e))
 
 
-def _submit(api: ApiState, spec: JobSpec, p: Principal) -> tuple[str, str | None]:
-    """Queue the job within the key's in-flight cap: (job id, reservation token). A key that
-    holds jobs back over its cap (over_cap: hold) is capped at dispatch instead (no token)."""
+def _submit(api: ApiState, spec: JobSpec, p: Principal) -> tuple[str, bool, str | None]:
+    """Queue the job within the key's in-flight cap: (job id, created, reservation token). A
+    key that holds jobs back over its cap (over_cap: hold) is capped at dispatch instead (no
+    token). created is False for a job this key's idempotency key created before."""
     if p.key.over_cap == "hold":
         try:
-            return api.client.submit(spec), None
+            return *api.client.submit_as(spec, p.name), None
         except SubmitError as e:
             raise _refused(api, e) from None
     token, n = api.inflight.reserve(p)
     if token is None:
         replay = _replayed(api, spec, p)  # created since create_job looked: already counted
         if replay is not None:
-            return replay, None
+            return replay, False, None
         api.metrics.refused.labels("in_flight_cap").inc()
         raise HTTPException(429, f"key {p.name!r} already has {n} jobs queued or running, its cap is "
                                  f"{p.max_in_flight}; wait for some to finish or cancel some",
                             headers={"Retry-After": "10"})
     try:
-        return api.client.submit(spec), token
+        return *api.client.submit_as(spec, p.name), token
     except SubmitError as e:
         api.inflight.release(p.name, token)
         raise _refused(api, e) from None
@@ -123,14 +124,14 @@ def create_job(body: JobRequest, response: Response, p: Caller, api: ApiDep,
     url = str(body.webhook_url) if body.webhook_url else None
     if url:
         _check_webhook(api, url, p)
-    job_id, token = _submit(api, spec, p)
-    if api.store.take_owner(job_id, p.name):
+    job_id, created, token = _submit(api, spec, p)
+    if created:
         if token:
             api.inflight.commit(p.name, token, job_id)
         if url:
             api.dispatcher.register(job_id, url, p.key.webhook_events)
         api.metrics.submitted.labels(p.name).inc()
-    else:
+    else:  # a concurrent request with this idempotency key created it
         if token:
             api.inflight.release(p.name, token)
         response.status_code = 200
