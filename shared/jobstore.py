@@ -112,7 +112,10 @@ local function transition(K, A)
   local h = redis.call('HMGET', K[1], 'state', 'instance', 'segment', 'capped', 'attempts', 'webhook_url',
                        'webhook_events')
   local cur = h[1]
-  if not cur then return -1 end
+  if not cur then
+    redis.call('DEL', K[1])  -- what a late write made of an expired record (see _CLAIM)
+    return -1
+  end
   local writes = {{}}
   if A[4] ~= '' then
     redis.call('SREM', A[2] .. A[5], A[3] .. ':' .. A[4])
@@ -177,7 +180,10 @@ return 1
 # Everything a delivery checks and records before it runs, in one round trip. Drops the
 # job from its current queue-position set; a stale copy (of a segment the job has moved
 # past) drops it only from the set of the queue it came from, where it is left over, and
-# not where the job's current segment waits. Then refuses unknown and terminal jobs, a
+# not where the job's current segment waits. An unknown job's hash, if there is one, is
+# what writes after its record expired made of it (a progress write or a cancel flag is a
+# plain HSET, which makes a key without a TTL): job ids are never reused, so it is
+# deleted, here and where the transition or requeue finds one. Then refuses unknown and terminal jobs, a
 # segment the job has moved past (stale), and a segment that another live instance runs (a
 # duplicate: a message the lost-message sweep sent again while its first copy was on its
 # way). A claim of what this very instance holds with the same claim time is a replay of
@@ -195,7 +201,10 @@ _CLAIM = _CLOCK + f"""
 local h = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'queue', 'spec', 'plan', 'stage', 'created_at',
                      'started_at', 'segment', 'instance', 'attempts', 'inflight:' .. ARGV[3], 'claimed_at')
 local cur = h[1]
-if not cur then return {{'unknown'}} end
+if not cur then
+  redis.call('DEL', KEYS[1])
+  return {{'unknown'}}
+end
 local seg = tonumber(ARGV[3])
 local stale = h[9] and seg < tonumber(h[9])
 if h[3] and not stale then redis.call('ZREM', ARGV[1] .. h[3], ARGV[2]) end
@@ -236,7 +245,11 @@ return {{'run', h[4], h[5], h[7], started, n, attempt}}
 _REQUEUE = f"""
 local h = redis.call('HMGET', KEYS[1], 'state', 'instance', 'segment', 'attempts', 'worker', 'requeued_from', 'note')
 local cur = h[1]
-if not cur or {_TERMINAL} then return false end
+if not cur then
+  redis.call('DEL', KEYS[1])  -- what a late write made of an expired record (see _CLAIM)
+  return false
+end
+if {_TERMINAL} then return false end
 if h[3] ~= ARGV[2] then return false end
 if cur == 'queued' and not h[2] and h[6] == ARGV[1] .. ':' .. ARGV[2] then return h[7] end
 if h[2] ~= ARGV[1] then return false end
@@ -791,6 +804,9 @@ class JobStore:
         pipe.publish(self.stops_channel(), json.dumps({"job_id": job_id, "stop": "cancel"}))
         pipe.hmget(self.key(job_id), "state", "instance", "started_at")
         state, holder, started = (_text(v) if v is not None else None for v in pipe.execute()[2])
+        if state is None:  # expired since the check: the flag alone would stay, without a TTL
+            self.r.delete(self.key(job_id))
+            raise KeyError(f"no job {job_id}")
         # A claim landing between the read and the transition gets the pushed cancel and stops.
         unheld = state == JobState.queued.value or (state == JobState.running.value and not holder)
         why = "cancelled while it waited in a queue" if started else "cancelled before it ran"
@@ -1036,16 +1052,32 @@ class JobStore:
             out.append(view)
         return out
 
+    def _write_while_kept(self, job_id: str, write) -> list:
+        """Run ``write(pipe, key)``'s commands on a record that may expire meanwhile (a
+        delivery outlives the read before it): a hash they leave without a ``state`` is
+        what they made of a gone record, deleted, since it would have no TTL. Returns the
+        commands' replies."""
+        key = self.key(job_id)
+        pipe = self.r.pipeline(transaction=False)  # one connection runs them in order: no MULTI needed
+        write(pipe, key)
+        pipe.hexists(key, "state")
+        *replies, kept = pipe.execute()
+        if not kept:
+            self.r.delete(key)
+        return replies
+
     def webhook_first(self, job_id: str, event: str) -> bool:
         """True for the one caller (of all API replicas) that first schedules ``event``."""
-        return bool(self.r.hsetnx(self.key(job_id), f"webhook_sent:{event}", time.time()))
+        (first,) = self._write_while_kept(job_id, lambda p, k: p.hsetnx(k, f"webhook_sent:{event}", time.time()))
+        return bool(first)
 
     def webhook_attempt(self, job_id: str) -> int:
         """One more delivery attempt starts; returns its number."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hincrby(self.key(job_id), "webhook_attempts", 1)
-        pipe.hset(self.key(job_id), "webhook_state", "delivering")
-        return int(pipe.execute()[0])
+        def write(pipe, key) -> None:
+            pipe.hincrby(key, "webhook_attempts", 1)
+            pipe.hset(key, "webhook_state", "delivering")
+        return int(self._write_while_kept(job_id, write)[0])
 
     def webhook_state(self, job_id: str, state: str, error: str = "") -> None:
-        self.r.hset(self.key(job_id), mapping={"webhook_state": state, "webhook_last_error": error})
+        self._write_while_kept(job_id, lambda p, k: p.hset(k, mapping={"webhook_state": state,
+                                                                          "webhook_last_error": error}))

@@ -136,3 +136,57 @@ def test_an_input_named_by_its_uri_is_kept_alive_for_the_new_job(easel_env, stor
     finally:
         proxy.stop()
 
+
+
+def test_writes_after_a_job_record_expired_leave_no_key_without_a_ttl(client):
+    """A record can expire while a worker, a cancel or a webhook delivery still writes to it:
+    their plain HSETs make a new hash without a TTL, which Redis would keep for good. Whoever
+    meets such a hash next (the stage's claim or state change, a requeue) deletes it; a
+    cancel and a webhook write delete what they made themselves."""
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec, JobState
+
+    store = client.store
+    spec = JobSpec.model_validate({"input": {"image": "s3://easel/inputs/x.png"},
+                                   "stages": [{"model": "sd15", "prompt": "x", "seed": 1}]})
+    plan = plan_job(spec, client.registry)
+
+    def expired() -> str:
+        job_id, _ = store.create(spec, plan)
+        store.r.delete(store.key(job_id))  # its TTL ran out
+        return job_id
+
+    for end in ("claim", "transition", "requeue"):
+        job_id = expired()
+        store.progress_many([job_id], 0, 3, 10, "inst-a", check=False)
+        store.save_records(job_id, {0: "{}"})
+        assert store.r.ttl(store.key(job_id)) == -1  # the leftover: a hash that never expires
+        if end == "claim":
+            assert store.claim_many([(job_id, 0, None)], "w", "inst-b", 3)[0].outcome == "unknown"
+        elif end == "transition":
+            assert not store.transition(job_id, JobState.succeeded, end=(0, "inst-a"))
+        else:
+            assert store.requeue(job_id, 0, "inst-a", "heartbeat expired") is None
+        assert not store.r.exists(store.key(job_id)), end
+
+    job_id = expired()
+    store.exists = lambda _: True  # expires between the cancel's check and its write
+    try:
+        with pytest.raises(KeyError):
+            store.request_cancel(job_id)
+    finally:
+        del store.exists
+    assert not store.r.exists(store.key(job_id))
+
+    job_id = expired()
+    assert store.webhook_first(job_id, "started") is True
+    store.webhook_attempt(job_id)
+    store.webhook_state(job_id, "delivered")
+    assert not store.r.exists(store.key(job_id))
+    # A record that is there keeps what they write.
+    job_id, _ = store.create(spec, plan)
+    assert store.webhook_first(job_id, "started") and not store.webhook_first(job_id, "started")
+    assert store.webhook_attempt(job_id) == 1 and store.webhook_attempt(job_id) == 2
+    store.webhook_state(job_id, "pending", "HTTP 500")
+    assert store.r.hmget(store.key(job_id), "webhook_state", "webhook_last_error") == ["pending", "HTTP 500"]
+    assert store.r.ttl(store.key(job_id)) > 0
