@@ -63,7 +63,7 @@ def run_demo(out: Path, steps: int = 10, size: int = 256, console: Console | Non
     with contextlib.ExitStack() as stack:
         env = _services(stack, console)
         os.environ.update(env)
-        os.environ.setdefault("EASEL_MODELS", "tiny")  # the demo serves the bundled tiny checkpoints, on purpose
+        os.environ["EASEL_MODELS"] = "tiny"  # its jobs name the bundled tiny models, whatever registry the shell names
         from easel.shared.settings import get_settings
 
         get_settings.cache_clear()

@@ -145,7 +145,8 @@ class Settings(BaseSettings):
     reap_every_s: float = Field(default=5.0, gt=0, description=(
         "how often each worker and API process looks for dead worker processes' jobs to requeue"))
     max_crash_deliveries: int = Field(default=2, ge=1, description="a segment whose worker died this often is poison")
-    max_retries: int = Field(default=8, ge=0, description="retries of transient errors (backoff 1 s doubling, cap 30 s)")
+    max_retries: int = Field(default=8, ge=0, description=(
+        "retries of transient errors; each waits a random time up to 1 s, doubling per retry, cap 30 s"))
     # Compiled models (registry optimizations compile_unet / compile_vae, profile throughput).
     compile_cache_dir: Path | None = Field(default=None, description=(
         "torch.compile's caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR and a saved artifacts file), so a "
@@ -195,7 +196,8 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_max_attempts: int = Field(default=20, ge=1, description=(
         "attempts at a terminal event; with the default backoff they span about 9 hours"))
-    webhook_backoff_s: float = Field(default=2.0, gt=0, description="first retry delay; doubles per attempt")
+    webhook_backoff_s: float = Field(default=2.0, gt=0, description=(
+        "first retry delay (±20 % jitter); doubles per attempt"))
     webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
     webhook_timeout_s: float = Field(default=10.0, gt=0, description=(
         "time allowed for one webhook POST, from the connection to the answer's status"))

@@ -138,8 +138,8 @@ def test_k8s_worker_pool_drains_safely_and_scales_on_all_priority_lists(family):
     (ctr,) = pod["containers"]
     assert ctr["args"][ctr["args"].index("--family") + 1] == family
     assert ctr["resources"]["limits"]["nvidia.com/gpu"] == 1 == ctr["resources"]["requests"]["nvidia.com/gpu"]
-    longest = int(dep["metadata"]["annotations"]["easel.io/longest-stage-seconds"])
-    assert longest < pod["terminationGracePeriodSeconds"]
+    longest = {e["name"]: e.get("value") for e in ctr["env"]}["EASEL_STAGE_TIMEOUT_MAX_S"]
+    assert float(longest) < pod["terminationGracePeriodSeconds"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
