@@ -191,8 +191,9 @@ return 1
 # copy of the message meeting its holder (still writing the first run's outputs, say).
 # Then refuses cancelled and poison deliveries, counts the delivery and the attempt, and
 # records this instance as the holder. A run
-# answers with the job's spec, plan, times, its attempt count and this attempt's record
-# (the manifest reads no attempts back in the common case of one).
+# answers with the job's spec, plan, times, its attempt count, this attempt's record
+# (the manifest reads no attempts back in the common case of one) and how many deliveries
+# of this segment died before (a worker runs such a job alone, not in a micro-batch).
 # KEYS: job hash, events channel, instances zset. ARGV: queue-position key prefix, job id,
 # segment, worker, now, crash limit, the "running" event JSON, instance, running-set prefix,
 # the queue the delivery came from ('' if unknown).
@@ -213,7 +214,8 @@ if {_TERMINAL} then return {{'terminal', cur}} end
 if stale then return {{'stale', h[9]}} end
 if h[10] and h[9] and seg == tonumber(h[9]) then
   if h[10] == ARGV[8] and h[13] == ARGV[5] then
-    return {{'run', h[4], h[5], h[7], h[8], h[11], redis.call('HGET', KEYS[1], 'attempt:' .. h[11])}}
+    return {{'run', h[4], h[5], h[7], h[8], h[11], redis.call('HGET', KEYS[1], 'attempt:' .. h[11]),
+            tonumber(h[12] or '1') - 1}}
   end
   if h[10] == ARGV[8] or alive(KEYS[3], h[10]) then return {{'duplicate', h[10]}} end
 end
@@ -231,7 +233,7 @@ redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[4], 'instance', A
            'attempt:' .. n, attempt, 'inflight:' .. ARGV[3], crashed + 1)
 redis.call('SADD', ARGV[9] .. ARGV[8], ARGV[2] .. ':' .. ARGV[3])
 redis.call('PUBLISH', KEYS[2], ARGV[7])
-return {{'run', h[4], h[5], h[7], started, n, attempt}}
+return {{'run', h[4], h[5], h[7], started, n, attempt, crashed}}
 """
 
 # A dead instance's delivery goes back to the queue: only while that instance still holds
@@ -397,7 +399,7 @@ class Claim:
     plan: Plan | None = None
     detail: str | None = None  # terminal: the state; stale: the job's segment; duplicate: the live
     # instance running it; corrupt: why the record cannot be read
-    crashed: int = 0  # poison: deliveries of this segment that never ended
+    crashed: int = 0  # run, poison: deliveries of this segment that never ended (before this one)
     stage: int = 0  # poison: the stage it was at
     created_at: float = 0.0  # run: for the manifest's timings
     started_at: float = 0.0
@@ -744,7 +746,8 @@ class JobStore:
             try:
                 return Claim("run", spec=JobSpec.model_validate_json(res[1]), plan=Plan.model_validate_json(res[2]),
                              created_at=float(res[3]), started_at=float(res[4]), attempts=int(res[5] or 0),
-                             attempt=Attempt.model_validate_json(res[6]) if res[6] else None)
+                             attempt=Attempt.model_validate_json(res[6]) if res[6] else None,
+                             crashed=int(res[7]) if len(res) > 7 else 0)
             except ValueError as e:
                 return Claim("corrupt", detail=f"unreadable job record: {e}"[:500])
         if outcome in ("terminal", "duplicate", "stale", "cancel"):  # a cancel's detail: when it started, or ''
@@ -820,14 +823,23 @@ class JobStore:
     def _queued_key(self, queue: str) -> str:
         return f"{self.prefix}:queued:{queue}"
 
-    def mark_queued(self, job_id: str, queue: str, priority: int, *, due_at: float | None = None) -> None:
-        """Record that a job waits in ``queue`` (priority 0 first, then submission order).
-        ``due_at``: a retry's message is held back until then (its countdown), so the
-        lost-message sweep counts its wait from then, not from its last state change."""
+    def mark_queued(self, job_id: str, queue: str, priority: int) -> None:
+        """Record that a job waits in ``queue`` (priority 0 first, then submission order)."""
         pipe = self.r.pipeline(transaction=False)
         pipe.zadd(self._queued_key(queue), {job_id: queue_score(priority, time.time())})
-        pipe.hset(self.key(job_id), mapping={"queue": queue, **({"due_at": due_at} if due_at else {})})
+        pipe.hset(self.key(job_id), "queue", queue)
         pipe.execute()
+
+    def mark_position(self, job_id: str, queue: str, priority: int) -> None:
+        """Enter ``queue``'s position set alone, for a state change that writes the record's
+        ``queue`` itself only if it happens (a retry's); ``drop_position`` if it did not."""
+        self.r.zadd(self._queued_key(queue), {job_id: queue_score(priority, time.time())})
+
+    def drop_position(self, job_id: str, queue: str) -> None:
+        """Leave ``queue``'s position set unless the job's record says it waits there."""
+        state, waits_in = self.r.hmget(self.key(job_id), "state", "queue")
+        if state != JobState.queued.value or waits_in != queue:
+            self.r.zrem(self._queued_key(queue), job_id)
 
     def waiting_in(self, job_id: str) -> tuple[str, str, str]:
         """(queue, family, tenant) of the segment a queued job waits for, in one read."""

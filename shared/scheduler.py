@@ -39,6 +39,7 @@ log = logging.getLogger("easel.scheduler")
 CREDIT = 20  # jobs a returning or new tenant may start behind the tenant in front
 MARGIN = 1  # jobs waiting in the broker beyond the live workers' batches
 PENDING, ADMITTED, ROOM = 0, 1, 2  # admission's answers (``_ADMIT``)
+CANCEL_ASKED = -2  # a hand-off refused because the job's cancel was asked (``_HAND_OFF``)
 FLIGHT_CHECK_AFTER_S = 300  # a held tenant's in-flight jobs dispatched this long ago are checked for records gone
 
 # Room in a queue: each live worker's batch, summed over the family (the capacity key its
@@ -84,7 +85,11 @@ local function admit(k, job, score, tenant, credit, margin, queue, wait_score)
   end
   if not redis.call('ZSCORE', k[2], tenant) then
     local pass = tonumber(redis.call('HGET', k[3], tenant) or '0')
-    local lead = redis.call('ZRANGE', k[2], 0, 0, 'WITHSCORES')
+    -- Level with the tenant furthest on, less its credit: backlogged tenants' passes stay
+    -- within one job's stride of each other (the farm's virtual time), newcomers run below it
+    -- during their credit, so starting from the lowest pass would put each newcomer a
+    -- credit below the one before, and a backlogged tenant behind them all.
+    local lead = redis.call('ZRANGE', k[2], -1, -1, 'WITHSCORES')
     if #lead > 0 then
       local front = tonumber(lead[2])
       local weight = tonumber(redis.call('HGET', k[11], tenant) or '1')
@@ -126,15 +131,18 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # its tenant's cap goes straight to the waiting set: it holds a cap slot already, and
 # waiting behind that cap could deadlock it. Only the delivery that holds the job hands it
 # off (transition's ``?held``): a late one taken over meanwhile, or a replay of this script
-# after a lost reply (its first run cleared the holder), admits nothing. KEYS: transition's
-# four, then admit's eleven.
+# after a lost reply (its first run cleared the holder), admits nothing; nor does a job
+# whose cancel was asked while its segment ended (after its last step, its hand-off being
+# written): the delivery ends it cancelled instead. KEYS: transition's four, then admit's
+# eleven.
 # ARGV: job id, its pending score, its waiting-set score (now), tenant, credit, margin,
 # queue, then transition's argv. Returns {transition's answer, admit's answer (ADMITTED for
-# a capped job; -1 when the transition was refused)}.
+# a capped job; -1 when the transition was refused; -2, CANCEL_ASKED, with 0: not run)}.
 _HAND_OFF = _ROOM + _ADMIT + _TRANSITION_FN + """
 local k, change = {}, {}
 for i = 5, 15 do k[i - 4] = KEYS[i] end
 for i = 8, #ARGV do change[i - 7] = ARGV[i] end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return {0, -2} end
 local done = transition({KEYS[1], KEYS[2], KEYS[3], KEYS[4]}, change)
 if done ~= 1 then return {done, -1} end
 if redis.call('HGET', KEYS[1], 'capped') then
@@ -352,7 +360,8 @@ class Scheduler:
         the hand-off's trace context, kept for a dispatch that sends the message later.
         Returns (done: False when the delivery was refused, taken over or the job ended;
         admission's answer: ADMITTED, send its message now; ROOM, dispatch the queue;
-        PENDING, it waits for a claim there)."""
+        PENDING, it waits for a claim there; CANCEL_ASKED, not done: the job is to end
+        cancelled)."""
         tenant = spec.tenant or DEFAULT_TENANT
         kept = {"trace": json.dumps(trace)} if trace else {}
         keys, change = self.store.transition_call(job_id, JobState.queued, end=(segment, instance), guards=("?held",),

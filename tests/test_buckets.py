@@ -2,6 +2,8 @@
 the image it gets alone (SD 1.5 and the SDXL refiner, on tiny fp32 checkpoints)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -150,6 +152,15 @@ def test_a_compiled_models_group_is_split_into_calls_of_the_largest_bucket():
     assert [len(g) for g in group_jobs(ctx, [_job(k, "sd") for k in range(11)])] == [11]  # eager: one call
 
 
+def test_a_job_whose_worker_died_running_it_runs_alone():
+    """If it kills the process again, only its own crash count nears the poison limit."""
+    ctx = _ctx()
+    fresh, crashed = _job(0, "sd"), _job(1, "sd")
+    crashed.claim = dataclasses.replace(crashed.claim, crashed=1)
+    assert batch_key(ctx, fresh) is not None and batch_key(ctx, crashed) is None
+    assert [[j.job_id for j in g] for g in group_jobs(ctx, [fresh, crashed, _job(2, "sd")])] == [["j0", "j2"], ["j1"]]
+
+
 def test_sdxl_refiner_jobs_batch():
     ctx = _ctx()
     jobs = [_job(k, "refiner") for k in range(3)]
@@ -225,3 +236,33 @@ def test_a_padded_call_is_timed_at_its_padded_size(model_root):
     before = CALL_TIMES.snapshot().get(1)
     _run(model, _stages("sd")[:1], 3, pad_to=4)  # one job of 3 images fills the 4 bucket: a call of 1 job
     assert CALL_TIMES.snapshot().get(1) not in (None, before)
+
+
+def test_a_failed_batchs_call_is_let_go_before_its_jobs_run_alone(monkeypatch):
+    """A batch that fails (out of GPU memory, say) re-runs its jobs one by one; the failed
+    call's tensors, held by the error's traceback, must be gone by then, or each job alone
+    runs short of the memory they hold."""
+    import weakref
+
+    from easel.worker import engine
+
+    held, alive_when_alone = [], []
+
+    class Activations:  # stands for the failed call's tensors
+        pass
+
+    def run_stages(ctx, jobs):
+        if len(jobs) > 1:
+            activations = Activations()
+            held.append(weakref.ref(activations))
+            raise RuntimeError("out of memory in the batched call")
+        alive_when_alone.append(held[0]() is not None)
+        raise ValueError("each job alone: stops here")
+
+    monkeypatch.setattr(engine, "run_stages", run_stages)
+    monkeypatch.setattr(engine, "settle_error", lambda ctx, app, d, exc: type(exc).__name__)
+    monkeypatch.setattr(engine, "_ended", lambda ctx, d, outcome, outcomes, job=None: outcomes.__setitem__(d, outcome))
+    outcomes: dict = {}
+    engine.run_group(_ctx(), None, [_job(k, "sd") for k in range(3)], outcomes)
+    assert alive_when_alone == [False, False, False]
+    assert sorted(outcomes.values()) == ["ValueError"] * 3

@@ -523,6 +523,23 @@ def test_a_tenant_held_at_its_cap_does_not_hand_a_newcomer_its_old_place(fair_cl
     assert got.get("new", 0) >= 20 and got.get("busy", 0) >= 15, got  # its credit, then a share each
 
 
+def test_newcomers_one_after_another_each_get_their_credit_not_more(fair_client, ref, ten_a_dispatch):
+    """Each newcomer starts its credit (20 jobs) below the backlogged tenants, not below the
+    newcomer before it: with three joining one after another, the backlogged tenant waits
+    for their 60 jobs, not for credits stacked on credits (20 + 40 + 60)."""
+    ten_a_dispatch += submit_paused(fair_client, ref, "busy", 300)
+    assert dispatched(fair_client, 10) == {"busy": 100}
+    newcomer_jobs = 0
+    for tenant in ("n1", "n2", "n3"):
+        ten_a_dispatch += submit_paused(fair_client, ref, tenant, 100)
+        got = dispatched(fair_client, 1)
+        assert "busy" not in got, got  # each one's credit runs first
+        newcomer_jobs += sum(got.values())
+    while "busy" not in (got := dispatched(fair_client, 1)):
+        newcomer_jobs += sum(got.values())
+    assert newcomer_jobs <= 3 * 20, newcomer_jobs  # (credits stacked: 90 here)
+
+
 def test_a_heavy_newcomers_credit_is_twenty_of_its_jobs(fair_client, ref, ten_a_dispatch):
     """Passes advance by 1/weight a job, so the credit is counted in the newcomer's own jobs:
     a tenant of weight 10 starts 20 jobs ahead, then shares 10:1, not 200 jobs ahead."""

@@ -29,9 +29,11 @@ BATCH_KINDS = ("sd", "sdxl-refiner", "sim")
 
 
 def batch_key(ctx: WorkerContext, job: "Job") -> tuple | None:
-    """None when the job must run alone (chains, ControlNet, Compel, kinds not in ``BATCH_KINDS``)."""
+    """None when the job must run alone (chains, ControlNet, Compel, kinds not in ``BATCH_KINDS``,
+    and a job whose worker died running it before: if it kills the process again, only
+    its own crash count reaches the poison limit, not its batch-mates')."""
     spec, plan = job.spec, job.plan
-    if job.delivery.segment != 0 or len(plan.segments) != 1 or len(spec.stages) != 1:
+    if job.claim.crashed or job.delivery.segment != 0 or len(plan.segments) != 1 or len(spec.stages) != 1:
         return None
     st = spec.stages[0]
     if st.task not in ("img2img", "text2img") or st.prompt_syntax != "plain" or st.control_image:

@@ -34,7 +34,7 @@ from easel.shared import tracing
 from easel.shared.celery_app import send_segment
 from easel.shared.images import encode_image
 from easel.shared.jobstore import Claim
-from easel.shared.scheduler import ADMITTED, ROOM
+from easel.shared.scheduler import ADMITTED, CANCEL_ASKED, ROOM
 from easel.shared.schema import TERMINAL_STATES, JobSpec, JobState, Plan, Segment, StageRecord
 from easel.shared.storage import job_prefix
 from easel.worker.batching import by_input_size, group_jobs, padded_images
@@ -42,7 +42,8 @@ from easel.worker.context import WorkerContext
 from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_handoff
 from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
-from easel.worker.policy import Delivery, cancelled, describe, fail, refusal, settle_error
+from easel.worker.policy import (Delivery, cancelled, describe, device_lost, drain_finishes, fail,
+                                 free_device_memory, refusal, settle_error)
 from easel.worker.runner import Carrier, Interrupted, decode_latents, denoised_area, pixel_size, run_stage
 from easel.worker.stops import READ_EVERY_S
 from easel.worker.watchdog import StageBudget, StageTimeout, cost_limit_s
@@ -175,6 +176,7 @@ def load_inputs(ctx: WorkerContext, job: Job) -> None:
 def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None:
     """The stages of a group of prepared jobs, then their hand-off or finish."""
     while jobs:
+        one_by_one = False
         try:
             run_stages(ctx, jobs)
             break
@@ -192,11 +194,17 @@ def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> N
                         "the pipeline call was interrupted with no cancel on record")), outcomes, job)
             jobs = [job for job in jobs if job.delivery not in outcomes]
         except Exception as exc:
-            if len(jobs) == 1 or isinstance(exc, StageTimeout):  # a batch over its time fails as one
+            # A batch over its time fails as one; a lost GPU ends the process (settle_error).
+            if len(jobs) == 1 or isinstance(exc, StageTimeout) or device_lost(exc):
                 for job in jobs:
                     _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
                 return
-            log.warning("batch of %d failed (%s); running its jobs one by one", len(jobs), exc)
+            log.warning("batch of %d failed (%s); running its jobs one by one", len(jobs), describe(exc))
+            one_by_one = True
+        if one_by_one:
+            # Out of the except block: the error's traceback, which holds the failed call's
+            # tensors (close to the batch's peak memory), is gone before the jobs run alone.
+            free_device_memory()
             for job in jobs:
                 run_group(ctx, app, [job], outcomes)
             return
@@ -274,6 +282,7 @@ def _arm_watchdog(ctx: WorkerContext, jobs: list[Job], i: int, stage, budget: St
 
     def fail_all(reason: str) -> None:
         ctx.store.transition_many([(job.job_id, JobState.failed, {"error": reason}) for job in jobs])
+        drain_finishes(ctx)
 
     ctx.watchdog.arm(left, f"stage {i} ({stage.task}, {stage.model}) made no progress within its time limit "
                            f"of {budget.allowed_s:.0f}s and {grace:.0f}s of grace; worker restarted", fail_all)
@@ -310,6 +319,9 @@ def hand_off(ctx: WorkerContext, app, job: Job) -> str:
         # pending set (a dispatch sends it).
         done, answer = ctx.scheduler.hand_off(job.job_id, spec, job.claim.created_at, seg_index, ctx.instance,
                                               nxt.queue, nxt.family, trace=tracing.carrier())
+        if answer == CANCEL_ASKED:  # asked after its last step: nothing in the step hook saw it
+            log.info("job %s was cancelled as its segment %d ended; not handed on", job.job_id, seg_index)
+            return cancelled(ctx, job.delivery)
         if not done:
             outcome, why = refusal(store.states_of([job.job_id])[0])
             log.warning("job %s %s before its hand-off; not sent on", job.job_id, why)

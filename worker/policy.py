@@ -110,12 +110,19 @@ def exit_device_lost(ctx, d: Delivery, exc: BaseException) -> None:
     ``FINISH_GRACE_S``."""
     log.critical("job %s segment %d: the GPU failed (%s); exiting so the launcher starts a fresh process and "
                  "the job runs again", d.job_id, d.segment, describe(exc))
+    drain_finishes(ctx)
+    logging.shutdown()
+    os._exit(DEVICE_LOST_EXIT_CODE)
+
+
+def drain_finishes(ctx) -> None:
+    """Before the process ends itself: the finishes it has pending (encodes and uploads of
+    jobs already denoised, no GPU) are written, within ``FINISH_GRACE_S``, so those jobs
+    are not denoised again, nor counted as crashed towards the poison limit."""
     if ctx.finisher is not None:
         waiting = threading.Thread(target=ctx.finisher.drain, daemon=True)
         waiting.start()
         waiting.join(FINISH_GRACE_S)
-    logging.shutdown()
-    os._exit(DEVICE_LOST_EXIT_CODE)
 
 
 @dataclass(frozen=True)
@@ -140,8 +147,9 @@ def describe(exc: BaseException) -> str:
 
 def end_as(ctx, d: Delivery, state: JobState, **fields) -> bool:
     """The delivery's final state change, which also ends the delivery (one round trip);
-    False if it was refused (the job ended, or another instance holds it)."""
-    return ctx.store.transition(d.job_id, state, end=(d.segment, ctx.instance), **fields)
+    False if it was refused: the job ended, another instance holds it, or it has moved past
+    this segment (taken over, then handed on, while this instance was cut off)."""
+    return ctx.store.transition(d.job_id, state, end=(d.segment, ctx.instance), segment=d.segment, **fields)
 
 
 def fail(ctx, d: Delivery, reason: str) -> str:
@@ -164,10 +172,16 @@ def refusal(state: str | None) -> tuple[str, str]:
     return "superseded", "was taken over by another worker"
 
 
-def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
-    """Re-send the segment after a full-jitter backoff (cap 1 s doubling, at most 30 s)."""
+def free_device_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back, so that a retry (or a failed
+    batch's jobs run alone) can have them; nothing on a CPU."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
+    """Re-send the segment after a full-jitter backoff (cap 1 s doubling, at most 30 s)."""
+    free_device_memory()
     n, oom = ctx.store.retries_of(d.job_id, d.segment)
     n, oom = n + 1, oom + isinstance(exc, torch.OutOfMemoryError)
     if isinstance(exc, torch.OutOfMemoryError) and oom > OOM_RETRIES:
@@ -181,18 +195,18 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     spec, plan = ctx.store.load(d.job_id)
     queue = d.queue or plan.segments[d.segment].queue
     # Queued while it waits out the backoff: its status says why, and a cancel ends it at
-    # once. Marked waiting in its queue first, so that from the moment the delivery ends a
+    # once. In its queue's position set first, so that from the moment the delivery ends a
     # reaper sends a retry whose message is lost again; the delivery ends before the send,
-    # so a claim of the re-sent message does not find it still held. The count is written
-    # with the state change: a job that ended or was taken over meanwhile is not sent again
-    # and counts no retry.
-    ctx.store.mark_queued(d.job_id, queue, spec.priority, due_at=time.time() + countdown)
+    # so a claim of the re-sent message does not find it still held. The record's queue,
+    # the message's due time (the lost-message sweep counts the wait from then) and the
+    # count are written with the state change: a job that ended, was taken over or moved
+    # on meanwhile keeps where it waits, is not sent again and counts no retry.
+    ctx.store.mark_position(d.job_id, queue, spec.priority)
     note = f"retry {n} of {ctx.settings.max_retries} after {describe(exc)}, sent again in {countdown:.1f}s"
-    if not end_as(ctx, d, JobState.queued, note=note, **retry_fields(d.segment, n, oom)):
-        state = ctx.store.states_of([d.job_id])[0]
-        if state != JobState.queued.value:  # taken over or ended: the entry just made is not its
-            ctx.store.unmark_queued(d.job_id)
-        outcome, why = refusal(state)
+    if not end_as(ctx, d, JobState.queued, note=note, queue=queue, due_at=time.time() + countdown,
+                  **retry_fields(d.segment, n, oom)):
+        ctx.store.drop_position(d.job_id, queue)
+        outcome, why = refusal(ctx.store.states_of([d.job_id])[0])
         log.warning("job %s %s before its retry was queued; not sent again", d.job_id, why)
         return outcome
     send_segment(app, d.job_id, d.segment, queue, spec.priority, countdown=countdown)
@@ -214,13 +228,23 @@ def settle_error(ctx, app, d: Delivery, exc: BaseException) -> str:
         return fail(ctx, d, describe(exc))
     except (redis.exceptions.RedisError, kombu.exceptions.OperationalError):  # settled again from the heartbeat
         log.exception("could not record how job %s segment %d ended; will try again", d.job_id, d.segment)
-        ctx.unsettled.put((d, exc))
+        ctx.unsettled.put((d, _without_frames(exc)))
         return "error"
     except Exception as e:
         if device_lost(e):  # retry_later's empty_cache on a GPU already lost
             exit_device_lost(ctx, d, e)
         log.exception("could not record how job %s segment %d ended", d.job_id, d.segment)
         return "error"
+
+
+def _without_frames(exc: BaseException) -> BaseException:
+    """``exc`` (and the errors chained to it) without tracebacks: kept until Redis answers
+    again, a traceback would keep the failed call's frames, and their GPU tensors, alive."""
+    seen, chained = exc, 0
+    while seen is not None and chained < 16:
+        seen.__traceback__ = None
+        seen, chained = seen.__cause__ or seen.__context__, chained + 1
+    return exc
 
 
 def settle_later(ctx, app) -> None:

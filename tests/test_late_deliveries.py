@@ -1,0 +1,96 @@
+"""A delivery that lost its job changes nothing that moved on: a worker cut off from Redis
+past its heartbeat, whose job another worker took over and handed on, and a chain segment
+whose cancel came after its last step. Store and scheduler scripts on the session's valkey."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import redis
+import yaml
+
+FAMILIES = ("latea", "lateb")
+
+
+@pytest.fixture(scope="module")
+def late_client(easel_env, tmp_path_factory):
+    from easel.producer.client import EaselClient
+    from easel.shared.settings import Settings
+
+    path = tmp_path_factory.mktemp("late") / "models.yaml"
+    sim = {"source": "sim", "latent_space": "none", "kind": "sim", "sim_step_s": 0.01}
+    path.write_text(yaml.safe_dump({"models": {f: {**sim, "family": f} for f in FAMILIES}}))
+    env = {**easel_env, "EASEL_MODELS": str(path)}
+    return EaselClient(Settings(**{k[len("EASEL_"):].lower(): v for k, v in env.items()}))
+
+
+@pytest.fixture
+def chain(late_client):
+    """A two-family chain job's record (latea, then lateb), claimed by instance i1; lateb
+    paused, so a hand-off there waits its turn. Returns (job id, spec, queues)."""
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec
+
+    store, sched = late_client.store, late_client.scheduler
+    spec = JobSpec.model_validate({"input": {"image": "s3://easel/inputs/x.png"}, "stages": [
+        {"model": "latea", "prompt": "a", "seed": 1, "steps": 2, "strength": 1.0},
+        {"model": "lateb", "prompt": "b", "seed": 2, "steps": 2, "strength": 1.0}]})
+    plan = plan_job(spec, late_client.registry)
+    qa, qb = (seg.queue for seg in plan.segments)
+    job_id, _ = store.create(spec, plan)
+    store.mark_queued(job_id, qa, 0)
+    assert store.claim_many([(job_id, 0, qa)], "w1", "i1", 3)[0].outcome == "run"
+    sched.pause(qb)
+    yield job_id, spec, (qa, qb)
+    sched.resume(qb)
+    store.r.delete(store.key(job_id), *store.r.scan_iter(match=f"{store.prefix}:*late[ab]*"))
+
+
+def test_a_late_retry_from_a_worker_that_lost_its_job_leaves_it_where_it_moved(late_client, chain):
+    """i1 is cut off past its heartbeat; a reaper requeues the job, i2 runs the segment and
+    hands it on to lateb, where it waits its turn. i1's transient error, settled once Redis
+    answers again, must not queue the job back in latea (whose worker would then be sent
+    lateb's segment), nor count a retry; a permanent one must not fail it."""
+    from easel.shared.schema import JobState
+    from easel.worker.policy import Delivery, fail, retry_later
+
+    store, sched = late_client.store, late_client.scheduler
+    job_id, spec, (qa, qb) = chain
+    assert store.requeue(job_id, 0, "i1", "heartbeat expired")
+    again = store.claim_many([(job_id, 0, qa)], "w2", "i2", 3)[0]
+    assert again.outcome == "run" and again.crashed == 1  # i1's delivery never ended
+    created_at = float(store.r.hget(store.key(job_id), "created_at"))
+    assert sched.hand_off(job_id, spec, created_at, 0, "i2", qb, "lateb") == (True, 0)  # PENDING
+
+    cut_off = SimpleNamespace(store=store, settings=late_client.settings, instance="i1")
+    late = Delivery(job_id, 0, qa)
+    assert retry_later(cut_off, None, late, redis.ConnectionError("Connection reset by peer")) == "superseded"
+    assert fail(cut_off, late, "a permanent error") == "failed"  # its outcome, refused below
+    record = store.r.hmget(store.key(job_id), "state", "segment", "queue", "retries:0", "note")
+    assert record[:4] == [JobState.queued.value, "1", qb, None], record
+    assert store.r.zscore(f"{store.prefix}:queued:{qa}", job_id) is None  # no place left in latea
+    sched.resume(qb)
+    assert [j for j, _, _ in sched.dispatch({qb: "lateb"}).moved] == [job_id]
+
+
+def test_a_cancel_asked_as_a_segment_ends_ends_the_job_instead_of_its_hand_off(late_client, chain):
+    """A cancel that comes after a segment's last step (while it decodes or writes its
+    hand-off) finds the job held and running, so it only sets the flag: the hand-off sees
+    it and hands nothing on; the delivery then ends the job cancelled, at once, instead of
+    leaving it to wait its turn in lateb for a claim to cancel it."""
+    from easel.shared.jobstore import DEFAULT_TENANT
+    from easel.shared.keys import pending_key
+    from easel.shared.scheduler import CANCEL_ASKED
+    from easel.shared.schema import JobState
+    from easel.worker.policy import Delivery, cancelled
+
+    store, sched = late_client.store, late_client.scheduler
+    job_id, spec, (qa, qb) = chain
+    assert store.request_cancel(job_id) == JobState.running
+    created_at = float(store.r.hget(store.key(job_id), "created_at"))
+    assert sched.hand_off(job_id, spec, created_at, 0, "i1", qb, "lateb") == (False, CANCEL_ASKED)
+    assert store.r.hmget(store.key(job_id), "state", "segment", "instance") == [JobState.running.value, "0", "i1"]
+    assert store.r.zscore(pending_key(store.prefix, qb, DEFAULT_TENANT), job_id) is None
+    holder = SimpleNamespace(store=store, settings=late_client.settings, instance="i1")
+    assert cancelled(holder, Delivery(job_id, 0, qa)) == "cancelled"
+    assert store.status(job_id).state == JobState.cancelled
