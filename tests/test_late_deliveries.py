@@ -65,7 +65,7 @@ def test_a_late_retry_from_a_worker_that_lost_its_job_leaves_it_where_it_moved(l
     cut_off = SimpleNamespace(store=store, settings=late_client.settings, instance="i1")
     late = Delivery(job_id, 0, qa)
     assert retry_later(cut_off, None, late, redis.ConnectionError("Connection reset by peer")) == "superseded"
-    assert fail(cut_off, late, "a permanent error") == "failed"  # its outcome, refused below
+    assert fail(cut_off, late, "a permanent error") == "superseded"
     record = store.r.hmget(store.key(job_id), "state", "segment", "queue", "retries:0", "note")
     assert record[:4] == [JobState.queued.value, "1", qb, None], record
     assert store.r.zscore(f"{store.prefix}:queued:{qa}", job_id) is None  # no place left in latea

@@ -153,13 +153,17 @@ def end_as(ctx, d: Delivery, state: JobState, **fields) -> bool:
 
 
 def fail(ctx, d: Delivery, reason: str) -> str:
-    end_as(ctx, d, JobState.failed, error=reason)
-    return "failed"
+    return "failed" if end_as(ctx, d, JobState.failed, error=reason) else _refused(ctx, d)
 
 
 def cancelled(ctx, d: Delivery) -> str:
-    end_as(ctx, d, JobState.cancelled, error="cancelled while running")
-    return "cancelled"
+    return "cancelled" if end_as(ctx, d, JobState.cancelled, error="cancelled while running") else _refused(ctx, d)
+
+
+def _refused(ctx, d: Delivery) -> str:
+    outcome, why = refusal(ctx.store.states_of([d.job_id])[0])
+    log.warning("job %s %s; this delivery's end is not its state", d.job_id, why)
+    return outcome
 
 
 def refusal(state: str | None) -> tuple[str, str]:
@@ -206,9 +210,7 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     if not end_as(ctx, d, JobState.queued, note=note, queue=queue, due_at=time.time() + countdown,
                   **retry_fields(d.segment, n, oom)):
         ctx.store.drop_position(d.job_id, queue)
-        outcome, why = refusal(ctx.store.states_of([d.job_id])[0])
-        log.warning("job %s %s before its retry was queued; not sent again", d.job_id, why)
-        return outcome
+        return _refused(ctx, d)
     send_segment(app, d.job_id, d.segment, queue, spec.priority, countdown=countdown)
     return "retrying"
 
