@@ -7,7 +7,7 @@ This module is the only one that reads or writes a job's hash. One hash per job,
 - ``state`` (queued | running | succeeded | failed | cancelled), ``created_at``,
   ``updated_at``, ``started_at``, ``finished_at``; ``error`` for failed and cancelled jobs;
   ``note``: what recovery did (``requeued: worker X ... stopped beating; ...``), and
-  ``requeued_from`` (``<instance>:<segment>``) that recovery's delivery.
+  ``requeued_from`` (``<instance>:<segment>``) that recovery's delivery, until the next claim.
 - ``queue``: the queue-position set the job waits in (``<prefix>:queued:<queue>``);
   ``cancel`` = 1 once cancel was asked.
 - ``segment``: the segment that runs or waits next; ``worker`` (hostname) and ``instance``
@@ -98,7 +98,8 @@ end
 # holds the job, resets the segment's crash counter and clears the holder (a final state
 # keeps it: it names the last holder, and no claim or reaper reads it past a final state);
 # while another instance
-# holds it, the delivery has been taken over and its state change is refused. A ``segment``
+# holds it, or a reaper took it from this instance (``requeued_from``, until the next claim),
+# the delivery has been taken over and its state change is refused. A ``segment``
 # field never moves the job back (a late hand-off after the next segment has run). Guards,
 # pairs whose name starts with ``?`` (not written): ``?never_claimed`` refuses the change
 # once any worker has claimed the job (a producer failing a job whose message it could not
@@ -110,7 +111,7 @@ end
 _TRANSITION_FN = _WEBHOOK_DUE + f"""
 local function transition(K, A)
   local h = redis.call('HMGET', K[1], 'state', 'instance', 'segment', 'capped', 'attempts', 'webhook_url',
-                       'webhook_events')
+                       'webhook_events', 'requeued_from')
   local cur = h[1]
   if not cur then
     redis.call('DEL', K[1])  -- what a late write made of an expired record (see _CLAIM)
@@ -124,8 +125,8 @@ local function transition(K, A)
         redis.call('HDEL', K[1], 'instance')
       end
       writes = {{'inflight:' .. A[4], '0'}}
-    elseif h[2] then
-      return 0
+    elseif h[2] or h[8] == A[5] .. ':' .. A[4] then
+      return 0  -- another instance holds it, or a reaper took it from this one
     end
   end
   local function commit(reply)
@@ -230,7 +231,7 @@ local n = tonumber(h[11] or '0') + 1
 local attempt = cjson.encode({{segment = seg, worker = ARGV[4], instance = ARGV[8], started_at = tonumber(ARGV[5])}})
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[4], 'instance', ARGV[8], 'segment', ARGV[3],
            'updated_at', ARGV[5], 'claimed_at', ARGV[5], 'started_at', started, 'attempts', n,
-           'attempt:' .. n, attempt, 'inflight:' .. ARGV[3], crashed + 1)
+           'attempt:' .. n, attempt, 'inflight:' .. ARGV[3], crashed + 1, 'requeued_from', '')
 redis.call('SADD', ARGV[9] .. ARGV[8], ARGV[2] .. ':' .. ARGV[3])
 redis.call('PUBLISH', KEYS[2], ARGV[7])
 return {{'run', h[4], h[5], h[7], started, n, attempt, crashed}}
@@ -823,11 +824,13 @@ class JobStore:
     def _queued_key(self, queue: str) -> str:
         return f"{self.prefix}:queued:{queue}"
 
-    def mark_queued(self, job_id: str, queue: str, priority: int) -> None:
-        """Record that a job waits in ``queue`` (priority 0 first, then submission order)."""
+    def mark_queued(self, job_id: str, queue: str, priority: int, *, due_at: float | None = None) -> None:
+        """Record that a job waits in ``queue`` (priority 0 first, then submission order).
+        ``due_at``: its message is held back until then (a countdown), so the lost-message
+        sweep counts its wait from then, not from its last state change."""
         pipe = self.r.pipeline(transaction=False)
         pipe.zadd(self._queued_key(queue), {job_id: queue_score(priority, time.time())})
-        pipe.hset(self.key(job_id), "queue", queue)
+        pipe.hset(self.key(job_id), mapping={"queue": queue, **({"due_at": due_at} if due_at else {})})
         pipe.execute()
 
     def mark_position(self, job_id: str, queue: str, priority: int) -> None:
@@ -836,9 +839,11 @@ class JobStore:
         self.r.zadd(self._queued_key(queue), {job_id: queue_score(priority, time.time())})
 
     def drop_position(self, job_id: str, queue: str) -> None:
-        """Leave ``queue``'s position set unless the job's record says it waits there."""
-        state, waits_in = self.r.hmget(self.key(job_id), "state", "queue")
-        if state != JobState.queued.value or waits_in != queue:
+        """Leave ``queue``'s position set unless the job waits there, or another instance
+        holds it (which may be entering that set for a retry of its own)."""
+        state, waits_in, holder = self.r.hmget(self.key(job_id), "state", "queue", "instance")
+        waits_here = state == JobState.queued.value and waits_in == queue
+        if not waits_here and (holder is None or state is None or JobState(state).terminal):
             self.r.zrem(self._queued_key(queue), job_id)
 
     def waiting_in(self, job_id: str) -> tuple[str, str, str]:

@@ -85,13 +85,20 @@ local function admit(k, job, score, tenant, credit, margin, queue, wait_score)
   end
   if not redis.call('ZSCORE', k[2], tenant) then
     local pass = tonumber(redis.call('HGET', k[3], tenant) or '0')
-    -- Level with the tenant furthest on, less its credit: backlogged tenants' passes stay
-    -- within one job's stride of each other (the farm's virtual time), newcomers run below it
-    -- during their credit, so starting from the lowest pass would put each newcomer a
-    -- credit below the one before, and a backlogged tenant behind them all.
-    local lead = redis.call('ZRANGE', k[2], -1, -1, 'WITHSCORES')
-    if #lead > 0 then
-      local front = tonumber(lead[2])
+    -- Level with where service stands, less its credit. A tenant's pass less one stride
+    -- (1/weight) is the pass it was last served at, and the latest of those is where
+    -- service stands (the lowest pass where that is higher: tenants not served yet). Not
+    -- the lowest pass alone: newcomers run below it during their credit, so each newcomer
+    -- would start a credit below the one before, and a backlogged tenant would wait behind
+    -- them all. Nor the highest: a low-weight tenant's stride puts it far ahead, and a
+    -- newcomer would start level with the others, with no credit.
+    local active = redis.call('ZRANGE', k[2], 0, -1, 'WITHSCORES')
+    local front = active[2] and tonumber(active[2])
+    for i = 1, #active, 2 do
+      local served = tonumber(active[i + 1]) - 1 / tonumber(redis.call('HGET', k[11], active[i]) or '1')
+      if served > front then front = served end
+    end
+    if front then
       local weight = tonumber(redis.call('HGET', k[11], tenant) or '1')
       pass = math.min(math.max(pass, front - tonumber(credit) / weight), front)
     end

@@ -704,14 +704,18 @@ def test_a_retry_gets_its_job_before_any_check_of_a_new_one(inproc):
     retry = {**job_body(f"{UNRESOLVABLE}/in.png"), "webhook_url": f"{UNRESOLVABLE}/hook"}
     again = inproc.post("/v1/jobs", json=retry, headers=key)
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"], again.text
-    assert again.headers["location"] == first.headers["location"] and again.json()["webhook"] is None
+    assert again.headers["location"] == first.headers["location"]
+    # The job had no webhook: the retry's is registered, as its first request would have done
+    # had its reply been lost after queueing the job (the URL is checked when it is sent to).
+    assert again.json()["webhook"]["url"] == retry["webhook_url"]
     assert inproc.delete(f"/v1/jobs/{first.json()['id']}").json()["state"] == "cancelled"
 
 
 def test_a_job_queued_just_before_redis_drops_is_already_its_keys(inproc):
     """The script that queues a job writes its owner with it: a connection lost right after
     (the reply of the next command never comes) leaves a job its key can read, cancel and
-    get again with its idempotency key, never one that no key owns."""
+    get again with its idempotency key, never one that no key owns; the retry then does
+    what the first request could not."""
     import redis as redis_lib
 
     api = inproc.app.state.api
@@ -722,7 +726,7 @@ def test_a_job_queued_just_before_redis_drops_is_already_its_keys(inproc):
         raise redis_lib.ConnectionError("Connection closed by server.")
 
     key = {"Idempotency-Key": f"blip-{uuid.uuid4().hex}"}
-    body = job_body(upload(inproc))
+    body = {**job_body(upload(inproc)), "webhook_url": "https://93.184.216.34/hook"}  # public, no DNS
     api.client.scheduler.submit_many = queued_then_dropped
     try:
         r = inproc.post("/v1/jobs", json=body, headers=key)
@@ -732,8 +736,13 @@ def test_a_job_queued_just_before_redis_drops_is_already_its_keys(inproc):
     (job_id,) = queued
     assert api.store.owner(job_id) == "main"
     assert inproc.get(f"/v1/jobs/{job_id}").status_code == 200
+    assert not api.r.sismember(api.inflight.key("main"), job_id)  # its reservation went with the 503
     again = inproc.post("/v1/jobs", json=body, headers=key)
     assert again.status_code == 200 and again.json()["id"] == job_id, again.text
+    # What the first request would have done next: the job counts under the key's cap, and
+    # has its webhook.
+    assert api.r.sismember(api.inflight.key("main"), job_id)
+    assert again.json()["webhook"]["url"] == body["webhook_url"]
     assert inproc.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
 
 

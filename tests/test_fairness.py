@@ -540,6 +540,19 @@ def test_newcomers_one_after_another_each_get_their_credit_not_more(fair_client,
     assert newcomer_jobs <= 3 * 20, newcomer_jobs  # (credits stacked: 90 here)
 
 
+def test_a_low_weight_tenant_ahead_does_not_take_a_newcomers_credit(fair_client, ref, ten_a_dispatch):
+    """A tenant of weight 0.05 advances 20 passes a job, so its pass runs far ahead of where
+    service stands; a newcomer still starts its credit (20 jobs) below the others."""
+    fair_client.scheduler.set_weight("slow", 0.05)
+    try:
+        ten_a_dispatch += submit_paused(fair_client, ref, "slow", 20) + submit_paused(fair_client, ref, "busy", 200)
+        assert dispatched(fair_client, 3) == {"slow": 2, "busy": 28}
+        ten_a_dispatch += submit_paused(fair_client, ref, "new", 80)
+        assert dispatched(fair_client, 2).get("new", 0) >= 19  # (level with "slow" less 20: 8)
+    finally:
+        fair_client.store.r.hdel(f"{fair_client.store.prefix}:weights", "slow")
+
+
 def test_a_heavy_newcomers_credit_is_twenty_of_its_jobs(fair_client, ref, ten_a_dispatch):
     """Passes advance by 1/weight a job, so the credit is counted in the newcomer's own jobs:
     a tenant of weight 10 starts 20 jobs ahead, then shares 10:1, not 200 jobs ahead."""

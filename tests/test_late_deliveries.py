@@ -94,3 +94,21 @@ def test_a_cancel_asked_as_a_segment_ends_ends_the_job_instead_of_its_hand_off(l
     holder = SimpleNamespace(store=store, settings=late_client.settings, instance="i1")
     assert cancelled(holder, Delivery(job_id, 0, qa)) == "cancelled"
     assert store.status(job_id).state == JobState.cancelled
+
+
+def test_an_instance_a_reaper_took_the_job_from_changes_nothing_until_it_claims_again(late_client, chain):
+    """i1 stalls past its heartbeat and a reaper requeues its job: before any claim, nobody
+    holds it, and i1 waking to a failure (its stage's time limit, say) must not end a job
+    that waits for its next delivery. A delivery i1 claims afterwards is its own again."""
+    from easel.shared.schema import JobState
+    from easel.worker.policy import Delivery, fail
+
+    store = late_client.store
+    job_id, _, (qa, _) = chain
+    assert store.requeue(job_id, 0, "i1", "heartbeat expired")
+    i1 = SimpleNamespace(store=store, settings=late_client.settings, instance="i1")
+    assert fail(i1, Delivery(job_id, 0, qa), "stage 0 made no progress within its time limit") == "superseded"
+    assert store.status(job_id).state == JobState.queued
+    assert store.claim_many([(job_id, 0, qa)], "w1", "i1", 3)[0].outcome == "run"
+    assert fail(i1, Delivery(job_id, 0, qa), "a failure of this delivery") == "failed"
+    assert store.status(job_id).state == JobState.failed

@@ -153,15 +153,22 @@ def end_as(ctx, d: Delivery, state: JobState, **fields) -> bool:
 
 
 def fail(ctx, d: Delivery, reason: str) -> str:
-    return "failed" if end_as(ctx, d, JobState.failed, error=reason) else _refused(ctx, d)
+    return "failed" if end_as(ctx, d, JobState.failed, error=reason) else _refused(ctx, d, JobState.failed)
 
 
 def cancelled(ctx, d: Delivery) -> str:
-    return "cancelled" if end_as(ctx, d, JobState.cancelled, error="cancelled while running") else _refused(ctx, d)
+    return ("cancelled" if end_as(ctx, d, JobState.cancelled, error="cancelled while running")
+            else _refused(ctx, d, JobState.cancelled))
 
 
-def _refused(ctx, d: Delivery) -> str:
-    outcome, why = refusal(ctx.store.states_of([d.job_id])[0])
+def _refused(ctx, d: Delivery, wanted: JobState) -> str:
+    """The outcome of a refused state change: ``wanted`` itself when the job is in it with
+    this instance as its last holder (the change was made, its reply lost and the script
+    run again), else why it was refused."""
+    state, holder = ctx.store.r.hmget(ctx.store.key(d.job_id), "state", "instance")
+    if state == wanted.value and holder == ctx.instance:
+        return wanted.value
+    outcome, why = refusal(state)
     log.warning("job %s %s; this delivery's end is not its state", d.job_id, why)
     return outcome
 
@@ -210,7 +217,7 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     if not end_as(ctx, d, JobState.queued, note=note, queue=queue, due_at=time.time() + countdown,
                   **retry_fields(d.segment, n, oom)):
         ctx.store.drop_position(d.job_id, queue)
-        return _refused(ctx, d)
+        return _refused(ctx, d, JobState.queued)
     send_segment(app, d.job_id, d.segment, queue, spec.priority, countdown=countdown)
     return "retrying"
 

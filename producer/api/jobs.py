@@ -56,6 +56,17 @@ def _replayed(api: ApiState, spec: JobSpec, p: Principal) -> str | None:
     return job_id if job_id is not None and api.store.owner(job_id) == p.name else None
 
 
+def _mend(api: ApiState, job_id: str, url: str | None, p: Principal) -> None:
+    """What the request that created a replayed job did once the job was queued, done again
+    in case its reply was lost (a 503 after the job was queued, then a retry): the job's
+    place under the key's in-flight cap, and its webhook. Neither is made twice: a place is
+    a set member, and a job with a webhook keeps it as it is."""
+    if p.key.over_cap != "hold":
+        api.inflight.adopt(p.name, job_id)
+    if url and api.secret_for(p.name) and not api.store.webhook_target(job_id)[0]:
+        api.dispatcher.register(job_id, url, p.key.webhook_events)
+
+
 def _check_webhook(api: ApiState, url: str, p: Principal) -> None:
     if not api.secret_for(p.name):
         raise HTTPException(422, "webhook_url: this server has no webhook secret (EASEL_WEBHOOK_SECRET)")
@@ -115,13 +126,14 @@ def create_job(body: JobRequest, response: Response, p: Caller, api: ApiDep,
                idempotency_key: IdempotencyKey = None) -> JobResponse:
     """Queue a job. Same idempotency key (body or header) from the same API key: the same job."""
     spec = _namespaced(body.spec(), idempotency_key, p)
+    url = str(body.webhook_url) if body.webhook_url else None
     replay = _replayed(api, spec, p)
     if replay is not None:
+        _mend(api, replay, url, p)
         response.status_code = 200
         response.headers["Location"] = f"/v1/jobs/{replay}"
         return api.render(replay)
     api.check_refs(spec, p)
-    url = str(body.webhook_url) if body.webhook_url else None
     if url:
         _check_webhook(api, url, p)
     job_id, created, token = _submit(api, spec, p)
@@ -134,6 +146,7 @@ def create_job(body: JobRequest, response: Response, p: Caller, api: ApiDep,
     else:  # a concurrent request with this idempotency key created it
         if token:
             api.inflight.release(p.name, token)
+        _mend(api, job_id, url, p)
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return api.render(job_id)

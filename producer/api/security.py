@@ -150,6 +150,11 @@ class InFlight:
         pipe.sadd(self.key(name), job_id)
         pipe.execute()
 
+    def adopt(self, name: str, job_id: str) -> None:
+        """Count a job the key submitted whose reservation was let go before its commit (its
+        request failed after queueing it); a job counted already stays counted once."""
+        self.r.sadd(self.key(name), job_id)
+
     def release(self, name: str, token: str) -> None:
         self.r.srem(self.key(name), token)
 
