@@ -162,12 +162,15 @@ end
 """
 _TRANSITION = _TRANSITION_FN + "return transition(KEYS, ARGV)\n"
 
-# Record a job's webhook. A job that ended before (a quick job, or one cancelled at once) is
-# due at once: its terminal transition found no webhook to make due. KEYS: job hash, watch
+# Record a job's webhook, once: a job that has one keeps it (a replayed request's second
+# registration must not send a delivered one again). A job that ended before (a quick job,
+# or one cancelled at once) is due at once: its terminal transition found no webhook to make
+# due. KEYS: job hash, watch
 # set, due set. ARGV: job id, URL, events JSON, '1' to watch for passing events, now.
 _SET_WEBHOOK = _WEBHOOK_DUE + f"""
-local cur = redis.call('HGET', KEYS[1], 'state')
-if not cur then return 0 end
+local h = redis.call('HMGET', KEYS[1], 'state', 'webhook_url')
+local cur = h[1]
+if not cur or h[2] then return 0 end
 redis.call('HSET', KEYS[1], 'webhook_url', ARGV[2], 'webhook_state', 'pending', 'webhook_attempts', 0,
            'webhook_events', ARGV[3])
 if {_TERMINAL} then
@@ -834,16 +837,15 @@ class JobStore:
         pipe.execute()
 
     def mark_position(self, job_id: str, queue: str, priority: int) -> None:
-        """Enter ``queue``'s position set alone, for a state change that writes the record's
-        ``queue`` itself only if it happens (a retry's); ``drop_position`` if it did not."""
-        self.r.zadd(self._queued_key(queue), {job_id: queue_score(priority, time.time())})
+        """Enter ``queue``'s position set alone (kept where the job has one already), for a
+        state change that writes the record's ``queue`` itself only if it happens (a
+        retry's, a requeue's); ``drop_position`` if it did not."""
+        self.r.zadd(self._queued_key(queue), {job_id: queue_score(priority, time.time())}, nx=True)
 
     def drop_position(self, job_id: str, queue: str) -> None:
-        """Leave ``queue``'s position set unless the job waits there, or another instance
-        holds it (which may be entering that set for a retry of its own)."""
-        state, waits_in, holder = self.r.hmget(self.key(job_id), "state", "queue", "instance")
-        waits_here = state == JobState.queued.value and waits_in == queue
-        if not waits_here and (holder is None or state is None or JobState(state).terminal):
+        """Leave ``queue``'s position set unless the job's record says it waits there."""
+        state, waits_in = self.r.hmget(self.key(job_id), "state", "queue")
+        if state != JobState.queued.value or waits_in != queue:
             self.r.zrem(self._queued_key(queue), job_id)
 
     def waiting_in(self, job_id: str) -> tuple[str, str, str]:

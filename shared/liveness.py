@@ -170,11 +170,19 @@ class Reaper(_Loop):
         return resent
 
     def _requeue(self, instance: str, job_id: str, segment: int, why: str) -> bool:
+        # In its queue's position set before the requeue: should this pass stop before the
+        # send, the lost-message sweep finds the job waiting there with no message.
+        try:
+            spec, plan = self.store.load(job_id)
+        except KeyError:  # its record expired: nothing to requeue (the script deletes what is left)
+            self.store.requeue(job_id, segment, instance, why)
+            return False
+        queue = plan.segments[segment].queue
+        self.store.mark_position(job_id, queue, spec.priority)
         note = self.store.requeue(job_id, segment, instance, why)
         if note is None:
+            self.store.drop_position(job_id, queue)
             return False  # ended, or another delivery took it meanwhile
-        spec, plan = self.store.load(job_id)
-        queue = plan.segments[segment].queue
         self.store.mark_queued(job_id, queue, spec.priority)
         self._send_again(job_id, segment, queue, spec.priority)
         log.warning("job %s segment %d %s", job_id, segment, note)

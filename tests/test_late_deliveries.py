@@ -112,3 +112,77 @@ def test_an_instance_a_reaper_took_the_job_from_changes_nothing_until_it_claims_
     assert store.claim_many([(job_id, 0, qa)], "w1", "i1", 3)[0].outcome == "run"
     assert fail(i1, Delivery(job_id, 0, qa), "a failure of this delivery") == "failed"
     assert store.status(job_id).state == JobState.failed
+
+
+def test_a_frozen_workers_watchdog_fails_only_the_jobs_it_still_holds(late_client, chain):
+    """A process frozen past its heartbeat (a kernel call that never returns, say) wakes to
+    its stage watchdog firing: by then a reaper may have given its job to another worker,
+    whose run the watchdog must not fail. A job it still holds fails with the reason."""
+    from easel.shared.jobstore import Claim
+    from easel.shared.schema import JobState
+    from easel.worker.engine import Job, _arm_watchdog
+    from easel.worker.policy import Delivery
+    from easel.worker.watchdog import StageBudget
+
+    store = late_client.store
+    job_id, spec, (qa, _) = chain
+    fired = []
+    ctx = SimpleNamespace(store=store, settings=late_client.settings, instance="i1", finisher=None,
+                          watchdog=SimpleNamespace(arm=lambda seconds, reason, on_fire: fired.append((reason, on_fire))))
+    job = Job(Delivery(job_id, 0, qa), Claim("run", spec, store.load(job_id)[1]))
+    budget = StageBudget(60.0, 600.0, 3.0, 0.0)
+
+    assert store.requeue(job_id, 0, "i1", "heartbeat expired")
+    assert store.claim_many([(job_id, 0, qa)], "w2", "i2", 3)[0].outcome == "run"
+    _arm_watchdog(ctx, [job], 0, spec.stages[0], budget)
+    reason, fail_all = fired[-1]
+    fail_all(reason)
+    assert store.r.hmget(store.key(job_id), "state", "instance") == [JobState.running.value, "i2"]
+
+    i2 = SimpleNamespace(**{**vars(ctx), "instance": "i2"})
+    _arm_watchdog(i2, [job], 0, spec.stages[0], budget)
+    reason, fail_all = fired[-1]
+    fail_all(reason)
+    status = store.status(job_id)
+    assert status.state == JobState.failed and "made no progress within its time limit" in status.error
+
+
+def test_a_jobs_webhook_is_registered_once(late_client, chain):
+    """A second registration (an idempotent replay racing the request it replays) leaves
+    the first as it is: a delivered webhook is not sent again."""
+    store = late_client.store
+    job_id, _, _ = chain
+    store.set_webhook(job_id, "https://93.184.216.34/first", ["succeeded", "failed", "cancelled"], passing=False)
+    store.webhook_state(job_id, "delivered")
+    store.set_webhook(job_id, "https://93.184.216.34/second", ["succeeded", "failed", "cancelled"], passing=False)
+    assert store.r.hmget(store.key(job_id), "webhook_url", "webhook_state") == ["https://93.184.216.34/first",
+                                                                               "delivered"]
+
+
+def test_a_requeue_cut_short_leaves_the_job_to_the_lost_message_sweep(late_client, chain):
+    """A reaper that requeues a dead instance's job and is cut off right after (Redis gone
+    before its next command, the reaper's process ending) leaves the job where the
+    lost-message sweep looks: waiting in its queue's position set, with no message, so it
+    is sent. (The instance, if it was only stalled, can no longer end it itself.)"""
+    import time
+
+    from easel.shared.liveness import Reaper
+    from easel.shared.schema import JobState
+
+    store = late_client.store
+    job_id, _, (qa, _) = chain
+    sent = []
+
+    def cut_off(*args, **kw):
+        raise redis.ConnectionError("Connection closed by server.")
+
+    store.mark_queued = cut_off  # the first command after the requeue script
+    try:
+        with pytest.raises(redis.ConnectionError):
+            Reaper(store, lambda *a, **kw: None, every_s=1, ttl_s=1)._requeue("i1", job_id, 0, "heartbeat expired")
+    finally:
+        del store.mark_queued
+    assert store.status(job_id).state == JobState.queued and store.queue_position(job_id) is not None
+    time.sleep(0.2)
+    reaper = Reaper(store, lambda *a, **kw: sent.append(a), every_s=1, ttl_s=0.1, queues=[qa])
+    assert reaper.sweep_lost(qa) == [job_id] and sent[0][:3] == (job_id, 0, qa)

@@ -281,7 +281,11 @@ def _arm_watchdog(ctx: WorkerContext, jobs: list[Job], i: int, stage, budget: St
     left = budget.deadline - time.monotonic() + grace
 
     def fail_all(reason: str) -> None:
-        ctx.store.transition_many([(job.job_id, JobState.failed, {"error": reason}) for job in jobs])
+        # As the deliveries' own ends (end_as): a job a reaper took meanwhile (this process
+        # froze past its heartbeat) is another delivery's now, and is left to it.
+        segment = jobs[0].delivery.segment
+        ctx.store.transition_many([(job.job_id, JobState.failed, {"error": reason, "segment": segment})
+                                   for job in jobs], end=(segment, ctx.instance))
         drain_finishes(ctx)
 
     ctx.watchdog.arm(left, f"stage {i} ({stage.task}, {stage.model}) made no progress within its time limit "

@@ -218,6 +218,7 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
                   **retry_fields(d.segment, n, oom)):
         ctx.store.drop_position(d.job_id, queue)
         return _refused(ctx, d, JobState.queued)
+    ctx.store.mark_position(d.job_id, queue, spec.priority)  # a late delivery's drop_position may have met it
     send_segment(app, d.job_id, d.segment, queue, spec.priority, countdown=countdown)
     return "retrying"
 
