@@ -658,6 +658,8 @@ class JobStore:
         fields = {"state": state.value, "updated_at": now, **fields}
         if state.terminal:
             fields.setdefault("finished_at", now)
+        if end is not None:  # never a segment the job has moved past (unless the change names the next)
+            fields.setdefault("segment", segment)
         argv[0], argv[5] = self._event(state, fields), state.value
         for k, v in fields.items():
             argv += [k, json.dumps(v) if isinstance(v, (list, dict)) else v]
@@ -666,7 +668,8 @@ class JobStore:
     def transition(self, job_id: str, state: JobState | None, *, end: tuple[int, str] | None = None,
                    never_claimed: bool = False, **fields) -> bool:
         """Move a non-terminal job to ``state`` with extra fields; False if it was already terminal.
-        ``end=(segment, instance)`` also ends that instance's delivery of the segment;
+        ``end=(segment, instance)`` also ends that instance's delivery of the segment, and is
+        refused once the job has moved past it;
         ``never_claimed`` refuses the change once a worker has claimed the job. One round
         trip: the event is published by the same script, only if the change happened."""
         args = self._transition_args(job_id, state, fields, end, ("?never_claimed",) if never_claimed else ())
@@ -1023,6 +1026,11 @@ class JobStore:
         for job_id in job_ids:
             pipe.hmget(self.key(job_id), "state", "error", "outputs", "manifest")
         return [tuple(x) for x in pipe.execute()]
+
+    def state_and_holder(self, job_id: str) -> tuple[str | None, str | None]:
+        """The job's state and the instance holding it (a final state names its last one)."""
+        state, holder = self.r.hmget(self.key(job_id), "state", "instance")
+        return state, holder
 
     def states_of(self, job_ids: list[str]) -> list[str | None]:
         pipe = self.r.pipeline(transaction=False)

@@ -43,7 +43,7 @@ from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_
 from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
 from easel.worker.policy import (Delivery, cancelled, describe, device_lost, drain_finishes, fail,
-                                 free_device_memory, refusal, settle_error)
+                                 free_device_memory, refusal, refused, settle_error)
 from easel.worker.runner import Carrier, Interrupted, decode_latents, denoised_area, pixel_size, run_stage
 from easel.worker.stops import READ_EVERY_S
 from easel.worker.watchdog import StageBudget, StageTimeout, cost_limit_s
@@ -283,9 +283,8 @@ def _arm_watchdog(ctx: WorkerContext, jobs: list[Job], i: int, stage, budget: St
     def fail_all(reason: str) -> None:
         # As the deliveries' own ends (end_as): a job a reaper took meanwhile (this process
         # froze past its heartbeat) is another delivery's now, and is left to it.
-        segment = jobs[0].delivery.segment
-        ctx.store.transition_many([(job.job_id, JobState.failed, {"error": reason, "segment": segment})
-                                   for job in jobs], end=(segment, ctx.instance))
+        ctx.store.transition_many([(job.job_id, JobState.failed, {"error": reason}) for job in jobs],
+                                  end=(jobs[0].delivery.segment, ctx.instance))
         drain_finishes(ctx)
 
     ctx.watchdog.arm(left, f"stage {i} ({stage.task}, {stage.model}) made no progress within its time limit "
@@ -327,9 +326,7 @@ def hand_off(ctx: WorkerContext, app, job: Job) -> str:
             log.info("job %s was cancelled as its segment %d ended; not handed on", job.job_id, seg_index)
             return cancelled(ctx, job.delivery)
         if not done:
-            outcome, why = refusal(store.states_of([job.job_id])[0])
-            log.warning("job %s %s before its hand-off; not sent on", job.job_id, why)
-            return outcome
+            return refused(ctx, job.delivery, JobState.queued)
         try:
             if answer == ADMITTED:
                 send_segment(app, job.job_id, seg_index + 1, nxt.queue, spec.priority)

@@ -149,23 +149,23 @@ def end_as(ctx, d: Delivery, state: JobState, **fields) -> bool:
     """The delivery's final state change, which also ends the delivery (one round trip);
     False if it was refused: the job ended, another instance holds it, or it has moved past
     this segment (taken over, then handed on, while this instance was cut off)."""
-    return ctx.store.transition(d.job_id, state, end=(d.segment, ctx.instance), segment=d.segment, **fields)
+    return ctx.store.transition(d.job_id, state, end=(d.segment, ctx.instance), **fields)
 
 
 def fail(ctx, d: Delivery, reason: str) -> str:
-    return "failed" if end_as(ctx, d, JobState.failed, error=reason) else _refused(ctx, d, JobState.failed)
+    return "failed" if end_as(ctx, d, JobState.failed, error=reason) else refused(ctx, d, JobState.failed)
 
 
 def cancelled(ctx, d: Delivery) -> str:
     return ("cancelled" if end_as(ctx, d, JobState.cancelled, error="cancelled while running")
-            else _refused(ctx, d, JobState.cancelled))
+            else refused(ctx, d, JobState.cancelled))
 
 
-def _refused(ctx, d: Delivery, wanted: JobState) -> str:
-    """The outcome of a refused state change: ``wanted`` itself when the job is in it with
-    this instance as its last holder (the change was made, its reply lost and the script
-    run again), else why it was refused."""
-    state, holder = ctx.store.r.hmget(ctx.store.key(d.job_id), "state", "instance")
+def refused(ctx, d: Delivery, wanted: JobState) -> str:
+    """The outcome of a delivery whose state change was refused: ``wanted`` itself when the
+    job is in it with this instance as its last holder (the change was made, its reply lost
+    and the script run again), else why it was refused."""
+    state, holder = ctx.store.state_and_holder(d.job_id)
     if state == wanted.value and holder == ctx.instance:
         return wanted.value
     outcome, why = refusal(state)
@@ -217,7 +217,7 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     if not end_as(ctx, d, JobState.queued, note=note, queue=queue, due_at=time.time() + countdown,
                   **retry_fields(d.segment, n, oom)):
         ctx.store.drop_position(d.job_id, queue)
-        return _refused(ctx, d, JobState.queued)
+        return refused(ctx, d, JobState.queued)
     ctx.store.mark_position(d.job_id, queue, spec.priority)  # a late delivery's drop_position may have met it
     send_segment(app, d.job_id, d.segment, queue, spec.priority, countdown=countdown)
     return "retrying"
