@@ -57,7 +57,8 @@ from bench.common import (
     submit_all,
 )
 
-# Seconds a part needs at least on an H200 (worker start, compile, jobs); skipped when less is left.
+# Seconds a part needs at least (worker start, compile, jobs); skipped when less is left. On an
+# H100 (2026-12-06) plain took 48 s, best 256 s (207 s of it the cold compile), warm_restart 58 s.
 NEEDS_S = {"plain": 45, "best": 240, "warm_restart": 60, "stepcache": 180}
 MODELS = {
     "tp": ("gpu-sd15-tp", "gpu-sd15-tp"),            # (model, family)

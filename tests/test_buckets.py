@@ -28,6 +28,8 @@ MODELS = {
     "sd": {"source": "tiny-sd15", "family": "f", "latent_space": "sd1-vae", "kind": "sd"},
     "sd-compiled": {"source": "tiny-sd15", "family": "f", "latent_space": "sd1-vae", "kind": "sd",
                     "optimizations": {"compile_unet": True}},
+    "sd-throughput": {"source": "tiny-sd15", "family": "f", "latent_space": "sd1-vae", "kind": "sd",
+                      "profile": "throughput"},
     "refiner": {"source": "tiny-sdxl-refiner", "family": "f", "latent_space": "sdxl-vae", "kind": "sdxl-refiner"},
     "kandinsky-compiled": {"source": "tiny-kandinsky22-decoder", "prior": "tiny-kandinsky22-prior", "family": "f",
                            "latent_space": "kandinsky-movq", "kind": "kandinsky22",
@@ -224,6 +226,24 @@ def test_sdxl_refiner_batched_and_padded_calls_give_each_job_its_image_alone(mod
     which broke every image but the first; per-image generators (VAE encode and noise), the
     stacked pooled embeddings and the aesthetic-score time ids must all follow the batch."""
     _assert_like_alone(_loaded(model_root, "refiner"), _stages("refiner"), n=1)
+
+
+@pytest.mark.slow
+def test_the_throughput_profile_batched_at_any_bucket_gives_each_job_its_image_alone(model_root, tmp_path,
+                                                                                    monkeypatch):
+    """Compiled (UNet and VAE, channels_last, fused QKV) for a worker that batches: one UNet
+    graph serves every batch size (its batch dimension traced as a symbol from the first
+    call) and the VAE decoder two (batch 1 is a graph of its own), and each job gets the
+    image it gets alone."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()  # graphs an earlier test compiled for another instance of these modules would serve
+    settings = Settings(model_root=model_root, batch_size=8, batch_buckets=BUCKETS)
+    model = PipelineCache(REGISTRY, settings, "f", device=torch.device("cpu")).get("sd-throughput")
+    counters.clear()
+    _assert_like_alone(model, _stages("sd-throughput"), n=1)  # calls of 1, 3 and 4 images
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
 
 
 def test_a_padded_call_is_timed_at_its_padded_size(model_root):

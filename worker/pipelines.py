@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from easel.shared.registry import ModelSpec, Registry
 from easel.shared.settings import Settings
@@ -157,10 +157,11 @@ def upcasts_vae(kind: str, vae) -> bool:
     return kind in VAE_UPCAST_KINDS and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
 
 
-def compile_modules(pipes: list, spec: ModelSpec) -> None:
+def compile_modules(pipes: list, spec: ModelSpec, dynamic_batch: bool = False) -> None:
     """``torch.compile`` (reduce-overhead: CUDA graphs; fullgraph: a graph break is an error,
     not a silent slowdown) each shared UNet's forward and VAE decoder once, for every
-    pipeline using it."""
+    pipeline using it. ``dynamic_batch``: the worker calls them at several batch sizes
+    (``_mark_batch_dynamic``)."""
     opt = spec.optimizations
     if opt.compile_unet or opt.compile_vae:
         import torch._dynamo.config as dynamo_config
@@ -170,7 +171,7 @@ def compile_modules(pipes: list, spec: ModelSpec) -> None:
                                                         4 * RECOMPILE_LIMIT)
     if opt.compile_unet:
         for unet in _distinct(pipes, "unet"):
-            unet.forward = _compiled(unet.forward, opt.channels_last, copy_out=True)
+            unet.forward = _compiled(unet.forward, opt.channels_last, copy_out=True, dynamic_batch=dynamic_batch)
     if opt.compile_vae:
         for vae in _distinct(pipes, "vae"):
             if not hasattr(vae, "decode"):
@@ -180,10 +181,25 @@ def compile_modules(pipes: list, spec: ModelSpec) -> None:
                             "(force_upcast), which would record its CUDA graph again each time; an fp16-safe VAE "
                             "with force_upcast false can be compiled", spec.name)
                 continue
-            vae.decode = _compiled(vae.decode, opt.channels_last, copy_out=False)
+            vae.decode = _compiled(vae.decode, opt.channels_last, copy_out=False, dynamic_batch=dynamic_batch)
 
 
-def _compiled(fn: Callable, channels_last: bool, copy_out: bool) -> Callable:
+def _mark_batch_dynamic(args: tuple, kwargs: dict) -> None:
+    """Trace the batch dimension as a symbol from the first call, on the latents and on every
+    input of the latents' batch size (text embeddings, added conditions, ControlNet
+    residuals). Left to torch's automatic dynamic shapes, the first bucket compiles a static
+    graph and the second a dynamic one: two compiles cold, and two traces on every warm
+    restart, where one serves every bucket. Batch 1 keeps a graph of its own (torch
+    specializes sizes 0 and 1; ``maybe_mark_dynamic`` lets it)."""
+    first = args[0] if args else kwargs.get("sample", kwargs.get("z"))
+    if not isinstance(first, torch.Tensor) or first.dim() == 0 or first.shape[0] < 2:
+        return
+    for x in tree_leaves((args, kwargs)):
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == first.shape[0]:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+
+
+def _compiled(fn: Callable, channels_last: bool, copy_out: bool, dynamic_batch: bool = False) -> Callable:
     """``fn`` compiled, called with its first argument (latents) in one memory layout and,
     with ``copy_out``, its outputs copied out of its CUDA graph's memory pool.
 
@@ -191,7 +207,8 @@ def _compiled(fn: Callable, channels_last: bool, copy_out: bool) -> Callable:
     encode but NCHW from text2img's noise or a hand-off, so each would compile and record a
     graph of its own, the second on a job. Copied out: the next replay writes over the pool,
     and a scheduler may keep a UNet's raw output across steps (PNDM does, with guidance
-    off). Both cost one latent-sized copy at most."""
+    off). Both cost one latent-sized copy at most. ``dynamic_batch``: ``_mark_batch_dynamic``
+    on each call."""
     compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
     layout = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -204,6 +221,8 @@ def _compiled(fn: Callable, channels_last: bool, copy_out: bool) -> Callable:
         for name in ("sample", "z"):
             if name in kwargs:
                 kwargs[name] = in_layout(kwargs[name])
+        if dynamic_batch:
+            _mark_batch_dynamic(args, kwargs)
         out = compiled(*args, **kwargs)
         return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out) if copy_out else out
 
@@ -224,7 +243,7 @@ def step_cache(pipes: list, spec: ModelSpec) -> None:
         apply_step_cache(unet, schedulers, sc.interval, sc.branch)
 
 
-def optimize(pipes: dict[str, object], spec: ModelSpec, device: torch.device) -> None:
+def optimize(pipes: dict[str, object], spec: ModelSpec, device: torch.device, dynamic_batch: bool = False) -> None:
     """All of a model's switches: per pipeline, then once per shared module."""
     distinct = list({id(p): p for p in pipes.values()}.values())
     opt = spec.optimizations
@@ -236,10 +255,11 @@ def optimize(pipes: dict[str, object], spec: ModelSpec, device: torch.device) ->
         channels_last(distinct)
     if opt.step_cache is not None:
         step_cache(distinct, spec)
-    compile_modules(distinct, spec)
+    compile_modules(distinct, spec, dynamic_batch)
 
 
-def load_model(spec: ModelSpec, settings: Settings, device: torch.device) -> LoadedModel:
+def load_model(spec: ModelSpec, settings: Settings, device: torch.device, call_sizes: list[int] = (1,)) -> LoadedModel:
+    """``call_sizes``: the images per call the worker will make (``PipelineCache.call_sizes``)."""
     from easel.worker import loaders
 
     t0 = time.perf_counter()
@@ -248,7 +268,7 @@ def load_model(spec: ModelSpec, settings: Settings, device: torch.device) -> Loa
         source = _sync_s3_source(source, settings)
     dtype = pick_dtype(spec.dtype, device)
     pipes, extras = loaders.load(spec, source, _load_kwargs(spec, dtype), settings)
-    optimize(pipes, spec, device)
+    optimize(pipes, spec, device, dynamic_batch=len(call_sizes) > 1)
     load_s = time.perf_counter() - t0
     log.info("loaded %s (%s) from %s in %.2fs on %s/%s", spec.name, spec.kind, source, load_s, device, dtype)
     return LoadedModel(spec=spec, source=source, pipes=pipes, device=device, dtype=dtype, load_s=load_s,
@@ -372,6 +392,6 @@ class PipelineCache:
             spec = self.registry.get(name)
             if spec.family != self.family:
                 raise ValueError(f"model {name!r} belongs to family {spec.family!r}, this worker serves {self.family!r}")
-            self.models[name] = load_model(spec, self.settings, self.device)
+            self.models[name] = load_model(spec, self.settings, self.device, self.call_sizes(spec))
         return self.models[name]
 
