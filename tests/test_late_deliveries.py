@@ -186,3 +186,28 @@ def test_a_requeue_cut_short_leaves_the_job_to_the_lost_message_sweep(late_clien
     time.sleep(0.2)
     reaper = Reaper(store, lambda *a, **kw: sent.append(a), every_s=1, ttl_s=0.1, queues=[qa])
     assert reaper.sweep_lost(qa) == [job_id] and sent[0][:3] == (job_id, 0, qa)
+
+
+def test_a_refused_final_write_tells_its_own_lost_reply_from_a_take_over(late_client, chain):
+    """A finish's final write whose reply was lost is sent again by redis-py and refused
+    (the job is already succeeded): that success is this delivery's own, reported as such,
+    while the same refusal on an instance that does not hold the job says why."""
+    from easel.shared.jobstore import Claim
+    from easel.shared.schema import JobState
+    from easel.worker.engine import Job, _refused
+    from easel.worker.policy import Delivery
+
+    store = late_client.store
+    job_id, spec, (qa, _) = chain
+    change = [(job_id, JobState.succeeded, {})]
+    assert store.transition_many(change, end=(0, "i1")) == [True]
+    assert store.transition_many(change, end=(0, "i1")) == [False]  # the replay
+    dropped = []
+    outcomes = {}
+    for instance, want in (("i1", "succeeded"), ("i2", "already succeeded")):
+        ctx = SimpleNamespace(store=store, settings=late_client.settings, instance=instance,
+                              io=SimpleNamespace(submit=lambda *a: dropped.append(a)))
+        job = Job(Delivery(job_id, 0, qa), Claim("run", spec, store.load(job_id)[1]))
+        _refused(ctx, [job], outcomes)
+        assert outcomes[job.delivery] == want, (instance, outcomes)
+    assert len(dropped) == 2  # an ended chain job's hand-offs are dropped either way

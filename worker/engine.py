@@ -43,7 +43,7 @@ from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_
 from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
 from easel.worker.policy import (Delivery, cancelled, describe, device_lost, drain_finishes, fail,
-                                 free_device_memory, refusal, refused, settle_error)
+                                 free_device_memory, refused, settle_error)
 from easel.worker.runner import Carrier, Interrupted, decode_latents, denoised_area, pixel_size, run_stage
 from easel.worker.stops import READ_EVERY_S
 from easel.worker.watchdog import StageBudget, StageTimeout, cost_limit_s
@@ -374,18 +374,15 @@ def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None
 
 def _refused(ctx: WorkerContext, jobs: list[Job], outcomes: Outcomes) -> None:
     """Jobs whose final state write was refused: another instance took them over while their
-    outputs were written (this one had stalled past its TTL), or they ended meanwhile."""
-    if not jobs:
-        return
-    try:
-        states = ctx.store.states_of([job.job_id for job in jobs])
-    except Exception:  # only the log and the outcome's label depend on it
-        log.warning("could not read the states of jobs whose final state was refused", exc_info=True)
-        states = ["unread"] * len(jobs)
-    for job, state in zip(jobs, states):
-        outcome, why = refusal(state)
-        log.warning("job %s %s while its outputs were written; its final state is not this worker's",
-                    job.job_id, why)
+    outputs were written (this one had stalled past its TTL), they ended meanwhile, or the
+    write was made and its reply lost (``policy.refused`` tells which)."""
+    for job in jobs:
+        try:
+            outcome = refused(ctx, job.delivery, JobState.succeeded)
+        except Exception:  # only the log and the outcome's label depend on it
+            log.warning("could not read the state of job %s, whose final state was refused", job.job_id,
+                        exc_info=True)
+            outcome = "unknown"
         _ended(ctx, job.delivery, outcome, outcomes, job)
 
 
