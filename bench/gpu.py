@@ -28,7 +28,8 @@ Variants, run in this order while the time budget (``--budget-s``) lasts:
   ``gpu_images_per_s_stepcache``, ``gpu_stepcache_ssim``, ``gpu_warm_restart_s``.
   On an H100 (2026-12-06), ``--variants throughput --budget-s 525`` ran plain, best and the
   warm restart in 363 s and left the step cache out (137 s left, it needs ~180 s);
-  ``--tp-parts best,stepcache`` gets its figures in a second 10-minute command.
+  ``--tp-parts best,stepcache`` should get its figures in a second 10-minute command (untried;
+  the step cache compiles its own UNet graphs cold, and its ``NEEDS_S`` is an estimate).
 - ``diag`` (on request): where easel's pipeline call loses time to the plain loop's. Each
   call is split at its step callbacks (prologue, per step, epilogue) on three sides: the
   plain process, easel's call in the worker, and the plain call made inside the worker
