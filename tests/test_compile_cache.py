@@ -17,13 +17,16 @@ from tests.conftest import ROOT
 # convolution backend changes at 16 images (the UNet's batch at 8 with guidance), which adds a
 # graph a GPU does not have.
 WARM = textwrap.dedent("""
-    import json, sys, torch
+    import json, logging, sys, torch
     from pathlib import Path
     from torch._dynamo.utils import counters
     from easel.shared.registry import Registry
     from easel.shared.settings import Settings
     from easel.worker.adaptive import CALL_TIMES
     from easel.worker.pipelines import PipelineCache
+
+    logging.basicConfig()
+    logging.getLogger("easel").setLevel(logging.INFO)
 
     reg = Registry.model_validate({"models": {"m": {"source": "tiny-sd15", "family": "f", "latent_space": "sd1-vae",
                                                     "optimizations": {"compile_unet": True}}}})
@@ -50,7 +53,8 @@ def _warm(model_root: Path, folder: Path, log: list[str] | None = None) -> dict:
 @pytest.mark.slow
 def test_second_warm_loads_the_first_ones_compiled_graphs(model_root, tmp_path):
     folder = tmp_path / "compile-cache"
-    cold = _warm(model_root, folder)
+    logs: list[str] = []
+    cold = _warm(model_root, folder, logs)
     saved = list(folder.glob("mega-cache-*.bin"))
     assert len(saved) == 1 and saved[0].stat().st_size > 0 and "mega-cache-f-" in saved[0].name
     assert cold["call_times"] == {}  # the warm-up's compiling calls do not feed the batching policy
@@ -58,11 +62,13 @@ def test_second_warm_loads_the_first_ones_compiled_graphs(model_root, tmp_path):
     # dimension is a symbol from the first call, not after a second compile at the next bucket.
     assert cold["call_sizes"] == [1, 2, 4] and cold["graphs"] == 1, cold
     assert (folder / "inductor").is_dir()  # TORCHINDUCTOR_CACHE_DIR pointed into the folder
-    warm = _warm(model_root, folder)
+    warm = _warm(model_root, folder, logs)
     assert cold.get("fxgraph_cache_miss", 0) > 0 and cold.get("fxgraph_cache_hit", 0) == 0
     assert warm.get("fxgraph_cache_hit", 0) > 0 and warm.get("fxgraph_cache_miss", 0) == 0
     assert warm["compile_s"] < cold["compile_s"], (cold, warm)
     assert warm["graphs"] == 1, warm
+    for log in logs:  # what an operator reads of it
+        assert "compiled m in" in log and "1 graph(s) at call sizes [1, 2, 4]" in log, log[-2000:]
     print(f"compile warm-up: cold {cold['compile_s']:.1f}s, warm cache {warm['compile_s']:.1f}s")
 
 

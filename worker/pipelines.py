@@ -333,6 +333,14 @@ def warm_up(model: LoadedModel, sizes: list[int], batches: list[int] = (1,)) -> 
     return time.perf_counter() - t0
 
 
+def _graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process: each costs a compile on a cold start and a
+    trace on a warm one, so the warm-up log says how many it made."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 class PipelineCache:
     """All models of one family, loaded at start and kept for the life of the process."""
 
@@ -359,8 +367,10 @@ class PipelineCache:
             self.get(spec.name)
         for spec in compiled:
             model = self.models[spec.name]
+            graphs = _graphs_compiled()
             model.compile_s = warm_up(model, self.settings.compile_warm_sizes, self.call_sizes(spec))
-            log.info("compiled %s in %.2fs during warm-up", spec.name, model.compile_s)
+            log.info("compiled %s in %.2fs during warm-up: %d graph(s) at call sizes %s", spec.name,
+                     model.compile_s, _graphs_compiled() - graphs, self.call_sizes(spec))
         if compiled:
             compile_cache.save_artifacts(folder, self.device, self.family)
             CALL_TIMES.clear()  # a call that compiled says nothing of a call's time since
