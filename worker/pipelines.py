@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
@@ -258,7 +258,8 @@ def optimize(pipes: dict[str, object], spec: ModelSpec, device: torch.device, dy
     compile_modules(distinct, spec, dynamic_batch)
 
 
-def load_model(spec: ModelSpec, settings: Settings, device: torch.device, call_sizes: list[int] = (1,)) -> LoadedModel:
+def load_model(spec: ModelSpec, settings: Settings, device: torch.device,
+               call_sizes: Sequence[int] = (1,)) -> LoadedModel:
     """``call_sizes``: the images per call the worker will make (``PipelineCache.call_sizes``)."""
     from easel.worker import loaders
 
@@ -367,10 +368,10 @@ class PipelineCache:
             self.get(spec.name)
         for spec in compiled:
             model = self.models[spec.name]
-            graphs = _graphs_compiled()
-            model.compile_s = warm_up(model, self.settings.compile_warm_sizes, self.call_sizes(spec))
+            sizes, graphs = self.call_sizes(spec), _graphs_compiled()
+            model.compile_s = warm_up(model, self.settings.compile_warm_sizes, sizes)
             log.info("compiled %s in %.2fs during warm-up: %d graph(s) at call sizes %s", spec.name,
-                     model.compile_s, _graphs_compiled() - graphs, self.call_sizes(spec))
+                     model.compile_s, _graphs_compiled() - graphs, sizes)
         if compiled:
             compile_cache.save_artifacts(folder, self.device, self.family)
             CALL_TIMES.clear()  # a call that compiled says nothing of a call's time since
