@@ -109,8 +109,10 @@ class ApiState:
         return Link(uri=uri, url=self.public_storage.presign(uri, ttl), expires_at=time.time() + ttl)
 
     def render(self, job_id: str) -> JobResponse:
-        st = self.client.status(job_id)
+        # The webhook before the status: a webhook state that follows a job's end
+        # ("not requested", "delivered") then never shows beside a state before that end.
         hook = self.store.webhook(job_id)
+        st = self.client.status(job_id)
         url, stages = hook["webhook_url"], hook["stages"]
         done = st.state == JobState.succeeded
         return JobResponse(
