@@ -966,7 +966,8 @@ class JobStore:
         between stages), running (held by a worker process), and ended since the counts began
         (by final state): O(queues + instances), whatever the number of jobs."""
         instances = [_text(i) for i in self.r.zrange(self.instances_key(), 0, -1)]
-        pipe = self.r.pipeline(transaction=False)
+        # One transaction: a claim or an end between two reads would count its job twice.
+        pipe = self.r.pipeline(transaction=True)
         for queue in queues:
             pipe.zcard(self._queued_key(queue))
             pipe.llen(backlog_key(self.prefix, queue))

@@ -475,12 +475,12 @@ class Scheduler:
         """Jobs that start before this one. Sent to the broker: those ahead of it there.
         Pending: those already sent, those ahead in its tenant's set, and what the other
         tenants get meanwhile by their passes and weights. None when it waits in neither."""
-        sent_rank = self.r.zrank(self._key("queued", queue), job_id)
-        if sent_rank is not None:
-            return int(sent_rank)
+        # Pending first: dispatch moves a job from there to the sent set, never back, so a
+        # job that moves between the two reads is found in the second.
         rank = self.r.zrank(pending_key(self.prefix, queue, tenant), job_id)
         if rank is None:
-            return None
+            sent_rank = self.r.zrank(self._key("queued", queue), job_id)
+            return None if sent_rank is None else int(sent_rank)
         active = [(_text(t), p) for t, p in self.r.zrange(self._key("active", queue), 0, -1, withscores=True)]
         passes = dict(active)
         weights = {_text(k): float(v) for k, v in self.r.hgetall(f"{self.prefix}:weights").items()}
