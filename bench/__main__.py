@@ -26,7 +26,8 @@ BENCHMARKS = {
 # not part of the default run
 EXTRA = {"profile": "bench.profile", "load": "bench.load", "gpu": "bench.gpu", "callpath": "bench.callpath",
          "threads": "bench.cpu_threads", "worker_env": "bench.worker_env", "farm": "bench.farm",
-         "fairness": "bench.fairness", "flops": "bench.flops"}
+         "fairness": "bench.fairness", "flops": "bench.flops",
+         "precompile": "bench.precompile"}
 
 
 def main(argv: list[str] | None = None) -> int:
