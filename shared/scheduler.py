@@ -475,11 +475,13 @@ class Scheduler:
         """Jobs that start before this one. Sent to the broker: those ahead of it there.
         Pending: those already sent, those ahead in its tenant's set, and what the other
         tenants get meanwhile by their passes and weights. None when it waits in neither."""
-        # Pending first: dispatch moves a job from there to the sent set, never back, so a
-        # job that moves between the two reads is found in the second.
-        rank = self.r.zrank(pending_key(self.prefix, queue, tenant), job_id)
+        # Both ranks in one transaction: a dispatch between two reads would move the job
+        # from the pending set to the sent one unseen.
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zrank(pending_key(self.prefix, queue, tenant), job_id)
+        pipe.zrank(self._key("queued", queue), job_id)
+        rank, sent_rank = pipe.execute()
         if rank is None:
-            sent_rank = self.r.zrank(self._key("queued", queue), job_id)
             return None if sent_rank is None else int(sent_rank)
         active = [(_text(t), p) for t, p in self.r.zrange(self._key("active", queue), 0, -1, withscores=True)]
         passes = dict(active)
