@@ -3,27 +3,29 @@
 A compiled worker that restarts with a warm compile cache (worker/compile_cache.py) still
 runs dynamo again: it traces the UNet's Python code, then finds the compiled graph in
 inductor's cache. torch's ahead-of-time path (``torch.compile(...).aot_compile``, then
-``save_compiled_function`` / ``torch.compiler.load_compiled_function``; experimental in
-torch 2.10-2.14) saves the traced function with its guards and compiled graph, so a
+``save_compiled_function`` / ``torch.compiler.load_compiled_function``; experimental: tried
+on torch 2.13) saves the traced function with its guards and compiled graph, so a
 restart loads it without tracing. This benchmark measures both on the same UNet, each in
 a fresh process as a restarted worker would be:
 
 - ``cold``: eager outputs at each bucket (the reference), then ``torch.compile`` as easel
-  compiles the UNet (reduce-overhead, fullgraph, the batch dimension a symbol from bucket
-  2 up), the first call at each bucket timed; torch's mega-cache saved; then the same
-  function compiled ahead of time, once per graph (a batch of 1 has its own; a symbolic
-  batch serves the rest) (``aot_save_s``), and saved.
-- ``jit``: the mega-cache loaded, then the same ``torch.compile``: the warm restart easel
-  does today.
-- ``aot``: the saved functions loaded and called; each call goes to the first whose
-  guards pass.
+  compiles the UNet (CUDA graphs, fullgraph, the batch dimension a symbol from 2 up); then
+  the same function compiled ahead of time at each bucket no saved function serves yet (a
+  batch of 1 has a graph of its own; one symbolic batch serves the rest), and saved.
+- ``jit``: torch's mega-cache loaded, then the same ``torch.compile``: the warm restart
+  easel does today.
+- ``aot``: the saved functions loaded; each call goes to the first whose guards pass.
 
-Headlines (seconds from the compile's start to the last bucket's first result, CUDA
-synchronized): ``precompile_cold_compile_s``, ``precompile_jit_warm_s``,
-``precompile_aot_warm_s``, their ratio ``precompile_aot_speedup``; the largest bucket's
-steady call time on each side (``precompile_{jit,aot}_steady_ms``: an AOT function that
-lost its CUDA graphs on the way shows here); and each side's largest difference from the
-eager outputs (``precompile_{jit,aot}_max_abs_diff``).
+Headlines: ``precompile_cold_compile_s``, ``precompile_jit_warm_s`` and
+``precompile_aot_warm_s``: seconds from the compile's start (the cache or file load
+included) until every bucket is ready, that is called twice (CUDA-graph trees run a new
+shape once and record its graph on the second call), CUDA synchronized; their ratio
+``precompile_aot_speedup``; ``precompile_aot_save_s`` and ``precompile_aot_graphs`` (the
+functions saved); on each side the smallest and largest bucket's steady call
+(``precompile_{jit,aot}_steady_ms_b<n>``), inductor's ``cudagraph_skips`` (above 0 on a GPU:
+the graphs were not used; always 1 on the CPU), and the largest difference from the eager
+outputs (``precompile_{jit,aot}_max_abs_diff``). Each child's log is under the run's
+``logs/`` folder.
 
 On a GPU: ``--arch sd15 --device cuda`` (fp16, fused QKV and channels_last, as
 ``profile: throughput``). ``--arch tiny --device cpu --px 64`` runs it on the CPU.
@@ -89,39 +91,45 @@ def _load_unet(ckpt: Path, device, dtype):
     return unet
 
 
-def _first_calls(fn, unet, args, mark: bool = True) -> tuple[float, dict, dict]:
-    """(seconds to every bucket's first result, each bucket's output, each bucket's steady
-    call in ms) of ``fn`` from now."""
+def _ready_calls(fn, unet, args, mark: bool = True) -> tuple[float, dict]:
+    """(seconds until ``fn`` is ready at every bucket, each bucket's output). Ready means
+    called twice per bucket: CUDA-graph trees run a new shape eagerly once and record its
+    graph on the second call, and a worker's warm-up pays both."""
     import torch
 
-    device = next(unet.parameters()).device
     t0 = time.perf_counter()
     outs = {}
     with torch.no_grad():
         for b in args.buckets:
-            outs[b] = fn(*_inputs(unet, b, args.px // 8, device, unet.dtype, mark)).float().cpu()
-        _sync(device)
-        first_s = time.perf_counter() - t0
-        steady = {}
-        for b in args.buckets:
-            call = _inputs(unet, b, args.px // 8, device, unet.dtype, mark)
+            call = _inputs(unet, b, args.px // 8, unet.device, unet.dtype, mark)
+            outs[b] = fn(*call).float().cpu()
             fn(*call)
-            _sync(device)
-            t1 = time.perf_counter()
+        _sync(unet.device)
+    return time.perf_counter() - t0, outs
+
+
+def _steady_ms(fn, unet, args, mark: bool = True) -> dict:
+    """Each bucket's call time once ready, in ms (mean of ``args.reps``)."""
+    import torch
+
+    steady = {}
+    with torch.no_grad():
+        for b in args.buckets:
+            call = _inputs(unet, b, args.px // 8, unet.device, unet.dtype, mark)
+            t0 = time.perf_counter()
             for _ in range(args.reps):
                 fn(*call)
-            _sync(device)
-            steady[b] = (time.perf_counter() - t1) / args.reps * 1e3
-    return first_s, outs, steady
-
-
-def _graph_sizes(buckets: list[int]) -> list[int]:
-    """One batch size per graph a compile makes: 1 (torch specializes it) and the smallest
-    above 1 (a symbolic batch serves the rest)."""
-    return [b for b in (1, min((x for x in buckets if x > 1), default=0)) if b in buckets]
+            _sync(unet.device)
+            steady[b] = (time.perf_counter() - t0) / args.reps * 1e3
+    return steady
 
 
 def _aot_dispatch(fns: list):
+    """Each call to the first loaded function whose guards pass (checked once: each
+    function's own check is turned off)."""
+    for fn in fns:
+        fn.disable_guard_check()
+
     def call(*args):
         for fn in fns:
             if fn.guard_check(*args):
@@ -138,19 +146,39 @@ OPTIONS = {"triton.cudagraphs": True}
 def _cold(args, unet, folder: Path) -> tuple[dict, dict]:
     import torch
 
-    _, eager, _ = _first_calls(unet_call, unet, argparse.Namespace(**{**vars(args), "reps": 1}))
+    _, eager = _ready_calls(unet_call, unet, args)
     torch.save(eager, folder / "eager.pt")
     out, outs = _jit(args, unet, folder, load=False)
     (folder / "mega-cache.bin").write_bytes(torch.compiler.save_cache_artifacts()[0])
+    try:
+        out["aot_save_s"], out["aot_graphs"] = _aot_save(args, unet, folder)
+    except Exception as e:  # the JIT figures stand; the AOT child has nothing to load
+        log(f"precompile: ahead-of-time compile failed: {e!r}")
+        out["aot_error"] = repr(e)
+    return out, outs
+
+
+def _aot_save(args, unet, folder: Path) -> tuple[float, int]:
+    """Compile ahead of time at each bucket no function saved so far serves (a batch of 1
+    has a graph of its own; one symbolic batch serves the rest, where the guards agree),
+    and save each. Returns (seconds, functions saved)."""
+    import torch
+
+    if not hasattr(torch.compiler, "load_compiled_function"):
+        raise RuntimeError(f"torch {torch.__version__} has no torch.compiler.load_compiled_function")
     t0 = time.perf_counter()
     aot = torch.compile(unet_call, fullgraph=True,
                         options={**OPTIONS, "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
+    fns: list = []
     with torch.no_grad():
-        for i, b in enumerate(_graph_sizes(args.buckets)):
-            call = _inputs(unet, b, args.px // 8, unet.device, unet.dtype)
-            aot.aot_compile((call, {})).save_compiled_function(str(folder / f"aot-{i}.bin"))
-    out["aot_save_s"] = time.perf_counter() - t0
-    return out, outs
+        for b in args.buckets:
+            plain = _inputs(unet, b, args.px // 8, unet.device, unet.dtype, mark=False)
+            if any(fn.guard_check(*plain) for fn in fns):
+                continue
+            fn = aot.aot_compile((_inputs(unet, b, args.px // 8, unet.device, unet.dtype), {}))
+            fn.save_compiled_function(str(folder / f"aot-{len(fns)}.bin"))
+            fns.append(fn)
+    return time.perf_counter() - t0, len(fns)
 
 
 def _jit(args, unet, folder: Path, load: bool = True) -> tuple[dict, dict]:
@@ -160,26 +188,33 @@ def _jit(args, unet, folder: Path, load: bool = True) -> tuple[dict, dict]:
     if load:
         torch.compiler.load_cache_artifacts((folder / "mega-cache.bin").read_bytes())
     compiled = torch.compile(unet_call, fullgraph=True, options=OPTIONS)
-    _, outs, steady = _first_calls(compiled, unet, args)
-    return {"compile_s": time.perf_counter() - t0, "steady_ms": steady}, outs
+    load_s = time.perf_counter() - t0
+    ready_s, outs = _ready_calls(compiled, unet, args)
+    return {"compile_s": load_s + ready_s, "steady_ms": _steady_ms(compiled, unet, args)}, outs
 
 
 def _aot(args, unet, folder: Path) -> tuple[dict, dict]:
     import torch
 
+    # A loaded function takes its CUDA-graph switch from inductor's global config at load
+    # (deserialize_bundled_cache_entry), not from the options it was compiled with.
+    torch._inductor.config.triton.cudagraphs = OPTIONS["triton.cudagraphs"]
     t0 = time.perf_counter()
     fns = []
     for path in sorted(folder.glob("aot-*.bin")):
         with open(path, "rb") as fh:
             fns.append(torch.compiler.load_compiled_function(fh))
     load_s = time.perf_counter() - t0
-    first_s, outs, steady = _first_calls(_aot_dispatch(fns), unet, args, mark=False)
-    return {"aot_load_s": load_s, "compile_s": load_s + first_s, "steady_ms": steady}, outs
+    call = _aot_dispatch(fns)
+    ready_s, outs = _ready_calls(call, unet, args, mark=False)
+    return {"aot_load_s": load_s, "compile_s": load_s + ready_s,
+            "steady_ms": _steady_ms(call, unet, args, mark=False)}, outs
 
 
 def child(args) -> dict:
     """One fresh process: ``args.child`` is the mode. Its inductor cache is under ``args.folder``."""
     import torch
+    from torch._dynamo.utils import counters
 
     folder, device = Path(args.folder), torch.device(args.device)
     t0 = time.perf_counter()
@@ -189,19 +224,28 @@ def child(args) -> dict:
     out, outs = {"cold": _cold, "jit": _jit, "aot": _aot}[args.child](args, unet, folder)
     eager = torch.load(folder / "eager.pt")
     diff = max(float((outs[b] - eager[b]).abs().max()) for b in args.buckets)
-    return {"mode": args.child, "load_s": load_s, **out, "max_abs_diff": diff}
+    return {"mode": args.child, "load_s": load_s, **out, "max_abs_diff": diff,
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
-def _spawn(mode: str, args, ckpt: Path, folder: Path) -> dict:
+def _spawn(mode: str, args, ckpt: Path, folder: Path, logdir: Path) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "TRITON_CACHE_DIR": str(folder / "triton")}
     cmd = [sys.executable, "-m", "bench.precompile", "--child", mode, "--ckpt", str(ckpt), "--folder", str(folder),
            "--device", args.device, "--px", str(args.px), "--buckets", ",".join(map(str, args.buckets)),
            "--reps", str(args.reps)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    logdir.mkdir(parents=True, exist_ok=True)
+    with open(logdir / f"precompile-{mode}.log", "w") as err:  # inductor's warnings, e.g. skipped CUDA graphs
+        try:
+            proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+                                  timeout=args.child_timeout_s)
+        except subprocess.TimeoutExpired:
+            log(f"precompile {mode}: no result in {args.child_timeout_s}s")
+            return {"mode": mode, "error": f"timed out after {args.child_timeout_s}s"}
     if proc.returncode != 0:
-        log(f"precompile {mode} failed:\n{proc.stderr[-4000:]}")
-        return {"mode": mode, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        tail = (logdir / f"precompile-{mode}.log").read_text()[-4000:]
+        log(f"precompile {mode} failed:\n{tail}")
+        return {"mode": mode, "error": tail.strip().splitlines()[-1] if tail.strip() else "failed"}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     log(f"precompile {mode} in {time.perf_counter() - t0:.1f}s: {result}")
     return result
@@ -213,23 +257,35 @@ def run(env, args) -> dict:
     ckpt = bench_checkpoint(args.arch)
     folder = env.tmp / "precompile"
     folder.mkdir(parents=True, exist_ok=True)
-    res = {m: _spawn(m, args, ckpt, folder) for m in MODES}
-    cold, jit, aot = (res[m] for m in MODES)
-    heads = {}
-    if "compile_s" in cold:
-        heads["precompile_cold_compile_s"] = round(cold["compile_s"], 1)
-        heads["precompile_aot_save_s"] = round(cold["aot_save_s"], 1)
-    top = str(max(args.buckets))
-    for name, side in (("jit", jit), ("aot", aot)):
-        if "compile_s" in side:
-            heads[f"precompile_{name}_warm_s"] = round(side["compile_s"], 2)
-            heads[f"precompile_{name}_steady_ms"] = round(side["steady_ms"][top], 2)
-            heads[f"precompile_{name}_max_abs_diff"] = side["max_abs_diff"]
-    if "compile_s" in jit and "compile_s" in aot:
-        heads["precompile_aot_speedup"] = round(jit["compile_s"] / aot["compile_s"], 2)
+    res = {"cold": _spawn("cold", args, ckpt, folder, env.logdir)}
+    if "compile_s" in res["cold"]:  # else nothing to start warm from
+        res["jit"] = _spawn("jit", args, ckpt, folder, env.logdir)
+        if "aot_save_s" in res["cold"]:
+            res["aot"] = _spawn("aot", args, ckpt, folder, env.logdir)
+    heads = _headlines(res, args.buckets)
     for k, v in heads.items():
         headline(k, v)
     return {"headlines": heads, "details": res}
+
+
+def _headlines(res: dict, buckets: list[int]) -> dict:
+    cold, jit, aot = (res.get(m, {}) for m in MODES)
+    heads = {}
+    if "compile_s" in cold:
+        heads["precompile_cold_compile_s"] = round(cold["compile_s"], 1)
+    if "aot_save_s" in cold:
+        heads["precompile_aot_save_s"] = round(cold["aot_save_s"], 1)
+        heads["precompile_aot_graphs"] = cold["aot_graphs"]
+    for name, side in (("jit", jit), ("aot", aot)):
+        if "compile_s" in side:
+            heads[f"precompile_{name}_warm_s"] = round(side["compile_s"], 2)
+            for b in (min(buckets), max(buckets)):
+                heads[f"precompile_{name}_steady_ms_b{b}"] = round(side["steady_ms"][str(b)], 2)
+            heads[f"precompile_{name}_cudagraph_skips"] = side["cudagraph_skips"]
+            heads[f"precompile_{name}_max_abs_diff"] = side["max_abs_diff"]
+    if "compile_s" in jit and "compile_s" in aot:
+        heads["precompile_aot_speedup"] = round(jit["compile_s"] / aot["compile_s"], 2)
+    return heads
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -238,7 +294,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--px", type=int, default=512)
     ap.add_argument("--buckets", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8, 16],
                     help="UNet batch sizes: easel's buckets 1, 2, 4, 8 with guidance (two latents an image)")
-    ap.add_argument("--reps", type=int, default=5, help="steady calls timed per bucket")
+    ap.add_argument("--reps", type=int, default=3, help="steady calls timed per bucket")
+    ap.add_argument("--child-timeout-s", type=float, default=420, help="the most one fresh process may take")
 
 
 def main(env, args) -> dict:
