@@ -852,8 +852,11 @@ class JobStore:
             self.r.zrem(self._queued_key(queue), job_id)
 
     def waiting_in(self, job_id: str) -> tuple[str, str, str]:
-        """(queue, family, tenant) of the segment a queued job waits for, in one read."""
+        """(queue, family, tenant) of the segment a queued job waits for, in one read.
+        Raises KeyError when the record is gone (it may expire after a status read)."""
         plan, segment, tenant = self.r.hmget(self.key(job_id), "plan", "segment", "tenant")
+        if plan is None:
+            raise KeyError(job_id)
         seg = Plan.model_validate_json(plan).segments[int(segment or 0)]
         return seg.queue, seg.family, tenant or DEFAULT_TENANT
 

@@ -784,6 +784,29 @@ def test_a_job_whose_record_expires_after_the_ownership_check_is_404(inproc):
         del api.owned
 
 
+def test_a_queued_job_whose_record_expires_during_its_status_read_is_404(inproc):
+    """A queued job's status is its record, then where it waits (for its place in line): a
+    record that expires between the two reads is the 404 a moment later would get, not a
+    500. The record is deleted right after the first read, where its TTL would run out."""
+    api = inproc.app.state.api
+    store = api.client.store
+    job_id = inproc.post("/v1/jobs", json=job_body(upload(inproc))).json()["id"]
+    assert inproc.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"  # no worker serves inproc's queues
+    read = store.status
+
+    def read_then_expired(job_id, **kw):
+        st = read(job_id, **kw)
+        api.r.delete(store.key(job_id))
+        return st
+
+    store.status = read_then_expired
+    try:
+        r = inproc.get(f"/v1/jobs/{job_id}")
+    finally:
+        del store.status
+    assert r.status_code == 404 and r.json() == {"detail": f"no job {job_id}"}, r.text
+
+
 @pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
 def test_direct_uploads_take_the_formats_the_docs_name(http, fmt):
     """docs/how-to/http-api.md names these beside PNG, JPEG and WEBP (presigned uploads take
