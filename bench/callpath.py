@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
-from bench.common import STAGE, bench_image, headline, log, median, plain_call, png_bytes
+from bench.common import STAGE, bench_image, cuda_sync, headline, log, median, plain_call, png_bytes
 
 NEEDS_S3 = False
 NEEDS_MODELS = False
@@ -41,13 +41,6 @@ class _NullStore:
     def progress_many(self, job_ids: list[str], stage: int, step: int, total: int, instance: str,
                       check: bool = True) -> list:
         return [(False, False)] * len(job_ids)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def run(args) -> dict:
@@ -92,10 +85,10 @@ def run(args) -> dict:
     times: dict[str, list[float]] = {k: [] for k in calls}
 
     def timed(name: str, fn, seed: int) -> None:
-        _sync(args.device)
+        cuda_sync(args.device)
         t0 = time.perf_counter()
         fn(seed)
-        _sync(args.device)
+        cuda_sync(args.device)
         times.setdefault(name, []).append(time.perf_counter() - t0)
 
     for fn in calls.values():  # warm-up

@@ -129,6 +129,15 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def cuda_sync(device) -> None:
+    """Wait for the GPU's queued work (``device``: a name or a torch.device), so a timer
+    stops when the work is done; nothing on the CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def headline(name: str, value) -> str:
     line = f"{name} = {value}"
     print(line, flush=True)

@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import headline, log
+from bench.common import cuda_sync, headline, log
 
 NEEDS_S3 = False
 NEEDS_MODELS = False
@@ -73,13 +73,6 @@ def _inputs(unet, batch: int, latent_px: int, device, dtype, mark: bool = True):
     return unet, sample, torch.tensor(500, device=device), text
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _load_unet(ckpt: Path, device, dtype):
     import torch
     from diffusers import UNet2DConditionModel
@@ -104,7 +97,7 @@ def _ready_calls(fn, unet, args, mark: bool = True) -> tuple[float, dict]:
             call = _inputs(unet, b, args.px // 8, unet.device, unet.dtype, mark)
             outs[b] = fn(*call).float().cpu()
             fn(*call)
-        _sync(unet.device)
+        cuda_sync(unet.device)
     return time.perf_counter() - t0, outs
 
 
@@ -119,7 +112,7 @@ def _steady_ms(fn, unet, args, mark: bool = True) -> dict:
             t0 = time.perf_counter()
             for _ in range(args.reps):
                 fn(*call)
-            _sync(unet.device)
+            cuda_sync(unet.device)
             steady[b] = (time.perf_counter() - t0) / args.reps * 1e3
     return steady
 
@@ -219,7 +212,7 @@ def child(args) -> dict:
     folder, device = Path(args.folder), torch.device(args.device)
     t0 = time.perf_counter()
     unet = _load_unet(Path(args.ckpt), device, torch.float16 if device.type == "cuda" else torch.float32)
-    _sync(device)
+    cuda_sync(device)
     load_s = time.perf_counter() - t0
     out, outs = {"cold": _cold, "jit": _jit, "aot": _aot}[args.child](args, unet, folder)
     eager = torch.load(folder / "eager.pt")

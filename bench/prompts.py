@@ -19,16 +19,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.common import headline, log, median
+from bench.common import cuda_sync, headline, log, median
 
 NEEDS_S3 = False
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _measure(model, reps: int) -> tuple[float, float]:
@@ -46,10 +39,10 @@ def _measure(model, reps: int) -> tuple[float, float]:
     times: dict[str, list[float]] = {"encode": [], "cached": []}
     for r in range(reps):
         for name, fn in (("encode", encode), ("cached", cached)) if r % 2 == 0 else (("cached", cached), ("encode", encode)):
-            _sync(model.device)
+            cuda_sync(model.device)
             t0 = time.perf_counter()
             fn(r)
-            _sync(model.device)
+            cuda_sync(model.device)
             times[name].append(time.perf_counter() - t0)
     return median(times["encode"]) * 1000, median(times["cached"]) * 1000
 
