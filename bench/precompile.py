@@ -55,7 +55,7 @@ def unet_call(unet, sample, timestep, encoder_hidden_states):
                 cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False)[0]
 
 
-def _inputs(unet, batch: int, latent_px: int, device, dtype, mark: bool = True):
+def _inputs(unet, batch: int, latent_px: int, mark: bool = True):
     """Seeded latents, timestep and text embeddings at ``batch``; with ``mark``, the batch
     dimension marked dynamic from 2 up, as easel's compiled wrapper marks it. Not for a
     loaded ahead-of-time function: its graph has the symbol already, and its guards refuse
@@ -65,12 +65,12 @@ def _inputs(unet, batch: int, latent_px: int, device, dtype, mark: bool = True):
     g = torch.Generator().manual_seed(batch)
     sample = torch.randn(batch, unet.config.in_channels, latent_px, latent_px, generator=g)
     text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g)
-    sample = sample.to(device, dtype).contiguous(memory_format=torch.channels_last)
-    text = text.to(device, dtype)
+    sample = sample.to(unet.device, unet.dtype).contiguous(memory_format=torch.channels_last)
+    text = text.to(unet.device, unet.dtype)
     if mark and batch > 1:
         torch._dynamo.maybe_mark_dynamic(sample, 0)
         torch._dynamo.maybe_mark_dynamic(text, 0)
-    return unet, sample, torch.tensor(500, device=device), text
+    return unet, sample, torch.tensor(500, device=unet.device), text
 
 
 def _load_unet(ckpt: Path, device, dtype):
@@ -94,7 +94,7 @@ def _ready_calls(fn, unet, args, mark: bool = True) -> tuple[float, dict]:
     outs = {}
     with torch.no_grad():
         for b in args.buckets:
-            call = _inputs(unet, b, args.px // 8, unet.device, unet.dtype, mark)
+            call = _inputs(unet, b, args.px // 8, mark)
             outs[b] = fn(*call).float().cpu()
             fn(*call)
         cuda_sync(unet.device)
@@ -108,7 +108,7 @@ def _steady_ms(fn, unet, args, mark: bool = True) -> dict:
     steady = {}
     with torch.no_grad():
         for b in args.buckets:
-            call = _inputs(unet, b, args.px // 8, unet.device, unet.dtype, mark)
+            call = _inputs(unet, b, args.px // 8, mark)
             t0 = time.perf_counter()
             for _ in range(args.reps):
                 fn(*call)
@@ -165,10 +165,10 @@ def _aot_save(args, unet, folder: Path) -> tuple[float, int]:
     fns: list = []
     with torch.no_grad():
         for b in args.buckets:
-            plain = _inputs(unet, b, args.px // 8, unet.device, unet.dtype, mark=False)
+            plain = _inputs(unet, b, args.px // 8, mark=False)
             if any(fn.guard_check(*plain) for fn in fns):
                 continue
-            fn = aot.aot_compile((_inputs(unet, b, args.px // 8, unet.device, unet.dtype), {}))
+            fn = aot.aot_compile((_inputs(unet, b, args.px // 8), {}))
             fn.save_compiled_function(str(folder / f"aot-{len(fns)}.bin"))
             fns.append(fn)
     return time.perf_counter() - t0, len(fns)
