@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import redis
+from pydantic import BaseModel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -491,6 +492,32 @@ def _text(v: bytes | str) -> str:
 
 
 DEFAULT_TENANT = "default"  # the tenant of jobs submitted without one
+
+
+class WaitsIn(BaseModel):
+    """The segment a queued job waits for: its queue, family and fair-share tenant."""
+    queue: str
+    family: str
+    tenant: str
+
+
+class WebhookView(BaseModel):
+    """A job's webhook as its record holds it (``webhook_*`` fields)."""
+    url: str
+    state: str
+    attempts: int = 0
+    last_error: str | None = None
+
+
+class JobView(BaseModel):
+    """One read of a job's record: its status, where it waits (queued jobs only), its webhook
+    (if it has one) and its number of stages."""
+    status: JobStatus
+    waits_in: WaitsIn | None = None
+    webhook: WebhookView | None = None
+    stages: int = 0
+
+
 ORDER_EPOCH = 1_767_225_600  # 2026-01-01 UTC
 
 
@@ -626,20 +653,39 @@ class JobStore:
     def status(self, job_id: str, position: bool = True) -> JobStatus:
         """The job's status; ``position``: also its place in the queue while it waits (two
         more reads, so followers that do not show it leave it out)."""
+        st = self.view(job_id).status
+        if position and not st.state.terminal:
+            return st.model_copy(update={"queue_position": self.queue_position(job_id)})
+        return st
+
+    def view(self, job_id: str) -> JobView:
+        """The job's status, where it waits and its webhook, from one read of its record: a
+        reader that needs more than the status never pairs two reads a state change fell
+        between. Raises KeyError when there is no record (or it expired)."""
         h = self.r.hgetall(self.key(job_id))
         if not h:
             raise KeyError(f"no job {job_id}")
         f = lambda k: float(h[k]) if h.get(k) else None  # noqa: E731
-        return JobStatus(
-            id=job_id, state=JobState(h["state"]), created_at=f("created_at"), updated_at=f("updated_at"),
+        state = JobState(h["state"])
+        status = JobStatus(
+            id=job_id, state=state, created_at=f("created_at"), updated_at=f("updated_at"),
             started_at=f("started_at"), finished_at=f("finished_at"),
             progress=Progress(stage=int(h.get("stage", 0)), step=int(h.get("step", 0)),
                               total_steps=int(h.get("total_steps", 0))),
             error=h.get("error") or None, outputs=json.loads(h.get("outputs") or "[]"),
             manifest=h.get("manifest") or None, attempts=int(h.get("attempts", 0)), note=h.get("note") or None,
-            worker=h.get("worker") or None,
-            queue_position=self.queue_position(job_id) if position and not JobState(h["state"]).terminal else None,
-        )
+            worker=h.get("worker") or None)
+        waits_in = None
+        if state == JobState.queued:
+            seg = Plan.model_validate_json(h["plan"]).segments[int(h.get("segment") or 0)]
+            waits_in = WaitsIn(queue=seg.queue, family=seg.family, tenant=h.get("tenant") or DEFAULT_TENANT)
+        webhook = None
+        if h.get("webhook_url"):
+            webhook = WebhookView(url=h["webhook_url"], state=h.get("webhook_state") or "pending",
+                                  attempts=int(h.get("webhook_attempts") or 0),
+                                  last_error=h.get("webhook_last_error") or None)
+        return JobView(status=status, waits_in=waits_in, webhook=webhook,
+                       stages=len(json.loads(h["spec"])["stages"]) if h.get("spec") else 0)
 
     def _event(self, state: JobState, fields: dict) -> str:
         """The event a state change publishes: its fields, less the bulky spec and stage records,
@@ -851,15 +897,6 @@ class JobStore:
         if state != JobState.queued.value or waits_in != queue:
             self.r.zrem(self._queued_key(queue), job_id)
 
-    def waiting_in(self, job_id: str) -> tuple[str, str, str]:
-        """(queue, family, tenant) of the segment a queued job waits for, in one read.
-        Raises KeyError when the record is gone (it may expire after a status read)."""
-        plan, segment, tenant = self.r.hmget(self.key(job_id), "plan", "segment", "tenant")
-        if plan is None:
-            raise KeyError(job_id)
-        seg = Plan.model_validate_json(plan).segments[int(segment or 0)]
-        return seg.queue, seg.family, tenant or DEFAULT_TENANT
-
     def unmark_queued(self, job_id: str) -> str | None:
         """The job no longer waits: out of its queue-position set, and out of its tenant's
         pending set if it was never dispatched. Returns the queue whose room it held (it had
@@ -1049,13 +1086,6 @@ class JobStore:
     def owner(self, job_id: str) -> str | None:
         """The API key name that submitted the job (None: not submitted over the API, or gone)."""
         return self.r.hget(self.key(job_id), "owner")
-
-    def webhook(self, job_id: str) -> dict:
-        """The job's webhook fields, with its owner, state and stage count."""
-        names = ("webhook_url", "webhook_state", "webhook_attempts", "webhook_last_error", "owner", "state", "spec")
-        got = dict(zip(names, self.r.hmget(self.key(job_id), names)))
-        got["stages"] = len(json.loads(got.pop("spec"))["stages"]) if got.get("spec") else 0
-        return got
 
     def webhook_target(self, job_id: str) -> tuple[str | None, str | None, str | None]:
         """(webhook URL, owner, job state): what a delivery attempt needs."""

@@ -109,3 +109,57 @@ def test_a_submit_and_wait_loop_keeps_its_connections(client, sim_worker, input_
                            timeout=60).state.value == "succeeded"
     # Connecting per job made 8 here (2 a job); other clients may connect meanwhile.
     assert r.info("stats")["total_connections_received"] - before < 4
+
+
+def test_a_one_stage_job_costs_redis_20_commands(client, sim_worker, input_png):
+    """The control plane's cost per job (docs/performance.md): a one-stage job shorter than the
+    progress interval, default settings, is 20 Redis commands from its submission to its end,
+    those its scripts run counted: submit (script), message, claim (script), end (script).
+    Counted from MONITOR: each command that names the job, with the commands of a script
+    called with it. Not the job's: the worker's fetch (a BRPOP an idle worker sends anyway)
+    and this test's own reads of the job's state."""
+    import collections
+    import threading
+
+    import redis
+
+    url = client.settings.redis_url
+    ref = client.storage.put_input(input_png.read_bytes(), "png")
+    job = img2img_job(ref, model="sim", steps=3, strength=1.0)  # 0.15 s, under the 0.25 s interval
+    assert client.wait(client.submit(job), timeout=60).state.value == "succeeded"  # connections made
+    poll = redis.Redis.from_url(url, decode_responses=True, single_connection_client=True)
+    own_port = poll.client_info()["addr"].rsplit(":", 1)[1]
+    seen, stop = [], threading.Event()
+
+    def monitor() -> None:
+        with redis.Redis.from_url(url, decode_responses=True).monitor() as m:
+            for c in m.listen():
+                seen.append(c)
+                if stop.is_set():
+                    return
+
+    t = threading.Thread(target=monitor, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    job_id = client.submit({**job, "stages": [{**job["stages"][0], "seed": 8}]})
+    deadline = time.monotonic() + 60
+    while poll.hget(f"easel:job:{job_id}", "state") not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)
+    stop.set()
+    poll.ping()
+    t.join(10)
+    names, in_job_script = collections.Counter(), False
+    for c in seen:
+        if c.get("client_type") == "lua":
+            if in_job_script:
+                names["lua " + c["command"].split()[0]] += 1
+            continue
+        in_job_script = False
+        if c["client_port"] == own_port or job_id not in c["command"]:
+            continue
+        in_job_script = c["command"].startswith("EVALSHA")
+        names[c["command"].split()[0]] += 1
+    assert names["EVALSHA"] == 3 and names["LPUSH"] == 1, names  # submit, claim, end; the message
+    assert sum(names.values()) <= 20, names

@@ -109,23 +109,19 @@ class ApiState:
         return Link(uri=uri, url=self.public_storage.presign(uri, ttl), expires_at=time.time() + ttl)
 
     def render(self, job_id: str) -> JobResponse:
-        # The webhook before the status: a webhook state that follows a job's end
-        # ("not requested", "delivered") then never shows beside a state before that end.
-        hook = self.store.webhook(job_id)
-        st = self.client.status(job_id)
-        url, stages = hook["webhook_url"], hook["stages"]
+        view = self.store.view(job_id)  # one read: the webhook's state pairs with the job's
+        st, hook = self.client.estimated(view), view.webhook
         done = st.state == JobState.succeeded
         return JobResponse(
             id=st.id, state=st.state, created_at=st.created_at, updated_at=st.updated_at, started_at=st.started_at,
             finished_at=st.finished_at, error=st.error, attempts=st.attempts, eta_s=st.eta_s,
             waiting_for=st.waiting_for, note=st.note,
-            progress=ProgressOut(stage=st.progress.stage, stages=stages, step=st.progress.step,
+            progress=ProgressOut(stage=st.progress.stage, stages=view.stages, step=st.progress.step,
                                  total_steps=st.progress.total_steps),
             outputs=[self.link(u) for u in st.outputs] if done else [],
             manifest=self.link(st.manifest) if done and st.manifest else None,
-            webhook=WebhookOut(url=url, state=hook["webhook_state"] or "pending",
-                               attempts=int(hook["webhook_attempts"] or 0),
-                               last_error=hook["webhook_last_error"] or None) if url else None,
+            webhook=WebhookOut(url=hook.url, state=hook.state, attempts=hook.attempts,
+                               last_error=hook.last_error) if hook else None,
             links={"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events"})
 
     def render_dict(self, job_id: str) -> dict:
