@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, ValidationError
 from easel.shared import tracing
 from easel.shared.celery_app import RUN_SEGMENT, family_queues, make_celery, send_segment
 from easel.shared.images import InputError, Unresolved, check_public_url, decode_image, image_ext, parse_data_uri
-from easel.shared.jobstore import JobStore, JobView, new_job_id
+from easel.shared.jobstore import JobStore, new_job_id
 from easel.shared.scheduler import Scheduler
 from easel.shared.plan import PlanError, plan_job
 from easel.shared.registry import Registry, load_registry
@@ -370,14 +370,7 @@ class EaselClient:
     def status(self, job_id: str) -> JobStatus:
         """The job's status; while it waits, with its place in line and ETA, or why it cannot
         start. Raises KeyError for a job that does not exist (or whose record expired)."""
-        return self.estimated(self.store.view(job_id))
-
-    def estimated(self, view: JobView) -> JobStatus:
-        """A view's status, with a queued job's place in line and ETA, or why it cannot start."""
-        w = view.waits_in
-        if w is None:
-            return view.status
-        return view.status.model_copy(update=self.scheduler.estimate(view.status.id, w.queue, w.family, w.tenant))
+        return self.scheduler.status_of(self.store.view(job_id))
 
     def watch(self, job_ids: list[str], timeout: float | None = None, resync_s: float = 5.0) -> Iterator[JobStatus]:
         """Each job's status as it changes, until every job has ended; raises TimeoutError after

@@ -518,6 +518,19 @@ class JobView(BaseModel):
     stages: int = 0
 
 
+def _status_from(job_id: str, h: dict[str, str]) -> JobStatus:
+    """A job's status from its record's fields (no place in line: that is other keys')."""
+    f = lambda k: float(h[k]) if h.get(k) else None  # noqa: E731
+    return JobStatus(
+        id=job_id, state=JobState(h["state"]), created_at=f("created_at"), updated_at=f("updated_at"),
+        started_at=f("started_at"), finished_at=f("finished_at"),
+        progress=Progress(stage=int(h.get("stage", 0)), step=int(h.get("step", 0)),
+                          total_steps=int(h.get("total_steps", 0))),
+        error=h.get("error") or None, outputs=json.loads(h.get("outputs") or "[]"),
+        manifest=h.get("manifest") or None, attempts=int(h.get("attempts", 0)), note=h.get("note") or None,
+        worker=h.get("worker") or None)
+
+
 ORDER_EPOCH = 1_767_225_600  # 2026-01-01 UTC
 
 
@@ -653,7 +666,7 @@ class JobStore:
     def status(self, job_id: str, position: bool = True) -> JobStatus:
         """The job's status; ``position``: also its place in the queue while it waits (two
         more reads, so followers that do not show it leave it out)."""
-        st = self.view(job_id).status
+        st = _status_from(job_id, self._read(job_id))
         if position and not st.state.terminal:
             return st.model_copy(update={"queue_position": self.queue_position(job_id)})
         return st
@@ -662,21 +675,10 @@ class JobStore:
         """The job's status, where it waits and its webhook, from one read of its record: a
         reader that needs more than the status never pairs two reads a state change fell
         between. Raises KeyError when there is no record (or it expired)."""
-        h = self.r.hgetall(self.key(job_id))
-        if not h:
-            raise KeyError(f"no job {job_id}")
-        f = lambda k: float(h[k]) if h.get(k) else None  # noqa: E731
-        state = JobState(h["state"])
-        status = JobStatus(
-            id=job_id, state=state, created_at=f("created_at"), updated_at=f("updated_at"),
-            started_at=f("started_at"), finished_at=f("finished_at"),
-            progress=Progress(stage=int(h.get("stage", 0)), step=int(h.get("step", 0)),
-                              total_steps=int(h.get("total_steps", 0))),
-            error=h.get("error") or None, outputs=json.loads(h.get("outputs") or "[]"),
-            manifest=h.get("manifest") or None, attempts=int(h.get("attempts", 0)), note=h.get("note") or None,
-            worker=h.get("worker") or None)
+        h = self._read(job_id)
+        st = _status_from(job_id, h)
         waits_in = None
-        if state == JobState.queued:
+        if st.state == JobState.queued:
             seg = Plan.model_validate_json(h["plan"]).segments[int(h.get("segment") or 0)]
             waits_in = WaitsIn(queue=seg.queue, family=seg.family, tenant=h.get("tenant") or DEFAULT_TENANT)
         webhook = None
@@ -684,8 +686,14 @@ class JobStore:
             webhook = WebhookView(url=h["webhook_url"], state=h.get("webhook_state") or "pending",
                                   attempts=int(h.get("webhook_attempts") or 0),
                                   last_error=h.get("webhook_last_error") or None)
-        return JobView(status=status, waits_in=waits_in, webhook=webhook,
+        return JobView(status=st, waits_in=waits_in, webhook=webhook,
                        stages=len(json.loads(h["spec"])["stages"]) if h.get("spec") else 0)
+
+    def _read(self, job_id: str) -> dict[str, str]:
+        h = self.r.hgetall(self.key(job_id))
+        if not h:
+            raise KeyError(f"no job {job_id}")
+        return h
 
     def _event(self, state: JobState, fields: dict) -> str:
         """The event a state change publishes: its fields, less the bulky spec and stage records,

@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from easel.shared.jobstore import (_CLOCK, _CREATE, _SCORES, _TRANSITION_FN, DEFAULT_TENANT, JobStore, _text,
-                                   queue_score, run_scripts)
+from easel.shared.jobstore import (_CLOCK, _CREATE, _SCORES, _TRANSITION_FN, DEFAULT_TENANT, JobStore, JobView,
+                                   _text, queue_score, run_scripts)
 from easel.shared.keys import (backlog_channel, backlog_key, cap_key, family_capacity_key, family_instances_key,
                                flight_key, job_seconds_prefix, pending_key, tenants_waiting_key)
-from easel.shared.schema import JobSpec, JobState, Plan
+from easel.shared.schema import JobSpec, JobState, JobStatus, Plan
 
 log = logging.getLogger("easel.scheduler")
 
@@ -454,6 +454,14 @@ class Scheduler:
                                               args=[job_seconds_prefix(self.prefix)])
         gone = float(now) - float(last) if not int(live) and last else None
         return FamilyView(int(live), float(job_s) if job_s else None, gone)
+
+    def status_of(self, view: JobView) -> JobStatus:
+        """A job's status as one read of its record shows it, with a queued job's place in
+        line and ETA, or why it cannot start."""
+        w = view.waits_in
+        if w is None:
+            return view.status
+        return view.status.model_copy(update=self.estimate(view.status.id, w.queue, w.family, w.tenant))
 
     def estimate(self, job_id: str, queue: str, family: str, tenant: str) -> dict:
         """A queued job's ``queue_position`` (jobs that start before it), ``eta_s`` ((position

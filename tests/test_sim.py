@@ -111,13 +111,14 @@ def test_a_submit_and_wait_loop_keeps_its_connections(client, sim_worker, input_
     assert r.info("stats")["total_connections_received"] - before < 4
 
 
-def test_a_one_stage_job_costs_redis_20_commands(client, sim_worker, input_png):
+def test_a_one_stage_job_costs_redis_at_most_20_commands(client, sim_worker, input_png):
     """The control plane's cost per job (docs/performance.md): a one-stage job shorter than the
-    progress interval, default settings, is 20 Redis commands from its submission to its end,
-    those its scripts run counted: submit (script), message, claim (script), end (script).
-    Counted from MONITOR: each command that names the job, with the commands of a script
-    called with it. Not the job's: the worker's fetch (a BRPOP an idle worker sends anyway)
-    and this test's own reads of the job's state."""
+    progress interval, default settings, is at most 20 Redis commands from its submission to
+    its end, those its scripts run counted: submit (script), message, claim (script), end
+    (script). Counted from MONITOR: each command that names the job, with the commands of a
+    script called with it. Not the job's: the worker's fetch (a BRPOP an idle worker sends
+    anyway), the lost-message sweep's read of waiting jobs (every 5 s, whatever the jobs) and
+    this test's own reads of the job's state."""
     import collections
     import threading
 
@@ -125,7 +126,7 @@ def test_a_one_stage_job_costs_redis_20_commands(client, sim_worker, input_png):
 
     url = client.settings.redis_url
     ref = client.storage.put_input(input_png.read_bytes(), "png")
-    job = img2img_job(ref, model="sim", steps=3, strength=1.0)  # 0.15 s, under the 0.25 s interval
+    job = img2img_job(ref, model="sim", steps=1, strength=1.0)  # 0.05 s, well under the 0.25 s interval
     assert client.wait(client.submit(job), timeout=60).state.value == "succeeded"  # connections made
     poll = redis.Redis.from_url(url, decode_responses=True, single_connection_client=True)
     own_port = poll.client_info()["addr"].rsplit(":", 1)[1]
@@ -140,7 +141,11 @@ def test_a_one_stage_job_costs_redis_20_commands(client, sim_worker, input_png):
 
     t = threading.Thread(target=monitor, daemon=True)
     t.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while not any(c["command"] == "ECHO monitor-ready" for c in list(seen)):  # MONITOR is on
+        assert time.monotonic() < deadline and t.is_alive()
+        poll.echo("monitor-ready")
+        time.sleep(0.1)
     job_id = client.submit({**job, "stages": [{**job["stages"][0], "seed": 8}]})
     deadline = time.monotonic() + 60
     while poll.hget(f"easel:job:{job_id}", "state") not in ("succeeded", "failed", "cancelled"):
@@ -150,6 +155,8 @@ def test_a_one_stage_job_costs_redis_20_commands(client, sim_worker, input_png):
     stop.set()
     poll.ping()
     t.join(10)
+    assert not t.is_alive()
+    sweep_read = f"HMGET easel:job:{job_id} state segment updated_at instance due_at queue"
     names, in_job_script = collections.Counter(), False
     for c in seen:
         if c.get("client_type") == "lua":
@@ -157,7 +164,7 @@ def test_a_one_stage_job_costs_redis_20_commands(client, sim_worker, input_png):
                 names["lua " + c["command"].split()[0]] += 1
             continue
         in_job_script = False
-        if c["client_port"] == own_port or job_id not in c["command"]:
+        if c["client_port"] == own_port or job_id not in c["command"] or c["command"] == sweep_read:
             continue
         in_job_script = c["command"].startswith("EVALSHA")
         names[c["command"].split()[0]] += 1

@@ -110,7 +110,7 @@ class ApiState:
 
     def render(self, job_id: str) -> JobResponse:
         view = self.store.view(job_id)  # one read: the webhook's state pairs with the job's
-        st, hook = self.client.estimated(view), view.webhook
+        st, hook = self.client.scheduler.status_of(view), view.webhook
         done = st.state == JobState.succeeded
         return JobResponse(
             id=st.id, state=st.state, created_at=st.created_at, updated_at=st.updated_at, started_at=st.started_at,
