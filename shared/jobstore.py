@@ -114,13 +114,13 @@ local function transition(K, A)
   local h = redis.call('HMGET', K[1], 'state', 'instance', 'segment', 'capped', 'attempts', 'webhook_url',
                        'webhook_events', 'requeued_from')
   local cur = h[1]
+  if A[4] ~= '' then redis.call('SREM', A[2] .. A[5], A[3] .. ':' .. A[4]) end  -- even from an expired record
   if not cur then
     redis.call('DEL', K[1])  -- what a late write made of an expired record (see _CLAIM)
     return -1
   end
   local writes = {{}}
   if A[4] ~= '' then
-    redis.call('SREM', A[2] .. A[5], A[3] .. ':' .. A[4])
     if h[2] == A[5] then
       if A[6] ~= 'succeeded' and A[6] ~= 'failed' and A[6] ~= 'cancelled' then
         redis.call('HDEL', K[1], 'instance')
@@ -209,6 +209,7 @@ local h = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'queue', 'spec', 'plan
 local cur = h[1]
 if not cur then
   redis.call('DEL', KEYS[1])
+  if ARGV[10] ~= '' then redis.call('ZREM', ARGV[1] .. ARGV[10], ARGV[2]) end  -- an expired job's place
   return {{'unknown'}}
 end
 local seg = tonumber(ARGV[3])
@@ -306,11 +307,18 @@ return out
 # A reaped instance is forgotten once the deliveries its reap found are requeued: those
 # leave its running set, and it leaves the instances only if nothing else is left there and
 # its score is still the lease's (an instance that stalled past its TTL and then came back
-# has beaten since, or claimed anew: what it holds now must stay reapable).
-# KEYS: instances zset, its running set. ARGV: instance, the lease's end, then the
-# "<job id>:<segment>" members its reap found.
-_FORGET = """
-for i = 3, #ARGV do redis.call('SREM', KEYS[2], ARGV[i]) end
+# has beaten since, or claimed anew: what it holds now must stay reapable). A delivery the
+# instance claimed again after the requeue (it came back and took the re-sent message)
+# stays in its running set: the instance holds it.
+# KEYS: instances zset, its running set. ARGV: instance, the lease's end, the job-hash key
+# prefix, then the "<job id>:<segment>" members its reap found.
+_FORGET = f"""
+for i = 4, #ARGV do
+  local job_id, seg = string.match(ARGV[i], '^(.*):(%d+)$')
+  local h = redis.call('HMGET', ARGV[3] .. job_id, 'state', 'instance', 'segment')
+  local cur = h[1]
+  if not cur or {_TERMINAL} or h[2] ~= ARGV[1] or h[3] ~= seg then redis.call('SREM', KEYS[2], ARGV[i]) end
+end
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score and math.abs(tonumber(score) - tonumber(ARGV[2])) < 0.001 and redis.call('SCARD', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
@@ -348,6 +356,12 @@ return {ARGV[1], 1}
 _RELEASE_IDEM = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# KEYS: the job hash, a queue's position set. ARGV: job id, that queue.
+_DROP_POSITION = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'queue')
+if h[1] ~= 'queued' or h[2] ~= ARGV[2] then redis.call('ZREM', KEYS[2], ARGV[1]) end
 """
 
 # KEYS: the queue's waiting set, the tenant's pending set, the queue's backlog tally. ARGV: the
@@ -583,6 +597,7 @@ class JobStore:
         self._create = self.r.register_script(_CREATE_ONE)
         self._release_idem = self.r.register_script(_RELEASE_IDEM)
         self._unmark = self.r.register_script(_UNMARK)
+        self._drop_position = self.r.register_script(_DROP_POSITION)
         self._set_webhook = self.r.register_script(_SET_WEBHOOK)
 
     @classmethod
@@ -900,10 +915,9 @@ class JobStore:
         self.r.zadd(self._queued_key(queue), {job_id: queue_score(priority, time.time())}, nx=True)
 
     def drop_position(self, job_id: str, queue: str) -> None:
-        """Leave ``queue``'s position set unless the job's record says it waits there."""
-        state, waits_in = self.r.hmget(self.key(job_id), "state", "queue")
-        if state != JobState.queued.value or waits_in != queue:
-            self.r.zrem(self._queued_key(queue), job_id)
+        """Leave ``queue``'s position set unless the job's record says it waits there; in one
+        script, so a retry that marks the job's place there meanwhile keeps it."""
+        self._drop_position(keys=[self.key(job_id), self._queued_key(queue)], args=[job_id, queue])
 
     def unmark_queued(self, job_id: str) -> str | None:
         """The job no longer waits: out of its queue-position set, and out of its tenant's
@@ -1052,7 +1066,7 @@ class JobStore:
     def forget_instance(self, instance: str, held: list[tuple[str, int]], leased: str) -> None:
         """Drop a reaped instance and the deliveries ``reap_dead`` found it holding (``_FORGET``)."""
         self._forget(keys=[self.instances_key(), self._running_prefix() + instance],
-                     args=[instance, leased, *(f"{job_id}:{segment}" for job_id, segment in held)])
+                     args=[instance, leased, self.key(""), *(f"{job_id}:{segment}" for job_id, segment in held)])
 
     def requeue(self, job_id: str, segment: int, instance: str, why: str) -> str | None:
         """Put a dead instance's delivery back in the queue (state queued, with a note that

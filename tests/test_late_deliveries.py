@@ -211,3 +211,81 @@ def test_a_refused_final_write_tells_its_own_lost_reply_from_a_take_over(late_cl
         _refused(ctx, [job], outcomes)
         assert outcomes[job.delivery] == want, (instance, outcomes)
     assert len(dropped) == 2  # an ended chain job's hand-offs are dropped either way
+
+
+@pytest.fixture
+def own_store(late_client):
+    """A store with a prefix of its own (no other test's instances for its reaps), and a
+    function that makes a one-stage latea job queued there. Returns (store, make, queue)."""
+    from easel.shared.jobstore import JobStore
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec
+
+    store = JobStore(late_client.store.r, prefix="latestore")
+    spec = JobSpec.model_validate({"input": {"image": "s3://easel/inputs/x.png"}, "stages": [
+        {"model": "latea", "prompt": "a", "seed": 1, "steps": 2, "strength": 1.0}]})
+    plan = plan_job(spec, late_client.registry)
+    queue = plan.segments[0].queue
+
+    def make() -> str:
+        job_id, _ = store.create(spec, plan)
+        store.mark_queued(job_id, queue, 0)
+        return job_id
+
+    yield store, make, queue
+    keys = list(store.r.scan_iter(match="latestore:*"))
+    if keys:
+        store.r.delete(*keys)
+
+
+def test_a_delivery_whose_record_expired_as_it_ran_leaves_its_running_set(own_store):
+    """A job claimed near its record's TTL (a backlog nearly that old) can see its record
+    expire while it runs: its end still takes the delivery out of the instance's running
+    set, or the running count stays one too high for as long as the worker lives."""
+    from easel.shared.schema import JobState
+
+    store, make, queue = own_store
+    job_id = make()
+    assert store.claim_many([(job_id, 0, queue)], "w", "i1", 3)[0].outcome == "run"
+    running = store._running_prefix() + "i1"
+    assert store.r.sismember(running, f"{job_id}:0")
+    store.r.delete(store.key(job_id))  # its TTL runs out
+    assert not store.transition(job_id, JobState.succeeded, end=(0, "i1"))
+    assert not store.r.sismember(running, f"{job_id}:0")
+    assert not store.r.exists(store.key(job_id))
+
+
+def test_a_claim_of_an_expired_job_leaves_no_place_in_its_queue(own_store):
+    """A message whose job's record expired is dropped at its claim, and the job's place in
+    the queue's position set goes with it: left there, it would count against the queue's
+    room for dispatch until a sweep reached it."""
+    store, make, queue = own_store
+    job_id = make()
+    store.r.delete(store.key(job_id))  # its TTL ran out while its message waited
+    assert store.claim_many([(job_id, 0, queue)], "w", "i1", 3)[0].outcome == "unknown"
+    assert store.r.zscore(f"latestore:queued:{queue}", job_id) is None
+
+
+def test_an_instance_that_claims_its_requeued_job_again_stays_reapable(own_store):
+    """i1 stalls past its heartbeat; a reaper leases it and requeues its job; i1, back, takes
+    the re-sent message and claims the job again before the reaper forgets it. Forgetting
+    must leave that delivery in i1's running set and i1 among the instances: should i1 then
+    die for good, the next reap finds the job, instead of it staying running forever."""
+    store, make, queue = own_store
+    job_id = make()
+    assert store.claim_many([(job_id, 0, queue)], "w", "i1", 3)[0].outcome == "run"
+    store.r.zadd(store.instances_key(), {"i1": 1})  # its heartbeat expired long ago
+    leased, dead = store.reap_dead(lease_s=30)
+    assert dead["i1"][1] == [(job_id, 0)]
+    assert store.requeue(job_id, 0, "i1", "heartbeat expired")
+    assert store.claim_many([(job_id, 0, queue)], "w", "i1", 3)[0].outcome == "run"  # i1 is back
+    store.forget_instance("i1", dead["i1"][1], leased)
+    assert store.r.sismember(store._running_prefix() + "i1", f"{job_id}:0")
+    assert store.r.zscore(store.instances_key(), "i1") is not None
+    store.r.zadd(store.instances_key(), {"i1": 1})  # i1 dies for good: the next reap finds the job
+    leased, dead = store.reap_dead(lease_s=30)
+    assert dead["i1"][1] == [(job_id, 0)]
+    assert store.requeue(job_id, 0, "i1", "heartbeat expired")
+    store.forget_instance("i1", dead["i1"][1], leased)
+    assert store.r.zscore(store.instances_key(), "i1") is None
+    assert not store.r.exists(store._running_prefix() + "i1")
