@@ -177,7 +177,7 @@ def read_manifest(path: Path, default_model: str = "sd15") -> list[Row]:
     base = path.resolve().parent
     rows: list[Row] = []
     seen_keys: dict[str, int] = {}
-    names: set[str] = set()
+    names: set[str] = {SUMMARY_FILE}  # beside the rows' folders in OUT
     for i, (raw, err) in enumerate(_raw_rows(path), 1):
         raw = dict(raw or {})
         name = _SAFE.sub("_", str(raw.pop("name", "") or "")).strip("._")[:100] or f"row-{i:05d}"

@@ -40,7 +40,7 @@ INTERRUPTED = 130
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {msg}")
+    err.print(f"[red]error:[/red] {escape(msg)}", highlight=False)  # msg may hold a user's [brackets]
     raise typer.Exit(code)
 
 
@@ -225,6 +225,8 @@ def fetch(job_id: str, out: Path = typer.Option(Path("easel-out"), "--out", "-o"
         _fail(f"no job {job_id}", 1)
     except RuntimeError as e:
         _fail(str(e), 1)
+    except OSError as e:  # OUT not writable, the disk full
+        _fail(f"cannot write to {out}: {e.strerror or e}", 1)
 
 
 @queues_app.callback(invoke_without_command=True)
@@ -313,11 +315,13 @@ def main() -> None:
         app()
     except (redis.ConnectionError, redis.TimeoutError) as e:
         where = maybe_sanitize_url(get_settings().redis_url)  # the password masked
-        err.print(f"[red]error:[/red] cannot reach Redis at {where} (EASEL_REDIS_URL): {e}")
+        err.print(f"[red]error:[/red] cannot reach Redis at {escape(where)} (EASEL_REDIS_URL): {escape(str(e))}",
+                  highlight=False)
         sys.exit(UNREACHABLE)
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         where = get_settings().s3_endpoint_url or "AWS S3"
-        err.print(f"[red]error:[/red] object storage at {where} (EASEL_S3_*): {type(e).__name__}: {e}",
+        err.print(f"[red]error:[/red] object storage at {escape(where)} (EASEL_S3_*): {type(e).__name__}: "
+                  f"{escape(str(e))}",
                   highlight=False)
         sys.exit(UNREACHABLE)
     except ValidationError as e:

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from easel.producer.extras import require
 
@@ -58,7 +59,7 @@ def api_key(name: str = typer.Argument(..., help="Owner name for the key (letter
         entry = ApiKey(name=name, sha256=hash_key(tok))
     except ValidationError:
         Console(stderr=True, soft_wrap=True).print(
-            f"[red]error:[/red] key name {name!r}: 1 to 64 letters, digits, '.', '_' or '-'")
+            f"[red]error:[/red] key name {escape(repr(name))}: 1 to 64 letters, digits, '.', '_' or '-'")
         raise typer.Exit(2) from None
     print(f"token:  {tok}")
     print(f"config: {json.dumps(entry.model_dump(include={'name', 'sha256'}))}")
@@ -97,7 +98,7 @@ def batch(manifest: Path = typer.Argument(..., help="Jobs, one per row: .jsonl (
         summary = run_batch(manifest, out, concurrency=concurrency, timeout=timeout, download=download,
                             retry_failed=retry_failed, default_model=model, console=Console(stderr=True))
     except BatchError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
     raise typer.Exit(0 if summary.succeeded == summary.total else 1)
 

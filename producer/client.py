@@ -290,6 +290,8 @@ class EaselClient:
         Idempotency keys behave as in ``submit``: a key seen before, or earlier in this same
         call, gives the first job's id and queues nothing.
         """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         prepared: list[tuple[JobSpec, Plan]] = []
         for i, job in enumerate(jobs):
             try:
@@ -304,7 +306,7 @@ class EaselClient:
         with tracing.span("easel.submit_many", {"easel.jobs": len(prepared)}) as call, \
                 self.celery.connection_for_write(transport_options={"retry_on_timeout": False}) as conn:
             producer = self.celery.amqp.Producer(conn)
-            for start in range(0, len(prepared), max(1, batch_size)):
+            for start in range(0, len(prepared), batch_size):
                 try:
                     ids += self._submit_batch(prepared[start:start + batch_size], producer, call)
                 except Exception as e:
@@ -381,6 +383,8 @@ class EaselClient:
         still going are re-read, so an event missed across a reconnect only delays an update.
         While Redis is away the watch waits and tries again (with no ``timeout``, for as long
         as it takes), then re-reads every job still going."""
+        if not job_ids:  # nothing to follow (a SUBSCRIBE needs a channel)
+            return
         deadline = None if timeout is None else time.monotonic() + timeout
         channels = {self.store.events_channel(j): j for j in job_ids}
         jobs = self._follow_store()

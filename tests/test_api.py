@@ -658,6 +658,22 @@ def test_idempotency_key_header_replays_the_job(api, http):
     http.delete(f"/v1/jobs/{a.json()['id']}")
 
 
+def test_a_replay_adds_only_a_webhook_url_a_new_job_could_have(inproc):
+    """A retry whose first request's reply was lost may record the job's webhook, which the
+    first request could not record in time: only with a URL that passes a new job's check
+    (https, a public address). A private one is not added; the answer is the job, as for any
+    replay."""
+    body = job_body(upload(inproc))
+    key = {"Idempotency-Key": f"mend-{uuid.uuid4().hex[:8]}"}
+    first = inproc.post("/v1/jobs", json=body, headers=key)
+    assert first.status_code == 201 and first.json()["webhook"] is None
+    private = inproc.post("/v1/jobs", json={**body, "webhook_url": "https://10.0.0.5/hook"}, headers=key)
+    assert private.status_code == 200 and private.json()["id"] == first.json()["id"]
+    assert private.json()["webhook"] is None
+    public = inproc.post("/v1/jobs", json={**body, "webhook_url": "https://93.184.216.34/hook"}, headers=key)
+    assert public.status_code == 200 and public.json()["webhook"]["url"] == "https://93.184.216.34/hook"
+
+
 @pytest.fixture
 def inproc(easel_env):
     """The app in this process (FastAPI's TestClient over the session's valkey and SeaweedFS),

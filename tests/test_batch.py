@@ -273,3 +273,13 @@ def test_each_row_gets_a_results_folder_of_its_own(tmp_path):
     got = [row.name for row in read_manifest(manifest)]
     assert got == ["cat", "cat-00003", "cat-00003-2", "Cat-00004", "row-00005", "row-00005-00006"]
     assert len({n.casefold() for n in got}) == len(got)
+
+
+def test_a_row_named_like_the_summary_file_gets_a_folder_beside_it(tmp_path):
+    """OUT/summary.json is the run's summary: a row of that name gets the row number, or its
+    results folder would stop the summary being written at the end of the run."""
+    from easel.producer.batch import SUMMARY_FILE, read_manifest
+
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({"image": "s3://b/x.png", "prompt": "p", "name": SUMMARY_FILE}) + "\n")
+    assert [row.name for row in read_manifest(manifest)] == [f"{SUMMARY_FILE}-00001"]

@@ -182,6 +182,12 @@ def test_cli_submit_wait_status_fetch(easel_env, sd15_worker, input_png, tmp_pat
     img = Image.open(tmp_path / job_id / "output" / "0.jpeg")
     assert img.format == "JPEG" and img.size == (96, 64)
     assert json.loads((tmp_path / job_id / "manifest.json").read_text())["stages"][0]["seeds"] == [11]
+    (tmp_path / "a-file").write_text("")
+    r = cli("fetch", job_id, "--out", str(tmp_path / "a-file" / "sub"))  # a folder that cannot be made
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 1 and "cannot write to" in said and "Traceback" not in r.stderr, r.stderr
+    r = cli("status", "[/x]")  # a user's text in an error is shown as typed, not read as markup
+    assert r.returncode == 1 and "no job [/x]" in r.stderr and "Traceback" not in r.stderr, r.stderr
     from easel.shared.settings import Settings
     from easel.shared.storage import Storage
 

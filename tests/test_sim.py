@@ -95,6 +95,14 @@ def test_progress_is_written_once_an_interval_has_passed_then_at_most_that_often
     assert steps[long] == sorted(steps[long]) and steps[long][0] >= 4  # 0.25 s in at 0.05 s a step
 
 
+def test_watching_no_jobs_yields_nothing_and_the_next_wait_follows_its_job(client, sim_worker, input_png):
+    """``watch([])`` (``watch(submit_many([]))``) ends at once, and leaves the thread's kept
+    follower connection as it was: no error reply of an empty SUBSCRIBE waits on it."""
+    assert list(client.watch([])) == []
+    job = img2img_job(str(input_png), model="sim", steps=1, strength=1.0)
+    assert client.wait(client.submit(job), timeout=60).state.value == "succeeded"
+
+
 def test_a_submit_and_wait_loop_keeps_its_connections(client, sim_worker, input_png):
     """Following a job takes a pub/sub connection; the client keeps it (and its pooled one)
     for the next job instead of connecting again for each."""

@@ -60,6 +60,10 @@ def test_submit_many_refuses_the_whole_call_naming_the_bad_job(client, input_png
         client.submit_many([img2img_job(str(input_png), model="no-such-model")])
     assert _job_keys(client) == before
     assert client.submit_many([]) == []
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="batch_size"):
+            client.submit_many([img2img_job(str(input_png))], batch_size=bad)
+    assert _job_keys(client) == before
 
 
 def test_a_batch_that_fails_to_send_names_the_jobs_queued_before_it(easel_env, input_png):

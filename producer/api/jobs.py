@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -16,6 +17,8 @@ from easel.producer.api.state import ApiState
 from easel.producer.client import SubmitError, SubmitUnavailable
 from easel.shared.images import InputError, Unresolved, check_public_url
 from easel.shared.schema import JobSpec
+
+log = logging.getLogger("easel.api")
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -63,8 +66,22 @@ def _mend(api: ApiState, job_id: str, url: str | None, p: Principal) -> None:
     a set member, and a job with a webhook keeps it as it is."""
     if p.key.over_cap != "hold":
         api.inflight.adopt(p.name, job_id)
-    if url and api.secret_for(p.name) and not api.store.webhook_target(job_id)[0]:
+    if url and api.secret_for(p.name) and not api.store.webhook_target(job_id)[0] and _mendable(api, url):
         api.dispatcher.register(job_id, url, p.key.webhook_events)
+
+
+def _mendable(api: ApiState, url: str) -> bool:
+    """A replay's webhook URL passes the check a new job's must: one that fails it was not
+    the first request's (that one would have been refused), so it is not added. A name that
+    does not resolve now is added: each delivery checks its address again."""
+    try:
+        check_public_url(url, api.s)
+    except Unresolved:
+        return True
+    except InputError:
+        log.warning("a replayed request's webhook_url is refused (%s); the job keeps none", url[:200])
+        return False
+    return True
 
 
 def _check_webhook(api: ApiState, url: str, p: Principal) -> None:
