@@ -358,6 +358,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# KEYS: job hashes. ARGV: instance, then per key its segment and the crash count to record
+# (``inflight:<segment>``), only where that instance holds the job at that segment: a job
+# taken over meanwhile keeps its new holder's count.
+_SET_CRASHES = """
+for i, key in ipairs(KEYS) do
+  local seg = ARGV[2 * i]
+  local h = redis.call('HMGET', key, 'instance', 'segment')
+  if h[1] == ARGV[1] and h[2] == seg then redis.call('HSET', key, 'inflight:' .. seg, ARGV[2 * i + 1]) end
+end
+"""
+
 # KEYS: the job hash, a queue's position set. ARGV: job id, that queue.
 _DROP_POSITION = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'queue')
@@ -598,6 +609,7 @@ class JobStore:
         self._release_idem = self.r.register_script(_RELEASE_IDEM)
         self._unmark = self.r.register_script(_UNMARK)
         self._drop_position = self.r.register_script(_DROP_POSITION)
+        self._set_crashes = self.r.register_script(_SET_CRASHES)
         self._set_webhook = self.r.register_script(_SET_WEBHOOK)
 
     @classmethod
@@ -913,6 +925,15 @@ class JobStore:
         state change that writes the record's ``queue`` itself only if it happens (a
         retry's, a requeue's); ``drop_position`` if it did not."""
         self.r.zadd(self._queued_key(queue), {job_id: queue_score(priority, time.time())}, nx=True)
+
+    def set_crash_counts(self, instance: str, counts: list[tuple[str, int, int]]) -> None:
+        """Record (job id, segment, count) as each delivery's crash count while ``instance``
+        still holds it: a claim counts every delivery it takes as started; a worker whose
+        task holds deliveries that wait behind another call sets theirs back until their
+        own call starts (``worker.engine``)."""
+        if counts:
+            self._set_crashes(keys=[self.key(job_id) for job_id, _, _ in counts],
+                              args=[instance, *(v for _, seg, n in counts for v in (seg, n))])
 
     def drop_position(self, job_id: str, queue: str) -> None:
         """Leave ``queue``'s position set unless the job's record says it waits there; in one

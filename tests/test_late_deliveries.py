@@ -289,3 +289,77 @@ def test_an_instance_that_claims_its_requeued_job_again_stays_reapable(own_store
     store.forget_instance("i1", dead["i1"][1], leased)
     assert store.r.zscore(store.instances_key(), "i1") is None
     assert not store.r.exists(store._running_prefix() + "i1")
+
+
+def test_a_tasks_deliveries_waiting_behind_another_call_are_not_counted_as_started(late_client):
+    """A task's deliveries run as calls one after another (here a 100-step job, then a
+    2-step one: two batch keys). While the first call runs, the second job's crash count is
+    what it was before its claim: had the first call killed the process, the second job,
+    which never ran, would not come back a crash nearer the poison limit (two and it
+    fails). Its count is set as its own call starts and cleared when it ends."""
+    import threading
+    import time
+
+    from easel.shared.celery_app import make_celery
+    from easel.shared.plan import plan_job
+    from easel.shared.schema import JobSpec
+    from easel.worker.context import WorkerContext
+    from easel.worker.engine import run_deliveries
+    from easel.worker.policy import Delivery
+    from tests.conftest import png_bytes
+
+    store = late_client.store
+    ref = late_client.storage.put_input(png_bytes(), "png")
+    ids = []
+    for steps in (100, 2):
+        spec = JobSpec.model_validate({"input": {"image": ref}, "stages": [
+            {"model": "latea", "prompt": "a", "seed": 1, "steps": steps, "strength": 1.0}]})
+        plan = plan_job(spec, late_client.registry)
+        job_id, _ = store.create(spec, plan)
+        store.mark_queued(job_id, plan.segments[0].queue, 0)
+        ids.append(job_id)
+    queue = plan.segments[0].queue
+    ctx = WorkerContext.create("latea", late_client.settings, hostname="crash-counts@test")
+    done: list = []
+    runner = threading.Thread(target=lambda: done.append(run_deliveries(
+        ctx, make_celery(late_client.settings), [Delivery(j, 0, queue) for j in ids])))
+    runner.start()
+    seen = []  # (first's state and step, both crash counts) while the first runs its steps
+    while runner.is_alive():
+        first, second = (store.r.hmget(store.key(j), "state", "step", "inflight:0") for j in ids)
+        if first[0] == "running" and int(first[1] or 0) > 0:
+            seen.append((first[2], second[2]))
+        time.sleep(0.02)
+    runner.join()
+    assert done == [["succeeded", "succeeded"]]
+    assert seen, "the first job's steps were never seen"
+    assert all(counts == ("1", "0") for counts in seen), seen
+    assert [store.r.hget(store.key(j), "inflight:0") for j in ids] == ["0", "0"]
+    assert [store.status(j).state.value for j in ids] == ["succeeded", "succeeded"]
+
+
+def test_a_heard_stop_is_kept_an_hour_from_when_it_was_last_heard(monkeypatch):
+    """The stops a worker hears (cancels, take-overs: the farm's, as a mass cancel sends one a
+    job) are kept for KEEP_S from their last hearing and then forgotten, oldest first, each
+    once (a cancel of 100,000 jobs must not cost each new stop a walk over all of them)."""
+    import json
+    from types import SimpleNamespace
+
+    from easel.worker import stops
+
+    now = [0.0]
+    monkeypatch.setattr(stops, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    listener = stops.StopListener(None, "unused")
+
+    def hear(job_id: str, kind: str = "cancel", instance: str | None = None) -> None:
+        listener._note(json.dumps({"job_id": job_id, "stop": kind, "instance": instance}))
+
+    hear("a")
+    now[0] = 10.0
+    hear("b", "taken", "i1")
+    now[0] = 20.0
+    hear("a")  # heard again: kept from now
+    now[0] = stops.KEEP_S + 15.0
+    hear("c")
+    assert [listener.stop_for(j, "i1") for j in "abc"] == ["cancel", None, "cancel"]
+    assert list(listener._heard) == ["a", "c"]

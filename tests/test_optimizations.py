@@ -146,6 +146,50 @@ def test_vae_tiles_above_the_pixel_threshold_only_for_that_call(model_root, tmp_
     assert not vae.use_tiling  # back to untiled for the next call
 
 
+def _tiny_sd(model_root, limit: int = 0):
+    cache = PipelineCache(Registry.model_validate({"models": {"m": {"source": "tiny-sd15", "family": "f",
+                                                                    "latent_space": "sd1-vae"}}}),
+                          Settings(model_root=model_root, vae_tiling_above_px=limit), "f",
+                          device=torch.device("cpu"))
+    return cache.get("m")
+
+
+def test_a_kept_intermediates_decode_tiles_above_the_threshold_too(model_root):
+    """A latent hand-off decoded for ``keep_intermediates`` is as large as the call's output:
+    it tiles under the same threshold, or a large one runs the device out of memory."""
+    from easel.worker.runner import decode_latents
+
+    loaded = _tiny_sd(model_root, limit=64 * 64 - 1)
+    vae = loaded.pipes["img2img"].vae
+    seen: list[bool] = []
+    decode = vae.decode
+    vae.decode = lambda *a, **kw: seen.append(vae.use_tiling) or decode(*a, **kw)
+    try:
+        images = decode_latents(loaded, torch.randn(1, 4, 8, 8))  # 64 x 64 px
+    finally:
+        del vae.decode
+    assert seen == [True] and images[0].size == (64, 64) and not vae.use_tiling
+
+
+def test_a_failed_call_leaves_the_vae_in_its_dtype(model_root):
+    """Pipelines that decode an fp16 VAE in fp32 (SDXL's force_upcast) move it and move it
+    back with no ``finally``: a call that fails between the two must not leave the shared
+    VAE in the other dtype for the model's next calls. Here a step hook moves it and fails."""
+    loaded = _tiny_sd(model_root)
+    vae = loaded.pipes["img2img"].vae
+
+    def moved_then_failed(step, total):
+        vae.to(torch.float64)
+        raise RuntimeError("CUDA out of memory (as a decode might)")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_stage(loaded, [Stage(model="m", prompt="x", steps=2, seed=1)],
+                  Carrier(images=[Image.new("RGB", (64, 64))]), n=1, want_latent=False, on_step=moved_then_failed)
+    assert vae.dtype == torch.float32
+    run_stage(loaded, [Stage(model="m", prompt="x", steps=2, seed=1)], Carrier(images=[Image.new("RGB", (64, 64))]),
+              n=1, want_latent=False, on_step=lambda s, t: True)  # and the next call runs
+
+
 def test_peak_memory_gauge_is_positive():
     from easel.worker.metrics import WorkerMetrics
 

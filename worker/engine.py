@@ -101,10 +101,12 @@ def run_deliveries(ctx: WorkerContext, app, deliveries: list[Delivery]) -> list[
     outcomes: Outcomes = {}
     unique = list(dict.fromkeys(deliveries))
     jobs = claim(ctx, app, unique, outcomes)
+    started = CrashCounts(ctx, jobs)
     try:
         for group in group_jobs(ctx, jobs):
             prepared = [job for job in group if _guarded(ctx, app, job, outcomes, load_inputs, ctx, job)]
             for same_size in by_input_size(prepared):
+                started.call(same_size)
                 run_group(ctx, app, same_size, outcomes)
     except Exception as exc:
         log.exception("the engine failed; settling the deliveries it held")
@@ -113,6 +115,30 @@ def run_deliveries(ctx: WorkerContext, app, deliveries: list[Delivery]) -> list[
                 _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
     seen: set[Delivery] = set()
     return [outcomes[d] if not (d in seen or seen.add(d)) else "duplicate" for d in deliveries]
+
+
+class CrashCounts:
+    """A claim counts each delivery it takes as started: one that never ends (the process
+    died) is a crash, and a job that crashes its worker twice is poison. A task's calls run
+    one after another, so before the first starts, the deliveries waiting behind it get
+    their counts back, and each gets its count again as its own call starts: a call that
+    kills the process counts only its own jobs, never the task's other ones."""
+
+    def __init__(self, ctx: WorkerContext, jobs: list[Job]):
+        self.ctx, self.jobs, self.first = ctx, jobs, True
+
+    def call(self, jobs: list[Job]) -> None:
+        if self.first:
+            self.first = False
+            running = {id(job) for job in jobs}
+            self._set([job for job in self.jobs if id(job) not in running], started=False)
+        else:
+            self._set(jobs, started=True)
+
+    def _set(self, jobs: list[Job], started: bool) -> None:
+        if jobs:
+            self.ctx.store.set_crash_counts(self.ctx.instance, [
+                (job.job_id, job.delivery.segment, job.claim.crashed + started) for job in jobs])
 
 
 def claim(ctx: WorkerContext, app, deliveries: list[Delivery], outcomes: Outcomes) -> list[Job]:

@@ -231,7 +231,9 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
               output_type="latent" if want_latent else "pil")
     kw.update(progress_kwargs(pipe, on_step, stages[0].steps))
     t1 = time.perf_counter()
-    with torch.inference_mode(), vae_tiling_for(model, pipe, stages[0], carrier):
+    vae = getattr(pipe, "vae", None)
+    with torch.inference_mode(), vae_tiling_for(model, vae, lambda: output_pixels(model, stages[0], carrier)), \
+            vae_dtype_kept(vae):
         out = pipe(**kw)
     t2 = time.perf_counter()
     # Under the most jobs a call padded to this size holds: the policy counts jobs.
@@ -256,15 +258,14 @@ def output_pixels(model: LoadedModel, stage: Stage, carrier: Carrier) -> int:
 
 
 @contextlib.contextmanager
-def vae_tiling_for(model: LoadedModel, pipe, stage: Stage, carrier: Carrier):
-    """VAE tiling for this call alone when its output is over ``vae_tiling_above_px`` pixels:
-    the VAE's full-image activations (and its mid-block self-attention over every latent
-    pixel) grow with the image, and a large upscale would run the device out of memory;
-    smaller images keep the faster, seam-free untiled VAE."""
-    vae = getattr(pipe, "vae", None)
+def vae_tiling_for(model: LoadedModel, vae, pixels: Callable[[], int]):
+    """VAE tiling for this call alone when each image it outputs has more pixels
+    (``pixels()``) than ``vae_tiling_above_px``: the VAE's full-image activations (and its mid-block
+    self-attention over every latent pixel) grow with the image, and a large upscale would
+    run the device out of memory; smaller images keep the faster, seam-free untiled VAE."""
     limit = model.vae_tiling_above_px
     if (not limit or vae is None or not hasattr(vae, "enable_tiling") or getattr(vae, "use_tiling", False)
-            or output_pixels(model, stage, carrier) <= limit):
+            or pixels() <= limit):
         yield
         return
     vae.enable_tiling()
@@ -272,6 +273,20 @@ def vae_tiling_for(model: LoadedModel, pipe, stage: Stage, carrier: Carrier):
         yield
     finally:
         vae.disable_tiling()
+
+
+@contextlib.contextmanager
+def vae_dtype_kept(vae):
+    """The VAE in the dtype it had before the call, even when the call failed: pipelines that
+    decode an fp16 VAE in fp32 (``force_upcast``: SDXL's) move it to fp32 and back with no
+    ``finally``, so a decode that ran out of memory would leave the shared VAE in fp32 and
+    the model's later calls given latents would fail on the dtype mismatch."""
+    dtype = getattr(vae, "dtype", None)
+    try:
+        yield
+    finally:
+        if dtype is not None and vae.dtype != dtype:
+            vae.to(dtype)
 
 
 def scale_factor(model: LoadedModel) -> int:
@@ -318,12 +333,11 @@ def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Imag
     # An fp16 VAE that overflows in fp16 (SDXL's: force_upcast) decodes in fp32 where its
     # pipelines do; else the intermediate would come out black.
     upcast = upcasts_vae(model.spec.kind, vae)
-    try:
+    f = getattr(pipe, "vae_scale_factor", 8)
+    pixels = latents.shape[-1] * latents.shape[-2] * f * f
+    with vae_dtype_kept(vae), vae_tiling_for(model, vae, lambda: pixels):
         if upcast:
             vae.to(torch.float32)
         with torch.inference_mode():
             x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    finally:
-        if upcast:
-            vae.to(torch.float16)
     return pipe.image_processor.postprocess(x, output_type="pil")

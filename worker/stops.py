@@ -22,6 +22,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable
 
 import redis
@@ -40,7 +41,8 @@ class StopListener:
         self._handlers: dict[str, Callable[[str | None], None]] = {}
         self.epoch = 0  # subscriptions made; a stage started under another epoch reads the flags
         self.connected = False
-        self._heard: dict[str, tuple[float, str, str | None]] = {}  # job id -> (when, stop, instance)
+        # job id -> (when, stop, instance), oldest first: forgetting is a pop from the front
+        self._heard: OrderedDict[str, tuple[float, str, str | None]] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -103,5 +105,6 @@ class StopListener:
         now = time.monotonic()
         with self._lock:
             self._heard[job_id] = (now, kind, instance)
-            if len(self._heard) > 1000:  # forget stops older than KEEP_S, now and then
-                self._heard = {k: v for k, v in self._heard.items() if now - v[0] < KEEP_S}
+            self._heard.move_to_end(job_id)
+            while now - next(iter(self._heard.values()))[0] >= KEEP_S:  # each stop is forgotten once
+                self._heard.popitem(last=False)

@@ -17,7 +17,10 @@ log = logging.getLogger("easel.worker.tasks")
 
 app = make_celery()
 # A task that raised past the engine's own handlers (only infrastructure failures get
-# there) is not acked: its message comes back after the visibility timeout, not lost.
+# there) is not acked. The broker keeps no copy of a delivered message (no ack emulation,
+# shared/celery_app.py), so its jobs come back by easel's own recovery: the engine settles
+# every delivery it claimed, and the lost-message sweep re-sends a job that waits with no
+# message.
 app.conf.task_acks_on_failure_or_timeout = False
 
 
