@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -177,7 +178,7 @@ def read_manifest(path: Path, default_model: str = "sd15") -> list[Row]:
     base = path.resolve().parent
     rows: list[Row] = []
     seen_keys: dict[str, int] = {}
-    names: set[str] = {SUMMARY_FILE}  # beside the rows' folders in OUT
+    names: set[str] = {SUMMARY_FILE, SUMMARY_FILE + ".part"}  # beside the rows' folders in OUT (and its temp)
     for i, (raw, err) in enumerate(_raw_rows(path), 1):
         raw = dict(raw or {})
         name = _SAFE.sub("_", str(raw.pop("name", "") or "")).strip("._")[:100] or f"row-{i:05d}"
@@ -538,15 +539,15 @@ class _Ended:
 
 
 def _print_summary(console: Console, s: Summary) -> None:
-    t = Table(title=f"easel batch: {s.manifest}", show_header=False)
+    t = Table(title=f"easel batch: {escape(str(s.manifest))}", show_header=False)  # paths and reasons as typed
     for k, v in [("rows", s.total), ("succeeded", s.succeeded), ("failed", s.failed), ("cancelled", s.cancelled),
                  ("unfinished", s.pending), ("skipped (done before)", s.skipped),
                  ("finished this run", s.finished_this_run), ("elapsed", f"{s.elapsed_s:.1f} s"),
                  ("throughput", f"{s.jobs_per_min:.1f} jobs/min, {s.images_per_s:.2f} images/s"),
                  ("results", s.out)]:
-        t.add_row(k, str(v))
+        t.add_row(k, escape(str(v)))
     console.print(t)
     for f in s.failures[:20]:
-        console.print(f"  row {f['row']} ({f['name']}): {f['state']}: {f['reason']}")
+        console.print(escape(f"  row {f['row']} ({f['name']}): {f['state']}: {f['reason']}"), highlight=False)
     if len(s.failures) > 20:
-        console.print(f"  ... {len(s.failures) - 20} more in {Path(s.out) / SUMMARY_FILE}")
+        console.print(escape(f"  ... {len(s.failures) - 20} more in {Path(s.out) / SUMMARY_FILE}"), highlight=False)

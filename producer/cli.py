@@ -213,6 +213,8 @@ def cancel(job_id: str) -> None:
 @app.command()
 def fetch(job_id: str, out: Path = typer.Option(Path("easel-out"), "--out", "-o")) -> None:
     """Download a finished job's images and manifest into OUT/<job_id>/."""
+    import botocore.exceptions
+
     from easel.shared.storage import NotFound
 
     try:
@@ -225,7 +227,9 @@ def fetch(job_id: str, out: Path = typer.Option(Path("easel-out"), "--out", "-o"
         _fail(f"no job {job_id}", 1)
     except RuntimeError as e:
         _fail(str(e), 1)
-    except OSError as e:  # OUT not writable, the disk full
+    except OSError as e:  # OUT not writable, the disk full (botocore's timeouts are OSErrors too)
+        if isinstance(e, botocore.exceptions.BotoCoreError):
+            raise
         _fail(f"cannot write to {out}: {e.strerror or e}", 1)
 
 

@@ -1085,7 +1085,8 @@ class JobStore:
         return leased, out
 
     def forget_instance(self, instance: str, held: list[tuple[str, int]], leased: str) -> None:
-        """Drop a reaped instance and the deliveries ``reap_dead`` found it holding (``_FORGET``)."""
+        """Drop a reaped instance and the deliveries ``reap_dead`` found it holding, except one
+        it claimed again since (``_FORGET``)."""
         self._forget(keys=[self.instances_key(), self._running_prefix() + instance],
                      args=[instance, leased, self.key(""), *(f"{job_id}:{segment}" for job_id, segment in held)])
 

@@ -283,3 +283,21 @@ def test_a_row_named_like_the_summary_file_gets_a_folder_beside_it(tmp_path):
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text(json.dumps({"image": "s3://b/x.png", "prompt": "p", "name": SUMMARY_FILE}) + "\n")
     assert [row.name for row in read_manifest(manifest)] == [f"{SUMMARY_FILE}-00001"]
+
+
+def test_the_run_summary_shows_reasons_and_paths_as_written(tmp_path):
+    """A failure's reason, a row's name and the manifest's path are the user's or a worker's
+    text: brackets in them are shown, not read as console markup (which stopped the run's
+    summary with a MarkupError)."""
+    import io
+
+    from rich.console import Console
+
+    from easel.producer.batch import Summary, _print_summary
+
+    buf = io.StringIO()
+    s = Summary(manifest=str(tmp_path / "[set]/jobs.jsonl"), out=str(tmp_path / "out"), total=1, failed=1,
+                failures=[{"row": 1, "name": "[/x]", "state": "failed", "reason": "bad input [/red] [bold]"}])
+    _print_summary(Console(file=buf, width=400), s)
+    text = buf.getvalue()
+    assert "row 1 ([/x]): failed: bad input [/red] [bold]" in text and "[set]/jobs.jsonl" in text, text

@@ -326,11 +326,16 @@ def test_a_tasks_deliveries_waiting_behind_another_call_are_not_counted_as_start
     runner.start()
     seen = []  # (first's state and step, both crash counts) while the first runs its steps
     while runner.is_alive():
-        first, second = (store.r.hmget(store.key(j), "state", "step", "inflight:0") for j in ids)
+        pipe = store.r.pipeline(transaction=True)  # both records at one moment
+        for j in ids:
+            pipe.hmget(store.key(j), "state", "step", "inflight:0")
+        first, second = pipe.execute()
         if first[0] == "running" and int(first[1] or 0) > 0:
             seen.append((first[2], second[2]))
         time.sleep(0.02)
     runner.join()
+    ctx.io.shutdown()
+    ctx.control.shutdown()
     assert done == [["succeeded", "succeeded"]]
     assert seen, "the first job's steps were never seen"
     assert all(counts == ("1", "0") for counts in seen), seen

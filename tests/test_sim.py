@@ -138,13 +138,13 @@ def test_a_one_stage_job_costs_redis_at_most_20_commands(client, sim_worker, inp
     assert client.wait(client.submit(job), timeout=60).state.value == "succeeded"  # connections made
     poll = redis.Redis.from_url(url, decode_responses=True, single_connection_client=True)
     own_port = poll.client_info()["addr"].rsplit(":", 1)[1]
-    seen, stop = [], threading.Event()
+    seen: list[dict] = []
 
-    def monitor() -> None:
+    def monitor() -> None:  # until it sees the test's closing ECHO: nothing before it is left unread
         with redis.Redis.from_url(url, decode_responses=True).monitor() as m:
             for c in m.listen():
                 seen.append(c)
-                if stop.is_set():
+                if c["command"] == "ECHO monitor-done":
                     return
 
     t = threading.Thread(target=monitor, daemon=True)
@@ -156,15 +156,15 @@ def test_a_one_stage_job_costs_redis_at_most_20_commands(client, sim_worker, inp
         time.sleep(0.1)
     job_id = client.submit({**job, "stages": [{**job["stages"][0], "seed": 8}]})
     deadline = time.monotonic() + 60
-    while poll.hget(f"easel:job:{job_id}", "state") not in ("succeeded", "failed", "cancelled"):
+    key = client.store.key(job_id)
+    while poll.hget(key, "state") not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     time.sleep(0.3)
-    stop.set()
-    poll.ping()
-    t.join(10)
+    poll.echo("monitor-done")
+    t.join(30)
     assert not t.is_alive()
-    sweep_read = f"HMGET easel:job:{job_id} state segment updated_at instance due_at queue"
+    sweep_read = f"HMGET {key} state segment updated_at instance due_at queue"
     names, in_job_script = collections.Counter(), False
     for c in seen:
         if c.get("client_type") == "lua":

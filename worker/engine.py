@@ -101,9 +101,10 @@ def run_deliveries(ctx: WorkerContext, app, deliveries: list[Delivery]) -> list[
     outcomes: Outcomes = {}
     unique = list(dict.fromkeys(deliveries))
     jobs = claim(ctx, app, unique, outcomes)
-    started = CrashCounts(ctx, jobs)
     try:
-        for group in group_jobs(ctx, jobs):
+        groups = group_jobs(ctx, jobs)
+        started = CrashCounts(ctx, groups)
+        for group in groups:
             prepared = [job for job in group if _guarded(ctx, app, job, outcomes, load_inputs, ctx, job)]
             for same_size in by_input_size(prepared):
                 started.call(same_size)
@@ -119,21 +120,21 @@ def run_deliveries(ctx: WorkerContext, app, deliveries: list[Delivery]) -> list[
 
 class CrashCounts:
     """A claim counts each delivery it takes as started: one that never ends (the process
-    died) is a crash, and a job that crashes its worker twice is poison. A task's calls run
-    one after another, so before the first starts, the deliveries waiting behind it get
-    their counts back, and each gets its count again as its own call starts: a call that
-    kills the process counts only its own jobs, never the task's other ones."""
+    died) is a crash, and a job that crashes its worker twice is poison. A task's groups
+    run one after another, so the deliveries of every group but the first get their counts
+    back at once, and each gets its count again as its own call starts: a call that kills
+    the process counts its own jobs (with the rest of its group, and earlier jobs whose
+    outputs were still being written), never a later group's."""
 
-    def __init__(self, ctx: WorkerContext, jobs: list[Job]):
-        self.ctx, self.jobs, self.first = ctx, jobs, True
+    def __init__(self, ctx: WorkerContext, groups: list[list[Job]]):
+        self.ctx = ctx
+        self.waiting = {id(job) for group in groups[1:] for job in group}
+        self._set([job for group in groups[1:] for job in group], started=False)
 
     def call(self, jobs: list[Job]) -> None:
-        if self.first:
-            self.first = False
-            running = {id(job) for job in jobs}
-            self._set([job for job in self.jobs if id(job) not in running], started=False)
-        else:
-            self._set(jobs, started=True)
+        starting = [job for job in jobs if id(job) in self.waiting]
+        self.waiting.difference_update(id(job) for job in starting)
+        self._set(starting, started=True)
 
     def _set(self, jobs: list[Job], started: bool) -> None:
         if jobs:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from urllib.parse import urlsplit
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -78,8 +79,9 @@ def _mendable(api: ApiState, url: str) -> bool:
         check_public_url(url, api.s)
     except Unresolved:
         return True
-    except InputError:
-        log.warning("a replayed request's webhook_url is refused (%s); the job keeps none", url[:200])
+    except InputError as e:  # the URL may carry a token: its host and the reason only
+        log.warning("a replayed request's webhook_url (host %s) is not added: %s",
+                    (urlsplit(url).hostname or "?")[:100], e)
         return False
     return True
 
