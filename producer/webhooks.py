@@ -3,8 +3,9 @@
 Each API key chooses its events (``ApiKey.webhook_events``): ``succeeded``, ``failed``,
 ``cancelled`` (the default; retried until delivered or out of attempts), and ``queued``,
 ``started``, ``progress`` (at most every ``webhook_progress_every_s`` a job): best effort,
-one attempt each, since the next event supersedes them. Events may arrive out of order:
-order them by ``webhook-timestamp`` or read the job's state in the body.
+one attempt each, since the next event supersedes them. Events may arrive out of order (a
+short job's passing events are sent after its end): the body's job is the job as it is when
+sent, so receivers read its state rather than ordering by ``webhook-timestamp``.
 
 Why a Redis-driven dispatcher rather than a callback in the worker: delivery must survive
 API restarts and must not hold a GPU worker while a receiver is slow. The API records a
@@ -16,13 +17,14 @@ them end (a short job's passing events are sent, late, after it ended). Claims a
 sorted set, so a dispatcher that dies mid-delivery is retried by another.
 
 Signatures follow the Standard Webhooks spec (standardwebhooks.com), so any of its
-verifiers checks them::
+verifiers checks them, given one ``whsec_`` secret::
 
     webhook-id: <job id>.<state>            (the same on every retry: receivers dedupe on it)
     webhook-timestamp: <unix seconds>
     webhook-signature: v1,<base64 HMAC-SHA256(key, "<id>.<timestamp>.<raw body>")> [v1,<...> ...]
 
-A secret is ``whsec_<base64 key>`` (any other string is used as the key's bytes). Several
+A secret is ``whsec_<base64 key>`` (any other string is used as the key's bytes, which only
+``verify_signature`` reads: the spec's libraries base64-decode every secret). Several
 secrets separated by spaces each sign, so a receiver keeps verifying while secrets rotate:
 add the new one before the old, let receivers switch, then drop the old one.
 ``verify_signature`` checks a delivery (constant time, timestamps within 5 minutes).
