@@ -333,9 +333,8 @@ def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Imag
     # An fp16 VAE that overflows in fp16 (SDXL's: force_upcast) decodes in fp32 where its
     # pipelines do; else the intermediate would come out black.
     upcast = upcasts_vae(model.spec.kind, vae)
-    f = getattr(pipe, "vae_scale_factor", 8)
-    pixels = latents.shape[-1] * latents.shape[-2] * f * f
-    with vae_dtype_kept(vae), vae_tiling_for(model, vae, lambda: pixels):
+    w, h = pixel_size(model, Carrier(latents=latents))
+    with vae_dtype_kept(vae), vae_tiling_for(model, vae, lambda: w * h):
         if upcast:
             vae.to(torch.float32)
         with torch.inference_mode():

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from urllib.parse import urlsplit
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Response
 

@@ -120,8 +120,7 @@ class ApiState:
                                  total_steps=st.progress.total_steps),
             outputs=[self.link(u) for u in st.outputs] if done else [],
             manifest=self.link(st.manifest) if done and st.manifest else None,
-            webhook=WebhookOut(url=hook.url, state=hook.state, attempts=hook.attempts,
-                               last_error=hook.last_error) if hook else None,
+            webhook=WebhookOut(**hook.model_dump()) if hook else None,
             links={"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events"})
 
     def render_dict(self, job_id: str) -> dict:
