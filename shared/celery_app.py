@@ -28,6 +28,7 @@ from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
 from easel.shared import tracing
+from easel.shared.jobstore import REPLY_WITHIN_S
 from easel.shared.settings import Settings, get_settings
 
 RUN_SEGMENT = "easel.run_segment"
@@ -203,7 +204,15 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "priority_steps": list(range(10)),
             "sep": ":",
             "socket_keepalive": True,
-            "health_check_interval": 30,
+            # A broker connection gone silent (a Redis host that vanished without closing
+            # it) is dropped instead of waited on: a publish's reply overdue by the job
+            # store's REPLY_WITHIN_S is retried on a new connection, and kombu drops a BRPOP
+            # not answered within its 1 s timeout plus this interval, checked this often, so
+            # a worker consumes again within ~21 s (kombu's default 25 s: ~51 s). It also
+            # PINGs a pool connection idle for this long before using it: a round trip per
+            # publish after a quiet spell.
+            "socket_timeout": REPLY_WITHIN_S,
+            "health_check_interval": 10,
             "retry_on_timeout": True,
         },
         worker_hijack_root_logger=False,

@@ -469,8 +469,19 @@ def refusing_for_now(exc: BaseException) -> bool:
         and str(exc).startswith(("BUSY ", "NOREPLICAS ", "MASTERDOWN ", "MISCONF ", "LOADING ")))
 
 
+# A reply not back within this is taken as lost and the command sent again on a new
+# connection. Redis answers in milliseconds, and every command easel sends is bounded (no
+# blocking reads; scans are paged), so only a connection gone silent waits this long: one
+# to a Redis host that vanished without closing it (a failover, a NAT or firewall dropping
+# the flow) would otherwise block its thread for the kernel's ~15 min, a worker's heartbeat
+# with it. Within a third of the default heartbeat TTL, so a beat held up by a silent
+# connection is written on a new one before the worker is taken for dead.
+REPLY_WITHIN_S = 5.0
+
+
 def redis_client(url: str, reply_within_s: float | None = None, retries: int = 20, **kw) -> redis.Redis:
-    """A client that rides out a Redis restart: commands retry with backoff for ~30 s.
+    """A client that rides out a Redis restart, or a connection gone silent: commands retry
+    with backoff for ~30 s, a reply overdue by ``REPLY_WITHIN_S`` counted as a lost one.
 
     A caller with a deadline of its own (an HTTP request, a watch with a timeout, a health
     probe) passes ``reply_within_s`` and few ``retries``: each call then gives up within about
@@ -478,7 +489,8 @@ def redis_client(url: str, reply_within_s: float | None = None, retries: int = 2
     patient = reply_within_s is None
     return redis.Redis.from_url(
         url, decode_responses=True, health_check_interval=30, socket_keepalive=True,
-        socket_connect_timeout=5 if patient else min(3.0, reply_within_s), socket_timeout=reply_within_s,
+        socket_connect_timeout=5 if patient else min(3.0, reply_within_s),
+        socket_timeout=REPLY_WITHIN_S if patient else reply_within_s,
         retry=_Retry(ExponentialBackoff(cap=2.0, base=0.1) if patient else ExponentialBackoff(cap=0.5, base=0.05),
                      retries),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError], **kw)

@@ -24,6 +24,7 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._held = threading.Event()
+        self._silenced: set[socket.socket] = set()
 
     @property
     def url(self) -> str:
@@ -46,6 +47,12 @@ class TcpProxy:
     def release(self) -> None:
         self._held.clear()
 
+    def silence(self) -> None:
+        """The connections open now forward nothing more, for good, and stay open, as to a
+        server host that vanished without closing them; new ones are forwarded (a failover)."""
+        with self._lock:
+            self._silenced.update(self._conns)
+
     def stop(self) -> None:
         """Refuse new connections and cut the open ones."""
         with self._lock:
@@ -63,6 +70,7 @@ class TcpProxy:
                     pass
                 c.close()
             self._conns.clear()
+            self._silenced.clear()
 
     def _accept(self, srv: socket.socket) -> None:
         while True:
@@ -90,7 +98,9 @@ class TcpProxy:
                     tail = seen[-256:]
                     with self._lock:
                         self.requests += n
-                while self._held.is_set():
+                while self._held.is_set() or src in self._silenced:
+                    if src.fileno() < 0:  # stopped
+                        return
                     time.sleep(0.01)
                 dst.sendall(data)
         except OSError:

@@ -853,6 +853,68 @@ def test_with_default_liveness_settings_a_killed_job_completes_within_a_minute(f
     assert outputs_in_storage(fclient, job_id) == [f"jobs/{job_id}/output/0.png"]
 
 
+def test_a_worker_rides_out_redis_going_silent_without_closing_its_connections(fault_env, fclient, workers,
+                                                                               big_input):
+    """A Redis host that vanishes without closing its connections (a failover, a NAT or
+    firewall dropping the flow) leaves every connection a worker has open silent: no error,
+    no reply. With default settings the worker's commands time out and go again on new
+    connections and its consumer drops the silent BRPOP: it takes the next job within about
+    half a minute, and no reaper takes it for dead meanwhile (its heartbeat goes on). It had
+    waited on them for good (in the field, the kernel's ~15 min)."""
+    from easel.shared.settings import Settings
+
+    svc, _ = fault_env
+    d = Settings()
+    defaults = {"EASEL_HEARTBEAT_INTERVAL_S": str(d.heartbeat_interval_s),
+                "EASEL_HEARTBEAT_TTL_S": str(d.heartbeat_ttl_s), "EASEL_REAP_EVERY_S": str(d.reap_every_s)}
+    workers("sim", **defaults)  # another family's worker, on Redis itself: a reaper that would take it for dead
+    proxy = TcpProxy(svc.redis.port).start()
+    try:
+        worker = workers(**defaults, EASEL_REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0")
+        first = fclient.wait(fclient.submit(job(big_input, steps=2, seed=95)), timeout=60)
+        assert first.state.value == "succeeded" and first.worker == worker.hostname, first.error
+        proxy.silence()
+        silenced_at = time.monotonic()
+        st = fclient.wait(fclient.submit(job(big_input, steps=2, seed=96)), timeout=120)
+        took = time.monotonic() - silenced_at
+        assert st.state.value == "succeeded", st.error
+        assert st.worker == worker.hostname and st.attempts == 1 and not st.note, st.note  # never reaped
+        assert took < 60, took
+        assert worker.proc.poll() is None
+        print(f"job done {took:.1f} s after the worker's connections went silent")
+    finally:
+        proxy.stop()
+
+
+def test_the_stops_listener_replaces_a_subscription_gone_silent(fault_env, fclient):
+    """A quiet subscription says nothing of its connection: the listener asks Redis for a
+    word after PING_AFTER_S of quiet, keeps a connection that answers, and replaces one that
+    has not answered SILENT_S after the last word it carried; stops are heard again at once
+    (until then, stages read the flags back themselves every READ_EVERY_S)."""
+    import json
+
+    from easel.shared.jobstore import JobStore, redis_client
+    from easel.worker.stops import SILENT_S, StopListener
+
+    svc, _ = fault_env
+    proxy = TcpProxy(svc.redis.port).start()
+    store = JobStore(redis_client(f"redis://127.0.0.1:{proxy.port}/0"), prefix="silent-stops")
+    listener = StopListener(store.r, store.stops_channel()).start()
+    try:
+        wait_for(lambda: listener.connected, 10, "subscribed")
+        time.sleep(SILENT_S + 2)
+        assert listener.epoch == 1 and listener.connected  # quiet but answering: kept
+        proxy.silence()
+        silenced_at = time.monotonic()
+        wait_for(lambda: listener.epoch == 2 and listener.connected, SILENT_S + 10, "subscribed again")
+        assert time.monotonic() - silenced_at <= SILENT_S + 3
+        fclient.store.r.publish(store.stops_channel(), json.dumps({"job_id": "j1", "stop": "cancel"}))
+        wait_for(lambda: listener.stop_for("j1", "any") == "cancel", 5, "the stop heard")
+    finally:
+        listener.close()
+        proxy.stop()
+
+
 def test_an_event_stream_outlives_a_redis_restart_and_gives_back_its_connection(fault_env, fclient, big_input):
     """An SSE stream open while Redis restarts goes on following: it waits, reconnects and
     re-reads the job, and sends `done` when the job ends after the restart. Once it ends,

@@ -27,12 +27,18 @@ from typing import Callable
 
 import redis
 
-from easel.shared.jobstore import _text
+from easel.shared.jobstore import REPLY_WITHIN_S, _text
 
 log = logging.getLogger("easel.worker.stops")
 
 KEEP_S = 3600.0  # how long a stop is remembered (a job claimed later reads its flag at the claim)
 READ_EVERY_S = 15.0  # a stage still reads the flags back this often, whatever it heard
+# A subscribed connection is quiet while nothing is published, so quiet alone says nothing:
+# after PING_AFTER_S without a word the listener asks for one, and a connection that has not
+# answered SILENT_S after the last word it carried is taken as dead (a Redis host gone
+# without closing it) and replaced: otherwise the listener would wait on it for good.
+PING_AFTER_S = 5.0
+SILENT_S = PING_AFTER_S + REPLY_WITHIN_S
 
 
 class StopListener:
@@ -74,8 +80,17 @@ class StopListener:
             pubsub = self.r.pubsub()
             try:
                 pubsub.subscribe(self.channel, *self._handlers)
+                heard = pinged = time.monotonic()
                 while not self._stop.is_set():
                     msg = pubsub.get_message(timeout=1.0)
+                    now = time.monotonic()
+                    if msg is not None:
+                        heard = now
+                    elif now - heard >= SILENT_S:
+                        raise redis.ConnectionError(f"no word from Redis for {now - heard:.0f} s")
+                    elif now - max(heard, pinged) >= PING_AFTER_S:
+                        pubsub.ping()
+                        pinged = now
                     if msg is None or msg["type"] not in ("subscribe", "message"):
                         continue
                     channel = _text(msg["channel"])
