@@ -282,8 +282,9 @@ def job_loops(settings, ref: str, steps: int, loops: int, seconds: float, on_job
             on_job()
             job_id = client.submit(job)
             store.r.brpop(lists, timeout=1)
-            store.claim_many([(job_id, 0, None)], f"{instance}@bench", instance, 3)
-            store.transition_many([(job_id, JobState.succeeded, {"outputs": [], "manifest": ""})], end=(0, instance))
+            (claim,) = store.claim_many([(job_id, 0, None)], f"{instance}@bench", instance, 3)
+            store.transition_many([(job_id, JobState.succeeded, {"outputs": [], "manifest": ""})],
+                                  ends=[(0, instance, claim.attempts)])
 
     threads = [threading.Thread(target=loop, args=(k,), daemon=True) for k in range(loops)]
     for t in threads:

@@ -45,7 +45,7 @@ import ssl
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import redis
 from pydantic import BaseModel
@@ -87,9 +87,10 @@ end
 
 # KEYS: job hash, events channel, finished-jobs counts, webhooks' due set.
 # ARGV: event JSON, running-set prefix,
-# job id, segment whose delivery ends ('' = none), instance, new state ('' = none), then
-# field/value pairs. A job that ends is counted by its final state, so metrics read the
-# counts instead of walking every job, and a job dispatched under its tenant's cap (its
+# job id, segment whose delivery ends ('' = none), instance, new state ('' = none), the
+# ending delivery's claim attempt ('' = not known), then field/value pairs. A job that
+# ends is counted by its final state, so metrics read the counts instead of walking every
+# job, and a job dispatched under its tenant's cap (its
 # ``capped`` field names the tenant's in-flight set) leaves that set: the reply is then
 # that set's key instead of 1, so the tenant's next job is dispatched at once. A job with a
 # webhook is due for its delivery at once, without the dispatchers' looking at every
@@ -100,7 +101,10 @@ end
 # keeps it: it names the last holder, and no claim or reaper reads it past a final state);
 # while another instance
 # holds it, or a reaper took it from this instance (``requeued_from``, until the next claim),
-# the delivery has been taken over and its state change is refused. A ``segment``
+# or a claim came after the delivery's own (the job's ``attempts`` moved on: a worker that
+# stalled past its TTL, back after another delivery claimed the job and left it waiting for
+# a retry), the delivery has been taken over and its state change is refused; the running
+# set keeps what a later claim of the same instance put there. A ``segment``
 # field never moves the job back (a late hand-off after the next segment has run). Guards,
 # pairs whose name starts with ``?`` (not written): ``?never_claimed`` refuses the change
 # once any worker has claimed the job (a producer failing a job whose message it could not
@@ -114,20 +118,23 @@ local function transition(K, A)
   local h = redis.call('HMGET', K[1], 'state', 'instance', 'segment', 'capped', 'attempts', 'webhook_url',
                        'webhook_events', 'requeued_from')
   local cur = h[1]
-  if A[4] ~= '' then redis.call('SREM', A[2] .. A[5], A[3] .. ':' .. A[4]) end  -- even from an expired record
+  local replaced = cur and A[7] ~= '' and h[5] ~= A[7]
+  if A[4] ~= '' and not (replaced and h[2] == A[5]) then  -- even from an expired record
+    redis.call('SREM', A[2] .. A[5], A[3] .. ':' .. A[4])
+  end
   if not cur then
     redis.call('DEL', K[1])  -- what a late write made of an expired record (see _CLAIM)
     return -1
   end
   local writes = {{}}
   if A[4] ~= '' then
-    if h[2] == A[5] then
+    if h[2] == A[5] and not replaced then
       if A[6] ~= 'succeeded' and A[6] ~= 'failed' and A[6] ~= 'cancelled' then
         redis.call('HDEL', K[1], 'instance')
       end
       writes = {{'inflight:' .. A[4], '0'}}
-    elseif h[2] or h[8] == A[5] .. ':' .. A[4] then
-      return 0  -- another instance holds it, or a reaper took it from this one
+    elseif h[2] or h[8] == A[5] .. ':' .. A[4] or replaced then
+      return 0  -- another delivery holds it or claimed it since, or a reaper took it from this one
     end
   end
   local function commit(reply)
@@ -136,12 +143,12 @@ local function transition(K, A)
   end
   if {_TERMINAL} then return commit(0) end
   if A[6] == '' then return commit(1) end
-  for i = 7, #A, 2 do
+  for i = 8, #A, 2 do
     if A[i] == 'segment' and h[3] and tonumber(A[i+1]) < tonumber(h[3]) then return commit(0) end
     if A[i] == '?never_claimed' and (cur ~= 'queued' or (h[5] and h[5] ~= '0')) then return commit(0) end
     if A[i] == '?held' and h[2] ~= A[5] then return commit(0) end
   end
-  for i = 7, #A, 2 do
+  for i = 8, #A, 2 do
     if string.sub(A[i], 1, 1) ~= '?' then
       table.insert(writes, A[i])
       table.insert(writes, A[i + 1])
@@ -435,6 +442,16 @@ class Claim:
     started_at: float = 0.0
     attempts: int = 0  # run: deliveries that started, this one included
     attempt: Attempt | None = None  # run: this delivery's attempt record
+
+
+class DeliveryEnd(NamedTuple):
+    """The delivery a state change ends: its segment, its instance and its claim's attempt
+    number (``Claim.attempts``; None for one never claimed). With the attempt, the change
+    is refused once a later claim replaced the delivery, whoever holds the job now."""
+
+    segment: int
+    instance: str
+    attempt: int | None = None
 
 
 class _Retry(Retry):
@@ -742,9 +759,9 @@ class JobStore:
         return json.dumps({"state": state.value, **shown}, default=str)
 
     def _transition_args(self, job_id: str, state: JobState | None, fields: dict,
-                         end: tuple[int, str] | None, guards: tuple[str, ...] = ()) -> list:
-        segment, instance = end if end is not None else ("", "")
-        argv: list = ["", self._running_prefix(), job_id, segment, instance, ""]
+                         end: tuple | None, guards: tuple[str, ...] = ()) -> list:
+        segment, instance, attempt = DeliveryEnd(*end) if end is not None else ("", "", None)
+        argv: list = ["", self._running_prefix(), job_id, segment, instance, "", "" if attempt is None else attempt]
         if state is None:
             return argv
         now = time.time()
@@ -758,17 +775,17 @@ class JobStore:
             argv += [k, json.dumps(v) if isinstance(v, (list, dict)) else v]
         return argv + [item for guard in guards for item in (guard, 1)]
 
-    def transition(self, job_id: str, state: JobState | None, *, end: tuple[int, str] | None = None,
+    def transition(self, job_id: str, state: JobState | None, *, end: tuple | None = None,
                    never_claimed: bool = False, **fields) -> bool:
         """Move a non-terminal job to ``state`` with extra fields; False if it was already terminal.
-        ``end=(segment, instance)`` also ends that instance's delivery of the segment, and is
-        refused once the job has moved past it;
+        ``end`` (a ``DeliveryEnd``, or its fields) also ends that delivery, and is refused
+        once the delivery was taken over or the job has moved past its segment;
         ``never_claimed`` refuses the change once a worker has claimed the job. One round
         trip: the event is published by the same script, only if the change happened."""
         args = self._transition_args(job_id, state, fields, end, ("?never_claimed",) if never_claimed else ())
         return self._ended([self._transition(keys=self._transition_keys(job_id), args=args)])[0]
 
-    def transition_call(self, job_id: str, state: JobState | None, *, end: tuple[int, str] | None = None,
+    def transition_call(self, job_id: str, state: JobState | None, *, end: tuple | None = None,
                         guards: tuple[str, ...] = (), **fields) -> tuple[list, list]:
         """(keys, argv) of ``transition``'s change, for a script that runs it with more
         (``_TRANSITION_FN``: a hand-off); ``guards`` as the script names them."""
@@ -790,11 +807,12 @@ class JobStore:
         return f"{self.prefix}:webhooks:due"
 
     def transition_many(self, changes: list[tuple[str, JobState, dict]], *,
-                        end: tuple[int, str] | None = None) -> list[bool]:
+                        ends: list[tuple] | None = None) -> list[bool]:
         """``transition`` for (job_id, state, fields) changes in one pipeline (a micro-batch's
-        final states): each change is its own script run, so each stays all-or-nothing."""
+        final states), each with its delivery's end if ``ends`` is given: each change is its
+        own script run, so each stays all-or-nothing."""
         calls = [(self._transition_keys(job_id), self._transition_args(job_id, state, fields, end))
-                 for job_id, state, fields in changes]
+                 for (job_id, state, fields), end in zip(changes, ends or [None] * len(changes), strict=True)]
         return self._ended(self._run_script(self._transition, calls, raise_on_error=True))
 
     def _ended(self, replies: list) -> list[bool]:
@@ -813,9 +831,9 @@ class JobStore:
             raise errors[0]
         return replies
 
-    def end_delivery(self, job_id: str, segment: int, instance: str) -> None:
-        """The delivery ended without a state change of its own (a retry, a failed state write)."""
-        self.transition(job_id, None, end=(segment, instance))
+    def end_delivery(self, job_id: str, end: "DeliveryEnd") -> None:
+        """The delivery ended without a state change of its own (taken over, a failed state write)."""
+        self.transition(job_id, None, end=end)
 
     def _claim_args(self, job_id: str, segment: int, queue: str | None, worker: str, instance: str,
                     max_crash_deliveries: int) -> tuple[list, list]:

@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from easel.shared.jobstore import (_CLOCK, _CREATE, _SCORES, _TRANSITION_FN, DEFAULT_TENANT, JobStore, JobView,
-                                   _text, queue_score, run_scripts)
+from easel.shared.jobstore import (_CLOCK, _CREATE, _SCORES, _TRANSITION_FN, DEFAULT_TENANT, DeliveryEnd, JobStore,
+                                   JobView, _text, queue_score, run_scripts)
 from easel.shared.keys import (backlog_channel, backlog_key, cap_key, family_capacity_key, family_instances_key,
                                flight_key, job_seconds_prefix, pending_key, tenants_waiting_key)
 from easel.shared.schema import JobSpec, JobState, JobStatus, Plan
@@ -360,9 +360,9 @@ class Scheduler:
         return [Admission(_text(got), _text(got) == job_id, int(answer) == ADMITTED, int(answer) == ROOM)
                 for (job_id, _, _), (got, answer) in zip(items, replies)]
 
-    def hand_off(self, job_id: str, spec: JobSpec, created_at: float, segment: int, instance: str, queue: str,
+    def hand_off(self, job_id: str, spec: JobSpec, created_at: float, end: DeliveryEnd, queue: str,
                  family: str, trace: dict | None = None) -> tuple[bool, int]:
-        """End ``instance``'s delivery of ``segment`` and queue the next segment in ``queue``
+        """End the delivery ``end`` names and queue the job's next segment in ``queue``
         (family ``family``) under the job's tenant, one round trip (``_HAND_OFF``). ``trace``:
         the hand-off's trace context, kept for a dispatch that sends the message later.
         Returns (done: False when the delivery was refused, taken over or the job ended;
@@ -371,8 +371,8 @@ class Scheduler:
         cancelled)."""
         tenant = spec.tenant or DEFAULT_TENANT
         kept = {"trace": json.dumps(trace)} if trace else {}
-        keys, change = self.store.transition_call(job_id, JobState.queued, end=(segment, instance), guards=("?held",),
-                                                  segment=segment + 1, queue=queue, **kept)
+        keys, change = self.store.transition_call(job_id, JobState.queued, end=end, guards=("?held",),
+                                                  segment=end.segment + 1, queue=queue, **kept)
         args = [job_id, queue_score(spec.priority, created_at), queue_score(spec.priority, time.time()), tenant,
                 self.credit, self.margin, queue, *change]
         (reply,) = run_scripts(self.r, [(self._hand_off, keys + self._admit_keys(queue, family, tenant), args)])

@@ -51,6 +51,7 @@ def test_a_late_retry_from_a_worker_that_lost_its_job_leaves_it_where_it_moved(l
     hands it on to lateb, where it waits its turn. i1's transient error, settled once Redis
     answers again, must not queue the job back in latea (whose worker would then be sent
     lateb's segment), nor count a retry; a permanent one must not fail it."""
+    from easel.shared.jobstore import DeliveryEnd
     from easel.shared.schema import JobState
     from easel.worker.policy import Delivery, fail, retry_later
 
@@ -60,7 +61,7 @@ def test_a_late_retry_from_a_worker_that_lost_its_job_leaves_it_where_it_moved(l
     again = store.claim_many([(job_id, 0, qa)], "w2", "i2", 3)[0]
     assert again.outcome == "run" and again.crashed == 1  # i1's delivery never ended
     created_at = float(store.r.hget(store.key(job_id), "created_at"))
-    assert sched.hand_off(job_id, spec, created_at, 0, "i2", qb, "lateb") == (True, 0)  # PENDING
+    assert sched.hand_off(job_id, spec, created_at, DeliveryEnd(0, "i2"), qb, "lateb") == (True, 0)  # PENDING
 
     cut_off = SimpleNamespace(store=store, settings=late_client.settings, instance="i1")
     late = Delivery(job_id, 0, qa)
@@ -78,7 +79,7 @@ def test_a_cancel_asked_as_a_segment_ends_ends_the_job_instead_of_its_hand_off(l
     hand-off) finds the job held and running, so it only sets the flag: the hand-off sees
     it and hands nothing on; the delivery then ends the job cancelled, at once, instead of
     leaving it to wait its turn in lateb for a claim to cancel it."""
-    from easel.shared.jobstore import DEFAULT_TENANT
+    from easel.shared.jobstore import DEFAULT_TENANT, DeliveryEnd
     from easel.shared.keys import pending_key
     from easel.shared.scheduler import CANCEL_ASKED
     from easel.shared.schema import JobState
@@ -88,7 +89,7 @@ def test_a_cancel_asked_as_a_segment_ends_ends_the_job_instead_of_its_hand_off(l
     job_id, spec, (qa, qb) = chain
     assert store.request_cancel(job_id) == JobState.running
     created_at = float(store.r.hget(store.key(job_id), "created_at"))
-    assert sched.hand_off(job_id, spec, created_at, 0, "i1", qb, "lateb") == (False, CANCEL_ASKED)
+    assert sched.hand_off(job_id, spec, created_at, DeliveryEnd(0, "i1"), qb, "lateb") == (False, CANCEL_ASKED)
     assert store.r.hmget(store.key(job_id), "state", "segment", "instance") == [JobState.running.value, "0", "i1"]
     assert store.r.zscore(pending_key(store.prefix, qb, DEFAULT_TENANT), job_id) is None
     holder = SimpleNamespace(store=store, settings=late_client.settings, instance="i1")
@@ -112,6 +113,52 @@ def test_an_instance_a_reaper_took_the_job_from_changes_nothing_until_it_claims_
     assert store.claim_many([(job_id, 0, qa)], "w1", "i1", 3)[0].outcome == "run"
     assert fail(i1, Delivery(job_id, 0, qa), "a failure of this delivery") == "failed"
     assert store.status(job_id).state == JobState.failed
+
+
+def test_a_worker_back_after_a_take_over_and_a_retry_leaves_the_waiting_job_alone(late_client, chain):
+    """i1 stalls past its heartbeat; a reaper requeues its job; i2 claims it and meets a
+    transient error, so the job waits for its retry held by nobody, and nothing of the
+    record names i1 any more. i1 waking with its outputs written, or with its watchdog's
+    failure, must not end the job: a later claim replaced its delivery. The retry then
+    runs and ends it."""
+    from easel.shared.schema import JobState
+    from easel.worker.policy import Delivery, end_as, fail
+
+    store = late_client.store
+    job_id, _, (qa, _) = chain
+    late = Delivery(job_id, 0, qa, attempt=int(store.r.hget(store.key(job_id), "attempts")))
+    assert store.requeue(job_id, 0, "i1", "heartbeat expired")
+    i1, i2 = (SimpleNamespace(store=store, settings=late_client.settings, instance=i) for i in ("i1", "i2"))
+    again = store.claim_many([(job_id, 0, qa)], "w2", "i2", 3)[0]
+    assert again.outcome == "run" and again.attempts == late.attempt + 1
+    assert end_as(i2, Delivery(job_id, 0, qa, attempt=again.attempts), JobState.queued, note="retry 1", queue=qa)
+    assert fail(i1, late, "stage 0 made no progress within its time limit") == "superseded"
+    assert not end_as(i1, late, JobState.succeeded, outputs=["jobs/x/output/0.png"])
+    assert store.r.hmget(store.key(job_id), "state", "instance", "error") == [JobState.queued.value, None, None]
+    retry = store.claim_many([(job_id, 0, qa)], "w2", "i2", 3)[0]
+    assert retry.outcome == "run"
+    assert end_as(i2, Delivery(job_id, 0, qa, attempt=retry.attempts), JobState.succeeded)
+    assert store.status(job_id).state == JobState.succeeded
+
+
+def test_a_late_end_of_an_instances_earlier_delivery_leaves_its_later_one_alone(late_client, chain):
+    """i1 is taken for dead and claims its requeued job again (a second delivery); the
+    first delivery's late end (its overlapped finish, say) must neither end the job nor
+    drop the second delivery from i1's running set, which a reaper reads should i1 die."""
+    from easel.shared.schema import JobState
+    from easel.worker.policy import Delivery, end_as
+
+    store = late_client.store
+    job_id, _, (qa, _) = chain
+    first = Delivery(job_id, 0, qa, attempt=int(store.r.hget(store.key(job_id), "attempts")))
+    assert store.requeue(job_id, 0, "i1", "heartbeat expired")
+    second = store.claim_many([(job_id, 0, qa)], "w1", "i1", 3)[0]
+    i1 = SimpleNamespace(store=store, settings=late_client.settings, instance="i1")
+    assert not end_as(i1, first, JobState.queued, note="retry 1", queue=qa)
+    assert store.r.hmget(store.key(job_id), "state", "instance") == [JobState.running.value, "i1"]
+    assert store.r.sismember(store._running_prefix() + "i1", f"{job_id}:0")
+    assert end_as(i1, Delivery(job_id, 0, qa, attempt=second.attempts), JobState.succeeded)
+    assert not store.r.sismember(store._running_prefix() + "i1", f"{job_id}:0")
 
 
 def test_a_frozen_workers_watchdog_fails_only_the_jobs_it_still_holds(late_client, chain):
@@ -200,8 +247,8 @@ def test_a_refused_final_write_tells_its_own_lost_reply_from_a_take_over(late_cl
     store = late_client.store
     job_id, spec, (qa, _) = chain
     change = [(job_id, JobState.succeeded, {})]
-    assert store.transition_many(change, end=(0, "i1")) == [True]
-    assert store.transition_many(change, end=(0, "i1")) == [False]  # the replay
+    assert store.transition_many(change, ends=[(0, "i1")]) == [True]
+    assert store.transition_many(change, ends=[(0, "i1")]) == [False]  # the replay
     dropped = []
     outcomes = {}
     for instance, want in (("i1", "succeeded"), ("i2", "already succeeded")):

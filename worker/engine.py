@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import redis
@@ -42,7 +42,7 @@ from easel.worker.context import WorkerContext
 from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_handoff
 from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
-from easel.worker.policy import (Delivery, cancelled, describe, device_lost, drain_finishes, fail,
+from easel.worker.policy import (Delivery, cancelled, describe, device_lost, drain_finishes, end_of, fail,
                                  free_device_memory, refused, settle_error)
 from easel.worker.runner import Carrier, Interrupted, decode_latents, denoised_area, pixel_size, run_stage
 from easel.worker.stops import READ_EVERY_S
@@ -164,7 +164,7 @@ def claim(ctx: WorkerContext, app, deliveries: list[Delivery], outcomes: Outcome
     for d, c, tr in zip(deliveries, claims, traces):
         tr.record("easel.claim", t0, t1, {"easel.claim": c.outcome, "easel.batch_size": len(deliveries)})
         if c.outcome == "run":
-            jobs.append(Job(d, c, trace=tr, stops_epoch=epoch))
+            jobs.append(Job(replace(d, attempt=c.attempts), c, trace=tr, stops_epoch=epoch))
             continue
         try:
             _ended(ctx, d, _settle_claim(ctx, d, c), outcomes)
@@ -214,7 +214,7 @@ def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> N
                     _ended(ctx, job.delivery, cancelled(ctx, job.delivery), outcomes, job)
                 elif job.job_id in stop.superseded:
                     log.warning("job %s was taken over by another worker; dropping this run", job.job_id)
-                    ctx.store.end_delivery(job.job_id, job.delivery.segment, ctx.instance)
+                    ctx.store.end_delivery(job.job_id, end_of(ctx, job.delivery))
                     _ended(ctx, job.delivery, "superseded", outcomes, job)
                 elif no_reason:  # interrupted with no cancel on record: a failure, not a cancel
                     _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, RuntimeError(
@@ -311,7 +311,7 @@ def _arm_watchdog(ctx: WorkerContext, jobs: list[Job], i: int, stage, budget: St
         # As the deliveries' own ends (end_as): a job a reaper took meanwhile (this process
         # froze past its heartbeat) is another delivery's now, and is left to it.
         ctx.store.transition_many([(job.job_id, JobState.failed, {"error": reason}) for job in jobs],
-                                  end=(jobs[0].delivery.segment, ctx.instance))
+                                  ends=[end_of(ctx, job.delivery) for job in jobs])
         drain_finishes(ctx)
 
     ctx.watchdog.arm(left, f"stage {i} ({stage.task}, {stage.model}) made no progress within its time limit "
@@ -347,7 +347,7 @@ def hand_off(ctx: WorkerContext, app, job: Job) -> str:
         # death before the script re-runs this segment; after it, the job waits in the next
         # queue (the lost-message sweep sends a message that never went) or in its tenant's
         # pending set (a dispatch sends it).
-        done, answer = ctx.scheduler.hand_off(job.job_id, spec, job.claim.created_at, seg_index, ctx.instance,
+        done, answer = ctx.scheduler.hand_off(job.job_id, spec, job.claim.created_at, end_of(ctx, job.delivery),
                                               nxt.queue, nxt.family, trace=tracing.carrier())
         if answer == CANCEL_ASKED:  # asked after its last step: nothing in the step hook saw it
             log.info("job %s was cancelled as its segment %d ended; not handed on", job.job_id, seg_index)
@@ -385,7 +385,7 @@ def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None
             return
         changes = [(job.job_id, JobState.succeeded, p.final_fields(job.last_step)) for job, p in written]
         try:
-            done = ctx.store.transition_many(changes, end=(jobs[0].delivery.segment, ctx.instance))
+            done = ctx.store.transition_many(changes, ends=[end_of(ctx, job.delivery) for job, _ in written])
         except Exception as exc:
             for job, _ in written:
                 _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)

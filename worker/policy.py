@@ -33,7 +33,7 @@ import torch
 
 from easel.shared.celery_app import send_segment
 from easel.shared.images import InputError, SourceUnavailable
-from easel.shared.jobstore import refusing_for_now, retry_fields
+from easel.shared.jobstore import DeliveryEnd, refusing_for_now, retry_fields
 from easel.shared.schema import TERMINAL_STATES, JobState
 from easel.shared.storage import NotFound
 
@@ -129,12 +129,14 @@ def drain_finishes(ctx) -> None:
 class Delivery:
     """One message: run ``segment`` of a job. ``queue`` is where it came from (None if unknown);
     ``headers`` are its custom headers (the trace context, ``shared.tracing``), not part of
-    its identity."""
+    its identity; ``attempt``, once claimed, the claim's attempt number, which its end
+    carries (``end_of``)."""
 
     job_id: str
     segment: int
     queue: str | None = None
     headers: dict | None = field(default=None, compare=False, hash=False, repr=False)
+    attempt: int | None = field(default=None, compare=False, hash=False)
 
 
 def describe(exc: BaseException) -> str:
@@ -145,11 +147,17 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"[:2000]
 
 
+def end_of(ctx, d: Delivery) -> DeliveryEnd:
+    """What a state change that ends ``d`` names: the delivery, by its claim."""
+    return DeliveryEnd(d.segment, ctx.instance, d.attempt)
+
+
 def end_as(ctx, d: Delivery, state: JobState, **fields) -> bool:
     """The delivery's final state change, which also ends the delivery (one round trip);
-    False if it was refused: the job ended, another instance holds it, or it has moved past
-    this segment (taken over, then handed on, while this instance was cut off)."""
-    return ctx.store.transition(d.job_id, state, end=(d.segment, ctx.instance), **fields)
+    False if it was refused: the job ended, another delivery holds it or claimed it since,
+    or it has moved past this segment (taken over, then handed on, while this instance was
+    cut off)."""
+    return ctx.store.transition(d.job_id, state, end=end_of(ctx, d), **fields)
 
 
 def fail(ctx, d: Delivery, reason: str) -> str:
