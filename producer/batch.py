@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import redis
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -375,6 +376,7 @@ class _Run:
         self.downloads: dict[Future, Outcome] = {}
         self.ended = _Ended(outcomes.values())
         self.submitted = self.finished = self.images = 0
+        self.redis_away = False
 
     def go(self, todo: list[Row], console: Console, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -453,6 +455,23 @@ class _Run:
             self.bar.advance(self.sub_task)
 
     def _poll(self) -> None:
+        """Read the waiting jobs' states. While Redis does not answer (for longer than the
+        client's own retries: a failover, a restart) the run says so once and asks again at
+        the next poll: the jobs go on meanwhile, and an hours-long run should not end, its
+        summary unwritten, over a minute without Redis. ``--timeout`` still applies."""
+        try:
+            self._read_states()
+        except redis.RedisError as e:
+            if not self.redis_away:
+                self.bar.console.print(f"[yellow]Redis is not answering[/yellow] ({escape(str(e))}); "
+                                       "still following, the jobs go on meanwhile", soft_wrap=True)
+            self.redis_away = True
+            return
+        if self.redis_away:
+            self.bar.console.print("Redis answers again")
+            self.redis_away = False
+
+    def _read_states(self) -> None:
         ids = list(self.waiting)
         for chunk in range(0, len(ids), 500):
             part = ids[chunk:chunk + 500]

@@ -146,6 +146,47 @@ def test_a_row_whose_job_record_is_gone_ends_unfinished_and_a_rerun_submits_it_a
     assert Image.open(out / "gone" / "0.png").format == "PNG"
 
 
+@pytest.mark.slow
+def test_a_batch_follows_on_through_a_redis_outage_longer_than_its_clients_retries(easel_env, sd15_worker, client,
+                                                                                    tmp_path):
+    """Redis stops answering the run for longer than its client's own retries (~30 s) while
+    a row's job waits: the run says so and goes on following instead of ending without a
+    summary; once Redis answers, the job runs and the run ends as usual, exit 0."""
+    from tests.netproxy import TcpProxy
+
+    (img,) = _inputs(tmp_path, 1)
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({**img2img_job(img, steps=2), "name": "outage"}) + "\n")
+    out = tmp_path / "out"
+    family = client.registry.get("sd15").family
+    redis_port = int(client.settings.redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy(redis_port).start()
+    client.pause(family)  # the job waits until Redis is back
+    batch = subprocess.Popen([sys.executable, "-m", "easel.producer.cli", "batch", str(manifest), "--out", str(out)],
+                             cwd=ROOT, env={**os.environ, "EASEL_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _states(out) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _states(out), "the row was not submitted"
+        proxy.stop()
+        time.sleep(45)
+        assert batch.poll() is None  # still following
+        proxy = TcpProxy(redis_port, listen_port=proxy.port).start()
+        client.resume(family)
+        _, stderr = batch.communicate(timeout=120)
+        assert batch.returncode == 0, stderr[-3000:]
+        assert "Redis is not answering" in stderr and "Redis answers again" in stderr
+        s = json.loads((out / "summary.json").read_text())
+        assert (s["succeeded"], s["pending"]) == (1, 0)
+        assert Image.open(out / "outage" / "0.png").format == "PNG"
+    finally:
+        client.resume(family)
+        proxy.stop()
+        batch.kill()
+
+
 def test_a_timeout_leaves_finished_jobs_not_downloaded_unfinished_and_a_rerun_downloads_them(
         easel_env, sd15_worker, services, client, tmp_path):
     """S3 stops answering as the downloads begin, and the timeout passes: the rows whose files
