@@ -455,10 +455,11 @@ class _Run:
             self.bar.advance(self.sub_task)
 
     def _poll(self) -> None:
-        """Read the waiting jobs' states. While Redis does not answer (for longer than the
-        client's own retries: a failover, a restart) the run says so once and asks again at
-        the next poll: the jobs go on meanwhile, and an hours-long run should not end, its
-        summary unwritten, over a minute without Redis. ``--timeout`` still applies."""
+        """Read the waiting jobs' states, on the client's connections for followers (a few
+        seconds a try, no retries). While Redis does not answer (a failover, a restart) the
+        run says so once and asks again at the next poll: the jobs go on meanwhile, and an
+        hours-long run should not end, its summary unwritten, over a minute without Redis;
+        ``--timeout`` is checked between polls."""
         try:
             self._read_states()
         except redis.RedisError as e:
@@ -475,7 +476,7 @@ class _Run:
         ids = list(self.waiting)
         for chunk in range(0, len(ids), 500):
             part = ids[chunk:chunk + 500]
-            for job_id, (st, err, outputs, man) in zip(part, self.client.store.outcomes_of(part)):
+            for job_id, (st, err, outputs, man) in zip(part, self.client.follow_store().outcomes_of(part)):
                 if st is None:
                     self._lost(self.waiting.pop(job_id))
                     continue

@@ -387,7 +387,7 @@ class EaselClient:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         channels = {self.store.events_channel(j): j for j in job_ids}
-        jobs = self._follow_store()
+        jobs = self.follow_store()
         slot, pubsub = self._follower()
         last: dict[str, JobStatus] = {}
         broken = read = False
@@ -436,11 +436,12 @@ class EaselClient:
             raise TimeoutError(f"Redis did not answer about job {job_ids[0]} within {timeout}s")
         time.sleep(min(1.0, left) if left is not None else 1.0)
 
-    def _follow_store(self) -> JobStore:
-        """The job records as a watch reads them: on connections with short timeouts and no
-        retries of their own, so a watch keeps its deadline (overshooting it by one try, a
-        few seconds at most) while Redis is away or silent: the watch waits and tries again
-        itself, where the main client rides out ~30 s per call."""
+    def follow_store(self) -> JobStore:
+        """The job records as a follower reads them (``watch``, ``wait``, ``easel batch``): on
+        connections with short timeouts and no retries of their own, so a follower keeps its
+        deadline (overshooting it by one try, a few seconds at most) while Redis is away or
+        silent: it waits and tries again itself, where the main client rides out ~30 s or
+        more per call."""
         if self._follow_jobs is None:
             self._follow_jobs = JobStore.from_url(self.settings.redis_url, self.store.prefix, self.store.ttl_s,
                                                   reply_within_s=3, retries=0, **self.settings.redis_ssl_kwargs())
@@ -451,7 +452,7 @@ class EaselClient:
         so that a submit-and-wait loop does not connect twice per job (closing a pub/sub
         connection drops it from the pool); a fresh one with no slot while this thread's is
         in use (a watch inside another)."""
-        r = self._follow_store().r
+        r = self.follow_store().r
         slot = getattr(self._follow, "slot", None)
         if slot is None or slot.pubsub is None:
             slot = self._follow.slot = _Follower(r.pubsub(ignore_subscribe_messages=True))

@@ -119,7 +119,7 @@ local function transition(K, A)
                        'webhook_events', 'requeued_from')
   local cur = h[1]
   local replaced = cur and A[7] ~= '' and h[5] ~= A[7]
-  if A[4] ~= '' and not (replaced and h[2] == A[5]) then  -- even from an expired record
+  if A[4] ~= '' and not (replaced and h[2] == A[5] and h[3] == A[4]) then  -- even from an expired record
     redis.call('SREM', A[2] .. A[5], A[3] .. ':' .. A[4])
   end
   if not cur then
@@ -446,8 +446,9 @@ class Claim:
 
 class DeliveryEnd(NamedTuple):
     """The delivery a state change ends: its segment, its instance and its claim's attempt
-    number (``Claim.attempts``; None for one never claimed). With the attempt, the change
-    is refused once a later claim replaced the delivery, whoever holds the job now."""
+    number (``Claim.attempts``; None where not known: the claim itself failed). With the
+    attempt, the change is refused once a later claim replaced the delivery, whoever holds
+    the job now."""
 
     segment: int
     instance: str
@@ -498,7 +499,8 @@ REPLY_WITHIN_S = 5.0
 
 def redis_client(url: str, reply_within_s: float | None = None, retries: int = 20, **kw) -> redis.Redis:
     """A client that rides out a Redis restart, or a connection gone silent: commands retry
-    with backoff for ~30 s, a reply overdue by ``REPLY_WITHIN_S`` counted as a lost one.
+    with backoff, a reply overdue by ``REPLY_WITHIN_S`` counted as a lost one, for ~30 s
+    while Redis refuses connections and up to ~2 min while every try waits out a timeout.
 
     A caller with a deadline of its own (an HTTP request, a watch with a timeout, a health
     probe) passes ``reply_within_s`` and few ``retries``: each call then gives up within about
@@ -832,7 +834,7 @@ class JobStore:
         return replies
 
     def end_delivery(self, job_id: str, end: "DeliveryEnd") -> None:
-        """The delivery ended without a state change of its own (taken over, a failed state write)."""
+        """The delivery ended without a state change of its own (it was taken over)."""
         self.transition(job_id, None, end=end)
 
     def _claim_args(self, job_id: str, segment: int, queue: str | None, worker: str, instance: str,

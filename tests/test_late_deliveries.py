@@ -141,6 +141,22 @@ def test_a_worker_back_after_a_take_over_and_a_retry_leaves_the_waiting_job_alon
     assert store.status(job_id).state == JobState.succeeded
 
 
+def test_the_engine_hands_each_claimed_delivery_on_with_its_claims_attempt(late_client, chain):
+    """What makes a replaced delivery's end refusable: the engine's claim gives each delivery
+    its claim's attempt number, and every end of it (``end_of``) carries that."""
+    from easel.worker.engine import claim
+    from easel.worker.policy import Delivery, end_of
+
+    store = late_client.store
+    job_id, _, (qa, _) = chain
+    assert store.requeue(job_id, 0, "i1", "heartbeat expired")
+    ctx = SimpleNamespace(store=store, settings=late_client.settings, instance="i2", hostname="w2", stops=None,
+                          on_claim=None)
+    (job,) = claim(ctx, None, [Delivery(job_id, 0, qa)], {})
+    assert job.delivery.attempt == job.claim.attempts == 2
+    assert end_of(ctx, job.delivery) == (0, "i2", 2)
+
+
 def test_a_late_end_of_an_instances_earlier_delivery_leaves_its_later_one_alone(late_client, chain):
     """i1 is taken for dead and claims its requeued job again (a second delivery); the
     first delivery's late end (its overlapped finish, say) must neither end the job nor

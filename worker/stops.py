@@ -34,9 +34,10 @@ log = logging.getLogger("easel.worker.stops")
 KEEP_S = 3600.0  # how long a stop is remembered (a job claimed later reads its flag at the claim)
 READ_EVERY_S = 15.0  # a stage still reads the flags back this often, whatever it heard
 # A subscribed connection is quiet while nothing is published, so quiet alone says nothing:
-# after PING_AFTER_S without a word the listener asks for one, and a connection that has not
-# answered SILENT_S after the last word it carried is taken as dead (a Redis host gone
-# without closing it) and replaced: otherwise the listener would wait on it for good.
+# after PING_AFTER_S without a word the listener asks for one, and a connection that leaves
+# that PING unanswered for REPLY_WITHIN_S is taken as dead (a Redis host gone without
+# closing it) and replaced: otherwise the listener would wait on it for good. A silent
+# connection is replaced within about SILENT_S of its last word.
 PING_AFTER_S = 5.0
 SILENT_S = PING_AFTER_S + REPLY_WITHIN_S
 
@@ -86,8 +87,8 @@ class StopListener:
                     now = time.monotonic()
                     if msg is not None:
                         heard = now
-                    elif now - heard >= SILENT_S:
-                        raise redis.ConnectionError(f"no word from Redis for {now - heard:.0f} s")
+                    elif pinged > heard and now - pinged >= REPLY_WITHIN_S:
+                        raise redis.ConnectionError(f"no answer to a PING in {now - pinged:.0f} s")
                     elif now - max(heard, pinged) >= PING_AFTER_S:
                         pubsub.ping()
                         pinged = now
