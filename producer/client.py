@@ -437,11 +437,10 @@ class EaselClient:
         time.sleep(min(1.0, left) if left is not None else 1.0)
 
     def follow_store(self) -> JobStore:
-        """The job records as a follower reads them (``watch``, ``wait``, ``easel batch``): on
-        connections with short timeouts and no retries of their own, so a follower keeps its
-        deadline (overshooting it by one try, a few seconds at most) while Redis is away or
-        silent: it waits and tries again itself, where the main client rides out ~30 s or
-        more per call."""
+        """A job store on connections with short timeouts (3 s a try) and no retries: what
+        ``watch``, ``wait`` and ``easel batch`` read job records through, so that they keep
+        their deadlines (overshooting by one try at most) while Redis is away or silent, and
+        try again themselves. The client's ``store`` rides out ~30 s or more per call."""
         if self._follow_jobs is None:
             self._follow_jobs = JobStore.from_url(self.settings.redis_url, self.store.prefix, self.store.ttl_s,
                                                   reply_within_s=3, retries=0, **self.settings.redis_ssl_kwargs())
