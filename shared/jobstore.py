@@ -458,7 +458,12 @@ class DeliveryEnd(NamedTuple):
 class _Retry(Retry):
     """Retries lost connections, never a refused password or TLS certificate: retrying cannot
     fix those, and the caller should hear "invalid username-password pair" or
-    "CERTIFICATE_VERIFY_FAILED" at once, not after ~30 s."""
+    "CERTIFICATE_VERIFY_FAILED" at once, not after ~30 s.
+
+    A reply that timed out also drops the pool's idle connections (``drop_idle``): they lead
+    to the same server, gone silent, and each would cost its next caller the same wait."""
+
+    drop_idle: Callable[[], None] | None = None
 
     def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
         def retryable(e: Exception) -> bool:
@@ -468,7 +473,12 @@ class _Retry(Retry):
                 return False
             return is_retryable is None or is_retryable(e)
 
-        return super().call_with_retry(do, fail, retryable, with_failure_count)
+        def failed(e: Exception, *count: int):
+            if isinstance(e, redis.exceptions.TimeoutError) and self.drop_idle is not None:
+                self.drop_idle()
+            return fail(e, *count)
+
+        return super().call_with_retry(do, failed, retryable, with_failure_count)
 
 
 # Redis refusing commands for now: full (OOM under noeviction), a demoted primary during a
@@ -506,13 +516,16 @@ def redis_client(url: str, reply_within_s: float | None = None, retries: int = 2
     probe) passes ``reply_within_s`` and few ``retries``: each call then gives up within about
     ``reply_within_s x (retries + 1)`` and the caller decides what to do while Redis is away."""
     patient = reply_within_s is None
-    return redis.Redis.from_url(
+    retry = _Retry(ExponentialBackoff(cap=2.0, base=0.1) if patient else ExponentialBackoff(cap=0.5, base=0.05),
+                   retries)
+    client = redis.Redis.from_url(
         url, decode_responses=True, health_check_interval=30, socket_keepalive=True,
         socket_connect_timeout=5 if patient else min(3.0, reply_within_s),
         socket_timeout=REPLY_WITHIN_S if patient else reply_within_s,
-        retry=_Retry(ExponentialBackoff(cap=2.0, base=0.1) if patient else ExponentialBackoff(cap=0.5, base=0.05),
-                     retries),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError], **kw)
+        retry=retry, retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError], **kw)
+    pool = client.connection_pool  # each connection gets a copy of ``retry``, made as it opens
+    retry.drop_idle = lambda: pool.disconnect(inuse_connections=False)
+    return client
 
 
 def retry_fields(segment: int, retries: int, out_of_memory: int) -> dict[str, int]:

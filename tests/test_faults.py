@@ -857,9 +857,10 @@ def test_a_worker_rides_out_redis_going_silent_without_closing_its_connections(f
                                                                                big_input):
     """A Redis host that vanishes without closing its connections (a failover, a NAT or
     firewall dropping the flow) leaves every connection a worker has open silent: no error,
-    no reply. With default settings the worker's commands time out and go again on new
-    connections and its consumer drops the silent BRPOP: it takes the next job within about
-    half a minute, and no reaper takes it for dead meanwhile (its heartbeat goes on). A
+    no reply. With default settings the worker's commands and its hand-off's publish time
+    out and go again on new connections, and its consumer drops the silent BRPOP: it takes
+    the next chain within about half a minute and hands it on, and no reaper takes it for
+    dead meanwhile (its heartbeat goes on). A
     thread waiting on such a connection without a timeout waits for good here (the proxy
     keeps it open) and for the kernel's ~15 min in the field."""
     from easel.shared.settings import Settings
@@ -868,18 +869,26 @@ def test_a_worker_rides_out_redis_going_silent_without_closing_its_connections(f
     d = Settings()
     defaults = {"EASEL_HEARTBEAT_INTERVAL_S": str(d.heartbeat_interval_s),
                 "EASEL_HEARTBEAT_TTL_S": str(d.heartbeat_ttl_s), "EASEL_REAP_EVERY_S": str(d.reap_every_s)}
-    workers("sim", **defaults)  # another family's worker, on Redis itself: a reaper that would take it for dead
-    proxy = TcpProxy(svc.redis.port).start()
+    sim = workers("sim", **defaults)  # the chains' second family, on Redis itself: also a reaper that would
+    proxy = TcpProxy(svc.redis.port).start()  # take the silenced worker for dead
+
+    def chain(seed: int) -> dict:  # its hand-off to sim is a publish on the worker's broker connections
+        return {"input": {"image": big_input}, "stages": [
+            {"model": "sd15", "prompt": "silent", "steps": 2, "strength": 1.0, "seed": seed},
+            {"model": "sim", "prompt": "silent", "steps": 2, "strength": 0.5}]}
+
     try:
         worker = workers(**defaults, EASEL_REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0")
-        first = fclient.wait(fclient.submit(job(big_input, steps=2, seed=95)), timeout=60)
-        assert first.state.value == "succeeded" and first.worker == worker.hostname, first.error
+        first = fclient.wait(fclient.submit(chain(95)), timeout=60)
+        assert first.state.value == "succeeded", first.error
         proxy.silence()
         silenced_at = time.monotonic()
-        st = fclient.wait(fclient.submit(job(big_input, steps=2, seed=96)), timeout=120)
+        job_id = fclient.submit(chain(96))
+        st = fclient.wait(job_id, timeout=120)
         took = time.monotonic() - silenced_at
         assert st.state.value == "succeeded", st.error
-        assert st.worker == worker.hostname and st.attempts == 1 and not st.note, st.note  # never reaped
+        attempts = [(a.segment, a.worker, a.ended) for a in fclient.result(job_id).attempts]
+        assert attempts == [(0, worker.hostname, None), (1, sim.hostname, None)] and not st.note  # never reaped
         assert took < 60, took
         assert worker.proc.poll() is None
         print(f"job done {took:.1f} s after the worker's connections went silent")
@@ -895,7 +904,8 @@ def test_the_stops_listener_replaces_a_subscription_gone_silent(fault_env, fclie
     import json
 
     from easel.shared.jobstore import JobStore, redis_client
-    from easel.worker.stops import PING_AFTER_S, SILENT_S, StopListener
+    from easel.shared.quiet import PING_AFTER_S, SILENT_S
+    from easel.worker.stops import StopListener
 
     svc, _ = fault_env
     proxy = TcpProxy(svc.redis.port).start()
@@ -914,6 +924,55 @@ def test_the_stops_listener_replaces_a_subscription_gone_silent(fault_env, fclie
     finally:
         listener.close()
         proxy.stop()
+
+
+def test_an_event_stream_replaces_a_subscription_gone_silent(fault_env, fclient, big_input):
+    """An SSE stream whose pub/sub connection goes silent (the API's Redis connections cut at
+    the network, kept open) drops it and subscribes again: progress published afterwards
+    reaches the client within seconds, and the stream ends with `done` when the job ends.
+    Otherwise only `done` would arrive (the record is re-read every few seconds), no
+    progress."""
+    import json as _json
+
+    from fastapi.testclient import TestClient
+
+    from easel.producer.api.app import create_app
+    from easel.shared.quiet import SILENT_S
+    from easel.shared.schema import JobState
+    from easel.shared.settings import ApiKey
+    from tests.test_api import keys_env
+
+    svc, _ = fault_env
+    proxy = TcpProxy(svc.redis.port).start()
+    job_id, _, _ = recorded_job(fclient.store, fclient.registry, big_input, 92, owner="main")
+    settings = fclient.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{proxy.port}/0",
+                                                   "api_keys": [ApiKey(**k) for k in _json.loads(keys_env())]})
+    events: list[tuple[float, str]] = []
+    try:
+        with TestClient(create_app(settings, webhooks=False)) as c:
+            def follow() -> None:
+                with c.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Authorization": "Bearer tok-main"}) as s:
+                    events.extend((time.monotonic(), ln) for ln in s.iter_lines() if ln.startswith("event:"))
+
+            reader = threading.Thread(target=follow, daemon=True)
+            reader.start()
+            wait_for(lambda: [e for _, e in events] == ["event: status"], 30, "the stream's first event")
+            proxy.silence()
+            silenced_at = time.monotonic()
+            step = 0
+            while not any(e == "event: progress" for _, e in events) and time.monotonic() - silenced_at < 60:
+                step += 1
+                fclient.store.r.publish(fclient.store.events_channel(job_id),
+                                        _json.dumps({"stage": 0, "step": step, "total_steps": 1000}))
+                time.sleep(0.5)
+            heard = [t for t, e in events if e == "event: progress"]
+            assert heard and heard[0] - silenced_at < SILENT_S + 10, events
+            fclient.store.transition(job_id, JobState.cancelled, error="test over")
+            reader.join(30)
+            assert not reader.is_alive() and events[-1][1] == "event: done", events
+    finally:
+        proxy.stop()
+        fclient.store.transition(job_id, JobState.cancelled, error="test over")
 
 
 def test_an_event_stream_outlives_a_redis_restart_and_gives_back_its_connection(fault_env, fclient, big_input):

@@ -256,6 +256,39 @@ def test_a_queue_name_with_a_colon_is_refused_where_it_is_configured(tmp_path):
     assert Registry.load(path).get("m").family == "gpu-sd15"
 
 
+def test_a_reply_that_timed_out_drops_the_pools_idle_connections_too(client):
+    """Redis goes silent (connections kept open, nothing answered; new ones answered, as
+    after a failover): the command that waits out its reply timeout goes again on a new
+    connection, and the pool's idle connections, which lead to the same silent server, are
+    dropped with it, so the next caller on another connection does not wait it out again."""
+    from easel.shared.jobstore import REPLY_WITHIN_S, redis_client
+    from tests.netproxy import TcpProxy
+
+    proxy = TcpProxy(int(client.settings.redis_url.rsplit(":", 1)[1].split("/")[0])).start()
+    r = redis_client(f"redis://127.0.0.1:{proxy.port}/0")
+    pool = r.connection_pool
+    try:
+        idle = [pool.get_connection() for _ in range(3)]  # three open connections, idle in the pool
+        for conn in idle:
+            pool.release(conn)
+        proxy.silence()
+        t0 = time.monotonic()
+        assert r.ping()
+        assert time.monotonic() - t0 >= REPLY_WITHIN_S  # waited out, then answered on a new connection
+        first, other = pool.get_connection(), pool.get_connection()  # the one that answered, and another
+        try:
+            t0 = time.monotonic()
+            other.send_command("PING")
+            assert other.read_response() == "PONG"
+            assert time.monotonic() - t0 < 1  # not a silent one: it was dropped and opened again
+        finally:
+            pool.release(first)
+            pool.release(other)
+    finally:
+        r.close()
+        proxy.stop()
+
+
 def test_a_wait_keeps_its_timeout_while_redis_is_silent_or_away(client, input_png):
     """``wait`` raises TimeoutError at its deadline when Redis stops answering (a network gone
     quiet, as in a failover whose old address goes dark) or refuses connections, instead of

@@ -27,19 +27,13 @@ from typing import Callable
 
 import redis
 
-from easel.shared.jobstore import REPLY_WITHIN_S, _text
+from easel.shared.jobstore import _text
+from easel.shared.quiet import QuietCheck
 
 log = logging.getLogger("easel.worker.stops")
 
 KEEP_S = 3600.0  # how long a stop is remembered (a job claimed later reads its flag at the claim)
 READ_EVERY_S = 15.0  # a stage still reads the flags back this often, whatever it heard
-# A subscribed connection is quiet while nothing is published, so quiet alone says nothing:
-# after PING_AFTER_S without a word the listener asks for one, and a connection that leaves
-# that PING unanswered for REPLY_WITHIN_S is taken as dead (a Redis host gone without
-# closing it) and replaced: otherwise the listener would wait on it for good. A silent
-# connection is replaced within about SILENT_S of its last word.
-PING_AFTER_S = 5.0
-SILENT_S = PING_AFTER_S + REPLY_WITHIN_S
 
 
 class StopListener:
@@ -81,17 +75,13 @@ class StopListener:
             pubsub = self.r.pubsub()
             try:
                 pubsub.subscribe(self.channel, *self._handlers)
-                heard = pinged = time.monotonic()
+                quiet = QuietCheck()  # a silent connection is replaced (shared.quiet)
                 while not self._stop.is_set():
                     msg = pubsub.get_message(timeout=1.0)
-                    now = time.monotonic()
-                    if msg is not None:
-                        heard = now
-                    elif pinged > heard and now - pinged >= REPLY_WITHIN_S:
-                        raise redis.ConnectionError(f"no answer to a PING in {now - pinged:.0f} s")
-                    elif now - max(heard, pinged) >= PING_AFTER_S:
+                    if (todo := quiet.after_read(msg is not None)) == "dead":
+                        raise redis.ConnectionError(f"no word from Redis in {quiet.silence_s():.0f} s")
+                    if todo == "ping":
                         pubsub.ping()
-                        pinged = now
                     if msg is None or msg["type"] not in ("subscribe", "message"):
                         continue
                     channel = _text(msg["channel"])

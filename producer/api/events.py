@@ -20,6 +20,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from easel.producer.api.deps import ApiDep, Caller, OwnedJob
 from easel.producer.api.errors import problems
 from easel.producer.api.state import ApiState
+from easel.shared.quiet import QuietCheck
 from easel.shared.schema import JobState
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -52,7 +53,8 @@ SSE_ITEM_SCHEMA = {
 async def _follow(api: ApiState, job_id: str, pubsub) -> AsyncIterator[tuple[str, Any]]:
     """(event, data) pairs until the job ends or the stream reaches EASEL_API_SSE_MAX_S. A
     Redis that goes away is waited out: the pub/sub connection reconnects (subscribed again)
-    and the record is re-read, so a stream outlives a restart or a failover."""
+    and the record is re-read, so a stream outlives a restart or a failover; a connection
+    gone silent is dropped (``shared.quiet``) and the next read connects again."""
     try:
         snap = await run_in_threadpool(api.render, job_id)
     except KeyError:  # expired since the ownership check: the stream has started, so it just ends
@@ -62,14 +64,19 @@ async def _follow(api: ApiState, job_id: str, pubsub) -> AsyncIterator[tuple[str
         return
     yield "status", snap
     now = time.monotonic()
-    deadline, last_check = now + api.s.api_sse_max_s, now
+    deadline, last_check, quiet = now + api.s.api_sse_max_s, now, QuietCheck()
     while time.monotonic() < deadline:
         try:
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if (todo := quiet.after_read(msg is not None)) == "dead":
+                await pubsub.connection.disconnect()
+                raise redis.ConnectionError(f"no word from Redis in {quiet.silence_s():.0f} s")
+            if todo == "ping":
+                await pubsub.ping()
         except (redis.ConnectionError, redis.TimeoutError):
             await asyncio.sleep(REDIS_AWAY_WAIT_S)  # the next read reconnects; missed events: re-read
-            msg, last_check = None, 0.0
-        if msg is not None:
+            msg, last_check, quiet = None, 0.0, QuietCheck()
+        if msg is not None and msg["type"] == "message":
             ev = json.loads(msg["data"])
             if "state" not in ev:  # (the re-read below still runs: steady progress cannot put it off)
                 yield "progress", ev

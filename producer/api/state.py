@@ -22,7 +22,7 @@ from easel.producer.api.security import InFlight, KeyRing, Principal, RateLimite
 from easel.producer.client import EaselClient
 from easel.producer.webhooks import WebhookDispatcher
 from easel.shared.celery_app import queue_name, send_segment
-from easel.shared.jobstore import JobStore, redis_client
+from easel.shared.jobstore import REPLY_WITHIN_S, JobStore, redis_client
 from easel.shared.liveness import Reaper
 from easel.shared.schema import JobSpec, JobState
 from easel.shared.settings import Settings
@@ -37,8 +37,11 @@ class ApiState:
     def __init__(self, settings: Settings):
         self.s = settings
         # Fail fast while Redis is away (503 + Retry-After) instead of holding request threads
-        # in redis-py's multi-second reconnect backoff; workers keep the patient default.
-        self.client = EaselClient(settings, store=JobStore.from_settings(settings, reply_within_s=15, retries=2))
+        # in redis-py's multi-second reconnect backoff; workers keep the patient default. A
+        # request meeting a connection gone silent waits one reply timeout, then goes on a new
+        # connection (the pool's other idle ones dropped with it).
+        self.client = EaselClient(settings, store=JobStore.from_settings(settings, reply_within_s=REPLY_WITHIN_S,
+                                                                         retries=2))
         self.store = self.client.store
         self.r = self.store.r
         self.aredis: aioredis.Redis | None = None  # opened in the app's event loop (start)
