@@ -256,6 +256,34 @@ def test_a_queue_name_with_a_colon_is_refused_where_it_is_configured(tmp_path):
     assert Registry.load(path).get("m").family == "gpu-sd15"
 
 
+def test_a_quiet_check_pings_after_quiet_and_calls_dead_only_an_unanswered_ping(monkeypatch):
+    """shared.quiet on a clock of its own: quiet alone is never dead (a PING goes first),
+    any word (a PING's answer too) keeps the connection, and a PING left unanswered for
+    REPLY_WITHIN_S is dead; a thread stalled past the window pings before it judges."""
+    from easel.shared import quiet
+    from easel.shared.jobstore import REPLY_WITHIN_S
+
+    now = [100.0]
+    monkeypatch.setattr(quiet.time, "monotonic", lambda: now[0])
+    check = quiet.QuietCheck()
+
+    def at(t: float, got: bool = False):
+        now[0] = 100.0 + t
+        return check.after_read(got)
+
+    ping_after = quiet.PING_AFTER_S
+    assert at(ping_after - 0.5) is None
+    assert at(ping_after) == "ping"
+    assert at(ping_after + 0.1, got=True) is None  # answered
+    assert at(2 * ping_after - 0.5) is None  # quiet again, for less than PING_AFTER_S
+    assert at(2 * ping_after + 0.2) == "ping"
+    assert at(2 * ping_after + 0.2 + REPLY_WITHIN_S - 0.5) is None
+    assert at(2 * ping_after + 0.2 + REPLY_WITHIN_S + 0.1) == "dead"
+    stalled = quiet.QuietCheck()  # a thread that comes back after long past the window
+    now[0] += 60
+    assert stalled.after_read(False) == "ping"
+
+
 def test_a_reply_that_timed_out_drops_the_pools_idle_connections_too(client):
     """Redis goes silent (connections kept open, nothing answered; new ones answered, as
     after a failover): the command that waits out its reply timeout goes again on a new

@@ -69,7 +69,7 @@ async def _follow(api: ApiState, job_id: str, pubsub) -> AsyncIterator[tuple[str
         try:
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if (todo := quiet.after_read(msg is not None)) == "dead":
-                await pubsub.connection.disconnect()
+                await pubsub.connection.disconnect(nowait=True)  # (a TLS close would wait for an answer)
                 raise redis.ConnectionError(f"no word from Redis in {quiet.silence_s():.0f} s")
             if todo == "ping":
                 await pubsub.ping()

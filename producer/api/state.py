@@ -71,7 +71,10 @@ class ApiState:
 
     # -- lifespan ------------------------------------------------------------------------------
     def start(self, webhooks: bool) -> None:
+        # SSE's pub/sub: a stream replaces a silent connection itself (shared.quiet); a connect
+        # to an address gone dark must fail in seconds, not the kernel's ~2 min.
         self.aredis = aioredis.Redis.from_url(self.s.redis_url, decode_responses=True, health_check_interval=30,
+                                              socket_connect_timeout=3,
                                               max_connections=self.s.api_sse_max_streams + 10,
                                               **self.s.redis_ssl_kwargs())
         try:
