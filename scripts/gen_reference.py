@@ -92,8 +92,9 @@ JOB_NOTES = {
     "Stage.guidance_scale": "classifier-free guidance; 0 turns it off",
     "Stage.steps": "scheduler steps",
     "Stage.seed": "drawn at submission when missing, and recorded, so every job is reproducible",
-    "Stage.width": "output width for `text2img` (with height)",
-    "Stage.height": "output height for `text2img` (with width)",
+    "Stage.width": "with height: the output size of `text2img`; other tasks resize their input image to it "
+                   "first (so a stage sized unlike the one before it takes a decoded image, not latents)",
+    "Stage.height": "with width: see width",
     "Stage.control_image": "`controlnet_img2img` only: the control image (same reference forms as input.image)",
     "Stage.controlnet": "`controlnet_img2img` only: which of the model's registered ControlNets",
     "Stage.controlnet_conditioning_scale": "`controlnet_img2img` only: weight of the control image",

@@ -1,7 +1,8 @@
 """Turning a job's stages into segments and hand-offs, and refusing chains that cannot run.
 
 The system, not the user, decides how stage i+1 receives stage i's output: a latent when
-both share a latent space and stage i+1 accepts latents, a decoded image otherwise.
+both share a latent space, stage i+1 accepts latents and asks for no other size, a decoded
+image otherwise.
 Consecutive stages on the same family form one segment: one task on one worker.
 """
 from __future__ import annotations
@@ -54,10 +55,15 @@ def plan_job(spec: JobSpec, registry: Registry, queue_prefix: str = "easel") -> 
         prev, prev_st = specs[i - 1], spec.stages[i - 1]
         compatible = (prev.latent_space == m.latent_space and (m.kind, st.task) in LATENT_IN
                       and (prev.kind, prev_st.task) in LATENT_OUT)
-        latent = compatible and spec.handoff == "auto"
         if st.task in LATENT_ONLY_AFTER_STAGE and not compatible:
             raise PlanError(f"{label}: takes latents in latent space {m.latent_space!r}, but stage {i - 1} "
                             f"(model {prev_st.model!r}) produces {prev.latent_space!r} and cannot hand off latents")
+        resized = st.width is not None and (st.width, st.height) != (prev_st.width, prev_st.height)
+        if resized and st.task in LATENT_ONLY_AFTER_STAGE:
+            raise PlanError(f"{label}: width and height do not apply: it takes stage {i - 1}'s latents as they are")
+        # A size is a resize of the stage's input image: latents cannot be resized, so a stage
+        # that asks for another size than its predecessor's gets a decoded image.
+        latent = compatible and spec.handoff == "auto" and not resized
         handoffs.append("latent" if latent else "image")
 
     segments: list[Segment] = []

@@ -67,6 +67,10 @@ def check_image_ref(ref: str) -> str:
 ImageRef = Annotated[str, Field(max_length=80_000_000)]
 
 
+# Tasks that denoise only the last ``strength`` of their ``steps``, as diffusers' img2img does.
+STRENGTH_TASKS = ("img2img", "controlnet_img2img")
+
+
 class Stage(EaselModel):
     """One pipeline call. Defaults follow the diffusers img2img guide."""
 
@@ -106,6 +110,10 @@ class Stage(EaselModel):
             raise ValueError(f"control_image/controlnet only apply to controlnet_img2img, not {self.task}")
         if (self.width is None) != (self.height is None):
             raise ValueError("give both width and height, or neither")
+        if self.task in STRENGTH_TASKS and int(self.steps * self.strength) < 1:
+            # diffusers denoises int(steps * strength) steps: none at all fails deep in the call
+            raise ValueError(f"{self.task} runs int(steps x strength) denoising steps, and "
+                             f"int({self.steps} x {self.strength}) is 0: raise steps or strength")
         return self
 
 

@@ -727,6 +727,20 @@ def test_a_retry_gets_its_job_before_any_check_of_a_new_one(inproc):
     assert inproc.delete(f"/v1/jobs/{first.json()['id']}").json()["state"] == "cancelled"
 
 
+def test_an_idempotency_key_another_owners_job_holds_is_409_not_that_job(inproc):
+    """Idempotency keys are per API key ("main/<key>"), but a job submitted without the API
+    (the CLI, the Python client: no owner) may carry any key, that one too: the API key's
+    request is refused, not answered with that job and its presigned outputs."""
+    api = inproc.app.state.api
+    key = f"taken-{uuid.uuid4().hex}"
+    image = upload(inproc)
+    operators = api.client.submit({**job_body(image), "idempotency_key": f"main/{key}"})
+    r = inproc.post("/v1/jobs", json=job_body(image), headers={"Idempotency-Key": key})
+    assert r.status_code == 409 and "already uses it" in r.json()["detail"], r.text
+    assert not api.r.sismember(api.inflight.key("main"), operators)  # nor counted under the key's cap
+    assert api.store.owner(operators) is None
+
+
 def test_a_job_queued_just_before_redis_drops_is_already_its_keys(inproc):
     """The script that queues a job writes its owner with it: a connection lost right after
     (the reply of the next command never comes) leaves a job its key can read, cancel and

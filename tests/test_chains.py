@@ -42,6 +42,15 @@ def test_img2img_chain_same_family_hands_off_latents_in_one_task(client, sd15_wo
         assert _img(client, uri).size == (96, 64)
 
 
+def test_a_later_stage_resized_gets_an_image_and_keeps_its_size(client, sd15_worker, input_png):
+    job = {"input": {"image": str(input_png)},
+           "stages": [{"model": "sd15", "prompt": "astronaut", "steps": 2, "seed": 1},
+                      {"model": "sd15", "prompt": "astronaut", "steps": 2, "seed": 2, "width": 64, "height": 48}]}
+    _, st, m = _run(client, job)
+    assert [s.handoff_in for s in m.stages] == ["image", "image"]
+    assert _img(client, st.outputs[0]).size == (64, 48)  # a latent hand-off kept the first stage's 96 x 64
+
+
 def assert_handoffs_dropped(client, job_id: str, within_s: float = 10.0) -> None:
     """The worker deletes a job's hand-offs off its hot path, just after the final state."""
     deadline = time.monotonic() + within_s
@@ -134,6 +143,11 @@ def test_compel_weighting_changes_the_image(client, sd15_worker, input_png):
      "Compel prompt weighting is not available"),
     ({"input": {"image": "s3://easel/x.png"}, "stages": [{"model": "sd15"}, {"task": "text2img", "model": "sd15"}]},
      "stage 1 .*text2img can only be the first stage"),
+    ({"input": {"image": "s3://easel/x.png"}, "stages": [{"model": "sd15", "steps": 1}]},
+     "img2img runs int(steps x strength) denoising steps, and int(1 x 0.8) is 0"),
+    ({"input": {"image": "s3://easel/x.png"}, "stages": [
+        {"model": "sd15"}, {"task": "latent_upscale", "model": "sd-x2-latent-upscaler", "width": 64, "height": 64}]},
+     "stage 1 (latent_upscale, model 'sd-x2-latent-upscaler'): width and height do not apply"),
 ])
 def test_bad_chains_refused_at_submission_naming_the_stage(client, job, message):
     with pytest.raises(SubmitError, match=message.replace("(", r"\(").replace(")", r"\)")
@@ -150,3 +164,14 @@ def test_plan_groups_consecutive_family_stages_into_segments():
     assert [(s.family, s.stages, s.handoff_in) for s in plan.segments] == [
         ("sd15", [0, 1], "image"), ("upscalers", [2, 3], "latent"), ("sd15", [4], "image")]
     assert plan.handoffs == ["image", "latent", "latent", "image", "image"]
+
+
+@pytest.mark.parametrize("sizes, handoffs", [
+    ([None, 64], ["image", "image"]),  # a resize of the second stage's input: latents cannot be resized
+    ([64, 64], ["image", "latent"]),  # the size it already has
+    ([64, None], ["image", "latent"]),
+])
+def test_a_stage_that_asks_for_another_size_gets_an_image(sizes, handoffs):
+    stages = [{"model": "sd15"} if px is None else {"model": "sd15", "width": px, "height": px} for px in sizes]
+    spec = JobSpec.model_validate({"input": {"image": "s3://b/k.png"}, "stages": stages})
+    assert plan_job(spec, load_registry()).handoffs == handoffs

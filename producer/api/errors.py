@@ -37,6 +37,7 @@ _WHY = {
     401: ("missing or invalid API key", {"WWW-Authenticate": {
         "description": "the Bearer scheme", "required": True, "schema": {"type": "string"}}}),
     404: ("no such job, or not one this key may see", {}),
+    409: ("the idempotency key is in use by a job this API key did not submit", {}),
     413: ("the body is over EASEL_API_MAX_BODY_BYTES (the rest of it is not read)", {}),
     415: ("the body's Content-Type is not one this operation accepts", {}),
     422: ("the request is well formed but refused; `detail` says why, `errors` lists field errors", {}),

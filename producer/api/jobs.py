@@ -138,7 +138,7 @@ def _submit(api: ApiState, spec: JobSpec, p: Principal) -> tuple[str, bool, str 
              responses={201: {"description": "the job was queued", "headers": _LOCATION, "links": _JOB_LINKS},
                         200: {"model": JobResponse, "headers": _LOCATION, "links": _JOB_LINKS,
                               "description": "idempotent replay: the job this idempotency key created before"},
-                        **problems(400, 401, 413, 415, 422, 429, 503, _422="job refused; `detail` says why",
+                        **problems(400, 401, 409, 413, 415, 422, 429, 503, _422="job refused; `detail` says why",
                                    _503="Redis, the message broker or object storage is unreachable or failing, "
                                         "or an image or webhook URL's host name does not resolve now")})
 def create_job(body: JobRequest, response: Response, p: Caller, api: ApiDep,
@@ -162,9 +162,12 @@ def create_job(body: JobRequest, response: Response, p: Caller, api: ApiDep,
         if url:
             api.dispatcher.register(job_id, url, p.key.webhook_events)
         api.metrics.submitted.labels(p.name).inc()
-    else:  # a concurrent request with this idempotency key created it
+    else:  # a concurrent request with this idempotency key created it, or a job of another owner holds it
         if token:
             api.inflight.release(p.name, token)
+        if api.store.owner(job_id) != p.name:
+            raise HTTPException(409, "idempotency key: a job not submitted with this API key already uses it; "
+                                     "choose another key")
         _mend(api, job_id, url, p)
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job_id}"
