@@ -1,6 +1,7 @@
 """The `easel` command line."""
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import sys
@@ -169,12 +170,25 @@ def _wait(client, job_id: str, timeout: Optional[float]) -> None:
     except KeyboardInterrupt:  # 130, as a shell reports Ctrl-C; 1 means the job failed
         _fail(f"stopped following; the job goes on (easel wait {job_id} to follow it again)", INTERRUPTED)
     except TimeoutError as e:
-        _fail(f"{e}; it goes on (easel wait {job_id} to follow it again)", TIMED_OUT)
+        why = _waiting_for(client, job_id)
+        _fail(f"{e}{f' ({why})' if why else ''}; it goes on (easel wait {job_id} to follow it again)", TIMED_OUT)
     except KeyError:
         _fail(f"no job {job_id} (its record expired)", 1)
     console.print_json(st.model_dump_json())
     if st.state.value != "succeeded":
         raise typer.Exit(1)
+
+
+def _waiting_for(client, job_id: str) -> str | None:
+    """Why a job still queued cannot start (no live worker for its family, a paused queue),
+    for a message that would otherwise say only how long it waited."""
+    from easel.shared.scheduler import Scheduler
+
+    quick = client.follow_store()  # a Redis that is away costs this hint one short try, not ~30 s
+    try:
+        return Scheduler(quick).status_of(quick.view(job_id)).waiting_for
+    except Exception:  # only a hint: the timeout is reported either way
+        return None
 
 
 @app.command()
@@ -305,10 +319,25 @@ from easel.producer.cli_ops import register as _register_ops  # noqa: E402
 _register_ops(app)
 
 
+def _unwrap_help(typer_app: typer.Typer) -> None:
+    """Docstrings are wrapped for the source, and typer's help keeps their line breaks, which
+    would land mid-sentence at any terminal width: each paragraph becomes one line."""
+    for info in typer_app.registered_commands:
+        text = info.help or inspect.getdoc(info.callback)
+        if text:
+            info.help = "\n\n".join(" ".join(paragraph.split()) for paragraph in text.split("\n\n"))
+    for group in typer_app.registered_groups:
+        _unwrap_help(group.typer_instance)
+
+
+_unwrap_help(app)
+
+
 def main() -> None:
-    """The `easel` command: Redis or the object store out of reach is one line and exit 3, a
+    """The `easel` command: Redis or the object store out of reach or failing is one line and exit 3, a
     bad EASEL_* setting a line per variable and exit 2, not a traceback."""
     import botocore.exceptions
+    import kombu.exceptions
     import redis
     from kombu.utils.url import maybe_sanitize_url
     from pydantic import ValidationError
@@ -321,6 +350,11 @@ def main() -> None:
         where = maybe_sanitize_url(get_settings().redis_url)  # the password masked
         err.print(f"[red]error:[/red] cannot reach Redis at {escape(where)} (EASEL_REDIS_URL): {escape(str(e))}",
                   highlight=False)
+        sys.exit(UNREACHABLE)
+    except (redis.RedisError, kombu.exceptions.OperationalError) as e:  # READONLY, OOM, LOADING: a failover
+        where = maybe_sanitize_url(get_settings().redis_url)
+        err.print(f"[red]error:[/red] Redis at {escape(where)} (EASEL_REDIS_URL) failed the command: "
+                  f"{type(e).__name__}: {escape(str(e))}", highlight=False)
         sys.exit(UNREACHABLE)
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         where = get_settings().s3_endpoint_url or "AWS S3"

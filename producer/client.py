@@ -163,7 +163,8 @@ class EaselClient:
             else:
                 path = Path(ref).expanduser()
                 if not path.is_file():
-                    raise InputError(f"no such file {ref!r}")
+                    where = "" if path.is_absolute() else f" (looked for {path.absolute()})"
+                    raise InputError(f"no such file {ref!r}{where}")
                 if path.stat().st_size > self.settings.max_input_bytes:
                     raise InputError(f"{ref} is over the {self.settings.max_input_bytes}-byte limit")
                 data = path.read_bytes()

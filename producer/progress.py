@@ -8,8 +8,11 @@ from easel.shared.schema import JobStatus
 
 
 def job_progress(console: Console | None = None) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
-                    TimeElapsedColumn(), console=console, transient=False)
+    # No markup in either text column: labels are manifest rows' names and details carry job
+    # errors, which quote users' URLs and keys ("[/...]" would be read as a closing tag).
+    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                    TextColumn("{task.fields[detail]}", markup=False), TimeElapsedColumn(), console=console,
+                    transient=False)
 
 
 def follow(client, job_ids: list[str], label: dict[str, str] | None = None, timeout: float | None = None,

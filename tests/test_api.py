@@ -208,6 +208,7 @@ def test_readyz_is_503_when_redis_is_unreachable(easel_env, tmp_path):
         r = httpx.get(f"{server.url}/readyz")
         assert r.status_code == 503
         assert r.json()["checks"]["redis"].startswith("error") and r.json()["checks"]["s3"] == "ok"
+        assert dead.rsplit(":", 1)[1].split("/")[0] not in r.text  # unauthenticated: no address in it
         r = httpx.get(f"{server.url}/v1/queues", headers={"Authorization": "Bearer tok-main"})
         assert r.status_code == 503 and "Redis unavailable" in r.json()["detail"]
         assert dead.rsplit(":", 1)[1].split("/")[0] not in r.text  # no address leaks to clients
@@ -447,6 +448,43 @@ def test_a_streamed_body_past_the_cap_is_413_and_one_without_a_key_401(easel_env
             assert c.post("/v1/uploads", content=chunked(small, 100), headers=form).status_code == 201
             r = c.post("/v1/uploads/presign", content=chunked(b'{"content_type": "image/png"}', 4),
                        headers={"Content-Type": "application/json"})
+            assert r.status_code == 200, r.text
+    finally:
+        server.stop()
+
+
+def test_a_body_waits_for_its_keys_rate_and_the_processs_budget_before_it_is_read(easel_env, tmp_path):
+    """Before a body is read: a key past its rate limit gets its 429 at once (one token spent
+    for the request, not one more by the route), and while other bodies hold the process's
+    budget of bytes being read (EASEL_API_MAX_BODIES_IN_FLIGHT_BYTES) a new one gets 503 and
+    Retry-After; once they are done, bodies go through again."""
+    keys = {**KEYS, "tok-three": {"name": "three", "rate_per_min": 1, "burst": 3}}
+    env = {**easel_env, "EASEL_API_KEYS": keys_env(keys), "EASEL_API_MAX_BODIES_IN_FLIGHT_BYTES": "100000"}
+    server = ApiServer(env, tmp_path).start()
+    presign = {"Content-Type": "application/json", "Content-Length": "29"}
+    try:
+        with server.client("tok-three") as c:  # a body and two requests without: the three tokens
+            r = c.post("/v1/uploads/presign", json={"content_type": "image/png"})
+            assert r.status_code == 200, r.text
+            assert [c.get("/v1/queues").status_code for _ in range(2)] == [200, 200]
+        status, headers, body = post_head(server.url, "/v1/jobs", {
+            "Authorization": "Bearer tok-three", "Content-Type": "application/json", "Content-Length": str(10**5)},
+            b'{"input": {"image": "data:image/png;base64,')
+        assert (status, headers["connection"]) == (429, "close") and "rate limit exceeded" in body["detail"]
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as held:  # 90 kB declared, 1 kB sent
+            held.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer tok-main\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: 90000\r\n\r\n".encode() + b"{" * 1024)
+            time.sleep(0.5)
+            status, headers, body = post_head(server.url, "/v1/uploads/presign", {
+                "Authorization": "Bearer tok-main", **presign, "Content-Length": "20000"}, b"{")
+            assert (status, headers["retry-after"]) == (503, "1"), body
+            assert "EASEL_API_MAX_BODIES_IN_FLIGHT_BYTES" in body["detail"]
+        with server.client() as c:  # the held request's bytes are given back when it ends
+            deadline = time.monotonic() + 10
+            while (r := c.post("/v1/uploads/presign", json={"content_type": "image/png"})).status_code == 503:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.1)
             assert r.status_code == 200, r.text
     finally:
         server.stop()

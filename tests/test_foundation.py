@@ -106,6 +106,8 @@ def test_unreadable_image_refused_at_submission(client, tmp_path):
         client.submit(img2img_job(str(bad)))
     with pytest.raises(SubmitError, match="no such file"):
         client.submit(img2img_job(str(tmp_path / "missing.png")))
+    with pytest.raises(SubmitError, match=r"no such file 'missing\.png' \(looked for /.*/missing\.png\)"):
+        client.submit(img2img_job("missing.png"))  # a relative path: where it was looked for
 
 
 def test_missing_s3_image_fails_job_with_reason_and_worker_serves_next(client, sd15_worker, input_png):
@@ -317,6 +319,40 @@ def test_a_reply_that_timed_out_drops_the_pools_idle_connections_too(client):
         proxy.stop()
 
 
+def test_a_redis_that_refuses_writes_is_one_line_and_exit_3(easel_env, input_png, tmp_path):
+    """A replica during a failover answers writes with READONLY (a full Redis with OOM): the
+    CLI says which Redis refused and why, exit 3 as for one out of reach, no traceback."""
+    import redis
+
+    from easel.producer.embedded import Valkey
+
+    replica = Valkey(tmp_path / "replica", appendonly=False).start()
+    try:
+        redis.Redis.from_url(replica.url).execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a primary gone
+        r = cli("submit", "-i", str(input_png), "-m", "sd15", "-p", "x",
+                env={**easel_env, "EASEL_REDIS_URL": replica.url})
+        assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+        assert f"Redis at {replica.url} (EASEL_REDIS_URL) failed the command" in r.stderr
+        assert "ReadOnlyError" in r.stderr and "read only replica" in r.stderr
+    finally:
+        replica.kill()
+
+
+def test_progress_bars_show_labels_and_errors_as_typed():
+    """A job's error quotes users' URLs and keys, and ``easel batch`` labels bars with its rows'
+    names: text such as ``[/key]`` is shown as it is, not read as markup (which raised)."""
+    import io
+
+    from rich.console import Console
+
+    from easel.producer.progress import job_progress
+
+    out = io.StringIO()
+    with job_progress(Console(file=out, width=200)) as bar:
+        bar.add_task("row [/b]", total=1, detail="failed: s3://b/[/key].png does not exist")
+    assert "row [/b]" in out.getvalue() and "s3://b/[/key].png does not exist" in out.getvalue()
+
+
 def test_a_wait_keeps_its_timeout_while_redis_is_silent_or_away(client, input_png):
     """``wait`` raises TimeoutError at its deadline when Redis stops answering (a network gone
     quiet, as in a failover whose old address goes dark) or refuses connections, instead of
@@ -350,6 +386,7 @@ def test_a_wait_keeps_its_timeout_while_redis_is_silent_or_away(client, input_pn
             assert outcome and outcome[0][0] == "TimeoutError" and outcome[0][1] < 12, (cut.__name__, outcome)
         r = cli("wait", job_id, "--timeout", "1")
         assert r.returncode == 124 and "still queued after 1.0s" in r.stderr and "Traceback" not in r.stderr
+        assert "no live worker serves family sd15-wide" in r.stderr  # why, not only how long
     finally:
         proxy.stop()
         client.cancel(job_id)

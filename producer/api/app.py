@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None, *, webhooks: bool = True) -> Fa
 
     app = FastAPI(title="easel", version=_version(), description=DESCRIPTION, lifespan=lifespan)
     app.state.api = api
-    app.add_middleware(BodyLimit, settings=api.s, keys=api.keys)  # inside the metrics: refusals are counted
+    app.add_middleware(BodyLimit, api=api)  # inside the metrics: refusals are counted
     app.add_middleware(MetricsMiddleware, metrics=api.metrics)
     errors.install(app)
     for module in (jobs, events, uploads, operations):

@@ -38,16 +38,32 @@ def authenticate(request: Request, api: ApiDep,
     return p
 
 
-def rate_limited(api: ApiDep, p: Annotated[Principal, Depends(authenticate)]) -> Principal:
-    """The caller, once its token bucket (shared by every replica, in Redis) allowed this request."""
+# Set in the request's scope state by the body limit, which spends the request's token
+# before its body is read (``limits.BodyLimit``): the route's dependency must not spend another.
+RATE_CHECKED = "easel_rate_checked"
+
+
+def over_rate(api: ApiState, p: Principal) -> HTTPException | None:
+    """The 429 for a request its key's token bucket (shared by every replica, in Redis) does
+    not allow; None when it does (a token spent)."""
     d = api.limiter.hit(p)
-    if not d.allowed:
-        api.metrics.refused.labels("rate_limited").inc()
-        wait = max(1, math.ceil(d.retry_after_s))
-        raise HTTPException(429, f"rate limit exceeded for key {p.name!r}: {p.rate_per_min:g} requests/minute "
-                                 f"(burst {p.burst}); retry in {wait}s",
-                            headers={"Retry-After": str(wait), "X-RateLimit-Limit": f"{p.rate_per_min:g}/min",
-                                     "X-RateLimit-Remaining": "0"})
+    if d.allowed:
+        return None
+    api.metrics.refused.labels("rate_limited").inc()
+    wait = max(1, math.ceil(d.retry_after_s))
+    return HTTPException(429, f"rate limit exceeded for key {p.name!r}: {p.rate_per_min:g} requests/minute "
+                              f"(burst {p.burst}); retry in {wait}s",
+                         headers={"Retry-After": str(wait), "X-RateLimit-Limit": f"{p.rate_per_min:g}/min",
+                                  "X-RateLimit-Remaining": "0"})
+
+
+def rate_limited(request: Request, api: ApiDep, p: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    """The caller, once its token bucket allowed this request (before its body, if it has one)."""
+    if getattr(request.state, RATE_CHECKED, None) == p.name:
+        return p
+    refusal = over_rate(api, p)
+    if refusal is not None:
+        raise refusal
     return p
 
 

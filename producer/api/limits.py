@@ -3,18 +3,24 @@
 FastAPI reads a whole body (a multipart one spooled to disk) before a route's dependencies
 run, the API key check among them, so a cap checked in a route comes too late. This
 middleware answers 413 from a declared Content-Length before the app sees the request, and
-counts the bytes of a body sent without one (chunked) as the app reads them.
+counts the bytes of a body sent without one (chunked) as the app reads them; it also checks
+the key, its rate limit and the process's budget of bytes being read before a body is read.
 """
 from __future__ import annotations
 
+import anyio
+import redis
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from starlette._utils import get_route_path
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from easel.producer.api.deps import RATE_CHECKED, over_rate
+from easel.producer.api.errors import redis_failed
 from easel.producer.api.models import Problem
-from easel.producer.api.security import INVALID_KEY, MISSING_KEY, KeyRing
+from easel.producer.api.security import INVALID_KEY, MISSING_KEY
+from easel.producer.api.state import ApiState
 from easel.shared.settings import Settings
 
 UPLOAD_PATH = "/v1/uploads"
@@ -45,16 +51,47 @@ def _declared_length(scope: Scope) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def _counting(receive: Receive, cap: int, detail: str) -> Receive:
+class BodiesBusy(HTTPException):
+    """A chunked body that would take the process past its budget of bytes being read."""
+
+    def __init__(self):
+        super().__init__(503, BUSY, headers={"Connection": "close", "Retry-After": "1"})
+
+
+BUSY = ("the server is reading as many request bytes as it holds at once "
+        "(EASEL_API_MAX_BODIES_IN_FLIGHT_BYTES); retry in a moment")
+
+
+class _Budget:
+    """Bytes of request bodies this process is reading or handling now. One body is always let
+    in (a body under the cap must be readable), any more only within ``limit``."""
+
+    def __init__(self, limit: int):
+        self.limit, self.reading = limit, 0
+
+    def take(self, n: int) -> bool:
+        if self.reading and self.reading + n > self.limit:
+            return False
+        self.reading += n
+        return True
+
+
+def _counting(receive: Receive, cap: int, detail: str, budget: _Budget, taken: list[int]) -> Receive:
+    """``receive`` with a body sent without a length counted against its cap and, as it
+    arrives, the process's budget (``taken[0]``: the bytes this request holds of it)."""
     seen = 0
 
     async def counted() -> Message:
         nonlocal seen
         message = await receive()
         if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
+            n = len(message.get("body", b""))
+            seen += n
             if seen > cap:
                 raise BodyTooLarge(detail)
+            if n and not budget.take(n):
+                raise BodiesBusy()
+            taken[0] += n
         return message
 
     return counted
@@ -67,12 +104,16 @@ def _refusal(status: int, detail: str, headers: dict[str, str] | None = None) ->
 
 class BodyLimit:
     """Pure ASGI, so the refusal comes before routing, and streamed responses pass untouched.
-    A body without a known API key is refused before it is read too (every route that takes
-    one needs a key, and FastAPI would read it before the key check). A refusal closes the
+    Before a body is read (FastAPI reads it before any route dependency runs), its request must
+    have a known API key, a token from that key's rate limit (spent here, not again by the
+    route) and room in this process's budget of body bytes being read at once
+    (``api_max_bodies_in_flight_bytes``): a key over its rate, or many large bodies at once,
+    would otherwise hold the process's memory before being refused. A refusal closes the
     connection (``Connection: close``): the rest of the body is never read."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, keys: KeyRing):
-        self.app, self.settings, self.keys = app, settings, keys
+    def __init__(self, app: ASGIApp, api: ApiState):
+        self.app, self.api, self.settings = app, api, api.s
+        self.budget = _Budget(api.s.api_max_bodies_in_flight_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,17 +123,40 @@ class BodyLimit:
         declared = _declared_length(scope)
         if declared is not None and declared > cap:
             return await _refusal(413, detail)(scope, receive, send)
-        has_body = bool(declared) or "chunked" in headers.get("transfer-encoding", "").lower()
-        unknown = self._key_problem(headers) if has_body else None
-        if unknown is not None:
-            return await _refusal(401, *unknown)(scope, receive, send)
-        await self.app(scope, _counting(receive, cap, detail), send)
+        if not (declared or "chunked" in headers.get("transfer-encoding", "").lower()):
+            return await self.app(scope, receive, send)
+        refusal = await self._admit(headers, scope)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        taken = [0]  # a declared length is taken whole, before reading; a chunked body as it comes
+        if declared is not None:
+            if not self.budget.take(declared):
+                return await _refusal(503, BUSY, {"Retry-After": "1"})(scope, receive, send)
+            taken[0] = declared
+            receive_body = receive
+        else:
+            receive_body = _counting(receive, cap, detail, self.budget, taken)
+        try:
+            await self.app(scope, receive_body, send)
+        finally:
+            self.budget.reading -= taken[0]
 
-    def _key_problem(self, headers: Headers) -> tuple[str, dict[str, str]] | None:
-        """What the key check (``deps.authenticate``) would answer, None for a known key."""
+    async def _admit(self, headers: Headers, scope: Scope) -> JSONResponse | None:
+        """The refusal for a body's request before its body is read, None to read it: 401
+        without a known key, 429 over the key's rate, 503 while Redis is away."""
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return MISSING_KEY
-        if self.keys.lookup(token.strip()) is None:
-            return INVALID_KEY
+            return _refusal(401, *MISSING_KEY)
+        p = self.api.keys.lookup(token.strip())
+        if p is None:
+            return _refusal(401, *INVALID_KEY)
+        try:
+            over = await anyio.to_thread.run_sync(over_rate, self.api, p)
+        except redis.RedisError as e:
+            response = await redis_failed(None, e)
+            response.headers["Connection"] = "close"
+            return response
+        if over is not None:
+            return _refusal(over.status_code, over.detail, over.headers)
+        scope.setdefault("state", {})[RATE_CHECKED] = p.name
         return None

@@ -1,6 +1,8 @@
 """Operations: queue depths, liveness and readiness probes, Prometheus metrics."""
 from __future__ import annotations
 
+import logging
+
 import botocore.exceptions
 import redis
 from fastapi import APIRouter, Response
@@ -14,6 +16,7 @@ from easel.producer.api.state import ApiState
 from easel.shared.celery_app import queue_name
 from easel.shared.metrics import live_workers_by_family, queue_depths
 
+log = logging.getLogger("easel.api")
 router = APIRouter(tags=["operations"])
 
 
@@ -43,7 +46,7 @@ def _check_redis(api: ApiState) -> str:
         api.probe_redis.ping()
         return "ok"
     except redis.RedisError as e:
-        return f"error: {e}"
+        return _failed("redis", e)
 
 
 def _check_s3(api: ApiState) -> str:
@@ -56,7 +59,14 @@ def _check_s3(api: ApiState) -> str:
             api.client.storage.ensure_bucket()  # S3 answered; the bucket is ours to create
         return "ok"
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-        return f"error: {e}"
+        return _failed("s3", e)
+
+
+def _failed(check: str, e: Exception) -> str:
+    """The check's answer names the kind of error only: /readyz is unauthenticated, and the
+    error's text names internal hosts and ports. The log has it whole."""
+    log.warning("readiness: %s check failed: %s", check, e)
+    return f"error: {type(e).__name__}"
 
 
 @router.get("/readyz", operation_id="readyz", response_model=Health,
