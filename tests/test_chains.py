@@ -89,6 +89,20 @@ def test_img2img_latent_upscaler_x4_upscaler_grows_8x(client, sd15_worker, famil
     assert _img(client, st.outputs[0]).size == (256, 256)
 
 
+def test_a_job_too_large_for_its_format_fails_before_any_denoising(client, sd15_worker, input_png):
+    """A chain whose upscale would outgrow WebP (16383 px a side) fails at its first worker,
+    once the input is read, naming the stage and what to change: not after the whole run."""
+    job = {"input": {"image": str(input_png)}, "output": {"format": "webp"},
+           "stages": [{"model": "sd15", "prompt": "castle", "steps": 2, "width": 4096, "height": 64},
+                      {"task": "upscale", "model": "sd-x4-upscaler", "prompt": "castle", "steps": 2}]}
+    st = client.wait(client.submit(job), timeout=60)
+    assert st.state.value == "failed", st
+    assert st.error.startswith("stage 1 would output 16384 x 256 px, more than webp holds (16383 px a side)")
+    assert st.progress.step == 0  # no stage ran
+    assert client.wait(client.submit({**job, "output": {"format": "png"}, "stages": job["stages"][:1]}),
+                       timeout=120).state.value == "succeeded"
+
+
 def test_controlnet_img2img_then_style_img2img(client, sd15_worker, input_png, tmp_path):
     depth = tmp_path / "depth.png"
     Image.linear_gradient("L").resize((96, 64)).convert("RGB").save(depth)

@@ -6,12 +6,12 @@ import logging
 
 from PIL import Image
 
-from easel.shared.images import decode_image, decode_own, encode_image, fetch_url, parse_data_uri
+from easel.shared.images import InputError, decode_image, decode_own, encode_image, fetch_url, parse_data_uri
 from easel.shared.latents import dump_latents, load_latents
 from easel.shared.schema import TERMINAL_STATES, JobSpec, Plan
 from easel.shared.storage import handoff_prefix
 from easel.worker.context import WorkerContext
-from easel.worker.runner import Carrier
+from easel.worker.runner import UPSCALE, Carrier
 
 
 def read_ref(ctx: WorkerContext, ref: str, what: str) -> bytes:
@@ -46,12 +46,36 @@ def load_input(ctx: WorkerContext, job_id: str, spec: JobSpec, plan: Plan, seg_i
         return Carrier()
     if seg_index == 0:
         img = load_image_ref(ctx, spec.input.image, "input image")
+        check_output_sides(ctx, spec, img.size)
         return Carrier(images=[img] * n)
     if seg.handoff_in == "latent":
         space = ctx.registry.get(spec.stages[seg.stages[0]].model).latent_space
         return Carrier(latents=load_latents(ctx.storage.get(handoff_key(job_id, seg_index)), space))
     blobs = ctx.io.map(lambda i: ctx.storage.get(handoff_key(job_id, seg_index, i)), range(n))
     return Carrier(images=[decode_own(b) for b in blobs])
+
+
+# The largest side each output format holds (Pillow's WebP and JPEG encoders refuse more).
+FORMAT_MAX_SIDE = {"webp": 16383, "jpeg": 65500}
+
+
+def check_output_sides(ctx: WorkerContext, spec: JobSpec, input_size: tuple[int, int]) -> None:
+    """Refuse, before any denoising, a job whose images would be too large for its output
+    format (an upscale of a large input, or of one resized large): known only once the input
+    image is read, and otherwise found by the encoder after the whole run."""
+    limit = FORMAT_MAX_SIDE.get(spec.output.format)
+    if limit is None:
+        return
+    w, h = input_size
+    last = len(spec.stages) - 1
+    for i, stage in enumerate(spec.stages):
+        if stage.width and stage.height:
+            w, h = stage.width, stage.height
+        factor = UPSCALE.get(ctx.registry.get(stage.model).kind, 1)
+        w, h = w * factor, h * factor
+        if max(w, h) > limit and (i == last or spec.output.keep_intermediates):
+            raise InputError(f"stage {i} would output {w} x {h} px, more than {spec.output.format} holds "
+                             f"({limit} px a side): use a smaller input or width and height, or format png")
 
 
 def save_handoff(ctx: WorkerContext, job_id: str, seg_index: int, carrier: Carrier, latent_space: str) -> None:
