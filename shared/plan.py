@@ -1,15 +1,15 @@
 """Turning a job's stages into segments and hand-offs, and refusing chains that cannot run.
 
 The system, not the user, decides how stage i+1 receives stage i's output: a latent when
-both share a latent space, stage i+1 accepts latents and asks for no other size, a decoded
-image otherwise.
+both share a latent space, stage i+1 accepts latents and asks for no size other than stage
+i's output, a decoded image otherwise.
 Consecutive stages on the same family form one segment: one task on one worker.
 """
 from __future__ import annotations
 
 from easel.shared.celery_app import queue_name
-from easel.shared.registry import COMPEL_KINDS, LATENT_IN, LATENT_ONLY_AFTER_STAGE, LATENT_OUT, Registry
-from easel.shared.schema import Handoff, JobSpec, Plan, Segment
+from easel.shared.registry import COMPEL_KINDS, LATENT_IN, LATENT_ONLY_AFTER_STAGE, LATENT_OUT, UPSCALE, Registry
+from easel.shared.schema import Handoff, JobSpec, Plan, Segment, Stage
 
 
 class PlanError(ValueError):
@@ -20,9 +20,18 @@ def _label(i: int, task: str, model: str) -> str:
     return f"stage {i} ({task}, model {model!r})"
 
 
+def _output_size(st: Stage, kind: str, input_size: tuple[int, int] | None) -> tuple[int, int] | None:
+    """A stage's output size in pixels: its own width and height, else its input's (None where
+    that is the job's input image, unknown until a worker reads it), times its upscale."""
+    size = (st.width, st.height) if st.width is not None and st.height is not None else input_size
+    factor = UPSCALE.get(kind, 1)
+    return None if size is None else (size[0] * factor, size[1] * factor)
+
+
 def plan_job(spec: JobSpec, registry: Registry, queue_prefix: str = "easel") -> Plan:
     handoffs: list[Handoff] = []
     specs = []
+    sizes: list[tuple[int, int] | None] = []  # each stage's output size, where the job alone tells it
     for i, st in enumerate(spec.stages):
         label = _label(i, st.task, st.model)
         try:
@@ -40,6 +49,7 @@ def plan_job(spec: JobSpec, registry: Registry, queue_prefix: str = "easel") -> 
         if st.task == "controlnet_img2img" and not m.controlnets:
             raise PlanError(f"{label}: no ControlNet registered for this model")
         specs.append(m)
+        sizes.append(_output_size(st, m.kind, sizes[-1] if sizes else None))
         if i == 0:
             if st.task == "text2img":
                 if spec.input.image:
@@ -58,11 +68,11 @@ def plan_job(spec: JobSpec, registry: Registry, queue_prefix: str = "easel") -> 
         if st.task in LATENT_ONLY_AFTER_STAGE and not compatible:
             raise PlanError(f"{label}: takes latents in latent space {m.latent_space!r}, but stage {i - 1} "
                             f"(model {prev_st.model!r}) produces {prev.latent_space!r} and cannot hand off latents")
-        resized = st.width is not None and (st.width, st.height) != (prev_st.width, prev_st.height)
-        if resized and st.task in LATENT_ONLY_AFTER_STAGE:
+        if st.width is not None and st.task in LATENT_ONLY_AFTER_STAGE:
             raise PlanError(f"{label}: width and height do not apply: it takes stage {i - 1}'s latents as they are")
         # A size is a resize of the stage's input image: latents cannot be resized, so a stage
-        # that asks for another size than its predecessor's gets a decoded image.
+        # that asks for a size other than what the stage before it outputs gets a decoded image.
+        resized = st.width is not None and (st.width, st.height) != sizes[i - 1]
         latent = compatible and spec.handoff == "auto" and not resized
         handoffs.append("latent" if latent else "image")
 

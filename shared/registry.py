@@ -45,6 +45,9 @@ COMPEL_KINDS: set[str] = {"sd", "sdxl-refiner", "sd-x4-upscaler"}
 # Tasks that cannot start from an image alone (no latent source means refuse at submission).
 LATENT_ONLY_AFTER_STAGE: set[str] = {"latent_upscale"}
 
+# Output side over input side, per kind whose output is larger than its input.
+UPSCALE: dict[str, int] = {"sd-x4-upscaler": 4, "sd-latent-upscaler": 2}
+
 
 class StepCache(BaseModel):
     """DeepCache-style step caching (worker/stepcache.py): the UNet's deep blocks run on one

@@ -192,9 +192,10 @@ class Settings(BaseSettings):
         "data: URIs at the job schema's 80 MB cap each (a 50 MiB image is 70 MB of base64), an input and a "
         "control image, and the rest of the job; send more or larger images through POST /v1/uploads"))
     api_max_bodies_in_flight_bytes: int = Field(default=512 * 1024 * 1024, ge=64 * 1024, description=(
-        "request body bytes one API process reads and handles at once (a declared length counts whole from "
-        "the start, a chunked body as it arrives); a request past it gets 503 and Retry-After before its body "
-        "is read. One body is always let in, whatever its size under the caps"))
+        "request body bytes one API process holds at once, counted as they arrive and until the request is "
+        "answered; a body whose declared length does not fit gets 503 and Retry-After before it is read, one "
+        "sent without a length once it passes the budget. Other requests' bytes only count: a body under the "
+        "caps alone on the process is always read"))
     s3_public_endpoint_url: str | None = Field(default=None, description="endpoint presigned URLs are made for "
                                                "(what API clients can reach); s3_endpoint_url if unset")
     webhook_secret: SecretStr | None = None

@@ -455,39 +455,62 @@ def test_a_streamed_body_past_the_cap_is_413_and_one_without_a_key_401(easel_env
 
 def test_a_body_waits_for_its_keys_rate_and_the_processs_budget_before_it_is_read(easel_env, tmp_path):
     """Before a body is read: a key past its rate limit gets its 429 at once (one token spent
-    for the request, not one more by the route), and while other bodies hold the process's
-    budget of bytes being read (EASEL_API_MAX_BODIES_IN_FLIGHT_BYTES) a new one gets 503 and
-    Retry-After; once they are done, bodies go through again."""
+    for the request, not one more by the route), and while other bodies' bytes fill the
+    process's budget (EASEL_API_MAX_BODIES_IN_FLIGHT_BYTES) a new one gets 503 and
+    Retry-After. The budget counts bytes as they arrive: a body declared and not sent holds
+    none of it. Once the bodies are done, others go through again."""
     keys = {**KEYS, "tok-three": {"name": "three", "rate_per_min": 1, "burst": 3}}
     env = {**easel_env, "EASEL_API_KEYS": keys_env(keys), "EASEL_API_MAX_BODIES_IN_FLIGHT_BYTES": "100000"}
     server = ApiServer(env, tmp_path).start()
-    presign = {"Content-Type": "application/json", "Content-Length": "29"}
+    host, port = server.url.removeprefix("http://").split(":")
+
+    def held(sent: int) -> socket.socket:
+        """A job's POST declaring 99 kB, of which ``sent`` bytes are sent and the rest never."""
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer tok-main\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: 99000\r\n\r\n".encode() + b"{" * sent)
+        return sock
+
+    def presign(c: httpx.Client) -> httpx.Response:
+        return c.post("/v1/uploads/presign", json={"content_type": "image/png"})
+
     try:
         with server.client("tok-three") as c:  # a body and two requests without: the three tokens
-            r = c.post("/v1/uploads/presign", json={"content_type": "image/png"})
-            assert r.status_code == 200, r.text
+            assert presign(c).status_code == 200
             assert [c.get("/v1/queues").status_code for _ in range(2)] == [200, 200]
         status, headers, body = post_head(server.url, "/v1/jobs", {
             "Authorization": "Bearer tok-three", "Content-Type": "application/json", "Content-Length": str(10**5)},
             b'{"input": {"image": "data:image/png;base64,')
         assert (status, headers["connection"]) == (429, "close") and "rate limit exceeded" in body["detail"]
-        host, port = server.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as held:  # 90 kB declared, 1 kB sent
-            held.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer tok-main\r\n"
-                         f"Content-Type: application/json\r\nContent-Length: 90000\r\n\r\n".encode() + b"{" * 1024)
+        with held(0), server.client() as c:
+            time.sleep(0.3)
+            assert presign(c).status_code == 200  # declared, nothing sent: nothing held
+        with held(95_000), server.client() as c:
             time.sleep(0.5)
             status, headers, body = post_head(server.url, "/v1/uploads/presign", {
-                "Authorization": "Bearer tok-main", **presign, "Content-Length": "20000"}, b"{")
+                "Authorization": "Bearer tok-main", "Content-Type": "application/json", "Content-Length": "20000"},
+                b"{")
             assert (status, headers["retry-after"]) == (503, "1"), body
             assert "EASEL_API_MAX_BODIES_IN_FLIGHT_BYTES" in body["detail"]
+            assert c.get("/v1/queues").status_code == 200  # requests without a body are not held back
         with server.client() as c:  # the held request's bytes are given back when it ends
             deadline = time.monotonic() + 10
-            while (r := c.post("/v1/uploads/presign", json={"content_type": "image/png"})).status_code == 503:
+            while (r := presign(c)).status_code == 503:
                 assert time.monotonic() < deadline, r.text
                 time.sleep(0.1)
             assert r.status_code == 200, r.text
     finally:
         server.stop()
+
+
+def test_a_lone_body_is_read_whole_whatever_the_budget():
+    """The budget holds other requests' bodies back, never a request's own: a body under the
+    caps alone on a process is read whole even past a budget smaller than it."""
+    from easel.producer.api.limits import _Budget
+
+    budget = _Budget(100)
+    assert budget.take(80, own=0) and budget.take(80, own=80) and budget.reading == 160
+    assert not budget.room_for(1)  # another request, while this one holds more than the budget
 
 
 def test_job_over_http_completes_and_presigned_urls_download(api, http, sd15_worker):

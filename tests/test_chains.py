@@ -184,8 +184,12 @@ def test_plan_groups_consecutive_family_stages_into_segments():
     ([None, 64], ["image", "image"]),  # a resize of the second stage's input: latents cannot be resized
     ([64, 64], ["image", "latent"]),  # the size it already has
     ([64, None], ["image", "latent"]),
+    ([64, "x2", 64], ["image", "latent", "image"]),  # the latent upscaler's output is 128 px, not 64
+    ([64, "x2", 128], ["image", "latent", "latent"]),
 ])
 def test_a_stage_that_asks_for_another_size_gets_an_image(sizes, handoffs):
-    stages = [{"model": "sd15"} if px is None else {"model": "sd15", "width": px, "height": px} for px in sizes]
+    x2 = {"task": "latent_upscale", "model": "sd-x2-latent-upscaler"}
+    stages = [{"model": "sd15"} if px is None else x2 if px == "x2" else {"model": "sd15", "width": px, "height": px}
+              for px in sizes]
     spec = JobSpec.model_validate({"input": {"image": "s3://b/k.png"}, "stages": stages})
     assert plan_job(spec, load_registry()).handoffs == handoffs

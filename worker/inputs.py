@@ -8,10 +8,11 @@ from PIL import Image
 
 from easel.shared.images import InputError, decode_image, decode_own, encode_image, fetch_url, parse_data_uri
 from easel.shared.latents import dump_latents, load_latents
+from easel.shared.registry import UPSCALE
 from easel.shared.schema import TERMINAL_STATES, JobSpec, Plan
 from easel.shared.storage import handoff_prefix
 from easel.worker.context import WorkerContext
-from easel.worker.runner import UPSCALE, Carrier
+from easel.worker.runner import Carrier
 
 
 def read_ref(ctx: WorkerContext, ref: str, what: str) -> bytes:

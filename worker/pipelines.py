@@ -290,7 +290,8 @@ def native_px(model: LoadedModel) -> int | None:
     """The input side a model was trained for: its UNet's sample size in pixels (None where
     its config leaves the size out). The x4 upscaler's UNet works at its input's pixel
     size, the latent upscaler's at its output's latent size (twice its input's)."""
-    from easel.worker.runner import UPSCALE, scale_factor
+    from easel.shared.registry import UPSCALE
+    from easel.worker.runner import scale_factor
 
     side = model.pipes[WARM_TASKS[model.spec.kind]].unet.config.sample_size
     if side is None:

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from easel.shared.registry import UPSCALE
 from easel.shared.schema import Stage
 from easel.worker.adaptive import CALL_TIMES
 from easel.worker.pipelines import LoadedModel, upcasts_vae
@@ -242,10 +243,6 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
     if want_latent:
         return Carrier(latents=out.images[:real]), timings
     return Carrier(images=list(out.images[:real])), timings
-
-
-# Output side over input side, per kind whose output is larger than its input.
-UPSCALE = {"sd-x4-upscaler": 4, "sd-latent-upscaler": 2}
 
 
 def output_pixels(model: LoadedModel, stage: Stage, carrier: Carrier) -> int:

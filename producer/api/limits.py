@@ -52,7 +52,7 @@ def _declared_length(scope: Scope) -> int | None:
 
 
 class BodiesBusy(HTTPException):
-    """A chunked body that would take the process past its budget of bytes being read."""
+    """A body that would take the process past its budget of bytes being read."""
 
     def __init__(self):
         super().__init__(503, BUSY, headers={"Connection": "close", "Retry-After": "1"})
@@ -63,33 +63,35 @@ BUSY = ("the server is reading as many request bytes as it holds at once "
 
 
 class _Budget:
-    """Bytes of request bodies this process is reading or handling now. One body is always let
-    in (a body under the cap must be readable), any more only within ``limit``."""
+    """Bytes of request bodies this process has read and still holds. Counted as they arrive,
+    so a client that declares a large body and sends nothing holds nothing. Other requests'
+    bytes only count against a request: a lone body under the caps is always read whole."""
 
     def __init__(self, limit: int):
         self.limit, self.reading = limit, 0
 
-    def take(self, n: int) -> bool:
-        if self.reading and self.reading + n > self.limit:
+    def room_for(self, n: int, own: int = 0) -> bool:
+        others = self.reading - own
+        return not others or self.reading + n <= self.limit
+
+    def take(self, n: int, own: int) -> bool:
+        if not self.room_for(n, own):
             return False
         self.reading += n
         return True
 
 
 def _counting(receive: Receive, cap: int, detail: str, budget: _Budget, taken: list[int]) -> Receive:
-    """``receive`` with a body sent without a length counted against its cap and, as it
-    arrives, the process's budget (``taken[0]``: the bytes this request holds of it)."""
-    seen = 0
+    """``receive`` with the body counted as it arrives against its cap (a body sent without
+    a length) and the process's budget (``taken[0]``: the bytes this request holds of it)."""
 
     async def counted() -> Message:
-        nonlocal seen
         message = await receive()
         if message["type"] == "http.request":
             n = len(message.get("body", b""))
-            seen += n
-            if seen > cap:
+            if taken[0] + n > cap:
                 raise BodyTooLarge(detail)
-            if n and not budget.take(n):
+            if n and not budget.take(n, taken[0]):
                 raise BodiesBusy()
             taken[0] += n
         return message
@@ -106,10 +108,10 @@ class BodyLimit:
     """Pure ASGI, so the refusal comes before routing, and streamed responses pass untouched.
     Before a body is read (FastAPI reads it before any route dependency runs), its request must
     have a known API key, a token from that key's rate limit (spent here, not again by the
-    route) and room in this process's budget of body bytes being read at once
-    (``api_max_bodies_in_flight_bytes``): a key over its rate, or many large bodies at once,
-    would otherwise hold the process's memory before being refused. A refusal closes the
-    connection (``Connection: close``): the rest of the body is never read."""
+    route) and room in this process's budget of body bytes held at once
+    (``api_max_bodies_in_flight_bytes``, counted as bytes arrive): a key over its rate, or many
+    large bodies at once, would otherwise hold the process's memory before being refused. A
+    refusal closes the connection (``Connection: close``): the rest of the body is never read."""
 
     def __init__(self, app: ASGIApp, api: ApiState):
         self.app, self.api, self.settings = app, api, api.s
@@ -123,33 +125,28 @@ class BodyLimit:
         declared = _declared_length(scope)
         if declared is not None and declared > cap:
             return await _refusal(413, detail)(scope, receive, send)
-        if not (declared or "chunked" in headers.get("transfer-encoding", "").lower()):
-            return await self.app(scope, receive, send)
-        refusal = await self._admit(headers, scope)
-        if refusal is not None:
-            return await refusal(scope, receive, send)
-        taken = [0]  # a declared length is taken whole, before reading; a chunked body as it comes
-        if declared is not None:
-            if not self.budget.take(declared):
-                return await _refusal(503, BUSY, {"Retry-After": "1"})(scope, receive, send)
-            taken[0] = declared
-            receive_body = receive
-        else:
-            receive_body = _counting(receive, cap, detail, self.budget, taken)
+        if declared or "chunked" in headers.get("transfer-encoding", "").lower():
+            refusal = await self._admit(headers, scope, declared or 1)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        taken = [0]
         try:
-            await self.app(scope, receive_body, send)
+            await self.app(scope, _counting(receive, cap, detail, self.budget, taken), send)
         finally:
             self.budget.reading -= taken[0]
 
-    async def _admit(self, headers: Headers, scope: Scope) -> JSONResponse | None:
-        """The refusal for a body's request before its body is read, None to read it: 401
-        without a known key, 429 over the key's rate, 503 while Redis is away."""
+    async def _admit(self, headers: Headers, scope: Scope, size: int) -> JSONResponse | None:
+        """The refusal for a request with a body (``size`` bytes declared; 1 when chunked)
+        before the body is read, None to read it: 401 without a known key, 503 while other
+        bodies hold the budget or Redis is away, 429 over the key's rate."""
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return _refusal(401, *MISSING_KEY)
         p = self.api.keys.lookup(token.strip())
         if p is None:
             return _refusal(401, *INVALID_KEY)
+        if not self.budget.room_for(size):  # others hold the budget: refused before a token is spent
+            return _refusal(503, BUSY, {"Retry-After": "1"})
         try:
             over = await anyio.to_thread.run_sync(over_rate, self.api, p)
         except redis.RedisError as e:
