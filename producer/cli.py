@@ -163,32 +163,20 @@ def submit(image: Optional[str] = typer.Option(None, "--image", "-i", help="Inpu
 
 
 def _wait(client, job_id: str, timeout: Optional[float]) -> None:
-    from easel.producer.progress import follow
+    from easel.producer.progress import follow, waiting_for
 
     try:
         st = follow(client, [job_id], timeout=timeout, console=err)[job_id]
     except KeyboardInterrupt:  # 130, as a shell reports Ctrl-C; 1 means the job failed
         _fail(f"stopped following; the job goes on (easel wait {job_id} to follow it again)", INTERRUPTED)
     except TimeoutError as e:
-        why = _waiting_for(client, job_id)
+        why = waiting_for(client, job_id)
         _fail(f"{e}{f' ({why})' if why else ''}; it goes on (easel wait {job_id} to follow it again)", TIMED_OUT)
     except KeyError:
         _fail(f"no job {job_id} (its record expired)", 1)
     console.print_json(st.model_dump_json())
     if st.state.value != "succeeded":
         raise typer.Exit(1)
-
-
-def _waiting_for(client, job_id: str) -> str | None:
-    """Why a job still queued cannot start (no live worker for its family, a paused queue),
-    for a message that would otherwise say only how long it waited."""
-    from easel.shared.scheduler import Scheduler
-
-    quick = client.follow_store()  # a Redis that is away costs this hint one short try, not ~30 s
-    try:
-        return Scheduler(quick).status_of(quick.view(job_id)).waiting_for
-    except Exception:  # only a hint: the timeout is reported either way
-        return None
 
 
 @app.command()

@@ -15,11 +15,18 @@ def job_progress(console: Console | None = None) -> Progress:
                     transient=False)
 
 
+# Bars that say why a queued job waits: a few jobs' (a status read each, costlier than the
+# record alone), not a batch's thousands.
+EXPLAINED_UP_TO = 4
+
+
 def follow(client, job_ids: list[str], label: dict[str, str] | None = None, timeout: float | None = None,
            console: Console | None = None) -> dict[str, JobStatus]:
-    """Wait for jobs, one bar each: stage i/n, denoising step, final state (``client.watch``)."""
+    """Wait for jobs, one bar each: stage i/n, denoising step, final state (``client.watch``);
+    while one of a few jobs is queued, why it waits where it cannot start."""
     label = label or {}
     done: dict[str, JobStatus] = {}
+    explain = len(job_ids) <= EXPLAINED_UP_TO
     with job_progress(console) as bar:
         tasks = {j: bar.add_task(label.get(j, j[:12]), total=1, detail="queued") for j in job_ids}
         n_stages = {j: len(client.store.load(j)[0].stages) for j in job_ids}
@@ -29,7 +36,22 @@ def follow(client, job_ids: list[str], label: dict[str, str] | None = None, time
                 done[st.id] = st
                 bar.update(tasks[st.id], total=1, completed=1,
                            detail=st.state.value + (f": {st.error}" if st.error else ""))
-            else:
-                bar.update(tasks[st.id], total=max(p.total_steps, 1), completed=p.step,
-                           detail=f"{st.state.value} stage {p.stage + 1}/{n_stages[st.id]} step {p.step}/{p.total_steps}")
+                continue
+            detail = f"{st.state.value} stage {p.stage + 1}/{n_stages[st.id]} step {p.step}/{p.total_steps}"
+            why = waiting_for(client, st.id) if explain and st.state.value == "queued" else None
+            bar.update(tasks[st.id], total=max(p.total_steps, 1), completed=p.step,
+                       detail=detail + (f": {why}" if why else ""))
     return done
+
+
+def waiting_for(client, job_id: str) -> str | None:
+    """Why a queued job cannot start (no live worker for its family, a paused queue), None
+    when nothing holds it back. Read on the client's quick connections: a Redis that is away
+    costs this hint one short try, not ~30 s of retries."""
+    from easel.shared.scheduler import Scheduler
+
+    quick = client.follow_store()
+    try:
+        return Scheduler(quick).status_of(quick.view(job_id)).waiting_for
+    except Exception:  # only a hint
+        return None
