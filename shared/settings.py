@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     stage_timeout_slack: float = Field(default=3.0, ge=1.0, description=(
         "a stage may take this many times what its first steps' pace projects"))
     stage_timeout_max_s: float = Field(default=4 * 3600.0, gt=0, description="no stage runs longer than this")
+    stage_compile_allowance_s: float = Field(default=600.0, ge=0, description=(
+        "added to the time limit of a compiled model's first call of a kind its warm-up did not make (another "
+        "input size, a ControlNet, a batch size): that call compiles before its first step"))
     stage_stuck_grace_s: float = 60.0
     progress_interval_s: float = Field(default=0.25, ge=0.0, le=60.0, description=(
         "a running stage writes step progress once this long after its first step, then at most this often "

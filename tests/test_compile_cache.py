@@ -40,6 +40,37 @@ WARM = textwrap.dedent("""
 """)
 
 
+# After a warm-up at 64 px: what a job at 96 px, a size not warmed, is allowed and teaches
+# the batching policy, on its first call (which compiles) and its second.
+FIRST_CALLS = textwrap.dedent("""
+    import json, sys, time, torch
+    from PIL import Image
+    from easel.shared.registry import Registry
+    from easel.shared.schema import Stage
+    from easel.shared.settings import Settings
+    from easel.worker.adaptive import CALL_TIMES
+    from easel.worker.engine import stage_budget
+    from easel.worker.pipelines import PipelineCache
+    from easel.worker.runner import Carrier, run_stage
+
+    reg = Registry.model_validate({"models": {"m": {"source": "tiny-sd15", "family": "f", "latent_space": "sd1-vae",
+                                                    "optimizations": {"compile_unet": True}}}})
+    settings = Settings(model_root=sys.argv[1], compile_cache_dir=sys.argv[2], compile_warm_sizes=[64])
+    cache = PipelineCache(reg, settings, "f", device=torch.device("cpu"))
+    cache.warm()
+    model = cache.models["m"]
+    stage = Stage(model="m", prompt="x", steps=3, strength=1.0, seed=0)
+    carrier = lambda px: Carrier(images=[Image.new("RGB", (px, px), (9, 99, 199))])
+    allowed = lambda px: stage_budget(settings, model, stage, carrier(px), 1).allowed_s
+    out = {"warmed": allowed(64), "new": allowed(96), "calls": []}
+    for _ in range(2):
+        t0 = time.perf_counter()
+        run_stage(model, [stage], carrier(96), n=1, want_latent=False, on_step=lambda step, total: True)
+        out["calls"].append([time.perf_counter() - t0, CALL_TIMES.snapshot(), allowed(96)])
+    print(json.dumps(out))
+""")
+
+
 def _warm(model_root: Path, folder: Path, log: list[str] | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     out = subprocess.run([sys.executable, "-c", WARM, str(model_root), str(folder)], env=env, cwd=ROOT,
@@ -82,3 +113,23 @@ def test_an_unusable_cache_folder_costs_warm_restarts_not_the_worker(model_root,
     warm = _warm(model_root, tmp_path / "a-file" / "compile-cache", log)
     assert warm["compile_s"] > 0
     assert "compile cache folder" in log[0] and "unusable" in log[0] and "EASEL_COMPILE_CACHE_DIR" in log[0], log[0]
+
+
+@pytest.mark.slow
+def test_a_call_that_compiles_on_a_job_is_given_the_time_and_not_taken_as_its_pace(model_root, tmp_path):
+    """A compiled worker's job at a size its warm-up did not make compiles before its first
+    step: its time limit adds EASEL_STAGE_COMPILE_ALLOWANCE_S (a compile can outlast the cost
+    model's allowance, and the job failed, the watchdog restarting the worker), and the call
+    does not feed the batching policy's call times. The next call at that size is a plain one."""
+    out = subprocess.run([sys.executable, "-c", FIRST_CALLS, str(model_root), str(tmp_path / "cache")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900,
+                         env={k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR",
+                                                                               "TRITON_CACHE_DIR")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    (compiling_s, times_after_first, allowed_after_first), (plain_s, times_after_second, allowed_after_second) = \
+        got["calls"]
+    assert got["new"] - allowed_after_first == pytest.approx(600.0)  # the default allowance, once
+    assert allowed_after_first == allowed_after_second and got["warmed"] <= allowed_after_first
+    assert compiling_s > 3 * plain_s, got  # it did compile: a call is no measure of the next
+    assert times_after_first == {} and list(times_after_second) == ["1"], got  # JSON keys

@@ -36,6 +36,7 @@ from easel.shared.images import encode_image
 from easel.shared.jobstore import Claim
 from easel.shared.scheduler import ADMITTED, CANCEL_ASKED, ROOM
 from easel.shared.schema import TERMINAL_STATES, JobSpec, JobState, Plan, Segment, StageRecord
+from easel.shared.settings import Settings
 from easel.shared.storage import job_prefix
 from easel.worker.batching import by_input_size, group_jobs, padded_images
 from easel.worker.context import WorkerContext
@@ -44,7 +45,8 @@ from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
 from easel.worker.policy import (Delivery, cancelled, describe, device_lost, drain_finishes, end_of, fail,
                                  free_device_memory, refused, settle_error)
-from easel.worker.runner import Carrier, Interrupted, decode_latents, denoised_area, pixel_size, run_stage
+from easel.worker.runner import (Carrier, Interrupted, decode_latents, denoised_area, first_compile, pixel_size,
+                                 run_stage)
 from easel.worker.stops import READ_EVERY_S
 from easel.worker.watchdog import StageBudget, StageTimeout, cost_limit_s
 
@@ -263,7 +265,7 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
         control = load_image_ref(ctx, stage.control_image, f"stage {i} control image") if stage.control_image else None
         carrier = Carrier.join([job.carrier for job in jobs])
         size = padded_images(model.spec, ctx.settings.batch_buckets, n * len(jobs), stage.task)  # its bucket
-        budget = stage_budget(ctx, model, stage, carrier, size)
+        budget = stage_budget(ctx.settings, model, stage, carrier, size)
         hook = StepHook(ctx, [job.job_id for job in jobs], i, budget,
                         rearm=lambda: _arm_watchdog(ctx, jobs, i, stage, budget),
                         stops_epoch=min(job.stops_epoch for job in jobs))
@@ -289,14 +291,16 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
                                          batch_size=len(jobs))
 
 
-def stage_budget(ctx: WorkerContext, model, stage, carrier: Carrier, images: int) -> StageBudget:
+def stage_budget(s: Settings, model, stage, carrier: Carrier, images: int) -> StageBudget:
     """The stage's time limit (``worker.watchdog``): the cost model's, from the latent area
-    its UNet denoises, until its first steps give its pace."""
-    s = ctx.settings
+    its UNet denoises, until its first steps give its pace; with the compile allowance when
+    the call will compile first (a compile can take minutes, before any step)."""
     w, h = pixel_size(model, carrier, stage) if not carrier.empty else (stage.width or 512, stage.height or 512)
     per = model.spec.timeout_per_mpx_step_s
     cost = cost_limit_s(s.stage_timeout_base_s, s.stage_timeout_per_mpx_step_s if per is None else per,
                         stage.steps, denoised_area(model, w, h), images)
+    if first_compile(model, stage, carrier, images):
+        cost += s.stage_compile_allowance_s
     return StageBudget(cost, s.stage_timeout_max_s, s.stage_timeout_slack, time.monotonic())
 
 

@@ -19,7 +19,6 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from easel.shared.registry import ModelSpec, Registry
 from easel.shared.settings import Settings
-from easel.worker.adaptive import CALL_TIMES
 from easel.worker.device import pick_device, pick_dtype
 
 log = logging.getLogger("easel.worker.pipelines")
@@ -36,6 +35,9 @@ class LoadedModel:
     extras: dict[str, object] = field(default_factory=dict)
     vae_tiling_above_px: int = 0  # a call with a larger output tiles its VAE (runner.vae_tiling_for); 0 = never
     compile_s: float = 0.0  # the warm-up calls of a compiled model (its compile)
+    # The calls (runner.call_key) this process has made: a compiled model's first call of a
+    # new key compiles first, which its time limit allows for and the batching policy ignores.
+    calls_made: set[tuple] = field(default_factory=set)
 
 
 def dtype_kwarg() -> str:
@@ -375,7 +377,6 @@ class PipelineCache:
                      model.compile_s, _graphs_compiled() - graphs, sizes)
         if compiled:
             compile_cache.save_artifacts(folder, self.device, self.family)
-            CALL_TIMES.clear()  # a call that compiled says nothing of a call's time since
         return time.perf_counter() - t0
 
     def batch_cap(self) -> int:

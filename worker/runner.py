@@ -20,7 +20,7 @@ from PIL import Image
 from easel.shared.registry import UPSCALE
 from easel.shared.schema import Stage
 from easel.worker.adaptive import CALL_TIMES
-from easel.worker.pipelines import LoadedModel, upcasts_vae
+from easel.worker.pipelines import LoadedModel, compiles, upcasts_vae
 from easel.worker.prompts import prompt_kwargs
 
 
@@ -226,6 +226,7 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
     size (``worker.adaptive.CALL_TIMES``)."""
     t0 = time.perf_counter()
     real, per_job = len(stages) * n, n
+    key = call_key(model, stages[0], carrier, pad_to or real)
     stages, carrier, n = pad(stages, carrier, n, pad_to or real)
     pipe, kw = BUILDERS[model.spec.kind](model, stages, carrier, n, control_image)
     kw.update(generator=generators(_seeds(stages, n)), num_inference_steps=stages[0].steps,
@@ -237,12 +238,26 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
             vae_dtype_kept(vae):
         out = pipe(**kw)
     t2 = time.perf_counter()
-    # Under the most jobs a call padded to this size holds: the policy counts jobs.
-    CALL_TIMES.observe(len(stages) * n // per_job, t2 - t0)
+    if key in model.calls_made or not compiles(model.spec):  # a compiling call says nothing of a call's time
+        # Under the most jobs a call padded to this size holds: the policy counts jobs.
+        CALL_TIMES.observe(len(stages) * n // per_job, t2 - t0)
+    model.calls_made.add(key)
     timings = {"prepare": t1 - t0, "denoise": t2 - t1}
     if want_latent:
         return Carrier(latents=out.images[:real]), timings
     return Carrier(images=list(out.images[:real])), timings
+
+
+def call_key(model: LoadedModel, stage: Stage, carrier: Carrier, images: int) -> tuple:
+    """What a compiled model's graphs are made for, as far as a call can tell: task, input
+    size, images per call, ControlNet. A key this process has not called yet may compile."""
+    size = (stage.width, stage.height) if carrier.empty else pixel_size(model, carrier, stage)
+    return stage.task, size, images, stage.controlnet
+
+
+def first_compile(model: LoadedModel, stage: Stage, carrier: Carrier, images: int) -> bool:
+    """Will this call compile before its first step? (A compiled model, a key not called yet.)"""
+    return compiles(model.spec) and call_key(model, stage, carrier, images) not in model.calls_made
 
 
 def output_pixels(model: LoadedModel, stage: Stage, carrier: Carrier) -> int:
