@@ -356,6 +356,23 @@ def test_cancel_queued_and_running_jobs(fclient, workers, big_input):
     assert q.state.value == "cancelled" and q.attempts == 0 and not q.outputs
 
 
+def test_a_cancel_after_the_last_step_ends_the_job_cancelled_without_outputs(fclient, workers, big_input):
+    """A cancel heard after a job's last denoising step, while its overlapped finish waits for
+    the next job's call to denoise (its prologue and first step, on a 512 px input), ends it
+    cancelled, its outputs unwritten, not succeeded."""
+    workers()
+    done = fclient.submit(job(big_input, steps=2, seed=45))
+    slow = fclient.submit(job(fclient.storage.put_input(png_bytes((512, 512)), "png"), steps=30, seed=46))
+    wait_for(lambda: fclient.status(slow).state.value == "running", 60, "the next job claimed")
+    assert fclient.status(done).state.value == "running"  # denoised, its finish waiting
+    fclient.cancel(done)
+    st = fclient.wait(done, timeout=30)
+    assert st.state.value == "cancelled" and not st.outputs, st
+    assert not outputs_in_storage(fclient, done)
+    fclient.cancel(slow)  # the next job is not what this test is about: it stops at its first step
+    assert fclient.wait(slow, timeout=120).state.value == "cancelled"
+
+
 def test_a_cancel_is_pushed_to_the_running_stage_between_progress_writes(fclient, workers, big_input):
     """Progress is written once a minute here, so no progress write reads the cancel flag
     while the job runs: it stops within seconds because the cancel is pushed to the worker

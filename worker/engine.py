@@ -374,6 +374,9 @@ def hand_off(ctx: WorkerContext, app, job: Job) -> str:
 def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None:
     """Write every job's outputs and manifest side by side, then end the jobs that were
     written as succeeded, in one round trip. A job whose writes fail ends alone."""
+    jobs = _not_cancelled(ctx, jobs, outcomes)
+    if not jobs:
+        return
     t_write = time.perf_counter()
     with tracing.group([job.trace for job in jobs], "easel.finish", {
             "easel.batch_size": len(jobs), "easel.overlapped": ctx.finisher is not None}):
@@ -401,6 +404,24 @@ def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None
         log.info("%d job(s) succeeded; outputs written in %.3fs: %s", len(succeeded), time.perf_counter() - t_write,
                  [job.job_id for job in succeeded])
     _refused(ctx, [job for (job, _), ok in zip(written, done) if not ok], outcomes)
+
+
+def _not_cancelled(ctx: WorkerContext, jobs: list[Job], outcomes: Outcomes) -> list[Job]:
+    """The jobs still to finish: one whose cancel was heard after its last step (during its
+    decode, or while its finish waited beside the next job) ends cancelled, its outputs
+    unwritten, as the hand-off of an earlier segment does. Heard means pushed to this
+    worker's stops listener: looked up in memory, no command sent. A cancel that comes once
+    the outputs are being written is too late; the job ends succeeded."""
+    if ctx.stops is None:
+        return jobs
+    going = []
+    for job in jobs:
+        if ctx.stops.stop_for(job.job_id, ctx.instance) == "cancel":
+            log.info("job %s was cancelled after its last step; its outputs are not written", job.job_id)
+            _ended(ctx, job.delivery, cancelled(ctx, job.delivery), outcomes, job)
+        else:
+            going.append(job)
+    return going
 
 
 def _refused(ctx: WorkerContext, jobs: list[Job], outcomes: Outcomes) -> None:
