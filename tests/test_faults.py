@@ -468,8 +468,11 @@ _forward = UNet2DConditionModel.forward
 
 def forward(self, *args, **kwargs):  # a CUDA error while the flag file exists: its text names it
     if os.path.exists(os.environ["EASEL_TEST_GPU_FAULT"]):
-        if open(os.environ["EASEL_TEST_GPU_FAULT"]).read() == "oom":
+        fault = open(os.environ["EASEL_TEST_GPU_FAULT"]).read()
+        if fault == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        if fault == "cublas":  # cuBLAS's own allocation failing: out of memory too, not a torch OOM
+            raise torch.AcceleratorError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
     return _forward(self, *args, **kwargs)
 
@@ -499,17 +502,22 @@ def test_a_lost_gpu_restarts_the_process_and_the_job_runs_again(fclient, workers
     assert len(fclient.result(job_id).attempts) == 2
 
 
-def test_a_job_too_large_for_the_gpu_fails_after_two_retries(fclient, workers, big_input, tmp_path):
-    """Out of GPU memory is retried (other work may have held the memory), but a job that
-    runs out every time fails after two retries with what to change, not after eight."""
+@pytest.mark.parametrize("fault, error", [
+    ("oom", "OutOfMemoryError: CUDA out of memory."),
+    ("cublas", "AcceleratorError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED"),
+])
+def test_a_job_too_large_for_the_gpu_fails_after_two_retries(fclient, workers, big_input, tmp_path, fault, error):
+    """Out of GPU memory (torch's allocator, or a CUDA library's own) is retried: other work
+    may have held the memory. A job that runs out every time fails after two retries with
+    what to change, not after eight, nor at once as an error of its own."""
     (tmp_path / "sitecustomize.py").write_text(GPU_FAULT)
     flag = tmp_path / "gpu-full"
-    flag.write_text("oom")
+    flag.write_text(fault)
     workers(PYTHONPATH=str(tmp_path), EASEL_TEST_GPU_FAULT=str(flag))
     job_id = fclient.submit(job(big_input, steps=3, seed=31))
     st = fclient.wait(job_id, timeout=60)
     assert st.state.value == "failed" and st.attempts == 3, (st.attempts, st.error)
-    assert st.error.startswith("out of GPU memory again after 2 retries (OutOfMemoryError: CUDA out of memory.")
+    assert st.error.startswith(f"out of GPU memory again after 2 retries ({error}")
     assert "vae_tiling" in st.error
 
 

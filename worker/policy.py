@@ -51,7 +51,6 @@ TRANSIENT = (
     SourceUnavailable,  # an image URL's server answering 5xx or 429, or not at all
     ConnectionError,
     TimeoutError,
-    torch.OutOfMemoryError,
 )
 # S3 answers that mean "not now", still there after boto3's own retries: a server busy,
 # throttling or failing over, not refusing this job.
@@ -93,10 +92,22 @@ def device_lost(exc: BaseException) -> bool:
         return True
 
 
+# The texts of CUDA library errors that mean out of memory: cuBLAS and cuDNN allocate their
+# workspaces themselves, and their failures are not torch.OutOfMemoryError.
+_ALLOC_FAILED = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ENOUGH_MEMORY")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Out of GPU (or host) memory, whichever part of the stack ran out: a retry may fit
+    where other work held the memory, alone instead of in a micro-batch."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _ALLOC_FAILED))
+
+
 def transient(exc: BaseException) -> bool:
     """Whether a retry of the delivery may succeed where this one failed: an outage of Redis,
-    S3 or an image's server, or GPU memory held by other work."""
-    if isinstance(exc, TRANSIENT) or refusing_for_now(exc):
+    S3 or an image's server, or memory held by other work."""
+    if isinstance(exc, TRANSIENT) or refusing_for_now(exc) or out_of_memory(exc):
         return True
     if isinstance(exc, botocore.exceptions.ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
@@ -202,9 +213,10 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     """Re-send the segment after a full-jitter backoff (cap 1 s doubling, at most 30 s)."""
     free_device_memory()
     n, oom = ctx.store.retries_of(d.job_id, d.segment)
-    n, oom = n + 1, oom + isinstance(exc, torch.OutOfMemoryError)
-    if isinstance(exc, torch.OutOfMemoryError) and oom > OOM_RETRIES:
-        return fail(ctx, d, f"out of GPU memory again after {OOM_RETRIES} retries ({describe(exc)}): use a "
+    n, oom = n + 1, oom + out_of_memory(exc)
+    if out_of_memory(exc) and oom > OOM_RETRIES:
+        where = "host" if isinstance(exc, MemoryError) else "GPU"
+        return fail(ctx, d, f"out of {where} memory again after {OOM_RETRIES} retries ({describe(exc)}): use a "
                             "smaller image or fewer images per job, or turn on vae_tiling for the model")
     if n > ctx.settings.max_retries:
         return fail(ctx, d, f"gave up after {ctx.settings.max_retries} retries: {describe(exc)}")
