@@ -57,13 +57,15 @@ def group_jobs(ctx: WorkerContext, jobs: list["Job"]) -> list[list["Job"]]:
 
 
 def _split(ctx: WorkerContext, group: list["Job"]) -> list[list["Job"]]:
-    """A compiled model's group in calls of at most the largest bucket (whole jobs)."""
+    """A group in calls of at most the worker's batch size in jobs, and for a compiled model
+    of at most its largest bucket in images (whole jobs). A flush can hold more jobs than the
+    batch size: celery-batches adds the retries whose countdowns came due meanwhile."""
     if len(group) == 1:
         return [group]
-    spec = ctx.registry.get(group[0].spec.stages[0].model)
-    if not spec.optimizations.compile_unet:
-        return [group]
-    most = max(1, max(ctx.settings.batch_buckets) // group[0].spec.num_images)
+    most = ctx.cache.batch_cap()
+    if ctx.registry.get(group[0].spec.stages[0].model).optimizations.compile_unet:
+        most = min(most, max(ctx.settings.batch_buckets) // group[0].spec.num_images)
+    most = max(1, most)
     return [group[k:k + most] for k in range(0, len(group), most)]
 
 
