@@ -1,6 +1,8 @@
 """Rich progress bars for following jobs (used by `easel wait`, `easel demo`, `easel batch`)."""
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -18,6 +20,7 @@ def job_progress(console: Console | None = None) -> Progress:
 # Bars that say why a queued job waits: a few jobs' (a status read each, costlier than the
 # record alone), not a batch's thousands.
 EXPLAINED_UP_TO = 4
+HINT_TRY_S = 3.0  # one try on the client's quick connections (``EaselClient.follow_store``)
 
 
 def follow(client, job_ids: list[str], label: dict[str, str] | None = None, timeout: float | None = None,
@@ -27,6 +30,10 @@ def follow(client, job_ids: list[str], label: dict[str, str] | None = None, time
     label = label or {}
     done: dict[str, JobStatus] = {}
     explain = len(job_ids) <= EXPLAINED_UP_TO
+    deadline = None if timeout is None else time.monotonic() + timeout
+    # Once per job and stage (a chain waits again for its next family): each read may cost a
+    # short try while Redis is away.
+    hints: dict[tuple[str, int], str | None] = {}
     with job_progress(console) as bar:
         tasks = {j: bar.add_task(label.get(j, j[:12]), total=1, detail="queued") for j in job_ids}
         n_stages = {j: len(client.store.load(j)[0].stages) for j in job_ids}
@@ -38,7 +45,11 @@ def follow(client, job_ids: list[str], label: dict[str, str] | None = None, time
                            detail=st.state.value + (f": {st.error}" if st.error else ""))
                 continue
             detail = f"{st.state.value} stage {p.stage + 1}/{n_stages[st.id]} step {p.step}/{p.total_steps}"
-            why = waiting_for(client, st.id) if explain and st.state.value == "queued" else None
+            key = (st.id, p.stage)
+            if explain and st.state.value == "queued" and key not in hints and (
+                    deadline is None or deadline - time.monotonic() > HINT_TRY_S):
+                hints[key] = waiting_for(client, st.id)
+            why = hints.get(key) if st.state.value == "queued" else None
             bar.update(tasks[st.id], total=max(p.total_steps, 1), completed=p.step,
                        detail=detail + (f": {why}" if why else ""))
     return done

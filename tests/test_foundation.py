@@ -384,8 +384,8 @@ def test_a_wait_keeps_its_timeout_while_redis_is_silent_or_away(client, input_pn
             t.start()
             t.join(30)
             assert outcome and outcome[0][0] == "TimeoutError" and outcome[0][1] < 12, (cut.__name__, outcome)
-        r = cli("wait", job_id, "--timeout", "1")
-        assert r.returncode == 124 and "still queued after 1.0s" in r.stderr and "Traceback" not in r.stderr
+        r = cli("wait", job_id, "--timeout", "5")  # the bar's hint is read while the deadline is 3 s away
+        assert r.returncode == 124 and "still queued after 5.0s" in r.stderr and "Traceback" not in r.stderr
         # Why, not only how long: in the bar while it waits, and in the timeout's message.
         assert r.stderr.count("no live worker serves family sd15-wide") == 2, r.stderr
     finally:

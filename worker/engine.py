@@ -265,7 +265,7 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
         control = load_image_ref(ctx, stage.control_image, f"stage {i} control image") if stage.control_image else None
         carrier = Carrier.join([job.carrier for job in jobs])
         size = padded_images(model.spec, ctx.settings.batch_buckets, n * len(jobs), stage.task)  # its bucket
-        budget = stage_budget(ctx.settings, model, stage, carrier, size)
+        budget = stage_budget(ctx.settings, model, stage, carrier, size, want_latent)
         hook = StepHook(ctx, [job.job_id for job in jobs], i, budget,
                         rearm=lambda: _arm_watchdog(ctx, jobs, i, stage, budget),
                         stops_epoch=min(job.stops_epoch for job in jobs))
@@ -291,7 +291,7 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
                                          batch_size=len(jobs))
 
 
-def stage_budget(s: Settings, model, stage, carrier: Carrier, images: int) -> StageBudget:
+def stage_budget(s: Settings, model, stage, carrier: Carrier, images: int, want_latent: bool = False) -> StageBudget:
     """The stage's time limit (``worker.watchdog``): the cost model's, from the latent area
     its UNet denoises, until its first steps give its pace; with the compile allowance when
     the call will compile first (a compile can take minutes, before any step)."""
@@ -299,7 +299,7 @@ def stage_budget(s: Settings, model, stage, carrier: Carrier, images: int) -> St
     per = model.spec.timeout_per_mpx_step_s
     cost = cost_limit_s(s.stage_timeout_base_s, s.stage_timeout_per_mpx_step_s if per is None else per,
                         stage.steps, denoised_area(model, w, h), images)
-    if first_compile(model, stage, carrier, images):
+    if first_compile(model, stage, carrier, images, want_latent):
         cost += s.stage_compile_allowance_s
     return StageBudget(cost, s.stage_timeout_max_s, s.stage_timeout_slack, time.monotonic())
 
@@ -374,7 +374,7 @@ def hand_off(ctx: WorkerContext, app, job: Job) -> str:
 def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None:
     """Write every job's outputs and manifest side by side, then end the jobs that were
     written as succeeded, in one round trip. A job whose writes fail ends alone."""
-    jobs = _not_cancelled(ctx, jobs, outcomes)
+    jobs = _not_cancelled(ctx, app, jobs, outcomes)
     if not jobs:
         return
     t_write = time.perf_counter()
@@ -406,7 +406,7 @@ def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None
     _refused(ctx, [job for (job, _), ok in zip(written, done) if not ok], outcomes)
 
 
-def _not_cancelled(ctx: WorkerContext, jobs: list[Job], outcomes: Outcomes) -> list[Job]:
+def _not_cancelled(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> list[Job]:
     """The jobs still to finish: one whose cancel was heard after its last step (during its
     decode, or while its finish waited beside the next job) ends cancelled, its outputs
     unwritten, as the hand-off of an earlier segment does. Heard means pushed to this
@@ -418,7 +418,8 @@ def _not_cancelled(ctx: WorkerContext, jobs: list[Job], outcomes: Outcomes) -> l
     for job in jobs:
         if ctx.stops.stop_for(job.job_id, ctx.instance) == "cancel":
             log.info("job %s was cancelled after its last step; its outputs are not written", job.job_id)
-            _ended(ctx, job.delivery, cancelled(ctx, job.delivery), outcomes, job)
+            if outcome := _guarded(ctx, app, job, outcomes, cancelled, ctx, job.delivery):
+                _ended(ctx, job.delivery, outcome, outcomes, job)
         else:
             going.append(job)
     return going

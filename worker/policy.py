@@ -79,7 +79,7 @@ def device_lost(exc: BaseException) -> bool:
     accelerator_error = getattr(torch, "AcceleratorError", None)
     cuda = (accelerator_error is not None and isinstance(exc, accelerator_error)) or (
         isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error"))
-    if not cuda:
+    if not cuda or out_of_memory(exc):  # a probe would need memory too, and fail for want of it
         return False
     if any(sign in str(exc).lower() for sign in _STICKY):
         return True
@@ -98,9 +98,9 @@ _ALLOC_FAILED = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUD
 
 
 def out_of_memory(exc: BaseException) -> bool:
-    """Out of GPU (or host) memory, whichever part of the stack ran out: a retry may fit
-    where other work held the memory, alone instead of in a micro-batch."""
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+    """Out of GPU memory, whichever part of the stack ran out: a retry may fit where other
+    work held the memory, alone instead of in a micro-batch."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _ALLOC_FAILED))
 
 
@@ -215,8 +215,7 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     n, oom = ctx.store.retries_of(d.job_id, d.segment)
     n, oom = n + 1, oom + out_of_memory(exc)
     if out_of_memory(exc) and oom > OOM_RETRIES:
-        where = "host" if isinstance(exc, MemoryError) else "GPU"
-        return fail(ctx, d, f"out of {where} memory again after {OOM_RETRIES} retries ({describe(exc)}): use a "
+        return fail(ctx, d, f"out of GPU memory again after {OOM_RETRIES} retries ({describe(exc)}): use a "
                             "smaller image or fewer images per job, or turn on vae_tiling for the model")
     if n > ctx.settings.max_retries:
         return fail(ctx, d, f"gave up after {ctx.settings.max_retries} retries: {describe(exc)}")

@@ -226,7 +226,7 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
     size (``worker.adaptive.CALL_TIMES``)."""
     t0 = time.perf_counter()
     real, per_job = len(stages) * n, n
-    key = call_key(model, stages[0], carrier, pad_to or real)
+    key = call_key(model, stages[0], carrier, pad_to or real, want_latent)
     stages, carrier, n = pad(stages, carrier, n, pad_to or real)
     pipe, kw = BUILDERS[model.spec.kind](model, stages, carrier, n, control_image)
     kw.update(generator=generators(_seeds(stages, n)), num_inference_steps=stages[0].steps,
@@ -248,16 +248,18 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
     return Carrier(images=list(out.images[:real])), timings
 
 
-def call_key(model: LoadedModel, stage: Stage, carrier: Carrier, images: int) -> tuple:
+def call_key(model: LoadedModel, stage: Stage, carrier: Carrier, images: int, want_latent: bool) -> tuple:
     """What a compiled model's graphs are made for, as far as a call can tell: task, input
-    size, images per call, ControlNet. A key this process has not called yet may compile."""
+    size, images per call, ControlNet, guidance on (it doubles the UNet's batch) and whether
+    the VAE decodes. A key this process has not called yet may compile. (A step cache's
+    cached passes compile on the call that first reaches one.)"""
     size = (stage.width, stage.height) if carrier.empty else pixel_size(model, carrier, stage)
-    return stage.task, size, images, stage.controlnet
+    return stage.task, size, images, stage.controlnet, stage.guidance_scale > 1, want_latent
 
 
-def first_compile(model: LoadedModel, stage: Stage, carrier: Carrier, images: int) -> bool:
+def first_compile(model: LoadedModel, stage: Stage, carrier: Carrier, images: int, want_latent: bool) -> bool:
     """Will this call compile before its first step? (A compiled model, a key not called yet.)"""
-    return compiles(model.spec) and call_key(model, stage, carrier, images) not in model.calls_made
+    return compiles(model.spec) and call_key(model, stage, carrier, images, want_latent) not in model.calls_made
 
 
 def output_pixels(model: LoadedModel, stage: Stage, carrier: Carrier) -> int:
