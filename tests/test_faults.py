@@ -828,7 +828,7 @@ def test_a_finish_refused_after_a_take_over_is_not_counted_as_a_success(fault_en
     _, env = fault_env
     store = JobStore(fclient.store.r, prefix="refused-finish")  # no other test's instances or jobs
     ctx = types.SimpleNamespace(store=store, storage=fclient.storage, instance="i1", hostname="w1", finisher=None,
-                                settings=Settings(**{k[6:].lower(): v for k, v in env.items()}),
+                                stops=None, settings=Settings(**{k[6:].lower(): v for k, v in env.items()}),
                                 io=ThreadPoolExecutor(2))
     ids = []
 
