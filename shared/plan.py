@@ -20,7 +20,7 @@ def _label(i: int, task: str, model: str) -> str:
     return f"stage {i} ({task}, model {model!r})"
 
 
-def _output_size(st: Stage, kind: str, input_size: tuple[int, int] | None) -> tuple[int, int] | None:
+def output_size(st: Stage, kind: str, input_size: tuple[int, int] | None) -> tuple[int, int] | None:
     """A stage's output size in pixels: its own width and height, else its input's (None where
     that is the job's input image, unknown until a worker reads it), times its upscale."""
     size = (st.width, st.height) if st.width is not None and st.height is not None else input_size
@@ -49,7 +49,7 @@ def plan_job(spec: JobSpec, registry: Registry, queue_prefix: str = "easel") -> 
         if st.task == "controlnet_img2img" and not m.controlnets:
             raise PlanError(f"{label}: no ControlNet registered for this model")
         specs.append(m)
-        sizes.append(_output_size(st, m.kind, sizes[-1] if sizes else None))
+        sizes.append(output_size(st, m.kind, sizes[-1] if sizes else None))
         if i == 0:
             if st.task == "text2img":
                 if spec.input.image:

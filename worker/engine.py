@@ -45,8 +45,8 @@ from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
 from easel.worker.policy import (Delivery, cancelled, describe, device_lost, drain_finishes, end_of, fail,
                                  free_device_memory, refused, settle_error)
-from easel.worker.runner import (Carrier, Interrupted, decode_latents, denoised_area, first_compile, pixel_size,
-                                 run_stage)
+from easel.worker.runner import (Carrier, Interrupted, call_key, decode_latents, denoised_area, first_compile,
+                                 pixel_size, run_stage)
 from easel.worker.stops import READ_EVERY_S
 from easel.worker.watchdog import StageBudget, StageTimeout, cost_limit_s
 
@@ -299,7 +299,7 @@ def stage_budget(s: Settings, model, stage, carrier: Carrier, images: int, want_
     per = model.spec.timeout_per_mpx_step_s
     cost = cost_limit_s(s.stage_timeout_base_s, s.stage_timeout_per_mpx_step_s if per is None else per,
                         stage.steps, denoised_area(model, w, h), images)
-    if first_compile(model, stage, carrier, images, want_latent):
+    if first_compile(model, call_key(model, stage, carrier, images, want_latent)):
         cost += s.stage_compile_allowance_s
     return StageBudget(cost, s.stage_timeout_max_s, s.stage_timeout_slack, time.monotonic())
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from easel.shared.images import InputError, decode_image, decode_own, encode_image, fetch_url, parse_data_uri
 from easel.shared.latents import dump_latents, load_latents
-from easel.shared.registry import UPSCALE
+from easel.shared.plan import output_size
 from easel.shared.schema import TERMINAL_STATES, JobSpec, Plan
 from easel.shared.storage import handoff_prefix
 from easel.worker.context import WorkerContext
@@ -67,13 +67,10 @@ def check_output_sides(ctx: WorkerContext, spec: JobSpec, input_size: tuple[int,
     limit = FORMAT_MAX_SIDE.get(spec.output.format)
     if limit is None:
         return
-    w, h = input_size
-    last = len(spec.stages) - 1
+    size, last = input_size, len(spec.stages) - 1
     for i, stage in enumerate(spec.stages):
-        if stage.width and stage.height:
-            w, h = stage.width, stage.height
-        factor = UPSCALE.get(ctx.registry.get(stage.model).kind, 1)
-        w, h = w * factor, h * factor
+        size = output_size(stage, ctx.registry.get(stage.model).kind, size)
+        w, h = size
         if max(w, h) > limit and (i == last or spec.output.keep_intermediates):
             raise InputError(f"stage {i} would output {w} x {h} px, more than {spec.output.format} holds "
                              f"({limit} px a side): use a smaller input or width and height, or format png")

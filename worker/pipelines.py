@@ -35,8 +35,8 @@ class LoadedModel:
     extras: dict[str, object] = field(default_factory=dict)
     vae_tiling_above_px: int = 0  # a call with a larger output tiles its VAE (runner.vae_tiling_for); 0 = never
     compile_s: float = 0.0  # the warm-up calls of a compiled model (its compile)
-    # The calls (runner.call_key) this process has made: a compiled model's first call of a
-    # new key compiles first, which its time limit allows for and the batching policy ignores.
+    # A compiled model's calls (runner.call_key) this process has made: its first call of a new
+    # key compiles first, which its time limit allows for and the batching policy ignores.
     calls_made: set[tuple] = field(default_factory=set)
 
 

@@ -213,8 +213,9 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     """Re-send the segment after a full-jitter backoff (cap 1 s doubling, at most 30 s)."""
     free_device_memory()
     n, oom = ctx.store.retries_of(d.job_id, d.segment)
-    n, oom = n + 1, oom + out_of_memory(exc)
-    if out_of_memory(exc) and oom > OOM_RETRIES:
+    memory = out_of_memory(exc)
+    n, oom = n + 1, oom + memory
+    if memory and oom > OOM_RETRIES:
         return fail(ctx, d, f"out of GPU memory again after {OOM_RETRIES} retries ({describe(exc)}): use a "
                             "smaller image or fewer images per job, or turn on vae_tiling for the model")
     if n > ctx.settings.max_retries:

@@ -227,6 +227,7 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
     t0 = time.perf_counter()
     real, per_job = len(stages) * n, n
     key = call_key(model, stages[0], carrier, pad_to or real, want_latent)
+    compiling = first_compile(model, key)
     stages, carrier, n = pad(stages, carrier, n, pad_to or real)
     pipe, kw = BUILDERS[model.spec.kind](model, stages, carrier, n, control_image)
     kw.update(generator=generators(_seeds(stages, n)), num_inference_steps=stages[0].steps,
@@ -238,10 +239,10 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
             vae_dtype_kept(vae):
         out = pipe(**kw)
     t2 = time.perf_counter()
-    if key in model.calls_made or not compiles(model.spec):  # a compiling call says nothing of a call's time
-        # Under the most jobs a call padded to this size holds: the policy counts jobs.
+    if compiling:  # a compiling call says nothing of a call's time
+        model.calls_made.add(key)
+    else:  # under the most jobs a call padded to this size holds: the policy counts jobs
         CALL_TIMES.observe(len(stages) * n // per_job, t2 - t0)
-    model.calls_made.add(key)
     timings = {"prepare": t1 - t0, "denoise": t2 - t1}
     if want_latent:
         return Carrier(latents=out.images[:real]), timings
@@ -257,9 +258,10 @@ def call_key(model: LoadedModel, stage: Stage, carrier: Carrier, images: int, wa
     return stage.task, size, images, stage.controlnet, stage.guidance_scale > 1, want_latent
 
 
-def first_compile(model: LoadedModel, stage: Stage, carrier: Carrier, images: int, want_latent: bool) -> bool:
-    """Will this call compile before its first step? (A compiled model, a key not called yet.)"""
-    return compiles(model.spec) and call_key(model, stage, carrier, images, want_latent) not in model.calls_made
+def first_compile(model: LoadedModel, key: tuple) -> bool:
+    """Will the call of this ``call_key`` compile before its first step? (A compiled model, a
+    key not called yet.)"""
+    return compiles(model.spec) and key not in model.calls_made
 
 
 def output_pixels(model: LoadedModel, stage: Stage, carrier: Carrier) -> int:

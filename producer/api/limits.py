@@ -51,15 +51,15 @@ def _declared_length(scope: Scope) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
+BUSY = ("the server is reading as many request bytes as it holds at once "
+        "(EASEL_API_MAX_BODIES_IN_FLIGHT_BYTES); retry in a moment")
+
+
 class BodiesBusy(HTTPException):
     """A body that would take the process past its budget of bytes being read."""
 
     def __init__(self):
         super().__init__(503, BUSY, headers={"Connection": "close", "Retry-After": "1"})
-
-
-BUSY = ("the server is reading as many request bytes as it holds at once "
-        "(EASEL_API_MAX_BODIES_IN_FLIGHT_BYTES); retry in a moment")
 
 
 class _Budget:
