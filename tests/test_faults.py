@@ -469,6 +469,13 @@ _forward = UNet2DConditionModel.forward
 def forward(self, *args, **kwargs):  # a CUDA error while the flag file exists: its text names it
     if os.path.exists(os.environ["EASEL_TEST_GPU_FAULT"]):
         fault = open(os.environ["EASEL_TEST_GPU_FAULT"]).read()
+        if fault.startswith("oom above "):  # only a UNet batch over that many samples runs out
+            batch = kwargs.get("sample", args[0] if args else None).shape[0]
+            if batch <= int(fault.split()[-1]):
+                return _forward(self, *args, **kwargs)
+            with open(os.environ["EASEL_TEST_GPU_FAULT"] + ".hits", "a") as hits:
+                hits.write(f"{batch}\\n")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if fault == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
         if fault == "cublas":  # cuBLAS's own allocation failing: out of memory too, not a torch OOM
@@ -519,6 +526,24 @@ def test_a_job_too_large_for_the_gpu_fails_after_two_retries(fclient, workers, b
     assert st.state.value == "failed" and st.attempts == 3, (st.attempts, st.error)
     assert st.error.startswith(f"out of GPU memory again after 2 retries ({error}")
     assert "vae_tiling" in st.error
+
+
+def test_a_batch_out_of_memory_runs_in_halves_and_the_next_of_its_shape_is_split_first(fclient, workers, big_input,
+                                                                                         tmp_path):
+    """A micro-batch that runs out of GPU memory runs again in halves, not a job at a time,
+    and the worker remembers: the next batch of that shape is split before it runs, not
+    after another failed call. Here only a UNet batch over 4 samples (two images with
+    guidance) runs out."""
+    (tmp_path / "sitecustomize.py").write_text(GPU_FAULT)
+    flag = tmp_path / "gpu-small"
+    flag.write_text("oom above 4")
+    workers(PYTHONPATH=str(tmp_path), EASEL_TEST_GPU_FAULT=str(flag), EASEL_BATCH_SIZE="4", EASEL_BATCH_WAIT_S="2")
+    for first_seed in (71, 75):
+        ids = fclient.submit_many([job(big_input, steps=2, seed=first_seed + k) for k in range(4)])
+        done = [fclient.wait(job_id, timeout=90) for job_id in ids]
+        assert [(st.state.value, st.attempts) for st in done] == [("succeeded", 1)] * 4, [st.error for st in done]
+        assert [fclient.result(job_id).stages[0].batch_size for job_id in ids] == [2] * 4
+    assert (tmp_path / "gpu-small.hits").read_text().split() == ["8"]  # the first batch's first pass only
 
 
 def test_retries_waiting_out_their_backoff_do_not_hold_a_batching_workers_slots(fclient, workers, big_input):

@@ -16,6 +16,7 @@ from easel.shared.scheduler import Scheduler
 from easel.shared.settings import Settings, get_settings
 from easel.shared.storage import Storage
 from easel.worker.finisher import Finisher
+from easel.worker.fits import CallFits
 from easel.worker.input_cache import InputCache
 from easel.worker.pipelines import PipelineCache
 from easel.worker.stops import StopListener
@@ -46,6 +47,8 @@ class WorkerContext:
     stops: StopListener | None = None  # cancels and take-overs pushed to this process (worker.stops)
     # Called after each claim: room opened in the queue (``worker.feeding``).
     on_claim: Callable[[], None] | None = None
+    # The most images a call of each shape may hold, learned from running out of memory.
+    fits: CallFits = field(default_factory=CallFits)
     # Deliveries whose end could not be recorded (Redis away): the heartbeat settles them later.
     unsettled: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 

@@ -44,7 +44,7 @@ from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_
 from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
 from easel.worker.policy import (Delivery, cancelled, describe, device_lost, drain_finishes, end_of, fail,
-                                 free_device_memory, refused, settle_error)
+                                 free_device_memory, out_of_memory, refused, settle_error)
 from easel.worker.runner import (Carrier, Interrupted, call_key, decode_latents, denoised_area, first_compile,
                                  pixel_size, run_stage)
 from easel.worker.stops import READ_EVERY_S
@@ -109,8 +109,9 @@ def run_deliveries(ctx: WorkerContext, app, deliveries: list[Delivery]) -> list[
         for group in groups:
             prepared = [job for job in group if _guarded(ctx, app, job, outcomes, load_inputs, ctx, job)]
             for same_size in by_input_size(prepared):
-                started.call(same_size)
-                run_group(ctx, app, same_size, outcomes)
+                for call in fitting(ctx, same_size):
+                    started.call(call)
+                    run_group(ctx, app, call, outcomes)
     except Exception as exc:
         log.exception("the engine failed; settling the deliveries it held")
         for job in jobs:
@@ -202,10 +203,28 @@ def load_inputs(ctx: WorkerContext, job: Job) -> None:
     job.input_s = time.perf_counter() - t0
 
 
+def call_shape(job: Job) -> tuple:
+    """What a call's device memory grows with besides its images (``worker.fits``)."""
+    stage = job.spec.stages[job.segment.stages[0]]
+    size = job.carrier.size if not job.carrier.empty else (stage.width, stage.height)
+    return stage.model, stage.task, size, stage.guidance_scale > 1
+
+
+def fitting(ctx: WorkerContext, jobs: list[Job]) -> list[list[Job]]:
+    """Jobs of one shape in calls of at most the images such a call held without running
+    out of memory lately (all in one call when it never ran out)."""
+    most = ctx.fits.most(call_shape(jobs[0])) if len(jobs) > 1 else None
+    per_job = jobs[0].spec.num_images
+    if most is None or len(jobs) * per_job <= most:
+        return [jobs]
+    step = max(1, most // per_job)
+    return [jobs[k:k + step] for k in range(0, len(jobs), step)]
+
+
 def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None:
     """The stages of a group of prepared jobs, then their hand-off or finish."""
     while jobs:
-        one_by_one = False
+        parts: list[list[Job]] = []
         try:
             run_stages(ctx, jobs)
             break
@@ -223,19 +242,15 @@ def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> N
                         "the pipeline call was interrupted with no cancel on record")), outcomes, job)
             jobs = [job for job in jobs if job.delivery not in outcomes]
         except Exception as exc:
-            # A batch over its time fails as one; a lost GPU ends the process (settle_error).
-            if len(jobs) == 1 or isinstance(exc, StageTimeout) or device_lost(exc):
-                for job in jobs:
-                    _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
+            parts = _parts_after(ctx, app, jobs, exc, outcomes)
+            if not parts:
                 return
-            log.warning("batch of %d failed (%s); running its jobs one by one", len(jobs), describe(exc))
-            one_by_one = True
-        if one_by_one:
+        if parts:
             # Out of the except block: the error's traceback, which holds the failed call's
-            # tensors (close to the batch's peak memory), is gone before the jobs run alone.
+            # tensors (close to the batch's peak memory), is gone before the parts run.
             free_device_memory()
-            for job in jobs:
-                run_group(ctx, app, [job], outcomes)
+            for part in parts:
+                run_group(ctx, app, part, outcomes)
             return
     if not jobs:
         return
@@ -251,6 +266,24 @@ def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> N
     log.info("job(s) %s denoised; outputs are written beside the next job", [job.job_id for job in jobs])
     for job in jobs:
         outcomes[job.delivery] = "finishing"
+
+
+def _parts_after(ctx: WorkerContext, app, jobs: list[Job], exc: Exception, outcomes: Outcomes) -> list[list[Job]]:
+    """How a group goes on after its call raised: [] when its jobs ended (a lone job's error,
+    a batch over its time, a lost GPU: ``settle_error``); in halves when the batch ran out of
+    memory (and later batches of its shape, ``worker.fits``); else each job alone, so that
+    whichever broke the call fails alone."""
+    if len(jobs) == 1 or isinstance(exc, StageTimeout) or device_lost(exc):
+        for job in jobs:
+            _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
+        return []
+    if out_of_memory(exc):
+        most = ctx.fits.ran_out(call_shape(jobs[0]), len(jobs) * jobs[0].spec.num_images)
+        log.warning("batch of %d ran out of memory (%s); calls of its shape hold at most %d images for %.0f s",
+                    len(jobs), describe(exc), most, ctx.fits.hold_s)
+        return fitting(ctx, jobs)
+    log.warning("batch of %d failed (%s); running its jobs one by one", len(jobs), describe(exc))
+    return [[job] for job in jobs]
 
 
 def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
