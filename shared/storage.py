@@ -25,6 +25,10 @@ _MIME = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg", "gif": 
          "tiff": "image/tiff", "json": "application/json", "safetensors": "application/octet-stream"}
 
 
+class DeleteRefused(RuntimeError):
+    """The S3 server kept objects it was asked to delete (no permission, object lock)."""
+
+
 class NotFound(KeyError):
     """The object does not exist (a readable, permanent failure)."""
 
@@ -321,9 +325,18 @@ class Storage:
         return deleted
 
     def _delete(self, keys: list[str]) -> None:
+        """Delete ``keys``; raises DeleteRefused when the server kept any (a multi-delete
+        answers 200 and names them, so nothing else would say so)."""
+        refused: list[dict] = []
         for i in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=self.bucket, Delete={
+            reply = self.client.delete_objects(Bucket=self.bucket, Delete={
                 "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+            refused += reply.get("Errors", [])
+        if refused:
+            first = refused[0]
+            raise DeleteRefused(f"S3 refused to delete {len(refused)} of {len(keys)} objects, e.g. "
+                                f"{self.uri(first.get('Key', '?'))}: {first.get('Code')} ({first.get('Message')}); "
+                                "easel's S3 credentials need s3:DeleteObject on the bucket")
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under ``prefix`` (a key prefix in this bucket); returns how many."""

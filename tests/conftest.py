@@ -28,11 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A second S3 identity, for tests that check credentials never leak (tests/test_security.py).
 SECOND_S3_KEY = ("AKIA" + uuid.uuid4().hex[:16].upper(), "s3secret-" + uuid.uuid4().hex)
+# An identity that may read and list the bucket, not write or delete (tests/test_retention.py).
+READER_S3_KEY = ("AKIA" + uuid.uuid4().hex[:16].upper(), "s3reader-" + uuid.uuid4().hex)
 
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory):
-    svc = EmbeddedServices(tmp_path_factory.mktemp("services"), s3_credentials=[SECOND_S3_KEY])
+    svc = EmbeddedServices(tmp_path_factory.mktemp("services"), s3_credentials=[SECOND_S3_KEY],
+                           s3_readers=[READER_S3_KEY])
     svc.start()
     yield svc
     svc.redis.kill()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from easel.shared.jobstore import JobStore
 from easel.shared.retention import ResultRetention
 from easel.shared.settings import Settings, get_settings
-from easel.shared.storage import RETAINED_PREFIXES, Storage
+from easel.shared.storage import RETAINED_PREFIXES, DeleteRefused, Storage
+from tests.conftest import READER_S3_KEY
 from tests.netproxy import TcpProxy
 
 
@@ -55,6 +56,24 @@ def test_the_sweep_deletes_only_what_is_older(storage):
     storage.put(prefix + "new.png", b"new")
     assert storage.delete_older(prefix, max_age_s=1.5) == 1
     assert storage.list(prefix) == [prefix + "new.png"]
+
+
+def test_objects_the_server_refuses_to_delete_are_an_error_not_a_count(storage):
+    """A multi-delete answers 200 and names the objects it kept (credentials without
+    s3:DeleteObject, an object lock): the sweep and the hand-off cleanup say so, instead of
+    counting them deleted while the bucket grows."""
+    prefix = f"retention-test/{time.monotonic_ns()}/"
+    storage.put(prefix + "old.png", b"old")
+    key_id, secret = READER_S3_KEY  # may read and list the bucket, not delete from it
+    reader = Storage(get_settings().model_copy(update={"s3_access_key_id": key_id, "s3_secret_access_key": SecretStr(secret)}))
+    assert reader.list(prefix) == [prefix + "old.png"]
+    with pytest.raises(DeleteRefused, match="refused to delete 1 of 1 objects") as refused:
+        reader.delete_prefix(prefix)
+    assert f"s3://{storage.bucket}/{prefix}old.png" in str(refused.value) and "AccessDenied" in str(refused.value)
+    with pytest.raises(DeleteRefused):
+        reader.delete_older(prefix, max_age_s=0)
+    assert storage.list(prefix) == [prefix + "old.png"]
+    assert storage.delete_prefix(prefix) == 1 and storage.list(prefix) == []
 
 
 def test_a_status_may_not_outlive_its_results():
