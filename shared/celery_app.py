@@ -10,8 +10,9 @@ Why these settings (see docs/reliability.md):
 - JSON only: a pickle payload from the broker would be remote code execution. Items on a
   queue that are not kombu messages at all are dropped with an error (SafeRedisTransport)
   instead of stopping the worker's consumer.
-- rediss://: certificates are always verified (kombu alone would default to CERT_NONE);
-  the redis_ssl_* settings give the CA bundle and an optional client certificate.
+- rediss://: certificates are verified unless redis_ssl_cert_reqs says otherwise (kombu
+  alone would default to CERT_NONE); the redis_ssl_* settings give the CA bundle and an
+  optional client certificate.
 """
 from __future__ import annotations
 

@@ -164,7 +164,8 @@ class Settings(BaseSettings):
     # Micro-batching (worker/adaptive.py, worker/batching.py): compatible queued jobs run as one pipeline call.
     batch_size: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(default="auto", description=(
         "micro-batching: up to this many compatible queued jobs run as one pipeline call (1 = off); auto = the "
-        "largest of batch_buckets on a GPU, 1 on the CPU"))
+        "largest of batch_buckets on a GPU when the family has a model that batches (kinds sd, sdxl-refiner, sim), "
+        "else 1 (always 1 on the CPU)"))
     batch_buckets: list[int] = Field(default=[1, 2, 4, 8], min_length=1, description=(
         "call sizes (images) a compiled UNet (compile_unet) is run at: a smaller group is padded to the next "
         "bucket, so CUDA graphs keep one capture per bucket; an eager model runs the group's own size. Must "

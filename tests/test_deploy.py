@@ -82,7 +82,10 @@ def test_compose_services_redis_aof_and_one_gpu_per_worker():
         assert name.startswith(f"worker-{fam}-gpu"), name
         families.add(fam)
         assert any(v.endswith(":/models") for v in svc["volumes"]), "model cache volume"
-        assert re.fullmatch(r"(\d+)m", svc["stop_grace_period"]), name
+        grace = re.fullmatch(r"(\d+)m", svc["stop_grace_period"])
+        assert grace, name
+        # a stopping worker finishes its stage: no stage may outlast the grace period
+        assert float(svc["environment"]["EASEL_STAGE_TIMEOUT_MAX_S"]) < 60 * int(grace.group(1)), name
     assert len(devices) == len(set(devices)) == len(workers) >= 2  # one service per GPU
     assert families == FAMILIES
     reg = Registry.load(ROOT / "infra" / "models.example.yaml")
