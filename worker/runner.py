@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from easel.shared.registry import UPSCALE
-from easel.shared.schema import Stage
+from easel.shared.schema import STRENGTH_TASKS, Stage
 from easel.worker.adaptive import CALL_TIMES
 from easel.worker.pipelines import LoadedModel, compiles, upcasts_vae
 from easel.worker.prompts import prompt_kwargs
@@ -251,11 +251,19 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
 
 def call_key(model: LoadedModel, stage: Stage, carrier: Carrier, images: int, want_latent: bool) -> tuple:
     """What a compiled model's graphs are made for, as far as a call can tell: task, input
-    size, images per call, ControlNet, guidance on (it doubles the UNet's batch) and whether
-    the VAE decodes. A key this process has not called yet may compile. (A step cache's
-    cached passes compile on the call that first reaches one.)"""
+    size, images per call, ControlNet, guidance on (it doubles the UNet's batch), whether
+    the VAE decodes, and whether it reaches a step cache's cached pass (a graph of its own,
+    from a call's second pass on). A key this process has not called yet may compile."""
     size = (stage.width, stage.height) if carrier.empty else pixel_size(model, carrier, stage)
-    return stage.task, size, images, stage.controlnet, stage.guidance_scale > 1, want_latent
+    cache = model.spec.optimizations.step_cache
+    cached = cache is not None and cache.interval > 1 and unet_passes(stage) > 1
+    return stage.task, size, images, stage.controlnet, stage.guidance_scale > 1, want_latent, cached
+
+
+def unet_passes(stage: Stage) -> int:
+    """Denoising steps a stage runs (diffusers: ``int(steps * strength)`` where the input is
+    partly noised)."""
+    return int(stage.steps * stage.strength) if stage.task in STRENGTH_TASKS else stage.steps
 
 
 def first_compile(model: LoadedModel, key: tuple) -> bool:
