@@ -159,13 +159,16 @@ class Reaper(_Loop):
         for instance, (expired_at, held) in dead.items():
             why = ("it shut down" if expired_at < 1e9 else
                    f"its heartbeat expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expired_at))}")
-            try:
-                for job_id, segment in held:
+            for job_id, segment in held:
+                # One job that cannot be requeued (a record this process cannot read, a send
+                # that failed) must not strand the rest; it stays in the instance's running
+                # set, so the instance is kept (``forget_instance``) and a later pass retries it.
+                try:
                     if self._requeue(instance, job_id, segment, why):
                         resent.append(job_id)
-            except Exception:
-                log.exception("could not requeue all that instance %s held; a later pass retries", instance)
-                continue
+                except Exception:
+                    log.exception("could not requeue job %s segment %d that instance %s held; a later pass "
+                                  "retries", job_id, segment, instance)
             self.store.forget_instance(instance, held, leased)
         return resent
 
@@ -207,10 +210,16 @@ class Reaper(_Loop):
         for job_id, segment in old:
             if (job_id, segment) in present:
                 continue
-            spec, _ = self.store.load(job_id)
+            try:  # each job alone: one that cannot be sent now must not keep the others waiting
+                spec, _ = self.store.load(job_id)
+                self._send_again(job_id, segment, queue, spec.priority)
+            except KeyError:  # its record expired meanwhile: nothing to send
+                continue
+            except Exception:
+                log.exception("could not send job %s segment %d again; a later pass retries", job_id, segment)
+                continue
             log.warning("job %s segment %d was waiting with no message left (a worker died taking it); "
                         "sent again", job_id, segment)
-            self._send_again(job_id, segment, queue, spec.priority)
             resent.append(job_id)
         return resent
 

@@ -663,6 +663,40 @@ def test_the_lost_message_sweep_is_leased_per_queue(fclient, big_input):
     assert sent == {"a": [], "b": [(job_id, 0, "lease-test.b", spec.priority)], "b2": []}
 
 
+def test_a_job_the_reaper_cannot_read_strands_none_of_the_others(fclient, big_input):
+    """A dead instance's jobs are requeued one by one, and the lost-message sweep sends its
+    jobs one by one: a record this reaper cannot read (here: a spec that is not JSON, as a
+    newer build's field would be to an older reaper) fails alone, the rest are sent, and
+    the instance that still holds the unread job stays to be reaped again."""
+    from easel.shared.jobstore import JobStore
+    from easel.shared.liveness import Reaper
+    from easel.shared.schema import JobState
+
+    store = JobStore(fclient.store.r, prefix="unreadable")  # no other test's instances or jobs
+    jobs = [recorded_job(store, fclient.registry, big_input, 90 + k) for k in range(6)]
+    ids, queue = [job_id for job_id, _, _ in jobs], jobs[0][2].segments[0].queue
+    for job_id, spec, _ in jobs:
+        store.mark_queued(job_id, queue, spec.priority)
+    store.beat("dead-1", "dead-host", {"family": "sd15"}, ttl_s=0.1)
+    assert [c.outcome for c in store.claim_many([(j, 0, queue) for j in ids], "dead-host", "dead-1", 3)] == ["run"] * 6
+    store.r.hset(store.key(ids[2]), "spec", "{not json")
+    sent = []
+    reaper = Reaper(store, lambda *a, **kw: sent.append(a[0]), every_s=30, ttl_s=0.0, queues=[queue])
+    time.sleep(0.3)  # the heartbeat expired
+    assert sorted(reaper.sweep()) == sorted(sent) == sorted(ids[:2] + ids[3:])
+    assert store.r.zscore(store.instances_key(), "dead-1") is not None  # kept: it still holds the unread job
+    assert store.r.smembers(store._running_prefix() + "dead-1") == {f"{ids[2]}:0"}
+
+    # The same job waiting with no message, among others: the sweep sends the others.
+    assert store.transition(ids[2], JobState.queued, end=(0, "dead-1"), queue=queue)
+    store.mark_queued(ids[2], queue, jobs[2][1].priority)
+    assert ids[2] in [job_id for job_id, _, _ in store.waiting_since(queue)]
+    sent.clear()
+    assert sorted(reaper.sweep_lost(queue)) == sorted(sent) == sorted(ids[:2] + ids[3:])
+    for job_id in ids:
+        store.transition(job_id, JobState.cancelled, error="test over")
+
+
 def test_a_stale_copy_leaves_the_next_segments_place_and_the_sweep_its_queue(fclient, big_input):
     """A reaper requeued segment 0 of a job whose stalled worker then handed it off to
     segment 1: the stale copy of segment 0, claimed from the first queue, drops the job's
