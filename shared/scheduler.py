@@ -206,7 +206,10 @@ local function at_cap(tenant, cap)
   return flying[tenant] >= tonumber(cap)
 end
 local out, later, held, nheld, popped, front = {}, {}, {}, 0, 0, nil
-while space > 0 do
+-- Entries with nothing to run (records that expired while they waited) are popped without
+-- using space: they count against the limit too, so one run stays short however many of
+-- them a long-held tenant left (the tenant still waits: the next dispatch goes on).
+while space > 0 and popped < tonumber(ARGV[3]) do
   local tenant, pass, cap
   local lead = redis.call('ZRANGE', KEYS[1], 0, nheld, 'WITHSCORES')
   for i = 1, #lead, 2 do

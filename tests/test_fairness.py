@@ -226,6 +226,30 @@ def test_jobs_whose_records_expired_while_pending_hold_no_place(fair_client, ref
         proc.stop()
 
 
+def test_one_dispatch_pops_a_bounded_number_of_expired_entries(fair_client, ref):
+    """A tenant held back for longer than job_ttl_s leaves pending entries whose records are
+    gone. One dispatch pops at most its limit of them (1,000), so one script never blocks
+    Redis for a million; the tenant still waits, and the next dispatch moves its live job."""
+    from easel.shared.keys import pending_key
+
+    store, sched, queue = fair_client.store, fair_client.scheduler, "easel.fairn"
+    fair_client.pause("fairn")
+    try:
+        live = fair_client.submit(jobs(ref, "fairn", "gone", 1)[0])
+        pending = pending_key(store.prefix, queue, "gone")
+        first = store.r.zrange(pending, 0, 0, withscores=True)[0][1]
+        store.r.zadd(pending, {f"expired-{k}": first - 1 - k for k in range(1500)})  # ahead of the live job
+        store.r.delete("easel:paused:easel.fairn")
+        done = sched.dispatch({queue: "fairn"})
+        assert done.moved == [] and queue in done.waiting
+        assert store.r.zcard(pending) == 501  # 1,000 popped, the live job among those left
+        assert sched.dispatch({queue: "fairn"}).moved == [(live, queue, 5)]
+        assert store.r.zcard(pending) == 0
+    finally:
+        fair_client.resume("fairn")
+        fair_client.cancel(live)
+
+
 def test_a_backlog_that_starts_is_announced_and_feeders_dispatch_until_none_waits(fair_client, ref):
     """Claims read nothing about the backlog: a worker's feeder dispatches after its claims
     while a dispatch says tenants wait, and hears on the backlog channel when the first job
