@@ -254,7 +254,7 @@ class EaselClient:
             for job_id, _, _ in admitted:
                 # The send may have reached Redis with only its reply lost: a job a worker
                 # has claimed since runs on, and keeps its key.
-                if self.store.transition(job_id, JobState.failed, error=f"could not enqueue: {e}", never_claimed=True):
+                if self.store.fail_unsent(job_id, f"could not enqueue: {e}"):
                     self.store.unmark_queued(job_id)
                     self.store.release_idempotency(job_id)  # a retry with the same key queues it anew
             raise

@@ -800,6 +800,16 @@ class JobStore:
         args = self._transition_args(job_id, state, fields, end, ("?never_claimed",) if never_claimed else ())
         return self._ended([self._transition(keys=self._transition_keys(job_id), args=args)])[0]
 
+    def fail_unsent(self, job_id: str, error: str) -> bool:
+        """End as failed a job whose first message could not be sent; False when a worker
+        has claimed it meanwhile (the send reached Redis, only its reply was lost). True
+        also when a replay of this same change finds it done (its reply lost: the client
+        sends it again), so the caller's clean-up still runs."""
+        if self.transition(job_id, JobState.failed, error=error, never_claimed=True):
+            return True
+        state, why, attempts = self.r.hmget(self.key(job_id), "state", "error", "attempts")
+        return state == JobState.failed.value and why == error and not int(attempts or 0)
+
     def transition_call(self, job_id: str, state: JobState | None, *, end: tuple | None = None,
                         guards: tuple[str, ...] = (), **fields) -> tuple[list, list]:
         """(keys, argv) of ``transition``'s change, for a script that runs it with more

@@ -142,19 +142,35 @@ def test_a_job_that_could_not_be_enqueued_lets_its_idempotency_key_go(easel_env,
 
     own = EaselClient(get_settings())  # its broker is swapped below: not the session's client
     broker = own.celery
-    own.celery = make_celery(get_settings().model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
-    own.celery.conf.task_publish_retry = False  # the default rides out a minute first
-    job = {**img2img_job(str(input_png)), "idempotency_key": f"enqueue-{time.monotonic_ns()}"}
-    with pytest.raises(kombu.exceptions.OperationalError):
-        own.submit(job)
+    away = make_celery(get_settings().model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
+    away.conf.task_publish_retry = False  # the default rides out a minute first
     r = own.store.r
-    (failed,) = [k for k in r.scan_iter(f"{own.store.prefix}:job:*", count=1000)
-                 if job["idempotency_key"] in (r.hget(k, "spec") or "")]
-    assert r.hget(failed, "state") == "failed" and r.hget(failed, "error").startswith("could not enqueue")
-    own.celery = broker
+
+    def submit_unsent(job: dict) -> str:
+        own.celery = away
+        with pytest.raises(kombu.exceptions.OperationalError):
+            own.submit(job)
+        own.celery = broker
+        (failed,) = [k for k in r.scan_iter(f"{own.store.prefix}:job:*", count=1000)
+                     if job["idempotency_key"] in (r.hget(k, "spec") or "")]
+        assert r.hget(failed, "state") == "failed" and r.hget(failed, "error").startswith("could not enqueue")
+        return failed
+
+    job = {**img2img_job(str(input_png)), "idempotency_key": f"enqueue-{time.monotonic_ns()}"}
+    failed = submit_unsent(job)
     again = own.submit(job)
     assert own.store.key(again) != failed
     assert own.wait(again, timeout=120).state.value == "succeeded"
+    # The failing write's reply lost and the write sent again (redis-py replays a timed-out
+    # command): the replay finds the job failed already, and the key still goes.
+    write = own.store.transition
+    own.store.transition = lambda *a, **kw: (write(*a, **kw), write(*a, **kw))[1]
+    job = {**job, "idempotency_key": f"enqueue-replayed-{time.monotonic_ns()}"}
+    failed = submit_unsent(job)
+    own.store.transition = write
+    again = own.submit(job)
+    assert own.store.key(again) != failed
+    own.cancel(again)
     # A send whose reply was lost may have reached Redis, and a worker claimed the job since:
     # the producer's failure path leaves that job running.
     spec, plan = own.prepare_and_plan(img2img_job(str(input_png)))
