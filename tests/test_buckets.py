@@ -283,7 +283,9 @@ def test_a_failed_batchs_call_is_let_go_before_its_jobs_run_alone(monkeypatch):
     monkeypatch.setattr(engine, "run_stages", run_stages)
     monkeypatch.setattr(engine, "settle_error", lambda ctx, app, d, exc: type(exc).__name__)
     monkeypatch.setattr(engine, "_ended", lambda ctx, d, outcome, outcomes, job=None: outcomes.__setitem__(d, outcome))
+    monkeypatch.setattr(engine.CrashCounts, "_set", lambda self, jobs, started: None)  # no Redis here
     outcomes: dict = {}
-    engine.run_group(_ctx(), None, [_job(k, "sd") for k in range(3)], outcomes)
+    jobs, ctx = [_job(k, "sd") for k in range(3)], _ctx()
+    engine.run_group(ctx, None, jobs, outcomes, engine.CrashCounts(ctx, [jobs], outcomes))
     assert alive_when_alone == [False, False, False]
     assert sorted(outcomes.values()) == ["ValueError"] * 3

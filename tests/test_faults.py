@@ -528,22 +528,29 @@ def test_a_job_too_large_for_the_gpu_fails_after_two_retries(fclient, workers, b
     assert "vae_tiling" in st.error
 
 
-def test_a_batch_out_of_memory_runs_in_halves_and_the_next_of_its_shape_is_split_first(fclient, workers, big_input,
-                                                                                         tmp_path):
-    """A micro-batch that runs out of GPU memory runs again in halves, not a job at a time,
-    and the worker remembers: the next batch of that shape is split before it runs, not
-    after another failed call. Here only a UNet batch over 4 samples (two images with
-    guidance) runs out."""
+@pytest.mark.parametrize("fits, batch_sizes, ran_out", [
+    (4, [2] * 4, ["8"]),  # a batch of 4 (8 samples with guidance) runs as 2 + 2
+    (2, [1] * 4, ["8", "4"]),  # halved twice; the second half of 2 is split before it runs
+])
+def test_a_batch_out_of_memory_runs_in_halves_and_the_next_of_its_shape_is_split_first(
+        fclient, workers, big_input, tmp_path, fits, batch_sizes, ran_out):
+    """A micro-batch that runs out of GPU memory runs again in halves (halved again while
+    they run out), not a job at a time, and the worker remembers: a later call of that
+    shape is split before it runs, not after another failed call. Here a UNet batch over
+    ``fits`` samples runs out (raised from the real UNet's forward)."""
     (tmp_path / "sitecustomize.py").write_text(GPU_FAULT)
     flag = tmp_path / "gpu-small"
-    flag.write_text("oom above 4")
-    workers(PYTHONPATH=str(tmp_path), EASEL_TEST_GPU_FAULT=str(flag), EASEL_BATCH_SIZE="4", EASEL_BATCH_WAIT_S="2")
+    flag.write_text(f"oom above {fits}")
+    w = workers(PYTHONPATH=str(tmp_path), EASEL_TEST_GPU_FAULT=str(flag), EASEL_BATCH_SIZE="4",
+                EASEL_BATCH_WAIT_S="2")
     for first_seed in (71, 75):
         ids = fclient.submit_many([job(big_input, steps=2, seed=first_seed + k) for k in range(4)])
         done = [fclient.wait(job_id, timeout=90) for job_id in ids]
         assert [(st.state.value, st.attempts) for st in done] == [("succeeded", 1)] * 4, [st.error for st in done]
-        assert [fclient.result(job_id).stages[0].batch_size for job_id in ids] == [2] * 4
-    assert (tmp_path / "gpu-small.hits").read_text().split() == ["8"]  # the first batch's first pass only
+        assert [fclient.result(job_id).stages[0].batch_size for job_id in ids] == batch_sizes
+    assert (tmp_path / "gpu-small.hits").read_text().split() == ran_out  # UNet batches that ran out
+    # Split after the first round's failed call, and before the second round's call ran.
+    assert w.log.read_text().count("4 jobs run at most") == 2
 
 
 def test_retries_waiting_out_their_backoff_do_not_hold_a_batching_workers_slots(fclient, workers, big_input):

@@ -354,12 +354,15 @@ def test_an_instance_that_claims_its_requeued_job_again_stays_reapable(own_store
     assert not store.r.exists(store._running_prefix() + "i1")
 
 
-def test_a_tasks_deliveries_waiting_behind_another_call_are_not_counted_as_started(late_client):
+@pytest.mark.parametrize("calls", ["two batch keys", "one batch split to fit in memory"])
+def test_a_tasks_deliveries_waiting_behind_another_call_are_not_counted_as_started(late_client, calls):
     """A task's deliveries run as calls one after another (here a 100-step job, then a
-    2-step one: two batch keys). While the first call runs, the second job's crash count is
-    what it was before its claim: had the first call killed the process, the second job,
-    which never ran, would not come back a crash nearer the poison limit (two and it
-    fails). Its count is set as its own call starts and cleared when it ends."""
+    2-step one: two batch keys; or two 100-step jobs of one micro-batch that the worker
+    splits, a call of its shape having run out of memory). While the first call runs, the
+    second job's crash count is what it was before its claim: had the first call killed
+    the process, the second job, which never ran, would not come back a crash nearer the
+    poison limit (two and it fails). Its count is set as its own call starts and cleared
+    when it ends."""
     import threading
     import time
 
@@ -374,7 +377,7 @@ def test_a_tasks_deliveries_waiting_behind_another_call_are_not_counted_as_start
     store = late_client.store
     ref = late_client.storage.put_input(png_bytes(), "png")
     ids = []
-    for steps in (100, 2):
+    for steps in ((100, 2) if calls == "two batch keys" else (100, 100)):
         spec = JobSpec.model_validate({"input": {"image": ref}, "stages": [
             {"model": "latea", "prompt": "a", "seed": 1, "steps": steps, "strength": 1.0}]})
         plan = plan_job(spec, late_client.registry)
@@ -382,7 +385,10 @@ def test_a_tasks_deliveries_waiting_behind_another_call_are_not_counted_as_start
         store.mark_queued(job_id, plan.segments[0].queue, 0)
         ids.append(job_id)
     queue = plan.segments[0].queue
-    ctx = WorkerContext.create("latea", late_client.settings, hostname="crash-counts@test")
+    ctx = WorkerContext.create("latea", late_client.settings.model_copy(update={"batch_size": 2}),
+                               hostname="crash-counts@test")
+    if calls != "two batch keys":
+        ctx.fits.most = lambda shape: 1  # a call of its shape ran out of memory lately: one image a call
     done: list = []
     runner = threading.Thread(target=lambda: done.append(run_deliveries(
         ctx, make_celery(late_client.settings), [Delivery(j, 0, queue) for j in ids])))

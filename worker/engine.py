@@ -26,7 +26,7 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import redis
 
@@ -105,13 +105,12 @@ def run_deliveries(ctx: WorkerContext, app, deliveries: list[Delivery]) -> list[
     jobs = claim(ctx, app, unique, outcomes)
     try:
         groups = group_jobs(ctx, jobs)
-        started = CrashCounts(ctx, groups)
+        started = CrashCounts(ctx, groups, outcomes)
         for group in groups:
             prepared = [job for job in group if _guarded(ctx, app, job, outcomes, load_inputs, ctx, job)]
             for same_size in by_input_size(prepared):
-                for call in fitting(ctx, same_size):
-                    started.call(call)
-                    run_group(ctx, app, call, outcomes)
+                for call in split_to_fit(ctx, same_size):
+                    run_group(ctx, app, call, outcomes, started)
     except Exception as exc:
         log.exception("the engine failed; settling the deliveries it held")
         for job in jobs:
@@ -123,21 +122,24 @@ def run_deliveries(ctx: WorkerContext, app, deliveries: list[Delivery]) -> list[
 
 class CrashCounts:
     """A claim counts each delivery it takes as started: one that never ends (the process
-    died) is a crash, and a job that crashes its worker twice is poison. A task's groups
-    run one after another, so the deliveries of every group but the first get their counts
-    back at once, and each gets its count again as its own call starts: a call that kills
-    the process counts its own jobs (with the rest of its group, and earlier jobs whose
-    outputs were still being written), never a later group's."""
+    died) is a crash, and a job that crashes its worker twice is poison. A task's calls run
+    one after another, so only the jobs of the call that runs are counted: the deliveries
+    of every group but the first get their counts back at once, the rest of a group's as
+    its first call starts, and each gets its count again as its own call starts. A call
+    that kills the process counts its own jobs (and earlier jobs whose outputs were still
+    being written), never those of a later call."""
 
-    def __init__(self, ctx: WorkerContext, groups: list[list[Job]]):
-        self.ctx = ctx
-        self.waiting = {id(job) for group in groups[1:] for job in group}
+    def __init__(self, ctx: WorkerContext, groups: list[list[Job]], outcomes: Outcomes):
+        self.ctx, self.outcomes = ctx, outcomes
+        self.counted = {id(job): job for job in (groups[0] if groups else [])}  # as the claim left them
         self._set([job for group in groups[1:] for job in group], started=False)
 
     def call(self, jobs: list[Job]) -> None:
-        starting = [job for job in jobs if id(job) in self.waiting]
-        self.waiting.difference_update(id(job) for job in starting)
-        self._set(starting, started=True)
+        ids = {id(job) for job in jobs}
+        self._set([job for k, job in self.counted.items() if k not in ids and job.delivery not in self.outcomes],
+                  started=False)
+        self._set([job for job in jobs if id(job) not in self.counted], started=True)
+        self.counted = {id(job): job for job in jobs}
 
     def _set(self, jobs: list[Job], started: bool) -> None:
         if jobs:
@@ -210,21 +212,28 @@ def call_shape(job: Job) -> tuple:
     return stage.model, stage.task, size, stage.guidance_scale > 1
 
 
-def fitting(ctx: WorkerContext, jobs: list[Job]) -> list[list[Job]]:
+def split_to_fit(ctx: WorkerContext, jobs: list[Job]) -> Iterator[list[Job]]:
     """Jobs of one shape in calls of at most the images such a call held without running
-    out of memory lately (all in one call when it never ran out)."""
-    most = ctx.fits.most(call_shape(jobs[0])) if len(jobs) > 1 else None
-    per_job = jobs[0].spec.num_images
-    if most is None or len(jobs) * per_job <= most:
-        return [jobs]
-    step = max(1, most // per_job)
-    return [jobs[k:k + step] for k in range(0, len(jobs), step)]
-
-
-def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None:
-    """The stages of a group of prepared jobs, then their hand-off or finish."""
+    out of memory lately (all in one call when none ran out). Each call's size is read as
+    it comes, so one that runs out shrinks the calls after it."""
+    per_job, said = (jobs[0].spec.num_images if jobs else 1), False
     while jobs:
-        parts: list[list[Job]] = []
+        most = ctx.fits.most(call_shape(jobs[0])) if len(jobs) > 1 else None
+        step = len(jobs) if most is None else max(1, most // per_job)
+        if step < len(jobs) and not said:
+            log.info("a call of this shape ran out of memory lately: %d jobs run at most %d images a call",
+                     len(jobs), most)
+            said = True
+        yield jobs[:step]
+        jobs = jobs[step:]
+
+
+def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes, started: CrashCounts) -> None:
+    """The stages of a group of prepared jobs (one call per stage), then their hand-off or
+    finish; after a failed call, its parts (``_parts_after``) the same way."""
+    started.call(jobs)
+    while jobs:
+        parts: Iterable[list[Job]] | None = None
         try:
             run_stages(ctx, jobs)
             break
@@ -243,14 +252,14 @@ def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> N
             jobs = [job for job in jobs if job.delivery not in outcomes]
         except Exception as exc:
             parts = _parts_after(ctx, app, jobs, exc, outcomes)
-            if not parts:
+            if parts is None:
                 return
-        if parts:
+        if parts is not None:
             # Out of the except block: the error's traceback, which holds the failed call's
             # tensors (close to the batch's peak memory), is gone before the parts run.
             free_device_memory()
             for part in parts:
-                run_group(ctx, app, part, outcomes)
+                run_group(ctx, app, part, outcomes, started)
             return
     if not jobs:
         return
@@ -268,20 +277,23 @@ def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> N
         outcomes[job.delivery] = "finishing"
 
 
-def _parts_after(ctx: WorkerContext, app, jobs: list[Job], exc: Exception, outcomes: Outcomes) -> list[list[Job]]:
-    """How a group goes on after its call raised: [] when its jobs ended (a lone job's error,
-    a batch over its time, a lost GPU: ``settle_error``); in halves when the batch ran out of
-    memory (and later batches of its shape, ``worker.fits``); else each job alone, so that
-    whichever broke the call fails alone."""
+def _parts_after(ctx: WorkerContext, app, jobs: list[Job], exc: Exception,
+                 outcomes: Outcomes) -> Iterable[list[Job]] | None:
+    """How a group goes on after its call raised: None when its jobs ended (a lone job's
+    error, a batch over its time, a lost GPU: ``settle_error``); in smaller calls when the
+    batch ran out of memory (and later batches of its shape, ``worker.fits``); else each
+    job alone, so that whichever broke the call fails alone."""
     if len(jobs) == 1 or isinstance(exc, StageTimeout) or device_lost(exc):
         for job in jobs:
             _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
-        return []
+        return None
     if out_of_memory(exc):
-        most = ctx.fits.ran_out(call_shape(jobs[0]), len(jobs) * jobs[0].spec.num_images)
-        log.warning("batch of %d ran out of memory (%s); calls of its shape hold at most %d images for %.0f s",
-                    len(jobs), describe(exc), most, ctx.fits.hold_s)
-        return fitting(ctx, jobs)
+        stage, images = jobs[0].spec.stages[jobs[0].segment.stages[0]], len(jobs) * jobs[0].spec.num_images
+        padded = padded_images(ctx.cache.get(stage.model).spec, ctx.settings.batch_buckets, images, stage.task)
+        most = ctx.fits.ran_out(call_shape(jobs[0]), images, padded)
+        log.warning("a call of %d images ran out of memory (%s); calls of its shape hold at most %d images "
+                    "for %.0f s", padded, describe(exc), most, ctx.fits.hold_s)
+        return split_to_fit(ctx, jobs)
     log.warning("batch of %d failed (%s); running its jobs one by one", len(jobs), describe(exc))
     return [[job] for job in jobs]
 

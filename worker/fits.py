@@ -35,10 +35,12 @@ class CallFits:
             return None
         return known[0]
 
-    def ran_out(self, shape: Hashable, images: int) -> int:
-        """A call of ``images`` images ran out of memory: calls of ``shape`` hold at most half
-        as many (rounded up, and fewer than it) from now on; returns that number."""
-        most = max(1, min(math.ceil(images / 2), images - 1))
+    def ran_out(self, shape: Hashable, images: int, padded: int | None = None) -> int:
+        """A call of ``images`` images (made with ``padded``, its size bucket, where a compiled
+        model pads it) ran out of memory: calls of ``shape`` hold at most half the padded
+        size from now on, and always fewer than ``images``, so a split makes progress.
+        Returns that number."""
+        most = max(1, min(math.ceil((padded or images) / 2), images - 1))
         known = self.most(shape)
         most = min(most, known) if known is not None else most
         self._most[shape] = (most, self.clock() + self.hold_s)

@@ -256,11 +256,11 @@ def call_key(model: LoadedModel, stage: Stage, carrier: Carrier, images: int, wa
     from a call's second pass on). A key this process has not called yet may compile."""
     size = (stage.width, stage.height) if carrier.empty else pixel_size(model, carrier, stage)
     cache = model.spec.optimizations.step_cache
-    cached = cache is not None and cache.interval > 1 and unet_passes(stage) > 1
+    cached = cache is not None and cache.interval > 1 and denoising_steps(stage) > 1
     return stage.task, size, images, stage.controlnet, stage.guidance_scale > 1, want_latent, cached
 
 
-def unet_passes(stage: Stage) -> int:
+def denoising_steps(stage: Stage) -> int:
     """Denoising steps a stage runs (diffusers: ``int(steps * strength)`` where the input is
     partly noised)."""
     return int(stage.steps * stage.strength) if stage.task in STRENGTH_TASKS else stage.steps
