@@ -160,12 +160,16 @@ class Reaper(_Loop):
             why = ("it shut down" if expired_at < 1e9 else
                    f"its heartbeat expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expired_at))}")
             for job_id, segment in held:
-                # One job that cannot be requeued (a record this process cannot read, a send
-                # that failed) must not strand the rest; it stays in the instance's running
-                # set, so the instance is kept (``forget_instance``) and a later pass retries it.
+                # One job that cannot be requeued must not strand the rest. A record this
+                # process cannot read stays in the instance's running set, so the instance
+                # is kept (``forget_instance``) and a later pass retries it; a job requeued
+                # whose send failed waits with no message, for the lost-message sweep. Redis
+                # itself away ends the pass (every job would fail the same way).
                 try:
                     if self._requeue(instance, job_id, segment, why):
                         resent.append(job_id)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    raise
                 except Exception:
                     log.exception("could not requeue job %s segment %d that instance %s held; a later pass "
                                   "retries", job_id, segment, instance)
@@ -215,6 +219,8 @@ class Reaper(_Loop):
                 self._send_again(job_id, segment, queue, spec.priority)
             except KeyError:  # its record expired meanwhile: nothing to send
                 continue
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise
             except Exception:
                 log.exception("could not send job %s segment %d again; a later pass retries", job_id, segment)
                 continue
