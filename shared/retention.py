@@ -13,7 +13,7 @@ import logging
 import time
 
 from easel.shared.jobstore import JobStore
-from easel.shared.storage import RETAINED_PREFIXES, Storage
+from easel.shared.storage import RETAINED_PREFIXES, DeleteRefused, Storage
 
 log = logging.getLogger("easel.retention")
 
@@ -38,7 +38,14 @@ class ResultRetention:
             return "lifecycle rules: none of easel's" if self.storage.expire_after(RETAINED_PREFIXES, 0) else None
         if self.storage.expire_after(RETAINED_PREFIXES, self.days):
             return f"lifecycle rules: {', '.join(RETAINED_PREFIXES)} expire after {self.days} days"
-        deleted = sum(self.storage.delete_older(prefix, self.days * 86400) for prefix in RETAINED_PREFIXES)
-        log.info("retention: the bucket takes no lifecycle rules; deleted %d objects older than %d days",
-                 deleted, self.days)
-        return f"swept: {deleted} objects older than {self.days} days deleted"
+        deleted, refused = 0, 0
+        for prefix in RETAINED_PREFIXES:  # each prefix swept whatever the others' refusals
+            try:
+                deleted += self.storage.delete_older(prefix, self.days * 86400)
+            except DeleteRefused as e:
+                deleted, refused = deleted + e.deleted, refused + len(e.refused)
+                log.warning("retention: %s", e)
+        log.info("retention: the bucket takes no lifecycle rules; deleted %d objects older than %d days%s",
+                 deleted, self.days, f", {refused} refused" if refused else "")
+        return f"swept: {deleted} objects older than {self.days} days deleted" + (
+            f", {refused} refused" if refused else "")

@@ -26,7 +26,17 @@ _MIME = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg", "gif": 
 
 
 class DeleteRefused(RuntimeError):
-    """The S3 server kept objects it was asked to delete (no permission, object lock)."""
+    """The S3 server kept objects it was asked to delete (no permission, an object lock);
+    ``deleted``: how many of the others it did delete."""
+
+    def __init__(self, refused: list[dict], asked: int, deleted: int, bucket: str):
+        first = refused[0]
+        why = f"{first.get('Code')} ({first.get('Message')})"
+        if first.get("Code") == "AccessDenied":
+            why += ": easel's S3 credentials need s3:DeleteObject on the bucket"
+        super().__init__(f"S3 refused to delete {len(refused)} of {asked} objects, e.g. "
+                         f"s3://{bucket}/{first.get('Key', '?')}: {why}")
+        self.refused, self.deleted = refused, deleted
 
 
 class NotFound(KeyError):
@@ -314,34 +324,35 @@ class Storage:
         return True
 
     def delete_older(self, prefix: str, max_age_s: float) -> int:
-        """Delete the objects under ``prefix`` written over ``max_age_s`` ago; returns how many."""
-        cutoff, deleted = time.time() - max_age_s, 0
+        """Delete the objects under ``prefix`` written over ``max_age_s`` ago; returns how many.
+        Raises DeleteRefused, once every page is done, when the server kept any."""
+        cutoff, asked, refused = time.time() - max_age_s, 0, []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             # Deleted page by page, right after it is read: an input rewritten after its page
             # was listed (``put_input``) could be deleted, so that window stays short.
             old = [o["Key"] for o in page.get("Contents", []) if o["LastModified"].timestamp() < cutoff]
-            self._delete(old)
-            deleted += len(old)
-        return deleted
+            refused += self._delete(old)
+            asked += len(old)
+        if refused:
+            raise DeleteRefused(refused, asked, asked - len(refused), self.bucket)
+        return asked
 
-    def _delete(self, keys: list[str]) -> None:
-        """Delete ``keys``; raises DeleteRefused when the server kept any (a multi-delete
-        answers 200 and names them, so nothing else would say so)."""
+    def _delete(self, keys: list[str]) -> list[dict]:
+        """Delete ``keys``; returns the server's refusals (a multi-delete answers 200 and names
+        the objects it kept: nothing else would say so). One already gone is no refusal."""
         refused: list[dict] = []
         for i in range(0, len(keys), 1000):
             reply = self.client.delete_objects(Bucket=self.bucket, Delete={
                 "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
-            refused += reply.get("Errors", [])
-        if refused:
-            first = refused[0]
-            raise DeleteRefused(f"S3 refused to delete {len(refused)} of {len(keys)} objects, e.g. "
-                                f"{self.uri(first.get('Key', '?'))}: {first.get('Code')} ({first.get('Message')}); "
-                                "easel's S3 credentials need s3:DeleteObject on the bucket")
+            refused += [e for e in reply.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+        return refused
 
     def delete_prefix(self, prefix: str) -> int:
-        """Delete every object under ``prefix`` (a key prefix in this bucket); returns how many."""
+        """Delete every object under ``prefix`` (a key prefix in this bucket); returns how many.
+        Raises DeleteRefused when the server kept any."""
         keys = self.list(prefix)
-        self._delete(keys)
+        if refused := self._delete(keys):
+            raise DeleteRefused(refused, len(keys), len(keys) - len(refused), self.bucket)
         return len(keys)
 
     def download_prefix(self, uri: str, dest: Path) -> int:

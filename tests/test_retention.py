@@ -70,8 +70,10 @@ def test_objects_the_server_refuses_to_delete_are_an_error_not_a_count(storage):
     with pytest.raises(DeleteRefused, match="refused to delete 1 of 1 objects") as refused:
         reader.delete_prefix(prefix)
     assert f"s3://{storage.bucket}/{prefix}old.png" in str(refused.value) and "AccessDenied" in str(refused.value)
-    with pytest.raises(DeleteRefused):
+    assert "need s3:DeleteObject" in str(refused.value) and refused.value.deleted == 0
+    with pytest.raises(DeleteRefused) as refused:
         reader.delete_older(prefix, max_age_s=0)
+    assert refused.value.deleted == 0 and len(refused.value.refused) == 1
     assert storage.list(prefix) == [prefix + "old.png"]
     assert storage.delete_prefix(prefix) == 1 and storage.list(prefix) == []
 
