@@ -207,8 +207,10 @@ local function at_cap(tenant, cap)
 end
 local out, later, held, nheld, popped, front = {}, {}, {}, 0, 0, nil
 -- Entries with nothing to run (records that expired while they waited) are popped without
--- using space: they count against the limit too, so one run stays short however many of
--- them a long-held tenant left (the tenant still waits: the next dispatch goes on).
+-- using space. They count against the limit too, so one run stays short however many of
+-- them a long-held tenant left; and a tenant that has popped STALE_TURN of them in a run
+-- is passed over for the rest of it (the next run goes on), so the others are served.
+local STALE_TURN, stale = 100, {}
 while space > 0 and popped < tonumber(ARGV[3]) do
   local tenant, pass, cap
   local lead = redis.call('ZRANGE', KEYS[1], 0, nheld, 'WITHSCORES')
@@ -250,6 +252,12 @@ while space > 0 and popped < tonumber(ARGV[3]) do
         table.insert(later, rec[2])
       end
       space = space - 1
+    elseif #job > 0 then
+      stale[tenant] = (stale[tenant] or 0) + 1
+      if stale[tenant] >= STALE_TURN then
+        held[tenant] = true
+        nheld = nheld + 1
+      end
     end
     if redis.call('EXISTS', pending) == 1 then
       redis.call('ZADD', KEYS[1], pass, tenant)
