@@ -117,8 +117,12 @@ class Drain:
         self.asked = False
 
     def check(self) -> None:
-        if self.asked or not self.store.r.delete(drain_key(self.store.prefix, self.hostname)):
+        # Read, then delete: a DEL whose reply was lost is replayed and answers 0, which
+        # would read as "not asked" and lose the request.
+        key = drain_key(self.store.prefix, self.hostname)
+        if self.asked or not self.store.r.exists(key):
             return
+        self.store.r.delete(key)
         self.asked = True
         self.presence["draining"] = True
         log.warning("drain asked: finishing the running stage, then exiting")
