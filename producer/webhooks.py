@@ -58,17 +58,30 @@ EVENT_TYPES = {"succeeded": "job.succeeded", "failed": "job.failed", "cancelled"
 TERMINAL_EVENTS = ("succeeded", "failed", "cancelled")
 
 # Atomically take up to ARGV[2] due deliveries and lease them for ARGV[1] seconds. Returns
-# flat (member, the job's owner or '') pairs: ARGV[3] is the job-record key prefix.
+# flat (member, the job's owner or '') pairs: ARGV[3] is the job-record key prefix. Due
+# deliveries of the owners named from ARGV[5] on (keys whose share of this dispatcher's
+# threads is busy) are put ARGV[4] seconds back instead, without using up the take, so a
+# busy key's backlog never keeps the other keys' deliveries waiting; at most ten times the
+# take is looked at per call.
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local want = tonumber(ARGV[2])
+local busy = {}
+for i = 5, #ARGV do busy[ARGV[i]] = true end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 10 * want)
 local out = {}
 for _, m in ipairs(due) do
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), m)
   local job_id = string.match(m, '^[^|]+')
-  table.insert(out, m)
-  table.insert(out, redis.call('HGET', ARGV[3] .. job_id, 'owner') or '')
+  local owner = redis.call('HGET', ARGV[3] .. job_id, 'owner') or ''
+  if busy[owner] then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), m)
+  else
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), m)
+    table.insert(out, m)
+    table.insert(out, owner)
+    if #out >= 2 * want then break end
+  end
 end
 return out
 """
@@ -203,7 +216,9 @@ class WebhookDispatcher:
             self._schedule(job_id, view)
         with self._lock:  # no more than the pool can start now: the rest stay due for others
             room = self.workers - len(self._inflight)
-        claimed = self._claim(keys=[self.due_key], args=[self.lease_s, room, self.store.key("")]) if room > 0 else []
+            busy = [owner for owner, n in self._by_key.items() if n >= self.per_key]
+        claimed = self._claim(keys=[self.due_key], args=[self.lease_s, room, self.store.key(""),
+                                                         self.s.webhook_sweep_s, *busy]) if room > 0 else []
         started, later = 0, []
         for member, owner in zip(claimed[::2], claimed[1::2]):
             with self._lock:

@@ -683,7 +683,9 @@ def test_a_webhook_attempt_is_bounded_and_a_dns_blip_or_crash_is_retried_not_fin
 
 def test_a_key_whose_receiver_hangs_holds_a_quarter_of_the_webhook_threads(client):
     """One key's deliveries to a receiver that never answers in time hold at most a quarter of
-    a dispatcher's threads; another key's go out meanwhile instead of waiting behind them."""
+    a dispatcher's threads; another key's go out meanwhile instead of waiting behind them,
+    in the first sweep after the hanging key's share is taken, however many of its own
+    deliveries are due ahead of them."""
     from easel.producer.webhooks import WebhookDispatcher
     from easel.shared.jobstore import JobStore
     from easel.shared.plan import plan_job
@@ -713,17 +715,22 @@ def test_a_key_whose_receiver_hangs_holds_a_quarter_of_the_webhook_threads(clien
                                    "stages": [{"model": "sd15", "prompt": "x", "seed": 1}]})
     plan = plan_job(spec, client.registry)
     # Ids that sort the hanging key's deliveries first among those due at once.
-    slow = [store.create(spec, plan, job_id=f"{i:032x}", owner="hangs")[0] for i in range(6)]
+    slow = [store.create(spec, plan, job_id=f"{i:032x}", owner="hangs")[0] for i in range(12)]
     fast = [store.create(spec, plan, job_id="f" * 31 + str(i), owner="answers")[0] for i in range(2)]
     try:
         for job_id, url in [*((j, hanging.url) for j in slow),
                             *((j, f"http://127.0.0.1:{quick.server_address[1]}/h") for j in fast)]:
             assert store.transition(job_id, JobState.succeeded)
             hooks.register(job_id, url)  # ended already: due at once
+        assert hooks.sweep() == 1  # one of the hanging key's: its share (1) of 4 threads
+        # 8 more of its own are due ahead of the other key's, more than the 3 threads left:
+        # put back, not taken, and the other key's first delivery goes (its share is 1 too).
+        assert hooks.sweep() == 1
         t0 = time.monotonic()
         while len(got) < 2 and time.monotonic() - t0 < 4:  # well before a hanging attempt times out
-            hooks.sweep()
-            time.sleep(0.1)
+            if got:
+                hooks.sweep()
+            time.sleep(0.05)
         assert sorted(got) == sorted(f"{j}.succeeded" for j in fast)
         assert hooks._by_key["hangs"] == 1  # a quarter of 4 threads
     finally:
