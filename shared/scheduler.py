@@ -137,11 +137,13 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # ahead of its tenant's newer jobs, in turn with the other tenants'. A job dispatched under
 # its tenant's cap goes straight to the waiting set: it holds a cap slot already, and
 # waiting behind that cap could deadlock it. Only the delivery that holds the job hands it
-# off (transition's ``?held``): a late one taken over meanwhile, or a replay of this script
-# after a lost reply (its first run cleared the holder), admits nothing; nor does a job
-# whose cancel was asked while its segment ended (after its last step, its hand-off being
-# written): the delivery ends it cancelled instead. KEYS: transition's four, then admit's
-# eleven.
+# off (transition's ``?held``): a late one taken over meanwhile admits nothing; nor does a
+# job whose cancel was asked while its segment ended (after its last step, its hand-off
+# being written): the delivery ends it cancelled instead. A replay of this script after a
+# lost reply (its first run cleared the holder: the job waits at the next segment, claimed
+# by no one since, under the delivery's own attempt) answers from where the job waits, as
+# _SUBMIT answers its replay, so the message that the lost reply kept from going goes now.
+# KEYS: transition's four, then admit's eleven.
 # ARGV: job id, its pending score, its waiting-set score (now), tenant, credit, margin,
 # queue, then transition's argv. Returns {transition's answer, admit's answer (ADMITTED for
 # a capped job; -1 when the transition was refused; -2, CANCEL_ASKED, with 0: not run)}.
@@ -151,6 +153,15 @@ for i = 5, 15 do k[i - 4] = KEYS[i] end
 for i = 8, #ARGV do change[i - 7] = ARGV[i] end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then return {0, -2} end
 local done = transition({KEYS[1], KEYS[2], KEYS[3], KEYS[4]}, change)
+if done == 0 and change[7] ~= '' then
+  local h = redis.call('HMGET', KEYS[1], 'state', 'segment', 'attempts', 'instance')
+  if h[1] == 'queued' and not h[4] and h[3] == change[7] and h[2] == tostring(tonumber(change[4]) + 1) then
+    if redis.call('ZSCORE', k[5], ARGV[1]) then return {1, 1} end
+    local v = redis.call('MGET', k[7], k[6])
+    if open_room(k, v[1], v[2], ARGV[6]) then return {1, 2} end
+    return {1, 0}
+  end
+end
 if done ~= 1 then return {done, -1} end
 if redis.call('HGET', KEYS[1], 'capped') then
   redis.call('ZADD', k[5], ARGV[3], ARGV[1])

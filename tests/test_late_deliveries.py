@@ -74,6 +74,33 @@ def test_a_late_retry_from_a_worker_that_lost_its_job_leaves_it_where_it_moved(l
     assert [j for j, _, _ in sched.dispatch({qb: "lateb"}).moved] == [job_id]
 
 
+@pytest.mark.parametrize("paused", [False, True])
+def test_a_hand_off_replayed_after_a_lost_reply_answers_where_the_job_waits(late_client, chain, monkeypatch,
+                                                                             paused):
+    """redis-py sends a script again when its reply is lost. A hand-off's first run cleared
+    the holder, so the replay's own state change is refused; it must still say where the
+    job waits (admitted: send its message now; pending: a dispatch sends it), not that the
+    delivery was taken over, which sent nothing and left the job to the lost-message sweep."""
+    from easel.shared import scheduler as scheduling
+    from easel.shared.jobstore import DeliveryEnd
+    from easel.shared.scheduler import ADMITTED, PENDING
+
+    store, sched = late_client.store, late_client.scheduler
+    job_id, spec, (qa, qb) = chain
+    if not paused:
+        sched.resume(qb)
+    attempt = int(store.r.hget(store.key(job_id), "attempts"))
+    run_scripts = scheduling.run_scripts
+    monkeypatch.setattr(scheduling, "run_scripts", lambda r, calls: (run_scripts(r, calls), run_scripts(r, calls))[1])
+    created_at = float(store.r.hget(store.key(job_id), "created_at"))
+    answer = sched.hand_off(job_id, spec, created_at, DeliveryEnd(0, "i1", attempt), qb, "lateb")
+    assert answer == (True, PENDING if paused else ADMITTED)
+    assert store.r.hmget(store.key(job_id), "state", "segment", "queue") == ["queued", "1", qb]
+    # A delivery taken over is still refused: another claim moved the attempt on.
+    monkeypatch.setattr(scheduling, "run_scripts", run_scripts)
+    assert sched.hand_off(job_id, spec, created_at, DeliveryEnd(0, "i1", attempt - 1), qb, "lateb") == (False, -1)
+
+
 def test_a_cancel_asked_as_a_segment_ends_ends_the_job_instead_of_its_hand_off(late_client, chain):
     """A cancel that comes after a segment's last step (while it decodes or writes its
     hand-off) finds the job held and running, so it only sets the flag: the hand-off sees
