@@ -155,7 +155,7 @@ def _services(stack: contextlib.ExitStack, console: Console) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _worker(family: str, env: dict, log: Path):
-    from easel.producer.embedded import die_with_parent_hook
+    from easel.shared.children import die_with_parent_hook
 
     # As the servers do, the worker gets SIGTERM when the demo dies, even by SIGKILL.
     preexec = die_with_parent_hook()

@@ -12,12 +12,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
+from easel.shared.children import die_with_parent_hook
 
 
 def free_port(avoid_plus: int = 0) -> int:
@@ -52,20 +52,6 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 class PortInUse(RuntimeError):
     """A port a server needs is taken; the message names the port and the server."""
-
-
-def die_with_parent_hook() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has a child get SIGTERM when its parent dies (Linux; None elsewhere)."""
-    return _die_with_parent if sys.platform.startswith("linux") else None
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: SIGTERM this child when the process that started it dies, even by SIGKILL."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:

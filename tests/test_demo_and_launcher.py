@@ -103,6 +103,60 @@ def test_easel_worker_restarts_a_process_that_dies(easel_env, tmp_path):
     assert [(rec["family"], rec["exit_code"], rec["level"]) for rec in restarts] == [("sdxl-refiner", -9, "WARNING")]
 
 
+def test_ctrl_c_on_easel_worker_lets_the_running_stage_finish(easel_env, client, tmp_path):
+    """A terminal's Ctrl-C goes to its whole foreground process group. The launcher asks each
+    of its processes once, for a warm shutdown: the running job ends succeeded, not cut short
+    by a second SIGINT (Celery's cold shutdown), and the launcher exits 0."""
+    from tests.conftest import img2img_job, png_bytes
+
+    r = redis.Redis.from_url(easel_env["EASEL_REDIS_URL"], decode_responses=True)
+    log = tmp_path / "launcher.log"
+    with open(log, "wb") as out:  # a session of its own, as a shell's job: its group is the terminal's
+        launcher = subprocess.Popen([sys.executable, "-m", "easel.producer.cli", "worker", "--family", "sdxl-refiner"],
+                                    env={**os.environ, **easel_env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    try:
+        image = client.storage.put_input(png_bytes((64, 64)), "png")
+        job_id = client.submit(img2img_job(image, model="sdxl-refiner", steps=60, strength=1.0, seed=3))
+        deadline = time.monotonic() + 120
+        while int(r.hget(f"easel:job:{job_id}", "step") or 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C does
+        assert launcher.wait(120) == 0, log.read_text()[-3000:]
+        st = client.status(job_id)
+        assert st.state.value == "succeeded" and st.attempts == 1, (st.state, st.error)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+
+
+def test_a_stop_during_a_restart_wait_starts_nothing(easel_env, tmp_path):
+    """A process in a crash loop (here: its checkpoint folder is missing) waits out a backoff
+    before each restart. A stop asked then ends the launcher at once: no process is started
+    after it, none left running unasked."""
+    import yaml
+
+    models = tmp_path / "models.yaml"
+    models.write_text(yaml.safe_dump({"models": {"gone": {
+        "source": str(tmp_path / "no-such-checkpoint"), "family": "gone", "latent_space": "sd1-vae", "kind": "sd"}}}))
+    log = tmp_path / "launcher.log"
+    with open(log, "wb") as out:
+        launcher = subprocess.Popen([sys.executable, "-m", "easel.producer.cli", "worker", "--family", "gone"],
+                                    env={**os.environ, **easel_env, "EASEL_MODELS": str(models)}, cwd=ROOT,
+                                    stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "restarting in" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGTERM)  # during the first backoff (1 s)
+        t0 = time.monotonic()
+        assert launcher.wait(60) == 1  # its process failed
+        assert time.monotonic() - t0 < 3, log.read_text()[-2000:]  # no new process, loading for seconds
+    finally:
+        launcher.kill()
+    assert log.read_text().count("restarting in") == 1
+
+
 def test_restart_backoff_grows_in_a_crash_loop_and_resets_after_healthy_service():
     from easel.worker.launcher import RestartBackoff
 

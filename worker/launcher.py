@@ -1,8 +1,8 @@
 """``easel worker``: one process per GPU, each pinned with CUDA_VISIBLE_DEVICES.
 
-The launcher only supervises: it forwards SIGTERM/SIGINT (a warm shutdown: each child
-finishes its running stage) and restarts a child that dies, so a crash costs one stage's
-redelivery and never the pool.
+The launcher only supervises: it turns SIGTERM and SIGINT into one SIGTERM for each child (a
+warm shutdown: each finishes its running stage) and restarts a child that dies, so a crash
+costs one stage's redelivery and never the pool; once a stop is asked, nothing restarts.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from easel.shared.children import die_with_parent_hook
 from easel.worker.feeding import DRAINED_EXIT
 
 log = logging.getLogger("easel.worker.launcher")
@@ -53,46 +54,66 @@ def child_command(family: str, hostname: str) -> list[str]:
 
 
 def run_workers(family: str, gpus: list[str] | None = None, restart: bool = True, extra_env: dict | None = None) -> int:
+    """One process per GPU (``gpus``, else those detected; the CPU where none), restarted
+    when it dies (with ``RestartBackoff``) until a stop is asked; returns the exit code."""
     gpus = gpus if gpus is not None else detect_gpus()
-    slots = gpus or ["cpu"]
+    slots = list(dict.fromkeys(gpus)) or ["cpu"]  # a GPU named twice still gets one process
     host = os.uname().nodename
     procs: dict[str, subprocess.Popen] = {}
+    started: dict[str, float] = {}
+    restart_at: dict[str, float] = {}  # slots waiting out their backoff
     stopping = False
 
-    def spawn(slot: str) -> subprocess.Popen:
+    def spawn(slot: str) -> None:
         env = {**os.environ, **(extra_env or {})}
         env["CUDA_VISIBLE_DEVICES"] = "" if slot == "cpu" else slot
-        return subprocess.Popen(child_command(family, f"{family}-{slot}@{host}"), env=env)
+        # A session of its own: a terminal's Ctrl-C reaches the launcher alone, which asks each
+        # child once (a second SIGINT makes Celery shut down cold). SIGTERM should the
+        # launcher die, even by SIGKILL: a launcher started again finds its GPUs free.
+        procs[slot] = subprocess.Popen(child_command(family, f"{family}-{slot}@{host}"), env=env,
+                                       start_new_session=True, preexec_fn=die_with_parent_hook())
+        started[slot] = time.monotonic()
+        if stopping:  # the stop came while it started: it is asked too
+            procs[slot].send_signal(signal.SIGTERM)
 
     def forward(signum, _frame):
         nonlocal stopping
         stopping = True
+        restart_at.clear()
         for p in procs.values():
             if p.poll() is None:
-                p.send_signal(signum)
+                p.send_signal(signal.SIGTERM)  # a warm shutdown: each finishes its running stage
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    started: dict[str, float] = {}
     for slot in slots:
-        procs[slot], started[slot] = spawn(slot), time.monotonic()
+        spawn(slot)
     backoff = RestartBackoff()
     while True:
-        alive = False
         for slot, p in list(procs.items()):
             rc = p.poll()
-            if rc is None:
-                alive = True
-            elif rc == DRAINED_EXIT:
+            if rc is None or slot in restart_at:
+                continue
+            if rc == DRAINED_EXIT:
                 log.warning("easel worker: %s on %s drained; not restarted", family, slot)
                 del procs[slot]
             elif not stopping and restart:
                 delay = backoff.delay(slot, time.monotonic() - started[slot])
                 log.warning("easel worker: %s on %s exited with %s; restarting in %.0fs", family, slot, rc, delay,
                             extra={"family": family, "slot": slot, "exit_code": rc})
-                time.sleep(delay)
-                procs[slot], started[slot] = spawn(slot), time.monotonic()
-                alive = True
-        if not alive:
-            return max(((p.returncode or 0) for p in procs.values()), default=0)
+                restart_at[slot] = time.monotonic() + delay
+        for slot, at in list(restart_at.items()):
+            if time.monotonic() >= at:
+                del restart_at[slot]
+                spawn(slot)
+        if not restart_at and all(p.poll() is not None for p in procs.values()):
+            return exit_code([p.returncode for p in procs.values()], stopping)
         time.sleep(0.5)
+
+
+def exit_code(returncodes: list[int], stopped: bool) -> int:
+    """The launcher's exit code: the worst of its processes', a death by a signal counted as
+    a shell shows it (128 + the signal), and one by the SIGTERM of a stop asked as a clean end
+    (a process still loading its model has no handler for it yet)."""
+    codes = [0 if rc == -signal.SIGTERM and stopped else 128 - rc if rc < 0 else rc for rc in returncodes]
+    return max(codes, default=0)
