@@ -98,9 +98,14 @@ def _is_ref(v: str) -> bool:
 
 
 def _resolve(v, base: Path):
-    if isinstance(v, str) and v and not _is_ref(v) and not Path(v).expanduser().is_absolute():
-        return str(base / v)
-    return v
+    """A local path relative to the manifest's folder; anything else as it is."""
+    if not (isinstance(v, str) and v and not _is_ref(v)):
+        return v
+    try:
+        absolute = Path(v).expanduser().is_absolute()
+    except RuntimeError:  # Path.expanduser: a ~user/ path of no such user
+        raise ValueError(f"{v}: no such user's home folder") from None
+    return v if absolute else str(base / v)
 
 
 def _flat_to_job(row: dict, base: Path, default_model: str) -> dict:
@@ -126,10 +131,16 @@ def _full_job(row: dict, base: Path) -> dict:
     job = json.loads(json.dumps(row))
     if isinstance(job.get("input"), dict) and "image" in job["input"]:
         job["input"]["image"] = _resolve(job["input"]["image"], base)
-    for st in job.get("stages") or []:
-        if isinstance(st, dict) and "control_image" in st:
+    for st in _stages(job):
+        if "control_image" in st:
             st["control_image"] = _resolve(st["control_image"], base)
     return job
+
+
+def _stages(job: dict) -> list[dict]:
+    """The job's stage objects, whatever the row holds (its validation says what is wrong)."""
+    stages = job.get("stages")
+    return [st for st in stages if isinstance(st, dict)] if isinstance(stages, list) else []
 
 
 def _raw_rows(path: Path) -> list[tuple[dict | None, str | None]]:
@@ -222,7 +233,7 @@ def _identity(job: dict) -> str:
         try:
             st = Path(ref).expanduser().stat()
             files[ref] = [st.st_size, st.st_mtime_ns]
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: a ~user/ path of no such user
             files[ref] = None  # the submission says it is missing
     blob = json.dumps({"job": job, "files": files}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -230,7 +241,7 @@ def _identity(job: dict) -> str:
 
 def _local_refs(job: dict) -> list[str]:
     refs = [(job.get("input") or {}).get("image") if isinstance(job.get("input"), dict) else None]
-    refs += [st.get("control_image") for st in job.get("stages") or [] if isinstance(st, dict)]
+    refs += [st.get("control_image") for st in _stages(job)]
     return [r for r in refs if isinstance(r, str) and r and not _is_ref(r)]
 
 
@@ -306,12 +317,17 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
     console = console or Console(stderr=True)
     rows = read_manifest(manifest, default_model)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BatchError(f"cannot use {out} for the results: {e.strerror or e}") from None
+    client = client or EaselClient()
+    client.store.ping()  # Redis out of reach fails the run now (exit 3), not each row after its retries
     state = StateFile(out / STATE_FILE)
     prior = state.load()
     outcomes, todo, skipped = _plan(rows, prior, _run_id(out, began=bool(prior)), out, download, retry_failed)
     t0 = time.monotonic()
-    run = _Run(client or EaselClient(), state, outcomes, out, download, poll_s, concurrency)
+    run = _Run(client, state, outcomes, out, download, poll_s, concurrency)
     run.go(todo, console, timeout)
     summary = _summarise(Summary(manifest=str(manifest), out=str(out), total=len(rows), skipped=len(skipped),
                                  submitted=run.submitted, elapsed_s=round(time.monotonic() - t0, 3),
@@ -331,9 +347,11 @@ def _plan(rows: list[Row], prior: dict[str, dict], run_id: str | None, out: Path
     outcomes: dict[str, Outcome] = {}
     todo: list[Row] = []
     skipped: set[str] = set()
-    for row in rows:
-        if run_id is None:  # a folder an earlier easel began: its rows keep the keys they had
+    if run_id is None:  # a folder an earlier easel began: its rows keep the keys they had
+        for row in rows:
             row.key = row.legacy_key
+    _keep_folders(rows, prior)
+    for row in rows:
         # A derived key is this OUT folder's: another folder (or this one emptied) starts over.
         first_key = f"{run_id}-{row.key}" if row.derived and run_id is not None else row.key
         o = outcomes[row.key] = Outcome(key=row.key, name=row.name, row=row.index, attempt_key=first_key)
@@ -360,6 +378,22 @@ def _plan(rows: list[Row], prior: dict[str, dict], run_id: str | None, out: Path
                 o.job_id = None
             todo.append(row)
     return outcomes, todo, skipped
+
+
+def _keep_folders(rows: list[Row], prior: dict[str, dict]) -> None:
+    """A row an earlier run recorded keeps its results folder; a new row whose name (its row
+    number, where it has none) is another row's folder, recorded or kept, gets a suffix, so
+    rows deleted or inserted since never write over another row's results."""
+    kept = {id(row) for row in rows if (prior.get(row.key) or {}).get("name")}
+    for row in rows:
+        if id(row) in kept:
+            row.name = prior[row.key]["name"]
+    taken = {p["name"].casefold() for p in prior.values() if p.get("name")}
+    for row in rows:
+        if id(row) not in kept and row.name.casefold() in taken:
+            row.name = _unique(row.name, row.index, taken)
+        elif id(row) not in kept:
+            taken.add(row.name.casefold())
 
 
 class _Run:

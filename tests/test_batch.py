@@ -262,6 +262,61 @@ def test_batch_csv_reports_each_failure_with_its_reason(easel_env, sd15_worker, 
     assert _job_count(client) == before + 2
 
 
+def test_rows_of_the_wrong_shape_fail_alone_and_the_others_run(easel_env, sd15_worker, client, tmp_path):
+    """A row whose stages are not a list of objects, or whose path names a home folder of no
+    such user, fails with its reason; the run goes on with the others and writes its summary."""
+    (img,) = _inputs(tmp_path, 1)
+    manifest = tmp_path / "jobs.jsonl"
+    rows = [{"name": "good", "image": img, "prompt": "p", "steps": 2, "seed": 1},
+            {"name": "stages-not-a-list", "input": {"image": img}, "stages": 5},
+            {"name": "stage-not-an-object", "input": {"image": img}, "stages": [5]},
+            {"name": "no-such-user", "image": "~no-such-user-easel/cat.png", "prompt": "p"}]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    r = cli("batch", str(manifest), "--out", str(out))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["total"], s["succeeded"], s["failed"]) == (4, 1, 3)
+    reasons = {f["name"]: f["reason"] for f in s["failures"]}
+    assert "stages" in reasons["stages-not-a-list"] and "stages.0" in reasons["stage-not-an-object"]
+    assert "no-such-user-easel" in reasons["no-such-user"]
+
+
+def test_a_rerun_after_rows_were_deleted_and_added_keeps_every_rows_folder(easel_env, sd15_worker, client, tmp_path):
+    """Unnamed rows get folders by row number. After the first row is deleted and one is
+    added, the rerun keeps each earlier row's folder (its results stay its own) and gives
+    the new row a folder no other row's results are in."""
+    images = _inputs(tmp_path, 1)
+    rows = [{"image": images[0], "prompt": f"p{i}", "steps": 2, "seed": i} for i in range(4)]
+    manifest, out = tmp_path / "jobs.jsonl", tmp_path / "out"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows[:3]))
+    assert cli("batch", str(manifest), "--out", str(out)).returncode == 0
+
+    def seed_in(folder: str) -> int:
+        return json.loads((out / folder / "manifest.json").read_text())["stages"][0]["seeds"][0]
+
+    assert [seed_in(f"row-{i:05d}") for i in (1, 2, 3)] == [0, 1, 2]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows[1:]))  # row 0 deleted, row 3 added
+    r = cli("batch", str(manifest), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [seed_in(f"row-{i:05d}") for i in (1, 2, 3)] == [0, 1, 2]  # nothing written over
+    assert seed_in("row-00003-00003") == 3
+
+
+@pytest.mark.slow
+def test_a_batch_with_redis_out_of_reach_exits_3_before_any_row(easel_env, tmp_path):
+    """A wrong EASEL_REDIS_URL fails the run once (its client's retries, ~30 s), exit 3 and
+    one line, not each row of a long manifest after its own retries."""
+    from easel.producer.embedded import free_port
+
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps({"image": "s3://easel/inputs/x.png", "prompt": f"p{i}"}) + "\n"
+                                for i in range(50)))
+    r = cli("batch", str(manifest), "--out", str(tmp_path / "out"),
+            env={**os.environ, "EASEL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, timeout=240)
+    assert r.returncode == 3 and "cannot reach Redis" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
 def test_manifest_rows_are_read_as_csv_and_json_lines_define_them(tmp_path):
     """Quoted CSV fields keep their commas and line breaks; a row with more fields than the
     header is refused, not cut short; a JSON line may hold any character; a file that is not
