@@ -69,7 +69,12 @@ def decode_image(data: bytes, settings: Settings, what: str = "image") -> Image.
             if min(w, h) < MIN_SIDE:
                 raise InputError(f"{what} is {w}x{h}, under the minimum of {MIN_SIDE} px a side")
             img.load()
-            return to_rgb(_upright(img))
+            out = to_rgb(_upright(img))
+            # Pixels only: Pillow keeps text chunks (up to 64 MB an image, compressed a
+            # thousandfold in the file), EXIF and ICC in ``info`` through every copy, and a
+            # worker caches decoded inputs by their pixels' size.
+            out.info = {}
+            return out
     except InputError:
         raise
     except MemoryError:

@@ -183,6 +183,22 @@ def test_decode_turns_a_phone_photo_upright_and_scales_16_bit_grey():
     assert grey[32, 0, 0] == 32 * 64 * 16 >> 8  # the middle grey, not clipped to white
 
 
+def test_decoded_images_carry_no_metadata():
+    """A small PNG may carry tens of MB of compressed text chunks, which Pillow keeps on the
+    image through every copy; a worker caches decoded inputs by their pixels' size, so the
+    decoded image holds pixels only."""
+    from PIL import PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()
+    for k in range(3):  # 2.7 MB of text (Pillow takes up to 1 MB a chunk), compressed to a few KB
+        text.add_text(f"note{k}", "x" * 900_000, zip=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buf, format="PNG", pnginfo=text)
+    assert len(buf.getvalue()) < 20_000
+    img = decode_image(buf.getvalue(), SETTINGS)
+    assert img.info == {} and img.getpixel((0, 0)) == (255, 0, 0)
+
+
 def test_decode_small_compressible_bomb_refused_by_configured_limit():
     bomb = png_bomb(2048, 2048)  # 12 MB decoded, ~12 KB on disk
     assert len(bomb) < 50_000

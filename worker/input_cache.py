@@ -18,7 +18,9 @@ _CONTENT_ADDRESSED = re.compile(r"^s3://[^/]+/inputs/[0-9a-f]{64}\.[a-z0-9]{1,5}
 
 
 def _nbytes(img: Image.Image) -> int:
-    return img.width * img.height * len(img.getbands())
+    """Its pixels' memory: Pillow keeps 3- and 4-band pixels in 4 bytes."""
+    bands = len(img.getbands())
+    return img.width * img.height * (4 if bands >= 3 else bands)
 
 
 class InputCache:
