@@ -439,6 +439,39 @@ def test_a_tasks_deliveries_waiting_behind_another_call_are_not_counted_as_start
     assert [store.status(j).state.value for j in ids] == ["succeeded", "succeeded"]
 
 
+def test_the_stops_listener_outlives_a_failing_handler_and_a_message_that_is_not_text(late_client):
+    """A handler that raises, or bytes that are not UTF-8 on a channel it listens on, cost
+    that one message: the listener's thread goes on, so later stops and notices are heard."""
+    import json
+
+    import time
+
+    from easel.shared.jobstore import JobStore, redis_client
+    from easel.worker.stops import StopListener
+
+    store = JobStore(redis_client(late_client.settings.redis_url), prefix="stops-live")
+    heard: list[str | None] = []
+
+    def handler(text: str | None) -> None:
+        heard.append(text)
+        if text == "boom":
+            raise RuntimeError("a handler's bug")
+
+    listener = StopListener(store.r, store.stops_channel()).on("stops-live:notices", handler).start()
+    try:
+        deadline = time.monotonic() + 10
+        while not (listener.connected and heard == [None]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for data in ("boom", b"\xff\xfe not text"):
+            store.r.publish("stops-live:notices", data)
+        while listener.stop_for("j1", "any") is None and time.monotonic() < deadline + 10:
+            store.r.publish(store.stops_channel(), json.dumps({"job_id": "j1", "stop": "cancel"}))
+            time.sleep(0.2)  # (a reply the client could not read costs a new subscription)
+        assert listener.stop_for("j1", "any") == "cancel" and heard[:2] == [None, "boom"]
+    finally:
+        listener.close()
+
+
 def test_a_heard_stop_is_kept_an_hour_from_when_it_was_last_heard(monkeypatch):
     """The stops a worker hears (cancels, take-overs: the farm's, as a mass cancel sends one a
     job) are kept for KEEP_S from their last hearing and then forgotten, oldest first, each

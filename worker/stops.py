@@ -84,22 +84,33 @@ class StopListener:
                         pubsub.ping()
                     if msg is None or msg["type"] not in ("subscribe", "message"):
                         continue
-                    channel = _text(msg["channel"])
-                    if msg["type"] == "subscribe" and channel == self.channel:
-                        self.epoch += 1
-                        self.connected = True
-                    elif msg["type"] == "subscribe":
-                        self._handlers[channel](None)
-                    elif channel == self.channel:
-                        self._note(msg["data"])
-                    else:
-                        self._handlers[channel](_text(msg["data"]))
+                    self._take(msg)
             except (redis.RedisError, OSError) as e:
                 log.warning("stops channel lost (%s); stages read cancel flags until it is back", e)
+            except Exception:  # a reply the client could not read (bytes that are not UTF-8): anew
+                log.exception("stops channel failed; subscribing again")
             finally:
                 self.connected = False
                 pubsub.close()
             self._stop.wait(1.0)
+
+    def _take(self, msg: dict) -> None:
+        """One subscribe confirmation or message. A handler's error is logged and the message
+        dropped: the thread lives on (were it to end, cancels would fall back to flag reads,
+        and backlog notices would stop for the life of the process)."""
+        try:
+            channel = _text(msg["channel"])
+            if msg["type"] == "subscribe" and channel == self.channel:
+                self.epoch += 1
+                self.connected = True
+            elif msg["type"] == "subscribe":
+                self._handlers[channel](None)
+            elif channel == self.channel:
+                self._note(msg["data"])
+            else:
+                self._handlers[channel](_text(msg["data"]))
+        except Exception:
+            log.exception("a message on %r was dropped", msg.get("channel"))
 
     def _note(self, data: bytes | str) -> None:
         try:
