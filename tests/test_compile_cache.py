@@ -133,3 +133,20 @@ def test_a_call_that_compiles_on_a_job_is_given_the_time_and_not_taken_as_its_pa
     assert allowed_after_first == allowed_after_second and got["warmed"] <= allowed_after_first
     assert compiling_s > 3 * plain_s, got  # it did compile: a call is no measure of the next
     assert times_after_first == {} and list(times_after_second) == ["1"], got  # JSON keys
+
+
+def test_a_torn_save_left_by_a_killed_process_is_deleted_later(tmp_path):
+    """A process killed while writing the cache leaves its temporary file (as large as the
+    cache); the next save deletes one over an hour old, and leaves a younger one, which may
+    be another process's write in progress."""
+    import torch
+
+    from easel.worker.compile_cache import artifacts_path, save_artifacts
+
+    path = artifacts_path(tmp_path, torch.device("cpu"), "f")
+    torn, writing = tmp_path / f".{path.name}.torn", tmp_path / f".{path.name}.writing"
+    for tmp in (torn, writing):
+        tmp.write_bytes(b"x" * 1000)
+    os.utime(torn, (0, 0))
+    save_artifacts(tmp_path, torch.device("cpu"), "f")
+    assert not torn.exists() and writing.exists()

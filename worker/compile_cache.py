@@ -11,10 +11,12 @@ since compiled kernels are valid only for the GPU model and torch build that mad
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -88,16 +90,29 @@ def load_artifacts(folder: Path, device: torch.device, family: str) -> bool:
     return True
 
 
+TORN_AFTER_S = 3600  # a temporary file this old was left by a process killed while writing it
+
+
+def _drop_torn(folder: Path, path: Path) -> None:
+    """Delete the temporary files of ``path`` that processes killed mid-write left (each as
+    large as the cache); a younger one may be another process's write in progress."""
+    for tmp in folder.glob(f".{path.name}.*"):
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > TORN_AFTER_S:
+                tmp.unlink()
+
+
 def save_artifacts(folder: Path, device: torch.device, family: str) -> Path | None:
     """Write what this process compiled to the artifacts file, atomically (a temporary file
     renamed into place), so a worker starting meanwhile never reads half a file."""
+    path = artifacts_path(folder, device, family)
+    _drop_torn(folder, path)
     if not hasattr(torch.compiler, "save_cache_artifacts"):
         return None
     saved = torch.compiler.save_cache_artifacts()
     if not saved:
         return None
     data = saved[0]
-    path = artifacts_path(folder, device, family)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
     except OSError as e:  # a full or read-only volume: the next start compiles cold, nothing worse
