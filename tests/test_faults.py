@@ -338,6 +338,43 @@ def test_stuck_stage_is_failed_by_the_watchdog(fclient, workers):
     assert wait_for(lambda: w.proc.poll() is not None, 30, "worker exit") and w.proc.returncode == 75
 
 
+DECODE_HANG = """
+import os
+import time
+
+from diffusers import AutoencoderKL
+
+_decode = AutoencoderKL.decode
+
+
+def decode(self, *args, **kwargs):  # a hung kernel while the flag file exists: no step callback runs
+    if os.path.exists(os.environ["EASEL_TEST_DECODE_HANG"]):
+        time.sleep(3600)
+    return _decode(self, *args, **kwargs)
+
+
+AutoencoderKL.decode = decode
+"""
+
+
+def test_a_decode_stuck_outside_the_pipeline_call_is_failed_by_the_watchdog(fclient, workers, big_input, tmp_path):
+    """An intermediate kept between two stages that share latents is decoded after the first
+    stage's call, where no step callback runs. Stuck there (a hung kernel), the job fails
+    and the worker restarts, as for a stage stuck inside its call; the heartbeat would
+    otherwise keep the job running forever."""
+    (tmp_path / "sitecustomize.py").write_text(DECODE_HANG)
+    flag = tmp_path / "decode-hangs"
+    flag.write_text("")
+    w = workers(PYTHONPATH=str(tmp_path), EASEL_TEST_DECODE_HANG=str(flag), EASEL_STAGE_TIMEOUT_BASE_S="3",
+                EASEL_STAGE_STUCK_GRACE_S="1")
+    chain = {"input": {"image": big_input}, "output": {"keep_intermediates": True}, "stages": [
+        {"model": "sd15", "prompt": "a", "steps": 4, "strength": 1.0, "seed": 1},
+        {"model": "sd15", "prompt": "b", "steps": 4, "strength": 0.5, "seed": 2}]}
+    st = fclient.wait(fclient.submit(chain), timeout=90)
+    assert st.state.value == "failed" and "stage 0's intermediate made no progress" in st.error, st.error
+    assert wait_for(lambda: w.proc.poll() is not None, 30, "worker exit") and w.proc.returncode == 75
+
+
 def test_cancel_queued_and_running_jobs(fclient, workers, big_input):
     workers()
     running = fclient.submit(job(big_input, steps=300, seed=41))

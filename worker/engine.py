@@ -22,6 +22,7 @@ job that breaks the call fails alone.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from concurrent.futures import Future
@@ -331,7 +332,7 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
         for k, job in enumerate(jobs):
             job.carrier, job.last_step = out.part(k, n), hook.last
             own = {**timings, "input": job.input_s} if pos == 0 else dict(timings)
-            kept = _keep_intermediates(ctx, job, i, model, own) if i < last_stage else []
+            kept = _keep_intermediates(ctx, job, i, model, own, budget) if i < last_stage else []
             job.records[i] = make_record(ctx, i, job.spec, job.plan, model, job.carrier, own, want_latent, kept,
                                          batch_size=len(jobs))
 
@@ -355,25 +356,50 @@ def _arm_watchdog(ctx: WorkerContext, jobs: list[Job], i: int, stage, budget: St
         return
     grace = ctx.settings.stage_stuck_grace_s
     left = budget.deadline - time.monotonic() + grace
+    ctx.watchdog.arm(left, f"stage {i} ({stage.task}, {stage.model}) made no progress within its time limit "
+                           f"of {budget.allowed_s:.0f}s and {grace:.0f}s of grace; worker restarted",
+                     _fail_all(ctx, jobs))
 
+
+def _fail_all(ctx: WorkerContext, jobs: list[Job]) -> Callable[[str], None]:
+    """What the watchdog does before it ends the process: fail ``jobs`` with its reason."""
     def fail_all(reason: str) -> None:
         # As the deliveries' own ends (end_as): a job a reaper took meanwhile (this process
         # froze past its heartbeat) is another delivery's now, and is left to it.
         ctx.store.transition_many([(job.job_id, JobState.failed, {"error": reason}) for job in jobs],
                                   ends=[end_of(ctx, job.delivery) for job in jobs])
         drain_finishes(ctx)
-
-    ctx.watchdog.arm(left, f"stage {i} ({stage.task}, {stage.model}) made no progress within its time limit "
-                           f"of {budget.allowed_s:.0f}s and {grace:.0f}s of grace; worker restarted", fail_all)
+    return fail_all
 
 
-def _keep_intermediates(ctx: WorkerContext, job: Job, i: int, model, timings: dict[str, float]) -> list[str]:
-    """With ``keep_intermediates``, stage ``i``'s images (decoded from latents if need be)."""
+@contextlib.contextmanager
+def _watched(ctx: WorkerContext, jobs: list[Job], seconds: float, what: str) -> Iterator[None]:
+    """Device work outside a pipeline call (an intermediate's decode), where no step callback
+    runs, watched as a stage is: stuck past ``seconds``, it fails ``jobs`` and the process
+    restarts (the heartbeat beats on, so nothing else would ever take the jobs back)."""
+    if ctx.watchdog is None:
+        yield
+        return
+    ctx.watchdog.arm(seconds, f"{what} made no progress within {seconds:.0f}s; worker restarted", _fail_all(ctx, jobs))
+    try:
+        yield
+    finally:
+        ctx.watchdog.disarm()
+
+
+def _keep_intermediates(ctx: WorkerContext, job: Job, i: int, model, timings: dict[str, float],
+                        budget: StageBudget) -> list[str]:
+    """With ``keep_intermediates``, stage ``i``'s images (decoded from latents if need be,
+    within the stage's own allowance: it decoded once already)."""
     if not job.spec.output.keep_intermediates:
         return []
     t0 = time.perf_counter()
     c = job.carrier
-    imgs = c.images if c.images is not None else decode_latents(model, c.latents)
+    if c.images is not None:
+        imgs = c.images
+    else:
+        with _watched(ctx, [job], budget.allowed_s + ctx.settings.stage_stuck_grace_s, f"stage {i}'s intermediate"):
+            imgs = decode_latents(model, c.latents)
     keys = [ctx.storage.put(f"{job_prefix(job.job_id)}stages/{i}/{k}.png", encode_image(img, "png"))
             for k, img in enumerate(imgs)]
     timings["intermediates"] = time.perf_counter() - t0

@@ -238,6 +238,10 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
     with torch.inference_mode(), vae_tiling_for(model, vae, lambda: output_pixels(model, stages[0], carrier)), \
             vae_dtype_kept(vae):
         out = pipe(**kw)
+        # Latents stay on the device: its queued work ends here, inside the stage's watch,
+        # not in a hand-off's copy to the host, where no watchdog looks.
+        if want_latent and isinstance(out.images, torch.Tensor) and out.images.is_cuda:
+            torch.cuda.synchronize(out.images.device)
     t2 = time.perf_counter()
     if compiling:  # a compiling call says nothing of a call's time
         model.calls_made.add(key)
