@@ -83,3 +83,37 @@ def test_the_cache_is_bounded(model_root, monkeypatch):
     for i in range(5):
         prompts.cached_embeds(model, Stage(model="sd15", prompt=f"prompt {i}", seed=1))
     assert [k[1] for k in model.extras["prompt_cache"]] == ["prompt 2", "prompt 3", "prompt 4"]
+
+
+def test_the_cache_is_bounded_in_bytes_too(model_root, monkeypatch):
+    """Compel prompts are not cut at 77 tokens, so a pair can hold ten times a plain one's
+    device memory: the cache keeps at most CACHE_BYTES of them (and always the newest)."""
+    model = _model(model_root, "sd15")
+    one = prompts._nbytes(prompts.cached_embeds(model, Stage(model="sd15", prompt="prompt 0", seed=1)))
+    monkeypatch.setattr(prompts, "CACHE_BYTES", 2 * one)
+    for i in range(1, 4):
+        prompts.cached_embeds(model, Stage(model="sd15", prompt=f"prompt {i}", seed=1))
+    assert [k[1] for k in model.extras["prompt_cache"]] == ["prompt 2", "prompt 3"]
+    monkeypatch.setattr(prompts, "CACHE_BYTES", 1)
+    prompts.cached_embeds(model, Stage(model="sd15", prompt="prompt 4", seed=1))
+    assert [k[1] for k in model.extras["prompt_cache"]] == ["prompt 4"]
+
+
+def test_a_compel_prompts_length_is_part_of_a_compiled_calls_key(model_root):
+    """A compiled UNet compiles anew for an embedding length it has not seen, and a Compel
+    prompt over 75 tokens makes a longer one: such a call's key differs, so it is given the
+    compile allowance; a plain prompt's is always cut to the same length."""
+    from easel.shared.registry import Registry
+    from easel.worker.runner import call_key
+
+    reg = Registry.model_validate({"models": {"m": {"source": "tiny-sd15", "family": "f", "latent_space": "sd1-vae",
+                                                    "kind": "sd", "optimizations": {"compile_unet": True}}}})
+    model = load_model(reg.get("m"), Settings(model_root=model_root), torch.device("cpu"))
+    carrier = Carrier(images=[Image.new("RGB", (64, 64))])
+
+    def key(prompt: str, syntax: str = "compel") -> tuple:
+        return call_key(model, Stage(model="m", prompt=prompt, prompt_syntax=syntax, seed=1), carrier, 1, False)
+
+    long = " ".join(["a lighthouse at dusk"] * 30)  # 120 words: two chunks of 75 tokens
+    assert key("a lighthouse") == key("a (lighthouse)1.2 at dusk") != key(long)
+    assert key("a lighthouse", "plain") == key(long, "plain")

@@ -18,6 +18,9 @@ from easel.shared.schema import Stage
 from easel.worker.pipelines import LoadedModel
 
 CACHE_SIZE = 256  # prompt pairs per model; SD 1.5 keeps ~240 kB per pair (fp16)
+# and at most this many bytes of them (device memory): a Compel prompt is not cut at 77
+# tokens, so one pair can hold ten times a plain one's.
+CACHE_BYTES = 64 * 2**20
 
 _SD_NAMES = ("prompt_embeds", "negative_prompt_embeds")
 _POOLED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
@@ -55,10 +58,24 @@ def cached_embeds(model: LoadedModel, stage: Stage) -> dict[str, torch.Tensor] |
     if key not in cache:
         with torch.inference_mode():
             cache[key] = _compel_embeds(model, stage) if syntax == "compel" else _plain_embeds(model, stage)
-        while len(cache) > CACHE_SIZE:
+        while len(cache) > 1 and (len(cache) > CACHE_SIZE or sum(map(_nbytes, cache.values())) > CACHE_BYTES):
             cache.popitem(last=False)
     cache.move_to_end(key)
     return cache[key]
+
+
+def _nbytes(embeds: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in embeds.values() if t is not None)
+
+
+def prompt_tokens(model: LoadedModel, stage: Stage) -> int | None:
+    """The length of the stage's prompt embeddings where it is not fixed: Compel's, which
+    grow by 77 a chunk of 75 tokens (None for plain prompts, cut at 77). A compiled UNet
+    compiles anew for a length it has not seen."""
+    if stage.prompt_syntax != "compel":
+        return None
+    embeds = cached_embeds(model, stage)
+    return None if embeds is None else int(embeds["prompt_embeds"].shape[1])
 
 
 def _plain_embeds(model: LoadedModel, stage: Stage) -> dict[str, torch.Tensor]:

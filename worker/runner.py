@@ -21,7 +21,7 @@ from easel.shared.registry import UPSCALE
 from easel.shared.schema import STRENGTH_TASKS, Stage
 from easel.worker.adaptive import CALL_TIMES
 from easel.worker.pipelines import LoadedModel, compiles, upcasts_vae
-from easel.worker.prompts import prompt_kwargs
+from easel.worker.prompts import prompt_kwargs, prompt_tokens
 
 
 class Interrupted(Exception):
@@ -256,12 +256,14 @@ def run_stage(model: LoadedModel, stages: list[Stage], carrier: Carrier, *, n: i
 def call_key(model: LoadedModel, stage: Stage, carrier: Carrier, images: int, want_latent: bool) -> tuple:
     """What a compiled model's graphs are made for, as far as a call can tell: task, input
     size, images per call, ControlNet, guidance on (it doubles the UNet's batch), whether
-    the VAE decodes, and whether it reaches a step cache's cached pass (a graph of its own,
-    from a call's second pass on). A key this process has not called yet may compile."""
+    the VAE decodes, whether it reaches a step cache's cached pass (a graph of its own,
+    from a call's second pass on) and a Compel prompt's embedding length. A key this process
+    has not called yet may compile."""
     size = (stage.width, stage.height) if carrier.empty else pixel_size(model, carrier, stage)
     cache = model.spec.optimizations.step_cache
     cached = cache is not None and cache.interval > 1 and denoising_steps(stage) > 1
-    return stage.task, size, images, stage.controlnet, stage.guidance_scale > 1, want_latent, cached
+    tokens = prompt_tokens(model, stage) if compiles(model.spec) else None
+    return stage.task, size, images, stage.controlnet, stage.guidance_scale > 1, want_latent, cached, tokens
 
 
 def denoising_steps(stage: Stage) -> int:
