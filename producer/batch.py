@@ -334,6 +334,8 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
                                  finished_this_run=run.finished, images_this_run=run.images), outcomes)
     _write_whole(out / SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
     _print_summary(console, summary)
+    if run.interrupted:
+        raise KeyboardInterrupt
     return summary
 
 
@@ -406,6 +408,7 @@ class _Run:
         self.download, self.poll_s = download, poll_s
         self.pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="easel-batch")
         self.submissions: dict[Future, Row] = {}
+        self.interrupted = False  # stopped by Ctrl-C
         self.waiting: dict[str, Outcome] = {}  # job_id -> outcome, submitted and not yet ended
         self.downloads: dict[Future, Outcome] = {}
         self.ended = _Ended(outcomes.values())
@@ -422,16 +425,21 @@ class _Run:
             self._start(todo)
             try:
                 timed_out = self._follow(deadline)
+            except KeyboardInterrupt:  # Ctrl-C: as a timeout, what ended is recorded and summed up
+                timed_out, self.interrupted = False, True
             finally:
                 for f in self.submissions:
                     f.cancel()
                 self.pool.shutdown(wait=True, cancel_futures=True)
             self._leave_downloads()
+            unfinished = len(self.submissions) + len(self.waiting) + len(self.downloads)
+            undone = f" ({len(self.downloads)} of them finished, not downloaded)" if self.downloads else ""
             if timed_out:
-                unfinished = len(self.submissions) + len(self.waiting) + len(self.downloads)
-                undone = f" ({len(self.downloads)} of them finished, not downloaded)" if self.downloads else ""
                 console.print(f"[yellow]timeout:[/yellow] {unfinished} rows unfinished after {timeout:.0f}s{undone}; "
                               "rerun the same command to resume", soft_wrap=True)
+            elif self.interrupted:
+                console.print(f"[yellow]interrupted:[/yellow] {unfinished} rows unfinished{undone}; rerun the same "
+                              "command to resume", soft_wrap=True)
 
     def _leave_downloads(self) -> None:
         """Once the pool has stopped: settle the downloads it finished; the others' rows stay

@@ -100,6 +100,8 @@ def batch(manifest: Path = typer.Argument(..., help="Jobs, one per row: .jsonl (
     except BatchError as e:
         Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:  # the summary is written: 130, as a shell reports Ctrl-C
+        raise typer.Exit(130) from None
     raise typer.Exit(0 if summary.succeeded == summary.total else 1)
 
 

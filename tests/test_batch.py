@@ -146,6 +146,37 @@ def test_a_row_whose_job_record_is_gone_ends_unfinished_and_a_rerun_submits_it_a
     assert Image.open(out / "gone" / "0.png").format == "PNG"
 
 
+def test_ctrl_c_writes_the_summary_exits_130_and_the_rerun_resumes(easel_env, sd15_worker, client, tmp_path):
+    """Ctrl-C while a row's job waits: the run records what it has, writes the summary with
+    the row unfinished, says how to resume and exits 130 (as a shell reports Ctrl-C); the
+    rerun follows the same job to its end."""
+    (img,) = _inputs(tmp_path, 1)
+    tenant = f"held-{uuid.uuid4().hex[:8]}"
+    client.scheduler.set_cap(tenant, 0)  # its job waits
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({**img2img_job(img, steps=2), "tenant": tenant, "name": "waits"}) + "\n")
+    out = tmp_path / "out"
+    try:
+        batch = _batch(str(manifest), "--out", str(out))
+        try:
+            deadline = time.monotonic() + 60
+            while not (submitted := _states(out)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            batch.send_signal(signal.SIGINT)
+            _, stderr = batch.communicate(timeout=60)
+        finally:
+            batch.kill()
+        assert batch.returncode == 130, stderr[-2000:]
+        assert "interrupted" in stderr and "rerun the same command" in stderr
+        s = json.loads((out / "summary.json").read_text())
+        assert (s["total"], s["succeeded"], s["pending"]) == (1, 0, 1)
+    finally:
+        client.scheduler.set_cap(tenant, None)
+    r = cli("batch", str(manifest), "--out", str(out))  # its job goes on as a worker's dispatch moves it
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _states(out)[-1]["job_id"] == submitted[0]["job_id"]  # the same job, not a new one
+
+
 @pytest.mark.slow
 def test_a_batch_follows_on_through_a_redis_outage_longer_than_its_clients_retries(easel_env, sd15_worker, client,
                                                                                     tmp_path):
