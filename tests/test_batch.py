@@ -110,34 +110,41 @@ def _batch(*args: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def test_a_row_whose_job_record_is_gone_ends_unfinished_and_a_rerun_submits_it_again(easel_env, sd15_worker,
-                                                                                      client, tmp_path):
-    """A record gone (its TTL passed, Redis lost it) ends the wait for its row, with the
-    reason; the rerun submits the row anew, though its idempotency key still names the job."""
+@contextlib.contextmanager
+def _held_row_batch(client, tmp_path: Path, name: str):
+    """A one-row batch run whose job waits (its tenant held at a cap of 0, lifted at the
+    end), once the run has recorded its submission: yields (the run, its OUT, manifest,
+    the state file's first record)."""
     (img,) = _inputs(tmp_path, 1)
     tenant = f"held-{uuid.uuid4().hex[:8]}"
-    client.scheduler.set_cap(tenant, 0)  # its job waits, with a record to lose
-    manifest = tmp_path / "jobs.jsonl"
-    manifest.write_text(json.dumps({**img2img_job(img, steps=2), "tenant": tenant, "name": "gone"}) + "\n")
-    out = tmp_path / "out"
+    client.scheduler.set_cap(tenant, 0)
+    manifest, out = tmp_path / "jobs.jsonl", tmp_path / "out"
+    manifest.write_text(json.dumps({**img2img_job(img, steps=2), "tenant": tenant, "name": name}) + "\n")
     try:
         batch = _batch(str(manifest), "--out", str(out))
         try:
             deadline = time.monotonic() + 60
             while not (submitted := _states(out)) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            (first,) = submitted
-            client.store.r.delete(client.store.key(first["job_id"]))
-            _, stderr = batch.communicate(timeout=60)
+            yield batch, out, manifest, submitted[0]
         finally:
             batch.kill()
+    finally:
+        client.scheduler.set_cap(tenant, None)
+
+
+def test_a_row_whose_job_record_is_gone_ends_unfinished_and_a_rerun_submits_it_again(easel_env, sd15_worker,
+                                                                                      client, tmp_path):
+    """A record gone (its TTL passed, Redis lost it) ends the wait for its row, with the
+    reason; the rerun submits the row anew, though its idempotency key still names the job."""
+    with _held_row_batch(client, tmp_path, "gone") as (batch, out, manifest, first):
+        client.store.r.delete(client.store.key(first["job_id"]))
+        _, stderr = batch.communicate(timeout=60)
         assert batch.returncode == 1
         s = json.loads((out / "summary.json").read_text())
         assert (s["succeeded"], s["pending"]) == (0, 1)
         assert s["failures"][0]["reason"] == "job record gone (expired or lost); a rerun submits it again"
         assert "job record gone" in stderr
-    finally:
-        client.scheduler.set_cap(tenant, None)
     r = cli("batch", str(manifest), "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
@@ -150,31 +157,16 @@ def test_ctrl_c_writes_the_summary_exits_130_and_the_rerun_resumes(easel_env, sd
     """Ctrl-C while a row's job waits: the run records what it has, writes the summary with
     the row unfinished, says how to resume and exits 130 (as a shell reports Ctrl-C); the
     rerun follows the same job to its end."""
-    (img,) = _inputs(tmp_path, 1)
-    tenant = f"held-{uuid.uuid4().hex[:8]}"
-    client.scheduler.set_cap(tenant, 0)  # its job waits
-    manifest = tmp_path / "jobs.jsonl"
-    manifest.write_text(json.dumps({**img2img_job(img, steps=2), "tenant": tenant, "name": "waits"}) + "\n")
-    out = tmp_path / "out"
-    try:
-        batch = _batch(str(manifest), "--out", str(out))
-        try:
-            deadline = time.monotonic() + 60
-            while not (submitted := _states(out)) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            batch.send_signal(signal.SIGINT)
-            _, stderr = batch.communicate(timeout=60)
-        finally:
-            batch.kill()
+    with _held_row_batch(client, tmp_path, "waits") as (batch, out, manifest, first):
+        batch.send_signal(signal.SIGINT)
+        _, stderr = batch.communicate(timeout=60)
         assert batch.returncode == 130, stderr[-2000:]
         assert "interrupted" in stderr and "rerun the same command" in stderr
         s = json.loads((out / "summary.json").read_text())
         assert (s["total"], s["succeeded"], s["pending"]) == (1, 0, 1)
-    finally:
-        client.scheduler.set_cap(tenant, None)
     r = cli("batch", str(manifest), "--out", str(out))  # its job goes on as a worker's dispatch moves it
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _states(out)[-1]["job_id"] == submitted[0]["job_id"]  # the same job, not a new one
+    assert _states(out)[-1]["job_id"] == first["job_id"]  # the same job, not a new one
 
 
 @pytest.mark.slow
