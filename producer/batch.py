@@ -422,8 +422,8 @@ class _Run:
         with Progress(*columns, console=console, transient=False) as self.bar:
             self.sub_task = self.bar.add_task("submitted", total=len(todo))
             self.done_task = self.bar.add_task(self.ended.text(), total=rows, completed=rows - len(todo))
-            self._start(todo)
             try:
+                self._start(todo)
                 timed_out = self._follow(deadline)
             except KeyboardInterrupt:  # Ctrl-C: as a timeout, what ended is recorded and summed up
                 timed_out, self.interrupted = False, True

@@ -221,7 +221,7 @@ local out, later, held, nheld, popped, front = {}, {}, {}, 0, 0, nil
 -- using space. They count against the limit too, so one run stays short however many of
 -- them a long-held tenant left; and a tenant that has popped STALE_TURN of them in a run
 -- is passed over for the rest of it (the next run goes on), so the others are served.
-local STALE_TURN, stale = 100, {}
+local STALE_TURN, stale, passed_over = 100, {}, {}
 while space > 0 and popped < tonumber(ARGV[3]) do
   local tenant, pass, cap
   local lead = redis.call('ZRANGE', KEYS[1], 0, nheld, 'WITHSCORES')
@@ -266,7 +266,7 @@ while space > 0 and popped < tonumber(ARGV[3]) do
     elseif #job > 0 then
       stale[tenant] = (stale[tenant] or 0) + 1
       if stale[tenant] >= STALE_TURN then
-        held[tenant] = true
+        held[tenant], passed_over[tenant] = true, true
         nheld = nheld + 1
       end
     end
@@ -284,7 +284,10 @@ if popped > 0 then redis.call('LPOP', KEYS[7], popped) end
 -- Left behind, it would be the "tenant in front" a newcomer starts from, at a pass far below
 -- the backlogged tenants', whom the newcomer would then starve.
 if front then
-  for tenant in pairs(held) do redis.call('ZADD', KEYS[1], 'XX', 'GT', front, tenant) end
+  for tenant in pairs(held) do
+    -- (not one passed over for its expired entries: they used no turn, so it keeps its pass)
+    if not passed_over[tenant] then redis.call('ZADD', KEYS[1], 'XX', 'GT', front, tenant) end
+  end
 end
 local left = redis.call('ZCARD', KEYS[1])
 if left == 0 then redis.call('DEL', KEYS[8]) end

@@ -242,9 +242,12 @@ def test_expired_pending_entries_are_popped_a_bounded_number_a_dispatch(fair_cli
         store.r.zadd(pending, {f"expired-{k}": first - 1 - k for k in range(1500)})  # ahead of the live job
         other = fair_client.submit(jobs(ref, "fairn", "other", 1)[0])
         store.r.delete("easel:paused:easel.fairn")
+        passes = f"{store.prefix}:active:{queue}"
+        store.r.zadd(passes, {"gone": 1.0, "other": 5.0})  # "gone" well ahead in turns
         done = sched.dispatch({queue: "fairn"})
         assert done.moved == [(other, queue, 5)] and queue in done.waiting
         assert store.r.zcard(pending) == 1401
+        assert store.r.zscore(passes, "gone") == 1.0  # expired entries used no turn: it keeps its lead
         fair_client.cancel(other)  # its place in the queue: room for the next dispatches
         for _ in range(20):
             before = store.r.zcard(pending)

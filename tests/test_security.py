@@ -684,8 +684,8 @@ def test_a_webhook_attempt_is_bounded_and_a_dns_blip_or_crash_is_retried_not_fin
 def test_a_key_whose_receiver_hangs_holds_a_quarter_of_the_webhook_threads(client):
     """One key's deliveries to a receiver that never answers in time hold at most a quarter of
     a dispatcher's threads; another key's go out meanwhile instead of waiting behind them,
-    in the first sweep after the hanging key's share is taken, however many of its own
-    deliveries are due ahead of them."""
+    in the first sweep after the hanging key's share is taken, with up to ten times the free
+    threads of the hanging key's deliveries due ahead of them."""
     from easel.producer.webhooks import WebhookDispatcher
     from easel.shared.jobstore import JobStore
     from easel.shared.plan import plan_job

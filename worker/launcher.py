@@ -103,8 +103,8 @@ def run_workers(family: str, gpus: list[str] | None = None, restart: bool = True
                             extra={"family": family, "slot": slot, "exit_code": rc})
                 restart_at[slot] = time.monotonic() + delay
         for slot, at in list(restart_at.items()):
-            if time.monotonic() >= at:
-                del restart_at[slot]
+            # (a stop clears restart_at from its signal handler, at any point of this loop)
+            if time.monotonic() >= at and restart_at.pop(slot, None) is not None and not stopping:
                 spawn(slot)
         if not restart_at and all(p.poll() is not None for p in procs.values()):
             return exit_code([p.returncode for p in procs.values()], stopping)
