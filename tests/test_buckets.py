@@ -259,6 +259,35 @@ def test_a_padded_call_is_timed_at_its_padded_size(model_root):
     assert CALL_TIMES.snapshot().get(1) not in (None, before)
 
 
+def test_a_shape_that_ran_out_of_memory_is_held_to_half_its_padded_size_for_a_while():
+    """After a call of n images (padded to a bucket) ran out of memory, calls of its shape hold
+    at most half the padded size, always fewer than n (a split makes progress, whatever the
+    buckets), for HOLD_S; a later failure lowers it further, never raises it."""
+    from easel.worker.fits import CallFits
+
+    now = [0.0]
+    fits = CallFits(hold_s=600, clock=lambda: now[0])
+    assert fits.most("a") is None
+    assert fits.ran_out("a", images=5, padded=8) == 4  # 5 jobs padded to 8: calls of 4
+    assert fits.ran_out("b", images=2, padded=8) == 1  # buckets [1, 8]: half of 8 would not split 2
+    assert fits.ran_out("a", images=8) == 4 and fits.ran_out("a", images=3, padded=4) == 2
+    assert fits.most("a") == 2 and fits.ran_out("a", images=8) == 2  # never raised again by a larger call
+    now[0] = 599.0
+    assert fits.most("a") == 2
+    now[0] = 601.0
+    assert fits.most("a") is None and fits.most("b") is None  # memory comes back: the full batch again
+
+
+def test_the_input_cache_counts_the_memory_pillow_holds():
+    """Pillow keeps an RGB pixel in 4 bytes: a 1 MiB cache holds four 256 px RGB images, not five."""
+    from easel.worker.input_cache import InputCache
+
+    cache = InputCache(1)
+    for k in range(6):
+        cache.get(f"s3://easel/inputs/{k:064x}.png", lambda: Image.new("RGB", (256, 256)))
+    assert len(cache._lru) == 4 and cache._lru.currsize == 4 * 256 * 256 * 4
+
+
 def test_a_failed_batchs_call_is_let_go_before_its_jobs_run_alone(monkeypatch):
     """A batch that fails (out of GPU memory, say) re-runs its jobs one by one; the failed
     call's tensors, held by the error's traceback, must be gone by then, or each job alone

@@ -224,3 +224,17 @@ def test_fetch_writes_the_stored_manifest_last_so_its_presence_means_complete(cl
     with pytest.raises(NotFound):
         client.fetch(st.id, tmp_path / "b")
     assert not (tmp_path / "b" / st.id / "manifest.json").exists()
+
+
+def test_the_launchers_exit_code_says_how_its_processes_ended():
+    """0 when each ended cleanly, drained or by the SIGTERM of a stop asked (a process still
+    loading its model has no handler for it yet); the worst otherwise, a death by a signal
+    as a shell shows it (128 + the signal), never a negative status."""
+    import signal as sig
+
+    from easel.worker.launcher import exit_code
+
+    assert exit_code([0, -sig.SIGTERM], stopped=True) == 0
+    assert exit_code([0, -sig.SIGTERM], stopped=False) == 128 + sig.SIGTERM
+    assert exit_code([1, -sig.SIGKILL], stopped=True) == 128 + sig.SIGKILL
+    assert exit_code([75, 0], stopped=True) == 75 and exit_code([], stopped=True) == 0
