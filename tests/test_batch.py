@@ -106,8 +106,11 @@ def _states(out: Path) -> list[dict]:
 
 
 def _batch(*args: str) -> subprocess.Popen:
+    """``easel batch`` with SIGINT as a terminal's shell leaves it (a test run in the
+    background may have it ignored, and children inherit that)."""
     return subprocess.Popen([sys.executable, "-m", "easel.producer.cli", "batch", *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @contextlib.contextmanager

@@ -103,24 +103,34 @@ def test_easel_worker_restarts_a_process_that_dies(easel_env, tmp_path):
     assert [(rec["family"], rec["exit_code"], rec["level"]) for rec in restarts] == [("sdxl-refiner", -9, "WARNING")]
 
 
+def _as_in_a_terminal() -> None:
+    """A child's SIGINT as a terminal's shell leaves it (a test run in the background may
+    have it ignored, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_on_easel_worker_lets_the_running_stage_finish(easel_env, client, tmp_path):
     """A terminal's Ctrl-C goes to its whole foreground process group. The launcher asks each
     of its processes once, for a warm shutdown: the running job ends succeeded, not cut short
-    by a second SIGINT (Celery's cold shutdown), and the launcher exits 0."""
+    by a second SIGINT (Celery's cold shutdown), and the launcher exits 0. (sd15-wide: no
+    worker of the test session serves it, so the job runs on this launcher's.)"""
     from tests.conftest import img2img_job, png_bytes
 
     r = redis.Redis.from_url(easel_env["EASEL_REDIS_URL"], decode_responses=True)
     log = tmp_path / "launcher.log"
     with open(log, "wb") as out:  # a session of its own, as a shell's job: its group is the terminal's
-        launcher = subprocess.Popen([sys.executable, "-m", "easel.producer.cli", "worker", "--family", "sdxl-refiner"],
+        launcher = subprocess.Popen([sys.executable, "-m", "easel.producer.cli", "worker", "--family", "sd15-wide"],
                                     env={**os.environ, **easel_env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=_as_in_a_terminal)
     try:
-        image = client.storage.put_input(png_bytes((64, 64)), "png")
-        job_id = client.submit(img2img_job(image, model="sdxl-refiner", steps=60, strength=1.0, seed=3))
         deadline = time.monotonic() + 120
+        while not any(r.scan_iter("easel:worker:sd15-wide-cpu@*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        image = client.storage.put_input(png_bytes((64, 64)), "png")
+        job_id = client.submit(img2img_job(image, model="sd15-wide", steps=60, strength=1.0, seed=3))
         while int(r.hget(f"easel:job:{job_id}", "step") or 0) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert r.hget(f"easel:job:{job_id}", "worker").startswith("sd15-wide-cpu@")
         os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C does
         assert launcher.wait(120) == 0, log.read_text()[-3000:]
         st = client.status(job_id)
