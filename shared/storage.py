@@ -29,14 +29,14 @@ class DeleteRefused(RuntimeError):
     """The S3 server kept objects it was asked to delete (no permission, an object lock);
     ``deleted``: how many of the others it did delete."""
 
-    def __init__(self, refused: list[dict], asked: int, deleted: int, bucket: str):
+    def __init__(self, refused: list[dict], asked: int, bucket: str):
         first = refused[0]
         why = f"{first.get('Code')} ({first.get('Message')})"
         if first.get("Code") == "AccessDenied":
             why += ": easel's S3 credentials need s3:DeleteObject on the bucket"
         super().__init__(f"S3 refused to delete {len(refused)} of {asked} objects, e.g. "
                          f"s3://{bucket}/{first.get('Key', '?')}: {why}")
-        self.refused, self.deleted = refused, deleted
+        self.refused, self.deleted = refused, asked - len(refused)
 
 
 class NotFound(KeyError):
@@ -334,7 +334,7 @@ class Storage:
             refused += self._delete(old)
             asked += len(old)
         if refused:
-            raise DeleteRefused(refused, asked, asked - len(refused), self.bucket)
+            raise DeleteRefused(refused, asked, self.bucket)
         return asked
 
     def _delete(self, keys: list[str]) -> list[dict]:
@@ -352,7 +352,7 @@ class Storage:
         Raises DeleteRefused when the server kept any."""
         keys = self.list(prefix)
         if refused := self._delete(keys):
-            raise DeleteRefused(refused, len(keys), len(keys) - len(refused), self.bucket)
+            raise DeleteRefused(refused, len(keys), self.bucket)
         return len(keys)
 
     def download_prefix(self, uri: str, dest: Path) -> int:

@@ -289,9 +289,10 @@ def _parts_after(ctx: WorkerContext, app, jobs: list[Job], exc: Exception,
             _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
         return None
     if out_of_memory(exc):
-        stage, images = jobs[0].spec.stages[jobs[0].segment.stages[0]], len(jobs) * jobs[0].spec.num_images
-        padded = padded_images(ctx.registry.get(stage.model), ctx.settings.batch_buckets, images, stage.task)
-        most = ctx.fits.ran_out(call_shape(jobs[0]), images, padded)
+        shape, images = call_shape(jobs[0]), len(jobs) * jobs[0].spec.num_images
+        model, task = shape[:2]
+        padded = padded_images(ctx.registry.get(model), ctx.settings.batch_buckets, images, task)
+        most = ctx.fits.ran_out(shape, images, padded)
         log.warning("a call of %d images ran out of memory (%s); calls of its shape hold at most %d images "
                     "for %.0f s", padded, describe(exc), most, ctx.fits.hold_s)
         return split_to_fit(ctx, jobs)
