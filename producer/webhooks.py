@@ -60,9 +60,9 @@ TERMINAL_EVENTS = ("succeeded", "failed", "cancelled")
 # Atomically take up to ARGV[2] due deliveries and lease them for ARGV[1] seconds. Returns
 # flat (member, the job's owner or '') pairs: ARGV[3] is the job-record key prefix. Due
 # deliveries of the owners named from ARGV[5] on (keys whose share of this dispatcher's
-# threads is busy) are put ARGV[4] seconds back instead, without using up the take, so a
-# busy key's backlog never keeps the other keys' deliveries waiting; at most ten times the
-# take is looked at per call.
+# threads is busy) are put ARGV[4] seconds back instead, without using up the take; at most
+# ten times the take is looked at per call, so a busy key's backlog delays the other keys'
+# deliveries by one call per that many of its own, once.
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6

@@ -72,6 +72,14 @@ _ADMIT = """
 local function open_room(k, capacity, paused, margin)  -- the queue is open, with room
   return not paused and room_after(k[5], capacity, margin) > 0
 end
+-- A replayed admission (its first run's reply lost) answers from where the job waits: ADMITTED
+-- while it is in the queue's waiting set (its message still to send), else ROOM or PENDING.
+local function where_it_waits(k, job, margin)
+  if redis.call('ZSCORE', k[5], job) then return 1 end
+  local v = redis.call('MGET', k[7], k[6])
+  if open_room(k, v[1], v[2], margin) then return 2 end
+  return 0
+end
 local function admit(k, job, score, tenant, credit, margin, queue, wait_score)
   local v = redis.call('MGET', k[7], k[6], k[8], k[10])
   local room = open_room(k, v[1], v[2], margin)
@@ -121,12 +129,7 @@ _SUBMIT = _ROOM + _CREATE + _ADMIT + """
 local k = {}
 for i = 3, 13 do k[i - 2] = KEYS[i] end
 local winner = create(KEYS[1], ARGV[3] == '1' and KEYS[2] or '', ARGV[1], ARGV[2], ARGV, 9)
-if winner == ARGV[1] then
-  if redis.call('ZSCORE', k[5], ARGV[1]) then return {ARGV[1], 1} end
-  local v = redis.call('MGET', k[7], k[6])
-  if open_room(k, v[1], v[2], ARGV[7]) then return {ARGV[1], 2} end
-  return {ARGV[1], 0}
-end
+if winner == ARGV[1] then return {ARGV[1], where_it_waits(k, ARGV[1], ARGV[7])} end
 if winner then return {winner, 0} end
 return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 """
@@ -156,10 +159,7 @@ local done = transition({KEYS[1], KEYS[2], KEYS[3], KEYS[4]}, change)
 if done == 0 and change[7] ~= '' then
   local h = redis.call('HMGET', KEYS[1], 'state', 'segment', 'attempts', 'instance')
   if h[1] == 'queued' and not h[4] and h[3] == change[7] and h[2] == tostring(tonumber(change[4]) + 1) then
-    if redis.call('ZSCORE', k[5], ARGV[1]) then return {1, 1} end
-    local v = redis.call('MGET', k[7], k[6])
-    if open_room(k, v[1], v[2], ARGV[6]) then return {1, 2} end
-    return {1, 0}
+    return {1, where_it_waits(k, ARGV[1], ARGV[6])}
   end
 end
 if done ~= 1 then return {done, -1} end
