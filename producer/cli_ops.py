@@ -23,6 +23,7 @@ def api(host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 i
     import os
 
     import uvicorn
+    import yaml
 
     from easel.producer.api.metrics import multiprocess_metrics
     from easel.producer.api.security import KeyRing
@@ -32,7 +33,12 @@ def api(host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 i
     # uvicorn's lines and easel's in one format (EASEL_LOG_FORMAT), in this process too.
     log_config = uvicorn_log_config(log_level, get_settings().log_format)
     logging.config.dictConfig(log_config)
-    if not len(KeyRing(get_settings())):
+    try:
+        keys = KeyRing(get_settings())
+    except (OSError, ValueError, yaml.YAMLError) as e:  # a server must not start on keys it cannot trust
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] API keys: {escape(str(e))}")
+        raise typer.Exit(2) from None
+    if not len(keys):
         logging.getLogger("easel.producer.api").warning(
             "no API keys configured (EASEL_API_KEYS / EASEL_API_KEYS_FILE): every /v1 request will get 401; "
             "make one with `easel api-key NAME`")

@@ -738,3 +738,16 @@ def test_a_key_whose_receiver_hangs_holds_a_quarter_of_the_webhook_threads(clien
         quick.shutdown()
         hooks.stop()
         store.r.delete(hooks.watch_key, hooks.due_key, *(store.key(j) for j in slow + fast))
+
+
+@pytest.mark.parametrize("keys_file, message", [
+    ("infra/api-keys.example.yaml", "API key 'example-team' is the published example"),
+    ("no/such/api-keys.yaml", "No such file or directory"),
+], ids=["the published example key", "a keys file that is not there"])
+def test_easel_api_refuses_to_start_on_keys_it_cannot_trust(keys_file, message):
+    """The example keys file's token is printed in its own comment: a server accepting it
+    would let anyone in. The server says why in a line and exits 2, before it binds."""
+    from tests.conftest import ROOT, cli
+
+    r = cli("api", "--port", "1", env={"EASEL_API_KEYS_FILE": str(ROOT / keys_file)}, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (r.returncode, r.stderr)

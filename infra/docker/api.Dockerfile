@@ -4,13 +4,15 @@ FROM python:3.12-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# The base install plus the api extra: no torch, no pipelines.
+# The base install plus the api extra: no torch, no pipelines. More extras, e.g. tracing:
+#   docker build --build-arg EXTRAS=api,tracing ...
+ARG EXTRAS=api
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY worker ./worker
 COPY producer ./producer
-RUN pip install ".[api]" && rm -rf /src
+RUN pip install ".[${EXTRAS}]" && rm -rf /src
 
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin easel
 USER 10001:10001

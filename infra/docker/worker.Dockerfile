@@ -7,6 +7,8 @@ FROM ${CUDA_IMAGE}
 # this version satisfies then installs nothing more.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+# easel's extras: add tracing with --build-arg EXTRAS=worker,tracing
+ARG EXTRAS=worker
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -29,7 +31,7 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY worker ./worker
 COPY producer ./producer
-RUN pip install ".[worker]" && rm -rf /src
+RUN pip install ".[${EXTRAS}]" && rm -rf /src
 
 # Non-root; the model cache is a volume so weights are downloaded once per node, not per start.
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin easel \

@@ -68,7 +68,15 @@ MISSING_KEY = ("missing API key: send 'Authorization: Bearer <key>'", {"WWW-Auth
 INVALID_KEY = ("invalid API key", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
+# The token whose hash infra/api-keys.example.yaml and the Kubernetes placeholder Secret
+# show: anyone can read it, so a server that would accept it refuses to start.
+PUBLISHED_EXAMPLE_SHA256 = "c2dcc1569d17d479e5a98c0fcfc9384ac93843b9cfbc4d3c0175c8a599b29f89"
+
+
 class KeyRing:
+    """The configured keys, by hash. Raises ValueError for a configuration no server should
+    run with: two keys with one hash, or the published example key."""
+
     def __init__(self, settings: Settings):
         keys = list(settings.api_keys)
         if settings.api_keys_file:
@@ -79,6 +87,9 @@ class KeyRing:
         self.settings = settings
         self.by_hash: dict[str, ApiKey] = {}
         for k in keys:
+            if k.sha256 == PUBLISHED_EXAMPLE_SHA256:
+                raise ValueError(f"API key {k.name!r} is the published example (its token is in "
+                                 "infra/api-keys.example.yaml): make your own with `easel api-key NAME`")
             if k.sha256 in self.by_hash:
                 raise ValueError(f"API keys {self.by_hash[k.sha256].name!r} and {k.name!r} have the same hash")
             self.by_hash[k.sha256] = k
