@@ -318,3 +318,21 @@ def test_a_failed_batchs_call_is_let_go_before_its_jobs_run_alone(monkeypatch):
     engine.run_group(ctx, None, jobs, outcomes, engine.CrashCounts(ctx, [jobs], outcomes))
     assert alive_when_alone == [False, False, False]
     assert sorted(outcomes.values()) == ["ValueError"] * 3
+
+
+def test_a_calls_shape_is_the_size_it_runs_at():
+    """Out-of-memory holds are per shape: a stage resized to 256 px is not the shape of a
+    64 px input run at 64 px, and latents of two sizes are two shapes."""
+    from easel.worker.engine import call_shape
+
+    def job(carrier: Carrier, **stage) -> Job:
+        spec = JobSpec.model_validate({"input": {"image": "s3://easel/inputs/x.png"},
+                                       "stages": [{"model": "sd", "prompt": "p", "seed": 1, **stage}]})
+        return dataclasses.replace(Job(Delivery("j", 0), Claim("run", spec, plan_job(spec, REGISTRY))),
+                                   carrier=carrier)
+
+    small = Carrier(images=[Image.new("RGB", (64, 64))])
+    assert call_shape(job(small))[2] == (64, 64)
+    assert call_shape(job(small, width=256, height=256))[2] == (256, 256)
+    shapes = {call_shape(job(Carrier(latents=torch.zeros(1, 4, side, side)))) for side in (8, 16)}
+    assert len(shapes) == 2

@@ -114,9 +114,12 @@ def test_controlnet_img2img_then_style_img2img(client, sd15_worker, input_png, t
     _, st, m = _run(client, job)
     assert [s.handoff_in for s in m.stages] == ["image", "latent"]
     assert _img(client, st.outputs[0]).size == (96, 64)
-    # The control image changes the result.
-    job2 = {**job, "stages": [{**job["stages"][0], "controlnet_conditioning_scale": 0.0}, job["stages"][1]]}
-    _, st2, _ = _run(client, job2)
+    # The control image changes the result. A stage naming no ControlNet runs the model's
+    # first, and its manifest names the one that ran.
+    first = {k: v for k, v in job["stages"][0].items() if k != "controlnet"}
+    job2 = {**job, "stages": [{**first, "controlnet_conditioning_scale": 0.0}, job["stages"][1]]}
+    _, st2, m2 = _run(client, job2)
+    assert m.stages[0].params["controlnet"] == m2.stages[0].params["controlnet"] == "depth"
     assert not np.array_equal(np.asarray(_img(client, st.outputs[0])), np.asarray(_img(client, st2.outputs[0])))
 
 

@@ -117,3 +117,33 @@ def test_a_compel_prompts_length_is_part_of_a_compiled_calls_key(model_root):
     long = " ".join(["a lighthouse at dusk"] * 30)  # 120 words: two chunks of 75 tokens
     assert key("a lighthouse") == key("a (lighthouse)1.2 at dusk") != key(long)
     assert key("a lighthouse", "plain") == key(long, "plain")
+
+
+def test_kandinsky_runs_several_images_and_keeps_the_priors_zero_negative(model_root):
+    """The prior doubles its rows for a negative prompt: each row gets a generator (a job of
+    two images with a negative prompt failed with IndexError). Without a negative prompt the
+    prior's zero embedding is the negative one, as in the combined pipeline; an empty
+    negative prompt is a different embedding and a different image."""
+    model = _model(model_root, "kandinsky-2-2")
+    stage = {"strength": 0.6, "steps": 3}
+    for neg in (None, "blurry"):
+        two = _run(model, "kandinsky-2-2", 64, 2, negative_prompt=neg, **stage)
+        one = _run(model, "kandinsky-2-2", 64, 1, negative_prompt=neg, **stage)
+        assert len(two) == 2 and not np.array_equal(two[0], two[1]), neg
+        assert np.abs(two[0] - one[0]).max() <= 2, neg  # image 0 of a job: seed + 0, however many it asks
+    none = _run(model, "kandinsky-2-2", 64, 1, **stage)
+    empty = _run(model, "kandinsky-2-2", 64, 1, negative_prompt="", **stage)
+    assert not np.array_equal(none[0], empty[0])
+
+
+def test_a_latent_upscale_at_guidance_0_is_unconditioned_as_with_strings(model_root, monkeypatch):
+    """diffusers' latent upscaler drops the prompt at guidance 0, but only when it encodes the
+    strings itself: the cached embeddings must be the empty prompt's there too."""
+    name, stage = "sd-x2-latent-upscaler", {"steps": 3, "guidance_scale": 0}
+    model = _model(model_root, name)
+    cached = _run(model, name, 32, 1, **stage)
+    with monkeypatch.context() as m:
+        m.setattr(prompts, "cached_embeds", lambda model, stage: None)
+        strings = _run(model, name, 32, 1, **stage)
+    assert np.array_equal(cached[0], strings[0])
+    assert np.array_equal(_run(model, name, 32, 1, prompt="a red bicycle", **stage)[0], cached[0])

@@ -143,3 +143,24 @@ def test_a_stop_ends_every_kinds_call_at_the_next_step(model_root, name, task, p
     asked.clear()
     out, _ = run_stage(model, [stage], carrier, n=1, want_latent=False, on_step=lambda step, total: True)
     assert len(out.images) == 1
+
+
+def test_a_disarmed_watchdog_lets_the_calls_jobs_go():
+    """What a watch would fail (a call's jobs, with their images or latents) is freed once the
+    call is over: an idle worker does not hold its last batch."""
+    import gc
+    import weakref
+
+    from easel.worker.watchdog import Watchdog
+
+    class Held:
+        pass
+
+    held = Held()
+    gone = weakref.ref(held)
+    dog = Watchdog()
+    dog.arm(60, "a stage", lambda reason, jobs=[held]: jobs)
+    dog.disarm()
+    del held
+    gc.collect()
+    assert gone() is None

@@ -209,7 +209,12 @@ def load_inputs(ctx: WorkerContext, job: Job) -> None:
 def call_shape(job: Job) -> tuple:
     """What a call's device memory grows with besides its images (``worker.fits``)."""
     stage = job.spec.stages[job.segment.stages[0]]
-    size = job.carrier.size if not job.carrier.empty else (stage.width, stage.height)
+    if stage.width and stage.height:  # the size it runs at, whatever size its input came in
+        size = (stage.width, stage.height)
+    elif job.carrier.latents is not None:
+        size = ("latents", *job.carrier.latents.shape[-2:])
+    else:
+        size = job.carrier.size
     return stage.model, stage.task, size, stage.guidance_scale > 1
 
 

@@ -13,18 +13,21 @@ from easel.shared.registry import registry_name
 from easel.shared.schema import Attempt, JobSpec, Manifest, Plan, StageRecord
 from easel.shared.storage import job_prefix
 from easel.worker.context import WorkerContext
-from easel.worker.runner import Carrier, pixel_size
+from easel.worker.runner import Carrier, controlnet_name, pixel_size
 
 
 def make_record(ctx: WorkerContext, i: int, spec: JobSpec, plan: Plan, model, carrier: Carrier,
                 timings: dict[str, float], want_latent: bool, intermediates: list[str],
                 batch_size: int = 1) -> StageRecord:
     stage, last = spec.stages[i], len(spec.stages) - 1
+    params = stage.model_dump(exclude={"seed"})
+    if stage.task == "controlnet_img2img":  # the weights that ran, not the registry's order on a later day
+        params["controlnet"] = controlnet_name(model, stage)
     return StageRecord(
         index=i, task=stage.task, model=stage.model, model_source=model.source,
         model_revision=model.spec.revision, family=model.spec.family, handoff_in=plan.handoffs[i],
         handoff_out="latent" if want_latent else ("image" if i < last else "none"),
-        params=stage.model_dump(exclude={"seed"}), seeds=[stage.seed + k for k in range(spec.num_images)],
+        params=params, seeds=[stage.seed + k for k in range(spec.num_images)],
         output_size=pixel_size(model, carrier), timings_s=timings, batch_size=batch_size,
         intermediates=intermediates, worker=ctx.hostname,
     )

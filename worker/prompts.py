@@ -53,6 +53,9 @@ def cached_embeds(model: LoadedModel, stage: Stage) -> dict[str, torch.Tensor] |
     syntax = stage.prompt_syntax
     if syntax != "compel" and model.spec.kind not in PLAIN_ENCODERS:
         return None
+    if model.spec.kind == "sd-latent-upscaler" and stage.guidance_scale == 0:
+        # the pipeline runs on the empty prompt then, but only where it encodes the strings
+        stage = stage.model_copy(update={"prompt": ""})
     cache = _cache(model)
     key = (syntax, stage.prompt, stage.negative_prompt)
     if key not in cache:

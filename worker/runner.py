@@ -98,10 +98,15 @@ def build_sd(model: LoadedModel, stages: list[Stage], carrier: Carrier, n: int, 
     if stage.task == "img2img":
         return model.pipes["img2img"], kw
     stage = _alone(stages)
-    name = stage.controlnet or next(iter(model.spec.controlnets))
+    name = controlnet_name(model, stage)
     kw.update(control_image=[control.resize(pixel_size(model, carrier, stage))] * n,
               controlnet_conditioning_scale=stage.controlnet_conditioning_scale)
     return model.pipes[f"controlnet_img2img:{name}"], kw
+
+
+def controlnet_name(model: LoadedModel, stage: Stage) -> str:
+    """The ControlNet a controlnet_img2img stage runs: the one it names, else the model's first."""
+    return stage.controlnet or next(iter(model.spec.controlnets))
 
 
 def build_sdxl_refiner(model: LoadedModel, stages: list[Stage], carrier: Carrier, n: int, control):
@@ -115,14 +120,25 @@ def build_sdxl_refiner(model: LoadedModel, stages: list[Stage], carrier: Carrier
     return model.pipes["img2img"], kw
 
 
+# The prior samples a negative prompt's embedding beside each image's: its rows get seeds
+# of their own, this far from the image's.
+KANDINSKY_NEGATIVE_SEED_OFFSET = 1 << 31
+
+
 def build_kandinsky22(model: LoadedModel, stages: list[Stage], carrier: Carrier, n: int, control):
-    """Prior (text -> image embeddings) then the decoder's img2img, as the combined pipeline does."""
+    """Prior (text -> image embeddings) then the decoder's img2img, as the combined pipeline
+    does: without a negative prompt the prior's zero embedding is the negative one."""
     stage = _alone(stages)
     prior = model.pipes["prior"]
+    seeds = _seeds(stages, n)
+    negative = None
+    if stage.negative_prompt is not None:  # the prior then runs 2n rows, each with a generator
+        negative = [stage.negative_prompt] * n
+        seeds += [s + KANDINSKY_NEGATIVE_SEED_OFFSET for s in seeds]
     with torch.inference_mode():
-        emb = prior(prompt=[stage.prompt] * n, negative_prompt=[stage.negative_prompt or ""] * n,
+        emb = prior(prompt=[stage.prompt] * n, negative_prompt=negative,
                     # the prior's UnCLIP scheduler divides by steps - 1: it needs at least 2
-                    num_inference_steps=max(2, min(stage.steps, 25)), generator=generators(_seeds(stages, n)),
+                    num_inference_steps=max(2, min(stage.steps, 25)), generator=generators(seeds),
                     guidance_scale=4.0)
     imgs = _images(carrier, stage)
     w, h = imgs[0].size

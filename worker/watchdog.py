@@ -103,8 +103,8 @@ class Watchdog:
             self._deadline, self._reason, self._on_fire = time.monotonic() + seconds, reason, on_fire
 
     def disarm(self) -> None:
-        with self._lock:
-            self._deadline = None
+        with self._lock:  # the callback holds the call's jobs (their latents): let them go
+            self._deadline, self._on_fire = None, lambda reason: None
 
     def _run(self) -> None:
         while True:
