@@ -28,6 +28,26 @@ def output_size(st: Stage, kind: str, input_size: tuple[int, int] | None) -> tup
     return None if size is None else (size[0] * factor, size[1] * factor)
 
 
+# The largest side each output format holds (Pillow's WebP and JPEG encoders refuse more).
+FORMAT_MAX_SIDE = {"webp": 16383, "jpeg": 65500}
+
+
+def oversized_output(spec: JobSpec, registry: Registry, input_size: tuple[int, int] | None) -> str | None:
+    """Why the job's images would be too large for its output format, or None. Sizes the job
+    alone does not tell (they follow an input image not yet read, ``input_size`` None) are
+    not judged: the worker judges them once it has read the input."""
+    limit = FORMAT_MAX_SIDE.get(spec.output.format)
+    if limit is None:
+        return None
+    size, last = input_size, len(spec.stages) - 1
+    for i, stage in enumerate(spec.stages):
+        size = output_size(stage, registry.get(stage.model).kind, size)
+        if size is not None and max(size) > limit and (i == last or spec.output.keep_intermediates):
+            return (f"stage {i} would output {size[0]} x {size[1]} px, more than {spec.output.format} holds "
+                    f"({limit} px a side): use a smaller input or width and height, or format png")
+    return None
+
+
 def plan_job(spec: JobSpec, registry: Registry, queue_prefix: str = "easel") -> Plan:
     handoffs: list[Handoff] = []
     specs = []
@@ -76,6 +96,9 @@ def plan_job(spec: JobSpec, registry: Registry, queue_prefix: str = "easel") -> 
         latent = compatible and spec.handoff == "auto" and not resized
         handoffs.append("latent" if latent else "image")
 
+    too_large = oversized_output(spec, registry, None)
+    if too_large:
+        raise PlanError(too_large)
     segments: list[Segment] = []
     for i, m in enumerate(specs):
         if segments and segments[-1].family == m.family:

@@ -89,17 +89,28 @@ def test_img2img_latent_upscaler_x4_upscaler_grows_8x(client, sd15_worker, famil
     assert _img(client, st.outputs[0]).size == (256, 256)
 
 
-def test_a_job_too_large_for_its_format_fails_before_any_denoising(client, sd15_worker, input_png):
-    """A chain whose upscale would outgrow WebP (16383 px a side) fails at its first worker,
-    once the input is read, naming the stage and what to change: not after the whole run."""
-    job = {"input": {"image": str(input_png)}, "output": {"format": "webp"},
-           "stages": [{"model": "sd15", "prompt": "castle", "steps": 2, "width": 4096, "height": 64},
-                      {"task": "upscale", "model": "sd-x4-upscaler", "prompt": "castle", "steps": 2}]}
+def test_a_job_too_large_for_its_format_fails_before_any_denoising(client, sd15_worker, input_png, tmp_path):
+    """A chain whose upscale would outgrow WebP (16383 px a side) is refused at submission
+    where the job tells its sizes, and otherwise fails at its first worker once the input is
+    read, naming the stage and what to change: not after the whole run."""
+    upscale = {"task": "upscale", "model": "sd-x4-upscaler", "prompt": "castle", "steps": 2}
+    sized = {"input": {"image": str(input_png)}, "output": {"format": "webp"},
+             "stages": [{"model": "sd15", "prompt": "castle", "steps": 2, "width": 4096, "height": 64}, upscale]}
+    with pytest.raises(SubmitError, match=r"stage 1 would output 16384 x 256 px, more than webp holds"):
+        client.submit(sized)
+    text2img = {"output": {"format": "webp"}, "stages": [
+        {"task": "text2img", "model": "sd15", "prompt": "castle", "width": 4096, "height": 64}, upscale]}
+    with pytest.raises(SubmitError, match=r"stage 1 would output 16384 x 256 px"):
+        client.submit(text2img)
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (4096, 16), (90, 60, 30)).save(wide)
+    job = {"input": {"image": str(wide)}, "output": {"format": "webp"},
+           "stages": [{"model": "sd15", "prompt": "castle", "steps": 2}, upscale]}
     st = client.wait(client.submit(job), timeout=60)
     assert st.state.value == "failed", st
-    assert st.error.startswith("stage 1 would output 16384 x 256 px, more than webp holds (16383 px a side)")
+    assert st.error.startswith("stage 1 would output 16384 x 64 px, more than webp holds (16383 px a side)")
     assert st.progress.step == 0  # no stage ran
-    assert client.wait(client.submit({**job, "output": {"format": "png"}, "stages": job["stages"][:1]}),
+    assert client.wait(client.submit({**sized, "output": {"format": "png"}, "stages": sized["stages"][:1]}),
                        timeout=120).state.value == "succeeded"
 
 

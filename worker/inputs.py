@@ -8,7 +8,7 @@ from PIL import Image
 
 from easel.shared.images import InputError, decode_image, decode_own, encode_image, fetch_url, parse_data_uri
 from easel.shared.latents import dump_latents, load_latents
-from easel.shared.plan import output_size
+from easel.shared.plan import oversized_output
 from easel.shared.schema import TERMINAL_STATES, JobSpec, Plan
 from easel.shared.storage import handoff_prefix
 from easel.worker.context import WorkerContext
@@ -56,24 +56,13 @@ def load_input(ctx: WorkerContext, job_id: str, spec: JobSpec, plan: Plan, seg_i
     return Carrier(images=[decode_own(b) for b in blobs])
 
 
-# The largest side each output format holds (Pillow's WebP and JPEG encoders refuse more).
-FORMAT_MAX_SIDE = {"webp": 16383, "jpeg": 65500}
-
-
 def check_output_sides(ctx: WorkerContext, spec: JobSpec, input_size: tuple[int, int]) -> None:
     """Refuse, before any denoising, a job whose images would be too large for its output
-    format (an upscale of a large input, or of one resized large): known only once the input
-    image is read, and otherwise found by the encoder after the whole run."""
-    limit = FORMAT_MAX_SIDE.get(spec.output.format)
-    if limit is None:
-        return
-    size, last = input_size, len(spec.stages) - 1
-    for i, stage in enumerate(spec.stages):
-        size = output_size(stage, ctx.registry.get(stage.model).kind, size)
-        w, h = size
-        if max(w, h) > limit and (i == last or spec.output.keep_intermediates):
-            raise InputError(f"stage {i} would output {w} x {h} px, more than {spec.output.format} holds "
-                             f"({limit} px a side): use a smaller input or width and height, or format png")
+    format (an upscale of a large input): what submission could not judge without the input
+    image, and otherwise found by the encoder after the whole run."""
+    too_large = oversized_output(spec, ctx.registry, input_size)
+    if too_large:
+        raise InputError(too_large)
 
 
 def save_handoff(ctx: WorkerContext, job_id: str, seg_index: int, carrier: Carrier, latent_space: str) -> None:
