@@ -136,8 +136,10 @@ class EaselClient:
 
     # -- submission ---------------------------------------------------------------------
     def validate(self, job: JobSpec | dict) -> JobSpec:
+        """A job checked against the schema; a JobSpec is checked again (pydantic does not
+        check assignments, so one edited after it was made may break any limit)."""
         try:
-            return job if isinstance(job, JobSpec) else JobSpec.model_validate(job)
+            return JobSpec.model_validate(job.model_dump() if isinstance(job, JobSpec) else job)
         except ValidationError as e:
             raise SubmitError(_format_validation(e)) from None
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from easel.producer.client import SubmitError
 from easel.producer.embedded import free_port
+from easel.shared.schema import JobSpec
 from tests.conftest import cli, img2img_job
 
 
@@ -97,6 +98,17 @@ def test_invalid_stage_refused_at_submission(client, input_png, change, message)
     with pytest.raises(SubmitError, match=message):
         client.submit(img2img_job(str(input_png), **change))
     assert waiting() == before
+
+
+def test_a_job_spec_edited_after_it_was_made_is_checked_again(client):
+    spec = JobSpec.model_validate(img2img_job("s3://easel/inputs/none.png"))
+    spec.stages[0].steps = 10**6
+    with pytest.raises(SubmitError, match="stages.0.steps"):
+        client.submit(spec)
+    spec.stages[0].steps = 3
+    spec.stages.extend([spec.stages[0]] * 40)
+    with pytest.raises(SubmitError, match="stages"):
+        client.submit(spec)
 
 
 def test_unreadable_image_refused_at_submission(client, tmp_path):
