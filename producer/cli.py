@@ -193,8 +193,14 @@ def wait(job_id: str, timeout: Optional[float] = typer.Option(
         None, help="Give up after this many seconds (exit 124); the job goes on.")) -> None:
     """Follow a job with a progress bar until it ends; exit 1 unless it succeeded (124 when
     --timeout ran out first)."""
+    import redis
+
     client = _client()
-    if not client.store.exists(job_id):
+    try:  # a quick read: while Redis is away, following waits for it within --timeout
+        known = client.follow_store().exists(job_id)
+    except redis.RedisError:
+        known = True
+    if not known:
         _fail(f"no job {job_id}", 1)
     _wait(client, job_id, timeout)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+import redis
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -34,9 +35,19 @@ def follow(client, job_ids: list[str], label: dict[str, str] | None = None, time
     # Once per job and stage (a chain waits again for its next family): each read may cost a
     # short try while Redis is away.
     hints: dict[tuple[str, int], str | None] = {}
+    n_stages: dict[str, int] = {}
+
+    def stages_of(job_id: str) -> int | str:
+        """Read once, on a quick connection: "?" while Redis is away (the watch waits for it)."""
+        if job_id not in n_stages:
+            try:
+                n_stages[job_id] = len(client.follow_store().load(job_id)[0].stages)
+            except redis.RedisError:
+                return "?"
+        return n_stages[job_id]
+
     with job_progress(console) as bar:
         tasks = {j: bar.add_task(label.get(j, j[:12]), total=1, detail="queued") for j in job_ids}
-        n_stages = {j: len(client.store.load(j)[0].stages) for j in job_ids}
         for st in client.watch(job_ids, timeout):
             p = st.progress
             if st.state.terminal:
@@ -44,7 +55,7 @@ def follow(client, job_ids: list[str], label: dict[str, str] | None = None, time
                 bar.update(tasks[st.id], total=1, completed=1,
                            detail=st.state.value + (f": {st.error}" if st.error else ""))
                 continue
-            detail = f"{st.state.value} stage {p.stage + 1}/{n_stages[st.id]} step {p.step}/{p.total_steps}"
+            detail = f"{st.state.value} stage {p.stage + 1}/{stages_of(st.id)} step {p.step}/{p.total_steps}"
             key = (st.id, p.stage)
             if explain and st.state.value == "queued" and key not in hints and (
                     deadline is None or deadline - time.monotonic() > HINT_TRY_S):

@@ -419,3 +419,14 @@ def test_a_wait_keeps_its_timeout_while_redis_is_silent_or_away(client, input_pn
     finally:
         proxy.stop()
         client.cancel(job_id)
+
+
+def test_easel_wait_keeps_its_timeout_while_redis_is_away(easel_env):
+    """--timeout is the most `easel wait` takes, Redis answering or not: exit 124, the job
+    goes on (before, its first read rode out Redis's absence for ~30 s and exited 3)."""
+    t0 = time.monotonic()
+    r = cli("wait", "0" * 32, "--timeout", "4", env={"EASEL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
+            timeout=120)
+    took = time.monotonic() - t0
+    assert r.returncode == 124 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    assert took < 20, took  # 4 s, one quick try past it, and the interpreter's start
