@@ -1136,3 +1136,39 @@ def test_schemathesis_all_checks_pass(easel_env, tmp_path):
         assert scenarios and int(scenarios.group(1)) >= 10 and links and int(links.group(1)) >= 5, out[-3000:]
     finally:
         server.stop()
+
+
+def test_event_streams_opened_at_once_cannot_pass_the_cap_together(easel_env, tmp_path):
+    """Twelve streams of one key opened at the same moment: the cap (4 a process, of which a
+    key holding a quarter gets 3) holds for them too; the rest get 503 before their response
+    starts. The slot is taken where it is checked."""
+    env = {**easel_env, "EASEL_API_KEYS": keys_env(), "EASEL_MODELS": str(registry_with_parked_family(tmp_path)),
+           "EASEL_API_SSE_MAX_STREAMS": "4"}
+    server = ApiServer(env, tmp_path, name="api-sse-cap").start()
+    try:
+        with server.client() as c:
+            job_id = c.post("/v1/jobs", json={**job_body(upload(c)), "stages": [
+                {"model": PARKED, "prompt": "a fox", "steps": 2}]}).json()["id"]
+        start, codes, held = threading.Barrier(12), [], threading.Event()
+
+        def open_stream() -> None:
+            with server.client() as c:
+                start.wait()
+                with c.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+                    codes.append(r.status_code)
+                    if r.status_code == 200:
+                        next(r.iter_lines())
+                        held.wait(30)  # keep it open until every other request has its answer
+
+        threads = [threading.Thread(target=open_stream) for _ in range(12)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(codes) < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        held.set()
+        for t in threads:
+            t.join(30)
+        assert sorted(codes) == [200] * 3 + [503] * 9, codes
+    finally:
+        server.stop()

@@ -83,8 +83,13 @@ async def _follow(api: ApiState, job_id: str, pubsub) -> AsyncIterator[tuple[str
             elif JobState(ev["state"]).terminal:
                 if "step" in ev:  # the last step: workers throttle progress, the final state carries it
                     yield "progress", {k: ev[k] for k in ("stage", "step", "total_steps") if k in ev}
-                yield "done", await run_in_threadpool(api.render, job_id)
-                return
+                try:
+                    yield "done", await run_in_threadpool(api.render, job_id)
+                    return
+                except redis.RedisError:  # away: the re-read below says it once Redis is back
+                    last_check = 0.0
+                except KeyError:  # expired meanwhile
+                    return
             else:
                 yield "state", {k: ev[k] for k in ("state", "segment", "worker", "updated_at", "note") if k in ev}
         if time.monotonic() - last_check > RECHECK_S:
@@ -100,16 +105,27 @@ async def _follow(api: ApiState, job_id: str, pubsub) -> AsyncIterator[tuple[str
                 return
 
 
-def stream_slot(p: Caller, api: ApiDep) -> None:
-    """Refuse a stream past EASEL_API_SSE_MAX_STREAMS before the response starts: a proper
-    503 the client can retry, not a stream that breaks off. The last quarter of the slots is
-    kept for keys holding less than a quarter, so one key cannot take them all (a stream
-    holds its slot up to EASEL_API_SSE_MAX_S). After the key check: no key, a 401."""
+async def stream_slot(p: Caller, api: ApiDep) -> AsyncIterator[None]:
+    """Take a stream's slot, or refuse it past EASEL_API_SSE_MAX_STREAMS before the response
+    starts: a proper 503 the client can retry, not a stream that breaks off. The last quarter
+    of the slots is kept for keys holding less than a quarter, so one key cannot take them
+    all (a stream holds its slot up to EASEL_API_SSE_MAX_S). After the key check: no key, a
+    401. Checked and taken on the event loop with no await between, so streams opened at
+    once cannot all pass the check; given back once the response has ended."""
     limit, held = api.s.api_sse_max_streams, api.sse_by_key[p.name]
     if api.sse_streams >= limit or (api.sse_streams >= limit * 3 / 4 and held >= limit / 4):
         raise HTTPException(503, f"this API process already serves {api.sse_streams} event streams, {held} of "
                                  "them this key's (EASEL_API_SSE_MAX_STREAMS); retry, or poll GET /v1/jobs/{id}",
                             headers={"Retry-After": "5"})
+    api.sse_streams += 1
+    api.sse_by_key[p.name] += 1
+    api.metrics.sse_streams.inc()
+    try:
+        yield
+    finally:
+        api.sse_streams -= 1
+        api.sse_by_key[p.name] -= 1
+        api.metrics.sse_streams.dec()
 
 
 @router.get("/{job_id}/events", operation_id="job_events", response_class=EventSourceResponse,
@@ -118,12 +134,9 @@ def stream_slot(p: Caller, api: ApiDep) -> None:
                                             "EASEL_API_SSE_MAX_S: reconnect to go on following)",
                              "content": {"text/event-stream": {"itemSchema": SSE_ITEM_SCHEMA}}},
                        **problems(401, 404, 422, 429, 503)})
-async def job_events(job_id: OwnedJob, p: Caller, api: ApiDep) -> AsyncIterable[ServerSentEvent]:
+async def job_events(job_id: OwnedJob, api: ApiDep) -> AsyncIterable[ServerSentEvent]:
     """Server-sent events: `status` (snapshot) first, then `progress` (denoising steps) and
     `state` (transitions), and finally `done` with the finished job; then the stream ends."""
-    api.sse_streams += 1
-    api.sse_by_key[p.name] += 1
-    api.metrics.sse_streams.inc()
     pubsub = api.aredis.pubsub()
     try:
         await pubsub.subscribe(api.store.events_channel(job_id))  # before the snapshot: nothing falls between
@@ -133,9 +146,6 @@ async def job_events(job_id: OwnedJob, p: Caller, api: ApiDep) -> AsyncIterable[
                 n += 1
                 yield ServerSentEvent(event=name, data=data, id=str(n))
     finally:
-        api.sse_streams -= 1
-        api.sse_by_key[p.name] -= 1
-        api.metrics.sse_streams.dec()
         # Closing disconnects, unsubscribed or not, and gives the connection back to the pool
         # even while Redis is away (an unsubscribe first would raise then, and keep it).
         await asyncio.shield(_close(pubsub))
