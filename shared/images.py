@@ -130,8 +130,8 @@ def parse_data_uri(ref: str) -> bytes:
     header, _, payload = ref.partition(",")
     if not header.startswith("data:image/") or not header.endswith(";base64"):
         raise InputError("data URI must be data:image/<type>;base64,<payload>")
-    try:
-        return base64.b64decode(payload, validate=True)
+    try:  # line breaks and spaces allowed: `base64` wraps its output at 76 columns
+        return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InputError("data URI payload is not valid base64") from None
 

@@ -42,7 +42,8 @@ LATENT_OUT: set[tuple[str, str]] = {
 }
 # Kinds whose text encoder Compel can weight (prompt_syntax: compel).
 COMPEL_KINDS: set[str] = {"sd", "sdxl-refiner", "sd-x4-upscaler"}
-# Tasks that cannot start from an image alone (no latent source means refuse at submission).
+# Tasks refused after a stage in another latent space, and sized only by what they are given
+# (a first stage of this task encodes the input image with its own VAE).
 LATENT_ONLY_AFTER_STAGE: set[str] = {"latent_upscale"}
 
 # Output side over input side, per kind whose output is larger than its input.

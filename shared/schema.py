@@ -72,7 +72,10 @@ STRENGTH_TASKS = ("img2img", "controlnet_img2img")
 
 
 class Stage(EaselModel):
-    """One pipeline call. Defaults follow the diffusers img2img guide."""
+    """One pipeline call. The defaults are SD 1.5 img2img settings, for every model: set
+    strength, guidance_scale and steps for others (diffusers' own defaults, which the img2img
+    guide's snippets use, are strength 0.3 for the SDXL refiner and Kandinsky 2.2, and 75
+    steps for the upscalers)."""
 
     task: Task = "img2img"
     model: str = Field(min_length=1, max_length=128)

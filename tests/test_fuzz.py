@@ -565,3 +565,15 @@ def test_bad_objects_in_s3_fail_jobs_with_reasons_and_worker_survives(client, sd
         assert m, f"object written outside any job prefix: {key}"
         assert m.group(1) in mine or store.exists(m.group(1)), key
         assert ".." not in key.split("/")
+
+
+def test_a_data_uri_wrapped_at_76_columns_decodes_as_unwrapped():
+    """GNU base64 and MIME wrap lines; the payload is the same bytes."""
+    from easel.shared.images import parse_data_uri
+
+    data = png_bytes((40, 40))
+    flat = base64.b64encode(data).decode()
+    wrapped = "\n".join(flat[i:i + 76] for i in range(0, len(flat), 76)) + "\n"
+    assert parse_data_uri("data:image/png;base64," + wrapped) == data
+    with pytest.raises(InputError, match="not valid base64"):
+        parse_data_uri("data:image/png;base64," + wrapped.replace("\n", "@", 1))
