@@ -18,14 +18,14 @@ import time
 
 from bench.common import BenchEnv, headline, log
 
-NEEDS_S3 = False  # s3:// references are only parsed at submission, never fetched
+NEEDS_S3 = False  # the jobs name an object of another bucket: not looked up at submission, never fetched
 NEEDS_MODELS = False
 DEFAULT_N = 4000
 DEFAULT_ROUNDS = 4
 
 
 def _job(i: int, idem: str | None = None) -> dict:
-    job = {"input": {"image": "s3://easel/inputs/0123456789abcdef.png"},
+    job = {"input": {"image": "s3://bench-never-read/inputs/0123456789abcdef.png"},
            "stages": [{"task": "img2img", "model": "sd15", "prompt": "astronaut in a jungle", "strength": 0.8,
                        "guidance_scale": 7.5, "steps": 10, "seed": i}]}
     if idem:

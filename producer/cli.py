@@ -198,7 +198,11 @@ def wait(job_id: str, timeout: Optional[float] = typer.Option(
     client = _client()
     try:  # a quick read: while Redis is away, following waits for it within --timeout
         known = client.follow_store().exists(job_id)
+    except redis.AuthenticationError:  # (a ConnectionError) no wait mends a wrong password
+        raise
     except redis.RedisError:
+        if timeout is None:
+            raise
         known = True
     if not known:
         _fail(f"no job {job_id}", 1)

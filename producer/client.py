@@ -145,11 +145,14 @@ class EaselClient:
 
     def _upload_ref(self, ref: str | None, what: str) -> str | None:
         """Local paths and data: URIs are decoded (refused if unreadable) and uploaded; an
-        ``s3://`` object of ours is kept alive for the job (``Storage.keep_for_a_job``)."""
+        ``s3://`` object of ours is kept alive for the job (``Storage.keep_for_a_job``), and
+        refused when it is not there."""
         if ref is None:
             return ref
         if ref.startswith("s3://"):
-            self.storage.keep_for_a_job(ref)
+            if not self.storage.keep_for_a_job(ref):
+                raise SubmitError(f"{what}: {ref} does not exist (upload it first: easel submit with a local "
+                                  "path, POST /v1/uploads, or a presigned upload that has finished)")
             return ref
         if ref.startswith(("https://", "http://")):
             try:
@@ -178,8 +181,21 @@ class EaselClient:
             raise SubmitError(f"{what}: cannot read {ref[:100]!r}: {getattr(e, 'strerror', None) or e}") from None
         return self.storage.put_input(data, image_ext(data))
 
+    def _replayed(self, job: JobSpec | dict) -> str | None:
+        """The job an idempotency key made before, looked up before any check: a retry gets
+        its job even where a new job's checks would fail now (its input deleted since, a DNS
+        blip). (The HTTP API looks up its per-key names itself.)"""
+        key = job.idempotency_key if isinstance(job, JobSpec) else (job.get("idempotency_key") if isinstance(job, dict) else None)
+        return self.store.idempotent_job(key) if isinstance(key, str) and key else None
+
     def prepare(self, job: JobSpec | dict) -> JobSpec:
-        """Validate, upload local/inline images, fix seeds. Raises SubmitError naming the problem."""
+        """Validate, plan, upload local/inline images, fix seeds. Raises SubmitError naming the problem."""
+        return self.prepare_and_plan(job)[0]
+
+    def prepare_and_plan(self, job: JobSpec | dict) -> tuple[JobSpec, Plan]:
+        """``prepare`` and the chain plan: everything checked before a job is queued. A chain
+        that cannot run is said before its ``s3://`` and ``https://`` images are looked up
+        (local files are uploaded first: a job holding a path is not valid yet)."""
         if isinstance(job, dict):
             job = dict(job)
             inp = dict(job["input"]) if isinstance(job.get("input"), dict) else {}
@@ -196,19 +212,15 @@ class EaselClient:
             if stages:
                 job["stages"] = stages
         spec = self.validate(job)
+        try:
+            plan = plan_job(spec, self.registry, self.settings.queue_prefix)
+        except PlanError as e:
+            raise SubmitError(str(e)) from None
         image = self._upload_ref(spec.input.image, "input image")
         stages = [st.model_copy(update={"control_image": self._upload_ref(st.control_image, f"stage {i} control image")})
                   if st.control_image else st for i, st in enumerate(spec.stages)]
         spec = spec.model_copy(update={"input": spec.input.model_copy(update={"image": image}), "stages": stages})
-        return spec.with_seeds()
-
-    def prepare_and_plan(self, job: JobSpec | dict) -> tuple[JobSpec, Plan]:
-        """``prepare`` plus the chain plan: everything checked before a job is queued."""
-        spec = self.prepare(job)
-        try:
-            return spec, plan_job(spec, self.registry, self.settings.queue_prefix)
-        except PlanError as e:
-            raise SubmitError(str(e)) from None
+        return spec.with_seeds(), plan
 
     def submit(self, job: JobSpec | dict) -> str:
         """Queue one job; returns its id (an idempotency key seen before: that job's id)."""
@@ -218,6 +230,8 @@ class EaselClient:
         """``submit`` for ``owner`` (the HTTP API's key name, stored in the job's record by the
         script that creates it, so that no job is ever without its owner). Returns (job id,
         created): created is False when an idempotency key gave an earlier job."""
+        if owner is None and (earlier := self._replayed(job)) is not None:
+            return earlier, False
         with tracing.span("easel.submit") as span:
             spec, plan = self.prepare_and_plan(job)
             job_id = new_job_id()

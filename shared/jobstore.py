@@ -696,9 +696,10 @@ class JobStore:
     def _idem_key(self, spec: JobSpec) -> str:
         return f"{self.prefix}:idem:{spec.idempotency_key}"
 
-    def idempotent_job(self, spec: JobSpec) -> str | None:
-        """The job that already holds ``spec``'s idempotency key, if any."""
-        return _text(self.r.get(self._idem_key(spec))) if spec.idempotency_key else None
+    def idempotent_job(self, spec: JobSpec | str) -> str | None:
+        """The job that already holds ``spec``'s idempotency key (or this key), if any."""
+        key = spec if isinstance(spec, str) else spec.idempotency_key
+        return _text(self.r.get(f"{self.prefix}:idem:{key}")) if key else None
 
     def release_idempotency(self, job_id: str) -> None:
         """A job that could not be queued lets go of its idempotency key, so that a retry of

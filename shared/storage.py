@@ -203,28 +203,36 @@ class Storage:
         thousand jobs over one image rewrite it once an hour, not a thousand times) is
         rewritten by a copy onto itself on the server: the bytes are not sent again."""
         key = f"inputs/{hashlib.sha256(data).hexdigest()}.{ext}"
-        if not self._keep(key):
+        try:
+            there = self._keep(key)
+        except ClientError:  # could not tell: write it
+            there = False
+        if not there:
             self.put(key, data)
         return self.uri(key)
 
-    def keep_for_a_job(self, uri: str) -> None:
+    def keep_for_a_job(self, uri: str) -> bool:
         """An object of this bucket that retention expires, named by a new job (an input used
         again by its ``s3://`` URI, an earlier job's output), gets at least as much life left
-        as ``put_input`` gives. Best effort: one that is not there is left to the worker,
-        whose job then fails naming it, and an S3 error here only skips the rewrite."""
+        as ``put_input`` gives. False when it is not there (a job naming it would fail). An
+        object found is trusted for a minute; one elsewhere (another bucket or prefix) is not
+        looked at, and an S3 error here only skips the rewrite: the worker's read decides."""
         try:
             ref = S3Ref.parse(uri)
         except ValueError:  # the job's validation names it
-            return
+            return True
         now = time.monotonic()
         if (ref.bucket != self.bucket or not ref.key.startswith(RETAINED_PREFIXES)
                 or now < self._looked_until.get(ref.key, 0.0)):
-            return
-        _remember(self._looked_until, ref.key, now + FRESH_KNOWN_S)  # found or not, once a minute
+            return True
         try:
-            self._keep(ref.key, self._quick)
-        except (BotoCoreError, ClientError) as e:
+            found = self._keep(ref.key, self._quick)
+        except (BotoCoreError, ClientError) as e:  # could not tell: not asked again for a minute
             log.warning("could not check the age of %s for a new job: %s", uri, e)
+            found = True
+        if found:  # (a missing one is looked for again: it may be uploaded any moment)
+            _remember(self._looked_until, ref.key, now + FRESH_KNOWN_S)
+        return found
 
     def _keep(self, key: str, client=None) -> bool:
         """Rewrite ``key`` in place when it has less life left than a new job's record may
@@ -264,11 +272,14 @@ class Storage:
         return True
 
     def age_s(self, key: str, client=None) -> float | None:
-        """Seconds since the object was last written; None when there is none."""
+        """Seconds since the object was last written; None when there is none (another
+        refusal, e.g. a busy server's, raises)."""
         try:
             head = (client or self.client).head_object(Bucket=self.bucket, Key=key)
-        except ClientError:
-            return None
+        except ClientError as e:
+            if _missing(e):
+                return None
+            raise
         return time.time() - head["LastModified"].timestamp()
 
     def presign(self, uri_or_key: str, expires_s: int = 3600) -> str:

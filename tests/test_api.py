@@ -132,6 +132,15 @@ def job_body(image: str, **stage) -> dict:
     return {"input": {"image": image}, "stages": [st]}
 
 
+def unreadable_input() -> str:
+    """An object in the inputs folder that is no image: accepted at submission (only its
+    presence is checked there), failed by the worker that reads it."""
+    from easel.shared.settings import get_settings
+    from easel.shared.storage import Storage
+
+    return Storage(get_settings()).put_input(b"no image here " + uuid.uuid4().bytes, "png")
+
+
 def upload(http: httpx.Client, data: bytes | None = None) -> str:
     r = http.post("/v1/uploads", files={"file": ("in.png", data or png_bytes((64, 64)), "image/png")})
     assert r.status_code == 201, r.text
@@ -1005,7 +1014,7 @@ def test_a_job_ending_in_an_event_its_key_left_out_still_reads(api, sd15_worker)
     rx = Receiver([])
     try:
         with api.client("tok-watcher") as http:
-            body = {**job_body("s3://easel/inputs/never-uploaded.png"), "webhook_url": rx.url}
+            body = {**job_body(unreadable_input()), "webhook_url": rx.url}
             job_id = http.post("/v1/jobs", json=body).json()["id"]
             deadline = time.monotonic() + 60
             while True:
@@ -1083,13 +1092,13 @@ def test_a_terminal_webhook_is_due_when_its_job_ends_and_passing_ones_are_read_a
 def test_webhook_on_failure_names_the_reason(api, http, sd15_worker):
     rx = Receiver([])
     try:
-        body = {**job_body("s3://easel/inputs/never-uploaded.png"), "webhook_url": rx.url}
+        body = {**job_body(unreadable_input()), "webhook_url": rx.url}
         job_id = http.post("/v1/jobs", json=body).json()["id"]
         headers, raw, _ = rx.next()
         event = json.loads(raw)
         verify_signature(WEBHOOK_SECRET, headers, raw)
         assert event["type"] == "job.failed" and event["job"]["id"] == job_id
-        assert "never-uploaded.png does not exist" in event["job"]["error"]
+        assert "input image is not a readable image" in event["job"]["error"]
     finally:
         rx.close()
 
@@ -1114,6 +1123,7 @@ def test_schemathesis_all_checks_pass(easel_env, tmp_path):
         {"name": cfg["name"], "fixedHeaders": [{"name": "Authorization", "value": f"Bearer {token}"}]}
         for token, cfg in FUZZ_KEYS.items()]}))
     server = ApiServer(env, tmp_path, "fuzz-api").start()
+    image = upload(server.client(), png_bytes((64, 64)))  # what valid generated jobs name (schemathesis_hooks)
     try:
         r = subprocess.run(
             [str(Path(sys.executable).with_name("st")), "--config-file", str(ROOT / "tests" / "schemathesis.toml"),
@@ -1124,7 +1134,8 @@ def test_schemathesis_all_checks_pass(easel_env, tmp_path):
              "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", "40", "--seed", "1",
              "--request-timeout", "20", "--generation-database", "none", "--no-color"],
             capture_output=True, text=True, timeout=480, cwd=tmp_path,
-            env={**os.environ, "SCHEMATHESIS_HOOKS": "", "EASEL_FUZZ_WFC": str(wfc)})
+            env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks", "PYTHONPATH": str(ROOT),
+                 "EASEL_FUZZ_WFC": str(wfc), "EASEL_FUZZ_IMAGE": image})
         out = r.stdout + r.stderr
         assert r.returncode == 0, out[-8000:]
         m = re.search(r"(\d+) generated, (\d+) passed", out)

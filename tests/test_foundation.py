@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -122,11 +123,16 @@ def test_unreadable_image_refused_at_submission(client, tmp_path):
         client.submit(img2img_job("missing.png"))  # a relative path: where it was looked for
 
 
-def test_missing_s3_image_fails_job_with_reason_and_worker_serves_next(client, sd15_worker, input_png):
-    bad = client.submit(img2img_job("s3://easel/inputs/does-not-exist.png"))
+def test_a_missing_s3_image_is_refused_and_an_unreadable_one_fails_its_job_alone(client, sd15_worker, input_png):
+    with pytest.raises(SubmitError, match=r"input image: s3://easel/inputs/does-not-exist.png does not exist"):
+        client.submit(img2img_job("s3://easel/inputs/does-not-exist.png"))
+    with pytest.raises(SubmitError, match=r"stage 0 control image: s3://easel/inputs/no-control.png does not"):
+        client.submit({"input": {"image": str(input_png)}, "stages": [
+            {"task": "controlnet_img2img", "model": "sd15", "control_image": "s3://easel/inputs/no-control.png"}]})
+    bad = client.submit(img2img_job(client.storage.put_input(b"no image here", "png")))
     st = client.wait(bad, timeout=120)
     assert st.state.value == "failed"
-    assert "s3://easel/inputs/does-not-exist.png does not exist" in st.error
+    assert "input image is not a readable image" in st.error
     good = client.wait(client.submit(img2img_job(str(input_png))), timeout=120)
     assert good.state.value == "succeeded"
     assert sd15_worker.proc.poll() is None
@@ -430,3 +436,20 @@ def test_easel_wait_keeps_its_timeout_while_redis_is_away(easel_env):
     took = time.monotonic() - t0
     assert r.returncode == 124 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
     assert took < 20, took  # 4 s, one quick try past it, and the interpreter's start
+
+
+def test_a_retry_with_its_idempotency_key_gets_its_job_after_the_input_is_gone(client):
+    """A retry is answered before any check: its input deleted since (retention, a cleanup)
+    does not turn the retry of an accepted job into a refusal."""
+    ref = client.storage.put_input(b"\x89PNG retry " + uuid.uuid4().bytes, "png")
+    # sd15: a message left there is dropped by the session's worker (cancelled), not taken
+    # into another test's batch as sd15-wide's would be
+    job = {**img2img_job(ref), "idempotency_key": f"retry-{uuid.uuid4().hex}"}
+    first = client.submit(job)
+    client.storage.client.delete_object(Bucket=client.storage.bucket, Key=ref.split("/", 3)[3])
+    assert client.submit(job) == first
+    client.storage._looked_until.clear()  # a minute later: this process looks again
+    client.storage._fresh_until.clear()
+    with pytest.raises(SubmitError, match="does not exist"):
+        client.submit({**job, "idempotency_key": f"new-{uuid.uuid4().hex}"})
+    client.cancel(first)

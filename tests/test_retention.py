@@ -117,10 +117,10 @@ def test_an_input_named_by_its_uri_is_kept_alive_for_the_new_job(easel_env, stor
     """A client that uploads once and submits the returned ``s3://`` URI for days gets the
     same care as one that uploads each time: an object with less life left than a new job's
     record is rewritten on the server when a job names it, once per process per minute at
-    most; another bucket's object and one that is not there are left to the worker."""
+    most; one that is not there is refused, looked for again at each submission."""
     import easel.shared.storage
-    from easel.producer.client import EaselClient
-    from tests.conftest import img2img_job
+    from easel.producer.client import EaselClient, SubmitError
+    from tests.conftest import img2img_job, png_bytes
 
     uri = storage.put_input(f"input {time.monotonic_ns()}".encode(), "png")
     key = uri.split("/", 3)[3]
@@ -140,8 +140,12 @@ def test_an_input_named_by_its_uri_is_kept_alive_for_the_new_job(easel_env, stor
     client.storage._fresh_until.clear()
     client.prepare(img2img_job(uri))
     assert written_at() > first
-    never = "s3://easel/inputs/never-uploaded.png"  # left to the worker, whose job fails naming it
-    assert client.prepare(img2img_job(never)).input.image == never and not storage.exists(never)
+    late = f"inputs/uploaded-late-{time.monotonic_ns()}.png"  # refused, and looked for again next time
+    for _ in range(2):
+        with pytest.raises(SubmitError, match=f"{late} does not exist"):
+            client.prepare(img2img_job(f"s3://easel/{late}"))
+    storage.put(late, png_bytes((8, 8)))
+    assert client.prepare(img2img_job(f"s3://easel/{late}")).input.image == f"s3://easel/{late}"
 
     # S3 answering nothing: a submission waits one short try, then not again for a minute.
     proxy = TcpProxy(int(get_settings().s3_endpoint_url.rsplit(":", 1)[1])).start()

@@ -289,7 +289,7 @@ def test_wrong_redis_password_is_a_clear_error(secure_valkey, easel_env, auth, m
     c = EaselClient(secure_settings(secure_valkey, redis_url=f"redis://{auth}127.0.0.1:{secure_valkey.port}/0"))
     t0 = time.monotonic()
     with pytest.raises(redis.AuthenticationError, match=message):
-        c.submit(img2img_job("s3://easel/inputs/x.png"))
+        c.submit(img2img_job(c.storage.put_input(png_bytes((8, 8)), "png")))
     assert time.monotonic() - t0 < 5, "a refused password must not be retried"
     with pytest.raises(redis.AuthenticationError, match=message):
         c.status("0" * 32)
@@ -393,7 +393,7 @@ def test_rediss_end_to_end_through_tls(secure_worker, secure_valkey, good_ref, t
 ])
 def test_private_and_plain_http_urls_refused_at_submission(client, url, message):
     assert client.settings.allow_private_urls is False
-    for job in (img2img_job(url), {"input": {"image": "s3://easel/inputs/x.png"},
+    for job in (img2img_job(url), {"input": {"image": client.storage.put_input(png_bytes((8, 8)), "png")},
                                    "stages": [{"task": "controlnet_img2img", "model": "sd15", "control_image": url}]}):
         with pytest.raises(SubmitError) as e:
             client.submit(job)
@@ -499,7 +499,7 @@ def test_an_image_server_busy_for_a_moment_costs_a_retry_not_the_job(secure_work
 # -- credentials never leak ----------------------------------------------------------------------
 def test_credentials_never_in_manifests_records_or_worker_log(secure_worker, secure_valkey, sclient, good_ref):
     ok = _ok(sclient, img2img_job(good_ref, steps=2))
-    bad = sclient.submit(img2img_job("s3://easel/inputs/missing.png", steps=2))
+    bad = sclient.submit(img2img_job(sclient.storage.put_input(b"no image here", "png"), steps=2))
     assert sclient.wait(bad, timeout=120).state.value == "failed"
     secrets = [S3_SECRET, REDIS_PW, WORKER_PW]
     manifest = sclient.storage.get(f"jobs/{ok}/manifest.json").decode()
