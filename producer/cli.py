@@ -196,14 +196,15 @@ def wait(job_id: str, timeout: Optional[float] = typer.Option(
     import redis
 
     client = _client()
-    try:  # a quick read: while Redis is away, following waits for it within --timeout
-        known = client.follow_store().exists(job_id)
-    except redis.AuthenticationError:  # (a ConnectionError) no wait mends a wrong password
-        raise
-    except redis.RedisError:
-        if timeout is None:
+    if timeout is None:  # rides out a Redis restart, then says it cannot reach Redis (exit 3)
+        known = client.store.exists(job_id)
+    else:
+        try:  # a quick read: while Redis is away, following waits for it within --timeout
+            known = client.follow_store().exists(job_id)
+        except (redis.AuthenticationError, redis.ResponseError):  # no wait mends a password or an ACL
             raise
-        known = True
+        except redis.RedisError:
+            known = True
     if not known:
         _fail(f"no job {job_id}", 1)
     _wait(client, job_id, timeout)

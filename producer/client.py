@@ -185,8 +185,7 @@ class EaselClient:
         """The job an idempotency key made before, looked up before any check: a retry gets
         its job even where a new job's checks would fail now (its input deleted since, a DNS
         blip). (The HTTP API looks up its per-key names itself.)"""
-        key = job.idempotency_key if isinstance(job, JobSpec) else (job.get("idempotency_key") if isinstance(job, dict) else None)
-        return self.store.idempotent_job(key) if isinstance(key, str) and key else None
+        return self._replays([job])[0]
 
     def prepare(self, job: JobSpec | dict) -> JobSpec:
         """Validate, plan, upload local/inline images, fix seeds. Raises SubmitError naming the problem."""
@@ -309,13 +308,16 @@ class EaselClient:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        prepared: list[tuple[JobSpec, Plan]] = []
+        jobs = list(jobs)
+        ids: list[str | None] = self._replays(jobs)  # retries answered before any check
+        prepared: list[tuple[int, JobSpec, Plan]] = []
         for i, job in enumerate(jobs):
+            if ids[i] is not None:
+                continue
             try:
-                prepared.append(self.prepare_and_plan(job))
+                prepared.append((i, *self.prepare_and_plan(job)))
             except SubmitError as e:
                 raise type(e)(f"job {i}: {e}") from None
-        ids: list[str] = []
         if not prepared:
             return ids
         # A connection of our own whose Redis client does not replay timed-out commands:
@@ -324,13 +326,29 @@ class EaselClient:
                 self.celery.connection_for_write(transport_options={"retry_on_timeout": False}) as conn:
             producer = self.celery.amqp.Producer(conn)
             for start in range(0, len(prepared), batch_size):
+                batch = prepared[start:start + batch_size]
                 try:
-                    ids += self._submit_batch(prepared[start:start + batch_size], producer, call)
+                    got = self._submit_batch([(spec, plan) for _, spec, plan in batch], producer, call)
                 except Exception as e:
-                    if not ids:  # nothing queued before it: the error itself, as from submit
+                    if start == 0:  # nothing queued before it: the error itself, as from submit
                         raise
-                    raise PartialSubmitError(e, ids, start) from e
+                    failed_from = batch[0][0]
+                    raise PartialSubmitError(e, ids[:failed_from], failed_from) from e
+                for (i, _, _), job_id in zip(batch, got):
+                    ids[i] = job_id
         return ids
+
+    def _replays(self, jobs: list[JobSpec | dict]) -> list[str | None]:
+        """Per job, the job its idempotency key made before (None: none, or no key), in one
+        read: see ``_replayed``."""
+        keys = [j.idempotency_key if isinstance(j, JobSpec) else (j.get("idempotency_key") if isinstance(j, dict)
+                                                                  else None) for j in jobs]
+        asked = [i for i, key in enumerate(keys) if isinstance(key, str) and key]
+        found: list[str | None] = [None] * len(jobs)
+        if asked:
+            for i, job_id in zip(asked, self.store.idempotent_jobs([keys[i] for i in asked])):
+                found[i] = job_id
+        return found
 
     def _submit_batch(self, items: list[tuple[JobSpec, Plan]], producer, call=tracing.NO_SPAN) -> list[str]:
         """Records and admissions in one round trip, then the messages of the jobs admitted."""

@@ -694,12 +694,18 @@ class JobStore:
         return [x for kv in fields.items() for x in kv]
 
     def _idem_key(self, spec: JobSpec) -> str:
-        return f"{self.prefix}:idem:{spec.idempotency_key}"
+        return self._idem_name(spec.idempotency_key)
 
-    def idempotent_job(self, spec: JobSpec | str) -> str | None:
-        """The job that already holds ``spec``'s idempotency key (or this key), if any."""
-        key = spec if isinstance(spec, str) else spec.idempotency_key
-        return _text(self.r.get(f"{self.prefix}:idem:{key}")) if key else None
+    def _idem_name(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+    def idempotent_job(self, spec: JobSpec) -> str | None:
+        """The job that already holds ``spec``'s idempotency key, if any."""
+        return self.idempotent_jobs([spec.idempotency_key])[0] if spec.idempotency_key else None
+
+    def idempotent_jobs(self, keys: list[str]) -> list[str | None]:
+        """The jobs that already hold these idempotency keys (None where none), in one read."""
+        return [_text(v) for v in self.r.mget([self._idem_name(key) for key in keys])] if keys else []
 
     def release_idempotency(self, job_id: str) -> None:
         """A job that could not be queued lets go of its idempotency key, so that a retry of

@@ -90,3 +90,22 @@ def test_a_batch_that_fails_to_send_names_the_jobs_queued_before_it(easel_env, i
         assert isinstance(got.value.__cause__, kombu.exceptions.OperationalError)
     finally:
         own.store.r.delete(*own.store.r.keys(f"{prefix}*"))
+
+
+def test_submit_many_answers_a_retry_before_its_checks(client):
+    """Calling again with the same keyed jobs returns their ids even where a new job's checks
+    would fail now (their input deleted since); a job with a new key is checked."""
+    from tests.conftest import png_bytes
+
+    ref = client.storage.put_input(png_bytes((16, 16), color=(uuid.uuid4().bytes[0], 9, 9)), "png")
+    run = uuid.uuid4().hex
+    keyed = [{**img2img_job(ref, seed=i, steps=2), "idempotency_key": f"gone-{run}-{i}"} for i in range(3)]
+    ids = client.submit_many(keyed)
+    client.storage.client.delete_object(Bucket=client.storage.bucket, Key=ref.split("/", 3)[3])
+    client.storage._looked_until.clear()  # as a minute later
+    client.storage._fresh_until.clear()
+    assert client.submit_many(keyed) == ids
+    with pytest.raises(SubmitError, match=r"job 1: input image: .* does not exist"):
+        client.submit_many([keyed[0], {**keyed[1], "idempotency_key": f"new-{run}"}])
+    for job_id in ids:
+        client.cancel(job_id)
