@@ -1127,8 +1127,22 @@ class JobStore:
             counts[state.value] = finished.get(state.value, 0)
         return counts
 
+    def live_instances(self, families: list[str]) -> dict[str, int]:
+        """Live worker processes per family, by their heartbeats on Redis's clock: one read
+        per family, whatever else the keyspace holds (what metrics scrapes and /v1/queues ask
+        every few seconds; ``presences`` scans the keyspace)."""
+        if not families:
+            return {}
+        seconds, micros = self.r.time()
+        now = seconds + micros / 1e6
+        pipe = self.r.pipeline(transaction=False)
+        for family in families:  # an instance's score is when its heartbeat runs out
+            pipe.zcount(family_instances_key(self.prefix, family), f"({now}", "+inf")
+        return {family: int(n) for family, n in zip(families, pipe.execute())}
+
     def presences(self) -> list[dict]:
-        """The presence records of live worker processes (what each one serves)."""
+        """The presence records of live worker processes (what each one serves): a scan of
+        the keyspace, for operators' commands (``easel workers``, ``easel drain``)."""
         keys = list(self.r.scan_iter(f"{self.prefix}:worker:*", count=500))
         return [json.loads(v) for v in self.r.mget(keys) if v] if keys else []
 

@@ -56,14 +56,6 @@ def queue_depths(r: redis.Redis, families: Iterable[str], prefix: str = "easel")
     return {fam: QueueDepth({p: int(next(counts)) for p in PRIORITIES}, int(next(counts))) for fam in fams}
 
 
-def live_workers_by_family(r: redis.Redis, prefix: str = "easel") -> dict[str, int]:
-    out: dict[str, int] = {}
-    for presence in JobStore(r, prefix).presences():
-        fam = presence.get("family", "unknown")
-        out[fam] = out.get(fam, 0) + 1
-    return out
-
-
 class RedisStateCollector(Collector):
     """Queue depth per family and priority, jobs by state, live workers.
 
@@ -94,7 +86,7 @@ class RedisStateCollector(Collector):
         pending = GaugeMetricFamily("easel_queue_pending",
                                     "Jobs of a family pending their tenant's turn, not yet in its broker queue",
                                     labels=["family", "queue"])
-        workers = GaugeMetricFamily("easel_workers", "Live worker processes by family (heartbeat keys)",
+        workers = GaugeMetricFamily("easel_workers", "Live worker processes by family (their heartbeats)",
                                     labels=["family"])
         out = [up, depth, pending, workers]
         try:
@@ -103,9 +95,8 @@ class RedisStateCollector(Collector):
                 for p, n in waiting.by_priority.items():
                     depth.add_metric([fam, queue, str(p)], n)
                 pending.add_metric([fam, queue], waiting.pending)
-            live = live_workers_by_family(self.r, self.prefix)
-            for fam in sorted(set(self.families) | set(live)):
-                workers.add_metric([fam], live.get(fam, 0))
+            for fam, n in sorted(JobStore(self.r, self.prefix).live_instances(self.families).items()):
+                workers.add_metric([fam], n)
             if self.jobs:
                 out += self._job_counts()
             up.add_metric([], 1)

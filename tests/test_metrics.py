@@ -202,3 +202,31 @@ def test_metrics_port_follows_the_pinned_gpu():
     assert metrics_port(9100, "3") == 9103
     assert metrics_port(9100, "0,1") == 9100
     assert os.environ.get("EASEL_METRICS_PORT") in (None, "", "0")  # off by default in tests
+
+
+def test_a_scrape_reads_live_workers_without_scanning_the_keyspace(easel_env):
+    """Live workers per family come from their heartbeats in one read per family: a scrape
+    (every few seconds, by every API and worker process) never walks the keyspace, which
+    holds every job record of the last days."""
+    import uuid
+
+    import redis as redis_py
+
+    from easel.shared.jobstore import JobStore
+    from easel.shared.metrics import RedisStateCollector
+
+    r = redis_py.Redis.from_url(easel_env["EASEL_REDIS_URL"], decode_responses=True)
+    store = JobStore(r, f"scan{uuid.uuid4().hex[:8]}")
+    for i in range(3):
+        store.beat(f"inst-{i}", f"host-{i}", {"family": "f", "hostname": f"host-{i}"}, ttl_s=30)
+    store.retire("inst-2", "host-2", "f")
+
+    def scans() -> int:
+        return int(r.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+    before = scans()
+    got = {s.labels["family"]: s.value for fam in RedisStateCollector(r, ["f", "g"], store.prefix, jobs=True,
+                                                                        cache_s=0).collect()
+           if fam.name == "easel_workers" for s in fam.samples}
+    assert got == {"f": 2, "g": 0}
+    assert scans() == before

@@ -14,7 +14,7 @@ from easel.producer.api.errors import problems
 from easel.producer.api.models import Health, QueueOut
 from easel.producer.api.state import ApiState
 from easel.shared.celery_app import queue_name
-from easel.shared.metrics import live_workers_by_family, queue_depths
+from easel.shared.metrics import queue_depths
 
 log = logging.getLogger("easel.api")
 router = APIRouter(tags=["operations"])
@@ -26,7 +26,7 @@ def queues(p: Caller, api: ApiDep) -> list[QueueOut]:
     turn) and its live workers."""
     prefix = api.s.queue_prefix
     depths = queue_depths(api.r, api.families, prefix)
-    live = live_workers_by_family(api.r, prefix)
+    live = api.store.live_instances(list(depths))
     return [QueueOut(family=f, queue=queue_name(f, prefix), waiting=d.messages + d.pending, messages=d.messages,
                      pending=d.pending, by_priority={str(k): v for k, v in d.by_priority.items()},
                      workers=live.get(f, 0))
