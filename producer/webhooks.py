@@ -343,14 +343,15 @@ class WebhookDispatcher:
         delay *= random.uniform(0.8, 1.2)  # spread retries of many jobs to one receiver
         self.store.webhook_state(job_id, "pending", error)
         self._retry_in(keys=[self.due_key], args=[job_id, delay])
-        log.info("webhook for job %s attempt %d failed (%s); retry in %.1fs", job_id, attempt, error, delay)
+        log.info("webhook for job %s attempt %d failed (%s); retry in %.1fs", job_id, attempt, error, delay,
+                 extra={"job_id": job_id})
         self._report("retry", event)
         return "retry"
 
     def _give_up(self, job_id: str, event: str, error: str) -> str:
         self.store.webhook_state(job_id, "failed", error)
         self.r.zrem(self.due_key, job_id)
-        log.warning("webhook for job %s failed for good: %s", job_id, error)
+        log.warning("webhook for job %s failed for good: %s", job_id, error, extra={"job_id": job_id})
         self._report("failed", event)
         return "failed"
 

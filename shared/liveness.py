@@ -25,6 +25,7 @@ from typing import Callable
 
 import redis
 
+from easel.shared import logs
 from easel.shared.celery_app import queued_deliveries
 from easel.shared.jobstore import JobStore
 from easel.shared.metrics import priority_lists
@@ -166,13 +167,14 @@ class Reaper(_Loop):
                 # whose send failed waits with no message, for the lost-message sweep. Redis
                 # itself away ends the pass (every job would fail the same way).
                 try:
-                    if self._requeue(instance, job_id, segment, why):
-                        resent.append(job_id)
+                    with logs.job_context(job_id, segment):  # the job's fields on its lines, as a worker's
+                        if self._requeue(instance, job_id, segment, why):
+                            resent.append(job_id)
                 except (redis.ConnectionError, redis.TimeoutError):
                     raise
                 except Exception:
                     log.exception("could not requeue job %s segment %d that instance %s held; a later pass "
-                                  "retries", job_id, segment, instance)
+                                  "retries", job_id, segment, instance, extra={"job_id": job_id, "segment": segment})
             self.store.forget_instance(instance, held, leased)
         return resent
 
@@ -214,6 +216,7 @@ class Reaper(_Loop):
         for job_id, segment in old:
             if (job_id, segment) in present:
                 continue
+            fields = {"job_id": job_id, "segment": segment}
             try:  # each job alone: one that cannot be sent now must not keep the others waiting
                 spec, _ = self.store.load(job_id)
                 self._send_again(job_id, segment, queue, spec.priority)
@@ -222,10 +225,11 @@ class Reaper(_Loop):
             except (redis.ConnectionError, redis.TimeoutError):
                 raise
             except Exception:
-                log.exception("could not send job %s segment %d again; a later pass retries", job_id, segment)
+                log.exception("could not send job %s segment %d again; a later pass retries", job_id, segment,
+                              extra=fields)
                 continue
             log.warning("job %s segment %d was waiting with no message left (a worker died taking it); "
-                        "sent again", job_id, segment)
+                        "sent again", job_id, segment, extra=fields)
             resent.append(job_id)
         return resent
 

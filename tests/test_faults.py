@@ -276,11 +276,13 @@ def test_worker_dying_while_finishing_is_rerun_after_a_restart_under_the_same_ho
 
 def test_transient_errors_stop_after_the_retry_cap(fclient, workers, big_input):
     dead = f"http://127.0.0.1:{free_port()}"
-    workers("sd15-wide", EASEL_S3_ENDPOINT_URL=dead, EASEL_MAX_RETRIES="2")
+    w = workers("sd15-wide", EASEL_S3_ENDPOINT_URL=dead, EASEL_MAX_RETRIES="2")
     job_id = fclient.submit(job(big_input, steps=2, model="sd15-wide"))
     st = fclient.wait(job_id, timeout=120)
     assert st.state.value == "failed"
     assert st.error.startswith("gave up after 2 retries: EndpointConnectionError")
+    # the worker's log says so too, not only the warnings of each retry
+    assert f"job {job_id} segment 0 failed: gave up after 2 retries" in w.log.read_text()
 
 
 def test_an_object_store_throttling_for_longer_than_boto3_retries_is_retried_like_an_outage(
@@ -311,10 +313,11 @@ def test_poison_job_stops_after_repeated_worker_deaths(fclient, workers, big_inp
         w.stop(signal.SIGKILL)
         # Forget the killed run's progress, so the next wait sees the next delivery's steps.
         fclient.store.r.hset(fclient.store.key(poison), "step", 0)
-    workers()
+    last = workers()
     st = fclient.wait(poison, timeout=120)
     assert st.state.value == "failed"
     assert st.error.startswith("poison job: the worker died 2 times while running segment 0")
+    assert f"job {poison} segment 0 failed: poison job" in last.log.read_text()
     good = fclient.submit(job(big_input, steps=2, seed=32))
     assert fclient.wait(good, timeout=120).state.value == "succeeded"
 

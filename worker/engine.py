@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator
 
 import redis
 
-from easel.shared import tracing
+from easel.shared import logs, tracing
 from easel.shared.celery_app import send_segment
 from easel.shared.images import encode_image
 from easel.shared.jobstore import Claim
@@ -44,8 +44,8 @@ from easel.worker.context import WorkerContext
 from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_handoff
 from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
-from easel.worker.policy import (Delivery, cancelled, describe, device_lost, drain_finishes, end_of, fail,
-                                 free_device_memory, out_of_memory, refused, settle_error)
+from easel.worker.policy import (Delivery, cancelled, describe, device_lost, drain_finishes, end_of,
+                                 free_device_memory, give_up, out_of_memory, refused, settle_error)
 from easel.worker.runner import (Carrier, Interrupted, call_key, decode_latents, denoised_area, first_compile,
                                  pixel_size, run_stage)
 from easel.worker.stops import READ_EVERY_S
@@ -191,11 +191,13 @@ def _settle_claim(ctx: WorkerContext, d: Delivery, c: Claim) -> str:
         ctx.store.transition(d.job_id, JobState.cancelled, error=why)
         return "cancelled"
     elif c.outcome == "poison":
-        ctx.store.transition(d.job_id, JobState.failed, error=(
-            f"poison job: the worker died {c.crashed} times while running segment {d.segment} "
-            f"(last at stage {c.stage}); not retried"))
+        why = (f"poison job: the worker died {c.crashed} times while running segment {d.segment} "
+               f"(last at stage {c.stage}); not retried")
+        with logs.job_context(d.job_id, d.segment):
+            log.error("job %s segment %d failed: %s", d.job_id, d.segment, why)
+        ctx.store.transition(d.job_id, JobState.failed, error=why)
     elif c.outcome == "corrupt":
-        return fail(ctx, d, f"could not claim the job: {c.detail}")
+        return give_up(ctx, d, f"could not claim the job: {c.detail}")
     return {"terminal": f"already {c.detail}"}.get(c.outcome, c.outcome)
 
 

@@ -31,6 +31,7 @@ import kombu.exceptions
 import redis.exceptions
 import torch
 
+from easel.shared import logs
 from easel.shared.celery_app import send_segment
 from easel.shared.images import InputError, SourceUnavailable
 from easel.shared.jobstore import DeliveryEnd, refusing_for_now, retry_fields
@@ -175,6 +176,14 @@ def fail(ctx, d: Delivery, reason: str) -> str:
     return "failed" if end_as(ctx, d, JobState.failed, error=reason) else refused(ctx, d, JobState.failed)
 
 
+def give_up(ctx, d: Delivery, reason: str) -> str:
+    """``fail`` where no exception was logged on the way (retries spent, a poison job, an
+    unreadable claim): the worker's log says it, with the job's fields."""
+    with logs.job_context(d.job_id, d.segment):
+        log.error("job %s segment %d failed: %s", d.job_id, d.segment, reason)
+    return fail(ctx, d, reason)
+
+
 def cancelled(ctx, d: Delivery) -> str:
     return ("cancelled" if end_as(ctx, d, JobState.cancelled, error="cancelled while running")
             else refused(ctx, d, JobState.cancelled))
@@ -216,10 +225,10 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     memory = out_of_memory(exc)
     n, oom = n + 1, oom + memory
     if memory and oom > OOM_RETRIES:
-        return fail(ctx, d, f"out of GPU memory again after {OOM_RETRIES} retries ({describe(exc)}): use a "
-                            "smaller image or fewer images per job, or turn on vae_tiling for the model")
+        return give_up(ctx, d, f"out of GPU memory again after {OOM_RETRIES} retries ({describe(exc)}): use a "
+                               "smaller image or fewer images per job, or turn on vae_tiling for the model")
     if n > ctx.settings.max_retries:
-        return fail(ctx, d, f"gave up after {ctx.settings.max_retries} retries: {describe(exc)}")
+        return give_up(ctx, d, f"gave up after {ctx.settings.max_retries} retries: {describe(exc)}")
     countdown = random.uniform(0, min(BACKOFF_CAP_S, 2.0 ** (n - 1)))
     log.warning("job %s segment %d: transient %s; retry %d/%d in %.1fs", d.job_id, d.segment, describe(exc), n,
                 ctx.settings.max_retries, countdown)
