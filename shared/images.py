@@ -14,6 +14,7 @@ import io
 import ipaddress
 import socket
 import ssl
+import urllib.parse
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, TypeVar
@@ -162,6 +163,20 @@ def _non_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
             or ip.is_reserved)
 
 
+def shown_url(url: str) -> str:
+    """A URL as errors and logs quote it: scheme, host and path (at most 100 characters),
+    without user info, query or fragment, where signed URLs carry their credentials."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname and parts.hostname + (f":{parts.port}" if parts.port else "")
+    except ValueError:  # not a URL these helpers could read: it is refused as such
+        return url[:100]
+    if not parts.scheme or not host:
+        return url[:100]
+    tail = "?..." if parts.query else ""
+    return f"{parts.scheme}://{host}{parts.path}"[:100] + tail
+
+
 def check_public_url(url: str, settings: Settings) -> str | None:
     """SSRF guard: refuse loopback, private, link-local and reserved targets unless allowed.
 
@@ -173,13 +188,13 @@ def check_public_url(url: str, settings: Settings) -> str | None:
     try:
         u = httpx.URL(url)
     except Exception:
-        raise InputError(f"unsupported URL {url[:100]!r}") from None
+        raise InputError(f"unsupported URL {shown_url(url)!r}") from None
     if u.scheme not in ("https", "http") or not u.host:
-        raise InputError(f"unsupported URL {url[:100]!r}")
+        raise InputError(f"unsupported URL {shown_url(url)!r}")
     if settings.allow_private_urls:
         return None
     if u.scheme != "https":
-        raise InputError(f"only https:// image URLs are accepted, not {url[:100]!r} "
+        raise InputError(f"only https:// image URLs are accepted, not {shown_url(url)!r} "
                          "(set EASEL_ALLOW_PRIVATE_URLS=true to allow http:// and private addresses)")
     try:
         infos = socket.getaddrinfo(u.host, u.port or 443, proto=socket.IPPROTO_TCP)
@@ -233,7 +248,7 @@ def exchange(method: str, url: str, settings: Settings, *, timeout_s: float, bod
     try:
         return _run_in_own_loop(bounded)
     except asyncio.TimeoutError:
-        raise TimeoutError(f"{url[:100]}: no complete answer within {timeout_s:g}s") from None
+        raise TimeoutError(f"{shown_url(url)}: no complete answer within {timeout_s:g}s") from None
 
 
 def _run_in_own_loop(make: Callable[[], Awaitable[T]]) -> T:
@@ -266,12 +281,12 @@ async def _exchange(method, target, headers, extensions, content, body_limit, ti
             return r.status_code, b""
         declared = r.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > body_limit:
-            raise InputError(f"{url[:100]} is {declared} bytes, over the {body_limit}-byte limit")
+            raise InputError(f"{shown_url(url)} is {declared} bytes, over the {body_limit}-byte limit")
         chunks, total = [], 0
         async for chunk in r.aiter_bytes():
             total += len(chunk)
             if total > body_limit:
-                raise InputError(f"{url[:100]} is over the {body_limit}-byte limit")
+                raise InputError(f"{shown_url(url)} is over the {body_limit}-byte limit")
             chunks.append(chunk)
         return r.status_code, b"".join(chunks)
 
@@ -296,17 +311,17 @@ def fetch_url(url: str, settings: Settings) -> bytes:
     except Unresolved as e:  # DNS may answer on a retry, as a submission's 503 says
         raise SourceUnavailable(str(e)) from None
     except TimeoutError:  # the whole download's deadline: a server this slow stays slow
-        raise InputError(f"{url[:100]} took longer than {settings.url_fetch_timeout_s:g}s to download") from None
+        raise InputError(f"{shown_url(url)} took longer than {settings.url_fetch_timeout_s:g}s to download") from None
     except (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError) as e:
         if _certificate_refused(e):  # a retry meets the same certificate
-            raise InputError(f"cannot fetch {url[:100]}: its TLS certificate was refused ({str(e)[:200]})") from None
-        raise SourceUnavailable(f"cannot fetch {url[:100]} now: {type(e).__name__}: {str(e)[:200]}") from None
+            raise InputError(f"cannot fetch {shown_url(url)}: its TLS certificate was refused ({str(e)[:200]})") from None
+        raise SourceUnavailable(f"cannot fetch {shown_url(url)} now: {type(e).__name__}: {str(e)[:200]}") from None
     except httpx.HTTPError as e:
-        raise InputError(f"cannot fetch {url[:100]}: {type(e).__name__}: {str(e)[:200]}") from None
+        raise InputError(f"cannot fetch {shown_url(url)}: {type(e).__name__}: {str(e)[:200]}") from None
     if status >= 500 or status == 429:
-        raise SourceUnavailable(f"GET {url[:100]} returned HTTP {status}, for now")
+        raise SourceUnavailable(f"GET {shown_url(url)} returned HTTP {status}, for now")
     if status != 200:
-        raise InputError(f"GET {url[:100]} returned HTTP {status}"
+        raise InputError(f"GET {shown_url(url)} returned HTTP {status}"
                          + (" (redirects are not followed)" if 300 <= status < 400 else ""))
     return body
 

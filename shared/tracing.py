@@ -296,7 +296,7 @@ class JobTrace:
         if not self.segment.is_recording():
             return
         self.segment.set_attribute("easel.outcome", outcome)
-        if outcome in ("failed", "error"):
+        if outcome in ("failed", "error", "poison"):
             from opentelemetry.trace import Status, StatusCode
 
             self.segment.set_status(Status(StatusCode.ERROR, outcome))

@@ -751,3 +751,14 @@ def test_easel_api_refuses_to_start_on_keys_it_cannot_trust(keys_file, message):
 
     r = cli("api", "--port", "1", env={"EASEL_API_KEYS_FILE": str(ROOT / keys_file)}, timeout=60)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+
+
+def test_a_signed_urls_credentials_stay_out_of_errors(images):
+    """A presigned or user:password URL fails (here: 404): the error, which lands in the
+    job's record, the worker's log and its trace, names the host and path only."""
+    s = Settings(allow_private_urls=True, url_fetch_timeout_s=2.0)
+    url = images.url("/nope.png?X-Amz-Signature=s3cr3tsig&token=t0ken").replace("http://", "http://alice:pw9@")
+    with pytest.raises(InputError, match="HTTP 404") as e:
+        fetch_url(url, s)
+    said = str(e.value)
+    assert "/nope.png" in said and not any(secret in said for secret in ("s3cr3tsig", "t0ken", "alice", "pw9"))
