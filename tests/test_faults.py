@@ -336,9 +336,11 @@ def test_stuck_stage_is_failed_by_the_watchdog(fclient, workers):
     w = workers("sd15-wide", EASEL_STAGE_TIMEOUT_BASE_S="0.01", EASEL_STAGE_TIMEOUT_PER_MPX_STEP_S="0",
                 EASEL_STAGE_STUCK_GRACE_S="0.05")
     huge = fclient.storage.put_input(png_bytes((2048, 2048)), "png")  # the VAE encode alone outlasts the limit
-    st = fclient.wait(fclient.submit(job(huge, steps=1, model="sd15-wide")), timeout=120)
+    job_id = fclient.submit(job(huge, steps=1, model="sd15-wide"))
+    st = fclient.wait(job_id, timeout=120)
     assert st.state.value == "failed" and "made no progress" in st.error
     assert wait_for(lambda: w.proc.poll() is not None, 30, "worker exit") and w.proc.returncode == 75
+    assert f"job {job_id} segment 0 failed: stage 0" in w.log.read_text()  # from the watchdog's thread
 
 
 DECODE_HANG = """

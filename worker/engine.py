@@ -376,7 +376,12 @@ def _fail_all(ctx: WorkerContext, jobs: list[Job]) -> Callable[[str], None]:
         # froze past its heartbeat) is another delivery's now, and is left to it.
         ctx.store.transition_many([(job.job_id, JobState.failed, {"error": reason}) for job in jobs],
                                   ends=[end_of(ctx, job.delivery) for job in jobs])
+        for job in jobs:  # (this runs on the watchdog's thread: the job's fields are given here)
+            with logs.job_context(job.job_id, job.delivery.segment):
+                log.error("job %s segment %d failed: %s", job.job_id, job.delivery.segment, reason)
+            job.trace.end("failed")
         drain_finishes(ctx)
+        tracing.shutdown()  # the process ends next: what its spans recorded is sent first
     return fail_all
 
 

@@ -31,7 +31,7 @@ import kombu.exceptions
 import redis.exceptions
 import torch
 
-from easel.shared import logs
+from easel.shared import logs, tracing
 from easel.shared.celery_app import send_segment
 from easel.shared.images import InputError, SourceUnavailable
 from easel.shared.jobstore import DeliveryEnd, refusing_for_now, retry_fields
@@ -123,6 +123,7 @@ def exit_device_lost(ctx, d: Delivery, exc: BaseException) -> None:
     log.critical("job %s segment %d: the GPU failed (%s); exiting so the launcher starts a fresh process and "
                  "the job runs again", d.job_id, d.segment, describe(exc))
     drain_finishes(ctx)
+    tracing.shutdown()
     logging.shutdown()
     os._exit(DEVICE_LOST_EXIT_CODE)
 
