@@ -295,4 +295,5 @@ def settle_later(ctx, app) -> None:
             d, exc = ctx.unsettled.get_nowait()
         except queue.Empty:
             return
-        settle_error(ctx, app, d, exc)
+        with logs.job_context(d.job_id, d.segment):  # (on the heartbeat's thread: no task's fields)
+            settle_error(ctx, app, d, exc)
