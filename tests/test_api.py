@@ -1154,7 +1154,8 @@ def test_event_streams_opened_at_once_cannot_pass_the_cap_together(easel_env, tm
     key holding a quarter gets 3) holds for them too; the rest get 503 before their response
     starts. The slot is taken where it is checked."""
     env = {**easel_env, "EASEL_API_KEYS": keys_env(), "EASEL_MODELS": str(registry_with_parked_family(tmp_path)),
-           "EASEL_API_SSE_MAX_STREAMS": "4"}
+           "EASEL_API_SSE_MAX_STREAMS": "4",
+           "EASEL_QUEUE_PREFIX": f"ssecap{uuid.uuid4().hex[:8]}"}  # its parked job takes no other test's room
     server = ApiServer(env, tmp_path, name="api-sse-cap").start()
     try:
         with server.client() as c:
