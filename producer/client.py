@@ -181,12 +181,6 @@ class EaselClient:
             raise SubmitError(f"{what}: cannot read {ref[:100]!r}: {getattr(e, 'strerror', None) or e}") from None
         return self.storage.put_input(data, image_ext(data))
 
-    def _replayed(self, job: JobSpec | dict) -> str | None:
-        """The job an idempotency key made before, looked up before any check: a retry gets
-        its job even where a new job's checks would fail now (its input deleted since, a DNS
-        blip). (The HTTP API looks up its per-key names itself.)"""
-        return self._replays([job])[0]
-
     def prepare(self, job: JobSpec | dict) -> JobSpec:
         """Validate, plan, upload local/inline images, fix seeds. Raises SubmitError naming the problem."""
         return self.prepare_and_plan(job)[0]
@@ -229,7 +223,7 @@ class EaselClient:
         """``submit`` for ``owner`` (the HTTP API's key name, stored in the job's record by the
         script that creates it, so that no job is ever without its owner). Returns (job id,
         created): created is False when an idempotency key gave an earlier job."""
-        if owner is None and (earlier := self._replayed(job)) is not None:
+        if owner is None and (earlier := self._replays([job])[0]) is not None:
             return earlier, False
         with tracing.span("easel.submit") as span:
             spec, plan = self.prepare_and_plan(job)
@@ -340,7 +334,9 @@ class EaselClient:
 
     def _replays(self, jobs: list[JobSpec | dict]) -> list[str | None]:
         """Per job, the job its idempotency key made before (None: none, or no key), in one
-        read: see ``_replayed``."""
+        read. Looked up before any check: a retry gets its job even where a new job's checks
+        would fail now (its input deleted since, a DNS blip). (The HTTP API looks up its
+        per-key names itself.)"""
         keys = [j.idempotency_key if isinstance(j, JobSpec) else (j.get("idempotency_key") if isinstance(j, dict)
                                                                   else None) for j in jobs]
         asked = [i for i, key in enumerate(keys) if isinstance(key, str) and key]

@@ -166,15 +166,15 @@ class Reaper(_Loop):
                 # is kept (``forget_instance``) and a later pass retries it; a job requeued
                 # whose send failed waits with no message, for the lost-message sweep. Redis
                 # itself away ends the pass (every job would fail the same way).
-                try:
-                    with logs.job_context(job_id, segment):  # the job's fields on its lines, as a worker's
+                with logs.job_context(job_id, segment):  # the job's fields on its lines, as a worker's
+                    try:
                         if self._requeue(instance, job_id, segment, why):
                             resent.append(job_id)
-                except (redis.ConnectionError, redis.TimeoutError):
-                    raise
-                except Exception:
-                    log.exception("could not requeue job %s segment %d that instance %s held; a later pass "
-                                  "retries", job_id, segment, instance, extra={"job_id": job_id, "segment": segment})
+                    except (redis.ConnectionError, redis.TimeoutError):
+                        raise
+                    except Exception:
+                        log.exception("could not requeue job %s segment %d that instance %s held; a later pass "
+                                      "retries", job_id, segment, instance)
             self.store.forget_instance(instance, held, leased)
         return resent
 
@@ -216,22 +216,27 @@ class Reaper(_Loop):
         for job_id, segment in old:
             if (job_id, segment) in present:
                 continue
-            fields = {"job_id": job_id, "segment": segment}
-            try:  # each job alone: one that cannot be sent now must not keep the others waiting
-                spec, _ = self.store.load(job_id)
-                self._send_again(job_id, segment, queue, spec.priority)
-            except KeyError:  # its record expired meanwhile: nothing to send
-                continue
-            except (redis.ConnectionError, redis.TimeoutError):
-                raise
-            except Exception:
-                log.exception("could not send job %s segment %d again; a later pass retries", job_id, segment,
-                              extra=fields)
-                continue
-            log.warning("job %s segment %d was waiting with no message left (a worker died taking it); "
-                        "sent again", job_id, segment, extra=fields)
-            resent.append(job_id)
+            with logs.job_context(job_id, segment):  # the job's fields on its lines, as a worker's
+                if self._resend_lost(job_id, segment, queue):
+                    resent.append(job_id)
         return resent
+
+    def _resend_lost(self, job_id: str, segment: int, queue: str) -> bool:
+        """Send a lost delivery again; False when it cannot be now. Each job alone: one that
+        cannot be sent must not keep the others waiting (Redis away ends the pass)."""
+        try:
+            spec, _ = self.store.load(job_id)
+            self._send_again(job_id, segment, queue, spec.priority)
+        except KeyError:  # its record expired meanwhile: nothing to send
+            return False
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception:
+            log.exception("could not send job %s segment %d again; a later pass retries", job_id, segment)
+            return False
+        log.warning("job %s segment %d was waiting with no message left (a worker died taking it); "
+                    "sent again", job_id, segment)
+        return True
 
     def _send_again(self, job_id: str, segment: int, queue: str, priority: int) -> None:
         """Send a delivery on its submitter's behalf: with tracing on, its message carries

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator
 
 import redis
 
-from easel.shared import logs, tracing
+from easel.shared import tracing
 from easel.shared.celery_app import send_segment
 from easel.shared.images import encode_image
 from easel.shared.jobstore import Claim
@@ -45,7 +45,7 @@ from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_
 from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
 from easel.worker.policy import (Delivery, cancelled, describe, device_lost, drain_finishes, end_of,
-                                 free_device_memory, give_up, out_of_memory, refused, settle_error)
+                                 free_device_memory, give_up, log_failed, out_of_memory, refused, settle_error)
 from easel.worker.runner import (Carrier, Interrupted, call_key, decode_latents, denoised_area, first_compile,
                                  pixel_size, run_stage)
 from easel.worker.stops import READ_EVERY_S
@@ -193,8 +193,7 @@ def _settle_claim(ctx: WorkerContext, d: Delivery, c: Claim) -> str:
     elif c.outcome == "poison":
         why = (f"poison job: the worker died {c.crashed} times while running segment {d.segment} "
                f"(last at stage {c.stage}); not retried")
-        with logs.job_context(d.job_id, d.segment):
-            log.error("job %s segment %d failed: %s", d.job_id, d.segment, why)
+        log_failed(d.job_id, d.segment, why)
         ctx.store.transition(d.job_id, JobState.failed, error=why)
     elif c.outcome == "corrupt":
         return give_up(ctx, d, f"could not claim the job: {c.detail}")
@@ -376,9 +375,8 @@ def _fail_all(ctx: WorkerContext, jobs: list[Job]) -> Callable[[str], None]:
         # froze past its heartbeat) is another delivery's now, and is left to it.
         ctx.store.transition_many([(job.job_id, JobState.failed, {"error": reason}) for job in jobs],
                                   ends=[end_of(ctx, job.delivery) for job in jobs])
-        for job in jobs:  # (this runs on the watchdog's thread: the job's fields are given here)
-            with logs.job_context(job.job_id, job.delivery.segment):
-                log.error("job %s segment %d failed: %s", job.job_id, job.delivery.segment, reason)
+        for job in jobs:
+            log_failed(job.job_id, job.delivery.segment, reason)
             job.trace.end("failed")
         drain_finishes(ctx)
         tracing.shutdown()  # the process ends next: what its spans recorded is sent first

@@ -178,11 +178,16 @@ def fail(ctx, d: Delivery, reason: str) -> str:
 
 
 def give_up(ctx, d: Delivery, reason: str) -> str:
-    """``fail`` where no exception was logged on the way (retries spent, a poison job, an
-    unreadable claim): the worker's log says it, with the job's fields."""
-    with logs.job_context(d.job_id, d.segment):
-        log.error("job %s segment %d failed: %s", d.job_id, d.segment, reason)
+    """``fail`` where no exception was logged on the way (retries spent, an unreadable
+    claim): the worker's log says it."""
+    log_failed(d.job_id, d.segment, reason)
     return fail(ctx, d, reason)
+
+
+def log_failed(job_id: str, segment: int, reason: str) -> None:
+    """A job's failure in the worker's log, with the job's fields whatever thread says it."""
+    with logs.job_context(job_id, segment):
+        log.error("job %s segment %d failed: %s", job_id, segment, reason)
 
 
 def cancelled(ctx, d: Delivery) -> str:

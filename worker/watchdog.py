@@ -88,13 +88,17 @@ class StageBudget:
         return f"{what} exceeded its time limit of {self.allowed_s:.1f}s at step {step}/{total} ({basis}); {hint}"
 
 
+def _nothing(reason: str) -> None:
+    """What a disarmed watchdog holds instead of a callback (and its jobs)."""
+
+
 class Watchdog:
     def __init__(self, exit_code: int = STUCK_EXIT_CODE):
         self._exit_code = exit_code
         self._lock = threading.Lock()
         self._deadline: float | None = None
         self._reason = ""
-        self._on_fire: Callable[[str], None] = lambda reason: None
+        self._on_fire: Callable[[str], None] = _nothing
         threading.Thread(target=self._run, name="easel-watchdog", daemon=True).start()
 
     def arm(self, seconds: float, reason: str, on_fire: Callable[[str], None]) -> None:
@@ -104,7 +108,7 @@ class Watchdog:
 
     def disarm(self) -> None:
         with self._lock:  # the callback holds the call's jobs (their latents): let them go
-            self._deadline, self._on_fire = None, lambda reason: None
+            self._deadline, self._on_fire = None, _nothing
 
     def _run(self) -> None:
         while True:
