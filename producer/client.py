@@ -13,6 +13,7 @@ import logging
 import re
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -39,6 +40,30 @@ def _local_path(ref: object) -> bool:
 
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def _stand_in_for_local_paths(job: JobSpec | dict) -> tuple[JobSpec | dict, dict[str, str]]:
+    """A job dict whose local paths (not valid in a queued job) are replaced by ``s3://``
+    stand-ins the schema accepts, and the paths by stand-in: the job is validated and
+    planned before any file is read or uploaded."""
+    local_paths: dict[str, str] = {}
+
+    def stand_in(ref: object) -> object:
+        if not _local_path(ref):
+            return ref
+        key = f"s3://easel-local-path/{uuid.uuid4().hex}"
+        local_paths[key] = ref
+        return key
+
+    if not isinstance(job, dict):
+        return job, local_paths
+    job = dict(job)
+    if isinstance(job.get("input"), dict) and "image" in job["input"]:
+        job["input"] = {**job["input"], "image": stand_in(job["input"].get("image"))}
+    if isinstance(job.get("stages"), list):
+        job["stages"] = [{**st, "control_image": stand_in(st.get("control_image"))}
+                         if isinstance(st, dict) and "control_image" in st else st for st in job["stages"]]
+    return job, local_paths
 
 
 class SubmitError(ValueError):
@@ -187,30 +212,19 @@ class EaselClient:
 
     def prepare_and_plan(self, job: JobSpec | dict) -> tuple[JobSpec, Plan]:
         """``prepare`` and the chain plan: everything checked before a job is queued. A chain
-        that cannot run is said before its ``s3://`` and ``https://`` images are looked up
-        (local files are uploaded first: a job holding a path is not valid yet)."""
-        if isinstance(job, dict):
-            job = dict(job)
-            inp = dict(job["input"]) if isinstance(job.get("input"), dict) else {}
-            img = inp.get("image")
-            # Local paths are not valid in a queued job; upload them before schema validation.
-            if _local_path(img):
-                inp["image"] = self._upload_ref(img, "input image")
-                job["input"] = inp
-            stages = []
-            for i, st in enumerate(job["stages"] if isinstance(job.get("stages"), list) else []):
-                if isinstance(st, dict) and _local_path(st.get("control_image")):
-                    st = {**st, "control_image": self._upload_ref(st["control_image"], f"stage {i} control image")}
-                stages.append(st)
-            if stages:
-                job["stages"] = stages
+        that cannot run is said before any image is read, uploaded or looked up."""
+        job, local_paths = _stand_in_for_local_paths(job)
         spec = self.validate(job)
         try:
             plan = plan_job(spec, self.registry, self.settings.queue_prefix)
         except PlanError as e:
             raise SubmitError(str(e)) from None
-        image = self._upload_ref(spec.input.image, "input image")
-        stages = [st.model_copy(update={"control_image": self._upload_ref(st.control_image, f"stage {i} control image")})
+
+        def upload(ref: str | None, what: str) -> str | None:
+            return self._upload_ref(local_paths.get(ref, ref), what)
+
+        image = upload(spec.input.image, "input image")
+        stages = [st.model_copy(update={"control_image": upload(st.control_image, f"stage {i} control image")})
                   if st.control_image else st for i, st in enumerate(spec.stages)]
         spec = spec.model_copy(update={"input": spec.input.model_copy(update={"image": image}), "stages": stages})
         return spec.with_seeds(), plan

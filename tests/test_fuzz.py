@@ -477,6 +477,19 @@ def test_prepare_uploads_good_inline_image_as_s3_ref(offline_client):
     assert offline_client.uploads.pop() == (GOOD_PNG, "png")
 
 
+def test_a_chain_that_cannot_run_is_refused_before_its_local_files_are_uploaded(offline_client, tmp_path):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(GOOD_PNG)
+    bad_chain = {"input": {"image": str(photo)}, "stages": [{"model": "sd15"}, {"task": "text2img", "model": "sd15"}]}
+    with pytest.raises(SubmitError, match="text2img can only be the first stage"):
+        offline_client.submit(bad_chain)
+    assert not offline_client.uploads
+    spec = offline_client.prepare({"input": {"image": str(photo)}, "stages": [
+        {"task": "controlnet_img2img", "model": "sd15", "control_image": str(photo)}]})
+    assert spec.input.image == spec.stages[0].control_image == "s3://easel/inputs/fake.png"
+    assert offline_client.uploads == [(GOOD_PNG, "png")] * 2
+
+
 @pytest.mark.parametrize("field", ["model", "controlnet"])
 @pytest.mark.parametrize("name", ["..", ".", "../sd15", "sd15/..", "/sd15", "%2e%2e", "..%2fsd15", "sd15\x00", "sd15\n",
                                   "s\u0430d15"])
