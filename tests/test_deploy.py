@@ -71,6 +71,7 @@ def test_compose_services_redis_aof_and_one_gpu_per_worker():
     assert {"redis", "seaweedfs", "api", "flower"} <= set(c["services"])
     cmd = c["services"]["redis"]["command"]
     assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction" and "--maxmemory" in cmd
     assert c["services"]["api"]["environment"]["EASEL_REDIS_URL"] == "redis://redis:6379/0"
     workers = {n: s for n, s in c["services"].items() if n.startswith("worker-")}
     devices, families = [], set()
@@ -176,3 +177,15 @@ def test_grafana_dashboard_queries_only_series_easel_exposes():
     titles = " ".join(p["title"] for p in dash["panels"]).lower()
     for topic in ("queue depth", "jobs by state", "stage duration", "gpu memory", "load time", "batch size"):
         assert topic in titles
+
+
+def test_k8s_redis_refuses_writes_before_its_container_limit_kills_it():
+    (redis,) = [d for _, d in k8s_docs() if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "easel-redis"]
+    (c,) = redis["spec"]["template"]["spec"]["containers"]
+    args = c["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    units = {"gb": 1 << 30, "mb": 1 << 20}
+    maxmemory = args[args.index("--maxmemory") + 1]
+    limit = c["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    assert int(maxmemory[:-2]) * units[maxmemory[-2:]] < int(limit[:-2]) * (1 << 30)
