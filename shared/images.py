@@ -14,10 +14,12 @@ import io
 import ipaddress
 import socket
 import ssl
+import threading
 import urllib.parse
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Awaitable, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Awaitable, Callable, Iterator, TypeVar
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -46,6 +48,46 @@ FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # MPO (camera JPEGs) op
 MIN_SIDE = 8  # smaller than one latent pixel: diffusers would resize it to 0x0
 
 
+DECODES_AT_ONCE = 4  # images of the largest size a process decodes at the same time
+
+
+class PixelBudget:
+    """Pixels being decoded at once in this process. A decode's memory goes with its pixels
+    (about 9 bytes each, for the decoded, turned and RGB copies), not its file's bytes: a
+    58 KB PNG of one colour decodes to 4096x4096. The API decodes each upload and inline
+    image on one of its many threads, so without a bound a burst of small files is
+    gigabytes."""
+
+    def __init__(self, pixels: int):
+        self.pixels = pixels
+        self._free = pixels
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.pixels)
+        with self._changed:
+            self._changed.wait_for(lambda: self._free >= pixels)
+            self._free -= pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._free += pixels
+                self._changed.notify_all()
+
+
+_budgets: dict[int, PixelBudget] = {}
+_budgets_lock = threading.Lock()
+
+
+def decode_budget(settings: Settings) -> PixelBudget:
+    """The process's budget for ``settings``' largest image (one per size limit in use)."""
+    with _budgets_lock:
+        return _budgets.setdefault(settings.max_image_pixels,
+                                   PixelBudget(DECODES_AT_ONCE * settings.max_image_pixels))
+
+
 def decode_image(data: bytes, settings: Settings, what: str = "image") -> Image.Image:
     """Decode to RGB with limits; refuse bombs, truncation, zero-size and non-images.
 
@@ -69,8 +111,9 @@ def decode_image(data: bytes, settings: Settings, what: str = "image") -> Image.
                                  f"or {settings.max_side} px a side")
             if min(w, h) < MIN_SIDE:
                 raise InputError(f"{what} is {w}x{h}, under the minimum of {MIN_SIDE} px a side")
-            img.load()
-            out = to_rgb(_upright(img))
+            with decode_budget(settings).hold(w * h):
+                img.load()
+                out = to_rgb(_upright(img))
             # Pixels only: Pillow keeps text chunks (up to 64 MB an image, compressed a
             # thousandfold in the file), EXIF and ICC in ``info`` through every copy, and a
             # worker caches decoded inputs by their pixels' size.

@@ -237,6 +237,34 @@ print("grew_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
     assert grew_kb < 40_000, out.stdout  # the bomb alone would be 243,000 KB
 
 
+def test_small_files_decoded_at_once_stay_within_the_decode_budget():
+    """Twelve 58 KB PNGs of 4096x4096 decoded on twelve threads (an API's burst of uploads):
+    a decode holds memory for its pixels, so the process grows by about four decodes (the
+    budget), not twelve (about 1.5 GB)."""
+    code = r"""
+import io, resource, sys, threading
+from PIL import Image
+from easel.shared.images import DECODES_AT_ONCE, decode_image
+from easel.shared.settings import Settings
+buf = io.BytesIO()
+Image.new("RGB", (4096, 4096), (70, 130, 90)).save(buf, "PNG")
+s, data, start = Settings(_env_file=None), buf.getvalue(), threading.Barrier(12)
+assert len(data) < 100_000 and s.max_image_pixels == 4096 * 4096 and DECODES_AT_ONCE == 4
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def decode():
+    start.wait()
+    decode_image(data, s)
+threads = [threading.Thread(target=decode) for _ in range(12)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("grew_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    grew_kb = int(re.search(r"grew_kb (\d+)", out.stdout).group(1))
+    assert grew_kb < 1_000_000, out.stdout  # about 170 MB a decode; 1.55 GB without the budget
+
+
 # -- the job schema ---------------------------------------------------------------------------
 json_scalars = (st.none() | st.booleans() | st.integers() | st.integers(-(2**130), 2**130)
                 | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=40))
