@@ -368,12 +368,19 @@ class Storage:
 
     def download_prefix(self, uri: str, dest: Path) -> int:
         """Every object under an ``s3://bucket/prefix/`` into ``dest`` (keys relative to the
-        prefix); returns how many. Raises NotFound when the prefix holds nothing."""
+        prefix); returns how many. Raises NotFound when the prefix holds nothing. Folder
+        markers (keys ending in ``/``, as consoles make) are skipped; a key that would land
+        outside ``dest`` (``..`` in it) is refused."""
         ref = S3Ref.parse(uri.rstrip("/") + "/")
+        root = dest.resolve()
         n = 0
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=ref.bucket, Prefix=ref.key):
             for obj in page.get("Contents", []):
-                target = dest / obj["Key"][len(ref.key):]
+                if obj["Key"].endswith("/"):
+                    continue
+                target = (root / obj["Key"][len(ref.key):]).resolve()
+                if not target.is_relative_to(root):
+                    raise ValueError(f"{uri}: object key {obj['Key']!r} would be written outside {dest}")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self.client.download_file(ref.bucket, obj["Key"], str(target))
                 n += 1

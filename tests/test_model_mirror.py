@@ -58,3 +58,17 @@ def test_concurrent_workers_on_one_host_download_once(easel_env, model_root, tmp
     assert _files(Path(got[0])) == _files(model_root / "tiny-sd15")
     leftovers = [p.name for p in Path(got[0]).parent.iterdir() if p.name.startswith(".mirror-b.")]
     assert leftovers == []
+
+
+def test_folder_markers_are_skipped_and_keys_outside_the_mirror_refused(easel_env, model_root, tmp_path):
+    """Consoles' "create folder" leaves zero-byte keys ending in ``/``; they are not files."""
+    settings = Settings(model_root=tmp_path)
+    storage = Storage(settings)
+    _upload(storage, model_root / "tiny-sd15", "models/mirror-c")
+    for marker in ("models/mirror-c/", "models/mirror-c/unet/"):
+        storage.client.put_object(Bucket=settings.s3_bucket, Key=marker, Body=b"")
+    listed = {o["Key"] for o in storage.client.list_objects_v2(Bucket=settings.s3_bucket,
+                                                               Prefix="models/mirror-c/")["Contents"]}
+    assert "models/mirror-c/unet/" in listed  # the server keeps markers as objects
+    got = pipelines._sync_s3_source(f"s3://{settings.s3_bucket}/models/mirror-c", settings)
+    assert _files(Path(got)) == _files(model_root / "tiny-sd15")
