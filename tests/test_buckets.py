@@ -282,10 +282,25 @@ def test_the_input_cache_counts_the_memory_pillow_holds():
     """Pillow keeps an RGB pixel in 4 bytes: a 1 MiB cache holds four 256 px RGB images, not five."""
     from easel.worker.input_cache import InputCache
 
-    cache = InputCache(1)
+    cache = InputCache(1, "easel")
     for k in range(6):
         cache.get(f"s3://easel/inputs/{k:064x}.png", lambda: Image.new("RGB", (256, 256)))
     assert len(cache._lru) == 4 and cache._lru.currsize == 4 * 256 * 256 * 4
+
+
+def test_the_input_cache_keeps_only_its_own_buckets_content_addressed_inputs():
+    """Another bucket's ``inputs/<sha256>`` key may be overwritten by its owner: read each time."""
+    from easel.worker.input_cache import InputCache
+
+    cache, loads = InputCache(1, "easel"), []
+
+    def load():
+        loads.append(1)
+        return Image.new("RGB", (8, 8))
+
+    for ref in [f"s3://easel/inputs/{7:064x}.png", f"s3://theirs/inputs/{7:064x}.png"] * 2:
+        cache.get(ref, load)
+    assert len(loads) == 3 and cache.hits == 1
 
 
 def test_a_failed_batchs_call_is_let_go_before_its_jobs_run_alone(monkeypatch):

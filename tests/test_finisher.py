@@ -145,3 +145,26 @@ def test_a_job_that_leaves_its_queue_empty_finishes_at_once(client, queued):
         assert [j for j, _ in ran] == [job_id]
     finally:
         r.delete(client.store.key(job_id), *lists)
+
+
+def test_a_failed_upload_is_raised_only_once_the_attempts_other_uploads_have_ended():
+    """A retry is sent when the error is raised: an upload of this attempt still running then
+    could land on the retry's objects."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from easel.worker.context import wait_all
+
+    ended: list[str] = []
+
+    def fail_now():
+        raise ConnectionError("SlowDown")
+
+    def upload_slowly():
+        time.sleep(0.5)
+        ended.append("image 1")
+
+    with ThreadPoolExecutor(2) as io:
+        uploads = [io.submit(fail_now), io.submit(upload_slowly)]
+        with pytest.raises(ConnectionError, match="SlowDown"):
+            wait_all(uploads)
+        assert ended == ["image 1"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import queue
 import socket
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,7 +36,7 @@ class WorkerContext:
     instance: str = field(default_factory=new_instance_id)  # this process's own id (liveness)
     watchdog: Watchdog | None = None
     finisher: Finisher | None = None  # set by the worker process when overlap_finish is on
-    inputs: InputCache = field(default_factory=lambda: InputCache(0))
+    inputs: InputCache = field(default_factory=lambda: InputCache(0, ""))
     # S3 transfers of one job run side by side (boto3 clients are thread-safe).
     io: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="easel-io"))
     # Progress writes and the cancel reads they carry, on a thread of their own: behind the
@@ -63,7 +63,16 @@ class WorkerContext:
         store = JobStore.from_settings(s)
         return cls(settings=s, registry=reg, store=store, scheduler=Scheduler(store),
                    storage=Storage(s), cache=PipelineCache(reg, s, family), family=family,
-                   hostname=hostname or f"{family}@{socket.gethostname()}", inputs=InputCache(s.input_cache_mb))
+                   hostname=hostname or f"{family}@{socket.gethostname()}",
+                   inputs=InputCache(s.input_cache_mb, s.s3_bucket))
+
+
+def wait_all(uploads: list[Future]) -> None:
+    """Until every upload has ended, then raise the first one's error: a retry sent while
+    another of this attempt's uploads still runs could have its objects overwritten by it."""
+    wait(uploads)
+    for u in uploads:
+        u.result()
 
 
 _CTX: WorkerContext | None = None

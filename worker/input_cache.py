@@ -14,8 +14,6 @@ from typing import Callable
 from cachetools import LRUCache
 from PIL import Image
 
-_CONTENT_ADDRESSED = re.compile(r"^s3://[^/]+/inputs/[0-9a-f]{64}\.[a-z0-9]{1,5}$")
-
 
 def _nbytes(img: Image.Image) -> int:
     """Its pixels' memory: Pillow keeps 3- and 4-band pixels in 4 bytes."""
@@ -24,7 +22,10 @@ def _nbytes(img: Image.Image) -> int:
 
 
 class InputCache:
-    def __init__(self, max_mb: int):
+    def __init__(self, max_mb: int, bucket: str):
+        # Named by their content only in easel's own bucket (``Storage.put_input``): an
+        # ``inputs/`` key of another bucket may be overwritten by its owner.
+        self._content_addressed = re.compile(rf"^s3://{re.escape(bucket)}/inputs/[0-9a-f]{{64}}\.[a-z0-9]{{1,5}}$")
         self._lru: LRUCache | None = LRUCache(maxsize=max_mb * 2**20, getsizeof=_nbytes) if max_mb > 0 else None
         self._lock = threading.Lock()
         self.hits = 0
@@ -32,7 +33,7 @@ class InputCache:
 
     def get(self, ref: str, load: Callable[[], Image.Image]) -> Image.Image:
         """The decoded image for ``ref``: cached if content-addressed, else ``load()`` each time."""
-        if self._lru is None or not _CONTENT_ADDRESSED.match(ref):
+        if self._lru is None or not self._content_addressed.match(ref):
             return load()
         with self._lock:
             img = self._lru.get(ref)

@@ -11,7 +11,7 @@ from easel.shared.latents import dump_latents, load_latents
 from easel.shared.plan import oversized_output
 from easel.shared.schema import TERMINAL_STATES, JobSpec, Plan
 from easel.shared.storage import handoff_prefix
-from easel.worker.context import WorkerContext
+from easel.worker.context import WorkerContext, wait_all
 from easel.worker.runner import Carrier
 
 
@@ -72,8 +72,7 @@ def save_handoff(ctx: WorkerContext, job_id: str, seg_index: int, carrier: Carri
         return
     uploads = [ctx.io.submit(ctx.storage.put, handoff_key(job_id, seg_index, i), encode_image(img, "png"))
                for i, img in enumerate(carrier.images or [])]
-    for u in uploads:
-        u.result()
+    wait_all(uploads)
 
 
 def drop_handoffs(ctx: WorkerContext, job_id: str) -> None:

@@ -12,7 +12,7 @@ from easel.shared.images import encode_image
 from easel.shared.registry import registry_name
 from easel.shared.schema import Attempt, JobSpec, Manifest, Plan, StageRecord
 from easel.shared.storage import job_prefix
-from easel.worker.context import WorkerContext
+from easel.worker.context import WorkerContext, wait_all
 from easel.worker.runner import Carrier, controlnet_name, pixel_size
 
 
@@ -46,8 +46,7 @@ class PendingFinish:
     def wait(self) -> None:
         """Until every object is written; an upload error (transient or not) surfaces here,
         before the job can be marked done."""
-        for u in self.uploads:
-            u.result()
+        wait_all(self.uploads)
 
     def final_fields(self, last_progress: dict | None) -> dict:
         """What the job's succeeded state carries: outputs, this segment's stage records and
