@@ -126,12 +126,15 @@ def _remember(cache: dict[str, float], key: str, until: float) -> None:
 
 
 class Storage:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, write_attempts: int = 4):
+        """``write_attempts``: tries of each ``put`` (a worker's results: a failed write
+        sends the segment again, its GPU work lost)."""
         self.settings = settings
         self.bucket = settings.s3_bucket
         # A few quick tries here (four in all); longer outages are the task's retries (backoff
         # up to 30 s).
         self.client = s3_client(settings)
+        self._writer = self.client if write_attempts == 4 else s3_client(settings, attempts=write_attempts)
         # For the best-effort look a submission takes at the objects it names: one short
         # try, so an S3 outage slows no submission by more than a few seconds.
         self._quick = s3_client(settings, attempts=1, connect_s=2, read_s=5)
@@ -168,7 +171,7 @@ class Storage:
     def put(self, key: str, data: bytes, content_type: str | None = None, metadata: dict[str, str] | None = None) -> str:
         self.ensure_bucket()
         ext = key.rsplit(".", 1)[-1]
-        self.client.put_object(
+        self._writer.put_object(
             Bucket=self.bucket, Key=key, Body=data,
             ContentType=content_type or _MIME.get(ext, "application/octet-stream"),
             Metadata=metadata or {},

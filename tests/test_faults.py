@@ -221,6 +221,29 @@ def test_s3_outage_is_retried_until_storage_is_back(fault_env, fclient, workers,
     proxy.stop()
 
 
+def test_an_s3_outage_after_the_denoise_is_ridden_out_with_the_images_in_hand(fault_env, fclient, workers, big_input):
+    """Storage goes away as the results are written, for longer than a submission's few
+    tries (about 7 s at most): the worker keeps trying the writes, and the GPU work is not
+    done again."""
+    svc, _ = fault_env
+    proxy = TcpProxy(svc.s3.port).start()
+    w = workers(EASEL_S3_ENDPOINT_URL=proxy.url)
+    job_id = fclient.submit(job(big_input, steps=8, seed=22))
+    running_at_step(fclient, job_id, 1)  # the input was read through the proxy
+    proxy.stop()
+    wait_for(lambda: f"{job_id}'] denoised" in w.log.read_text(), 60, "the pipeline call done")
+    time.sleep(10)
+    assert fclient.status(job_id).state.value == "running"
+    proxy.start()  # back on the same port
+    try:
+        st = fclient.wait(job_id, timeout=180)
+    finally:
+        proxy.stop()
+    assert st.state.value == "succeeded", st.error
+    assert st.attempts == 1 and not st.note, st.note
+    assert outputs_in_storage(fclient, job_id) == [f"jobs/{job_id}/output/0.png"]
+
+
 def test_a_redis_refusing_writes_for_a_while_fails_no_job(fault_env, fclient, workers, big_input):
     """Redis full (maxmemory under noeviction: OOM on every write that needs memory) when a
     chain hands off to its next family: the hand-off is retried once writes work again, and

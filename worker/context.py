@@ -22,6 +22,11 @@ from easel.worker.pipelines import PipelineCache
 from easel.worker.stops import StopListener
 from easel.worker.watchdog import Watchdog
 
+# Tries of each result or hand-off write, with boto3's backoff (doubling, jittered, capped at
+# 20 s): about 85 s of an S3 outage on average (111 s at most) is ridden out with the images
+# in hand, where a failed write would send the segment again to denoise from the start.
+RESULT_WRITE_ATTEMPTS = 10
+
 
 @dataclass
 class WorkerContext:
@@ -62,7 +67,7 @@ class WorkerContext:
         reg.family_models(family)  # refuse an unknown family before loading anything
         store = JobStore.from_settings(s)
         return cls(settings=s, registry=reg, store=store, scheduler=Scheduler(store),
-                   storage=Storage(s), cache=PipelineCache(reg, s, family), family=family,
+                   storage=Storage(s, write_attempts=RESULT_WRITE_ATTEMPTS), cache=PipelineCache(reg, s, family), family=family,
                    hostname=hostname or f"{family}@{socket.gethostname()}",
                    inputs=InputCache(s.input_cache_mb, s.s3_bucket))
 
