@@ -261,7 +261,8 @@ class EaselClient:
                        carriers: dict[str, dict] | None = None) -> None:
         """Send the first messages of the jobs admitted now; a job whose message cannot be sent
         ends failed ("could not enqueue"), not stuck, lets go of its idempotency key, and the
-        error is raised (unless a worker claimed it meanwhile: the send reached Redis). Then, when some
+        error is raised (not when every such job was claimed meanwhile: the send reached
+        Redis, and a caller told it failed would submit it again). Then, when some
         jobs wait in pending sets of queues with room, dispatch those queues (``pended``:
         queue -> family) and send what it moved (in a full queue a dispatch moves nothing:
         the claim that makes room dispatches). That is best effort: a job it could not move
@@ -274,13 +275,17 @@ class EaselClient:
             elif admitted:
                 self._send_batch(producer, admitted, carriers or {})
         except Exception as e:
+            failed = False
             for job_id, _, _ in admitted:
                 # The send may have reached Redis with only its reply lost: a job a worker
                 # has claimed since runs on, and keeps its key.
                 if self.store.fail_unsent(job_id, f"could not enqueue: {e}"):
                     self.store.unmark_queued(job_id)
                     self.store.release_idempotency(job_id)  # a retry with the same key queues it anew
-            raise
+                    failed = True
+            if failed:
+                raise
+            log.warning("sending the jobs' messages raised (%s), but each job was claimed since: they run", e)
         if not pended:
             return
         try:

@@ -203,6 +203,33 @@ def test_a_job_that_could_not_be_enqueued_lets_its_idempotency_key_go(easel_env,
     own.store.transition(claimed, JobState.cancelled, end=(0, "test-instance"))
 
 
+def test_a_send_that_raised_after_reaching_the_broker_is_a_queued_job(easel_env, sd15_worker, input_png, monkeypatch):
+    """The message reached Redis but its send raised (the reply lost, retries spent): the job
+    a worker claimed since is running, so ``submit`` returns its id instead of an error that
+    tells the caller to submit it again."""
+    import kombu.exceptions
+
+    from easel.producer import client as client_module
+    from easel.producer.client import EaselClient
+    from easel.shared.settings import get_settings
+
+    own = EaselClient(get_settings())
+    send = client_module.send_segment
+
+    def send_and_lose_the_reply(app, job_id, *args, **kw):
+        send(app, job_id, *args, **kw)
+        deadline = time.monotonic() + 60
+        while own.status(job_id).state.value == "queued" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise kombu.exceptions.OperationalError("reply lost")
+
+    monkeypatch.setattr(client_module, "send_segment", send_and_lose_the_reply)
+    job_id = own.submit(img2img_job(str(input_png)))
+    monkeypatch.setattr(client_module, "send_segment", send)
+    st = own.wait(job_id, timeout=120)
+    assert st.state.value == "succeeded" and st.attempts == 1, st.error
+
+
 def test_cli_submit_wait_status_fetch(easel_env, sd15_worker, input_png, tmp_path):
     r = cli("submit", "--image", str(input_png), "--prompt", "a castle", "--steps", "3", "--seed", "11",
             "--format", "jpeg")
