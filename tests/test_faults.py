@@ -11,6 +11,7 @@ import re
 import signal
 import threading
 import time
+import uuid
 
 import pytest
 import redis
@@ -242,6 +243,37 @@ def test_an_s3_outage_after_the_denoise_is_ridden_out_with_the_images_in_hand(fa
     assert st.state.value == "succeeded", st.error
     assert st.attempts == 1 and not st.note, st.note
     assert outputs_in_storage(fclient, job_id) == [f"jobs/{job_id}/output/0.png"]
+
+
+def test_an_api_started_before_its_redis_records_the_keys_shares_once_redis_is_up(fault_env, fclient):
+    """A fresh deploy's API may start before Redis answers: the keys' weights and hold caps
+    are written once it does, not left at weight 1 and uncapped until the API restarts."""
+    import hashlib
+
+    from fastapi.testclient import TestClient
+
+    from easel.producer.api import state
+    from easel.producer.api.app import create_app
+    from easel.shared.keys import cap_key
+    from easel.shared.settings import ApiKey
+
+    svc, _ = fault_env
+    proxy = TcpProxy(svc.redis.port, listen_port=free_port())  # not listening yet: Redis away
+    prefix = f"shares{uuid.uuid4().hex[:8]}"
+    key = ApiKey(name="bulk", sha256=hashlib.sha256(b"tok-bulk").hexdigest(), weight=3, over_cap="hold",
+                 max_in_flight=7)
+    settings = fclient.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{proxy.port}/0",
+                                                   "api_keys": [key], "queue_prefix": prefix})
+    r = fclient.store.r
+    with TestClient(create_app(settings, webhooks=False)):
+        assert r.hget(f"{prefix}:weights", "bulk") is None
+        proxy.start()
+        try:
+            wait_for(lambda: r.hget(f"{prefix}:weights", "bulk") == "3.0", state.KEY_SHARES_RETRY_S + 30,
+                     "the weight recorded")
+            assert r.get(cap_key(prefix, "bulk")) == "7"
+        finally:
+            proxy.stop()
 
 
 def test_a_redis_refusing_writes_for_a_while_fails_no_job(fault_env, fclient, workers, big_input):

@@ -5,12 +5,11 @@ dependency (deps.py). Blocking Redis/S3 calls made through it run in FastAPI's t
 """
 from __future__ import annotations
 
-from collections import Counter
-
-import logging
-
 import json
+import logging
+import threading
 import time
+from collections import Counter
 
 import redis
 import redis.asyncio as aioredis
@@ -28,6 +27,7 @@ from easel.shared.schema import JobSpec, JobState
 from easel.shared.settings import Settings
 from easel.shared.storage import Storage, s3_client
 
+KEY_SHARES_RETRY_S = 5.0  # between tries to record the keys' weights and caps while Redis is away
 log = logging.getLogger("easel.api")
 
 
@@ -45,6 +45,7 @@ class ApiState:
         self.store = self.client.store
         self.r = self.store.r
         self.aredis: aioredis.Redis | None = None  # opened in the app's event loop (start)
+        self._stopping = threading.Event()
         self.sse_streams = 0  # open in this process (each holds one of aredis's connections)
         self.sse_by_key: Counter[str] = Counter()  # of those, per API key name
         self.keys = KeyRing(settings)
@@ -77,18 +78,36 @@ class ApiState:
                                               socket_connect_timeout=3,
                                               max_connections=self.s.api_sse_max_streams + 10,
                                               **self.s.redis_ssl_kwargs())
-        try:
-            for key in self.keys.by_hash.values():  # each key's fair-share weight and cap, for every dispatcher
-                self.client.scheduler.set_weight(key.name, key.weight)
-                held = key.over_cap == "hold"
-                self.client.scheduler.set_cap(key.name, (key.max_in_flight or self.s.api_max_in_flight) if held else None)
-        except redis.RedisError as e:
-            log.warning("could not record the keys' fair-share weights and caps: %s", e)
+        if not self._record_key_shares():
+            threading.Thread(target=self._record_key_shares_until_done, name="easel-key-shares", daemon=True).start()
         if webhooks:
             self.dispatcher.start()
         self.reaper.start()  # dead workers' jobs come back even while every worker is busy
 
+    def _record_key_shares(self) -> bool:
+        """Each key's fair-share weight and cap, read by every dispatcher; False when Redis
+        did not take them."""
+        try:
+            for key in self.keys.by_hash.values():
+                self.client.scheduler.set_weight(key.name, key.weight)
+                held = key.over_cap == "hold"
+                self.client.scheduler.set_cap(key.name, (key.max_in_flight or self.s.api_max_in_flight) if held else None)
+            return True
+        except redis.RedisError as e:
+            log.warning("could not record the keys' fair-share weights and caps (tried again every %.0fs): %s",
+                        KEY_SHARES_RETRY_S, e)
+            return False
+
+    def _record_key_shares_until_done(self) -> None:
+        """An API started before its Redis was ready (a fresh deploy) would otherwise leave
+        every weight at 1 and hold keys uncapped until it restarts."""
+        while not self._stopping.wait(KEY_SHARES_RETRY_S):
+            if self._record_key_shares():
+                log.info("recorded the keys' fair-share weights and caps")
+                return
+
     async def stop(self) -> None:
+        self._stopping.set()
         self.reaper.stop()
         self.dispatcher.stop()
         if self.aredis is not None:
