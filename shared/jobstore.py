@@ -604,6 +604,11 @@ ORDER_EPOCH = 1_767_225_600  # 2026-01-01 UTC
 
 
 SCORE_PRIORITY = 10**14  # a score's priority part: (priority + 1) x this
+# Added to the waiting-set score of a retry that waits out its backoff (its message held back
+# by a countdown): such a job holds no room in its queue (``scheduler._ROOM`` counts scores
+# below this), so one tenant's failing jobs cannot keep every other tenant's from being sent;
+# it ranks behind every job that can be claimed now. Scores stay exact in a double (< 2**53).
+HELD_BACK = 16 * SCORE_PRIORITY
 
 
 def queue_score(priority: int, t: float) -> int:
@@ -982,11 +987,13 @@ class JobStore:
         pipe.hset(self.key(job_id), mapping={"queue": queue, **({"due_at": due_at} if due_at else {})})
         pipe.execute()
 
-    def mark_position(self, job_id: str, queue: str, priority: int) -> None:
+    def mark_position(self, job_id: str, queue: str, priority: int, *, held_back: bool = False) -> None:
         """Enter ``queue``'s position set alone (kept where the job has one already), for a
         state change that writes the record's ``queue`` itself only if it happens (a
-        retry's, a requeue's); ``drop_position`` if it did not."""
-        self.r.zadd(self._queued_key(queue), {job_id: queue_score(priority, time.time())}, nx=True)
+        retry's, a requeue's); ``drop_position`` if it did not. ``held_back``: its message
+        waits out a countdown (``HELD_BACK``)."""
+        score = queue_score(priority, time.time()) + (HELD_BACK if held_back else 0)
+        self.r.zadd(self._queued_key(queue), {job_id: score}, nx=True)
 
     def set_crash_counts(self, instance: str, counts: list[tuple[str, int, int]]) -> None:
         """Record (job id, segment, count) as each delivery's crash count while ``instance``

@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from easel.shared.jobstore import (_CLOCK, _CREATE, _SCORES, _TRANSITION_FN, DEFAULT_TENANT, DeliveryEnd, JobStore,
-                                   JobView, _text, queue_score, run_scripts)
+from easel.shared.jobstore import (_CLOCK, _CREATE, _SCORES, _TRANSITION_FN, DEFAULT_TENANT, HELD_BACK, DeliveryEnd,
+                                   JobStore, JobView, _text, queue_score, run_scripts)
 from easel.shared.keys import (backlog_channel, backlog_key, cap_key, family_capacity_key, family_instances_key,
                                flight_key, job_seconds_prefix, pending_key, tenants_waiting_key)
 from easel.shared.schema import JobSpec, JobState, JobStatus, Plan
@@ -43,11 +43,12 @@ CANCEL_ASKED = -2  # a hand-off refused because the job's cancel was asked (``_H
 FLIGHT_CHECK_AFTER_S = 300  # a held tenant's in-flight jobs dispatched this long ago are checked for records gone
 
 # Room in a queue: each live worker's batch, summed over the family (the capacity key its
-# heartbeats keep), plus the margin, less the jobs already sent to it and not yet claimed.
+# heartbeats keep), plus the margin, less the jobs already sent to it and not yet claimed,
+# retries waiting out their backoff aside (``HELD_BACK``).
 # ``room_after``: the same with the capacity already read (admission's MGET).
-_ROOM = _CLOCK + """
+_ROOM = _CLOCK + f"""
 local function room_after(queued, capacity, margin)
-  return tonumber(capacity or '0') + tonumber(margin) - redis.call('ZCARD', queued)
+  return tonumber(capacity or '0') + tonumber(margin) - redis.call('ZCOUNT', queued, '-inf', '({HELD_BACK}')
 end
 local function room(queued, capacity, margin)
   return room_after(queued, redis.call('GET', capacity), margin)

@@ -511,6 +511,42 @@ def test_a_cancelled_job_that_held_a_full_queues_room_lets_the_next_one_in_at_on
                        *store.r.scan_iter(match=f"{store.prefix}:*{queue}*"))
 
 
+def test_retries_waiting_out_their_backoff_hold_no_room_in_their_queue(fair_client, ref):
+    """A tenant whose jobs fail for now (an image server answering 503) has them wait out a
+    backoff of up to 30 s, eight times: while they wait, the queue's room goes to jobs that
+    can run, or the workers idle and every other tenant waits behind the failing one."""
+    from easel.shared.jobstore import new_job_id
+    from easel.shared.keys import family_capacity_key
+
+    store, sched, queue = fair_client.store, fair_client.scheduler, "easel.fairr"
+    queued = f"{store.prefix}:queued:{queue}"
+
+    def submit(tenant: str):
+        (got,) = sched.submit_many([(new_job_id(), *fair_client.prepare_and_plan(jobs(ref, "fairr", tenant, 1)[0]))])
+        return got
+
+    store.r.set(family_capacity_key(store.prefix, "fairr"), 1)  # room for 1 + margin 1
+    made = []
+    try:
+        made += [submit("flaky"), submit("flaky")]
+        assert all(g.admitted for g in made)
+        steady = submit("steady")
+        made.append(steady)
+        assert not steady.admitted  # the queue is full
+        for failing in made[:2]:  # claimed, failed for now: each waits out its backoff, still queued
+            store.r.zrem(queued, failing.job_id)
+            store.mark_position(failing.job_id, queue, 5, held_back=True)
+        moved = sched.dispatch({queue: "fairr"}).moved
+        assert [job_id for job_id, _, _ in moved] == [steady.job_id]  # sent in their place
+        assert store.queue_position(steady.job_id) == 0  # and ahead of them
+        assert {store.queue_position(g.job_id) for g in made[:2]} == {1, 2}
+    finally:
+        for g in made:
+            fair_client.cancel(g.job_id)
+        store.r.delete(family_capacity_key(store.prefix, "fairr"), *broker_lists("fairr"),
+                       *store.r.scan_iter(match=f"{store.prefix}:*{queue}*"))
+
+
 def submit_paused(client, ref: str, tenant: str, n: int) -> list[str]:
     """Jobs left pending by their admission (their queue paused): the dispatches decide."""
     client.pause("fairr")

@@ -241,19 +241,21 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     spec, plan = ctx.store.load(d.job_id)
     queue = d.queue or plan.segments[d.segment].queue
     # Queued while it waits out the backoff: its status says why, and a cancel ends it at
-    # once. In its queue's position set first, so that from the moment the delivery ends a
-    # reaper sends a retry whose message is lost again; the delivery ends before the send,
+    # once. It holds no room in its queue meanwhile (``HELD_BACK``): other jobs are sent in
+    # its place. In its queue's position set first, so that from the moment the delivery
+    # ends a reaper sends a retry whose message is lost again; the delivery ends before the send,
     # so a claim of the re-sent message does not find it still held. The record's queue,
     # the message's due time (the lost-message sweep counts the wait from then) and the
     # count are written with the state change: a job that ended, was taken over or moved
     # on meanwhile keeps where it waits, is not sent again and counts no retry.
-    ctx.store.mark_position(d.job_id, queue, spec.priority)
+    ctx.store.mark_position(d.job_id, queue, spec.priority, held_back=True)
     note = f"retry {n} of {ctx.settings.max_retries} after {describe(exc)}, sent again in {countdown:.1f}s"
     if not end_as(ctx, d, JobState.queued, note=note, queue=queue, due_at=time.time() + countdown,
                   **retry_fields(d.segment, n, oom)):
         ctx.store.drop_position(d.job_id, queue)
         return refused(ctx, d, JobState.queued)
-    ctx.store.mark_position(d.job_id, queue, spec.priority)  # a late delivery's drop_position may have met it
+    # A late delivery's drop_position may have met it.
+    ctx.store.mark_position(d.job_id, queue, spec.priority, held_back=True)
     send_segment(app, d.job_id, d.segment, queue, spec.priority, countdown=countdown)
     return "retrying"
 
