@@ -255,9 +255,12 @@ return {{'run', h[4], h[5], h[7], started, n, attempt, crashed}}
 # replayed script, a reaper that died before sending) it answers with the note again, so
 # the message is sent at least once; a copy is dropped at its claim.
 # The instance it took the job from is told on the stops channel, in case it still runs.
-# KEYS: job hash, events channel, stops channel. ARGV: instance, segment, when its heartbeat
-# expired, now, job id.
+# KEYS: job hash, events channel, stops channel, and the instance's running set when it is
+# alive (no reaper's ``forget_instance`` will clear it; in this script, before the message
+# is sent again, so a claim of it by the same instance is not undone). ARGV: instance,
+# segment, why (after "requeued: worker X (instance I) "), now, job id.
 _REQUEUE = f"""
+if KEYS[4] then redis.call('SREM', KEYS[4], ARGV[5] .. ':' .. ARGV[2]) end
 local h = redis.call('HMGET', KEYS[1], 'state', 'instance', 'segment', 'attempts', 'worker', 'requeued_from', 'note')
 local cur = h[1]
 if not cur then
@@ -268,8 +271,7 @@ if {_TERMINAL} then return false end
 if h[3] ~= ARGV[2] then return false end
 if cur == 'queued' and not h[2] and h[6] == ARGV[1] .. ':' .. ARGV[2] then return h[7] end
 if h[2] ~= ARGV[1] then return false end
-local note = 'requeued: worker ' .. (h[5] or '?') .. ' (instance ' .. ARGV[1] ..
-             ') stopped beating; ' .. ARGV[3]
+local note = 'requeued: worker ' .. (h[5] or '?') .. ' (instance ' .. ARGV[1] .. ') ' .. ARGV[3]
 redis.call('HDEL', KEYS[1], 'instance')
 redis.call('HSET', KEYS[1], 'state', 'queued', 'note', note, 'updated_at', ARGV[4],
            'requeued_from', ARGV[1] .. ':' .. ARGV[2])
@@ -1173,12 +1175,21 @@ class JobStore:
         self._forget(keys=[self.instances_key(), self._running_prefix() + instance],
                      args=[instance, leased, self.key(""), *(f"{job_id}:{segment}" for job_id, segment in held)])
 
-    def requeue(self, job_id: str, segment: int, instance: str, why: str) -> str | None:
-        """Put a dead instance's delivery back in the queue (state queued, with a note that
-        says why, returned); None when the instance no longer held it. The caller re-sends
-        the message and marks the queue position."""
-        return self._requeue(keys=[self.key(job_id), self.events_channel(job_id), self.stops_channel()],
+    def requeue(self, job_id: str, segment: int, instance: str, why: str, *, live: bool = False) -> str | None:
+        """Put an instance's delivery back in the queue (state queued, with a note that says
+        why, returned); None when the instance no longer held it. ``why`` follows "requeued:
+        worker X (instance I) " in the note. ``live``: the instance still beats, and its
+        running set no longer lists the delivery either way. The caller re-sends the message
+        and marks the queue position."""
+        keys = [self.key(job_id), self.events_channel(job_id), self.stops_channel()]
+        return self._requeue(keys=keys + ([self._running_prefix() + instance] if live else []),
                              args=[instance, segment, why, time.time(), job_id])
+
+    def held_by(self, instance: str) -> set[tuple[str, int]]:
+        """The (job id, segment) deliveries Redis records ``instance`` as running."""
+        return {(job_id, int(segment)) for job_id, _, segment in
+                (member.rpartition(":") for member in self.r.smembers(self._running_prefix() + instance))}
+
 
     def lease(self, name: str, seconds: float) -> bool:
         """True for the one caller that takes ``name`` for ``seconds`` (a farm-wide chore)."""

@@ -158,8 +158,9 @@ class Reaper(_Loop):
         resent = []
         leased, dead = self.store.reap_dead(lease_s=max(30.0, 4 * self.every_s))
         for instance, (expired_at, held) in dead.items():
-            why = ("it shut down" if expired_at < 1e9 else
-                   f"its heartbeat expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expired_at))}")
+            why = "stopped beating; " + ("it shut down" if expired_at < 1e9 else
+                                         f"its heartbeat expired at "
+                                         f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expired_at))}")
             for job_id, segment in held:
                 # One job that cannot be requeued must not strand the rest. A record this
                 # process cannot read stays in the instance's running set, so the instance
@@ -168,7 +169,7 @@ class Reaper(_Loop):
                 # itself away ends the pass (every job would fail the same way).
                 with logs.job_context(job_id, segment):  # the job's fields on its lines, as a worker's
                     try:
-                        if self._requeue(instance, job_id, segment, why):
+                        if self.requeue(instance, job_id, segment, why):
                             resent.append(job_id)
                     except (redis.ConnectionError, redis.TimeoutError):
                         raise
@@ -178,17 +179,18 @@ class Reaper(_Loop):
             self.store.forget_instance(instance, held, leased)
         return resent
 
-    def _requeue(self, instance: str, job_id: str, segment: int, why: str) -> bool:
-        # In its queue's position set before the requeue: should this pass stop before the
-        # send, the lost-message sweep finds the job waiting there with no message.
+    def requeue(self, instance: str, job_id: str, segment: int, why: str, *, live: bool = False) -> bool:
+        """Send ``instance``'s delivery again (``JobStore.requeue``, ``live`` as there); False
+        when it no longer held it. In its queue's position set before the requeue: should this stop before the
+        send, the lost-message sweep finds the job waiting there with no message."""
         try:
             spec, plan = self.store.load(job_id)
         except KeyError:  # its record expired: nothing to requeue (the script deletes what is left)
-            self.store.requeue(job_id, segment, instance, why)
+            self.store.requeue(job_id, segment, instance, why, live=live)
             return False
         queue = plan.segments[segment].queue
         self.store.mark_position(job_id, queue, spec.priority)
-        note = self.store.requeue(job_id, segment, instance, why)
+        note = self.store.requeue(job_id, segment, instance, why, live=live)
         if note is None:
             self.store.drop_position(job_id, queue)
             return False  # ended, or another delivery took it meanwhile

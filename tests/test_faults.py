@@ -276,6 +276,28 @@ def test_an_api_started_before_its_redis_records_the_keys_shares_once_redis_is_u
             proxy.stop()
 
 
+def test_a_job_whose_end_redis_lost_is_sent_again_by_the_live_worker_that_held_it(fault_env, fclient, workers,
+                                                                                    big_input):
+    """Redis loses its last second of writes (``appendfsync everysec`` and its host lost, or a
+    failover): a job's final state goes with them, and the job reads ``running`` under a
+    worker that is alive and beating, so no reaper takes it. That worker finds it holds the
+    job no more and sends it again."""
+    w = workers()
+    job_id = fclient.submit(job(big_input, steps=2, seed=24))
+    assert fclient.wait(job_id, timeout=120).state.value == "succeeded"
+    instance = fclient.result(job_id).attempts[0].instance
+    r, key = fclient.store.r, fclient.store.key(job_id)
+    running = f"{fclient.store.prefix}:running:{instance}"
+    r.hset(key, mapping={"state": "running", "instance": instance, "segment": 0})  # as before the lost write
+    r.hdel(key, "outputs", "manifest")
+    r.sadd(running, f"{job_id}:0")
+    st = fclient.wait(job_id, timeout=120)
+    assert st.state.value == "succeeded", st.error
+    assert st.attempts == 2 and "no longer held the job" in st.note, st.note
+    assert f"{job_id}:0" not in r.smembers(running)
+    assert w.proc.poll() is None
+
+
 def test_a_redis_refusing_writes_for_a_while_fails_no_job(fault_env, fclient, workers, big_input):
     """Redis full (maxmemory under noeviction: OOM on every write that needs memory) when a
     chain hands off to its next family: the hand-off is retried once writes work again, and

@@ -269,7 +269,7 @@ def test_a_requeue_cut_short_leaves_the_job_to_the_lost_message_sweep(late_clien
     store.mark_queued = cut_off  # the first command after the requeue script
     try:
         with pytest.raises(redis.ConnectionError):
-            Reaper(store, lambda *a, **kw: None, every_s=1, ttl_s=1)._requeue("i1", job_id, 0, "heartbeat expired")
+            Reaper(store, lambda *a, **kw: None, every_s=1, ttl_s=1).requeue("i1", job_id, 0, "heartbeat expired")
     finally:
         del store.mark_queued
     assert store.status(job_id).state == JobState.queued and store.queue_position(job_id) is not None

@@ -17,6 +17,7 @@ from easel.shared.settings import Settings, get_settings
 from easel.shared.storage import Storage
 from easel.worker.finisher import Finisher
 from easel.worker.fits import CallFits
+from easel.worker.holdings import Holdings
 from easel.worker.input_cache import InputCache
 from easel.worker.pipelines import PipelineCache
 from easel.worker.stops import StopListener
@@ -56,6 +57,8 @@ class WorkerContext:
     fits: CallFits = field(default_factory=CallFits)
     # Deliveries whose end could not be recorded (Redis away): the heartbeat settles them later.
     unsettled: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    # The deliveries claimed and not yet ended, against what Redis says this instance runs.
+    holding: Holdings = field(default_factory=Holdings)
 
     @classmethod
     def create(cls, family: str, settings: Settings | None = None, hostname: str | None = None) -> "WorkerContext":

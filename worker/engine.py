@@ -155,6 +155,7 @@ def claim(ctx: WorkerContext, app, deliveries: list[Delivery], outcomes: Outcome
     for tr in traces:
         tr.activate()  # a retry sent for it carries its trace
     epoch = ctx.stops.epoch if ctx.stops is not None and ctx.stops.connected else -1  # before the claim reads
+    ctx.holding.add([(d.job_id, d.segment) for d in deliveries])  # before Redis can list them
     try:
         claims = ctx.store.claim_many([(d.job_id, d.segment, d.queue) for d in deliveries], ctx.hostname, ctx.instance,
                                       ctx.settings.max_crash_deliveries)
@@ -534,6 +535,7 @@ def _guarded(ctx: WorkerContext, app, job: Job, outcomes: Outcomes, fn: Callable
 
 def _ended(ctx: WorkerContext, d: Delivery, outcome: str, outcomes: Outcomes, job: Job | None = None) -> None:
     outcomes[d] = outcome
+    ctx.holding.release((d.job_id, d.segment))
     if job is not None:
         job.trace.end(outcome)
     # The job has ended (here, or before this delivery came: cancelled while it waited for its

@@ -275,6 +275,7 @@ def settle_error(ctx, app, d: Delivery, exc: BaseException) -> str:
         return fail(ctx, d, describe(exc))
     except (redis.exceptions.RedisError, kombu.exceptions.OperationalError):  # settled again from the heartbeat
         log.exception("could not record how job %s segment %d ended; will try again", d.job_id, d.segment)
+        ctx.holding.pin((d.job_id, d.segment))
         ctx.unsettled.put((d, _without_frames(exc)))
         return "error"
     except Exception as e:
@@ -302,5 +303,6 @@ def settle_later(ctx, app) -> None:
             d, exc = ctx.unsettled.get_nowait()
         except queue.Empty:
             return
+        ctx.holding.unpin((d.job_id, d.segment))
         with logs.job_context(d.job_id, d.segment):  # (on the heartbeat's thread: no task's fields)
             settle_error(ctx, app, d, exc)

@@ -135,6 +135,7 @@ def _start_services(ctx: "WorkerContext", app: "Celery", load_s: float, batch_si
     from easel.shared.liveness import Heartbeat, Reaper
     from easel.shared.retention import ResultRetention
     from easel.worker.feeding import Drain, Feeder
+    from easel.worker.holdings import OrphanCheck
     from easel.worker.metrics import install as install_metrics
     from easel.worker.metrics import peak_memory_bytes
     from easel.worker.policy import settle_later
@@ -145,6 +146,7 @@ def _start_services(ctx: "WorkerContext", app: "Celery", load_s: float, batch_si
     def after_beat() -> None:
         beat.presence["peak_memory_bytes"] = peak_memory_bytes(device)  # sent with the next beat
         settle_later(ctx, app)
+        orphans()
         feeder.feed()
         drain.check()
 
@@ -164,6 +166,7 @@ def _start_services(ctx: "WorkerContext", app: "Celery", load_s: float, batch_si
     reaper = Reaper(ctx.store, lambda *a, **kw: send_segment(app, *a, **kw), s.reap_every_s,
                     s.heartbeat_ttl_s, [queue_name(ctx.family, s.queue_prefix)],
                     chores=[ResultRetention(ctx.store, ctx.storage, s.retention_days)])
+    orphans = OrphanCheck(ctx.store, ctx.instance, ctx.holding, 2 * s.heartbeat_ttl_s, reaper.requeue)
 
     @worker_ready.connect(weak=False)
     def _ready(**_kw):
