@@ -1026,8 +1026,14 @@ class JobStore:
     def waiting_since(self, queue: str, limit: int = 500) -> list[tuple[str, int, float]]:
         """(job id, segment, waiting since) of the first jobs marked waiting in ``queue`` that
         no instance holds: queued ones, and running ones between deliveries (a hand-off or a
-        retry on its way)."""
-        ids = self.r.zrange(self._queued_key(queue), 0, limit - 1)
+        retry on its way). The first ``limit`` of those that can be claimed now, and as many
+        retries waiting out a backoff (``HELD_BACK``: they rank behind every other, and a
+        worker that dies holding one's countdown message leaves it to this sweep)."""
+        key, pipe = self._queued_key(queue), self.r.pipeline(transaction=False)
+        pipe.zrangebyscore(key, "-inf", f"({HELD_BACK}", start=0, num=limit)
+        pipe.zrangebyscore(key, HELD_BACK, "+inf", start=0, num=limit)
+        now, held_back = pipe.execute()
+        ids = [*now, *held_back]
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
             pipe.hmget(self.key(job_id), "state", "segment", "updated_at", "instance", "due_at", "queue")

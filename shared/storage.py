@@ -150,7 +150,7 @@ class Storage:
             return
         with self._lock:
             try:
-                self.client.head_bucket(Bucket=self.bucket)
+                self._writer.head_bucket(Bucket=self.bucket)  # before a write: as patient as the write
             except ClientError as e:
                 if _missing(e):
                     self._create_bucket()

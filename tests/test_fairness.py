@@ -547,6 +547,30 @@ def test_retries_waiting_out_their_backoff_hold_no_room_in_their_queue(fair_clie
                        *store.r.scan_iter(match=f"{store.prefix}:*{queue}*"))
 
 
+def test_the_lost_message_sweep_reads_retries_held_back_behind_a_long_queue(fair_client, ref):
+    """A retry's countdown message lives in one worker's memory until due: that worker dying
+    loses it, and only the sweep sends it again. It ranks behind every claimable job, so
+    the sweep reads the held-back ones apart from the first ``limit`` of those."""
+    from easel.shared.jobstore import new_job_id
+    from easel.shared.keys import family_capacity_key
+
+    store, sched, queue = fair_client.store, fair_client.scheduler, "easel.fairr"
+    store.r.set(family_capacity_key(store.prefix, "fairr"), 9)
+    made = [new_job_id() for _ in range(3)]
+    try:
+        got = sched.submit_many([(job_id, *fair_client.prepare_and_plan(job))
+                                 for job_id, job in zip(made, jobs(ref, "fairr", "sweep", 3))])
+        assert all(g.admitted for g in got)
+        store.r.zrem(f"{store.prefix}:queued:{queue}", made[0])  # claimed, failed for now, backing off
+        store.mark_position(made[0], queue, 5, held_back=True)
+        assert [job_id for job_id, _, _ in store.waiting_since(queue, limit=2)] == [*made[1:], made[0]]
+    finally:
+        for job_id in made:
+            fair_client.cancel(job_id)
+        store.r.delete(family_capacity_key(store.prefix, "fairr"), *broker_lists("fairr"),
+                       *store.r.scan_iter(match=f"{store.prefix}:*{queue}*"))
+
+
 def submit_paused(client, ref: str, tenant: str, n: int) -> list[str]:
     """Jobs left pending by their admission (their queue paused): the dispatches decide."""
     client.pause("fairr")

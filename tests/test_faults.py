@@ -17,6 +17,8 @@ import pytest
 import redis
 
 from easel.producer.embedded import EmbeddedServices, free_port
+from easel.shared.jobstore import HELD_BACK
+from easel.worker.holdings import Holdings
 from tests.conftest import WorkerProc, png_bytes
 from tests.netproxy import TcpProxy
 
@@ -206,15 +208,19 @@ def test_s3_outage_is_retried_until_storage_is_back(fault_env, fclient, workers,
     job_id = fclient.submit(job(big_input, steps=2, seed=21))
     waiting = []  # statuses seen while a retry waits out its backoff
 
+    scores = []  # its place in the queue's waiting set meanwhile
+
     def retried():
         st = fclient.status(job_id)
         if st.state.value == "queued" and st.attempts:
             waiting.append(st)
+            scores.append(fclient.store.r.zscore(fclient.store._queued_key("easel.sd15"), job_id))
         return st.attempts >= 2 and waiting
 
     wait_for(retried, 90, "a retry seen waiting out its backoff, and a second delivery")
     assert re.fullmatch(r"retry \d of 8 after EndpointConnectionError: .+, sent again in \d+\.\ds", waiting[0].note)
     assert waiting[0].queue_position is not None and not waiting[0].error
+    assert scores[0] >= HELD_BACK  # holding no room in the queue while it waits
     proxy.start()  # back on the same port
     st = fclient.wait(job_id, timeout=180)
     assert st.state.value == "succeeded", st.error
@@ -294,7 +300,18 @@ def test_a_job_whose_end_redis_lost_is_sent_again_by_the_live_worker_that_held_i
     st = fclient.wait(job_id, timeout=120)
     assert st.state.value == "succeeded", st.error
     assert st.attempts == 2 and "no longer held the job" in st.note, st.note
-    assert f"{job_id}:0" not in r.smembers(running)
+    # A job of a family no worker serves here, claimed as that instance's in Redis only: sent
+    # again, it waits in its queue, and the instance's running set lists it no more.
+    spec, plan = fclient.prepare_and_plan(job(big_input, steps=2, seed=25, model="sd15-wide"))
+    parked, _ = fclient.store.create(spec, plan)
+    (claimed,) = fclient.store.claim_many([(parked, 0, None)], w.hostname, instance, 2)
+    assert claimed.outcome == "run" and f"{parked}:0" in r.smembers(running)
+    try:
+        wait_for(lambda: fclient.status(parked).state.value == "queued", 60, "the parked job sent again")
+        assert "no longer held the job" in fclient.status(parked).note
+        assert f"{parked}:0" not in r.smembers(running)
+    finally:
+        fclient.cancel(parked)
     assert w.proc.poll() is None
 
 
@@ -878,7 +895,8 @@ def test_a_failed_publish_is_retried_and_one_that_cannot_be_retried_stays_held(f
     _, env = fault_env
     settings = Settings(**{k[6:].lower(): v for k, v in env.items()})
     store = JobStore(fclient.store.r, prefix="publish-fail")  # no other test's instances or jobs
-    ctx = types.SimpleNamespace(store=store, settings=settings, instance="i1", unsettled=queue_mod.SimpleQueue())
+    ctx = types.SimpleNamespace(store=store, settings=settings, instance="i1", unsettled=queue_mod.SimpleQueue(),
+                                holding=Holdings())
     job_id, spec, _ = recorded_job(store, fclient.registry, big_input, 83)
     q = "publish-test.a"  # no worker serves it
     lists = [name for _, name in priority_lists(q)]
@@ -1014,7 +1032,7 @@ def test_a_finish_refused_after_a_take_over_is_not_counted_as_a_success(fault_en
     store = JobStore(fclient.store.r, prefix="refused-finish")  # no other test's instances or jobs
     ctx = types.SimpleNamespace(store=store, storage=fclient.storage, instance="i1", hostname="w1", finisher=None,
                                 stops=None, settings=Settings(**{k[6:].lower(): v for k, v in env.items()}),
-                                io=ThreadPoolExecutor(2))
+                                io=ThreadPoolExecutor(2), holding=Holdings())
     ids = []
 
     def finished_by_i1(seed: int, meanwhile) -> tuple[str, str]:

@@ -9,6 +9,8 @@ import pytest
 import redis
 import yaml
 
+from easel.worker.holdings import Holdings
+
 FAMILIES = ("latea", "lateb")
 
 
@@ -178,7 +180,7 @@ def test_the_engine_hands_each_claimed_delivery_on_with_its_claims_attempt(late_
     job_id, _, (qa, _) = chain
     assert store.requeue(job_id, 0, "i1", "heartbeat expired")
     ctx = SimpleNamespace(store=store, settings=late_client.settings, instance="i2", hostname="w2", stops=None,
-                          on_claim=None)
+                          on_claim=None, holding=Holdings())
     (job,) = claim(ctx, None, [Delivery(job_id, 0, qa)], {})
     assert job.delivery.attempt == job.claim.attempts == 2
     assert end_of(ctx, job.delivery) == (0, "i2", 2)
@@ -296,7 +298,7 @@ def test_a_refused_final_write_tells_its_own_lost_reply_from_a_take_over(late_cl
     outcomes = {}
     for instance, want in (("i1", "succeeded"), ("i2", "already succeeded")):
         ctx = SimpleNamespace(store=store, settings=late_client.settings, instance=instance,
-                              io=SimpleNamespace(submit=lambda *a: dropped.append(a)))
+                              io=SimpleNamespace(submit=lambda *a: dropped.append(a)), holding=Holdings())
         job = Job(Delivery(job_id, 0, qa), Claim("run", spec, store.load(job_id)[1]))
         _refused(ctx, [job], outcomes)
         assert outcomes[job.delivery] == want, (instance, outcomes)

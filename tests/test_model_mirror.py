@@ -60,7 +60,7 @@ def test_concurrent_workers_on_one_host_download_once(easel_env, model_root, tmp
     assert leftovers == []
 
 
-def test_folder_markers_are_skipped_and_keys_outside_the_mirror_refused(easel_env, model_root, tmp_path):
+def test_a_mirror_skips_the_folder_markers_consoles_leave(easel_env, model_root, tmp_path):
     """Consoles' "create folder" leaves zero-byte keys ending in ``/``; they are not files."""
     settings = Settings(model_root=tmp_path)
     storage = Storage(settings)

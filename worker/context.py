@@ -24,8 +24,10 @@ from easel.worker.stops import StopListener
 from easel.worker.watchdog import Watchdog
 
 # Tries of each result or hand-off write, with boto3's backoff (doubling, jittered, capped at
-# 20 s): about 85 s of an S3 outage on average (111 s at most) is ridden out with the images
-# in hand, where a failed write would send the segment again to denoise from the start.
+# 20 s): about 85 s of an S3 outage (refused connections, 5xx, throttling) on average is
+# ridden out with the images in hand, where a failed write would send the segment again to
+# denoise from the start. A server that takes connections and never answers costs each try
+# its 60 s read timeout: up to 10 minutes in all.
 RESULT_WRITE_ATTEMPTS = 10
 
 

@@ -174,9 +174,10 @@ def claim(ctx: WorkerContext, app, deliveries: list[Delivery], outcomes: Outcome
             jobs.append(Job(replace(d, attempt=c.attempts), c, trace=tr, stops_epoch=epoch))
             continue
         try:
-            _ended(ctx, d, _settle_claim(ctx, d, c), outcomes)
+            outcome = _settle_claim(ctx, d, c)
         except Exception as exc:
-            _ended(ctx, d, settle_error(ctx, app, d, exc), outcomes)
+            outcome = settle_error(ctx, app, d, exc)
+        _ended(ctx, d, outcome, outcomes)
         tr.end(outcomes[d])
     return jobs
 

@@ -15,6 +15,7 @@ Redis lists and the process has not held over two checks in a row.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ from typing import Callable
 from easel.shared import logs
 from easel.shared.jobstore import JobStore
 
+log = logging.getLogger("easel.worker.holdings")
 Key = tuple[str, int]  # (job id, segment)
 ORPHAN_WHY = "no longer held the job, though Redis said it ran there (its end was lost: a Redis restart or failover)"
 
@@ -78,5 +80,9 @@ class OrphanCheck:
         again, self._suspects = orphans & self._suspects, orphans
         for job_id, segment in sorted(again):
             with logs.job_context(job_id, segment):  # the requeue's log line says what was done
-                self.requeue(self.instance, job_id, segment, ORPHAN_WHY, live=True)
+                try:
+                    self.requeue(self.instance, job_id, segment, ORPHAN_WHY, live=True)
+                except Exception:  # each alone; a later check finds it again
+                    log.exception("could not send job %s segment %d again", job_id, segment)
+                    continue
             self._suspects.discard((job_id, segment))

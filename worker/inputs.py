@@ -70,9 +70,8 @@ def save_handoff(ctx: WorkerContext, job_id: str, seg_index: int, carrier: Carri
     if carrier.latents is not None:
         ctx.storage.put(handoff_key(job_id, seg_index), dump_latents(carrier.latents, latent_space))
         return
-    uploads = [ctx.io.submit(ctx.storage.put, handoff_key(job_id, seg_index, i), encode_image(img, "png"))
-               for i, img in enumerate(carrier.images or [])]
-    wait_all(uploads)
+    encoded = [encode_image(img, "png") for img in carrier.images or []]  # all before any upload starts
+    wait_all([ctx.io.submit(ctx.storage.put, handoff_key(job_id, seg_index, i), png) for i, png in enumerate(encoded)])
 
 
 def drop_handoffs(ctx: WorkerContext, job_id: str) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 from PIL import Image
@@ -70,17 +70,21 @@ def start_finish(ctx: WorkerContext, job_id: str, spec: JobSpec, carrier: Carrie
 
     images = [ctx.io.submit(encode_and_put, key, img) for key, img in zip(keys, carrier.images or [])]
     outputs = [ctx.storage.uri(key) for key in keys]
-    earlier = [i for i in range(len(spec.stages)) if i not in own]
-    stored, attempts = ctx.store.manifest_reads(job_id, earlier, only_attempt)
-    records = sorted([*own.values(), *(StageRecord.model_validate_json(r) for r in stored if r)],
-                     key=lambda r: r.index)
-    manifest = Manifest(
-        job_id=job_id, spec=spec, stages=records, outputs=outputs, created_at=created_at,
-        timings_s={"queued": started_at - created_at, "stages": sum(sum(r.timings_s.values()) for r in records),
-                   "total": time.time() - created_at},
-        easel_version=_version(), versions=_versions(), attempts=attempts,
-        registry=registry_name(ctx.settings.models),
-    )
+    try:
+        earlier = [i for i in range(len(spec.stages)) if i not in own]
+        stored, attempts = ctx.store.manifest_reads(job_id, earlier, only_attempt)
+        records = sorted([*own.values(), *(StageRecord.model_validate_json(r) for r in stored if r)],
+                         key=lambda r: r.index)
+        manifest = Manifest(
+            job_id=job_id, spec=spec, stages=records, outputs=outputs, created_at=created_at,
+            timings_s={"queued": started_at - created_at, "stages": sum(sum(r.timings_s.values()) for r in records),
+                       "total": time.time() - created_at},
+            easel_version=_version(), versions=_versions(), attempts=attempts,
+            registry=registry_name(ctx.settings.models),
+        )
+    except BaseException:  # the retry this error sends must not meet these uploads still running
+        wait(images)
+        raise
     manifest_key, body = f"{prefix}manifest.json", manifest.model_dump_json(indent=2).encode()
 
     def put_manifest_last() -> str:

@@ -146,9 +146,9 @@ def _start_services(ctx: "WorkerContext", app: "Celery", load_s: float, batch_si
     def after_beat() -> None:
         beat.presence["peak_memory_bytes"] = peak_memory_bytes(device)  # sent with the next beat
         settle_later(ctx, app)
-        orphans()
         feeder.feed()
         drain.check()
+        orphans()
 
     import torch
 
