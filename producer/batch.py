@@ -36,7 +36,7 @@ SUMMARY_FILE = "summary.json"
 STAGE_FIELDS = {"task", "model", "prompt", "negative_prompt", "prompt_syntax", "strength", "guidance_scale", "steps",
                 "seed", "width", "height", "control_image", "controlnet", "controlnet_conditioning_scale",
                 "noise_level"}
-JOB_FIELDS = {"priority", "num_images", "idempotency_key"}
+JOB_FIELDS = {"priority", "num_images", "idempotency_key", "tenant"}
 OTHER_FIELDS = {"image", "format", "quality", "name"}
 TERMINAL = {"succeeded", "failed", "cancelled"}
 LOST_REASON = "job record gone (expired or lost); a rerun submits it again"

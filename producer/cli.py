@@ -128,9 +128,13 @@ def submit(image: Optional[str] = typer.Option(None, "--image", "-i", help="Inpu
            num_images: int = typer.Option(1), fmt: str = typer.Option("png", "--format"),
            priority: Optional[int] = typer.Option(None, help="0 runs first, 9 last [default: 5, or the job file's]"),
            idempotency_key: Optional[str] = typer.Option(None, help="The same key again returns the first job's id."),
+           tenant: Optional[str] = typer.Option(None, help=(
+               "Whose fair share the job runs in [default: 'default', or the job file's]: an interactive job "
+               "under a tenant of its own does not wait behind a bulk run's backlog.")),
            compel: bool = typer.Option(False, help="Read the prompt as Compel weighting syntax."),
            job: Optional[Path] = typer.Option(None, "--job", help=(
-               "A JSON or YAML job file, used instead of the other flags but --priority and --idempotency-key, "
+               "A JSON or YAML job file, used instead of the other flags but --priority, --idempotency-key and "
+               "--tenant, "
                "which apply on top of it; local image paths in it are relative to the current directory.")),
            wait: bool = typer.Option(False, "--wait", help="Follow the job until it ends.")) -> None:
     """Submit a one-stage img2img job from flags, or any job from --job FILE. Prints the job id."""
@@ -151,7 +155,8 @@ def submit(image: Optional[str] = typer.Option(None, "--image", "-i", help="Inpu
                             "strength": strength, "guidance_scale": guidance_scale, "steps": steps, "seed": seed,
                             "prompt_syntax": "compel" if compel else "plain"}]}
     if isinstance(spec, dict):  # a file holding something else is refused by the schema, below
-        spec |= {k: v for k, v in {"priority": priority, "idempotency_key": idempotency_key}.items() if v is not None}
+        spec |= {k: v for k, v in {"priority": priority, "idempotency_key": idempotency_key,
+                                   "tenant": tenant}.items() if v is not None}
     client = _client()
     try:
         job_id = client.submit(spec)

@@ -358,6 +358,10 @@ def test_manifest_rows_are_read_as_csv_and_json_lines_define_them(tmp_path):
                         'cat.png,"two\nlines"\n', encoding="utf-8")
     good, extra, multi = read_manifest(manifest)
     assert good.job["stages"][0]["prompt"] == "a cat, in space" and not good.error
+    tenants = tmp_path / "tenants.csv"
+    tenants.write_text("image,prompt,tenant\ncat.png,a cat,catalog-refresh\n", encoding="utf-8")
+    (row,) = read_manifest(tenants)
+    assert row.job["tenant"] == "catalog-refresh" and not row.error
     assert extra.job is None and "4 fields, the header has 2; quote fields that hold commas" in extra.error
     assert multi.job["stages"][0]["prompt"] == "two\nlines"
 

@@ -232,7 +232,7 @@ def test_a_send_that_raised_after_reaching_the_broker_is_a_queued_job(easel_env,
 
 def test_cli_submit_wait_status_fetch(easel_env, sd15_worker, input_png, tmp_path):
     r = cli("submit", "--image", str(input_png), "--prompt", "a castle", "--steps", "3", "--seed", "11",
-            "--format", "jpeg")
+            "--format", "jpeg", "--tenant", "interactive")
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip()
     r = cli("wait", job_id, "--timeout", "120")
@@ -244,7 +244,8 @@ def test_cli_submit_wait_status_fetch(easel_env, sd15_worker, input_png, tmp_pat
     assert r.returncode == 0, r.stderr
     img = Image.open(tmp_path / job_id / "output" / "0.jpeg")
     assert img.format == "JPEG" and img.size == (96, 64)
-    assert json.loads((tmp_path / job_id / "manifest.json").read_text())["stages"][0]["seeds"] == [11]
+    manifest = json.loads((tmp_path / job_id / "manifest.json").read_text())
+    assert manifest["stages"][0]["seeds"] == [11] and manifest["spec"]["tenant"] == "interactive"
     (tmp_path / "a-file").write_text("")
     r = cli("fetch", job_id, "--out", str(tmp_path / "a-file" / "sub"))  # a folder that cannot be made
     said = " ".join(r.stderr.split())
