@@ -1184,3 +1184,41 @@ def test_event_streams_opened_at_once_cannot_pass_the_cap_together(easel_env, tm
         assert sorted(codes) == [200] * 3 + [503] * 9, codes
     finally:
         server.stop()
+
+
+def test_a_key_kept_at_a_large_cap_reads_a_sample_of_its_jobs_a_refusal(client):
+    """A bulk key kept at a cap of 1,000 refuses its next submissions reading at most a
+    sample of its jobs' states each (64), not all 1,000; once many have ended, a sample
+    finds some and the next submission is let in."""
+    import hashlib
+
+    from easel.producer.api.security import InFlight, Principal
+    from easel.shared.settings import ApiKey
+
+    r, prefix = client.store.r, f"capsample{uuid.uuid4().hex[:8]}"
+    flight = InFlight(r, prefix)
+    key = ApiKey(name="bulk", sha256=hashlib.sha256(b"tok-bulk").hexdigest(), max_in_flight=1000)
+    p = Principal(key=key, rate_per_min=60, burst=10, max_in_flight=1000)
+    ids = [uuid.uuid4().hex for _ in range(1000)]
+    pipe = r.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hset(f"{prefix}:job:{job_id}", "state", "queued")
+    pipe.sadd(flight.key("bulk"), *ids)
+    pipe.execute()
+
+    def state_reads() -> int:
+        return r.info("commandstats").get("cmdstat_hget", {}).get("calls", 0)
+
+    try:
+        before = state_reads()
+        for _ in range(3):
+            assert flight.reserve(p) == (None, 1000)
+        assert state_reads() - before < 400  # 3 x 64, and whatever else ran meanwhile; 3,000 read whole
+        pipe = r.pipeline(transaction=False)
+        for job_id in ids[::2]:
+            pipe.hset(f"{prefix}:job:{job_id}", "state", "succeeded")
+        pipe.execute()
+        token, n = flight.reserve(p)
+        assert token is not None and n < 1000
+    finally:
+        r.delete(flight.key("bulk"), *(f"{prefix}:job:{job_id}" for job_id in ids))

@@ -129,10 +129,15 @@ class InFlight:
     """Per-key set of job ids not yet terminal; a submission reserves a slot before it queues.
 
     Reserve-then-check keeps concurrent submissions from overshooting the cap. Terminal
-    jobs are pruned lazily, only when the set looks full, so the common path is O(1).
+    jobs are pruned lazily, only when the set looks full, so the common path is O(1); and
+    a prune reads at most ``PRUNE_SAMPLE`` members (all of a small set, a random sample of
+    a large one), so a key kept at a cap of 100,000 costs 64 reads a refused submission,
+    not 100,000. A large set's few ended jobs may be missed by one sample; the next finds
+    them, and until then the key is short of that many slots.
     """
 
     RESERVATION_TTL_S = 120
+    PRUNE_SAMPLE = 64
 
     def __init__(self, r: redis.Redis, prefix: str = "easel"):
         self.r, self.prefix = r, prefix
@@ -171,7 +176,7 @@ class InFlight:
 
     def prune(self, name: str) -> int:
         k = self.key(name)
-        members = list(self.r.smembers(k))
+        members = list(self.r.srandmember(k, self.PRUNE_SAMPLE))  # distinct: all of a set no larger
         jobs = [m for m in members if not m.startswith("reserve:")]
         stale = [m for m in members if m.startswith("reserve:")
                  and time.time() - float(m.split(":")[1]) > self.RESERVATION_TTL_S]
