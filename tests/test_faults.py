@@ -207,7 +207,6 @@ def test_s3_outage_is_retried_until_storage_is_back(fault_env, fclient, workers,
     proxy.stop()  # storage unreachable for the worker
     job_id = fclient.submit(job(big_input, steps=2, seed=21))
     waiting = []  # statuses seen while a retry waits out its backoff
-
     scores = []  # its place in the queue's waiting set meanwhile
 
     def retried():
@@ -312,6 +311,31 @@ def test_a_job_whose_end_redis_lost_is_sent_again_by_the_live_worker_that_held_i
         assert f"{parked}:0" not in r.smembers(running)
     finally:
         fclient.cancel(parked)
+    assert w.proc.poll() is None
+
+
+def test_a_final_state_that_waits_out_a_redis_failover_is_written_not_denoised_again(fault_env, fclient, workers,
+                                                                                     big_input):
+    """Redis away for longer than the worker's client retries (a managed Redis's failover
+    takes 30-60 s) as a job's outputs are written: its final state is written once Redis
+    answers, from the heartbeat, and the segment is not sent to be denoised again."""
+    svc, _ = fault_env
+    proxy = TcpProxy(svc.redis.port).start()
+    w = workers(EASEL_REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0")
+    job_id = fclient.submit(job(big_input, steps=12, seed=26))
+    running_at_step(fclient, job_id, 1)
+    proxy.stop()
+    try:
+        wait_for(lambda: "final state not" in w.log.read_text(), 150, "the final write given up for now")
+    finally:
+        proxy.start()
+    try:
+        st = fclient.wait(job_id, timeout=120)
+    finally:
+        proxy.stop()
+    assert st.state.value == "succeeded", st.error
+    assert st.attempts == 1 and not st.note, st.note
+    assert outputs_in_storage(fclient, job_id) == [f"jobs/{job_id}/output/0.png"]
     assert w.proc.poll() is None
 
 
@@ -914,7 +938,7 @@ def test_a_failed_publish_is_retried_and_one_that_cannot_be_retried_stays_held(f
         dead = make_celery(settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
         dead.conf.task_publish_retry = False  # the default rides out a minute; what comes after is tested
         assert settle_error(ctx, dead, d, away) == "error"
-        assert ctx.unsettled.get_nowait() == (d, away)
+        assert ctx.unsettled.get_nowait() == (d, away, None)
 
         # Taken over meanwhile (i1 stalled past its TTL, i2 claimed the job): i1's retry is
         # refused, counts nothing, and leaves no place in the queue behind.

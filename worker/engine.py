@@ -44,8 +44,9 @@ from easel.worker.context import WorkerContext
 from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_handoff
 from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
-from easel.worker.policy import (Delivery, cancelled, describe, device_lost, drain_finishes, end_of,
-                                 free_device_memory, give_up, log_failed, out_of_memory, refused, settle_error)
+from easel.worker.policy import (BROKER_AWAY, Delivery, cancelled, describe, device_lost, drain_finishes, end_of,
+                                 free_device_memory, give_up, log_failed, out_of_memory, refused, settle_error,
+                                 succeed_later)
 from easel.worker.runner import (Carrier, Interrupted, call_key, decode_latents, denoised_area, first_compile,
                                  run_stage, stage_size, work_units)
 from easel.worker.stops import READ_EVERY_S
@@ -484,6 +485,10 @@ def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None
         changes = [(job.job_id, JobState.succeeded, p.final_fields(job.last_step)) for job, p in written]
         try:
             done = ctx.store.transition_many(changes, ends=[end_of(ctx, job.delivery) for job, _ in written])
+        except BROKER_AWAY as exc:  # the outputs are written: only the state is left to write
+            for (job, _), (_, _, fields) in zip(written, changes):
+                _ended(ctx, job.delivery, succeed_later(ctx, job.delivery, fields, exc), outcomes, job)
+            return
         except Exception as exc:
             for job, _ in written:
                 _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)

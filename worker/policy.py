@@ -276,7 +276,7 @@ def settle_error(ctx, app, d: Delivery, exc: BaseException) -> str:
     except (redis.exceptions.RedisError, kombu.exceptions.OperationalError):  # settled again from the heartbeat
         log.exception("could not record how job %s segment %d ended; will try again", d.job_id, d.segment)
         ctx.holding.pin((d.job_id, d.segment))
-        ctx.unsettled.put((d, _without_frames(exc)))
+        ctx.unsettled.put((d, _without_frames(exc), None))
         return "error"
     except Exception as e:
         if device_lost(e):  # retry_later's empty_cache on a GPU already lost
@@ -295,14 +295,35 @@ def _without_frames(exc: BaseException) -> BaseException:
     return exc
 
 
+def succeed_later(ctx, d: Delivery, fields: dict, exc: BaseException) -> str:
+    """A job whose outputs are written and whose final state could not be (Redis away for
+    longer than its client's retries, as in a managed Redis's failover): the heartbeat
+    writes that state once Redis answers (``settle_later``), where a retry would denoise
+    the segment again."""
+    log.warning("job %s segment %d: outputs written, final state not (%s); written once Redis answers",
+                d.job_id, d.segment, describe(exc))
+    ctx.holding.pin((d.job_id, d.segment))
+    ctx.unsettled.put((d, _without_frames(exc), fields))
+    return "error"
+
+
 def settle_later(ctx, app) -> None:
     """Settle the deliveries whose end could not be recorded before: while this instance
-    lives it holds them, so nobody else would."""
+    lives it holds them, so nobody else would. One whose outputs are written ends succeeded;
+    the others end as their error says (``settle_error``)."""
     for _ in range(ctx.unsettled.qsize()):
         try:
-            d, exc = ctx.unsettled.get_nowait()
+            d, exc, succeeded_with = ctx.unsettled.get_nowait()
         except queue.Empty:
             return
         ctx.holding.unpin((d.job_id, d.segment))
         with logs.job_context(d.job_id, d.segment):  # (on the heartbeat's thread: no task's fields)
-            settle_error(ctx, app, d, exc)
+            if succeeded_with is None:
+                settle_error(ctx, app, d, exc)
+                continue
+            try:
+                if not ctx.store.transition_many([(d.job_id, JobState.succeeded, succeeded_with)],
+                                                 ends=[end_of(ctx, d)])[0]:
+                    refused(ctx, d, JobState.succeeded)
+            except BROKER_AWAY as again:
+                succeed_later(ctx, d, succeeded_with, again)
