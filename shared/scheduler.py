@@ -295,20 +295,6 @@ if left == 0 then redis.call('DEL', KEYS[8]) end
 return {out, left, later}
 """
 
-# A job that did more work than a dispatch charged for: its tenant's pass moves on by the
-# rest (``Scheduler.charge``), in the queue's active set if it waits there, else in the
-# parked passes it comes back from. A tenant this queue does not know (its jobs went
-# straight to the queue: no one waited) has nothing to catch up with. KEYS: active
-# tenants, parked passes, weights. ARGV: tenant, work beyond the one job dispatch charged.
-_CHARGE = """
-local extra = tonumber(ARGV[2]) / tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '1')
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  redis.call('ZINCRBY', KEYS[1], extra, ARGV[1])
-elseif redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
-  redis.call('HINCRBYFLOAT', KEYS[2], ARGV[1], extra)
-end
-"""
-
 # What an earlier version kept otherwise, for a queue. KEYS: active tenants, the
 # tenants-waiting flag, the caps hash an earlier version kept. ARGV: cap-key prefix. Sets the
 # flag while tenants wait (admission checks the flag alone) and moves the caps to their keys.
@@ -372,7 +358,6 @@ class Scheduler:
         self._dispatch = self.r.register_script(_DISPATCH)
         self._family = self.r.register_script(_FAMILY)
         self._adopt = self.r.register_script(_ADOPT)
-        self._charge = self.r.register_script(_CHARGE)
 
     def _key(self, what: str, queue: str) -> str:
         return f"{self.prefix}:{what}:{queue}"
@@ -480,13 +465,6 @@ class Scheduler:
             self.r.delete(cap_key(self.prefix, tenant))
         else:
             self.r.set(cap_key(self.prefix, tenant), cap)
-
-    def charge(self, queue: str, tenant: str, extra: float) -> None:
-        """``tenant``'s pass in ``queue`` moves on by ``extra`` jobs' worth (over its weight):
-        a dispatch charges one job, and a job that did several jobs' work (``worker.engine``'s
-        work units) is charged the rest once it has run, so that fair share counts work."""
-        self._charge(keys=[self._key("active", queue), self._key("passes", queue), f"{self.prefix}:weights"],
-                     args=[tenant, extra])
 
     def pause(self, queue: str) -> None:
         self.r.set(self._key("paused", queue), 1)

@@ -34,7 +34,7 @@ import redis
 from easel.shared import tracing
 from easel.shared.celery_app import send_segment
 from easel.shared.images import encode_image
-from easel.shared.jobstore import DEFAULT_TENANT, Claim
+from easel.shared.jobstore import Claim
 from easel.shared.scheduler import ADMITTED, CANCEL_ASKED, ROOM
 from easel.shared.schema import TERMINAL_STATES, JobSpec, JobState, Plan, Segment, StageRecord
 from easel.shared.settings import Settings
@@ -48,14 +48,11 @@ from easel.worker.policy import (BROKER_AWAY, Delivery, cancelled, describe, dev
                                  free_device_memory, give_up, log_failed, out_of_memory, refused, settle_error,
                                  succeed_later)
 from easel.worker.runner import (Carrier, Interrupted, call_key, decode_latents, denoised_area, first_compile,
-                                 run_stage, stage_size, work_units)
+                                 pixel_size, run_stage)
 from easel.worker.stops import READ_EVERY_S
 from easel.worker.watchdog import StageBudget, StageTimeout, cost_limit_s
 
 log = logging.getLogger("easel.worker.engine")
-# Jobs' worth of work (``runner.work_units``) that a dispatch's charge of one job covers: a
-# job up to this costs its tenant one turn, one over it the rest as well (``_charge_work``).
-CHARGE_ABOVE = 1.5
 
 
 @dataclass
@@ -71,7 +68,6 @@ class Job:
     last_step: dict | None = None
     trace: object = tracing.NO_JOB_TRACE  # its spans (shared.tracing)
     stops_epoch: int = -1  # the stops listener's epoch at the claim; -1: it was not listening
-    work: float = 0.0  # jobs' worth of work its stages started (``runner.work_units``), for fair share
 
     @property
     def job_id(self) -> str:
@@ -326,9 +322,6 @@ def run_stages(ctx: WorkerContext, jobs: list[Job]) -> None:
         carrier = Carrier.join([job.carrier for job in jobs])
         size = padded_images(model.spec, ctx.settings.batch_buckets, n * len(jobs), stage.task)  # its bucket
         budget = stage_budget(ctx.settings, model, stage, carrier, size, want_latent)
-        work = work_units(model, stage, carrier, n)  # each job's: a call holds inputs of one size
-        for job in jobs:
-            job.work += work
         hook = StepHook(ctx, [job.job_id for job in jobs], i, budget,
                         rearm=lambda: _arm_watchdog(ctx, jobs, i, stage, budget),
                         stops_epoch=min(job.stops_epoch for job in jobs))
@@ -358,7 +351,7 @@ def stage_budget(s: Settings, model, stage, carrier: Carrier, images: int, want_
     """The stage's time limit (``worker.watchdog``): the cost model's, from the latent area
     its UNet denoises, until its first steps give its pace; with the compile allowance when
     the call will compile first (a compile can take minutes, before any step)."""
-    w, h = stage_size(model, stage, carrier)
+    w, h = pixel_size(model, carrier, stage) if not carrier.empty else (stage.width or 512, stage.height or 512)
     per = model.spec.timeout_per_mpx_step_s
     cost = cost_limit_s(s.stage_timeout_base_s, s.stage_timeout_per_mpx_step_s if per is None else per,
                         stage.steps, denoised_area(model, w, h), images)
@@ -553,25 +546,11 @@ def _ended(ctx: WorkerContext, d: Delivery, outcome: str, outcomes: Outcomes, jo
         job.trace.end(outcome)
     # The job has ended (here, or before this delivery came: cancelled while it waited for its
     # next family): its hand-offs are garbage. drop_handoffs reads the final state first.
-    if job is not None and job.work > CHARGE_ABOVE and ctx.scheduler is not None:
-        _charge_work(ctx, job)
     ended = outcome in TERMINAL_STATES or outcome == "poison" or outcome.startswith("already ")
     if ended and (d.segment > 0 or (job and len(job.plan.segments) > 1)):
         ctx.io.submit(drop_handoffs, ctx, d.job_id)
     observe_delivery(ctx, d.job_id, d.segment, outcome, job.t0 if job else None,
                      job.records.values() if job else ())
-
-
-def _charge_work(ctx: WorkerContext, job: Job) -> None:
-    """Charge the job's tenant the work it did beyond the one job its dispatch charged, so
-    that fair share counts work, not jobs (a job of 16 large images is not one small one's
-    turn). Best effort: a failure costs fairness, not the job."""
-    try:
-        ctx.scheduler.charge(job.segment.queue, job.spec.tenant or DEFAULT_TENANT, job.work - 1)
-    except Exception as e:
-        log.warning("could not charge job %s's %.1f jobs' worth of work to its tenant: %s", job.job_id, job.work,
-                    describe(e))
-    job.work = 0.0
 
 
 class StepHook:

@@ -360,23 +360,6 @@ def denoised_area(model: LoadedModel, width: int, height: int) -> float:
     return passes * (side * width / f) * (side * height / f)
 
 
-# One job's worth of work, for fair share: SD 1.5 at 512 px, 30 steps at strength 0.8 (24
-# denoising steps of a 64 x 64 latent), one image.
-REFERENCE_WORK = 24 * 64 * 64
-
-
-def stage_size(model: LoadedModel, stage: Stage, carrier: Carrier) -> tuple[int, int]:
-    """(width, height) in pixels of what a stage starts from, before it has an input (text2img:
-    its size, else 512 px)."""
-    return pixel_size(model, carrier, stage) if not carrier.empty else (stage.width or 512, stage.height or 512)
-
-
-def work_units(model: LoadedModel, stage: Stage, carrier: Carrier, images: int) -> float:
-    """A stage's work in jobs' worth (``REFERENCE_WORK``): the steps it denoises, times the
-    latent pixels of each, times its images."""
-    return denoising_steps(stage) * denoised_area(model, *stage_size(model, stage, carrier)) * images / REFERENCE_WORK
-
-
 def pixel_size(model: LoadedModel, carrier: Carrier, stage: Stage | None = None) -> tuple[int, int]:
     """(width, height) of what the carrier holds, in pixels, latents included."""
     if stage is not None and stage.width and stage.height:
