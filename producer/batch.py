@@ -9,7 +9,7 @@ without touching Redis at all. Results land in ``OUT/<row name>/`` with the job 
 Row formats:
 - JSONL, a full job per line (``{"input": ..., "stages": [...]}``), optionally with ``name``;
 - JSONL or CSV flat rows: ``image, prompt, model, strength, steps, guidance_scale, seed,
-  negative_prompt, num_images, format, priority, idempotency_key, name`` (empty cells are
+  negative_prompt, num_images, format, priority, idempotency_key, tenant, name`` (empty cells are
   omitted). Relative image paths resolve against the manifest's folder.
 """
 from __future__ import annotations

@@ -44,9 +44,9 @@ from easel.worker.context import WorkerContext
 from easel.worker.inputs import drop_handoffs, load_image_ref, load_input, save_handoff
 from easel.worker.metrics import observe_call, observe_delivery
 from easel.worker.outputs import make_record, start_finish
-from easel.worker.policy import (BROKER_AWAY, Delivery, cancelled, describe, device_lost, drain_finishes, end_of,
-                                 free_device_memory, give_up, log_failed, out_of_memory, refused, settle_error,
-                                 succeed_later)
+from easel.worker.policy import (Delivery, cancelled, describe, device_lost, drain_finishes, end_of,
+                                 free_device_memory, give_up, log_failed, out_of_memory, redis_away, refused,
+                                 settle_error, succeed_later)
 from easel.worker.runner import (Carrier, Interrupted, call_key, decode_latents, denoised_area, first_compile,
                                  pixel_size, run_stage)
 from easel.worker.stops import READ_EVERY_S
@@ -478,13 +478,11 @@ def finish(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes) -> None
         changes = [(job.job_id, JobState.succeeded, p.final_fields(job.last_step)) for job, p in written]
         try:
             done = ctx.store.transition_many(changes, ends=[end_of(ctx, job.delivery) for job, _ in written])
-        except BROKER_AWAY as exc:  # the outputs are written: only the state is left to write
+        except Exception as exc:  # Redis away: the outputs are written, only the state is left to write
             for (job, _), (_, _, fields) in zip(written, changes):
-                _ended(ctx, job.delivery, succeed_later(ctx, job.delivery, fields, exc), outcomes, job)
-            return
-        except Exception as exc:
-            for job, _ in written:
-                _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, exc), outcomes, job)
+                outcome = (succeed_later(ctx, job.delivery, fields, exc) if redis_away(exc)
+                           else settle_error(ctx, app, job.delivery, exc))
+                _ended(ctx, job.delivery, outcome, outcomes, job)
             return
     succeeded = [job for (job, _), ok in zip(written, done) if ok]
     for job in succeeded:

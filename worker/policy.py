@@ -295,6 +295,12 @@ def _without_frames(exc: BaseException) -> BaseException:
     return exc
 
 
+def redis_away(exc: BaseException) -> bool:
+    """Redis out of reach, or refusing commands for now (a failover's demoted primary, full
+    under noeviction, loading): a write may go through later as it is."""
+    return isinstance(exc, BROKER_AWAY) or refusing_for_now(exc)
+
+
 def succeed_later(ctx, d: Delivery, fields: dict, exc: BaseException) -> str:
     """A job whose outputs are written and whose final state could not be (Redis away for
     longer than its client's retries, as in a managed Redis's failover): the heartbeat
@@ -325,5 +331,11 @@ def settle_later(ctx, app) -> None:
                 if not ctx.store.transition_many([(d.job_id, JobState.succeeded, succeeded_with)],
                                                  ends=[end_of(ctx, d)])[0]:
                     refused(ctx, d, JobState.succeeded)
-            except BROKER_AWAY as again:
-                succeed_later(ctx, d, succeeded_with, again)
+                elif d.segment > 0:  # a chain's last segment: its hand-offs are garbage now
+                    from easel.worker.inputs import drop_handoffs
+                    ctx.io.submit(drop_handoffs, ctx, d.job_id)
+            except Exception as again:
+                if redis_away(again):
+                    succeed_later(ctx, d, succeeded_with, again)
+                else:  # still listed as running here: the orphan check sends it again
+                    log.exception("could not write job %s's final state", d.job_id)

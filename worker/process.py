@@ -178,6 +178,7 @@ def _start_services(ctx: "WorkerContext", app: "Celery", load_s: float, batch_si
     def _bye(**_kw):
         if ctx.finisher is not None:
             ctx.finisher.drain()  # warm shutdown: pending finishes complete before we retire
+        settle_later(ctx, app)  # ends not recorded yet (Redis was away): recorded now if it answers
         reaper.stop()
         beat.retire()
         tracing.shutdown()  # flush the spans still batched

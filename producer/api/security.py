@@ -130,14 +130,15 @@ class InFlight:
 
     Reserve-then-check keeps concurrent submissions from overshooting the cap. Terminal
     jobs are pruned lazily, only when the set looks full, so the common path is O(1); and
-    a prune reads at most ``PRUNE_SAMPLE`` members (all of a small set, a random sample of
-    a large one), so a key kept at a cap of 100,000 costs 64 reads a refused submission,
-    not 100,000. A large set's few ended jobs may be missed by one sample; the next finds
+    a prune reads a sample of ``PRUNE_SAMPLE`` members (all of a small set, a random
+    sample of a large one), again while samples are mostly ended, so a key kept at a cap of
+    100,000 costs 64 reads a refused submission, not 100,000. A large set's few ended jobs may be missed by one sample; the next finds
     them, and until then the key is short of that many slots.
     """
 
     RESERVATION_TTL_S = 120
     PRUNE_SAMPLE = 64
+    PRUNE_ROUNDS = 8
 
     def __init__(self, r: redis.Redis, prefix: str = "easel"):
         self.r, self.prefix = r, prefix
@@ -175,6 +176,15 @@ class InFlight:
         self.r.srem(self.key(name), token)
 
     def prune(self, name: str) -> int:
+        """Drop ended jobs and stale reservations found in samples of the set; sampling again
+        (up to ``PRUNE_ROUNDS``) while a sample is mostly ended (a set far over a lowered cap).
+        Returns the set's size."""
+        for _ in range(self.PRUNE_ROUNDS):
+            if self._prune_sample(name) < self.PRUNE_SAMPLE // 2:
+                break
+        return self.r.scard(self.key(name))
+
+    def _prune_sample(self, name: str) -> int:
         k = self.key(name)
         members = list(self.r.srandmember(k, self.PRUNE_SAMPLE))  # distinct: all of a set no larger
         jobs = [m for m in members if not m.startswith("reserve:")]
@@ -187,7 +197,7 @@ class InFlight:
         done = [j for j, st in zip(jobs, states) if st is None or st in _TERMINAL] + stale
         if done:
             self.r.srem(k, *done)
-        return self.r.scard(k)
+        return len(done)
 
     def count(self, name: str) -> int:
         return self.prune(name)
