@@ -105,6 +105,18 @@ def outputs_in_storage(client, job_id: str) -> list[str]:
     return client.storage.list(f"jobs/{job_id}/output/")
 
 
+def succeeded_at_first_attempt(client, job_id: str, proxy: TcpProxy) -> None:
+    """The job ends succeeded, its one delivery's work kept (no retry, no requeue), with one
+    output; the proxy its worker went through is stopped after."""
+    try:
+        st = client.wait(job_id, timeout=180)
+    finally:
+        proxy.stop()
+    assert st.state.value == "succeeded", st.error
+    assert st.attempts == 1 and not st.note, st.note
+    assert outputs_in_storage(client, job_id) == [f"jobs/{job_id}/output/0.png"]
+
+
 def test_sigkill_with_an_idle_second_worker_hands_it_the_job(fclient, workers, big_input):
     """No replacement starts: the idle worker of the same family gets the job once the dead
     one's heartbeat expires (its reaper re-sends it)."""
@@ -241,13 +253,7 @@ def test_an_s3_outage_after_the_denoise_is_ridden_out_with_the_images_in_hand(fa
     time.sleep(10)
     assert fclient.status(job_id).state.value == "running"
     proxy.start()  # back on the same port
-    try:
-        st = fclient.wait(job_id, timeout=180)
-    finally:
-        proxy.stop()
-    assert st.state.value == "succeeded", st.error
-    assert st.attempts == 1 and not st.note, st.note
-    assert outputs_in_storage(fclient, job_id) == [f"jobs/{job_id}/output/0.png"]
+    succeeded_at_first_attempt(fclient, job_id, proxy)
 
 
 def test_an_api_started_before_its_redis_records_the_keys_shares_once_redis_is_up(fault_env, fclient):
@@ -329,13 +335,7 @@ def test_a_final_state_that_waits_out_a_redis_failover_is_written_not_denoised_a
         wait_for(lambda: "final state not" in w.log.read_text(), 150, "the final write given up for now")
     finally:
         proxy.start()
-    try:
-        st = fclient.wait(job_id, timeout=120)
-    finally:
-        proxy.stop()
-    assert st.state.value == "succeeded", st.error
-    assert st.attempts == 1 and not st.note, st.note
-    assert outputs_in_storage(fclient, job_id) == [f"jobs/{job_id}/output/0.png"]
+    succeeded_at_first_attempt(fclient, job_id, proxy)
     assert w.proc.poll() is None
 
 
