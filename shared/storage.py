@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import boto3
+import botocore.exceptions
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -68,6 +70,31 @@ LIFECYCLE_UNSUPPORTED = {"NotImplemented", "MethodNotAllowed", "501", "405", "Ac
 
 def _code(e: ClientError) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
+
+
+# S3 answers that mean "not now", still there after boto3's own retries: a server busy,
+# throttling or failing over, not refusing the call.
+_NOT_NOW_CODES = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
+                            "RequestLimitExceeded", "ServiceUnavailable", "InternalError"})
+_UNREACHABLE = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError,
+                botocore.exceptions.IncompleteReadError)
+
+
+def s3_not_now(exc: BaseException) -> bool:
+    """Whether the same S3 call may succeed later: the server unreachable, a connection
+    dropped mid-request, a timeout, throttling (429, ``SlowDown``) or a 5xx."""
+    if isinstance(exc, _UNREACHABLE):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429 or _code(exc) in _NOT_NOW_CODES
+    return False
+
+
+# Between a patient write's tries: full jitter over a doubling from 0.5 s, capped at 10 s, so
+# the writes of a farm's workers do not come back in lock-step when S3 does.
+WRITE_BACKOFF_BASE_S, WRITE_BACKOFF_CAP_S = 0.5, 10.0
+T = TypeVar("T")
 
 
 def job_prefix(job_id: str) -> str:
@@ -126,15 +153,16 @@ def _remember(cache: dict[str, float], key: str, until: float) -> None:
 
 
 class Storage:
-    def __init__(self, settings: Settings, write_attempts: int = 4):
-        """``write_attempts``: tries of each ``put`` (a worker's results: a failed write
-        sends the segment again, its GPU work lost)."""
+    def __init__(self, settings: Settings, write_patience_s: float = 0):
+        """``write_patience_s``: how long each ``put`` keeps trying while S3 is away or
+        busy (``s3_not_now``). A worker's results want patience: a failed write sends the
+        segment again, its GPU work lost. Zero: the client's quick tries only."""
         self.settings = settings
         self.bucket = settings.s3_bucket
-        # A few quick tries here (four in all); longer outages are the task's retries (backoff
-        # up to 30 s).
+        self.write_patience_s = write_patience_s
+        # A few quick tries (four in all, boto3's backoff: a few seconds at most); longer outages
+        # are the task's retries (backoff up to 30 s), or a write's patience.
         self.client = s3_client(settings)
-        self._writer = self.client if write_attempts == 4 else s3_client(settings, attempts=write_attempts)
         # For the best-effort look a submission takes at the objects it names: one short
         # try, so an S3 outage slows no submission by more than a few seconds.
         self._quick = s3_client(settings, attempts=1, connect_s=2, read_s=5)
@@ -150,7 +178,7 @@ class Storage:
             return
         with self._lock:
             try:
-                self._writer.head_bucket(Bucket=self.bucket)  # before a write: as patient as the write
+                self._patiently(lambda: self.client.head_bucket(Bucket=self.bucket))  # as the write it precedes
             except ClientError as e:
                 if _missing(e):
                     self._create_bucket()
@@ -171,12 +199,31 @@ class Storage:
     def put(self, key: str, data: bytes, content_type: str | None = None, metadata: dict[str, str] | None = None) -> str:
         self.ensure_bucket()
         ext = key.rsplit(".", 1)[-1]
-        self._writer.put_object(
+        self._patiently(lambda: self.client.put_object(
             Bucket=self.bucket, Key=key, Body=data,
             ContentType=content_type or _MIME.get(ext, "application/octet-stream"),
             Metadata=metadata or {},
-        )
+        ))
         return self.uri(key)
+
+    def _patiently(self, call: Callable[[], T]) -> T:
+        """``call()``, tried again while S3 is not there for now, until ``write_patience_s``
+        has passed (the last try at that point). A time rather than a count of tries: what a
+        count rides out depends on boto3's backoff, which its releases change."""
+        deadline = time.monotonic() + self.write_patience_s
+        tried = 0
+        while True:
+            try:
+                return call()
+            except Exception as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or not s3_not_now(exc):
+                    raise
+                if tried == 0:
+                    log.warning("S3 write failed (%s: %s); trying again for up to %.0fs", type(exc).__name__, exc,
+                                left)
+            time.sleep(min(left, random.uniform(0, min(WRITE_BACKOFF_CAP_S, WRITE_BACKOFF_BASE_S * 2 ** tried))))
+            tried += 1
 
     def get(self, uri_or_key: str, max_bytes: int | None = None) -> bytes:
         ref = S3Ref.parse(uri_or_key) if uri_or_key.startswith("s3://") else S3Ref(self.bucket, uri_or_key)

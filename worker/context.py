@@ -23,12 +23,11 @@ from easel.worker.pipelines import PipelineCache
 from easel.worker.stops import StopListener
 from easel.worker.watchdog import Watchdog
 
-# Tries of each result or hand-off write, with boto3's backoff (doubling, jittered, capped at
-# 20 s): about 85 s of an S3 outage (refused connections, 5xx, throttling) on average is
-# ridden out with the images in hand, where a failed write would send the segment again to
-# denoise from the start. A server that takes connections and never answers costs each try
-# its 60 s read timeout: up to 10 minutes in all.
-RESULT_WRITE_ATTEMPTS = 10
+# How long each result or hand-off write keeps trying through an S3 outage (refused
+# connections, 5xx, throttling) with the images in hand, where a failed write would send the
+# segment again to denoise from the start. A server that takes connections and never answers
+# costs a try its 60 s read timeout on top.
+RESULT_WRITE_PATIENCE_S = 90.0
 
 
 @dataclass
@@ -72,7 +71,7 @@ class WorkerContext:
         reg.family_models(family)  # refuse an unknown family before loading anything
         store = JobStore.from_settings(s)
         return cls(settings=s, registry=reg, store=store, scheduler=Scheduler(store),
-                   storage=Storage(s, write_attempts=RESULT_WRITE_ATTEMPTS), cache=PipelineCache(reg, s, family), family=family,
+                   storage=Storage(s, write_patience_s=RESULT_WRITE_PATIENCE_S), cache=PipelineCache(reg, s, family), family=family,
                    hostname=hostname or f"{family}@{socket.gethostname()}",
                    inputs=InputCache(s.input_cache_mb, s.s3_bucket))
 

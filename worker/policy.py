@@ -26,7 +26,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import botocore.exceptions
 import kombu.exceptions
 import redis.exceptions
 import torch
@@ -36,7 +35,7 @@ from easel.shared.celery_app import send_segment
 from easel.shared.images import InputError, SourceUnavailable
 from easel.shared.jobstore import DeliveryEnd, refusing_for_now, retry_fields
 from easel.shared.schema import TERMINAL_STATES, JobState
-from easel.shared.storage import NotFound
+from easel.shared.storage import NotFound, s3_not_now
 
 log = logging.getLogger("easel.worker.policy")
 
@@ -45,18 +44,10 @@ log = logging.getLogger("easel.worker.policy")
 BROKER_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError)
 TRANSIENT = (
     *BROKER_AWAY,
-    # S3 unreachable, a connection dropped mid-request or mid-download, a timeout
-    botocore.exceptions.ConnectionError,
-    botocore.exceptions.HTTPClientError,
-    botocore.exceptions.IncompleteReadError,
     SourceUnavailable,  # an image URL's server answering 5xx or 429, or not at all
     ConnectionError,
     TimeoutError,
 )
-# S3 answers that mean "not now", still there after boto3's own retries: a server busy,
-# throttling or failing over, not refusing this job.
-_S3_NOT_NOW = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
-                         "RequestLimitExceeded", "ServiceUnavailable", "InternalError"})
 BACKOFF_CAP_S = 30.0
 # Out of GPU memory again after this many retries: the job itself is too large for the GPU
 # (a retry helps when other work held the memory, or alone instead of in a micro-batch).
@@ -108,12 +99,7 @@ def out_of_memory(exc: BaseException) -> bool:
 def transient(exc: BaseException) -> bool:
     """Whether a retry of the delivery may succeed where this one failed: an outage of Redis,
     S3 or an image's server, or memory held by other work."""
-    if isinstance(exc, TRANSIENT) or refusing_for_now(exc) or out_of_memory(exc):
-        return True
-    if isinstance(exc, botocore.exceptions.ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return status >= 500 or status == 429 or exc.response.get("Error", {}).get("Code") in _S3_NOT_NOW
-    return False
+    return isinstance(exc, TRANSIENT) or s3_not_now(exc) or refusing_for_now(exc) or out_of_memory(exc)
 
 
 def exit_device_lost(ctx, d: Delivery, exc: BaseException) -> None:
