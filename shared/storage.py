@@ -178,7 +178,7 @@ class Storage:
             return
         with self._lock:
             try:
-                self._patiently(lambda: self.client.head_bucket(Bucket=self.bucket))  # as the write it precedes
+                self.client.head_bucket(Bucket=self.bucket)
             except ClientError as e:
                 if _missing(e):
                     self._create_bucket()
@@ -197,13 +197,15 @@ class Storage:
         return f"s3://{self.bucket}/{key}"
 
     def put(self, key: str, data: bytes, content_type: str | None = None, metadata: dict[str, str] | None = None) -> str:
-        self.ensure_bucket()
         ext = key.rsplit(".", 1)[-1]
-        self._patiently(lambda: self.client.put_object(
-            Bucket=self.bucket, Key=key, Body=data,
-            ContentType=content_type or _MIME.get(ext, "application/octet-stream"),
-            Metadata=metadata or {},
-        ))
+
+        def write() -> None:
+            self.ensure_bucket()  # once per process; within the write's patience
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
+                                   ContentType=content_type or _MIME.get(ext, "application/octet-stream"),
+                                   Metadata=metadata or {})
+
+        self._patiently(write)
         return self.uri(key)
 
     def _patiently(self, call: Callable[[], T]) -> T:
