@@ -339,6 +339,86 @@ def run_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8, t
     return summary
 
 
+CANCELLED_REASON = "cancelled by easel batch --cancel"
+
+
+@dataclass
+class Cancelled:
+    """What ``cancel_batch`` did, in jobs."""
+
+    cancelled: int = 0  # ended now, recorded as cancelled
+    stopping: int = 0  # running: they stop at their next denoising step (a rerun records them)
+    ended: int = 0  # had ended before the cancel came (a rerun records them), or their records are gone
+
+
+def cancel_batch(manifest: Path, out: Path, *, client=None, concurrency: int = 8,
+                 default_model: str = "sd15") -> Cancelled:
+    """Cancel every job that runs of this batch into ``out`` submitted and that has not
+    ended: those the state file records as submitted, and those a run killed before it
+    recorded them made under this folder's keys (found by the keys the rows would have had;
+    a row's own ``idempotency_key`` is looked up only where recorded: it may name a job of
+    any batch). The last submitted go first, so that the room a cancel frees in a queue is
+    not taken by a job of this batch about to be cancelled. A rerun skips the cancelled rows
+    (``--retry-failed`` submits them again)."""
+    from easel.producer.client import EaselClient
+
+    out = Path(out)
+    state = StateFile(out / STATE_FILE)
+    prior = state.load()
+    if not prior and not (out / RUN_ID_FILE).exists():
+        raise BatchError(f"no batch has run into {out}: nothing to cancel")
+    client = client or EaselClient()
+    client.store.ping()
+    recorded = [Outcome(**{k: rec.get(k) for k in ("key", "name", "row", "job_id", "attempt_key")})
+                for rec in prior.values() if rec.get("state") == "submitted" and rec.get("job_id")]
+    targets = sorted(recorded + _unrecorded(client, manifest, out, prior, default_model), key=lambda o: -(o.row or 0))
+    live = []
+    for start in range(0, len(targets), 500):  # one that has ended is left as it ended
+        part = targets[start:start + 500]
+        live += [o for o, (st, *_) in zip(part, client.store.outcomes_of([o.job_id for o in part]))
+                 if st is not None and st not in TERMINAL]
+    done = Cancelled(ended=len(targets) - len(live))
+    targets = live
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="easel-cancel") as pool:
+        for o, now in zip(targets, pool.map(lambda o: _cancel_job(client, o.job_id), targets)):
+            if now == "cancelled":
+                o.state, o.error = "cancelled", CANCELLED_REASON
+                state.write(o)
+                done.cancelled += 1
+            elif now == "running":
+                done.stopping += 1
+            else:
+                done.ended += 1
+    return done
+
+
+def _unrecorded(client, manifest: Path, out: Path, prior: dict[str, dict], default_model: str) -> list[Outcome]:
+    """Rows whose next submission (a resumed run's, or a ``--retry-failed`` run's) has a job
+    under this folder's key that the state file does not record."""
+    run_id = _run_id(out, began=True)
+    if run_id is None:  # a folder an earlier easel began: its keys are not this folder's alone
+        return []
+    rows = read_manifest(manifest, default_model)  # the model the run had: flat rows' keys depend on it
+    outcomes, todo, _ = _plan(rows, prior, run_id, out, download=False, retry_failed=True)
+    ask = [outcomes[row.key] for row in todo if row.derived and not outcomes[row.key].job_id]
+    found = []
+    for start in range(0, len(ask), 1000):
+        part = ask[start:start + 1000]
+        for o, job_id in zip(part, client.store.idempotent_jobs([o.attempt_key for o in part])):
+            if job_id:
+                o.job_id = job_id
+                found.append(o)
+    return found
+
+
+def _cancel_job(client, job_id: str) -> str | None:
+    """The job's state after its cancel; None when its record is gone."""
+    try:
+        return client.cancel(job_id).value
+    except KeyError:
+        return None
+
+
 _ENDED_BADLY = ("failed", "cancelled", "refused")
 
 

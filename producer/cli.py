@@ -216,16 +216,26 @@ def wait(job_id: str, timeout: Optional[float] = typer.Option(
 
 
 @app.command()
-def cancel(job_id: str) -> None:
-    """Cancel a job: a queued one at once, a running one within one denoising step. Prints its
-    state; exit 1 when it had already ended otherwise."""
-    try:
-        state = _client().cancel(job_id)
-    except KeyError:
-        _fail(f"no job {job_id}", 1)
-    print(state.value)
-    if state.terminal and state.value != "cancelled":
-        _fail(f"job {job_id} had already {state.value}; nothing to cancel", 1)
+def cancel(job_ids: list[str] = typer.Argument(..., metavar="job_id")) -> None:
+    """Cancel jobs: a queued one at once, a running one within one denoising step. Prints each
+    one's state (after its id, where several are named); exit 1 when one had already ended
+    otherwise or does not exist, once all were tried."""
+    client, several, problems = _client(), len(job_ids) > 1, []
+    for job_id in job_ids:
+        try:
+            state = client.cancel(job_id).value
+        except KeyError:
+            state, problem = "unknown", f"no job {job_id}"
+        else:
+            problem = f"job {job_id} had already {state}; nothing to cancel" if state in ("succeeded", "failed") else None
+        if several or state != "unknown":  # one unknown id: the error says it
+            print(f"{job_id}\t{state}" if several else state)
+        if problem:
+            problems.append(problem)
+    for problem in problems:
+        err.print(f"[red]error:[/red] {escape(problem)}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command()

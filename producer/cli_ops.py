@@ -92,14 +92,26 @@ def batch(manifest: Path = typer.Argument(..., help="Jobs, one per row: .jsonl (
           timeout: Optional[float] = typer.Option(None, help="Give up waiting after this many seconds."),
           download: bool = typer.Option(True, help="Download results into OUT/<row name>/."),
           retry_failed: bool = typer.Option(False, help="Resubmit rows that failed in an earlier run."),
-          model: str = typer.Option("sd15", help="Default model for flat rows without one.")) -> None:
+          model: str = typer.Option("sd15", help="Default model for flat rows without one."),
+          cancel: bool = typer.Option(False, "--cancel", help=(
+              "Cancel the jobs earlier runs into OUT submitted that have not ended, instead of running."))) -> None:
     """Submit every row, follow them with a progress bar, download results, write a summary.
 
     Resumable: rerunning skips rows already done (each row's idempotency key is recorded in
-    OUT/.easel-batch-state.jsonl, and the queue itself maps a key to its first job)."""
+    OUT/.easel-batch-state.jsonl, and the queue itself maps a key to its first job). With
+    --cancel (the same MANIFEST, OUT and --model), the batch's unfinished jobs are cancelled
+    instead: a rerun then skips those rows, or submits them again with --retry-failed."""
 
-    from easel.producer.batch import BatchError, run_batch
+    from easel.producer.batch import BatchError, cancel_batch, run_batch
 
+    if cancel:
+        try:
+            done = cancel_batch(manifest, out, concurrency=concurrency, default_model=model)
+        except BatchError as e:
+            Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+            raise typer.Exit(2) from None
+        print(f"cancelled {done.cancelled}; stopping at their next step {done.stopping}; ended before {done.ended}")
+        return
     try:
         summary = run_batch(manifest, out, concurrency=concurrency, timeout=timeout, download=download,
                             retry_failed=retry_failed, default_model=model, console=Console(stderr=True))

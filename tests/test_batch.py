@@ -172,6 +172,51 @@ def test_ctrl_c_writes_the_summary_exits_130_and_the_rerun_resumes(easel_env, sd
     assert _states(out)[-1]["job_id"] == first["job_id"]  # the same job, not a new one
 
 
+def test_cancel_ends_a_batchs_unfinished_jobs_and_a_rerun_skips_them(easel_env, sd15_worker, client, tmp_path):
+    """``easel batch --cancel`` after a run was killed: every job the batch made and that has
+    not ended is cancelled, the one whose submission the run never recorded too (found by its
+    row's idempotency key), and recorded; a rerun then submits nothing and counts them
+    cancelled."""
+    imgs = _inputs(tmp_path, 3)
+    tenant = f"held-{uuid.uuid4().hex[:8]}"
+    client.scheduler.set_cap(tenant, 0)  # the jobs wait in their tenant's pending set
+    manifest, out = tmp_path / "jobs.jsonl", tmp_path / "out"
+    manifest.write_text("".join(json.dumps({**img2img_job(img, steps=2), "tenant": tenant, "name": f"r{i}"}) + "\n"
+                                for i, img in enumerate(imgs)))
+    try:
+        batch = _batch(str(manifest), "--out", str(out))
+        try:
+            deadline = time.monotonic() + 60
+            while len(_states(out)) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            batch.kill()
+            batch.communicate(timeout=30)
+        states = _states(out)
+        assert [s["state"] for s in states] == ["submitted"] * 3
+        lines = (out / ".easel-batch-state.jsonl").read_text().splitlines(keepends=True)
+        (out / ".easel-batch-state.jsonl").write_text("".join(lines[:2]))  # killed before it recorded the last
+        r = cli("batch", str(manifest), "--out", str(out), "--cancel")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.strip() == "cancelled 3; stopping at their next step 0; ended before 0"
+        for s in states:
+            st = client.status(s["job_id"])
+            assert st.state.value == "cancelled" and st.error == "cancelled before it ran", st
+        assert {s["job_id"] for s in _states(out)[2:]} == {s["job_id"] for s in states}
+        assert all(s["state"] == "cancelled" for s in _states(out)[2:])
+        before = _job_count(client)
+        r = cli("batch", str(manifest), "--out", str(out))
+        assert r.returncode == 1
+        summary = json.loads((out / "summary.json").read_text())
+        assert (summary["cancelled"], summary["submitted"], summary["skipped"]) == (3, 0, 3), summary
+        assert {f["reason"] for f in summary["failures"]} == {"cancelled by easel batch --cancel"}
+        assert _job_count(client) == before
+    finally:
+        client.scheduler.set_cap(tenant, None)
+    r = cli("batch", str(manifest), "--out", str(tmp_path / "never-ran"), "--cancel")
+    assert r.returncode == 2 and "no batch has run into" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.slow
 def test_a_batch_follows_on_through_a_redis_outage_longer_than_its_clients_retries(easel_env, sd15_worker, client,
                                                                                     tmp_path):

@@ -264,6 +264,9 @@ def test_cli_submit_wait_status_fetch(easel_env, sd15_worker, input_png, tmp_pat
     # Operator commands that did nothing say so, in a line and an exit code.
     r = cli("cancel", job_id)
     assert r.returncode == 1 and r.stdout.strip() == "succeeded" and "nothing to cancel" in r.stderr
+    r = cli("cancel", job_id, "no-such-job")  # several: each one's state after its id, every error said
+    assert r.returncode == 1 and r.stdout.splitlines() == [f"{job_id}\tsucceeded", "no-such-job\tunknown"]
+    assert "nothing to cancel" in r.stderr and "no job no-such-job" in r.stderr, r.stderr
     r = cli("drain", "no-such-worker@nowhere")
     assert r.returncode == 2 and "no live worker is called" in r.stderr and "Traceback" not in r.stderr
     r = cli("api-key", "bad name")
