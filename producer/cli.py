@@ -220,14 +220,18 @@ def cancel(job_ids: list[str] = typer.Argument(..., metavar="job_id")) -> None:
     """Cancel jobs: a queued one at once, a running one within one denoising step. Prints each
     one's state (after its id, where several are named); exit 1 when one had already ended
     otherwise or does not exist, once all were tried."""
+    from easel.shared.schema import JobState
+
     client, several, problems = _client(), len(job_ids) > 1, []
     for job_id in job_ids:
         try:
-            state = client.cancel(job_id).value
+            now = client.cancel(job_id)
         except KeyError:
             state, problem = "unknown", f"no job {job_id}"
         else:
-            problem = f"job {job_id} had already {state}; nothing to cancel" if state in ("succeeded", "failed") else None
+            state = now.value
+            ended_otherwise = now.terminal and now is not JobState.cancelled
+            problem = f"job {job_id} had already {state}; nothing to cancel" if ended_otherwise else None
         if several or state != "unknown":  # one unknown id: the error says it
             print(f"{job_id}\t{state}" if several else state)
         if problem:

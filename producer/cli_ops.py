@@ -104,22 +104,20 @@ def batch(manifest: Path = typer.Argument(..., help="Jobs, one per row: .jsonl (
 
     from easel.producer.batch import BatchError, cancel_batch, run_batch
 
-    if cancel:
-        try:
-            done = cancel_batch(manifest, out, concurrency=concurrency, default_model=model)
-        except BatchError as e:
-            Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-            raise typer.Exit(2) from None
-        print(f"cancelled {done.cancelled}; stopping at their next step {done.stopping}; ended before {done.ended}")
-        return
     try:
-        summary = run_batch(manifest, out, concurrency=concurrency, timeout=timeout, download=download,
-                            retry_failed=retry_failed, default_model=model, console=Console(stderr=True))
+        if cancel:
+            done = cancel_batch(manifest, out, concurrency=concurrency, default_model=model)
+        else:
+            summary = run_batch(manifest, out, concurrency=concurrency, timeout=timeout, download=download,
+                                retry_failed=retry_failed, default_model=model, console=Console(stderr=True))
     except BatchError as e:
         Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:  # the summary is written: 130, as a shell reports Ctrl-C
+    except KeyboardInterrupt:  # 130, as a shell reports Ctrl-C (a run writes its summary first)
         raise typer.Exit(130) from None
+    if cancel:
+        print(f"cancelled {done.cancelled}; stopping at their next step {done.stopping}; ended before {done.ended}")
+        return
     raise typer.Exit(0 if summary.succeeded == summary.total else 1)
 
 
