@@ -6,6 +6,13 @@ is the real path (fair-share dispatch included).
 - Fairness: tenant A submits ``--a-jobs`` jobs, then tenant B submits 20, one at a time.
   ``fair_b_wait_jobs`` is B's worst wait from submission to start, in job durations (the
   workers' measured seconds per job); the issue's bound is 20 / workers + 2.
+- Work: tenant ``long`` submits jobs of 4 x ``--steps`` steps, tenant ``short`` four times
+  as many of ``--steps``, both at once. ``fair_work_time_ratio`` is long's GPU time (the
+  sum of its jobs' start-to-finish) over short's, among the jobs that started while both
+  had jobs left to start, after long's first 25 (both tenants' first 20 jobs are their
+  credit): 1.0 if the work estimate (``shared.plan.segment_work``) caught every cost, about
+  3 when sharing by jobs. ``fair_work_jobs_ratio``: short's jobs over long's in that window
+  (by work: their works' ratio, (4 + 40) / (4 + 10) = 3.14; by jobs: 1).
 - ETA: one tenant submits a steady stream at 1.25x what the workers can do, so a queue
   builds; each job's ETA is read right after its submission and compared with its actual
   wait. ``eta_error_p50`` is the median of |ETA - wait| / wait over the jobs that waited at
@@ -35,11 +42,11 @@ def job(ref: str, tenant: str, seed: int, steps: int) -> dict:
             "stages": [{"model": FAMILY, "prompt": tenant, "steps": steps, "strength": 1.0, "seed": seed}]}
 
 
-def times(client, ids: list[str]) -> list[tuple[float, float]]:
+def times(client, ids: list[str], fields: tuple[str, ...] = ("created_at", "started_at")) -> list[tuple[float, ...]]:
     pipe = client.store.r.pipeline(transaction=False)
     for job_id in ids:
-        pipe.hmget(client.store.key(job_id), "created_at", "started_at")
-    return [(float(c), float(s)) for c, s in pipe.execute()]
+        pipe.hmget(client.store.key(job_id), *fields)
+    return [tuple(float(v) for v in row) for row in pipe.execute()]
 
 
 def wait(client, ids: list[str]) -> None:
@@ -64,6 +71,22 @@ def fairness(client, ref: str, workers: int, a_jobs: int, steps: int) -> dict:
         f"bound {20 / workers + 2:.0f}")
     wait(client, a_ids)
     return {"fair_b_wait_jobs": round(worst / job_s, 2), "fair_b_wait_bound_jobs": 20 / workers + 2}
+
+
+def work_share(client, ref: str, steps: int, long_jobs: int = 100) -> dict:
+    ids = {"long": client.submit_many([job(ref, "long", i, 4 * steps) for i in range(long_jobs)]),
+           "short": client.submit_many([job(ref, "short", i, steps) for i in range(4 * long_jobs)])}
+    wait(client, ids["long"] + ids["short"])
+    runs = {who: times(client, got, ("started_at", "finished_at")) for who, got in ids.items()}
+    both_until = min(max(start for start, _ in rows) for rows in runs.values())
+    since = sorted(start for start, _ in runs["long"])[25]
+    window = {who: [end - start for start, end in rows if since <= start < both_until] for who, rows in runs.items()}
+    gpu_s = {who: sum(took) for who, took in window.items()}
+    count = {who: len(took) for who, took in window.items()}
+    log(f"work share: long {count['long']} jobs, {gpu_s['long']:.1f} s; short {count['short']} jobs, "
+        f"{gpu_s['short']:.1f} s, while both had jobs to start")
+    return {"fair_work_time_ratio": round(gpu_s["long"] / gpu_s["short"], 2),
+            "fair_work_jobs_ratio": round(count["short"] / count["long"], 2)}
 
 
 def eta_accuracy(client, ref: str, workers: int, seconds: float, steps: int) -> dict:
@@ -93,7 +116,8 @@ def main(env: BenchEnv, args) -> dict:
         client = EaselClient(env.settings(models=models))
         ref = client.storage.put_input(png_bytes(bench_image(32)), "png")
         out = {**fairness(client, ref, args.workers, args.a_jobs, args.steps),
-               **eta_accuracy(client, ref, args.workers, args.eta_seconds, args.steps)}
+               **eta_accuracy(client, ref, args.workers, args.eta_seconds, args.steps),
+               **work_share(client, ref, args.steps)}  # last: its long jobs move the family's seconds per job
     finally:
         for p in procs:
             p.stop()

@@ -136,7 +136,7 @@ class EaselClient:
         self.store = store or JobStore.from_settings(self.settings)
         # A capped tenant's job that ends here (a cancel) frees its slot: dispatch its next.
         self.store.on_slot_freed = self._slot_freed
-        self.scheduler = Scheduler(self.store)
+        self.scheduler = Scheduler(self.store, self.registry)
         self.storage = Storage(self.settings)
         self.celery = make_celery(self.settings)
         tracing.setup(self.settings, "easel-producer")

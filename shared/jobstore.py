@@ -686,14 +686,15 @@ class JobStore:
         return f"{self.prefix}:stops"
 
     def record_fields(self, spec: JobSpec, plan: Plan, now: float, trace: dict | None = None,
-                      owner: str | None = None) -> list:
+                      owner: str | None = None, work: float = 1.0) -> list:
         """A queued job's hash, as the flat field/value list the create script takes. Counters
         and progress start absent (read as 0), which keeps bulk submission's writes small;
         ``trace`` is the submitter's trace context (tracing on); ``owner`` the API key that
-        submits it, written with the record so that no job exists without it."""
+        submits it, written with the record so that no job exists without it; ``work``: what
+        its dispatch charges its tenant (``shared.plan.segment_work``)."""
         fields = {"spec": spec.model_dump_json(), "plan": plan.model_dump_json(), "state": JobState.queued.value,
                   "queue": plan.segments[0].queue, "tenant": spec.tenant or DEFAULT_TENANT, "created_at": now,
-                  "updated_at": now}
+                  "updated_at": now, "work": work}
         if trace:
             fields["trace"] = json.dumps(trace)
         if owner:
@@ -782,9 +783,9 @@ class JobStore:
 
     def _event(self, state: JobState, fields: dict) -> str:
         """The event a state change publishes: its fields, less the bulky spec and stage records,
-        the kept trace context and the retry counts."""
+        the kept trace context, the work fair share charges and the retry counts."""
         shown = {k: v for k, v in fields.items()
-                 if k not in ("spec", "trace") and not k.startswith(("record:", "retries:", "oom:"))}
+                 if k not in ("spec", "trace", "work") and not k.startswith(("record:", "retries:", "oom:"))}
         return json.dumps({"state": state.value, **shown}, default=str)
 
     def _transition_args(self, job_id: str, state: JobState | None, fields: dict,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from easel.shared.celery_app import queue_name
 from easel.shared.registry import COMPEL_KINDS, LATENT_IN, LATENT_ONLY_AFTER_STAGE, LATENT_OUT, UPSCALE, Registry
-from easel.shared.schema import Handoff, JobSpec, Plan, Segment, Stage
+from easel.shared.schema import STRENGTH_TASKS, Handoff, JobSpec, Plan, Segment, Stage
 
 
 class PlanError(ValueError):
@@ -26,6 +26,52 @@ def output_size(st: Stage, kind: str, input_size: tuple[int, int] | None) -> tup
     size = (st.width, st.height) if st.width is not None and st.height is not None else input_size
     factor = UPSCALE.get(kind, 1)
     return None if size is None else (size[0] * factor, size[1] * factor)
+
+
+def latent_area(kind: str, width: int, height: int, factor: int = 8) -> float:
+    """Latent pixels the UNet denoises per image and step, for a stage whose input is
+    ``width`` x ``height`` pixels: what a step costs, whatever the pixel sizes.
+
+    The x4 upscaler denoises latents as large as its input image; the x2 latent upscaler
+    latents twice the input's latent size; SD, SDXL and Kandinsky latents 1/``factor`` of
+    the image per side (the autoencoder's: 8). A Kandinsky step counts twice: its prior runs
+    a step of its own for each decoder step (up to 25)."""
+    if kind == "sd-x4-upscaler":
+        return float(width * height)
+    side = 2 if kind == "sd-latent-upscaler" else 1
+    passes = 2 if kind == "kandinsky22" else 1
+    return passes * (side * width / factor) * (side * height / factor)
+
+
+# A unit of work: the denoising of an SD 1.5 img2img job at easel's defaults, 24 steps
+# (int(30 x 0.8)) under classifier-free guidance, two UNet passes a step, at 512 x 512.
+UNIT_PASSES = 48
+UNIT_AREA = latent_area("sd", 512, 512)
+# A delivery's costs besides denoising (its input's fetch, prompt encoding, the VAE, its
+# images' encoding and upload), as UNet passes at 512 x 512: a default job is 52/48 units.
+DELIVERY_PASSES = 4
+UNKNOWN_SIDE = 512  # what a size that follows an input image no one has read counts as
+
+
+def segment_work(spec: JobSpec, registry: Registry, stages: list[int]) -> float:
+    """What one delivery of ``stages`` asks of a GPU, in units of work, which fair share
+    charges its tenant: UNet passes (the steps a stage denoises, twice under classifier-free
+    guidance, half again with a ControlNet beside the UNet) x ``num_images`` x the latent
+    area they run at, plus the delivery's fixed costs. Sizes are what the job alone tells
+    (stages' width and height, and what follows from them), the same at submission and at a
+    hand-off, so that every job waiting in a queue is charged alike; a size that follows the
+    input image, which no one has read at submission, counts as 512 x 512."""
+    passes, size = float(DELIVERY_PASSES), None
+    for i, st in enumerate(spec.stages):
+        kind = registry.get(st.model).kind
+        if i in stages:
+            at = (st.width, st.height) if st.width is not None and st.height is not None else size
+            steps = int(st.steps * st.strength) if st.task in STRENGTH_TASKS else st.steps
+            per_image = steps * (2 if st.guidance_scale > 1 else 1) * (1.5 if st.task == "controlnet_img2img" else 1)
+            area = latent_area(kind, *(at or (UNKNOWN_SIDE, UNKNOWN_SIDE)))
+            passes += per_image * spec.num_images * area / UNIT_AREA
+        size = output_size(st, kind, size)
+    return passes / UNIT_PASSES
 
 
 # The largest side each output format holds (Pillow's WebP and JPEG encoders refuse more).

@@ -6,11 +6,14 @@ would delay every other tenant's job until it had run. Instead a new job waits i
 ``<prefix>:pending:<queue>:<tenant>`` (ordered by priority, then submission), and the
 dispatch script moves jobs into the broker only while fewer than the family's live workers'
 batch sizes, summed, plus a margin wait there. Which tenant's job goes next is stride
-scheduling: each tenant has a pass value, the lowest pass goes next and advances by
-1/weight. A tenant that joins starts level with the tenant in front, or up to ``credit``
-of its jobs before it if it has used less: a newcomer's first jobs start within about one
-job duration per worker, a heavy past user is not penalised once it comes back, and
-backlogged tenants share the farm by their weights.
+scheduling by work: each tenant has a pass value, the lowest pass goes next and advances
+by the job's work (``shared.plan.segment_work``: UNet passes x images x latent area, in
+units of a default job's denoising) over the tenant's weight, so tenants share GPU time,
+not job counts. A tenant that joins starts level with where service stands (the highest
+pass served), or up to ``credit`` units of work before it if it has used less: a
+newcomer's first jobs start within about one job duration per worker, a heavy past user
+is not penalised once it comes back, and backlogged tenants share the farm by their
+weights.
 
 A chain's hand-off to its next family is admitted there the same way, under its tenant,
 with its first submission's place (``_HAND_OFF``), unless its tenant is capped: it holds a
@@ -32,11 +35,13 @@ from easel.shared.jobstore import (_CLOCK, _CREATE, _SCORES, _TRANSITION_FN, DEF
                                    JobStore, JobView, _text, queue_score, run_scripts)
 from easel.shared.keys import (backlog_channel, backlog_key, cap_key, family_capacity_key, family_instances_key,
                                flight_key, job_seconds_prefix, pending_key, tenants_waiting_key)
-from easel.shared.schema import JobSpec, JobState, JobStatus, Plan
+from easel.shared.plan import segment_work
+from easel.shared.registry import Registry
+from easel.shared.schema import JobSpec, JobState, JobStatus, Plan, Segment
 
 log = logging.getLogger("easel.scheduler")
 
-CREDIT = 20  # jobs a returning or new tenant may start behind the tenant in front
+CREDIT = 20.0  # units of work (about default jobs) a returning or new tenant may start behind the front
 MARGIN = 1  # jobs waiting in the broker beyond the live workers' batches
 PENDING, ADMITTED, ROOM = 0, 1, 2  # admission's answers (``_ADMIT``)
 CANCEL_ASKED = -2  # a hand-off refused because the job's cancel was asked (``_HAND_OFF``)
@@ -59,8 +64,10 @@ end
 # parked passes (hash), the queue's backlog tally, the queue's waiting set, paused flag, the
 # family's capacity, the tenant's cap, the backlog channel, the tenants-waiting flag (set
 # here as a tenant joins the active set, deleted by the dispatch that empties it; one MGET
-# reads it with capacity, pause and cap), the weights hash (a joining tenant's credit is
-# ``credit`` of its own jobs: passes advance by 1/weight a job). ``score``: ``queue_score``
+# reads it with capacity, pause and cap), the weights hash, the queue's service point (a
+# zset of one member, ``pass``: the highest pass a dispatch has served at). Passes advance
+# by work/weight a job, so a joining tenant's credit, ``credit`` units of work (about as
+# many default jobs), is credit/weight passes. ``score``: ``queue_score``
 # (priority, then submission); ``wait_score``, where given, its waiting-set score (the
 # broker's order: when it is sent). When no tenant has jobs pending there, the queue is open, the
 # job's tenant has no cap and there is room, the job goes straight to the waiting set
@@ -94,19 +101,16 @@ local function admit(k, job, score, tenant, credit, margin, queue, wait_score)
   end
   if not redis.call('ZSCORE', k[2], tenant) then
     local pass = tonumber(redis.call('HGET', k[3], tenant) or '0')
-    -- Level with where service stands, less its credit. A tenant's pass less one stride
-    -- (1/weight) is the pass it was last served at, and the latest of those is where
-    -- service stands (the lowest pass where that is higher: tenants not served yet). Not
-    -- the lowest pass alone: newcomers run below it during their credit, so each newcomer
-    -- would start a credit below the one before, and a backlogged tenant would wait behind
-    -- them all. Nor the highest: a low-weight tenant's stride puts it far ahead, and a
-    -- newcomer would start level with the others, with no credit.
-    local active = redis.call('ZRANGE', k[2], 0, -1, 'WITHSCORES')
-    local front = active[2] and tonumber(active[2])
-    for i = 1, #active, 2 do
-      local served = tonumber(active[i + 1]) - 1 / tonumber(redis.call('HGET', k[11], active[i]) or '1')
-      if served > front then front = served end
-    end
+    -- Level with where service stands, less its credit. Service stands at the highest pass
+    -- served (the lowest active pass where that is higher: tenants not served yet). Not the
+    -- lowest pass alone: newcomers run below it during their credit, so each newcomer would
+    -- start a credit below the one before, and a backlogged tenant would wait behind them
+    -- all. Nor the highest: a low-weight tenant's stride puts it far ahead, and a newcomer
+    -- would start level with the others, with no credit.
+    local point = redis.call('ZSCORE', k[12], 'pass')
+    local lowest = redis.call('ZRANGE', k[2], 0, 0, 'WITHSCORES')[2]
+    local front = point and tonumber(point)
+    if lowest and (not front or tonumber(lowest) > front) then front = tonumber(lowest) end
     if front then
       local weight = tonumber(redis.call('HGET', k[11], tenant) or '1')
       pass = math.min(math.max(pass, front - tonumber(credit) / weight), front)
@@ -120,15 +124,15 @@ end
 """
 
 # A new job's record and its admission, in one script. KEYS: the job hash, its idempotency
-# key (the hash again when it has none), then admit's eleven keys. ARGV: job id, record TTL,
-# whether it has an idempotency key ('1' or ''), queue score, tenant, credit, margin, queue, then the
-# record's fields and values. Returns {winner id, PENDING} when another job holds the
-# idempotency key, else {job id, admit's answer}. A replay of a call whose reply was lost
+# key (the hash again when it has none), then admit's twelve keys. ARGV: job id, record TTL,
+# whether it has an idempotency key ('1' or ''), queue score, tenant, credit, margin, queue,
+# then the record's fields and values. Returns {winner id, PENDING} when another job
+# holds the idempotency key, else {job id, admit's answer}. A replay of a call whose reply was lost
 # answers from where the job is now: ADMITTED while it waits in the queue (its message is
 # still to send), else ROOM or PENDING by the queue's room, as a waiting job's first run.
 _SUBMIT = _ROOM + _CREATE + _ADMIT + """
 local k = {}
-for i = 3, 13 do k[i - 2] = KEYS[i] end
+for i = 3, 14 do k[i - 2] = KEYS[i] end
 local winner = create(KEYS[1], ARGV[3] == '1' and KEYS[2] or '', ARGV[1], ARGV[2], ARGV, 9)
 if winner == ARGV[1] then return {ARGV[1], where_it_waits(k, ARGV[1], ARGV[7])} end
 if winner then return {winner, 0} end
@@ -147,13 +151,14 @@ return {ARGV[1], admit(k, ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 # lost reply (its first run cleared the holder: the job waits at the next segment, claimed
 # by no one since, under the delivery's own attempt) answers from where the job waits, as
 # _SUBMIT answers its replay, so the message that the lost reply kept from going goes now.
-# KEYS: transition's four, then admit's eleven.
+# KEYS: transition's four, then admit's twelve.
 # ARGV: job id, its pending score, its waiting-set score (now), tenant, credit, margin,
-# queue, then transition's argv. Returns {transition's answer, admit's answer (ADMITTED for
-# a capped job; -1 when the transition was refused; -2, CANCEL_ASKED, with 0: not run)}.
+# queue, then transition's argv. Returns {transition's answer,
+# admit's answer (ADMITTED for a capped job; -1 when the transition was refused; -2,
+# CANCEL_ASKED, with 0: not run)}.
 _HAND_OFF = _ROOM + _ADMIT + _TRANSITION_FN + """
 local k, change = {}, {}
-for i = 5, 15 do k[i - 4] = KEYS[i] end
+for i = 5, 16 do k[i - 4] = KEYS[i] end
 for i = 8, #ARGV do change[i - 7] = ARGV[i] end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then return {0, -2} end
 local done = transition({KEYS[1], KEYS[2], KEYS[3], KEYS[4]}, change)
@@ -173,7 +178,9 @@ return {1, admit(k, ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[3
 
 # KEYS: active tenants, parked passes, weights, the queue's waiting set (jobs sent and not
 # yet claimed), paused flag, the family's capacity, the backlog tally, the tenants-waiting
-# flag (deleted when this run empties the active set). ARGV: pending-set
+# flag (deleted when this run empties the active set), the service point (raised to the
+# last pass this run served at). A job dispatched advances its tenant's pass by its work
+# over the tenant's weight (a record without work: 1). ARGV: pending-set
 # prefix, margin, most jobs to move, in-flight-set prefix, job-record prefix, now (the
 # dispatched jobs' updated_at), cap-key prefix, FLIGHT_CHECK_AFTER_S, the queue, then tenants of which
 # one at least must have jobs pending here (none named: no such condition; a freed cap slot
@@ -244,10 +251,10 @@ while space > 0 and popped < tonumber(ARGV[3]) do
     -- left by a lost reply): nothing to run here, nothing to hold room for, no turn used.
     -- Otherwise its wait in the broker starts now (what a lost-message sweep measures), and
     -- a capped tenant's job names its in-flight set, which its final state leaves.
-    local rec = #job > 0 and redis.call('HMGET', ARGV[5] .. job[1], 'state', 'segment', 'queue') or {}
+    local rec = #job > 0 and redis.call('HMGET', ARGV[5] .. job[1], 'state', 'segment', 'queue', 'work') or {}
     if rec[1] == 'queued' and (not rec[3] or rec[3] == ARGV[9]) then
       front = pass
-      pass = pass + 1 / tonumber(redis.call('HGET', KEYS[3], tenant) or '1')
+      pass = pass + (tonumber(rec[4]) or 1) / tonumber(redis.call('HGET', KEYS[3], tenant) or '1')
       local fields = {'updated_at', ARGV[6]}
       if cap then fields = {'updated_at', ARGV[6], 'capped', ARGV[4] .. tenant} end
       redis.call('HSET', ARGV[5] .. job[1], unpack(fields))
@@ -285,6 +292,7 @@ if popped > 0 then redis.call('LPOP', KEYS[7], popped) end
 -- Left behind, it would be the "tenant in front" a newcomer starts from, at a pass far below
 -- the backlogged tenants', whom the newcomer would then starve.
 if front then
+  redis.call('ZADD', KEYS[9], 'GT', front, 'pass')
   for tenant in pairs(held) do
     -- (not one passed over for its expired entries: they used no turn, so it keeps its pass)
     if not passed_over[tenant] then redis.call('ZADD', KEYS[1], 'XX', 'GT', front, tenant) end
@@ -350,8 +358,11 @@ class FamilyView:
 class Scheduler:
     """Pending sets, tenant passes and dispatch for one Redis and queue prefix."""
 
-    def __init__(self, store: JobStore, credit: int = CREDIT, margin: int = MARGIN):
-        self.store, self.credit, self.margin = store, credit, margin
+    def __init__(self, store: JobStore, registry: Registry | None = None, credit: float = CREDIT,
+                 margin: int = MARGIN):
+        """``registry``: the models, which a job's work follows (``shared.plan.segment_work``);
+        None for a scheduler that only reads (a status), whose submissions count 1 a job."""
+        self.store, self.registry, self.credit, self.margin = store, registry, credit, margin
         self.r, self.prefix = store.r, store.prefix
         self._submit = self.r.register_script(_SUBMIT)
         self._hand_off = self.r.register_script(_HAND_OFF)
@@ -376,9 +387,11 @@ class Scheduler:
             tenant = spec.tenant or DEFAULT_TENANT
             keys, head = self.store.create_head(job_id, spec)
             score = queue_score(spec.priority, now) + i  # a bulk call's jobs keep their order
-            calls.append((self._submit, keys + self._admit_keys(plan.segments[0].queue, plan.segments[0].family, tenant),
-                          head + [score, tenant, self.credit, self.margin, plan.segments[0].queue,
-                                  *self.store.record_fields(spec, plan, now, traces.get(job_id), owner)]))
+            first = plan.segments[0]
+            fields = self.store.record_fields(spec, plan, now, traces.get(job_id), owner,
+                                              work=self.work(spec, first.stages))
+            calls.append((self._submit, keys + self._admit_keys(first.queue, first.family, tenant),
+                          head + [score, tenant, self.credit, self.margin, first.queue, *fields]))
         replies = run_scripts(self.r, calls)
         for reply in replies:
             if isinstance(reply, Exception):
@@ -386,10 +399,11 @@ class Scheduler:
         return [Admission(_text(got), _text(got) == job_id, int(answer) == ADMITTED, int(answer) == ROOM)
                 for (job_id, _, _), (got, answer) in zip(items, replies)]
 
-    def hand_off(self, job_id: str, spec: JobSpec, created_at: float, end: DeliveryEnd, queue: str,
-                 family: str, trace: dict | None = None) -> tuple[bool, int]:
-        """End the delivery ``end`` names and queue the job's next segment in ``queue``
-        (family ``family``) under the job's tenant, one round trip (``_HAND_OFF``). ``trace``:
+    def hand_off(self, job_id: str, spec: JobSpec, created_at: float, end: DeliveryEnd, nxt: Segment,
+                 trace: dict | None = None) -> tuple[bool, int]:
+        """End the delivery ``end`` names and queue the job's next segment ``nxt`` in its queue
+        under the job's tenant, one round trip (``_HAND_OFF``); the record's work becomes the
+        segment's, which its dispatch charges the tenant. ``trace``:
         the hand-off's trace context, kept for a dispatch that sends the message later.
         Returns (done: False when the delivery was refused, taken over or the job ended;
         admission's answer: ADMITTED, send its message now; ROOM, dispatch the queue;
@@ -398,20 +412,26 @@ class Scheduler:
         tenant = spec.tenant or DEFAULT_TENANT
         kept = {"trace": json.dumps(trace)} if trace else {}
         keys, change = self.store.transition_call(job_id, JobState.queued, end=end, guards=("?held",),
-                                                  segment=end.segment + 1, queue=queue, **kept)
+                                                  segment=end.segment + 1, queue=nxt.queue,
+                                                  work=self.work(spec, nxt.stages), **kept)
         args = [job_id, queue_score(spec.priority, created_at), queue_score(spec.priority, time.time()), tenant,
-                self.credit, self.margin, queue, *change]
-        (reply,) = run_scripts(self.r, [(self._hand_off, keys + self._admit_keys(queue, family, tenant), args)])
+                self.credit, self.margin, nxt.queue, *change]
+        (reply,) = run_scripts(self.r, [(self._hand_off, keys + self._admit_keys(nxt.queue, nxt.family, tenant),
+                                         args)])
         if isinstance(reply, Exception):
             raise reply
         done, answer = reply
         return int(done) == 1, int(answer)
 
+    def work(self, spec: JobSpec, stages: list[int]) -> float:
+        """A delivery's work (``shared.plan.segment_work``; 1 without a registry)."""
+        return segment_work(spec, self.registry, stages) if self.registry is not None else 1.0
+
     def _admit_keys(self, queue: str, family: str, tenant: str) -> list[str]:
         return [pending_key(self.prefix, queue, tenant), self._key("active", queue), self._key("passes", queue),
                 backlog_key(self.prefix, queue), self._key("queued", queue), self._key("paused", queue),
                 family_capacity_key(self.prefix, family), cap_key(self.prefix, tenant), backlog_channel(self.prefix),
-                tenants_waiting_key(self.prefix, queue), f"{self.prefix}:weights"]
+                tenants_waiting_key(self.prefix, queue), f"{self.prefix}:weights", self._key("served", queue)]
 
     def dispatch(self, queues: dict[str, str], tenants: Iterable[str] = ()) -> Dispatched:
         """Move what fits from the pending sets of ``queues`` (queue -> family) into them, one
@@ -432,7 +452,7 @@ class Scheduler:
         return (self._dispatch,
                 [self._key("active", queue), self._key("passes", queue), f"{self.prefix}:weights",
                  self._key("queued", queue), self._key("paused", queue), family_capacity_key(self.prefix, family),
-                 backlog_key(self.prefix, queue), tenants_waiting_key(self.prefix, queue)],
+                 backlog_key(self.prefix, queue), tenants_waiting_key(self.prefix, queue), self._key("served", queue)],
                 [pending_key(self.prefix, queue, ""), self.margin, limit, flight_key(self.prefix, ""),
                  f"{self.prefix}:job:", time.time(), cap_key(self.prefix, ""), FLIGHT_CHECK_AFTER_S, queue,
                  *tenants])
@@ -524,11 +544,24 @@ class Scheduler:
         pipe.zcard(self._key("queued", queue))
         for t, _ in active:
             pipe.zcard(pending_key(self.prefix, queue, t))
-        sent, *sizes = pipe.execute()
-        my_pass = passes.get(tenant, 0.0) + rank / weights.get(tenant, 1.0)
-        others = sum(min(n, max(0, int((my_pass - p) * weights.get(t, 1.0)) + (1 if p < my_pass else 0)))
-                     for (t, p), n in zip(active, sizes) if t != tenant)
+            pipe.zrange(pending_key(self.prefix, queue, t), 0, 0)
+        sent, *found = pipe.execute()
+        sizes, heads = found[0::2], [ids[0] if ids else None for ids in found[1::2]]
+        my_work, *works = self._works([job_id, *heads])
+        # Passes advance by work/weight a job: its tenant's jobs ahead of it, taken as costing
+        # what it costs, bring it to my_pass; each other tenant runs jobs like its next one
+        # until it passes that.
+        my_pass = passes.get(tenant, 0.0) + rank * my_work / weights.get(tenant, 1.0)
+        others = sum(min(n, max(0, int((my_pass - p) * weights.get(t, 1.0) / work)) + (1 if p < my_pass else 0))
+                     for (t, p), n, work in zip(active, sizes, works) if t != tenant)
         return int(sent) + rank + others
+
+    def _works(self, job_ids: list) -> list[float]:
+        """Each job's work as its record holds it (1 where none is recorded)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.store.key(_text(job_id or "")), "work")
+        return [float(w or 0) or 1.0 for w in pipe.execute()]
 
 
 def describe_wait(s: float) -> str:

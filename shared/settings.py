@@ -64,7 +64,7 @@ class ApiKey(BaseModel):
         "beyond max_in_flight, refuse: a submission gets 429 and the reason; hold: it is accepted and waits "
         "in the key's pending set while max_in_flight of its jobs are dispatched and not ended"))
     weight: float = Field(default=1.0, gt=0, le=1000, description=(
-        "this key's share of the farm against other backlogged keys (fair share: 2 gets twice a 1's jobs)"))
+        "this key's share of the farm against other backlogged keys (fair share: 2 gets twice a 1's work)"))
 
     _webhook_secret = field_validator("webhook_secret")(_valid_secret)
 

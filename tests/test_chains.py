@@ -194,6 +194,32 @@ def test_plan_groups_consecutive_family_stages_into_segments():
     assert plan.handoffs == ["image", "latent", "latent", "image", "image"]
 
 
+def test_a_deliverys_work_is_its_unet_passes_times_images_and_latent_area():
+    """What fair share charges a tenant for a delivery, in units of an SD 1.5 img2img job's
+    denoising at the defaults (48 UNet passes at 512 x 512): the steps each stage denoises
+    (int(steps x strength) for img2img), doubled under classifier-free guidance, x images x
+    the latent area it denoises at, plus 4 passes for the delivery's fixed costs. An input
+    no one has read counts as 512 x 512, and sizes follow the stages' own; the x4 upscaler
+    denoises at its input's pixel size, the x2 latent upscaler at twice its input's latent
+    size."""
+    from easel.shared.plan import segment_work
+
+    reg = load_registry()
+    default = JobSpec.model_validate({"input": {"image": "s3://b/k.png"}, "stages": [{"model": "sd15"}]})
+    assert segment_work(default, reg, [0]) == 52 / 48
+    spec = JobSpec.model_validate({"input": {"image": "s3://b/k.png"}, "num_images": 3, "stages": [
+        {"model": "sd15", "steps": 30, "strength": 0.5},  # 15 steps x 2 (CFG) at 512 x 512: 30 passes
+        {"model": "sd15", "steps": 10, "strength": 1.0, "guidance_scale": 1.0, "width": 1024, "height": 512},  # 20
+        {"task": "latent_upscale", "model": "sd-x2-latent-upscaler", "steps": 5, "guidance_scale": 0.0},
+        {"task": "upscale", "model": "sd-x4-upscaler", "steps": 5, "guidance_scale": 9.0}]})
+    plan = plan_job(spec, reg)
+    assert [s.stages for s in plan.segments] == [[0, 1], [2, 3]]
+    assert segment_work(spec, reg, [0, 1]) == (4 + 3 * (30 + 20)) / 48
+    x2 = 5 * (2 * 1024 / 8) * (2 * 512 / 8) / 4096  # at twice its 1024 x 512 input's latent size, in 64 x 64s
+    x4 = 10 * 2048 * 1024 / 4096  # its latents as large as its 2048 x 1024 input
+    assert segment_work(spec, reg, [2, 3]) == (4 + 3 * (x2 + x4)) / 48
+
+
 @pytest.mark.parametrize("sizes, handoffs", [
     ([None, 64], ["image", "image"]),  # a resize of the second stage's input: latents cannot be resized
     ([64, 64], ["image", "latent"]),  # the size it already has

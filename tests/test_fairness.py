@@ -123,6 +123,9 @@ def test_a_chains_later_stages_take_their_tenants_turn(fair_client, ref, farm_en
         while not handed_off():  # every chain waits for fairh, which has no worker yet
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        # Each waits to be charged fairh's work (5 steps under CFG: (4 + 10) / 48), not fairc's.
+        works = {float(fair_client.store.r.hget(fair_client.store.key(j), "work")) for j in chains}
+        assert works == {(4 + 10) / 48}, works
         # One of them cancelled while it waits its turn: no worker will see it, its hand-off goes now.
         gone = chains.pop()
         assert fair_client.storage.list(f"jobs/{gone}/handoff/")
@@ -571,10 +574,11 @@ def test_the_lost_message_sweep_reads_retries_held_back_behind_a_long_queue(fair
                        *store.r.scan_iter(match=f"{store.prefix}:*{queue}*"))
 
 
-def submit_paused(client, ref: str, tenant: str, n: int) -> list[str]:
-    """Jobs left pending by their admission (their queue paused): the dispatches decide."""
+def submit_paused(client, ref: str, tenant: str, n: int, steps: int = 22) -> list[str]:
+    """Jobs left pending by their admission (their queue paused): the dispatches decide. At
+    22 steps, a job is a unit of work (``shared.plan.segment_work``: (4 + 2 x 22) / 48)."""
     client.pause("fairr")
-    ids = client.submit_many(jobs(ref, "fairr", tenant, n))
+    ids = client.submit_many(jobs(ref, "fairr", tenant, n, steps))
     client.scheduler.resume("easel.fairr")
     return ids
 
@@ -638,8 +642,9 @@ def test_newcomers_one_after_another_each_get_their_credit_not_more(fair_client,
 
 
 def test_a_low_weight_tenant_ahead_does_not_take_a_newcomers_credit(fair_client, ref, ten_a_dispatch):
-    """A tenant of weight 0.05 advances 20 passes a job, so its pass runs far ahead of where
-    service stands; a newcomer still starts its credit (20 jobs) below the others."""
+    """A tenant of weight 0.05 advances 20 passes a job (a unit of work each), so its pass
+    runs far ahead of where service stands; a newcomer still starts its credit (20 units:
+    20 jobs) below the others."""
     fair_client.scheduler.set_weight("slow", 0.05)
     try:
         ten_a_dispatch += submit_paused(fair_client, ref, "slow", 20) + submit_paused(fair_client, ref, "busy", 200)
@@ -651,14 +656,34 @@ def test_a_low_weight_tenant_ahead_does_not_take_a_newcomers_credit(fair_client,
 
 
 def test_a_heavy_newcomers_credit_is_twenty_of_its_jobs(fair_client, ref, ten_a_dispatch):
-    """Passes advance by 1/weight a job, so the credit is counted in the newcomer's own jobs:
-    a tenant of weight 10 starts 20 jobs ahead, then shares 10:1, not 200 jobs ahead."""
+    """Passes advance by work/weight a job, so the credit is counted in work: a tenant of
+    weight 10 starts 20 units (20 of these jobs) ahead, then shares 10:1, not 200 ahead."""
     fair_client.scheduler.set_weight("heavy", 10)
     ten_a_dispatch += submit_paused(fair_client, ref, "busy", 200)
     assert dispatched(fair_client, 10) == {"busy": 100}
     ten_a_dispatch += submit_paused(fair_client, ref, "heavy", 300)
     got = dispatched(fair_client, 6)
     assert got.get("heavy", 0) >= 30 and got.get("busy", 0) >= 2, got
+
+
+def test_tenants_share_a_queue_by_the_work_their_jobs_ask_for(fair_client, ref, ten_a_dispatch):
+    """A dispatched job advances its tenant's pass by its work (steps x images x area) over
+    the tenant's weight, so two backlogged tenants get equal GPU work, not equal job counts:
+    one whose jobs are 0.75 units of work (16 steps: (4 + 32) / 48) gets one job for every
+    three of a tenant whose jobs are 0.25 (4 steps). A queued job's place in line counts
+    the others' jobs by the same work."""
+    big = submit_paused(fair_client, ref, "big", 100, steps=16)
+    small = submit_paused(fair_client, ref, "small", 300, steps=4)
+    ten_a_dispatch += big + small
+    # small's 10th job (its pass: 2.25) waits for its 9 and big's at passes 0, 0.75, 1.5 and 2.25
+    assert fair_client.status(small[9]).queue_position == 9 + 4
+    assert fair_client.status(small[199]).queue_position == 199 + 67  # big's up to 66 x 0.75 = 49.5
+    assert dispatched(fair_client, 10) == {"big": 25, "small": 75}
+    # A newcomer's credit is 20 units of work, here no more than the others have had (18.75):
+    # 25 of its 0.75-unit jobs, then its share.
+    ten_a_dispatch += submit_paused(fair_client, ref, "new", 100, steps=16)
+    got = dispatched(fair_client, 3)
+    assert got.get("new", 0) >= 25 and got.get("small", 0) >= 2, got
 
 
 def test_a_job_that_ended_while_pending_is_not_dispatched(fair_client, ref, ten_a_dispatch):

@@ -26,6 +26,13 @@ def late_client(easel_env, tmp_path_factory):
     return EaselClient(Settings(**{k[len("EASEL_"):].lower(): v for k, v in env.items()}))
 
 
+def next_segment(late_client, spec):
+    """The chain's lateb segment, as its hand-off names it."""
+    from easel.shared.plan import plan_job
+
+    return plan_job(spec, late_client.registry).segments[1]
+
+
 @pytest.fixture
 def chain(late_client):
     """A two-family chain job's record (latea, then lateb), claimed by instance i1; lateb
@@ -59,11 +66,12 @@ def test_a_late_retry_from_a_worker_that_lost_its_job_leaves_it_where_it_moved(l
 
     store, sched = late_client.store, late_client.scheduler
     job_id, spec, (qa, qb) = chain
+    nxt = next_segment(late_client, spec)
     assert store.requeue(job_id, 0, "i1", "heartbeat expired")
     again = store.claim_many([(job_id, 0, qa)], "w2", "i2", 3)[0]
     assert again.outcome == "run" and again.crashed == 1  # i1's delivery never ended
     created_at = float(store.r.hget(store.key(job_id), "created_at"))
-    assert sched.hand_off(job_id, spec, created_at, DeliveryEnd(0, "i2"), qb, "lateb") == (True, 0)  # PENDING
+    assert sched.hand_off(job_id, spec, created_at, DeliveryEnd(0, "i2"), nxt) == (True, 0)  # PENDING
 
     cut_off = SimpleNamespace(store=store, settings=late_client.settings, instance="i1")
     late = Delivery(job_id, 0, qa)
@@ -89,18 +97,19 @@ def test_a_hand_off_replayed_after_a_lost_reply_answers_where_the_job_waits(late
 
     store, sched = late_client.store, late_client.scheduler
     job_id, spec, (qa, qb) = chain
+    nxt = next_segment(late_client, spec)
     if not paused:
         sched.resume(qb)
     attempt = int(store.r.hget(store.key(job_id), "attempts"))
     run_scripts = scheduling.run_scripts
     monkeypatch.setattr(scheduling, "run_scripts", lambda r, calls: (run_scripts(r, calls), run_scripts(r, calls))[1])
     created_at = float(store.r.hget(store.key(job_id), "created_at"))
-    answer = sched.hand_off(job_id, spec, created_at, DeliveryEnd(0, "i1", attempt), qb, "lateb")
+    answer = sched.hand_off(job_id, spec, created_at, DeliveryEnd(0, "i1", attempt), nxt)
     assert answer == (True, PENDING if paused else ADMITTED)
     assert store.r.hmget(store.key(job_id), "state", "segment", "queue") == ["queued", "1", qb]
     # A delivery taken over is still refused: another claim moved the attempt on.
     monkeypatch.setattr(scheduling, "run_scripts", run_scripts)
-    assert sched.hand_off(job_id, spec, created_at, DeliveryEnd(0, "i1", attempt - 1), qb, "lateb") == (False, -1)
+    assert sched.hand_off(job_id, spec, created_at, DeliveryEnd(0, "i1", attempt - 1), nxt) == (False, -1)
 
 
 def test_a_cancel_asked_as_a_segment_ends_ends_the_job_instead_of_its_hand_off(late_client, chain):
@@ -116,9 +125,10 @@ def test_a_cancel_asked_as_a_segment_ends_ends_the_job_instead_of_its_hand_off(l
 
     store, sched = late_client.store, late_client.scheduler
     job_id, spec, (qa, qb) = chain
+    nxt = next_segment(late_client, spec)
     assert store.request_cancel(job_id) == JobState.running
     created_at = float(store.r.hget(store.key(job_id), "created_at"))
-    assert sched.hand_off(job_id, spec, created_at, DeliveryEnd(0, "i1"), qb, "lateb") == (False, CANCEL_ASKED)
+    assert sched.hand_off(job_id, spec, created_at, DeliveryEnd(0, "i1"), nxt) == (False, CANCEL_ASKED)
     assert store.r.hmget(store.key(job_id), "state", "segment", "instance") == [JobState.running.value, "0", "i1"]
     assert store.r.zscore(pending_key(store.prefix, qb, DEFAULT_TENANT), job_id) is None
     holder = SimpleNamespace(store=store, settings=late_client.settings, instance="i1")

@@ -70,7 +70,7 @@ class WorkerContext:
         reg = load_registry(s.models)
         reg.family_models(family)  # refuse an unknown family before loading anything
         store = JobStore.from_settings(s)
-        return cls(settings=s, registry=reg, store=store, scheduler=Scheduler(store),
+        return cls(settings=s, registry=reg, store=store, scheduler=Scheduler(store, reg),
                    storage=Storage(s, write_patience_s=RESULT_WRITE_PATIENCE_S), cache=PipelineCache(reg, s, family), family=family,
                    hostname=hostname or f"{family}@{socket.gethostname()}",
                    inputs=InputCache(s.input_cache_mb, s.s3_bucket))

@@ -437,7 +437,7 @@ def hand_off(ctx: WorkerContext, app, job: Job) -> str:
         # queue (the lost-message sweep sends a message that never went) or in its tenant's
         # pending set (a dispatch sends it).
         done, answer = ctx.scheduler.hand_off(job.job_id, spec, job.claim.created_at, end_of(ctx, job.delivery),
-                                              nxt.queue, nxt.family, trace=tracing.carrier())
+                                              nxt, trace=tracing.carrier())
         if answer == CANCEL_ASKED:  # asked after its last step: nothing in the step hook saw it
             log.info("job %s was cancelled as its segment %d ended; not handed on", job.job_id, seg_index)
             return cancelled(ctx, job.delivery)

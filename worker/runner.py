@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from easel.shared.plan import latent_area
 from easel.shared.registry import UPSCALE
 from easel.shared.schema import STRENGTH_TASKS, Stage
 from easel.worker.adaptive import CALL_TIMES
@@ -345,19 +346,8 @@ def scale_factor(model: LoadedModel) -> int:
 
 
 def denoised_area(model: LoadedModel, width: int, height: int) -> float:
-    """Latent pixels the UNet denoises per image and step, for a stage whose input is
-    ``width`` x ``height`` pixels: what a step costs, whatever the pixel sizes.
-
-    The x4 upscaler denoises latents as large as its input image; the x2 latent upscaler
-    latents twice the input's latent size; SD, SDXL and Kandinsky latents 1/8 of the image
-    per side (the autoencoder's factor, read from the loaded pipeline). A Kandinsky step
-    counts twice: its prior runs a step of its own for each decoder step (up to 25)."""
-    if model.spec.kind == "sd-x4-upscaler":
-        return float(width * height)
-    f = scale_factor(model)
-    side = 2 if model.spec.kind == "sd-latent-upscaler" else 1
-    passes = 2 if model.spec.kind == "kandinsky22" else 1
-    return passes * (side * width / f) * (side * height / f)
+    """``shared.plan.latent_area`` with the loaded autoencoder's scale factor."""
+    return latent_area(model.spec.kind, width, height, scale_factor(model))
 
 
 def pixel_size(model: LoadedModel, carrier: Carrier, stage: Stage | None = None) -> tuple[int, int]:
