@@ -289,8 +289,8 @@ end
 if popped > 0 then redis.call('LPOP', KEYS[7], popped) end
 -- A held tenant cannot run: like a stride client that left, it keeps no claim to the slots
 -- the others used meanwhile, and comes back level with the front (the last pass served).
--- Left behind, it would be the "tenant in front" a newcomer starts from, at a pass far below
--- the backlogged tenants', whom the newcomer would then starve.
+-- Left behind, it would take every slot once its cap freed, until its pass caught up, and
+-- the tenants that had waited their turns would wait again.
 if front then
   redis.call('ZADD', KEYS[9], 'GT', front, 'pass')
   for tenant in pairs(held) do
@@ -424,8 +424,14 @@ class Scheduler:
         return int(done) == 1, int(answer)
 
     def work(self, spec: JobSpec, stages: list[int]) -> float:
-        """A delivery's work (``shared.plan.segment_work``; 1 without a registry)."""
-        return segment_work(spec, self.registry, stages) if self.registry is not None else 1.0
+        """A delivery's work (``shared.plan.segment_work``). 1, about a default job's, without a
+        registry, or where this process's registry lacks one of the job's models (a worker's
+        own registry file may name fewer models than the producers' that planned the job): a
+        hand-off is never refused over what it is charged."""
+        try:
+            return segment_work(spec, self.registry, stages) if self.registry is not None else 1.0
+        except KeyError:
+            return 1.0
 
     def _admit_keys(self, queue: str, family: str, tenant: str) -> list[str]:
         return [pending_key(self.prefix, queue, tenant), self._key("active", queue), self._key("passes", queue),

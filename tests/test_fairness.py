@@ -610,18 +610,20 @@ def ten_a_dispatch(fair_client):
                    *store.r.scan_iter(match=f"{store.prefix}:*easel.fairr*"), *broker_lists("fairr"))
 
 
-def test_a_tenant_held_at_its_cap_does_not_hand_a_newcomer_its_old_place(fair_client, ref, ten_a_dispatch):
-    """A newcomer starts level with the tenant in front, less its credit (20 jobs). A tenant
-    held at its cap runs nothing while the others run: its pass follows theirs, so a
-    newcomer starting from it gets its credit and then its share, and a backlogged tenant
-    keeps getting its own; left behind, it would hand the newcomer every slot for as many
-    jobs as it had fallen behind."""
+def test_a_tenant_held_at_its_cap_gets_its_share_once_freed_not_a_burst(fair_client, ref, ten_a_dispatch):
+    """A tenant held at its cap runs nothing while the others run: like a stride client that
+    left, its pass follows theirs (the last pass served), so once its cap frees it takes
+    its share again, not every slot until it has caught up on the ones it sat out. A
+    newcomer meanwhile gets its credit and then its share."""
     fair_client.scheduler.set_cap("held", 2)  # its two dispatched jobs keep running
-    ten_a_dispatch += submit_paused(fair_client, ref, "held", 4) + submit_paused(fair_client, ref, "busy", 200)
+    ten_a_dispatch += submit_paused(fair_client, ref, "held", 60) + submit_paused(fair_client, ref, "busy", 300)
     assert dispatched(fair_client, 10) == {"held": 2, "busy": 98}
     ten_a_dispatch += submit_paused(fair_client, ref, "new", 80)
     got = dispatched(fair_client, 6)
-    assert got.get("new", 0) >= 20 and got.get("busy", 0) >= 15, got  # its credit, then a share each
+    assert got.get("new", 0) >= 20 and got.get("busy", 0) >= 15 and "held" not in got, got
+    fair_client.scheduler.set_cap("held", None)
+    got = dispatched(fair_client, 3)  # left at its old pass (2), it would take all 30
+    assert 7 <= got.get("held", 0) <= 13, got
 
 
 def test_newcomers_one_after_another_each_get_their_credit_not_more(fair_client, ref, ten_a_dispatch):
