@@ -9,9 +9,10 @@ is the real path (fair-share dispatch included).
 - Work: tenant ``long`` submits jobs of 4 x ``--steps`` steps, tenant ``short`` four times
   as many of ``--steps``, both at once. ``fair_work_time_ratio`` is long's GPU time (the
   sum of its jobs' start-to-finish) over short's, among the jobs that started while both
-  had jobs left to start, after long's first 25 (while the workers fill): 1.0 if the work estimate (``shared.plan.segment_work``) caught every cost, about
-  3 when sharing by jobs. ``fair_work_jobs_ratio``: short's jobs over long's in that window
-  (by work: their works' ratio, (4 + 40) / (4 + 10) = 3.14; by jobs: 1).
+  had jobs left to start, after long's first 25 (while the workers fill): 1.0 if the work
+  estimate (``shared.plan.segment_work``) caught every cost, about 3 when sharing by jobs.
+  ``fair_work_jobs_ratio``: short's jobs over long's in that window (by work: their works'
+  ratio, (4 + 40) / (4 + 10) = 3.14; by jobs: 1).
 - ETA: one tenant submits a steady stream at 1.25x what the workers can do, so a queue
   builds; each job's ETA is read right after its submission and compared with its actual
   wait. ``eta_error_p50`` is the median of |ETA - wait| / wait over the jobs that waited at

@@ -28,6 +28,12 @@ def output_size(st: Stage, kind: str, input_size: tuple[int, int] | None) -> tup
     return None if size is None else (size[0] * factor, size[1] * factor)
 
 
+def denoising_steps(stage: Stage) -> int:
+    """Denoising steps a stage runs (diffusers: ``int(steps * strength)`` where the input is
+    partly noised)."""
+    return int(stage.steps * stage.strength) if stage.task in STRENGTH_TASKS else stage.steps
+
+
 def latent_area(kind: str, width: int, height: int, factor: int = 8) -> float:
     """Latent pixels the UNet denoises per image and step, for a stage whose input is
     ``width`` x ``height`` pixels: what a step costs, whatever the pixel sizes.
@@ -68,8 +74,8 @@ def segment_work(spec: JobSpec, registry: Registry, stages: list[int]) -> float:
         kind = registry.get(st.model).kind
         if i in stages:
             at = (st.width, st.height) if st.width is not None and st.height is not None else size
-            steps = int(st.steps * st.strength) if st.task in STRENGTH_TASKS else st.steps
-            per_image = steps * (2 if st.guidance_scale > 1 else 1) * (1.5 if st.task == "controlnet_img2img" else 1)
+            per_image = (denoising_steps(st) * (2 if st.guidance_scale > 1 else 1)
+                         * (1.5 if st.task == "controlnet_img2img" else 1))
             area = latent_area(kind, *(at or (UNKNOWN_SIDE, UNKNOWN_SIDE)))
             passes += per_image * spec.num_images * area / UNIT_AREA
         size = output_size(st, kind, size)

@@ -17,9 +17,9 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from easel.shared.plan import latent_area
+from easel.shared.plan import denoising_steps, latent_area
 from easel.shared.registry import UPSCALE
-from easel.shared.schema import STRENGTH_TASKS, Stage
+from easel.shared.schema import Stage
 from easel.worker.adaptive import CALL_TIMES
 from easel.worker.pipelines import LoadedModel, compiles, upcasts_vae
 from easel.worker.prompts import prompt_kwargs, prompt_tokens
@@ -281,12 +281,6 @@ def call_key(model: LoadedModel, stage: Stage, carrier: Carrier, images: int, wa
     cached = cache is not None and cache.interval > 1 and denoising_steps(stage) > 1
     tokens = prompt_tokens(model, stage) if compiles(model.spec) else None
     return stage.task, size, images, stage.controlnet, stage.guidance_scale > 1, want_latent, cached, tokens
-
-
-def denoising_steps(stage: Stage) -> int:
-    """Denoising steps a stage runs (diffusers: ``int(steps * strength)`` where the input is
-    partly noised)."""
-    return int(stage.steps * stage.strength) if stage.task in STRENGTH_TASKS else stage.steps
 
 
 def first_compile(model: LoadedModel, key: tuple) -> bool:
