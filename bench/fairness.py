@@ -114,7 +114,9 @@ def main(env: BenchEnv, args) -> dict:
              for k in range(args.workers)]
     try:
         client = EaselClient(env.settings(models=models))
-        ref = client.storage.put_input(png_bytes(bench_image(32)), "png")
+        # 512 x 512, a unit of work's size: a sim step sleeps the same whatever the size, as
+        # a real one at the size fair share counts its unit of work at.
+        ref = client.storage.put_input(png_bytes(bench_image(512)), "png", (512, 512))
         out = {**fairness(client, ref, args.workers, args.a_jobs, args.steps),
                **eta_accuracy(client, ref, args.workers, args.eta_seconds, args.steps),
                **work_share(client, ref, args.steps)}  # last: its long jobs move the family's seconds per job

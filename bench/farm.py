@@ -377,7 +377,7 @@ def run(env: BenchEnv, workers: int, rates: list[float], seconds: float, steps: 
         from easel.producer.client import EaselClient
 
         client = EaselClient(env.settings(models=models, s3_endpoint_url=proxy.url))
-        ref = client.storage.put_input(png_bytes(bench_image(64)), "png")
+        ref = client.storage.put_input(png_bytes(bench_image(64)), "png", (64, 64))
         # Every worker's first job (connections, first S3 write) before anything is measured.
         run_step(env, client, r, proxy, ref, 4 * workers, 1.0, steps, seed0=10**7)
         time.sleep(3)

@@ -22,7 +22,7 @@ def run(env: BenchEnv, n: int = DEFAULT_N, workers: int = 2) -> dict:
 
     client = env.client()
     r = redis.Redis.from_url(env.redis_url)
-    ref = client.storage.put_input(png_bytes(bench_image(32)), "png")
+    ref = client.storage.put_input(png_bytes(bench_image(32)), "png", (32, 32))
     jobs = [{"input": {"image": ref}, "stages": [{"model": "sd15", "prompt": "load", "steps": 2, "strength": 0.5,
                                                   "guidance_scale": 1.0, "seed": i}]} for i in range(n)]
     mem0 = r.info("memory")["used_memory"]

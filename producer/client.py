@@ -198,13 +198,13 @@ class EaselClient:
                 if path.stat().st_size > self.settings.max_input_bytes:
                     raise InputError(f"{ref} is over the {self.settings.max_input_bytes}-byte limit")
                 data = path.read_bytes()
-            decode_image(data, self.settings, what)
+            size = decode_image(data, self.settings, what).size
         except InputError as e:
             msg = str(e)
             raise SubmitError(msg if msg.startswith(what) else f"{what}: {msg}") from None
         except (OSError, RuntimeError, ValueError) as e:  # unreadable local path: too long, no such ~user...
             raise SubmitError(f"{what}: cannot read {ref[:100]!r}: {getattr(e, 'strerror', None) or e}") from None
-        return self.storage.put_input(data, image_ext(data))
+        return self.storage.put_input(data, image_ext(data), size)
 
     def prepare(self, job: JobSpec | dict) -> JobSpec:
         """Validate, plan, upload local/inline images, fix seeds. Raises SubmitError naming the problem."""

@@ -204,15 +204,17 @@ return 1
 # Then refuses cancelled and poison deliveries, counts the delivery and the attempt, and
 # records this instance as the holder. A run
 # answers with the job's spec, plan, times, its attempt count, this attempt's record
-# (the manifest reads no attempts back in the common case of one) and how many deliveries
-# of this segment died before (a worker runs such a job alone, not in a micro-batch).
+# (the manifest reads no attempts back in the common case of one), how many deliveries
+# of this segment died before (a worker runs such a job alone, not in a micro-batch) and
+# the work this segment's dispatch charged its tenant ('' when none did: ``Scheduler.settle``).
 # KEYS: job hash, events channel, instances zset. ARGV: queue-position key prefix, job id,
 # segment, worker, now, crash limit, the "running" event JSON, instance, running-set prefix,
 # the queue the delivery came from ('' if unknown).
 # (Key names built from ARGV assume one Redis, not a cluster; easel's broker is one Redis.)
 _CLAIM = _CLOCK + f"""
 local h = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'queue', 'spec', 'plan', 'stage', 'created_at',
-                     'started_at', 'segment', 'instance', 'attempts', 'inflight:' .. ARGV[3], 'claimed_at')
+                     'started_at', 'segment', 'instance', 'attempts', 'inflight:' .. ARGV[3], 'claimed_at',
+                     'charged:' .. ARGV[3])
 local cur = h[1]
 if not cur then
   redis.call('DEL', KEYS[1])
@@ -228,7 +230,7 @@ if stale then return {{'stale', h[9]}} end
 if h[10] and h[9] and seg == tonumber(h[9]) then
   if h[10] == ARGV[8] and h[13] == ARGV[5] then
     return {{'run', h[4], h[5], h[7], h[8], h[11], redis.call('HGET', KEYS[1], 'attempt:' .. h[11]),
-            tonumber(h[12] or '1') - 1}}
+            tonumber(h[12] or '1') - 1, h[14] or ''}}
   end
   if h[10] == ARGV[8] or alive(KEYS[3], h[10]) then return {{'duplicate', h[10]}} end
 end
@@ -246,7 +248,7 @@ redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[4], 'instance', A
            'attempt:' .. n, attempt, 'inflight:' .. ARGV[3], crashed + 1, 'requeued_from', '')
 redis.call('SADD', ARGV[9] .. ARGV[8], ARGV[2] .. ':' .. ARGV[3])
 redis.call('PUBLISH', KEYS[2], ARGV[7])
-return {{'run', h[4], h[5], h[7], started, n, attempt, crashed}}
+return {{'run', h[4], h[5], h[7], started, n, attempt, crashed, h[14] or ''}}
 """
 
 # A dead instance's delivery goes back to the queue: only while that instance still holds
@@ -444,6 +446,7 @@ class Claim:
     started_at: float = 0.0
     attempts: int = 0  # run: deliveries that started, this one included
     attempt: Attempt | None = None  # run: this delivery's attempt record
+    charged: float | None = None  # run: the work its dispatch charged its tenant (None: not dispatched)
 
 
 class DeliveryEnd(NamedTuple):
@@ -555,6 +558,14 @@ def _evalsha_all(r: redis.Redis, calls: list[tuple]) -> list:
     for script, keys, args in calls:
         pipe.evalsha(script.sha, len(keys), *keys, *args)
     return pipe.execute(raise_on_error=False)
+
+
+def _number(v: bytes | str | None) -> float | None:
+    """A record's number, None where it has none (or not a number)."""
+    try:
+        return float(v) if v else None
+    except ValueError:
+        return None
 
 
 def _text(v: bytes | str) -> str:
@@ -905,7 +916,8 @@ class JobStore:
                 return Claim("run", spec=JobSpec.model_validate_json(res[1]), plan=Plan.model_validate_json(res[2]),
                              created_at=float(res[3]), started_at=float(res[4]), attempts=int(res[5] or 0),
                              attempt=Attempt.model_validate_json(res[6]) if res[6] else None,
-                             crashed=int(res[7]) if len(res) > 7 else 0)
+                             crashed=int(res[7]) if len(res) > 7 else 0,
+                             charged=_number(res[8]) if len(res) > 8 else None)
             except ValueError as e:
                 return Claim("corrupt", detail=f"unreadable job record: {e}"[:500])
         if outcome in ("terminal", "duplicate", "stale", "cancel"):  # a cancel's detail: when it started, or ''

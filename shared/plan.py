@@ -61,23 +61,37 @@ DELIVERY_PASSES = 4
 UNKNOWN_SIDE = 512  # what a size that follows an input image no one has read counts as
 
 
-def segment_work(spec: JobSpec, registry: Registry, stages: list[int]) -> float:
+def size_before(spec: JobSpec, registry: Registry, stage: int) -> tuple[int, int] | None:
+    """The pixel size stage ``stage`` receives where the job alone tells it (stages' width
+    and height, and what the stages before make of them); None where it follows the input
+    image."""
+    size = None
+    for st in spec.stages[:stage]:
+        size = output_size(st, registry.get(st.model).kind, size)
+    return size
+
+
+def segment_work(spec: JobSpec, registry: Registry, stages: list[int],
+                 entering: tuple[int, int] | None = None) -> float:
     """What one delivery of ``stages`` asks of a GPU, in units of work, which fair share
     charges its tenant: UNet passes (the steps a stage denoises, twice under classifier-free
     guidance, half again with a ControlNet beside the UNet) x ``num_images`` x the latent
-    area they run at, plus the delivery's fixed costs. Sizes are what the job alone tells
-    (stages' width and height, and what follows from them), the same at submission and at a
-    hand-off, so that every job waiting in a queue is charged alike; a size that follows the
-    input image, which no one has read at submission, counts as 512 x 512."""
-    passes, size = float(DELIVERY_PASSES), None
-    for i, st in enumerate(spec.stages):
+    area they run at, plus the delivery's fixed costs. ``entering``: the pixel size of what
+    the delivery's first stage receives, where someone has read it (the producer that
+    uploaded the input image, the worker that hands a chain on or runs the delivery); else
+    the sizes the job alone tells, and a size that follows an unread input image counts as
+    512 x 512 (the worker that runs the delivery settles the difference:
+    ``Scheduler.settle``)."""
+    passes = float(DELIVERY_PASSES)
+    size = entering if entering is not None else size_before(spec, registry, stages[0])
+    for i in stages:
+        st = spec.stages[i]
         kind = registry.get(st.model).kind
-        if i in stages:
-            at = (st.width, st.height) if st.width is not None and st.height is not None else size
-            per_image = (denoising_steps(st) * (2 if st.guidance_scale > 1 else 1)
-                         * (1.5 if st.task == "controlnet_img2img" else 1))
-            area = latent_area(kind, *(at or (UNKNOWN_SIDE, UNKNOWN_SIDE)))
-            passes += per_image * spec.num_images * area / UNIT_AREA
+        at = (st.width, st.height) if st.width is not None and st.height is not None else size
+        per_image = (denoising_steps(st) * (2 if st.guidance_scale > 1 else 1)
+                     * (1.5 if st.task == "controlnet_img2img" else 1))
+        area = latent_area(kind, *(at or (UNKNOWN_SIDE, UNKNOWN_SIDE)))
+        passes += per_image * spec.num_images * area / UNIT_AREA
         size = output_size(st, kind, size)
     return passes / UNIT_PASSES
 

@@ -38,6 +38,7 @@ from easel.shared.keys import (backlog_channel, backlog_key, cap_key, family_cap
 from easel.shared.plan import segment_work
 from easel.shared.registry import Registry
 from easel.shared.schema import JobSpec, JobState, JobStatus, Plan, Segment
+from easel.shared.storage import named_input_size
 
 log = logging.getLogger("easel.scheduler")
 
@@ -45,6 +46,7 @@ CREDIT = 20.0  # units of work (about default jobs) a returning or new tenant ma
 MARGIN = 1  # jobs waiting in the broker beyond the live workers' batches
 PENDING, ADMITTED, ROOM = 0, 1, 2  # admission's answers (``_ADMIT``)
 CANCEL_ASKED = -2  # a hand-off refused because the job's cancel was asked (``_HAND_OFF``)
+SETTLE_WITHIN = 0.1  # a dispatch's charge this close to the work (a fraction of it) is left as it is
 FLIGHT_CHECK_AFTER_S = 300  # a held tenant's in-flight jobs dispatched this long ago are checked for records gone
 
 # Room in a queue: each live worker's batch, summed over the family (the capacity key its
@@ -176,11 +178,34 @@ end
 return {1, admit(k, ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[3])}
 """
 
+# What a segment's dispatch charged its tenant, settled by the worker that has read what
+# the delivery runs on: the difference from its work, over the tenant's weight, goes onto
+# the tenant's pass (active or parked). Once: the record's ``charged:<segment>`` becomes the
+# work, so a rerun of the delivery (a retry, a requeue) settles nothing more. Only while
+# the settling instance holds the job at that segment (not a delivery taken over), and
+# nothing for a segment no dispatch charged (sent straight to an idle queue, with no
+# tenant waiting) or a record that is gone. KEYS: the job's record, the queue's active
+# tenants, parked passes, weights. ARGV: tenant, the delivery's work, segment, instance.
+_SETTLE = """
+local h = redis.call('HMGET', KEYS[1], 'charged:' .. ARGV[3], 'segment', 'instance')
+local charged, work = tonumber(h[1]), tonumber(ARGV[2])
+if not charged or charged == work or h[2] ~= ARGV[3] or h[3] ~= ARGV[4] then return 0 end
+local step = (work - charged) / tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '1')
+redis.call('HSET', KEYS[1], 'charged:' .. ARGV[3], ARGV[2])
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  redis.call('ZINCRBY', KEYS[2], step, ARGV[1])
+else
+  redis.call('HINCRBYFLOAT', KEYS[3], ARGV[1], step)
+end
+return 1
+"""
+
 # KEYS: active tenants, parked passes, weights, the queue's waiting set (jobs sent and not
 # yet claimed), paused flag, the family's capacity, the backlog tally, the tenants-waiting
 # flag (deleted when this run empties the active set), the service point (raised to the
 # last pass this run served at). A job dispatched advances its tenant's pass by its work
-# over the tenant's weight (a record without work: 1). ARGV: pending-set
+# over the tenant's weight (a record without work: 1), which its record keeps as
+# ``charged:<segment>`` for its worker to settle (``_SETTLE``). ARGV: pending-set
 # prefix, margin, most jobs to move, in-flight-set prefix, job-record prefix, now (the
 # dispatched jobs' updated_at), cap-key prefix, FLIGHT_CHECK_AFTER_S, the queue, then tenants of which
 # one at least must have jobs pending here (none named: no such condition; a freed cap slot
@@ -254,9 +279,10 @@ while space > 0 and popped < tonumber(ARGV[3]) do
     local rec = #job > 0 and redis.call('HMGET', ARGV[5] .. job[1], 'state', 'segment', 'queue', 'work') or {}
     if rec[1] == 'queued' and (not rec[3] or rec[3] == ARGV[9]) then
       front = pass
-      pass = pass + (tonumber(rec[4]) or 1) / tonumber(redis.call('HGET', KEYS[3], tenant) or '1')
-      local fields = {'updated_at', ARGV[6]}
-      if cap then fields = {'updated_at', ARGV[6], 'capped', ARGV[4] .. tenant} end
+      local work = tonumber(rec[4]) and rec[4] or '1'
+      pass = pass + tonumber(work) / tonumber(redis.call('HGET', KEYS[3], tenant) or '1')
+      local fields = {'updated_at', ARGV[6], 'charged:' .. (rec[2] or '0'), work}
+      if cap then table.insert(fields, 'capped'); table.insert(fields, ARGV[4] .. tenant) end
       redis.call('HSET', ARGV[5] .. job[1], unpack(fields))
       local priority = priority_of(job[2])
       redis.call('ZADD', KEYS[4], score_at(priority, ARGV[6], #out / 2), job[1])
@@ -349,6 +375,19 @@ class Dispatched:
 
 
 @dataclass(frozen=True)
+class Settlement:
+    """A claimed delivery's work, for ``Scheduler.settle``."""
+
+    job_id: str
+    segment: int
+    instance: str  # the worker instance that claimed it
+    tenant: str
+    queue: str
+    charged: float  # what its dispatch charged (``Claim.charged``)
+    work: float  # its work at the size it runs on
+
+
+@dataclass(frozen=True)
 class FamilyView:
     live: int
     job_s: float | None
@@ -369,6 +408,7 @@ class Scheduler:
         self._dispatch = self.r.register_script(_DISPATCH)
         self._family = self.r.register_script(_FAMILY)
         self._adopt = self.r.register_script(_ADOPT)
+        self._settle = self.r.register_script(_SETTLE)
 
     def _key(self, what: str, queue: str) -> str:
         return f"{self.prefix}:{what}:{queue}"
@@ -388,8 +428,8 @@ class Scheduler:
             keys, head = self.store.create_head(job_id, spec)
             score = queue_score(spec.priority, now) + i  # a bulk call's jobs keep their order
             first = plan.segments[0]
-            fields = self.store.record_fields(spec, plan, now, traces.get(job_id), owner,
-                                              work=self.work(spec, first.stages))
+            work = self.work(spec, first.stages, named_input_size(spec.input.image))
+            fields = self.store.record_fields(spec, plan, now, traces.get(job_id), owner, work=work)
             calls.append((self._submit, keys + self._admit_keys(first.queue, first.family, tenant),
                           head + [score, tenant, self.credit, self.margin, first.queue, *fields]))
         replies = run_scripts(self.r, calls)
@@ -400,11 +440,12 @@ class Scheduler:
                 for (job_id, _, _), (got, answer) in zip(items, replies)]
 
     def hand_off(self, job_id: str, spec: JobSpec, created_at: float, end: DeliveryEnd, nxt: Segment,
-                 trace: dict | None = None) -> tuple[bool, int]:
+                 entering: tuple[int, int] | None = None, trace: dict | None = None) -> tuple[bool, int]:
         """End the delivery ``end`` names and queue the job's next segment ``nxt`` in its queue
         under the job's tenant, one round trip (``_HAND_OFF``); the record's work becomes the
-        segment's, which its dispatch charges the tenant. ``trace``:
-        the hand-off's trace context, kept for a dispatch that sends the message later.
+        segment's (``entering``: the pixel size handed on), which its dispatch charges the
+        tenant. ``trace``: the hand-off's trace context, kept for a dispatch that sends the
+        message later.
         Returns (done: False when the delivery was refused, taken over or the job ended;
         admission's answer: ADMITTED, send its message now; ROOM, dispatch the queue;
         PENDING, it waits for a claim there; CANCEL_ASKED, not done: the job is to end
@@ -413,7 +454,7 @@ class Scheduler:
         kept = {"trace": json.dumps(trace)} if trace else {}
         keys, change = self.store.transition_call(job_id, JobState.queued, end=end, guards=("?held",),
                                                   segment=end.segment + 1, queue=nxt.queue,
-                                                  work=self.work(spec, nxt.stages), **kept)
+                                                  work=self.work(spec, nxt.stages, entering), **kept)
         args = [job_id, queue_score(spec.priority, created_at), queue_score(spec.priority, time.time()), tenant,
                 self.credit, self.margin, nxt.queue, *change]
         (reply,) = run_scripts(self.r, [(self._hand_off, keys + self._admit_keys(nxt.queue, nxt.family, tenant),
@@ -423,15 +464,30 @@ class Scheduler:
         done, answer = reply
         return int(done) == 1, int(answer)
 
-    def work(self, spec: JobSpec, stages: list[int]) -> float:
+    def work(self, spec: JobSpec, stages: list[int], entering: tuple[int, int] | None = None) -> float:
         """A delivery's work (``shared.plan.segment_work``). 1, about a default job's, without a
         registry, or where this process's registry lacks one of the job's models (a worker's
         own registry file may name fewer models than the producers' that planned the job): a
-        hand-off is never refused over what it is charged."""
+        hand-off is never refused over what it is charged, and the worker that runs the
+        delivery settles the difference."""
         try:
-            return segment_work(spec, self.registry, stages) if self.registry is not None else 1.0
+            return segment_work(spec, self.registry, stages, entering) if self.registry is not None else 1.0
         except KeyError:
             return 1.0
+
+    def settle(self, deliveries: list[Settlement]) -> int:
+        """Charge each delivery's tenant the difference between what its dispatch charged and
+        its work, worked out by the worker that has read what the delivery runs on
+        (``_SETTLE``; one round trip for all, none when every charge is within
+        ``SETTLE_WITHIN`` of its work). Returns how many were settled."""
+        due = [d for d in deliveries if abs(d.work - d.charged) > SETTLE_WITHIN * max(d.charged, d.work)]
+        calls = [(self._settle, [self.store.key(d.job_id), self._key("active", d.queue), self._key("passes", d.queue),
+                                 f"{self.prefix}:weights"], [d.tenant, d.work, d.segment, d.instance]) for d in due]
+        replies = run_scripts(self.r, calls) if calls else []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return sum(int(reply) for reply in replies)
 
     def _admit_keys(self, queue: str, family: str, tenant: str) -> list[str]:
         return [pending_key(self.prefix, queue, tenant), self._key("active", queue), self._key("passes", queue),

@@ -125,7 +125,7 @@ class Settings(BaseSettings):
         "(0 = every step; each write is two Redis commands per job); "
         "cancels do not wait for it: they are pushed to the worker and checked at every step"))
     input_cache_mb: int = Field(default=256, ge=0, description=(
-        "decoded input images a worker keeps, by content-addressed s3 key (inputs/<sha256>); 0 = off"))
+        "decoded input images a worker keeps, by content-addressed s3 key (inputs/<sha256>-<width>x<height>); 0 = off"))
     overlap_finish: bool | None = Field(default=None, description=(
         "encode and upload a job's outputs while the worker runs the next job (see worker/finisher.py); "
         "unset = on when the worker runs on a GPU, off on the CPU, where the encode would take cores from "

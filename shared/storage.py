@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -110,6 +111,25 @@ INPUT_SLACK_S = 3600  # how much less than a job record's TTL a reused input may
 FRESH_KNOWN_S = 60.0  # how long a process trusts its last look at an object's age
 # What retention expires: results and hand-offs, inputs, the API's presigned uploads.
 RETAINED_PREFIXES = ("jobs/", "inputs/", "uploads/")
+
+
+# An input's key: inputs/<sha256 of its bytes>[-<width>x<height>].<ext>
+_INPUT_KEY = re.compile(r"inputs/[0-9a-f]{64}(?:-([0-9]{1,6})x([0-9]{1,6}))?\.[a-z0-9]{1,5}")
+
+
+def input_key(sha256: str, ext: str, size: tuple[int, int] | None) -> str:
+    return f"inputs/{sha256}{f'-{size[0]}x{size[1]}' if size else ''}.{ext}"
+
+
+def is_input_key(key: str) -> bool:
+    """A key ``put_input`` writes: its name says its bytes."""
+    return _INPUT_KEY.fullmatch(key) is not None
+
+
+def named_input_size(ref: str | None) -> tuple[int, int] | None:
+    """The (width, height) an input's ``s3://`` reference names (``put_input``), or None."""
+    m = _INPUT_KEY.fullmatch(ref.split("/", 3)[3]) if ref and ref.startswith("s3://") and ref.count("/") >= 3 else None
+    return None if m is None or m.group(1) is None else (int(m.group(1)), int(m.group(2)))
 
 
 def _missing(e: ClientError) -> bool:
@@ -248,13 +268,15 @@ class Storage:
         except ClientError:
             return False
 
-    def put_input(self, data: bytes, ext: str) -> str:
-        """Content-addressed upload: the same bytes land on the same key. A job may wait as
+    def put_input(self, data: bytes, ext: str, size: tuple[int, int] | None = None) -> str:
+        """Content-addressed upload: the same bytes land on the same key. ``size``: the image's
+        (width, height) as a worker decodes it, named in the key (``input_key``) so that a
+        producer charges a job over it its work without reading it again. A job may wait as
         long as its record lives (``job_ttl_s``) and retention counts from an object's last
         write, so a copy there with less life left than that (less an hour, so that a
         thousand jobs over one image rewrite it once an hour, not a thousand times) is
         rewritten by a copy onto itself on the server: the bytes are not sent again."""
-        key = f"inputs/{hashlib.sha256(data).hexdigest()}.{ext}"
+        key = input_key(hashlib.sha256(data).hexdigest(), ext, size)
         try:
             there = self._keep(key)
         except ClientError:  # could not tell: write it

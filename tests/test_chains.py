@@ -199,7 +199,8 @@ def test_a_deliverys_work_is_its_unet_passes_times_images_and_latent_area():
     denoising at the defaults (48 UNet passes at 512 x 512): the steps each stage denoises
     (int(steps x strength) for img2img), doubled under classifier-free guidance, x images x
     the latent area it denoises at, plus 4 passes for the delivery's fixed costs. An input
-    no one has read counts as 512 x 512, and sizes follow the stages' own; the x4 upscaler
+    no one has read counts as 512 x 512, one read counts at its size, and sizes follow the
+    stages' own; the x4 upscaler
     denoises at its input's pixel size, the x2 latent upscaler at twice its input's latent
     size."""
     from easel.shared.plan import segment_work
@@ -218,6 +219,11 @@ def test_a_deliverys_work_is_its_unet_passes_times_images_and_latent_area():
     x2 = 5 * (2 * 1024 / 8) * (2 * 512 / 8) / 4096  # at twice its 1024 x 512 input's latent size, in 64 x 64s
     x4 = 10 * 2048 * 1024 / 4096  # its latents as large as its 2048 x 1024 input
     assert segment_work(spec, reg, [2, 3]) == (4 + 3 * (x2 + x4)) / 48
+    # Where someone has read what a delivery receives, its size counts, not 512 x 512.
+    assert segment_work(default, reg, [0], entering=(1024, 1024)) == (4 + 48 * 4) / 48
+    assert segment_work(default, reg, [0], entering=(256, 512)) == (4 + 48 / 2) / 48
+    assert segment_work(spec, reg, [2, 3], entering=(1024, 512)) == (4 + 3 * (x2 + x4)) / 48
+    assert segment_work(spec, reg, [0, 1], entering=(1024, 1024)) == (4 + 3 * (4 * 30 + 20)) / 48
 
 
 @pytest.mark.parametrize("sizes, handoffs", [

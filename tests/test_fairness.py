@@ -10,7 +10,7 @@ import yaml
 from tests.conftest import WorkerProc, png_bytes
 
 STEP_S = 0.01  # sim seconds per step: a 5-step job is ~50 ms of "GPU"
-FAMILIES = ("fair", "fairw", "fairp", "fairnone", "fairn", "fairr", "fairc", "fairh")
+FAMILIES = ("fair", "fairw", "fairp", "fairnone", "fairn", "fairr", "fairc", "fairh", "fairs")
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,52 @@ def test_a_new_tenant_is_not_stuck_behind_another_tenants_backlog(fair_client, r
             w.stop()
 
 
+def test_a_tenant_pays_for_the_input_its_worker_reads_not_what_was_guessed(fair_client, farm_env,
+                                                                          tmp_path_factory):
+    """A job's work is charged at its dispatch, from what is known then: a 128 x 128 input
+    uploaded by easel names its size in its key, one that names none counts as 512 x 512.
+    The worker that reads the input settles the difference onto the tenant's pass, once."""
+    from easel.shared.scheduler import Settlement
+
+    store, r = fair_client.store, fair_client.store.r
+    image = png_bytes((128, 128), color=(1, 2, 3))
+    unsized = fair_client.storage.put_input(image, "png")  # as a presigned upload or a URL would be
+    sized = fair_client.storage.put_input(image, "png", (128, 128))  # as the client, CLI and API upload
+    fair_client.pause("fairs")
+    fair_client.scheduler.set_weight("settled", 2)  # its pass moves by work / 2
+    ids = [fair_client.submit({"tenant": "settled", "input": {"image": ref}, "stages": [
+        {"model": "fairs", "prompt": "s", "steps": 8, "strength": 1.0, "seed": seed}]})
+        for seed, ref in enumerate([unsized, sized, unsized])]
+    # 8 steps under CFG, 16 passes at 512 x 512, 1 at 128 x 128; 4 more for the delivery.
+    assert [float(r.hget(store.key(j), "work")) for j in ids] == [20 / 48, 5 / 48, 20 / 48]
+    start = r.zscore(f"{store.prefix}:active:easel.fairs", "settled")
+    procs = workers(farm_env, tmp_path_factory, "fairs", 1)
+    try:
+        fair_client.resume("fairs")  # dispatched as room opens: charged 45/48 in all
+        wait_all(fair_client, ids)
+        assert [float(r.hget(store.key(j), "charged:0")) for j in ids] == [5 / 48] * 3
+        passes = f"{store.prefix}:passes:easel.fairs"
+        assert float(r.hget(passes, "settled")) == pytest.approx(start + 3 * 5 / 48 / 2)
+        # Once: a rerun of a delivery (a retry, a requeue) that read the old charge settles
+        # nothing; nor does a delivery taken over (another instance holds the job).
+        holder = r.hget(store.key(ids[0]), "instance")
+        for instance in (holder, "another-instance"):
+            assert fair_client.scheduler.settle([
+                Settlement(ids[0], 0, instance, "settled", "easel.fairs", 20 / 48, 5 / 48)]) == 0
+        assert fair_client.scheduler.settle([
+            Settlement(ids[0], 0, "another-instance", "settled", "easel.fairs", 5 / 48, 20 / 48)]) == 0
+        # A job sent straight to an idle queue (no tenant waiting) was charged nothing: nothing to settle.
+        alone = fair_client.submit({"tenant": "settled", "input": {"image": unsized}, "stages": [
+            {"model": "fairs", "prompt": "s", "steps": 8, "strength": 1.0, "seed": 3}]})
+        wait_all(fair_client, [alone])
+        assert r.hget(store.key(alone), "charged:0") is None
+        assert float(r.hget(passes, "settled")) == pytest.approx(start + 3 * 5 / 48 / 2)
+    finally:
+        for w in procs:
+            w.stop()
+        r.hdel(f"{store.prefix}:weights", "settled")
+
+
 @pytest.mark.slow
 def test_a_chains_later_stages_take_their_tenants_turn(fair_client, ref, farm_env, tmp_path_factory):
     """A tenant's chains hand their second stage to a family another tenant uses too: the
@@ -123,9 +169,10 @@ def test_a_chains_later_stages_take_their_tenants_turn(fair_client, ref, farm_en
         while not handed_off():  # every chain waits for fairh, which has no worker yet
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        # Each waits to be charged fairh's work (5 steps under CFG: (4 + 10) / 48), not fairc's.
+        # Each waits to be charged fairh's work (5 steps under CFG: 10 passes), not fairc's, at
+        # the size handed on (fairc's 32 x 32 output), not 512 x 512.
         works = {float(fair_client.store.r.hget(fair_client.store.key(j), "work")) for j in chains}
-        assert works == {(4 + 10) / 48}, works
+        assert works == {(4 + 10 * 32 * 32 / 512**2) / 48}, works
         # One of them cancelled while it waits its turn: no worker will see it, its hand-off goes now.
         gone = chains.pop()
         assert fair_client.storage.list(f"jobs/{gone}/handoff/")

@@ -370,7 +370,7 @@ def offline_client():
     c = EaselClient(SETTINGS)
     c.uploads = []
 
-    def put_input(data: bytes, ext: str) -> str:
+    def put_input(data: bytes, ext: str, size: tuple[int, int] | None = None) -> str:
         c.uploads.append((data, ext))
         return f"s3://easel/inputs/fake.{ext}"
 

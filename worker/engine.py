@@ -34,8 +34,8 @@ import redis
 from easel.shared import tracing
 from easel.shared.celery_app import send_segment
 from easel.shared.images import encode_image
-from easel.shared.jobstore import Claim
-from easel.shared.scheduler import ADMITTED, CANCEL_ASKED, ROOM
+from easel.shared.jobstore import DEFAULT_TENANT, Claim
+from easel.shared.scheduler import ADMITTED, CANCEL_ASKED, ROOM, Settlement
 from easel.shared.schema import TERMINAL_STATES, JobSpec, JobState, Plan, Segment, StageRecord
 from easel.shared.settings import Settings
 from easel.shared.storage import job_prefix
@@ -110,6 +110,7 @@ def run_deliveries(ctx: WorkerContext, app, deliveries: list[Delivery]) -> list[
         started = CrashCounts(ctx, groups, outcomes)
         for group in groups:
             prepared = [job for job in group if _guarded(ctx, app, job, outcomes, load_inputs, ctx, job)]
+            settle_work(ctx, prepared)
             for same_size in by_input_size(prepared):
                 for call in split_to_fit(ctx, same_size):
                     run_group(ctx, app, call, outcomes, started)
@@ -208,6 +209,33 @@ def load_inputs(ctx: WorkerContext, job: Job) -> None:
     with job.trace.span("easel.inputs"):
         job.carrier = load_input(ctx, job.job_id, job.spec, job.plan, job.delivery.segment)
     job.input_s = time.perf_counter() - t0
+
+
+def entering_size(ctx: WorkerContext, job: Job, stage: int) -> tuple[int, int] | None:
+    """The pixel size of what ``job.carrier`` holds, latents at the scale of stage ``stage``'s
+    model (the one that made or reads them; None: it holds nothing)."""
+    if job.carrier.images or job.carrier.latents is None:
+        return job.carrier.size
+    return pixel_size(ctx.cache.get(job.spec.stages[stage].model), job.carrier)
+
+
+def settle_work(ctx: WorkerContext, jobs: list[Job]) -> None:
+    """Charge each job's tenant what its delivery asks at the size it runs on, now that its
+    input is read: its dispatch charged what the job alone told, an unread input image
+    counted as 512 x 512 (``Scheduler.settle``). Best effort: one that fails leaves the
+    estimate, and the jobs run."""
+    charged = [job for job in jobs if job.claim.charged is not None]
+    if not charged:
+        return
+    try:
+        ctx.scheduler.settle([
+            Settlement(job.job_id, job.delivery.segment, ctx.instance, job.spec.tenant or DEFAULT_TENANT,
+                       job.segment.queue, job.claim.charged,
+                       ctx.scheduler.work(job.spec, job.segment.stages, entering_size(ctx, job, job.segment.stages[0])))
+            for job in charged])
+    except Exception as e:
+        log.warning("could not settle the work of jobs %s (%s); their tenants keep the estimate",
+                    [job.job_id for job in charged], describe(e))
 
 
 def call_shape(job: Job) -> tuple:
@@ -437,7 +465,8 @@ def hand_off(ctx: WorkerContext, app, job: Job) -> str:
         # queue (the lost-message sweep sends a message that never went) or in its tenant's
         # pending set (a dispatch sends it).
         done, answer = ctx.scheduler.hand_off(job.job_id, spec, job.claim.created_at, end_of(ctx, job.delivery),
-                                              nxt, trace=tracing.carrier())
+                                              nxt, entering_size(ctx, job, job.segment.stages[-1]),
+                                              trace=tracing.carrier())
         if answer == CANCEL_ASKED:  # asked after its last step: nothing in the step hook saw it
             log.info("job %s was cancelled as its segment %d ended; not handed on", job.job_id, seg_index)
             return cancelled(ctx, job.delivery)

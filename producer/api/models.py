@@ -16,7 +16,7 @@ class JobRequest(JobSpec):
     """
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "input": {"image": "s3://easel/inputs/0f343b0931126a20f133d67c2b018a3b1e3a2f8a5b0b8d2c7e0f3e8b3c2a1d4e.png"},
+        "input": {"image": "s3://easel/inputs/0f343b0931126a20f133d67c2b018a3b1e3a2f8a5b0b8d2c7e0f3e8b3c2a1d4e-512x512.png"},
         "stages": [{"task": "img2img", "model": "sd15", "prompt": "an astronaut in a jungle", "strength": 0.8,
                     "steps": 30, "seed": 42}]}]})
 

@@ -43,7 +43,7 @@ def upload(file: Annotated[UploadFile, File(description="PNG, JPEG, WEBP, GIF, B
         img = decode_image(data, api.s, "upload")
     except InputError as e:
         raise HTTPException(422, str(e)) from None
-    ref = api.client.storage.put_input(data, image_ext(data))
+    ref = api.client.storage.put_input(data, image_ext(data), img.size)
     return UploadResponse(image=ref, bytes=len(data), width=img.width, height=img.height)
 
 
