@@ -1214,6 +1214,10 @@ class JobStore:
         """True for the one caller that takes ``name`` for ``seconds`` (a farm-wide chore)."""
         return bool(self.r.set(f"{self.prefix}:lease:{name}", 1, nx=True, px=max(1, int(seconds * 1000))))
 
+    def release_lease(self, name: str) -> None:
+        """Let another caller take ``name`` now (its holder could not do the chore)."""
+        self.r.delete(f"{self.prefix}:lease:{name}")
+
     def ping(self) -> None:
         self.r.ping()
 

@@ -13,11 +13,12 @@ import logging
 import time
 
 from easel.shared.jobstore import JobStore
-from easel.shared.storage import RETAINED_PREFIXES, DeleteRefused, Storage
+from easel.shared.storage import RETAINED_PREFIXES, DeleteRefused, Storage, s3_not_now
 
 log = logging.getLogger("easel.retention")
 
 EVERY_S = 3600.0
+RETRY_S = 300.0  # after S3 could not be reached: tried again this soon, not a period later
 
 
 class ResultRetention:
@@ -34,6 +35,19 @@ class ResultRetention:
         self._next_try = time.monotonic() + self.every_s
         if not self.store.lease("retention", self.every_s):
             return None
+        try:
+            return self._apply()
+        except Exception as e:
+            if not s3_not_now(e):
+                raise
+            # An S3 outage is not this process's fault: one line, and the next try (by this
+            # process or another) comes once the retry delay is over.
+            log.warning("retention: S3 did not answer (%s); trying again in %.0f s", e, RETRY_S)
+            self._next_try = time.monotonic() + RETRY_S
+            self.store.release_lease("retention")
+            return None
+
+    def _apply(self) -> str | None:
         if not self.days:  # kept: rules set under an earlier retention must not go on deleting
             return "lifecycle rules: none of easel's" if self.storage.expire_after(RETAINED_PREFIXES, 0) else None
         if self.storage.expire_after(RETAINED_PREFIXES, self.days):

@@ -49,6 +49,28 @@ def test_a_worker_sets_the_buckets_lifecycle_rules_once_per_period(easel_env, st
     ResultRetention(store, storage, days=s.retention_days)()  # leave the default in force
 
 
+def test_retention_rides_out_an_s3_outage_and_tries_again_soon(easel_env, caplog):
+    """S3 away when the hour's chore comes: one warning, no traceback, and the lease let go,
+    so the farm tries again in minutes, not an hour later."""
+    from easel.shared.retention import RETRY_S
+
+    s = get_settings()
+    store = JobStore.from_settings(s)
+    lease = f"{s.queue_prefix}:lease:retention"
+    store.r.delete(lease)
+    proxy = TcpProxy(int(s.s3_endpoint_url.rsplit(":", 1)[1])).start()
+    url = proxy.url
+    proxy.stop()  # nothing listens there now: S3 is unreachable
+    chore = ResultRetention(store, Storage(s.model_copy(update={"s3_endpoint_url": url})), days=3)
+    with caplog.at_level("WARNING", logger="easel.retention"):
+        assert chore() is None
+    assert "S3 did not answer" in caplog.text
+    assert not store.r.exists(lease)
+    assert chore._next_try - time.monotonic() <= RETRY_S
+    assert chore() is None  # within the retry delay: not tried again yet
+    assert not store.r.exists(lease)
+
+
 def test_the_sweep_deletes_only_what_is_older(storage):
     prefix = f"retention-test/{time.monotonic_ns()}/"
     storage.put(prefix + "old.png", b"old")
