@@ -128,7 +128,10 @@ def is_input_key(key: str) -> bool:
 
 def named_input_size(ref: str | None) -> tuple[int, int] | None:
     """The (width, height) an input's ``s3://`` reference names (``put_input``), or None."""
-    m = _INPUT_KEY.fullmatch(ref.split("/", 3)[3]) if ref and ref.startswith("s3://") and ref.count("/") >= 3 else None
+    try:
+        m = _INPUT_KEY.fullmatch(S3Ref.parse(ref or "").key)
+    except ValueError:  # not an s3:// reference
+        return None
     return None if m is None or m.group(1) is None else (int(m.group(1)), int(m.group(2)))
 
 
