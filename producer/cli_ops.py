@@ -73,17 +73,19 @@ def api_key(name: str = typer.Argument(..., help="Owner name for the key (letter
 
 def workers() -> None:
     """Live worker processes (tab-separated): family, device, peak memory (MiB: torch's peak
-    allocation on a GPU, peak resident set on the CPU), warm-up compile seconds, hostname."""
+    allocation on a GPU, peak resident set on the CPU), warm-up compile seconds, hostname, and
+    the family's models it could not load (its log says why; their jobs try again)."""
     from easel.producer.client import EaselClient
     from easel.shared.settings import get_settings
 
-    print("family\tdevice\tpeak_mib\tcompile_s\thostname")
+    print("family\tdevice\tpeak_mib\tcompile_s\thostname\tmodels_failed")
     rows = EaselClient(get_settings()).store.presences()
     for w in sorted(rows, key=lambda w: (w.get("family", ""), w.get("hostname", ""))):
         peak = w.get("peak_memory_bytes")
         mib = "-" if peak is None else f"{peak / 2**20:.0f}"
         compile_s = sum((w.get("compile_s") or {}).values())
-        print(f"{w.get('family')}\t{w.get('device')}\t{mib}\t{compile_s:.1f}\t{w.get('hostname')}")
+        failed = ",".join(sorted(w.get("models_failed") or {})) or "-"
+        print(f"{w.get('family')}\t{w.get('device')}\t{mib}\t{compile_s:.1f}\t{w.get('hostname')}\t{failed}")
 
 
 def batch(manifest: Path = typer.Argument(..., help="Jobs, one per row: .jsonl (job objects or flat rows) or .csv."),

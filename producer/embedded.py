@@ -185,7 +185,7 @@ class SeaweedS3(Service):
     """
 
     def __init__(self, workdir: Path, port: int | None = None, credentials: list[tuple[str, str]] = (),
-                 readers: list[tuple[str, str]] = ()):
+                 readers: list[tuple[str, str]] = (), writers: list[tuple[str, str]] = ()):
         super().__init__("seaweedfs", port or free_port(avoid_plus=10000), Path(workdir))
         self.workdir.mkdir(parents=True, exist_ok=True)
         data = self.workdir / "data"
@@ -196,14 +196,16 @@ class SeaweedS3(Service):
             master, volume, filer = free_port(10000), free_port(10000), free_port(10000)
         self.internal = {"master": master, "volume": volume, "filer": filer}
         # Known identities (easel / easel, the credentials ``env`` hands out, and any others
-        # asked for; ``readers`` may only read and list): requests are then authenticated, and
-        # presigned POST policies, checked against known keys, work.
+        # asked for; ``readers`` may only read and list, ``writers`` only read and write objects,
+        # as least-privilege credentials without s3:ListBucket): requests are then authenticated,
+        # and presigned POST policies, checked against known keys, work.
         identities = self.workdir / "s3.json"
         keys = [{"accessKey": "easel", "secretKey": "easel"}] + [{"accessKey": k, "secretKey": v} for k, v in credentials]
         known = [{"name": "easel", "credentials": keys, "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]
-        if readers:
-            known.append({"name": "readers", "actions": ["Read", "List"],
-                          "credentials": [{"accessKey": k, "secretKey": v} for k, v in readers]})
+        for name, actions, who in (("readers", ["Read", "List"], readers), ("writers", ["Write"], writers)):
+            if who:
+                known.append({"name": name, "actions": actions,
+                              "credentials": [{"accessKey": k, "secretKey": v} for k, v in who]})
         identities.write_text(json.dumps({"identities": known}))
         self.args = [
             weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -263,11 +265,12 @@ class EmbeddedServices:
 
     def __init__(self, workdir: Path | None = None, appendonly: bool = True, s3_credentials: list[tuple[str, str]] = (),
                  redis_port: int | None = None, s3_port: int | None = None, die_with_parent: bool = False,
-                 s3_readers: list[tuple[str, str]] = ()):
+                 s3_readers: list[tuple[str, str]] = (), s3_writers: list[tuple[str, str]] = ()):
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="easel-")
         self.workdir = Path(workdir or self._tmp.name)
         self.redis = Valkey(self.workdir / "valkey", port=redis_port, appendonly=appendonly)
-        self.s3 = SeaweedS3(self.workdir / "seaweedfs", port=s3_port, credentials=s3_credentials, readers=s3_readers)
+        self.s3 = SeaweedS3(self.workdir / "seaweedfs", port=s3_port, credentials=s3_credentials, readers=s3_readers,
+                            writers=s3_writers)
         self.redis.die_with_parent = self.s3.die_with_parent = die_with_parent
 
     def check_ports(self) -> None:

@@ -220,8 +220,9 @@ def shown_url(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"[:100] + tail
 
 
-def check_public_url(url: str, settings: Settings) -> str | None:
+def check_public_url(url: str, settings: Settings, what: str = "image") -> str | None:
     """SSRF guard: refuse loopback, private, link-local and reserved targets unless allowed.
+    ``what`` the URL is for, as its refusal names it (an image, a webhook).
 
     Returns the vetted IP address the request must go to (None when private URLs are
     allowed), so that a second DNS answer (rebinding) cannot redirect the download.
@@ -237,8 +238,8 @@ def check_public_url(url: str, settings: Settings) -> str | None:
     if settings.allow_private_urls:
         return None
     if u.scheme != "https":
-        raise InputError(f"only https:// image URLs are accepted, not {shown_url(url)!r} "
-                         "(set EASEL_ALLOW_PRIVATE_URLS=true to allow http:// and private addresses)")
+        raise InputError(f"only https:// {what} URLs are accepted, not {shown_url(url)!r} "
+                         "(a server set with EASEL_ALLOW_PRIVATE_URLS=true allows http:// and private addresses)")
     try:
         infos = socket.getaddrinfo(u.host, u.port or 443, proto=socket.IPPROTO_TCP)
     except UnicodeError as e:
@@ -251,7 +252,7 @@ def check_public_url(url: str, settings: Settings) -> str | None:
         ip = ipaddress.ip_address(info[4][0].split("%")[0])
         if _non_public(ip):
             raise InputError(f"{u.host[:100]} resolves to a non-public address ({ip}); refused "
-                             "(set EASEL_ALLOW_PRIVATE_URLS=true to allow private addresses)")
+                             "(a server set with EASEL_ALLOW_PRIVATE_URLS=true allows private addresses)")
     return infos[0][4][0]  # the resolver's first choice (the last is its least preferred)
 
 

@@ -103,19 +103,22 @@ local function admit(k, job, score, tenant, credit, margin, queue, wait_score)
   end
   if not redis.call('ZSCORE', k[2], tenant) then
     local pass = tonumber(redis.call('HGET', k[3], tenant) or '0')
-    -- Level with where service stands, less its credit. Service stands at the highest pass
-    -- served (the lowest active pass where that is higher: tenants not served yet). Not the
-    -- lowest pass alone: newcomers run below it during their credit, so each newcomer would
-    -- start a credit below the one before, and a backlogged tenant would wait behind them
-    -- all. Nor the highest: a low-weight tenant's stride puts it far ahead, and a newcomer
-    -- would start level with the others, with no credit.
+    -- No further back than where service stands, less its credit. Service stands at the
+    -- highest pass served (the lowest active pass where that is higher: tenants not served
+    -- yet). Not the lowest pass alone: newcomers run below it during their credit, so each
+    -- newcomer would start a credit below the one before, and a backlogged tenant would wait
+    -- behind them all. Nor the highest: a low-weight tenant's stride puts it far ahead, and
+    -- a newcomer would start level with the others, with no credit. A tenant back with a
+    -- pass ahead of that (its last jobs' work, not yet matched by the others) keeps it:
+    -- forgiven, a tenant whose pending set empties at each dispatch (one job at a time)
+    -- would be served at the front each time, whatever its jobs' work.
     local point = redis.call('ZSCORE', k[12], 'pass')
     local lowest = redis.call('ZRANGE', k[2], 0, 0, 'WITHSCORES')[2]
     local front = point and tonumber(point)
     if lowest and (not front or tonumber(lowest) > front) then front = tonumber(lowest) end
     if front then
       local weight = tonumber(redis.call('HGET', k[11], tenant) or '1')
-      pass = math.min(math.max(pass, front - tonumber(credit) / weight), front)
+      pass = math.max(pass, front - tonumber(credit) / weight)
     end
     redis.call('ZADD', k[2], pass, tenant)
     redis.call('SET', k[10], 1)

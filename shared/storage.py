@@ -140,6 +140,18 @@ def _missing(e: ClientError) -> bool:
     return e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket", "NotFound")
 
 
+def _denied(e: ClientError) -> bool:
+    """S3's answer to credentials that may not make the call (a HEAD's answer has no reason)."""
+    return _code(e) in ("AccessDenied", "403")
+
+
+def bucket_lookup_answered(e: ClientError) -> bool:
+    """A bucket lookup that S3 answered: the bucket is not there (ours to create), or the
+    credentials may not look it up (403: no ``s3:ListBucket``; ``ensure_bucket`` takes them at
+    their word that it exists). Anything else (a 5xx) is S3 failing."""
+    return _missing(e) or _denied(e)
+
+
 def s3_client(settings: Settings, *, attempts: int = 4, connect_s: float = 5, read_s: float = 60):
     """An S3 client for ``settings``: ``attempts`` in all for each call (the first and its
     retries), each read bounded by ``read_s``."""
@@ -205,8 +217,8 @@ class Storage:
             except ClientError as e:
                 if _missing(e):
                     self._create_bucket()
-                elif _code(e) not in ("AccessDenied", "403"):
-                    return  # a 5xx (a HEAD's answer has no reason): the write that follows says why
+                elif not _denied(e):
+                    return  # a 5xx: the write that follows says why
             self._bucket_ready = True
 
     def _create_bucket(self) -> None:

@@ -30,12 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SECOND_S3_KEY = ("AKIA" + uuid.uuid4().hex[:16].upper(), "s3secret-" + uuid.uuid4().hex)
 # An identity that may read and list the bucket, not write or delete (tests/test_retention.py).
 READER_S3_KEY = ("AKIA" + uuid.uuid4().hex[:16].upper(), "s3reader-" + uuid.uuid4().hex)
+# An identity that may only write objects: not look the bucket up (tests/test_api.py).
+WRITER_S3_KEY = ("AKIA" + uuid.uuid4().hex[:16].upper(), "s3writer-" + uuid.uuid4().hex)
 
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory):
     svc = EmbeddedServices(tmp_path_factory.mktemp("services"), s3_credentials=[SECOND_S3_KEY],
-                           s3_readers=[READER_S3_KEY])
+                           s3_readers=[READER_S3_KEY], s3_writers=[WRITER_S3_KEY])
     svc.start()
     yield svc
     svc.redis.kill()

@@ -29,7 +29,7 @@ from PIL import Image
 from easel.producer.embedded import free_port
 from easel.producer.webhooks import verify_signature
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-from tests.conftest import ROOT, png_bytes
+from tests.conftest import ROOT, WRITER_S3_KEY, png_bytes
 from tests.netproxy import TcpProxy
 
 # Two secrets mid-rotation (new first): each signs every delivery.
@@ -205,6 +205,11 @@ def test_errors_share_one_body_and_say_what_went_wrong(api, http):
     assert r.json()["detail"] == ("priority: Input should be less than or equal to 9; "
                                   "stages.0.steps: Input should be greater than or equal to 1")
     assert [e["loc"] for e in r.json()["errors"]] == [["body", "priority"], ["body", "stages", 0, "steps"]]
+    # One error per unknown key: a body of thousands lists the first 20 and counts the rest.
+    r = http.post("/v1/jobs", json={**job_body("s3://easel/inputs/x.png"), **{f"k{i}": 0 for i in range(5000)}})
+    assert r.status_code == 422 and len(r.json()["errors"]) == 20 and r.json()["errors"][0]["loc"] == ["body", "k0"]
+    assert r.json()["detail"].endswith("k4: Extra inputs are not permitted (and 4995 more)")
+    assert len(r.content) < 10_000
     r = http.request("OPTIONS", f"/v1/jobs/{uuid.uuid4().hex}")
     assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET" and r.json() == {"detail": "Method Not Allowed"}
 
@@ -221,6 +226,20 @@ def test_readyz_is_503_when_redis_is_unreachable(easel_env, tmp_path):
         r = httpx.get(f"{server.url}/v1/queues", headers={"Authorization": "Bearer tok-main"})
         assert r.status_code == 503 and "Redis unavailable" in r.json()["detail"]
         assert dead.rsplit(":", 1)[1].split("/")[0] not in r.text  # no address leaks to clients
+    finally:
+        server.stop()
+
+
+def test_readyz_is_ready_with_credentials_that_may_not_look_the_bucket_up(easel_env, tmp_path):
+    """Least-privilege S3 credentials (objects only, no s3:ListBucket) get 403 for a bucket
+    lookup: S3 answered, and the API serves with them, so the readiness probe passes."""
+    key_id, secret = WRITER_S3_KEY
+    env = {**easel_env, "EASEL_API_KEYS": keys_env(), "EASEL_S3_ACCESS_KEY_ID": key_id,
+           "EASEL_S3_SECRET_ACCESS_KEY": secret}
+    server = ApiServer(env, tmp_path).start()
+    try:
+        r = httpx.get(f"{server.url}/readyz")
+        assert r.status_code == 200 and r.json()["checks"] == {"redis": "ok", "s3": "ok"}, r.text
     finally:
         server.stop()
 
@@ -742,6 +761,9 @@ def test_a_replay_adds_only_a_webhook_url_a_new_job_could_have(inproc):
     assert private.json()["webhook"] is None
     public = inproc.post("/v1/jobs", json={**body, "webhook_url": "https://93.184.216.34/hook"}, headers=key)
     assert public.status_code == 200 and public.json()["webhook"]["url"] == "https://93.184.216.34/hook"
+    plain = inproc.post("/v1/jobs", json={**body, "webhook_url": "http://93.184.216.34/hook"})  # a new job's check
+    assert plain.status_code == 422
+    assert plain.json()["detail"].startswith("webhook_url: only https:// webhook URLs are accepted"), plain.text
 
 
 @pytest.fixture

@@ -735,6 +735,29 @@ def test_tenants_share_a_queue_by_the_work_their_jobs_ask_for(fair_client, ref, 
     assert got.get("new", 0) >= 25 and got.get("small", 0) >= 2, got
 
 
+def test_a_tenant_with_one_job_at_a_time_pays_for_each_jobs_work(fair_client, ref, ten_a_dispatch):
+    """A tenant that sends its next job once the last is dispatched (its pending set empty
+    at each dispatch: a closed loop) comes back with its pass ahead by that job's work, not
+    level with the front: its 1.75-unit jobs (40 steps) share one slot a dispatch with
+    another tenant's 0.25-unit ones (4 steps) by their work, 1 to 7, not 1 to 1."""
+    from easel.shared.keys import family_capacity_key
+
+    store = fair_client.store
+    store.r.set(family_capacity_key(store.prefix, "fairr"), 0)  # with the margin, 1 job a dispatch
+    ten_a_dispatch += submit_paused(fair_client, ref, "busy", 200, steps=4)
+    loop, got = None, {"busy": 0, "loop": 0}
+    for _ in range(96):
+        if loop is None:  # (submitted paused: no dispatch but the test's own moves a job)
+            loop = submit_paused(fair_client, ref, "loop", 1, steps=40)[0]
+            ten_a_dispatch.append(loop)
+        for job_id, _, _ in fair_client.scheduler.dispatch({"easel.fairr": "fairr"}).moved:
+            got[store.r.hget(store.key(job_id), "tenant")] += 1
+            loop = None if job_id == loop else loop
+        store.r.delete(f"{store.prefix}:queued:easel.fairr")  # claimed: room again
+    share = 1.75 * got["loop"] / (1.75 * got["loop"] + 0.25 * got["busy"])
+    assert sum(got.values()) == 96 and 0.4 <= share <= 0.6, got  # forgiven at each return: 7/8 of the work
+
+
 def test_a_job_that_ended_while_pending_is_not_dispatched(fair_client, ref, ten_a_dispatch):
     """A cancel ends a pending job, then takes it out of its pending set: a dispatch in
     between finds it ended and moves the tenant's next job instead, with no message, no

@@ -639,6 +639,8 @@ def forward(self, *args, **kwargs):  # a CUDA error while the flag file exists: 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if fault == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        if fault == "host":  # the host out of memory: torch's own CPU allocator failing, for real
+            torch.empty(1 << 58, dtype=torch.uint8)
         if fault == "cublas":  # cuBLAS's own allocation failing: out of memory too, not a torch OOM
             raise torch.AcceleratorError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
@@ -673,11 +675,12 @@ def test_a_lost_gpu_restarts_the_process_and_the_job_runs_again(fclient, workers
 @pytest.mark.parametrize("fault, error", [
     ("oom", "OutOfMemoryError: CUDA out of memory."),
     ("cublas", "AcceleratorError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED"),
+    ("host", "RuntimeError: [enforce fail at alloc_cpu.cpp"),
 ])
 def test_a_job_too_large_for_the_gpu_fails_after_two_retries(fclient, workers, big_input, tmp_path, fault, error):
-    """Out of GPU memory (torch's allocator, or a CUDA library's own) is retried: other work
-    may have held the memory. A job that runs out every time fails after two retries with
-    what to change, not after eight, nor at once as an error of its own."""
+    """Out of memory (torch's GPU allocator, a CUDA library's own, or the host's) is retried:
+    other work may have held the memory. A job that runs out every time fails after two
+    retries with what to change, not after eight, nor at once as an error of its own."""
     (tmp_path / "sitecustomize.py").write_text(GPU_FAULT)
     flag = tmp_path / "gpu-full"
     flag.write_text(fault)
@@ -685,7 +688,7 @@ def test_a_job_too_large_for_the_gpu_fails_after_two_retries(fclient, workers, b
     job_id = fclient.submit(job(big_input, steps=3, seed=31))
     st = fclient.wait(job_id, timeout=60)
     assert st.state.value == "failed" and st.attempts == 3, (st.attempts, st.error)
-    assert st.error.startswith(f"out of GPU memory again after 2 retries ({error}")
+    assert st.error.startswith(f"out of memory again after 2 retries ({error}")
     assert "vae_tiling" in st.error
 
 

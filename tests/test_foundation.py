@@ -484,3 +484,34 @@ def test_a_retry_with_its_idempotency_key_gets_its_job_after_the_input_is_gone(c
     with pytest.raises(SubmitError, match="does not exist"):
         client.submit({**job, "idempotency_key": f"new-{uuid.uuid4().hex}"})
     client.cancel(first)
+
+
+def test_a_model_that_will_not_load_leaves_its_family_serving(easel_env, tmp_path):
+    """One model of a family whose weights are not there (an empty folder): the worker still
+    starts and serves the family's other model; the broken model's jobs fail with the
+    loader's reason, and `easel workers` names the model it could not load."""
+    import yaml
+
+    from easel.producer.client import EaselClient
+    from easel.shared.settings import Settings
+    from tests.conftest import WorkerProc, png_bytes
+
+    (tmp_path / "empty").mkdir()
+    sd = {"family": "mixed", "latent_space": "sd1-vae", "kind": "sd"}
+    registry = tmp_path / "models.yaml"
+    registry.write_text(yaml.safe_dump({"models": {"mixed-ok": {**sd, "source": "tiny-sd15"},
+                                                   "mixed-broken": {**sd, "source": str(tmp_path / "empty")}}}))
+    env = {**easel_env, "EASEL_MODELS": str(registry)}
+    worker = WorkerProc("mixed", env, tmp_path).start()
+    try:
+        client = EaselClient(Settings(**{k[len("EASEL_"):].lower(): v for k, v in env.items()}))
+        ref = client.storage.put_input(png_bytes((64, 64)), "png")
+        ok, broken = (client.submit(img2img_job(ref, model=m, steps=2, strength=1.0)) for m in ("mixed-ok", "mixed-broken"))
+        assert client.wait(ok, timeout=120).state.value == "succeeded"
+        st = client.wait(broken, timeout=120)
+        assert st.state.value == "failed" and str(tmp_path / "empty") in st.error, st.error
+        assert worker.proc.poll() is None
+        rows = [line.split("\t") for line in cli("workers", env=env).stdout.splitlines()]
+        assert [row[-1] for row in rows if row[4] == worker.hostname] == ["mixed-broken"], rows
+    finally:
+        worker.stop()

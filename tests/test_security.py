@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 
 from easel.producer.client import EaselClient, SubmitError
 from easel.producer.embedded import Valkey
@@ -751,6 +752,19 @@ def test_easel_api_refuses_to_start_on_keys_it_cannot_trust(keys_file, message):
 
     r = cli("api", "--port", "1", env={"EASEL_API_KEYS_FILE": str(ROOT / keys_file)}, timeout=60)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+
+
+def test_a_token_pasted_for_its_hash_stays_out_of_the_refusal(tmp_path):
+    """A keys file whose ``sha256`` holds the token itself: the server refuses to start and
+    says which entry and field, without printing the token into its log."""
+    from tests.conftest import cli
+
+    token = "easel_" + "q" * 40
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"name": "ok", "sha256": "0" * 64}, {"name": "team", "sha256": token}]}))
+    r = cli("api", "--port", "1", env={"EASEL_API_KEYS_FILE": str(keys)}, timeout=60)
+    assert r.returncode == 2 and "key 2: sha256: String should match pattern" in r.stderr, r.stderr
+    assert token not in r.stderr + r.stdout and "Traceback" not in r.stderr
 
 
 def test_a_signed_urls_credentials_stay_out_of_errors(images):

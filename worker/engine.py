@@ -276,17 +276,8 @@ def run_group(ctx: WorkerContext, app, jobs: list[Job], outcomes: Outcomes, star
             run_stages(ctx, jobs)
             break
         except Stopped as stop:
-            no_reason = not (stop.cancelled or stop.superseded)
-            for job in jobs:
-                if job.job_id in stop.cancelled:
-                    _ended(ctx, job.delivery, cancelled(ctx, job.delivery), outcomes, job)
-                elif job.job_id in stop.superseded:
-                    log.warning("job %s was taken over by another worker; dropping this run", job.job_id)
-                    ctx.store.end_delivery(job.job_id, end_of(ctx, job.delivery))
-                    _ended(ctx, job.delivery, "superseded", outcomes, job)
-                elif no_reason:  # interrupted with no cancel on record: a failure, not a cancel
-                    _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, RuntimeError(
-                        "the pipeline call was interrupted with no cancel on record")), outcomes, job)
+            for job in jobs:  # each ends on its own: Redis failing one's end does not end the others
+                _guarded(ctx, app, job, outcomes, _end_stopped, ctx, app, job, stop, outcomes)
             jobs = [job for job in jobs if job.delivery not in outcomes]
         except Exception as exc:
             parts = _parts_after(ctx, app, jobs, exc, outcomes)
@@ -553,6 +544,21 @@ def _refused(ctx: WorkerContext, jobs: list[Job], outcomes: Outcomes) -> None:
                         exc_info=True)
             outcome = "unknown"
         _ended(ctx, job.delivery, outcome, outcomes, job)
+
+
+def _end_stopped(ctx: WorkerContext, app, job: Job, stop: Stopped, outcomes: Outcomes) -> None:
+    """A job of a call that stopped: cancelled, dropped (taken over by another worker) or,
+    when nothing on record says why the call stopped, failed; a job the stop was not for is
+    left open, to run again in the call that follows."""
+    if job.job_id in stop.cancelled:
+        _ended(ctx, job.delivery, cancelled(ctx, job.delivery), outcomes, job)
+    elif job.job_id in stop.superseded:
+        log.warning("job %s was taken over by another worker; dropping this run", job.job_id)
+        ctx.store.end_delivery(job.job_id, end_of(ctx, job.delivery))
+        _ended(ctx, job.delivery, "superseded", outcomes, job)
+    elif not (stop.cancelled or stop.superseded):  # a failure, not a cancel
+        _ended(ctx, job.delivery, settle_error(ctx, app, job.delivery, RuntimeError(
+            "the pipeline call was interrupted with no cancel on record")), outcomes, job)
 
 
 def _guarded(ctx: WorkerContext, app, job: Job, outcomes: Outcomes, fn: Callable, *args, **kw):

@@ -354,6 +354,7 @@ class PipelineCache:
         self.family = family
         self.device = device or pick_device(settings.device)
         self.models: dict[str, LoadedModel] = {}
+        self.unloaded: dict[str, str] = {}  # model -> why its last load failed (``warm``)
 
     def warm(self) -> float:
         """Load every model of the family; compiled ones also compile now, from the compile
@@ -368,8 +369,10 @@ class PipelineCache:
             folder = compile_cache.configure(folder)
             compile_cache.load_artifacts(folder, self.device, self.family)
         for spec in specs:
-            self.get(spec.name)
+            self._load_at_start(spec.name)
         for spec in compiled:
+            if spec.name not in self.models:
+                continue
             model = self.models[spec.name]
             sizes, graphs = self.call_sizes(spec), _graphs_compiled()
             model.compile_s = warm_up(model, self.settings.compile_warm_sizes, sizes)
@@ -400,11 +403,28 @@ class PipelineCache:
         task = WARM_TASKS.get(spec.kind, "img2img")
         return sorted({padded_images(spec, buckets, jobs, task) for jobs in range(1, self.batch_cap() + 1)})
 
+    def _load_at_start(self, name: str) -> None:
+        """One model of the family, at start. One that fails to load (weights missing or
+        corrupt, its source unreachable) does not keep the family's other models from
+        serving: its jobs load it again when they run (``get``), and end as that load's
+        error ends them, retried for an outage, failed with the reason otherwise."""
+        try:
+            self.get(name)
+        except Exception:
+            log.exception("model %s could not be loaded (%s); the family's other models serve, and its jobs "
+                          "try to load it again", name, self.unloaded[name])
+
     def get(self, name: str) -> LoadedModel:
         if name not in self.models:
             spec = self.registry.get(name)
             if spec.family != self.family:
                 raise ValueError(f"model {name!r} belongs to family {spec.family!r}, this worker serves {self.family!r}")
-            self.models[name] = load_model(spec, self.settings, self.device, self.call_sizes(spec))
+            try:
+                self.models[name] = load_model(spec, self.settings, self.device, self.call_sizes(spec))
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                self.unloaded[name] = f"{type(e).__name__}: {first}"[:500]
+                raise
+            self.unloaded.pop(name, None)
         return self.models[name]
 

@@ -84,15 +84,18 @@ def device_lost(exc: BaseException) -> bool:
         return True
 
 
-# The texts of CUDA library errors that mean out of memory: cuBLAS and cuDNN allocate their
-# workspaces themselves, and their failures are not torch.OutOfMemoryError.
-_ALLOC_FAILED = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ENOUGH_MEMORY")
+# The texts of errors that mean out of memory without saying so by their type: cuBLAS and
+# cuDNN allocate their workspaces themselves, and their failures are not
+# torch.OutOfMemoryError; torch's host allocator raises a plain RuntimeError.
+_ALLOC_FAILED = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ENOUGH_MEMORY",
+                 "DefaultCPUAllocator: can't allocate memory")
 
 
 def out_of_memory(exc: BaseException) -> bool:
-    """Out of GPU memory, whichever part of the stack ran out: a retry may fit where other
-    work held the memory, alone instead of in a micro-batch."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
+    """Out of memory, the GPU's or the host's (a decoded image, a CPU tensor, numpy's arrays),
+    whichever part of the stack ran out: a retry may fit where other work held the memory,
+    alone instead of in a micro-batch."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
         isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _ALLOC_FAILED))
 
 
@@ -143,7 +146,7 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, (InputError, NotFound)):
         return str(exc).strip("'\"")
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {msg}"[:2000]
+    return f"{type(exc).__name__}: {msg}"[:2000] if msg else type(exc).__name__
 
 
 def end_of(ctx, d: Delivery) -> DeliveryEnd:
@@ -217,7 +220,7 @@ def retry_later(ctx, app, d: Delivery, exc: BaseException) -> str:
     memory = out_of_memory(exc)
     n, oom = n + 1, oom + memory
     if memory and oom > OOM_RETRIES:
-        return give_up(ctx, d, f"out of GPU memory again after {OOM_RETRIES} retries ({describe(exc)}): use a "
+        return give_up(ctx, d, f"out of memory again after {OOM_RETRIES} retries ({describe(exc)}): use a "
                                "smaller image or fewer images per job, or turn on vae_tiling for the model")
     if n > ctx.settings.max_retries:
         return give_up(ctx, d, f"gave up after {ctx.settings.max_retries} retries: {describe(exc)}")

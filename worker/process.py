@@ -143,8 +143,9 @@ def _start_services(ctx: "WorkerContext", app: "Celery", load_s: float, batch_si
     s, device, hostname = ctx.settings, ctx.cache.device, ctx.hostname
     metrics_port = install_metrics(ctx, load_s)  # EASEL_METRICS_PORT; None when 0 (off)
 
-    def after_beat() -> None:
-        beat.presence["peak_memory_bytes"] = peak_memory_bytes(device)  # sent with the next beat
+    def after_beat() -> None:  # what changed, sent with the next beat
+        beat.presence["peak_memory_bytes"] = peak_memory_bytes(device)
+        beat.presence.update(models=sorted(ctx.cache.models), models_failed=dict(ctx.cache.unloaded))
         settle_later(ctx, app)
         feeder.feed()
         drain.check()
@@ -154,7 +155,8 @@ def _start_services(ctx: "WorkerContext", app: "Celery", load_s: float, batch_si
 
     beat = Heartbeat(ctx.store, ctx.instance, hostname, {
         "family": ctx.family, "device": str(device), "load_s": round(load_s, 3),
-        "models": sorted(ctx.cache.models), "metrics_port": metrics_port, "batch_size": batch_size,
+        "models": sorted(ctx.cache.models), "models_failed": dict(ctx.cache.unloaded),
+        "metrics_port": metrics_port, "batch_size": batch_size,
         "torch_threads": torch.get_num_threads(), "peak_memory_bytes": peak_memory_bytes(device),
         "compile_s": {n: round(m.compile_s, 3) for n, m in ctx.cache.models.items() if m.compile_s}},
         s.heartbeat_interval_s, s.heartbeat_ttl_s, after_beat=after_beat)

@@ -72,11 +72,16 @@ def _where(loc: list[str | int]) -> str:
     return " ".join(map(str, loc)) or "request"
 
 
-def _readable(errors: list[FieldError], json_error: str | None) -> str:
+# A body can hold any number of mistakes (one per unknown key of a megabyte object): the
+# response lists the first ones and counts the rest, so refusing it costs no more than reading it.
+LISTED_ERRORS = 20
+
+
+def _readable(errors: list[FieldError], total: int, json_error: str | None) -> str:
     if json_error is not None:
         return f"request body is not valid JSON: {json_error}"
     lines = [f"{_where(e.loc)}: {e.msg}" for e in errors[:5]]
-    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    more = f" (and {total - 5} more)" if total > 5 else ""
     return "; ".join(lines) + more
 
 
@@ -85,10 +90,10 @@ async def invalid_request(_req: Request, exc: RequestValidationError) -> JSONRes
     are not echoed: they can be megabytes of data: URI."""
     raw = exc.errors()
     errors = [FieldError(loc=list(e.get("loc", ())), msg=str(e.get("msg", "")), type=str(e.get("type", "")))
-              for e in raw]
+              for e in raw[:LISTED_ERRORS]]
     json_error = next((str((e.get("ctx") or {}).get("error", e.get("msg"))) for e in raw
                        if e.get("type") == "json_invalid"), None)
-    body = Problem(detail=_readable(errors, json_error), errors=errors)
+    body = Problem(detail=_readable(errors, len(raw), json_error), errors=errors)
     return JSONResponse(body.model_dump(mode="json"), status_code=400 if json_error is not None else 422)
 
 

@@ -76,7 +76,7 @@ def _mendable(api: ApiState, url: str) -> bool:
     the first request's (that one would have been refused), so it is not added. A name that
     does not resolve now is added: each delivery checks its address again."""
     try:
-        check_public_url(url, api.s)
+        check_public_url(url, api.s, what="webhook")
     except Unresolved:
         return True
     except InputError as e:  # the URL may carry a token: its host and the reason only
@@ -90,7 +90,7 @@ def _check_webhook(api: ApiState, url: str, p: Principal) -> None:
     if not api.secret_for(p.name):
         raise HTTPException(422, "webhook_url: this server has no webhook secret (EASEL_WEBHOOK_SECRET)")
     try:
-        check_public_url(url, api.s)
+        check_public_url(url, api.s, what="webhook")
     except Unresolved as e:
         raise HTTPException(503, f"webhook_url: {e}; retry later", headers=_RETRY_SOON) from None
     except InputError as e:

@@ -124,8 +124,8 @@ class Problem(BaseModel):
         {"detail": "invalid API key"}]})
     detail: str = Field(description="what went wrong, written for people")
     errors: list[FieldError] = Field(
-        default_factory=list, description="request validation errors, one per problem; present only when the "
-                                          "request itself failed validation")
+        default_factory=list, description="request validation errors, one per problem, the first 20 (`detail` "
+                                          "counts the rest); present only when the request itself failed validation")
 
 
 class ProgressEvent(BaseModel):

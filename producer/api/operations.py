@@ -15,6 +15,7 @@ from easel.producer.api.models import Health, QueueOut
 from easel.producer.api.state import ApiState
 from easel.shared.celery_app import queue_name
 from easel.shared.metrics import queue_depths
+from easel.shared.storage import bucket_lookup_answered
 
 log = logging.getLogger("easel.api")
 router = APIRouter(tags=["operations"])
@@ -54,9 +55,9 @@ def _check_s3(api: ApiState) -> str:
         try:
             api.probe_s3.head_bucket(Bucket=api.s.s3_bucket)
         except botocore.exceptions.ClientError as e:
-            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+            if not bucket_lookup_answered(e):
                 raise
-            api.client.storage.ensure_bucket()  # S3 answered; the bucket is ours to create
+            api.client.storage.ensure_bucket()  # S3 answered: a bucket ours to create, or not ours to look up
         return "ok"
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         return _failed("s3", e)

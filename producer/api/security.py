@@ -13,6 +13,7 @@ from pathlib import Path
 
 import redis
 import yaml
+from pydantic import ValidationError
 
 from easel.shared.schema import JobState
 from easel.shared.settings import ApiKey, Settings
@@ -73,6 +74,19 @@ INVALID_KEY = ("invalid API key", {"WWW-Authenticate": 'Bearer error="invalid_to
 PUBLISHED_EXAMPLE_SHA256 = "c2dcc1569d17d479e5a98c0fcfc9384ac93843b9cfbc4d3c0175c8a599b29f89"
 
 
+def _file_key(entry: object, index: int, path: str) -> ApiKey:
+    """One key of the keys file. Its errors never show what the entry holds: a token pasted
+    where its hash belongs would land in the server's log."""
+    try:
+        return ApiKey.model_validate(entry)
+    except ValidationError as e:
+        problems = e.errors(include_input=False, include_url=False)
+        why = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'the entry'}: {p['msg']}" for p in problems)
+        if any(p["loc"] == ("sha256",) for p in problems):
+            why += " (the hex SHA-256 of the token, as `easel api-key NAME` prints it, never the token)"
+        raise ValueError(f"{path}, key {index + 1}: {why}") from None
+
+
 class KeyRing:
     """The configured keys, by hash. Raises ValueError for a configuration no server should
     run with: two keys with one hash, or the published example key."""
@@ -83,7 +97,7 @@ class KeyRing:
             data = yaml.safe_load(Path(settings.api_keys_file).read_text()) or []
             if isinstance(data, dict):
                 data = data.get("keys", [])
-            keys += [ApiKey.model_validate(k) for k in data]
+            keys += [_file_key(entry, i, settings.api_keys_file) for i, entry in enumerate(data)]
         self.settings = settings
         self.by_hash: dict[str, ApiKey] = {}
         for k in keys:
