@@ -196,8 +196,8 @@ class SeaweedS3(Service):
             master, volume, filer = free_port(10000), free_port(10000), free_port(10000)
         self.internal = {"master": master, "volume": volume, "filer": filer}
         # Known identities (easel / easel, the credentials ``env`` hands out, and any others
-        # asked for; ``readers`` may only read and list, ``writers`` only read and write objects,
-        # as least-privilege credentials without s3:ListBucket): requests are then authenticated,
+        # asked for; ``readers`` may only read and list, ``writers`` only write objects, as
+        # credentials without s3:ListBucket get 403 for a bucket lookup): requests are then authenticated,
         # and presigned POST policies, checked against known keys, work.
         identities = self.workdir / "s3.json"
         keys = [{"accessKey": "easel", "secretKey": "easel"}] + [{"accessKey": k, "secretKey": v} for k, v in credentials]

@@ -354,7 +354,7 @@ class PipelineCache:
         self.family = family
         self.device = device or pick_device(settings.device)
         self.models: dict[str, LoadedModel] = {}
-        self.unloaded: dict[str, str] = {}  # model -> why its last load failed (``warm``)
+        self.unloaded: dict[str, str] = {}  # model -> why its last load failed (``get``)
 
     def warm(self) -> float:
         """Load every model of the family; compiled ones also compile now, from the compile
@@ -370,6 +370,8 @@ class PipelineCache:
             compile_cache.load_artifacts(folder, self.device, self.family)
         for spec in specs:
             self._load_at_start(spec.name)
+        if specs and not self.models:  # nothing to serve: fail the start, and jobs wait for a restart
+            raise RuntimeError(f"no model of family {self.family!r} could be loaded: {self.unloaded}")
         for spec in compiled:
             if spec.name not in self.models:
                 continue
